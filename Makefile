@@ -1,0 +1,28 @@
+# Two entry points for a fresh clone: `make main` (the main job) and `make test` (the full test suite).
+# Both create .venv and install torch==2.13.0 first (a CPU build; a looser spec would pull a CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pl-actsparse-installed
+
+.PHONY: main test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+main: $(STAMP)
+	$(PY) -m pl_actsparse.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/calibration.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,65 @@
+"""Exceptions raised at the public boundary.
+
+Every error is a ``ValueError`` subclass so that callers who only know "bad input" can catch one type,
+while tests and tools can tell the cases apart.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActivationSparsityError",
+    "InvalidTargetError",
+    "InvalidScopeError",
+    "UnmatchedScopeError",
+    "ConflictingScopesError",
+    "UnsupportedModuleError",
+    "NothingToSparsifyError",
+    "EmptyDatasetError",
+    "NonFiniteActivationError",
+    "NotSparsifiedError",
+    "LayerNotCalledError",
+]
+
+
+class ActivationSparsityError(ValueError):
+    """Base class of every error raised by pl-actsparse for bad input."""
+
+
+class InvalidTargetError(ActivationSparsityError):
+    """A target sparsity is not a number in [0, 1]."""
+
+
+class InvalidScopeError(ActivationSparsityError):
+    """A scope is malformed (bad regex, wrong type of entry, wrong scope class)."""
+
+
+class UnmatchedScopeError(ActivationSparsityError):
+    """Names, patterns or types of a validating scope match nothing in the model."""
+
+
+class ConflictingScopesError(ActivationSparsityError):
+    """A layer is claimed by two target scopes."""
+
+
+class UnsupportedModuleError(ActivationSparsityError):
+    """A module named exactly in a target scope cannot be sparsified (it is not an ``nn.Linear``)."""
+
+
+class NothingToSparsifyError(ActivationSparsityError):
+    """After ignoring and skipping, no layer is left to sparsify."""
+
+
+class EmptyDatasetError(ActivationSparsityError):
+    """The calibration data yielded no item."""
+
+
+class NonFiniteActivationError(ActivationSparsityError):
+    """A layer's input contained NaN or infinity during calibration."""
+
+
+class NotSparsifiedError(ActivationSparsityError):
+    """An operation needs sparsified layers and found none (or not the ones named)."""
+
+
+class LayerNotCalledError(ActivationSparsityError):
+    """A layer to calibrate was never called by the model on the calibration data."""

@@ -1,0 +1,97 @@
+"""Calibration hits the target exactly: the achieved fraction is the reachable fraction closest to it."""
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+from pl_actsparse import TargetScope, sparsify_activations
+from pl_actsparse.calibration import coarse_histogram, fine_histogram, threshold_from_histogram
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def best_reachable(abs_values: torch.Tensor, target: float) -> float:
+    """Brute force: fractions reachable by some threshold, closest to target (ties: fewer zeroed)."""
+    v = abs_values.double().flatten().sort().values
+    n = v.numel()
+    if target <= 0:
+        return 0.0
+    if target >= 1:
+        return 1.0
+    distinct = torch.unique(v)
+    counts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.searchsorted(v, distinct, right=True).double()])
+    err = (counts - target * n).abs()
+    return float(counts[int(torch.nonzero(err == err.min())[0, 0])]) / n
+
+
+def calibrated(x: torch.Tensor, target: float) -> tuple[float, int]:
+    coarse = coarse_histogram(x)
+    return threshold_from_histogram(coarse, target, x.dtype, lambda b: fine_histogram(x, b))
+
+
+# values with many ties, exact zeros, negative zeros, tiny and huge magnitudes
+values = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0]),
+    st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False, width=32),
+    st.floats(min_value=-float(np.float32(1e-30)), max_value=float(np.float32(1e-30)), allow_nan=False, width=32),
+)
+
+
+@given(
+    data=hnp.arrays(np.float32, st.integers(1, 400), elements=values),
+    target=st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 0.5, 0.3])),
+    dtype=st.sampled_from(list(DTYPES)),
+)
+def test_threshold_is_exact_on_arbitrary_data(data, target, dtype):
+    x = torch.from_numpy(data).to(DTYPES[dtype])
+    if not torch.isfinite(x).all():  # fp16 overflow of large values is not what this test is about
+        x = torch.nan_to_num(x, posinf=1.0, neginf=-1.0)
+    tau, zeroed = calibrated(x, target)
+    achieved = float((x.abs().double() <= tau).sum()) / x.numel()
+    assert zeroed == int((x.abs().double() <= tau).sum())
+    assert achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12)
+
+
+@given(constant=st.floats(-100, 100, width=32), n=st.integers(1, 50), target=st.floats(0, 1))
+def test_constant_input(constant, n, target):
+    x = torch.full((n,), constant)
+    tau, zeroed = calibrated(x, target)
+    assert zeroed in (0, n)
+    assert zeroed == (n if target > 0.5 else 0)  # at exactly 0.5 both are equally far: fewer zeroed wins
+
+
+def test_both_ends_are_defined():
+    x = torch.randn(1000)
+    assert calibrated(x, 0.0) == (-math.inf, 0)
+    assert calibrated(x, 1.0) == (math.inf, 1000)
+    lin = nn.Linear(4, 4)
+    sparsify_activations(lin, [torch.randn(32, 4)], {TargetScope(names=[""]): 1.0}, progress=False)
+    assert torch.equal(lin.sparsify_input(torch.randn(5, 4) * 1e30), torch.zeros(5, 4))
+    sparsify_activations(lin, [torch.randn(32, 4)], {TargetScope(names=[""]): 0.0}, progress=False)
+    y = torch.tensor([[0.0, 1e-38, -3.0, 5.0]])
+    assert torch.equal(lin.sparsify_input(y), y)  # target 0 zeroes nothing, not even the smallest value
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    splits=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    target=st.floats(0.05, 0.95),
+    dtype=st.sampled_from(list(DTYPES)),
+)
+def test_thresholds_do_not_depend_on_batching(seed, splits, target, dtype):
+    """NNCF's moving average depends on batch size and order; exact calibration must not."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(sum(splits), 6, generator=g).round(decimals=1).to(DTYPES[dtype])
+    lin_a = nn.Linear(6, 3).to(DTYPES[dtype])
+    lin_b = nn.Linear(6, 3).to(DTYPES[dtype])
+    scope = {TargetScope(names=[""]): target}
+    sparsify_activations(lin_a, [rows], scope, progress=False)
+    chunks = list(torch.split(rows[torch.randperm(len(rows), generator=g)], splits))
+    sparsify_activations(lin_b, chunks, scope, progress=False)
+    assert torch.equal(lin_a.activation_threshold, lin_b.activation_threshold)
+    assert lin_a._actsparse.calibration_sparsity == lin_b._actsparse.calibration_sparsity
