@@ -144,16 +144,16 @@ def threshold_from_histogram(
     below = int(cum[b - 1]) if b > 0 else 0
     if fine_fn is None:
         raise ValueError("float32 calibration needs the fine histogram of the selected bin")
-    fine = fine_fn(b).to("cpu", torch.int64)
+    fine = fine_fn(b).to("cpu")
     low = torch.nonzero(fine).flatten()
-    candidates = torch.cat([torch.tensor([below], dtype=torch.int64), below + torch.cumsum(fine, 0)[low]])
+    candidates = torch.cat([torch.tensor([below], dtype=fine.dtype), below + torch.cumsum(fine, 0)[low]])
     i = _choose(candidates, want)
     if i == 0:
         if below == 0:
             return -math.inf, 0
         # any value in [max of earlier bins, min of bin b) zeroes the same elements: use the bin's lower edge - 1 ulp
         return _bits_to_float((b << 16) - 1, dtype), below
-    return _bits_to_float((b << 16) | int(low[i - 1]), dtype), int(candidates[i])
+    return _bits_to_float((b << 16) | int(low[i - 1]), dtype), int(round(float(candidates[i])))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,6 +210,10 @@ class _LayerSlot:
     waiting: list = field(default_factory=list)  # input tensors of the batches waiting here
     finalized: bool = False
     stats: LayerStatistics | None = None
+    carried: torch.Tensor | None = None  # summed coarse histogram of earlier groups (streaming mode)
+
+    def reset_for_group(self) -> None:
+        self.coarse, self.waiting, self.finalized = None, [], False
 
 
 class _Distributed:
@@ -350,6 +354,7 @@ class CalibrationSession:
         dtype = _CODE_DTYPES[self.dist.min_int(_DTYPE_CODES[slot.dtype] if slot.dtype is not None else _NOBODY)]
         coarse = self.dist.sum_(slot.coarse).to("cpu")
         bad = int(coarse[_NONFINITE_KEY[dtype] :].sum())
+        carried = slot.carried
         if bad:
             raise NonFiniteActivationError(
                 f"layer {slot.name!r} received {bad} non-finite input value(s) (NaN or inf) during calibration; "
@@ -360,12 +365,18 @@ class CalibrationSession:
             local = torch.zeros(FINE_BINS, dtype=torch.int64, device=slot.coarse.device)
             for x in slot.waiting:
                 local += fine_histogram(x, b).to(local.device)
-            return self.dist.sum_(local)
+            local = self.dist.sum_(local).to("cpu")
+            if carried is None or not int(carried[b]):
+                return local
+            # earlier groups' elements in this bin are gone: spread them evenly over its sub-bins
+            return local.double() + float(carried[b]) / FINE_BINS
 
-        threshold, zeroed = threshold_from_histogram(coarse, slot.target, dtype, fine)
+        total = coarse if carried is None else coarse + carried
+        threshold, zeroed = threshold_from_histogram(total, slot.target, dtype, fine)
         slot.module.activation_threshold.fill_(threshold)  # type: ignore[union-attr]
         slot.module._actsparse.mode = SparsifierMode.SPARSIFYING  # type: ignore[union-attr]
-        slot.stats = LayerStatistics(slot.name, slot.target, dtype, coarse, threshold, zeroed)
+        slot.carried = total
+        slot.stats = LayerStatistics(slot.name, slot.target, dtype, total, threshold, zeroed)
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -403,6 +414,7 @@ def calibrate_layers(
     num_calibration_batches: int | None = None,
     progress: bool = True,
     sync_across_processes: bool | None = None,
+    max_batches_in_flight: int | None = None,
 ) -> dict[str, LayerStatistics]:
     """Calibrate the thresholds of ``layers`` (already sparsified modules) on ``items``.
 
@@ -411,6 +423,10 @@ def calibrate_layers(
     is part of what the calibrated layers see). Thresholds are written only after a layer's statistics are
     complete, and nothing is written for a failed run except layers already finalized (the caller restores
     them). Returns statistics per layer name.
+
+    ``max_batches_in_flight`` bounds memory: batches then run in consecutive groups of that size, each in
+    lockstep, with histograms accumulated over groups. Thresholds are still quantiles of all elements, but
+    earlier groups saw the upstream thresholds of their time, so the guarantee becomes approximate.
     """
     transform = transform_fn or default_transform_fn
     device = model_device(model)
@@ -428,18 +444,20 @@ def calibrate_layers(
             + (" (num_calibration_batches=%r)" % num_calibration_batches if num_calibration_batches is not None else "")
         )
 
+    size = len(batches) if max_batches_in_flight is None else max_batches_in_flight
+    groups = [batches[i : i + size] for i in range(0, len(batches), size)] if batches else []
+    n_groups = len(groups)
+    if dist.enabled:  # every rank must run the same number of lockstep rounds
+        n_groups = -dist.min_int(-n_groups)
+    groups += [[] for _ in range(n_groups - len(groups))]
+
     name_of = {id(m): n for n, m in model.named_modules()}
     order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
     slots = [
         _LayerSlot(index=order[id(m)], name=name_of.get(id(m), name), module=m, target=m._actsparse.target)
         for name, m in layers
     ]
-    session = CalibrationSession(slots, dist)
     previous_modes = {id(s.module): s.module._actsparse.mode for s in slots}
-    for s in slots:
-        s.module._actsparse.mode = SparsifierMode.CALIBRATING
-        s.module._actsparse.session = session
-
     enter_context = _thread_context()
     was_training = model.training
     model.eval()
@@ -456,28 +474,37 @@ def calibrate_layers(
 
         return run
 
-    threads = [
-        threading.Thread(target=session.run_worker, args=(work(b),), name=f"actsparse-calib-{i}", daemon=True)
-        for i, b in enumerate(batches)
-    ]
-    session.workers = len(threads)
-    bar = _Progress(progress and dist.is_main, len(slots))
+    bar = _Progress(progress and dist.is_main, len(slots) * n_groups)
+    error: BaseException | None = None
     try:
-        for t in threads:
-            t.start()
         with bar:
-            session.coordinate(lambda slot: bar.advance(slot.name))
-        for t in threads:
-            t.join()
+            for group in groups:
+                session = CalibrationSession(slots, dist)
+                for s in slots:
+                    s.reset_for_group()
+                    s.module._actsparse.mode = SparsifierMode.CALIBRATING
+                    s.module._actsparse.session = session
+                threads = [
+                    threading.Thread(target=session.run_worker, args=(work(b),), name=f"actsparse-calib-{i}", daemon=True)
+                    for i, b in enumerate(group)
+                ]
+                session.workers = len(threads)
+                for t in threads:
+                    t.start()
+                session.coordinate(lambda slot: bar.advance(slot.name))
+                for t in threads:
+                    t.join()
+                if session.error is not None:
+                    error = session.error
+                    break
     finally:
         model.train(was_training)
         for s in slots:
             s.module._actsparse.session = None
-            if not s.finalized:
-                s.module._actsparse.mode = previous_modes[id(s.module)]
-    if session.error is not None:
-        raise session.error
-    missing = [s.name for s in slots if not s.finalized]
+            s.module._actsparse.mode = SparsifierMode.SPARSIFYING if s.stats is not None else previous_modes[id(s.module)]
+    if error is not None:
+        raise error
+    missing = [s.name for s in slots if s.stats is None]
     if missing:
         raise LayerNotCalledError(
             f"{len(missing)} layer(s) were never called during calibration, so they have no threshold: {missing}; "

@@ -205,13 +205,10 @@ def _gradient_mode(value: GradientMode | str) -> GradientMode:
         raise InvalidTargetError(f"gradient_mode must be one of {valid}, got {value!r}") from None
 
 
-def _check_options(num_calibration_batches: Any, transform_fn: Any) -> None:
-    if num_calibration_batches is not None and (
-        isinstance(num_calibration_batches, bool)
-        or not isinstance(num_calibration_batches, numbers.Integral)
-        or num_calibration_batches < 1
-    ):
-        raise InvalidTargetError(f"num_calibration_batches must be a positive integer or None, got {num_calibration_batches!r}")
+def _check_options(num_calibration_batches: Any, transform_fn: Any, max_batches_in_flight: Any = None) -> None:
+    for name, value in (("num_calibration_batches", num_calibration_batches), ("max_batches_in_flight", max_batches_in_flight)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise InvalidTargetError(f"{name} must be a positive integer or None, got {value!r}")
     if transform_fn is not None and not callable(transform_fn):
         raise InvalidTargetError(f"transform_fn must be callable or None, got {transform_fn!r}")
 
@@ -268,6 +265,7 @@ def calibrate_activation_sparsity(
     transform_fn: Callable[[Any], Any] | None = None,
     progress: bool = True,
     sync_across_processes: bool | None = None,
+    max_batches_in_flight: int | None = None,
 ) -> SparsityReport:
     """(Re)calibrate sparsified layers at their current targets and return the report.
 
@@ -275,7 +273,7 @@ def calibrate_activation_sparsity(
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
     it had.
     """
-    _check_options(num_calibration_batches, transform_fn)
+    _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
     modules = dict(model.named_modules())
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
@@ -293,6 +291,7 @@ def calibrate_activation_sparsity(
             items,
             transform_fn=transform_fn,
             num_calibration_batches=num_calibration_batches,
+            max_batches_in_flight=max_batches_in_flight,
             progress=progress,
             sync_across_processes=sync_across_processes,
         )
@@ -323,6 +322,7 @@ def sparsify_activations(
     gradient_mode: GradientMode | str = GradientMode.MASKED,
     progress: bool = True,
     sync_across_processes: bool | None = None,
+    max_batches_in_flight: int | None = None,
 ) -> nn.Module:
     """Sparsify the inputs of the selected Linear layers and calibrate exact thresholds, in place.
 
@@ -345,6 +345,8 @@ def sparsify_activations(
         progress: show a progress bar over layers.
         sync_across_processes: sum calibration statistics over ``torch.distributed`` ranks (default: when a
             process group with several ranks is initialized).
+        max_batches_in_flight: bound memory by running batches in lockstep groups of this size (default: all
+            at once, which is exact; smaller groups make calibration streaming and approximately exact).
 
     Returns:
         The same model object. :func:`activation_sparsity_report` tells what was done.
@@ -363,7 +365,7 @@ def sparsify_activations(
     >>> type(net[0]) is nn.Linear
     True
     """
-    _check_options(num_calibration_batches, transform_fn)
+    _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
     mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     items = _peek(dataset)
@@ -380,6 +382,7 @@ def sparsify_activations(
             items,
             transform_fn=transform_fn,
             num_calibration_batches=num_calibration_batches,
+            max_batches_in_flight=max_batches_in_flight,
             progress=progress,
             sync_across_processes=sync_across_processes,
         )

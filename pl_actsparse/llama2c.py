@@ -45,7 +45,7 @@ __all__ = [
 _V1_MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
 _V1_HEADER_BYTES = 256
 _V0_HEADER_BYTES = 28
-_SDPA_HAS_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(enable_gqa=...)
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # sdpa(enable_gqa=...)
 
 
 # --------------------------------------------------------------------------- config
