@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -444,6 +445,13 @@ def calibrate_layers(
             + (" (num_calibration_batches=%r)" % num_calibration_batches if num_calibration_batches is not None else "")
         )
 
+    if max_batches_in_flight is None and _forward_is_not_reentrant(model):
+        warnings.warn(
+            "this model keeps per-forward global state (NNCF's function hooks), so calibration batches cannot run "
+            "concurrently: calibrating in streaming mode (max_batches_in_flight=1), which is approximately exact",
+            stacklevel=3,
+        )
+        max_batches_in_flight = 1
     size = len(batches) if max_batches_in_flight is None else max_batches_in_flight
     groups = [batches[i : i + size] for i in range(0, len(batches), size)] if batches else []
     n_groups = len(groups)
@@ -511,6 +519,11 @@ def calibrate_layers(
             "check that the calibration inputs reach them (transform_fn) or exclude them with IgnoredScope"
         )
     return {s.name: s.stats for s in slots}  # type: ignore[misc]
+
+
+def _forward_is_not_reentrant(model: nn.Module) -> bool:
+    """Models whose forward patches shared state (NNCF-wrapped ones) break when two forwards overlap."""
+    return any("__nncf_hooks" in m._modules for m in model.modules())
 
 
 class _Progress:

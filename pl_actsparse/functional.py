@@ -126,7 +126,7 @@ def plan_activation_sparsity(
         for name in match.all_names():
             if is_linear[name]:
                 claims.setdefault(name, []).append(scope)
-            elif name and name not in scope.names:
+            elif name and name not in scope.names and not _is_private(name):
                 skipped[name] = f"{class_of[name]} is not an nn.Linear"
 
     ignored_match = ignored_scope.match(modules)
@@ -162,6 +162,11 @@ def plan_activation_sparsity(
         skipped=[(n, skipped[n]) for n in order if n in skipped and n not in ignored_names],
         ignored=[n for n in order if n in claims and n in ignored_names],
     )
+
+
+def _is_private(name: str) -> bool:
+    """Storage of other tools (NNCF's ``__nncf_hooks``) is nobody's layer: never list it as skipped."""
+    return any(part.startswith("__") for part in name.split("."))
 
 
 def _entry_kind(match: Any, label: str) -> str:
@@ -252,7 +257,10 @@ def _restore(modules: dict[str, nn.Module], snaps: dict[str, _Snapshot]) -> None
         if not snap.was_sparsified:
             uninstall_sparsifier(m)
         elif is_sparsified(m):
-            m.activation_threshold.copy_(snap.threshold)
+            if m.activation_threshold.shape == snap.threshold.shape:
+                m.activation_threshold.copy_(snap.threshold)
+            else:  # a per-channel threshold replaced a scalar one, or back
+                m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
             m.set_extra_state(snap.extra)
 
 

@@ -98,7 +98,7 @@ class SparsityReport:
                     f"{r.target:.3f}",
                     _fmt_float(r.threshold),
                     "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
-                    "-" if r.error is None else f"{r.error:+.4f}",
+                    "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
                     f"{r.in_features}->{r.out_features}",
                     f"{r.weight_bytes / 1024:.1f}",
                     r.mode,
@@ -132,6 +132,11 @@ class SparsityReport:
         return "\n".join(out) + "\n"
 
 
+def threshold_value(t: Any) -> float:
+    """A layer's threshold as one number: the scalar, or the median of a per-channel threshold vector."""
+    return float(t) if t.numel() == 1 else float(t.float().median())
+
+
 def _fmt_float(v: float) -> str:
     return str(v) if math.isinf(v) else f"{v:.5g}"
 
@@ -162,7 +167,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
             LayerReport(
                 name=name,
                 target=s.target,
-                threshold=float(m.activation_threshold),
+                threshold=threshold_value(m.activation_threshold),
                 calibration_sparsity=s.calibration_sparsity,
                 calibration_elements=s.calibration_elements,
                 in_features=m.in_features,
