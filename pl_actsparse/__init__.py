@@ -73,7 +73,27 @@ __all__ = [
 ]
 
 _LAZY = {
-    # Lightning-dependent names are imported on first use so the core stays light.
+    # Imported on first use so that `import pl_actsparse` stays light (no Lightning, no matplotlib).
+    "allocate_sparsity": ".allocation",
+    "measure_sensitivity": ".allocation",
+    "Allocation": ".allocation",
+    "load_scopes_yaml": ".allocation",
+    "sweep_sparsity": ".sweep",
+    "SweepResult": ".sweep",
+    "threshold_for_target": ".sweep",
+    "find_shared_input_groups": ".groups",
+    "sparsify_activations_weight_aware": ".scoring",
+    "model_report": ".reporting",
+    "ModelReport": ".reporting",
+    "SparsityCounter": ".tracking",
+    "ActivationSparsityCallback": ".callback",
+    "ScopeSpec": ".callback",
+    "IgnoredScopeSpec": ".callback",
+    "activation_sparsity_disabled": ".callback",
+    "ActivationSparsity": ".metrics",
+    "TinyStoriesLM": ".lightning_models",
+    "HFLlamaLM": ".lightning_models",
+    "TinyStoriesDataModule": ".lightning_models",
 }
 
 
@@ -84,3 +104,10 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(_LAZY[name], __name__)
         return getattr(module, name)
     raise AttributeError(f"module 'pl_actsparse' has no attribute {name!r}")
+
+
+__all__ += list(_LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

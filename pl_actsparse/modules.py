@@ -139,6 +139,11 @@ class ActivationSparsifierMixin:
         own = [prefix + THRESHOLD_BUFFER, prefix + "_extra_state"]
         absent = [k for k in own if k not in state_dict]
         before = len(missing_keys)
+        incoming = state_dict.get(prefix + THRESHOLD_BUFFER)
+        current = self._buffers[THRESHOLD_BUFFER]
+        if isinstance(incoming, torch.Tensor) and incoming.shape != current.shape:
+            # a per-channel threshold (shape [in_features], see pl_actsparse.scoring) into a scalar one, or back
+            self._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -148,7 +153,9 @@ class ActivationSparsifierMixin:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         s = self._actsparse
-        return f"{base}, target_sparsity={s.target:g}, threshold={float(self.activation_threshold):.4g}, mode={s.mode.value}"
+        t = self.activation_threshold
+        shown = f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
+        return f"{base}, target_sparsity={s.target:g}, threshold={shown}, mode={s.mode.value}"
 
     # -- pickling of dynamically created subclasses -------------------------------------------------
     def __reduce_ex__(self, protocol: int):
