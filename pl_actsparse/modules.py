@@ -16,6 +16,7 @@ The threshold is a persistent 0-dim buffer; the target, the calibration result a
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterator
@@ -160,10 +161,13 @@ class ActivationSparsifierMixin:
     # -- pickling of dynamically created subclasses -------------------------------------------------
     def __reduce_ex__(self, protocol: int):
         reduced = super().__reduce_ex__(protocol)  # type: ignore[misc]
-        if type(self) in _SPARSE_CLASSES.values() and type(self) is not SparseActivationLinear:
-            # Rebuild the dynamic class at load time from the original class.
-            return (_rebuild_sparse, (original_module_class(self), reduced))
-        return reduced
+        cls = type(self)
+        if getattr(sys.modules.get(cls.__module__), cls.__name__, None) is cls:
+            return reduced  # importable by name: pickles as usual
+        # A class made at run time cannot be found by name: pickle the original class and rebuild at load.
+        func, args, *rest = reduced
+        orig = original_module_class(self)
+        return (_rebuild_sparse, (func, tuple(orig if a is cls else a for a in args), rest[0] if rest else None))
 
 
 class SparseActivationLinear(ActivationSparsifierMixin, nn.Linear):
@@ -183,17 +187,11 @@ def _sparse_class_for(cls: type) -> type:
     return _SPARSE_CLASSES[cls]
 
 
-def _rebuild_sparse(orig_cls: type, reduced: tuple):
-    cls = _sparse_class_for(orig_cls)
-    func, args, *rest = reduced
-    args = tuple(cls if a is not None and isinstance(a, type) and issubclass(a, ActivationSparsifierMixin) else a for a in args)
+def _rebuild_sparse(func: Callable, args: tuple, state: Any):
     obj = func(*args)
-    if rest and rest[0] is not None:
-        state = rest[0]
-        if hasattr(obj, "__setstate__"):
-            obj.__setstate__(state)
-        else:
-            obj.__dict__.update(state)
+    obj.__class__ = _sparse_class_for(type(obj))
+    if state is not None:
+        obj.__setstate__(state)
     return obj
 
 

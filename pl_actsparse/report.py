@@ -137,6 +137,12 @@ def threshold_value(t: Any) -> float:
     return float(t) if t.numel() == 1 else float(t.float().median())
 
 
+def _weight_bytes(m: nn.Module) -> int:
+    """Bytes the layer's weight occupies as stored (int8 layers report their own)."""
+    stored = getattr(m, "weight_nbytes", None)
+    return int(stored) if stored is not None else m.weight.numel() * m.weight.element_size()
+
+
 def _fmt_float(v: float) -> str:
     return str(v) if math.isinf(v) else f"{v:.5g}"
 
@@ -172,7 +178,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
                 calibration_elements=s.calibration_elements,
                 in_features=m.in_features,
                 out_features=m.out_features,
-                weight_bytes=m.weight.numel() * m.weight.element_size(),
+                weight_bytes=_weight_bytes(m),
                 mode=s.mode.value,
             )
         )

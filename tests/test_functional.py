@@ -403,3 +403,25 @@ def test_streaming_groups_bound_memory_and_stay_close(batches):
         assert value == pytest.approx(target, abs=0.01), name
     with pytest.raises(InvalidTargetError, match="max_batches_in_flight must be a positive integer"):
         sparsify_activations(streamed, batches, SEED, max_batches_in_flight=0)
+
+
+class _Scaled(nn.Linear):
+    """A Linear subclass defined at module level, so pickling by reference is possible for the original."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_pickle_of_dynamic_sparse_subclass_in_a_fresh_class_cache():
+    from pl_actsparse import modules
+
+    m = nn.Sequential(_Scaled(4, 4))
+    data = [torch.randn(16, 4)]
+    sparsify_activations(m, data, {TargetScope(types=[_Scaled]): 0.5}, progress=False)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    modules._SPARSE_CLASSES.pop(_Scaled)  # as in a new process: the dynamic class does not exist yet
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert is_sparsified(again[0]) and isinstance(again[0], _Scaled)
+    assert torch.equal(again(data[0]), m(data[0]))
