@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 main: $(STAMP)
-	$(PY) -m pl_actsparse.demo
+	$(VENV)/bin/pl-actsparse validate --config recipes/stories260k_training_free.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -97,6 +97,8 @@ _LAZY = {
     "ScopeSpec": ".callback",
     "IgnoredScopeSpec": ".callback",
     "activation_sparsity_disabled": ".callback",
+    "install_sparsifiers_from_state_dict": ".callback",
+    "CallbackConfigurationError": ".callback",
     "ActivationSparsity": ".metrics",
     "TinyStoriesLM": ".lightning_models",
     "HFLlamaLM": ".lightning_models",

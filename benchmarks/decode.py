@@ -1,0 +1,452 @@
+"""Decode benchmarks for activation-sparse inference on CPU. Prints ONE JSON object.
+
+Part (a), per-layer GEMV (default)::
+
+    python benchmarks/decode.py                      # 3 shapes x fp32/bf16 x s = 0.3/0.5/0.7, 1 token
+    python benchmarks/decode.py --crossover          # sparse vs dense path of SparseInferenceLinear by tokens
+
+Method, because the numbers are easy to get wrong on a small shared machine:
+
+* Weights are cold: every candidate cycles through enough copies of the layer that the bytes touched per
+  cycle exceed the last-level cache several times over (``--cold-factor``), as in decoding, where each
+  layer's weights are evicted by the other layers before they are read again.
+* Candidates run interleaved (shuffled order in every round) and each round yields per-candidate times;
+  speedups are medians over rounds of per-round ratios, so slow drifts cancel.
+* Rounds during which *other* processes used more than ``--quiet`` of the CPUs (read from ``/proc/stat``)
+  are dropped when enough quiet rounds exist; the JSON records how many rounds were kept.
+* Inputs are Gaussian; the threshold is the ``s`` quantile of ``|x|`` (rounded to the dtype, as the layer
+  compares), so each token has about ``s`` zeros at independent positions. Real activations have
+  correlated masks, which only helps the multi-token (union) case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pl_actsparse.inference import SparseInferenceLinear
+from pl_actsparse.kernels import cpu as kcpu
+
+DEFAULT_SHAPES = "4096x11008,11008x4096,2048x5632"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _llc_bytes() -> int:
+    """Size of the largest CPU cache (bytes), 32 MiB if unknown."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    txt = f.read().strip()
+            except OSError:
+                continue
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+    except OSError:
+        pass
+    return best or (32 << 20)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process); (0, 0) where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            v = list(map(int, f.readline().split()[1:]))
+        with open("/proc/self/stat") as f:
+            s = f.read().rsplit(")", 1)[1].split()
+        return sum(v) - v[3] - v[4], int(s[11]) + int(s[12])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def interleaved(
+    fns: dict[str, Callable[[int], object]],
+    *,
+    reps: int,
+    min_quiet: int,
+    max_seconds: float,
+    quiet: float,
+    seed: int = 0,
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Run shuffled rounds of ``reps`` calls per candidate; returns per-round seconds/call and noise levels.
+
+    Stops after ``min_quiet`` quiet rounds (other processes below ``quiet`` of the CPUs) or ``max_seconds``.
+    """
+    rng = random.Random(seed)
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    noise: list[float] = []
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    ncpu = os.cpu_count() or 1
+    counter = 0
+    for k in names:  # warm-up (allocations, lazy init)
+        fns[k](counter)
+        counter += 1
+    start = time.perf_counter()
+    while True:
+        order = names[:]
+        rng.shuffle(order)
+        b0, m0 = _cpu_ticks()
+        w0 = time.perf_counter()
+        per: dict[str, float] = {}
+        for k in order:
+            f = fns[k]
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                f(counter)
+                counter += 1
+            per[k] = (time.perf_counter() - t0) / reps
+        b1, m1 = _cpu_ticks()
+        wall = time.perf_counter() - w0
+        noise.append(max(0.0, ((b1 - b0) - (m1 - m0)) / tick / (wall * ncpu)) if b1 else 0.0)
+        for k in names:
+            times[k].append(per[k])
+        n_quiet = sum(o <= quiet for o in noise)
+        if n_quiet >= min_quiet or time.perf_counter() - start > max_seconds:
+            return times, noise
+
+
+def _select_rounds(noise: list[float], quiet: float, min_keep: int) -> list[int]:
+    idx = [i for i, o in enumerate(noise) if o <= quiet]
+    if len(idx) >= min_keep:
+        return idx
+    # Not enough quiet rounds: keep the quietest quarter (at least min_keep).
+    keep = max(min_keep, len(noise) // 4)
+    return sorted(sorted(range(len(noise)), key=lambda i: noise[i])[:keep])
+
+
+def _median_ratio(num: list[float], den: list[float], idx: list[int]) -> float:
+    return statistics.median(num[i] / den[i] for i in idx)
+
+
+def _make_inputs(in_f: int, dtype: torch.dtype, sparsity: float, n: int, tokens: int, gen: torch.Generator):
+    xs = torch.randn(n, tokens, in_f, generator=gen)
+    if sparsity <= 0:
+        thr = float("-inf")
+    else:
+        flat = xs.abs().flatten()
+        thr = float(torch.quantile(flat[: min(flat.numel(), 1 << 24)], sparsity))
+    xs = xs.to(dtype)
+    t = torch.tensor(thr)
+    achieved = float((xs.abs() <= t).float().mean())
+    return [x.squeeze(0) if tokens == 1 else x for x in xs], t, achieved
+
+
+class _Layers:
+    """Copies of one layer shape (random weights), enough of them to keep every candidate's weights cold."""
+
+    def __init__(self, in_f: int, out_f: int, dtype: torch.dtype, cold_factor: float, gen: torch.Generator):
+        elem = torch.empty((), dtype=dtype).element_size()
+        nbytes = in_f * out_f * elem
+        self.n = max(2, -(-int(cold_factor * _llc_bytes()) // nbytes))
+        self.weights = []
+        self.modules = []
+        for _ in range(self.n):
+            w = (torch.randn(out_f, in_f, generator=gen) * in_f**-0.5).to(dtype)
+            lin = nn.Linear(in_f, out_f, bias=False, dtype=dtype)
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            lin.register_buffer("activation_threshold", torch.tensor(0.0))
+            self.weights.append(w)
+            self.modules.append(SparseInferenceLinear.from_linear(lin))
+        self.weight_t = [m.weight_t for m in self.modules]
+
+    def set_threshold(self, threshold: torch.Tensor, max_sparse_tokens: int) -> None:
+        for m in self.modules:
+            m.activation_threshold.copy_(threshold)
+            m.max_sparse_tokens = max_sparse_tokens
+
+
+def _probe(f: Callable[[int], object], calls: int = 2) -> float:
+    f(0)
+    t0 = time.perf_counter()
+    for i in range(calls):
+        f(i + 1)
+    return (time.perf_counter() - t0) / calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part (a): per-layer sparse GEMV vs dense
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gemv_benchmark(args: argparse.Namespace) -> dict:
+    """Single-token (``--tokens``) sparse kernels vs ``F.linear`` and the best dense option, per config."""
+    gen = torch.Generator().manual_seed(args.seed)
+    results = []
+    backends = _available_backends(args.backends)
+    for shape in args.shapes.split(","):
+        in_f, out_f = (int(v) for v in shape.lower().split("x"))
+        for dname in args.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            layers = _Layers(in_f, out_f, dtype, args.cold_factor, gen)
+            n = layers.n
+            for s in (float(v) for v in args.sparsity.split(",")):
+                xs, thr, achieved = _make_inputs(in_f, dtype, s, 64, args.tokens, gen)
+                nx = len(xs)
+                fns: dict[str, Callable[[int], object]] = {
+                    "linear": lambda i: F.linear(xs[i % nx], layers.weights[i % n]),
+                    "x@Wt": lambda i: torch.matmul(xs[i % nx], layers.weight_t[i % n]),
+                }
+                for b in backends:
+                    fns[f"sparse_{b}"] = _sparse_fn(b, xs, thr, layers.weight_t)
+                _check(fns, xs[0], thr, layers.weights[0], [k for k in fns if k.startswith("sparse_")])
+                excluded = {}
+                base = _probe(fns["linear"])
+                for k in ("x@Wt",):
+                    t = _probe(fns[k])
+                    if t > 4 * base:  # e.g. bf16 GEMV against W^T on CPUs without native bf16 (30-50x slower)
+                        excluded[k] = {"probe_ms": round(t * 1e3, 2), "reason": "slower than 4x F.linear in a probe"}
+                        del fns[k]
+                times, noise = interleaved(
+                    fns, reps=args.reps, min_quiet=args.rounds, max_seconds=args.max_seconds, quiet=args.quiet
+                )
+                idx = _select_rounds(noise, args.quiet, min(5, len(noise)))
+                dense = [k for k in ("linear", "x@Wt") if k in fns]
+                best_dense = [min(times[k][i] for k in dense) for i in range(len(noise))]
+                rec = {
+                    "shape": f"{in_f}x{out_f}",
+                    "dtype": dname,
+                    "sparsity": s,
+                    "achieved_sparsity": round(achieved, 4),
+                    "tokens": args.tokens,
+                    "ms": {k: round(statistics.median(times[k][i] for i in idx) * 1e3, 3) for k in fns},
+                    "speedup_vs_linear": {},
+                    "speedup_vs_best_dense": {},
+                    "rounds_kept": len(idx),
+                    "rounds_total": len(noise),
+                    "other_cpu_load_median": round(statistics.median(noise), 3),
+                }
+                # Secondary, robust to interference (which only ever adds time): ratios of the fastest calls.
+                rec["best_ms"] = {k: round(min(times[k]) * 1e3, 3) for k in fns}
+                rec["speedup_of_best_times"] = {}
+                for k in fns:
+                    if k.startswith("sparse_") or k == "x@Wt":
+                        rec["speedup_vs_linear"][k] = round(_median_ratio(times["linear"], times[k], idx), 3)
+                    if k.startswith("sparse_"):
+                        rec["speedup_vs_best_dense"][k] = round(_median_ratio(best_dense, times[k], idx), 3)
+                        rec["speedup_of_best_times"][k] = {
+                            "vs_linear": round(min(times["linear"]) / min(times[k]), 3),
+                            "vs_best_dense": round(min(best_dense) / min(times[k]), 3),
+                        }
+                if excluded:
+                    rec["excluded"] = excluded
+                results.append(rec)
+                print(json.dumps(rec), file=sys.stderr, flush=True)
+            del layers
+    return {"results": results, "summary": _summary(results)}
+
+
+def _available_backends(spec: str) -> list[str]:
+    out = []
+    for b in spec.split(","):
+        b = b.strip()
+        if b == "cpp" and not kcpu.load_extension(build=True):
+            print(f"skipping backend cpp: {kcpu.extension_status().error}", file=sys.stderr)
+            continue
+        out.append(b)
+    return out
+
+
+def _sparse_fn(backend: str, xs, thr, weight_t) -> Callable[[int], object]:
+    nx, n = len(xs), len(weight_t)
+
+    def f(i: int):
+        kcpu.set_backend(backend)
+        return kcpu.sparse_linear(xs[i % nx], thr, weight_t[i % n])
+
+    return f
+
+
+def _check(fns, x, thr, w, names) -> None:
+    ref = kcpu.masked_linear(x.float(), kcpu.effective_threshold(thr, x.dtype), w.float())
+    scale = ref.abs().max().clamp_min(1e-6)
+    for k in names:
+        err = float((fns[k](0).float() - ref).abs().max() / scale)
+        tol = 1e-4 if x.dtype == torch.float32 else 2e-2
+        if err > tol:
+            raise AssertionError(f"{k} disagrees with the masked reference: rel. error {err:.2e}")
+
+
+def _summary(results: list[dict]) -> dict:
+    """Median speedups per dtype and sparsity over shapes (the numbers quoted in docs/inference.md)."""
+    out: dict[str, dict] = {}
+    for rec in results:
+        key = f"{rec['dtype']}@s={rec['sparsity']}"
+        d = out.setdefault(key, {})
+        for kind in ("speedup_vs_linear", "speedup_vs_best_dense"):
+            for k, v in rec[kind].items():
+                if k.startswith("sparse_"):
+                    d.setdefault(f"{k} {kind}", []).append(v)
+        for k, v in rec.get("speedup_of_best_times", {}).items():
+            d.setdefault(f"{k} best-times vs_linear", []).append(v["vs_linear"])
+    return {
+        key: {k: {"median": round(statistics.median(v), 3), "min": min(v), "max": max(v)} for k, v in d.items()}
+        for key, d in out.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crossover: sparse vs dense path of SparseInferenceLinear by number of tokens
+# ---------------------------------------------------------------------------------------------------------
+
+
+def crossover_benchmark(args: argparse.Namespace) -> dict:
+    """Time the layer's two paths (forced) and ``F.linear`` for several token counts."""
+    gen = torch.Generator().manual_seed(args.seed)
+    results = []
+    backends = _available_backends(args.backends)
+    tokens = [int(v) for v in args.token_counts.split(",")]
+    for shape in args.shapes.split(","):
+        in_f, out_f = (int(v) for v in shape.lower().split("x"))
+        for dname in args.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            layers = _Layers(in_f, out_f, dtype, args.cold_factor, gen)
+            n = layers.n
+            for s in (float(v) for v in args.sparsity.split(",")):
+                for ntok in tokens:
+                    xs, thr, achieved = _make_inputs(in_f, dtype, s, 16, ntok, gen)
+                    nx = len(xs)
+                    layers.set_threshold(thr, max_sparse_tokens=1 << 30)
+                    mods = layers.modules
+                    union = float((~(torch.stack(xs).reshape(nx, ntok, in_f).abs() <= thr)).any(1).float().mean())
+                    fns = {
+                        "linear": lambda i: F.linear(xs[i % nx], layers.weights[i % n]),
+                        "dense_path": lambda i: mods[i % n].dense_forward(xs[i % nx]),
+                    }
+                    for b in backends:
+                        fns[f"sparse_{b}"] = (
+                            lambda b: lambda i: (kcpu.set_backend(b), mods[i % n](xs[i % nx]))[1]
+                        )(b)
+                    times, noise = interleaved(
+                        fns, reps=1, min_quiet=args.rounds, max_seconds=args.max_seconds, quiet=args.quiet
+                    )
+                    idx = _select_rounds(noise, args.quiet, min(5, len(noise)))
+                    rec = {
+                        "shape": f"{in_f}x{out_f}",
+                        "dtype": dname,
+                        "sparsity": s,
+                        "tokens": ntok,
+                        "union_of_rows": round(union, 4),
+                        "achieved_sparsity": round(achieved, 4),
+                        "ms": {k: round(statistics.median(times[k][i] for i in idx) * 1e3, 3) for k in fns},
+                        "sparse_vs_dense_path": {
+                            k: round(_median_ratio(times["dense_path"], times[k], idx), 3)
+                            for k in fns
+                            if k.startswith("sparse_")
+                        },
+                        "sparse_vs_linear": {
+                            k: round(_median_ratio(times["linear"], times[k], idx), 3)
+                            for k in fns
+                            if k.startswith("sparse_")
+                        },
+                        "dense_path_vs_linear": round(_median_ratio(times["linear"], times["dense_path"], idx), 3),
+                        "rounds_kept": len(idx),
+                        "rounds_total": len(noise),
+                    }
+                    results.append(rec)
+                    print(json.dumps(rec), file=sys.stderr, flush=True)
+            del layers
+    kcpu.set_backend(None)
+    return {"results": results, "crossover": _crossover_summary(results)}
+
+
+def _crossover_summary(results: list[dict]) -> dict:
+    """Per backend/dtype/sparsity: the largest token count up to which sparse beats the dense path."""
+    out: dict[str, dict] = {}
+    for rec in results:
+        for k, v in rec["sparse_vs_dense_path"].items():
+            key = f"{k} {rec['dtype']} s={rec['sparsity']}"
+            d = out.setdefault(key, {})
+            d.setdefault(rec["shape"], []).append((rec["tokens"], v))
+    summary = {}
+    for key, per_shape in out.items():
+        summary[key] = {}
+        for shape, pts in per_shape.items():
+            pts.sort()
+            last = 0
+            for ntok, v in pts:
+                if v >= 1.0:
+                    last = ntok
+                else:
+                    break
+            summary[key][shape] = last
+    return summary
+
+
+# =========================================================================================================
+# Part (b): end-to-end decoding (tokens/s of a sparsified model, dense vs exported) goes here.
+# Not written yet: it needs the model that another part of issue 4 provides. Add it as its own function and
+# its own command-line flag, and put its output under the key "end_to_end" of the single JSON object.
+# =========================================================================================================
+
+
+def _meta(args: argparse.Namespace) -> dict:
+    return {
+        "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "llc_bytes": _llc_bytes(),
+        "cold_factor": args.cold_factor,
+        "quiet_threshold": args.quiet,
+        "platform": platform.platform(),
+        "extension": repr(kcpu.extension_status()),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated INxOUT")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--sparsity", default="0.3,0.5,0.7")
+    p.add_argument("--backends", default="cpp,torch", help="sparse kernels to time (cpp, torch)")
+    p.add_argument("--tokens", type=int, default=1, help="tokens per call in part (a)")
+    p.add_argument("--crossover", action="store_true", help="sparse vs dense path by token count instead")
+    p.add_argument("--token-counts", default="1,2,4,8,16,32", help="token counts for --crossover")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=15, help="quiet rounds wanted per configuration")
+    p.add_argument("--reps", type=int, default=3, help="calls per candidate per round")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="time cap per configuration")
+    p.add_argument("--quiet", type=float, default=0.05, help="max CPU share of other processes in a kept round")
+    p.add_argument("--cold-factor", type=float, default=3.0, help="weights cycled per candidate, in LLC sizes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        body = crossover_benchmark(args) if args.crossover else gemv_benchmark(args)
+    kcpu.set_backend(None)
+    print(json.dumps({"meta": _meta(args), **body}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

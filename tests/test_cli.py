@@ -1,0 +1,177 @@
+"""The ``pl-actsparse`` console script and the recipes in recipes/, run as CI would: the YAML as it is, plus
+command-line overrides that shrink the run to a few batches."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pl_actsparse import TargetScope, sparsified_layers, sparsify_activations
+from pl_actsparse.callback import ActivationSparsityCallback
+from pl_actsparse.cli import _as_option, run
+from pl_actsparse.llama2c import load_llama2c_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+TRAINING_FREE = str(RECIPES / "stories260k_training_free.yaml")
+FINETUNE = str(RECIPES / "stories260k_finetune.yaml")
+HF = str(RECIPES / "hf_llama_seed_patterns.yaml")
+
+
+def _callback(cli) -> ActivationSparsityCallback:
+    return next(c for c in cli.trainer.callbacks if isinstance(c, ActivationSparsityCallback))
+
+
+def _thresholds(module) -> dict[str, float]:
+    return {n: float(m.activation_threshold) for n, m in sparsified_layers(module)}
+
+
+def test_recipes_are_valid_yaml_with_the_documented_targets():
+    a = yaml.safe_load(Path(TRAINING_FREE).read_text())
+    scopes = a["trainer"]["callbacks"][0]["init_args"]["scopes"]
+    assert scopes == [{"patterns": [".*up_proj", ".*gate_proj"], "sparsity": 0.3}, {"patterns": [".*down_proj"], "sparsity": 0.5}]
+    assert a["data"]["init_args"]["calibration_stories"] == [500, 600] and a["data"]["init_args"]["val_stories"] == [0, 150]
+    b = yaml.safe_load(Path(FINETUNE).read_text())
+    init = b["trainer"]["callbacks"][0]["init_args"]
+    assert init["scopes"] == [{"patterns": [r".*mlp\.(gate|up|down)_proj"], "sparsity": 0.5}]
+    assert init["recalibrate_every_n_epochs"] == 1
+    train, calib, val = (b["data"]["init_args"][k] for k in ("train_stories", "calibration_stories", "val_stories"))
+    assert val[1] <= calib[0] and calib[1] <= train[0]  # disjoint stories
+    c = yaml.safe_load(Path(HF).read_text())
+    assert c["model"]["class_path"] == "pl_actsparse.lightning_models.HFLlamaLM"
+    assert c["trainer"]["callbacks"][0]["init_args"]["scopes"] == scopes
+
+
+def test_recipe_a_training_free_validation(capsys, tmp_path):
+    cli = run(
+        [
+            "validate",
+            "--config",
+            TRAINING_FREE,
+            "trainer.logger=false",
+            f"trainer.default_root_dir={tmp_path}",  # where LightningCLI saves config.yaml
+            "trainer.limit_val_batches=2",
+            "data.init_args.calibration_stories=[500,510]",
+        ]
+    )
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert metrics["val/ppl"] > metrics["val/ppl_dense"] > 1.0
+    assert metrics["actsparse/calibration/sparsity"] == pytest.approx((10 * 0.3 + 5 * 0.5 * 172 / 64) / (10 + 5 * 172 / 64), abs=1e-4)
+    assert 0.35 < metrics["actsparse/val/sparsity"] < 0.47
+    # the callback reproduces the functional core exactly on the same calibration batches
+    model = load_llama2c_checkpoint()
+    batches = [x for x, _ in cli.datamodule.calibration_dataloader()]
+    sparsify_activations(
+        model,
+        batches,
+        {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5},
+        progress=False,
+    )
+    assert _thresholds(cli.model.model) == _thresholds(model)
+    out = capsys.readouterr().out
+    assert "activation sparsity calibrated" in out and "model.layers.4.mlp.down_proj" in out
+    assert "achieved activation sparsity on the val data" in out
+
+
+def test_recipe_b_finetune_then_test_from_checkpoint(tmp_path):
+    small = [
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        f"trainer.logger.init_args.save_dir={tmp_path}",
+        "data.init_args.seq_len=32",
+        "data.init_args.batch_size=4",
+        "data.init_args.eval_batch_size=4",
+        "data.init_args.max_calibration_windows=8",
+    ]
+    cli = run(["fit", "--config", FINETUNE, *small])
+    cb = _callback(cli)
+    assert [h["reason"] for h in cb.history] == ["start of fit", "every 1 epoch(s)", "every 1 epoch(s)"]
+    assert all(h["sparsity_after"] == pytest.approx(0.5, abs=1e-3) for h in cb.history)
+    assert cb.history[1]["sparsity_before"] is not None
+    assert {m._actsparse.gradient_mode.value for _, m in sparsified_layers(cli.model)} == {"ste"}
+    metrics = cli.trainer.callback_metrics
+    assert "train/kd" in metrics and "actsparse/train/sparsity" in metrics and "actsparse/val/sparsity" in metrics
+    last = next(tmp_path.rglob("last.ckpt"))
+    thresholds = _thresholds(cli.model)
+
+    tested = run(["test", "--config", FINETUNE, *small, "trainer.limit_test_batches=1", f"--ckpt_path={last}"])
+    assert _thresholds(tested.model) == thresholds
+    assert len(_callback(tested).history) == len(cb.history)  # restored, and nothing recalibrated
+    assert "test/ppl" in tested.trainer.callback_metrics and "actsparse/test/sparsity" in tested.trainer.callback_metrics
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="recipe (c) needs the hf extra (transformers)")
+def test_recipe_c_hugging_face_llama(tmp_path):
+    cli = run(
+        [
+            "validate",
+            "--config",
+            HF,
+            "trainer.logger=false",
+            f"trainer.default_root_dir={tmp_path}",  # where LightningCLI saves config.yaml
+            "trainer.limit_val_batches=1",
+            "data.init_args.calibration_stories=[500,505]",
+        ]
+    )
+    assert cli.datamodule.seq_len == 512  # ${model.init_args.config.max_position_embeddings}, resolved by omegaconf
+    names = list(_thresholds(cli.model))
+    assert names == [f"model.model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    report = {n: m._actsparse.calibration_sparsity for n, m in sparsified_layers(cli.model)}
+    assert all(v == pytest.approx(0.3 if "down" not in n else 0.5, abs=1e-3) for n, v in report.items())
+    assert "actsparse/val/sparsity" in cli.trainer.callback_metrics
+
+
+def test_predict_subcommand_calibrates_first(tmp_path):
+    cli = run(
+        [
+            "predict",
+            "--config",
+            TRAINING_FREE,
+            "trainer.logger=false",
+            f"trainer.default_root_dir={tmp_path}",
+            "trainer.limit_predict_batches=1",
+            "data.init_args.calibration_stories=[500,505]",
+        ]
+    )
+    assert _callback(cli).history[0]["reason"] == "start of predict"
+    predictions = cli.trainer.predict_loop.predictions
+    assert len(predictions) == 1 and predictions[0]["nll"].shape == (len(cli.datamodule.dataset("predict")),)
+    assert predictions[0]["next_tokens"].shape == (len(cli.datamodule.dataset("predict")), 256)
+
+
+def test_bad_recipe_values_fail_with_a_precise_message(tmp_path, capsys):
+    recipe = yaml.safe_load(Path(TRAINING_FREE).read_text())
+    recipe["trainer"]["callbacks"][0]["init_args"]["scopes"][1]["sparsity"] = 1.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"scopes\[1\].*must be in \[0, 1\], got 1.5"):
+        run(["validate", "--config", str(bad), "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"])
+    recipe["trainer"]["callbacks"][0]["init_args"]["scopes"][1] = {"patterns": [".*down_proj"], "sparsty": 0.5}
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(SystemExit):
+        run(["validate", "--config", str(bad), "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"])
+    assert "sparsty" in capsys.readouterr().err
+
+
+def test_bare_overrides_become_options():
+    assert _as_option("trainer.max_steps=5") == "--trainer.max_steps=5"
+    assert _as_option("--trainer.max_steps=5") == "--trainer.max_steps=5"
+    assert _as_option("fit") == "fit" and _as_option("recipes/a=b.yaml") == "recipes/a=b.yaml"
+
+
+def test_console_script_is_declared_and_answers(capsys):
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="pl-actsparse")
+    assert script.value == "pl_actsparse.cli:main"
+    with pytest.raises(SystemExit) as exit_info:
+        script.load()(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(s in out for s in ("fit", "validate", "test", "predict"))
