@@ -85,7 +85,8 @@ def interleaved(
     quiet: float,
     seed: int = 0,
 ) -> tuple[dict[str, list[float]], list[float]]:
-    """Run shuffled rounds of ``reps`` calls per candidate; returns per-round seconds/call and noise levels.
+    """Run shuffled rounds of >= ``reps`` calls per candidate (more for fast ones, so that a block lasts
+    ~10 ms and the CPU-share reading of a round means something); returns per-round seconds/call and noise.
 
     Stops after ``min_quiet`` quiet rounds (other processes below ``quiet`` of the CPUs) or ``max_seconds``.
     """
@@ -96,9 +97,13 @@ def interleaved(
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     ncpu = os.cpu_count() or 1
     counter = 0
-    for k in names:  # warm-up (allocations, lazy init)
+    calls = {}
+    for k in names:  # warm-up (allocations, lazy init), then enough calls per block for >= ~10 ms
         fns[k](counter)
-        counter += 1
+        t0 = time.perf_counter()
+        fns[k](counter + 1)
+        counter += 2
+        calls[k] = max(reps, min(10_000, int(0.01 / max(time.perf_counter() - t0, 1e-7))))
     start = time.perf_counter()
     while True:
         order = names[:]
@@ -109,10 +114,10 @@ def interleaved(
         for k in order:
             f = fns[k]
             t0 = time.perf_counter()
-            for _ in range(reps):
+            for _ in range(calls[k]):
                 f(counter)
                 counter += 1
-            per[k] = (time.perf_counter() - t0) / reps
+            per[k] = (time.perf_counter() - t0) / calls[k]
         b1, m1 = _cpu_ticks()
         wall = time.perf_counter() - w0
         noise.append(max(0.0, ((b1 - b0) - (m1 - m0)) / tick / (wall * ncpu)) if b1 else 0.0)

@@ -58,13 +58,18 @@ def _applies_threshold(module: nn.Module) -> bool:
     return str(getattr(state.mode, "value", state.mode)) == "sparsifying"
 
 
-def default_max_sparse_tokens(dtype: torch.dtype, backend: Optional[str] = None) -> int:
+def default_max_sparse_tokens(
+    dtype: torch.dtype, backend: Optional[str] = None, weight_bytes: Optional[int] = None
+) -> int:
     """The measured token count up to which the sparse kernel beats the dense path (see ``docs/inference.md``).
 
-    ``backend`` is ``"cpp"`` or ``"torch"``; ``None`` resolves the configured one without compiling.
+    ``backend`` is ``"cpp"`` or ``"torch"``; ``None`` resolves the configured one without compiling. Layers
+    smaller than the backend's :data:`~pl_actsparse.kernels.MIN_SPARSE_WEIGHT_BYTES` get 0 (always dense).
     """
     if backend is None:
         backend = _cpu.resolve_backend(build=False)
+    if weight_bytes is not None and weight_bytes < _cpu.MIN_SPARSE_WEIGHT_BYTES.get(backend, 0):
+        return 0
     table = _cpu.DEFAULT_MAX_SPARSE_TOKENS
     return table.get((backend, dtype), table.get((backend, None), 1))
 
@@ -77,8 +82,8 @@ class SparseInferenceLinear(nn.Module):
     ``activation_threshold`` is a 0-dim tensor; inputs with ``|x| <= threshold`` count as zero.
 
     ``max_sparse_tokens``: calls with at most this many tokens (``x.numel() // in_features``) use the sparse
-    kernel, larger ones the dense path. ``None`` uses :func:`default_max_sparse_tokens` for the input dtype
-    and the backend chosen at construction. Not a layer for training: there is no backward.
+    kernel, larger ones the dense path. ``None`` uses :func:`default_max_sparse_tokens` for the input dtype,
+    the layer size and the backend chosen at construction. Not a layer for training: there is no backward.
     """
 
     weight_t: Tensor
@@ -163,7 +168,8 @@ class SparseInferenceLinear(nn.Module):
         """Largest token count routed to the sparse kernel for inputs of ``dtype``."""
         if self.max_sparse_tokens is not None:
             return self.max_sparse_tokens
-        return default_max_sparse_tokens(dtype, self.backend)
+        weight_bytes = self.weight_t.numel() * dtype.itemsize
+        return default_max_sparse_tokens(dtype, self.backend, weight_bytes)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

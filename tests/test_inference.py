@@ -260,10 +260,13 @@ def test_crossover_selects_the_path_by_token_count(torch_backend):
 
 def test_default_crossover_comes_from_the_measured_table(monkeypatch, torch_backend):
     monkeypatch.setitem(cpu.DEFAULT_MAX_SPARSE_TOKENS, ("torch", torch.bfloat16), 5)
+    monkeypatch.setitem(cpu.MIN_SPARSE_WEIGHT_BYTES, "torch", 8 * 16 * 2)  # fp32 (512 bytes) is big enough
     layer = SparseInferenceLinear.from_linear(sparsified_linear(8, 16))
     assert layer.backend == "torch" and layer.max_sparse_tokens is None
     assert layer.sparse_token_limit(torch.float32) == cpu.DEFAULT_MAX_SPARSE_TOKENS[("torch", None)]
     assert layer.sparse_token_limit(torch.bfloat16) == 5 == default_max_sparse_tokens(torch.bfloat16, "torch")
+    monkeypatch.setitem(cpu.MIN_SPARSE_WEIGHT_BYTES, "torch", 8 * 16 * 4 + 1)  # now too small: always dense
+    assert layer.sparse_token_limit(torch.float32) == 0
     with pytest.raises(ValueError, match="max_sparse_tokens"):
         SparseInferenceLinear.from_linear(sparsified_linear(8, 16), max_sparse_tokens=-1)
 

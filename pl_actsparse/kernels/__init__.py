@@ -2,6 +2,7 @@
 
 from pl_actsparse.kernels.cpu import (
     DEFAULT_MAX_SPARSE_TOKENS,
+    MIN_SPARSE_WEIGHT_BYTES,
     ExtensionStatus,
     KernelBackend,
     extension_status,
@@ -17,6 +18,7 @@ from pl_actsparse.kernels.cpu import (
 
 __all__ = [
     "DEFAULT_MAX_SPARSE_TOKENS",
+    "MIN_SPARSE_WEIGHT_BYTES",
     "ExtensionStatus",
     "KernelBackend",
     "extension_status",

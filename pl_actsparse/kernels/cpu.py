@@ -40,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_MAX_SPARSE_TOKENS",
+    "MIN_SPARSE_WEIGHT_BYTES",
     "KernelBackend",
     "ExtensionStatus",
     "effective_threshold",
@@ -60,15 +61,27 @@ KernelBackend = Literal["auto", "cpp", "torch"]
 _BACKENDS = ("auto", "cpp", "torch")
 _ENV_BACKEND = "PL_ACTSPARSE_CPU_KERNEL"
 
-#: Largest number of tokens per call for which the sparse kernel beats the dense path, keyed by
-#: ``(backend, dtype)`` with ``(backend, None)`` as the fallback. Measured with
-#: ``python benchmarks/decode.py --crossover`` on a 2-core EPYC (AVX2); see ``docs/inference.md``. The C++
-#: kernel reads the union of the tokens' rows once; ``embedding_bag`` reads them once per token, so only
-#: single tokens gain there. Machine-dependent: override with ``max_sparse_tokens``.
+#: Largest number of tokens per call for which the sparse kernel beats the layer's dense path, keyed by
+#: ``(backend, dtype)`` with ``(backend, None)`` as the fallback. Measured at s = 0.5 with
+#: ``python benchmarks/decode.py --crossover`` on a 2-core AMD EPYC (AVX2, torch 2.13 with MKL); fp16 uses the
+#: same kernels as bf16 and was not measured separately. See ``docs/inference.md``. The C++ kernel reads the
+#: union of the tokens' rows once; ``embedding_bag`` reads them once per token. Machine-dependent (MKL's
+#: small-batch GEMMs are slow on this CPU, which favours the sparse kernel): override with
+#: ``max_sparse_tokens`` where it matters.
 DEFAULT_MAX_SPARSE_TOKENS: dict[tuple[str, Optional[torch.dtype]], int] = {
-    ("cpp", None): 4,
-    ("torch", None): 1,
+    ("cpp", None): 8,
+    ("cpp", torch.bfloat16): 16,
+    ("cpp", torch.float16): 16,
+    ("torch", None): 2,
+    ("torch", torch.bfloat16): 8,
+    ("torch", torch.float16): 8,
 }
+
+#: Per backend: layers with fewer weight bytes use the dense path by default. The C++ call's fixed cost is
+#: below that of the dense path's masking ops (64x172 fp32, warm: 17 us vs 24 us), so it needs no minimum;
+#: the ``embedding_bag`` path costs ~60 us more than the dense path per call, which at s = 0.5 only pays off
+#: once half the weight takes that long to read (a few MiB).
+MIN_SPARSE_WEIGHT_BYTES: dict[str, int] = {"cpp": 0, "torch": 4 << 20}
 
 
 def to_kernel_layout(weight: Tensor) -> Tensor:
@@ -492,9 +505,8 @@ void accumulate(const T* wt, int64_t ld, int64_t j0, int64_t n, const int64_t* r
 }
 
 template <typename T>
-void run(const T* wt, int64_t in_f, int64_t out_f, const std::vector<int64_t>& rows,
-         const std::vector<float>& vals, int64_t ntok, const float* bias, T* out, int64_t tile) {
-  (void)in_f;
+void run(const T* wt, int64_t out_f, const std::vector<int64_t>& rows, const std::vector<float>& vals,
+         int64_t ntok, const float* bias, T* out, int64_t tile) {
   const int64_t nr = static_cast<int64_t>(rows.size());
   // One contiguous column chunk per thread (no reduction across threads); chunk edges on 64-byte lines.
   // Small products (tiny layers, very sparse inputs) run on the calling thread: waking the pool costs
@@ -550,8 +562,10 @@ float threshold_in_dtype(const at::Tensor& threshold, at::ScalarType st) {
 at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, const at::Tensor& weight_t,
                        const c10::optional<at::Tensor>& bias, int64_t tile) {
   TORCH_CHECK(x_in.dim() >= 1, "sparse_gemv: x must be [..., in]");
-  TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous(), "sparse_gemv: weight_t must be a contiguous [in, out]");
-  TORCH_CHECK(x_in.size(-1) == weight_t.size(0), "sparse_gemv: x has ", x_in.size(-1), " features, weight_t ", weight_t.size(0));
+  TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous(),
+              "sparse_gemv: weight_t must be a contiguous [in, out]");
+  TORCH_CHECK(x_in.size(-1) == weight_t.size(0),
+              "sparse_gemv: x has ", x_in.size(-1), " features, weight_t ", weight_t.size(0));
   TORCH_CHECK(x_in.device().is_cpu() && weight_t.device().is_cpu(), "sparse_gemv: CPU tensors only");
   const auto st = weight_t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "sparse_gemv: unsupported dtype ", st);
@@ -598,30 +612,19 @@ at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, cons
     bp = bf.data_ptr<float>();
   }
   if (st == at::kFloat) {
-    run<float>(weight_t.data_ptr<float>(), in_f, out_f, rows, vals, ntok, bp, out.data_ptr<float>(), tile);
+    run<float>(weight_t.data_ptr<float>(), out_f, rows, vals, ntok, bp, out.data_ptr<float>(), tile);
   } else if (st == at::kBFloat16) {
-    run<c10::BFloat16>(weight_t.data_ptr<c10::BFloat16>(), in_f, out_f, rows, vals, ntok, bp,
+    run<c10::BFloat16>(weight_t.data_ptr<c10::BFloat16>(), out_f, rows, vals, ntok, bp,
                        out.data_ptr<c10::BFloat16>(), tile);
   } else {
-    run<c10::Half>(weight_t.data_ptr<c10::Half>(), in_f, out_f, rows, vals, ntok, bp, out.data_ptr<c10::Half>(), tile);
+    run<c10::Half>(weight_t.data_ptr<c10::Half>(), out_f, rows, vals, ntok, bp, out.data_ptr<c10::Half>(), tile);
   }
   return out;
 }
-
-bool has_avx2() {
-#ifdef PLAS_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
-
-int64_t simd_width() { return has_avx2() ? 8 : 1; }
 
 }  // namespace
 
 TORCH_LIBRARY(pl_actsparse_ext, m) {
   m.def("sparse_gemv(Tensor x, Tensor threshold, Tensor weight_t, Tensor? bias, int tile=0) -> Tensor", &sparse_gemv);
-  m.def("simd_width() -> int", &simd_width);
 }
 """
