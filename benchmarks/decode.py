@@ -15,8 +15,8 @@ Method, because the numbers are easy to get wrong on a small shared machine:
 * Rounds during which *other* processes used more than ``--quiet`` of the CPUs (read from ``/proc/stat``)
   are dropped when enough quiet rounds exist; the JSON records how many rounds were kept.
 * Inputs are Gaussian; the threshold is the ``s`` quantile of ``|x|`` (rounded to the dtype, as the layer
-  compares), so each token has about ``s`` zeros at independent positions. Real activations have
-  correlated masks, which only helps the multi-token (union) case.
+  compares), so each token has about ``s`` zeros at independent positions. (On stories260K the real masks
+  of different tokens were only slightly more alike than independent ones; see docs/inference.md.)
 """
 
 from __future__ import annotations

@@ -137,8 +137,9 @@ def test_kernel_rejects_mismatches(torch_backend):
         cpu.sparse_linear(torch.randn(5, dtype=torch.bfloat16), torch.tensor(0.0), wt)
 
 
-def test_opcheck():
-    cpu.set_backend("torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    cpu.set_backend(backend)
     torch.manual_seed(0)
     wt = cpu.to_kernel_layout(torch.randn(24, 16))
     for args in [
@@ -156,11 +157,21 @@ def test_torch_compile_traces_the_custom_op():
     cpu.set_backend("torch")
     torch.manual_seed(0)
     layer = SparseInferenceLinear.from_linear(sparsified_linear(16, 24, threshold=0.4), max_sparse_tokens=2)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    for shape in [(16,), (1, 2, 16), (5, 16)]:  # sparse, sparse, dense path
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            assert torch.allclose(compiled(x), layer(x), atol=1e-5)
+    traced: list = []
+
+    def recording_backend(gm, example_inputs):
+        traced.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    op = torch.ops.pl_actsparse.sparse_linear.default
+    for backend in (recording_backend, "aot_eager"):
+        compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
+        for shape in [(16,), (1, 2, 16), (5, 16)]:  # sparse, sparse, dense path
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                assert torch.allclose(compiled(x), layer(x), atol=1e-5)
+        torch._dynamo.reset()
+    assert [op in ops for ops in traced] == [True, True, False]  # one graph per shape, op in the sparse ones
 
 
 # --------------------------------------------------------------------------------------------------------
