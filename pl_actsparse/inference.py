@@ -259,6 +259,10 @@ def export_for_inference(
 ) -> nn.Module:
     """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
 
+    Sparsified :class:`~pl_actsparse.quantization.Int8WeightLinear` layers become
+    :class:`~pl_actsparse.quantization.Int8SparseInferenceLinear` instead, sharing their int8 buffers
+    (``keep_dense_weight`` does not apply to them), so an int8 model stays int8.
+
     With the default backend this compiles the C++ kernel now (once per machine), not during the first
     decode step. Layers are swapped one at a time, so the extra memory peaks at one layer's ``W^T``; the
     original weights are released unless ``keep_dense_weight`` (they then serve the dense path) or other
@@ -270,7 +274,7 @@ def export_for_inference(
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if is_sparsified_linear(m)]
     if not targets:
         n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-        n_done = sum(isinstance(m, SparseInferenceLinear) for m in model.modules())
+        n_done = sum(type(m).__name__ in ("SparseInferenceLinear", "Int8SparseInferenceLinear") for m in model.modules())
         hint = f" ({n_done} layers are already exported)" if n_done else ""
         raise ValueError(
             f"export_for_inference: {type(model).__name__} has no sparsified layer: none of its {n_linear} "
@@ -292,15 +296,25 @@ def export_for_inference(
         )
     if any(m.weight.device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
         _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
-    replaced: dict[int, SparseInferenceLinear] = {}
+    from pl_actsparse.kernels.int8 import resolve_int8_backend
+    from pl_actsparse.quantization import Int8SparseInferenceLinear, Int8WeightLinear
+
+    if any(isinstance(m, Int8WeightLinear) for _, m in targets) and _cpu.get_backend() != "torch":
+        resolve_int8_backend(build=True)
+    replaced: dict[int, nn.Module] = {}
     targets.reverse()
     while targets:  # pop, so that each original weight can be freed as soon as its layer is swapped
         name, old = targets.pop()
         new = replaced.get(id(old))
         if new is None:
-            new = SparseInferenceLinear.from_linear(
-                old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
-            )
+            if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
+                new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
+                if not _applies_threshold(old):
+                    new.activation_threshold.fill_(-math.inf)
+            else:
+                new = SparseInferenceLinear.from_linear(
+                    old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
+                )
             replaced[id(old)] = new
         _set_submodule(model, name, new)
         del old
@@ -308,10 +322,24 @@ def export_for_inference(
 
 
 def exported_layers(model: nn.Module) -> list[ExportedLayer]:
-    """The :class:`SparseInferenceLinear` layers of ``model`` (qualified names, sizes, settings)."""
+    """The exported layers of ``model`` (qualified names, sizes, settings), int8 ones included."""
+    from pl_actsparse.quantization import Int8SparseInferenceLinear
+
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, SparseInferenceLinear):
+        if isinstance(m, Int8SparseInferenceLinear):
+            out.append(
+                ExportedLayer(
+                    name=name,
+                    in_features=m.in_features,
+                    out_features=m.out_features,
+                    threshold=float(m.activation_threshold.item()),
+                    max_sparse_tokens=m.sparse_token_limit(),
+                    backend=m.backend,
+                    dtype=m.qweight_t.dtype,
+                )
+            )
+        elif isinstance(m, SparseInferenceLinear):
             dtype = m.weight_t.dtype
             out.append(
                 ExportedLayer(

@@ -264,6 +264,27 @@ def test_export_int8_matches_model(tiny, batches, backend):
         export_int8_for_inference(tiny)
 
 
+def test_export_for_inference_keeps_int8_layers_int8(tiny, batches, backend):
+    from pl_actsparse.inference import SparseInferenceLinear, export_for_inference, exported_layers
+
+    quantize_weights_int8(tiny, TargetScope(patterns=[r".*mlp.*"]))  # attention stays float
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
+    ids = batches[0][:1]
+    ref = tiny(ids)
+    ref_last = tiny(ids[:, :2])[:, -1]
+    qbuf = tiny.layers[0].mlp.up_proj.qweight
+    export_for_inference(tiny)
+    int8_layers = [m for m in tiny.modules() if isinstance(m, Int8SparseInferenceLinear)]
+    float_layers = [m for m in tiny.modules() if isinstance(m, SparseInferenceLinear)]
+    assert len(int8_layers) == 9 and len(float_layers) == 12  # 3 MLP + 4 attention projections x 3 blocks
+    assert tiny.layers[0].mlp.up_proj.qweight_t is qbuf  # shared, not dequantized or copied
+    assert not any(math.isinf(float(m.activation_threshold)) for m in int8_layers)
+    listed = exported_layers(tiny)
+    assert len(listed) == 21 and sum(e.dtype == torch.int8 for e in listed) == 9
+    torch.testing.assert_close(tiny(ids), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tiny(ids[:, :2])[:, -1], ref_last, rtol=1e-4, atol=1e-4)
+
+
 def test_callback_on_int8_model(tiny, batches):
     L = pytest.importorskip("lightning.pytorch")
     from pl_actsparse.callback import ActivationSparsityCallback
