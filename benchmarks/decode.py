@@ -22,11 +22,15 @@ Method, because the numbers are easy to get wrong on a small shared machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
+import math
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Optional
@@ -396,10 +400,261 @@ def _crossover_summary(results: list[dict]) -> dict:
 
 
 # =========================================================================================================
-# Part (b): end-to-end decoding (tokens/s of a sparsified model, dense vs exported) goes here.
-# Not written yet: it needs the model that another part of issue 4 provides. Add it as its own function and
-# its own command-line flag, and put its output under the key "end_to_end" of the single JSON object.
+# Part (b): end-to-end greedy decoding, TinyLlama-1.1B shapes
 # =========================================================================================================
+
+E2E_VARIANTS = {
+    # name: (patterns sparsified at --e2e-sparsity, or None for the dense model)
+    "dense": None,
+    "mlp": [r".*mlp\.(gate|up|down)_proj"],
+    "all": [r".*_proj"],  # q, k, v, o, gate, up, down: the seven projections
+}
+
+
+def _e2e_config(args: argparse.Namespace):
+    from pl_actsparse.llama2c import Llama2cConfig
+
+    cfg = Llama2cConfig.tinyllama_1b()
+    if args.e2e_layers:
+        cfg = dataclasses.replace(cfg, n_layers=args.e2e_layers)
+    return cfg
+
+
+def _build_e2e_model(args: argparse.Namespace, variant: str):
+    """The bf16 model (same random weights for every variant), sparsified and exported unless dense."""
+    from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
+    from pl_actsparse.inference import export_for_inference
+    from pl_actsparse.llama2c import Llama2cModel
+
+    cfg = _e2e_config(args)
+    torch.manual_seed(args.seed)
+    model = Llama2cModel(cfg, dtype=torch.bfloat16).eval()
+    info: dict = {}
+    patterns = E2E_VARIANTS[variant]
+    if patterns is not None:
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        calib = [torch.randint(0, cfg.vocab_size, (1, args.calib_tokens), generator=gen) for _ in range(args.calib_prompts)]
+        sparsify_activations(model, calib, {TargetScope(patterns=patterns): args.e2e_sparsity}, progress=False)
+        rep = activation_sparsity_report(model)
+        info["sparsified_layers"] = len(rep.layers)
+        info["calibration_sparsity"] = None if rep.mean_sparsity is None else round(rep.mean_sparsity, 4)
+        export_for_inference(model)
+    return model, info
+
+
+def _prompt(args: argparse.Namespace, vocab: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    return torch.randint(0, vocab, (1, args.prompt_tokens), generator=gen)
+
+
+def _decoder(model, prompt: torch.Tensor, steps: int, max_len: int) -> Callable[[int], object]:
+    """A function that greedily decodes ``steps`` tokens per call, continuing one KV cache (prefill untimed).
+
+    The cache restarts after the prompt when full, so every call decodes at similar context lengths.
+    """
+    cache = model.new_cache(1, max_len=max_len)
+    T = prompt.shape[1]
+    with torch.inference_mode():
+        logits = model(prompt, cache=cache, start_pos=0)
+    first = logits[:, -1].argmax(-1, keepdim=True)
+    state = {"pos": T, "tok": first}
+
+    def run(_: int):
+        if state["pos"] + steps > max_len:
+            state["pos"], state["tok"] = T, first
+        with torch.inference_mode():
+            for _ in range(steps):
+                logits = model(state["tok"], cache=cache, start_pos=state["pos"])
+                state["tok"] = logits[:, -1].argmax(-1, keepdim=True)
+                state["pos"] += 1
+
+    return run
+
+
+def _with_backend(model, backend: str, fn: Callable[[int], object]) -> Callable[[int], object]:
+    from pl_actsparse.inference import SparseInferenceLinear
+
+    layers = [m for m in model.modules() if isinstance(m, SparseInferenceLinear)]
+
+    def run(i: int):
+        kcpu.set_backend(backend)
+        for m in layers:  # the crossover defaults depend on the backend (tiny layers stay dense with "torch")
+            m.backend = backend
+        return fn(i)
+
+    return run
+
+
+def _decode_sparsity(model, prompt: torch.Tensor, steps: int) -> Optional[float]:
+    """Fraction of inputs at or below the threshold over the sparse layers, on single-token decode calls."""
+    from pl_actsparse.inference import SparseInferenceLinear
+
+    counts = [0, 0]
+
+    def hook(mod, inp):
+        x = inp[0]
+        if x.numel() == x.shape[-1] and math.isfinite(float(mod.activation_threshold)):
+            counts[0] += int((x.abs() <= mod.activation_threshold.to(x.dtype)).sum())
+            counts[1] += x.numel()
+
+    hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, SparseInferenceLinear)]
+    try:
+        with torch.inference_mode():
+            model.generate(prompt, steps)
+    finally:
+        for h in hs:
+            h.remove()
+    return round(counts[0] / counts[1], 4) if counts[1] else None
+
+
+def _rss_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _load_the_code() -> None:
+    """Sparsify, export and decode a tiny model, so that every variant's process has imported (and built)
+    the same code before its baseline is read: the calibration and export paths import ~900 modules
+    (torch.library, cpp_extension, ...), ~100 MB that do not grow with the model."""
+    from pl_actsparse import TargetScope, sparsify_activations
+    from pl_actsparse.inference import export_for_inference
+    from pl_actsparse.llama2c import Llama2cConfig, Llama2cModel
+
+    kcpu.set_backend("cpp" if kcpu.load_extension() else "torch")
+    toy = Llama2cModel(Llama2cConfig.stories260k(), dtype=torch.bfloat16).eval()
+    sparsify_activations(toy, [torch.randint(0, 512, (1, 16))], {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
+    export_for_inference(toy)
+    with torch.inference_mode():
+        toy.generate(torch.ones(1, 2, dtype=torch.long), 2)
+    del toy
+    gc.collect()
+
+
+def e2e_memory_child(args: argparse.Namespace) -> dict:
+    """One variant in a fresh process: peak RSS of the whole run and of decoding alone."""
+    variant = args.e2e_memory_child
+    _load_the_code()
+    baseline = _rss_bytes("VmRSS")
+    _reset_peak_rss()
+    model, info = _build_e2e_model(args, variant)
+    gc.collect()
+    after_build = _rss_bytes("VmRSS")
+    run_peak = _rss_bytes("VmHWM")
+    reset = _reset_peak_rss()
+    prompt = _prompt(args, model.config.vocab_size)
+    _decoder(model, prompt, args.decode_steps, args.prompt_tokens + args.decode_steps)(0)
+    return {
+        "variant": variant,
+        "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+        "rss_baseline": baseline,
+        "rss_after_build": after_build,
+        "peak_rss_build": run_peak,
+        "peak_rss_decode": _rss_bytes("VmHWM") if reset else None,
+        "peak_rss_total": max(run_peak or 0, _rss_bytes("VmHWM") or 0),
+        **info,
+    }
+
+
+def _memory_figures(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for variant in E2E_VARIANTS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--e2e-memory-child", variant] + _e2e_child_args(args)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory child {variant} failed:\n{res.stderr[-4000:]}")
+        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"[e2e] memory {variant}: {out[variant]}", file=sys.stderr, flush=True)
+    return out
+
+
+def _e2e_child_args(args: argparse.Namespace) -> list[str]:
+    return [
+        f"--e2e-sparsity={args.e2e_sparsity}",
+        f"--e2e-layers={args.e2e_layers}",
+        f"--calib-prompts={args.calib_prompts}",
+        f"--calib-tokens={args.calib_tokens}",
+        f"--prompt-tokens={args.prompt_tokens}",
+        f"--decode-steps={args.decode_steps}",
+        f"--seed={args.seed}",
+    ] + ([f"--threads={args.threads}"] if args.threads else [])
+
+
+def end_to_end_benchmark(args: argparse.Namespace) -> dict:
+    """Tokens/s of greedy decoding: dense vs sparse (all seven projections, MLP only), interleaved rounds."""
+    t0 = time.perf_counter()
+    backends = _available_backends(args.backends)
+    models = {}
+    info = {}
+    for variant in E2E_VARIANTS:
+        models[variant], info[variant] = _build_e2e_model(args, variant)
+        print(f"[e2e] built {variant} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    cfg = models["dense"].config
+    prompt = _prompt(args, cfg.vocab_size)
+    max_len = args.prompt_tokens + args.decode_steps
+    for variant in ("mlp", "all"):
+        kcpu.set_backend(backends[0])
+        info[variant]["decode_sparsity"] = _decode_sparsity(models[variant], prompt, args.decode_steps)
+    fns = {"dense": _decoder(models["dense"], prompt, args.decode_steps, max_len)}
+    for variant in ("mlp", "all"):
+        for b in backends:
+            fns[f"{variant}_{b}"] = _with_backend(models[variant], b, _decoder(models[variant], prompt, args.decode_steps, max_len))
+    times, noise = interleaved(
+        fns, reps=1, min_quiet=args.e2e_rounds, max_seconds=args.e2e_max_seconds, quiet=args.quiet, seed=args.seed
+    )
+    kcpu.set_backend(None)
+    idx = _select_rounds(noise, args.quiet, min_keep=3)
+    per_token = {k: statistics.median(v[i] for i in idx) / args.decode_steps for k, v in times.items()}
+    out: dict = {
+        "model": f"TinyLlama-1.1B shapes ({cfg.n_layers} layers, dim {cfg.dim}, hidden {cfg.hidden_dim}, "
+        f"{cfg.n_heads}/{cfg.n_kv_heads} heads), random bf16 weights",
+        "sparsity_target": args.e2e_sparsity,
+        "calibration": f"{args.calib_prompts} random prompts x {args.calib_tokens} tokens",
+        "decode": f"prompt {args.prompt_tokens} tokens (prefill untimed), {args.decode_steps} greedy tokens per round",
+        "rounds_kept": f"{len(idx)}/{len(noise)}",
+        "variants": info,
+        "tokens_per_s": {k: round(1 / v, 3) for k, v in per_token.items()},
+        "speedup_vs_dense": {
+            k: round(_median_ratio(times["dense"], times[k], idx), 3) for k in fns if k != "dense"
+        },
+    }
+    if not args.no_memory:
+        del models, fns
+        gc.collect()
+        mem = _memory_figures(args)
+        dense_peak = mem["dense"]["peak_rss_total"]
+        out["memory"] = mem
+        out["peak_rss_vs_dense"] = {
+            k: {
+                "total": round(mem[k]["peak_rss_total"] / dense_peak, 4),
+                "decode": None
+                if mem[k]["peak_rss_decode"] is None
+                else round(mem[k]["peak_rss_decode"] / mem["dense"]["peak_rss_decode"], 4),
+            }
+            for k in ("mlp", "all")
+        }
+    best_all = max(v for k, v in out["speedup_vs_dense"].items() if k.startswith("all_"))
+    out["targets"] = {"all_projections_speedup_ge_1.5": best_all >= 1.5}
+    if "peak_rss_vs_dense" in out:
+        out["targets"]["peak_memory_le_dense_plus_5pct"] = all(
+            v["total"] <= 1.05 for v in out["peak_rss_vs_dense"].values()
+        )
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
 def _meta(args: argparse.Namespace) -> dict:
@@ -444,11 +699,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--quiet", type=float, default=0.05, help="max CPU share of other processes in a kept round")
     p.add_argument("--cold-factor", type=float, default=3.0, help="weights cycled per candidate, in LLC sizes")
     p.add_argument("--seed", type=int, default=0)
+    e2e = p.add_argument_group("part (b): end-to-end decoding (--end-to-end)")
+    e2e.add_argument("--end-to-end", action="store_true", help="run part (b) instead of part (a)")
+    e2e.add_argument("--e2e-sparsity", type=float, default=0.5)
+    e2e.add_argument("--e2e-layers", type=int, default=0, help="decoder layers (0: TinyLlama's 22)")
+    e2e.add_argument("--calib-prompts", type=int, default=4)
+    e2e.add_argument("--calib-tokens", type=int, default=32)
+    e2e.add_argument("--prompt-tokens", type=int, default=8)
+    e2e.add_argument("--decode-steps", type=int, default=16, help="tokens decoded per model per round")
+    e2e.add_argument("--e2e-rounds", type=int, default=5, help="quiet rounds wanted")
+    e2e.add_argument("--e2e-max-seconds", type=float, default=300.0)
+    e2e.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    e2e.add_argument("--e2e-memory-child", choices=list(E2E_VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with torch.inference_mode():
-        body = crossover_benchmark(args) if args.crossover else gemv_benchmark(args)
+    if args.e2e_memory_child:
+        print(json.dumps(e2e_memory_child(args)))
+        return
+    if args.end_to_end:
+        body = {"end_to_end": end_to_end_benchmark(args)}
+    else:
+        with torch.inference_mode():
+            body = crossover_benchmark(args) if args.crossover else gemv_benchmark(args)
     kcpu.set_backend(None)
     print(json.dumps({"meta": _meta(args), **body}, indent=1))
 

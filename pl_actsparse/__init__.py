@@ -103,6 +103,11 @@ _LAZY = {
     "TinyStoriesLM": ".lightning_models",
     "HFLlamaLM": ".lightning_models",
     "TinyStoriesDataModule": ".lightning_models",
+    "export_for_inference": ".inference",
+    "exported_layers": ".inference",
+    "SparseInferenceLinear": ".inference",
+    "compare_decoding": ".generation",
+    "DecodeComparison": ".generation",
 }
 
 

@@ -380,14 +380,19 @@ class TinyStoriesDataModule(LightningDataModule):
         self._cache: dict[str, _Pairs] = {}
         self._tokenizer: Llama2cTokenizer | None = None
 
+    @property
+    def tokenizer(self) -> Llama2cTokenizer:
+        """The tokenizer of the data folder's ``tok512.bin`` (loaded once)."""
+        if self._tokenizer is None:
+            self._tokenizer = Llama2cTokenizer.from_file(resolve_data_dir(self.data_dir) / "tok512.bin")
+        return self._tokenizer
+
     def dataset(self, split: str) -> _Pairs:
         """The (input, target) windows of one split, built on first use (any stage can ask for any split)."""
         if split not in self._cache:
             directory = resolve_data_dir(self.data_dir)
-            if self._tokenizer is None:
-                self._tokenizer = Llama2cTokenizer.from_file(directory / "tok512.bin")
             start, stop = self.ranges[split]
-            windows = TokenWindows(load_stories(directory, start, stop), self._tokenizer, self.seq_len)
+            windows = TokenWindows(load_stories(directory, start, stop), self.tokenizer, self.seq_len)
             if len(windows) == 0:
                 raise ValueError(f"{split}_stories {list(self.ranges[split])} give no window of {self.seq_len + 1} tokens")
             self._cache[split] = _Pairs(windows, self.limits[split])
