@@ -4,6 +4,8 @@
     pl-actsparse fit --config recipes/stories260k_finetune.yaml --trainer.max_epochs=2
     pl-actsparse fit --config recipes/stories260k_finetune.yaml trainer.max_steps=10   # omegaconf-style override
     pl-actsparse generate --config recipes/stories260k_training_free.yaml --prompt "Once upon a time"
+    pl-actsparse sweep --targets 0.3 0.5 --json sweep.json --plot sweep.png     # = python -m pl_actsparse.sweep
+    pl-actsparse report --demo --out report/                                   # = python -m pl_actsparse.reporting
 
 Any LightningModule / LightningDataModule can be named with ``class_path``; the package ships
 :class:`~pl_actsparse.lightning_models.TinyStoriesLM`, :class:`~pl_actsparse.lightning_models.HFLlamaLM` and
@@ -182,8 +184,16 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "generate":
         generate(argv[1:])
-        return
-    run(argv)
+    elif argv and argv[0] == "sweep":
+        from pl_actsparse.sweep import main as sweep_main
+
+        sweep_main(argv[1:], prog="pl-actsparse sweep")
+    elif argv and argv[0] == "report":
+        from pl_actsparse.reporting import main as report_main
+
+        report_main(argv[1:], prog="pl-actsparse report")
+    else:
+        run(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

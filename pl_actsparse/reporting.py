@@ -484,9 +484,9 @@ def _measure(model: nn.Module, items: list[Any], rows: list[LayerRow], transform
 # command line
 
 
-def main(argv: Sequence[str] | None = None) -> ModelReport:
-    """``python -m pl_actsparse.reporting [CHECKPOINT] --out DIR`` (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python -m pl_actsparse.reporting", description="Activation-sparsity report of a checkpoint or of the shipped model.")
+def main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.reporting") -> ModelReport:
+    """``python -m pl_actsparse.reporting [CHECKPOINT] --out DIR`` or ``pl-actsparse report ...`` (see ``--help``)."""
+    p = argparse.ArgumentParser(prog=prog, description="Activation-sparsity report of a checkpoint or of the shipped model.")
     p.add_argument("checkpoint", nargs="?", help="sparsified state dict / Lightning checkpoint (.pt/.ckpt)")
     p.add_argument("--prefix", default="", help="strip this key prefix (e.g. 'model.')")
     p.add_argument("--demo", action="store_true", help="the shipped stories260K model with the seed recipe, measured on stories 0-29")

@@ -445,9 +445,9 @@ def lightning_validate_metric(
 # command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m pl_actsparse.sweep") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pl_actsparse.sweep",
+        prog=prog,
         description="Perplexity of the shipped stories260K model at several activation-sparsity targets, "
         "from one calibration pass. Writes JSON and a PNG plot.",
     )
@@ -466,9 +466,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> SweepResult:
-    """``python -m pl_actsparse.sweep ...`` (see ``--help``)."""
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.sweep") -> SweepResult:
+    """``python -m pl_actsparse.sweep ...`` or ``pl-actsparse sweep ...`` (see ``--help``)."""
+    args = _parser(prog).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from .data import TokenWindows, load_stories

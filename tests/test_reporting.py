@@ -111,3 +111,7 @@ def test_errors_and_cli(tiny, sparse_tiny, tmp_path):
     torch.save(sparse_tiny.state_dict(), tmp_path / "sparse.pt")
     report = main([str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli")])
     assert len(report.rows) == 18 and (tmp_path / "cli" / "report.html").stat().st_size > 0
+    from pl_actsparse.cli import main as console_main
+
+    console_main(["report", str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli2")])  # `pl-actsparse report`
+    assert (tmp_path / "cli2" / "report.html").read_text() == (tmp_path / "cli" / "report.html").read_text()

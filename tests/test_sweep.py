@@ -187,15 +187,21 @@ def test_lightning_validate_metric(tiny, batches):
     assert result.dense <= result.points[0].metric + 0.05
 
 
-def test_cli_on_the_shipped_model(tmp_path):
-    from pl_actsparse.sweep import main
+def test_cli_on_the_shipped_model(tmp_path, monkeypatch):
+    import pl_actsparse.sweep as sweep_module
+    from pl_actsparse.cli import main as console_main
 
-    result = main(
-        ["--targets", "0.2", "0.5", "--calibration-stories", "500", "506", "--eval-stories", "0", "4",
+    results = []
+    real_main = sweep_module.main
+    monkeypatch.setattr(sweep_module, "main", lambda *a, **k: results.append(real_main(*a, **k)))
+
+    console_main(  # the `pl-actsparse sweep` subcommand
+        ["sweep", "--targets", "0.2", "0.5", "--calibration-stories", "500", "506", "--eval-stories", "0", "4",
          "--json", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png"), "--threads", "1"]
     )
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["calibration_passes"] == 1 and len(data["points"]) == 2
     assert data["dense"] < data["points"][0]["metric"] < data["points"][1]["metric"]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+    (result,) = results
     assert result.points[1].achieved == pytest.approx(0.5, abs=0.05)
