@@ -21,7 +21,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from .errors import ActivationSparsityError, InvalidScopeError, InvalidTargetError, NotSparsifiedError
-from .functional import calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, validate_target
+from .functional import (
+    calibrate_activation_sparsity,
+    prepare_activation_sparsity,
+    remove_activation_sparsity,
+    validate_target,
+    validated_targets,
+)
 from .metrics import ActivationSparsity
 from .modules import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_sparsified, sparsified_layers
 from .report import SparsityReport
@@ -290,12 +296,7 @@ class ActivationSparsityCallback(Callback):
                     "target_sparsity_by_scope must be a mapping {TargetScope(...): sparsity}, got "
                     f"{type(target_sparsity_by_scope).__qualname__} (for a list of dicts use scopes=)"
                 )
-            for scope, value in target_sparsity_by_scope.items():
-                if not isinstance(scope, TargetScope):
-                    raise InvalidScopeError(f"keys of target_sparsity_by_scope must be TargetScope objects, got {scope!r}")
-                if scope.is_empty():
-                    raise InvalidScopeError(f"{scope!r} has no names, patterns or types, so it selects nothing")
-                targets[scope] = validate_target(value, repr(scope))
+            targets = validated_targets(target_sparsity_by_scope)
         else:
             if isinstance(scopes, (str, Mapping)) or not isinstance(scopes, Sequence):
                 raise CallbackConfigurationError(f"scopes must be a list of {{names, patterns, types, sparsity}}, got {scopes!r}")

@@ -72,6 +72,18 @@ def validate_target(value: Any, where: str) -> float:
     return v
 
 
+def validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
+    """Check ``{TargetScope: sparsity}`` entry by entry (shared by the functional API and the callback)."""
+    targets: dict[TargetScope, float] = {}
+    for scope, value in target_sparsity_by_scope.items():
+        if not isinstance(scope, TargetScope):
+            raise InvalidScopeError(f"keys of target_sparsity_by_scope must be TargetScope objects, got {scope!r}")
+        if scope.is_empty():
+            raise InvalidScopeError(f"{scope!r} has no names, patterns or types, so it selects nothing")
+        targets[scope] = validate_target(value, repr(scope))
+    return targets
+
+
 def plan_activation_sparsity(
     model: nn.Module,
     target_sparsity_by_scope: Mapping[TargetScope, float],
@@ -98,13 +110,7 @@ def plan_activation_sparsity(
     if not isinstance(ignored_scope, IgnoredScope):
         raise InvalidScopeError(f"ignored_scope must be an IgnoredScope, got {ignored_scope!r}")
 
-    targets: dict[TargetScope, float] = {}
-    for scope, value in target_sparsity_by_scope.items():
-        if not isinstance(scope, TargetScope):
-            raise InvalidScopeError(f"keys of target_sparsity_by_scope must be TargetScope objects, got {scope!r}")
-        if scope.is_empty():
-            raise InvalidScopeError(f"{scope!r} has no names, patterns or types, so it selects nothing")
-        targets[scope] = validate_target(value, repr(scope))
+    targets = validated_targets(target_sparsity_by_scope)
 
     modules = list(model.named_modules())
     is_linear = {name: isinstance(m, nn.Linear) for name, m in modules}

@@ -328,30 +328,23 @@ def exported_layers(model: nn.Module) -> list[ExportedLayer]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, Int8SparseInferenceLinear):
-            out.append(
-                ExportedLayer(
-                    name=name,
-                    in_features=m.in_features,
-                    out_features=m.out_features,
-                    threshold=float(m.activation_threshold.item()),
-                    max_sparse_tokens=m.sparse_token_limit(),
-                    backend=m.backend,
-                    dtype=m.qweight_t.dtype,
-                )
-            )
+            dtype, limit = m.qweight_t.dtype, m.sparse_token_limit()
         elif isinstance(m, SparseInferenceLinear):
             dtype = m.weight_t.dtype
-            out.append(
-                ExportedLayer(
-                    name=name,
-                    in_features=m.in_features,
-                    out_features=m.out_features,
-                    threshold=float(m.activation_threshold.item()),
-                    max_sparse_tokens=m.sparse_token_limit(dtype),
-                    backend=m.backend,
-                    dtype=dtype,
-                )
+            limit = m.sparse_token_limit(dtype)
+        else:
+            continue
+        out.append(
+            ExportedLayer(
+                name=name,
+                in_features=m.in_features,
+                out_features=m.out_features,
+                threshold=float(m.activation_threshold.item()),
+                max_sparse_tokens=limit,
+                backend=m.backend,
+                dtype=dtype,
             )
+        )
     return out
 
 

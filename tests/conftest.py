@@ -14,6 +14,20 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread avoids OpenMP spin-waiting on a busy machine (docs/models.md).
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny():
     from tiny_models import tiny_llama
 

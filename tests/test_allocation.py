@@ -28,13 +28,7 @@ from pl_actsparse.errors import InvalidTargetError
 from pl_actsparse.scoring import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
 from pl_actsparse.tracking import SparsityCounter
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP spin-waiting on a busy machine (docs/models.md)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

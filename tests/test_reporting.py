@@ -12,13 +12,7 @@ from pl_actsparse.reporting import main, model_report
 RECIPE = {TargetScope(patterns=[".*mlp.*"]): 0.4, TargetScope(patterns=[r".*self_attn\.[qkv]_proj"]): 0.25}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP spin-waiting on a busy machine (docs/models.md)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -21,13 +21,7 @@ from pl_actsparse.tracking import SparsityCounter
 FIRST = "layers.0.self_attn.q_proj"  # the first sparsified layer the data reaches in TinyLlama
 ALL = TargetScope(patterns=[".*_proj"])
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread avoids OpenMP spin-waiting on a busy machine (docs/models.md)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
