@@ -393,3 +393,48 @@ def test_export_of_core_sparsified_layers(torch_backend):
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-6)  # dense path
         assert torch.allclose(model(x[0]), ref[0], atol=1e-6)  # sparse path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_checkpoint_then_export_on_the_real_model(tmp_path, dtype):
+    """stories260K, seed recipe: save the sparsified state dict, load it into a fresh model, export, and
+    compare prefill (dense path) and KV-cache decode steps (sparse path) with the sparsified model."""
+    from pl_actsparse import TargetScope, load_activation_sparsity, sparsify_activations
+    from pl_actsparse.llama2c import load_llama2c_checkpoint
+
+    torch.manual_seed(0)
+    model = load_llama2c_checkpoint(dtype=dtype)
+    calib = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
+    recipe = {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5}
+    sparsify_activations(model, calib, recipe, progress=False)
+    torch.save(model.state_dict(), tmp_path / "sparse.pt")
+
+    fresh = load_llama2c_checkpoint(dtype=dtype)
+    load_activation_sparsity(fresh, torch.load(tmp_path / "sparse.pt", weights_only=True))
+    export_for_inference(fresh)
+    assert len(exported_layers(fresh)) == 15
+
+    ids = torch.randint(0, 512, (1, 12))
+    tol = TOL[dtype] * 4  # logits after 5 blocks: rounding compounds in bf16
+    with torch.inference_mode():
+        ref_cache, got_cache = model.new_cache(1, 20), fresh.new_cache(1, 20)
+        ref, got = model(ids, cache=ref_cache), fresh(ids, cache=got_cache)  # 12 tokens: dense path
+        assert float((got.double() - ref.double()).abs().max() / ref.double().abs().max()) <= tol
+        for pos in range(12, 16):  # one token at a time: the sparse kernel
+            tok = ref[:, -1:].argmax(-1)
+            ref, got = model(tok, cache=ref_cache, start_pos=pos), fresh(tok, cache=got_cache, start_pos=pos)
+            assert float((got.double() - ref.double()).abs().max() / ref.double().abs().max()) <= tol
+
+
+def test_ensure_ninja_on_path_finds_the_environments_ninja(monkeypatch, tmp_path):
+    bindir = tmp_path / "venv-bin"
+    bindir.mkdir()
+    fake = bindir / "ninja"
+    fake.write_text("#!/bin/sh\necho 1.11\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(cpu.sys, "executable", str(bindir / "python"))
+    cpu.ensure_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(bindir)
+    cpu.ensure_ninja_on_path()  # already found: PATH unchanged
+    assert os.environ["PATH"].count(str(bindir)) == 1

@@ -30,6 +30,8 @@ import logging
 import os
 import platform
 import shutil
+import sys
+import sysconfig
 import threading
 import warnings
 from typing import Literal, Optional
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ensure_ninja_on_path",
     "DEFAULT_MAX_SPARSE_TOKENS",
     "MIN_SPARSE_WEIGHT_BYTES",
     "KernelBackend",
@@ -217,6 +220,21 @@ def _ext_build_dir(name: str) -> str:
     return os.path.join(root, name)
 
 
+def ensure_ninja_on_path() -> None:
+    """Put the ``ninja`` of this Python environment on ``PATH`` if ``PATH`` has none.
+
+    ``torch.utils.cpp_extension`` runs ``ninja`` from ``PATH``. The pip-installed one (the ``kernels``
+    extra) lives next to the interpreter, which is not on ``PATH`` when a venv is used without activating it
+    (``.venv/bin/pl-actsparse ...``).
+    """
+    if shutil.which("ninja") is not None:
+        return
+    for folder in (os.path.dirname(sys.executable), sysconfig.get_path("scripts")):
+        if folder and shutil.which("ninja", path=folder) is not None:
+            os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def extension_status() -> ExtensionStatus:
     """Report whether the C++ kernel is loaded (``error`` says why not; ``None`` if not tried yet)."""
     name = _ext_name()
@@ -245,6 +263,7 @@ def load_extension(build: bool = True) -> bool:
             cxx = os.environ.get("CXX", "c++")
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
+            ensure_ninja_on_path()
             from torch.utils import cpp_extension
 
             os.makedirs(build_dir, exist_ok=True)

@@ -328,6 +328,7 @@ def load_int8_extension(build: bool = True) -> bool:
             cxx = os.environ.get("CXX", "c++")
             if shutil.which(cxx) is None:
                 raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
+            _cpu.ensure_ninja_on_path()
             from torch.utils import cpp_extension
 
             os.makedirs(build_dir, exist_ok=True)
