@@ -175,15 +175,29 @@ class SparseInferenceLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
         ntokens = x.numel() // self.in_features
-        if x.device.type == "cpu" and ntokens <= self.sparse_token_limit(x.dtype):
+        device = x.device.type
+        if device == "cpu" and ntokens <= self.sparse_token_limit(x.dtype):
+            return self.sparse_forward(x)
+        if device == "cuda" and ntokens <= self._cuda_token_limit():
             return self.sparse_forward(x)
         return self.dense_forward(x)
+
+    def _cuda_token_limit(self) -> int:
+        from pl_actsparse.kernels import triton_gemv
+
+        if not triton_gemv.triton_available():
+            return 0
+        return triton_gemv.CUDA_MAX_SPARSE_TOKENS if self.max_sparse_tokens is None else self.max_sparse_tokens
 
     def sparse_forward(self, x: Tensor) -> Tensor:
         """The masked product through the sparse kernel (used up to ``max_sparse_tokens`` tokens)."""
         if torch.compiler.is_compiling():
             return sparse_linear(x, self.activation_threshold, self.weight_t, self.bias)  # one opaque graph node
         # Eager: call the kernel directly; the custom op's dispatch layers cost ~40 us per call.
+        if x.device.type == "cuda":
+            from pl_actsparse.kernels.triton_gemv import sparse_linear_cuda
+
+            return sparse_linear_cuda(x, self.activation_threshold, self.weight_t, self.bias)
         return sparse_linear_cpu(x, self.activation_threshold, self.weight_t, self.bias)
 
     def dense_forward(self, x: Tensor) -> Tensor:

@@ -417,6 +417,14 @@ def sparse_linear_cpu(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Opti
 sparse_linear.register_kernel("cpu")(sparse_linear_cpu)
 
 
+@sparse_linear.register_kernel("cuda")
+def _sparse_linear_cuda(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    # Imported on first CUDA call only: CPU users never import triton.
+    from pl_actsparse.kernels.triton_gemv import sparse_linear_cuda
+
+    return sparse_linear_cuda(x, threshold, weight_t, bias)
+
+
 @sparse_linear.register_fake
 def _sparse_linear_fake(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     torch._check(x.shape[-1] == weight_t.shape[0])
