@@ -197,8 +197,18 @@ class SparseInferenceLinear(nn.Module):
         if x.device.type == "cuda":
             from pl_actsparse.kernels.triton_gemv import sparse_linear_cuda
 
-            return sparse_linear_cuda(x, self.activation_threshold, self.weight_t, self.bias)
+            return sparse_linear_cuda(x, self._threshold_for(x.dtype), self.weight_t, self.bias)
         return sparse_linear_cpu(x, self.activation_threshold, self.weight_t, self.bias)
+
+    def _threshold_for(self, dtype: torch.dtype) -> float:
+        # The threshold rounded to the input dtype, cached: reading a CUDA buffer costs a device sync.
+        t = self.activation_threshold
+        key = (dtype, id(t), t._version)
+        cached = self.__dict__.get("_threshold_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, _cpu.effective_threshold(t, dtype))
+            self.__dict__["_threshold_cache"] = cached
+        return cached[1]
 
     def dense_forward(self, x: Tensor) -> Tensor:
         """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens)."""

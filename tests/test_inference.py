@@ -438,3 +438,13 @@ def test_ensure_ninja_on_path_finds_the_environments_ninja(monkeypatch, tmp_path
     assert os.environ["PATH"].split(os.pathsep)[0] == str(bindir)
     cpu.ensure_ninja_on_path()  # already found: PATH unchanged
     assert os.environ["PATH"].count(str(bindir)) == 1
+
+
+def test_cached_threshold_follows_buffer_changes(torch_backend):
+    layer = SparseInferenceLinear.from_linear(sparsified_linear(8, 4, threshold=0.30001))
+    assert layer._threshold_for(torch.bfloat16) == cpu.effective_threshold(torch.tensor(0.30001), torch.bfloat16)
+    assert layer._threshold_for(torch.float32) == pytest.approx(0.30001)
+    layer.activation_threshold.fill_(0.7)  # in place: the version counter changes
+    assert layer._threshold_for(torch.float32) == pytest.approx(0.7)
+    layer.load_state_dict({**layer.state_dict(), "activation_threshold": torch.tensor(0.9)})
+    assert layer._threshold_for(torch.float32) == pytest.approx(0.9)

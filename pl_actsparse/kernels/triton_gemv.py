@@ -54,12 +54,17 @@ def triton_error() -> Optional[str]:
     return _failure
 
 
-def sparse_linear_cuda(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def sparse_linear_cuda(
+    x: Tensor, threshold: Tensor | float, weight_t: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
     """The CUDA implementation of ``pl_actsparse.kernels.sparse_linear``: the Triton kernel when it can run,
     else the masked dense product. A kernel that fails to compile or launch is not retried; the failure is
-    reported once (``RuntimeWarning``) and by :func:`triton_error`."""
+    reported once (``RuntimeWarning``) and by :func:`triton_error`.
+
+    A float ``threshold`` must already be rounded to ``x.dtype`` (exported layers cache it, which saves a
+    device sync per call); a tensor is rounded here."""
     global _failure
-    t = _effective_threshold(threshold, x.dtype)
+    t = threshold if isinstance(threshold, float) else _effective_threshold(threshold, x.dtype)
     if triton_available() and x.dtype in _TRITON_DTYPES and x.dtype == weight_t.dtype:
         try:
             return triton_sparse_linear(x, t, weight_t, bias)
