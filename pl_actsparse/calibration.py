@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -212,6 +213,7 @@ class _LayerSlot:
     finalized: bool = False
     stats: LayerStatistics | None = None
     carried: torch.Tensor | None = None  # summed coarse histogram of earlier groups (streaming mode)
+    wake: Any = None  # threading.Condition on the session's lock: the batches waiting at this layer
 
     def reset_for_group(self) -> None:
         self.coarse, self.waiting, self.finalized = None, [], False
@@ -259,12 +261,20 @@ class CalibrationSession:
         self.slots = {id(s.module): s for s in slots}
         self.by_index = {s.index: s for s in slots}
         self.dist = distributed
-        self.cond = threading.Condition()
+        # One lock; the coordinator waits on `cond`, the batches parked at a layer on that layer's `wake`.
+        # Waking only the coordinator on each arrival (not every parked thread) keeps the cost linear in
+        # the number of batches: with 159 one-sequence batches, notify_all on one condition cost 3x the
+        # forward pass in thread wake-ups alone.
+        self._lock = threading.Lock()
+        self.cond = threading.Condition(self._lock)
+        for s in slots:
+            s.wake = threading.Condition(self._lock)
         self.workers = 0
         self.blocked = 0
         self.finished = 0
         self.error: BaseException | None = None
-        self._local = threading.local()
+        self._hist_cache: dict = {}
+        self._hist_next: dict = {}
 
     # called from the layers' forward, in worker threads
     def arrive(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -275,33 +285,31 @@ class CalibrationSession:
             raise TypeError(
                 f"layer {slot.name!r} received a {x.dtype} input; calibration supports float32, bfloat16 and float16"
             )
-        hist = self._histogram_cached(x)
         with self.cond:
-            if slot.coarse is None:
-                slot.coarse = torch.zeros_like(hist)
+            if slot.dtype is None:
                 slot.dtype = x.dtype
             elif x.dtype != slot.dtype:
                 self.error = TypeError(f"layer {slot.name!r} received inputs of dtypes {slot.dtype} and {x.dtype}")
-                self.cond.notify_all()
+                self._wake_everyone()
                 raise _Aborted
-            slot.coarse += hist
             slot.waiting.append(x)
             self.blocked += 1
-            self.cond.notify_all()
+            self.cond.notify()
             while not slot.finalized and self.error is None:
-                self.cond.wait()
+                slot.wake.wait()
             if self.error is not None:
                 raise _Aborted
         return module.sparsify_input(x)  # type: ignore[operator]
 
     def _histogram_cached(self, x: torch.Tensor) -> torch.Tensor:
-        # gate_proj and up_proj read the same tensor: histogram it once per thread.
+        # Called by the coordinator only. The cache holds the histograms of the previous layer's inputs, with
+        # weak references to them: a hit must be the very same tensor, yet the cache keeps nothing alive.
         key = (id(x), x.data_ptr(), x._version, tuple(x.shape), x.dtype)
-        cached = getattr(self._local, "last", None)
-        if cached is not None and cached[0] == key:
-            return cached[2]
+        hit = self._hist_cache.get(key)
+        if hit is not None and hit[0]() is x:
+            return hit[1]
         hist = coarse_histogram(x)
-        self._local.last = (key, x, hist)  # holding x keeps its id from being reused
+        self._hist_next[key] = (weakref.ref(x), hist)
         return hist
 
     def run_worker(self, fn: Callable[[], Any]) -> None:
@@ -313,12 +321,16 @@ class CalibrationSession:
             with self.cond:
                 if self.error is None:
                     self.error = exc
-                self.cond.notify_all()
+                self._wake_everyone()
         finally:
-            self._local.last = None
             with self.cond:
                 self.finished += 1
-                self.cond.notify_all()
+                self.cond.notify()
+
+    def _wake_everyone(self) -> None:  # with the lock held
+        self.cond.notify_all()
+        for s in self.by_index.values():
+            s.wake.notify_all()
 
     # called from the coordinating (calling) thread
     def coordinate(self, on_finalized: Callable[[_LayerSlot], None]) -> None:
@@ -339,17 +351,25 @@ class CalibrationSession:
             except BaseException as exc:  # noqa: BLE001
                 with self.cond:
                     self.error = exc
-                    self.cond.notify_all()
+                    self._wake_everyone()
                 break
             with self.cond:
                 slot.finalized = True
                 self.blocked -= len(slot.waiting)
                 slot.waiting = []
-                self.cond.notify_all()
+                slot.wake.notify_all()
             on_finalized(slot)
 
     def _finalize(self, slot: _LayerSlot) -> None:
-        if slot.coarse is None:  # nobody on this rank reached the layer; other ranks did
+        # The histograms are taken here, by one thread, once every batch has arrived: taken in the workers,
+        # the many small bincounts of small batches competed for the GIL and the intra-op threads.
+        # gate_proj and up_proj read the same tensors: the second one reuses the first one's histograms.
+        self._hist_cache, self._hist_next = self._hist_next, {}
+        if slot.waiting:
+            slot.coarse = torch.zeros(COARSE_BINS, dtype=torch.int64, device=slot.waiting[0].device)
+            for x in slot.waiting:
+                slot.coarse += self._histogram_cached(x).to(slot.coarse.device)
+        else:  # nobody on this rank reached the layer; other ranks did
             slot.coarse = torch.zeros(COARSE_BINS, dtype=torch.int64)
         # ranks that saw no input for this layer learn its dtype from the others
         dtype = _CODE_DTYPES[self.dist.min_int(_DTYPE_CODES[slot.dtype] if slot.dtype is not None else _NOBODY)]
