@@ -95,3 +95,20 @@ def test_thresholds_do_not_depend_on_batching(seed, splits, target, dtype):
     sparsify_activations(lin_b, chunks, scope, progress=False)
     assert torch.equal(lin_a.activation_threshold, lin_b.activation_threshold)
     assert lin_a._actsparse.calibration_sparsity == lin_b._actsparse.calibration_sparsity
+
+
+def test_shared_inputs_are_histogrammed_once(monkeypatch):
+    """gate_proj and up_proj read the same tensor: the coordinator reuses the first layer's histograms."""
+    import pl_actsparse.calibration as cal
+    from tiny_models import tiny_llama, token_batches
+
+    calls = []
+    real = cal.coarse_histogram
+    monkeypatch.setattr(cal, "coarse_histogram", lambda x: calls.append(x.shape) or real(x))
+    model = tiny_llama()
+    batches = token_batches(n=4)
+    sparsify_activations(model, batches, {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, progress=False)
+    blocks = len(model.layers)
+    assert len(calls) == 2 * blocks * len(batches)  # gate (shared with up) and down, per block and batch
+    for block in model.layers:
+        assert float(block.mlp.gate_proj.activation_threshold) == float(block.mlp.up_proj.activation_threshold)
