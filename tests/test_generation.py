@@ -127,13 +127,9 @@ def test_cli_generate_errors(capsys, tmp_path):
 def test_hugging_face_llama_export_and_generate(backend):
     """The export is not tied to our llama2.c model: a transformers LlamaForCausalLM, sparsified with
     the seed patterns and exported, decodes through HF's own generate() (KV cache, one token per step)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    dense = transformers.LlamaForCausalLM(config).eval()
+    from tiny_models import tiny_hf_llama
+
+    dense = tiny_hf_llama(vocab=96, hidden=64, intermediate=160)
     calib = [{"input_ids": torch.randint(0, 96, (2, 32))} for _ in range(2)]
     prompt = torch.randint(0, 96, (1, 6))
     kcpu.set_backend(backend)

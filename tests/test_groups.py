@@ -42,13 +42,9 @@ def test_llama2c_groups_with_grouped_query_attention():
 
 
 def test_hf_llama_groups():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    from tiny_models import tiny_hf_llama
+
+    model = tiny_hf_llama()
     groups = find_shared_input_groups(model, {"input_ids": torch.randint(0, 64, (1, 8))})
     assert _as_sets(groups) == _as_sets(_expected_llama_groups(2, prefix="model."))
 

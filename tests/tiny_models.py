@@ -79,3 +79,16 @@ SEED_RECIPE_PATTERNS = {
     "updown": ([".*up_proj.*", ".*gate_proj.*"], 0.3),
     "down": ([".*down_proj.*"], 0.5),
 }
+
+
+def tiny_hf_llama(vocab: int = 64, hidden: int = 32, intermediate: int = 48, seed: int = 0):
+    """A random 2-block transformers ``LlamaForCausalLM`` (skips the test when transformers is missing)."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()

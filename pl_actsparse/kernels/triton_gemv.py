@@ -136,13 +136,10 @@ def triton_sparse_linear(x: Tensor, threshold: float, weight_t: Tensor, bias: Op
     """
     if triton is None:
         raise RuntimeError("triton_sparse_linear needs the optional 'triton' package (pip install triton)")
+    from pl_actsparse.kernels.cpu import checked_kernel_args
+
+    weight_t = checked_kernel_args("triton_sparse_linear", x, weight_t)
     in_f, out_f = weight_t.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"triton_sparse_linear: x has {x.shape[-1]} features, weight_t is {tuple(weight_t.shape)}")
-    if x.dtype != weight_t.dtype:
-        raise TypeError(f"triton_sparse_linear: x is {x.dtype} but weight_t is {weight_t.dtype}")
-    if not weight_t.is_contiguous():
-        weight_t = weight_t.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f).contiguous()
     m = x2.shape[0]
