@@ -5,6 +5,11 @@ Part (a), per-layer GEMV (default)::
     python benchmarks/decode.py                      # 3 shapes x fp32/bf16 x s = 0.3/0.5/0.7, 1 token
     python benchmarks/decode.py --crossover          # sparse vs dense path of SparseInferenceLinear by tokens
 
+Part (b), end-to-end greedy decoding with TinyLlama-1.1B shapes in bf16 (random weights), dense vs all seven
+projections at 50 % vs MLP only at 50 %, tokens/s and peak memory (one fresh process per model)::
+
+    python benchmarks/decode.py --end-to-end         # about 4 minutes and 7 GB of RAM on 2 cores
+
 Method, because the numbers are easy to get wrong on a small shared machine:
 
 * Weights are cold: every candidate cycles through enough copies of the layer that the bytes touched per
