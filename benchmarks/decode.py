@@ -47,30 +47,14 @@ from torch import nn
 from pl_actsparse.inference import SparseInferenceLinear
 from pl_actsparse.kernels import cpu as kcpu
 
+from _common import llc_bytes
+
 DEFAULT_SHAPES = "4096x11008,11008x4096,2048x5632"
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Measurement helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _llc_bytes() -> int:
-    """Size of the largest CPU cache (bytes), 32 MiB if unknown."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            try:
-                with open(os.path.join(base, entry, "size")) as f:
-                    txt = f.read().strip()
-            except OSError:
-                continue
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
-            best = max(best, int(txt.rstrip("KMG")) * mult)
-    except OSError:
-        pass
-    return best or (32 << 20)
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -169,7 +153,7 @@ class _Layers:
     def __init__(self, in_f: int, out_f: int, dtype: torch.dtype, cold_factor: float, gen: torch.Generator):
         elem = torch.empty((), dtype=dtype).element_size()
         nbytes = in_f * out_f * elem
-        self.n = max(2, -(-int(cold_factor * _llc_bytes()) // nbytes))
+        self.n = max(2, -(-int(cold_factor * llc_bytes()) // nbytes))
         self.weights = []
         self.modules = []
         for _ in range(self.n):
@@ -669,7 +653,7 @@ def _meta(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "llc_bytes": _llc_bytes(),
+        "llc_bytes": llc_bytes(),
         "cold_factor": args.cold_factor,
         "quiet_threshold": args.quiet,
         "platform": platform.platform(),

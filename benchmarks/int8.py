@@ -41,6 +41,8 @@ from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.kernels import int8 as k8
 from pl_actsparse.quantization import export_int8_for_inference, quantize_weights_int8
 
+from _common import llc_bytes
+
 SEED_RECIPE = {
     TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
     TargetScope(patterns=[".*down_proj.*"]): 0.5,
@@ -134,25 +136,8 @@ def ppl_part(args) -> dict:
 # ----------------------------------------------------------------------------------------------- (b)
 
 
-def _llc_bytes() -> int:
-    import os
-
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for e in os.listdir(base):
-            try:
-                txt = open(os.path.join(base, e, "size")).read().strip()
-            except OSError:
-                continue
-            best = max(best, int(txt.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1))
-    except OSError:
-        pass
-    return best or (32 << 20)
-
-
 def gemv_part(args) -> dict:
-    llc = _llc_bytes()
+    llc = llc_bytes()
     res: dict = {"llc_bytes": llc, "sparsity": 0.5, "shapes": {}}
     gen = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):

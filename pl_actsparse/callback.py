@@ -26,7 +26,7 @@ from .functional import (
     prepare_activation_sparsity,
     remove_activation_sparsity,
     validate_target,
-    validated_targets,
+    _validated_targets,
 )
 from .metrics import ActivationSparsity
 from .modules import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_sparsified, sparsified_layers
@@ -296,7 +296,7 @@ class ActivationSparsityCallback(Callback):
                     "target_sparsity_by_scope must be a mapping {TargetScope(...): sparsity}, got "
                     f"{type(target_sparsity_by_scope).__qualname__} (for a list of dicts use scopes=)"
                 )
-            targets = validated_targets(target_sparsity_by_scope)
+            targets = _validated_targets(target_sparsity_by_scope)
         else:
             if isinstance(scopes, (str, Mapping)) or not isinstance(scopes, Sequence):
                 raise CallbackConfigurationError(f"scopes must be a list of {{names, patterns, types, sparsity}}, got {scopes!r}")
@@ -449,40 +449,55 @@ class ActivationSparsityCallback(Callback):
     # calibration data
 
     def _calibration_loader(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Iterable[Any], str]:
+        found = self.calibration_loader_without_trainer(getattr(trainer, "datamodule", None), pl_module)
+        if found is not None:
+            return found
+        source = "train" if self.calibration_source == "auto" else self.calibration_source
+        loop = {
+            "train": trainer.fit_loop,
+            "val": trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop,
+            "test": trainer.test_loop,
+            "predict": trainer.predict_loop,
+        }[source]
+        data_source = loop._data_source
+        if not data_source.is_defined():
+            raise CallbackConfigurationError(
+                f"calibration_source={source!r}: the {source} dataloader is not available in this run; pass "
+                "calibration_dataloader, or a datamodule/LightningModule that defines it"
+            )
+        return _first_loader(data_source.dataloader()), f"the {source} dataloader"
+
+    def calibration_loader_without_trainer(
+        self, datamodule: Any, pl_module: Any
+    ) -> tuple[Iterable[Any], str] | None:
+        """The calibration data and where it came from, when no running Trainer is needed to find it.
+
+        ``None`` means the source is a stage's dataloader (``"train"``, ``"val"``, ...; also ``"auto"``
+        without a ``calibration_dataloader`` method), which only a running Trainer resolves. Used by the
+        callback and by ``pl-actsparse generate``.
+        """
         if self.calibration_dataloader is not None:
             return self.calibration_dataloader, "calibration_dataloader"
         source = self.calibration_source
-        dm = getattr(trainer, "datamodule", None)
         if source == "auto":
-            for owner in (dm, pl_module):
+            for owner in (datamodule, pl_module):
                 if owner is not None and callable(getattr(owner, "calibration_dataloader", None)):
                     return _first_loader(owner.calibration_dataloader()), f"{type(owner).__name__}.calibration_dataloader()"
-            source = "train"
             if self.num_calibration_batches is None:
                 raise CallbackConfigurationError(
                     "no calibration data: there is no calibration_dataloader (argument, or method of the datamodule or "
                     "LightningModule), and calibrating on the first training batches needs num_calibration_batches"
                 )
+            return None
         if source in _STAGE_SOURCES:
-            loop = {
-                "train": trainer.fit_loop,
-                "val": trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop,
-                "test": trainer.test_loop,
-                "predict": trainer.predict_loop,
-            }[source]
-            data_source = loop._data_source
-            if not data_source.is_defined():
-                raise CallbackConfigurationError(
-                    f"calibration_source={source!r}: the {source} dataloader is not available in this run; pass "
-                    "calibration_dataloader, or a datamodule/LightningModule that defines it"
-                )
-            return _first_loader(data_source.dataloader()), f"the {source} dataloader"
-        for owner in (dm, pl_module):
+            return None
+        for owner in (datamodule, pl_module):
             if owner is not None and callable(getattr(owner, source, None)):
                 return _first_loader(getattr(owner, source)()), f"{type(owner).__name__}.{source}()"
         raise CallbackConfigurationError(
-            f"calibration_source={source!r}: neither the datamodule ({type(dm).__name__ if dm is not None else 'none'}) "
-            f"nor {type(pl_module).__name__} has a method {source!r}"
+            f"calibration_source={source!r}: neither the datamodule "
+            f"({type(datamodule).__name__ if datamodule is not None else 'none'}) nor {type(pl_module).__name__} "
+            f"has a method {source!r}"
         )
 
     def _inputs_fn(self, pl_module: LightningModule) -> Callable[[Any], Any] | None:

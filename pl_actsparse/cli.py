@@ -88,26 +88,22 @@ def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = Tr
     )
 
 
-_STAGE_LOADERS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}
-
-
 def _recipe_calibration_data(callback: Any, datamodule: Any, module: Any) -> Iterable[Any]:
     """The calibration batches the callback would use, resolved without a running Trainer."""
     from pl_actsparse.callback import CallbackConfigurationError, _first_loader
 
-    if callback.calibration_dataloader is not None:
-        return callback.calibration_dataloader
-    source = callback.calibration_source
-    names = ["calibration_dataloader"] if source == "auto" else [_STAGE_LOADERS.get(source, source)]
-    if source == "auto" and callback.num_calibration_batches is not None:
-        names.append("train_dataloader")
-    for name in names:
-        for owner in (datamodule, module):
-            if owner is not None and callable(getattr(owner, name, None)):
-                return _first_loader(getattr(owner, name)())
+    found = callback.calibration_loader_without_trainer(datamodule, module)
+    if found is not None:
+        return found[0]
+    stage = "train" if callback.calibration_source == "auto" else callback.calibration_source
+    method = f"{stage}_dataloader"  # a stage source: its first num_calibration_batches batches
+    for owner in (datamodule, module):
+        if owner is not None and callable(getattr(owner, method, None)):
+            return _first_loader(getattr(owner, method)())
+
     raise CallbackConfigurationError(
-        f"generate: calibration_source={source!r}: neither {type(datamodule).__name__} nor {type(module).__name__} "
-        f"has {' or '.join(names)}()"
+        f"generate: calibration_source={callback.calibration_source!r}: neither {type(datamodule).__name__} nor "
+        f"{type(module).__name__} has {method}()"
     )
 
 

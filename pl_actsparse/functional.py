@@ -72,7 +72,7 @@ def validate_target(value: Any, where: str) -> float:
     return v
 
 
-def validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
+def _validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
     """Check ``{TargetScope: sparsity}`` entry by entry (shared by the functional API and the callback)."""
     targets: dict[TargetScope, float] = {}
     for scope, value in target_sparsity_by_scope.items():
@@ -110,7 +110,7 @@ def plan_activation_sparsity(
     if not isinstance(ignored_scope, IgnoredScope):
         raise InvalidScopeError(f"ignored_scope must be an IgnoredScope, got {ignored_scope!r}")
 
-    targets = validated_targets(target_sparsity_by_scope)
+    targets = _validated_targets(target_sparsity_by_scope)
 
     modules = list(model.named_modules())
     is_linear = {name: isinstance(m, nn.Linear) for name, m in modules}

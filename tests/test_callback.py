@@ -312,6 +312,20 @@ def test_auto_source_falls_back_to_first_training_batches_and_transform_fn():
     assert _thresholds(lm) == _reference_thresholds(lm, list(data.train_dataloader())[:3], MLP, dense)
 
 
+def test_calibration_loader_without_trainer():
+    lm, data = TinyLM(), TinyData()
+    explicit = [torch.zeros(2, 9, dtype=torch.long)]
+    assert _callback(calibration_dataloader=explicit).calibration_loader_without_trainer(data, lm) == (
+        explicit,
+        "calibration_dataloader",
+    )
+    loader, where = _callback().calibration_loader_without_trainer(data, lm)  # auto: the datamodule method
+    assert where == "TinyData.calibration_dataloader()" and len(list(loader)) == len(list(data.calibration_dataloader()))
+    assert _callback(calibration_source="val", num_calibration_batches=1).calibration_loader_without_trainer(data, lm) is None
+    with pytest.raises(CallbackConfigurationError, match="has a method 'holdout_dataloader'"):
+        _callback(calibration_source="holdout_dataloader").calibration_loader_without_trainer(data, lm)
+
+
 def test_unknown_source_method_and_submodule():
     with pytest.raises(CallbackConfigurationError, match="has a method 'holdout_dataloader'"):
         _trainer(_callback(calibration_source="holdout_dataloader")).validate(TinyLM(), datamodule=TinyData(), verbose=False)

@@ -95,6 +95,15 @@ def test_compare_decoding_rejects_bad_arguments(tokenizer):
         compare_decoding(m, torch.nn.Linear(2, 2), tokenizer, "x", 5)
 
 
+def test_datamodule_tokenizer_is_the_data_folders(tokenizer):
+    from pl_actsparse.lightning_models import TinyStoriesDataModule
+
+    dm = TinyStoriesDataModule(calibration_stories=(500, 502))
+    assert dm.tokenizer is dm.tokenizer  # loaded once
+    assert dm.tokenizer.encode("Once upon a time") == tokenizer.encode("Once upon a time")
+    assert dm.tokenizer.decode(dm.tokenizer.encode("Tom had a dog.")) == "Tom had a dog."
+
+
 def test_cli_generate_at_sparsity_zero_and_at_the_recipe(capsys):
     main(["generate", "--config", RECIPE, "--sparsity", "0", "--max_new_tokens", "40", "--repeats", "1", "--json", *SMALL])
     zero = json.loads(capsys.readouterr().out)

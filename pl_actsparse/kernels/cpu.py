@@ -207,10 +207,42 @@ def _ext_flags() -> tuple[list[str], list[str]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _ext_name() -> str:
+def _ext_name_for(prefix: str, source: str) -> str:
+    # Cached builds are keyed by source, compiler flags and torch version.
     cflags, ldflags = _ext_flags()
-    key = "\n".join([_CPP_SOURCE, " ".join(cflags), " ".join(ldflags), torch.__version__])
-    return "pl_actsparse_cpu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    key = "\n".join([source, " ".join(cflags), " ".join(ldflags), torch.__version__])
+    return prefix + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _ext_name() -> str:
+    return _ext_name_for("pl_actsparse_cpu_", _CPP_SOURCE)
+
+
+def _build_inline_extension(name: str, source: str, build_dir: str) -> None:
+    """Compile (or load the cached build of) one of the package's C++ kernels; raises on any failure."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
+    ensure_ninja_on_path()
+    from torch.utils import cpp_extension
+
+    os.makedirs(build_dir, exist_ok=True)
+    cflags, ldflags = _ext_flags()
+    if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
+        log.info("pl_actsparse: compiling the C++ kernel %s into %s (once)", name, build_dir)
+    kwargs = {}
+    if "no_implicit_headers" in inspect.signature(cpp_extension.load_inline).parameters:
+        kwargs["no_implicit_headers"] = True  # skip <torch/extension.h> (pybind11): faster build
+    cpp_extension.load_inline(
+        name=name,
+        cpp_sources=[source],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=False,
+        **kwargs,
+    )
 
 
 def _ext_build_dir(name: str) -> str:
@@ -260,29 +292,7 @@ def load_extension(build: bool = True) -> bool:
             _ext_loaded, _ext_error = False, _NOT_BUILT
             return False
         try:
-            cxx = os.environ.get("CXX", "c++")
-            if shutil.which(cxx) is None:
-                raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
-            ensure_ninja_on_path()
-            from torch.utils import cpp_extension
-
-            os.makedirs(build_dir, exist_ok=True)
-            cflags, ldflags = _ext_flags()
-            if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
-                log.info("pl_actsparse: compiling the C++ CPU sparse kernel into %s (once)", build_dir)
-            kwargs = {}
-            if "no_implicit_headers" in inspect.signature(cpp_extension.load_inline).parameters:
-                kwargs["no_implicit_headers"] = True  # skip <torch/extension.h> (pybind11): faster build
-            cpp_extension.load_inline(
-                name=name,
-                cpp_sources=[_CPP_SOURCE],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                build_directory=build_dir,
-                is_python_module=False,
-                verbose=False,
-                **kwargs,
-            )
+            _build_inline_extension(name, _CPP_SOURCE, build_dir)
             torch.ops.pl_actsparse_ext.sparse_gemv  # noqa: B018  (fails if the library did not register)
         except Exception as exc:  # any failure (no compiler, no ninja, compile or load error) -> torch path
             _ext_loaded, _ext_error = False, f"{type(exc).__name__}: {exc}".strip()[:2000]
@@ -391,7 +401,7 @@ def sparse_linear(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional
     return F.linear(x.masked_fill(x.abs() <= thr, 0), weight_t.t(), bias)
 
 
-def checked_kernel_args(kernel: str, x: Tensor, weight_t: Tensor) -> Tensor:
+def _checked_kernel_args(kernel: str, x: Tensor, weight_t: Tensor) -> Tensor:
     """Validate ``x`` against ``weight_t`` (``[in, out]``) for a sparse kernel; return ``weight_t`` contiguous."""
     in_f = weight_t.shape[0]
     if x.shape[-1] != in_f:
@@ -407,7 +417,7 @@ def sparse_linear_cpu(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Opti
     Eager callers save ~40 us per call this way (the custom op's Python dispatch layers); under
     ``torch.compile`` use :func:`sparse_linear` so that the call stays one opaque graph node.
     """
-    weight_t = checked_kernel_args("sparse_linear", x, weight_t)
+    weight_t = _checked_kernel_args("sparse_linear", x, weight_t)
     in_f, out_f = weight_t.shape
     if x.dtype in _CPP_DTYPES and _resolve_for_call() == "cpp":
         return torch.ops.pl_actsparse_ext.sparse_gemv(x, threshold, weight_t, bias, 0)

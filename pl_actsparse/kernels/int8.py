@@ -33,10 +33,8 @@ at a time and uses an fp32 GEMM.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 import threading
 import warnings
 from typing import Literal, Optional
@@ -296,9 +294,7 @@ _ext_warned = False
 
 
 def _ext_name() -> str:
-    cflags, ldflags = _cpu._ext_flags()
-    key = "\n".join([_CPP_SOURCE, " ".join(cflags), " ".join(ldflags), torch.__version__])
-    return "pl_actsparse_int8_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    return _cpu._ext_name_for("pl_actsparse_int8_", _CPP_SOURCE)
 
 
 def int8_extension_status() -> _cpu.ExtensionStatus:
@@ -325,24 +321,7 @@ def load_int8_extension(build: bool = True) -> bool:
             _ext_loaded, _ext_error = False, "not built yet"
             return False
         try:
-            cxx = os.environ.get("CXX", "c++")
-            if shutil.which(cxx) is None:
-                raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH)")
-            _cpu.ensure_ninja_on_path()
-            from torch.utils import cpp_extension
-
-            os.makedirs(build_dir, exist_ok=True)
-            cflags, ldflags = _cpu._ext_flags()
-            cpp_extension.load_inline(
-                name=name,
-                cpp_sources=[_CPP_SOURCE],
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                build_directory=build_dir,
-                is_python_module=False,
-                no_implicit_headers=True,
-                verbose=False,
-            )
+            _cpu._build_inline_extension(name, _CPP_SOURCE, build_dir)
             torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv  # noqa: B018
         except Exception as exc:  # no compiler, no ninja, compile or load error -> torch fallback
             _ext_loaded, _ext_error = False, f"{type(exc).__name__}: {exc}".strip()[:2000]

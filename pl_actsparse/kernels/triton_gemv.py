@@ -136,9 +136,9 @@ def triton_sparse_linear(x: Tensor, threshold: float, weight_t: Tensor, bias: Op
     """
     if triton is None:
         raise RuntimeError("triton_sparse_linear needs the optional 'triton' package (pip install triton)")
-    from pl_actsparse.kernels.cpu import checked_kernel_args
+    from pl_actsparse.kernels.cpu import _checked_kernel_args
 
-    weight_t = checked_kernel_args("triton_sparse_linear", x, weight_t)
+    weight_t = _checked_kernel_args("triton_sparse_linear", x, weight_t)
     in_f, out_f = weight_t.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f).contiguous()
