@@ -4,7 +4,7 @@ At 30%, 40% and 50% of the MLP weight bytes skipped per token (all 15 gate/up/do
 the 194 windows of stories 0-149 for:
 
 * ``uniform``: every MLP layer at the budget (exact calibration),
-* ``allocation``: per-layer targets from :func:`pl_actsparse.allocation.allocate_sparsity` (sensitivity curves
+* ``allocation``: per-layer targets from :func:`pl_actsparse.tuning.allocation.allocate_sparsity` (sensitivity curves
   on the first 6 calibration batches, shared-input groups tied), then exact calibration,
 * ``weight_aware_uniform`` / ``weight_aware_shared_uniform`` / ``weight_aware_allocation``: the score
   ``|x| * ||W[:, i]||`` (per layer / one scale per shared-input group) at the uniform or allocated targets,
@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
-from pl_actsparse.allocation import allocate_sparsity
-from pl_actsparse.data import TokenWindows, load_stories
-from pl_actsparse.evaluation import perplexity
-from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from pl_actsparse.scoring import sparsify_activations_weight_aware
-from pl_actsparse.sweep import apply_statistics, perplexity_metric, sweep_sparsity
-from pl_actsparse.tracking import SparsityCounter
+from pl_actsparse.tuning.allocation import allocate_sparsity
+from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+from pl_actsparse.tuning.objectives import perplexity
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
+from pl_actsparse.tuning.sweep import apply_statistics, perplexity_metric, sweep_sparsity
+from pl_actsparse.measure.tracking import SparsityCounter
 
 MLP_PATTERN = r"layers\.\d+\.mlp\.(gate|up|down)_proj"
 SWEEP_TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]

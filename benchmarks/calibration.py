@@ -23,10 +23,10 @@ import warnings
 import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.data import TokenWindows, load_stories
-from pl_actsparse.evaluation import perplexity
-from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from pl_actsparse.tracking import SparsityCounter
+from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+from pl_actsparse.tuning.objectives import perplexity
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.measure.tracking import SparsityCounter
 
 TARGETS = {"up_proj": 0.3, "gate_proj": 0.3, "down_proj": 0.5}
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pl_actsparse.inference import SparseInferenceLinear
+from pl_actsparse.export.linear import SparseInferenceLinear
 from pl_actsparse.kernels import cpu as kcpu
 
 from _common import llc_bytes
@@ -401,7 +401,7 @@ E2E_VARIANTS = {
 
 
 def _e2e_config(args: argparse.Namespace):
-    from pl_actsparse.llama2c import Llama2cConfig
+    from pl_actsparse.demos.llama2c import Llama2cConfig
 
     cfg = Llama2cConfig.tinyllama_1b()
     if args.e2e_layers:
@@ -412,8 +412,8 @@ def _e2e_config(args: argparse.Namespace):
 def _build_e2e_model(args: argparse.Namespace, variant: str):
     """The bf16 model (same random weights for every variant), sparsified and exported unless dense."""
     from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
-    from pl_actsparse.inference import export_for_inference
-    from pl_actsparse.llama2c import Llama2cModel
+    from pl_actsparse.export.linear import export_for_inference
+    from pl_actsparse.demos.llama2c import Llama2cModel
 
     cfg = _e2e_config(args)
     torch.manual_seed(args.seed)
@@ -461,7 +461,7 @@ def _decoder(model, prompt: torch.Tensor, steps: int, max_len: int) -> Callable[
 
 
 def _with_backend(model, backend: str, fn: Callable[[int], object]) -> Callable[[int], object]:
-    from pl_actsparse.inference import SparseInferenceLinear
+    from pl_actsparse.export.linear import SparseInferenceLinear
 
     layers = [m for m in model.modules() if isinstance(m, SparseInferenceLinear)]
 
@@ -476,7 +476,7 @@ def _with_backend(model, backend: str, fn: Callable[[int], object]) -> Callable[
 
 def _decode_sparsity(model, prompt: torch.Tensor, steps: int) -> Optional[float]:
     """Fraction of inputs at or below the threshold over the sparse layers, on single-token decode calls."""
-    from pl_actsparse.inference import SparseInferenceLinear
+    from pl_actsparse.export.linear import SparseInferenceLinear
 
     counts = [0, 0]
 
@@ -521,8 +521,8 @@ def _load_the_code() -> None:
     the same code before its baseline is read: the calibration and export paths import ~900 modules
     (torch.library, cpp_extension, ...), ~100 MB that do not grow with the model."""
     from pl_actsparse import TargetScope, sparsify_activations
-    from pl_actsparse.inference import export_for_inference
-    from pl_actsparse.llama2c import Llama2cConfig, Llama2cModel
+    from pl_actsparse.export.linear import export_for_inference
+    from pl_actsparse.demos.llama2c import Llama2cConfig, Llama2cModel
 
     kcpu.set_backend("cpp" if kcpu.load_extension() else "torch")
     toy = Llama2cModel(Llama2cConfig.stories260k(), dtype=torch.bfloat16).eval()

@@ -12,7 +12,7 @@ Prints one JSON object on stdout (progress goes to stderr):
     python benchmarks/finetune.py [--steps 300] [--recalibrate-every 100] [--threads 2]
 
 Every fine-tune goes through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback` and
-:class:`~pl_actsparse.lightning_models.TinyStoriesLM`, so the numbers are those of the shipped integration.
+:class:`~pl_actsparse.demos.lightning_models.TinyStoriesLM`, so the numbers are those of the shipped integration.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from pl_actsparse import ActivationSparsityCallback, TargetScope, activation_sparsity_report, sparsify_activations
-    from pl_actsparse.data import TokenWindows, load_stories, resolve_data_dir
-    from pl_actsparse.evaluation import perplexity
-    from pl_actsparse.lightning_models import TinyStoriesDataModule, TinyStoriesLM
-    from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-    from pl_actsparse.tracking import SparsityCounter
+    from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
+    from pl_actsparse.tuning.objectives import perplexity
+    from pl_actsparse.demos.lightning_models import TinyStoriesDataModule, TinyStoriesLM
+    from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+    from pl_actsparse.measure.tracking import SparsityCounter
 
     started = time.perf_counter()
     data_dir = resolve_data_dir(args.data)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
 from pl_actsparse.kernels import cpu as kcpu
-from pl_actsparse.kernels import int8 as k8
-from pl_actsparse.quantization import export_int8_for_inference, quantize_weights_int8
+from pl_actsparse.kernels import int8_cpu as k8
+from pl_actsparse.core.int8 import export_int8_for_inference, quantize_weights_int8
 
 from _common import llc_bytes
 
@@ -82,9 +82,9 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 
 def ppl_part(args) -> dict:
-    from pl_actsparse.data import TokenWindows, load_stories
-    from pl_actsparse.evaluation import perplexity
-    from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+    from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+    from pl_actsparse.tuning.objectives import perplexity
+    from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 
     tok = Llama2cTokenizer.from_file()
     cal = TokenWindows(load_stories(start=500, stop=600), tok, seq_len=256)
@@ -190,7 +190,7 @@ def gemv_part(args) -> dict:
 
 
 def decode_part(args) -> dict:
-    from pl_actsparse.llama2c import Llama2cConfig, Llama2cModel
+    from pl_actsparse.demos.llama2c import Llama2cConfig, Llama2cModel
 
     cfg = Llama2cConfig.tinyllama_1b()
     t0 = time.perf_counter()
@@ -221,7 +221,7 @@ def decode_part(args) -> dict:
             zeros[0] += int((x.abs() <= mod.activation_threshold).sum())
             zeros[1] += x.numel()
 
-    from pl_actsparse.quantization import Int8SparseInferenceLinear
+    from pl_actsparse.core.int8 import Int8SparseInferenceLinear
 
     hs = [m.register_forward_pre_hook(hook) for m in sparse.modules() if isinstance(m, Int8SparseInferenceLinear)]
     with torch.no_grad():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .calibration import LayerStatistics, threshold_from_histogram
-from .errors import (
+from pl_actsparse.core.calibration import LayerStatistics, threshold_from_histogram
+from pl_actsparse.errors import (
     ActivationSparsityError,
     ConflictingScopesError,
     EmptyDatasetError,
@@ -22,7 +22,7 @@ from .errors import (
     UnmatchedScopeError,
     UnsupportedModuleError,
 )
-from .functional import (
+from pl_actsparse.api import (
     SparsityPlan,
     calibrate_activation_sparsity,
     load_activation_sparsity,
@@ -32,9 +32,9 @@ from .functional import (
     set_target_sparsity,
     sparsify_activations,
 )
-from .modules import GradientMode, SparseActivationLinear, SparsifierMode, is_sparsified, sparsified_layers
-from .report import LayerReport, SparsityReport, activation_sparsity_report
-from .scopes import IgnoredScope, TargetScope
+from pl_actsparse.core.layer import GradientMode, SparseActivationLinear, SparsifierMode, is_sparsified, sparsified_layers
+from pl_actsparse.measure.report import LayerReport, SparsityReport, activation_sparsity_report
+from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __version__ = "0.1.0"
 
@@ -74,40 +74,40 @@ __all__ = [
 
 _LAZY = {
     # Imported on first use so that `import pl_actsparse` stays light (no Lightning, no matplotlib).
-    "allocate_sparsity": ".allocation",
-    "measure_sensitivity": ".allocation",
-    "Allocation": ".allocation",
-    "load_scopes_yaml": ".allocation",
-    "sweep_sparsity": ".sweep",
-    "SweepResult": ".sweep",
-    "threshold_for_target": ".sweep",
-    "find_shared_input_groups": ".groups",
-    "sparsify_activations_weight_aware": ".scoring",
-    "model_report": ".reporting",
-    "ModelReport": ".reporting",
-    "SparsityCounter": ".tracking",
-    "quantize_weights_int8": ".quantization",
-    "dequantize_weights_int8": ".quantization",
-    "export_int8_for_inference": ".quantization",
-    "Int8WeightLinear": ".quantization",
-    "Int8SparseInferenceLinear": ".quantization",
-    "Int8QuantizationReport": ".quantization",
-    "Int8LayerReport": ".quantization",
-    "ActivationSparsityCallback": ".callback",
-    "ScopeSpec": ".callback",
-    "IgnoredScopeSpec": ".callback",
-    "activation_sparsity_disabled": ".callback",
-    "install_sparsifiers_from_state_dict": ".callback",
-    "CallbackConfigurationError": ".callback",
-    "ActivationSparsity": ".metrics",
-    "TinyStoriesLM": ".lightning_models",
-    "HFLlamaLM": ".lightning_models",
-    "TinyStoriesDataModule": ".lightning_models",
-    "export_for_inference": ".inference",
-    "exported_layers": ".inference",
-    "SparseInferenceLinear": ".inference",
-    "compare_decoding": ".generation",
-    "DecodeComparison": ".generation",
+    "allocate_sparsity": ".tuning.allocation",
+    "measure_sensitivity": ".tuning.allocation",
+    "Allocation": ".tuning.allocation",
+    "load_scopes_yaml": ".tuning.allocation",
+    "sweep_sparsity": ".tuning.sweep",
+    "SweepResult": ".tuning.sweep",
+    "threshold_for_target": ".tuning.sweep",
+    "find_shared_input_groups": ".core.groups",
+    "sparsify_activations_weight_aware": ".tuning.weight_aware",
+    "model_report": ".measure.reporting",
+    "ModelReport": ".measure.reporting",
+    "SparsityCounter": ".measure.tracking",
+    "quantize_weights_int8": ".core.int8",
+    "dequantize_weights_int8": ".core.int8",
+    "export_int8_for_inference": ".core.int8",
+    "Int8WeightLinear": ".core.int8",
+    "Int8SparseInferenceLinear": ".core.int8",
+    "Int8QuantizationReport": ".core.int8",
+    "Int8LayerReport": ".core.int8",
+    "ActivationSparsityCallback": ".lightning.callback",
+    "ScopeSpec": ".lightning.callback",
+    "IgnoredScopeSpec": ".lightning.callback",
+    "activation_sparsity_disabled": ".lightning.callback",
+    "install_sparsifiers_from_state_dict": ".lightning.callback",
+    "CallbackConfigurationError": ".lightning.callback",
+    "ActivationSparsity": ".measure.metric",
+    "TinyStoriesLM": ".demos.lightning_models",
+    "HFLlamaLM": ".demos.lightning_models",
+    "TinyStoriesDataModule": ".demos.lightning_models",
+    "export_for_inference": ".export.linear",
+    "exported_layers": ".export.linear",
+    "SparseInferenceLinear": ".export.linear",
+    "compare_decoding": ".demos.generate",
+    "DecodeComparison": ".demos.generate",
 }
 
 

@@ -1,64 +1,13 @@
-"""The main job: sparsify the real stories260K model with the seed recipe and show what it costs.
+"""Deprecated alias of :mod:`pl_actsparse.demos.run` (moved in 0.2; this shim goes in 0.3)."""
 
-Calibrates up/gate at 30% and down at 50% on stories 500-599, then prints dense vs sparse perplexity on
-stories 0-149 (256-token windows), the per-layer report (achieved sparsity on the calibration data) and the
-achieved sparsity on the held-out stories.
+import sys as _sys
+import warnings as _warnings
 
-    python -m pl_actsparse.demo [--data DIR] [--calibration-batch-size 8]
-"""
+import pl_actsparse.demos.run as _moved
 
-from __future__ import annotations
-
-import argparse
-import time
-
-import torch
-
-from . import TargetScope, activation_sparsity_report, sparsify_activations
-from .data import TokenWindows, load_stories, resolve_data_dir
-from .evaluation import perplexity
-from .llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from .tracking import SparsityCounter
-
-SEED_RECIPE = {
-    TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
-    TargetScope(patterns=[".*down_proj.*"]): 0.5,
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="folder with stories260K.bin etc. (default: $PL_ACTSPARSE_DATA or ../shared/data)")
-    parser.add_argument("--calibration-batch-size", type=int, default=8)
-    args = parser.parse_args(argv)
-
-    data_dir = resolve_data_dir(args.data)
-    print(f"data: {data_dir}")
-    model = load_llama2c_checkpoint(data_dir / "stories260K.bin")
-    tokenizer = Llama2cTokenizer.from_file(data_dir / "tok512.bin")
-    calib_windows = TokenWindows(load_stories(data_dir, 500, 600), tokenizer, seq_len=256)
-    evaluation = TokenWindows(load_stories(data_dir, 0, 150), tokenizer, seq_len=256)
-    bs = args.calibration_batch_size
-    calibration = [
-        torch.stack([calib_windows[j] for j in range(i, min(i + bs, len(calib_windows)))])
-        for i in range(0, len(calib_windows), bs)
-    ]
-
-    dense = perplexity(model, evaluation)
-    print(f"dense perplexity on stories 0-149 ({len(evaluation)} windows of 256 tokens): {dense:.4f}")
-    t0 = time.perf_counter()
-    sparsify_activations(model, calibration, SEED_RECIPE)
-    seconds = time.perf_counter() - t0
-    report = activation_sparsity_report(model)
-    print(f"\ncalibrated on stories 500-599 ({len(calib_windows)} windows, {len(calibration)} batches) in {seconds:.2f} s")
-    print(report)
-    with SparsityCounter(model) as heldout:
-        sparse = perplexity(model, evaluation)
-    print(f"\nsparse perplexity: {sparse:.4f} (dense {dense:.4f}, {100 * (sparse / dense - 1):+.1f}%)")
-    print("achieved sparsity on the held-out stories 0-149:")
-    for row in report.layers:
-        print(f"  {row.name:<24} target {row.target:.2f}  calibration {row.calibration_sparsity:.4f}  held-out {heldout.sparsity()[row.name]:.4f}")
-
-
-if __name__ == "__main__":
-    main()
+_warnings.warn(
+    "pl_actsparse.demo moved to pl_actsparse.demos.run; the old path is removed in 0.3",
+    DeprecationWarning,
+    stacklevel=2,
+)
+_sys.modules[__name__] = _moved

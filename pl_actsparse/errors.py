@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteActivationError",
     "NotSparsifiedError",
     "LayerNotCalledError",
+    "TokenMaskError",
 ]
 
 
@@ -63,3 +64,7 @@ class NotSparsifiedError(ActivationSparsityError):
 
 class LayerNotCalledError(ActivationSparsityError):
     """A layer to calibrate was never called by the model on the calibration data."""
+
+
+class TokenMaskError(ActivationSparsityError):
+    """A token mask (e.g. an ``attention_mask``) does not fit a layer's input: no token axis matches it."""

@@ -16,7 +16,7 @@ from pl_actsparse import (
     remove_activation_sparsity,
     sparsify_activations,
 )
-from pl_actsparse.allocation import (
+from pl_actsparse.tuning.allocation import (
     SensitivityProfile,
     allocate_from_curves,
     allocate_sparsity,
@@ -25,8 +25,8 @@ from pl_actsparse.allocation import (
     scopes_from_list,
 )
 from pl_actsparse.errors import InvalidTargetError
-from pl_actsparse.scoring import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
-from pl_actsparse.tracking import SparsityCounter
+from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
+from pl_actsparse.measure.tracking import SparsityCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -172,8 +172,8 @@ def test_measure_sensitivity_validates_options(tiny, batches):
 
 @pytest.fixture(scope="module")
 def stories():
-    from pl_actsparse.data import TokenWindows, load_stories
-    from pl_actsparse.llama2c import Llama2cTokenizer
+    from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+    from pl_actsparse.demos.llama2c import Llama2cTokenizer
 
     tok = Llama2cTokenizer.from_file()
     w = TokenWindows(load_stories(start=500, stop=520), tok, seq_len=128)
@@ -182,8 +182,8 @@ def stories():
 
 
 def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
-    from pl_actsparse.allocation import _LossRunner
-    from pl_actsparse.llama2c import load_llama2c_checkpoint
+    from pl_actsparse.tuning.allocation import _LossRunner
+    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     scope = TargetScope(patterns=[r".*mlp\..*_proj"])
     model = load_llama2c_checkpoint()

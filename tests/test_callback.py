@@ -32,8 +32,8 @@ from pl_actsparse import (
     prepare_activation_sparsity,
     sparsified_layers,
 )
-from pl_actsparse.callback import CallbackConfigurationError, ScopeSpec, install_sparsifiers_from_state_dict
-from pl_actsparse.metrics import ActivationSparsity
+from pl_actsparse.lightning.callback import CallbackConfigurationError, ScopeSpec, install_sparsifiers_from_state_dict
+from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_llama
 
 MLP = [{"patterns": [r".*mlp\.(gate|up|down)_proj"], "sparsity": 0.5}]

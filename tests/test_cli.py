@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from pl_actsparse import TargetScope, sparsified_layers, sparsify_activations
-from pl_actsparse.callback import ActivationSparsityCallback
-from pl_actsparse.cli import _as_option, run
-from pl_actsparse.llama2c import load_llama2c_checkpoint
+from pl_actsparse.lightning.callback import ActivationSparsityCallback
+from pl_actsparse.lightning.cli import _as_option, run
+from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -42,7 +42,7 @@ def test_recipes_are_valid_yaml_with_the_documented_targets():
     train, calib, val = (b["data"]["init_args"][k] for k in ("train_stories", "calibration_stories", "val_stories"))
     assert val[1] <= calib[0] and calib[1] <= train[0]  # disjoint stories
     c = yaml.safe_load(Path(HF).read_text())
-    assert c["model"]["class_path"] == "pl_actsparse.lightning_models.HFLlamaLM"
+    assert c["model"]["class_path"] == "pl_actsparse.demos.lightning_models.HFLlamaLM"
     assert c["trainer"]["callbacks"][0]["init_args"]["scopes"] == scopes
 
 
@@ -169,7 +169,7 @@ def test_console_script_is_declared_and_answers(capsys):
     from importlib.metadata import entry_points
 
     (script,) = entry_points(group="console_scripts", name="pl-actsparse")
-    assert script.value == "pl_actsparse.cli:main"
+    assert script.value == "pl_actsparse.lightning.cli:main"
     with pytest.raises(SystemExit) as exit_info:
         script.load()(["--help"])
     assert exit_info.value.code == 0

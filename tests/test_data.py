@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from pl_actsparse import data as data_mod
-from pl_actsparse.data import DATA_ENV_VAR, TokenWindows, load_stories, load_text, resolve_data_dir
-from pl_actsparse.evaluation import mean_nll, perplexity
-from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.demos.tinystories import DATA_ENV_VAR, TokenWindows, load_stories, load_text, resolve_data_dir
+from pl_actsparse.tuning.objectives import mean_nll, perplexity
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)

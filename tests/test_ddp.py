@@ -23,7 +23,7 @@ MLP = [{"patterns": [r".*mlp\.(gate|up|down)_proj"], "sparsity": 0.5}]
 
 
 def _data():
-    from pl_actsparse.lightning_models import TinyStoriesDataModule
+    from pl_actsparse.demos.lightning_models import TinyStoriesDataModule
 
     return TinyStoriesDataModule(
         seq_len=32,
@@ -41,8 +41,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the subprocesses
 
     import lightning.pytorch as pl
 
-    from pl_actsparse.callback import ActivationSparsityCallback
-    from pl_actsparse.lightning_models import TinyStoriesLM
+    from pl_actsparse.lightning.callback import ActivationSparsityCallback
+    from pl_actsparse.demos.lightning_models import TinyStoriesLM
 
     warnings.filterwarnings("ignore")
     pl.seed_everything(0)
@@ -111,7 +111,7 @@ def test_both_ranks_calibrate_identically_on_their_own_batches(ranks):
 
 def test_ddp_thresholds_equal_single_process_on_the_union(ranks):
     from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsified_layers
-    from pl_actsparse.llama2c import load_llama2c_checkpoint
+    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     a, b = (r["validated"] for r in ranks)
     model = load_llama2c_checkpoint()
@@ -124,9 +124,9 @@ def test_ddp_thresholds_equal_single_process_on_the_union(ranks):
 
 def test_metrics_are_synced_across_ranks(ranks):
     from pl_actsparse import SparsifierMode, TargetScope, prepare_activation_sparsity, sparsified_layers
-    from pl_actsparse.evaluation import perplexity
-    from pl_actsparse.llama2c import load_llama2c_checkpoint
-    from pl_actsparse.metrics import ActivationSparsity
+    from pl_actsparse.tuning.objectives import perplexity
+    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
+    from pl_actsparse.measure.metric import ActivationSparsity
 
     a, b = (r["validated"] for r in ranks)
     keys = [k for k in a["metrics"] if k.startswith("actsparse/val/") or k.startswith("val/")]

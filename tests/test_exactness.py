@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.calibration import coarse_histogram, fine_histogram, threshold_from_histogram
+from pl_actsparse.core.calibration import coarse_histogram, fine_histogram, threshold_from_histogram
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,7 +99,7 @@ def test_thresholds_do_not_depend_on_batching(seed, splits, target, dtype):
 
 def test_shared_inputs_are_histogrammed_once(monkeypatch):
     """gate_proj and up_proj read the same tensor: the coordinator reuses the first layer's histograms."""
-    import pl_actsparse.calibration as cal
+    import pl_actsparse.core.calibration as cal
     from tiny_models import tiny_llama, token_batches
 
     calls = []

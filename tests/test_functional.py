@@ -413,7 +413,7 @@ class _Scaled(nn.Linear):
 
 
 def test_pickle_of_dynamic_sparse_subclass_in_a_fresh_class_cache():
-    from pl_actsparse import modules
+    from pl_actsparse.core import layer as modules
 
     m = nn.Sequential(_Scaled(4, 4))
     data = [torch.randn(16, 4)]

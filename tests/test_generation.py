@@ -1,4 +1,4 @@
-"""The decode demo: ``pl-actsparse generate`` and :func:`pl_actsparse.generation.compare_decoding`."""
+"""The decode demo: ``pl-actsparse generate`` and :func:`pl_actsparse.demos.generate.compare_decoding`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.cli import main
-from pl_actsparse.generation import DecodeComparison, compare_decoding, decode_sparsity
-from pl_actsparse.inference import SparseInferenceLinear, export_for_inference
+from pl_actsparse.lightning.cli import main
+from pl_actsparse.demos.generate import DecodeComparison, compare_decoding, decode_sparsity
+from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
 from pl_actsparse.kernels import cpu as kcpu
-from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 
 RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "stories260k_training_free.yaml")
 SMALL = ["data.init_args.calibration_stories=[500,504]", "trainer.logger=false"]
@@ -27,7 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def calibration(tokenizer):
-    from pl_actsparse.data import TokenWindows, load_stories
+    from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 
     windows = TokenWindows(load_stories(None, 500, 504), tokenizer, seq_len=64)
     return [windows[i][None] for i in range(len(windows))]
@@ -96,7 +96,7 @@ def test_compare_decoding_rejects_bad_arguments(tokenizer):
 
 
 def test_datamodule_tokenizer_is_the_data_folders(tokenizer):
-    from pl_actsparse.lightning_models import TinyStoriesDataModule
+    from pl_actsparse.demos.lightning_models import TinyStoriesDataModule
 
     dm = TinyStoriesDataModule(calibration_stories=(500, 502))
     assert dm.tokenizer is dm.tokenizer  # loaded once
@@ -125,8 +125,8 @@ def test_cli_generate_errors(capsys, tmp_path):
     assert "--config" in capsys.readouterr().err
     bare = tmp_path / "no_callback.yaml"
     bare.write_text(
-        "model:\n  class_path: pl_actsparse.lightning_models.TinyStoriesLM\n"
-        "data:\n  class_path: pl_actsparse.lightning_models.TinyStoriesDataModule\n"
+        "model:\n  class_path: pl_actsparse.demos.lightning_models.TinyStoriesLM\n"
+        "data:\n  class_path: pl_actsparse.demos.lightning_models.TinyStoriesDataModule\n"
     )
     with pytest.raises(SystemExit, match="must configure one ActivationSparsityCallback, found 0"):
         main(["generate", "--config", str(bare), "trainer.logger=false"])

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
-from pl_actsparse.groups import check_shared_thresholds, find_shared_input_groups, group_of
+from pl_actsparse.core.groups import check_shared_thresholds, find_shared_input_groups, group_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +33,7 @@ def test_tiny_llama_groups(tiny, batches):
 
 
 def test_llama2c_groups_with_grouped_query_attention():
-    from pl_actsparse.llama2c import load_llama2c_checkpoint
+    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     model = load_llama2c_checkpoint()
     assert model.layers[0].self_attn.k_proj.out_features < model.layers[0].self_attn.q_proj.out_features  # GQA

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pl_actsparse.inference as inf
-from pl_actsparse.inference import (
+import pl_actsparse.export.linear as inf
+from pl_actsparse.export.linear import (
     SparseInferenceLinear,
     default_max_sparse_tokens,
     export_for_inference,
@@ -376,7 +376,7 @@ def test_export_shared_module_is_replaced_everywhere(torch_backend):
 
 
 def test_export_of_core_sparsified_layers(torch_backend):
-    modules = pytest.importorskip("pl_actsparse.modules")
+    modules = pytest.importorskip("pl_actsparse.core.layer")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     modules.install_sparsifier(model[0], 0.5)
@@ -400,7 +400,7 @@ def test_checkpoint_then_export_on_the_real_model(tmp_path, dtype):
     """stories260K, seed recipe: save the sparsified state dict, load it into a fresh model, export, and
     compare prefill (dense path) and KV-cache decode steps (sparse path) with the sparsified model."""
     from pl_actsparse import TargetScope, load_activation_sparsity, sparsify_activations
-    from pl_actsparse.llama2c import load_llama2c_checkpoint
+    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     torch.manual_seed(0)
     model = load_llama2c_checkpoint(dtype=dtype)

@@ -1,4 +1,4 @@
-"""Weight-only INT8 (pl_actsparse.quantization) and the int8 sparse decode kernel (kernels/int8.py)."""
+"""Weight-only INT8 (pl_actsparse.core.int8) and the int8 sparse decode kernel (kernels/int8.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pl_actsparse import (
     sparsify_activations,
 )
 from pl_actsparse.kernels import cpu as kcpu
-from pl_actsparse.kernels import int8 as k8
-from pl_actsparse.quantization import (
+from pl_actsparse.kernels import int8_cpu as k8
+from pl_actsparse.core.int8 import (
     Int8SparseInferenceLinear,
     Int8WeightLinear,
     dequantize_weights_int8,
@@ -265,7 +265,7 @@ def test_export_int8_matches_model(tiny, batches, backend):
 
 
 def test_export_for_inference_keeps_int8_layers_int8(tiny, batches, backend):
-    from pl_actsparse.inference import SparseInferenceLinear, export_for_inference, exported_layers
+    from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference, exported_layers
 
     quantize_weights_int8(tiny, TargetScope(patterns=[r".*mlp.*"]))  # attention stays float
     sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
@@ -287,7 +287,7 @@ def test_export_for_inference_keeps_int8_layers_int8(tiny, batches, backend):
 
 def test_callback_on_int8_model(tiny, batches):
     L = pytest.importorskip("lightning.pytorch")
-    from pl_actsparse.callback import ActivationSparsityCallback
+    from pl_actsparse.lightning.callback import ActivationSparsityCallback
 
     class LM(L.LightningModule):
         def __init__(self, net):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pl_actsparse.data import load_stories, resolve_data_dir
-from pl_actsparse.llama2c import (
+from pl_actsparse.demos.tinystories import load_stories, resolve_data_dir
+from pl_actsparse.demos.llama2c import (
     KVCache,
     Llama2cConfig,
     Llama2cModel,
@@ -193,8 +193,8 @@ def test_generate_stops_at_seq_len_and_stop_ids(model):
     [(torch.bfloat16, 1.0, 0.97, 5e-3), (torch.float16, 0.2, 0.99, 2e-3)],
 )
 def test_half_precision_close_to_fp32(model, tok, dtype, max_abs, min_agree, max_rel_ppl):
-    from pl_actsparse.data import TokenWindows
-    from pl_actsparse.evaluation import perplexity
+    from pl_actsparse.demos.tinystories import TokenWindows
+    from pl_actsparse.tuning.objectives import perplexity
 
     windows = TokenWindows(load_stories(stop=12), tok, 256)
     x = torch.stack([windows[i] for i in range(len(windows))])

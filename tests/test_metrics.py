@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.callback import activation_sparsity_disabled
-from pl_actsparse.metrics import ActivationSparsity
+from pl_actsparse.lightning.callback import activation_sparsity_disabled
+from pl_actsparse.measure.metric import ActivationSparsity
 
 
 def _brute(xs: list[torch.Tensor], thr: float) -> tuple[float, list[float]]:

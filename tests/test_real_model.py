@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, activation_sparsity_report, remove_activation_sparsity, sparsify_activations
-from pl_actsparse.data import TokenWindows, load_stories
-from pl_actsparse.evaluation import perplexity
-from pl_actsparse.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from pl_actsparse.tracking import SparsityCounter
+from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+from pl_actsparse.tuning.objectives import perplexity
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.measure.tracking import SparsityCounter
 
 SEED = {
     TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,

@@ -7,7 +7,7 @@ import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.errors import NotSparsifiedError
-from pl_actsparse.reporting import main, model_report
+from pl_actsparse.measure.reporting import main, model_report
 
 RECIPE = {TargetScope(patterns=[".*mlp.*"]): 0.4, TargetScope(patterns=[r".*self_attn\.[qkv]_proj"]): 0.25}
 
@@ -82,7 +82,7 @@ def test_checkpoint_report_equals_live_report(sparse_tiny, tmp_path):
 
 
 def test_tied_classifier_counts_once_live_and_saved(tmp_path, batches):
-    from pl_actsparse.llama2c import load_llama2c_checkpoint
+    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     model = load_llama2c_checkpoint()
     assert model.lm_head.weight is model.embed_tokens.weight
@@ -105,7 +105,7 @@ def test_errors_and_cli(tiny, sparse_tiny, tmp_path):
     torch.save(sparse_tiny.state_dict(), tmp_path / "sparse.pt")
     report = main([str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli")])
     assert len(report.rows) == 18 and (tmp_path / "cli" / "report.html").stat().st_size > 0
-    from pl_actsparse.cli import main as console_main
+    from pl_actsparse.lightning.cli import main as console_main
 
     console_main(["report", str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli2")])  # `pl-actsparse report`
     assert (tmp_path / "cli2" / "report.html").read_text() == (tmp_path / "cli" / "report.html").read_text()

@@ -13,10 +13,10 @@ from pl_actsparse import (
     prepare_activation_sparsity,
     sparsify_activations,
 )
-from pl_actsparse.calibration import LayerStatistics, coarse_histogram
+from pl_actsparse.core.calibration import LayerStatistics, coarse_histogram
 from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
-from pl_actsparse.sweep import apply_statistics, sweep_sparsity, threshold_for_target, thresholds_for_targets
-from pl_actsparse.tracking import SparsityCounter
+from pl_actsparse.tuning.sweep import apply_statistics, sweep_sparsity, threshold_for_target, thresholds_for_targets
+from pl_actsparse.measure.tracking import SparsityCounter
 
 FIRST = "layers.0.self_attn.q_proj"  # the first sparsified layer the data reaches in TinyLlama
 ALL = TargetScope(patterns=[".*_proj"])
@@ -162,7 +162,7 @@ def test_sweep_needs_layers(tiny, batches):
 def test_lightning_validate_metric(tiny, batches):
     import lightning as L
 
-    from pl_actsparse.sweep import lightning_validate_metric
+    from pl_actsparse.tuning.sweep import lightning_validate_metric
 
     class Module(L.LightningModule):
         def __init__(self, model):
@@ -182,8 +182,8 @@ def test_lightning_validate_metric(tiny, batches):
 
 
 def test_cli_on_the_shipped_model(tmp_path, monkeypatch):
-    import pl_actsparse.sweep as sweep_module
-    from pl_actsparse.cli import main as console_main
+    import pl_actsparse.tuning.sweep as sweep_module
+    from pl_actsparse.lightning.cli import main as console_main
 
     results = []
     real_main = sweep_module.main

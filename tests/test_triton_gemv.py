@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     """
     import math, torch, torch.nn.functional as F
     from pl_actsparse.kernels.cpu import effective_threshold
-    from pl_actsparse.kernels.triton_gemv import triton_sparse_linear, BLOCK_K, BLOCK_N
+    from pl_actsparse.kernels.cuda import triton_sparse_linear, BLOCK_K, BLOCK_N
 
     torch.manual_seed(0)
     TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
     assert torch.isfinite(y).all()
     assert torch.allclose(y, F.linear(x.masked_fill(drop, 0), wt.t()), atol=1e-5)
     # the CUDA entry point (what exported layers call on a GPU) runs the same kernel
-    from pl_actsparse.kernels.triton_gemv import sparse_linear_cuda, triton_error
+    from pl_actsparse.kernels.cuda import sparse_linear_cuda, triton_error
     wt = torch.randn(48, 40).bfloat16()
     x = torch.randn(1, 48).bfloat16()
     thr = torch.tensor(0.3)  # fp32 buffer, rounded to bf16 as the reference forward compares
@@ -74,7 +74,7 @@ def test_triton_kernel_matches_masked_dense_under_the_interpreter():
 
 
 def test_triton_availability_is_reported():
-    from pl_actsparse.kernels.triton_gemv import triton_available
+    from pl_actsparse.kernels.cuda import triton_available
 
     assert triton_available()
 
@@ -85,7 +85,7 @@ def test_a_failing_kernel_falls_back_to_the_dense_product_once(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from pl_actsparse.kernels import triton_gemv
+    from pl_actsparse.kernels import cuda as triton_gemv
 
     calls = []
 

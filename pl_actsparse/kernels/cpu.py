@@ -435,7 +435,7 @@ sparse_linear.register_kernel("cpu")(sparse_linear_cpu)
 @sparse_linear.register_kernel("cuda")
 def _sparse_linear_cuda(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     # Imported on first CUDA call only: CPU users never import triton.
-    from pl_actsparse.kernels.triton_gemv import sparse_linear_cuda
+    from pl_actsparse.kernels.cuda import sparse_linear_cuda
 
     return sparse_linear_cuda(x, threshold, weight_t, bias)
 

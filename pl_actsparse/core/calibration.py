@@ -1,0 +1,580 @@
+"""Exact threshold calibration in one forward pass.
+
+Two problems, two answers:
+
+**Exact quantiles with bounded, mergeable state.** ``|x|`` of a float, read as an unsigned integer, sorts like
+the float. A histogram over those bit patterns is therefore an exact order statistic, not an approximation:
+
+* bf16 / fp16 inputs: one histogram of all 2**15 non-negative bit patterns is exact.
+* fp32 inputs: a histogram of the top 16 bits finds the bin holding the wanted order statistic; a second
+  histogram of the low 16 bits *inside that bin only* resolves it exactly.
+
+Histograms are integer counts, so the statistics of several processes are merged by summing them
+(``all_reduce(SUM)``), which is how DDP ranks agree on identical thresholds.
+
+**Layers downstream see sparsified inputs.** The calibration data of ``down_proj`` must be what it receives
+once ``gate_proj``/``up_proj`` are already sparsified with their *final* thresholds, or the achieved
+sparsity drifts from the target (NNCF's moving average, or dense calibration, both leave this error).
+Computing layer thresholds one after another normally costs one pass per layer. Instead, every calibration
+batch runs in its own thread and all of them advance in *lockstep*: a batch that reaches a layer
+contributes its histogram and waits; when every batch is waiting (or finished), the coordinator finalizes
+the earliest waiting layer, after which all batches continue with that layer sparsified. Each layer is
+thus calibrated on exactly the inputs it will see, in a single forward pass over the data. The cost is
+memory: the activations of all calibration batches are alive at the same time (cap them with
+``num_calibration_batches``).
+
+Layers that are not called by every batch (mixture-of-experts) are handled too: the coordinator only
+finalizes when nobody can still arrive, choosing the earliest layer in model order.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from pl_actsparse.errors import EmptyDatasetError, LayerNotCalledError, NonFiniteActivationError
+from pl_actsparse.core.layer import SparsifierMode
+
+__all__ = [
+    "LayerStatistics",
+    "threshold_from_histogram",
+    "calibrate_layers",
+    "default_transform_fn",
+    "call_model",
+]
+
+COARSE_BINS = 1 << 15  # non-negative bit patterns of a 16-bit float, or the top 16 bits of a float32
+FINE_BINS = 1 << 16  # low 16 bits of a float32
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_NONFINITE_KEY = {torch.float32: 0x7F80, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def _abs_keys(x: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of ``|x|`` as non-negative integers (ordered like ``|x|``)."""
+    if x.dtype not in _INT_VIEW:
+        raise TypeError(f"calibration supports float32, bfloat16 and float16 inputs, got {x.dtype}")
+    bits = x.detach().reshape(-1).view(_INT_VIEW[x.dtype])
+    return bits & (0x7FFFFFFF if x.dtype == torch.float32 else 0x7FFF)
+
+
+def coarse_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Mergeable first-level statistic of one input tensor (int64 counts, on the tensor's device)."""
+    keys = _abs_keys(x)
+    if x.dtype == torch.float32:
+        keys = keys >> 16
+    return torch.bincount(keys, minlength=COARSE_BINS)
+
+
+def fine_histogram(x: torch.Tensor, coarse_bin: int) -> torch.Tensor:
+    """Low-16-bit counts of the float32 elements that fall in one coarse bin."""
+    keys = _abs_keys(x)
+    inside = keys[(keys >> 16) == coarse_bin]
+    return torch.bincount(inside & 0xFFFF, minlength=FINE_BINS)
+
+
+def _bits_to_float(bits: int, dtype: torch.dtype) -> float:
+    return float(torch.tensor([bits], dtype=_INT_VIEW[dtype]).view(dtype).float().item())
+
+
+@dataclass
+class LayerStatistics:
+    """The calibration result of one layer, kept so reports and sweeps need no second pass."""
+
+    name: str
+    target: float
+    dtype: torch.dtype
+    coarse: torch.Tensor  # int64 [COARSE_BINS] on CPU, summed over all batches (and ranks)
+    threshold: float = -math.inf
+    zeroed: int = 0
+
+    @property
+    def elements(self) -> int:
+        return int(self.coarse.sum())
+
+    @property
+    def achieved(self) -> float:
+        """Fraction of calibration elements with ``|x| <= threshold``, all layers sparsified together."""
+        n = self.elements
+        return self.zeroed / n if n else 0.0
+
+
+def _choose(counts_le: torch.Tensor, target_count: float) -> int:
+    """Index of the candidate count closest to the target; ties go to fewer zeroed elements."""
+    err = (counts_le.double() - target_count).abs()
+    best = err.min()
+    return int(torch.nonzero(err == best)[0, 0])
+
+
+def threshold_from_histogram(
+    coarse: torch.Tensor,
+    target: float,
+    dtype: torch.dtype,
+    fine_fn: Callable[[int], torch.Tensor] | None = None,
+) -> tuple[float, int]:
+    """Threshold whose zeroed count is the achievable count closest to ``target * N``.
+
+    Returns ``(threshold, zeroed_count)``. Target 0 gives ``-inf`` (nothing zeroed, not even exact zeros);
+    target 1 gives ``+inf`` (everything zeroed, also on unseen data). With ties (many equal values) the exact
+    target may be unreachable; the closest reachable fraction is chosen, rounding towards less zeroing.
+    For float32, ``fine_fn(bin)`` must return the summed fine histogram of that coarse bin.
+    """
+    coarse = coarse.to("cpu", torch.int64)
+    n = int(coarse.sum())
+    if target <= 0.0 or n == 0:
+        return -math.inf, 0
+    if target >= 1.0:
+        return math.inf, n
+    want = target * n
+    cum = torch.cumsum(coarse, 0)
+    if dtype != torch.float32:
+        keys = torch.nonzero(coarse).flatten()
+        candidates = torch.cat([torch.zeros(1, dtype=torch.int64), cum[keys]])
+        i = _choose(candidates, want)
+        if i == 0:
+            return -math.inf, 0
+        return _bits_to_float(int(keys[i - 1]), dtype), int(candidates[i])
+    # float32: the optimum is either "everything below bin b" or a value inside bin b, where b is the
+    # first coarse bin whose cumulative count reaches the target.
+    b = int(torch.searchsorted(cum, torch.tensor(math.ceil(want), dtype=cum.dtype)))
+    below = int(cum[b - 1]) if b > 0 else 0
+    if fine_fn is None:
+        raise ValueError("float32 calibration needs the fine histogram of the selected bin")
+    fine = fine_fn(b).to("cpu")
+    low = torch.nonzero(fine).flatten()
+    candidates = torch.cat([torch.tensor([below], dtype=fine.dtype), below + torch.cumsum(fine, 0)[low]])
+    i = _choose(candidates, want)
+    if i == 0:
+        if below == 0:
+            return -math.inf, 0
+        # any value in [max of earlier bins, min of bin b) zeroes the same elements: use the bin's lower edge - 1 ulp
+        return _bits_to_float((b << 16) - 1, dtype), below
+    return _bits_to_float((b << 16) | int(low[i - 1]), dtype), int(round(float(candidates[i])))
+
+
+# ---------------------------------------------------------------------------------------------------
+# running the model on calibration data
+
+
+def default_transform_fn(item: Any) -> Any:
+    """Calibration items are model inputs as they are (see :func:`call_model` for how they are passed)."""
+    return item
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call the model the way NNCF does: a dict is keyword arguments, a tuple or list positional ones,
+    anything else the single argument."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+class _Aborted(Exception):
+    """Raised in workers when another worker failed."""
+
+
+@dataclass
+class _LayerSlot:
+    index: int
+    name: str
+    module: nn.Module
+    target: float
+    coarse: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+    waiting: list = field(default_factory=list)  # input tensors of the batches waiting here
+    finalized: bool = False
+    stats: LayerStatistics | None = None
+    carried: torch.Tensor | None = None  # summed coarse histogram of earlier groups (streaming mode)
+    wake: Any = None  # threading.Condition on the session's lock: the batches waiting at this layer
+
+    def reset_for_group(self) -> None:
+        self.coarse, self.waiting, self.finalized = None, [], False
+
+
+class _Distributed:
+    """Summing and agreeing across processes; a no-op in a single process."""
+
+    def __init__(self, enabled: bool | None, device: torch.device | None) -> None:
+        import torch.distributed as dist
+
+        available = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.enabled = available if enabled is None else (enabled and available)
+        self.dist = dist
+        backend = dist.get_backend() if self.enabled else None
+        # gloo reduces CPU tensors; nccl needs CUDA ones
+        self.device = device if (backend == "nccl" and device is not None) else torch.device("cpu")
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        buf = t.to(self.device)
+        self.dist.all_reduce(buf, op=self.dist.ReduceOp.SUM)
+        return buf.to(t.device)
+
+    def min_int(self, value: int) -> int:
+        if not self.enabled:
+            return value
+        buf = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(buf, op=self.dist.ReduceOp.MIN)
+        return int(buf.item())
+
+    @property
+    def is_main(self) -> bool:
+        return not self.enabled or self.dist.get_rank() == 0
+
+
+_NOBODY = 1 << 62
+
+
+class CalibrationSession:
+    """Runs all calibration batches in lockstep threads and finalizes layers one by one."""
+
+    def __init__(self, slots: Sequence[_LayerSlot], distributed: _Distributed) -> None:
+        self.slots = {id(s.module): s for s in slots}
+        self.by_index = {s.index: s for s in slots}
+        self.dist = distributed
+        # One lock; the coordinator waits on `cond`, the batches parked at a layer on that layer's `wake`.
+        # Waking only the coordinator on each arrival (not every parked thread) keeps the cost linear in
+        # the number of batches: with 159 one-sequence batches, notify_all on one condition cost 3x the
+        # forward pass in thread wake-ups alone.
+        self._lock = threading.Lock()
+        self.cond = threading.Condition(self._lock)
+        for s in slots:
+            s.wake = threading.Condition(self._lock)
+        self.workers = 0
+        self.blocked = 0
+        self.finished = 0
+        self.error: BaseException | None = None
+        self._hist_cache: dict = {}
+        self._hist_next: dict = {}
+
+    # called from the layers' forward, in worker threads
+    def arrive(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        slot = self.slots[id(module)]
+        if slot.finalized:  # a late arrival (dynamic control flow): use the final threshold
+            return module.sparsify_input(x)  # type: ignore[operator]
+        if x.dtype not in _INT_VIEW:
+            raise TypeError(
+                f"layer {slot.name!r} received a {x.dtype} input; calibration supports float32, bfloat16 and float16"
+            )
+        with self.cond:
+            if slot.dtype is None:
+                slot.dtype = x.dtype
+            elif x.dtype != slot.dtype:
+                self.error = TypeError(f"layer {slot.name!r} received inputs of dtypes {slot.dtype} and {x.dtype}")
+                self._wake_everyone()
+                raise _Aborted
+            slot.waiting.append(x)
+            self.blocked += 1
+            self.cond.notify()
+            while not slot.finalized and self.error is None:
+                slot.wake.wait()
+            if self.error is not None:
+                raise _Aborted
+        return module.sparsify_input(x)  # type: ignore[operator]
+
+    def _histogram_cached(self, x: torch.Tensor) -> torch.Tensor:
+        # Called by the coordinator only. The cache holds the histograms of the previous layer's inputs, with
+        # weak references to them: a hit must be the very same tensor, yet the cache keeps nothing alive.
+        key = (id(x), x.data_ptr(), x._version, tuple(x.shape), x.dtype)
+        hit = self._hist_cache.get(key)
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        hist = coarse_histogram(x)
+        self._hist_next[key] = (weakref.ref(x), hist)
+        return hist
+
+    def run_worker(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except _Aborted:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the coordinator and re-raised there
+            with self.cond:
+                if self.error is None:
+                    self.error = exc
+                self._wake_everyone()
+        finally:
+            with self.cond:
+                self.finished += 1
+                self.cond.notify()
+
+    def _wake_everyone(self) -> None:  # with the lock held
+        self.cond.notify_all()
+        for s in self.by_index.values():
+            s.wake.notify_all()
+
+    # called from the coordinating (calling) thread
+    def coordinate(self, on_finalized: Callable[[_LayerSlot], None]) -> None:
+        while True:
+            with self.cond:
+                while self.error is None and self.blocked + self.finished < self.workers:
+                    self.cond.wait()
+                if self.error is not None:
+                    break
+                pending = [s.index for s in self.by_index.values() if s.waiting and not s.finalized]
+                proposal = min(pending) if pending else _NOBODY
+            proposal = self.dist.min_int(proposal)
+            if proposal == _NOBODY:
+                break
+            slot = self.by_index[proposal]
+            try:
+                self._finalize(slot)
+            except BaseException as exc:  # noqa: BLE001
+                with self.cond:
+                    self.error = exc
+                    self._wake_everyone()
+                break
+            with self.cond:
+                slot.finalized = True
+                self.blocked -= len(slot.waiting)
+                slot.waiting = []
+                slot.wake.notify_all()
+            on_finalized(slot)
+
+    def _finalize(self, slot: _LayerSlot) -> None:
+        # The histograms are taken here, by one thread, once every batch has arrived: taken in the workers,
+        # the many small bincounts of small batches competed for the GIL and the intra-op threads.
+        # gate_proj and up_proj read the same tensors: the second one reuses the first one's histograms.
+        self._hist_cache, self._hist_next = self._hist_next, {}
+        if slot.waiting:
+            slot.coarse = torch.zeros(COARSE_BINS, dtype=torch.int64, device=slot.waiting[0].device)
+            for x in slot.waiting:
+                slot.coarse += self._histogram_cached(x).to(slot.coarse.device)
+        else:  # nobody on this rank reached the layer; other ranks did
+            slot.coarse = torch.zeros(COARSE_BINS, dtype=torch.int64)
+        # ranks that saw no input for this layer learn its dtype from the others
+        dtype = _CODE_DTYPES[self.dist.min_int(_DTYPE_CODES[slot.dtype] if slot.dtype is not None else _NOBODY)]
+        coarse = self.dist.sum_(slot.coarse).to("cpu")
+        bad = int(coarse[_NONFINITE_KEY[dtype] :].sum())
+        carried = slot.carried
+        if bad:
+            raise NonFiniteActivationError(
+                f"layer {slot.name!r} received {bad} non-finite input value(s) (NaN or inf) during calibration; "
+                "a threshold needs finite activations: check the model and the calibration data"
+            )
+
+        def fine(b: int) -> torch.Tensor:
+            local = torch.zeros(FINE_BINS, dtype=torch.int64, device=slot.coarse.device)
+            for x in slot.waiting:
+                local += fine_histogram(x, b).to(local.device)
+            local = self.dist.sum_(local).to("cpu")
+            if carried is None or not int(carried[b]):
+                return local
+            # earlier groups' elements in this bin are gone: spread them evenly over its sub-bins
+            return local.double() + float(carried[b]) / FINE_BINS
+
+        total = coarse if carried is None else coarse + carried
+        threshold, zeroed = threshold_from_histogram(total, slot.target, dtype, fine)
+        slot.module.activation_threshold.fill_(threshold)  # type: ignore[union-attr]
+        slot.module._actsparse.mode = SparsifierMode.SPARSIFYING  # type: ignore[union-attr]
+        slot.carried = total
+        slot.stats = LayerStatistics(slot.name, slot.target, dtype, total, threshold, zeroed)
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+def _thread_context() -> Callable[[], Any]:
+    """Capture the caller's thread-local torch state (autocast, CUDA device) to replay in workers."""
+    autocast = []
+    for device_type in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                autocast.append((device_type, torch.get_autocast_dtype(device_type)))
+        except (RuntimeError, AttributeError):
+            pass
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def enter() -> list:
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
+        contexts = [torch.autocast(device_type=d, dtype=dt) for d, dt in autocast]
+        for c in contexts:
+            c.__enter__()
+        return contexts
+
+    return enter
+
+
+def calibrate_layers(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    items: Iterable[Any],
+    *,
+    transform_fn: Callable[[Any], Any] | None = None,
+    num_calibration_batches: int | None = None,
+    progress: bool = True,
+    sync_across_processes: bool | None = None,
+    max_batches_in_flight: int | None = None,
+) -> dict[str, LayerStatistics]:
+    """Calibrate the thresholds of ``layers`` (already sparsified modules) on ``items``.
+
+    Every layer of ``layers`` is switched to calibrating mode for the pass and ends in sparsifying mode with
+    its exact threshold. Other sparsified layers of the model keep doing what they did (their sparsification
+    is part of what the calibrated layers see). Thresholds are written only after a layer's statistics are
+    complete, and nothing is written for a failed run except layers already finalized (the caller restores
+    them). Returns statistics per layer name.
+
+    ``max_batches_in_flight`` bounds memory: batches then run in consecutive groups of that size, each in
+    lockstep, with histograms accumulated over groups. Thresholds are still quantiles of all elements, but
+    earlier groups saw the upstream thresholds of their time, so the guarantee becomes approximate.
+    """
+    transform = transform_fn or default_transform_fn
+    device = model_device(model)
+    dist = _Distributed(sync_across_processes, device)
+
+    batches: list[Any] = []
+    for item in items:
+        if num_calibration_batches is not None and len(batches) >= num_calibration_batches:
+            break
+        batches.append(item)
+    total = dist.sum_(torch.tensor([len(batches)])).item() if dist.enabled else len(batches)
+    if total == 0:
+        raise EmptyDatasetError(
+            "the calibration data yielded no item: pass a non-empty iterable of model inputs"
+            + (" (num_calibration_batches=%r)" % num_calibration_batches if num_calibration_batches is not None else "")
+        )
+
+    if max_batches_in_flight is None and _forward_is_not_reentrant(model):
+        warnings.warn(
+            "this model keeps per-forward global state (NNCF's function hooks), so calibration batches cannot run "
+            "concurrently: calibrating in streaming mode (max_batches_in_flight=1), which is approximately exact",
+            stacklevel=3,
+        )
+        max_batches_in_flight = 1
+    size = len(batches) if max_batches_in_flight is None else max_batches_in_flight
+    groups = [batches[i : i + size] for i in range(0, len(batches), size)] if batches else []
+    n_groups = len(groups)
+    if dist.enabled:  # every rank must run the same number of lockstep rounds
+        n_groups = -dist.min_int(-n_groups)
+    groups += [[] for _ in range(n_groups - len(groups))]
+
+    name_of = {id(m): n for n, m in model.named_modules()}
+    order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+    slots = [
+        _LayerSlot(index=order[id(m)], name=name_of.get(id(m), name), module=m, target=m._actsparse.target)
+        for name, m in layers
+    ]
+    previous_modes = {id(s.module): s.module._actsparse.mode for s in slots}
+    enter_context = _thread_context()
+    was_training = model.training
+    model.eval()
+
+    def work(batch: Any) -> Callable[[], Any]:
+        def run() -> None:
+            contexts = enter_context()
+            try:
+                with torch.no_grad():
+                    call_model(model, _to_device(transform(batch), device))
+            finally:
+                for c in reversed(contexts):
+                    c.__exit__(None, None, None)
+
+        return run
+
+    bar = _Progress(progress and dist.is_main, len(slots) * n_groups)
+    error: BaseException | None = None
+    try:
+        with bar:
+            for group in groups:
+                session = CalibrationSession(slots, dist)
+                for s in slots:
+                    s.reset_for_group()
+                    s.module._actsparse.mode = SparsifierMode.CALIBRATING
+                    s.module._actsparse.session = session
+                threads = [
+                    threading.Thread(target=session.run_worker, args=(work(b),), name=f"actsparse-calib-{i}", daemon=True)
+                    for i, b in enumerate(group)
+                ]
+                session.workers = len(threads)
+                for t in threads:
+                    t.start()
+                session.coordinate(lambda slot: bar.advance(slot.name))
+                for t in threads:
+                    t.join()
+                if session.error is not None:
+                    error = session.error
+                    break
+    finally:
+        model.train(was_training)
+        for s in slots:
+            s.module._actsparse.session = None
+            s.module._actsparse.mode = SparsifierMode.SPARSIFYING if s.stats is not None else previous_modes[id(s.module)]
+    if error is not None:
+        raise error
+    missing = [s.name for s in slots if s.stats is None]
+    if missing:
+        raise LayerNotCalledError(
+            f"{len(missing)} layer(s) were never called during calibration, so they have no threshold: {missing}; "
+            "check that the calibration inputs reach them (transform_fn) or exclude them with IgnoredScope"
+        )
+    return {s.name: s.stats for s in slots}  # type: ignore[misc]
+
+
+def _forward_is_not_reentrant(model: nn.Module) -> bool:
+    """Models whose forward patches shared state (NNCF-wrapped ones) break when two forwards overlap."""
+    return any("__nncf_hooks" in m._modules for m in model.modules())
+
+
+class _Progress:
+    """A rich progress bar over layers, or nothing."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("calibrating activation thresholds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[layer]}"),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("calibrate", total=self.total, layer="")
+        return self
+
+    def advance(self, name: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, layer=name)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

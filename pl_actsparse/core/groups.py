@@ -1,0 +1,146 @@
+"""Layers that read the same tensor (``gate_proj``/``up_proj``, ``q/k/v_proj``).
+
+Detected on the module graph by running the model once: a forward pre-hook on every ``nn.Linear`` records
+which tensor object it received. Layers that received the very same tensor (same object, storage, version
+and view) on every call form a group. No names or model classes are assumed, so it works for the llama2.c
+model, Hugging Face Llama and anything else.
+
+Why it matters:
+
+* With equal targets, group members get **one threshold**: calibration histograms the shared tensor once and
+  every member gets the same threshold, so one mask serves the whole group (a fused kernel reads the mask
+  once). :func:`check_shared_thresholds` verifies it on a calibrated model.
+* The allocator (:mod:`pl_actsparse.tuning.allocation`) can give a group one target (``tie_shared_inputs=True``),
+  which keeps the shared mask and makes the search cheaper.
+* The report (:mod:`pl_actsparse.measure.reporting`) shows the groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device, _to_device
+
+__all__ = ["find_shared_input_groups", "group_of", "check_shared_thresholds"]
+
+
+def find_shared_input_groups(
+    model: nn.Module,
+    example_input: Any,
+    layers: Iterable[str] | None = None,
+    *,
+    transform_fn: Callable[[Any], Any] | None = None,
+    include_singletons: bool = False,
+) -> list[list[str]]:
+    """Groups of ``nn.Linear`` layers (qualified names, model order) that read one and the same tensor.
+
+    ``example_input`` is one calibration item (passed like calibration items: ``transform_fn``, then a dict
+    as keyword arguments, a tuple or list as positional arguments). ``layers`` limits the search (default:
+    every ``nn.Linear``). Only groups of two or more are returned unless ``include_singletons``; a layer
+    called several times belongs to a group only if it shared its input with the same layers on every call.
+    Sparsified layers are fine (their inputs are recorded before thresholding). The model is not changed.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class MLP(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gate, self.up, self.down = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+    ...     def forward(self, x):
+    ...         return self.down(torch.relu(self.gate(x)) * self.up(x))
+    >>> find_shared_input_groups(MLP(), torch.randn(2, 4))
+    [['gate', 'up']]
+    """
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if layers is not None:
+        wanted = set(layers)
+        unknown = wanted - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"not nn.Linear layers of the model: {sorted(unknown)}")
+        named = [(n, m) for n, m in named if n in wanted]
+    order = {n: i for i, (n, _) in enumerate(named)}
+    calls: dict[str, list[tuple]] = {n: [] for n, _ in named}
+    keep_alive: list[torch.Tensor] = []  # holding the tensors keeps their ids from being reused
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor):
+                keep_alive.append(x)
+                calls[name].append((id(x), x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in named]
+    transform = transform_fn or default_transform_fn
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            call_model(model, _to_device(transform(example_input), model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        keep_alive.clear()
+
+    by_key: dict[tuple, list[str]] = {}
+    for n, keys in calls.items():
+        for k in keys:
+            by_key.setdefault(k, []).append(n)
+    # a layer's partners are the layers that shared *every* one of its calls
+    partners: dict[str, frozenset] = {}
+    for n, keys in calls.items():
+        if not keys:
+            continue
+        common = None
+        for k in keys:
+            members = frozenset(by_key[k])
+            common = members if common is None else common & members
+        partners[n] = common or frozenset([n])
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for n, _ in named:
+        if n in seen or n not in partners:
+            continue
+        members = sorted((m for m in partners[n] if partners.get(m) == partners[n]), key=order.__getitem__)
+        if n not in members:
+            members = [n]
+        seen.update(members)
+        if len(members) > 1 or include_singletons:
+            groups.append(members)
+    return groups
+
+
+def group_of(groups: Sequence[Sequence[str]]) -> dict[str, int]:
+    """``{layer name: group index}`` for the members of ``groups``."""
+    return {n: i for i, g in enumerate(groups) for n in g}
+
+
+def check_shared_thresholds(
+    model: nn.Module, groups: Sequence[Sequence[str]], statistics: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Problems with shared groups on a calibrated model (empty list: none).
+
+    Members of a group with equal targets must have equal thresholds, and (given ``statistics`` from
+    :func:`~pl_actsparse.calibrate_activation_sparsity`) identical histograms.
+    """
+    modules = dict(model.named_modules())
+    problems = []
+    for g in groups:
+        sparse = [n for n in g if hasattr(modules[n], "_actsparse")]
+        by_target: dict[float, list[str]] = {}
+        for n in sparse:
+            by_target.setdefault(modules[n]._actsparse.target, []).append(n)
+        for target, names in by_target.items():
+            ref = modules[names[0]].activation_threshold
+            for n in names[1:]:
+                if not torch.equal(modules[n].activation_threshold, ref):
+                    problems.append(f"{n} and {names[0]} share their input and target {target} but not their threshold")
+                if statistics is not None and n in statistics and names[0] in statistics:
+                    if not torch.equal(statistics[n].coarse, statistics[names[0]].coarse):
+                        problems.append(f"{n} and {names[0]} share their input but not their statistics")
+    return problems

@@ -1,0 +1,210 @@
+"""Greedy decoding, dense vs exported sparse model: the decode demo behind ``pl-actsparse generate``.
+
+The demo answers two questions a user has before trusting sparse decoding: does the exported model say the
+same thing (at sparsity 0 it must produce the dense text token for token; at the recipe's sparsity the text
+drifts, and the demo shows how), and how fast is it (tokens/s of both models, measured in interleaved runs
+of the same prompt, with the sparsity actually achieved on the decoded tokens).
+
+The models must offer ``generate(input_ids, max_new_tokens, stop_ids=...)`` as
+:class:`~pl_actsparse.demos.llama2c.Llama2cModel` does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DecodeRun", "DecodeComparison", "compare_decoding", "decode_sparsity"]
+
+
+@dataclass
+class DecodeRun:
+    """One model's greedy continuation of the prompt and its speed."""
+
+    label: str
+    text: str
+    token_ids: list[int]
+    new_tokens: int
+    seconds: list[float] = field(default_factory=list)  # one entry per timed repeat
+    decode_sparsity: Optional[float] = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second, from the median repeat (prefill included: the prompt is a few tokens)."""
+        if not self.seconds or self.new_tokens == 0:
+            return float("nan")
+        return self.new_tokens / statistics.median(self.seconds)
+
+
+@dataclass
+class DecodeComparison:
+    """Dense and sparse greedy decoding of one prompt; ``str()`` gives the printed demo."""
+
+    prompt: str
+    dense: DecodeRun
+    sparse: DecodeRun
+    exported_layers: int
+    threads: int
+
+    @property
+    def identical(self) -> bool:
+        return self.dense.token_ids == self.sparse.token_ids
+
+    @property
+    def first_difference(self) -> Optional[int]:
+        """Index (in new tokens) of the first token where the two continuations differ, ``None`` if none."""
+        a, b = self.dense.token_ids, self.sparse.token_ids
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return i
+        return None if len(a) == len(b) else min(len(a), len(b))
+
+    @property
+    def speedup(self) -> float:
+        return self.sparse.tokens_per_s / self.dense.tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        def run(r: DecodeRun) -> dict[str, Any]:
+            return {
+                "text": r.text,
+                "new_tokens": r.new_tokens,
+                "tokens_per_s": round(r.tokens_per_s, 2),
+                "seconds": [round(s, 4) for s in r.seconds],
+                "decode_sparsity": r.decode_sparsity,
+            }
+
+        return {
+            "prompt": self.prompt,
+            "dense": run(self.dense),
+            "sparse": run(self.sparse),
+            "identical": self.identical,
+            "first_difference": self.first_difference,
+            "speedup": round(self.speedup, 3),
+            "exported_layers": self.exported_layers,
+            "threads": self.threads,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"prompt: {self.prompt!r}"]
+        for r in (self.dense, self.sparse):
+            sp = "" if r.decode_sparsity is None else f", {r.decode_sparsity:.1%} of sparse-layer inputs zero"
+            lines += [
+                f"--- {r.label}: {r.new_tokens} new tokens, {r.tokens_per_s:.1f} tokens/s "
+                f"(median of {len(r.seconds)}){sp}",
+                r.text,
+            ]
+        if self.identical:
+            verdict = "identical to the dense text"
+        else:
+            verdict = f"differs from the dense text from new token {self.first_difference} on"
+        lines.append(
+            f"--- sparse {verdict}; speed {self.speedup:.2f}x dense ({self.exported_layers} exported layers, "
+            f"{self.threads} threads)"
+        )
+        return "\n".join(lines)
+
+
+def decode_sparsity(model: nn.Module) -> "_SparsityProbe":
+    """Context manager counting, on single-token calls of the exported layers, the inputs with ``|x| <= t``.
+
+    ``with decode_sparsity(model) as probe: ...; probe.fraction``. Layers exported without sparsity
+    (threshold ``-inf``) count with no zeros.
+    """
+    return _SparsityProbe(model)
+
+
+class _SparsityProbe:
+    def __init__(self, model: nn.Module) -> None:
+        from pl_actsparse.export.linear import SparseInferenceLinear
+        from pl_actsparse.core.int8 import Int8SparseInferenceLinear
+
+        self.layers = [m for m in model.modules() if isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear))]
+        self.zero = 0
+        self.total = 0
+        self._handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        t = module.activation_threshold
+        if x.numel() == x.shape[-1]:
+            self.zero += int((x.abs() <= t.to(x.dtype)).sum())
+            self.total += x.numel()
+
+    def __enter__(self) -> "_SparsityProbe":
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def fraction(self) -> Optional[float]:
+        return self.zero / self.total if self.total else None
+
+
+def _generate(model: nn.Module, ids: Tensor, max_new_tokens: int, stop_ids: Sequence[int]) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens, stop_ids=stop_ids)[0].tolist()
+    while len(out) > ids.shape[1] and out[-1] in stop_ids:
+        out.pop()
+    return out[ids.shape[1] :]
+
+
+def compare_decoding(
+    dense_model: nn.Module,
+    sparse_model: nn.Module,
+    tokenizer: Any,
+    prompt: str = "Once upon a time",
+    max_new_tokens: int = 100,
+    *,
+    repeats: int = 3,
+) -> DecodeComparison:
+    """Greedy-decode ``prompt`` with both models; time ``repeats`` interleaved runs of each.
+
+    ``tokenizer`` needs ``encode(text, bos=True)``, ``decode(ids)``, ``bos_id`` and ``eos_id`` (as
+    :class:`~pl_actsparse.demos.llama2c.Llama2cTokenizer`). Decoding stops at BOS/EOS or after ``max_new_tokens``.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__qualname__}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    for name, m in (("dense_model", dense_model), ("sparse_model", sparse_model)):
+        if not callable(getattr(m, "generate", None)):
+            raise TypeError(f"{name} ({type(m).__qualname__}) has no generate(input_ids, max_new_tokens, stop_ids=...)")
+    device = next(dense_model.parameters()).device
+    ids = torch.tensor([tokenizer.encode(prompt, bos=True)], dtype=torch.long, device=device)
+    stops = (tokenizer.bos_id, tokenizer.eos_id)
+    runs: dict[str, DecodeRun] = {}
+    for label, model in (("dense", dense_model), ("sparse", sparse_model)):
+        with decode_sparsity(model) as probe:  # also the warm-up run
+            new = _generate(model, ids, max_new_tokens, stops)
+        runs[label] = DecodeRun(
+            label=label,
+            text=tokenizer.decode(ids[0].tolist() + new),
+            token_ids=new,
+            new_tokens=len(new),
+            decode_sparsity=probe.fraction if label == "sparse" else None,
+        )
+    for _ in range(repeats):
+        for label, model in (("dense", dense_model), ("sparse", sparse_model)):
+            t0 = time.perf_counter()
+            _generate(model, ids, max_new_tokens, stops)
+            runs[label].seconds.append(time.perf_counter() - t0)
+    from pl_actsparse.export.linear import exported_layers
+
+    return DecodeComparison(
+        prompt=prompt,
+        dense=runs["dense"],
+        sparse=runs["sparse"],
+        exported_layers=len(exported_layers(sparse_model)),
+        threads=torch.get_num_threads(),
+    )

@@ -1,0 +1,468 @@
+"""Per-layer sparsities under one global budget, chosen to minimise the loss increase on calibration data.
+
+The user gives one number, the **budget**: the fraction of the selected layers' weight bytes that a sparse
+kernel may skip per token, ``sum_l bytes_l * s_l = budget * sum_l bytes_l``. Layers differ a lot in how
+much a given sparsity costs (on stories260K, ``down_proj`` tolerates far more than ``gate_proj``/``up_proj``),
+so spending the budget where it is cheap beats a uniform target at equal bytes.
+
+Method (cost bounded and reported in :attr:`Allocation.forward_passes`):
+
+1. **One calibration pass** at the uniform budget (exact thresholds, all layers sparsified together) keeps
+   every layer's ``|x|`` histogram.
+2. **Sensitivity curves around that point.** For each allocation unit (a layer, or a group of layers that
+   read the same tensor when ``tie_shared_inputs``), its target is moved to a few grid points (``budget +
+   offsets``) while every other layer stays at the budget; the unit's thresholds come from the stored
+   histograms (:func:`~pl_actsparse.tuning.sweep.threshold_for_target`, no calibration pass), and the loss on the
+   calibration data is measured: ``units * len(offsets)`` forward passes. Measuring around the operating
+   point, not with the other layers dense, keeps the interactions between layers in the curves.
+3. **Lagrangian / greedy allocation.** Each curve is replaced by its lower convex hull; hull segments of all
+   units are taken in order of increasing loss per weight byte skipped until the budget is filled (the last
+   one partially). This is the exact optimum of the convexified separable problem, equivalent to a sweep of
+   the Lagrange multiplier, and it meets the byte budget exactly (one unit ends between two grid points).
+   Weight bytes come from the layers' shapes and dtypes, so grouped-query attention (smaller ``k/v_proj``)
+   and odd shapes need no constants.
+
+The result is an ordinary ``{TargetScope(names=[...]): sparsity}`` recipe (:meth:`Allocation.target_sparsity_by_scope`)
+for :func:`~pl_actsparse.sparsify_activations`, and a YAML ``scopes:`` list (:meth:`Allocation.to_yaml`).
+The model is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pl_actsparse.core.calibration import LayerStatistics, _to_device, call_model, default_transform_fn, model_device
+from pl_actsparse.errors import InvalidTargetError
+from pl_actsparse.api import (
+    _restore,
+    _snapshot,
+    calibrate_activation_sparsity,
+    plan_activation_sparsity,
+    prepare_activation_sparsity,
+    validate_target,
+)
+from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.scopes import IgnoredScope, TargetScope
+from pl_actsparse.tuning.sweep import threshold_for_target
+
+__all__ = [
+    "DEFAULT_OFFSETS",
+    "SensitivityProfile",
+    "Allocation",
+    "measure_sensitivity",
+    "allocate_sparsity",
+    "allocate_from_curves",
+    "next_token_nll",
+    "load_scopes_yaml",
+    "scopes_from_list",
+]
+
+DEFAULT_OFFSETS = (-0.3, -0.2, -0.1, 0.1, 0.2, 0.3, 0.4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loss on calibration data
+
+
+def next_token_nll(output: Any, inputs: Any) -> tuple[torch.Tensor, int]:
+    """Default loss: summed next-token NLL of a causal LM and the token count.
+
+    ``inputs`` are token ids ``[B, T]`` (the model input), ``output`` logits ``[B, T, V]`` (or an object with
+    ``.logits``, or a tuple whose first item is the logits).
+    """
+    from pl_actsparse.tuning.objectives import _logits
+
+    if isinstance(inputs, dict):
+        inputs = inputs.get("input_ids")
+    elif isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
+    logits = _logits(output)
+    if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
+        raise InvalidTargetError(
+            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "
+            "loss_fn(output, item) -> scalar loss"
+        )
+    if logits.shape[:2] != inputs.shape:
+        raise InvalidTargetError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
+    y = inputs[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="sum")
+    return loss, y.numel()
+
+
+class _LossRunner:
+    """Evaluates the calibration loss; counts passes."""
+
+    def __init__(self, model: nn.Module, data: Sequence[Any], loss_fn: Callable | None, transform_fn: Callable | None) -> None:
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn
+        self.transform = transform_fn or default_transform_fn
+        self.device = model_device(model)
+        self.passes = 0
+
+    def __call__(self) -> float:
+        total = 0.0
+        count = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for item in self.data:
+                    inputs = _to_device(self.transform(item), self.device)
+                    out = call_model(self.model, inputs)
+                    if self.loss_fn is None:
+                        s, n = next_token_nll(out, inputs)
+                        total += float(s)
+                        count += n
+                    else:
+                        total += float(self.loss_fn(out, _to_device(item, self.device)))
+                        count += 1
+        finally:
+            self.model.train(was_training)
+        self.passes += 1
+        return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class SensitivityProfile:
+    """Loss increase of each unit as a function of its sparsity, the other layers at their base targets."""
+
+    units: list[list[str]]  # allocation units: one layer, or layers tied to one target
+    unit_bytes: list[int]
+    curves: list[dict[float, float]]  # per unit: sparsity -> calibration loss minus base loss
+    base_targets: dict[str, float]
+    base_loss: float
+    forward_passes: int  # calibration pass + loss passes
+    batches: int
+    layer_bytes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.unit_bytes)
+
+    def allocate(self, budget: float) -> "Allocation":
+        """Targets meeting ``budget`` (fraction of weight bytes skipped) with the least predicted loss."""
+        return allocate_from_curves(self, budget)
+
+
+@dataclass
+class Allocation:
+    """Per-layer targets chosen for a byte budget, and what it cost to find them."""
+
+    targets: dict[str, float]  # layer -> target, model order
+    budget: float
+    weight_bytes: dict[str, int]
+    units: list[list[str]]
+    predicted_loss_increase: float  # versus the base (uniform) point, from the convexified curves
+    forward_passes: int
+    profile: SensitivityProfile | None = field(default=None, repr=False)
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Weight-byte-weighted mean target: the fraction of the layers' weight bytes skipped per token."""
+        total = sum(self.weight_bytes.values())
+        return sum(self.targets[n] * self.weight_bytes[n] for n in self.targets) / total
+
+    def target_sparsity_by_scope(self) -> dict[TargetScope, float]:
+        """A recipe for :func:`~pl_actsparse.sparsify_activations`: one exact-name scope per unit."""
+        return {TargetScope(names=list(u)): self.targets[u[0]] for u in self.units}
+
+    def to_scopes(self) -> list[dict[str, Any]]:
+        """``[{"names": [...], "sparsity": s}, ...]``, the callback's ``scopes`` list form."""
+        return [{"names": list(u), "sparsity": round(float(self.targets[u[0]]), 6)} for u in self.units]
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML ``scopes:`` list (with a comment saying how it was made); written to ``path`` if given."""
+        head = (
+            f"# pl_actsparse allocation: budget {self.budget:.4f} of {sum(self.weight_bytes.values())} weight bytes "
+            f"skipped per token (achieved {self.skipped_fraction:.4f}); {self.forward_passes} forward passes\n"
+        )
+        lines = ["scopes:"]
+        for entry in self.to_scopes():
+            lines.append("- names:")
+            lines += [f"  - {_yaml_str(n)}" for n in entry["names"]]
+            lines.append(f"  sparsity: {entry['sparsity']!r}")
+        text = head + "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "skipped_fraction": self.skipped_fraction,
+            "targets": dict(self.targets),
+            "units": [list(u) for u in self.units],
+            "predicted_loss_increase": self.predicted_loss_increase,
+            "forward_passes": self.forward_passes,
+        }
+
+
+def _yaml_str(s: str) -> str:
+    plain = all(c.isalnum() or c in "._-/" for c in s) and s and not s[0].isdigit() and s not in ("true", "false", "null")
+    return s if plain else "'" + s.replace("'", "''") + "'"
+
+
+def scopes_from_list(entries: Sequence[Mapping[str, Any]]) -> dict[TargetScope, float]:
+    """``[{names|patterns|types: [...], sparsity: s}, ...]`` -> ``{TargetScope: s}``."""
+    out: dict[TargetScope, float] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, Mapping) or "sparsity" not in e:
+            raise InvalidTargetError(f"scope entry {i} must be a mapping with 'sparsity', got {e!r}")
+        scope = TargetScope(names=e.get("names", ()), patterns=e.get("patterns", ()), types=e.get("types", ()))
+        out[scope] = validate_target(e["sparsity"], f"scope entry {i}")
+    return out
+
+
+def load_scopes_yaml(text_or_path: str | Path) -> dict[TargetScope, float]:
+    """Read a ``scopes:`` YAML (as written by :meth:`Allocation.to_yaml`) back into a recipe."""
+    import yaml
+
+    text = str(text_or_path)
+    if "\n" not in text and Path(text).exists():
+        text = Path(text).read_text()
+    doc = yaml.safe_load(text)
+    entries = doc.get("scopes") if isinstance(doc, Mapping) else doc
+    if not isinstance(entries, list):
+        raise InvalidTargetError("expected a 'scopes:' list of {names: [...], sparsity: s} entries")
+    return scopes_from_list(entries)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the search
+
+
+def _units(names: list[str], groups: Sequence[Sequence[str]], base: Mapping[str, float]) -> list[list[str]]:
+    order = {n: i for i, n in enumerate(names)}
+    units: list[list[str]] = []
+    taken: set[str] = set()
+    for g in groups:
+        members = [n for n in g if n in order and n not in taken]
+        # only layers with the same base target are tied (they must share a threshold to share a mask)
+        by_target: dict[float, list[str]] = {}
+        for n in members:
+            by_target.setdefault(base[n], []).append(n)
+        for ms in by_target.values():
+            if len(ms) > 1:
+                units.append(sorted(ms, key=order.__getitem__))
+                taken.update(ms)
+    units += [[n] for n in names if n not in taken]
+    units.sort(key=lambda u: order[u[0]])
+    return units
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    dataset: Iterable[Any],
+    target_sparsity_by_scope: Mapping[TargetScope, float],
+    ignored_scope: IgnoredScope | None = None,
+    *,
+    offsets: Sequence[float] = DEFAULT_OFFSETS,
+    tie_shared_inputs: bool = True,
+    groups: Sequence[Sequence[str]] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    num_calibration_batches: int | None = None,
+    transform_fn: Callable[[Any], Any] | None = None,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.95,
+    progress: bool = False,
+) -> SensitivityProfile:
+    """Loss-increase curves of every unit around the recipe's targets (the base point).
+
+    ``target_sparsity_by_scope`` selects the layers and gives the base targets (usually one scope at the
+    budget). Each unit is measured at ``base + offsets`` clipped to ``[min_sparsity, max_sparsity]``, the
+    others at base. ``loss_fn(output, item) -> scalar`` defaults to next-token NLL for token-id inputs.
+    ``groups`` (default: detected with :func:`~pl_actsparse.core.groups.find_shared_input_groups` when
+    ``tie_shared_inputs``) are tied to one target. Cost: one calibration pass, one base-loss pass and
+    ``sum over units of len(grid)`` loss passes over the (capped) data. The model is restored afterwards.
+    """
+    for o in offsets:
+        if not isinstance(o, (int, float)) or isinstance(o, bool) or not math.isfinite(o):
+            raise InvalidTargetError(f"offsets must be finite numbers, got {o!r}")
+    min_sparsity = validate_target(min_sparsity, "min_sparsity")
+    max_sparsity = validate_target(max_sparsity, "max_sparsity")
+    if min_sparsity > max_sparsity:
+        raise InvalidTargetError(f"min_sparsity {min_sparsity} > max_sparsity {max_sparsity}")
+    data = []
+    for item in dataset:
+        if num_calibration_batches is not None and len(data) >= num_calibration_batches:
+            break
+        data.append(item)
+    plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
+    names = list(plan.targets)
+    base = dict(plan.targets)
+    modules = dict(model.named_modules())
+    unit_groups: Sequence[Sequence[str]] = ()
+    if tie_shared_inputs:
+        if groups is None:
+            from pl_actsparse.core.groups import find_shared_input_groups
+
+            groups = find_shared_input_groups(model, data[0], names, transform_fn=transform_fn) if data else []
+        unit_groups = groups
+    units = _units(names, unit_groups, base)
+    nbytes = {n: modules[n].weight.numel() * modules[n].weight.element_size() for n in names}
+
+    t0 = time.perf_counter()
+    snaps = _snapshot(modules, names)
+    plan_before = model.__dict__.get("_actsparse_plan")
+    runner = _LossRunner(model, data, loss_fn, transform_fn)
+    try:
+        prepare_activation_sparsity(model, {TargetScope(names=[n]): base[n] for n in names})
+        report = calibrate_activation_sparsity(model, data, layers=names, transform_fn=transform_fn, progress=False)
+        stats: dict[str, LayerStatistics] = report.statistics
+        base_loss = runner()
+        curves: list[dict[float, float]] = []
+        for k, unit in enumerate(units):
+            b = base[unit[0]]
+            grid = sorted({round(min(max(b + o, min_sparsity), max_sparsity), 6) for o in offsets} - {round(b, 6)})
+            saved = [modules[n].activation_threshold.clone() for n in unit]
+            curve = {b: 0.0}
+            try:
+                for s in grid:
+                    for n in unit:
+                        modules[n].activation_threshold.fill_(threshold_for_target(stats[n], s))
+                    curve[s] = runner() - base_loss
+            finally:
+                for n, t in zip(unit, saved):
+                    modules[n].activation_threshold.copy_(t)
+            curves.append(curve)
+            if progress:
+                pretty = ", ".join(f"{s:.2f}:{d:+.4f}" for s, d in sorted(curve.items()))
+                print(f"sensitivity {k + 1}/{len(units)} {'+'.join(unit)}: {pretty}", file=sys.stderr)
+    finally:
+        _restore(modules, snaps)
+        if plan_before is None and not any(True for _ in sparsified_layers(model)):
+            model.__dict__.pop("_actsparse_plan", None)
+        elif plan_before is not None:
+            model.__dict__["_actsparse_plan"] = plan_before
+    return SensitivityProfile(
+        units=units,
+        unit_bytes=[sum(nbytes[n] for n in u) for u in units],
+        curves=curves,
+        base_targets=base,
+        base_loss=base_loss,
+        forward_passes=1 + runner.passes,
+        batches=len(data),
+        layer_bytes=nbytes,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def _interp(hull: list[tuple[float, float]], s: float) -> float:
+    for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
+        if x1 <= s <= x2:
+            return y1 + (y2 - y1) * (s - x1) / (x2 - x1) if x2 > x1 else y1
+    return hull[0][1] if s <= hull[0][0] else hull[-1][1]
+
+
+def allocate_from_curves(profile: SensitivityProfile, budget: float) -> Allocation:
+    """Greedy over convex-hull segments (= Lagrangian optimum of the convexified problem), exact budget."""
+    budget = validate_target(budget, "budget")
+    hulls = [_lower_hull(sorted(c.items())) for c in profile.curves]
+    total = float(sum(profile.unit_bytes))
+    lo = sum(b * h[0][0] for b, h in zip(profile.unit_bytes, hulls)) / total
+    hi = sum(b * h[-1][0] for b, h in zip(profile.unit_bytes, hulls)) / total
+    if not lo - 1e-9 <= budget <= hi + 1e-9:
+        raise InvalidTargetError(
+            f"budget {budget} is outside what the measured curves cover ({lo:.4f} to {hi:.4f}); "
+            "measure around a base closer to the budget or widen the offsets"
+        )
+    s = [h[0][0] for h in hulls]
+    need = budget * total - sum(b * x for b, x in zip(profile.unit_bytes, s))
+    segments = []
+    for u, (h, b) in enumerate(zip(hulls, profile.unit_bytes)):
+        for (x1, y1), (x2, y2) in zip(h, h[1:]):
+            segments.append(((y2 - y1) / (b * (x2 - x1)), u, x1, x2))
+    segments.sort(key=lambda t: (t[0], t[1]))
+    for _, u, x1, x2 in segments:
+        if need <= 0:
+            break
+        b = profile.unit_bytes[u]
+        take = min(b * (x2 - x1), need)
+        s[u] = x1 + take / b
+        need -= take
+    # round for readability, then put the rounding error back on the unit that was split last
+    targets: dict[str, float] = {}
+    rounded = [round(x, 4) for x in s]
+    drift = budget * total - sum(b * x for b, x in zip(profile.unit_bytes, rounded))
+    if abs(drift) > 1e-9:
+        free = [u for u in range(len(s)) if hulls[u][0][0] < rounded[u] + drift / profile.unit_bytes[u] < hulls[u][-1][0]]
+        if free:
+            u = max(free, key=lambda k: profile.unit_bytes[k])
+            rounded[u] = rounded[u] + drift / profile.unit_bytes[u]
+    for u, unit in enumerate(profile.units):
+        for n in unit:
+            targets[n] = min(max(rounded[u], 0.0), 1.0)
+    order = list(profile.base_targets)
+    targets = {n: targets[n] for n in order}
+    predicted = sum(_interp(h, x) for h, x in zip(hulls, rounded))
+    per_layer_bytes = {n: profile.layer_bytes[n] for n in order}
+    return Allocation(
+        targets=targets,
+        budget=budget,
+        weight_bytes=per_layer_bytes,
+        units=[list(u) for u in profile.units],
+        predicted_loss_increase=predicted,
+        forward_passes=profile.forward_passes,
+        profile=profile,
+    )
+
+
+def allocate_sparsity(
+    model: nn.Module,
+    dataset: Iterable[Any],
+    budget: float,
+    target_scope: TargetScope,
+    ignored_scope: IgnoredScope | None = None,
+    **kwargs: Any,
+) -> Allocation:
+    """Choose per-layer targets for the layers of ``target_scope`` so that a fraction ``budget`` of their
+    weight bytes is skipped per token, minimising the loss increase on ``dataset``.
+
+    Keyword arguments go to :func:`measure_sensitivity` (``offsets``, ``tie_shared_inputs``, ``loss_fn``,
+    ``num_calibration_batches``, ``transform_fn``, ``max_sparsity``, ``progress``). The model is unchanged;
+    apply the result with ``sparsify_activations(model, data, allocation.target_sparsity_by_scope())``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pl_actsparse import TargetScope
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+    >>> data = [torch.randn(16, 8) for _ in range(2)]
+    >>> alloc = allocate_sparsity(net, data, 0.5, TargetScope(types=[nn.Linear]),
+    ...                           loss_fn=lambda out, x: out.pow(2).mean())
+    >>> round(alloc.skipped_fraction, 6)
+    0.5
+    """
+    budget = validate_target(budget, "budget")
+    if not isinstance(target_scope, TargetScope):
+        raise InvalidTargetError(f"target_scope must be a TargetScope, got {target_scope!r}")
+    profile = measure_sensitivity(model, dataset, {target_scope: budget}, ignored_scope, **kwargs)
+    return profile.allocate(budget)

@@ -1,0 +1,132 @@
+"""Weight-aware scoring: zero input channel ``i`` when ``|x_i| * ||W[:, i]||_2 <= tau`` (WINA's criterion).
+
+An input that meets a large weight column matters more to the output than one that meets a small column.
+Because ``||W[:, i]||`` is a static per-channel scale ``c_i``, the rule is the same as a **per-channel
+threshold** ``|x_i| <= tau / c_i``: the layer's ``activation_threshold`` buffer becomes a vector of shape
+``[in_features]`` and the zeroing ``x * (|x| > threshold)`` (and any sparse kernel that compares against a
+threshold) stays exactly the same, only with a broadcast threshold.
+
+Calibration stays exact and one-pass: during the pass each selected layer sees ``x * c`` (a forward
+pre-hook) while its weight is temporarily ``W / c``, so the core calibration chooses ``tau`` as the exact
+quantile of ``|x_i| * c_i`` over all calibration elements, with all layers sparsified together; then the
+weights are put back (the very same tensors, bit-for-bit) and the threshold becomes ``tau / c``.
+The achieved fraction of zeroed inputs is the target, as with plain ``|x|``.
+
+Measured on stories260K (``benchmarks/allocation.py``, ``docs/allocation.md``): a small but consistent
+perplexity gain at equal sparsity. Layers that read the same tensor can share one scale
+(``share_groups=True``, the norm over the group's stacked weights) so that they keep one mask.
+
+Recalibrating a scored model with the plain :func:`~pl_actsparse.calibrate_activation_sparsity` fills the
+vector with one value, i.e. goes back to plain ``|x|``; call :func:`sparsify_activations_weight_aware`
+again to keep the score.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
+from pl_actsparse.core.layer import THRESHOLD_BUFFER
+from pl_actsparse.core.scopes import IgnoredScope, TargetScope
+
+__all__ = ["weight_column_norms", "sparsify_activations_weight_aware", "is_weight_aware"]
+
+
+def weight_column_norms(layers: nn.Linear | Sequence[nn.Linear]) -> torch.Tensor:
+    """``||W[:, i]||_2`` per input channel (fp32), over the stacked output rows of one or several layers."""
+    if isinstance(layers, nn.Module):
+        layers = [layers]
+    with torch.no_grad():
+        w = torch.cat([m.weight.detach().float() for m in layers], dim=0)
+        return w.norm(dim=0)
+
+
+def is_weight_aware(module: nn.Module) -> bool:
+    """Whether a sparsified layer has a per-channel (weight-aware) threshold."""
+    t = getattr(module, THRESHOLD_BUFFER, None)
+    return isinstance(t, torch.Tensor) and t.dim() == 1
+
+
+def sparsify_activations_weight_aware(
+    model: nn.Module,
+    dataset: Iterable[Any],
+    target_sparsity_by_scope: Mapping[TargetScope, float],
+    ignored_scope: IgnoredScope | None = None,
+    *,
+    share_groups: bool = False,
+    groups: Sequence[Sequence[str]] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """:func:`~pl_actsparse.sparsify_activations` with the score ``|x_i| * ||W[:, i]||`` instead of ``|x_i|``.
+
+    ``share_groups``: layers that read the same tensor and have equal targets use one scale (the column
+    norms of their stacked weights), so they share one threshold vector and one mask; ``groups`` overrides
+    the detection (:func:`~pl_actsparse.core.groups.find_shared_input_groups`). Other keyword arguments go to
+    :func:`~pl_actsparse.sparsify_activations`.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pl_actsparse import TargetScope
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(16, 4))
+    >>> data = [torch.randn(64, 16)]
+    >>> _ = sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5}, progress=False)
+    >>> tuple(net[0].activation_threshold.shape), float((net[0].sparsify_input(data[0]) == 0).float().mean())
+    ((16,), 0.5)
+    """
+    plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
+    modules = dict(model.named_modules())
+    names = list(plan.targets)
+    scales: dict[str, torch.Tensor] = {n: weight_column_norms(modules[n]) for n in names}
+    if share_groups:
+        data = dataset if isinstance(dataset, (list, tuple)) else list(dataset)
+        dataset = data
+        if groups is None:
+            from pl_actsparse.core.groups import find_shared_input_groups
+
+            groups = find_shared_input_groups(model, data[0], names, transform_fn=kwargs.get("transform_fn")) if data else []
+        for g in groups:
+            members = [n for n in g if n in plan.targets]
+            by_target: dict[float, list[str]] = {}
+            for n in members:
+                by_target.setdefault(plan.targets[n], []).append(n)
+            for ms in by_target.values():
+                if len(ms) > 1:
+                    shared = weight_column_norms([modules[n] for n in ms])
+                    for n in ms:
+                        scales[n] = shared
+    handles = []
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for n in names:
+            m = modules[n]
+            c = scales[n].to(m.weight.device)
+            originals[n] = m.weight.data
+            safe = torch.where(c > 0, c, torch.ones_like(c))
+            m.weight.data = (m.weight.data.float() / safe).to(m.weight.dtype)
+
+            def pre_hook(module: nn.Module, args: tuple, c=c) -> tuple:
+                return (args[0] * c.to(args[0].dtype),) + tuple(args[1:])
+
+            handles.append(m.register_forward_pre_hook(pre_hook))
+        sparsify_activations(model, dataset, target_sparsity_by_scope, ignored_scope, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, w in originals.items():
+            modules[n].weight.data = w
+    for n in names:
+        m = modules[n]
+        thr = m._buffers[THRESHOLD_BUFFER]
+        tau = float(thr.reshape(-1)[0])
+        c = scales[n].to(thr.device)
+        if math.isinf(tau) or math.isnan(tau):
+            vec = torch.full_like(c, tau)
+        else:
+            vec = torch.where(c > 0, tau / c.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(c, math.inf if tau >= 0 else -math.inf))
+        m._buffers[THRESHOLD_BUFFER] = vec.to(torch.float32)
+    return model
