@@ -38,6 +38,7 @@ from pl_actsparse.core.layer import (
     uninstall_sparsifier,
 )
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
+from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __all__ = [
@@ -60,16 +61,6 @@ class SparsityPlan:
     claimed_by: dict[str, TargetScope] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # matched by pattern/type but not a Linear
     ignored: list[str] = field(default_factory=list)  # Linear layers a target scope matched and IgnoredScope removed
-
-
-def validate_target(value: Any, where: str) -> float:
-    """A target must be a real number in [0, 1]; say which one is not."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidTargetError(f"target sparsity for {where} must be a number in [0, 1], got {value!r}")
-    v = float(value)
-    if math.isnan(v) or not 0.0 <= v <= 1.0:
-        raise InvalidTargetError(f"target sparsity for {where} must be in [0, 1], got {value!r}")
-    return v
 
 
 def _validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:

@@ -1,12 +1,12 @@
-"""Deprecated alias of :mod:`pl_actsparse.measure.reporting` (moved in 0.2; this shim goes in 0.3)."""
+"""Deprecated alias of :mod:`pl_actsparse.measure.report` (moved in 0.2; this shim goes in 0.3)."""
 
 import sys as _sys
 import warnings as _warnings
 
-import pl_actsparse.measure.reporting as _moved
+import pl_actsparse.measure.report as _moved
 
 _warnings.warn(
-    "pl_actsparse.reporting moved to pl_actsparse.measure.reporting; the old path is removed in 0.3",
+    "pl_actsparse.reporting moved to pl_actsparse.measure.report; the old path is removed in 0.3",
     DeprecationWarning,
     stacklevel=2,
 )

@@ -1,12 +1,12 @@
-"""Deprecated alias of :mod:`pl_actsparse.measure.tracking` (moved in 0.2; this shim goes in 0.3)."""
+"""Deprecated alias of :mod:`pl_actsparse.measure.metric` (moved in 0.2; this shim goes in 0.3)."""
 
 import sys as _sys
 import warnings as _warnings
 
-import pl_actsparse.measure.tracking as _moved
+import pl_actsparse.measure.metric as _moved
 
 _warnings.warn(
-    "pl_actsparse.tracking moved to pl_actsparse.measure.tracking; the old path is removed in 0.3",
+    "pl_actsparse.tracking moved to pl_actsparse.measure.metric; the old path is removed in 0.3",
     DeprecationWarning,
     stacklevel=2,
 )

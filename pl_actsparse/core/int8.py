@@ -32,7 +32,7 @@ from pl_actsparse.kernels.int8_cpu import (
     quantize_weight_t,
     resolve_int8_backend,
 )
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, _sparse_class_for, is_sparsified, original_module_class
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, _sparse_class_for, is_sparsified, original_module_class, weight_nbytes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __all__ = [
@@ -44,18 +44,12 @@ __all__ = [
     "quantize_weights_int8",
     "dequantize_weights_int8",
     "export_int8_for_inference",
-    "is_int8_linear",
 ]
 
 #: Largest token count routed to the int8 sparse kernel by :class:`Int8SparseInferenceLinear`, by backend.
 #: The C++ kernel reads the union of the tokens' rows once and does one FMA per token and weight, which beats
 #: dequantizing the whole weight for a GEMM up to a handful of tokens; the torch fallback only for one.
 DEFAULT_INT8_MAX_SPARSE_TOKENS = {"cpp": 8, "torch": 1}
-
-
-def is_int8_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an :class:`Int8WeightLinear` (sparsified or not)."""
-    return isinstance(module, Int8WeightLinear)
 
 
 class Int8WeightLinear(nn.Linear):
@@ -359,7 +353,7 @@ def quantize_weights_int8(
                 sparsified=sparse,
                 shared_weight=shared,
                 float_bytes=float_bytes,
-                int8_bytes=m.weight_nbytes,
+                int8_bytes=weight_nbytes(m),
                 relative_error=rel,
                 max_abs_error=mae,
             )

@@ -277,3 +277,69 @@ def threshold_summary(threshold: torch.Tensor) -> float:
     per-channel one (shape ``[in_features]``, see :mod:`pl_actsparse.tuning.weight_aware`)."""
     t = threshold.detach()
     return float(t) if t.numel() == 1 else float(t.float().mean())
+
+
+# -- preserving layer state around trial settings (sweep, allocation) -------------------------------------
+import contextlib  # noqa: E402
+from typing import Iterable  # noqa: E402
+
+__all__ += ["preserved"]
+
+
+@dataclass
+class _LayerSnapshot:
+    was_sparsified: bool
+    threshold: torch.Tensor | None = None
+    extra: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[nn.Module]:
+    """Run a block that sparsifies, retargets or recalibrates layers, then put them back as they were.
+
+    On exit (normal or by an exception) every layer in ``names`` (default: the model's sparsified layers) gets
+    back its threshold (scalar or per-channel, same shape), its target, mode, gradient mode and calibration
+    record; a layer that was not sparsified before is un-sparsified (its original class, bit-for-bit). The
+    model's recipe plan (``model._actsparse_plan``) is restored too, or removed if there was none.
+    Weights are not touched (nothing in the package changes them while sparsifying).
+
+    Used by the sweep and the allocation, which try many settings on the user's model and must leave it as
+    they found it.
+
+    Raises:
+        KeyError: a name in ``names`` is not a module of ``model``.
+    """
+    modules = dict(model.named_modules())
+    names = [n for n, _ in sparsified_layers(model)] if names is None else list(names)
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"preserved(): {missing} are not modules of the model")
+    snaps: dict[str, _LayerSnapshot] = {}
+    for n in names:
+        m = modules[n]
+        if is_sparsified(m):
+            snaps[n] = _LayerSnapshot(True, m.activation_threshold.detach().clone(), m.get_extra_state())
+        else:
+            snaps[n] = _LayerSnapshot(False)
+    plan_before = model.__dict__.get("_actsparse_plan")
+    try:
+        yield model
+    finally:
+        for n, snap in snaps.items():
+            m = modules[n]
+            if not snap.was_sparsified:
+                uninstall_sparsifier(m)
+            elif is_sparsified(m):
+                if m.activation_threshold.shape == snap.threshold.shape:
+                    m.activation_threshold.copy_(snap.threshold)
+                else:  # a per-channel threshold replaced a scalar one, or back
+                    m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
+                m.set_extra_state(snap.extra)
+            else:  # removed inside the block: install again, as it was
+                install_sparsifier(m, snap.extra["target"])
+                m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
+                m.set_extra_state(snap.extra)
+        if plan_before is None:
+            model.__dict__.pop("_actsparse_plan", None)
+        else:
+            model.__dict__["_actsparse_plan"] = plan_before

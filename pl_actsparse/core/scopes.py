@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Union
 
 from torch import nn
 
@@ -216,9 +216,3 @@ class IgnoredScope(_Scope):
     def _type_hit(self, module: nn.Module) -> bool:  # tolerate None in the doctest-style quick check
         return module is not None and super()._type_hit(module)
 
-
-def iter_scope_entries(scope: _Scope) -> Iterator[str]:
-    """Human-readable entries of a scope, for messages."""
-    yield from (f"name {n!r}" for n in sorted(scope.names))
-    yield from (f"pattern {p!r}" for p in sorted(scope.patterns))
-    yield from (f"type {_type_label(t)!r}" for t in scope.types)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
@@ -30,6 +29,7 @@ from pl_actsparse.api import (
 )
 from pl_actsparse.measure.metric import ActivationSparsity
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_sparsified, sparsified_layers
+from pl_actsparse.core.recipe import IgnoredScopeSpec, ScopeSpec, ScopeSpecError, parse_ignored_scope_spec, parse_scope_spec
 from pl_actsparse.measure.report import SparsityReport
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
@@ -48,37 +48,6 @@ _TRACKABLE = ("train", "val", "test")
 
 class CallbackConfigurationError(ActivationSparsityError):
     """An argument of :class:`ActivationSparsityCallback` is invalid (raised by the constructor)."""
-
-
-@dataclass(frozen=True)
-class ScopeSpec:
-    """One entry of the YAML-friendly ``scopes`` list: which layers, and their (final) target sparsity.
-
-    ``names`` are exact qualified module names, ``patterns`` regular expressions matched with ``re.fullmatch``,
-    ``types`` class names (``Linear``) or classes; see ``docs/scopes.md``.
-    """
-
-    sparsity: float
-    names: list[str] = field(default_factory=list)
-    patterns: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
-    validate: bool = True
-
-    def to_scope(self) -> TargetScope:
-        return TargetScope(names=self.names, patterns=self.patterns, types=self.types, validate=self.validate)
-
-
-@dataclass(frozen=True)
-class IgnoredScopeSpec:
-    """YAML-friendly form of :class:`~pl_actsparse.IgnoredScope`."""
-
-    names: list[str] = field(default_factory=list)
-    patterns: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
-    validate: bool = True
-
-    def to_scope(self) -> IgnoredScope:
-        return IgnoredScope(names=self.names, patterns=self.patterns, types=self.types, validate=self.validate)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -150,28 +119,15 @@ def _choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
+class _ScopeSpecConfigurationError(CallbackConfigurationError, ScopeSpecError):
+    """A malformed ``scopes``/``ignored_scope`` entry given to the callback (the recipe parser's error)."""
+
+
 def _scope_from_spec(spec: Any, index: int) -> tuple[TargetScope, float]:
-    if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - {"sparsity", "names", "patterns", "types", "validate"})
-        if unknown:
-            raise CallbackConfigurationError(
-                f"scopes[{index}] has unknown key(s) {unknown}; allowed: sparsity, names, patterns, types, validate"
-            )
-        if "sparsity" not in spec:
-            raise CallbackConfigurationError(f"scopes[{index}] needs a 'sparsity' (the target fraction in [0, 1])")
-        spec = ScopeSpec(**spec)
-    if not isinstance(spec, ScopeSpec):
-        raise CallbackConfigurationError(
-            f"scopes[{index}] must be a mapping {{names, patterns, types, sparsity}} or a ScopeSpec, got {spec!r}"
-        )
     try:
-        scope = spec.to_scope()
-        target = validate_target(spec.sparsity, f"scopes[{index}]")
-    except InvalidScopeError as exc:
-        raise InvalidScopeError(f"scopes[{index}]: {exc}") from None
-    if scope.is_empty():
-        raise InvalidScopeError(f"scopes[{index}] has no names, patterns or types, so it selects nothing")
-    return scope, target
+        return parse_scope_spec(spec, f"scopes[{index}]")
+    except ScopeSpecError as exc:
+        raise _ScopeSpecConfigurationError(str(exc)) from None
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -309,17 +265,10 @@ class ActivationSparsityCallback(Callback):
             raise CallbackConfigurationError("no scope given: at least one {names, patterns, types, sparsity} is needed")
         self.targets = targets
 
-        if ignored_scope is None or isinstance(ignored_scope, IgnoredScope):
-            self.ignored_scope = ignored_scope
-        elif isinstance(ignored_scope, IgnoredScopeSpec):
-            self.ignored_scope = ignored_scope.to_scope()
-        elif isinstance(ignored_scope, Mapping):
-            unknown = sorted(set(ignored_scope) - {"names", "patterns", "types", "validate"})
-            if unknown:
-                raise CallbackConfigurationError(f"ignored_scope has unknown key(s) {unknown}; allowed: names, patterns, types, validate")
-            self.ignored_scope = IgnoredScopeSpec(**ignored_scope).to_scope()
-        else:
-            raise InvalidScopeError(f"ignored_scope must be an IgnoredScope or {{names, patterns, types}}, got {ignored_scope!r}")
+        try:
+            self.ignored_scope = parse_ignored_scope_spec(ignored_scope)
+        except ScopeSpecError as exc:
+            raise _ScopeSpecConfigurationError(str(exc)) from None
 
         if submodule is not None and (not isinstance(submodule, str) or not all(p.isidentifier() for p in submodule.split("."))):
             raise CallbackConfigurationError(f"submodule must be a dotted attribute path such as 'model', got {submodule!r}")
