@@ -39,7 +39,7 @@ from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 from pl_actsparse.tuning.sweep import apply_statistics, perplexity_metric, sweep_sparsity
-from pl_actsparse.measure.tracking import SparsityCounter
+from pl_actsparse.measure.metric import SparsityCounter
 
 MLP_PATTERN = r"layers\.\d+\.mlp\.(gate|up|down)_proj"
 SWEEP_TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]

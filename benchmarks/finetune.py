@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pl_actsparse.tuning.objectives import perplexity
     from pl_actsparse.demos.lightning_models import TinyStoriesDataModule, TinyStoriesLM
     from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-    from pl_actsparse.measure.tracking import SparsityCounter
+    from pl_actsparse.measure.metric import SparsityCounter
 
     started = time.perf_counter()
     data_dir = resolve_data_dir(args.data)

@@ -26,7 +26,7 @@ from pl_actsparse.tuning.allocation import (
 )
 from pl_actsparse.errors import InvalidTargetError
 from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
-from pl_actsparse.measure.tracking import SparsityCounter
+from pl_actsparse.measure.metric import SparsityCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -89,13 +89,10 @@ def test_only_the_lightning_and_demos_packages_import_lightning():
     assert offenders == []
 
 
-_DEMO_CLI = pytest.mark.xfail(strict=True, reason="issue 10: the demo command lines still live in measure/ and tuning/")
-
-
 @pytest.mark.parametrize("lower, higher", [("core", "measure"), ("core", "tuning"), ("core", "export"),
                                            ("core", "lightning"), ("core", "demos"), ("measure", "export"),
-                                           ("measure", "lightning"), pytest.param("measure", "demos", marks=_DEMO_CLI),
-                                           ("tuning", "lightning"), pytest.param("tuning", "demos", marks=_DEMO_CLI),
+                                           ("measure", "lightning"), ("measure", "demos"),
+                                           ("tuning", "lightning"), ("tuning", "demos"),
                                            ("export", "lightning"), ("export", "demos")])
 def test_no_upward_imports(lower, higher):
     offenders = [str(p.relative_to(PKG)) for p in _modules(lower)

@@ -7,7 +7,7 @@ from pl_actsparse import TargetScope, activation_sparsity_report, remove_activat
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from pl_actsparse.measure.tracking import SparsityCounter
+from pl_actsparse.measure.metric import SparsityCounter
 
 SEED = {
     TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,

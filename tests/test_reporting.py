@@ -7,7 +7,7 @@ import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.errors import NotSparsifiedError
-from pl_actsparse.measure.reporting import main, model_report
+from pl_actsparse.measure.report import main, model_report
 
 RECIPE = {TargetScope(patterns=[".*mlp.*"]): 0.4, TargetScope(patterns=[r".*self_attn\.[qkv]_proj"]): 0.25}
 

@@ -16,7 +16,7 @@ from pl_actsparse import (
 from pl_actsparse.core.calibration import LayerStatistics, coarse_histogram
 from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
 from pl_actsparse.tuning.sweep import apply_statistics, sweep_sparsity, threshold_for_target, thresholds_for_targets
-from pl_actsparse.measure.tracking import SparsityCounter
+from pl_actsparse.measure.metric import SparsityCounter
 
 FIRST = "layers.0.self_attn.q_proj"  # the first sparsified layer the data reaches in TinyLlama
 ALL = TargetScope(patterns=[".*_proj"])
@@ -182,12 +182,12 @@ def test_lightning_validate_metric(tiny, batches):
 
 
 def test_cli_on_the_shipped_model(tmp_path, monkeypatch):
-    import pl_actsparse.tuning.sweep as sweep_module
+    import pl_actsparse.demos.__main__ as sweep_module  # the demo command line moved out of the library
     from pl_actsparse.lightning.cli import main as console_main
 
     results = []
-    real_main = sweep_module.main
-    monkeypatch.setattr(sweep_module, "main", lambda *a, **k: results.append(real_main(*a, **k)))
+    real_main = sweep_module.sweep_main
+    monkeypatch.setattr(sweep_module, "sweep_main", lambda *a, **k: results.append(real_main(*a, **k)))
 
     console_main(  # the `pl-actsparse sweep` subcommand
         ["sweep", "--targets", "0.2", "0.5", "--calibration-stories", "500", "506", "--eval-stories", "0", "4",

@@ -12,7 +12,7 @@ Why it matters:
   once). :func:`check_shared_thresholds` verifies it on a calibrated model.
 * The allocator (:mod:`pl_actsparse.tuning.allocation`) can give a group one target (``tie_shared_inputs=True``),
   which keeps the shared mask and makes the search cheaper.
-* The report (:mod:`pl_actsparse.measure.reporting`) shows the groups.
+* The report (:mod:`pl_actsparse.measure.report`) shows the groups.
 """
 
 from __future__ import annotations

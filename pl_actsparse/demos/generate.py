@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from pl_actsparse.measure.metric import decode_sparsity  # the one counter of |x| <= t, on decode steps
+
 __all__ = ["DecodeRun", "DecodeComparison", "compare_decoding", "decode_sparsity"]
 
 
@@ -107,46 +109,6 @@ class DecodeComparison:
             f"{self.threads} threads)"
         )
         return "\n".join(lines)
-
-
-def decode_sparsity(model: nn.Module) -> "_SparsityProbe":
-    """Context manager counting, on single-token calls of the exported layers, the inputs with ``|x| <= t``.
-
-    ``with decode_sparsity(model) as probe: ...; probe.fraction``. Layers exported without sparsity
-    (threshold ``-inf``) count with no zeros.
-    """
-    return _SparsityProbe(model)
-
-
-class _SparsityProbe:
-    def __init__(self, model: nn.Module) -> None:
-        from pl_actsparse.export.linear import SparseInferenceLinear
-        from pl_actsparse.core.int8 import Int8SparseInferenceLinear
-
-        self.layers = [m for m in model.modules() if isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear))]
-        self.zero = 0
-        self.total = 0
-        self._handles: list[Any] = []
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        t = module.activation_threshold
-        if x.numel() == x.shape[-1]:
-            self.zero += int((x.abs() <= t.to(x.dtype)).sum())
-            self.total += x.numel()
-
-    def __enter__(self) -> "_SparsityProbe":
-        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    @property
-    def fraction(self) -> Optional[float]:
-        return self.zero / self.total if self.total else None
 
 
 def _generate(model: nn.Module, ids: Tensor, max_new_tokens: int, stop_ids: Sequence[int]) -> list[int]:

@@ -4,8 +4,9 @@
     pl-actsparse fit --config recipes/stories260k_finetune.yaml --trainer.max_epochs=2
     pl-actsparse fit --config recipes/stories260k_finetune.yaml trainer.max_steps=10   # omegaconf-style override
     pl-actsparse generate --config recipes/stories260k_training_free.yaml --prompt "Once upon a time"
-    pl-actsparse sweep --targets 0.3 0.5 --json sweep.json --plot sweep.png     # = python -m pl_actsparse.tuning.sweep
-    pl-actsparse report --demo --out report/                                   # = python -m pl_actsparse.measure.reporting
+    pl-actsparse sweep --targets 0.3 0.5 --json sweep.json --plot sweep.png     # = python -m pl_actsparse.demos sweep
+    pl-actsparse report CHECKPOINT.ckpt --prefix model. --out report/          # pl_actsparse.measure.report.main
+    pl-actsparse report --demo --out report/                                   # = python -m pl_actsparse.demos report
 
 Any LightningModule / LightningDataModule can be named with ``class_path``; the package ships
 :class:`~pl_actsparse.demos.lightning_models.TinyStoriesLM`, :class:`~pl_actsparse.demos.lightning_models.HFLlamaLM` and
@@ -180,12 +181,16 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "generate":
         generate(argv[1:])
-    elif argv and argv[0] == "sweep":
-        from pl_actsparse.tuning.sweep import main as sweep_main
+    elif argv and argv[0] == "sweep":  # the shipped-model demo
+        from pl_actsparse.demos.__main__ import sweep_main
 
         sweep_main(argv[1:], prog="pl-actsparse sweep")
+    elif argv and argv[0] == "report" and "--demo" in argv[1:]:
+        from pl_actsparse.demos.__main__ import report_main as demo_report_main
+
+        demo_report_main([a for a in argv[1:] if a != "--demo"], prog="pl-actsparse report --demo")
     elif argv and argv[0] == "report":
-        from pl_actsparse.measure.reporting import main as report_main
+        from pl_actsparse.measure.report import main as report_main
 
         report_main(argv[1:], prog="pl-actsparse report")
     else:

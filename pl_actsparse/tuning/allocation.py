@@ -23,36 +23,36 @@ Method (cost bounded and reported in :attr:`Allocation.forward_passes`):
    and odd shapes need no constants.
 
 The result is an ordinary ``{TargetScope(names=[...]): sparsity}`` recipe (:meth:`Allocation.target_sparsity_by_scope`)
-for :func:`~pl_actsparse.sparsify_activations`, and a YAML ``scopes:`` list (:meth:`Allocation.to_yaml`).
-The model is left as it was.
+for :func:`~pl_actsparse.sparsify_activations`, and a YAML ``scopes:`` list (:meth:`Allocation.to_yaml`, read back
+by :func:`~pl_actsparse.core.recipe.load_scopes_yaml`). The model is left as it was.
+
+Weight bytes are stored bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`: int8 and torchao-quantized layers
+count their codes and scales). Padded batches: calibration and the loss count real tokens only
+(``token_mask="auto"``).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pl_actsparse.core.calibration import LayerStatistics, _to_device, call_model, default_transform_fn, model_device
-from pl_actsparse.errors import InvalidTargetError
-from pl_actsparse.api import (
-    _restore,
-    _snapshot,
-    calibrate_activation_sparsity,
-    plan_activation_sparsity,
-    prepare_activation_sparsity,
-    validate_target,
-)
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.api import plan_activation_sparsity, prepare_activation_sparsity
+from pl_actsparse.core.calibration import LayerStatistics
+from pl_actsparse.core.layer import preserved, weight_nbytes
+from pl_actsparse.core.masking import MaskFn
+from pl_actsparse.core.recipe import dump_scopes_yaml, load_scopes_yaml, scopes_from_list, validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
-from pl_actsparse.tuning.sweep import threshold_for_target
+from pl_actsparse.errors import InvalidTargetError
+from pl_actsparse.tuning.objectives import CalibrationLoss, _LossRunner, next_token_nll  # noqa: F401 - 0.1 names
+from pl_actsparse.tuning.sweep import calibrate_for_tuning, threshold_for_target
 
 __all__ = [
     "DEFAULT_OFFSETS",
@@ -68,68 +68,7 @@ __all__ = [
 
 DEFAULT_OFFSETS = (-0.3, -0.2, -0.1, 0.1, 0.2, 0.3, 0.4)
 
-
-# ---------------------------------------------------------------------------------------------------
-# loss on calibration data
-
-
-def next_token_nll(output: Any, inputs: Any) -> tuple[torch.Tensor, int]:
-    """Default loss: summed next-token NLL of a causal LM and the token count.
-
-    ``inputs`` are token ids ``[B, T]`` (the model input), ``output`` logits ``[B, T, V]`` (or an object with
-    ``.logits``, or a tuple whose first item is the logits).
-    """
-    from pl_actsparse.tuning.objectives import _logits
-
-    if isinstance(inputs, dict):
-        inputs = inputs.get("input_ids")
-    elif isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    logits = _logits(output)
-    if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
-        raise InvalidTargetError(
-            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "
-            "loss_fn(output, item) -> scalar loss"
-        )
-    if logits.shape[:2] != inputs.shape:
-        raise InvalidTargetError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
-    y = inputs[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="sum")
-    return loss, y.numel()
-
-
-class _LossRunner:
-    """Evaluates the calibration loss; counts passes."""
-
-    def __init__(self, model: nn.Module, data: Sequence[Any], loss_fn: Callable | None, transform_fn: Callable | None) -> None:
-        self.model = model
-        self.data = data
-        self.loss_fn = loss_fn
-        self.transform = transform_fn or default_transform_fn
-        self.device = model_device(model)
-        self.passes = 0
-
-    def __call__(self) -> float:
-        total = 0.0
-        count = 0
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for item in self.data:
-                    inputs = _to_device(self.transform(item), self.device)
-                    out = call_model(self.model, inputs)
-                    if self.loss_fn is None:
-                        s, n = next_token_nll(out, inputs)
-                        total += float(s)
-                        count += n
-                    else:
-                        total += float(self.loss_fn(out, _to_device(item, self.device)))
-                        count += 1
-        finally:
-            self.model.train(was_training)
-        self.passes += 1
-        return total / max(count, 1)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,20 +125,13 @@ class Allocation:
         return [{"names": list(u), "sparsity": round(float(self.targets[u[0]]), 6)} for u in self.units]
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        """YAML ``scopes:`` list (with a comment saying how it was made); written to ``path`` if given."""
-        head = (
-            f"# pl_actsparse allocation: budget {self.budget:.4f} of {sum(self.weight_bytes.values())} weight bytes "
-            f"skipped per token (achieved {self.skipped_fraction:.4f}); {self.forward_passes} forward passes\n"
+        """YAML ``scopes:`` list (``yaml.safe_dump``, with a comment saying how it was made); written to ``path``
+        if given. :func:`~pl_actsparse.core.recipe.load_scopes_yaml` reads it back."""
+        comment = (
+            f"pl_actsparse allocation: budget {self.budget:.4f} of {sum(self.weight_bytes.values())} weight bytes "
+            f"skipped per token (achieved {self.skipped_fraction:.4f}); {self.forward_passes} forward passes"
         )
-        lines = ["scopes:"]
-        for entry in self.to_scopes():
-            lines.append("- names:")
-            lines += [f"  - {_yaml_str(n)}" for n in entry["names"]]
-            lines.append(f"  sparsity: {entry['sparsity']!r}")
-        text = head + "\n".join(lines) + "\n"
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return dump_scopes_yaml(self.to_scopes(), path, comment=comment)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,36 +142,6 @@ class Allocation:
             "predicted_loss_increase": self.predicted_loss_increase,
             "forward_passes": self.forward_passes,
         }
-
-
-def _yaml_str(s: str) -> str:
-    plain = all(c.isalnum() or c in "._-/" for c in s) and s and not s[0].isdigit() and s not in ("true", "false", "null")
-    return s if plain else "'" + s.replace("'", "''") + "'"
-
-
-def scopes_from_list(entries: Sequence[Mapping[str, Any]]) -> dict[TargetScope, float]:
-    """``[{names|patterns|types: [...], sparsity: s}, ...]`` -> ``{TargetScope: s}``."""
-    out: dict[TargetScope, float] = {}
-    for i, e in enumerate(entries):
-        if not isinstance(e, Mapping) or "sparsity" not in e:
-            raise InvalidTargetError(f"scope entry {i} must be a mapping with 'sparsity', got {e!r}")
-        scope = TargetScope(names=e.get("names", ()), patterns=e.get("patterns", ()), types=e.get("types", ()))
-        out[scope] = validate_target(e["sparsity"], f"scope entry {i}")
-    return out
-
-
-def load_scopes_yaml(text_or_path: str | Path) -> dict[TargetScope, float]:
-    """Read a ``scopes:`` YAML (as written by :meth:`Allocation.to_yaml`) back into a recipe."""
-    import yaml
-
-    text = str(text_or_path)
-    if "\n" not in text and Path(text).exists():
-        text = Path(text).read_text()
-    doc = yaml.safe_load(text)
-    entries = doc.get("scopes") if isinstance(doc, Mapping) else doc
-    if not isinstance(entries, list):
-        raise InvalidTargetError("expected a 'scopes:' list of {names: [...], sparsity: s} entries")
-    return scopes_from_list(entries)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,6 +179,7 @@ def measure_sensitivity(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     num_calibration_batches: int | None = None,
     transform_fn: Callable[[Any], Any] | None = None,
+    token_mask: str | MaskFn | None = "auto",
     min_sparsity: float = 0.0,
     max_sparsity: float = 0.95,
     progress: bool = False,
@@ -289,6 +192,12 @@ def measure_sensitivity(
     ``groups`` (default: detected with :func:`~pl_actsparse.core.groups.find_shared_input_groups` when
     ``tie_shared_inputs``) are tied to one target. Cost: one calibration pass, one base-loss pass and
     ``sum over units of len(grid)`` loss passes over the (capped) data. The model is restored afterwards.
+    ``token_mask`` (``"auto"``: a dict batch's ``attention_mask``) limits calibration and loss to real tokens.
+    Unit sizes are stored weight bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`).
+
+    Raises:
+        InvalidTargetError: a bad offset, ``min_sparsity``/``max_sparsity`` or target.
+        TokenMaskError: see :func:`~pl_actsparse.tuning.sweep.calibrate_for_tuning`.
     """
     for o in offsets:
         if not isinstance(o, (int, float)) or isinstance(o, bool) or not math.isfinite(o):
@@ -297,11 +206,7 @@ def measure_sensitivity(
     max_sparsity = validate_target(max_sparsity, "max_sparsity")
     if min_sparsity > max_sparsity:
         raise InvalidTargetError(f"min_sparsity {min_sparsity} > max_sparsity {max_sparsity}")
-    data = []
-    for item in dataset:
-        if num_calibration_batches is not None and len(data) >= num_calibration_batches:
-            break
-        data.append(item)
+    data = list(itertools.islice(dataset, num_calibration_batches))
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     names = list(plan.targets)
     base = dict(plan.targets)
@@ -314,15 +219,13 @@ def measure_sensitivity(
             groups = find_shared_input_groups(model, data[0], names, transform_fn=transform_fn) if data else []
         unit_groups = groups
     units = _units(names, unit_groups, base)
-    nbytes = {n: modules[n].weight.numel() * modules[n].weight.element_size() for n in names}
+    nbytes = {n: weight_nbytes(modules[n]) for n in names}
 
     t0 = time.perf_counter()
-    snaps = _snapshot(modules, names)
-    plan_before = model.__dict__.get("_actsparse_plan")
-    runner = _LossRunner(model, data, loss_fn, transform_fn)
-    try:
+    runner = CalibrationLoss(model, data, loss_fn, transform_fn, token_mask)
+    with preserved(model, names):
         prepare_activation_sparsity(model, {TargetScope(names=[n]): base[n] for n in names})
-        report = calibrate_activation_sparsity(model, data, layers=names, transform_fn=transform_fn, progress=False)
+        report = calibrate_for_tuning(model, data, names, token_mask, transform_fn=transform_fn, progress=False)
         stats: dict[str, LayerStatistics] = report.statistics
         base_loss = runner()
         curves: list[dict[float, float]] = []
@@ -342,13 +245,7 @@ def measure_sensitivity(
             curves.append(curve)
             if progress:
                 pretty = ", ".join(f"{s:.2f}:{d:+.4f}" for s, d in sorted(curve.items()))
-                print(f"sensitivity {k + 1}/{len(units)} {'+'.join(unit)}: {pretty}", file=sys.stderr)
-    finally:
-        _restore(modules, snaps)
-        if plan_before is None and not any(True for _ in sparsified_layers(model)):
-            model.__dict__.pop("_actsparse_plan", None)
-        elif plan_before is not None:
-            model.__dict__["_actsparse_plan"] = plan_before
+                log.info("sensitivity %d/%d %s: %s", k + 1, len(units), "+".join(unit), pretty)
     return SensitivityProfile(
         units=units,
         unit_bytes=[sum(nbytes[n] for n in u) for u in units],

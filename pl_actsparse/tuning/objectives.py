@@ -1,19 +1,27 @@
-"""Perplexity: the one number every sparsity setting is judged by.
+"""Objectives: perplexity (the one number every sparsity setting is judged by) and the calibration loss the
+allocation minimises.
 
 Kept model-agnostic (anything mapping ``input_ids -> logits``) so the dense model,
-a sparsified copy and a Hugging Face model are measured by exactly the same code.
+a sparsified copy and a Hugging Face model are measured by exactly the same code. Padded batches: only real
+tokens count (a prediction counts when both its input and its target token are real).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-__all__ = ["perplexity", "mean_nll"]
+from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
+from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
+from pl_actsparse.errors import InvalidTargetError
+
+__all__ = ["perplexity", "mean_nll", "next_token_nll", "CalibrationLoss"]
 
 
 def _iter_pairs(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -40,11 +48,7 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
+    return model_device(model) or torch.device("cpu")
 
 
 def mean_nll(
@@ -118,3 +122,92 @@ def perplexity(
     train/eval mode afterwards.
     """
     return math.exp(mean_nll(model, dataset_or_windows, batch_size=batch_size, device=device)[0])
+
+
+def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Default loss of the allocation: summed next-token NLL of a causal LM and the number of predictions.
+
+    ``inputs`` are token ids ``[B, T]`` (the model input; a dict's ``input_ids``, a tuple's first item),
+    ``output`` logits ``[B, T, V]`` (or an object with ``.logits``, or a tuple whose first item is the logits).
+    ``mask`` (bool ``[B, T]``, default: a dict input's ``attention_mask``) marks real tokens: a prediction
+    counts only when its input and its target are both real, so padding (right or left) adds nothing.
+
+    Raises:
+        InvalidTargetError: the inputs are not token ids ``[B, T]`` or do not match the logits or the mask.
+    """
+    if isinstance(inputs, Mapping):
+        if mask is None and inputs.get("attention_mask") is not None:
+            mask = torch.as_tensor(inputs["attention_mask"]).bool()
+        inputs = inputs.get("input_ids")
+    elif isinstance(inputs, (tuple, list)):
+        inputs = inputs[0]
+    logits = _logits(output)
+    if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
+        raise InvalidTargetError(
+            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "
+            "loss_fn(output, item) -> scalar loss"
+        )
+    if logits.shape[:2] != inputs.shape:
+        raise InvalidTargetError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
+    y = inputs[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="none")
+    if mask is None:
+        return losses.sum(), y.numel()
+    if tuple(mask.shape) != tuple(inputs.shape):
+        raise InvalidTargetError(f"token mask {tuple(mask.shape)} does not match token ids {tuple(inputs.shape)}")
+    m = mask.to(inputs.device).bool()
+    keep = (m[:, :-1] & m[:, 1:]).flatten()
+    return losses[keep].sum(), int(keep.sum())
+
+
+class CalibrationLoss:
+    """Mean loss of a model over fixed batches (eval mode, no grad); counts its passes in ``passes``.
+
+    ``loss_fn(output, item) -> scalar`` (mean over the batches) or, by default, :func:`next_token_nll` (mean
+    over real predicted tokens). Each forward runs inside ``token_mask(mask_fn(item))`` so sparsity observers
+    count real tokens only (``token_mask="auto"``: a dict batch's ``attention_mask``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Sequence[Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+        transform_fn: Callable[[Any], Any] | None,
+        token_mask: str | MaskFn | None = "auto",
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn
+        self.transform = transform_fn or default_transform_fn
+        self.mask_fn = resolve_mask_fn(token_mask)
+        device = model_device(model)
+        self._to_device = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
+        self.passes = 0
+
+    def __call__(self) -> float:
+        total = 0.0
+        count = 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for item in self.data:
+                    inputs = apply_to_collection(self.transform(item), torch.Tensor, self._to_device)
+                    mask = self.mask_fn(item) if self.mask_fn is not None else None
+                    with token_mask(mask):
+                        out = call_model(self.model, inputs)
+                    if self.loss_fn is None:
+                        s, n = next_token_nll(out, inputs, mask)
+                        total += float(s)
+                        count += n
+                    else:
+                        total += float(self.loss_fn(out, apply_to_collection(item, torch.Tensor, self._to_device)))
+                        count += 1
+        finally:
+            self.model.train(was_training)
+        self.passes += 1
+        return total / max(count, 1)
+
+
+_LossRunner = CalibrationLoss  # the 0.1 name

@@ -19,19 +19,20 @@ first sparsified layer (and any layer whose upstream layers keep their threshold
 evaluations; drift measured and reported) and ``recalibrate=True`` (a fresh exact calibration per point,
 N calibration passes plus N evaluations).
 
-Command line (the shipped stories260K model; metric = perplexity on stories 0-149)::
+Padded batches: calibration counts only real tokens (``token_mask="auto"``: a dict batch's ``attention_mask``);
+the achieved sparsity during ``evaluate`` counts real tokens when ``evaluate`` runs its forwards inside
+:func:`pl_actsparse.core.masking.token_mask` (the callback does for Lightning validation).
 
-    python -m pl_actsparse.tuning.sweep --targets 0.1 0.2 0.3 0.4 0.5 0.6 --patterns '.*mlp.*' \
-        --json sweep.json --plot sweep.png
+The shipped-model demo (perplexity on stories 0-149) is ``python -m pl_actsparse.demos sweep --targets ...``.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
+import logging
 import math
 import statistics as _stats
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,19 +41,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.core.calibration import LayerStatistics, threshold_from_histogram
-from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
-from pl_actsparse.api import (
-    _restore,
-    _snapshot,
-    calibrate_activation_sparsity,
-    prepare_activation_sparsity,
-    set_target_sparsity,
-    validate_target,
-)
-from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
+from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, set_target_sparsity
+from pl_actsparse.core.calibration import LayerStatistics, _bits_to_float, threshold_from_histogram
+from pl_actsparse.core.layer import SparsifierMode, preserved, sparsified_layers, threshold_summary, weight_nbytes
+from pl_actsparse.core.masking import MaskFn, resolve_mask_fn
+from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
-from pl_actsparse.measure.tracking import SparsityCounter
+from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError, TokenMaskError
+from pl_actsparse.measure.metric import SparsityCounter
 
 __all__ = [
     "threshold_for_target",
@@ -63,14 +59,9 @@ __all__ = [
     "sweep_sparsity",
     "lightning_validate_metric",
     "perplexity_metric",
-    "main",
 ]
 
-_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def _bits(b: int, dtype: torch.dtype) -> float:
-    return float(torch.tensor([b], dtype=_INT[dtype]).view(dtype).float().item())
+log = logging.getLogger(__name__)
 
 
 def threshold_for_target(stats: LayerStatistics, target: float) -> float:
@@ -103,9 +94,9 @@ def threshold_for_target(stats: LayerStatistics, target: float) -> float:
     b = min(b, coarse.numel() - 1)
     below = int(cum[b - 1]) if b > 0 else 0
     count = int(coarse[b])
-    lo, hi = _bits(b << 16, torch.float32), _bits((b + 1) << 16, torch.float32)
+    lo, hi = _bits_to_float(b << 16, torch.float32), _bits_to_float((b + 1) << 16, torch.float32)
     if count == 0 or want <= below:
-        return _bits((b << 16) - 1, torch.float32) if b > 0 else -math.inf
+        return _bits_to_float((b << 16) - 1, torch.float32) if b > 0 else -math.inf
     # Values in the bin are assumed spread uniformly over [lo, hi); the exact one is within the bin.
     frac = min(max((want - below) / count, 0.0), 1.0)
     return lo + frac * (hi - lo)
@@ -191,56 +182,17 @@ class SweepResult:
         }
 
     def to_json(self, path: str | Path | None = None, **kwargs: Any) -> str:
-        text = json.dumps(self.to_dict(), default=_json_default, **({"indent": 1} | kwargs))
+        """:meth:`to_dict` as JSON (indent 1 by default); also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), **({"indent": 1} | kwargs))
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
 
     def plot(self, path: str | Path, *, title: str | None = None, others: Mapping[str, "SweepResult"] | None = None) -> Path:
-        """Write a PNG of the metric against achieved sparsity (matplotlib, Agg backend)."""
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-        series = {"sweep": self, **(others or {})}
-        for label, res in series.items():
-            xs = [p.achieved if p.achieved is not None else p.mean_target for p in res.points]
-            ys = [p.metric for p in res.points]
-            ax.plot(xs, ys, marker="o", label=label if others else None)
-            if res is self:
-                for p, x, y in zip(res.points, xs, ys):
-                    ax.annotate(f"{p.mean_target:.2f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        if self.dense is not None:
-            ax.axhline(self.dense, color="gray", linestyle="--", linewidth=1, label="dense")
-        ax.set_xlabel("achieved sparsity (weight-byte weighted, evaluation data)")
-        ax.set_ylabel(self.metric_name)
-        ax.set_title(title or f"{self.metric_name} vs activation sparsity ({'recalibrated' if self.recalibrated else 'one calibration pass'})")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        """Write a PNG of the metric against achieved sparsity (:func:`pl_actsparse.measure.plot.plot_sweep`)."""
+        from pl_actsparse.measure.plot import plot_sweep
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, torch.dtype):
-        return str(o)
-    return str(o)
-
-
-def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() != "agg":
-        try:
-            matplotlib.use("Agg", force=True)
-        except Exception:  # noqa: BLE001 - a backend already in use by the caller stays
-            pass
-    import matplotlib.pyplot as plt
-
-    return plt
+        return plot_sweep(self, path, title=title, others=others)
 
 
 def _as_targets(point: float | Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
@@ -261,6 +213,29 @@ def _weighted(values: Mapping[str, float], weights: Mapping[str, int]) -> float:
     return sum(values[n] * weights[n] for n in values) / total if total else 0.0
 
 
+def calibrate_for_tuning(
+    model: nn.Module, data: Sequence[Any], names: Sequence[str], token_mask: str | MaskFn | None, **kwargs: Any
+) -> Any:
+    """:func:`~pl_actsparse.calibrate_activation_sparsity` of ``names`` on ``data`` counting real tokens only.
+
+    Raises:
+        TokenMaskError: the batches are padded (a mask with a ``False``) but this build's calibration takes no
+            ``token_mask``: counting pad positions would give wrong thresholds silently.
+    """
+    if "token_mask" in inspect.signature(calibrate_activation_sparsity).parameters:
+        return calibrate_activation_sparsity(model, data, layers=names, token_mask=token_mask, **kwargs)
+    mask_fn = resolve_mask_fn(token_mask)
+    if mask_fn is not None:
+        for item in data:
+            m = mask_fn(item)
+            if m is not None and not bool(m.all()):
+                raise TokenMaskError(
+                    "the calibration batches are padded but calibrate_activation_sparsity takes no token_mask in this "
+                    "build; pass unpadded batches, or token_mask=None to count pad positions too"
+                )
+    return calibrate_activation_sparsity(model, data, layers=names, **kwargs)
+
+
 def sweep_sparsity(
     model: nn.Module,
     dataset: Iterable[Any],
@@ -273,6 +248,7 @@ def sweep_sparsity(
     base_targets: float | Mapping[str, float] | None = None,
     num_calibration_batches: int | None = None,
     transform_fn: Callable[[Any], Any] | None = None,
+    token_mask: str | MaskFn | None = "auto",
     metric_name: str = "metric",
     include_dense: bool = True,
     measure_achieved: bool = True,
@@ -290,7 +266,17 @@ def sweep_sparsity(
         recalibrate: ``False`` (default): one calibration pass at ``base_targets``, thresholds of every point
             from its statistics; ``True``: an exact calibration per point.
         base_targets: where the single pass calibrates; default: per layer, the median of the points' targets.
+        token_mask: which calibration tokens count (``"auto"``: a dict batch's ``attention_mask``; ``None``:
+            every element; a callable batch -> bool mask).
         measure_achieved: count zeroed inputs during each evaluation (:class:`SparsityCounter`), the x axis.
+
+    Weights of the mean target and of the achieved sparsity are stored weight bytes
+    (:func:`~pl_actsparse.core.layer.weight_nbytes`).
+
+    Raises:
+        InvalidTargetError: ``evaluate`` is not callable, ``targets`` is empty, or a point is malformed.
+        NotSparsifiedError: no layer to sweep, or a point names a layer that is not swept.
+        TokenMaskError: see :func:`calibrate_for_tuning`.
 
     Cost: ``1 + len(targets)`` passes (``recalibrate=False``) or ``2 * len(targets)``, plus one evaluation
     for the dense reference when ``include_dense``.
@@ -301,31 +287,31 @@ def sweep_sparsity(
         raise InvalidTargetError("targets is empty: give at least one sweep point")
     data = list(dataset) if not isinstance(dataset, (list, tuple)) else dataset
     modules = dict(model.named_modules())
-    existing = [n for n, _ in sparsified_layers(model)]
     if target_scope is not None:
         recipe = target_scope if isinstance(target_scope, Mapping) else {target_scope: 0.0}
         from pl_actsparse.api import plan_activation_sparsity
 
         names = list(plan_activation_sparsity(model, {s: 0.0 for s in recipe}, ignored_scope).targets)
     else:
-        names = existing
+        names = [n for n, _ in sparsified_layers(model)]
         if not names:
             raise NotSparsifiedError("the model has no sparsified layer: pass target_scope to say which layers to sweep")
     points = [_as_targets(p, names) for p in targets]
-    weights = {n: modules[n].weight.numel() * modules[n].weight.element_size() for n in names}
+    weights = {n: weight_nbytes(modules[n]) for n in names}
     if base_targets is None:
         base = {n: float(_stats.median(p[n] for p in points)) for n in names}
     else:
         base = _as_targets(base_targets, names)
+    calibrate = lambda: calibrate_for_tuning(  # noqa: E731
+        model, data, names, token_mask, num_calibration_batches=num_calibration_batches, transform_fn=transform_fn, progress=progress
+    )
 
-    snaps = _snapshot(modules, names)
-    plan_before = model.__dict__.get("_actsparse_plan")
     t_start = time.perf_counter()
     passes = 0
     evaluations = 0
     result_points: list[SweepPoint] = []
     dense = None
-    try:
+    with preserved(model, names):
         prepare_activation_sparsity(model, {TargetScope(names=[n]): base[n] for n in names})
         if include_dense:
             for n in names:
@@ -335,22 +321,15 @@ def sweep_sparsity(
         stats: dict[str, LayerStatistics] = {}
         if not recalibrate:
             set_target_sparsity(model, base)
-            for n in names:
-                modules[n]._actsparse.target = base[n]
-            report = calibrate_activation_sparsity(
-                model, data, layers=names, num_calibration_batches=num_calibration_batches, transform_fn=transform_fn, progress=progress
-            )
-            stats = report.statistics
+            stats = calibrate().statistics
             passes += 1
         for point in points:
             t0 = time.perf_counter()
             if recalibrate:
                 set_target_sparsity(model, point)
-                calibrate_activation_sparsity(
-                    model, data, layers=names, num_calibration_batches=num_calibration_batches, transform_fn=transform_fn, progress=progress
-                )
+                calibrate()
                 passes += 1
-                thresholds = {n: _threshold_number(modules[n]) for n in names}
+                thresholds = {n: threshold_summary(modules[n].activation_threshold) for n in names}
             else:
                 thresholds = apply_statistics(model, stats, point)
             if measure_achieved:
@@ -373,14 +352,7 @@ def sweep_sparsity(
                 )
             )
             if progress:
-                print(f"sweep: target {result_points[-1].mean_target:.3f} -> {metric_name} {value:.4f}", file=sys.stderr)
-    finally:
-        newly = [n for n, s in snaps.items() if not s.was_sparsified]
-        _restore(modules, snaps)
-        if newly and plan_before is None and not any(True for _ in sparsified_layers(model)):
-            model.__dict__.pop("_actsparse_plan", None)
-        elif plan_before is not None:
-            model.__dict__["_actsparse_plan"] = plan_before
+                log.info("sweep: target %.3f -> %s %.4f", result_points[-1].mean_target, metric_name, value)
     return SweepResult(
         points=result_points,
         metric_name=metric_name,
@@ -392,11 +364,6 @@ def sweep_sparsity(
         weight_bytes=weights,
         seconds=time.perf_counter() - t_start,
     )
-
-
-def _threshold_number(m: nn.Module) -> float:
-    t = m.activation_threshold
-    return float(t) if t.numel() == 1 else float(t.float().median())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,68 +406,3 @@ def lightning_validate_metric(
         return float(value.item() if isinstance(value, torch.Tensor) else value)
 
     return metric
-
-
-# ---------------------------------------------------------------------------------------------------
-# command line
-
-
-def _parser(prog: str = "python -m pl_actsparse.tuning.sweep") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Perplexity of the shipped stories260K model at several activation-sparsity targets, "
-        "from one calibration pass. Writes JSON and a PNG plot.",
-    )
-    p.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
-    p.add_argument("--patterns", nargs="+", default=[r".*mlp\..*_proj"], help="regexes (re.fullmatch) of layers to sweep")
-    p.add_argument("--recalibrate", action="store_true", help="exact calibration at every point (N passes)")
-    p.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
-    p.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (windows)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--model", default=None, help="llama2.c checkpoint (default: shipped stories260K.bin)")
-    p.add_argument("--json", default="sweep.json", help="output JSON path ('-' for stdout)")
-    p.add_argument("--plot", default="sweep.png", help="output PNG path ('' to skip)")
-    p.add_argument("--threads", type=int, default=None)
-    return p
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.tuning.sweep") -> SweepResult:
-    """``python -m pl_actsparse.tuning.sweep ...`` or ``pl-actsparse sweep ...`` (see ``--help``)."""
-    args = _parser(prog).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from pl_actsparse.demos.tinystories import TokenWindows, load_stories
-    from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-
-    model = load_llama2c_checkpoint(args.model, dtype=getattr(torch, args.dtype))
-    tok = Llama2cTokenizer.from_file()
-    calib_windows = TokenWindows(load_stories(start=args.calibration_stories[0], stop=args.calibration_stories[1]), tok, args.seq_len)
-    evaluation = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, args.seq_len)
-    xs = [calib_windows[i] for i in range(len(calib_windows))]
-    calib = [torch.stack(xs[i : i + args.batch_size]) for i in range(0, len(xs), args.batch_size)]
-    result = sweep_sparsity(
-        model,
-        calib,
-        args.targets,
-        perplexity_metric(evaluation),
-        TargetScope(patterns=args.patterns),
-        recalibrate=args.recalibrate,
-        metric_name="perplexity",
-        progress=True,
-    )
-    text = result.to_json()
-    if args.json == "-":
-        print(text)
-    else:
-        Path(args.json).write_text(text + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        result.plot(args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
-    return result
-
-
-if __name__ == "__main__":
-    main()

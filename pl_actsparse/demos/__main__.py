@@ -1,0 +1,125 @@
+"""Demo command lines on the shipped stories260K model: ``python -m pl_actsparse.demos {run,sweep,report}``.
+
+* ``run``: the seed recipe, dense vs sparse perplexity and the per-layer report (:mod:`pl_actsparse.demos.run`);
+* ``sweep``: perplexity on stories 0-149 at several targets from one calibration pass
+  (:func:`~pl_actsparse.tuning.sweep.sweep_sparsity`), written as JSON and a PNG plot;
+* ``report``: the seed recipe measured on stories 0-29 (:func:`~pl_actsparse.measure.report.model_report`),
+  written as ``report.{md,html,png,json}``.
+
+The library itself has no demo code: ``pl-actsparse sweep`` and ``pl-actsparse report --demo`` call
+:func:`sweep_main` and :func:`report_main` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pl_actsparse.core.scopes import TargetScope
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+
+__all__ = ["main", "sweep_main", "report_main", "calibration_batches"]
+
+#: The seed recipe of the demos.
+SEED_RECIPE = {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5}
+
+
+def calibration_batches(start: int, stop: int, seq_len: int = 256, batch_size: int = 8, tokenizer: Llama2cTokenizer | None = None) -> list[torch.Tensor]:
+    """Stories ``start..stop`` as ``seq_len``-token windows, stacked in batches of ``batch_size`` (``LongTensor``)."""
+    tok = tokenizer or Llama2cTokenizer.from_file()
+    w = TokenWindows(load_stories(start=start, stop=stop), tok, seq_len)
+    xs = [w[i] for i in range(len(w))]
+    return [torch.stack(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
+
+
+def _sweep_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Perplexity of the shipped stories260K model at several activation-sparsity targets, "
+        "from one calibration pass. Writes JSON and a PNG plot.",
+    )
+    p.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--patterns", nargs="+", default=[r".*mlp\..*_proj"], help="regexes (re.fullmatch) of layers to sweep")
+    p.add_argument("--recalibrate", action="store_true", help="exact calibration at every point (N passes)")
+    p.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
+    p.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (windows)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--model", default=None, help="llama2.c checkpoint (default: shipped stories260K.bin)")
+    p.add_argument("--json", default="sweep.json", help="output JSON path ('-' for stdout)")
+    p.add_argument("--plot", default="sweep.png", help="output PNG path ('' to skip)")
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.demos sweep") -> "SweepResult":  # noqa: F821
+    """The sweep demo (see ``--help``); returns the :class:`~pl_actsparse.tuning.sweep.SweepResult`."""
+    from pl_actsparse.tuning.sweep import perplexity_metric, sweep_sparsity
+
+    args = _sweep_parser(prog).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_llama2c_checkpoint(args.model, dtype=getattr(torch, args.dtype))
+    tok = Llama2cTokenizer.from_file()
+    calib = calibration_batches(*args.calibration_stories, seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tok)
+    evaluation = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, args.seq_len)
+    result = sweep_sparsity(
+        model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
+        recalibrate=args.recalibrate, metric_name="perplexity", progress=True,
+    )
+    text = result.to_json()
+    if args.json == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(args.json).write_text(text + "\n")
+        logging.getLogger(__name__).info("wrote %s", args.json)
+    if args.plot:
+        result.plot(args.plot)
+        logging.getLogger(__name__).info("wrote %s", args.plot)
+    return result
+
+
+def report_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.demos report") -> "SparsityReport":  # noqa: F821
+    """The report demo: the seed recipe calibrated on stories 500-599, measured on stories 0-29."""
+    from pl_actsparse.api import sparsify_activations
+    from pl_actsparse.measure.report import model_report, write_report
+
+    p = argparse.ArgumentParser(prog=prog, description="Activation-sparsity report of the shipped model with the seed recipe.")
+    p.add_argument("--out", default="actsparse-report", help="output directory")
+    p.add_argument("--no-files", action="store_true", help="only print the table")
+    args = p.parse_args(argv)
+    model = load_llama2c_checkpoint()
+    sparsify_activations(model, calibration_batches(500, 600), SEED_RECIPE, progress=False)
+    report = model_report(model, calibration_batches(0, 30))
+    report.source = "stories260K, seed recipe"
+    write_report(report, None if args.no_files else args.out)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m pl_actsparse.demos {run,sweep,report} ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    commands = {"sweep": sweep_main, "report": report_main}
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(__doc__ + "\n")
+        return
+    if argv[0] == "run":
+        from pl_actsparse.demos.run import main as run_main
+
+        run_main(argv[1:])
+    elif argv[0] in commands:
+        commands[argv[0]](argv[1:])
+    else:
+        raise SystemExit(f"unknown demo {argv[0]!r}; choose run, sweep or report")
+
+
+if __name__ == "__main__":
+    main()
