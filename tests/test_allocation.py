@@ -263,3 +263,71 @@ def test_weight_aware_failure_restores_weights(tiny, batches):
     assert all(torch.equal(state[k], v) or (torch.isnan(v).any() and torch.equal(state[k].isnan(), v.isnan())) for k, v in original.items())
     assert not any(is_sparsified(m) for m in tiny.modules())
     assert not any(m._forward_pre_hooks for m in tiny.modules())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the one scope-spec parser (core/recipe.py), YAML by yaml.safe_dump, stored weight bytes
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from pl_actsparse.core.recipe import ScopeSpecError, dump_scopes_yaml, parse_scope_spec  # noqa: E402
+from pl_actsparse.errors import InvalidScopeError  # noqa: E402
+
+MALFORMED = [
+    ({"pattern": [".*up_proj"], "sparsity": 0.3}, ScopeSpecError, r"scopes\[0\] has unknown key\(s\) \['pattern'\]; allowed: sparsity, names, patterns, types, validate"),
+    ({"patterns": [".*up_proj"], "sparsity": 0.3, "target": 0.2}, ScopeSpecError, r"unknown key\(s\) \['target'\]"),
+    ({"patterns": [".*up_proj"]}, ScopeSpecError, r"scopes\[0\] needs a 'sparsity'"),
+    ({"sparsity": 0.3}, InvalidScopeError, "selects nothing"),
+    ({"patterns": ["("], "sparsity": 0.3}, InvalidScopeError, r"scopes\[0\].*not a valid regular expression"),
+    ({"names": ["a"], "sparsity": 1.5}, InvalidTargetError, r"scopes\[0\].*\[0, 1\]"),
+    (["names", "a"], ScopeSpecError, r"scopes\[0\] must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("entry, error, match", MALFORMED)
+def test_one_parser_one_error_for_every_reader(entry, error, match, tmp_path):
+    """The allocation's reader, the YAML loader and the callback raise the same error for the same entry."""
+    from pl_actsparse.lightning.callback import ActivationSparsityCallback
+
+    with pytest.raises(error, match=match) as from_list:
+        scopes_from_list([entry])
+    path = tmp_path / "bad.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"scopes": [entry]}))
+    with pytest.raises(error, match=match) as from_yaml:
+        load_scopes_yaml(path)
+    with pytest.raises(error, match=match) as from_callback:
+        ActivationSparsityCallback(scopes=[entry])
+    assert str(from_list.value) == str(from_yaml.value) == str(from_callback.value)
+
+
+def test_pattern_typo_no_longer_becomes_an_empty_scope():
+    with pytest.raises(InvalidScopeError, match=r"\['pattern'\]"):  # was {TargetScope(): 0.3}
+        scopes_from_list([{"pattern": [".*up_proj"], "sparsity": 0.3}])
+    assert parse_scope_spec({"patterns": [".*up_proj"], "sparsity": 0.3}) == (TargetScope(patterns=[".*up_proj"]), 0.3)
+    with pytest.raises(InvalidScopeError, match=r"scopes\[1\] repeats"):
+        scopes_from_list([{"names": ["a"], "sparsity": 0.1}, {"names": ["a"], "sparsity": 0.2}])
+
+
+@given(
+    names=st.lists(st.text(min_size=1, max_size=12).filter(lambda s: s.strip() == s), min_size=1, max_size=4, unique=True),
+    sparsity=st.floats(0.0, 1.0),
+)
+def test_yaml_round_trip_of_any_names(names, sparsity):
+    """yaml.safe_dump quotes what needs quoting (the hand-written emitter handled only a few cases)."""
+    recipe = {TargetScope(names=names): sparsity}
+    assert load_scopes_yaml(dump_scopes_yaml(recipe, comment="two\nlines")) == recipe
+
+
+def test_allocation_budget_uses_stored_int8_bytes():
+    from pl_actsparse.core.int8 import quantize_weights_int8
+
+    torch.manual_seed(0)
+    net = OddShapes().eval()
+    data = [torch.randn(32, 12) for _ in range(2)]
+    quantize_weights_int8(net)
+    alloc = allocate_sparsity(net, data, 0.3, TargetScope(types=[nn.Linear]), loss_fn=lambda out, x: out.pow(2).mean(), offsets=(-0.2, 0.2))
+    stored = {n: getattr(net, n).weight_nbytes for n in "abc"}
+    assert alloc.weight_bytes == stored and stored["a"] < 40 * 12 * 4
+    assert sum(alloc.targets[n] * stored[n] for n in stored) / sum(stored.values()) == pytest.approx(0.3, abs=1e-3)

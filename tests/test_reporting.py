@@ -109,3 +109,116 @@ def test_errors_and_cli(tiny, sparse_tiny, tmp_path):
 
     console_main(["report", str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli2")])  # `pl-actsparse report`
     assert (tmp_path / "cli2" / "report.html").read_text() == (tmp_path / "cli" / "report.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# one report for every source; real tokens only; per-channel thresholds; stored weight bytes
+
+
+def _padded_hf_batches(side, g):
+    ids = torch.randint(1, 64, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    for i, n in enumerate((10, 6, 3)):
+        if side == "right":
+            mask[i, n:] = 0
+        else:
+            mask[i, : 10 - n] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_report_on_padded_hf_batches_counts_real_tokens(side):
+    from tiny_models import tiny_hf_llama
+
+    from pl_actsparse.measure.metric import SparsityCounter
+
+    model = tiny_hf_llama()
+    g = torch.Generator().manual_seed(0)
+    sparsify_activations(model, [torch.randint(1, 64, (3, 12), generator=g)], {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, progress=False)
+    batches = [_padded_hf_batches(side, g) for _ in range(2)]
+    name = "model.layers.0.mlp.down_proj"
+    layer = dict(model.named_modules())[name]
+    captured = []
+    layer._actsparse.observers[0] = lambda m, x, y: captured.append(x.detach().clone())
+    try:
+        report = model_report(model, batches, detect_groups=False)
+    finally:
+        del layer._actsparse.observers[0]
+    real = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(captured, batches)])
+    row = {r.name: r for r in report.rows}[name]
+    assert row.data_sparsity == pytest.approx(float((real.abs() <= layer.activation_threshold).double().mean()), abs=1e-12)
+    assert report.data_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    unmasked = model_report(model, batches, detect_groups=False, token_mask=None)  # pads counted: a different number
+    assert {r.name: r for r in unmasked.rows}[name].data_sparsity != row.data_sparsity
+    with SparsityCounter(model):  # the report's counting left no observer behind
+        pass
+    assert not layer._actsparse.observers
+
+
+def test_per_channel_thresholds_through_reports_sweep_and_allocation(tiny, batches, tmp_path):
+    """Issue 11 item 3: every consumer in measure/ and tuning/ accepts per-channel thresholds."""
+    from pl_actsparse import activation_sparsity_report
+    from pl_actsparse.measure.metric import ActivationSparsity
+    from pl_actsparse.measure.report import achieved_table
+    from pl_actsparse.tuning.allocation import measure_sensitivity
+    from pl_actsparse.tuning.sweep import sweep_sparsity
+    from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
+
+    sparsify_activations_weight_aware(tiny, batches[:3], {TargetScope(patterns=[".*mlp.*"]): 0.3}, progress=False)
+    before = {n: m.activation_threshold.clone() for n, m in tiny.named_modules() if hasattr(m, "_actsparse")}
+    live = model_report(tiny, batches[3:])
+    for r in live.rows:
+        assert r.per_channel and r.threshold == pytest.approx(float(before[r.name].mean()), rel=1e-6)
+        assert abs(r.calibration_sparsity - 0.3) < 2e-3 and r.data_sparsity is not None
+    assert "(per-ch. mean)" in str(live) and "(per-ch. mean)" in live.to_markdown()
+    torch.save(tiny.state_dict(), tmp_path / "wa.pt")
+    saved = model_report(tmp_path / "wa.pt")
+    assert [(r.name, r.threshold, r.per_channel, r.weight_bytes) for r in saved.rows] == [
+        (r.name, r.threshold, r.per_channel, r.weight_bytes) for r in activation_sparsity_report(tiny).rows
+    ]
+    metric = ActivationSparsity.from_model(tiny)
+    with metric.observe(tiny), torch.no_grad():
+        tiny(batches[3])
+    table = achieved_table("val", {k: float(v) for k, v in metric.compute().items()}, tiny)
+    assert "layers.0.mlp.up_proj" in table and "weight-bytes-weighted" in table
+
+    def nll(m):
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(m(batches[0])[:, :-1].flatten(0, 1), batches[0][:, 1:].flatten()))
+
+    result = sweep_sparsity(tiny, batches[:3], [0.2, 0.5], nll, include_dense=False)
+    assert [p.mean_target for p in result.points] == pytest.approx([0.2, 0.5])
+    profile = measure_sensitivity(
+        tiny, batches[:2], {TargetScope(patterns=[".*mlp.*"]): 0.3}, offsets=(0.1,), loss_fn=lambda out, x: out.pow(2).mean()
+    )
+    assert len(profile.curves) > 0
+    for n, m in tiny.named_modules():  # sweep and allocation gave the per-channel thresholds back bit for bit
+        if n in before:
+            assert m.activation_threshold.shape == before[n].shape and torch.equal(m.activation_threshold, before[n])
+
+
+def test_int8_checkpoint_report_counts_stored_bytes(tmp_path):
+    from torch import nn
+
+    from pl_actsparse import activation_sparsity_report
+    from pl_actsparse.core.int8 import quantize_weights_int8
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    quantize_weights_int8(net)
+    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    torch.save(net.state_dict(), tmp_path / "int8.pt")
+    live, saved = activation_sparsity_report(net), model_report(tmp_path / "int8.pt")
+    assert [r.weight_bytes for r in saved.rows] == [r.weight_bytes for r in live.rows] == [18432, 16896]
+    assert [(r.in_features, r.out_features) for r in saved.rows] == [(64, 256), (256, 64)]
+    assert saved.decode_bytes == live.decode_bytes
+
+
+def test_report_command_line_demo_moved_to_demos(tmp_path, monkeypatch):
+    import pl_actsparse.demos.__main__ as demos
+    from pl_actsparse.lightning.cli import main as console_main
+
+    calls = []
+    monkeypatch.setattr(demos, "report_main", lambda argv, prog: calls.append((argv, prog)))
+    console_main(["report", "--demo", "--out", str(tmp_path)])  # `pl-actsparse report --demo` still works
+    assert calls == [(["--out", str(tmp_path)], "pl-actsparse report --demo")]

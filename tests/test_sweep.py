@@ -199,3 +199,111 @@ def test_cli_on_the_shipped_model(tmp_path, monkeypatch):
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     (result,) = results
     assert result.points[1].achieved == pytest.approx(0.5, abs=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------
+# preserved(), stored weight bytes, padded batches
+
+
+def test_preserved_restores_on_error_and_removes_what_it_added(tiny, batches):
+    from pl_actsparse.core.layer import preserved
+
+    sparsify_activations(tiny, batches, {TargetScope(names=["layers.0.mlp.up_proj"]): 0.3}, progress=False)
+    up = tiny.layers[0].mlp.up_proj
+    thr, extra, plan = up.activation_threshold.clone(), up.get_extra_state(), tiny.__dict__["_actsparse_plan"]
+    names = ["layers.0.mlp.up_proj", "layers.1.mlp.down_proj"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with preserved(tiny, names):
+            sparsify_activations(tiny, batches, {TargetScope(names=names): 0.7}, progress=False)
+            up.activation_threshold.fill_(123.0)
+            raise RuntimeError("boom")
+    assert torch.equal(up.activation_threshold, thr) and up.get_extra_state() == extra
+    assert not is_sparsified(tiny.layers[1].mlp.down_proj)  # added inside: removed, original class back
+    assert type(tiny.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert tiny.__dict__["_actsparse_plan"] is plan
+    with pytest.raises(KeyError, match="nope"):
+        with preserved(tiny, ["nope"]):
+            pass
+
+
+def test_sweep_weights_are_stored_bytes_of_int8_layers(batches):
+    from tiny_models import tiny_llama
+
+    from pl_actsparse.core.int8 import quantize_weights_int8
+    from pl_actsparse.core.layer import weight_nbytes
+
+    model = tiny_llama()
+    quantize_weights_int8(model, TargetScope(patterns=[r".*mlp\..*"]))
+    result = sweep_sparsity(model, batches[:2], [0.3], _nll, TargetScope(patterns=[r".*mlp\..*"]), include_dense=False)
+    modules = dict(model.named_modules())
+    assert result.weight_bytes == {n: weight_nbytes(modules[n]) for n in result.weight_bytes}
+    assert result.weight_bytes["layers.0.mlp.up_proj"] == 32 * 48 + 2 * 4 * 48  # int8 codes + fp32 scale/zero point
+    assert result.weight_bytes["layers.0.mlp.up_proj"] < modules["layers.0.mlp.up_proj"].weight.numel() * 4
+
+
+def test_next_token_nll_counts_real_predictions_only():
+    from pl_actsparse.tuning.objectives import next_token_nll
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 11, (n,), generator=g) for n in (7, 4, 2)]
+    logits = [torch.randn(len(s), 11, generator=g) for s in seqs]
+    want = sum(float(torch.nn.functional.cross_entropy(lg[:-1], s[1:], reduction="sum")) for lg, s in zip(logits, seqs))
+    count = sum(len(s) - 1 for s in seqs)
+    for left in (False, True):
+        ids = torch.zeros(3, 7, dtype=torch.long)
+        out = torch.full((3, 7, 11), 50.0)  # pad logits: huge losses if they counted
+        mask = torch.zeros(3, 7, dtype=torch.bool)
+        for i, (s, lg) in enumerate(zip(seqs, logits)):
+            sl = slice(7 - len(s), 7) if left else slice(0, len(s))
+            ids[i, sl], out[i, sl], mask[i, sl] = s, lg, True
+        total, n = next_token_nll(out, {"input_ids": ids, "attention_mask": mask.long()})
+        assert n == count and float(total) == pytest.approx(want, rel=1e-6)
+        total_all, n_all = next_token_nll(out, ids)  # without a mask every position counts
+        assert n_all == 3 * 6 and float(total_all) != pytest.approx(want, rel=1e-3)
+
+
+def test_calibration_loss_on_right_padded_hf_batches_equals_unpadded():
+    from tiny_models import tiny_hf_llama
+
+    from pl_actsparse.tuning.objectives import CalibrationLoss
+
+    model = tiny_hf_llama()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, 64, (n,), generator=g) for n in (9, 5, 3)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    padded = CalibrationLoss(model, [{"input_ids": ids, "attention_mask": mask}], None, None)()
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(model(s[None]).logits[0, :-1], s[1:], reduction="sum") for s in seqs]
+    assert padded == pytest.approx(float(sum(nll)) / sum(len(s) - 1 for s in seqs), rel=1e-5)
+
+
+def test_tuning_calibration_refuses_padded_batches_it_cannot_mask(batches):
+    """Padded calibration batches never count pad positions silently."""
+    import inspect
+
+    from tiny_models import tiny_hf_llama
+
+    from pl_actsparse.errors import TokenMaskError
+
+    model = tiny_hf_llama()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (2, 8), generator=g)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    metric = lambda m: 0.0  # noqa: E731
+    scope = TargetScope(patterns=[r".*mlp\.down_proj"])
+    if "token_mask" not in inspect.signature(calibrate_activation_sparsity).parameters:
+        with pytest.raises(TokenMaskError, match="padded"):
+            sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False)
+    else:  # once calibration masks: thresholds from the padded batch equal those from its real tokens
+        padded = sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False)
+        real = [ids[:1], ids[1:, :5]]
+        unpadded = sweep_sparsity(model, real, [0.5], metric, scope, include_dense=False)
+        assert padded.points[0].thresholds == unpadded.points[0].thresholds
+    assert not any(is_sparsified(m) for m in model.modules())
+    result = sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False, token_mask=None)  # explicit opt-out
+    assert result.calibration_passes == 1
