@@ -39,6 +39,7 @@ from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 from pl_actsparse.tuning.sweep import apply_statistics, perplexity_metric, sweep_sparsity
+from pl_actsparse.core.layer import weight_nbytes
 from pl_actsparse.measure.metric import SparsityCounter
 
 MLP_PATTERN = r"layers\.\d+\.mlp\.(gate|up|down)_proj"
@@ -56,7 +57,7 @@ def batches_of(windows: TokenWindows, size: int) -> list[torch.Tensor]:
 
 def skipped_fraction(model, targets: dict[str, float]) -> float:
     mods = dict(model.named_modules())
-    b = {n: mods[n].weight.numel() * mods[n].weight.element_size() for n in targets}
+    b = {n: weight_nbytes(mods[n]) for n in targets}
     return sum(targets[n] * b[n] for n in targets) / sum(b.values())
 
 
