@@ -329,30 +329,11 @@ def sweep_sparsity(
                 set_target_sparsity(model, point)
                 calibrate()
                 passes += 1
-                thresholds = {n: threshold_summary(modules[n].activation_threshold) for n in names}
-            else:
-                thresholds = apply_statistics(model, stats, point)
-            if measure_achieved:
-                with SparsityCounter(model) as counter:
-                    value = float(evaluate(model))
-                per_layer = {n: v for n, v in counter.sparsity().items() if n in point}
-            else:
-                value = float(evaluate(model))
-                per_layer = {}
+            result_points.append(_evaluate_point(model, point, None if recalibrate else stats, evaluate, weights, measure_achieved))
+            result_points[-1].seconds = time.perf_counter() - t0  # calibration included
             evaluations += 1
-            result_points.append(
-                SweepPoint(
-                    targets=dict(point),
-                    mean_target=_weighted(point, weights),
-                    metric=value,
-                    achieved=_weighted(per_layer, weights) if len(per_layer) == len(names) else None,
-                    achieved_per_layer=per_layer,
-                    thresholds=thresholds,
-                    seconds=time.perf_counter() - t0,
-                )
-            )
             if progress:
-                log.info("sweep: target %.3f -> %s %.4f", result_points[-1].mean_target, metric_name, value)
+                log.info("sweep: target %.3f -> %s %.4f", result_points[-1].mean_target, metric_name, result_points[-1].metric)
     return SweepResult(
         points=result_points,
         metric_name=metric_name,
@@ -363,6 +344,39 @@ def sweep_sparsity(
         evaluations=evaluations,
         weight_bytes=weights,
         seconds=time.perf_counter() - t_start,
+    )
+
+
+def _evaluate_point(
+    model: nn.Module,
+    point: dict[str, float],
+    stats: Mapping[str, LayerStatistics] | None,
+    evaluate: Callable[[nn.Module], float],
+    weights: Mapping[str, int],
+    measure_achieved: bool,
+) -> SweepPoint:
+    """One sweep point: thresholds from ``stats`` (or the calibration just run when None), then ``evaluate``."""
+    t0 = time.perf_counter()
+    if stats is None:
+        modules = dict(model.named_modules())
+        thresholds = {n: threshold_summary(modules[n].activation_threshold) for n in point}
+    else:
+        thresholds = apply_statistics(model, stats, point)
+    per_layer: dict[str, float] = {}
+    if measure_achieved:
+        with SparsityCounter(model) as counter:
+            value = float(evaluate(model))
+        per_layer = {n: v for n, v in counter.sparsity().items() if n in point}
+    else:
+        value = float(evaluate(model))
+    return SweepPoint(
+        targets=dict(point),
+        mean_target=_weighted(point, weights),
+        metric=value,
+        achieved=_weighted(per_layer, weights) if len(per_layer) == len(point) else None,
+        achieved_per_layer=per_layer,
+        thresholds=thresholds,
+        seconds=time.perf_counter() - t0,
     )
 
 
