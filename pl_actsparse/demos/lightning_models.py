@@ -55,8 +55,7 @@ class NextTokenPerplexity(Metric):
         return torch.exp(self.nll / self.count.clamp(min=1))
 
 
-def _logits(output: Any) -> Tensor:
-    return output if isinstance(output, Tensor) else output.logits
+from pl_actsparse.tuning.objectives import _logits  # noqa: E402 - the one copy
 
 
 class CausalLMModule(LightningModule):
