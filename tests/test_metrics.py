@@ -386,3 +386,14 @@ def test_decode_sparsity_counts_single_token_calls_of_any_thresholded_layer():
     with DecodeSparsity(nn.Sequential(nn.Linear(2, 2))) as empty:
         pass
     assert empty.fraction is None and empty.total == 0
+
+
+@given(
+    values=st.lists(st.integers(-20, 20), min_size=1, max_size=60),
+    q=st.floats(0.0, 1.0),
+    how=st.sampled_from(["lower", "linear"]),
+)
+def test_histogram_quantile_equals_torch_quantile(values, q, how):
+    x = torch.tensor(values, dtype=torch.float64)
+    uniq, counts = torch.unique(x, return_counts=True)
+    assert quantile_from_histogram(uniq, counts, q, how) == pytest.approx(float(torch.quantile(x, q, interpolation=how)), abs=1e-9)
