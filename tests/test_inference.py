@@ -193,10 +193,14 @@ def test_backend_setting_and_env(monkeypatch):
 @pytest.fixture
 def fresh_extension_state(monkeypatch, tmp_path):
     """Pretend the extension was never loaded in this process and builds into an empty directory."""
-    monkeypatch.setattr(cpu, "_ext_loaded", None)
-    monkeypatch.setattr(cpu, "_ext_error", None)
-    monkeypatch.setattr(cpu, "_ext_warned", False)
+    ext = cpu.EXTENSION
+    saved = (ext.loaded, ext.error, ext.warned)
+    ext.reset()
     monkeypatch.setenv("PL_ACTSPARSE_EXT_DIR", str(tmp_path))
+    # the library may already be loaded into this process (a real build): pretend it is not registered
+    monkeypatch.setattr(type(ext), "_op_registered", lambda self: False)
+    yield ext
+    ext.loaded, ext.error, ext.warned = saved
 
 
 def test_auto_falls_back_to_torch_when_the_build_fails(monkeypatch, fresh_extension_state):
@@ -206,6 +210,7 @@ def test_auto_falls_back_to_torch_when_the_build_fails(monkeypatch, fresh_extens
         raise RuntimeError("simulated compiler error")
 
     monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    monkeypatch.setenv("CXX", "sh")  # a "compiler" on PATH, so that load_inline is reached
     cpu.set_backend("auto")
     w, x = torch.randn(12, 8), torch.randn(8)
     with pytest.warns(RuntimeWarning, match="simulated compiler error"):
@@ -433,7 +438,9 @@ def test_ensure_ninja_on_path_finds_the_environments_ninja(monkeypatch, tmp_path
     fake.write_text("#!/bin/sh\necho 1.11\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(cpu.sys, "executable", str(bindir / "python"))
+    from pl_actsparse.kernels import _extension
+
+    monkeypatch.setattr(_extension.sys, "executable", str(bindir / "python"))
     cpu.ensure_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == str(bindir)
     cpu.ensure_ninja_on_path()  # already found: PATH unchanged

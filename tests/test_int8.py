@@ -320,14 +320,17 @@ def test_callback_on_int8_model(tiny, batches):
 
 
 def test_auto_falls_back_to_torch_when_the_extension_cannot_load(monkeypatch):
-    monkeypatch.setattr(k8, "load_int8_extension", lambda build=True: False)
-    monkeypatch.setattr(k8, "_ext_warned", False)
+    ext = k8.INT8_EXTENSION
+    monkeypatch.setattr(ext, "load", lambda build=True: False)
+    monkeypatch.setattr(ext, "loaded", False)
+    monkeypatch.setattr(ext, "error", "simulated load failure")
+    monkeypatch.setattr(ext, "warned", False)
     kcpu.set_backend("auto")
     try:
         assert k8.resolve_int8_backend() == "torch"
         q, s, z = k8.quantize_weight_t(torch.randn(9, 7))
         x = torch.randn(1, 7)
-        with pytest.warns(RuntimeWarning, match="int8 C\\+\\+ CPU kernel is unavailable"):
+        with pytest.warns(RuntimeWarning, match="int8 C\\+\\+ CPU kernel is unavailable .*simulated load failure"):
             got = k8.int8_sparse_linear(x, torch.tensor(0.3), q, s, z)
         torch.testing.assert_close(got, k8.int8_masked_linear(x, torch.tensor(0.3), q, s, z), rtol=1e-5, atol=1e-5)
         kcpu.set_backend("cpp")

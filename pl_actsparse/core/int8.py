@@ -449,16 +449,8 @@ class Int8SparseInferenceLinear(nn.Module):
             return cached[1]
         if self.qweight_t.device.type != "cpu" or not self.qweight_t.is_contiguous():
             return None
-        flat_s = self.scale.reshape(-1).float().contiguous()
-        flat_z = self.zero_point.reshape(-1).float().contiguous() if self.mode == "asym" else None
-        per_row = self.scale.shape[1] == 1 and self.scale.shape[0] == self.in_features and self.out_features != 1
-        args = (
-            flat_s if per_row else None,
-            flat_z if per_row else None,
-            None if per_row else flat_s,
-            None if per_row else flat_z,
-            None if self.bias is None else self.bias.float().contiguous(),
-        )
+        zp = self.zero_point if self.mode == "asym" else None
+        args = _int8.int8_kernel_args(self.qweight_t, self.scale, zp, self.bias)
         self.__dict__["_direct"] = (key, args)
         return args
 
