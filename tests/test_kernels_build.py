@@ -281,7 +281,7 @@ def test_build_all_and_the_cli_subcommand(fake, capsys):
     assert set(statuses) == {"float", "int8"} and all(s.loaded for s in statuses.values())
     assert len(fake["float"].compiled) == 1 and len(fake["int8"].compiled) == 1
     with pytest.raises(SystemExit) as exc:
-        main(["build-kernels"])
+        main(["build-kernels", "--no-profile"])
     assert exc.value.code == 0
     assert '"loaded": true' in capsys.readouterr().out
     assert len(fake["float"].compiled) == 1  # already loaded: not built again
@@ -291,9 +291,31 @@ def test_build_kernels_exit_status_on_failure(fake, capsys):
     from pl_actsparse.kernels import build_kernels_main
 
     fake["float"].fail = "simulated compile error"
-    assert build_kernels_main([]) == 1
+    assert build_kernels_main(["--no-profile"]) == 1
     assert "simulated compile error" in capsys.readouterr().out
-    assert build_kernels_main(["--allow-failure"]) == 0
+    assert build_kernels_main(["--allow-failure", "--no-profile"]) == 0
+
+
+def test_build_kernels_measures_the_profiles(fake, monkeypatch, capsys):
+    import json
+
+    from pl_actsparse.kernels import build, build_kernels_main, dispatch
+
+    seen = []
+
+    def fake_profile(dtype, backend=None, **kw):
+        seen.append(dtype)
+        return dispatch.CpuProfile(dtype=str(dtype), backend="torch", dense_method="linear", max_sparse_tokens=4,
+                                   source="measured")
+
+    monkeypatch.setattr(dispatch, "cpu_profile", fake_profile)
+    assert build_kernels_main([]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["profiles"]) == {"float32", "bfloat16", "float16"}
+    assert out["profiles"]["bfloat16"]["max_sparse_tokens"] == 4
+    assert seen == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="unknown floating-point dtype 'int8'"):
+        build.measure_profiles(["int8"])
 
 
 # ------------------------------------------------------------------------------------------ real build

@@ -15,6 +15,14 @@
 from pl_actsparse.kernels import cuda as _cuda  # noqa: F401  (registers the custom op's CUDA kernel)
 from pl_actsparse.kernels._extension import NOT_BUILT, BuildLockTimeout, InlineExtension, environment_key
 from pl_actsparse.kernels.build import build_all, build_kernels_main
+from pl_actsparse.kernels.dispatch import (
+    CpuProfile,
+    cpu_isa_flags,
+    cpu_profile,
+    dense_linear_t,
+    dense_method,
+    sparse_token_crossover,
+)
 from pl_actsparse.kernels.cpu import (
     DEFAULT_MAX_SPARSE_TOKENS,
     MIN_SPARSE_WEIGHT_BYTES,
@@ -37,11 +45,16 @@ __all__ = [
     "MIN_SPARSE_WEIGHT_BYTES",
     "NOT_BUILT",
     "BuildLockTimeout",
+    "CpuProfile",
     "ExtensionStatus",
     "InlineExtension",
     "KernelBackend",
     "build_all",
     "build_kernels_main",
+    "cpu_isa_flags",
+    "cpu_profile",
+    "dense_linear_t",
+    "dense_method",
     "effective_threshold",
     "environment_key",
     "extension_status",
@@ -52,5 +65,6 @@ __all__ = [
     "set_backend",
     "sparse_linear",
     "sparse_linear_cpu",
+    "sparse_token_crossover",
     "to_kernel_layout",
 ]
