@@ -25,7 +25,7 @@ from pl_actsparse.export.linear import (
     exported_layers,
     is_sparsified_linear,
 )
-from pl_actsparse.kernels import cpu
+from pl_actsparse.kernels import cpu, dispatch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # relative to max |reference|: fp32 exact up to summation order; bf16/fp16 output rounding (+ inputs to the
@@ -276,6 +276,7 @@ def test_crossover_selects_the_path_by_token_count(torch_backend):
 
 def test_default_crossover_comes_from_the_table_when_asked(monkeypatch, torch_backend):
     monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "table")  # the AVX2 measurements, nothing measured
+    dispatch.clear_profile_memo()  # the environment is read when a dtype is first needed
     monkeypatch.setitem(cpu.DEFAULT_MAX_SPARSE_TOKENS, ("torch", torch.bfloat16), 5)
     monkeypatch.setitem(cpu.MIN_SPARSE_WEIGHT_BYTES, "torch", 8 * 16 * 2)  # fp32 (512 bytes) is big enough
     layer = SparseInferenceLinear.from_linear(sparsified_linear(8, 16))
@@ -286,6 +287,7 @@ def test_default_crossover_comes_from_the_table_when_asked(monkeypatch, torch_ba
     assert layer.sparse_token_limit(torch.float32) == 0
     with pytest.raises(ValueError, match="max_sparse_tokens"):
         SparseInferenceLinear.from_linear(sparsified_linear(8, 16), max_sparse_tokens=-1)
+    dispatch.clear_profile_memo()
 
 
 def test_layer_from_plain_linear_is_rejected():
@@ -462,9 +464,6 @@ def test_cached_threshold_follows_buffer_changes(torch_backend):
 # The dense path and the measured crossover (kernels/dispatch.py; issue 13 item 9)
 # --------------------------------------------------------------------------------------------------------
 
-from pl_actsparse.kernels import dispatch  # noqa: E402
-
-
 @pytest.fixture
 def profile_cache(monkeypatch, tmp_path):
     """An empty profile cache folder and no profile in memory."""
@@ -479,7 +478,7 @@ def profile_cache(monkeypatch, tmp_path):
 @pytest.mark.parametrize("method", dispatch.DENSE_METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_every_dense_method_equals_f_linear(monkeypatch, method, dtype, bias):
+def test_every_dense_method_equals_f_linear(profile_cache, monkeypatch, method, dtype, bias):
     monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", method)
     torch.manual_seed(0)
     w = torch.randn(70, 45).to(dtype)
@@ -597,8 +596,11 @@ def test_profile_is_measured_once_cached_per_machine_and_overridable(profile_cac
     dispatch.cpu_profile(torch.bfloat16, "torch")
     assert len(calls) == 3
     # user overrides
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 6  # memoized now
     monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "3")
     monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", "fp32_blocks")
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 6  # memoized until cleared
+    dispatch.clear_profile_memo()
     p = dispatch.cpu_profile(torch.bfloat16, "torch")
     assert (p.max_sparse_tokens, p.dense_method, p.source) == (3, "fp32_blocks", "override")
     assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 3

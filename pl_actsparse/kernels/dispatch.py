@@ -20,7 +20,9 @@ Each is measured once per machine on first use (about a second; ``export_for_inf
 ``/proc/cpuinfo``), the torch version and the thread count. Overrides: ``PL_ACTSPARSE_MAX_SPARSE_TOKENS``
 (an integer for every layer, or ``table`` for :data:`~pl_actsparse.kernels.cpu.DEFAULT_MAX_SPARSE_TOKENS`
 without measuring), ``PL_ACTSPARSE_DENSE_METHOD`` (one of :data:`DENSE_METHODS`), and per layer the
-``max_sparse_tokens`` of an exported layer.
+``max_sparse_tokens`` of an exported layer. The answers are memoized per dtype (a forward call pays a few
+dictionary reads); the environment is read when a dtype is first needed, so after changing it in a running
+process call :func:`clear_profile_memo`.
 """
 
 from __future__ import annotations
@@ -423,9 +425,10 @@ def cpu_profile(dtype: torch.dtype, backend: Optional[str] = None, *, refresh: b
 
 
 def _state() -> tuple:
-    # what the memoized answers depend on besides dtype/backend (cheap to read on every call)
-    return (os.environ.get(ENV_DENSE_METHOD), os.environ.get(ENV_MAX_SPARSE_TOKENS), torch.get_num_threads(),
-            _cpu.EXTENSION.loaded, os.environ.get("PL_ACTSPARSE_EXT_DIR"))
+    # What the memoized answers depend on besides dtype/backend, cheap enough for every forward call (reading
+    # os.environ is not: ~1-8 us per variable). Environment overrides are read when an answer is memoized;
+    # clear_profile_memo() makes a running process read them again.
+    return (torch.get_num_threads(), _cpu.EXTENSION.loaded)
 
 
 _crossover_cache: dict[tuple, tuple[tuple, int]] = {}
@@ -449,7 +452,8 @@ def sparse_token_crossover(dtype: torch.dtype, backend: Optional[str] = None) ->
 
 
 def clear_profile_memo() -> None:
-    """Forget the profiles held in memory (the cache file stays): the next call reads or measures again."""
+    """Forget the profiles and answers held in memory (the cache file stays): the next call reads the
+    environment overrides and the cache file again, or measures."""
     with _lock:
         _profiles.clear()
         _crossover_cache.clear()
