@@ -218,7 +218,7 @@ def test_a_killed_builds_stale_locks_do_not_hang(fake, monkeypatch):
     assert len(fake["float"].compiled) == 1 and not os.path.exists(os.path.join(d, "lock"))
 
 
-def test_a_live_holder_is_waited_for_boundedly_then_one_warning(fake, monkeypatch):
+def test_a_live_holder_is_waited_for_boundedly_then_one_warning(fake, monkeypatch, caplog):
     monkeypatch.setenv("PL_ACTSPARSE_BUILD_TIMEOUT", "0.3")
     ext = cpu.EXTENSION
     d = ext.build_directory()
@@ -240,6 +240,8 @@ def test_a_live_holder_is_waited_for_boundedly_then_one_warning(fake, monkeypatc
             warnings.simplefilter("error")  # once only
             cpu.sparse_linear_cpu(x, torch.tensor(0.4), cpu.to_kernel_layout(w))
         assert fake["float"].compiled == []
+        waits = [r.getMessage() for r in caplog.records if "waiting up to 0.3 s" in r.getMessage()]
+        assert len(waits) == 1 and "424242 otherhost" in waits[0]  # the wait itself is announced
         with pytest.raises(RuntimeError, match="backend='cpp'.*BuildLockTimeout"):
             cpu.set_backend("cpp")
             cpu.resolve_backend(build=True)

@@ -240,6 +240,7 @@ class _BuildLock:
 
     def __enter__(self) -> "_BuildLock":
         deadline = time.monotonic() + self.timeout
+        announced = False
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not on Linux/macOS
@@ -263,6 +264,12 @@ class _BuildLock:
                     break
                 except FileExistsError:
                     self._remove_if_dead()
+            if not announced:
+                announced = True
+                log.warning(
+                    "pl_actsparse: waiting up to %g s for another build of this kernel (holder: %s; lock %s)",
+                    self.timeout, _read_holder(self.path), self.path,
+                )
             if time.monotonic() >= deadline:
                 raise BuildLockTimeout(
                     f"another build of this kernel (holder: {_read_holder(self.path)}; lock {self.path}) did not "
