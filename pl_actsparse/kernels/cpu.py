@@ -39,7 +39,7 @@ from pl_actsparse.kernels._extension import (
     get_backend,
     set_backend,
 )
-from pl_actsparse.kernels.sparse_linear import (
+from pl_actsparse.kernels.sparse_op import (
     check_kernel_args,
     effective_threshold,
     masked_linear,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pl_actsparse.kernels.sparse_linear import check_kernel_args, effective_threshold, sparse_linear
+from pl_actsparse.kernels.sparse_op import check_kernel_args, effective_threshold, sparse_linear
 
 __all__ = ["CUDA_MAX_SPARSE_TOKENS", "sparse_linear_cuda", "triton_available", "triton_error", "triton_sparse_linear"]
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pl_actsparse.kernels import cpu as _cpu
+import pl_actsparse.kernels.cpu as _cpu
 from pl_actsparse.kernels._extension import extension_root
 
 __all__ = [

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pl_actsparse.kernels._extension import ExtensionStatus, InlineExtension, get_backend
-from pl_actsparse.kernels.sparse_linear import effective_threshold
+from pl_actsparse.kernels.sparse_op import effective_threshold
 
 __all__ = [
     "Granularity",
