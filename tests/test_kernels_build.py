@@ -218,6 +218,35 @@ def test_a_killed_builds_stale_locks_do_not_hang(fake, monkeypatch):
     assert len(fake["float"].compiled) == 1 and not os.path.exists(os.path.join(d, "lock"))
 
 
+def test_a_build_process_killed_with_sigkill_leaves_nothing_that_blocks(fake, monkeypatch):
+    """Item 12 for real: a process takes the build lock and torch's lock file, then dies by SIGKILL."""
+    import signal
+    import textwrap
+
+    monkeypatch.setenv("PL_ACTSPARSE_BUILD_TIMEOUT", "10")
+    ext = cpu.EXTENSION
+    d = ext.build_directory()
+    os.makedirs(d)
+    script = textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({d + ".lock"!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, str(os.getpid()).encode())
+        open(os.path.join({d!r}, "lock"), "w").close()  # torch's FileBaton, as during load_inline
+        print("ready", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and os.path.exists(os.path.join(d, "lock"))
+    assert cpu.load_extension(build=True) is True, cpu.extension_status().error
+    assert len(fake["float"].compiled) == 1 and not os.path.exists(os.path.join(d, "lock"))
+
+
 def test_a_live_holder_is_waited_for_boundedly_then_one_warning(fake, monkeypatch, caplog):
     monkeypatch.setenv("PL_ACTSPARSE_BUILD_TIMEOUT", "0.3")
     ext = cpu.EXTENSION
