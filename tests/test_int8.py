@@ -485,3 +485,23 @@ if given is not None:
         # degenerate channels (scale 1, all codes 0) lose at most their own magnitude (< 127 * tiny)
         bound = torch.maximum(step / 2 * (1 + 1e-5), torch.full_like(step, 128 * TINY))
         assert bool(((deq - w).abs() <= bound).all())
+
+
+def test_a_layer_made_before_the_kernel_was_built_uses_it_once_loaded(monkeypatch):
+    """Issue 13 item 11: an int8 layer constructed (or unpickled) while the kernel was not built recorded
+    backend 'torch'; once the first call has built the kernel, decoding takes the kernel's fast path."""
+    if not k8.load_int8_extension(build=False):
+        pytest.skip(f"int8 C++ kernel not built: {k8.int8_extension_status().error}")
+    torch.manual_seed(5)
+    layer = Int8SparseInferenceLinear(Int8WeightLinear.from_linear(nn.Linear(24, 10)))
+    layer.backend = "torch"  # what a layer made before the build holds
+    restored = copy.deepcopy(layer)
+    calls = []
+    real = k8.int8_sparse_gemv_direct
+    monkeypatch.setattr(k8, "int8_sparse_gemv_direct", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 24)
+    y = restored(x)
+    assert calls == [1]
+    ref = k8.int8_masked_linear(x, restored.activation_threshold, restored.qweight_t, restored.scale,
+                                restored.zero_point, restored.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
