@@ -278,6 +278,24 @@ def test_a_live_holder_is_waited_for_boundedly_then_one_warning(fake, monkeypatc
         os.close(fd)
 
 
+def test_without_fcntl_a_pid_file_lock_with_a_dead_holder_is_removed(fake, monkeypatch):
+    """Where fcntl is missing the lock is a pid file: a dead holder's file is removed, a live one waited for."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl -> ImportError
+    monkeypatch.setenv("PL_ACTSPARSE_BUILD_TIMEOUT", "0.3")
+    ext = cpu.EXTENSION
+    d = ext.build_directory()
+    os.makedirs(d)
+    with open(d + ".lock", "w") as fh:
+        fh.write(f"{os.getpid()} {os.uname().nodename}")  # alive: this very process
+    assert cpu.load_extension(build=True) is False
+    assert "BuildLockTimeout" in cpu.extension_status().error and fake["float"].compiled == []
+    ext.reset()
+    with open(d + ".lock", "w") as fh:
+        fh.write(f"{_dead_pid()} {os.uname().nodename}")
+    assert cpu.load_extension(build=True) is True, cpu.extension_status().error
+    assert len(fake["float"].compiled) == 1 and not os.path.exists(d + ".lock")  # released on exit
+
+
 def test_a_build_waiting_for_another_process_loads_its_result(fake, monkeypatch):
     """The lock holder finishes while we wait: we load its build instead of compiling again."""
     ext = cpu.EXTENSION
