@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
 from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.kernels import int8_cpu as k8
+from pl_actsparse.kernels.dispatch import cpu_isa_flags
 from pl_actsparse.core.int8 import export_int8_for_inference, quantize_weights_int8
 
 from _common import llc_bytes
@@ -290,6 +291,7 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": cpu_isa_flags(),
         "default_threads": args.default_threads,
         "int8_backend": backend,
         "float_backend": kcpu.resolve_backend(build=True),

@@ -25,7 +25,7 @@ from pl_actsparse.export.linear import (
     exported_layers,
     is_sparsified_linear,
 )
-from pl_actsparse.kernels import cpu
+from pl_actsparse.kernels import cpu, dispatch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # relative to max |reference|: fp32 exact up to summation order; bf16/fp16 output rounding (+ inputs to the
@@ -193,10 +193,14 @@ def test_backend_setting_and_env(monkeypatch):
 @pytest.fixture
 def fresh_extension_state(monkeypatch, tmp_path):
     """Pretend the extension was never loaded in this process and builds into an empty directory."""
-    monkeypatch.setattr(cpu, "_ext_loaded", None)
-    monkeypatch.setattr(cpu, "_ext_error", None)
-    monkeypatch.setattr(cpu, "_ext_warned", False)
+    ext = cpu.EXTENSION
+    saved = (ext.loaded, ext.error, ext.warned)
+    ext.reset()
     monkeypatch.setenv("PL_ACTSPARSE_EXT_DIR", str(tmp_path))
+    # the library may already be loaded into this process (a real build): pretend it is not registered
+    monkeypatch.setattr(type(ext), "_op_registered", lambda self: False)
+    yield ext
+    ext.loaded, ext.error, ext.warned = saved
 
 
 def test_auto_falls_back_to_torch_when_the_build_fails(monkeypatch, fresh_extension_state):
@@ -206,6 +210,7 @@ def test_auto_falls_back_to_torch_when_the_build_fails(monkeypatch, fresh_extens
         raise RuntimeError("simulated compiler error")
 
     monkeypatch.setattr(cpp_extension, "load_inline", failing_build)
+    monkeypatch.setenv("CXX", "sh")  # a "compiler" on PATH, so that load_inline is reached
     cpu.set_backend("auto")
     w, x = torch.randn(12, 8), torch.randn(8)
     with pytest.warns(RuntimeWarning, match="simulated compiler error"):
@@ -269,7 +274,9 @@ def test_crossover_selects_the_path_by_token_count(torch_backend):
         assert sparse.call_count == 0
 
 
-def test_default_crossover_comes_from_the_measured_table(monkeypatch, torch_backend):
+def test_default_crossover_comes_from_the_table_when_asked(monkeypatch, torch_backend):
+    monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "table")  # the AVX2 measurements, nothing measured
+    dispatch.clear_profile_memo()  # the environment is read when a dtype is first needed
     monkeypatch.setitem(cpu.DEFAULT_MAX_SPARSE_TOKENS, ("torch", torch.bfloat16), 5)
     monkeypatch.setitem(cpu.MIN_SPARSE_WEIGHT_BYTES, "torch", 8 * 16 * 2)  # fp32 (512 bytes) is big enough
     layer = SparseInferenceLinear.from_linear(sparsified_linear(8, 16))
@@ -280,6 +287,7 @@ def test_default_crossover_comes_from_the_measured_table(monkeypatch, torch_back
     assert layer.sparse_token_limit(torch.float32) == 0
     with pytest.raises(ValueError, match="max_sparse_tokens"):
         SparseInferenceLinear.from_linear(sparsified_linear(8, 16), max_sparse_tokens=-1)
+    dispatch.clear_profile_memo()
 
 
 def test_layer_from_plain_linear_is_rejected():
@@ -433,7 +441,9 @@ def test_ensure_ninja_on_path_finds_the_environments_ninja(monkeypatch, tmp_path
     fake.write_text("#!/bin/sh\necho 1.11\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(cpu.sys, "executable", str(bindir / "python"))
+    from pl_actsparse.kernels import _extension
+
+    monkeypatch.setattr(_extension.sys, "executable", str(bindir / "python"))
     cpu.ensure_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == str(bindir)
     cpu.ensure_ninja_on_path()  # already found: PATH unchanged
@@ -448,3 +458,220 @@ def test_cached_threshold_follows_buffer_changes(torch_backend):
     assert layer._threshold_for(torch.float32) == pytest.approx(0.7)
     layer.load_state_dict({**layer.state_dict(), "activation_threshold": torch.tensor(0.9)})
     assert layer._threshold_for(torch.float32) == pytest.approx(0.9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The dense path and the measured crossover (kernels/dispatch.py; issue 13 item 9)
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def profile_cache(monkeypatch, tmp_path):
+    """An empty profile cache folder and no profile in memory."""
+    monkeypatch.setenv("PL_ACTSPARSE_EXT_DIR", str(tmp_path))
+    monkeypatch.delenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", raising=False)
+    monkeypatch.delenv("PL_ACTSPARSE_DENSE_METHOD", raising=False)
+    dispatch.clear_profile_memo()
+    yield tmp_path
+    dispatch.clear_profile_memo()
+
+
+@pytest.mark.parametrize("method", dispatch.DENSE_METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_every_dense_method_equals_f_linear(profile_cache, monkeypatch, method, dtype, bias):
+    monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", method)
+    torch.manual_seed(0)
+    w = torch.randn(70, 45).to(dtype)
+    b = torch.randn(70).to(dtype) if bias else None
+    wt = cpu.to_kernel_layout(w)
+    for shape in [(45,), (9, 45), (2, 33, 45)]:
+        x = torch.randn(*shape).to(dtype)
+        expected = "linear" if dtype == torch.float32 else method
+        assert dispatch.dense_method(dtype) == expected
+        got = dispatch.dense_linear_t(x, wt, b)
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        assert_close(got, ref, dtype)
+
+
+def test_dense_path_reads_the_one_weight_copy(profile_cache, monkeypatch, torch_backend):
+    """No second weight copy: the exported layer holds W^T (+ bias) only, and its dense path uses it."""
+    monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "2")
+    model = nn.Sequential(sparsified_linear(64, 96, dtype=torch.bfloat16, threshold=0.3))
+    ref_w, ref_b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    export_for_inference(model)
+    layer = model[0]
+    assert layer.weight is None
+    assert sum(p.numel() for p in layer.parameters()) == 64 * 96 + 96
+    x = torch.randn(4, 7, 64).to(torch.bfloat16)  # 28 tokens > 2: the dense path
+    with mock.patch.object(SparseInferenceLinear, "sparse_forward", side_effect=AssertionError("sparse path")):
+        y = layer(x)
+    assert_close(y, reference(x, ref_w, ref_b, torch.tensor(0.3)), torch.bfloat16)
+
+
+class FakeClock:
+    """A timer driven by the work the (patched) candidates report: deterministic 'measurements'."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _fake_machine(monkeypatch, clock, dense_cost, sparse_cost, crossover_dense):
+    """dense_cost: method -> seconds (dense-method choice at 64 tokens); sparse_cost / crossover_dense:
+    tokens -> seconds of the sparse kernel / of the layer's dense path in the crossover search."""
+
+    def dense_fn(name):
+        def fn(x, wt, bias):
+            clock.now += dense_cost[name] if x.shape[0] == 64 and wt.shape == (512, 1024) else crossover_dense(x.shape[0])
+            return x.new_zeros(x.shape[0], wt.shape[1])
+        return fn
+
+    monkeypatch.setattr(dispatch, "_DENSE_FNS", {n: dense_fn(n) for n in dispatch.DENSE_METHODS})
+
+    def sparse(x2, t, wt, bias):
+        clock.now += sparse_cost(x2.shape[0])
+        return x2.new_zeros(x2.shape[0], wt.shape[1])
+
+    monkeypatch.setattr(cpu, "_sparse_linear_torch", sparse)
+
+
+@pytest.mark.parametrize(
+    "sparse_cost, expected",
+    [
+        (lambda t: 1.0 * t, 4),  # sparse 1, 2, 4 <= 6 < 8: crossover 4
+        (lambda t: 0.1 * t, 32),  # 64 * 0.1 = 6.4 > 6: loses at 64
+        (lambda t: 0.01, 64),  # wins everywhere
+        (lambda t: 7.0, 1),  # loses at one token already: one token stays sparse (floor)
+    ],
+)
+def test_crossover_measurement_is_the_largest_winning_token_count(monkeypatch, sparse_cost, expected):
+    clock = FakeClock()
+    _fake_machine(monkeypatch, clock, {"fp32_blocks": 10.0, "linear": 3.0, "matmul": 5.0}, sparse_cost, lambda t: 6.0)
+    prof = dispatch.measure_cpu_profile(torch.bfloat16, "torch", rounds=2, timer=clock)
+    assert prof.dense_method == "linear"  # the fastest of the three
+    assert prof.dense_ms == {"fp32_blocks": 10000.0, "linear": 3000.0, "matmul": 5000.0}
+    assert prof.max_sparse_tokens == expected
+    assert prof.source == "measured" and prof.dtype == "bfloat16" and prof.backend == "torch"
+    assert all(v == pytest.approx(6000.0) for v in prof.dense_by_tokens_ms.values())
+
+
+def test_dense_method_choice_follows_the_machine(monkeypatch):
+    """An AVX2 CPU (bf16 GEMM on W^T slow) picks fp32 blocks; a native-bf16 CPU picks the bf16 GEMM."""
+    clock = FakeClock()
+    _fake_machine(monkeypatch, clock, {"fp32_blocks": 2.0, "linear": 220.0, "matmul": 230.0}, lambda t: 1.0, lambda t: 6.0)
+    assert dispatch.measure_cpu_profile(torch.bfloat16, "torch", rounds=2, timer=clock).dense_method == "fp32_blocks"
+    _fake_machine(monkeypatch, clock, {"fp32_blocks": 76.0, "linear": 20.8, "matmul": 21.0}, lambda t: 1.0, lambda t: 6.0)
+    assert dispatch.measure_cpu_profile(torch.bfloat16, "torch", rounds=2, timer=clock).dense_method == "linear"
+    # fp32 never measures a dense method: F.linear on W^T is the same GEMM
+    prof = dispatch.measure_cpu_profile(torch.float32, "torch", rounds=2, timer=clock)
+    assert prof.dense_method == "linear" and prof.dense_ms == {}
+
+
+def test_profile_is_measured_once_cached_per_machine_and_overridable(profile_cache, monkeypatch):
+    calls = []
+
+    def fake_measure(dtype, backend, **kw):
+        calls.append((dtype, backend))
+        return dispatch.CpuProfile(dtype=str(dtype).replace("torch.", ""), backend=backend, dense_method="matmul",
+                                   max_sparse_tokens=6, source="measured")
+
+    monkeypatch.setattr(dispatch, "measure_cpu_profile", fake_measure)
+    p = dispatch.cpu_profile(torch.bfloat16, "torch")
+    assert (p.max_sparse_tokens, p.dense_method, p.source) == (6, "matmul", "measured") and len(calls) == 1
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 6 and len(calls) == 1  # memory
+    import json
+
+    data = json.loads((profile_cache / dispatch.PROFILE_FILE).read_text())
+    entry = data[dispatch.machine_key()]
+    assert entry["profiles"]["torch/bfloat16"]["max_sparse_tokens"] == 6
+    assert set(entry["isa"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    dispatch.clear_profile_memo()  # a new process: read from the file, not measured again
+    p = dispatch.cpu_profile(torch.bfloat16, "torch")
+    assert (p.max_sparse_tokens, p.source) == (6, "cache") and len(calls) == 1
+    assert dispatch.cpu_profile(torch.bfloat16, "torch", refresh=True).source == "measured" and len(calls) == 2
+    # a different machine (other flags or thread count) has its own entry
+    monkeypatch.setattr(dispatch, "machine_key", lambda: "another-machine")
+    dispatch.cpu_profile(torch.bfloat16, "torch")
+    assert len(calls) == 3
+    # user overrides
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 6  # memoized now
+    monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "3")
+    monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", "fp32_blocks")
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 6  # memoized until cleared
+    dispatch.clear_profile_memo()
+    p = dispatch.cpu_profile(torch.bfloat16, "torch")
+    assert (p.max_sparse_tokens, p.dense_method, p.source) == (3, "fp32_blocks", "override")
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch") == 3
+    assert dispatch.dense_method(torch.bfloat16) == "fp32_blocks"
+    layer = SparseInferenceLinear.from_linear(sparsified_linear(8, 16, dtype=torch.bfloat16))
+    layer.backend = "cpp"  # (MIN_SPARSE_WEIGHT_BYTES is 0 for cpp)
+    assert layer.sparse_token_limit(torch.bfloat16) == 3
+    layer.max_sparse_tokens = 9  # per layer beats everything
+    assert layer.sparse_token_limit(torch.bfloat16) == 9
+    monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "many")
+    with pytest.raises(ValueError, match="PL_ACTSPARSE_MAX_SPARSE_TOKENS must be an integer"):
+        dispatch.cpu_profile(torch.bfloat16, "torch")
+    monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "table")
+    monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", "blas")
+    with pytest.raises(ValueError, match="PL_ACTSPARSE_DENSE_METHOD must be one of"):
+        dispatch.cpu_profile(torch.bfloat16, "torch")
+    assert len(calls) == 3
+
+
+def test_a_corrupt_profile_cache_is_measured_again(profile_cache, monkeypatch):
+    (profile_cache / dispatch.PROFILE_FILE).write_text("{not json")
+    monkeypatch.setattr(
+        dispatch, "measure_cpu_profile",
+        lambda dtype, backend, **kw: dispatch.CpuProfile(dtype="float32", backend=backend, dense_method="linear",
+                                                         max_sparse_tokens=5, source="measured"),
+    )
+    assert dispatch.sparse_token_crossover(torch.float32, "torch") == 5
+
+
+def test_isa_flags_and_machine_key(monkeypatch):
+    flags = dispatch.cpu_isa_flags()
+    assert {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "torch_capability"} <= set(flags)
+    assert all(isinstance(v, bool) for k, v in flags.items() if k != "torch_capability")
+    key = dispatch.machine_key()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n + 1)
+        assert dispatch.machine_key() != key  # the crossover depends on the thread count
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_real_profile_measurement_on_this_machine(profile_cache):
+    """A real (tiny) measurement: valid fields, whatever the machine (no timing assertions)."""
+    prof = dispatch.measure_cpu_profile(torch.bfloat16, "torch", shape=(128, 256), dense_shape=(64, 128),
+                                        dense_tokens=8, token_counts=(1, 2, 4), rounds=1)
+    assert prof.dense_method in dispatch.DENSE_METHODS and set(prof.dense_ms) == set(dispatch.DENSE_METHODS)
+    assert 1 <= prof.max_sparse_tokens <= 4 and set(prof.sparse_ms) <= {1, 2, 4}
+    assert all(v > 0 for v in prof.sparse_ms.values())
+
+
+@pytest.mark.parametrize("method", dispatch.DENSE_METHODS)
+def test_hf_llama_prefill_and_decode_match_after_export(monkeypatch, profile_cache, method):
+    """A real third-party stack: a tiny transformers Llama in bf16, prefill (dense path with each GEMM) and
+    one decode step (sparse kernel) of the exported model equal the sparsified model's."""
+    from pl_actsparse import TargetScope, sparsify_activations
+    from tiny_models import tiny_hf_llama
+
+    monkeypatch.setenv("PL_ACTSPARSE_MAX_SPARSE_TOKENS", "2")
+    monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", method)
+    model = tiny_hf_llama(vocab=128, hidden=64, intermediate=172).to(torch.bfloat16)
+    calib = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    sparsify_activations(model, calib, {TargetScope(patterns=[r".*mlp\.(up|gate|down)_proj"]): 0.5}, progress=False)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref_prefill = model(ids).logits.double()
+        ref_step = model(ids[:, :1]).logits.double()
+        export_for_inference(model)
+        assert sum(isinstance(m, SparseInferenceLinear) for m in model.modules()) == 6
+        got_prefill = model(ids).logits.double()  # 9 tokens > 2: dense path
+        got_step = model(ids[:, :1]).logits.double()  # 1 token: sparse kernel
+    for got, ref in ((got_prefill, ref_prefill), (got_step, ref_step)):
+        err = float((got - ref).abs().max() / ref.abs().max())
+        assert err <= 3e-2, err

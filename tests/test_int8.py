@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pl_actsparse import (
@@ -320,14 +321,17 @@ def test_callback_on_int8_model(tiny, batches):
 
 
 def test_auto_falls_back_to_torch_when_the_extension_cannot_load(monkeypatch):
-    monkeypatch.setattr(k8, "load_int8_extension", lambda build=True: False)
-    monkeypatch.setattr(k8, "_ext_warned", False)
+    ext = k8.INT8_EXTENSION
+    monkeypatch.setattr(ext, "load", lambda build=True: False)
+    monkeypatch.setattr(ext, "loaded", False)
+    monkeypatch.setattr(ext, "error", "simulated load failure")
+    monkeypatch.setattr(ext, "warned", False)
     kcpu.set_backend("auto")
     try:
         assert k8.resolve_int8_backend() == "torch"
         q, s, z = k8.quantize_weight_t(torch.randn(9, 7))
         x = torch.randn(1, 7)
-        with pytest.warns(RuntimeWarning, match="int8 C\\+\\+ CPU kernel is unavailable"):
+        with pytest.warns(RuntimeWarning, match="int8 C\\+\\+ CPU kernel is unavailable .*simulated load failure"):
             got = k8.int8_sparse_linear(x, torch.tensor(0.3), q, s, z)
         torch.testing.assert_close(got, k8.int8_masked_linear(x, torch.tensor(0.3), q, s, z), rtol=1e-5, atol=1e-5)
         kcpu.set_backend("cpp")
@@ -335,3 +339,169 @@ def test_auto_falls_back_to_torch_when_the_extension_cannot_load(monkeypatch):
             k8.resolve_int8_backend()
     finally:
         kcpu.set_backend(None)
+
+
+# ------------------------------------------------------------------------ every layout shape (issue 13.6)
+
+SHAPES = [(1, 9), (9, 1), (1, 1), (5, 3), (1, 300), (300, 1)]  # (in_features, out_features)
+
+
+@pytest.mark.parametrize("in_f, out_f", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gran", GRANS)
+def test_every_layout_shape_through_the_layer_and_the_kernels(backend, in_f, out_f, mode, gran):
+    """1xN, Nx1 and 1x1 layers, both granularities and modes: the exported int8 layer (eager fast path,
+    custom op, dense path) equals dequantize-then-masked-linear, and the layout helpers agree."""
+    torch.manual_seed(in_f * 31 + out_f)
+    lin = nn.Linear(in_f, out_f)
+    q8 = Int8WeightLinear.from_linear(lin, mode=mode, granularity=gran)
+    layer = Int8SparseInferenceLinear(q8)
+    q, s, z = layer.qweight_t, layer.scale, layer.zero_point if mode == "asym" else None
+    expected_gran = "output" if (in_f, out_f) == (1, 1) else gran  # a 1x1 layer's one scale reads either way
+    assert k8.scale_granularity(q, s, z) == expected_gran
+    rs, rz, cs, cz, b = k8.int8_kernel_args(q, s, z, layer.bias)
+    if expected_gran == "input":
+        assert rs.numel() == in_f and cs is None and cz is None and (rz is None) == (z is None)
+    else:
+        assert cs.numel() == out_f and rs is None and rz is None and (cz is None) == (z is None)
+    assert b.numel() == out_f
+    layer.activation_threshold.fill_(0.3)
+    for lead in ((1,), (3,), (2, 1, 4)):
+        x = torch.randn(*lead, in_f)
+        ref = k8.int8_masked_linear(x, layer.activation_threshold, q, s, z, layer.bias)
+        assert ref.shape == (*lead, out_f)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)  # sparse or dense path by token count
+        torch.testing.assert_close(k8.int8_sparse_linear(x, layer.activation_threshold, q, s, z, layer.bias), ref,
+                                   rtol=1e-5, atol=1e-5)
+        xm = x.masked_fill(x.abs() <= 0.3, 0)
+        torch.testing.assert_close(k8.int8_dense_linear(xm, q, s, z, layer.bias), ref, rtol=1e-5, atol=1e-5)
+        # and the int8 layer stays within quantization error of the float layer
+        bound = float(s.max()) / 2 * float(xm.abs().sum(-1).max()) + 1e-5  # each weight within half a step
+        assert float((layer(x) - F.linear(xm, lin.weight, lin.bias)).detach().abs().max()) <= bound
+
+
+def test_scale_granularity_rejects_other_shapes():
+    q = torch.zeros(4, 3, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"scale must have shape \[1, 3\] or \[4, 1\]"):
+        k8.scale_granularity(q, torch.ones(3, 1))
+    with pytest.raises(ValueError, match="zero_point must have the shape"):
+        k8.scale_granularity(q, torch.ones(1, 3), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="2-D int8"):
+        k8.scale_granularity(q.float(), torch.ones(1, 3))
+
+
+# ------------------------------------------------------------------ degenerate channels (issue 11 item 5)
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("kind", ["zero", "denormal", "below_127_tiny", "small_normal"])
+def test_zero_and_denormal_channels_quantize_to_exact_zeros_with_a_valid_scale(mode, gran, kind):
+    torch.manual_seed(7)
+    w = torch.randn(6, 5)
+    # 1e-37 is a normal fp32 number, but 1e-37 / 127 (the scale it would need) is not; 1e-35 / 255 is
+    value = {"zero": 0.0, "denormal": 1e-44, "below_127_tiny": 1e-37, "small_normal": 1e-35}[kind]
+    if gran == "output":
+        w[2] = value  # output channel 2 ([out, in] row)
+        w[4, ::2] = -value
+    else:
+        w[:, 1] = value  # input channel 1 ([out, in] column)
+        w[::2, 3] = -value
+    q, s, z = k8.quantize_weight_t(w, mode, gran)
+    assert bool(torch.isfinite(s).all()) and bool((s >= TINY).all()), s  # a valid (normal) scale everywhere
+    deq = k8.dequantize_weight_t(q, s, z).t()
+    chans = [2] if gran == "output" else [1]
+    for c in chans:
+        cq = q[:, c] if gran == "output" else q[c]
+        if kind == "small_normal":
+            # a regular channel with a normal scale: error <= half a step
+            sel = deq[c] if gran == "output" else deq[:, c]
+            ref = w[c] if gran == "output" else w[:, c]
+            assert float((sel - ref).abs().max()) <= float(s.view(-1)[c]) / 2 * 1.001
+            continue
+        assert int(cq.abs().max()) == 0  # codes exactly 0
+        assert float(s.view(-1)[c]) == 1.0
+        if z is not None:
+            assert float(z.view(-1)[c]) == 0.0  # not -128: the kernel adds nothing for this channel
+        sel = deq[c] if gran == "output" else deq[:, c]
+        assert bool((sel == 0).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gran", GRANS)
+def test_exported_output_is_as_accurate_with_a_zero_channel(backend, mode, gran):
+    """The issue's case: asym + per-input scales + an all-zero input channel lost precision (6.9e-5 vs 3.6e-7)."""
+    torch.manual_seed(11)
+    in_f, out_f = 64, 48
+    w = torch.randn(out_f, in_f)
+    x = torch.randn(1, in_f) * 4
+
+    def rel_error(weight):
+        q, s, z = k8.quantize_weight_t(weight, mode, gran)
+        ref = x.double() @ k8.dequantize_weight_t(q, s, z, torch.float64)
+        got = k8.int8_sparse_linear(x, torch.tensor(-math.inf), q, s, z)
+        return float((got.double() - ref).abs().max() / ref.abs().max())
+
+    base = rel_error(w)
+    w0 = w.clone()
+    if gran == "input":
+        w0[:, 5] = 0
+        w0[:, 9] = 1e-44
+    else:
+        w0[5] = 0
+        w0[9] = 1e-44
+    with_zero = rel_error(w0)
+    assert base <= 2e-6 and with_zero <= 2e-6, (base, with_zero)
+    assert with_zero <= 4 * base + 1e-7
+
+
+try:
+    from hypothesis import given, strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+
+    @given(
+        out_f=st.integers(1, 7),
+        in_f=st.integers(1, 7),
+        mode=st.sampled_from(MODES),
+        gran=st.sampled_from(GRANS),
+        seed=st.integers(0, 2**16),
+        scale_exp=st.sampled_from([-45, -40, -38, -30, 0, 3]),
+    )
+    def test_quantizer_property_valid_scales_and_half_step_error(out_f, in_f, mode, gran, seed, scale_exp):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(out_f, in_f, generator=g) * (10.0 ** scale_exp)
+        w[torch.rand(out_f, in_f, generator=g) < 0.3] = 0
+        q, s, z = k8.quantize_weight_t(w, mode, gran)
+        assert bool(torch.isfinite(s).all()) and bool((s >= TINY).all())
+        if z is not None:
+            assert bool((z >= -128).all()) and bool((z <= 127).all()) and bool((z == z.round()).all())
+        deq = k8.dequantize_weight_t(q, s, z).t()
+        step = s.t() if gran == "output" else s.t().expand(out_f, in_f)
+        # degenerate channels (scale 1, all codes 0) lose at most their own magnitude (< 127 * tiny)
+        bound = torch.maximum(step / 2 * (1 + 1e-5), torch.full_like(step, 128 * TINY))
+        assert bool(((deq - w).abs() <= bound).all())
+
+
+def test_a_layer_made_before_the_kernel_was_built_uses_it_once_loaded(monkeypatch):
+    """Issue 13 item 11: an int8 layer constructed (or unpickled) while the kernel was not built recorded
+    backend 'torch'; once the first call has built the kernel, decoding takes the kernel's fast path."""
+    if not k8.load_int8_extension(build=False):
+        pytest.skip(f"int8 C++ kernel not built: {k8.int8_extension_status().error}")
+    torch.manual_seed(5)
+    layer = Int8SparseInferenceLinear(Int8WeightLinear.from_linear(nn.Linear(24, 10)))
+    layer.backend = "torch"  # what a layer made before the build holds
+    restored = copy.deepcopy(layer)
+    calls = []
+    real = k8.int8_sparse_gemv_direct
+    monkeypatch.setattr(k8, "int8_sparse_gemv_direct", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 24)
+    y = restored(x)
+    assert calls == [1]
+    ref = k8.int8_masked_linear(x, restored.activation_threshold, restored.qweight_t, restored.scale,
+                                restored.zero_point, restored.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -443,16 +443,8 @@ class Int8SparseInferenceLinear(nn.Module):
             return cached[1]
         if self.qweight_t.device.type != "cpu" or not self.qweight_t.is_contiguous():
             return None
-        flat_s = self.scale.reshape(-1).float().contiguous()
-        flat_z = self.zero_point.reshape(-1).float().contiguous() if self.mode == "asym" else None
-        per_row = self.scale.shape[1] == 1 and self.scale.shape[0] == self.in_features and self.out_features != 1
-        args = (
-            flat_s if per_row else None,
-            flat_z if per_row else None,
-            None if per_row else flat_s,
-            None if per_row else flat_z,
-            None if self.bias is None else self.bias.float().contiguous(),
-        )
+        zp = self.zero_point if self.mode == "asym" else None
+        args = _int8.int8_kernel_args(self.qweight_t, self.scale, zp, self.bias)
         self.__dict__["_direct"] = (key, args)
         return args
 
@@ -462,7 +454,9 @@ class Int8SparseInferenceLinear(nn.Module):
         zp = self.zero_point if self.mode == "asym" else None
         ntok = x.numel() // self.in_features
         if x.device.type == "cpu" and ntok <= self.sparse_token_limit():
-            if self.backend == "cpp" and not torch.compiler.is_compiling() and _int8.load_int8_extension(build=False):
+            # whether the kernel is loaded now, not what self.backend said at construction (a layer unpickled
+            # or built before the kernel was must still take the fast path once the first call has built it)
+            if not torch.compiler.is_compiling() and _int8.load_int8_extension(build=False):
                 args = self._direct_args()
                 if args is not None and _cpu.get_backend() != "torch":
                     # Eager decoding: the kernel directly (the custom op's Python checks cost ~0.2 ms/call).

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
+from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
 
 __all__ = [
     "ExportedLayer",
@@ -37,9 +38,6 @@ __all__ = [
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
-
-# fp32 bytes of W^T converted per step by the low-precision dense path (stays well inside a typical L3).
-_DENSE_CHUNK_BYTES = 8 << 20
 
 
 def is_sparsified_linear(module: nn.Module) -> bool:
@@ -61,7 +59,8 @@ def _applies_threshold(module: nn.Module) -> bool:
 def default_max_sparse_tokens(
     dtype: torch.dtype, backend: Optional[str] = None, weight_bytes: Optional[int] = None
 ) -> int:
-    """The measured token count up to which the sparse kernel beats the dense path (see ``docs/inference.md``).
+    """The token count up to which the sparse kernel beats the dense path, measured on this machine for
+    ``dtype`` and ``backend`` (:func:`pl_actsparse.kernels.dispatch.sparse_token_crossover`; cached per CPU).
 
     ``backend`` is ``"cpp"`` or ``"torch"``; ``None`` resolves the configured one without compiling. Layers
     smaller than the backend's :data:`~pl_actsparse.kernels.MIN_SPARSE_WEIGHT_BYTES` get 0 (always dense).
@@ -70,8 +69,7 @@ def default_max_sparse_tokens(
         backend = _cpu.resolve_backend(build=False)
     if weight_bytes is not None and weight_bytes < _cpu.MIN_SPARSE_WEIGHT_BYTES.get(backend, 0):
         return 0
-    table = _cpu.DEFAULT_MAX_SPARSE_TOKENS
-    return table.get((backend, dtype), table.get((backend, None), 1))
+    return sparse_token_crossover(dtype, backend)
 
 
 class SparseInferenceLinear(nn.Module):
@@ -215,9 +213,7 @@ class SparseInferenceLinear(nn.Module):
         xm = x.masked_fill(x.abs() <= self.activation_threshold, 0)
         if self.weight is not None:
             return F.linear(xm, self.weight, self.bias)
-        if xm.device.type != "cpu" or xm.dtype in (torch.float32, torch.float64):
-            return F.linear(xm, self.weight_t.t(), self.bias)
-        return _lowp_linear_t(xm, self.weight_t, self.bias)
+        return dense_linear_t(xm, self.weight_t, self.bias)  # the GEMM measured fastest here, on W^T itself
 
     def extra_repr(self) -> str:
         thr = self.activation_threshold
@@ -247,19 +243,6 @@ class SparseInferenceLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-
-
-def _lowp_linear_t(xm: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
-    # bf16/fp16 GEMMs against a transposed weight fall back to a scalar loop on CPUs without native bf16
-    # (20-50x slower than F.linear), so convert W^T to fp32 a block of rows at a time and use sgemm.
-    in_f, out_f = weight_t.shape
-    lead = xm.shape[:-1]
-    x2 = xm.reshape(-1, in_f).float()
-    rows = max(16, _DENSE_CHUNK_BYTES // (4 * max(out_f, 1)))
-    acc = bias.float().expand(x2.shape[0], out_f).clone() if bias is not None else x2.new_zeros(x2.shape[0], out_f)
-    for i0 in range(0, in_f, rows):
-        acc.addmm_(x2[:, i0 : i0 + rows], weight_t[i0 : i0 + rows].float())
-    return acc.to(xm.dtype).reshape(*lead, out_f)
 
 
 @dataclass(frozen=True)
@@ -320,6 +303,9 @@ def export_for_inference(
         )
     if any(m.weight.device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
         _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
+    float_weights = [m._parameters.get("weight") for _, m in targets]  # int8 layers have none (own crossover)
+    for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
+        sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
     from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear
 

@@ -6,6 +6,9 @@ with the threshold, and loads a row of ``W^T`` only where the input survives (a 
 dropped rows are never read from memory). Products accumulate in fp32; the slices of the input features
 are summed with fp32 atomics, so a single token still fills the GPU.
 
+This module registers the CUDA kernel of the custom op :func:`pl_actsparse.kernels.sparse_linear`; triton
+itself is imported on the first call only.
+
 Status: correctness is tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``,
 ``tests/test_triton_gemv.py``). It has **not** been compiled or timed on a GPU yet; the block sizes are
 starting points, not tuned values. :class:`~pl_actsparse.export.linear.SparseInferenceLinear` uses it for
@@ -14,6 +17,7 @@ single-token calls on CUDA when ``triton`` imports; everything else takes the ma
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional
@@ -21,12 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-try:  # optional dependency
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
+from pl_actsparse.kernels.sparse_op import check_kernel_args, effective_threshold, sparse_linear
 
 __all__ = ["CUDA_MAX_SPARSE_TOKENS", "sparse_linear_cuda", "triton_available", "triton_error", "triton_sparse_linear"]
 
@@ -42,14 +41,25 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _failure: Optional[str] = None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """``(triton, kernel)``, imported on first use (CPU users never import triton); ``None`` without triton."""
+    try:  # optional dependency
+        import triton
+        import triton.language as tl
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return triton, _define_kernel(triton, tl)
+
+
 def triton_available() -> bool:
-    """Whether ``triton`` imported and the kernel has not failed in this process."""
-    return triton is not None and _failure is None
+    """Whether ``triton`` imports and the kernel has not failed in this process."""
+    return _triton() is not None and _failure is None
 
 
 def triton_error() -> Optional[str]:
     """Why the Triton kernel is not used (``None`` when it is available)."""
-    if triton is None:
+    if _triton() is None:
         return "triton is not installed"
     return _failure
 
@@ -64,7 +74,7 @@ def sparse_linear_cuda(
     A float ``threshold`` must already be rounded to ``x.dtype`` (exported layers cache it, which saves a
     device sync per call); a tensor is rounded here."""
     global _failure
-    t = threshold if isinstance(threshold, float) else _effective_threshold(threshold, x.dtype)
+    t = threshold if isinstance(threshold, float) else effective_threshold(threshold, x.dtype)
     if triton_available() and x.dtype in _TRITON_DTYPES and x.dtype == weight_t.dtype:
         try:
             return triton_sparse_linear(x, t, weight_t, bias)
@@ -79,14 +89,12 @@ def sparse_linear_cuda(
     return torch.nn.functional.linear(xm, weight_t.t(), bias)
 
 
-def _effective_threshold(threshold: Tensor | float, dtype: torch.dtype) -> float:
-    from pl_actsparse.kernels.cpu import effective_threshold
+@sparse_linear.register_kernel("cuda")
+def _sparse_linear_cuda_kernel(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return sparse_linear_cuda(x, threshold, weight_t, bias)
 
-    return effective_threshold(threshold, dtype)
 
-
-if triton is not None:
-
+def _define_kernel(triton, tl):
     @triton.jit
     def _sparse_gemv_kernel(
         x_ptr,
@@ -126,6 +134,8 @@ if triton is not None:
             acc += tl.sum(xk[:, None] * w.to(tl.float32), axis=0)
         tl.atomic_add(y_ptr + row * stride_ym + offs_n, acc, mask=n_ok)
 
+    return _sparse_gemv_kernel
+
 
 def triton_sparse_linear(x: Tensor, threshold: float, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x.masked_fill(|x| <= threshold, 0), weight_t.T, bias)``, reading only the kept rows of ``W^T``.
@@ -134,11 +144,11 @@ def triton_sparse_linear(x: Tensor, threshold: float, weight_t: Tensor, bias: Op
     ``threshold`` a float already rounded to ``x.dtype`` (see :func:`~pl_actsparse.kernels.effective_threshold`).
     Meant for one or a few tokens. Returns ``x.dtype``.
     """
-    if triton is None:
+    loaded = _triton()
+    if loaded is None:
         raise RuntimeError("triton_sparse_linear needs the optional 'triton' package (pip install triton)")
-    from pl_actsparse.kernels.cpu import _checked_kernel_args
-
-    weight_t = _checked_kernel_args("triton_sparse_linear", x, weight_t)
+    triton, kernel = loaded
+    weight_t = check_kernel_args("triton_sparse_linear", x, weight_t)
     in_f, out_f = weight_t.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f).contiguous()
@@ -152,7 +162,7 @@ def triton_sparse_linear(x: Tensor, threshold: float, weight_t: Tensor, bias: Op
         t = float(threshold)
         if math.isnan(t):
             raise ValueError("threshold is NaN")
-        _sparse_gemv_kernel[(n_blocks, split_k, m)](
+        kernel[(n_blocks, split_k, m)](
             x2,
             weight_t,
             y,

@@ -20,8 +20,8 @@ kept inputs and dequantizing on the fly (fp32 accumulation). Two implementations
 kernel's (:func:`pl_actsparse.kernels.cpu.set_backend`, ``PL_ACTSPARSE_CPU_KERNEL``):
 
 ``"cpp"``
-    A small C++ kernel compiled on first use (``torch.utils.cpp_extension.load_inline``, cached; the
-    compiler flags are those of the float kernel). Each thread owns a block of output columns and streams
+    A small C++ kernel (``kernels/csrc/int8_sparse_gemv.cpp``, built once per environment like the float
+    kernel: :mod:`pl_actsparse.kernels._extension`). Each thread owns a block of output columns and streams
     8 kept int8 rows at a time (AVX2: int8 -> int32 -> fp32 widen + FMA).
 ``"torch"``
     Pure PyTorch fallback: ``index_select`` of the kept int8 rows, converted to fp32 in blocks, then a
@@ -34,28 +34,29 @@ at a time and uses an fp32 GEMM.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import warnings
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pl_actsparse.kernels import cpu as _cpu
+from pl_actsparse.kernels._extension import ExtensionStatus, InlineExtension, get_backend
+from pl_actsparse.kernels.sparse_op import effective_threshold
 
 __all__ = [
     "Granularity",
     "QuantMode",
+    "INT8_EXTENSION",
     "dequantize_weight_t",
     "int8_dense_linear",
+    "int8_kernel_args",
     "int8_extension_status",
     "int8_masked_linear",
     "int8_sparse_linear",
     "load_int8_extension",
     "quantize_weight_t",
     "resolve_int8_backend",
+    "scale_granularity",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,14 @@ def quantize_weight_t(
     same shape holding integers in ``[-128, 127]`` (``mode="asym"``) or ``None`` (``"sym"``).
 
     ``asym``: the range ``[min(w, 0), max(w, 0)]`` maps onto ``[-128, 127]`` (zero is exact).
-    ``sym``: ``scale = max|w| / 127``, codes in ``[-127, 127]``. All-zero channels get scale 1.
+    ``sym``: ``scale = max|w| / 127``, codes in ``[-127, 127]``.
+
+    Degenerate channels, whose scale would not be a normal fp32 number (all zeros, or only values below
+    about ``127 * 1.2e-38``, i.e. zeros and denormals), quantize to exact zeros with ``scale = 1`` and
+    ``zero_point = 0`` in every mode, so that they add nothing to the kernel's sums (a zero point of -128
+    would make the kernel add and subtract ``128 * x`` for them).
+
+    Raises ``ValueError`` for an unknown ``mode``/``granularity``, a weight that is not 2-D, or NaN/inf values.
     """
     if mode not in ("asym", "sym"):
         raise ValueError(f"mode must be 'asym' or 'sym', got {mode!r}")
@@ -94,19 +102,22 @@ def quantize_weight_t(
     if not bool(torch.isfinite(wt).all()):
         raise ValueError("cannot quantize a weight with NaN or infinite values")
     dim = 0 if granularity == "output" else 1
+    tiny = torch.finfo(torch.float32).tiny
     # in-place on the copy: a 1B-parameter model would otherwise allocate (and page-fault) ~10 fp32 copies
     if mode == "sym":
-        amax = wt.abs().amax(dim=dim, keepdim=True)
-        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        q = wt.div_(scale).round_().clamp_(-127, 127)
+        scale = wt.abs().amax(dim=dim, keepdim=True) / 127.0
+        degenerate = scale < tiny
+        scale = torch.where(degenerate, torch.ones_like(scale), scale)
+        q = wt.div_(scale).round_().clamp_(-127, 127).masked_fill_(degenerate, 0)
         zp = None
     else:
         lo = wt.amin(dim=dim, keepdim=True).clamp(max=0)
         hi = wt.amax(dim=dim, keepdim=True).clamp(min=0)
         scale = (hi - lo) / 255.0
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zp = torch.round(-128.0 - lo / scale).clamp_(-128, 127)
-        q = wt.div_(scale).round_().add_(zp).clamp_(-128, 127)
+        degenerate = scale < tiny
+        scale = torch.where(degenerate, torch.ones_like(scale), scale)
+        zp = torch.round(-128.0 - lo / scale).clamp_(-128, 127).masked_fill_(degenerate, 0)
+        q = wt.div_(scale).round_().add_(zp).clamp_(-128, 127).masked_fill_(degenerate, 0)
     return q.to(torch.int8).contiguous(), scale.contiguous(), zp.contiguous() if zp is not None else None
 
 
@@ -120,11 +131,16 @@ def dequantize_weight_t(
     return w.mul_(scale.float()).to(dtype)
 
 
-def _check_layout(qweight_t: Tensor, scale: Tensor, zero_point: Optional[Tensor]) -> str:
+def scale_granularity(qweight_t: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None) -> str:
+    """``"output"`` (``scale`` is ``[1, out]``) or ``"input"`` (``[in, 1]``) for int8 codes ``[in, out]``.
+
+    A ``1x1`` layer's single scale reads as ``"output"`` (both readings give the same product). Raises
+    ``ValueError`` for codes that are not a 2-D int8 tensor or scales/zero points of any other shape.
+    """
     if qweight_t.dtype != torch.int8 or qweight_t.dim() != 2:
         raise ValueError(f"qweight_t must be a 2-D int8 tensor [in, out], got {qweight_t.dtype} {tuple(qweight_t.shape)}")
     in_f, out_f = qweight_t.shape
-    if tuple(scale.shape) == (1, out_f) and not (in_f == 1 and out_f == 1):
+    if tuple(scale.shape) == (1, out_f):
         gran = "output"
     elif tuple(scale.shape) == (in_f, 1):
         gran = "input"
@@ -133,6 +149,25 @@ def _check_layout(qweight_t: Tensor, scale: Tensor, zero_point: Optional[Tensor]
     if zero_point is not None and zero_point.shape != scale.shape:
         raise ValueError(f"zero_point must have the shape of scale {tuple(scale.shape)}, got {tuple(zero_point.shape)}")
     return gran
+
+
+def int8_kernel_args(
+    qweight_t: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor]
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The C++ kernel's ``(row_scale, row_zero, col_scale, col_zero, bias)`` for one int8 layer.
+
+    Contiguous fp32 vectors: ``row_*`` of ``in`` elements for ``granularity="input"``, ``col_*`` of ``out``
+    elements for ``"output"`` (the other pair ``None``), ``bias`` of ``out``; ``zero_point=None`` means
+    symmetric. The one place that maps a layout to the kernel's arguments (:func:`int8_sparse_linear`,
+    :func:`int8_sparse_gemv_direct` callers). Raises ``ValueError`` as :func:`scale_granularity`.
+    """
+    gran = scale_granularity(qweight_t, scale, zero_point)
+    s = scale.reshape(-1).float().contiguous()
+    z = None if zero_point is None else zero_point.reshape(-1).float().contiguous()
+    b = None if bias is None else bias.reshape(-1).float().contiguous()
+    if gran == "input":
+        return s, z, None, None, b
+    return None, None, s, z, b
 
 
 def int8_masked_linear(
@@ -156,7 +191,7 @@ def int8_dense_linear(
 
     The dense path for prefill; the output has ``x``'s dtype.
     """
-    _check_layout(qweight_t, scale, zero_point)
+    scale_granularity(qweight_t, scale, zero_point)
     in_f, out_f = qweight_t.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f).float()
@@ -164,7 +199,7 @@ def int8_dense_linear(
     if bias is not None:
         acc += bias.float()
     rows = max(16, _BLOCK_BYTES // (4 * max(out_f, 1)))
-    per_row = scale.shape[0] == in_f and scale.shape[1] == 1 and not (in_f == 1 and out_f == 1)
+    per_row = scale_granularity(qweight_t, scale, zero_point) == "input"
     for i0 in range(0, in_f, rows):
         i1 = min(in_f, i0 + rows)
         s = scale[i0:i1] if per_row else scale
@@ -227,29 +262,18 @@ def int8_sparse_linear(
     union of their rows once. The threshold is rounded to ``x``'s dtype first, as the reference forward
     compares ``|x| <= t`` in that dtype.
     """
-    gran = _check_layout(qweight_t, scale, zero_point)
+    gran = scale_granularity(qweight_t, scale, zero_point)
     in_f, out_f = qweight_t.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"x has {x.shape[-1]} features, qweight_t has {in_f} rows")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f)
-    t = _cpu.effective_threshold(threshold, x.dtype)
+    t = effective_threshold(threshold, x.dtype)
     if x.device.type != "cpu":
         y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
-    elif _resolve_for_call() == "cpp":
-        rs = scale.reshape(-1).float().contiguous() if gran == "input" else None
-        cs = scale.reshape(-1).float().contiguous() if gran == "output" else None
-        zp = None if zero_point is None else zero_point.reshape(-1).float().contiguous()
-        y = torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv(
-            x2.contiguous(),
-            t,
-            qweight_t.contiguous(),
-            rs,
-            zp if gran == "input" else None,
-            cs,
-            zp if gran == "output" else None,
-            None if bias is None else bias.float().contiguous(),
-        )
+    elif INT8_EXTENSION.resolve_for_call() == "cpp":
+        args = int8_kernel_args(qweight_t, scale, zero_point, bias)
+        y = torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv(x2.contiguous(), t, qweight_t.contiguous(), *args)
     else:
         y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
     return y.to(x.dtype).reshape(*lead, out_f)
@@ -268,7 +292,7 @@ def int8_sparse_gemv_direct(
     """The C++ kernel without the custom op's checks and conversions (for modules that prepared them).
 
     ``x2`` is ``[tokens, in]`` on the CPU, ``t`` the threshold already rounded to ``x2``'s dtype
-    (:func:`pl_actsparse.kernels.cpu.effective_threshold`), the optional vectors contiguous fp32 with
+    (:func:`pl_actsparse.kernels.effective_threshold`), the optional vectors contiguous fp32 with
     ``row_*`` of ``in`` and ``col_*``/``bias`` of ``out`` elements. Returns fp32 ``[tokens, out]``.
     Requires :func:`load_int8_extension` to have returned ``True``.
     """
@@ -284,262 +308,40 @@ def _int8_sparse_linear_fake(x, threshold, qweight_t, scale, zero_point=None, bi
 
 
 # --------------------------------------------------------------------------------------------------
-# Optional C++ extension (build flags and cache directory shared with the float kernel)
+# The optional C++ extension (built like the float kernel's: one InlineExtension each)
 # --------------------------------------------------------------------------------------------------
 
-_ext_lock = threading.Lock()
-_ext_loaded: Optional[bool] = None
-_ext_error: Optional[str] = None
-_ext_warned = False
+#: The int8 C++ kernel (``torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv``).
+INT8_EXTENSION = InlineExtension(
+    "pl_actsparse_int8_",
+    "int8_sparse_gemv.cpp",
+    "pl_actsparse_int8_ext",
+    "int8_sparse_gemv",
+    description="int8 C++ CPU kernel",
+    fallback_cost=(
+        "int8 decode runs at the pure-PyTorch fallback's speed (index_select + fp32 GEMM, slower than a dense "
+        "bf16 F.linear, docs/int8.md)"
+    ),
+)
 
 
-def _ext_name() -> str:
-    return _cpu._ext_name_for("pl_actsparse_int8_", _CPP_SOURCE)
-
-
-def int8_extension_status() -> _cpu.ExtensionStatus:
+def int8_extension_status() -> ExtensionStatus:
     """Whether the int8 C++ kernel is loaded (``error`` says why not; ``None`` if not tried yet)."""
-    name = _ext_name()
-    return _cpu.ExtensionStatus(bool(_ext_loaded), _ext_error, name, _cpu._ext_build_dir(name))
+    return INT8_EXTENSION.status()
 
 
 def load_int8_extension(build: bool = True) -> bool:
-    """Load the int8 C++ kernel, compiling it first if needed (once per machine and torch version).
+    """Load the int8 C++ kernel, compiling it first if needed (once per environment).
 
     Returns ``False`` instead of raising when it cannot be built or loaded (or, with ``build=False``, is not
-    built yet); :func:`int8_extension_status` has the reason. A failed build is not retried in the process.
+    built yet: a later ``build=True`` call then builds it); :func:`int8_extension_status` has the reason.
     """
-    global _ext_loaded, _ext_error
-    if _ext_loaded is not None and (_ext_loaded or build or _ext_error != "not built yet"):
-        return _ext_loaded
-    with _ext_lock:
-        if _ext_loaded is not None and (_ext_loaded or build or _ext_error != "not built yet"):
-            return _ext_loaded
-        name = _ext_name()
-        build_dir = _cpu._ext_build_dir(name)
-        if not build and not os.path.exists(os.path.join(build_dir, f"{name}.so")):
-            _ext_loaded, _ext_error = False, "not built yet"
-            return False
-        try:
-            _cpu._build_inline_extension(name, _CPP_SOURCE, build_dir)
-            torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv  # noqa: B018
-        except Exception as exc:  # no compiler, no ninja, compile or load error -> torch fallback
-            _ext_loaded, _ext_error = False, f"{type(exc).__name__}: {exc}".strip()[:2000]
-            log.debug("pl_actsparse: int8 C++ kernel unavailable", exc_info=True)
-            return False
-        _ext_loaded, _ext_error = True, None
-        return True
+    return INT8_EXTENSION.load(build=build)
 
 
 def resolve_int8_backend(build: bool = True) -> str:
-    """The implementation the next int8 call uses: ``"cpp"`` or ``"torch"`` (see the module docstring)."""
-    backend = _cpu.get_backend()
-    if backend == "torch":
-        return "torch"
-    if load_int8_extension(build=build):
-        return "cpp"
-    if backend == "cpp":
-        if not build:
-            return "cpp"
-        raise RuntimeError(
-            "pl_actsparse: the int8 C++ CPU kernel was requested (backend='cpp') but is unavailable: "
-            f"{int8_extension_status().error}"
-        )
-    return "torch"
+    """The implementation the next int8 call uses: ``"cpp"`` or ``"torch"`` (see the module docstring).
 
-
-def _resolve_for_call() -> str:
-    global _ext_warned
-    backend = resolve_int8_backend(build=True)
-    if backend == "torch" and _cpu.get_backend() == "auto" and not _ext_warned:
-        _ext_warned = True
-        warnings.warn(
-            "pl_actsparse: the int8 C++ CPU kernel is unavailable, using the slow pure-PyTorch fallback "
-            f"({_ext_error}). Set PL_ACTSPARSE_CPU_KERNEL=torch to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return backend
-
-
-_CPP_SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <vector>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PLAS_I8_AVX2 1
-#endif
-
-namespace {
-
-constexpr int64_t kU = 8;                    // int8 rows of W^T accumulated together
-constexpr int64_t kMinParallelBytes = 1 << 18;
-
-#ifdef PLAS_I8_AVX2
-inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
-
-// acc[t * n + j] += sum_k vals[k * ntok + t] * q[rows[k], j0 + j]
-void accumulate(const int8_t* q, int64_t ld, int64_t j0, int64_t n, const int64_t* rows,
-                const float* vals, int64_t nr, int64_t ntok, float* acc) {
-  int64_t k = 0;
-  for (; k + kU <= nr; k += kU) {
-    const int8_t* r[kU];
-    for (int64_t u = 0; u < kU; ++u) r[u] = q + rows[k + u] * ld + j0;
-    const float* v = vals + k * ntok;
-    int64_t j = 0;
-#ifdef PLAS_I8_AVX2
-    if (ntok == 1) {
-      __m256 vb[kU];
-      for (int64_t u = 0; u < kU; ++u) vb[u] = _mm256_set1_ps(v[u]);
-      for (; j + 16 <= n; j += 16) {
-        __m256 s0 = _mm256_loadu_ps(acc + j);
-        __m256 s1 = _mm256_loadu_ps(acc + j + 8);
-        for (int64_t u = 0; u < kU; ++u) {
-          s0 = _mm256_fmadd_ps(vb[u], load8(r[u] + j), s0);
-          s1 = _mm256_fmadd_ps(vb[u], load8(r[u] + j + 8), s1);
-        }
-        _mm256_storeu_ps(acc + j, s0);
-        _mm256_storeu_ps(acc + j + 8, s1);
-      }
-    } else {
-      for (; j + 8 <= n; j += 8) {
-        __m256 w[kU];
-        for (int64_t u = 0; u < kU; ++u) w[u] = load8(r[u] + j);
-        for (int64_t t = 0; t < ntok; ++t) {
-          float* a = acc + t * n + j;
-          __m256 s = _mm256_loadu_ps(a);
-          for (int64_t u = 0; u < kU; ++u) s = _mm256_fmadd_ps(_mm256_set1_ps(v[u * ntok + t]), w[u], s);
-          _mm256_storeu_ps(a, s);
-        }
-      }
-    }
-#endif
-    for (; j < n; ++j) {
-      float w[kU];
-      for (int64_t u = 0; u < kU; ++u) w[u] = static_cast<float>(r[u][j]);
-      for (int64_t t = 0; t < ntok; ++t) {
-        float s = acc[t * n + j];
-        for (int64_t u = 0; u < kU; ++u) s += v[u * ntok + t] * w[u];
-        acc[t * n + j] = s;
-      }
-    }
-  }
-  for (; k < nr; ++k) {
-    const int8_t* r0 = q + rows[k] * ld + j0;
-    for (int64_t t = 0; t < ntok; ++t) {
-      const float v0 = vals[k * ntok + t];
-      float* a = acc + t * n;
-      int64_t j = 0;
-#ifdef PLAS_I8_AVX2
-      const __m256 vb = _mm256_set1_ps(v0);
-      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(a + j, _mm256_fmadd_ps(vb, load8(r0 + j), _mm256_loadu_ps(a + j)));
-#endif
-      for (; j < n; ++j) a[j] += v0 * static_cast<float>(r0[j]);
-    }
-  }
-}
-
-const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t n, const char* what) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n,
-              "int8_sparse_gemv: ", what, " must be a contiguous fp32 tensor of ", n, " elements");
-  return t->data_ptr<float>();
-}
-
-// y[t, j] = cs[j] * (sum_i v[t, i] q[i, j] - A[t] - cz[j] * B[t]) + bias[j], v[t, i] = x[t, i] * rs[i] (kept)
-at::Tensor int8_sparse_gemv(const at::Tensor& x, double threshold, const at::Tensor& qweight_t,
-                            const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& row_zero,
-                            const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& col_zero,
-                            const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "int8_sparse_gemv: x must be [tokens, in], got ", x.sizes());
-  TORCH_CHECK(qweight_t.dim() == 2 && qweight_t.is_contiguous() && qweight_t.scalar_type() == at::kChar,
-              "int8_sparse_gemv: qweight_t must be a contiguous int8 [in, out]");
-  TORCH_CHECK(x.size(1) == qweight_t.size(0), "int8_sparse_gemv: x has ", x.size(1), " features, qweight_t ",
-              qweight_t.size(0));
-  TORCH_CHECK(x.device().is_cpu() && qweight_t.device().is_cpu(), "int8_sparse_gemv: CPU tensors only");
-  const int64_t ntok = x.size(0), in_f = x.size(1), out_f = qweight_t.size(1);
-  const float* rs = opt_ptr(row_scale, in_f, "row_scale");
-  const float* rz = opt_ptr(row_zero, in_f, "row_zero");
-  const float* cs = opt_ptr(col_scale, out_f, "col_scale");
-  const float* cz = opt_ptr(col_zero, out_f, "col_zero");
-  const float* bp = opt_ptr(bias, out_f, "bias");
-  at::Tensor out = at::empty({ntok, out_f}, x.options().dtype(at::kFloat));
-  if (ntok == 0 || out_f == 0) return out;
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  const float t = static_cast<float>(threshold);
-  std::vector<int64_t> rows;
-  std::vector<float> vals;
-  std::vector<float> A(ntok, 0.f), B(ntok, 0.f);
-  rows.reserve(in_f);
-  vals.reserve(in_f * ntok);
-  for (int64_t i = 0; i < in_f; ++i) {
-    bool any = false;
-    for (int64_t s = 0; s < ntok; ++s) any |= !(std::fabs(xp[s * in_f + i]) <= t);
-    if (!any) continue;
-    rows.push_back(i);
-    const float r = rs ? rs[i] : 1.f;
-    for (int64_t s = 0; s < ntok; ++s) {
-      const float xv = xp[s * in_f + i];
-      const float v = std::fabs(xv) <= t ? 0.f : xv * r;
-      vals.push_back(v);
-      B[s] += v;
-      if (rz) A[s] += v * rz[i];
-    }
-  }
-  const int64_t nr = static_cast<int64_t>(rows.size());
-  float* op = out.data_ptr<float>();
-  int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  if (nr * out_f < kMinParallelBytes) nthreads = 1;
-  int64_t chunk = (out_f + nthreads - 1) / nthreads;
-  chunk = std::max<int64_t>(256, (chunk + 63) / 64 * 64);
-  const int64_t nchunks = (out_f + chunk - 1) / chunk;
-  const int64_t tile = ntok == 1 ? chunk : std::max<int64_t>(512, (131072 / ntok) / 64 * 64);
-  auto body = [&](int64_t cb, int64_t ce) {
-    std::vector<float> accv;
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t c0 = c * chunk, c1 = std::min(out_f, c0 + chunk);
-      for (int64_t j0 = c0; j0 < c1; j0 += tile) {
-        const int64_t n = std::min(c1, j0 + tile) - j0;
-        accv.assign(static_cast<size_t>(ntok * n), 0.f);
-        float* acc = accv.data();
-        accumulate(qweight_t.data_ptr<int8_t>(), out_f, j0, n, rows.data(), vals.data(), nr, ntok, acc);
-        for (int64_t s = 0; s < ntok; ++s) {
-          float* o = op + s * out_f + j0;
-          const float* a = acc + s * n;
-          for (int64_t j = 0; j < n; ++j) {
-            const int64_t jj = j0 + j;
-            float y = a[j] - A[s];
-            if (cz) y -= cz[jj] * B[s];
-            if (cs) y *= cs[jj];
-            if (bp) y += bp[jj];
-            o[j] = y;
-          }
-        }
-      }
-    }
-  };
-  if (nchunks == 1) {
-    body(0, 1);
-  } else {
-    at::parallel_for(0, nchunks, 1, body);
-  }
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY(pl_actsparse_int8_ext, m) {
-  m.def("int8_sparse_gemv(Tensor x, float threshold, Tensor qweight_t, Tensor? row_scale, Tensor? row_zero, "
-        "Tensor? col_scale, Tensor? col_zero, Tensor? bias) -> Tensor", &int8_sparse_gemv);
-}
-"""
+    Raises ``RuntimeError`` when ``"cpp"`` was requested and the kernel cannot be loaded.
+    """
+    return INT8_EXTENSION.resolve(build=build)

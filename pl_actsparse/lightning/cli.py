@@ -193,6 +193,10 @@ def main(args: list[str] | None = None) -> None:
         from pl_actsparse.measure.report import main as report_main
 
         report_main(argv[1:], prog="pl-actsparse report")
+    elif argv and argv[0] == "build-kernels":  # build the C++ kernels once, ahead of time (Makefile)
+        from pl_actsparse.kernels import build_kernels_main
+
+        raise SystemExit(build_kernels_main(argv[1:]))
     else:
         run(argv)
 
