@@ -340,27 +340,21 @@ def _rows_from_model(model: nn.Module) -> list[LayerRow]:
 
 
 def _load_state_dict(source: Any, prefix: str) -> tuple[Mapping[str, Any], str]:
-    label = "state dict"
-    if isinstance(source, (str, os.PathLike)):
-        label = str(source)
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(source, Mapping) and "state_dict" in source and isinstance(source["state_dict"], Mapping):
-        source = source["state_dict"]
-    if prefix:
-        source = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
-    return source, label
+    from pl_actsparse.core.checkpoint import read_state_dict
+
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+    return read_state_dict(source, prefix=prefix), label
 
 
 def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerRow]:
     from pl_actsparse.measure.report import threshold_value
 
+    from pl_actsparse.core.checkpoint import saved_sparsifiers
+
     rows = []
-    for key, t in sd.items():
-        if not (key == THRESHOLD_BUFFER or key.endswith("." + THRESHOLD_BUFFER)):
-            continue
-        name = key[: -len(THRESHOLD_BUFFER)].rstrip(".")
+    for entry in saved_sparsifiers(sd):
+        name, t, extra = entry.name, entry.threshold, entry.state or {}
         pre = f"{name}." if name else ""
-        extra = sd.get(pre + "_extra_state") or {}
         w = sd.get(pre + "weight")
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise NotSparsifiedError(f"the state dict has a threshold for {name!r} but no 2-D {pre}weight")
@@ -374,7 +368,7 @@ def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerRow]:
                 in_features=w.shape[1],
                 out_features=w.shape[0],
                 weight_bytes=w.numel() * w.element_size(),
-                mode="sparsifying" if extra.get("calibrated") else "passthrough",
+                mode="sparsifying" if extra.get("calibrated", entry.state is None) else "passthrough",
             )
         )
     return rows
@@ -393,7 +387,7 @@ def _decode_bytes_of_state_dict(sd: Mapping[str, Any]) -> tuple[int, int]:
     """Parameters read per decode step, from names: embedding tables (one row read) are left out unless a
     non-embedding key (a tied classifier) shares their storage."""
     floats = {
-        k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not k.endswith(THRESHOLD_BUFFER)
+        k: v for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not k.endswith((THRESHOLD_BUFFER, "_extra_state"))
     }
     by_storage: dict[tuple, list[str]] = {}
     for k, v in floats.items():
