@@ -11,6 +11,7 @@ from typing import Any
 from pl_actsparse.core.calibration import LayerStatistics, threshold_from_histogram
 from pl_actsparse.errors import (
     ActivationSparsityError,
+    CheckpointError,
     ConflictingScopesError,
     EmptyDatasetError,
     InvalidScopeError,
@@ -25,6 +26,7 @@ from pl_actsparse.errors import (
 from pl_actsparse.api import (
     SparsityPlan,
     calibrate_activation_sparsity,
+    from_pretrained,
     load_activation_sparsity,
     plan_activation_sparsity,
     prepare_activation_sparsity,
@@ -47,6 +49,7 @@ __all__ = [
     "calibrate_activation_sparsity",
     "plan_activation_sparsity",
     "load_activation_sparsity",
+    "from_pretrained",
     "set_target_sparsity",
     "activation_sparsity_report",
     "SparsityPlan",
@@ -70,6 +73,7 @@ __all__ = [
     "NonFiniteActivationError",
     "NotSparsifiedError",
     "LayerNotCalledError",
+    "CheckpointError",
 ]
 
 _LAZY = {

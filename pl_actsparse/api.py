@@ -421,19 +421,48 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
 
     The module objects and their Parameters were never replaced, so nothing is copied back: the threshold
     buffer and the sparsifier state are deleted and the class restored.
+
+    Exported layers (:func:`~pl_actsparse.export.linear.export_for_inference`) are replaced by the plain
+    modules they came from (see :meth:`~pl_actsparse.export.linear.SparseInferenceLinear.to_linear`): the
+    same weight tensor where the export kept it, else ``W^T`` transposed back, which is exact; an exported
+    int8 layer becomes the :class:`~pl_actsparse.core.int8.Int8WeightLinear` it came from. ``scope``
+    matches exported layers by name, pattern and the type of the module they give back.
+
+    Raises :class:`NotSparsifiedError` when ``scope`` matches no sparsified or exported layer.
     """
+    if scope is not None and not isinstance(scope, TargetScope):
+        raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     chosen = list(sparsified_layers(model))
+    exported = _exported_restorations(model)
     if scope is not None:
-        if not isinstance(scope, TargetScope):
-            raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
         chosen = [(n, m) for n, m in chosen if scope.matches(n, m)]
-        if not chosen:
+        exported = [(n, new) for n, new in exported if scope.matches(n, new)]
+        if not chosen and not exported:
             raise NotSparsifiedError(f"{scope!r} matches no sparsified layer of the model")
     for _, m in chosen:
         uninstall_sparsifier(m)
+    for name, new in exported:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
     if not any(True for _ in sparsified_layers(model)):
         model.__dict__.pop("_actsparse_plan", None)
     return model
+
+
+def _exported_restorations(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, restored module) for every exported layer; a module shared under two names is rebuilt once."""
+    from pl_actsparse.export.linear import SparseInferenceLinear
+    from pl_actsparse.core.int8 import Int8SparseInferenceLinear
+
+    done: dict[int, nn.Module] = {}
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear)) and name:
+            if id(m) not in done:
+                done[id(m)] = m.to_linear()
+            out.append((name, done[id(m)]))
+    return out
 
 
 def set_target_sparsity(model: nn.Module, targets: Mapping[str, float] | float) -> None:

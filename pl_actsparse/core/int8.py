@@ -421,6 +421,8 @@ class Int8SparseInferenceLinear(nn.Module):
         self.in_features = layer.in_features
         self.out_features = layer.out_features
         self.mode = layer.mode
+        self.granularity = layer.granularity
+        self.weight_dtype = layer.weight_dtype
         self.max_sparse_tokens = max_sparse_tokens
         self.backend = resolve_int8_backend(build=False)
         self.register_buffer("qweight_t", layer.qweight)
@@ -463,11 +465,21 @@ class Int8SparseInferenceLinear(nn.Module):
         return args
 
     def forward(self, x: Tensor) -> Tensor:
+        """The masked int8 product; output in ``x``'s dtype, or the autocast dtype under ``torch.autocast``
+        (as ``F.linear``). With autograd recording, the differentiable dense path (gradients reach ``x``)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return self._forward(x).to(torch.get_autocast_dtype(dev))
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         zp = self.zero_point if self.mode == "asym" else None
         ntok = x.numel() // self.in_features
-        if x.device.type == "cpu" and ntok <= self.sparse_token_limit():
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if not grad and x.device.type == "cpu" and ntok <= self.sparse_token_limit():
             if self.backend == "cpp" and not torch.compiler.is_compiling() and _int8.load_int8_extension(build=False):
                 args = self._direct_args()
                 if args is not None and _cpu.get_backend() != "torch":
@@ -484,6 +496,17 @@ class Int8SparseInferenceLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"int8 {self.mode}, threshold={float(self.activation_threshold):.4g}, backend={self.backend!r}"
         )
+
+    def to_linear(self) -> "Int8WeightLinear":
+        """The (unsparsified) :class:`Int8WeightLinear` this layer was exported from, sharing the int8
+        buffers: the same codes, scales and zero points, bit for bit. Used by
+        :func:`pl_actsparse.remove_activation_sparsity` on exported models."""
+        new = Int8WeightLinear(self.in_features, self.out_features, bias=False, mode=self.mode,
+                               granularity=self.granularity, device="meta", dtype=self.weight_dtype)
+        new.qweight, new.scale, new.zero_point = self.qweight_t, self.scale, self.zero_point
+        new.bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(self.weight_dtype))
+        new.train(self.training)
+        return new
 
 
 def export_int8_for_inference(model: nn.Module, *, max_sparse_tokens: Optional[int] = None) -> nn.Module:

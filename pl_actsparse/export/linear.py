@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 
@@ -34,6 +35,7 @@ __all__ = [
     "export_for_inference",
     "exported_layers",
     "is_sparsified_linear",
+    "sparse_inference_linear",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
@@ -119,6 +121,9 @@ class SparseInferenceLinear(nn.Module):
         else:
             self.register_parameter("weight", None)
         self.register_buffer(THRESHOLD_BUFFER, torch.tensor(float(threshold), device=device))
+        #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
+        self.sparsity_state = {"target": 0.0, "calibrated": math.isfinite(float(threshold)), "gradient_mode": "masked",
+                               "calibration_sparsity": None, "calibration_elements": 0}
         nn.init.normal_(self.weight_t, std=in_features**-0.5)
         if self.weight is not None:
             with torch.no_grad():
@@ -161,6 +166,8 @@ class SparseInferenceLinear(nn.Module):
             new.activation_threshold = threshold.detach().reshape(()).clone()
         else:
             new.activation_threshold = torch.tensor(-math.inf, device=threshold.device)
+        new.sparsity_state = _state_of(linear)
+        new.__dict__["_restore"] = _RestoreInfo.of(linear)
         new.train(linear.training)
         return new
 
@@ -172,15 +179,60 @@ class SparseInferenceLinear(nn.Module):
         return default_max_sparse_tokens(dtype, self.backend, weight_bytes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``F.linear(x.masked_fill(|x| <= threshold, 0), W, bias)``, with ``F.linear``'s dtype rules.
+
+        * ``x`` must have the weight's dtype, as for ``F.linear`` (else ``RuntimeError``), except under
+          ``torch.autocast`` where ``F.linear`` runs in the autocast dtype: then the input is masked in its
+          own dtype (as the sparsified layer does before its ``F.linear``), the product is computed in the
+          weight's dtype and the output has the autocast dtype (equal to autocast's ``F.linear`` within the
+          rounding of that dtype).
+        * With autograd recording (``x.requires_grad``), the differentiable dense path is used, so
+          gradients reach ``x`` on every path (the weights are frozen).
+        * Under ``torch.export``/``torch.compile`` with a symbolic token count, the choice between the
+          sparse kernel and the dense path is made inside one custom op at run time.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        wdtype = self.weight_t.dtype
+        dev = x.device.type
+        autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+        if x.dtype != wdtype:
+            if not autocast:
+                raise RuntimeError(
+                    f"{type(self).__name__}: input dtype {x.dtype} differs from the weight dtype {wdtype}; like "
+                    "F.linear, mixed dtypes need torch.autocast or an explicit cast of the input"
+                )
+            # mask in the input's dtype (the sparsified layer's semantics), then a product in the weight's dtype
+            x = x.masked_fill(x.abs() <= self.activation_threshold, 0).to(wdtype)
+            y = self._route(x, threshold=self._zero_threshold(x.device))
+        else:
+            y = self._route(x)
+        if autocast and y.is_floating_point():
+            y = y.to(torch.get_autocast_dtype(dev))
+        return y
+
+    def _zero_threshold(self, device: torch.device) -> Tensor:
+        # |x| <= 0 zeroes exactly the zeros: an already masked input gives the same values, zeros skipped.
+        return torch.zeros((), device=device)
+
+    def _route(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+        thr = self.activation_threshold if threshold is None else threshold
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.dense_forward(x, thr)
         ntokens = x.numel() // self.in_features
         device = x.device.type
-        if device == "cpu" and ntokens <= self.sparse_token_limit(x.dtype):
-            return self.sparse_forward(x)
-        if device == "cuda" and ntokens <= self._cuda_token_limit():
-            return self.sparse_forward(x)
-        return self.dense_forward(x)
+        if device == "cpu":
+            limit = self.sparse_token_limit(x.dtype)
+        elif device == "cuda":
+            limit = self._cuda_token_limit()
+        else:
+            return self.dense_forward(x, thr)
+        if isinstance(ntokens, torch.SymInt):
+            # a symbolic token count (torch.export with dynamic shapes): branch at run time, inside the op
+            return sparse_inference_linear(x, thr, self.weight_t, self.bias, limit)
+        if ntokens <= limit:
+            return self.sparse_forward(x, thr)
+        return self.dense_forward(x, thr)
 
     def _cuda_token_limit(self) -> int:
         from pl_actsparse.kernels import cuda as triton_gemv
@@ -189,16 +241,21 @@ class SparseInferenceLinear(nn.Module):
             return 0
         return triton_gemv.CUDA_MAX_SPARSE_TOKENS if self.max_sparse_tokens is None else self.max_sparse_tokens
 
-    def sparse_forward(self, x: Tensor) -> Tensor:
-        """The masked product through the sparse kernel (used up to ``max_sparse_tokens`` tokens)."""
+    def sparse_forward(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+        """The masked product through the sparse kernel (used up to ``max_sparse_tokens`` tokens).
+
+        ``threshold`` defaults to the layer's; ``x`` must have the weight's dtype. Not differentiable.
+        """
+        thr = self.activation_threshold if threshold is None else threshold
         if torch.compiler.is_compiling():
-            return sparse_linear(x, self.activation_threshold, self.weight_t, self.bias)  # one opaque graph node
+            return sparse_linear(x, thr, self.weight_t, self.bias)  # one opaque graph node
         # Eager: call the kernel directly; the custom op's dispatch layers cost ~40 us per call.
         if x.device.type == "cuda":
+            t = self._threshold_for(x.dtype) if threshold is None else _cpu.effective_threshold(thr, x.dtype)
             from pl_actsparse.kernels.cuda import sparse_linear_cuda
 
-            return sparse_linear_cuda(x, self._threshold_for(x.dtype), self.weight_t, self.bias)
-        return sparse_linear_cpu(x, self.activation_threshold, self.weight_t, self.bias)
+            return sparse_linear_cuda(x, t, self.weight_t, self.bias)
+        return sparse_linear_cpu(x, thr, self.weight_t, self.bias)
 
     def _threshold_for(self, dtype: torch.dtype) -> float:
         # The threshold rounded to the input dtype, cached: reading a CUDA buffer costs a device sync.
@@ -210,9 +267,11 @@ class SparseInferenceLinear(nn.Module):
             self.__dict__["_threshold_cache"] = cached
         return cached[1]
 
-    def dense_forward(self, x: Tensor) -> Tensor:
-        """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens)."""
-        xm = x.masked_fill(x.abs() <= self.activation_threshold, 0)
+    def dense_forward(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+        """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens, and whenever
+        autograd records: differentiable with respect to ``x``)."""
+        thr = self.activation_threshold if threshold is None else threshold
+        xm = x.masked_fill(x.abs() <= thr, 0)
         if self.weight is not None:
             return F.linear(xm, self.weight, self.bias)
         if xm.device.type != "cpu" or xm.dtype in (torch.float32, torch.float64):
@@ -228,6 +287,27 @@ class SparseInferenceLinear(nn.Module):
             f"backend={self.backend!r}, dense_weight={self.weight is not None}"
         )
 
+    # -- saving, loading and removal ---------------------------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        """The sparsifier state of the layer this one was exported from (target, calibration figures), as
+        the float64 tensor of :func:`pl_actsparse.core.layer.encode_sparsifier_state`."""
+        return encode_sparsifier_state(self.sparsity_state)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.sparsity_state = decode_sparsifier_state(state)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain
+        # model loading the file gets the right weights, and load_activation_sparsity / from_pretrained
+        # restore the sparsified model from the very same keys as an unexported save.
+        w = self.weight if self.weight is not None else self.weight_t.t()
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        t = self.activation_threshold
+        destination[prefix + THRESHOLD_BUFFER] = t if keep_vars else t.detach()
+        destination[prefix + "_extra_state"] = self.get_extra_state()
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -238,7 +318,8 @@ class SparseInferenceLinear(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Accept checkpoints of the original (dense-layout) layer: derive weight_t from weight.
+        # Checkpoints in the nn.Linear layout (what this layer saves): derive weight_t from weight. Saves of
+        # 0.1 (weight_t, no state) load too, without state under strict=False.
         wkey, tkey = prefix + "weight", prefix + "weight_t"
         if wkey in state_dict and tkey not in state_dict:
             state_dict[tkey] = state_dict[wkey].t()
@@ -247,6 +328,100 @@ class SparseInferenceLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def to_linear(self) -> nn.Linear:
+        """The plain (unsparsified) module this layer was exported from, rebuilt.
+
+        Same class, attributes and hooks as the original module, ``requires_grad`` as it was; the weight is
+        the kept dense one (``keep_dense_weight=True``: the very same tensor, bit for bit) or ``W^T``
+        transposed back (exact: a transpose moves values, it does not compute them), the bias the same
+        tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
+        Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
+        """
+        info: Optional[_RestoreInfo] = self.__dict__.get("_restore")
+        weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
+        bias = None if self.bias is None else self.bias.detach()
+        if info is None:
+            lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+            info = _RestoreInfo(nn.Linear, None, True, True)
+        else:
+            lin = info.cls.__new__(info.cls)
+            lin.__dict__.update(info.copy_of_shell())
+        lin.weight = nn.Parameter(weight, requires_grad=info.weight_requires_grad)
+        lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=info.bias_requires_grad)
+        lin.train(self.training)
+        return lin
+
+
+@dataclass
+class _RestoreInfo:
+    """What :meth:`SparseInferenceLinear.to_linear` needs to give back the original module (no weights)."""
+
+    cls: type
+    shell: Optional[dict[str, Any]]  # the module's __dict__ without parameters, sparsifier buffer and state
+    weight_requires_grad: bool
+    bias_requires_grad: bool
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "_RestoreInfo":
+        from pl_actsparse.core.layer import original_module_class
+
+        shell = {k: v for k, v in linear.__dict__.items() if k != "_actsparse"}
+        shell["_parameters"] = {k: None for k in linear._parameters}
+        shell["_buffers"] = {k: v for k, v in linear._buffers.items() if k != THRESHOLD_BUFFER}
+        shell["_non_persistent_buffers_set"] = set(linear._non_persistent_buffers_set) - {THRESHOLD_BUFFER}
+        b = linear.bias
+        return cls(original_module_class(linear), shell, bool(linear.weight.requires_grad),
+                   bool(b.requires_grad) if b is not None else True)
+
+    def copy_of_shell(self) -> dict[str, Any]:
+        d = dict(self.shell or {})
+        for k in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+            if isinstance(d.get(k), dict):
+                d[k] = type(d[k])(d[k])
+        d["_non_persistent_buffers_set"] = set(d.get("_non_persistent_buffers_set", ()))
+        return d
+
+
+def _state_of(linear: nn.Module) -> dict[str, Any]:
+    """The sparsifier state of a sparsified layer, as :func:`decode_sparsifier_state` returns it."""
+    state = getattr(linear, "_actsparse", None)
+    if state is not None and hasattr(state, "target"):
+        return decode_sparsifier_state(encode_sparsifier_state(state))
+    t = linear._buffers.get(THRESHOLD_BUFFER)
+    calibrated = t is not None and bool(torch.isfinite(t).all())
+    return {"target": 0.0, "calibrated": calibrated, "gradient_mode": "masked",
+            "calibration_sparsity": None, "calibration_elements": 0}
+
+
+@torch.library.custom_op("pl_actsparse::sparse_inference_linear", mutates_args=())
+def sparse_inference_linear(
+    x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor], max_sparse_tokens: int
+) -> Tensor:
+    """What :class:`SparseInferenceLinear` computes, with the token-count dispatch inside one op.
+
+    ``F.linear(x.masked_fill(|x| <= threshold, 0), weight_t.T, bias)``: through the sparse kernel for at
+    most ``max_sparse_tokens`` tokens, a dense GEMM for more. The layer calls it when the token count is
+    symbolic (``torch.export`` with dynamic batch or sequence), so the exported graph holds one node whose
+    run-time branch is the eager layer's.
+    """
+    ntok = x.numel() // weight_t.shape[0] if weight_t.shape[0] else 0
+    if ntok <= max_sparse_tokens and x.device.type in ("cpu", "cuda"):
+        if x.device.type == "cuda":
+            from pl_actsparse.kernels.cuda import sparse_linear_cuda
+
+            return sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)
+        return sparse_linear_cpu(x, threshold, weight_t, bias)
+    xm = x.masked_fill(x.abs() <= threshold, 0)
+    if xm.device.type != "cpu" or xm.dtype in (torch.float32, torch.float64):
+        return F.linear(xm, weight_t.t(), bias)
+    return _lowp_linear_t(xm, weight_t, bias)
+
+
+@sparse_inference_linear.register_fake
+def _sparse_inference_linear_fake(x, threshold, weight_t, bias, max_sparse_tokens):
+    torch._check(x.shape[-1] == weight_t.shape[0])
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 def _lowp_linear_t(xm: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
