@@ -562,7 +562,8 @@ def load_activation_sparsity(
     try:
         install_sparsifiers_from_state_dict(model, sd)
         result = model.load_state_dict(sd, strict=False)
-        missing = _untied(model, result.missing_keys, sd)
+        warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warned about these
+        missing = [k for k in _untied(model, result.missing_keys, sd) if k not in warned]
         problems = []
         if missing:
             problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")

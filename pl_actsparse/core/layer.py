@@ -147,8 +147,8 @@ class ActivationSparsifierMixin:
         # A dense checkpoint (neither threshold nor state) keeps this layer's threshold and state instead of
         # failing strict loading: the weights load as usual; recalibrate if they changed. A checkpoint with
         # only one of the two (safetensors files of 0.1 lost the dict state) cannot be restored as saved:
-        # a loaded threshold still makes the layer sparsifying, and the absent key stays missing, so strict
-        # loading fails and non-strict loading warns (never a silently dense layer).
+        # a loaded threshold still makes the layer sparsifying, the absent key stays missing (strict loading
+        # fails) and a warning names the layer (never a silently dense layer).
         tkey, skey = prefix + THRESHOLD_BUFFER, prefix + _EXTRA_STATE_KEY
         has_t, has_s = tkey in state_dict, skey in state_dict
         before = len(missing_keys)
@@ -177,17 +177,17 @@ class ActivationSparsifierMixin:
             self._actsparse.mode = SparsifierMode.PASSTHROUGH  # no threshold to apply
         else:
             return
-        # torch lists the absent key as missing under strict=True (load_state_dict then raises)
-        if not strict:
-            lost = skey if has_t else tkey
-            warnings.warn(
-                f"{prefix.rstrip('.') or 'the model'}: the state dict has {'a threshold' if has_t else 'a sparsifier state'} "
-                f"but no {lost.rpartition('.')[2]!r}; "
-                + ("the layer sparsifies with the loaded threshold, but its target and calibration figures are unknown"
-                   if has_t else "the layer passes its input through until calibrated"),
-                UserWarning,
-                stacklevel=4,
-            )
+        # torch lists the absent key as missing (load_state_dict(strict=True) then raises; strict=False
+        # returns it). The layer cannot tell which one was asked for, so it warns in both cases.
+        lost = skey if has_t else tkey
+        warnings.warn(
+            f"{prefix.rstrip('.') or 'the model'}: the state dict has {'a threshold' if has_t else 'a sparsifier state'} "
+            f"but no {lost.rpartition('.')[2]!r}; "
+            + ("the layer sparsifies with the loaded threshold, but its target and calibration figures are unknown"
+               if has_t else "the layer passes its input through until calibrated"),
+            UserWarning,
+            stacklevel=4,
+        )
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
