@@ -192,39 +192,46 @@ _LOAD_SCRIPT = textwrap.dedent(
     """
     import sys, torch, transformers, pl_actsparse
     from pl_actsparse.core.layer import SparsifierMode
-    model = pl_actsparse.from_pretrained(transformers.AutoModelForCausalLM, sys.argv[1])
-    layers = dict(pl_actsparse.sparsified_layers(model))
-    assert len(layers) == 6 and all(m._actsparse.mode is SparsifierMode.SPARSIFYING for m in layers.values()), layers
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        torch.save(model(ids).logits, sys.argv[2])
+    out = {}
+    for folder in sys.argv[2:]:
+        model = pl_actsparse.from_pretrained(transformers.AutoModelForCausalLM, folder)
+        layers = dict(pl_actsparse.sparsified_layers(model))
+        assert len(layers) == 6 and all(m._actsparse.mode is SparsifierMode.SPARSIFYING for m in layers.values()), layers
+        with torch.no_grad():
+            out[folder] = model(ids).logits
+    torch.save(out, sys.argv[1])
     """
 )
 
 
-def _load_in_new_process(folder: Path, out: Path) -> torch.Tensor:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(folder), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
-
-
-@pytest.mark.parametrize("exported", [False, True], ids=["sparsified", "exported"])
-def test_save_pretrained_loads_back_sparsifying_in_a_new_process(exported, tmp_path):
+def test_save_pretrained_loads_back_sparsifying_in_a_new_process(tmp_path):
+    """A sparsified and an exported HF model: save_pretrained (safetensors), then one call in a new process."""
     pytest.importorskip("transformers")
-    model = _hf_sparse()
+    refs = {}
+    for exported in (False, True):
+        model = _hf_sparse()
+        with torch.no_grad():
+            ref = model(_ids()).logits
+        if exported:
+            pl_actsparse.export_for_inference(model, max_sparse_tokens=4)
+        folder = tmp_path / ("exported" if exported else "sparsified")
+        model.save_pretrained(folder)
+        assert (folder / "model.safetensors").is_file()
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pkl"))
+        refs[str(folder)] = ref
     with torch.no_grad():
-        ref = model(_ids()).logits
         dense = tiny_hf_llama()(_ids()).logits
     assert not torch.allclose(ref, dense, atol=1e-4)  # the sparsity changes the outputs: the check below can fail
-    if exported:
-        pl_actsparse.export_for_inference(model, max_sparse_tokens=4)
-    model.save_pretrained(tmp_path / "saved")
-    assert (tmp_path / "saved" / "model.safetensors").is_file()
-    assert not list((tmp_path / "saved").glob("*.bin")) and not list((tmp_path / "saved").glob("*.pkl"))
-    got = _load_in_new_process(tmp_path / "saved", tmp_path / "out.pt")
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 if exported else 0)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    out = tmp_path / "out.pt"
+    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(out), *refs], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    for folder, ref in refs.items():
+        # the exported model saved W^T transposed back (exact); the reload is the sparsified model
+        torch.testing.assert_close(got[folder], ref, rtol=0, atol=0)
 
 
 def test_exported_save_loads_right_weights_into_a_plain_hf_model(tmp_path):

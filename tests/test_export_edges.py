@@ -1,0 +1,165 @@
+"""Exported layers at the edges (issue 13 items 4, 5, 7): dtypes and autocast, torch.export with dynamic
+shapes, autograd, and removal back to plain modules."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pl_actsparse
+from pl_actsparse import TargetScope, remove_activation_sparsity, sparsify_activations
+from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear, quantize_weights_int8
+from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
+from tiny_models import tiny_hf_llama, tiny_llama
+
+MLP = {TargetScope(patterns=[r".*mlp\..*"]): 0.5}
+
+
+def _layer(dtype=torch.float32, threshold=0.5, out=24, inp=16, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out).to(dtype)
+    sparsify_activations(nn.Sequential(lin), [torch.randn(4, inp, dtype=dtype)], {TargetScope(names=["0"]): 0.5}, progress=False)
+    lin.activation_threshold.fill_(threshold)
+    return lin
+
+
+def _reference(lin_weight, bias, x, t):
+    return F.linear(x.masked_fill(x.abs() <= t, 0), lin_weight, bias)
+
+
+# -- item 4: F.linear's dtype semantics ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode", "few", "prefill"])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16], ids=["x_fp32", "x_bf16"])
+def test_autocast_follows_f_linear(tokens, xdtype):
+    lin = _layer()
+    w, b, t = lin.weight.detach().clone(), lin.bias.detach().clone(), float(lin.activation_threshold)
+    exp = SparseInferenceLinear.from_linear(lin, max_sparse_tokens=4)
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(1)).to(xdtype)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = F.linear(x.masked_fill(x.abs() <= lin.activation_threshold, 0), w, b)  # what the sparsified layer does
+        got = exp(x)
+    assert ref.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # the mask is the one of the input's dtype: values exactly at the threshold are zeroed on every path
+    x = torch.full((tokens, 16), t, dtype=xdtype)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(exp(x).float(), b.to(torch.bfloat16).float().expand(tokens, -1))
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_mixed_dtypes_without_autocast_raise_like_f_linear(tokens):
+    lin = _layer()
+    exp = SparseInferenceLinear.from_linear(lin, max_sparse_tokens=4)
+    x = torch.randn(tokens, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        F.linear(x, lin.weight)
+    with pytest.raises(RuntimeError, match=r"input dtype torch.bfloat16 differs from the weight dtype torch.float32"):
+        exp(x)
+
+
+def test_exported_hf_model_decodes_under_autocast():
+    model = tiny_hf_llama()
+    g = torch.Generator().manual_seed(3)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16), generator=g)], MLP, progress=False)
+    ids = torch.randint(0, 64, (1, 6), generator=g)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+        ref_logits = model(ids).logits
+    export_for_inference(model, max_sparse_tokens=2)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got_logits = model(ids).logits
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == ref.shape == (1, 10)
+    assert got_logits.dtype == ref_logits.dtype
+    torch.testing.assert_close(got_logits.float(), ref_logits.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_int8_export_follows_autocast():
+    lin = nn.Linear(16, 8)
+    net = nn.Sequential(lin)
+    quantize_weights_int8(net)
+    exp = Int8SparseInferenceLinear(net[0])
+    x = torch.randn(2, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = exp(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), net[0](x), rtol=2e-2, atol=2e-2)
+
+
+# -- item 5: torch.export with dynamic batch and sequence ----------------------------------------------
+
+
+def test_torch_export_with_dynamic_batch_and_sequence():
+    model = tiny_llama()
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    export_for_inference(model, max_sparse_tokens=4)
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=1, max=64)
+    ep = torch.export.export(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({0: batch, 1: seq},))
+    for shape in [(1, 1), (1, 3), (2, 8), (3, 40)]:  # the sparse kernel and the dense path, one graph
+        ids = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+# -- item 7: autograd and removal ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_gradient_reaches_the_input_on_every_path(tokens):
+    lin = _layer()
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    exp = SparseInferenceLinear.from_linear(lin, max_sparse_tokens=4)
+    x = torch.randn(tokens, 16, requires_grad=True)
+    exp(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    _reference(w, b, x2, exp.activation_threshold).square().sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert float((x.grad == 0).float().mean()) > 0.2  # zeroed inputs get no gradient, as in the masked layer
+
+
+@pytest.mark.parametrize("keep_dense_weight", [False, True])
+def test_remove_activation_sparsity_restores_plain_modules_from_an_exported_model(keep_dense_weight):
+    model = tiny_llama()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    hooked = model.layers[0].mlp.up_proj
+    hooked.weight.requires_grad_(False)
+    hooked.custom_attribute = "kept"
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    kept = model.layers[1].mlp.up_proj.weight
+    export_for_inference(model, keep_dense_weight=keep_dense_weight)
+    assert isinstance(model.layers[0].mlp.up_proj, SparseInferenceLinear)
+    remove_activation_sparsity(model)
+    assert not any(isinstance(m, SparseInferenceLinear) for m in model.modules())
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    after = model.state_dict()
+    assert after.keys() == dense.keys()
+    assert all(torch.equal(after[k], v) for k, v in dense.items())  # bit for bit
+    assert (model.layers[1].mlp.up_proj.weight.data_ptr() == kept.data_ptr()) == keep_dense_weight
+    restored = model.layers[0].mlp.up_proj
+    assert restored.custom_attribute == "kept" and not restored.weight.requires_grad
+    assert model.layers[1].mlp.up_proj.weight.requires_grad
+    ids = torch.randint(0, 64, (2, 5))
+    torch.testing.assert_close(model(ids), tiny_llama()(ids), rtol=0, atol=0)
+
+
+def test_remove_by_scope_on_an_exported_model_and_int8():
+    model = tiny_llama()
+    quantize_weights_int8(model, TargetScope(patterns=[r".*down_proj"]))
+    codes = model.layers[0].mlp.down_proj.qweight.clone()
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    export_for_inference(model)
+    assert isinstance(model.layers[0].mlp.down_proj, Int8SparseInferenceLinear)
+    remove_activation_sparsity(model, TargetScope(patterns=[r".*down_proj"]))
+    down = model.layers[0].mlp.down_proj
+    assert type(down) is Int8WeightLinear and torch.equal(down.qweight, codes)
+    assert isinstance(model.layers[0].mlp.up_proj, SparseInferenceLinear)  # outside the scope: still exported
+    with pytest.raises(pl_actsparse.NotSparsifiedError):
+        remove_activation_sparsity(model, TargetScope(patterns=[r".*nothing"]))
+    remove_activation_sparsity(model)
+    assert not any(isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear)) for m in model.modules())
+    assert math.isfinite(float(model(torch.randint(0, 64, (1, 3))).sum()))
