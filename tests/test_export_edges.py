@@ -163,3 +163,46 @@ def test_remove_by_scope_on_an_exported_model_and_int8():
     remove_activation_sparsity(model)
     assert not any(isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear)) for m in model.modules())
     assert math.isfinite(float(model(torch.randint(0, 64, (1, 3))).sum()))
+
+
+# -- item 8: torchao int8 weights into the int8 sparse kernel -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchao_int8_weights_export_into_the_int8_kernel(dtype):
+    quantization = pytest.importorskip("torchao.quantization")
+    from pl_actsparse.core.layer import weight_nbytes
+
+    model = tiny_hf_llama(hidden=64, intermediate=172).to(dtype)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig(),
+                           filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and ".mlp." in fqn)
+    up = model.model.layers[0].mlp.up_proj
+    codes = up.weight.qdata.clone()
+    assert weight_nbytes(up) == 172 * 64 + 172 * (4 + 1)  # int8 codes, fp32 scales, int8 zero points
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randint(0, 64, (1, n), generator=g) for n in (1, 3, 40)]  # decode, few tokens, prefill
+    with torch.no_grad():
+        refs = [model(ids).logits for ids in inputs]
+        export_for_inference(model)
+        new = model.model.layers[0].mlp.up_proj
+        assert isinstance(new, Int8SparseInferenceLinear)
+        assert torch.equal(new.qweight_t, codes.t())  # torchao's codes, read as they are
+        assert weight_nbytes(new) == 172 * 64 + 2 * 172 * 4
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        for ids, ref in zip(inputs, refs):
+            got = model(ids).logits
+            assert got.dtype == ref.dtype
+            torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_other_quantized_weights_refuse_export_by_name():
+    class Odd(torch.Tensor):
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    sparsify_activations(model, [torch.randn(2, 8)], {TargetScope(names=["0"]): 0.5}, progress=False)
+    model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(Odd))
+    with pytest.raises(pl_actsparse.UnsupportedModuleError, match=r"'0' has a .*Odd weight"):
+        export_for_inference(model)
+    assert not isinstance(model[0], SparseInferenceLinear)

@@ -437,6 +437,11 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer("bias", None if b is None else b.detach())
         self.train(layer.training)
 
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight: int8 codes plus scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight_t, self.scale, self.zero_point))
+
     def sparse_token_limit(self) -> int:
         if self.max_sparse_tokens is not None:
             return self.max_sparse_tokens

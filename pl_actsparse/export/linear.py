@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state
+from pl_actsparse.errors import UnsupportedModuleError
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 
@@ -170,6 +171,11 @@ class SparseInferenceLinear(nn.Module):
         new.__dict__["_restore"] = _RestoreInfo.of(linear)
         new.train(linear.training)
         return new
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the weight a decode step reads: ``W^T`` (a kept dense copy is not read while decoding)."""
+        return self.weight_t.numel() * self.weight_t.element_size()
 
     def sparse_token_limit(self, dtype: torch.dtype) -> int:
         """Largest token count routed to the sparse kernel for inputs of ``dtype``."""
@@ -498,7 +504,10 @@ def export_for_inference(
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
     from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear
 
-    if any(isinstance(m, Int8WeightLinear) for _, m in targets) and _cpu.get_backend() != "torch":
+    for name, m in targets:  # fail before anything is swapped on a quantized weight the kernels cannot read
+        _torchao_int8(name, m.weight)
+    if any(isinstance(m, Int8WeightLinear) or _torchao_int8(n, m.weight) is not None for n, m in targets) \
+            and _cpu.get_backend() != "torch":
         resolve_int8_backend(build=True)
     replaced: dict[int, nn.Module] = {}
     targets.reverse()
@@ -510,6 +519,8 @@ def export_for_inference(
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
                 if not _applies_threshold(old):
                     new.activation_threshold.fill_(-math.inf)
+            elif _torchao_int8(name, old.weight) is not None:  # torchao's int8 codes, read as they are
+                new = _int8_from_torchao(name, old, max_sparse_tokens)
             else:
                 new = SparseInferenceLinear.from_linear(
                     old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
@@ -545,6 +556,60 @@ def exported_layers(model: nn.Module) -> list[ExportedLayer]:
             )
         )
     return out
+
+
+def _torchao_int8(name: str, weight: Any) -> Optional[tuple[Tensor, Tensor, Tensor, torch.dtype]]:
+    """``(qdata [out, in] int8, scale [out], zero_point [out], float dtype)`` of a torchao weight-only int8
+    weight (``quantize_(model, Int8WeightOnlyConfig())``), ``None`` for a plain tensor.
+
+    Raises :class:`~pl_actsparse.errors.UnsupportedModuleError` for any other tensor subclass (int4, float8,
+    int8 with dynamic activation quantization, group-wise scales): the export has no kernel that computes
+    what it computes, and dequantizing silently would change the model.
+    """
+    if type(weight) in (Tensor, nn.Parameter) or not isinstance(weight, Tensor):
+        return None
+    cls = type(weight)
+    label = f"{cls.__module__}.{cls.__qualname__}"
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    ok = (
+        cls.__module__.startswith("torchao")
+        and isinstance(qdata, Tensor) and qdata.dtype == torch.int8 and qdata.dim() == 2
+        and isinstance(scale, Tensor) and scale.numel() == qdata.shape[0]
+        and list(getattr(weight, "block_size", [1, qdata.shape[1]])) == [1, qdata.shape[1]]
+        and getattr(weight, "act_quant_kwargs", None) is None
+    )
+    if not ok:
+        raise UnsupportedModuleError(
+            f"export_for_inference: {name!r} has a {label} weight; the export reads plain float weights, "
+            "pl-actsparse Int8WeightLinear layers and torchao weight-only int8 with one scale per output channel "
+            "(quantize_(model, Int8WeightOnlyConfig())). Dequantize it or use one of these"
+        )
+    zp = getattr(weight, "zero_point", None)
+    zp = torch.zeros_like(scale, dtype=torch.float32) if zp is None else zp
+    return qdata, scale.reshape(-1), zp.reshape(-1), getattr(weight, "dtype", torch.float32)
+
+
+def _int8_from_torchao(name: str, linear: nn.Linear, max_sparse_tokens: Optional[int]) -> nn.Module:
+    """An :class:`~pl_actsparse.core.int8.Int8SparseInferenceLinear` reading torchao's int8 codes and scales
+    (per output channel, ``W = scale * (qdata - zero_point)``) in the int8 kernel's ``[in, out]`` layout."""
+    from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear
+
+    qdata, scale, zp, dtype = _torchao_int8(name, linear.weight)  # type: ignore[misc]
+    asym = bool((zp != 0).any())
+    shell = Int8WeightLinear(linear.in_features, linear.out_features, bias=False, mode="asym" if asym else "sym",
+                             device="meta", dtype=dtype)
+    shell.qweight = qdata.detach().t().contiguous()
+    shell.scale = scale.detach().float().reshape(1, -1).contiguous()
+    shell.zero_point = zp.detach().float().reshape(1, -1).contiguous()
+    shell.bias = linear.bias
+    new = Int8SparseInferenceLinear(shell, max_sparse_tokens=max_sparse_tokens)
+    t = linear._buffers[THRESHOLD_BUFFER]
+    if t.numel() != 1:
+        raise ValueError(f"{THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
+    new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
+                                else torch.tensor(-math.inf, device=t.device))
+    new.train(linear.training)
+    return new
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
