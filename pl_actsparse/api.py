@@ -422,7 +422,7 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
     The module objects and their Parameters were never replaced, so nothing is copied back: the threshold
     buffer and the sparsifier state are deleted and the class restored.
 
-    Exported layers (:func:`~pl_actsparse.export.linear.export_for_inference`) are replaced by the plain
+    Exported layers (:func:`~pl_actsparse.export.convert.export_for_inference`) are replaced by the plain
     modules they came from (see :meth:`~pl_actsparse.export.linear.SparseInferenceLinear.to_linear`): the
     same weight tensor where the export kept it, else ``W^T`` transposed back, which is exact; an exported
     int8 layer becomes the :class:`~pl_actsparse.core.int8.Int8WeightLinear` it came from. ``scope``
@@ -452,8 +452,8 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
 
 def _exported_restorations(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, restored module) for every exported layer; a module shared under two names is rebuilt once."""
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
     from pl_actsparse.export.linear import SparseInferenceLinear
-    from pl_actsparse.core.int8 import Int8SparseInferenceLinear
 
     done: dict[int, nn.Module] = {}
     out = []
@@ -599,7 +599,7 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = T
     ``from_pretrained`` (``torch_dtype``, ...). HF builds the dense model (and lists the thresholds and
     ``_extra_state`` entries as unexpected keys, which it ignores); :func:`load_activation_sparsity` then
     installs the sparsifiers and loads the saved tensors of the folder, so every layer sparsifies exactly as
-    when it was saved. Models saved after :func:`~pl_actsparse.export.linear.export_for_inference` store
+    when it was saved. Models saved after :func:`~pl_actsparse.export.convert.export_for_inference` store
     their weights in the ``nn.Linear`` layout and load as sparsified models: export them again.
 
     Everything comes from tensors in the folder (``model.safetensors`` by default); nothing is unpickled.

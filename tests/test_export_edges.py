@@ -10,8 +10,10 @@ from torch import nn
 
 import pl_actsparse
 from pl_actsparse import TargetScope, remove_activation_sparsity, sparsify_activations
-from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear, quantize_weights_int8
-from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
+from pl_actsparse.core.int8 import Int8WeightLinear, quantize_weights_int8
+from pl_actsparse.export.convert import export_for_inference
+from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
+from pl_actsparse.export.linear import SparseInferenceLinear
 from tiny_models import tiny_hf_llama, tiny_llama
 
 MLP = {TargetScope(patterns=[r".*mlp\..*"]): 0.5}
