@@ -208,3 +208,37 @@ def test_other_quantized_weights_refuse_export_by_name():
     with pytest.raises(pl_actsparse.UnsupportedModuleError, match=r"'0' has a .*Odd weight"):
         export_for_inference(model)
     assert not isinstance(model[0], SparseInferenceLinear)
+
+
+def test_removal_gives_back_the_torchao_module_bit_for_bit():
+    quantization = pytest.importorskip("torchao.quantization")
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    before = {n: (type(m.weight), m.weight.qdata.clone(), m.weight.scale.clone(), m.weight.zero_point.clone())
+              for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = model(x)
+    sparsify_activations(model, [torch.randn(8, 64)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    export_for_inference(model)
+    assert isinstance(model[0], Int8SparseInferenceLinear)
+    remove_activation_sparsity(model)
+    for n, (cls, q, s, z) in before.items():
+        w = model.get_submodule(n).weight
+        assert type(model.get_submodule(n)) is nn.Linear and type(w) is cls
+        assert torch.equal(w.qdata, q) and torch.equal(w.scale, s) and torch.equal(w.zero_point, z)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_gradient_reaches_the_input_of_an_exported_int8_layer():
+    net = nn.Sequential(nn.Linear(16, 8))
+    quantize_weights_int8(net)
+    reference = net[0]
+    exp = Int8SparseInferenceLinear(reference)
+    for tokens in (1, 40):
+        x = torch.randn(tokens, 16, requires_grad=True)
+        exp(x).square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        reference(x2).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)

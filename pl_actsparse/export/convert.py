@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from pl_actsparse.errors import UnsupportedModuleError
-from pl_actsparse.export.linear import THRESHOLD_BUFFER, SparseInferenceLinear, _applies_threshold, is_sparsified_linear
+from pl_actsparse.export.linear import (
+    THRESHOLD_BUFFER,
+    SparseInferenceLinear,
+    _applies_threshold,
+    _RestoreInfo,
+    is_sparsified_linear,
+)
 from pl_actsparse.kernels import cpu as _cpu
 
 __all__ = ["ExportedLayer", "export_for_inference", "exported_layers"]
@@ -192,6 +198,12 @@ def _int8_from_torchao(name: str, linear: nn.Linear, max_sparse_tokens: Optional
     new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
                                 else torch.tensor(-math.inf, device=t.device))
     new.train(linear.training)
+    # what to_linear needs to give back the torchao module bit for bit (no tensor data kept)
+    w = linear.weight
+    names, meta = w.__tensor_flatten__()
+    inner = {n: (tuple(getattr(w, n).shape), getattr(w, n).dtype) for n in names}
+    new.__dict__["_torchao_restore"] = (type(w), names, meta, inner, tuple(w.shape), tuple(w.stride()),
+                                        _RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
     return new
 
 

@@ -135,10 +135,22 @@ class Int8SparseInferenceLinear(nn.Module):
             f"int8 {self.mode}, threshold={float(self.activation_threshold):.4g}, backend={self.backend!r}"
         )
 
-    def to_linear(self) -> "Int8WeightLinear":
-        """The (unsparsified) :class:`Int8WeightLinear` this layer was exported from, sharing the int8
-        buffers: the same codes, scales and zero points, bit for bit. Used by
+    def to_linear(self) -> nn.Linear:
+        """The (unsparsified) module this layer was exported from, with the same int8 codes, scales and zero
+        points, bit for bit: an :class:`Int8WeightLinear` sharing the buffers, or, for a layer exported from
+        torchao's int8 (``Int8WeightOnlyConfig``), the original module class holding a torchao tensor of the
+        same type, codes (transposed back), scales and zero points. Used by
         :func:`pl_actsparse.remove_activation_sparsity` on exported models."""
+        ao = self.__dict__.get("_torchao_restore")
+        if ao is not None:
+            cls, names, meta, inner, shape, stride, info, bias_dtype = ao
+            parts = {"qdata": self.qweight_t.t().contiguous(), "scale": self.scale, "zero_point": self.zero_point}
+            tensors = {n: parts[n].reshape(inner[n][0]).to(inner[n][1]).contiguous() for n in names}
+            weight = cls.__tensor_unflatten__(tensors, meta, torch.Size(shape), stride)
+            bias = None if self.bias is None else self.bias.detach().to(bias_dtype)
+            lin = info.build(weight, bias, self.in_features, self.out_features)
+            lin.train(self.training)
+            return lin
         new = Int8WeightLinear(self.in_features, self.out_features, bias=False, mode=self.mode,
                                granularity=self.granularity, device="meta", dtype=self.weight_dtype)
         new.qweight, new.scale, new.zero_point = self.qweight_t, self.scale, self.zero_point

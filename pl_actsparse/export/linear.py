@@ -349,13 +349,8 @@ class SparseInferenceLinear(nn.Module):
         weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
         bias = None if self.bias is None else self.bias.detach()
         if info is None:
-            lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
             info = _RestoreInfo(nn.Linear, None, True, True)
-        else:
-            lin = info.cls.__new__(info.cls)
-            lin.__dict__.update(info.copy_of_shell())
-        lin.weight = nn.Parameter(weight, requires_grad=info.weight_requires_grad)
-        lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=info.bias_requires_grad)
+        lin = info.build(weight, bias, self.in_features, self.out_features)
         lin.train(self.training)
         return lin
 
@@ -380,6 +375,18 @@ class _RestoreInfo:
         b = linear.bias
         return cls(original_module_class(linear), shell, bool(linear.weight.requires_grad),
                    bool(b.requires_grad) if b is not None else True)
+
+    def build(self, weight: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
+        """The original module again, holding ``weight`` and ``bias`` (as Parameters, ``requires_grad`` as
+        they were)."""
+        if self.shell is None:
+            lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        else:
+            lin = self.cls.__new__(self.cls)
+            lin.__dict__.update(self.copy_of_shell())
+        lin.weight = nn.Parameter(weight, requires_grad=self.weight_requires_grad)
+        lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=self.bias_requires_grad)
+        return lin
 
     def copy_of_shell(self) -> dict[str, Any]:
         d = dict(self.shell or {})
