@@ -570,6 +570,13 @@ def load_activation_sparsity(
         if result.unexpected_keys:
             u = result.unexpected_keys
             problems.append(f"unexpected keys {u[:10]}{' ...' if len(u) > 10 else ''}")
+        int8 = sorted({k.rpartition(".")[0] for k in result.unexpected_keys if k.endswith(".qweight")})
+        if int8:
+            problems.append(
+                f"{int8[:5]}{' ...' if len(int8) > 5 else ''} are int8 layers in the state dict (qweight, scale, "
+                "zero_point) but float layers here: quantize the model the same way first "
+                "(pl_actsparse.core.int8.quantize_weights_int8 with the same scope), then load"
+            )
         if problems and strict:
             raise CheckpointError(
                 f"the state dict does not fit {type(model).__name__}: " + "; ".join(problems)

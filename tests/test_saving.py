@@ -264,3 +264,34 @@ def test_tied_weights_of_a_save_pretrained_folder_count_as_loaded(tmp_path):
 def test_from_pretrained_needs_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="save_pretrained folder"):
         pl_actsparse.from_pretrained(nn.Linear, tmp_path / "nothing")
+
+
+# -- int8 models ------------------------------------------------------------------------------------------
+
+
+def test_exported_int8_model_saves_in_the_int8_layer_layout_and_loads_back(tmp_path, batches):
+    from pl_actsparse.core.int8 import quantize_weights_int8
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
+
+    scope = TargetScope(patterns=[r".*down_proj"])
+    model = tiny_llama()
+    quantize_weights_int8(model, scope)
+    sparsify_activations(model, batches, MLP, progress=False)
+    with torch.no_grad():
+        ref = model(batches[0])
+    keys = set(model.state_dict())
+    pl_actsparse.export_for_inference(model)
+    assert isinstance(model.layers[0].mlp.down_proj, Int8SparseInferenceLinear)
+    assert set(model.state_dict()) == keys  # the same keys as before the export: qweight, scale, ... state
+    safetensors_torch.save_model(model, str(tmp_path / "int8.safetensors"))
+    # into a model quantized the same way: the int8 sparse model as saved
+    fresh = tiny_llama(seed=3)
+    quantize_weights_int8(fresh, scope)
+    load_activation_sparsity(fresh, tmp_path / "int8.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batches[0]), ref, rtol=0, atol=0)
+    # into a float model: refused by name, never random or re-quantized weights
+    with pytest.raises(CheckpointError, match=r"\['layers.0.mlp.down_proj', .*\] are int8 layers .* quantize the model the same way first"):
+        load_activation_sparsity(tiny_llama(), tmp_path / "int8.safetensors")
+    # and back into the exported model itself
+    model.load_state_dict(fresh.state_dict())

@@ -23,6 +23,7 @@ from pl_actsparse.export.linear import (
     SparseInferenceLinear,
     _applies_threshold,
     _RestoreInfo,
+    _state_of,
     is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
@@ -197,6 +198,7 @@ def _int8_from_torchao(name: str, linear: nn.Linear, max_sparse_tokens: Optional
         raise ValueError(f"{THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
     new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
                                 else torch.tensor(-math.inf, device=t.device))
+    new.sparsity_state = _state_of(linear)
     new.train(linear.training)
     # what to_linear needs to give back the torchao module bit for bit (no tensor data kept)
     w = linear.weight

@@ -9,13 +9,13 @@ model, and reads torchao's weight-only int8 weights too. See ``docs/int8.md``.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from pl_actsparse.core.int8 import Int8WeightLinear
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, is_sparsified
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
 from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
@@ -68,7 +68,46 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer(THRESHOLD_BUFFER, thr)
         b = layer.bias
         self.register_buffer("bias", None if b is None else b.detach())
+        state = getattr(layer, "_actsparse", None) if is_sparsified(layer) else None
+        #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
+        self.sparsity_state = (
+            decode_sparsifier_state(encode_sparsifier_state(state)) if state is not None
+            else {"target": 0.0, "calibrated": False, "gradient_mode": "masked",
+                  "calibration_sparsity": None, "calibration_elements": 0}
+        )
         self.train(layer.training)
+
+    # -- saving and loading: the Int8WeightLinear layout -------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        """The sparsifier state of the layer this one was exported from, as the float64 tensor of
+        :func:`pl_actsparse.core.layer.encode_sparsifier_state`."""
+        return encode_sparsifier_state(self.sparsity_state)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.sparsity_state = decode_sparsifier_state(state)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The keys of a sparsified Int8WeightLinear (``qweight`` holds the same [in, out] codes as qweight_t),
+        # so an exported int8 model's checkpoint loads into a model quantized with quantize_weights_int8.
+        def put(key: str, t: Optional[Tensor]) -> None:
+            if t is not None:
+                destination[prefix + key] = t if keep_vars else t.detach()
+
+        put("bias", self.bias)
+        put("qweight", self.qweight_t)
+        put("scale", self.scale)
+        put("zero_point", self.zero_point)
+        put(THRESHOLD_BUFFER, self.activation_threshold)
+        destination[prefix + "_extra_state"] = self.get_extra_state()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        qkey, tkey, skey = prefix + "qweight", prefix + "qweight_t", prefix + "_extra_state"
+        if qkey in state_dict and tkey not in state_dict:
+            state_dict[tkey] = state_dict.pop(qkey)
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if skey not in state_dict:  # this layer always applies its threshold: the state is bookkeeping only
+            missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
 
     @property
     def weight_nbytes(self) -> int:
