@@ -295,3 +295,22 @@ def test_exported_int8_model_saves_in_the_int8_layer_layout_and_loads_back(tmp_p
         load_activation_sparsity(tiny_llama(), tmp_path / "int8.safetensors")
     # and back into the exported model itself
     model.load_state_dict(fresh.state_dict())
+
+
+def test_from_pretrained_in_bf16_sparsifies_like_the_saved_model_cast_to_bf16(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _hf_sparse()
+    model.save_pretrained(tmp_path / "saved")
+    back = pl_actsparse.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "saved", dtype=torch.bfloat16)
+    assert back.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert len(list(sparsified_layers(back))) == 6
+    thresholds = {n: m.activation_threshold for n, m in sparsified_layers(model)}
+    assert all(torch.equal(m.activation_threshold, thresholds[n]) for n, m in sparsified_layers(back))
+    assert all(m._actsparse.mode is SparsifierMode.SPARSIFYING for _, m in sparsified_layers(back))
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)  # dense
+    ids = _ids()
+    with torch.no_grad():
+        got, dense = back(ids).logits, plain(ids).logits
+        # HF keeps some buffers (rotary inv_freq) in fp32 when loading in bf16, model.to() does not: a tolerance
+        torch.testing.assert_close(got.float(), model.to(torch.bfloat16)(ids).logits.float(), rtol=3e-2, atol=3e-2)
+    assert (got - dense).abs().max() > 1e-2  # the loaded bf16 model sparsifies
