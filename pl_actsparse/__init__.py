@@ -11,6 +11,7 @@ from typing import Any
 from pl_actsparse.core.calibration import LayerStatistics, threshold_from_histogram
 from pl_actsparse.errors import (
     ActivationSparsityError,
+    CheckpointError,
     ConflictingScopesError,
     EmptyDatasetError,
     InvalidScopeError,
@@ -25,6 +26,7 @@ from pl_actsparse.errors import (
 from pl_actsparse.api import (
     SparsityPlan,
     calibrate_activation_sparsity,
+    from_pretrained,
     load_activation_sparsity,
     plan_activation_sparsity,
     prepare_activation_sparsity,
@@ -47,6 +49,7 @@ __all__ = [
     "calibrate_activation_sparsity",
     "plan_activation_sparsity",
     "load_activation_sparsity",
+    "from_pretrained",
     "set_target_sparsity",
     "activation_sparsity_report",
     "SparsityPlan",
@@ -70,6 +73,7 @@ __all__ = [
     "NonFiniteActivationError",
     "NotSparsifiedError",
     "LayerNotCalledError",
+    "CheckpointError",
 ]
 
 _LAZY = {
@@ -88,9 +92,9 @@ _LAZY = {
     "SparsityCounter": ".measure.metric",
     "quantize_weights_int8": ".core.int8",
     "dequantize_weights_int8": ".core.int8",
-    "export_int8_for_inference": ".core.int8",
+    "export_int8_for_inference": ".export.int8_linear",
     "Int8WeightLinear": ".core.int8",
-    "Int8SparseInferenceLinear": ".core.int8",
+    "Int8SparseInferenceLinear": ".export.int8_linear",
     "Int8QuantizationReport": ".core.int8",
     "Int8LayerReport": ".core.int8",
     "ActivationSparsityCallback": ".lightning.callback",
@@ -103,8 +107,8 @@ _LAZY = {
     "TinyStoriesLM": ".demos.lightning_models",
     "HFLlamaLM": ".demos.lightning_models",
     "TinyStoriesDataModule": ".demos.lightning_models",
-    "export_for_inference": ".export.linear",
-    "exported_layers": ".export.linear",
+    "export_for_inference": ".export.convert",
+    "exported_layers": ".export.convert",
     "SparseInferenceLinear": ".export.linear",
     "compare_decoding": ".demos.generate",
     "DecodeComparison": ".demos.generate",

@@ -11,6 +11,7 @@ import itertools
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -18,7 +19,9 @@ import torch
 from torch import nn
 
 from pl_actsparse.core.calibration import LayerStatistics, calibrate_layers
+from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.errors import (
+    CheckpointError,
     ConflictingScopesError,
     EmptyDatasetError,
     InvalidScopeError,
@@ -49,6 +52,8 @@ __all__ = [
     "sparsify_activations",
     "remove_activation_sparsity",
     "load_activation_sparsity",
+    "install_sparsifiers_from_state_dict",
+    "from_pretrained",
     "set_target_sparsity",
 ]
 
@@ -407,19 +412,48 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
 
     The module objects and their Parameters were never replaced, so nothing is copied back: the threshold
     buffer and the sparsifier state are deleted and the class restored.
+
+    Exported layers (:func:`~pl_actsparse.export.convert.export_for_inference`) are replaced by the plain
+    modules they came from (see :meth:`~pl_actsparse.export.linear.SparseInferenceLinear.to_linear`): the
+    same weight tensor where the export kept it, else ``W^T`` transposed back, which is exact; an exported
+    int8 layer becomes the :class:`~pl_actsparse.core.int8.Int8WeightLinear` it came from. ``scope``
+    matches exported layers by name, pattern and the type of the module they give back.
+
+    Raises :class:`NotSparsifiedError` when ``scope`` matches no sparsified or exported layer.
     """
+    if scope is not None and not isinstance(scope, TargetScope):
+        raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     chosen = list(sparsified_layers(model))
+    exported = _exported_restorations(model)
     if scope is not None:
-        if not isinstance(scope, TargetScope):
-            raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
         chosen = [(n, m) for n, m in chosen if scope.matches(n, m)]
-        if not chosen:
+        exported = [(n, new) for n, new in exported if scope.matches(n, new)]
+        if not chosen and not exported:
             raise NotSparsifiedError(f"{scope!r} matches no sparsified layer of the model")
     for _, m in chosen:
         uninstall_sparsifier(m)
+    for name, new in exported:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
     if not any(True for _ in sparsified_layers(model)):
         model.__dict__.pop("_actsparse_plan", None)
     return model
+
+
+def _exported_restorations(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, restored module) for every exported layer; a module shared under two names is rebuilt once."""
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
+    from pl_actsparse.export.linear import SparseInferenceLinear
+
+    done: dict[int, nn.Module] = {}
+    out = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear)) and name:
+            if id(m) not in done:
+                done[id(m)] = m.to_linear()
+            out.append((name, done[id(m)]))
+    return out
 
 
 def set_target_sparsity(model: nn.Module, targets: Mapping[str, float] | float) -> None:
@@ -440,6 +474,38 @@ def set_target_sparsity(model: nn.Module, targets: Mapping[str, float] | float) 
             state.mode = SparsifierMode.PASSTHROUGH
 
 
+def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Any, prefix: str = "") -> list[str]:
+    """Install (pass-through) sparsifiers on every layer ``state_dict`` holds a threshold for.
+
+    The one place that maps saved sparsified layers onto a model (the Lightning callback's
+    ``on_load_checkpoint`` helper and :func:`load_activation_sparsity` call it). ``state_dict`` is anything
+    :func:`pl_actsparse.core.checkpoint.read_state_dict` reads; keys are relative to ``model`` after removing
+    ``prefix``. Layers already sparsified keep their sparsifier. Returns the names of the layers found.
+
+    Raises :class:`NotSparsifiedError` when a saved layer is not in the model, :class:`UnsupportedModuleError`
+    when it is not an ``nn.Linear`` here, :class:`~pl_actsparse.errors.CheckpointError` for malformed state.
+    """
+    sd = read_state_dict(state_dict, prefix=prefix)
+    saved = saved_sparsifiers(sd)
+    _check_saved_layers(model, saved)
+    modules = dict(model.named_modules())
+    for entry in saved:
+        module = modules[entry.name]
+        if not is_sparsified(module):
+            install_sparsifier(module, entry.state["target"] if entry.state else 0.0)
+    return [e.name for e in saved]
+
+
+def _check_saved_layers(model: nn.Module, saved: list[SavedSparsifier]) -> None:
+    modules = dict(model.named_modules())
+    missing = [e.name for e in saved if e.name not in modules]
+    if missing:
+        raise NotSparsifiedError(f"the state dict sparsifies layers the model does not have: {missing}")
+    wrong = [f"{e.name!r} ({type(modules[e.name]).__qualname__})" for e in saved if not isinstance(modules[e.name], nn.Linear)]
+    if wrong:
+        raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
+
+
 def load_activation_sparsity(
     model: nn.Module,
     state_dict: Mapping[str, Any] | str | os.PathLike,
@@ -447,39 +513,99 @@ def load_activation_sparsity(
     prefix: str = "",
     strict: bool = True,
 ) -> nn.Module:
-    """Load a sparsified state dict (or checkpoint file) into a plain model, installing sparsifiers first.
+    """Load a sparsified state dict, checkpoint file or ``save_pretrained`` folder into a model, in place.
 
-    Layers whose keys carry ``activation_threshold`` are sparsified, then the whole state dict is loaded with
-    ``strict``. A Lightning checkpoint (a dict with ``"state_dict"``) works too; ``prefix`` strips the
-    LightningModule attribute path (e.g. ``"model."``).
+    Layers whose keys carry ``activation_threshold`` are sparsified (a plain model gets sparsifiers
+    installed first), then the whole state dict is loaded: weights, thresholds and each layer's sparsifier
+    state (``_extra_state``). ``state_dict`` may be a state dict, a Lightning checkpoint (a dict with
+    ``"state_dict"``; ``prefix`` strips the LightningModule attribute path, e.g. ``"model."``), a
+    ``torch.save`` file, a ``.safetensors`` file, or a folder written by HF ``save_pretrained`` (see
+    :func:`from_pretrained`). Weights tied in the model (an HF ``lm_head`` tied to the embedding, which
+    ``save_pretrained`` stores once) count as loaded when the tensor they share was.
+
+    ``strict=True``: every key must match and every saved threshold must come with its sparsifier state;
+    otherwise nothing is changed and :class:`~pl_actsparse.errors.CheckpointError` names what is wrong.
+    ``strict=False``: what matches is loaded; a threshold without state still makes a sparsifying layer
+    (never a silently dense one) and each thing that could not be restored is warned about.
+
+    Raises :class:`NotSparsifiedError` (no threshold in the state dict, or layers the model lacks),
+    :class:`UnsupportedModuleError` (a saved layer that is not an ``nn.Linear`` here),
+    :class:`~pl_actsparse.errors.CheckpointError` (malformed or incomplete state, strict mismatches).
     """
-    if isinstance(state_dict, (str, os.PathLike)):
-        state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
-    if prefix:
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    modules = dict(model.named_modules())
-    suffix = THRESHOLD_BUFFER
-    names = [k[: -len(suffix)].rstrip(".") for k in state_dict if k == suffix or k.endswith("." + suffix)]
-    if not names:
+    sd = read_state_dict(state_dict, prefix=prefix)
+    saved = saved_sparsifiers(sd)
+    if not saved:
         raise NotSparsifiedError(
-            f"the state dict has no '{suffix}' entry, so it holds no sparsified layer"
+            f"the state dict has no '{THRESHOLD_BUFFER}' entry, so it holds no sparsified layer"
             + (f" under prefix {prefix!r}" if prefix else "")
         )
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise NotSparsifiedError(f"the state dict sparsifies layers the model does not have: {missing}")
-    wrong = [f"{n!r} ({type(modules[n]).__qualname__})" for n in names if not isinstance(modules[n], nn.Linear)]
-    if wrong:
-        raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
+    _check_saved_layers(model, saved)
+    stateless = [e.name for e in saved if e.state is None]
+    if stateless and strict:
+        raise CheckpointError(
+            f"the state dict has thresholds but no sparsifier state ('{STATE_KEY}') for {stateless}: their "
+            "targets and calibration figures cannot be restored (a safetensors file written by pl-actsparse 0.1 "
+            "loses them). Pass strict=False to load them as sparsifying layers with unknown targets, or recalibrate"
+        )
+    modules = dict(model.named_modules())
+    names = [e.name for e in saved]
     snaps = _snapshot(modules, names)
-    for n in names:
-        extra = state_dict.get(f"{n}._extra_state" if n else "_extra_state")
-        install_sparsifier(modules[n], extra["target"] if isinstance(extra, Mapping) else 0.0)
     try:
-        model.load_state_dict(state_dict, strict=strict)
+        install_sparsifiers_from_state_dict(model, sd)
+        result = model.load_state_dict(sd, strict=False)
+        warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warned about these
+        missing = [k for k in _untied(model, result.missing_keys, sd) if k not in warned]
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if result.unexpected_keys:
+            u = result.unexpected_keys
+            problems.append(f"unexpected keys {u[:10]}{' ...' if len(u) > 10 else ''}")
+        int8 = sorted({k.rpartition(".")[0] for k in result.unexpected_keys if k.endswith(".qweight")})
+        if int8:
+            problems.append(
+                f"{int8[:5]}{' ...' if len(int8) > 5 else ''} are int8 layers in the state dict (qweight, scale, "
+                "zero_point) but float layers here: quantize the model the same way first "
+                "(pl_actsparse.core.int8.quantize_weights_int8 with the same scope), then load"
+            )
+        if problems and strict:
+            raise CheckpointError(
+                f"the state dict does not fit {type(model).__name__}: " + "; ".join(problems)
+                + ". Pass strict=False to load what matches"
+            )
+        if problems:
+            warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
     except BaseException:
         _restore(modules, snaps)
         raise
     return model
+
+
+def _untied(model: nn.Module, missing: list[str], sd: Mapping[str, Any]) -> list[str]:
+    """Missing keys whose tensor is not shared with a key that was loaded (tied weights are loaded)."""
+    if not missing:
+        return []
+    own = model.state_dict(keep_vars=True)
+    loaded_ptrs = {own[k].data_ptr() for k in sd if k in own and isinstance(own[k], torch.Tensor)}
+    return [k for k in missing if not (isinstance(own.get(k), torch.Tensor) and own[k].data_ptr() in loaded_ptrs)]
+
+
+def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = True, **kwargs: Any) -> nn.Module:
+    """Load a sparsified model saved with HF ``save_pretrained``: ``model_cls.from_pretrained`` plus sparsity.
+
+    ``model_cls`` is an HF model class or auto class (``AutoModelForCausalLM``); ``kwargs`` go to its
+    ``from_pretrained`` (``torch_dtype``, ...). HF builds the dense model (and lists the thresholds and
+    ``_extra_state`` entries as unexpected keys, which it ignores); :func:`load_activation_sparsity` then
+    installs the sparsifiers and loads the saved tensors of the folder, so every layer sparsifies exactly as
+    when it was saved. Models saved after :func:`~pl_actsparse.export.convert.export_for_inference` store
+    their weights in the ``nn.Linear`` layout and load as sparsified models: export them again.
+
+    Everything comes from tensors in the folder (``model.safetensors`` by default); nothing is unpickled.
+    Raises what :func:`load_activation_sparsity` raises.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise CheckpointError(f"from_pretrained needs a local save_pretrained folder, got {path!r}")
+    if not hasattr(model_cls, "from_pretrained"):
+        raise TypeError(f"model_cls must have a from_pretrained method (an HF model or auto class), got {model_cls!r}")
+    model = model_cls.from_pretrained(path, **kwargs)
+    return load_activation_sparsity(model, path, strict=strict)

@@ -19,6 +19,7 @@ __all__ = [
     "NotSparsifiedError",
     "LayerNotCalledError",
     "TokenMaskError",
+    "CheckpointError",
 ]
 
 
@@ -68,3 +69,8 @@ class LayerNotCalledError(ActivationSparsityError):
 
 class TokenMaskError(ActivationSparsityError):
     """A token mask (e.g. an ``attention_mask``) does not fit a layer's input: no token axis matches it."""
+
+
+class CheckpointError(ActivationSparsityError):
+    """A saved activation-sparsity state (state dict, checkpoint file, ``save_pretrained`` folder) is malformed,
+    incomplete (e.g. a threshold without the layer's sparsifier state) or does not fit the model."""

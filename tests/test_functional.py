@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+
+from pl_actsparse.core.layer import decode_sparsifier_state
 from torch import nn
 
 from pl_actsparse import (
@@ -152,7 +154,7 @@ def test_state_dict_round_trip_and_fresh_model_loading(tiny, batches):
     sparsify_activations(tiny, batches, SEED, progress=False)
     sd = tiny.state_dict()
     assert "layers.0.mlp.up_proj.activation_threshold" in sd
-    assert sd["layers.0.mlp.up_proj._extra_state"]["target"] == 0.3
+    assert decode_sparsifier_state(sd["layers.0.mlp.up_proj._extra_state"])["target"] == 0.3
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)

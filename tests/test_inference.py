@@ -298,7 +298,10 @@ def test_layer_from_plain_linear_is_rejected():
 def test_layer_state_dict_roundtrip_and_dense_checkpoint(torch_backend):
     lin = sparsified_linear(8, 16, threshold=0.3)
     layer = SparseInferenceLinear.from_linear(lin)
-    assert set(layer.state_dict()) == {"weight_t", "bias", "activation_threshold"}
+    # saved in the nn.Linear layout (issue 13 item 3): the keys and values of the sparsified layer
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias", "activation_threshold", "_extra_state"}
+    assert torch.equal(sd["weight"], lin.weight) and sd["weight"].shape == (16, 8)
     fresh = SparseInferenceLinear(8, 16)
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(8)

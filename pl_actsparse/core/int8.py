@@ -8,31 +8,21 @@ checkpoints work on it as on a float layer, before or after quantization.
 
 The int8 codes are stored as ``W^T`` (``[in, out]``), the layout the sparse decode kernel reads
 (:mod:`pl_actsparse.kernels.int8_cpu`), with a scale and zero point per output channel (default) or per input
-channel. :func:`export_int8_for_inference` swaps them for :class:`Int8SparseInferenceLinear`, which runs the
-int8 sparse GEMV while decoding and a dequantize-and-GEMM dense path for prefill. See ``docs/int8.md``.
+channel. :func:`pl_actsparse.export.int8_linear.export_int8_for_inference` swaps them for
+:class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear`, which runs the int8 sparse GEMV while
+decoding and a dequantize-and-GEMM dense path for prefill. See ``docs/int8.md``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from pl_actsparse.kernels import cpu as _cpu
-from pl_actsparse.kernels import int8_cpu as _int8
-from pl_actsparse.kernels.int8_cpu import (
-    Granularity,
-    QuantMode,
-    dequantize_weight_t,
-    int8_dense_linear,
-    int8_sparse_linear,
-    quantize_weight_t,
-    resolve_int8_backend,
-)
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, _sparse_class_for, is_sparsified, original_module_class, weight_nbytes
+from pl_actsparse.kernels.int8_cpu import Granularity, QuantMode, dequantize_weight_t, quantize_weight_t
+from pl_actsparse.core.layer import _sparse_class_for, is_sparsified, original_module_class, weight_nbytes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __all__ = [
@@ -40,16 +30,10 @@ __all__ = [
     "SparseActivationInt8WeightLinear",
     "Int8LayerReport",
     "Int8QuantizationReport",
-    "Int8SparseInferenceLinear",
     "quantize_weights_int8",
     "dequantize_weights_int8",
-    "export_int8_for_inference",
 ]
 
-#: Largest token count routed to the int8 sparse kernel by :class:`Int8SparseInferenceLinear`, by backend.
-#: The C++ kernel reads the union of the tokens' rows once and does one FMA per token and weight, which beats
-#: dequantizing the whole weight for a GEMM up to a handful of tokens; the torch fallback only for one.
-DEFAULT_INT8_MAX_SPARSE_TOKENS = {"cpp": 8, "torch": 1}
 
 
 class Int8WeightLinear(nn.Linear):
@@ -384,116 +368,20 @@ def dequantize_weights_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------------------
-# Inference export
-# --------------------------------------------------------------------------------------------------
+# The inference export moved to pl_actsparse.export.int8_linear (core does not depend on export). The old
+# names stay importable from here as deprecated aliases, resolved on first use only.
+_MOVED_TO_EXPORT = ("Int8SparseInferenceLinear", "export_int8_for_inference", "DEFAULT_INT8_MAX_SPARSE_TOKENS")
 
 
-class Int8SparseInferenceLinear(nn.Module):
-    """Inference-only int8 layer: sparse int8 GEMV for few tokens, dequantize + GEMM for many.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_EXPORT:
+        import importlib
+        import warnings
 
-    Buffers: ``qweight_t`` int8 ``[in, out]``, ``scale``, ``zero_point`` (as in :class:`Int8WeightLinear`),
-    ``activation_threshold`` (0-dim; ``-inf`` for a layer that was not sparsified: the kernel then reads every
-    row, a dense int8 GEMV) and ``bias`` (or ``None``). Calls with at most ``max_sparse_tokens`` tokens use
-    :func:`~pl_actsparse.kernels.int8_cpu.int8_sparse_linear`; larger ones
-    :func:`~pl_actsparse.kernels.int8_cpu.int8_dense_linear` on the masked input. Both compute
-    ``F.linear(x.masked_fill(|x| <= t, 0), dequantized W, bias)`` with fp32 accumulation; the output has
-    ``x``'s dtype. No backward.
-    """
-
-    qweight_t: Tensor
-    scale: Tensor
-    zero_point: Tensor
-    activation_threshold: Tensor
-
-    def __init__(self, layer: Int8WeightLinear, *, max_sparse_tokens: Optional[int] = None) -> None:
-        super().__init__()
-        if not isinstance(layer, Int8WeightLinear):
-            raise TypeError(f"expected an Int8WeightLinear, got {type(layer).__qualname__}")
-        if max_sparse_tokens is not None and max_sparse_tokens < 0:
-            raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
-        self.in_features = layer.in_features
-        self.out_features = layer.out_features
-        self.mode = layer.mode
-        self.max_sparse_tokens = max_sparse_tokens
-        self.backend = resolve_int8_backend(build=False)
-        self.register_buffer("qweight_t", layer.qweight)
-        self.register_buffer("scale", layer.scale)
-        self.register_buffer("zero_point", layer.zero_point)
-        t = layer._buffers.get(THRESHOLD_BUFFER) if is_sparsified(layer) else None
-        if t is not None and t.numel() != 1:
-            raise ValueError(f"{THRESHOLD_BUFFER} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
-        thr = t.detach().reshape(()).float().clone() if t is not None else torch.tensor(-math.inf, device=layer.qweight.device)
-        self.register_buffer(THRESHOLD_BUFFER, thr)
-        b = layer.bias
-        self.register_buffer("bias", None if b is None else b.detach())
-        self.train(layer.training)
-
-    def sparse_token_limit(self) -> int:
-        if self.max_sparse_tokens is not None:
-            return self.max_sparse_tokens
-        return DEFAULT_INT8_MAX_SPARSE_TOKENS.get(self.backend, 1)
-
-    def _direct_args(self) -> Optional[tuple]:
-        # Per-call conversions of the custom op, done once: (row_scale, row_zero, col_scale, col_zero, bias)
-        # as contiguous fp32 vectors, rebuilt when a buffer is replaced (load_state_dict, .to()).
-        key = (self.qweight_t, self.scale, self.zero_point, self.bias, self.mode)
-        cached = self.__dict__.get("_direct")
-        if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
-            return cached[1]
-        if self.qweight_t.device.type != "cpu" or not self.qweight_t.is_contiguous():
-            return None
-        zp = self.zero_point if self.mode == "asym" else None
-        args = _int8.int8_kernel_args(self.qweight_t, self.scale, zp, self.bias)
-        self.__dict__["_direct"] = (key, args)
-        return args
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
-        zp = self.zero_point if self.mode == "asym" else None
-        ntok = x.numel() // self.in_features
-        if x.device.type == "cpu" and ntok <= self.sparse_token_limit():
-            # whether the kernel is loaded now, not what self.backend said at construction (a layer unpickled
-            # or built before the kernel was must still take the fast path once the first call has built it)
-            if not torch.compiler.is_compiling() and _int8.load_int8_extension(build=False):
-                args = self._direct_args()
-                if args is not None and _cpu.get_backend() != "torch":
-                    # Eager decoding: the kernel directly (the custom op's Python checks cost ~0.2 ms/call).
-                    t = _cpu.effective_threshold(self.activation_threshold, x.dtype)
-                    y = _int8.int8_sparse_gemv_direct(x.reshape(-1, self.in_features).contiguous(), t, self.qweight_t, *args)
-                    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            return int8_sparse_linear(x, self.activation_threshold, self.qweight_t, self.scale, zp, self.bias)
-        xm = x.masked_fill(x.abs() <= self.activation_threshold, 0)
-        return int8_dense_linear(xm, self.qweight_t, self.scale, zp, self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"int8 {self.mode}, threshold={float(self.activation_threshold):.4g}, backend={self.backend!r}"
+        warnings.warn(
+            f"pl_actsparse.core.int8.{name} moved to pl_actsparse.export.int8_linear; the old path is removed in 0.3",
+            DeprecationWarning,
+            stacklevel=2,
         )
-
-
-def export_int8_for_inference(model: nn.Module, *, max_sparse_tokens: Optional[int] = None) -> nn.Module:
-    """Replace every :class:`Int8WeightLinear` (sparsified or not) by an :class:`Int8SparseInferenceLinear`.
-
-    In place; the int8 buffers are shared, not copied. Compiles the int8 C++ kernel now (once per machine)
-    unless the backend is ``"torch"``. Float sparsified layers are left alone (export them with
-    :func:`pl_actsparse.export.linear.export_for_inference`). Raises ``ValueError`` if there is no int8 layer.
-    """
-    targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, Int8WeightLinear)]
-    if not targets:
-        raise ValueError(f"export_int8_for_inference: {type(model).__name__} has no Int8WeightLinear; run quantize_weights_int8 first")
-    if any(n == "" for n, _ in targets):
-        raise ValueError("export_int8_for_inference: the model itself is an int8 layer; wrap it in a container")
-    if _cpu.get_backend() != "torch":
-        resolve_int8_backend(build=True)
-    done: dict[int, Int8SparseInferenceLinear] = {}
-    for name, old in targets:
-        new = done.get(id(old))
-        if new is None:
-            new = done[id(old)] = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model
+        return getattr(importlib.import_module("pl_actsparse.export.int8_linear"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,19 +10,23 @@ original ``forward`` (the technique ``torch.nn.utils.parametrize`` uses). Why no
   bit-for-bit.
 
 The threshold is a persistent 0-dim buffer; the target, the calibration result and the state live in
-``_extra_state`` so a checkpoint carries everything a report needs.
+``_extra_state``, a small float64 tensor (:func:`encode_sparsifier_state`), so a checkpoint (``torch.save``,
+safetensors, HF ``save_pretrained``) carries everything a report needs in tensors only.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from pl_actsparse.errors import CheckpointError
 
 __all__ = [
     "SparsifierMode",
@@ -37,9 +41,13 @@ __all__ = [
     "THRESHOLD_BUFFER",
     "weight_nbytes",
     "threshold_summary",
+    "encode_sparsifier_state",
+    "decode_sparsifier_state",
+    "SPARSIFIER_STATE_FORMAT",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
+_EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
 
 
 class SparsifierMode(str, Enum):
@@ -116,42 +124,70 @@ class ActivationSparsifierMixin:
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
     # -- state dict -------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        s = self._actsparse
-        return {
-            "target": s.target,
-            "calibrated": s.mode is SparsifierMode.SPARSIFYING,
-            "gradient_mode": s.gradient_mode.value,
-            "calibration_sparsity": s.calibration_sparsity,
-            "calibration_elements": s.calibration_elements,
-        }
+    def get_extra_state(self) -> torch.Tensor:
+        """The sparsifier state as a small float64 tensor (see :func:`encode_sparsifier_state`).
+
+        A tensor, not a dict, so that ``safetensors`` and HF ``save_pretrained`` can store it.
+        """
+        return encode_sparsifier_state(self._actsparse)
 
     def set_extra_state(self, state: Any) -> None:
+        """Restore the state saved by :meth:`get_extra_state` (a tensor, or the dict of pl-actsparse 0.1)."""
+        d = decode_sparsifier_state(state)
         s = self._actsparse
-        s.target = float(state["target"])
-        s.mode = SparsifierMode.SPARSIFYING if state.get("calibrated") else SparsifierMode.PASSTHROUGH
-        s.gradient_mode = GradientMode(state.get("gradient_mode", "masked"))
-        s.calibration_sparsity = state.get("calibration_sparsity")
-        s.calibration_elements = int(state.get("calibration_elements", 0))
+        s.target = d["target"]
+        s.mode = SparsifierMode.SPARSIFYING if d["calibrated"] else SparsifierMode.PASSTHROUGH
+        s.gradient_mode = GradientMode(d["gradient_mode"])
+        s.calibration_sparsity = d["calibration_sparsity"]
+        s.calibration_elements = d["calibration_elements"]
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # A dense checkpoint has no threshold: keep this layer's current threshold and state instead of
-        # failing strict loading. The weights load as usual; recalibrate if they changed.
-        own = [prefix + THRESHOLD_BUFFER, prefix + "_extra_state"]
-        absent = [k for k in own if k not in state_dict]
+        # A dense checkpoint (neither threshold nor state) keeps this layer's threshold and state instead of
+        # failing strict loading: the weights load as usual; recalibrate if they changed. A checkpoint with
+        # only one of the two (safetensors files of 0.1 lost the dict state) cannot be restored as saved:
+        # a loaded threshold still makes the layer sparsifying, the absent key stays missing (strict loading
+        # fails) and a warning names the layer (never a silently dense layer).
+        tkey, skey = prefix + THRESHOLD_BUFFER, prefix + _EXTRA_STATE_KEY
+        has_t, has_s = tkey in state_dict, skey in state_dict
         before = len(missing_keys)
-        incoming = state_dict.get(prefix + THRESHOLD_BUFFER)
+        incoming = state_dict.get(tkey)
         current = self._buffers[THRESHOLD_BUFFER]
         if isinstance(incoming, torch.Tensor) and incoming.shape != current.shape:
             # a per-channel threshold (shape [in_features], see pl_actsparse.tuning.weight_aware) into a scalar one, or back
             self._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+        if has_s:
+            try:
+                decode_sparsifier_state(state_dict[skey])
+            except CheckpointError as e:
+                error_msgs.append(f"{prefix or 'the model'}: {e}")
+                return
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if absent:
-            missing_keys[before:] = [k for k in missing_keys[before:] if k not in absent]
+        if not has_t and not has_s:
+            missing_keys[before:] = [k for k in missing_keys[before:] if k not in (tkey, skey)]
+            return
+        if has_t and not has_s:
+            self._actsparse.mode = SparsifierMode.SPARSIFYING
+            self._actsparse.calibration_sparsity = None
+            self._actsparse.calibration_elements = 0
+        elif has_s and not has_t:
+            self._actsparse.mode = SparsifierMode.PASSTHROUGH  # no threshold to apply
+        else:
+            return
+        # torch lists the absent key as missing (load_state_dict(strict=True) then raises; strict=False
+        # returns it). The layer cannot tell which one was asked for, so it warns in both cases.
+        lost = skey if has_t else tkey
+        warnings.warn(
+            f"{prefix.rstrip('.') or 'the model'}: the state dict has {'a threshold' if has_t else 'a sparsifier state'} "
+            f"but no {lost.rpartition('.')[2]!r}; "
+            + ("the layer sparsifies with the loaded threshold, but its target and calibration figures are unknown"
+               if has_t else "the layer passes its input through until calibrated"),
+            UserWarning,
+            stacklevel=4,
+        )
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
@@ -343,3 +379,77 @@ def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[
             model.__dict__.pop("_actsparse_plan", None)
         else:
             model.__dict__["_actsparse_plan"] = plan_before
+
+
+#: Version of the layout written by :func:`encode_sparsifier_state` (its element 0).
+SPARSIFIER_STATE_FORMAT = 1
+_STATE_LEN = 6
+_GRADIENT_CODES = {GradientMode.MASKED: 0.0, GradientMode.STE: 1.0}
+
+
+def encode_sparsifier_state(state: Any) -> torch.Tensor:
+    """A layer's sparsifier state as a float64 CPU tensor of shape ``[6]`` (what ``_extra_state`` holds).
+
+    Elements: ``[format (1), target, calibrated (0/1), gradient mode (0 masked, 1 ste),
+    calibration_sparsity (NaN when unknown), calibration_elements]``. float64 holds the target and the
+    calibration figures exactly (element counts up to 2**53); ``module.to(dtype)`` never touches it (it is
+    not a buffer, it is built on every ``state_dict()`` call). ``state`` is a layer's ``_actsparse`` or a
+    dict as returned by :func:`decode_sparsifier_state`.
+    """
+    if isinstance(state, dict):
+        d = state
+        calibrated = bool(d["calibrated"])
+        gm = GradientMode(d.get("gradient_mode", "masked"))
+    else:
+        d = {"target": state.target, "calibration_sparsity": state.calibration_sparsity,
+             "calibration_elements": state.calibration_elements}
+        calibrated = state.mode is SparsifierMode.SPARSIFYING
+        gm = state.gradient_mode
+    cs = d.get("calibration_sparsity")
+    return torch.tensor(
+        [SPARSIFIER_STATE_FORMAT, float(d["target"]), float(calibrated), _GRADIENT_CODES[gm],
+         math.nan if cs is None else float(cs), float(d.get("calibration_elements", 0))],
+        dtype=torch.float64,
+    )
+
+
+def decode_sparsifier_state(saved: Any) -> dict[str, Any]:
+    """Read a saved sparsifier state: the tensor of :func:`encode_sparsifier_state` or the dict of 0.1.
+
+    Returns ``{"target": float, "calibrated": bool, "gradient_mode": "masked"|"ste",
+    "calibration_sparsity": float | None, "calibration_elements": int}``.
+
+    Raises :class:`~pl_actsparse.errors.CheckpointError` naming what is wrong (unknown format, wrong shape,
+    a target outside [0, 1], a non-integer element count).
+    """
+    if isinstance(saved, dict):  # the pl-actsparse 0.1 layout (torch.save checkpoints only)
+        try:
+            out = {
+                "target": float(saved["target"]),
+                "calibrated": bool(saved.get("calibrated", False)),
+                "gradient_mode": GradientMode(saved.get("gradient_mode", "masked")).value,
+                "calibration_sparsity": None if saved.get("calibration_sparsity") is None else float(saved["calibration_sparsity"]),
+                "calibration_elements": int(saved.get("calibration_elements", 0)),
+            }
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"malformed sparsifier state {saved!r}: {e}") from None
+    elif isinstance(saved, torch.Tensor):
+        v = saved.detach().to("cpu", torch.float64).reshape(-1)
+        if v.numel() != _STATE_LEN or float(v[0]) != SPARSIFIER_STATE_FORMAT:
+            raise CheckpointError(
+                f"sparsifier state must be a tensor of {_STATE_LEN} values starting with format "
+                f"{SPARSIFIER_STATE_FORMAT}, got shape {tuple(saved.shape)} starting with "
+                f"{float(v[0]) if v.numel() else None}"
+            )
+        fmt, target, calibrated, gm, cs, n = v.tolist()
+        codes = {c: m.value for m, c in _GRADIENT_CODES.items()}
+        if calibrated not in (0.0, 1.0) or gm not in codes or not (n >= 0 and n == int(n)):
+            raise CheckpointError(f"malformed sparsifier state {v.tolist()}: calibrated must be 0/1, gradient mode "
+                                  f"0/1 and the element count a non-negative integer")
+        out = {"target": target, "calibrated": calibrated == 1.0, "gradient_mode": codes[gm],
+               "calibration_sparsity": None if math.isnan(cs) else cs, "calibration_elements": int(n)}
+    else:
+        raise CheckpointError(f"a sparsifier state must be a tensor (or a 0.1 dict), got {type(saved).__qualname__}")
+    if not 0.0 <= out["target"] <= 1.0:
+        raise CheckpointError(f"malformed sparsifier state: target {out['target']!r} is not in [0, 1]")
+    return out

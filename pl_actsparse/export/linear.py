@@ -16,7 +16,6 @@ Both paths compute ``F.linear(x.masked_fill(|x| <= t, 0), W, b)``. See ``docs/in
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,17 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
 
 __all__ = [
-    "ExportedLayer",
     "SparseInferenceLinear",
     "default_max_sparse_tokens",
-    "export_for_inference",
-    "exported_layers",
     "is_sparsified_linear",
+    "sparse_inference_linear",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
@@ -117,6 +115,9 @@ class SparseInferenceLinear(nn.Module):
         else:
             self.register_parameter("weight", None)
         self.register_buffer(THRESHOLD_BUFFER, torch.tensor(float(threshold), device=device))
+        #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
+        self.sparsity_state = {"target": 0.0, "calibrated": math.isfinite(float(threshold)), "gradient_mode": "masked",
+                               "calibration_sparsity": None, "calibration_elements": 0}
         nn.init.normal_(self.weight_t, std=in_features**-0.5)
         if self.weight is not None:
             with torch.no_grad():
@@ -159,8 +160,15 @@ class SparseInferenceLinear(nn.Module):
             new.activation_threshold = threshold.detach().reshape(()).clone()
         else:
             new.activation_threshold = torch.tensor(-math.inf, device=threshold.device)
+        new.sparsity_state = _state_of(linear)
+        new.__dict__["_restore"] = _RestoreInfo.of(linear)
         new.train(linear.training)
         return new
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the weight a decode step reads: ``W^T`` (a kept dense copy is not read while decoding)."""
+        return self.weight_t.numel() * self.weight_t.element_size()
 
     def sparse_token_limit(self, dtype: torch.dtype) -> int:
         """Largest token count routed to the sparse kernel for inputs of ``dtype``."""
@@ -170,15 +178,60 @@ class SparseInferenceLinear(nn.Module):
         return default_max_sparse_tokens(dtype, self.backend, weight_bytes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``F.linear(x.masked_fill(|x| <= threshold, 0), W, bias)``, with ``F.linear``'s dtype rules.
+
+        * ``x`` must have the weight's dtype, as for ``F.linear`` (else ``RuntimeError``), except under
+          ``torch.autocast`` where ``F.linear`` runs in the autocast dtype: then the input is masked in its
+          own dtype (as the sparsified layer does before its ``F.linear``), the product is computed in the
+          weight's dtype and the output has the autocast dtype (equal to autocast's ``F.linear`` within the
+          rounding of that dtype).
+        * With autograd recording (``x.requires_grad``), the differentiable dense path is used, so
+          gradients reach ``x`` on every path (the weights are frozen).
+        * Under ``torch.export``/``torch.compile`` with a symbolic token count, the choice between the
+          sparse kernel and the dense path is made inside one custom op at run time.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        wdtype = self.weight_t.dtype
+        dev = x.device.type
+        autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+        if x.dtype != wdtype:
+            if not autocast:
+                raise RuntimeError(
+                    f"{type(self).__name__}: input dtype {x.dtype} differs from the weight dtype {wdtype}; like "
+                    "F.linear, mixed dtypes need torch.autocast or an explicit cast of the input"
+                )
+            # mask in the input's dtype (the sparsified layer's semantics), then a product in the weight's dtype
+            x = x.masked_fill(x.abs() <= self.activation_threshold, 0).to(wdtype)
+            y = self._route(x, threshold=self._zero_threshold(x.device))
+        else:
+            y = self._route(x)
+        if autocast and y.is_floating_point():
+            y = y.to(torch.get_autocast_dtype(dev))
+        return y
+
+    def _zero_threshold(self, device: torch.device) -> Tensor:
+        # |x| <= 0 zeroes exactly the zeros: an already masked input gives the same values, zeros skipped.
+        return torch.zeros((), device=device)
+
+    def _route(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+        thr = self.activation_threshold if threshold is None else threshold
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.dense_forward(x, thr)
         ntokens = x.numel() // self.in_features
         device = x.device.type
-        if device == "cpu" and ntokens <= self.sparse_token_limit(x.dtype):
-            return self.sparse_forward(x)
-        if device == "cuda" and ntokens <= self._cuda_token_limit():
-            return self.sparse_forward(x)
-        return self.dense_forward(x)
+        if device == "cpu":
+            limit = self.sparse_token_limit(x.dtype)
+        elif device == "cuda":
+            limit = self._cuda_token_limit()
+        else:
+            return self.dense_forward(x, thr)
+        if isinstance(ntokens, torch.SymInt):
+            # a symbolic token count (torch.export with dynamic shapes): branch at run time, inside the op
+            return sparse_inference_linear(x, thr, self.weight_t, self.bias, limit)
+        if ntokens <= limit:
+            return self.sparse_forward(x, thr)
+        return self.dense_forward(x, thr)
 
     def _cuda_token_limit(self) -> int:
         from pl_actsparse.kernels import cuda as triton_gemv
@@ -187,16 +240,21 @@ class SparseInferenceLinear(nn.Module):
             return 0
         return triton_gemv.CUDA_MAX_SPARSE_TOKENS if self.max_sparse_tokens is None else self.max_sparse_tokens
 
-    def sparse_forward(self, x: Tensor) -> Tensor:
-        """The masked product through the sparse kernel (used up to ``max_sparse_tokens`` tokens)."""
+    def sparse_forward(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+        """The masked product through the sparse kernel (used up to ``max_sparse_tokens`` tokens).
+
+        ``threshold`` defaults to the layer's; ``x`` must have the weight's dtype. Not differentiable.
+        """
+        thr = self.activation_threshold if threshold is None else threshold
         if torch.compiler.is_compiling():
-            return sparse_linear(x, self.activation_threshold, self.weight_t, self.bias)  # one opaque graph node
+            return sparse_linear(x, thr, self.weight_t, self.bias)  # one opaque graph node
         # Eager: call the kernel directly; the custom op's dispatch layers cost ~40 us per call.
         if x.device.type == "cuda":
+            t = self._threshold_for(x.dtype) if threshold is None else _cpu.effective_threshold(thr, x.dtype)
             from pl_actsparse.kernels.cuda import sparse_linear_cuda
 
-            return sparse_linear_cuda(x, self._threshold_for(x.dtype), self.weight_t, self.bias)
-        return sparse_linear_cpu(x, self.activation_threshold, self.weight_t, self.bias)
+            return sparse_linear_cuda(x, t, self.weight_t, self.bias)
+        return sparse_linear_cpu(x, thr, self.weight_t, self.bias)
 
     def _threshold_for(self, dtype: torch.dtype) -> float:
         # The threshold rounded to the input dtype, cached: reading a CUDA buffer costs a device sync.
@@ -208,9 +266,11 @@ class SparseInferenceLinear(nn.Module):
             self.__dict__["_threshold_cache"] = cached
         return cached[1]
 
-    def dense_forward(self, x: Tensor) -> Tensor:
-        """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens)."""
-        xm = x.masked_fill(x.abs() <= self.activation_threshold, 0)
+    def dense_forward(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
+        """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens, and whenever
+        autograd records: differentiable with respect to ``x``)."""
+        thr = self.activation_threshold if threshold is None else threshold
+        xm = x.masked_fill(x.abs() <= thr, 0)
         if self.weight is not None:
             return F.linear(xm, self.weight, self.bias)
         return dense_linear_t(xm, self.weight_t, self.bias)  # the GEMM measured fastest here, on W^T itself
@@ -224,6 +284,27 @@ class SparseInferenceLinear(nn.Module):
             f"backend={self.backend!r}, dense_weight={self.weight is not None}"
         )
 
+    # -- saving, loading and removal ---------------------------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        """The sparsifier state of the layer this one was exported from (target, calibration figures), as
+        the float64 tensor of :func:`pl_actsparse.core.layer.encode_sparsifier_state`."""
+        return encode_sparsifier_state(self.sparsity_state)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.sparsity_state = decode_sparsifier_state(state)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain
+        # model loading the file gets the right weights, and load_activation_sparsity / from_pretrained
+        # restore the sparsified model from the very same keys as an unexported save.
+        w = self.weight if self.weight is not None else self.weight_t.t()
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        t = self.activation_threshold
+        destination[prefix + THRESHOLD_BUFFER] = t if keep_vars else t.detach()
+        destination[prefix + "_extra_state"] = self.get_extra_state()
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -234,131 +315,131 @@ class SparseInferenceLinear(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Accept checkpoints of the original (dense-layout) layer: derive weight_t from weight.
-        wkey, tkey = prefix + "weight", prefix + "weight_t"
+        # Checkpoints in the nn.Linear layout (what this layer saves): derive weight_t from weight. Saves of
+        # 0.1 (weight_t) and checkpoints without a sparsifier state load too: this layer always applies its
+        # threshold, so the state is bookkeeping only (it then says "calibrated" iff the threshold is finite).
+        wkey, tkey, skey = prefix + "weight", prefix + "weight_t", prefix + "_extra_state"
         if wkey in state_dict and tkey not in state_dict:
             state_dict[tkey] = state_dict[wkey].t()
             if self.weight is None:
                 del state_dict[wkey]
+        before = len(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if skey not in state_dict:
+            missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
+            finite = bool(torch.isfinite(self.activation_threshold).all()) if not self.activation_threshold.is_meta else False
+            self.sparsity_state = dict(self.sparsity_state, calibrated=finite)
+
+    def to_linear(self) -> nn.Linear:
+        """The plain (unsparsified) module this layer was exported from, rebuilt.
+
+        Same class, attributes and hooks as the original module, ``requires_grad`` as it was; the weight is
+        the kept dense one (``keep_dense_weight=True``: the very same tensor, bit for bit) or ``W^T``
+        transposed back (exact: a transpose moves values, it does not compute them), the bias the same
+        tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
+        Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
+        """
+        info: Optional[_RestoreInfo] = self.__dict__.get("_restore")
+        weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
+        bias = None if self.bias is None else self.bias.detach()
+        if info is None:
+            info = _RestoreInfo(nn.Linear, None, True, True)
+        lin = info.build(weight, bias, self.in_features, self.out_features)
+        lin.train(self.training)
+        return lin
 
 
-@dataclass(frozen=True)
-class ExportedLayer:
-    """One layer replaced by :func:`export_for_inference`."""
+@dataclass
+class _RestoreInfo:
+    """What :meth:`SparseInferenceLinear.to_linear` needs to give back the original module (no weights)."""
 
-    name: str
-    in_features: int
-    out_features: int
-    threshold: float
-    max_sparse_tokens: int
-    backend: str
-    dtype: torch.dtype
+    cls: type
+    shell: Optional[dict[str, Any]]  # the module's __dict__ without parameters, sparsifier buffer and state
+    weight_requires_grad: bool
+    bias_requires_grad: bool
 
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "_RestoreInfo":
+        from pl_actsparse.core.layer import original_module_class
 
-def export_for_inference(
-    model: nn.Module,
-    *,
-    max_sparse_tokens: Optional[int] = None,
-    keep_dense_weight: bool = False,
-) -> nn.Module:
-    """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
+        shell = {k: v for k, v in linear.__dict__.items() if k != "_actsparse"}
+        shell["_parameters"] = {k: None for k in linear._parameters}
+        shell["_buffers"] = {k: v for k, v in linear._buffers.items() if k != THRESHOLD_BUFFER}
+        shell["_non_persistent_buffers_set"] = set(linear._non_persistent_buffers_set) - {THRESHOLD_BUFFER}
+        b = linear.bias
+        return cls(original_module_class(linear), shell, bool(linear.weight.requires_grad),
+                   bool(b.requires_grad) if b is not None else True)
 
-    Sparsified :class:`~pl_actsparse.core.int8.Int8WeightLinear` layers become
-    :class:`~pl_actsparse.core.int8.Int8SparseInferenceLinear` instead, sharing their int8 buffers
-    (``keep_dense_weight`` does not apply to them), so an int8 model stays int8.
-
-    With the default backend this compiles the C++ kernel now (once per machine), not during the first
-    decode step. Layers are swapped one at a time, so the extra memory peaks at one layer's ``W^T``; the
-    original weights are released unless ``keep_dense_weight`` (they then serve the dense path) or other
-    references hold them. Returns ``model``; :func:`exported_layers` lists what was replaced.
-
-    Raises ``ValueError`` if ``model`` contains no sparsified layer.
-    """
-    # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if is_sparsified_linear(m)]
-    if not targets:
-        n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-        n_done = sum(type(m).__name__ in ("SparseInferenceLinear", "Int8SparseInferenceLinear") for m in model.modules())
-        hint = f" ({n_done} layers are already exported)" if n_done else ""
-        raise ValueError(
-            f"export_for_inference: {type(model).__name__} has no sparsified layer: none of its {n_linear} "
-            f"nn.Linear modules carries an {THRESHOLD_BUFFER!r} buffer{hint}. Sparsify and calibrate it first."
-        )
-    if any(name == "" for name, _ in targets):
-        raise ValueError(
-            "export_for_inference: the model itself is a sparsified nn.Linear and cannot be replaced in place; "
-            "wrap it in a container (e.g. nn.Sequential) or use SparseInferenceLinear.from_linear"
-        )
-    passthrough = sorted({name for name, m in targets if not _applies_threshold(m)})
-    if passthrough:
-        warnings.warn(
-            f"export_for_inference: {len(passthrough)} sparsified layer(s) are not calibrated (pass-through) and "
-            f"are exported with threshold -inf, i.e. without sparsity: {', '.join(passthrough[:8])}"
-            + (" ..." if len(passthrough) > 8 else ""),
-            UserWarning,
-            stacklevel=2,
-        )
-    if any(m.weight.device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
-        _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
-    float_weights = [m._parameters.get("weight") for _, m in targets]  # int8 layers have none (own crossover)
-    for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
-        sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
-    from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
-    from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear
-
-    if any(isinstance(m, Int8WeightLinear) for _, m in targets) and _cpu.get_backend() != "torch":
-        resolve_int8_backend(build=True)
-    replaced: dict[int, nn.Module] = {}
-    targets.reverse()
-    while targets:  # pop, so that each original weight can be freed as soon as its layer is swapped
-        name, old = targets.pop()
-        new = replaced.get(id(old))
-        if new is None:
-            if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
-                new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-                if not _applies_threshold(old):
-                    new.activation_threshold.fill_(-math.inf)
-            else:
-                new = SparseInferenceLinear.from_linear(
-                    old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
-                )
-            replaced[id(old)] = new
-        _set_submodule(model, name, new)
-        del old
-    return model
-
-
-def exported_layers(model: nn.Module) -> list[ExportedLayer]:
-    """The exported layers of ``model`` (qualified names, sizes, settings), int8 ones included."""
-    from pl_actsparse.core.int8 import Int8SparseInferenceLinear
-
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, Int8SparseInferenceLinear):
-            dtype, limit = m.qweight_t.dtype, m.sparse_token_limit()
-        elif isinstance(m, SparseInferenceLinear):
-            dtype = m.weight_t.dtype
-            limit = m.sparse_token_limit(dtype)
+    def build(self, weight: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
+        """The original module again, holding ``weight`` and ``bias`` (as Parameters, ``requires_grad`` as
+        they were)."""
+        if self.shell is None:
+            lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
         else:
-            continue
-        out.append(
-            ExportedLayer(
-                name=name,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                threshold=float(m.activation_threshold.item()),
-                max_sparse_tokens=limit,
-                backend=m.backend,
-                dtype=dtype,
-            )
-        )
-    return out
+            lin = self.cls.__new__(self.cls)
+            lin.__dict__.update(self.copy_of_shell())
+        lin.weight = nn.Parameter(weight, requires_grad=self.weight_requires_grad)
+        lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=self.bias_requires_grad)
+        return lin
+
+    def copy_of_shell(self) -> dict[str, Any]:
+        d = dict(self.shell or {})
+        for k in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+            if isinstance(d.get(k), dict):
+                d[k] = type(d[k])(d[k])
+        d["_non_persistent_buffers_set"] = set(d.get("_non_persistent_buffers_set", ()))
+        return d
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _state_of(linear: nn.Module) -> dict[str, Any]:
+    """The sparsifier state of a sparsified layer, as :func:`decode_sparsifier_state` returns it."""
+    state = getattr(linear, "_actsparse", None)
+    if state is not None and hasattr(state, "target"):
+        return decode_sparsifier_state(encode_sparsifier_state(state))
+    t = linear._buffers.get(THRESHOLD_BUFFER)
+    calibrated = t is not None and bool(torch.isfinite(t).all())
+    return {"target": 0.0, "calibrated": calibrated, "gradient_mode": "masked",
+            "calibration_sparsity": None, "calibration_elements": 0}
+
+
+@torch.library.custom_op("pl_actsparse::sparse_inference_linear", mutates_args=())
+def sparse_inference_linear(
+    x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor], max_sparse_tokens: int
+) -> Tensor:
+    """What :class:`SparseInferenceLinear` computes, with the token-count dispatch inside one op.
+
+    ``F.linear(x.masked_fill(|x| <= threshold, 0), weight_t.T, bias)``: through the sparse kernel for at
+    most ``max_sparse_tokens`` tokens, a dense GEMM for more. The layer calls it when the token count is
+    symbolic (``torch.export`` with dynamic batch or sequence), so the exported graph holds one node whose
+    run-time branch is the eager layer's.
+    """
+    ntok = x.numel() // weight_t.shape[0] if weight_t.shape[0] else 0
+    if ntok <= max_sparse_tokens and x.device.type in ("cpu", "cuda"):
+        if x.device.type == "cuda":
+            from pl_actsparse.kernels.cuda import sparse_linear_cuda
+
+            return sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)
+        return sparse_linear_cpu(x, threshold, weight_t, bias)
+    xm = x.masked_fill(x.abs() <= threshold, 0)
+    return dense_linear_t(xm, weight_t, bias)
+
+
+@sparse_inference_linear.register_fake
+def _sparse_inference_linear_fake(x, threshold, weight_t, bias, max_sparse_tokens):
+    torch._check(x.shape[-1] == weight_t.shape[0])
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+# export_for_inference, exported_layers and ExportedLayer live in pl_actsparse.export.convert (which imports
+# this module); they stay importable from here.
+_IN_CONVERT = ("ExportedLayer", "export_for_inference", "exported_layers")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _IN_CONVERT:
+        from pl_actsparse.export import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

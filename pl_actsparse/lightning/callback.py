@@ -82,23 +82,9 @@ def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Mapping[st
     strictly into a fresh model, thresholds and calibration state included. Keys are relative to ``model``
     after removing ``prefix``. Returns the names of the layers found.
     """
-    modules = dict(model.named_modules())
-    suffix = "." + THRESHOLD_BUFFER
-    names = []
-    for key in state_dict:
-        if not key.startswith(prefix) or not (key.endswith(suffix) or key == prefix + THRESHOLD_BUFFER):
-            continue
-        name = key[len(prefix) : -len(THRESHOLD_BUFFER)].rstrip(".")
-        if name not in modules:
-            raise NotSparsifiedError(f"the checkpoint sparsifies {name!r}, which this model does not have")
-        module = modules[name]
-        if not isinstance(module, nn.Linear):
-            raise NotSparsifiedError(f"the checkpoint sparsifies {name!r}, which is a {type(module).__qualname__} here")
-        extra = state_dict.get(f"{prefix}{name}._extra_state" if name else f"{prefix}_extra_state")
-        if not is_sparsified(module):
-            install_sparsifier(module, extra["target"] if isinstance(extra, Mapping) else 0.0)
-        names.append(name)
-    return names
+    from pl_actsparse.api import install_sparsifiers_from_state_dict as install
+
+    return install(model, state_dict, prefix)
 
 
 def _is_int(value: Any) -> bool:

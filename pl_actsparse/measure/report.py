@@ -470,28 +470,22 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
 
 
 def _load_state_dict(source: Any, prefix: str) -> tuple[Mapping[str, Any], str]:
-    label = "state dict"
-    if isinstance(source, (str, os.PathLike)):
-        label = str(source)
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(source, Mapping) and "state_dict" in source and isinstance(source["state_dict"], Mapping):
-        source = source["state_dict"]
-    if prefix:
-        source = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
-    return source, label
+    from pl_actsparse.core.checkpoint import read_state_dict
+
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
+    return read_state_dict(source, prefix=prefix), label
 
 
 _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
 def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
+    from pl_actsparse.core.checkpoint import saved_sparsifiers
+
     rows = []
-    for key, t in sd.items():
-        if not (key == THRESHOLD_BUFFER or key.endswith("." + THRESHOLD_BUFFER)):
-            continue
-        name = key[: -len(THRESHOLD_BUFFER)].rstrip(".")
+    for entry in saved_sparsifiers(sd):
+        name, t, extra = entry.name, entry.threshold, entry.state or {}
         pre = f"{name}." if name else ""
-        extra = sd.get(pre + "_extra_state") or {}
         w, qw = sd.get(pre + "weight"), sd.get(pre + "qweight")
         if isinstance(qw, torch.Tensor) and qw.dim() == 2:  # an int8 layer: qweight is [in, out]
             in_f, out_f = qw.shape
@@ -512,7 +506,7 @@ def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
                 in_features=int(in_f),
                 out_features=int(out_f),
                 weight_bytes=int(nbytes),
-                mode="sparsifying" if extra.get("calibrated") else "passthrough",
+                mode="sparsifying" if extra.get("calibrated", entry.state is None) else "passthrough",
             )
         )
     return rows
@@ -529,7 +523,7 @@ def _decode_bytes_of_state_dict(sd: Mapping[str, Any]) -> tuple[int, int]:
     weights = {
         k: v
         for k, v in sd.items()
-        if isinstance(v, torch.Tensor) and (v.is_floating_point() or k.endswith(".qweight")) and not k.endswith(THRESHOLD_BUFFER)
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or k.endswith(".qweight")) and not k.endswith((THRESHOLD_BUFFER, "_extra_state"))
     }
     by_storage: dict[Any, list[str]] = {}
     for k, v in weights.items():

@@ -1,0 +1,220 @@
+"""Model-level export: swap every sparsified layer of a model for its inference layer.
+
+:func:`export_for_inference` turns sparsified float ``nn.Linear`` layers into
+:class:`~pl_actsparse.export.linear.SparseInferenceLinear`, sparsified
+:class:`~pl_actsparse.core.int8.Int8WeightLinear` layers and torchao weight-only int8 layers into
+:class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear`; :func:`exported_layers` lists them.
+See ``docs/inference.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from pl_actsparse.core.layer import threshold_summary
+from pl_actsparse.errors import UnsupportedModuleError
+from pl_actsparse.export.linear import (
+    THRESHOLD_BUFFER,
+    SparseInferenceLinear,
+    _applies_threshold,
+    _RestoreInfo,
+    _state_of,
+    is_sparsified_linear,
+)
+from pl_actsparse.kernels import cpu as _cpu
+from pl_actsparse.kernels.dispatch import sparse_token_crossover
+
+__all__ = ["ExportedLayer", "export_for_inference", "exported_layers"]
+
+
+@dataclass(frozen=True)
+class ExportedLayer:
+    """One layer replaced by :func:`export_for_inference`."""
+
+    name: str
+    in_features: int
+    out_features: int
+    threshold: float
+    max_sparse_tokens: int
+    backend: str
+    dtype: torch.dtype
+
+
+def export_for_inference(
+    model: nn.Module,
+    *,
+    max_sparse_tokens: Optional[int] = None,
+    keep_dense_weight: bool = False,
+) -> nn.Module:
+    """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
+
+    Sparsified :class:`~pl_actsparse.core.int8.Int8WeightLinear` layers become
+    :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` instead, sharing their int8 buffers
+    (``keep_dense_weight`` does not apply to them), so an int8 model stays int8.
+
+    With the default backend this compiles the C++ kernel now (once per machine), not during the first
+    decode step. Layers are swapped one at a time, so the extra memory peaks at one layer's ``W^T``; the
+    original weights are released unless ``keep_dense_weight`` (they then serve the dense path) or other
+    references hold them. Returns ``model``; :func:`exported_layers` lists what was replaced.
+
+    Raises ``ValueError`` if ``model`` contains no sparsified layer.
+    """
+    # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if is_sparsified_linear(m)]
+    if not targets:
+        n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+        n_done = sum(type(m).__name__ in ("SparseInferenceLinear", "Int8SparseInferenceLinear") for m in model.modules())
+        hint = f" ({n_done} layers are already exported)" if n_done else ""
+        raise ValueError(
+            f"export_for_inference: {type(model).__name__} has no sparsified layer: none of its {n_linear} "
+            f"nn.Linear modules carries an {THRESHOLD_BUFFER!r} buffer{hint}. Sparsify and calibrate it first."
+        )
+    if any(name == "" for name, _ in targets):
+        raise ValueError(
+            "export_for_inference: the model itself is a sparsified nn.Linear and cannot be replaced in place; "
+            "wrap it in a container (e.g. nn.Sequential) or use SparseInferenceLinear.from_linear"
+        )
+    passthrough = sorted({name for name, m in targets if not _applies_threshold(m)})
+    if passthrough:
+        warnings.warn(
+            f"export_for_inference: {len(passthrough)} sparsified layer(s) are not calibrated (pass-through) and "
+            f"are exported with threshold -inf, i.e. without sparsity: {', '.join(passthrough[:8])}"
+            + (" ..." if len(passthrough) > 8 else ""),
+            UserWarning,
+            stacklevel=2,
+        )
+    if any(m.weight.device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
+        _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
+    float_weights = [m._parameters.get("weight") for _, m in targets]  # int8 layers have none (own crossover)
+    for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
+        sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
+    from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
+    from pl_actsparse.core.int8 import Int8WeightLinear
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
+
+    for name, m in targets:  # fail before anything is swapped on a quantized weight the kernels cannot read
+        _torchao_int8(name, m.weight)
+    if any(isinstance(m, Int8WeightLinear) or _torchao_int8(n, m.weight) is not None for n, m in targets) \
+            and _cpu.get_backend() != "torch":
+        resolve_int8_backend(build=True)
+    replaced: dict[int, nn.Module] = {}
+    targets.reverse()
+    while targets:  # pop, so that each original weight can be freed as soon as its layer is swapped
+        name, old = targets.pop()
+        new = replaced.get(id(old))
+        if new is None:
+            if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
+                new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
+                if not _applies_threshold(old):
+                    new.activation_threshold.fill_(-math.inf)
+            elif _torchao_int8(name, old.weight) is not None:  # torchao's int8 codes, read as they are
+                new = _int8_from_torchao(name, old, max_sparse_tokens)
+            else:
+                new = SparseInferenceLinear.from_linear(
+                    old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
+                )
+            replaced[id(old)] = new
+        _set_submodule(model, name, new)
+        del old
+    return model
+
+
+def exported_layers(model: nn.Module) -> list[ExportedLayer]:
+    """The exported layers of ``model`` (qualified names, sizes, settings), int8 ones included."""
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Int8SparseInferenceLinear):
+            dtype, limit = m.qweight_t.dtype, m.sparse_token_limit()
+        elif isinstance(m, SparseInferenceLinear):
+            dtype = m.weight_t.dtype
+            limit = m.sparse_token_limit(dtype)
+        else:
+            continue
+        out.append(
+            ExportedLayer(
+                name=name,
+                in_features=m.in_features,
+                out_features=m.out_features,
+                threshold=threshold_summary(m.activation_threshold),
+                max_sparse_tokens=limit,
+                backend=m.backend,
+                dtype=dtype,
+            )
+        )
+    return out
+
+
+def _torchao_int8(name: str, weight: Any) -> Optional[tuple[Tensor, Tensor, Tensor, torch.dtype]]:
+    """``(qdata [out, in] int8, scale [out], zero_point [out], float dtype)`` of a torchao weight-only int8
+    weight (``quantize_(model, Int8WeightOnlyConfig())``), ``None`` for a plain tensor.
+
+    Raises :class:`~pl_actsparse.errors.UnsupportedModuleError` for any other tensor subclass (int4, float8,
+    int8 with dynamic activation quantization, group-wise scales): the export has no kernel that computes
+    what it computes, and dequantizing silently would change the model.
+    """
+    if type(weight) in (Tensor, nn.Parameter) or not isinstance(weight, Tensor):
+        return None
+    cls = type(weight)
+    label = f"{cls.__module__}.{cls.__qualname__}"
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    ok = (
+        cls.__module__.startswith("torchao")
+        and isinstance(qdata, Tensor) and qdata.dtype == torch.int8 and qdata.dim() == 2
+        and isinstance(scale, Tensor) and scale.numel() == qdata.shape[0]
+        and list(getattr(weight, "block_size", [1, qdata.shape[1]])) == [1, qdata.shape[1]]
+        and getattr(weight, "act_quant_kwargs", None) is None
+    )
+    if not ok:
+        raise UnsupportedModuleError(
+            f"export_for_inference: {name!r} has a {label} weight; the export reads plain float weights, "
+            "pl-actsparse Int8WeightLinear layers and torchao weight-only int8 with one scale per output channel "
+            "(quantize_(model, Int8WeightOnlyConfig())). Dequantize it or use one of these"
+        )
+    zp = getattr(weight, "zero_point", None)
+    zp = torch.zeros_like(scale, dtype=torch.float32) if zp is None else zp
+    return qdata, scale.reshape(-1), zp.reshape(-1), getattr(weight, "dtype", torch.float32)
+
+
+def _int8_from_torchao(name: str, linear: nn.Linear, max_sparse_tokens: Optional[int]) -> nn.Module:
+    """An :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` reading torchao's int8 codes and scales
+    (per output channel, ``W = scale * (qdata - zero_point)``) in the int8 kernel's ``[in, out]`` layout."""
+    from pl_actsparse.core.int8 import Int8WeightLinear
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
+
+    qdata, scale, zp, dtype = _torchao_int8(name, linear.weight)  # type: ignore[misc]
+    asym = bool((zp != 0).any())
+    shell = Int8WeightLinear(linear.in_features, linear.out_features, bias=False, mode="asym" if asym else "sym",
+                             device="meta", dtype=dtype)
+    shell.qweight = qdata.detach().t().contiguous()
+    shell.scale = scale.detach().float().reshape(1, -1).contiguous()
+    shell.zero_point = zp.detach().float().reshape(1, -1).contiguous()
+    shell.bias = linear.bias
+    new = Int8SparseInferenceLinear(shell, max_sparse_tokens=max_sparse_tokens)
+    t = linear._buffers[THRESHOLD_BUFFER]
+    if t.numel() != 1:
+        raise ValueError(f"{THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
+    new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
+                                else torch.tensor(-math.inf, device=t.device))
+    new.sparsity_state = _state_of(linear)
+    new.train(linear.training)
+    # what to_linear needs to give back the torchao module bit for bit (no tensor data kept)
+    w = linear.weight
+    names, meta = w.__tensor_flatten__()
+    inner = {n: (tuple(getattr(w, n).shape), getattr(w, n).dtype) for n in names}
+    new.__dict__["_torchao_restore"] = (type(w), names, meta, inner, tuple(w.shape), tuple(w.stride()),
+                                        _RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
+    return new
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

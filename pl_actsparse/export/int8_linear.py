@@ -1,0 +1,217 @@
+"""Inference-only int8 layers: the int8 sparse GEMV while decoding, dequantize + GEMM for prefill.
+
+:func:`export_int8_for_inference` swaps every :class:`~pl_actsparse.core.int8.Int8WeightLinear` (sparsified
+or not) for an :class:`Int8SparseInferenceLinear` sharing its int8 buffers;
+:func:`pl_actsparse.export.convert.export_for_inference` does the same for the int8 layers of a sparsified
+model, and reads torchao's weight-only int8 weights too. See ``docs/int8.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from pl_actsparse.core.int8 import Int8WeightLinear
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
+from pl_actsparse.kernels import cpu as _cpu
+from pl_actsparse.kernels import int8_cpu as _int8
+from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
+
+__all__ = ["Int8SparseInferenceLinear", "export_int8_for_inference", "DEFAULT_INT8_MAX_SPARSE_TOKENS"]
+
+#: Largest token count routed to the int8 sparse kernel by :class:`Int8SparseInferenceLinear`, by backend.
+#: The C++ kernel reads the union of the tokens' rows once and does one FMA per token and weight, which beats
+#: dequantizing the whole weight for a GEMM up to a handful of tokens; the torch fallback only for one.
+DEFAULT_INT8_MAX_SPARSE_TOKENS = {"cpp": 8, "torch": 1}
+
+
+class Int8SparseInferenceLinear(nn.Module):
+    """Inference-only int8 layer: sparse int8 GEMV for few tokens, dequantize + GEMM for many.
+
+    Buffers: ``qweight_t`` int8 ``[in, out]``, ``scale``, ``zero_point`` (as in :class:`Int8WeightLinear`),
+    ``activation_threshold`` (0-dim; ``-inf`` for a layer that was not sparsified: the kernel then reads every
+    row, a dense int8 GEMV) and ``bias`` (or ``None``). Calls with at most ``max_sparse_tokens`` tokens use
+    :func:`~pl_actsparse.kernels.int8_cpu.int8_sparse_linear`; larger ones
+    :func:`~pl_actsparse.kernels.int8_cpu.int8_dense_linear` on the masked input. Both compute
+    ``F.linear(x.masked_fill(|x| <= t, 0), dequantized W, bias)`` with fp32 accumulation; the output has
+    ``x``'s dtype. No backward.
+    """
+
+    qweight_t: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    activation_threshold: Tensor
+
+    def __init__(self, layer: Int8WeightLinear, *, max_sparse_tokens: Optional[int] = None) -> None:
+        super().__init__()
+        if not isinstance(layer, Int8WeightLinear):
+            raise TypeError(f"expected an Int8WeightLinear, got {type(layer).__qualname__}")
+        if max_sparse_tokens is not None and max_sparse_tokens < 0:
+            raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.mode = layer.mode
+        self.granularity = layer.granularity
+        self.weight_dtype = layer.weight_dtype
+        self.max_sparse_tokens = max_sparse_tokens
+        self.backend = resolve_int8_backend(build=False)
+        self.register_buffer("qweight_t", layer.qweight)
+        self.register_buffer("scale", layer.scale)
+        self.register_buffer("zero_point", layer.zero_point)
+        t = layer._buffers.get(THRESHOLD_BUFFER) if is_sparsified(layer) else None
+        if t is not None and t.numel() != 1:
+            raise ValueError(f"{THRESHOLD_BUFFER} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
+        thr = t.detach().reshape(()).float().clone() if t is not None else torch.tensor(-math.inf, device=layer.qweight.device)
+        self.register_buffer(THRESHOLD_BUFFER, thr)
+        b = layer.bias
+        self.register_buffer("bias", None if b is None else b.detach())
+        state = getattr(layer, "_actsparse", None) if is_sparsified(layer) else None
+        #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
+        self.sparsity_state = (
+            decode_sparsifier_state(encode_sparsifier_state(state)) if state is not None
+            else {"target": 0.0, "calibrated": False, "gradient_mode": "masked",
+                  "calibration_sparsity": None, "calibration_elements": 0}
+        )
+        self.train(layer.training)
+
+    # -- saving and loading: the Int8WeightLinear layout -------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        """The sparsifier state of the layer this one was exported from, as the float64 tensor of
+        :func:`pl_actsparse.core.layer.encode_sparsifier_state`."""
+        return encode_sparsifier_state(self.sparsity_state)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.sparsity_state = decode_sparsifier_state(state)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        # The keys of a sparsified Int8WeightLinear (``qweight`` holds the same [in, out] codes as qweight_t),
+        # so an exported int8 model's checkpoint loads into a model quantized with quantize_weights_int8.
+        def put(key: str, t: Optional[Tensor]) -> None:
+            if t is not None:
+                destination[prefix + key] = t if keep_vars else t.detach()
+
+        put("bias", self.bias)
+        put("qweight", self.qweight_t)
+        put("scale", self.scale)
+        put("zero_point", self.zero_point)
+        put(THRESHOLD_BUFFER, self.activation_threshold)
+        destination[prefix + "_extra_state"] = self.get_extra_state()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        qkey, tkey, skey = prefix + "qweight", prefix + "qweight_t", prefix + "_extra_state"
+        if qkey in state_dict and tkey not in state_dict:
+            state_dict[tkey] = state_dict.pop(qkey)
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if skey not in state_dict:  # this layer always applies its threshold: the state is bookkeeping only
+            missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight: int8 codes plus scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight_t, self.scale, self.zero_point))
+
+    def sparse_token_limit(self) -> int:
+        if self.max_sparse_tokens is not None:
+            return self.max_sparse_tokens
+        return DEFAULT_INT8_MAX_SPARSE_TOKENS.get(self.backend, 1)
+
+    def _direct_args(self) -> Optional[tuple]:
+        # Per-call conversions of the custom op, done once: (row_scale, row_zero, col_scale, col_zero, bias)
+        # as contiguous fp32 vectors, rebuilt when a buffer is replaced (load_state_dict, .to()).
+        key = (self.qweight_t, self.scale, self.zero_point, self.bias, self.mode)
+        cached = self.__dict__.get("_direct")
+        if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        if self.qweight_t.device.type != "cpu" or not self.qweight_t.is_contiguous():
+            return None
+        zp = self.zero_point if self.mode == "asym" else None
+        args = _int8.int8_kernel_args(self.qweight_t, self.scale, zp, self.bias)
+        self.__dict__["_direct"] = (key, args)
+        return args
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The masked int8 product; output in ``x``'s dtype, or the autocast dtype under ``torch.autocast``
+        (as ``F.linear``). With autograd recording, the differentiable dense path (gradients reach ``x``)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return self._forward(x).to(torch.get_autocast_dtype(dev))
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        zp = self.zero_point if self.mode == "asym" else None
+        ntok = x.numel() // self.in_features
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if not grad and x.device.type == "cpu" and ntok <= self.sparse_token_limit():
+            # whether the kernel is loaded now, not what self.backend said at construction (a layer unpickled
+            # or built before the kernel was must still take the fast path once the first call has built it)
+            if not torch.compiler.is_compiling() and _int8.load_int8_extension(build=False):
+                args = self._direct_args()
+                if args is not None and _cpu.get_backend() != "torch":
+                    # Eager decoding: the kernel directly (the custom op's Python checks cost ~0.2 ms/call).
+                    t = _cpu.effective_threshold(self.activation_threshold, x.dtype)
+                    y = _int8.int8_sparse_gemv_direct(x.reshape(-1, self.in_features).contiguous(), t, self.qweight_t, *args)
+                    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return int8_sparse_linear(x, self.activation_threshold, self.qweight_t, self.scale, zp, self.bias)
+        xm = x.masked_fill(x.abs() <= self.activation_threshold, 0)
+        return int8_dense_linear(xm, self.qweight_t, self.scale, zp, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int8 {self.mode}, threshold={float(self.activation_threshold):.4g}, backend={self.backend!r}"
+        )
+
+    def to_linear(self) -> nn.Linear:
+        """The (unsparsified) module this layer was exported from, with the same int8 codes, scales and zero
+        points, bit for bit: an :class:`Int8WeightLinear` sharing the buffers, or, for a layer exported from
+        torchao's int8 (``Int8WeightOnlyConfig``), the original module class holding a torchao tensor of the
+        same type, codes (transposed back), scales and zero points. Used by
+        :func:`pl_actsparse.remove_activation_sparsity` on exported models."""
+        ao = self.__dict__.get("_torchao_restore")
+        if ao is not None:
+            cls, names, meta, inner, shape, stride, info, bias_dtype = ao
+            parts = {"qdata": self.qweight_t.t().contiguous(), "scale": self.scale, "zero_point": self.zero_point}
+            tensors = {n: parts[n].reshape(inner[n][0]).to(inner[n][1]).contiguous() for n in names}
+            weight = cls.__tensor_unflatten__(tensors, meta, torch.Size(shape), stride)
+            bias = None if self.bias is None else self.bias.detach().to(bias_dtype)
+            lin = info.build(weight, bias, self.in_features, self.out_features)
+            lin.train(self.training)
+            return lin
+        new = Int8WeightLinear(self.in_features, self.out_features, bias=False, mode=self.mode,
+                               granularity=self.granularity, device="meta", dtype=self.weight_dtype)
+        new.qweight, new.scale, new.zero_point = self.qweight_t, self.scale, self.zero_point
+        new.bias = None if self.bias is None else nn.Parameter(self.bias.detach().to(self.weight_dtype))
+        new.train(self.training)
+        return new
+
+
+def export_int8_for_inference(model: nn.Module, *, max_sparse_tokens: Optional[int] = None) -> nn.Module:
+    """Replace every :class:`Int8WeightLinear` (sparsified or not) by an :class:`Int8SparseInferenceLinear`.
+
+    In place; the int8 buffers are shared, not copied. Compiles the int8 C++ kernel now (once per machine)
+    unless the backend is ``"torch"``. Float sparsified layers are left alone (export them with
+    :func:`pl_actsparse.export.linear.export_for_inference`). Raises ``ValueError`` if there is no int8 layer.
+    """
+    targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, Int8WeightLinear)]
+    if not targets:
+        raise ValueError(f"export_int8_for_inference: {type(model).__name__} has no Int8WeightLinear; run quantize_weights_int8 first")
+    if any(n == "" for n, _ in targets):
+        raise ValueError("export_int8_for_inference: the model itself is an int8 layer; wrap it in a container")
+    if _cpu.get_backend() != "torch":
+        resolve_int8_backend(build=True)
+    done: dict[int, Int8SparseInferenceLinear] = {}
+    for name, old in targets:
+        new = done.get(id(old))
+        if new is None:
+            new = done[id(old)] = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
