@@ -73,6 +73,7 @@ __all__ = [
     "find_block_list",
     "calibrate_sequential",
     "calibrate",
+    "check_calibration_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def find_block_list(
 
     Without ``blocks``, the candidate is the ``nn.ModuleList`` (of at least 2 distinct modules) holding the most
     of ``layers`` (qualified names of the targeted layers; default: every ``nn.Linear``), the outermost one on
-    ties; it must hold more than half of them. ``blocks`` names the list explicitly.
+    ties; it must hold more than half of them. ``blocks`` names the list explicitly (then it may hold any
+    share of the layers: those outside run before or after the blocks).
 
     Returns ``(name, reason)``: ``name`` is ``None`` when there is no suitable list, and ``reason`` says why
     (or what was found).
@@ -149,7 +151,7 @@ def find_block_list(
         return None, f"{best!r} holds the same block object more than once (shared blocks)"
     if len(block_list) < 2:
         return None, f"{best!r} holds fewer than 2 blocks"
-    if 2 * held <= len(layers):
+    if blocks is None and 2 * held <= len(layers):
         return None, (
             f"no nn.ModuleList holds the bulk of the {len(layers)} targeted layer(s) "
             f"(the best, {best!r}, holds {held})"
@@ -479,6 +481,17 @@ def _check_choice(name: str, value: Any, valid: tuple) -> None:
         raise InvalidTargetError(f"{name} must be one of {', '.join(repr(v) for v in valid)}, got {value!r}")
 
 
+def check_calibration_options(calibration: Any, offload: Any) -> None:
+    """Validate the api's ``calibration`` and ``offload`` options before anything changes.
+
+    Raises:
+        InvalidTargetError: ``calibration`` is not one of :data:`CALIBRATION_MODES` or ``offload`` not one of
+            :data:`OFFLOAD_MODES`.
+    """
+    _check_choice("calibration", calibration, CALIBRATION_MODES)
+    _check_choice("offload", offload, OFFLOAD_MODES)
+
+
 def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -507,8 +520,7 @@ def calibrate(
     Raises:
         InvalidTargetError: ``calibration`` or ``offload`` is not one of the values above.
     """
-    _check_choice("calibration", calibration, CALIBRATION_MODES)
-    _check_choice("offload", offload, OFFLOAD_MODES)
+    check_calibration_options(calibration, offload)
     if calibration == "lockstep":
         return calibrate_layers(model, layers, items, **kwargs)
     if calibration == "auto":
