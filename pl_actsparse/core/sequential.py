@@ -206,7 +206,7 @@ class _Entry:
         self.calls: list[tuple[tuple, dict]] = []  # per block: args, kwargs with placeholders
         self.tensors: Any = []  # list of tensors, or the path of their file (offload="disk")
         self.mask: torch.Tensor | None = None
-        self.poison: Any = None
+        self.generation = 0
 
 
 class _BoundaryCache:
@@ -277,9 +277,13 @@ class _BoundaryCache:
         t = t.detach()
         entry.shape, entry.dtype = tuple(t.shape), t.dtype
         if self.dir is not None:
-            path = os.path.join(self.dir, f"hidden{b}.bin")
+            # a new file each time: the old one may still be mapped (and even be ``t`` itself)
+            entry.generation += 1
+            path = os.path.join(self.dir, f"hidden{b}-{entry.generation}.bin")
             t.contiguous().cpu().view(torch.uint8).numpy().tofile(path)
-            entry.hidden = path
+            old, entry.hidden = entry.hidden, path
+            if isinstance(old, str):
+                os.remove(old)
         else:
             entry.hidden = t if self.store_device is None else t.to(self.store_device)
 
@@ -358,8 +362,9 @@ class _Stubs:
 
     def __enter__(self) -> "_Stubs":
         for j, block in enumerate(self.blocks):
-            self._saved.append(block.__dict__.get("forward", _MISSING))
-            block.forward = self._stub(j, block)
+            saved = block.__dict__.get("forward", _MISSING)  # e.g. accelerate's hook wrapper
+            self._saved.append(saved)
+            block.forward = self._stub(j, type(block).forward.__get__(block) if saved is _MISSING else saved)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -374,8 +379,7 @@ class _Stubs:
         st = self.state
         st.index, st.next_block, st.passed, st.seen = index, 0, None, {}
 
-    def _stub(self, j: int, block: nn.Module) -> Callable[..., Any]:
-        real = type(block).forward.__get__(block)
+    def _stub(self, j: int, real: Callable[..., Any]) -> Callable[..., Any]:
         last = len(self.blocks) - 1
 
         def stub(*args: Any, **kwargs: Any) -> Any:
