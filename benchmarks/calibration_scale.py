@@ -14,6 +14,10 @@ Modes: ``lockstep`` (today's exact mode, every batch in flight), ``sequential`` 
 (``max_batches_in_flight=1``). Per-layer error: the relative difference of each threshold to the exact one
 (lockstep's at the same N; ``null`` when lockstep was not run) and the number of bit-identical thresholds.
 
+Peak RSS includes what glibc keeps in its per-thread arenas after tensors are freed, which depends on how
+many threads allocated; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment makes large tensors come from
+``mmap`` and go back on free, so the figure is closer to the live memory (both settings are worth reporting).
+
 The full run (22 blocks, N = 8, 16, 32, 64) takes hours on a small CPU: sizes and modes are flags.
 
     python benchmarks/calibration_scale.py [--layers 22] [--n 8 16 32 64] [--modes lockstep sequential streaming]
@@ -57,7 +61,7 @@ def worker(args: argparse.Namespace) -> dict:
         model = transformers.LlamaForCausalLM._from_config(config, torch_dtype=getattr(torch, args.dtype)).eval()
     g = torch.Generator().manual_seed(1)
     seqs = torch.randint(0, config.vocab_size, (args.n, args.seq), generator=g)
-    batches = [{"input_ids": seqs[i : i + args.batch_size].to(device), "use_cache": False} for i in range(0, args.n, args.batch_size)]
+    batches = [{"input_ids": seqs[i : i + args.batch_size].to(device), "use_cache": args.use_cache} for i in range(0, args.n, args.batch_size)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         model(input_ids=batches[0]["input_ids"][:1, :8], use_cache=False)  # warm-up
@@ -122,6 +126,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--use-cache", action="store_true", help="let HF build its DynamicCache, as generate-ready calls do")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per subprocess")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -142,7 +147,7 @@ def main() -> None:
             path = os.path.join(tmp, f"{mode}-{n}.pt")
             cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--out", path,
                    "--layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq", str(args.seq),
-                   "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype]
+                   "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (["--use-cache"] if args.use_cache else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode != 0:
                 runs.append({"mode": mode, "n": n, "error": proc.stderr[-2000:]})
@@ -162,6 +167,8 @@ def main() -> None:
         "seq_len": args.seq,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "use_cache": args.use_cache,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "device": args.device,
         "runs": runs,
     }, indent=1))
