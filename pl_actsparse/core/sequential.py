@@ -1,4 +1,4 @@
-"""Block-wise (sequential) exact calibration: the memory of one boundary cache, not of the whole data set.
+"""Block-wise (sequential) exact calibration: a cache of block inputs instead of the whole model in flight.
 
 Lockstep calibration (:mod:`pl_actsparse.core.calibration`) runs the *whole model* with every calibration batch
 in flight, so every batch's activations at the layer being finalized are alive at once. Most large models are
@@ -555,7 +555,8 @@ def calibrate_sequential(
     """Block-wise exact calibration of ``layers`` (already sparsified modules of ``model``) on ``items``.
 
     Same contract and same thresholds as :func:`~pl_actsparse.core.calibration.calibrate_layers` (bit for bit),
-    with the memory of one boundary cache plus one block's in-flight activations (see the module docstring).
+    with the memory of one boundary cache plus one block's in-flight activations for all batches (see the module
+    docstring): the logits and key/value caches of all batches are never alive together.
 
     Args:
         blocks: qualified name of the ``nn.ModuleList`` of blocks; default: found by :func:`find_block_list`.
