@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from pl_actsparse.core.calibration import LayerStatistics, calibrate_layers
+from pl_actsparse.core.calibration import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
+from pl_actsparse.core.sequential import calibrate as _calibrate, check_calibration_options
 from pl_actsparse.errors import (
     CheckpointError,
     ConflictingScopesError,
@@ -276,14 +277,17 @@ def calibrate_activation_sparsity(
     progress: bool = True,
     sync_across_processes: bool | None = None,
     max_batches_in_flight: int | None = None,
+    calibration: str = "auto",
+    offload: str | None = None,
 ) -> SparsityReport:
     """(Re)calibrate sparsified layers at their current targets and return the report.
 
     ``layers`` limits calibration to some layer names (default: every sparsified layer). The report carries
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
-    it had.
+    it had. ``calibration`` and ``offload`` are as for :func:`sparsify_activations`.
     """
     _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
+    check_calibration_options(calibration, offload)
     modules = dict(model.named_modules())
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
@@ -295,7 +299,7 @@ def calibrate_activation_sparsity(
     items = _peek(dataset)
     snaps = _snapshot(modules, names)
     try:
-        stats = calibrate_layers(
+        stats = _calibrate(
             model,
             [(n, modules[n]) for n in names],
             items,
@@ -304,6 +308,8 @@ def calibrate_activation_sparsity(
             max_batches_in_flight=max_batches_in_flight,
             progress=progress,
             sync_across_processes=sync_across_processes,
+            calibration=calibration,
+            offload=offload,
         )
     except BaseException:
         _restore(modules, snaps)
@@ -333,6 +339,8 @@ def sparsify_activations(
     progress: bool = True,
     sync_across_processes: bool | None = None,
     max_batches_in_flight: int | None = None,
+    calibration: str = "auto",
+    offload: str | None = None,
 ) -> nn.Module:
     """Sparsify the inputs of the selected Linear layers and calibrate exact thresholds, in place.
 
@@ -357,6 +365,11 @@ def sparsify_activations(
             process group with several ranks is initialized).
         max_batches_in_flight: bound memory by running batches in lockstep groups of this size (default: all
             at once, which is exact; smaller groups make calibration streaming and approximately exact).
+        calibration: ``"lockstep"`` (the whole model, every batch in flight), ``"sequential"`` (block by block
+            with a cache of block inputs: same thresholds, no logits or KV caches held for all batches, see
+            :mod:`pl_actsparse.core.sequential`) or ``"auto"`` (sequential for models with a block list whose
+            parameters take at least 256 MiB, else lockstep). Raises ``InvalidTargetError`` for another value.
+        offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
 
     Returns:
         The same model object. :func:`activation_sparsity_report` tells what was done.
@@ -376,6 +389,7 @@ def sparsify_activations(
     True
     """
     _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
+    check_calibration_options(calibration, offload)
     mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     items = _peek(dataset)
@@ -386,7 +400,7 @@ def sparsify_activations(
         for name, target in plan.targets.items():
             install_sparsifier(modules[name], target, mode)
         model.__dict__["_actsparse_plan"] = plan
-        stats = calibrate_layers(
+        stats = _calibrate(
             model,
             [(n, modules[n]) for n in plan.targets],
             items,
@@ -395,6 +409,8 @@ def sparsify_activations(
             max_batches_in_flight=max_batches_in_flight,
             progress=progress,
             sync_across_processes=sync_across_processes,
+            calibration=calibration,
+            offload=offload,
         )
     except BaseException:
         _restore(modules, snaps)
