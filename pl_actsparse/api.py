@@ -33,6 +33,7 @@ from pl_actsparse.core.layer import (
     GradientMode,
     SparsifierMode,
     install_sparsifier,
+    is_linear_like,
     is_sparsified,
     sparsified_layers,
     uninstall_sparsifier,
@@ -113,7 +114,7 @@ def plan_activation_sparsity(
     targets = _validated_targets(target_sparsity_by_scope)
 
     modules = list(model.named_modules())
-    is_linear = {name: isinstance(m, nn.Linear) for name, m in modules}
+    is_linear = {name: is_linear_like(m) for name, m in modules}
     class_of = {name: type(m).__qualname__ for name, m in modules}
 
     unmatched: list[str] = []
@@ -133,7 +134,7 @@ def plan_activation_sparsity(
             if is_linear[name]:
                 claims.setdefault(name, []).append(scope)
             elif name and name not in scope.names and not _is_private(name):
-                skipped[name] = f"{class_of[name]} is not an nn.Linear"
+                skipped[name] = f"{class_of[name]} is not an nn.Linear or a registered Linear-like type"
 
     ignored_match = ignored_scope.match(modules)
     if ignored_scope.validate:
@@ -142,8 +143,9 @@ def plan_activation_sparsity(
 
     if unsupported:
         raise UnsupportedModuleError(
-            "these modules are named exactly in a TargetScope but are not nn.Linear (only nn.Linear and "
-            "its subclasses can be sparsified): " + ", ".join(unsupported)
+            "these modules are named exactly in a TargetScope but are not nn.Linear (only nn.Linear, "
+            "its subclasses and registered Linear-like types such as transformers' Conv1D can be sparsified; "
+            "see pl_actsparse.core.layer.register_linear_like): " + ", ".join(unsupported)
         )
     if unmatched:
         raise UnmatchedScopeError(
@@ -479,7 +481,7 @@ def load_activation_sparsity(
     missing = [n for n in names if n not in modules]
     if missing:
         raise NotSparsifiedError(f"the state dict sparsifies layers the model does not have: {missing}")
-    wrong = [f"{n!r} ({type(modules[n]).__qualname__})" for n in names if not isinstance(modules[n], nn.Linear)]
+    wrong = [f"{n!r} ({type(modules[n]).__qualname__})" for n in names if not is_linear_like(modules[n])]
     if wrong:
         raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
     snaps = _snapshot(modules, names)

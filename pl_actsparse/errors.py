@@ -19,6 +19,7 @@ __all__ = [
     "NotSparsifiedError",
     "LayerNotCalledError",
     "TokenMaskError",
+    "CalibrationConvergenceError",
 ]
 
 
@@ -68,3 +69,8 @@ class LayerNotCalledError(ActivationSparsityError):
 
 class TokenMaskError(ActivationSparsityError):
     """A token mask (e.g. an ``attention_mask``) does not fit a layer's input: no token axis matches it."""
+
+
+class CalibrationConvergenceError(ActivationSparsityError):
+    """A layer called several times per forward has no threshold that is the exact quantile of the inputs it
+    produces itself (the calibration passes did not reach that fixed point)."""
