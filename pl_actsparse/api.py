@@ -25,6 +25,7 @@ from pl_actsparse.errors import (
     InvalidTargetError,
     NothingToSparsifyError,
     NotSparsifiedError,
+    TokenMaskError,
     UnmatchedScopeError,
     UnsupportedModuleError,
 )
@@ -38,6 +39,7 @@ from pl_actsparse.core.layer import (
     sparsified_layers,
     uninstall_sparsifier,
 )
+from pl_actsparse.core.masking import resolve_mask_fn
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
@@ -134,7 +136,7 @@ def plan_activation_sparsity(
             if is_linear[name]:
                 claims.setdefault(name, []).append(scope)
             elif name and name not in scope.names and not _is_private(name):
-                skipped[name] = f"{class_of[name]} is not an nn.Linear or a registered Linear-like type"
+                skipped[name] = f"{class_of[name]} is not an nn.Linear"
 
     ignored_match = ignored_scope.match(modules)
     if ignored_scope.validate:
@@ -226,6 +228,14 @@ def _check_options(num_calibration_batches: Any, transform_fn: Any, max_batches_
         raise InvalidTargetError(f"transform_fn must be callable or None, got {transform_fn!r}")
 
 
+def _check_token_mask(token_mask: Any) -> None:
+    """``token_mask`` must be ``"auto"``, ``None`` or a callable (checked before any module changes)."""
+    try:
+        resolve_mask_fn(token_mask)
+    except TypeError as exc:
+        raise TokenMaskError(str(exc)) from None
+
+
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
     """Fail on empty data before anything changes, without consuming an item."""
     try:
@@ -282,14 +292,16 @@ def calibrate_activation_sparsity(
     progress: bool = True,
     sync_across_processes: bool | None = None,
     max_batches_in_flight: int | None = None,
+    token_mask: str | Callable[[Any], torch.Tensor | None] | None = "auto",
 ) -> SparsityReport:
     """(Re)calibrate sparsified layers at their current targets and return the report.
 
     ``layers`` limits calibration to some layer names (default: every sparsified layer). The report carries
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
-    it had.
+    it had. ``token_mask`` and the other options are those of :func:`sparsify_activations`.
     """
     _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
+    _check_token_mask(token_mask)
     modules = dict(model.named_modules())
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
@@ -310,6 +322,7 @@ def calibrate_activation_sparsity(
             max_batches_in_flight=max_batches_in_flight,
             progress=progress,
             sync_across_processes=sync_across_processes,
+            token_mask=token_mask,
         )
     except BaseException:
         _restore(modules, snaps)
@@ -339,12 +352,15 @@ def sparsify_activations(
     progress: bool = True,
     sync_across_processes: bool | None = None,
     max_batches_in_flight: int | None = None,
+    token_mask: str | Callable[[Any], torch.Tensor | None] | None = "auto",
 ) -> nn.Module:
     """Sparsify the inputs of the selected Linear layers and calibrate exact thresholds, in place.
 
     Each layer's threshold is the exact quantile of ``|x|`` over all of its calibration elements, measured
     with every selected layer already sparsified (one forward pass over the data, see
-    :mod:`pl_actsparse.core.calibration`). Calling it again on a sparsified model recalibrates the selected
+    :mod:`pl_actsparse.core.calibration`). Elements are the inputs of real tokens (``token_mask``) in every
+    call of the layer: a module called several times per forward is calibrated over all its calls.
+    Calling it again on a sparsified model recalibrates the selected
     layers (new targets allowed) and never stacks a second sparsifier; sparsified layers that the new recipe
     does not select keep their thresholds.
 
@@ -363,6 +379,17 @@ def sparsify_activations(
             process group with several ranks is initialized).
         max_batches_in_flight: bound memory by running batches in lockstep groups of this size (default: all
             at once, which is exact; smaller groups make calibration streaming and approximately exact).
+        token_mask: which input elements are data. ``"auto"`` (default): a dict item's ``attention_mask``
+            (bool/0-1 ``[batch, seq]``, 1 = real token) masks padding, other items count every element;
+            ``None``: every element counts; a callable ``item -> bool mask [batch, seq]`` (or ``None``) for
+            other layouts. It receives the item as ``dataset`` yields it, before ``transform_fn``.
+
+    Raises:
+        TokenMaskError: ``token_mask`` is not one of these (before any change), or a layer's input has no
+            leading ``[batch, seq]`` (or flattened ``[batch * seq]``) axes matching the mask (the model is
+            restored).
+        CalibrationConvergenceError: a layer called several times per forward has no exact threshold over
+            all of its calls (model restored).
 
     Returns:
         The same model object. :func:`activation_sparsity_report` tells what was done.
@@ -382,6 +409,7 @@ def sparsify_activations(
     True
     """
     _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
+    _check_token_mask(token_mask)
     mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     items = _peek(dataset)
@@ -401,6 +429,7 @@ def sparsify_activations(
             max_batches_in_flight=max_batches_in_flight,
             progress=progress,
             sync_across_processes=sync_across_processes,
+            token_mask=token_mask,
         )
     except BaseException:
         _restore(modules, snaps)

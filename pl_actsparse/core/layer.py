@@ -379,6 +379,8 @@ def weight_nbytes(module: nn.Module) -> int:
     if isinstance(own, int) and not isinstance(own, bool):
         return own
     weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) and linear_like_spec(module) is not None:
+        weight = linear_like_weight_t(module)  # a registered Linear-like type storing its weight elsewhere
     return _tensor_nbytes(weight) if isinstance(weight, torch.Tensor) else 0
 
 

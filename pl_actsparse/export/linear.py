@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pl_actsparse.core.layer import linear_like_spec
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 
@@ -43,11 +44,11 @@ _DENSE_CHUNK_BYTES = 8 << 20
 
 
 def is_sparsified_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a sparsified layer: an ``nn.Linear`` carrying an ``activation_threshold`` buffer.
-
-    Kept as the single detection point so that it can be swapped for the core library's helper.
+    """Whether ``module`` is a sparsified layer: an ``nn.Linear`` (or a Linear-like type registered with
+    :func:`pl_actsparse.core.layer.register_linear_like`, e.g. GPT-2's ``Conv1D``) carrying an
+    ``activation_threshold`` buffer.
     """
-    return isinstance(module, nn.Linear) and THRESHOLD_BUFFER in module._buffers
+    return THRESHOLD_BUFFER in module._buffers and linear_like_spec(module) is not None
 
 
 def _applies_threshold(module: nn.Module) -> bool:
@@ -143,17 +144,21 @@ class SparseInferenceLinear(nn.Module):
         threshold = linear._buffers[THRESHOLD_BUFFER]
         if threshold.numel() != 1:
             raise ValueError(f"{THRESHOLD_BUFFER} must hold one value, got shape {tuple(threshold.shape)}")
-        weight = linear.weight
+        spec = linear_like_spec(linear)
+        if spec is None:
+            raise ValueError(f"{type(linear).__name__} is not a Linear-like layer (see register_linear_like)")
+        weight_t = spec.weight_t(linear)  # [in, out]: GPT-2's Conv1D stores it so, nn.Linear's weight.t()
+        weight = weight_t.t()
         new = cls(  # skeleton on the meta device (no allocation), then the real tensors
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
+            spec.in_features(linear),
+            spec.out_features(linear),
+            bias=getattr(linear, "bias", None) is not None,
             max_sparse_tokens=max_sparse_tokens,
             device="meta",
             dtype=weight.dtype,
         )
-        new.weight_t = nn.Parameter(to_kernel_layout(weight), requires_grad=False)
-        if linear.bias is not None:
+        new.weight_t = nn.Parameter(to_kernel_layout(weight), requires_grad=False)  # Conv1D's is already W^T: no copy
+        if getattr(linear, "bias", None) is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         if keep_dense_weight:
             new.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -297,7 +302,7 @@ def export_for_inference(
     # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if is_sparsified_linear(m)]
     if not targets:
-        n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+        n_linear = sum(linear_like_spec(m) is not None for m in model.modules())
         n_done = sum(type(m).__name__ in ("SparseInferenceLinear", "Int8SparseInferenceLinear") for m in model.modules())
         hint = f" ({n_done} layers are already exported)" if n_done else ""
         raise ValueError(
@@ -318,7 +323,7 @@ def export_for_inference(
             UserWarning,
             stacklevel=2,
         )
-    if any(m.weight.device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
+    if any(linear_like_spec(m).weight_t(m).device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
         _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
     from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear

@@ -29,7 +29,7 @@ from pl_actsparse.api import (
     _validated_targets,
 )
 from pl_actsparse.measure.metric import ActivationSparsity
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_sparsified, sparsified_layers
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_linear_like, is_sparsified, sparsified_layers
 from pl_actsparse.measure.report import SparsityReport
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
@@ -123,7 +123,7 @@ def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Mapping[st
         if name not in modules:
             raise NotSparsifiedError(f"the checkpoint sparsifies {name!r}, which this model does not have")
         module = modules[name]
-        if not isinstance(module, nn.Linear):
+        if not is_linear_like(module):
             raise NotSparsifiedError(f"the checkpoint sparsifies {name!r}, which is a {type(module).__qualname__} here")
         extra = state_dict.get(f"{prefix}{name}._extra_state" if name else f"{prefix}_extra_state")
         if not is_sparsified(module):
