@@ -53,6 +53,7 @@ from pl_actsparse.errors import (
     EmptyDatasetError,
     LayerNotCalledError,
     NonFiniteActivationError,
+    TokenMaskError,
 )
 from pl_actsparse.core.layer import SparsifierMode
 from pl_actsparse.core.masking import current_token_mask, resolve_mask_fn, select_tokens, token_mask as _token_mask_ctx
@@ -314,7 +315,11 @@ class CalibrationSession:
             )
         mask = current_token_mask()  # this worker's batch (a context variable is per thread)
         if mask is not None:
-            select_tokens(x[..., :0], mask, layer=slot.name)  # shape check only: TokenMaskError before any statistic
+            try:  # shape check only (no copy): TokenMaskError before any statistic
+                select_tokens(x[..., :0], mask, layer=slot.name)
+            except TokenMaskError:
+                select_tokens(x, mask, layer=slot.name)  # raises, naming the input's real shape
+                raise
         with self.cond:
             calls = slot.visits.get(threading.get_ident(), 0) + 1
             slot.visits[threading.get_ident()] = calls
