@@ -10,7 +10,6 @@ from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsify_ac
 from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.errors import TokenMaskError
 
-from test_exactness import best_reachable
 from tiny_models import SEED_RECIPE_PATTERNS, tiny_hf_llama, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,15 +54,52 @@ def real_token_inputs(model, batches, call):
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
+def assert_best_reachable(x, tau, target, name=""):
+    """``|x| <= tau`` zeroes the reachable count closest to ``target * n`` (ties: fewer), checked against the
+    neighbouring reachable counts in O(n) (the brute force of test_exactness sorts, too slow for 10^6)."""
+    a = x.abs()
+    zeroed = a <= tau  # exactly as the layer compares
+    ad = a.double().flatten()
+    n, z, want = ad.numel(), int(zeroed.sum()), target * ad.numel()
+    err = abs(z - want)
+    if z:
+        z_lo = int((ad < ad[zeroed.flatten()].max()).sum())
+        assert err < abs(z_lo - want), (name, z, z_lo, want)  # a tie goes to fewer zeroed
+    if z < n:
+        z_hi = int((ad <= ad[~zeroed.flatten()].min()).sum())
+        assert err <= abs(z_hi - want), (name, z, z_hi, want)
+    return z / n
+
+
 def check_real_token_sparsity(model, batches, call, tol=0.002):
     modules = dict(model.named_modules())
     for name, x in real_token_inputs(model, batches, call).items():
         m = modules[name]
         target = m._actsparse.target
-        achieved = float((x.abs() <= m.activation_threshold).double().mean())
+        achieved = assert_best_reachable(x, m.activation_threshold, target, name)
         assert abs(achieved - target) <= tol, (name, achieved, target)
-        assert achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12), name
         assert m._actsparse.calibration_elements == x.numel(), name
+        assert m._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12), name
+
+
+def test_best_reachable_check_agrees_with_brute_force():
+    from test_exactness import best_reachable
+
+    tie = torch.tensor([1.0, 2.0, 2.0, 3.0])  # target 0.5: counts 1 and 3 are equally close, 1 (fewer) wins
+    assert assert_best_reachable(tie, torch.tensor(1.0), 0.5) == 0.25
+    with pytest.raises(AssertionError):
+        assert_best_reachable(tie, torch.tensor(2.0), 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, generator=g).round(decimals=1)
+    for target in (0.1, 0.33, 0.5, 0.9):
+        for tau in torch.unique(x.abs()).tolist():
+            best = best_reachable(x.abs(), target)
+            z = float((x.abs() <= tau).double().mean())
+            if z == best:
+                assert assert_best_reachable(x, torch.tensor(tau), target) == best
+            else:
+                with pytest.raises(AssertionError):
+                    assert_best_reachable(x, torch.tensor(tau), target)
 
 
 def random_seqs(lengths, vocab=64, seed=0):
@@ -107,25 +143,28 @@ def _ids(batch):
     return batch["input_ids"]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-def test_stories260k_padded_batches(stories, dtype):
+@pytest.mark.parametrize("dtype,sides", [("float32", ("right", "left")), ("bfloat16", ("right",))])
+def test_stories260k_padded_batches(stories, dtype, sides):
     """32 real stories in batches of 8 padded to the longest (about 20% padding), right and left padding.
 
     The llama2c model is causal and takes no mask: with right padding it computes the real tokens exactly as
     unpadded, so thresholds are equal bit for bit; with left padding real tokens attend to the pads (another
-    model), so only the guarantee on real tokens is checked.
+    model), so only the guarantee on real tokens is checked. (bf16 left padding is covered on the HF Llama
+    above; stories260K in bf16 is slow on CPU.)
     """
     from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
-    unpadded = load_llama2c_checkpoint(dtype=DTYPES[dtype])
-    sparsify_activations(unpadded, [s[None] for s in stories], RECIPE, progress=False)
-    for side in ("right", "left"):
+    unpadded = None
+    if dtype == "float32":
+        unpadded = load_llama2c_checkpoint(dtype=DTYPES[dtype])
+        sparsify_activations(unpadded, [s[None] for s in stories], RECIPE, progress=False)
+    for side in sides:
         batches = [pad(stories[i : i + 8], side) for i in range(0, 32, 8)]
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         assert 0.15 < 1 - real / sum(b["attention_mask"].numel() for b in batches) < 0.3
         model = load_llama2c_checkpoint(dtype=DTYPES[dtype])
         sparsify_activations(model, batches, RECIPE, progress=False, transform_fn=_ids)
-        if side == "right":
+        if side == "right" and unpadded is not None:
             a, b = thresholds(model), thresholds(unpadded)
             assert all(torch.equal(a[n], b[n]) for n in a)
         check_real_token_sparsity(model, batches, lambda m, b: m(b["input_ids"]))
