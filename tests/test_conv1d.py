@@ -221,3 +221,31 @@ def test_registering_another_linear_like_type():
         from pl_actsparse.core import layer
 
         layer._LINEAR_LIKE.pop(TransposedLinear, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_conv1d_behaves_as_the_equivalent_linear(dtype, target):
+    """Table: a Conv1D and the nn.Linear with the transposed weight get the same threshold, statistics and
+    outputs, plain and weight-aware (per-channel thresholds, which rescale the weight along its input axis)."""
+    transformers = pytest.importorskip("transformers")
+    from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
+
+    torch.manual_seed(0)
+    conv = transformers.pytorch_utils.Conv1D(12, 10).to(dtype)
+    lin = nn.Linear(10, 12).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    data = [torch.randn(3, 7, 10).to(dtype) for _ in range(2)]
+    probe = torch.randn(4, 10).to(dtype)
+    for fn in (sparsify_activations, sparsify_activations_weight_aware):
+        c, l = nn.Sequential(copy.deepcopy(conv)), nn.Sequential(copy.deepcopy(lin))
+        w_before = c[0].weight.clone()
+        fn(c, data, {TargetScope(names=["0"]): target}, progress=False)
+        fn(l, data, {TargetScope(names=["0"]): target}, progress=False)
+        assert torch.equal(c[0].activation_threshold, l[0].activation_threshold), fn.__name__
+        assert c[0]._actsparse.calibration_sparsity == l[0]._actsparse.calibration_sparsity
+        assert torch.equal(c[0].weight, w_before)  # weight-aware puts the very weights back
+        with torch.no_grad():
+            torch.testing.assert_close(c(probe), l(probe), rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
