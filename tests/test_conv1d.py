@@ -249,3 +249,66 @@ def test_conv1d_behaves_as_the_equivalent_linear(dtype, target):
         assert torch.equal(c[0].weight, w_before)  # weight-aware puts the very weights back
         with torch.no_grad():
             torch.testing.assert_close(c(probe), l(probe), rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_gpt2_with_the_lightning_callback(tmp_path):
+    """validate calibrates Conv1D layers and logs their sparsity; fit fine-tunes through them; a checkpoint
+    restores them into a fresh model."""
+    pl = pytest.importorskip("lightning.pytorch")
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pl_actsparse import ActivationSparsityCallback
+    from pl_actsparse.lightning.callback import install_sparsifiers_from_state_dict
+
+    class GPT2LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_gpt2().train()
+
+        def forward(self, ids):
+            return self.model(input_ids=ids).logits
+
+        def _loss(self, batch):
+            x, y = batch
+            return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+        def training_step(self, batch, batch_idx):
+            return self._loss(batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self._loss(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        def on_load_checkpoint(self, checkpoint):
+            install_sparsifiers_from_state_dict(self, checkpoint["state_dict"])
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (12, 17), generator=g)
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=4)
+    calib = list(loader)
+    cb = ActivationSparsityCallback(
+        scopes=[{"patterns": [r".*c_fc", r".*mlp\.c_proj"], "sparsity": 0.5}],
+        calibration_dataloader=calib, input_key=0, progress=False, verbose=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, max_steps=2, callbacks=[cb],
+    )
+    lm = GPT2LM()
+    results = trainer.validate(lm, dataloaders=loader, verbose=False)[0]
+    fc = lm.model.transformer.h[0].mlp.c_fc
+    assert type(fc).__name__ == "SparseActivationConv1D"
+    assert fc._actsparse.calibration_sparsity == pytest.approx(0.5, abs=1 / fc._actsparse.calibration_elements)
+    assert "actsparse/val/sparsity" in results
+    before = fc.weight.detach().clone()
+    trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)
+    assert not torch.equal(fc.weight, before)  # fine-tuned through the sparsified Conv1D
+    path = tmp_path / "gpt2.ckpt"
+    trainer.save_checkpoint(path)
+    fresh = GPT2LM.load_from_checkpoint(path)
+    fc2 = fresh.model.transformer.h[0].mlp.c_fc
+    assert torch.equal(fc2.activation_threshold, fc.activation_threshold)
+    assert torch.equal(fc2.weight, fc.weight)
