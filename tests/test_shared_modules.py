@@ -146,3 +146,37 @@ def test_no_fixed_point_within_the_passes_raises_and_restores(monkeypatch):
         sparsify_activations(net, data, {TargetScope(names=["0", "2"]): 0.5}, progress=False)
     assert type(a) is nn.Linear and type(b) is nn.Linear  # restored, nothing left installed
     assert "activation_threshold" not in a._buffers
+
+
+def _zeroed_over_all_calls(net, lin, data, tau):
+    """Pin ``lin`` at ``tau`` and count the zeroed elements over every call (inputs produced under tau)."""
+    saved = lin.activation_threshold.clone()
+    lin.activation_threshold.fill_(tau)
+    try:
+        xs = all_call_inputs(net, ["0"], data)["0"]
+        x = torch.cat(xs)
+        return int((x.abs() <= lin.activation_threshold).sum()), x
+    finally:
+        lin.activation_threshold.copy_(saved)
+
+
+def test_a_jump_over_the_target_is_warned_and_the_closer_side_kept():
+    """A layer that moves its own later inputs can make the zeroed count jump over the target: no threshold
+    is a fixed point; the closer side is kept and a warning gives the figures (never a silent miss)."""
+    g = torch.Generator().manual_seed(17)
+    torch.manual_seed(17)
+    lin = nn.Linear(6, 6)
+    net = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh())
+    data = [torch.randn(10, 6, generator=g) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"'0' is called 2 times per forward; its zeroed fraction over all calls jumps"):
+        sparsify_activations(net, data, {TargetScope(names=["0"]): 0.37}, progress=False)
+    tau = float(lin.activation_threshold)
+    want = 0.37 * 240
+    z, x = _zeroed_over_all_calls(net, lin, data, tau)
+    assert z == round(lin._actsparse.calibration_sparsity * 240)
+    assert best_reachable(x.abs(), 0.37) * 240 != z  # not a fixed point: its own inputs would want another tau
+    above = float(torch.nextafter(torch.tensor(tau), torch.tensor(float("inf"))))
+    below = float(torch.nextafter(torch.tensor(tau), torch.tensor(0.0)))
+    for neighbour in (above, below):  # the adjacent thresholds land no closer to the target
+        zn, _ = _zeroed_over_all_calls(net, lin, data, neighbour)
+        assert abs(zn - want) >= abs(z - want)

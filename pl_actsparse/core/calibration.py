@@ -38,6 +38,7 @@ which it is pinned, every other layer being recalibrated in lockstep each pass (
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import warnings
@@ -219,6 +220,9 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+_WORKER: contextvars.ContextVar[object] = contextvars.ContextVar("pl_actsparse_calibration_worker", default=None)
+
+
 class _Aborted(Exception):
     """Raised in workers when another worker failed."""
 
@@ -236,7 +240,7 @@ class _LayerSlot:
     stats: LayerStatistics | None = None
     carried: torch.Tensor | None = None  # summed coarse histogram of earlier groups (streaming mode)
     wake: Any = None  # threading.Condition on the session's lock: the batches waiting at this layer
-    visits: dict = field(default_factory=dict)  # worker thread -> calls of this layer in its forward so far
+    visits: dict = field(default_factory=dict)  # batch's forward (worker) -> calls of this layer in it so far
     max_calls: int = 1  # most calls of this layer within one forward seen so far
     repeated: bool = False  # some forward called the layer more than once
     pinned: bool = False  # a repeated layer whose threshold is fixed for the pass; its inputs are observed
@@ -320,9 +324,10 @@ class CalibrationSession:
             except TokenMaskError:
                 select_tokens(x, mask, layer=slot.name)  # raises, naming the input's real shape
                 raise
+        worker = _WORKER.get()  # this batch's forward (thread idents are reused once a thread ends)
         with self.cond:
-            calls = slot.visits.get(threading.get_ident(), 0) + 1
-            slot.visits[threading.get_ident()] = calls
+            calls = slot.visits.get(worker, 0) + 1
+            slot.visits[worker] = calls
             if calls > 1:  # the same forward reached this layer again
                 slot.repeated = True
                 slot.max_calls = max(slot.max_calls, calls)
@@ -569,6 +574,7 @@ def calibrate_layers(
     def work(batch: Any) -> Callable[[], Any]:
         def run() -> None:
             contexts = enter_context()
+            _WORKER.set(object())
             try:
                 mask = mask_fn(batch) if mask_fn is not None else None
                 if mask is not None and not isinstance(mask, torch.Tensor):
@@ -726,6 +732,7 @@ def _solve_repeated(
     free = len(slots) - len(repeated)
     history: list[tuple[float, dict]] = []  # (largest miss, thresholds) per pass
     settled: dict[int, bool] = {}
+    jumped: set[int] = set()  # layers settled on the closer side of a jump, not on an exact fixed point
     for round_index in range(1, max_rounds + 2):
         for s in slots:
             s.reset_for_round()
@@ -742,6 +749,8 @@ def _solve_repeated(
                 s.name, s.target, dtype, coarse, taus[id(s)], zeroed_at, calls=s.max_calls, rounds=round_index + 1
             )
             fp.tried[key] = (zeroed_at, best_zeroed, n)
+            if zeroed_at == best_zeroed:
+                jumped.discard(id(s))
             misses[id(s)] = abs(zeroed_at - best_zeroed) / max(n, 1)
             settled[id(s)] = zeroed_at == best_zeroed
             if not settled[id(s)]:
@@ -749,6 +758,7 @@ def _solve_repeated(
                 if nxt is None:  # the count jumps over the target between adjacent thresholds: take the closer
                     nxt = fp.closest(s.target)
                     settled[id(s)] = nxt == key
+                    jumped.add(id(s))
                 if nxt != key:
                     moves[id(s)] = _key_threshold(nxt, dtype)
         history.append((max(misses.values()), dict(taus)))
@@ -760,7 +770,7 @@ def _solve_repeated(
             if id(s) in moves:
                 s.module.activation_threshold.fill_(moves[id(s)])  # type: ignore[union-attr]
     if all(settled.values()):
-        _warn_granularity(repeated)
+        _warn_granularity([s for s in repeated if id(s) in jumped])
         return
     best_miss, best_taus = min(history, key=lambda h: h[0])
     if best_taus != history[-1][1]:  # re-run the best pass so that every other layer is calibrated under it
@@ -800,7 +810,7 @@ def _warn_granularity(repeated: Sequence[_LayerSlot]) -> None:
     """Say so when a repeated layer's zeroed fraction jumps over the target (no threshold reaches it closer)."""
     for s in repeated:
         st = s.stats
-        if st is not None and 0 < st.target < 1 and abs(st.achieved - st.target) > 1.0 / max(st.elements, 1):
+        if st is not None:
             warnings.warn(
                 f"layer {s.name!r} is called {s.max_calls} times per forward; its zeroed fraction over all calls "
                 f"jumps over the target {st.target:g} (it moves its own later inputs): the closest threshold "
