@@ -1,6 +1,10 @@
 """A module called several times per forward (weight tying, shared blocks) is calibrated over every call."""
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,30 +101,44 @@ def test_property_every_call_counts(seed, calls, target, dtype):
     assert exact or jumped
 
 
-def test_tied_albert_layers_with_padding():
-    """ALBERT shares one layer across depth (3 calls per forward); padded batches count real tokens only."""
-    transformers = pytest.importorskip("transformers")
+def _tiny_albert():
+    import transformers
+
     config = transformers.AlbertConfig(
         hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, embedding_size=16,
         vocab_size=128,
     )
     torch.manual_seed(0)
-    model = transformers.AlbertModel(config).eval()
+    return transformers.AlbertModel(config).eval()
+
+
+def _albert_batches(all_lengths=([10, 6], [8, 3])):
     g = torch.Generator().manual_seed(2)
     batches = []
-    for lengths in ([10, 6], [8, 3]):
-        ids = torch.zeros(2, max(lengths), dtype=torch.long)
-        mask = torch.zeros(2, max(lengths), dtype=torch.long)
+    for lengths in all_lengths:
+        ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
         for i, n in enumerate(lengths):
             ids[i, :n] = torch.randint(1, 128, (n,), generator=g)
             mask[i, :n] = 1
         batches.append({"input_ids": ids, "attention_mask": mask})
-    prefix = "encoder.albert_layer_groups.0.albert_layers.0."
-    names = [prefix + "ffn", prefix + "ffn_output", prefix + "attention.query"]
-    recipe = {TargetScope(names=names[:2]): 0.5, TargetScope(names=names[2:]): 0.3}
+    return batches
+
+
+ALBERT = "encoder.albert_layer_groups.0.albert_layers.0."
+ALBERT_NAMES = [ALBERT + "ffn", ALBERT + "ffn_output", ALBERT + "attention.query"]
+ALBERT_RECIPE = {TargetScope(names=ALBERT_NAMES[:2]): 0.5, TargetScope(names=ALBERT_NAMES[2:]): 0.3}
+
+
+def test_tied_albert_layers_with_padding():
+    """ALBERT shares one layer across depth (3 calls per forward); padded batches count real tokens only."""
+    pytest.importorskip("transformers")
+    model = _tiny_albert()
+    batches = _albert_batches()
+    names = ALBERT_NAMES
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exact: no fallback warning
-        sparsify_activations(model, batches, recipe, progress=False)
+        sparsify_activations(model, batches, ALBERT_RECIPE, progress=False)
     seen = all_call_inputs(model, names, batches, call=lambda m, b: m(**b))
     modules = dict(model.named_modules())
     for name in names:
@@ -131,6 +149,70 @@ def test_tied_albert_layers_with_padding():
         assert x.shape[0] == 3 * (10 + 6 + 8 + 3)
         assert achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12), name
         assert modules[name]._actsparse.calibration_elements == x.numel()
+
+
+DDP_LENGTHS = ([10, 6], [8, 3], [5, 9], [7, 2])
+
+
+class SharedBlockLM(nn.Module):
+    """Token ids -> features through one block applied 3 times (weights tied across depth)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(128, 16)
+        self.block = nn.Linear(16, 16)
+        self.mid = nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        for _ in range(3):
+            h = h + self.mid(torch.tanh(self.block(h)))
+        return h
+
+
+DDP_RECIPE = {TargetScope(names=["block"]): 0.5, TargetScope(names=["mid"]): 0.3}
+
+
+def _ddp_rank(rank: int, out: str) -> None:  # pragma: no cover - runs in spawned processes
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = SharedBlockLM()
+        mine = _albert_batches(DDP_LENGTHS)[rank::2]
+        report = calibrate_activation_sparsity(
+            (sparsify_activations(model, mine, DDP_RECIPE, progress=False)), mine, progress=False
+        )
+        torch.save({n: (m.activation_threshold.clone(), report.statistics[n].elements, report.statistics[n].zeroed)
+                    for n, m in model.named_modules() if hasattr(m, "_actsparse")}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_padded_repeated_layers_agree_with_one_process(tmp_path):
+    """2 gloo ranks, each with half of the padded batches, solve the repeated layers together: identical
+    thresholds and statistics on both ranks, equal to one process calibrating on the union."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(Path(__file__).parent)]))
+    code = (
+        "import torch.multiprocessing as mp, test_shared_modules as t;"
+        f"mp.spawn(t._ddp_rank, args=({str(tmp_path)!r},), nprocs=2, join=True)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = SharedBlockLM()
+    batches = _albert_batches(DDP_LENGTHS)
+    report = calibrate_activation_sparsity(sparsify_activations(single, batches, DDP_RECIPE, progress=False), batches, progress=False)
+    assert sorted(r0) == ["block", "mid"]
+    modules = dict(single.named_modules())
+    real_tokens = sum(map(sum, DDP_LENGTHS))
+    for n in ("block", "mid"):
+        assert torch.equal(r0[n][0], r1[n][0]) and r0[n][1:] == r1[n][1:], n
+        assert torch.equal(r0[n][0], modules[n].activation_threshold), n
+        assert r0[n][1:] == (report.statistics[n].elements, report.statistics[n].zeroed) == (3 * real_tokens * 16, r0[n][2])
+        assert report.statistics[n].calls == 3
 
 
 def test_no_fixed_point_within_the_passes_raises_and_restores(monkeypatch):
