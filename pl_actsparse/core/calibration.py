@@ -733,6 +733,7 @@ def _solve_repeated(
     history: list[tuple[float, dict]] = []  # (largest miss, thresholds) per pass
     settled: dict[int, bool] = {}
     jumped: set[int] = set()  # layers settled on the closer side of a jump, not on an exact fixed point
+    best_counts: dict[int, int] = {}  # per layer, the best zeroed count of the last pass's inputs
     for round_index in range(1, max_rounds + 2):
         for s in slots:
             s.reset_for_round()
@@ -749,6 +750,7 @@ def _solve_repeated(
                 s.name, s.target, dtype, coarse, taus[id(s)], zeroed_at, calls=s.max_calls, rounds=round_index + 1
             )
             fp.tried[key] = (zeroed_at, best_zeroed, n)
+            best_counts[id(s)] = best_zeroed
             if zeroed_at == best_zeroed:
                 jumped.discard(id(s))
             misses[id(s)] = abs(zeroed_at - best_zeroed) / max(n, 1)
@@ -785,10 +787,10 @@ def _solve_repeated(
             s.stats = LayerStatistics(
                 s.name, s.target, dtype, coarse, best_taus[id(s)], zeroed_at, calls=s.max_calls, rounds=len(history) + 2
             )
-            search[id(s)].tried = {0: (zeroed_at, best_zeroed, int(coarse.sum()))}
+            best_counts[id(s)] = best_zeroed
     report = ", ".join(
         f"{s.name!r}: achieved {s.stats.achieved:.6f} over {s.stats.elements} elements of {s.max_calls} calls, "
-        f"best reachable {next(iter(search[id(s)].tried.values()))[1] / max(s.stats.elements, 1):.6f}"
+        f"best reachable {best_counts[id(s)] / max(s.stats.elements, 1):.6f}"
         for s in repeated
     )
     if best_miss > COUPLED_TOLERANCE:
