@@ -273,6 +273,13 @@ def test_invalid_token_mask_option_is_refused_before_any_change(bad):
     with pytest.raises(TokenMaskError, match="token_mask must be"):
         sparsify_activations(model, [torch.zeros(1, 4, dtype=torch.long)], RECIPE, progress=False, token_mask=bad)
     assert not list(sparsified_layers(model))
+    data = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))]
+    sparsify_activations(model, data, RECIPE, progress=False)
+    before = thresholds(model)
+    with pytest.raises(TokenMaskError, match="token_mask must be"):
+        calibrate_activation_sparsity(model, [torch.randn(1)], progress=False, token_mask=bad)
+    after = thresholds(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_mask_function_returning_a_non_tensor_is_an_error():
