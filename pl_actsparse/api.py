@@ -29,6 +29,7 @@ from pl_actsparse.errors import (
     InvalidTargetError,
     NothingToSparsifyError,
     NotSparsifiedError,
+    TokenMaskError,
     UnmatchedScopeError,
     UnsupportedModuleError,
 )
@@ -37,10 +38,12 @@ from pl_actsparse.core.layer import (
     GradientMode,
     SparsifierMode,
     install_sparsifier,
+    is_linear_like,
     is_sparsified,
     sparsified_layers,
     uninstall_sparsifier,
 )
+from pl_actsparse.core.masking import resolve_mask_fn
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -110,7 +113,7 @@ def plan_activation_sparsity(
     targets = _validated_targets(target_sparsity_by_scope)
 
     modules = list(model.named_modules())
-    is_linear = {name: isinstance(m, nn.Linear) for name, m in modules}
+    is_linear = {name: is_linear_like(m) for name, m in modules}
     class_of = {name: type(m).__qualname__ for name, m in modules}
 
     unmatched: list[str] = []
@@ -139,8 +142,9 @@ def plan_activation_sparsity(
 
     if unsupported:
         raise UnsupportedModuleError(
-            "these modules are named exactly in a TargetScope but are not nn.Linear (only nn.Linear and "
-            "its subclasses can be sparsified): " + ", ".join(unsupported)
+            "these modules are named exactly in a TargetScope but are not nn.Linear (only nn.Linear, "
+            "its subclasses and registered Linear-like types such as transformers' Conv1D can be sparsified; "
+            "see pl_actsparse.core.layer.register_linear_like): " + ", ".join(unsupported)
         )
     if unmatched:
         raise UnmatchedScopeError(
@@ -221,6 +225,14 @@ def _check_options(num_calibration_batches: Any, transform_fn: Any, max_batches_
         raise InvalidTargetError(f"transform_fn must be callable or None, got {transform_fn!r}")
 
 
+def _check_token_mask(token_mask: Any) -> None:
+    """``token_mask`` must be ``"auto"``, ``None`` or a callable (checked before any module changes)."""
+    try:
+        resolve_mask_fn(token_mask)
+    except TypeError as exc:
+        raise TokenMaskError(str(exc)) from None
+
+
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
     """Fail on empty data before anything changes, without consuming an item."""
     try:
@@ -279,15 +291,18 @@ def calibrate_activation_sparsity(
     max_batches_in_flight: int | None = None,
     calibration: str = "auto",
     offload: str | None = None,
+    token_mask: str | Callable[[Any], torch.Tensor | None] | None = "auto",
 ) -> SparsityReport:
     """(Re)calibrate sparsified layers at their current targets and return the report.
 
     ``layers`` limits calibration to some layer names (default: every sparsified layer). The report carries
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
-    it had. ``calibration`` and ``offload`` are as for :func:`sparsify_activations`.
+    it had. ``calibration``, ``offload``, ``token_mask`` and the other options are those of
+    :func:`sparsify_activations`.
     """
     _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
     check_calibration_options(calibration, offload)
+    _check_token_mask(token_mask)
     modules = dict(model.named_modules())
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
@@ -310,6 +325,7 @@ def calibrate_activation_sparsity(
             sync_across_processes=sync_across_processes,
             calibration=calibration,
             offload=offload,
+            token_mask=token_mask,
         )
     except BaseException:
         _restore(modules, snaps)
@@ -341,12 +357,15 @@ def sparsify_activations(
     max_batches_in_flight: int | None = None,
     calibration: str = "auto",
     offload: str | None = None,
+    token_mask: str | Callable[[Any], torch.Tensor | None] | None = "auto",
 ) -> nn.Module:
     """Sparsify the inputs of the selected Linear layers and calibrate exact thresholds, in place.
 
     Each layer's threshold is the exact quantile of ``|x|`` over all of its calibration elements, measured
     with every selected layer already sparsified (one forward pass over the data, see
-    :mod:`pl_actsparse.core.calibration`). Calling it again on a sparsified model recalibrates the selected
+    :mod:`pl_actsparse.core.calibration`). Elements are the inputs of real tokens (``token_mask``) in every
+    call of the layer: a module called several times per forward is calibrated over all its calls.
+    Calling it again on a sparsified model recalibrates the selected
     layers (new targets allowed) and never stacks a second sparsifier; sparsified layers that the new recipe
     does not select keep their thresholds.
 
@@ -370,6 +389,17 @@ def sparsify_activations(
             :mod:`pl_actsparse.core.sequential`) or ``"auto"`` (sequential for models with a block list whose
             parameters take at least 256 MiB, else lockstep). Raises ``InvalidTargetError`` for another value.
         offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
+        token_mask: which input elements are data. ``"auto"`` (default): a dict item's ``attention_mask``
+            (bool/0-1 ``[batch, seq]``, 1 = real token) masks padding, other items count every element;
+            ``None``: every element counts; a callable ``item -> bool mask [batch, seq]`` (or ``None``) for
+            other layouts. It receives the item as ``dataset`` yields it, before ``transform_fn``.
+
+    Raises:
+        TokenMaskError: ``token_mask`` is not one of these (before any change), or a layer's input has no
+            leading ``[batch, seq]`` (or flattened ``[batch * seq]``) axes matching the mask (the model is
+            restored).
+        CalibrationConvergenceError: a layer called several times per forward has no exact threshold over
+            all of its calls (model restored).
 
     Returns:
         The same model object. :func:`activation_sparsity_report` tells what was done.
@@ -390,6 +420,7 @@ def sparsify_activations(
     """
     _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
     check_calibration_options(calibration, offload)
+    _check_token_mask(token_mask)
     mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     items = _peek(dataset)
@@ -411,6 +442,7 @@ def sparsify_activations(
             sync_across_processes=sync_across_processes,
             calibration=calibration,
             offload=offload,
+            token_mask=token_mask,
         )
     except BaseException:
         _restore(modules, snaps)
@@ -517,9 +549,11 @@ def _check_saved_layers(model: nn.Module, saved: list[SavedSparsifier]) -> None:
     missing = [e.name for e in saved if e.name not in modules]
     if missing:
         raise NotSparsifiedError(f"the state dict sparsifies layers the model does not have: {missing}")
-    wrong = [f"{e.name!r} ({type(modules[e.name]).__qualname__})" for e in saved if not isinstance(modules[e.name], nn.Linear)]
+    wrong = [f"{e.name!r} ({type(modules[e.name]).__qualname__})" for e in saved if not is_linear_like(modules[e.name])]
     if wrong:
-        raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
+        raise UnsupportedModuleError(
+            f"the state dict sparsifies modules that are not nn.Linear or a registered Linear-like type here: {wrong}"
+        )
 
 
 def load_activation_sparsity(
@@ -565,6 +599,12 @@ def load_activation_sparsity(
         )
     modules = dict(model.named_modules())
     names = [e.name for e in saved]
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise NotSparsifiedError(f"the state dict sparsifies layers the model does not have: {missing}")
+    wrong = [f"{n!r} ({type(modules[n]).__qualname__})" for n in names if not is_linear_like(modules[n])]
+    if wrong:
+        raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
     snaps = _snapshot(modules, names)
     try:
         install_sparsifiers_from_state_dict(model, sd)

@@ -20,6 +20,7 @@ __all__ = [
     "LayerNotCalledError",
     "TokenMaskError",
     "CheckpointError",
+    "CalibrationConvergenceError",
 ]
 
 
@@ -74,3 +75,6 @@ class TokenMaskError(ActivationSparsityError):
 class CheckpointError(ActivationSparsityError):
     """A saved activation-sparsity state (state dict, checkpoint file, ``save_pretrained`` folder) is malformed,
     incomplete (e.g. a threshold without the layer's sparsifier state) or does not fit the model."""
+class CalibrationConvergenceError(ActivationSparsityError):
+    """A layer called several times per forward has no threshold that is the exact quantile of the inputs it
+    produces itself (the calibration passes did not reach that fixed point)."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device, _to_device
+from pl_actsparse.core.layer import is_linear_like
 
 __all__ = ["find_shared_input_groups", "group_of", "check_shared_thresholds"]
 
@@ -35,7 +36,7 @@ def find_shared_input_groups(
     transform_fn: Callable[[Any], Any] | None = None,
     include_singletons: bool = False,
 ) -> list[list[str]]:
-    """Groups of ``nn.Linear`` layers (qualified names, model order) that read one and the same tensor.
+    """Groups of ``nn.Linear`` (and Linear-like, e.g. GPT-2 ``Conv1D``) layers (qualified names, model order) that read one and the same tensor.
 
     ``example_input`` is one calibration item (passed like calibration items: ``transform_fn``, then a dict
     as keyword arguments, a tuple or list as positional arguments). ``layers`` limits the search (default:
@@ -54,12 +55,12 @@ def find_shared_input_groups(
     >>> find_shared_input_groups(MLP(), torch.randn(2, 4))
     [['gate', 'up']]
     """
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    named = [(n, m) for n, m in model.named_modules() if is_linear_like(m)]
     if layers is not None:
         wanted = set(layers)
         unknown = wanted - {n for n, _ in named}
         if unknown:
-            raise ValueError(f"not nn.Linear layers of the model: {sorted(unknown)}")
+            raise ValueError(f"not nn.Linear (or registered Linear-like) layers of the model: {sorted(unknown)}")
         named = [(n, m) for n, m in named if n in wanted]
     order = {n: i for i, (n, _) in enumerate(named)}
     calls: dict[str, list[tuple]] = {n: [] for n, _ in named}

@@ -44,6 +44,13 @@ __all__ = [
     "encode_sparsifier_state",
     "decode_sparsifier_state",
     "SPARSIFIER_STATE_FORMAT",
+    "LinearLikeSpec",
+    "register_linear_like",
+    "linear_like_spec",
+    "is_linear_like",
+    "linear_like_weight_t",
+    "linear_like_weight",
+    "supported_layer_types",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
@@ -215,13 +222,120 @@ class SparseActivationLinear(ActivationSparsifierMixin, nn.Linear):
 _SPARSE_CLASSES: dict[type, type] = {nn.Linear: SparseActivationLinear}
 
 
+# -- Linear-like layer types ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearLikeSpec:
+    """How to read a Linear-like layer type: ``y = x @ W^T + b`` over the last axis of ``x``.
+
+    ``in_features(m)``/``out_features(m)`` give the widths, ``weight_t(m)`` the weight as ``[in, out]``
+    (a view is fine: it is read, never written). ``weight(m)`` (``[out, in]``) is derived from it.
+    """
+
+    cls: type
+    in_features: Callable[[nn.Module], int]
+    out_features: Callable[[nn.Module], int]
+    weight_t: Callable[[nn.Module], torch.Tensor]
+
+
+_LINEAR_LIKE: dict[type, LinearLikeSpec] = {
+    nn.Linear: LinearLikeSpec(nn.Linear, lambda m: m.in_features, lambda m: m.out_features, lambda m: m.weight.t())
+}
+# Registered when its module has been imported (a model holding one implies it): transformers is never imported here.
+_LAZY_LINEAR_LIKE = {
+    ("transformers.pytorch_utils", "Conv1D"): dict(
+        in_features=lambda m: m.nx, out_features=lambda m: m.nf, weight_t=lambda m: m.weight
+    ),
+}
+
+
+def register_linear_like(
+    cls: type,
+    *,
+    in_features: Callable[[nn.Module], int],
+    out_features: Callable[[nn.Module], int],
+    weight_t: Callable[[nn.Module], torch.Tensor],
+) -> LinearLikeSpec:
+    """Declare ``cls`` (an ``nn.Module`` computing ``y = x @ weight_t + bias`` over the last axis) sparsifiable.
+
+    After registration, scopes select it like an ``nn.Linear``, calibration, the metric, reports and
+    removal (bit for bit) handle it, and :func:`pl_actsparse.export.linear.export_for_inference` reads
+    ``weight_t(module)`` (``[in, out]``) for the sparse kernels. Subclasses of ``cls`` are covered too.
+    ``transformers``' ``Conv1D`` (GPT-2) is registered this way as soon as transformers is imported.
+
+    Raises:
+        TypeError: ``cls`` is not an ``nn.Module`` subclass or an accessor is not callable.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_linear_like needs an nn.Module subclass, got {cls!r}")
+    for what, fn in (("in_features", in_features), ("out_features", out_features), ("weight_t", weight_t)):
+        if not callable(fn):
+            raise TypeError(f"register_linear_like: {what} must be a callable module -> value, got {fn!r}")
+    spec = LinearLikeSpec(cls, in_features, out_features, weight_t)
+    _LINEAR_LIKE[cls] = spec
+    return spec
+
+
+def _load_lazy_specs() -> None:
+    for key in list(_LAZY_LINEAR_LIKE):
+        mod = sys.modules.get(key[0])
+        cls = getattr(mod, key[1], None) if mod is not None else None
+        if isinstance(cls, type):
+            register_linear_like(cls, **_LAZY_LINEAR_LIKE.pop(key))
+
+
+def linear_like_spec(module_or_cls: nn.Module | type) -> LinearLikeSpec | None:
+    """The :class:`LinearLikeSpec` of a module (or class), through its MRO; sparsified layers count as
+    their original class. ``None`` for a module that is not Linear-like."""
+    cls = module_or_cls if isinstance(module_or_cls, type) else type(module_or_cls)
+    if issubclass(cls, ActivationSparsifierMixin):
+        cls = cls.__bases__[-1]
+    _load_lazy_specs()
+    for base in cls.__mro__:
+        spec = _LINEAR_LIKE.get(base)
+        if spec is not None:
+            return spec
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` can be sparsified: an ``nn.Linear`` (or subclass) or a registered Linear-like type."""
+    return linear_like_spec(module) is not None
+
+
+def supported_layer_types() -> list[type]:
+    """The layer classes that can be sparsified (their subclasses too), ``nn.Linear`` first."""
+    _load_lazy_specs()
+    return list(_LINEAR_LIKE)
+
+
+def linear_like_weight_t(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear-like layer as ``[in_features, out_features]`` (the sparse kernels' layout;
+    a view of the stored weight, no copy). Raises ``TypeError`` for other modules."""
+    spec = linear_like_spec(module)
+    if spec is None:
+        raise TypeError(f"{type(module).__qualname__} is not a Linear-like layer (see register_linear_like)")
+    return spec.weight_t(module)
+
+
+def linear_like_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear-like layer as ``[out_features, in_features]`` (``nn.Linear``'s layout; a view)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return linear_like_weight_t(module).t()
+
+
 def _sparse_class_for(cls: type) -> type:
     if cls not in _SPARSE_CLASSES:
-        _SPARSE_CLASSES[cls] = type(
-            f"SparseActivation{cls.__name__}",
-            (ActivationSparsifierMixin, cls),
-            {"__module__": __name__, "__doc__": f"{cls.__qualname__} with a sparsified input."},
-        )
+        namespace: dict[str, Any] = {"__module__": __name__, "__doc__": f"{cls.__qualname__} with a sparsified input."}
+        spec = linear_like_spec(cls)
+        if spec is not None and not issubclass(cls, nn.Linear):
+            # consumers read in_features/out_features as on an nn.Linear: give them while sparsified
+            for attr, fn in (("in_features", spec.in_features), ("out_features", spec.out_features)):
+                if not hasattr(cls, attr):
+                    namespace[attr] = property(fn)
+        _SPARSE_CLASSES[cls] = type(f"SparseActivation{cls.__name__}", (ActivationSparsifierMixin, cls), namespace)
     return _SPARSE_CLASSES[cls]
 
 
@@ -260,9 +374,13 @@ def install_sparsifier(
         module._actsparse.target = float(target)  # type: ignore[union-attr]
         module._actsparse.gradient_mode = GradientMode(gradient_mode)  # type: ignore[union-attr]
         return module
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"only nn.Linear and its subclasses can be sparsified, got {type(module).__qualname__}")
-    device = module.weight.device if isinstance(module.weight, torch.Tensor) else None
+    if not is_linear_like(module):
+        raise TypeError(
+            f"only nn.Linear, its subclasses and registered Linear-like types can be sparsified "
+            f"(see register_linear_like), got {type(module).__qualname__}"
+        )
+    weight = getattr(module, "weight", None)
+    device = weight.device if isinstance(weight, torch.Tensor) else None
     module.__class__ = _sparse_class_for(type(module))
     module.register_buffer(THRESHOLD_BUFFER, torch.tensor(-math.inf, dtype=torch.float32, device=device))
     module._actsparse = SparsifierState(target=float(target), gradient_mode=GradientMode(gradient_mode))
@@ -297,6 +415,8 @@ def weight_nbytes(module: nn.Module) -> int:
     if isinstance(own, int) and not isinstance(own, bool):
         return own
     weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) and linear_like_spec(module) is not None:
+        weight = linear_like_weight_t(module)  # a registered Linear-like type storing its weight elsewhere
     return _tensor_nbytes(weight) if isinstance(weight, torch.Tensor) else 0
 
 

@@ -586,7 +586,7 @@ def calibrate_sequential(
             break
         batches.append(item)
     lockstep_kwargs = dict(transform_fn=transform_fn, progress=progress, sync_across_processes=sync_across_processes,
-                           max_batches_in_flight=max_batches_in_flight)
+                           max_batches_in_flight=max_batches_in_flight, token_mask=token_mask)
 
     def fallback(reason: str) -> dict[str, LayerStatistics]:
         log.warning("sequential calibration is not possible here, calibrating in lockstep instead: %s", reason)

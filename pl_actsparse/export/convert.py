@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from pl_actsparse.core.layer import threshold_summary
+from pl_actsparse.core.layer import linear_like_spec, threshold_summary
 from pl_actsparse.errors import UnsupportedModuleError
 from pl_actsparse.export.linear import (
     THRESHOLD_BUFFER,
@@ -68,7 +68,7 @@ def export_for_inference(
     # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if is_sparsified_linear(m)]
     if not targets:
-        n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+        n_linear = sum(linear_like_spec(m) is not None for m in model.modules())
         n_done = sum(type(m).__name__ in ("SparseInferenceLinear", "Int8SparseInferenceLinear") for m in model.modules())
         hint = f" ({n_done} layers are already exported)" if n_done else ""
         raise ValueError(
@@ -89,7 +89,7 @@ def export_for_inference(
             UserWarning,
             stacklevel=2,
         )
-    if any(m.weight.device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
+    if any(linear_like_spec(m).weight_t(m).device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
         _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
     float_weights = [m._parameters.get("weight") for _, m in targets]  # int8 layers have none (own crossover)
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state
+from pl_actsparse.core.layer import linear_like_spec
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
@@ -39,11 +40,11 @@ THRESHOLD_BUFFER = "activation_threshold"
 
 
 def is_sparsified_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a sparsified layer: an ``nn.Linear`` carrying an ``activation_threshold`` buffer.
-
-    Kept as the single detection point so that it can be swapped for the core library's helper.
+    """Whether ``module`` is a sparsified layer: an ``nn.Linear`` (or a Linear-like type registered with
+    :func:`pl_actsparse.core.layer.register_linear_like`, e.g. GPT-2's ``Conv1D``) carrying an
+    ``activation_threshold`` buffer.
     """
-    return isinstance(module, nn.Linear) and THRESHOLD_BUFFER in module._buffers
+    return THRESHOLD_BUFFER in module._buffers and linear_like_spec(module) is not None
 
 
 def _applies_threshold(module: nn.Module) -> bool:
@@ -142,17 +143,21 @@ class SparseInferenceLinear(nn.Module):
         threshold = linear._buffers[THRESHOLD_BUFFER]
         if threshold.numel() != 1:
             raise ValueError(f"{THRESHOLD_BUFFER} must hold one value, got shape {tuple(threshold.shape)}")
-        weight = linear.weight
+        spec = linear_like_spec(linear)
+        if spec is None:
+            raise ValueError(f"{type(linear).__name__} is not a Linear-like layer (see register_linear_like)")
+        weight_t = spec.weight_t(linear)  # [in, out]: GPT-2's Conv1D stores it so, nn.Linear's weight.t()
+        weight = weight_t.t()
         new = cls(  # skeleton on the meta device (no allocation), then the real tensors
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
+            spec.in_features(linear),
+            spec.out_features(linear),
+            bias=getattr(linear, "bias", None) is not None,
             max_sparse_tokens=max_sparse_tokens,
             device="meta",
             dtype=weight.dtype,
         )
-        new.weight_t = nn.Parameter(to_kernel_layout(weight), requires_grad=False)
-        if linear.bias is not None:
+        new.weight_t = nn.Parameter(to_kernel_layout(weight), requires_grad=False)  # Conv1D's is already W^T: no copy
+        if getattr(linear, "bias", None) is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         if keep_dense_weight:
             new.weight = nn.Parameter(weight.detach(), requires_grad=False)

@@ -28,7 +28,7 @@ from pl_actsparse.api import (
     _validated_targets,
 )
 from pl_actsparse.measure.metric import ActivationSparsity
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_sparsified, sparsified_layers
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_linear_like, is_sparsified, sparsified_layers
 from pl_actsparse.core.recipe import IgnoredScopeSpec, ScopeSpec, ScopeSpecError, parse_ignored_scope_spec, parse_scope_spec
 from pl_actsparse.measure.report import SparsityReport
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
-from pl_actsparse.core.layer import THRESHOLD_BUFFER
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
+from pl_actsparse.errors import UnsupportedModuleError
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __all__ = ["weight_column_norms", "sparsify_activations_weight_aware", "is_weight_aware"]
@@ -41,8 +42,21 @@ def weight_column_norms(layers: nn.Linear | Sequence[nn.Linear]) -> torch.Tensor
     if isinstance(layers, nn.Module):
         layers = [layers]
     with torch.no_grad():
-        w = torch.cat([m.weight.detach().float() for m in layers], dim=0)
+        w = torch.cat([linear_like_weight(m).detach().float() for m in layers], dim=0)  # [out, in], Conv1D too
         return w.norm(dim=0)
+
+
+def _input_axis(module: nn.Module) -> int:
+    """The axis of ``module.weight`` that runs over input features: 1 for ``nn.Linear``, 0 for a layer storing
+    ``W^T`` (GPT-2's ``Conv1D``)."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if linear_like_weight_t(module) is module.weight:
+        return 0
+    raise UnsupportedModuleError(
+        f"weight-aware thresholds rescale the weight in place and need an nn.Linear or a layer whose weight is "
+        f"stored as W^T, got {type(module).__qualname__}"
+    )
 
 
 def is_weight_aware(module: nn.Module) -> bool:
@@ -107,6 +121,8 @@ def sparsify_activations_weight_aware(
             c = scales[n].to(m.weight.device)
             originals[n] = m.weight.data
             safe = torch.where(c > 0, c, torch.ones_like(c))
+            if _input_axis(m) == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
+                safe = safe[:, None]
             m.weight.data = (m.weight.data.float() / safe).to(m.weight.dtype)
 
             def pre_hook(module: nn.Module, args: tuple, c=c) -> tuple:
