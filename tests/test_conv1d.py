@@ -29,7 +29,7 @@ from pl_actsparse.core.layer import (
 from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
 from pl_actsparse.kernels import cpu
 from pl_actsparse.measure.metric import ActivationSparsity
-from pl_actsparse.measure.tracking import SparsityCounter
+from pl_actsparse.measure.metric import SparsityCounter
 
 from test_exactness import best_reachable
 

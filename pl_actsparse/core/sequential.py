@@ -686,7 +686,7 @@ def _run(runner: nn.Module, layers: Sequence[tuple[str, nn.Module]], indices: li
     local = {id(m): n for n, m in runner.named_modules()}
     full = {local[id(m)]: n for n, m in layers}
     got = calibrate_layers(runner, [(local[id(m)], m) for _, m in layers], indices,
-                           **{**kwargs, "transform_fn": None, "progress": False})
+                           **{**kwargs, "transform_fn": None, "progress": False, "token_mask": None})
     return {full[k]: dataclasses.replace(st, name=full[k]) for k, st in got.items()}
 
 

@@ -99,8 +99,8 @@ def export_for_inference(
     from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 
     for name, m in targets:  # fail before anything is swapped on a quantized weight the kernels cannot read
-        _torchao_int8(name, m.weight)
-    if any(isinstance(m, Int8WeightLinear) or _torchao_int8(n, m.weight) is not None for n, m in targets) \
+        _torchao_int8(name, getattr(m, "weight", None))
+    if any(isinstance(m, Int8WeightLinear) or _torchao_int8(n, getattr(m, "weight", None)) is not None for n, m in targets) \
             and _cpu.get_backend() != "torch":
         resolve_int8_backend(build=True)
     replaced: dict[int, nn.Module] = {}
@@ -113,7 +113,7 @@ def export_for_inference(
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
                 if not _applies_threshold(old):
                     new.activation_threshold.fill_(-math.inf)
-            elif _torchao_int8(name, old.weight) is not None:  # torchao's int8 codes, read as they are
+            elif _torchao_int8(name, getattr(old, "weight", None)) is not None:  # torchao's int8 codes, read as they are
                 new = _int8_from_torchao(name, old, max_sparse_tokens)
             else:
                 new = SparseInferenceLinear.from_linear(

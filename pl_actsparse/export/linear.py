@@ -373,8 +373,8 @@ class _RestoreInfo:
         shell["_parameters"] = {k: None for k in linear._parameters}
         shell["_buffers"] = {k: v for k, v in linear._buffers.items() if k != THRESHOLD_BUFFER}
         shell["_non_persistent_buffers_set"] = set(linear._non_persistent_buffers_set) - {THRESHOLD_BUFFER}
-        b = linear.bias
-        return cls(original_module_class(linear), shell, bool(linear.weight.requires_grad),
+        w, b = getattr(linear, "weight", None), getattr(linear, "bias", None)
+        return cls(original_module_class(linear), shell, bool(w.requires_grad) if isinstance(w, Tensor) else True,
                    bool(b.requires_grad) if b is not None else True)
 
     def build(self, weight: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
