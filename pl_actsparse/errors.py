@@ -19,6 +19,7 @@ __all__ = [
     "NotSparsifiedError",
     "LayerNotCalledError",
     "TokenMaskError",
+    "CallbackConfigurationError",
 ]
 
 
@@ -68,3 +69,9 @@ class LayerNotCalledError(ActivationSparsityError):
 
 class TokenMaskError(ActivationSparsityError):
     """A token mask (e.g. an ``attention_mask``) does not fit a layer's input: no token axis matches it."""
+
+
+class CallbackConfigurationError(ActivationSparsityError):
+    """An argument of :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback` (or of its
+    :class:`~pl_actsparse.lightning.calibration_data.CalibrationData` / schedule) is invalid, or the run it is
+    used in cannot work with it (raised by the constructor, or at ``setup`` naming the fix)."""
