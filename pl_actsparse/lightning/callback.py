@@ -416,6 +416,7 @@ class ActivationSparsityCallback(Callback):
         self._pending_logs: dict[str, float] = {}
         self._layer_names: list[str] = []
         self._calibrated_fingerprint: torch.Tensor | None = None  # weights + thresholds at the last calibration
+        self._calibrated_thresholds: dict[str, torch.Tensor] = {}  # the thresholds the last calibration set
 
     # ---------------------------------------------------------------------------------------------------
     # configuration
@@ -554,6 +555,7 @@ class ActivationSparsityCallback(Callback):
         self.history.append(entry)
         self.last_calibration_step = trainer.global_step
         self._calibrated_fingerprint = _fingerprint(module)
+        self._calibrated_thresholds = {n: m.activation_threshold.detach().clone() for n, m in sparsified_layers(module)}
         logs = {"calibration/sparsity": after, "calibration/target": entry["target"], "calibration/count": float(len(self.history))}
         if before_value is not None:
             logs["calibration/sparsity_before"] = before_value
@@ -602,6 +604,20 @@ class ActivationSparsityCallback(Callback):
         fingerprint = self._calibrated_fingerprint
         module = self.sparsified_module(pl_module)
         changed = fingerprint is None or self._needs_calibration(module) or not _same_fingerprint(fingerprint, _fingerprint(module))
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return bool(trainer.strategy.reduce_boolean_decision(changed, all=False))
+        return changed
+
+    def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether another callback replaced the thresholds this callback calibrated (any rank), as
+        ``WeightAveraging`` does when it copies or swaps its averaged model's parameters *and buffers* in."""
+        if not self._calibrated_thresholds:
+            return False
+        layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
+        changed = any(
+            name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
+            for name, value in self._calibrated_thresholds.items()
+        )
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             return bool(trainer.strategy.reduce_boolean_decision(changed, all=False))
         return changed
@@ -738,6 +754,18 @@ class ActivationSparsityCallback(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start measuring; if a weight-averaging callback (which runs before this one) swapped its averaged
+        weights and buffers in, calibrate thresholds for those weights first (its swap back at the end of
+        validation restores the training weights with their own thresholds)."""
+        if (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and self.finished is None
+            and self._layer_names
+            and self._thresholds_overwritten(trainer, pl_module)
+        ):
+            self.calibrate(trainer, pl_module, "validation with weights swapped in by another callback")
+            self._flush_logs(pl_module)
         self._start_tracking("val", pl_module)
 
     @override
@@ -772,7 +800,14 @@ class ActivationSparsityCallback(Callback):
         weight-averaging callback copied its average in; this callback runs after those), then freeze;
         ``remove``: give back the dense model."""
         action = self.on_train_end_action
-        if action == "keep" or not self._layer_names:
+        if not self._layer_names:
+            return
+        if action == "keep":
+            # keep the thresholds, but never another model's: a callback that copied its averaged model's
+            # buffers in replaced them (the weights moved too), so calibrate on the weights the model ends with
+            if self.finished is None and self._thresholds_overwritten(trainer, pl_module):
+                self.calibrate(trainer, pl_module, "end of training (thresholds replaced by another callback)")
+                self._pending_logs.clear()
             return
         if action == "make_permanent":
             if self._weights_changed(trainer, pl_module):

@@ -78,7 +78,8 @@ class ActSparseCLI(LightningCLI):
                 raise
             key = getattr(cause, "argument", None)
             where = "trainer.callbacks" + (f"[{self._callback_index()}].init_args" if self._callback_index() is not None else "")
-            _exit_with_config_error(_prog(sys.argv[1:]), f"{where}.{key}" if key else where, cause)
+            sub = self.config.get("subcommand") if isinstance(self.config, Namespace) else None
+            _exit_with_config_error("pl-actsparse" + (f" {sub}" if sub else ""), f"{where}.{key}" if key else where, cause)
 
     def _callback_index(self) -> int | None:
         """The list index of the one ActivationSparsityCallback in the parsed ``trainer.callbacks``."""
