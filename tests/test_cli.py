@@ -201,6 +201,34 @@ def test_instantiation_errors_of_the_callback_from_overrides_are_one_line_too(tm
     ]
 
 
+@pytest.mark.parametrize(
+    "init_args, line",
+    [
+        ({"scopes": [{"class_path": "pl_actsparse.ScopeSpec", "init_args": {"patterns": ["x"], "sparsity": 1.5}}]},
+         "error: trainer.callbacks[1].init_args.scopes[0].sparsity: target sparsity for scopes[0] must be in [0, 1], got 1.5"),
+        ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "on_train_end": "delete"},
+         "error: trainer.callbacks[1].init_args.on_train_end: on_train_end must be one of 'keep', 'make_permanent', 'remove', got 'delete'"),
+        ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "transform_fn": "mypackage.inputs"}, None),  # left to jsonargparse
+        ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "schedule": "linear", "ramp_epochs": 2}, None),
+    ],
+)
+def test_check_callback_configuration_table(tmp_path, capsys, init_args, line):
+    from pl_actsparse.lightning.cli import check_callback_configuration
+
+    recipe = {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+                                        {"class_path": "pl_actsparse.lightning.callback.ActivationSparsityCallback", "init_args": init_args}]}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    if line is None:
+        check_callback_configuration(["fit", "--config", str(path)], prog="pl-actsparse fit")
+        assert capsys.readouterr().err == ""
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        check_callback_configuration(["fit", f"--config={path}"], prog="pl-actsparse fit")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"pl-actsparse fit: {line}"
+
+
 def test_console_script_exits_2_with_the_key_on_a_bad_sparsity(tmp_path):
     bad = _bad_recipe(tmp_path, lambda i: i["scopes"][1].__setitem__("sparsity", 1.5))
     script = Path(sys.executable).with_name("pl-actsparse")

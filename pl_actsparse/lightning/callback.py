@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
@@ -472,20 +472,6 @@ class ActivationSparsityCallback(Callback):
         plan = prepare_activation_sparsity(module, targets, self.ignored_scope, gradient_mode=self.gradient_mode)
         self._layer_names = list(plan.targets)
 
-    def _prepare_after_configure_model(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Lightning calls callback ``setup`` before ``LightningModule.configure_model``, where large models
-        build their layers: plan right after that hook (still before checkpoint loading and sharding)."""
-        if "configure_model" in pl_module.__dict__:
-            return  # already waiting (setup called twice)
-        hook = pl_module.configure_model
-
-        def configure_model() -> None:
-            del pl_module.__dict__["configure_model"]
-            hook()
-            self._prepare(trainer, pl_module, stage)
-
-        pl_module.__dict__["configure_model"] = configure_model
-
     def _needs_calibration(self, module: nn.Module) -> bool:
         return any(m._actsparse.mode is not SparsifierMode.SPARSIFYING for n, m in sparsified_layers(module) if n in self._layer_names)
 
@@ -684,13 +670,14 @@ class ActivationSparsityCallback(Callback):
             _run_after_weight_averaging(trainer, self)
         if self.finished == "remove":
             return
-        if self.finished == "make_permanent":
-            self._layer_names = [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))]
-            return
-        if is_overridden("configure_model", pl_module):
-            self._prepare_after_configure_model(trainer, pl_module, stage)
+        if self.finished == "make_permanent":  # frozen: adopt the layers as they are
+            plan = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
         else:
-            self._prepare(trainer, pl_module, stage)
+            plan = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
+        if is_overridden("configure_model", pl_module):
+            _after_configure_model(pl_module, plan)
+        else:
+            plan()
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -887,6 +874,22 @@ class ActivationSparsityCallback(Callback):
 @rank_zero_only
 def _info(message: str) -> None:
     log.info(message)
+
+
+def _after_configure_model(pl_module: LightningModule, action: Callable[[], None]) -> None:
+    """Lightning calls callback ``setup`` before ``LightningModule.configure_model``, where large models build
+    their layers: run ``action`` right after that hook (still before checkpoint loading and sharding), by a
+    one-shot wrapper in the instance's ``__dict__`` that removes itself."""
+    if "configure_model" in pl_module.__dict__:
+        return  # already waiting (setup called twice)
+    hook = pl_module.configure_model
+
+    def configure_model() -> None:
+        del pl_module.__dict__["configure_model"]
+        hook()
+        action()
+
+    pl_module.__dict__["configure_model"] = configure_model
 
 
 def _fingerprint(module: nn.Module) -> torch.Tensor:

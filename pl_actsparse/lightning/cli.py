@@ -168,7 +168,10 @@ def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") ->
                 close = difflib.get_close_matches(unknown[0], [p for p in params if p != "self"], n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 _exit_with_config_error(prog, f"{base}.{unknown[0]}", f"ActivationSparsityCallback has no argument {unknown[0]!r}{hint}")
-            kwargs = {k: v for k, v in init_args.items() if not _needs_jsonargparse(params[k], v)}
+            kwargs = {k: _plain_specs(v) for k, v in init_args.items()}
+            kwargs = {k: v for k, v in kwargs.items() if not _needs_jsonargparse(params[k], v)}
+            if "scopes" not in kwargs and "target_sparsity_by_scope" not in kwargs:
+                continue  # the scopes need jsonargparse to build them: leave the whole check to it
             try:
                 ActivationSparsityCallback(**kwargs)
             except ActivationSparsityError as exc:
@@ -176,11 +179,25 @@ def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") ->
                 _exit_with_config_error(prog, f"{base}.{key}" if key else base, exc)
 
 
+def _plain_specs(value: Any) -> Any:
+    """``{class_path: ...ScopeSpec, init_args: {...}}`` entries (also in lists) as the plain mappings the
+    callback accepts."""
+    if isinstance(value, list):
+        return [_plain_specs(v) for v in value]
+    if isinstance(value, dict) and str(value.get("class_path", "")).rsplit(".", 1)[-1] in ("ScopeSpec", "IgnoredScopeSpec"):
+        return dict(value.get("init_args") or {})
+    return value
+
+
 def _needs_jsonargparse(param: inspect.Parameter, value: Any) -> bool:
     """Values jsonargparse turns into objects (a class_path dict, an import path of a callable, ``${...}``)."""
     if isinstance(value, dict) and "class_path" in value:
         return True
-    if isinstance(value, str) and ("${" in value or param.name in ("transform_fn", "calibration_dataloader")):
+    if isinstance(value, list) and any(isinstance(v, dict) and "class_path" in v for v in value):
+        return True
+    if isinstance(value, str) and "${" in value:
+        return True
+    if isinstance(value, str) and param.name in ("transform_fn", "calibration_dataloader", "schedule") and value not in ("constant", "linear"):
         return True
     return param.name == "token_mask" and isinstance(value, str) and value != "auto"
 
