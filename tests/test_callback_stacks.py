@@ -285,3 +285,40 @@ def test_calibration_error_restores_thresholds_and_loader_is_unchanged():
     _trainer(cb).validate(lm, datamodule=TinyData(), verbose=False)
     assert cb.history[0]["source"] == "calibration_dataloader" and cb.history[0]["elements"] > 0
     assert _thresholds(lm) == _reference_thresholds(TinyLM(), batches)
+
+
+def test_a_callback_changing_weights_after_make_permanent_triggers_a_final_recalibration():
+    class Rescale(pl.Callback):  # runs after the sparsity callback in on_train_end and changes the weights
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                for p in pl_module.model.layers.parameters():
+                    p.mul_(1.25)
+
+    data = TinyData()
+    lm = TinyLM(lr=0.5)
+    cb = _callback(on_train_end="make_permanent", track=False)
+    trainer = _trainer(cb, Rescale(), max_steps=2, limit_val_batches=0)
+    trainer.fit(lm, datamodule=data)
+    assert [h["reason"] for h in cb.history] == [
+        "start of fit",
+        "end of training (make permanent)",
+        "end of fit (weights changed after make permanent)",
+    ]
+    achieved = _achieved(lm, data.calibration_dataloader())
+    assert max(abs(v - 0.5) for v in achieved.values()) <= 0.002, achieved
+
+
+def test_thresholds_that_differ_across_ranks_raise():
+    from types import SimpleNamespace
+
+    from pl_actsparse.errors import ActivationSparsityError
+
+    lm = TinyLM()
+    cb = _callback()
+    prepare_activation_sparsity(lm, {TargetScope(patterns=MLP[0]["patterns"]): 0.5})
+    cb._layer_names = [n for n, _ in sparsified_layers(lm)]
+    agree = SimpleNamespace(reduce=lambda t, reduce_op: t, root_device=torch.device("cpu"))
+    cb._check_replicated(SimpleNamespace(world_size=2, strategy=agree), lm)  # identical everywhere: fine
+    differ = SimpleNamespace(reduce=lambda t, reduce_op: t + 1, root_device=torch.device("cpu"))  # another rank is higher
+    with pytest.raises(ActivationSparsityError, match="different thresholds on different ranks"):
+        cb._check_replicated(SimpleNamespace(world_size=2, strategy=differ), lm)
