@@ -317,6 +317,8 @@ def test_thresholds_that_differ_across_ranks_raise():
     cb = _callback()
     prepare_activation_sparsity(lm, {TargetScope(patterns=MLP[0]["patterns"]): 0.5})
     cb._layer_names = [n for n, _ in sparsified_layers(lm)]
+    for _, m in sparsified_layers(lm):
+        m.activation_threshold.fill_(0.5)
     agree = SimpleNamespace(reduce=lambda t, reduce_op: t, root_device=torch.device("cpu"))
     cb._check_replicated(SimpleNamespace(world_size=2, strategy=agree), lm)  # identical everywhere: fine
     differ = SimpleNamespace(reduce=lambda t, reduce_op: t + 1, root_device=torch.device("cpu"))  # another rank is higher
