@@ -892,17 +892,22 @@ def _after_configure_model(pl_module: LightningModule, action: Callable[[], None
     pl_module.__dict__["configure_model"] = configure_model
 
 
-def _fingerprint(module: nn.Module) -> torch.Tensor:
-    """Per-tensor sum and position-weighted sum of every parameter and buffer, in float64: any copy of other
-    weights (weight averaging, a checkpoint load) or of other thresholds changes it."""
+def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
+    """Per-tensor sum and position-weighted sum of every parameter and buffer, in float64 and in chunks of
+    ``chunk`` elements (bounded extra memory): any copy of other weights (weight averaging, a checkpoint load)
+    or of other thresholds changes it. Shape ``[2 * tensors]`` on the CPU."""
     sums = []
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             if t.is_meta or t.numel() == 0:
                 continue
-            x = t.detach().reshape(-1).double().nan_to_num(0.0, 1e300, -1e300)
-            w = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(7919).add_(1)
-            sums.append(torch.stack([x.sum(), (x * w).sum()]))
+            flat = t.detach().reshape(-1)
+            total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+            for start in range(0, flat.numel(), chunk):
+                x = flat[start : start + chunk].double().nan_to_num(0.0, 1e300, -1e300)
+                w = torch.arange(start + 1, start + x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(7919).add_(1)
+                total += torch.stack([x.sum(), (x * w).sum()])
+            sums.append(total)
     return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
 
 
