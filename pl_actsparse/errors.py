@@ -21,6 +21,7 @@ __all__ = [
     "TokenMaskError",
     "CheckpointError",
     "CalibrationConvergenceError",
+    "CallbackConfigurationError",
 ]
 
 
@@ -75,6 +76,14 @@ class TokenMaskError(ActivationSparsityError):
 class CheckpointError(ActivationSparsityError):
     """A saved activation-sparsity state (state dict, checkpoint file, ``save_pretrained`` folder) is malformed,
     incomplete (e.g. a threshold without the layer's sparsifier state) or does not fit the model."""
+
+
 class CalibrationConvergenceError(ActivationSparsityError):
     """A layer called several times per forward has no threshold that is the exact quantile of the inputs it
     produces itself (the calibration passes did not reach that fixed point)."""
+
+
+class CallbackConfigurationError(ActivationSparsityError):
+    """An argument of :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback` (or of its
+    :class:`~pl_actsparse.lightning.calibration_data.CalibrationData` / schedule) is invalid, or the run it is
+    used in cannot work with it (raised by the constructor, or at ``setup`` naming the fix)."""

@@ -4,6 +4,10 @@ command-line overrides that shrink the run to a few batches."""
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import yaml
 
 from pl_actsparse import TargetScope, sparsified_layers, sparsify_activations
 from pl_actsparse.lightning.callback import ActivationSparsityCallback
-from pl_actsparse.lightning.cli import _as_option, run
+from pl_actsparse.lightning.cli import _as_option, main, run
 from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +50,8 @@ def test_recipes_are_valid_yaml_with_the_documented_targets():
     assert c["trainer"]["callbacks"][0]["init_args"]["scopes"] == scopes
 
 
-def test_recipe_a_training_free_validation(capsys, tmp_path):
+def test_recipe_a_training_free_validation(caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="pl_actsparse")
     cli = run(
         [
             "validate",
@@ -72,7 +77,8 @@ def test_recipe_a_training_free_validation(capsys, tmp_path):
         progress=False,
     )
     assert _thresholds(cli.model.model) == _thresholds(model)
-    out = capsys.readouterr().out
+    # the tables go to the pl_actsparse logger (rank 0), not to print
+    out = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("pl_actsparse"))
     assert "activation sparsity calibrated" in out and "model.layers.4.mlp.down_proj" in out
     assert "achieved activation sparsity on the val data" in out
 
@@ -145,18 +151,97 @@ def test_predict_subcommand_calibrates_first(tmp_path):
     assert predictions[0]["next_tokens"].shape == (len(cli.datamodule.dataset("predict")), 256)
 
 
-def test_bad_recipe_values_fail_with_a_precise_message(tmp_path, capsys):
+def _bad_recipe(tmp_path, edit) -> str:
     recipe = yaml.safe_load(Path(TRAINING_FREE).read_text())
-    recipe["trainer"]["callbacks"][0]["init_args"]["scopes"][1]["sparsity"] = 1.5
+    edit(recipe["trainer"]["callbacks"][0]["init_args"])
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ValueError, match=r"scopes\[1\].*must be in \[0, 1\], got 1.5"):
-        run(["validate", "--config", str(bad), "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"])
-    recipe["trainer"]["callbacks"][0]["init_args"]["scopes"][1] = {"patterns": [".*down_proj"], "sparsty": 0.5}
-    bad.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(SystemExit):
-        run(["validate", "--config", str(bad), "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"])
-    assert "sparsty" in capsys.readouterr().err
+    return str(bad)
+
+
+def _set(key, value):
+    return lambda init: init.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit, key, message",
+    [
+        (lambda i: i["scopes"][1].__setitem__("sparsity", 1.5), "trainer.callbacks[0].init_args.scopes[1].sparsity",
+         "target sparsity for scopes[1] must be in [0, 1], got 1.5"),
+        (lambda i: i["scopes"].__setitem__(1, {"patterns": [".*down_proj"], "sparsty": 0.5}),
+         "trainer.callbacks[0].init_args.scopes[1].sparsty", "scopes[1] has unknown key(s) ['sparsty']"),
+        (_set("recalibrate_every_n_epoch", 1), "trainer.callbacks[0].init_args.recalibrate_every_n_epoch",
+         "has no argument 'recalibrate_every_n_epoch' (did you mean 'recalibrate_every_n_epochs'?)"),
+        (_set("num_calibration_batches", 0), "trainer.callbacks[0].init_args.num_calibration_batches",
+         "num_calibration_batches must be a positive integer or None, got 0"),
+        (lambda i: i["scopes"][0].__setitem__("patterns", ["("]), "trainer.callbacks[0].init_args.scopes[0]",
+         "not a valid regular expression"),
+    ],
+)
+def test_bad_recipe_values_fail_in_one_line_naming_the_yaml_key(tmp_path, capsys, edit, key, message):
+    bad = _bad_recipe(tmp_path, edit)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", bad, "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"pl-actsparse validate: error: {key}: ") and message in err[0]
+
+
+def test_instantiation_errors_of_the_callback_from_overrides_are_one_line_too(tmp_path, capsys):
+    """A value given on the command line (not in the YAML) is caught when jsonargparse builds the callback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", TRAINING_FREE, "trainer.logger=false", f"trainer.default_root_dir={tmp_path}",
+              "--trainer.callbacks.init_args.num_calibration_batches=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err == [
+        "pl-actsparse validate: error: trainer.callbacks[0].init_args.num_calibration_batches: "
+        "num_calibration_batches must be a positive integer or None, got 0"
+    ]
+
+
+@pytest.mark.parametrize(
+    "init_args, line",
+    [
+        ({"scopes": [{"class_path": "pl_actsparse.ScopeSpec", "init_args": {"patterns": ["x"], "sparsity": 1.5}}]},
+         "error: trainer.callbacks[1].init_args.scopes[0].sparsity: target sparsity for scopes[0] must be in [0, 1], got 1.5"),
+        ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "on_train_end": "delete"},
+         "error: trainer.callbacks[1].init_args.on_train_end: on_train_end must be one of 'keep', 'make_permanent', 'remove', got 'delete'"),
+        ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "transform_fn": "mypackage.inputs"}, None),  # left to jsonargparse
+        ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "schedule": "linear", "ramp_epochs": 2}, None),
+    ],
+)
+def test_check_callback_configuration_table(tmp_path, capsys, init_args, line):
+    from pl_actsparse.lightning.cli import check_callback_configuration
+
+    recipe = {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+                                        {"class_path": "pl_actsparse.lightning.callback.ActivationSparsityCallback", "init_args": init_args}]}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    if line is None:
+        check_callback_configuration(["fit", "--config", str(path)], prog="pl-actsparse fit")
+        assert capsys.readouterr().err == ""
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        check_callback_configuration(["fit", f"--config={path}"], prog="pl-actsparse fit")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"pl-actsparse fit: {line}"
+
+
+def test_console_script_exits_2_with_the_key_on_a_bad_sparsity(tmp_path):
+    bad = _bad_recipe(tmp_path, lambda i: i["scopes"][1].__setitem__("sparsity", 1.5))
+    script = Path(sys.executable).with_name("pl-actsparse")
+    if not script.exists():
+        pytest.skip("the pl-actsparse console script is not installed in this environment")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([str(script), "fit", "--config", bad], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        "pl-actsparse fit: error: trainer.callbacks[0].init_args.scopes[1].sparsity: "
+        "target sparsity for scopes[1] must be in [0, 1], got 1.5"
+    ]
 
 
 def test_bare_overrides_become_options():

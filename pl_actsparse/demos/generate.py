@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pl_actsparse.measure.metric import decode_sparsity  # the one counter of |x| <= t, on decode steps
 
-__all__ = ["DecodeRun", "DecodeComparison", "compare_decoding", "decode_sparsity"]
+__all__ = ["DecodeRun", "DecodeComparison", "compare_decoding", "decode_sparsity", "generate_from_recipe"]
 
 
 @dataclass
@@ -170,3 +170,81 @@ def compare_decoding(
         exported_layers=len(exported_layers(sparse_model)),
         threads=torch.get_num_threads(),
     )
+
+
+def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actsparse generate") -> DecodeComparison:
+    """The ``pl-actsparse generate`` command: the recipe's sparsified, exported llama2.c model vs the dense one.
+
+    Builds the recipe's model, data and :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback`
+    (without running a Trainer), calibrates with the callback's scopes on its
+    :class:`~pl_actsparse.lightning.calibration_data.CalibrationData`, exports the model for sparse decoding and
+    prints both greedy continuations with their speeds. ``--sparsity 0`` must give back the dense text.
+    Returns the :class:`DecodeComparison`; exits with status 2 on bad arguments.
+    """
+    import argparse
+    import copy
+    import json
+    import sys
+
+    from pl_actsparse.api import sparsify_activations
+    from pl_actsparse.demos.llama2c import Llama2cModel, Llama2cTokenizer
+    from pl_actsparse.demos.tinystories import resolve_data_dir
+    from pl_actsparse.export.linear import export_for_inference
+    from pl_actsparse.lightning.callback import ActivationSparsityCallback
+    from pl_actsparse.lightning.cli import run
+
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Greedy decoding with the recipe's sparsified and exported model vs the dense model. Further "
+        "key=value or --key=value arguments override the recipe (e.g. data.init_args.calibration_stories=[500,520]).",
+    )
+    p.add_argument("--config", required=True, help="a recipe (YAML) with an ActivationSparsityCallback and a llama2.c model")
+    p.add_argument("--prompt", default="Once upon a time", help="text after BOS (default: %(default)r)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100)
+    p.add_argument("--sparsity", type=float, default=None, help="replace every scope's target (0: the dense text must come back)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each model, interleaved (default: 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    ns, overrides = p.parse_known_args(args if args is not None else sys.argv[2:])
+    if ns.sparsity is not None and not 0.0 <= ns.sparsity <= 1.0:
+        p.error(f"--sparsity must be in [0, 1], got {ns.sparsity}")
+    if ns.max_new_tokens < 1 or ns.repeats < 1:
+        p.error(f"--max_new_tokens and --repeats must be >= 1, got {ns.max_new_tokens} and {ns.repeats}")
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+
+    cli = run(["--config", ns.config, *overrides], subcommand=False)
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ActivationSparsityCallback)]
+    if len(callbacks) != 1:
+        raise SystemExit(f"{prog}: {ns.config} must configure one ActivationSparsityCallback, found {len(callbacks)}")
+    callback = callbacks[0]
+    module = cli.model
+    target = callback.sparsified_module(module)
+    net = getattr(module, "model", None)
+    if not isinstance(net, Llama2cModel):
+        raise SystemExit(
+            f"{prog}: needs a LightningModule whose .model is a llama2.c model (e.g. TinyStoriesLM), "
+            f"got {type(module).__name__} with .model {type(net).__name__}"
+        )
+    targets = dict(callback.targets)
+    if ns.sparsity is not None:
+        targets = {scope: ns.sparsity for scope in targets}
+    dense = copy.deepcopy(net).eval()
+    data = callback.calibration_data
+    calibration, _ = data.loader_from_hooks(cli.datamodule, module)
+    module.eval()
+    sparsify_activations(
+        target,
+        calibration,
+        targets,
+        callback.ignored_scope,
+        num_calibration_batches=data.num_batches,
+        transform_fn=data.inputs_fn(module, target),
+        max_batches_in_flight=data.max_batches_in_flight,
+        progress=not ns.json,
+    )
+    export_for_inference(net)
+    tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file(resolve_data_dir() / "tok512.bin")
+    result = compare_decoding(dense, net, tokenizer, ns.prompt, ns.max_new_tokens, repeats=ns.repeats)
+    print(json.dumps(result.to_dict(), indent=1) if ns.json else str(result))  # the demo's output is its stdout
+    return result

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torchmetrics import Metric
+from torchmetrics.text import Perplexity
 
 from pl_actsparse.lightning.callback import activation_sparsity_disabled, install_sparsifiers_from_state_dict
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
@@ -33,26 +33,9 @@ from pl_actsparse.core.layer import sparsified_layers
 __all__ = ["NextTokenPerplexity", "CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
 
 
-class NextTokenPerplexity(Metric):
-    """``exp(sum of next-token NLL / number of tokens)``; float64 sums reduced across ranks."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    nll: Tensor
-    count: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("nll", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, nll_sum: Tensor, count: int | Tensor) -> None:  # type: ignore[override]
-        self.nll += nll_sum.detach().to(self.nll.device, torch.float64)
-        self.count += int(count)
-
-    def compute(self) -> Tensor:  # type: ignore[override]
-        return torch.exp(self.nll / self.count.clamp(min=1))
+NextTokenPerplexity = Perplexity
+"""The shipped models' perplexity metric: torchmetrics' :class:`~torchmetrics.text.Perplexity` (``update(logits
+[B, T, vocab], targets [B, T])``, exp of the mean next-token NLL, states summed across ranks). The 0.1 name."""
 
 
 from pl_actsparse.tuning.objectives import _logits  # noqa: E402 - the one copy
@@ -102,8 +85,8 @@ class CausalLMModule(LightningModule):
         self.distillation_weight = distillation_weight
         self.distillation_temperature = distillation_temperature
         self.log_dense_perplexity = log_dense_perplexity
-        self.ppl = nn.ModuleDict({s: NextTokenPerplexity() for s in ("val", "test")})
-        self.ppl_dense = nn.ModuleDict({s: NextTokenPerplexity() for s in ("val", "test")})
+        self.ppl = nn.ModuleDict({s: Perplexity() for s in ("val", "test")})
+        self.ppl_dense = nn.ModuleDict({s: Perplexity() for s in ("val", "test")})
 
     # -- the teacher is held outside the module tree: not sparsified, not trained, not checkpointed
     @property
@@ -154,14 +137,13 @@ class CausalLMModule(LightningModule):
         x, y = batch
         logits = self(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        self.ppl[stage].update(nll, y.numel())
+        self.ppl[stage].update(logits.float(), y)
         self.log(f"{stage}/loss", nll / y.numel(), batch_size=y.numel(), sync_dist=True)
         self.log(f"{stage}/ppl", self.ppl[stage], prog_bar=True)
         if self.log_dense_perplexity and any(True for _ in sparsified_layers(self.model)):
             with activation_sparsity_disabled(self.model):
                 dense = self(x)
-            dense_nll = F.cross_entropy(dense.float().flatten(0, 1), y.flatten(), reduction="sum")
-            self.ppl_dense[stage].update(dense_nll, y.numel())
+            self.ppl_dense[stage].update(dense.float(), y)
             self.log(f"{stage}/ppl_dense", self.ppl_dense[stage])
         return nll
 

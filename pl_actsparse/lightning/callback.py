@@ -1,37 +1,60 @@
 """``ActivationSparsityCallback``: the functional core, run at the right moments of a Lightning run.
 
-The callback is a thin layer: it installs sparsifiers with :func:`prepare_activation_sparsity` in ``setup``
-(before the strategy wraps the model), calibrates with :func:`calibrate_activation_sparsity` when the model
-is not calibrated yet (start of fit, validate, test, predict), recalibrates during fine-tuning, and tracks
-the achieved sparsity with :class:`~pl_actsparse.measure.metric.ActivationSparsity`. Thresholds live in the model's
-state dict (so in every checkpoint); the callback's own ``state_dict`` keeps the calibration history and the
-step of the last calibration, so a resumed fit continues exactly. The model is never deep-copied.
+The callback is glue: it installs sparsifiers with :func:`~pl_actsparse.api.prepare_activation_sparsity` once
+the model exists (in ``setup``, or right after ``LightningModule.configure_model`` when the module builds its
+layers there) and before the strategy wraps it; calibrates with
+:func:`~pl_actsparse.api.calibrate_activation_sparsity` when the model is not calibrated yet (start of fit,
+validate, test, predict); recalibrates during fine-tuning following a
+:class:`~pl_actsparse.lightning.schedule.SparsitySchedule`; and tracks the achieved sparsity with
+:class:`~pl_actsparse.measure.metric.ActivationSparsity`. Where the calibration batches come from is a
+:class:`~pl_actsparse.lightning.calibration_data.CalibrationData`. Thresholds live in the model's state dict
+(so in every checkpoint); the callback's own ``state_dict`` keeps the calibration history, so a resumed fit
+continues exactly. The model is never deep-copied.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
+import inspect
+import logging
+import re
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
+from typing_extensions import override
 
-from pl_actsparse.errors import ActivationSparsityError, InvalidScopeError, InvalidTargetError, NotSparsifiedError
 from pl_actsparse.api import (
+    _validated_targets,
     calibrate_activation_sparsity,
     prepare_activation_sparsity,
     remove_activation_sparsity,
     validate_target,
-    _validated_targets,
 )
-from pl_actsparse.measure.metric import ActivationSparsity
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_linear_like, is_sparsified, sparsified_layers
+from pl_actsparse.core.layer import (
+    THRESHOLD_BUFFER,
+    SparsifierMode,
+    install_sparsifier,
+    is_sparsified,
+    sparsified_layers,
+)
 from pl_actsparse.core.recipe import IgnoredScopeSpec, ScopeSpec, ScopeSpecError, parse_ignored_scope_spec, parse_scope_spec
-from pl_actsparse.measure.report import SparsityReport
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
+from pl_actsparse.errors import (
+    ActivationSparsityError,
+    CallbackConfigurationError,
+    InvalidScopeError,
+    InvalidTargetError,
+    NotSparsifiedError,
+)
+from pl_actsparse.lightning import _spawn
+from pl_actsparse.lightning.calibration_data import CalibrationData, positive_int_or_none
+from pl_actsparse.lightning.schedule import LinearRamp, SparsitySchedule
+from pl_actsparse.measure.metric import ActivationSparsity
+from pl_actsparse.measure.report import SparsityReport
 
 __all__ = [
     "ActivationSparsityCallback",
@@ -42,16 +65,9 @@ __all__ = [
     "install_sparsifiers_from_state_dict",
 ]
 
-_STAGE_SOURCES = ("train", "val", "test", "predict")
+log = logging.getLogger(__name__)
+
 _TRACKABLE = ("train", "val", "test")
-
-
-class CallbackConfigurationError(ActivationSparsityError):
-    """An argument of :class:`ActivationSparsityCallback` is invalid (raised by the constructor)."""
-
-
-# ------------------------------------------------------------------------------------------------------
-# small helpers that need no Lightning
 
 
 @contextlib.contextmanager
@@ -87,22 +103,18 @@ def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Mapping[st
     return install(model, state_dict, prefix)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _positive_int_or_none(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if not _is_int(value) or value < 1:
-        raise CallbackConfigurationError(f"{name} must be a positive integer or None, got {value!r}")
-    return int(value)
-
-
 def _choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise CallbackConfigurationError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
     return value
+
+
+def _tagged(exc: BaseException, argument: str) -> BaseException:
+    """Record which constructor argument (YAML key below ``init_args``) an error is about, innermost first;
+    ``pl-actsparse`` prints it as the key (``trainer.callbacks[0].init_args.scopes[1].sparsity``)."""
+    if getattr(exc, "argument", None) is None:
+        exc.argument = argument  # type: ignore[attr-defined]
+    return exc
 
 
 class _ScopeSpecConfigurationError(CallbackConfigurationError, ScopeSpecError):
@@ -110,29 +122,102 @@ class _ScopeSpecConfigurationError(CallbackConfigurationError, ScopeSpecError):
 
 
 def _scope_from_spec(spec: Any, index: int) -> tuple[TargetScope, float]:
+    """One ``scopes`` entry through the recipe parser (:func:`pl_actsparse.core.recipe.parse_scope_spec`), its
+    error tagged with the YAML key it is about."""
+    where = f"scopes[{index}]"
     try:
-        return parse_scope_spec(spec, f"scopes[{index}]")
+        return parse_scope_spec(spec, where)
+    except ScopeSpecError as exc:
+        unknown = re.search(r"unknown key\(s\) \['([^']+)'", str(exc))
+        raise _tagged(_ScopeSpecConfigurationError(str(exc)), f"{where}.{unknown.group(1)}" if unknown else where) from None
+    except InvalidTargetError as exc:
+        raise _tagged(exc, f"{where}.sparsity")
+    except InvalidScopeError as exc:
+        raise _tagged(exc, where)
+
+
+def _parse_targets(target_sparsity_by_scope: Any, scopes: Any) -> dict[TargetScope, float]:
+    if (target_sparsity_by_scope is None) == (scopes is None):
+        raise CallbackConfigurationError(
+            "give exactly one of target_sparsity_by_scope ({TargetScope(...): sparsity}) and scopes "
+            "(a list of {names, patterns, types, sparsity})" + ("; both were given" if scopes is not None else "; neither was given")
+        )
+    targets: dict[TargetScope, float] = {}
+    if target_sparsity_by_scope is not None:
+        if not isinstance(target_sparsity_by_scope, Mapping):
+            raise InvalidScopeError(
+                "target_sparsity_by_scope must be a mapping {TargetScope(...): sparsity}, got "
+                f"{type(target_sparsity_by_scope).__qualname__} (for a list of dicts use scopes=)"
+            )
+        targets = _validated_targets(target_sparsity_by_scope)
+    else:
+        if isinstance(scopes, (str, Mapping)) or not isinstance(scopes, Sequence):
+            raise CallbackConfigurationError(f"scopes must be a list of {{names, patterns, types, sparsity}}, got {scopes!r}")
+        for i, spec in enumerate(scopes):
+            scope, value = _scope_from_spec(spec, i)
+            if scope in targets:
+                raise InvalidScopeError(f"scopes[{i}] repeats an earlier entry: {scope!r}")
+            targets[scope] = value
+    if not targets:
+        raise CallbackConfigurationError("no scope given: at least one {names, patterns, types, sparsity} is needed")
+    return targets
+
+
+def _parse_ignored(ignored_scope: Any) -> IgnoredScope | None:
+    try:
+        return parse_ignored_scope_spec(ignored_scope)
     except ScopeSpecError as exc:
         raise _ScopeSpecConfigurationError(str(exc)) from None
 
 
-def _first_loader(loaders: Any) -> Any:
-    """One iterable out of what a ``*_dataloader`` hook may return (a list or dict of loaders)."""
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values())) if loaders else []
-    if isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], torch.Tensor) and hasattr(loaders[0], "__iter__"):
-        return loaders[0]
-    return loaders
+def _parse_schedule(schedule: Any, initial_sparsity: Any, ramp_epochs: Any, ramp_steps: Any, ramp_every_n_steps: Any) -> SparsitySchedule:
+    flags = {"ramp_epochs": ramp_epochs, "ramp_steps": ramp_steps, "ramp_every_n_steps": ramp_every_n_steps}
+    if isinstance(schedule, SparsitySchedule):
+        given = [n for n, v in flags.items() if v is not None] + (["initial_sparsity"] if initial_sparsity != 0.0 else [])
+        if given:
+            raise CallbackConfigurationError(f"{', '.join(given)} only apply to schedule='linear', not to a {type(schedule).__name__}")
+        return schedule
+    if _choice(schedule, "schedule", ("constant", "linear")) == "linear":
+        return LinearRamp(initial_sparsity, ramp_epochs, ramp_steps, ramp_every_n_steps)
+    given = [n for n, v in flags.items() if v is not None]
+    if given or initial_sparsity != 0.0:
+        given += ["initial_sparsity"] if initial_sparsity != 0.0 else []
+        raise CallbackConfigurationError(f"{', '.join(given)} only apply to schedule='linear' (schedule is 'constant')")
+    return SparsitySchedule()
 
 
-def _shard(loader: Iterable[Any], limit: int | None, world_size: int, rank: int) -> Iterator[Any]:
-    """The first ``limit`` items of ``loader`` split round-robin over ranks, so the union over ranks is the
-    same data a single process calibrates on, whatever the number of processes."""
-    for i, item in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        if i % world_size == rank:
-            yield item
+def _parse_track(track: Any) -> set[str]:
+    if isinstance(track, bool):
+        return set(_TRACKABLE) if track else set()
+    if isinstance(track, Sequence) and not isinstance(track, str) and all(t in _TRACKABLE for t in track):
+        return set(track)
+    raise CallbackConfigurationError(f"track must be True, False or a list drawn from {list(_TRACKABLE)}, got {track!r}")
+
+
+_ARGUMENT = re.compile(r"^(\w+)(?: must|=| only|\b)")
+
+
+@contextlib.contextmanager
+def _argument(argument: str | None) -> Iterator[None]:
+    """Tag an error raised inside with the constructor argument it is about (``None``: the first word of the
+    message names it, as in "num_calibration_batches must be ...")."""
+    try:
+        yield
+    except ActivationSparsityError as exc:
+        if argument is None:
+            match = _ARGUMENT.match(str(exc))
+            known = inspect.signature(ActivationSparsityCallback.__init__).parameters
+            argument = match.group(1) if match and match.group(1) in known else None
+        if argument is not None:
+            _tagged(exc, argument)
+        raise
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -153,16 +238,17 @@ class ActivationSparsityCallback(Callback):
     Args:
         target_sparsity_by_scope: ``{TargetScope(...): sparsity}`` as in the functional API (Python use).
         scopes: the same as a list of ``{names, patterns, types, sparsity}`` (YAML use). Give exactly one of
-            the two. With a ``linear`` schedule these are the *final* targets.
+            the two. With a ramp schedule these are the *final* targets.
         ignored_scope: layers never sparsified (``IgnoredScope`` or ``{names, patterns, types}``).
         submodule: dotted attribute path of the module to sparsify and calibrate (e.g. ``"model"``); scope
             names are relative to it. Default: the LightningModule itself (calibration calls its ``forward``).
+            A module built in ``LightningModule.configure_model`` is found: planning waits for that hook.
         calibration_dataloader: an explicit iterable of calibration batches.
         calibration_source: where calibration batches come from when no ``calibration_dataloader`` is given:
             ``"auto"`` (a ``calibration_dataloader`` method of the datamodule or LightningModule if there is
             one, else the training dataloader), ``"train"``/``"val"``/``"test"``/``"predict"`` (that
             dataloader, e.g. the first N training batches), or the name of any other datamodule (or
-            LightningModule) method that returns an iterable.
+            LightningModule) method that returns an iterable. See :class:`CalibrationData`.
         num_calibration_batches: use the first N batches of the source (all when None; required for the
             stage dataloaders). Under DDP they are split round-robin over ranks and the statistics summed, so
             the thresholds do not depend on the number of processes.
@@ -172,12 +258,15 @@ class ActivationSparsityCallback(Callback):
             Without it (and without ``transform_fn``) a LightningModule method ``calibration_inputs(batch)``
             is used if defined, else the batch as it is (dict: keyword arguments, tuple: positional).
         transform_fn: a callable batch -> model inputs (Python use; an import path in YAML).
+        token_mask: ``"auto"`` (a dict batch's ``attention_mask`` excludes padding from calibration), None
+            (every element counts) or a callable batch -> bool mask ``[batch, seq]``.
         recalibrate_every_n_epochs: during fit, recalibrate at the end of every N-th training epoch (before
             that epoch's validation), bringing achieved sparsity back to target as the weights drift.
         recalibrate_every_n_steps: during fit, recalibrate every N optimizer steps.
-        schedule: ``"constant"`` (the targets from the start) or ``"linear"`` (a ramp from
-            ``initial_sparsity`` to the targets over ``ramp_epochs`` epochs or ``ramp_steps`` steps; each
-            change of target recalibrates).
+        schedule: ``"constant"`` (the targets from the start), ``"linear"`` (a ramp from ``initial_sparsity``
+            to the targets over ``ramp_epochs`` epochs or ``ramp_steps`` steps) or a
+            :class:`~pl_actsparse.lightning.schedule.SparsitySchedule` of your own (override ``targets``).
+            Each change of target recalibrates.
         initial_sparsity: where a linear ramp starts (same for every layer).
         ramp_epochs: epoch ``e`` trains at ``initial + min(1, e / ramp_epochs) * (target - initial)``.
         ramp_steps: the same per optimizer step, updated every ``ramp_every_n_steps`` steps (default:
@@ -185,14 +274,22 @@ class ActivationSparsityCallback(Callback):
         gradient_mode: ``"masked"`` (gradients only through the kept inputs: the exact derivative) or
             ``"ste"`` (straight-through: as if nothing was zeroed).
         on_train_end: ``"keep"`` the sparsifiers as they are, ``"make_permanent"`` (recalibrate on the final
-            weights if they changed since the last calibration, then freeze: later stages never recalibrate),
-            or ``"remove"`` them (the dense fine-tuned model).
+            weights if they changed since the last calibration, whichever callback changed them, e.g.
+            ``StochasticWeightAveraging`` or ``WeightAveraging``; then freeze: later stages never
+            recalibrate), or ``"remove"`` them (the dense fine-tuned model).
         track: the stages whose achieved sparsity is measured and logged (``True``: train, val and test).
             Training batches are measured on logging steps only (``Trainer(log_every_n_steps=...)``).
         log_per_layer: also log per-layer sparsity, threshold and per-token spread.
         log_prefix: the namespace of every logged key (``actsparse/val/sparsity`` ...).
         progress: show a progress bar over layers while calibrating (rank 0).
-        verbose: print the calibration summary table (rank 0).
+        verbose: log the calibration summary table and the achieved-sparsity table (rank 0, logger
+            ``pl_actsparse``, level INFO).
+
+    Raises:
+        CallbackConfigurationError: an argument is invalid (wrong type, unknown key, options that exclude
+            each other), or, at ``setup``, the run cannot work as configured (e.g. ``submodule`` missing).
+        InvalidScopeError: a scope is malformed (bad regex, empty, repeated).
+        InvalidTargetError: a sparsity is not a number in [0, 1].
     """
 
     def __init__(
@@ -208,9 +305,10 @@ class ActivationSparsityCallback(Callback):
         max_batches_in_flight: int | None = None,
         input_key: int | str | None = None,
         transform_fn: Callable[[Any], Any] | None = None,
+        token_mask: Literal["auto"] | Callable[[Any], Any] | None = "auto",
         recalibrate_every_n_epochs: int | None = None,
         recalibrate_every_n_steps: int | None = None,
-        schedule: Literal["constant", "linear"] = "constant",
+        schedule: Literal["constant", "linear"] | SparsitySchedule = "constant",
         initial_sparsity: float = 0.0,
         ramp_epochs: int | None = None,
         ramp_steps: int | None = None,
@@ -224,116 +322,30 @@ class ActivationSparsityCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        # -- what to sparsify
-        if (target_sparsity_by_scope is None) == (scopes is None):
-            raise CallbackConfigurationError(
-                "give exactly one of target_sparsity_by_scope ({TargetScope(...): sparsity}) and scopes "
-                "(a list of {names, patterns, types, sparsity})"
-                + ("; both were given" if scopes is not None else "; neither was given")
-            )
-        targets: dict[TargetScope, float] = {}
-        if target_sparsity_by_scope is not None:
-            if not isinstance(target_sparsity_by_scope, Mapping):
-                raise InvalidScopeError(
-                    "target_sparsity_by_scope must be a mapping {TargetScope(...): sparsity}, got "
-                    f"{type(target_sparsity_by_scope).__qualname__} (for a list of dicts use scopes=)"
-                )
-            targets = _validated_targets(target_sparsity_by_scope)
-        else:
-            if isinstance(scopes, (str, Mapping)) or not isinstance(scopes, Sequence):
-                raise CallbackConfigurationError(f"scopes must be a list of {{names, patterns, types, sparsity}}, got {scopes!r}")
-            for i, spec in enumerate(scopes):
-                scope, value = _scope_from_spec(spec, i)
-                if scope in targets:
-                    raise InvalidScopeError(f"scopes[{i}] repeats an earlier entry: {scope!r}")
-                targets[scope] = value
-        if not targets:
-            raise CallbackConfigurationError("no scope given: at least one {names, patterns, types, sparsity} is needed")
-        self.targets = targets
-
-        try:
-            self.ignored_scope = parse_ignored_scope_spec(ignored_scope)
-        except ScopeSpecError as exc:
-            raise _ScopeSpecConfigurationError(str(exc)) from None
-
+        with _argument("scopes" if scopes is not None else "target_sparsity_by_scope"):
+            self.targets = _parse_targets(target_sparsity_by_scope, scopes)
+        with _argument("ignored_scope"):
+            self.ignored_scope = _parse_ignored(ignored_scope)
         if submodule is not None and (not isinstance(submodule, str) or not all(p.isidentifier() for p in submodule.split("."))):
-            raise CallbackConfigurationError(f"submodule must be a dotted attribute path such as 'model', got {submodule!r}")
+            raise _tagged(CallbackConfigurationError(f"submodule must be a dotted attribute path such as 'model', got {submodule!r}"), "submodule")
         self.submodule = submodule
-
-        # -- calibration data
-        if not isinstance(calibration_source, str) or not (
-            calibration_source == "auto" or calibration_source in _STAGE_SOURCES or calibration_source.isidentifier()
-        ):
-            raise CallbackConfigurationError(
-                "calibration_source must be 'auto', 'train', 'val', 'test', 'predict' or the name of a "
-                f"LightningDataModule/LightningModule method, got {calibration_source!r}"
+        with _argument(None):
+            self.calibration_data = CalibrationData(
+                calibration_dataloader, calibration_source, num_calibration_batches, max_batches_in_flight, input_key, transform_fn, token_mask
             )
-        if calibration_dataloader is not None:
-            if calibration_source != "auto":
-                raise CallbackConfigurationError(
-                    f"give either calibration_dataloader or calibration_source={calibration_source!r}, not both"
-                )
-            if not hasattr(calibration_dataloader, "__iter__"):
-                raise CallbackConfigurationError(
-                    f"calibration_dataloader must be iterable (a DataLoader, a list of batches), got {type(calibration_dataloader).__qualname__}"
-                )
-        self.calibration_dataloader = calibration_dataloader
-        self.calibration_source = calibration_source
-        self.num_calibration_batches = _positive_int_or_none(num_calibration_batches, "num_calibration_batches")
-        self.max_batches_in_flight = _positive_int_or_none(max_batches_in_flight, "max_batches_in_flight")
-        if calibration_source in _STAGE_SOURCES and self.num_calibration_batches is None:
-            raise CallbackConfigurationError(
-                f"calibration_source={calibration_source!r} needs num_calibration_batches (calibrate on the first N "
-                f"batches of the {calibration_source} dataloader, not all of them)"
-            )
-        if input_key is not None and not (_is_int(input_key) or isinstance(input_key, str)):
-            raise CallbackConfigurationError(f"input_key must be an int index, a str key or None, got {input_key!r}")
-        if transform_fn is not None and not callable(transform_fn):
-            raise CallbackConfigurationError(f"transform_fn must be callable or None, got {transform_fn!r}")
-        if transform_fn is not None and input_key is not None:
-            raise CallbackConfigurationError("give either input_key or transform_fn, not both")
-        self.input_key = input_key
-        self.transform_fn = transform_fn
-
-        # -- fine-tuning
-        self.recalibrate_every_n_epochs = _positive_int_or_none(recalibrate_every_n_epochs, "recalibrate_every_n_epochs")
-        self.recalibrate_every_n_steps = _positive_int_or_none(recalibrate_every_n_steps, "recalibrate_every_n_steps")
-        self.schedule = _choice(schedule, "schedule", ("constant", "linear"))
-        self.initial_sparsity = validate_target(initial_sparsity, "initial_sparsity")
-        self.ramp_epochs = _positive_int_or_none(ramp_epochs, "ramp_epochs")
-        self.ramp_steps = _positive_int_or_none(ramp_steps, "ramp_steps")
-        self.ramp_every_n_steps = _positive_int_or_none(ramp_every_n_steps, "ramp_every_n_steps")
-        if self.schedule == "linear":
-            if (self.ramp_epochs is None) == (self.ramp_steps is None):
-                raise CallbackConfigurationError("schedule='linear' needs exactly one of ramp_epochs and ramp_steps")
-            if self.ramp_every_n_steps is not None and self.ramp_steps is None:
-                raise CallbackConfigurationError("ramp_every_n_steps only applies to a ramp over steps (ramp_steps)")
-            if self.ramp_every_n_steps is None and self.ramp_steps is not None:
-                self.ramp_every_n_steps = max(1, math.ceil(self.ramp_steps / 10))
-        else:
-            given = [n for n in ("ramp_epochs", "ramp_steps", "ramp_every_n_steps") if getattr(self, n) is not None]
-            if given or initial_sparsity != 0.0:
-                given += ["initial_sparsity"] if initial_sparsity != 0.0 else []
-                raise CallbackConfigurationError(f"{', '.join(given)} only apply to schedule='linear' (schedule is 'constant')")
-        self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
-        self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
-
-        # -- tracking and output
-        if isinstance(track, bool):
-            self.track = set(_TRACKABLE) if track else set()
-        elif isinstance(track, Sequence) and not isinstance(track, str) and all(t in _TRACKABLE for t in track):
-            self.track = set(track)
-        else:
-            raise CallbackConfigurationError(f"track must be True, False or a list drawn from {list(_TRACKABLE)}, got {track!r}")
-        for name, value in (("log_per_layer", log_per_layer), ("progress", progress), ("verbose", verbose)):
-            if not isinstance(value, bool):
-                raise CallbackConfigurationError(f"{name} must be True or False, got {value!r}")
-        if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
-            raise CallbackConfigurationError(f"log_prefix must be a non-empty string without a trailing '/', got {log_prefix!r}")
-        self.log_per_layer = log_per_layer
-        self.log_prefix = log_prefix
-        self.progress = progress
-        self.verbose = verbose
+        with _argument(None):
+            self.recalibrate_every_n_epochs = positive_int_or_none(recalibrate_every_n_epochs, "recalibrate_every_n_epochs")
+            self.recalibrate_every_n_steps = positive_int_or_none(recalibrate_every_n_steps, "recalibrate_every_n_steps")
+            self.schedule = _parse_schedule(schedule, initial_sparsity, ramp_epochs, ramp_steps, ramp_every_n_steps)
+            self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
+            self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
+            self.track = _parse_track(track)
+            for name, value in (("log_per_layer", log_per_layer), ("progress", progress), ("verbose", verbose)):
+                if not isinstance(value, bool):
+                    raise CallbackConfigurationError(f"{name} must be True or False, got {value!r}")
+            if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
+                raise CallbackConfigurationError(f"log_prefix must be a non-empty string without a trailing '/', got {log_prefix!r}")
+        self.log_per_layer, self.log_prefix, self.progress, self.verbose = log_per_layer, log_prefix, progress, verbose
 
         # -- run state (checkpointed through state_dict)
         self.history: list[dict[str, Any]] = []
@@ -343,15 +355,30 @@ class ActivationSparsityCallback(Callback):
         self._observing: dict[str, contextlib.ExitStack] = {}
         self._pending_logs: dict[str, float] = {}
         self._layer_names: list[str] = []
+        self._calibrated_fingerprint: torch.Tensor | None = None  # weights + thresholds at the last calibration
+        self._calibrated_thresholds: dict[str, torch.Tensor] = {}  # the thresholds the last calibration set
 
     # ---------------------------------------------------------------------------------------------------
-    # configuration helpers
+    # configuration
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(targets=sorted(repr(s) for s in self.targets), submodule=self.submodule)
 
-    def _module(self, pl_module: LightningModule) -> nn.Module:
+    # the calibration options, as in the constructor (read-only views of ``calibration_data``)
+    calibration_source = property(lambda self: self.calibration_data.source)
+    num_calibration_batches = property(lambda self: self.calibration_data.num_batches)
+    max_batches_in_flight = property(lambda self: self.calibration_data.max_batches_in_flight)
+    input_key = property(lambda self: self.calibration_data.input_key)
+    transform_fn = property(lambda self: self.calibration_data.transform_fn)
+    token_mask = property(lambda self: self.calibration_data.token_mask)
+
+    def sparsified_module(self, pl_module: LightningModule) -> nn.Module:
+        """The module this callback sparsifies: ``pl_module`` or its ``submodule``.
+
+        Raises:
+            CallbackConfigurationError: ``submodule`` does not exist on ``pl_module``.
+        """
         if self.submodule is None:
             return pl_module
         try:
@@ -361,109 +388,51 @@ class ActivationSparsityCallback(Callback):
                 f"submodule={self.submodule!r}: {type(pl_module).__qualname__} has no such submodule"
             ) from None
 
-    def _progress_fraction(self, epoch: int, step: int) -> float:
-        if self.schedule == "constant":
-            return 1.0
-        if self.ramp_epochs is not None:
-            return min(1.0, epoch / self.ramp_epochs)
-        k = self.ramp_every_n_steps or 1
-        return min(1.0, (step // k) * k / self.ramp_steps)  # type: ignore[operator]
+    _module = sparsified_module  # the 0.1 name, used by older scripts
 
     def scheduled_targets(self, epoch: int = 0, step: int = 0, final: bool = False) -> dict[TargetScope, float]:
-        """The target of each scope at a point of the schedule (``final``: the end of the ramp)."""
-        p = 1.0 if final else self._progress_fraction(epoch, step)
-        if p >= 1.0:
+        """The target of each scope at a point of the schedule (``final``: the callback's own targets)."""
+        if final:
             return dict(self.targets)
-        a = self.initial_sparsity
-        return {scope: a + p * (t - a) for scope, t in self.targets.items()}
+        return self.schedule.checked_targets(self.targets, epoch, step)
+
+    def calibration_loader_without_trainer(self, datamodule: Any, pl_module: Any) -> tuple[Iterable[Any], str] | None:
+        """See :meth:`CalibrationData.loader_without_trainer`."""
+        return self.calibration_data.loader_without_trainer(datamodule, pl_module)
 
     def _current_targets(self, module: nn.Module) -> dict[str, float]:
         return {n: m._actsparse.target for n, m in sparsified_layers(module)}
 
     # ---------------------------------------------------------------------------------------------------
-    # calibration data
-
-    def _calibration_loader(self, trainer: Trainer, pl_module: LightningModule) -> tuple[Iterable[Any], str]:
-        found = self.calibration_loader_without_trainer(getattr(trainer, "datamodule", None), pl_module)
-        if found is not None:
-            return found
-        source = "train" if self.calibration_source == "auto" else self.calibration_source
-        loop = {
-            "train": trainer.fit_loop,
-            "val": trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop,
-            "test": trainer.test_loop,
-            "predict": trainer.predict_loop,
-        }[source]
-        data_source = loop._data_source
-        if not data_source.is_defined():
-            raise CallbackConfigurationError(
-                f"calibration_source={source!r}: the {source} dataloader is not available in this run; pass "
-                "calibration_dataloader, or a datamodule/LightningModule that defines it"
-            )
-        return _first_loader(data_source.dataloader()), f"the {source} dataloader"
-
-    def calibration_loader_without_trainer(
-        self, datamodule: Any, pl_module: Any
-    ) -> tuple[Iterable[Any], str] | None:
-        """The calibration data and where it came from, when no running Trainer is needed to find it.
-
-        ``None`` means the source is a stage's dataloader (``"train"``, ``"val"``, ...; also ``"auto"``
-        without a ``calibration_dataloader`` method), which only a running Trainer resolves. Used by the
-        callback and by ``pl-actsparse generate``.
-        """
-        if self.calibration_dataloader is not None:
-            return self.calibration_dataloader, "calibration_dataloader"
-        source = self.calibration_source
-        if source == "auto":
-            for owner in (datamodule, pl_module):
-                if owner is not None and callable(getattr(owner, "calibration_dataloader", None)):
-                    return _first_loader(owner.calibration_dataloader()), f"{type(owner).__name__}.calibration_dataloader()"
-            if self.num_calibration_batches is None:
-                raise CallbackConfigurationError(
-                    "no calibration data: there is no calibration_dataloader (argument, or method of the datamodule or "
-                    "LightningModule), and calibrating on the first training batches needs num_calibration_batches"
-                )
-            return None
-        if source in _STAGE_SOURCES:
-            return None
-        for owner in (datamodule, pl_module):
-            if owner is not None and callable(getattr(owner, source, None)):
-                return _first_loader(getattr(owner, source)()), f"{type(owner).__name__}.{source}()"
-        raise CallbackConfigurationError(
-            f"calibration_source={source!r}: neither the datamodule "
-            f"({type(datamodule).__name__ if datamodule is not None else 'none'}) nor {type(pl_module).__name__} "
-            f"has a method {source!r}"
-        )
-
-    def _inputs_fn(self, pl_module: LightningModule) -> Callable[[Any], Any] | None:
-        if self.transform_fn is not None:
-            return self.transform_fn
-        if self.input_key is not None:
-            key = self.input_key
-            return lambda batch: batch[key]
-        hook = getattr(pl_module, "calibration_inputs", None)
-        return hook if callable(hook) else None
-
-    # ---------------------------------------------------------------------------------------------------
     # the actions
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        module = self._module(pl_module)
-        if stage == "fit":
-            targets = self.scheduled_targets(trainer.current_epoch, trainer.global_step)
-        else:
-            targets = self.scheduled_targets(final=True)
+        module = self.sparsified_module(pl_module)
+        targets = self.scheduled_targets(trainer.current_epoch, trainer.global_step) if stage == "fit" else self.scheduled_targets(final=True)
         plan = prepare_activation_sparsity(module, targets, self.ignored_scope, gradient_mode=self.gradient_mode)
         self._layer_names = list(plan.targets)
 
     def _needs_calibration(self, module: nn.Module) -> bool:
         return any(m._actsparse.mode is not SparsifierMode.SPARSIFYING for n, m in sparsified_layers(module) if n in self._layer_names)
 
+    def _api_options(self, fn: Callable[..., Any]) -> dict[str, Any]:
+        # token_mask reaches the functional API once it accepts it (issue 12); until then "auto" is its behaviour
+        if _accepts(fn, "token_mask"):
+            return {"token_mask": self.calibration_data.token_mask}
+        if self.calibration_data.token_mask != "auto":
+            raise CallbackConfigurationError(
+                f"token_mask={self.calibration_data.token_mask!r} needs a pl_actsparse whose {fn.__name__} takes token_mask"
+            )
+        return {}
+
     def calibrate(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> SparsityReport:
-        """Calibrate every sparsified layer now (all ranks together) and record before/after sparsity."""
-        module = self._module(pl_module)
-        loader, where = self._calibration_loader(trainer, pl_module)
-        items = _shard(loader, self.num_calibration_batches, trainer.world_size, trainer.global_rank)
+        """Calibrate every sparsified layer now (all ranks together) and record before/after sparsity.
+
+        Returns the :class:`~pl_actsparse.measure.report.SparsityReport`; appends an entry to ``history``.
+        """
+        module = self.sparsified_module(pl_module)
+        loader, where = self.calibration_data.resolve(trainer, pl_module)
+        items = self.calibration_data.batches(loader, trainer.world_size, trainer.global_rank)
         layers = [n for n, _ in sparsified_layers(module) if n in self._layer_names]
         calibrated_before = {
             n: m.activation_threshold.detach().clone()
@@ -484,22 +453,22 @@ class ActivationSparsityCallback(Callback):
                 module,
                 items,
                 layers=layers,
-                transform_fn=self._inputs_fn(pl_module),
+                transform_fn=self.calibration_data.inputs_fn(pl_module, module),
                 progress=self.progress and trainer.is_global_zero,
-                max_batches_in_flight=self.max_batches_in_flight,
+                max_batches_in_flight=self.calibration_data.max_batches_in_flight,
+                **self._api_options(calibrate_activation_sparsity),
             )
+        self._check_replicated(trainer, module)
         after = report.mean_sparsity
-        before_value = None
-        before_by_layer: dict[str, float] = {}
+        before_value, before_by_layer = None, {}
         if before is not None:
             values = before.compute()  # synced over ranks like the calibration statistics
             before_value = float(values["sparsity"])
             before_by_layer = {n: float(values[f"{n}/sparsity"]) for n in calibrated_before}
-        step = trainer.global_step
         entry = {
             "reason": reason,
             "epoch": trainer.current_epoch,
-            "step": step,
+            "step": trainer.global_step,
             "source": where,
             "elements": sum(r.calibration_elements for r in report.layers),
             "sparsity_before": before_value,
@@ -510,35 +479,74 @@ class ActivationSparsityCallback(Callback):
             "thresholds": {r.name: r.threshold for r in report.layers},
         }
         self.history.append(entry)
-        self.last_calibration_step = step
+        self.last_calibration_step = trainer.global_step
+        self._calibrated_fingerprint = _fingerprint(module)
+        self._calibrated_thresholds = {n: m.activation_threshold.detach().clone() for n, m in sparsified_layers(module)}
         logs = {"calibration/sparsity": after, "calibration/target": entry["target"], "calibration/count": float(len(self.history))}
         if before_value is not None:
             logs["calibration/sparsity_before"] = before_value
         self._pending_logs.update({f"{self.log_prefix}/{k}": float(v) for k, v in logs.items() if v is not None})
-        if self.verbose and trainer.is_global_zero:
+        if self.verbose:
             change = "" if before_value is None else f"; achieved sparsity on this data before {before_value:.4f} -> after {after:.4f}"
-            print(
-                f"\nactivation sparsity calibrated ({reason}; epoch {trainer.current_epoch}, step {step}) on {where}"
-                f"{change}\n{report}",
-                flush=True,
+            _info(
+                f"activation sparsity calibrated ({reason}; epoch {trainer.current_epoch}, step {trainer.global_step}) on {where}"
+                f"{change}\n{report}"
             )
         return report
+
+    def _check_replicated(self, trainer: Trainer, module: nn.Module) -> None:
+        """Thresholds come from rank-summed statistics, so they must be identical on every rank (DDP, FSDP:
+        buffers are replicated, not sharded). A disagreement would silently sparsify ranks differently."""
+        if trainer.world_size <= 1:
+            return
+        values = [m.activation_threshold.detach().double().sum() for n, m in sparsified_layers(module) if n in self._layer_names]
+        if not values:
+            return
+        local = torch.stack(values).to(trainer.strategy.root_device)
+        high = trainer.strategy.reduce(local.clone(), reduce_op="max")
+        low = -trainer.strategy.reduce(-local, reduce_op="max")
+        if not torch.equal(high, low):
+            raise ActivationSparsityError(
+                "calibration gave different thresholds on different ranks; every rank must calibrate the same layers "
+                "on its share of the same calibration data (check that the calibration source is not rank-dependent)"
+            )
 
     def _ensure_calibrated(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> None:
         if self.finished == "remove" or not self._layer_names:
             return
-        if self._needs_calibration(self._module(pl_module)):
+        if self._needs_calibration(self.sparsified_module(pl_module)):
             self.calibrate(trainer, pl_module, reason)
 
     def _retarget(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Apply the schedule's targets for the current epoch/step; True if some target changed."""
-        if self.schedule == "constant":
-            return False
-        module = self._module(pl_module)
+        module = self.sparsified_module(pl_module)
         before = self._current_targets(module)
         targets = self.scheduled_targets(trainer.current_epoch, trainer.global_step)
         prepare_activation_sparsity(module, targets, self.ignored_scope, gradient_mode=self.gradient_mode)
         return self._current_targets(module) != before
+
+    def _weights_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether weights or thresholds differ from those of the last calibration (any rank)."""
+        fingerprint = self._calibrated_fingerprint
+        module = self.sparsified_module(pl_module)
+        changed = fingerprint is None or self._needs_calibration(module) or not _same_fingerprint(fingerprint, _fingerprint(module))
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return bool(trainer.strategy.reduce_boolean_decision(changed, all=False))
+        return changed
+
+    def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether another callback replaced the thresholds this callback calibrated (any rank), as
+        ``WeightAveraging`` does when it copies or swaps its averaged model's parameters *and buffers* in."""
+        if not self._calibrated_thresholds:
+            return False
+        layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
+        changed = any(
+            name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
+            for name, value in self._calibrated_thresholds.items()
+        )
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return bool(trainer.strategy.reduce_boolean_decision(changed, all=False))
+        return changed
 
     def _flush_logs(self, pl_module: LightningModule, on_step: bool = False) -> None:
         if not self._pending_logs:
@@ -556,7 +564,7 @@ class ActivationSparsityCallback(Callback):
         if stage not in self.track or self.finished == "remove" or not self._layer_names:
             return None
         self._stop_tracking(stage)
-        module = self._module(pl_module)
+        module = self.sparsified_module(pl_module)
         metric = self._metrics.get(stage)
         names = [n for n, _ in sparsified_layers(module)]
         if metric is None or metric.layers != names:
@@ -581,61 +589,71 @@ class ActivationSparsityCallback(Callback):
         values = {k: float(v) for k, v in metric.compute().items()}  # synced over ranks
         prefix = f"{self.log_prefix}/{stage}/"
         logs = {prefix + k: v for k, v in values.items() if self.log_per_layer or "/" not in k}
-        pl_module.log_dict(
-            logs, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=trainer.world_size > 1 and not on_step
-        )
-        if self.verbose and trainer.is_global_zero and trainer.state.fn in ("validate", "test") and not trainer.sanity_checking:
-            print(_achieved_table(stage, values, self._module(pl_module)), flush=True)
+        pl_module.log_dict(logs, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=trainer.world_size > 1 and not on_step)
+        if self.verbose and trainer.state.fn in ("validate", "test") and not trainer.sanity_checking:
+            _info(achieved_sparsity_table(stage, values, self.sparsified_module(pl_module)))
         return values
+
+    def _stop_and_log(self, stage: str, trainer: Trainer, pl_module: LightningModule, on_step: bool = False) -> None:
+        if stage in self._observing:
+            self._stop_tracking(stage)
+            self._log_metric(stage, pl_module, trainer, on_step=on_step)
 
     # ---------------------------------------------------------------------------------------------------
     # Lightning hooks
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Before the strategy wraps the model: sparsifiers are installed in place (same modules, same
-        # Parameters), so DDP and the optimizer see the model as it will be trained.
+        """Install pass-through sparsifiers in place, before the strategy wraps the model (same modules, same
+        Parameters), or right after ``configure_model`` when the LightningModule builds its layers there."""
+        if stage == "fit":
+            _run_after_weight_averaging(trainer, self)
         if self.finished == "remove":
             return
-        if self.finished == "make_permanent":
-            self._layer_names = [n for n, _ in sparsified_layers(self._module(pl_module))]
-            return
-        self._prepare(trainer, pl_module, stage)
+        if self.finished == "make_permanent":  # frozen: adopt the layers as they are
+            plan = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
+        else:
+            plan = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
+        if is_overridden("configure_model", pl_module):
+            _after_configure_model(pl_module, plan)
+        else:
+            plan()
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A resumed fit restored thresholds with the model's state dict: nothing to do then.
+        """Calibrate unless the model is calibrated (a resumed fit restored thresholds with the weights)."""
         self._ensure_calibrated(trainer, pl_module, "start of fit")
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._flush_logs(pl_module)  # on_fit_start may not log
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.finished is None and self.ramp_epochs is not None and self._retarget(trainer, pl_module):
+        """Apply the schedule's targets for this epoch (recalibrating if one changed)."""
+        if self.finished is None and self._layer_names and self.schedule.check_every_epoch and self._retarget(trainer, pl_module):
             self.calibrate(trainer, pl_module, f"schedule (epoch {trainer.current_epoch})")
             self._flush_logs(pl_module)
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Step-wise schedule and recalibration; start measuring the batch on logging steps."""
         if self.finished is None and self._layer_names:
-            step = trainer.global_step
-            reason = None
-            if self.ramp_steps is not None and step % self.ramp_every_n_steps == 0 and self._retarget(trainer, pl_module):  # type: ignore[operator]
+            step, reason = trainer.global_step, None
+            every = self.schedule.check_every_n_steps
+            if every is not None and step % every == 0 and self._retarget(trainer, pl_module):
                 reason = f"schedule (step {step})"
-            elif (
-                self.recalibrate_every_n_steps is not None
-                and step > 0
-                and step % self.recalibrate_every_n_steps == 0
-                and self.last_calibration_step != step
-            ):
-                reason = f"every {self.recalibrate_every_n_steps} steps"
+            elif (n := self.recalibrate_every_n_steps) is not None and step > 0 and step % n == 0 and self.last_calibration_step != step:
+                reason = f"every {n} steps"
             if reason is not None:
                 self.calibrate(trainer, pl_module, reason)
                 self._flush_logs(pl_module)
         if "train" in self.track and _should_log_step(trainer):
             self._start_tracking("train", pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if "train" in self._observing:
-            self._stop_tracking("train")
-            self._log_metric("train", pl_module, trainer, on_step=True)
+        self._stop_and_log("train", trainer, pl_module, on_step=True)
 
     def _epoch_end_recalibration(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.recalibrate_every_n_epochs
@@ -649,7 +667,9 @@ class ActivationSparsityCallback(Callback):
             self.calibrate(trainer, pl_module, f"every {n} epoch(s)")
             self._flush_logs(pl_module)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Epoch-end recalibration before that epoch's validation; calibrate first in ``validate``."""
         if trainer.sanity_checking:
             return
         if trainer.state.fn == "fit":
@@ -659,47 +679,112 @@ class ActivationSparsityCallback(Callback):
             self._ensure_calibrated(trainer, pl_module, "start of validation")
             self._flush_logs(pl_module)
 
+    @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start measuring; if a weight-averaging callback (which runs before this one) swapped its averaged
+        weights and buffers in, calibrate thresholds for those weights first (its swap back at the end of
+        validation restores the training weights with their own thresholds)."""
+        if (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and self.finished is None
+            and self._layer_names
+            and self._thresholds_overwritten(trainer, pl_module)
+        ):
+            self.calibrate(trainer, pl_module, "validation with weights swapped in by another callback")
+            self._flush_logs(pl_module)
         self._start_tracking("val", pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "val" in self._observing:
-            self._stop_tracking("val")
-            self._log_metric("val", pl_module, trainer, on_step=False)
+        self._stop_and_log("val", trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_calibrated(trainer, pl_module, "start of test")
         self._flush_logs(pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_tracking("test", pl_module)
 
+    @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "test" in self._observing:
-            self._stop_tracking("test")
-            self._log_metric("test", pl_module, trainer, on_step=False)
+        self._stop_and_log("test", trainer, pl_module)
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_calibrated(trainer, pl_module, "start of predict")
         self._pending_logs.clear()  # predict has no logging
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_end_recalibration(trainer, pl_module)  # runs without validation too; never twice per step
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``make_permanent``: recalibrate if weights or thresholds changed since the last calibration (e.g. a
+        weight-averaging callback copied its average in; this callback runs after those), then freeze;
+        ``remove``: give back the dense model."""
         action = self.on_train_end_action
-        if action == "keep" or not self._layer_names:
+        if not self._layer_names:
             return
-        module = self._module(pl_module)
+        if action == "keep":
+            # keep the thresholds, but never another model's: a callback that copied its averaged model's
+            # buffers in replaced them (the weights moved too), so calibrate on the weights the model ends with
+            if self.finished is None and self._thresholds_overwritten(trainer, pl_module):
+                self.calibrate(trainer, pl_module, "end of training (thresholds replaced by another callback)")
+                self._pending_logs.clear()
+            return
         if action == "make_permanent":
-            if self.last_calibration_step != trainer.global_step or self._needs_calibration(module):
+            if self._weights_changed(trainer, pl_module):
                 self.calibrate(trainer, pl_module, "end of training (make permanent)")
             self._pending_logs.clear()  # on_train_end may not log; the history has it
         else:
-            remove_activation_sparsity(module)
+            remove_activation_sparsity(self.sparsified_module(pl_module))
             self._layer_names = []
         self.finished = action
 
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A callback that runs after this one in ``on_train_end`` may still have changed the weights: the
+        permanent thresholds must match the weights the model ends with."""
+        if self.finished == "make_permanent" and self._layer_names and self._weights_changed(trainer, pl_module):
+            self.calibrate(trainer, pl_module, "end of fit (weights changed after make permanent)")
+            self._pending_logs.clear()
+        _spawn.send_to_main_process(trainer, self, pl_module)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A weight-averaging callback (``WeightAveraging``/EMA) saves the *averaged* weights as the checkpoint's
+        ``state_dict`` (the current ones under ``current_model_state``): give those weights thresholds
+        calibrated on them, so the checkpoint never pairs weights with another model's thresholds."""
+        if "current_model_state" not in checkpoint or not self._layer_names or self.finished == "remove" or trainer.state.fn != "fit":
+            return
+        prefix = "" if self.submodule is None else self.submodule + "."
+        averaged = checkpoint["state_dict"]
+        current = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in pl_module.state_dict().items()}
+        module = self.sparsified_module(pl_module)
+        try:
+            pl_module.load_state_dict(averaged, strict=False)
+            loader, _ = self.calibration_data.resolve(trainer, pl_module)
+            with trainer.strategy.precision_plugin.forward_context():
+                calibrate_activation_sparsity(
+                    module,
+                    self.calibration_data.batches(loader, trainer.world_size, trainer.global_rank),
+                    layers=[n for n, _ in sparsified_layers(module) if n in self._layer_names],
+                    transform_fn=self.calibration_data.inputs_fn(pl_module, module),
+                    progress=False,
+                    max_batches_in_flight=self.calibration_data.max_batches_in_flight,
+                    **self._api_options(calibrate_activation_sparsity),
+                )
+            for name, m in sparsified_layers(module):
+                averaged[f"{prefix}{name}.{THRESHOLD_BUFFER}"] = m.activation_threshold.detach().clone()
+                averaged[f"{prefix}{name}._extra_state"] = m.get_extra_state()
+        finally:
+            pl_module.load_state_dict(current)
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for name in list(self._observing):
             self._stop_tracking(name)
@@ -707,6 +792,7 @@ class ActivationSparsityCallback(Callback):
     # ---------------------------------------------------------------------------------------------------
     # checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
@@ -715,10 +801,79 @@ class ActivationSparsityCallback(Callback):
             "finished": self.finished,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.last_calibration_step = state_dict.get("last_calibration_step")
         self.finished = state_dict.get("finished")
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+@rank_zero_only
+def _info(message: str) -> None:
+    log.info(message)
+
+
+def _after_configure_model(pl_module: LightningModule, action: Callable[[], None]) -> None:
+    """Lightning calls callback ``setup`` before ``LightningModule.configure_model``, where large models build
+    their layers: run ``action`` right after that hook (still before checkpoint loading and sharding), by a
+    one-shot wrapper in the instance's ``__dict__`` that removes itself."""
+    if "configure_model" in pl_module.__dict__:
+        return  # already waiting (setup called twice)
+    hook = pl_module.configure_model
+
+    def configure_model() -> None:
+        del pl_module.__dict__["configure_model"]
+        hook()
+        action()
+
+    pl_module.__dict__["configure_model"] = configure_model
+
+
+def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
+    """Per-tensor sum and position-weighted sum of every parameter and buffer, in float64 and in chunks of
+    ``chunk`` elements (bounded extra memory): any copy of other weights (weight averaging, a checkpoint load)
+    or of other thresholds changes it. Shape ``[2 * tensors]`` on the CPU."""
+    sums = []
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_meta or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+            for start in range(0, flat.numel(), chunk):
+                x = flat[start : start + chunk].double().nan_to_num(0.0, 1e300, -1e300)
+                w = torch.arange(start + 1, start + x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(7919).add_(1)
+                total += torch.stack([x.sum(), (x * w).sum()])
+            sums.append(total)
+    return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _run_after_weight_averaging(trainer: Trainer, callback: Callback) -> None:
+    """Move ``callback`` after every weight-averaging callback (and keep checkpoint callbacks last), so its
+    ``on_train_end`` and ``on_save_checkpoint`` see the weights those callbacks put in, in either order."""
+    from lightning.pytorch.callbacks import Checkpoint, StochasticWeightAveraging
+
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # pragma: no cover - Lightning < 2.5
+        WeightAveraging = StochasticWeightAveraging  # type: ignore[misc, assignment]
+    callbacks = list(trainer.callbacks)
+    averaging = [i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
+    me = callbacks.index(callback) if callback in callbacks else None
+    if me is None or not averaging or me > max(averaging):
+        return
+    callbacks.remove(callback)
+    last = max(i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging)))
+    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint) and i > last), None)
+    callbacks.insert(last + 1 if first_checkpoint is None else min(last + 1, first_checkpoint), callback)
+    trainer.callbacks = callbacks  # a new list: a hook loop running over the old one is not disturbed
 
 
 def _mean_target(report: SparsityReport) -> float:
@@ -727,29 +882,42 @@ def _mean_target(report: SparsityReport) -> float:
     return sum(r.target * r.calibration_elements for r in rows) / n if n else float("nan")
 
 
-def _achieved_table(stage: str, values: Mapping[str, float], module: nn.Module) -> str:
-    """Per-layer achieved sparsity on evaluation data next to the calibration result."""
-    head = ["layer", "target", "threshold", "calibration", stage, "token p5", "token p95"]
-    rows = []
+def achieved_sparsity_table(stage: str, values: Mapping[str, float], module: nn.Module) -> str:
+    """Per-layer achieved sparsity on evaluation data next to the calibration result, rendered by rich.
+
+    ``values`` is :meth:`ActivationSparsity.compute` as floats; returns plain text (no colour codes).
+    """
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"achieved activation sparsity on the {stage} data (|x| <= threshold)", title_justify="left")
+    for i, head in enumerate(("layer", "target", "threshold", "calibration", stage, "token p5", "token p95")):
+        table.add_column(head, justify="left" if i == 0 else "right")
     for name, m in sparsified_layers(module):
         if f"{name}/sparsity" not in values:
             continue
         s = m._actsparse
-        cal = "-" if s.calibration_sparsity is None else f"{s.calibration_sparsity:.4f}"
-        rows.append(
-            [name, f"{s.target:.3f}", f"{float(m.activation_threshold):.5g}", cal, f"{values[f'{name}/sparsity']:.4f}"]
-            + [f"{values[f'{name}/token_sparsity_{q}']:.4f}" for q in ("p5", "p95") if f"{name}/token_sparsity_{q}" in values]
+        t = m.activation_threshold
+        threshold = f"{float(t):.5g}" if t.numel() == 1 else f"median {float(t.float().median()):.5g}"
+        table.add_row(
+            name,
+            f"{s.target:.3f}",
+            threshold,
+            "-" if s.calibration_sparsity is None else f"{s.calibration_sparsity:.4f}",
+            f"{values[f'{name}/sparsity']:.4f}",
+            *(f"{values[k]:.4f}" if k in values else "-" for k in (f"{name}/token_sparsity_p5", f"{name}/token_sparsity_p95")),
         )
-    rows.append(
-        ["all layers (element-weighted)", "", "", "", f"{values['sparsity']:.4f}"]
-        + [f"{values[k]:.4f}" for k in ("token_sparsity_p5", "token_sparsity_p95") if k in values]
+    table.add_row(
+        "all layers (element-weighted)", "", "", "", f"{values['sparsity']:.4f}",
+        *(f"{values[k]:.4f}" if k in values else "-" for k in ("token_sparsity_p5", "token_sparsity_p95")),
     )
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows if i < len(r))) for i in range(len(head))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    out = [f"\nachieved activation sparsity on the {stage} data (|x| <= threshold)", line(head), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    out.append(f"weight-bytes-weighted: {values['weighted_sparsity']:.4f}")
-    return "\n".join(out)
+    out = StringIO()
+    console = Console(file=out, width=200, color_system=None, force_terminal=False)
+    console.print(table)
+    console.print(f"weight-bytes-weighted: {values['weighted_sparsity']:.4f}")
+    return out.getvalue().rstrip()
 
 
 def _should_log_step(trainer: Trainer) -> bool:

@@ -13,28 +13,32 @@ Any LightningModule / LightningDataModule can be named with ``class_path``; the 
 :class:`~pl_actsparse.demos.lightning_models.TinyStoriesDataModule`, so the recipes need no user code. The
 parser runs in ``omegaconf`` mode: recipes may interpolate (``${data.init_args.seq_len}``).
 
-``generate`` is the decode demo (not a Trainer method): it builds the recipe's model, data and
-:class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback`, calibrates with the callback's scopes on its
-calibration data, exports the model for sparse decoding (:func:`~pl_actsparse.export.linear.export_for_inference`)
-and prints the greedy continuation of a prompt by the dense and the sparse model, with their speeds
-(:func:`~pl_actsparse.demos.generate.compare_decoding`). ``--sparsity 0`` must give back the dense text.
+Configuration errors of an :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback` in a recipe
+(a sparsity of 1.5, a misspelt argument or scope key) are printed as one line naming the YAML key, e.g.
+``pl-actsparse fit: error: trainer.callbacks[0].init_args.scopes[1].sparsity: target sparsity for scopes[1]
+must be in [0, 1], got 1.5``, and the command exits with status 2, like jsonargparse's own errors.
+
+``generate`` is the decode demo (not a Trainer method, see
+:func:`pl_actsparse.demos.generate.generate_from_recipe`, imported lazily: nothing else here needs the demos).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
+import difflib
+import inspect
 import re
 import sys
 import warnings
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
-from lightning.pytorch import LightningDataModule, LightningModule
 from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["ActSparseCLI", "run", "generate", "main"]
+from pl_actsparse.errors import ActivationSparsityError
+
+__all__ = ["ActSparseCLI", "run", "generate", "main", "SUBCOMMANDS"]
 
 _QUIET = (
     # the data is an in-memory tensor: worker processes would only cost start-up time
@@ -44,10 +48,12 @@ _QUIET = (
     # a deprecation inside Lightning itself, nothing a recipe can change
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
+_TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class ActSparseCLI(LightningCLI):
-    """LightningCLI whose subcommands accept bare ``key=value`` overrides after the options.
+    """LightningCLI whose subcommands accept bare ``key=value`` overrides after the options, and which reports
+    configuration errors of the activation-sparsity callback in one line naming the YAML key (exit status 2).
 
     ``pl-actsparse fit --config r.yaml trainer.max_steps=5`` is rewritten to ``--trainer.max_steps=5``,
     which is how recipes are overridden in CI and in the docs.
@@ -58,8 +64,33 @@ class ActSparseCLI(LightningCLI):
             args = sys.argv[1:]
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
-        else:
-            self.config = parser.parse_args([_as_option(a) for a in args])
+            return
+        args = [_as_option(a) for a in args]
+        # before jsonargparse, whose report of a bad callback argument is a page of union-type alternatives
+        check_callback_configuration(args, prog=_prog(args))
+        self.config = parser.parse_args(args)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as exc:
+            cause = _sparsity_error(exc)
+            if cause is None:
+                raise
+            key = getattr(cause, "argument", None)
+            where = "trainer.callbacks" + (f"[{self._callback_index()}].init_args" if self._callback_index() is not None else "")
+            sub = self.config.get("subcommand") if isinstance(self.config, Namespace) else None
+            _exit_with_config_error("pl-actsparse" + (f" {sub}" if sub else ""), f"{where}.{key}" if key else where, cause)
+
+    def _callback_index(self) -> int | None:
+        """The list index of the one ActivationSparsityCallback in the parsed ``trainer.callbacks``."""
+        config = self.config
+        sub = config.get("subcommand") if isinstance(config, Namespace) else None
+        if sub:
+            config = config.get(sub)
+        callbacks = config.get("trainer.callbacks") if isinstance(config, Namespace) else None
+        found = [i for i, c in enumerate(callbacks or []) if isinstance(c, Namespace) and _is_sparsity_callback(c.get("class_path"))]
+        return found[0] if len(found) == 1 else None
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -69,11 +100,117 @@ def _as_option(arg: str) -> str:
     return f"--{arg}" if isinstance(arg, str) and _OVERRIDE.match(arg) else arg
 
 
+def _prog(args: list[str]) -> str:
+    sub = next((a for a in args if a in _TRAINER_SUBCOMMANDS), None)
+    return "pl-actsparse" + (f" {sub}" if sub else "")
+
+
+def _sparsity_error(exc: BaseException | None) -> ActivationSparsityError | None:
+    """The package's own error behind a jsonargparse/Lightning wrapper, if there is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ActivationSparsityError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _exit_with_config_error(prog: str, key: str, error: BaseException) -> NoReturn:
+    print(f"{prog}: error: {key}: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _config_files(args: list[str]) -> list[Path]:
+    files = []
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif a.startswith("--config="):
+            files.append(Path(a.split("=", 1)[1]))
+    return files
+
+
+def _is_sparsity_callback(class_path: Any) -> bool:
+    return isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] == "ActivationSparsityCallback"
+
+
+def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") -> None:
+    """Construct every ``ActivationSparsityCallback`` of the recipes in ``args`` (``--config`` files) from
+    its YAML ``init_args``; on a configuration error print ``<prog>: error: <YAML key>: <message>`` to stderr
+    and exit with status 2. Values that only jsonargparse can build (import paths of callables) are left
+    to it. Files that cannot be read are left to jsonargparse too.
+
+    Raises:
+        SystemExit: with code 2, on a configuration error of the callback.
+    """
+    import yaml
+
+    from pl_actsparse.lightning.callback import ActivationSparsityCallback
+
+    params = inspect.signature(ActivationSparsityCallback.__init__).parameters
+    for path in _config_files(args):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        callbacks = ((config or {}).get("trainer") or {}).get("callbacks") if isinstance(config, dict) else None
+        if isinstance(callbacks, dict):
+            callbacks = [callbacks]
+        for i, entry in enumerate(callbacks if isinstance(callbacks, list) else []):
+            if not isinstance(entry, dict) or not _is_sparsity_callback(entry.get("class_path")):
+                continue
+            base = f"trainer.callbacks[{i}].init_args"
+            init_args = entry.get("init_args") or {}
+            if not isinstance(init_args, dict):
+                continue
+            unknown = [k for k in init_args if k not in params or k == "self"]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], [p for p in params if p != "self"], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                _exit_with_config_error(prog, f"{base}.{unknown[0]}", f"ActivationSparsityCallback has no argument {unknown[0]!r}{hint}")
+            kwargs = {k: _plain_specs(v) for k, v in init_args.items()}
+            kwargs = {k: v for k, v in kwargs.items() if not _needs_jsonargparse(params[k], v)}
+            if "scopes" not in kwargs and "target_sparsity_by_scope" not in kwargs:
+                continue  # the scopes need jsonargparse to build them: leave the whole check to it
+            try:
+                ActivationSparsityCallback(**kwargs)
+            except ActivationSparsityError as exc:
+                key = getattr(exc, "argument", None)
+                _exit_with_config_error(prog, f"{base}.{key}" if key else base, exc)
+
+
+def _plain_specs(value: Any) -> Any:
+    """``{class_path: ...ScopeSpec, init_args: {...}}`` entries (also in lists) as the plain mappings the
+    callback accepts."""
+    if isinstance(value, list):
+        return [_plain_specs(v) for v in value]
+    if isinstance(value, dict) and str(value.get("class_path", "")).rsplit(".", 1)[-1] in ("ScopeSpec", "IgnoredScopeSpec"):
+        return dict(value.get("init_args") or {})
+    return value
+
+
+def _needs_jsonargparse(param: inspect.Parameter, value: Any) -> bool:
+    """Values jsonargparse turns into objects (a class_path dict, an import path of a callable, ``${...}``)."""
+    if isinstance(value, dict) and "class_path" in value:
+        return True
+    if isinstance(value, list) and any(isinstance(v, dict) and "class_path" in v for v in value):
+        return True
+    if isinstance(value, str) and "${" in value:
+        return True
+    if isinstance(value, str) and param.name in ("transform_fn", "calibration_dataloader", "schedule") and value not in ("constant", "linear"):
+        return True
+    return param.name == "token_mask" and isinstance(value, str) and value != "auto"
+
+
 def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = True) -> ActSparseCLI:
     """Run the CLI (``args`` as on the command line) and return it, e.g. to inspect ``cli.trainer``.
 
     ``subcommand=False`` only instantiates the recipe (``args`` then has no subcommand, e.g.
     ``["--config", "recipe.yaml"]``) and runs nothing.
+
+    Raises:
+        SystemExit: status 2 on configuration errors (jsonargparse's, and the callback's in one line).
     """
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
@@ -89,114 +226,51 @@ def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = Tr
     )
 
 
-def _recipe_calibration_data(callback: Any, datamodule: Any, module: Any) -> Iterable[Any]:
-    """The calibration batches the callback would use, resolved without a running Trainer."""
-    from pl_actsparse.lightning.callback import CallbackConfigurationError, _first_loader
-
-    found = callback.calibration_loader_without_trainer(datamodule, module)
-    if found is not None:
-        return found[0]
-    stage = "train" if callback.calibration_source == "auto" else callback.calibration_source
-    method = f"{stage}_dataloader"  # a stage source: its first num_calibration_batches batches
-    for owner in (datamodule, module):
-        if owner is not None and callable(getattr(owner, method, None)):
-            return _first_loader(getattr(owner, method)())
-
-    raise CallbackConfigurationError(
-        f"generate: calibration_source={callback.calibration_source!r}: neither {type(datamodule).__name__} nor "
-        f"{type(module).__name__} has {method}()"
-    )
-
-
 def generate(args: list[str] | None = None) -> Any:
-    """The ``pl-actsparse generate`` subcommand; returns the :class:`~pl_actsparse.demos.generate.DecodeComparison`."""
-    import torch
+    """The ``pl-actsparse generate`` subcommand: :func:`pl_actsparse.demos.generate.generate_from_recipe`."""
+    from pl_actsparse.demos.generate import generate_from_recipe
 
-    from pl_actsparse import sparsify_activations
-    from pl_actsparse.lightning.callback import ActivationSparsityCallback
-    from pl_actsparse.demos.generate import compare_decoding
-    from pl_actsparse.export.linear import export_for_inference
-    from pl_actsparse.demos.llama2c import Llama2cModel, Llama2cTokenizer
+    return generate_from_recipe(args, prog="pl-actsparse generate")
 
-    p = argparse.ArgumentParser(
-        prog="pl-actsparse generate",
-        description="Greedy decoding with the recipe's sparsified and exported model vs the dense model. Further "
-        "key=value or --key=value arguments override the recipe (e.g. data.init_args.calibration_stories=[500,520]).",
-    )
-    p.add_argument("--config", required=True, help="a recipe (YAML) with an ActivationSparsityCallback and a llama2.c model")
-    p.add_argument("--prompt", default="Once upon a time", help="text after BOS (default: %(default)r)")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100)
-    p.add_argument("--sparsity", type=float, default=None, help="replace every scope's target (0: the dense text must come back)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of each model, interleaved (default: 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-    ns, overrides = p.parse_known_args(args if args is not None else sys.argv[2:])
-    if ns.sparsity is not None and not 0.0 <= ns.sparsity <= 1.0:
-        p.error(f"--sparsity must be in [0, 1], got {ns.sparsity}")
-    if ns.max_new_tokens < 1 or ns.repeats < 1:
-        p.error(f"--max_new_tokens and --repeats must be >= 1, got {ns.max_new_tokens} and {ns.repeats}")
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
 
-    cli = run(["--config", ns.config, *overrides], subcommand=False)
-    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ActivationSparsityCallback)]
-    if len(callbacks) != 1:
-        raise SystemExit(f"pl-actsparse generate: {ns.config} must configure one ActivationSparsityCallback, found {len(callbacks)}")
-    callback = callbacks[0]
-    module = cli.model
-    target = callback._module(module)
-    net = getattr(module, "model", None)
-    if not isinstance(net, Llama2cModel):
-        raise SystemExit(
-            f"pl-actsparse generate: needs a LightningModule whose .model is a llama2.c model (e.g. TinyStoriesLM), "
-            f"got {type(module).__name__} with .model {type(net).__name__}"
-        )
-    targets = dict(callback.targets)
-    if ns.sparsity is not None:
-        targets = {scope: ns.sparsity for scope in targets}
-    dense = copy.deepcopy(net).eval()
-    calibration = _recipe_calibration_data(callback, cli.datamodule, module)
-    module.eval()
-    sparsify_activations(
-        target,
-        calibration,
-        targets,
-        callback.ignored_scope,
-        num_calibration_batches=callback.num_calibration_batches,
-        transform_fn=callback._inputs_fn(module),
-        max_batches_in_flight=callback.max_batches_in_flight,
-        progress=not ns.json,
-    )
-    export_for_inference(net)
-    from pl_actsparse.demos.tinystories import resolve_data_dir
+def _sweep(args: list[str]) -> Any:
+    """``pl-actsparse sweep``: the shipped-model sweep demo (:func:`pl_actsparse.demos.__main__.sweep_main`)."""
+    from pl_actsparse.demos.__main__ import sweep_main
 
-    tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file(resolve_data_dir() / "tok512.bin")
-    result = compare_decoding(dense, net, tokenizer, ns.prompt, ns.max_new_tokens, repeats=ns.repeats)
-    print(json.dumps(result.to_dict(), indent=1) if ns.json else str(result))
-    return result
+    return sweep_main(args, prog="pl-actsparse sweep")
+
+
+def _report(args: list[str]) -> Any:
+    """``pl-actsparse report CKPT`` (:func:`pl_actsparse.measure.report.main`), or ``report --demo`` on the
+    shipped model."""
+    if "--demo" in args:
+        from pl_actsparse.demos.__main__ import report_main as demo_report_main
+
+        return demo_report_main([a for a in args if a != "--demo"], prog="pl-actsparse report --demo")
+    from pl_actsparse.measure.report import main as report_main
+
+    return report_main(args, prog="pl-actsparse report")
+
+
+def _build_kernels(args: list[str]) -> Any:
+    """``pl-actsparse build-kernels``: build the C++ kernels once, ahead of time (the Makefile runs it)."""
+    from pl_actsparse.kernels import build_kernels_main
+
+    raise SystemExit(build_kernels_main(args))
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "generate": generate, "sweep": _sweep, "report": _report, "build-kernels": _build_kernels,
+}
+"""Subcommands that are not Trainer methods: name -> function of the remaining arguments. Anything else goes
+to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``pl-actsparse`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "generate":
-        generate(argv[1:])
-    elif argv and argv[0] == "sweep":  # the shipped-model demo
-        from pl_actsparse.demos.__main__ import sweep_main
-
-        sweep_main(argv[1:], prog="pl-actsparse sweep")
-    elif argv and argv[0] == "report" and "--demo" in argv[1:]:
-        from pl_actsparse.demos.__main__ import report_main as demo_report_main
-
-        demo_report_main([a for a in argv[1:] if a != "--demo"], prog="pl-actsparse report --demo")
-    elif argv and argv[0] == "report":
-        from pl_actsparse.measure.report import main as report_main
-
-        report_main(argv[1:], prog="pl-actsparse report")
-    elif argv and argv[0] == "build-kernels":  # build the C++ kernels once, ahead of time (Makefile)
-        from pl_actsparse.kernels import build_kernels_main
-
-        raise SystemExit(build_kernels_main(argv[1:]))
+    if argv and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])
     else:
         run(argv)
 
