@@ -29,12 +29,14 @@ finalizes when nobody can still arrive, choosing the earliest layer in model ord
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +50,7 @@ __all__ = [
     "calibrate_layers",
     "default_transform_fn",
     "call_model",
+    "compilation_disabled",
 ]
 
 COARSE_BINS = 1 << 15  # non-negative bit patterns of a 16-bit float, or the top 16 bits of a float32
@@ -505,7 +508,7 @@ def calibrate_layers(
     bar = _Progress(progress and dist.is_main, len(slots) * n_groups)
     error: BaseException | None = None
     try:
-        with bar:
+        with bar, compilation_disabled():
             for group in groups:
                 session = CalibrationSession(slots, dist)
                 for s in slots:
@@ -539,6 +542,24 @@ def calibrate_layers(
             "check that the calibration inputs reach them (transform_fn) or exclude them with IgnoredScope"
         )
     return {s.name: s.stats for s in slots}  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def compilation_disabled() -> Iterator[None]:
+    """Run every ``torch.compile``'d function and module eagerly while the context is open, then restore.
+
+    Calibration runs the model in several threads at once, with locks, conditions and ``bincount`` in the
+    layers: traced by dynamo, that breaks graphs, and concurrent compiles invalidate each other's guards until
+    the recompile limit sends the user's compiled model to eager for good. Under
+    ``torch.compiler.set_stance("force_eager")`` nothing is traced and the compiled graphs stay cached, so the
+    first step after calibration reuses (or compiles once) the user's graph. A no-op when dynamo was never
+    imported (nothing can be compiled then). Not for use inside a compiled region.
+    """
+    if "torch._dynamo" not in sys.modules:
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def _forward_is_not_reentrant(model: nn.Module) -> bool:

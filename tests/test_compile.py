@@ -1,0 +1,170 @@
+"""torch.compile and activation sparsity (issue 12 item 1).
+
+Calibration, recalibration and measurement must never poison the user's compiled model (they run with
+compilation off), and a sparsified model's training step must compile with ``fullgraph=True``: zero graph
+breaks, no recompilation between steps (metric tracking included), compiled == eager outputs and gradients.
+Graphs are counted with dynamo's own counters (``CompileCounterWithBackend``, ``counters["graph_break"]``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsified_layers, sparsify_activations
+from pl_actsparse.core.calibration import compilation_disabled
+from pl_actsparse.measure.metric import ActivationSparsity
+from tiny_models import tiny_hf_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+SCOPES = {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    dynamo.reset()
+    counters.clear()
+    yield
+    dynamo.reset()
+    counters.clear()
+
+
+def _data(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (2, 16), generator=g) for _ in range(n)]
+
+
+def _graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+def _step(model, ids):
+    """One training step's forward and backward; returns logits and the parameter gradients."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, use_cache=False).logits
+    logits.float().pow(2).mean().backward()
+    grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _thresholds(model):
+    return {n.replace("_orig_mod.", ""): m.activation_threshold.clone() for n, m in sparsified_layers(model)}
+
+
+@pytest.mark.parametrize("gradient_mode", ["masked", "ste"])
+def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once(gradient_mode):
+    data = _data()
+    reference = tiny_hf_llama()
+    model = tiny_hf_llama()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    compiled(input_ids=data[0], use_cache=False)  # compiled dense, before any sparsification
+    assert counter.frame_count == 1
+
+    sparsify_activations(compiled, data, SCOPES, gradient_mode=gradient_mode, progress=False)
+    assert counter.frame_count == 1, "calibration must run eagerly, outside the compiled region"
+    assert _graph_breaks() == 0
+    sparsify_activations(reference, data, SCOPES, gradient_mode=gradient_mode, progress=False)
+    assert {k: float(v) for k, v in _thresholds(compiled).items()} == {k: float(v) for k, v in _thresholds(reference).items()}
+
+    model.train()
+    reference.train()
+    for i in range(4):
+        out, grads = _step(compiled, data[i % 3])
+        ref_out, ref_grads = _step(reference, data[i % 3])
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5)
+    # one new graph for the sparsified training model (classes and modes changed), none after
+    assert counter.frame_count == 2
+    assert _graph_breaks() == 0
+
+    # recalibration: eager again, thresholds change in place, the next steps reuse the graph
+    before = _thresholds(compiled)
+    calibrate_activation_sparsity(compiled, _data(seed=7), progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in _thresholds(compiled).items())
+    assert counter.frame_count == 2
+    model.train()
+    calibrate_activation_sparsity(reference, _data(seed=7), progress=False)
+    reference.train()
+    out, _ = _step(compiled, data[0])
+    torch.testing.assert_close(out, _step(reference, data[0])[0], rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 2 and _graph_breaks() == 0
+
+
+def test_metric_tracking_inside_the_compiled_region_is_traced_and_exact():
+    data = _data()
+    model = tiny_hf_llama()
+    sparsify_activations(model, data, SCOPES, progress=False)
+    model.train()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    tracked = ActivationSparsity.from_model(model)
+    eager = ActivationSparsity.from_model(model)
+    for i in range(5):
+        tracked.reset()
+        eager.reset()
+        with tracked.observe(model):  # a logging step: observers on
+            compiled(input_ids=data[i % 3], use_cache=False).logits.float().pow(2).mean().backward()
+        with eager.observe(model), torch.no_grad():
+            model(input_ids=data[i % 3], use_cache=False)
+        assert tracked.update_called
+        got, want = tracked.compute(), eager.compute()
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], equal_nan=True, msg=key)
+        compiled(input_ids=data[i % 3], use_cache=False)  # a step without tracking
+    # one graph with observers, one without; tracking adds no break and no recompilation between steps
+    assert counter.frame_count == 2
+    assert _graph_breaks() == 0
+    # the counts are real: 30% / 50% targets, measured on the calibration data itself
+    tracked.reset()
+    with tracked.observe(model), torch.no_grad():
+        for ids in data:
+            compiled(input_ids=ids, use_cache=False)
+    values = tracked.compute()
+    assert float(values["model.layers.0.mlp.up_proj/sparsity"]) == pytest.approx(0.3, abs=2e-3)
+    assert float(values["model.layers.1.mlp.down_proj/sparsity"]) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_inductor_fullgraph_training_step_matches_eager():
+    data = _data()
+    model = tiny_hf_llama()
+    sparsify_activations(model, data, SCOPES, gradient_mode="ste", progress=False)
+    reference = tiny_hf_llama()
+    reference.load_state_dict(model.state_dict(), strict=False)
+    sparsify_activations(reference, data, SCOPES, gradient_mode="ste", progress=False)
+    model.train()
+    reference.train()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for i in range(2):
+        out, grads = _step(compiled, data[i])
+        ref_out, ref_grads = _step(reference, data[i])
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert counter.frame_count == 1 and _graph_breaks() == 0
+
+
+def test_compilation_disabled_runs_compiled_functions_eagerly_and_restores():
+    counter = CompileCounterWithBackend("eager")
+    f = torch.compile(lambda x: x.sin() + 1, backend=counter)
+    with compilation_disabled():
+        assert torch.equal(f(torch.ones(3)), torch.ones(3).sin() + 1)
+        results = []
+        t = threading.Thread(target=lambda: results.append(f(torch.zeros(2))))  # other threads too
+        t.start()
+        t.join()
+        assert torch.equal(results[0], torch.ones(2))
+    assert counter.frame_count == 0
+    f(torch.ones(3))
+    assert counter.frame_count == 1
