@@ -58,8 +58,8 @@ def _thresholds(model):
     return {n.replace("_orig_mod.", ""): m.activation_threshold.clone() for n, m in sparsified_layers(model)}
 
 
-@pytest.mark.parametrize("gradient_mode", ["masked", "ste"])
-def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once(gradient_mode):
+def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
+    gradient_mode = "ste"  # a custom autograd.Function in the graph; "masked" is compiled by the inductor test
     data = _data()
     reference = tiny_hf_llama()
     model = tiny_hf_llama()
@@ -76,9 +76,9 @@ def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once(gra
 
     model.train()
     reference.train()
-    for i in range(4):
-        out, grads = _step(compiled, data[i % 3])
-        ref_out, ref_grads = _step(reference, data[i % 3])
+    for i in range(3):
+        out, grads = _step(compiled, data[i])
+        ref_out, ref_grads = _step(reference, data[i])
         torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
         assert grads.keys() == ref_grads.keys() and len(grads) > 10
         for name in grads:
@@ -105,11 +105,11 @@ def test_metric_tracking_inside_the_compiled_region_is_traced_and_exact():
     model = tiny_hf_llama()
     sparsify_activations(model, data, SCOPES, progress=False)
     model.train()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend("eager")  # dynamo's tracing is what breaks or recompiles
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     tracked = ActivationSparsity.from_model(model)
     eager = ActivationSparsity.from_model(model)
-    for i in range(5):
+    for i in range(4):
         tracked.reset()
         eager.reset()
         with tracked.observe(model):  # a logging step: observers on
@@ -138,10 +138,9 @@ def test_metric_tracking_inside_the_compiled_region_is_traced_and_exact():
 def test_inductor_fullgraph_training_step_matches_eager():
     data = _data()
     model = tiny_hf_llama()
-    sparsify_activations(model, data, SCOPES, gradient_mode="ste", progress=False)
+    sparsify_activations(model, data, SCOPES, progress=False)
     reference = tiny_hf_llama()
-    reference.load_state_dict(model.state_dict(), strict=False)
-    sparsify_activations(reference, data, SCOPES, gradient_mode="ste", progress=False)
+    sparsify_activations(reference, data, SCOPES, progress=False)
     model.train()
     reference.train()
     counter = CompileCounterWithBackend("inductor")
