@@ -167,3 +167,65 @@ def test_compilation_disabled_runs_compiled_functions_eagerly_and_restores():
     assert counter.frame_count == 0
     f(torch.ones(3))
     assert counter.frame_count == 1
+
+
+def _lightning_fit(compile_backend, data, tmp_path, steps=5):
+    import lightning.pytorch as pl
+
+    from pl_actsparse import ActivationSparsityCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            model = tiny_hf_llama().train()
+            # what users write: the module compiles its own model
+            self.model = model if compile_backend is None else torch.compile(model, backend=compile_backend, fullgraph=True)
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+        def training_step(self, batch, batch_idx):
+            return self(batch).float().pow(2).mean()
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.cat(data), batch_size=2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = ActivationSparsityCallback(
+        scopes=[{"patterns": [".*up_proj", ".*gate_proj"], "sparsity": 0.3}, {"patterns": [".*down_proj"], "sparsity": 0.5}],
+        calibration_dataloader=data,
+        recalibrate_every_n_steps=2,
+        track=["train"],
+        progress=False,
+        verbose=False,
+    )
+    module = LM()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=[callback], logger=pl.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(module)
+    return module, callback, trainer
+
+
+def test_callback_on_a_module_that_compiles_its_model(tmp_path):
+    data = _data(n=4)
+    counter = CompileCounterWithBackend("eager")
+    compiled, cb, trainer = _lightning_fit(counter, data, tmp_path / "c")
+    eager, cb_eager, _ = _lightning_fit(None, data, tmp_path / "e")
+    # calibration at the start, then every 2 steps: all outside the compiled region
+    assert [h["reason"] for h in cb.history] == ["start of fit", "every 2 steps", "every 2 steps"]
+    # every step is tracked (log_every_n_steps=1): one graph for all 5 steps, no break, no recompilation
+    assert counter.frame_count == 1
+    assert _graph_breaks() == 0
+    assert "actsparse/train/sparsity" in trainer.callback_metrics
+    # the compiled run is the eager run
+    for h, e in zip(cb.history, cb_eager.history):
+        assert h["sparsity_after"] == pytest.approx(e["sparsity_after"], abs=1e-6)
+        assert {k.replace("._orig_mod", ""): v for k, v in h["thresholds"].items()} == pytest.approx(e["thresholds"], rel=1e-5)
+    weights = {n.replace("._orig_mod", ""): p for n, p in compiled.named_parameters()}
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(weights[name], p, rtol=1e-4, atol=1e-6)
