@@ -259,3 +259,46 @@ def test_compiled_lora_model_has_no_graph_break():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1 and sum(counters["graph_break"].values()) == 0
     dynamo.reset()
+
+
+def test_lora_recipe_runs_and_merges_to_the_trained_sparse_model(tmp_path):
+    from pathlib import Path
+
+    from pl_actsparse.lightning.callback import ActivationSparsityCallback
+    from pl_actsparse.lightning.cli import run
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "stories260k_lora.yaml"
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            f"trainer.logger.init_args.save_dir={tmp_path}",
+            "data.init_args.seq_len=32",
+            "data.init_args.batch_size=4",
+            "data.init_args.max_calibration_windows=8",
+        ]
+    )
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, ActivationSparsityCallback))
+    assert [h["reason"] for h in cb.history] == ["start of fit", "end of training (make permanent)"]
+    assert all(h["sparsity_after"] == pytest.approx(0.5, abs=1e-3) for h in cb.history)
+    module = cli.model
+    names = [n for n, _ in sparsified_layers(module)]
+    assert len(names) == 15 and all(n.endswith("_proj.base_layer") for n in names)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # only the adapters trained
+
+    batches = [x for x, _ in cli.datamodule.calibration_dataloader()]
+    mlp = module.model.base_model.model.layers[2].mlp
+    base_in, a_in = _inputs_of([mlp.down_proj.base_layer, mlp.down_proj.lora_A["default"]], lambda: [module(b) for b in batches])
+    assert torch.equal(base_in, a_in) and _zero_fraction(a_in) == pytest.approx(0.5, abs=2e-3)
+
+    held_out = [torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))]
+    with torch.no_grad():
+        trained = [module(b) for b in held_out]
+        merged = module.merged_model()
+        assert len(list(sparsified_layers(merged))) == 15 and not adapter_map(merged.named_modules())
+        for got, want in zip([merged(b) for b in held_out], trained):
+            torch.testing.assert_close(getattr(got, "logits", got), want, rtol=1e-5, atol=1e-5)

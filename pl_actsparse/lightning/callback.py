@@ -29,6 +29,7 @@ from pl_actsparse.api import (
     _validated_targets,
 )
 from pl_actsparse.measure.metric import ActivationSparsity
+from pl_actsparse.core.adapters import sync_adapter_hooks
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, install_sparsifier, is_sparsified, sparsified_layers
 from pl_actsparse.measure.report import SparsityReport
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -129,6 +130,7 @@ def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Mapping[st
         if not is_sparsified(module):
             install_sparsifier(module, extra["target"] if isinstance(extra, Mapping) else 0.0)
         names.append(name)
+    sync_adapter_hooks(model)  # [adapters] peft wrappers of these layers threshold their whole input
     return names
 
 
