@@ -302,3 +302,53 @@ def test_lora_recipe_runs_and_merges_to_the_trained_sparse_model(tmp_path):
         assert len(list(sparsified_layers(merged))) == 15 and not adapter_map(merged.named_modules())
         for got, want in zip([merged(b) for b in held_out], trained):
             torch.testing.assert_close(getattr(got, "logits", got), want, rtol=1e-5, atol=1e-5)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, dim=16, hidden=24):
+        super().__init__()
+        self.up_proj = torch.nn.Linear(dim, hidden)
+        self.down_proj = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.gelu(self.up_proj(x)))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    up=st.floats(0.0, 1.0),
+    down=st.floats(0.0, 1.0),
+    rank=st.integers(1, 4),
+    dora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_adapter_branches_and_merge_on_any_target_rank_and_variant(up, down, rank, dora, seed):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(
+        _MLP(), peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["up_proj", "down_proj"], use_dora=dora, init_lora_weights=False)
+    )
+    calib = [torch.randn(4, 5, 16) for _ in range(3)]
+    held_out = [torch.randn(4, 5, 16)]
+    sparsify_activations(
+        model, calib, {TargetScope(patterns=[".*up_proj"]): up, TargetScope(patterns=[".*down_proj.*"]): down}, progress=False
+    )
+    inner = model.base_model.model
+    ins = _inputs_of(
+        [inner.up_proj.base_layer, inner.up_proj.lora_A["default"], inner.down_proj.base_layer, inner.down_proj.lora_A["default"]],
+        lambda: [model(x) for x in calib],
+    )
+    assert torch.equal(ins[0], ins[1]) and torch.equal(ins[2], ins[3])
+    for x, target, name in ((ins[0], up, "up_proj"), (ins[2], down, "down_proj")):
+        # exactly the calibrated fraction, which is the closest reachable to the target (continuous data: 1/n)
+        calibrated = getattr(inner, name).base_layer._actsparse.calibration_sparsity
+        assert _zero_fraction(x) == pytest.approx(calibrated, abs=1e-12)
+        assert abs(calibrated - target) <= 1.0 / x.numel() + 1e-12
+    with torch.no_grad():
+        trained = [model(x) for x in held_out]
+        merged = model.merge_and_unload()
+        assert [n for n, _ in sparsified_layers(merged)] == ["up_proj", "down_proj"]
+        torch.testing.assert_close(merged(held_out[0]), trained[0], rtol=1e-5, atol=1e-5)
