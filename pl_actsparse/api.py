@@ -137,8 +137,8 @@ def plan_activation_sparsity(
             if name in adapters.branch_of:
                 owner = adapters.branch_of[name]
                 unsupported.append(
-                    f"{name!r} ({class_of[name]}: a branch of the adapter {owner!r}, which receives that projection's "
-                    f"thresholded input; name {owner!r} to sparsify the adapted projection)"
+                    f"{name!r} ({class_of[name]}: a branch of the adapter {owner!r}; adapter branches are sparsified "
+                    f"only through the adapted projection's input: name {owner!r} instead)"
                 )
             elif name not in adapters.unsupported and not is_linear[adapters.canonical(name)]:
                 unsupported.append(f"{name!r} ({class_of[name]})")
@@ -151,8 +151,8 @@ def plan_activation_sparsity(
             if name in adapters.branch_of:
                 if name not in scope.names:
                     skipped[name] = (
-                        f"a branch of the adapter {adapters.branch_of[name]!r}: it receives that projection's "
-                        "thresholded input instead"
+                        f"a branch of the adapter {adapters.branch_of[name]!r}: adapter branches are sparsified "
+                        "only through the adapted projection's input"
                     )
                 continue
             if name in adapters.unsupported:

@@ -352,3 +352,18 @@ def test_property_adapter_branches_and_merge_on_any_target_rank_and_variant(up, 
         merged = model.merge_and_unload()
         assert [n for n, _ in sparsified_layers(merged)] == ["up_proj", "down_proj"]
         torch.testing.assert_close(merged(held_out[0]), trained[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_branches_of_a_non_linear_base_are_never_sparsified_alone():
+    # GPT-2's c_fc is a Conv1D (not sparsifiable); its LoRA branches are Linear, and used to be picked alone
+    transformers = pytest.importorskip("transformers")
+    from pl_actsparse.errors import UnmatchedScopeError
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    model = peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_fc"], fan_in_fan_out=True))
+    with pytest.raises(UnmatchedScopeError, match=r"c_fc"):
+        plan_activation_sparsity(model, {TargetScope(patterns=[".*c_fc.*"]): 0.5})
+    plan = plan_activation_sparsity(model, {TargetScope(patterns=[".*c_fc.*"], validate=False): 0.5, TargetScope(patterns=[".*lm_head"]): 0.1})
+    assert list(plan.targets) == ["base_model.model.lm_head"]
+    assert "branch of the adapter" in dict(plan.skipped)["base_model.model.transformer.h.0.mlp.c_fc.lora_A.default"]

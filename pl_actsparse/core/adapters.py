@@ -124,22 +124,24 @@ def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
         while isinstance(getattr(probe, "base_layer", None), nn.Module):
             probe = probe.base_layer
             base_name += ".base_layer"
+        chain = {name}
+        n = name
+        while n != base_name:
+            n += ".base_layer"
+            chain.add(n)
+        # the adapter's own modules (lora_A, lora_B, dropout ...) are never layers of their own, whatever the
+        # base (a LoRA on GPT-2's Conv1D has Linear lora_A/lora_B too: sparsifying them alone is wrong)
+        for sub, _ in modules:
+            if sub.startswith(name + ".") and sub not in chain and not sub.startswith(base_name + "."):
+                result.branch_of[sub] = name
         if not isinstance(probe, nn.Linear):
-            continue  # an adapter on an embedding, a convolution ...: nothing of ours
+            continue  # an adapter on an embedding, a convolution ...: its base is not sparsifiable anyway
         if not _supported(module):
             result.unsupported[name] = type(module).__qualname__
             result.unsupported[base_name] = type(module).__qualname__
             continue
         result.base_of[name] = base_name
         result.wrapper_of[base_name] = name
-        chain = {name}
-        n = name
-        while n != base_name:
-            n += ".base_layer"
-            chain.add(n)
-        for sub, _ in modules:
-            if sub.startswith(name + ".") and sub not in chain and not sub.startswith(base_name + "."):
-                result.branch_of[sub] = name
     return result
 
 
