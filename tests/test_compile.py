@@ -41,6 +41,18 @@ def _data(n=3, seed=1):
     return [torch.randint(0, 64, (2, 16), generator=g) for _ in range(n)]
 
 
+def _one_block_llama():
+    """A one-block HF Llama: inductor's C++ code generation dominates compile cost, and one block has every
+    kind of layer."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
@@ -58,14 +70,26 @@ def _thresholds(model):
     return {n.replace("_orig_mod.", ""): m.activation_threshold.clone() for n, m in sparsified_layers(model)}
 
 
+@pytest.fixture
+def inductor_in_process():
+    """Inductor compiles its C++ kernels in this process: a pool of compile workers costs more than it saves on
+    a small, busy machine."""
+    inductor_config = pytest.importorskip("torch._inductor.config")
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
+@pytest.mark.usefixtures("inductor_in_process")
 def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
-    gradient_mode = "ste"  # a custom autograd.Function in the graph; "masked" is compiled by the inductor test
+    """Inductor, fullgraph=True, forward and backward of a training step (the callback test covers "masked")."""
+    gradient_mode = "ste"  # a custom autograd.Function in the graph
     data = _data()
-    reference = tiny_hf_llama()
-    model = tiny_hf_llama()
-    counter = CompileCounterWithBackend("aot_eager")
+    reference = _one_block_llama()
+    model = _one_block_llama()
+    counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    compiled(input_ids=data[0], use_cache=False)  # compiled dense, before any sparsification
+    with torch.no_grad():
+        compiled(input_ids=data[0], use_cache=False)  # compiled dense, before any sparsification
     assert counter.frame_count == 1
 
     sparsify_activations(compiled, data, SCOPES, gradient_mode=gradient_mode, progress=False)
@@ -76,13 +100,16 @@ def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
 
     model.train()
     reference.train()
+    # held-out batches: on the calibration data some inputs sit exactly at their threshold (it is one of their
+    # values), and inductor's differently-rounded upstream ops may flip them; elsewhere both sides agree
+    held_out = _data(seed=11)
     for i in range(3):
-        out, grads = _step(compiled, data[i])
-        ref_out, ref_grads = _step(reference, data[i])
+        out, grads = _step(compiled, held_out[i])
+        ref_out, ref_grads = _step(reference, held_out[i])
         torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
-        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        assert grads.keys() == ref_grads.keys() and len(grads) >= 9
         for name in grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
     # one new graph for the sparsified training model (classes and modes changed), none after
     assert counter.frame_count == 2
     assert _graph_breaks() == 0
@@ -95,14 +122,14 @@ def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
     model.train()
     calibrate_activation_sparsity(reference, _data(seed=7), progress=False)
     reference.train()
-    out, _ = _step(compiled, data[0])
-    torch.testing.assert_close(out, _step(reference, data[0])[0], rtol=1e-4, atol=1e-5)
+    out, _ = _step(compiled, held_out[0])
+    torch.testing.assert_close(out, _step(reference, held_out[0])[0], rtol=1e-4, atol=1e-5)
     assert counter.frame_count == 2 and _graph_breaks() == 0
 
 
 def test_metric_tracking_inside_the_compiled_region_is_traced_and_exact():
     data = _data()
-    model = tiny_hf_llama()
+    model = _one_block_llama()
     sparsify_activations(model, data, SCOPES, progress=False)
     model.train()
     counter = CompileCounterWithBackend("eager")  # dynamo's tracing is what breaks or recompiles
@@ -132,37 +159,7 @@ def test_metric_tracking_inside_the_compiled_region_is_traced_and_exact():
             compiled(input_ids=ids, use_cache=False)
     values = tracked.compute()
     assert float(values["model.layers.0.mlp.up_proj/sparsity"]) == pytest.approx(0.3, abs=2e-3)
-    assert float(values["model.layers.1.mlp.down_proj/sparsity"]) == pytest.approx(0.5, abs=2e-3)
-
-
-def _one_block_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def test_inductor_fullgraph_training_step_matches_eager():
-    # one block: inductor's C++ code generation dominates the cost, and one block has every kind of layer
-    data = _data()
-    model = _one_block_llama()
-    sparsify_activations(model, data, SCOPES, progress=False)
-    reference = _one_block_llama()
-    sparsify_activations(reference, data, SCOPES, progress=False)
-    model.train()
-    reference.train()
-    counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    for i in range(2):
-        out, grads = _step(compiled, data[i])
-        ref_out, ref_grads = _step(reference, data[i])
-        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
-        for name in ref_grads:
-            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
-    assert counter.frame_count == 1 and _graph_breaks() == 0
+    assert float(values["model.layers.0.mlp.down_proj/sparsity"]) == pytest.approx(0.5, abs=2e-3)
 
 
 def test_compilation_disabled_runs_compiled_functions_eagerly_and_restores():
