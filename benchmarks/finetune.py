@@ -7,9 +7,15 @@ Prints one JSON object on stdout (progress goes to stderr):
   stories 300-999 (disjoint from both) for each gradient mode;
 * achieved sparsity before and after every recalibration (the weights drift, recalibration brings the
   layers back to target), and on the evaluation stories at the end;
-* the training step time with the callback divided by the dense step time (same module, same data).
+* the training step time with the callback divided by the dense step time (same module, same data);
+* the same ratio under ``torch.compile`` (inductor): a compiled sparsified step over a compiled dense step,
+  median of per-round ratios, for each of ``--compile-threads`` (target <= 1.10), with dynamo's graph,
+  graph-break and recompile counts;
+* a LoRA row: perplexity after the same number of steps with peft LoRA (r=16 on every MLP projection, only
+  the adapters train) with the same sparsity, against full fine-tuning, and after merging the adapters.
 
     python benchmarks/finetune.py [--steps 300] [--recalibrate-every 100] [--threads 2]
+    python benchmarks/finetune.py --steps 20 --modes ste --timing-rounds 0 --compile-rounds 2 --lora  # short
 
 Every fine-tune goes through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback` and
 :class:`~pl_actsparse.demos.lightning_models.TinyStoriesLM`, so the numbers are those of the shipped integration.
@@ -46,6 +52,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timing-steps", type=int, default=12, help="timed steps per fit in the step-time part")
     parser.add_argument("--timing-rounds", type=int, default=5, help="rounds of the step-time part (each: dense, ste, masked in shuffled order)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile-rounds", type=int, default=5, help="rounds of the compiled step-time part (0: skip)")
+    parser.add_argument("--compile-steps", type=int, default=12, help="timed steps per fit in the compiled part")
+    parser.add_argument("--compile-threads", default="1,2", help="thread counts of the compiled part")
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="run the LoRA row (needs peft)")
+    parser.add_argument("--lora-lr", type=float, default=3e-3, help="peak learning rate of the LoRA run")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--data", default=None, help="data folder (default: $PL_ACTSPARSE_DATA or ../shared/data)")
     args = parser.parse_args(argv)
 
@@ -191,6 +203,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     log("median step seconds", {k: round(v, 4) for k, v in median.items()})
 
+    # -- LoRA: the same steps, sparsity and distillation, only rank-r adapters on every MLP projection train ----
+    lora: dict[str, Any] | None = None
+    if args.lora:
+        from pl_actsparse.demos.peft_models import LoRATinyStoriesLM
+
+        pl.seed_everything(0, verbose=False)
+        callback = ActivationSparsityCallback(
+            scopes=scopes,  # the seed pattern selects each adapted projection (base layer and LoRA branch)
+            calibration_source="calibration_dataloader",
+            recalibrate_every_n_steps=args.recalibrate_every,
+            gradient_mode="ste",
+            on_train_end="make_permanent",
+            track=False,
+            progress=False,
+            verbose=False,
+        )
+        module = LoRATinyStoriesLM(
+            lora={"r": args.lora_rank, "lora_alpha": 2 * args.lora_rank},
+            checkpoint=checkpoint,
+            learning_rate=args.lora_lr,
+            warmup_steps=args.warmup,
+            min_lr_ratio=args.min_lr_ratio,
+            distillation_weight=args.distillation,
+        )
+        trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in module.model.parameters())
+        t0 = time.perf_counter()
+        trainer([callback], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
+        seconds = time.perf_counter() - t0
+        with SparsityCounter(module.model) as counter:
+            tuned = perplexity(module.model, evaluation)
+        lora_eval_sparsity = _overall(counter, module.model)
+        merged = module.merged_model()
+        merged_ppl = perplexity(merged, evaluation)
+        lora = {
+            "perplexity": round(tuned, 4),
+            "perplexity_after_merge": round(merged_ppl, 4),
+            "rank": args.lora_rank,
+            "learning_rate": args.lora_lr,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "seconds": round(seconds, 1),
+            "eval_sparsity": round(lora_eval_sparsity, 4),
+            "recalibrations": [
+                {"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4), "sparsity_after": round(h["sparsity_after"], 4)}
+                for h in callback.history
+            ],
+        }
+        log(f"LoRA r={args.lora_rank}: perplexity {tuned:.4f} (merged {merged_ppl:.4f}) after {args.steps} steps ({seconds:.0f} s)")
+        del module, merged
+
+    # -- step time under torch.compile: compiled sparsified over compiled dense, per round, per thread count ----
+    compiled = _compiled_step_times(args, trainer, datamodule, scopes, checkpoint) if args.compile_rounds > 0 else None
+
     result = {
         "benchmark": "sparsity-aware fine-tuning of stories260K (benchmarks/finetune.py)",
         "sparsity": 0.5,
@@ -230,12 +296,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "timed_steps_each": len(timings["dense"]),
             "threads": torch.get_num_threads(),
         },
+        "step_time_compiled": compiled,
+        "lora": None
+        if lora is None
+        else {
+            **lora,
+            "full_finetuning_perplexity": {f"finetuned_{mode}": run["perplexity"] for mode, run in runs.items()},
+            "setup": f"peft LoRA r={args.lora_rank} (alpha {2 * args.lora_rank}) on gate/up/down of every block, "
+            "base weights frozen; same sparsity, steps, schedule and distillation as the full fine-tunes; ste",
+        },
         "calibration_seconds": round(calibration_seconds, 2),
         "probe_to_beat": {"dense": 3.758, "training_free": 5.675, "ste_300_steps": 4.733, "masked_300_steps": 4.771},
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result, indent=1))
     return result
+
+
+def _compiled_step_times(args: Any, trainer: Any, datamodule: Any, scopes: list, checkpoint: str) -> dict[str, Any]:
+    """Median step time of a compiled sparsified model over the same compiled dense model (inductor).
+
+    The module compiles its own model (``self.model = torch.compile(self.model)``), as users do; the callback
+    calibrates with compilation off. Each round fits dense and sparse (``ste``) in shuffled order per thread
+    count; the ratio is taken per round and the median over rounds reported. Dynamo's counters say whether the
+    sparsified model compiled without graph breaks and recompiled only for its own variants.
+    """
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pl_actsparse import ActivationSparsityCallback
+    from pl_actsparse.demos.lightning_models import TinyStoriesLM
+
+    class CompiledTinyStoriesLM(TinyStoriesLM):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.model = torch.compile(self.model, fullgraph=True)
+
+    rng = random.Random(1)
+    out: dict[str, Any] = {"backend": "inductor", "fullgraph": True, "target_ratio": 1.10, "by_threads": {}}
+    initial_threads = torch.get_num_threads()
+    for threads in [int(t) for t in str(args.compile_threads).split(",") if t.strip()]:
+        torch.set_num_threads(threads)
+        per_round: dict[str, list[float]] = {"dense": [], "sparse": []}
+        stats: dict[str, Any] = {}
+        for _ in range(args.compile_rounds):
+            order = ["dense", "sparse"]
+            rng.shuffle(order)
+            for kind in order:
+                torch._dynamo.reset()
+                counters.clear()
+                import lightning.pytorch as pl
+
+                pl.seed_everything(0, verbose=False)
+                timer = _StepTimer(skip=3)  # the first steps compile
+                callbacks: list = [timer]
+                if kind == "sparse":
+                    callbacks.insert(
+                        0,
+                        ActivationSparsityCallback(
+                            scopes=scopes, calibration_source="calibration_dataloader", gradient_mode="ste",
+                            progress=False, verbose=False,
+                        ),
+                    )
+                module = CompiledTinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr)
+                trainer(callbacks, max_steps=args.compile_steps + 3, log_every_n_steps=50).fit(module, datamodule=datamodule())
+                per_round[kind].append(statistics.median(timer.times))
+                stats[kind] = {
+                    "graph_breaks": sum(counters["graph_break"].values()),
+                    "unique_graphs": int(counters["stats"]["unique_graphs"]),
+                }
+        ratios = [s / d for s, d in zip(per_round["sparse"], per_round["dense"])]
+        out["by_threads"][str(threads)] = {
+            "dense_s": round(statistics.median(per_round["dense"]), 4),
+            "sparse_s": round(statistics.median(per_round["sparse"]), 4),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratio_per_round": [round(r, 3) for r in ratios],
+            "rounds": len(ratios),
+            "timed_steps_each": args.compile_steps,
+            "dynamo_last_round": stats,
+        }
+        log(f"compiled, {threads} thread(s): ratio {out['by_threads'][str(threads)]['ratio']} per round {ratios}")
+    torch.set_num_threads(initial_threads)
+    return out
 
 
 class _StepTimer:

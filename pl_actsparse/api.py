@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from pl_actsparse.core.adapters import adapter_map, sync_adapter_hooks
 from pl_actsparse.core.calibration import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.core.sequential import calibrate as _calibrate, check_calibration_options
@@ -95,6 +96,12 @@ def plan_activation_sparsity(
     :class:`UnmatchedScopeError` (listing every entry that matched no ``nn.Linear``),
     :class:`UnsupportedModuleError` (an exact name that is not an ``nn.Linear``),
     :class:`ConflictingScopesError`, :class:`NothingToSparsifyError`.
+
+    Adapters (peft LoRA/DoRA, see :mod:`pl_actsparse.core.adapters`): an entry that selects an adapter wrapper
+    (``.*up_proj``), its base layer or its whole subtree (``.*up_proj.*``) selects *the input of the adapted
+    projection*, planned under the base layer's name (``...up_proj.base_layer``); the adapter branches
+    (``lora_A``, ``lora_B`` ...) are never planned on their own (listed in ``skipped``; an exact name of one
+    raises :class:`UnsupportedModuleError`, as does any entry reaching an adapter type other than LoRA/DoRA).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
@@ -115,30 +122,58 @@ def plan_activation_sparsity(
     modules = list(model.named_modules())
     is_linear = {name: is_linear_like(m) for name, m in modules}
     class_of = {name: type(m).__qualname__ for name, m in modules}
+    adapters = adapter_map(modules)  # empty unless the model holds peft adapter wrappers
 
     unmatched: list[str] = []
     unsupported: list[str] = []
+    unsupported_adapters: dict[str, str] = {}  # canonical name -> message, raised unless ignored
     skipped: dict[str, str] = {}
     claims: dict[str, list[TargetScope]] = {}
     for scope in targets:
         match = scope.match(modules)
         for name, hits in match.by_name.items():
-            if hits and not is_linear[name]:
+            if not hits:
+                continue
+            if name in adapters.branch_of:
+                owner = adapters.branch_of[name]
+                unsupported.append(
+                    f"{name!r} ({class_of[name]}: a branch of the adapter {owner!r}; adapter branches are sparsified "
+                    f"only through the adapted projection's input: name {owner!r} instead)"
+                )
+            elif name not in adapters.unsupported and not is_linear[adapters.canonical(name)]:
                 unsupported.append(f"{name!r} ({class_of[name]})")
         for label, hits in itertools.chain(match.by_name.items(), match.by_pattern.items(), match.by_type.items()):
-            if scope.validate and not any(is_linear[h] for h in hits):
+            usable = [adapters.canonical(h) for h in hits if h not in adapters.branch_of]
+            if scope.validate and not any(is_linear[h] or h in adapters.unsupported for h in usable):
                 what = "" if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
                 unmatched.append(f"{scope!r}: {_entry_kind(match, label)} {label!r}{what}")
         for name in match.all_names():
-            if is_linear[name]:
-                claims.setdefault(name, []).append(scope)
+            if name in adapters.branch_of:
+                if name not in scope.names:
+                    skipped[name] = (
+                        f"a branch of the adapter {adapters.branch_of[name]!r}: adapter branches are sparsified "
+                        "only through the adapted projection's input"
+                    )
+                continue
+            if name in adapters.unsupported:
+                unsupported_adapters[name] = (
+                    f"{name!r} is (inside) a peft {adapters.unsupported[name]} adapter: only LoRA/DoRA wrappers of a "
+                    "Linear can have their input sparsified for base layer and adapter together; merge_and_unload() "
+                    "the adapter first, or exclude it with an IgnoredScope"
+                )
+                continue
+            layer = adapters.canonical(name)
+            if is_linear[layer]:
+                if scope not in claims.setdefault(layer, []):
+                    claims[layer].append(scope)
             elif name and name not in scope.names and not _is_private(name):
                 skipped[name] = f"{class_of[name]} is not an nn.Linear"
 
     ignored_match = ignored_scope.match(modules)
     if ignored_scope.validate:
         unmatched += [f"{ignored_scope!r}: {entry}" for entry in ignored_match.unmatched()]
-    ignored_names = set(ignored_match.all_names())
+    ignored_names = {adapters.canonical(n) for n in ignored_match.all_names()} | set(ignored_match.all_names())
+    unsupported += [msg for n, msg in unsupported_adapters.items() if n not in ignored_names]
 
     if unsupported:
         raise UnsupportedModuleError(
@@ -205,6 +240,7 @@ def prepare_activation_sparsity(
         install_sparsifier(module, target, gradient_mode)
         if retarget:
             module._actsparse.mode = SparsifierMode.PASSTHROUGH
+    sync_adapter_hooks(model)
     model.__dict__["_actsparse_plan"] = plan
     return plan
 
@@ -312,6 +348,7 @@ def calibrate_activation_sparsity(
     if unknown:
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
     items = _peek(dataset)
+    sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
     snaps = _snapshot(modules, names)
     try:
         stats = _calibrate(
@@ -430,6 +467,7 @@ def sparsify_activations(
     try:
         for name, target in plan.targets.items():
             install_sparsifier(modules[name], target, mode)
+        sync_adapter_hooks(model)
         model.__dict__["_actsparse_plan"] = plan
         stats = _calibrate(
             model,
@@ -446,6 +484,7 @@ def sparsify_activations(
         )
     except BaseException:
         _restore(modules, snaps)
+        sync_adapter_hooks(model)
         if previous_plan is None:
             model.__dict__.pop("_actsparse_plan", None)
         else:
@@ -474,12 +513,14 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
     chosen = list(sparsified_layers(model))
     exported = _exported_restorations(model)
     if scope is not None:
-        chosen = [(n, m) for n, m in chosen if scope.matches(n, m)]
+        adapters = adapter_map(model.named_modules())  # an adapted projection answers to its wrapper's name too
+        chosen = [(n, m) for n, m in chosen if any(scope.matches(a, m) for a in adapters.aliases(n))]
         exported = [(n, new) for n, new in exported if scope.matches(n, new)]
         if not chosen and not exported:
             raise NotSparsifiedError(f"{scope!r} matches no sparsified layer of the model")
     for _, m in chosen:
         uninstall_sparsifier(m)
+    sync_adapter_hooks(model)  # adapter wrappers lose their input hook with their base layer's sparsifier
     for name, new in exported:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -541,6 +582,7 @@ def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Any, prefi
         module = modules[entry.name]
         if not is_sparsified(module):
             install_sparsifier(module, entry.state["target"] if entry.state else 0.0)
+    sync_adapter_hooks(model)  # peft wrappers of these layers threshold their whole input
     return [e.name for e in saved]
 
 
@@ -634,6 +676,8 @@ def load_activation_sparsity(
     except BaseException:
         _restore(modules, snaps)
         raise
+    finally:
+        sync_adapter_hooks(model)
     return model
 
 

@@ -39,12 +39,14 @@ which it is pinned, every other layer being recalibrated in lockstep each pass (
 from __future__ import annotations
 
 import contextvars
+import contextlib
 import math
+import sys
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +67,7 @@ __all__ = [
     "calibrate_layers",
     "default_transform_fn",
     "call_model",
+    "compilation_disabled",
 ]
 
 COARSE_BINS = 1 << 15  # non-negative bit patterns of a 16-bit float, or the top 16 bits of a float32
@@ -609,7 +612,7 @@ def calibrate_layers(
 
     bar = _Progress(progress and dist.is_main, len(slots) * n_groups)
     try:
-        with bar:
+        with bar, compilation_disabled():
             run_pass(bar)
             flags = dist.sum_(torch.tensor([int(s.repeated) for s in slots], dtype=torch.int64))
             repeated = [s for s, f in zip(slots, flags.tolist()) if f]
@@ -819,6 +822,22 @@ def _warn_granularity(repeated: Sequence[_LayerSlot]) -> None:
                 f"zeroes {st.achieved:.6f} of its {st.elements} calibration elements",
                 stacklevel=4,
             )
+@contextlib.contextmanager
+def compilation_disabled() -> Iterator[None]:
+    """Run every ``torch.compile``'d function and module eagerly while the context is open, then restore.
+
+    Calibration runs the model in several threads at once, with locks, conditions and ``bincount`` in the
+    layers: traced by dynamo, that breaks graphs, and concurrent compiles invalidate each other's guards until
+    the recompile limit sends the user's compiled model to eager for good. Under
+    ``torch.compiler.set_stance("force_eager")`` nothing is traced and the compiled graphs stay cached, so the
+    first step after calibration reuses (or compiles once) the user's graph. A no-op when dynamo was never
+    imported (nothing can be compiled then). Not for use inside a compiled region.
+    """
+    if "torch._dynamo" not in sys.modules:
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def _forward_is_not_reentrant(model: nn.Module) -> bool:

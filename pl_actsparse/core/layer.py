@@ -39,6 +39,7 @@ __all__ = [
     "uninstall_sparsifier",
     "original_module_class",
     "THRESHOLD_BUFFER",
+    "ADAPTER_INPUT_KWARG",
     "weight_nbytes",
     "threshold_summary",
     "encode_sparsifier_state",
@@ -55,6 +56,10 @@ __all__ = [
 
 THRESHOLD_BUFFER = "activation_threshold"
 _EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
+
+#: Keyword an adapter wrapper's input hook passes down to its sparsified base layer (peft forwards the
+#: wrapper's keyword arguments to ``base_layer``): "your input is already processed, do not threshold it twice".
+ADAPTER_INPUT_KWARG = "_actsparse_input_done"
 
 
 class SparsifierMode(str, Enum):
@@ -116,7 +121,18 @@ class ActivationSparsifierMixin:
             return _StraightThroughMask.apply(x, keep)
         return x * keep
 
-    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def activation_input(self, input: torch.Tensor) -> torch.Tensor:
+        """What this layer computes on: ``input`` (any shape ``[..., in_features]``, float) thresholded as the
+        mode says, after every observer has seen the raw ``input``.
+
+        The one entry point of the input processing: the layer's own ``forward`` calls it, and so does the
+        input hook of an adapter wrapper around this layer (:mod:`pl_actsparse.core.adapters`), so that the base
+        layer and the adapter branches all receive the same thresholded input.
+
+        Traceable by ``torch.compile(fullgraph=True)`` in the pass-through and sparsifying modes (observers
+        included when they are traceable, as :class:`~pl_actsparse.measure.metric.ActivationSparsity`'s are).
+        Calibrating mode runs only eagerly: calibration switches compilation off while it runs.
+        """
         state = self._actsparse
         mode = state.mode
         if mode is SparsifierMode.SPARSIFYING:
@@ -128,6 +144,13 @@ class ActivationSparsifierMixin:
         if state.observers:
             for observer in list(state.observers.values()):
                 observer(self, input, x)
+        return x
+
+    def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        if kwargs.pop(ADAPTER_INPUT_KWARG, False):
+            x = input  # an adapter wrapper already ran activation_input on its (and so this layer's) input
+        else:
+            x = self.activation_input(input)
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
     # -- state dict -------------------------------------------------------------------------------

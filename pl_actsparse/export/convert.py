@@ -80,6 +80,15 @@ def export_for_inference(
             "export_for_inference: the model itself is a sparsified nn.Linear and cannot be replaced in place; "
             "wrap it in a container (e.g. nn.Sequential) or use SparseInferenceLinear.from_linear"
         )
+    from pl_actsparse.core.adapters import adapter_map
+
+    adapted = [n for n in adapter_map(model.named_modules()).wrapper_of if n in {name for name, _ in targets}]
+    if adapted:
+        raise ValueError(
+            f"export_for_inference: {len(adapted)} sparsified layer(s) are the base layers of peft adapters "
+            f"({', '.join(adapted[:4])}{' ...' if len(adapted) > 4 else ''}); the exported kernel would drop the "
+            "adapter branches' thresholding. Merge the adapters first: model = model.merge_and_unload()"
+        )
     passthrough = sorted({name for name, m in targets if not _applies_threshold(m)})
     if passthrough:
         warnings.warn(

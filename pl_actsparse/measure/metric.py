@@ -35,7 +35,7 @@ from torchmetrics import Metric
 
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_nbytes
 from pl_actsparse.core.masking import current_token_mask, select_tokens
-from pl_actsparse.errors import NotSparsifiedError
+from pl_actsparse.errors import NotSparsifiedError, TokenMaskError
 
 __all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "decode_sparsity", "quantile_from_histogram"]
 
@@ -314,15 +314,65 @@ class ActivationSparsity(Metric):
             raise ValueError(f"sparsified layers {unknown} are not tracked by this metric (it tracks {self.layers})")
         key = id(self)
         for name, module in layers.items():
-            index = self._index[name]
-            module._actsparse.observers[key] = (
-                lambda mod, x, _out, _i=index: self.update(_i, x, mod.activation_threshold)
-            )
+            module._actsparse.observers[key] = self._observer(self._index[name])
         try:
             yield self
         finally:
             for module in layers.values():
                 module._actsparse.observers.pop(key, None)
+            self._finish_traced_updates()
+
+    # -- observing inside torch.compile ------------------------------------------------------------------
+    # The observers are built once per (metric, layer) and reused by every ``observe``: a compiled model guards
+    # on the observer objects it traced, so new ones each step would recompile it each step. Inside a compiled
+    # region (``torch.compiler.is_compiling()``) an observer counts with traceable ops only (no lock, no
+    # ``bincount``, whose output size depends on the data, no Python counter): the graph adds its counts to the
+    # state tensors in place, and :meth:`_finish_traced_updates` does the Python bookkeeping when ``observe``
+    # closes. Counts are the same integers as the eager path's.
+
+    def _observer(self, index: int) -> "_MetricObserver":
+        cache = self.__dict__.setdefault("_observer_cache", {})
+        if index not in cache:
+            cache[index] = _MetricObserver(self, index)
+        return cache[index]
+
+    def _count_traced(self, i: int, inputs: Tensor, threshold: Tensor) -> None:
+        """:meth:`update` without the lock and with a fixed-size histogram (``index_add_``): traceable. The
+        token mask weighs tokens (0 or 1) instead of selecting them, so no shape depends on the data."""
+        d = self.in_features[i]
+        x = inputs.detach()
+        if x.dim() == 0 or x.shape[-1] != d:
+            raise ValueError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
+        thr = threshold.detach()
+        per_token = (x.abs() <= thr).reshape(-1, d).sum(-1)
+        mask = current_token_mask()
+        if mask is None:
+            weight = torch.ones_like(per_token)
+        else:
+            if mask.numel() != per_token.numel():
+                raise TokenMaskError(
+                    f"{self.layers[i]}: input of shape {tuple(x.shape)} has no token axes matching the token mask "
+                    f"of shape {tuple(mask.shape)}"
+                )
+            weight = mask.reshape(-1).to(device=per_token.device, dtype=per_token.dtype)
+        bins = self.token_counts.shape[1] - 1
+        index = per_token if self.token_bins is None else per_token * self.token_bins // d
+        hist = torch.zeros(bins + 1, dtype=torch.long, device=per_token.device)
+        hist.index_add_(0, index, weight)
+        device = self.zeroed.device
+        summary = thr.float().mean() if thr.dim() else thr.float()
+        self.zeroed[i] += (per_token * weight).sum().to(device)
+        self.elements[i] += (weight.sum() * d).to(device)
+        self.token_counts[i] += hist.to(device)
+        self.threshold[i] = torch.maximum(self.threshold[i], summary.to(device, self.threshold.dtype))
+        self.__dict__["_traced_updates"] = True
+
+    def _finish_traced_updates(self) -> None:
+        # counts added by compiled graphs bypassed torchmetrics' update wrapper: invalidate the cached result
+        # and count an update, so ``update_called`` and ``compute`` see them
+        if self.__dict__.pop("_traced_updates", False):
+            self._computed = None
+            self._update_count += 1
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:
         """Per-layer achieved sparsity as bars with the p5-p95 per-token spread; a list of results plots the
@@ -333,6 +383,22 @@ class ActivationSparsity(Metric):
         from pl_actsparse.measure.plot import plot_metric
 
         return plot_metric(self, self.compute() if val is None else val, ax)
+
+
+class _MetricObserver:
+    """One layer's observer of one :class:`ActivationSparsity` (stable identity, see ``_observer``)."""
+
+    __slots__ = ("metric", "index")
+
+    def __init__(self, metric: ActivationSparsity, index: int) -> None:
+        self.metric = metric
+        self.index = index
+
+    def __call__(self, module: nn.Module, inputs: Tensor, _out: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            self.metric._count_traced(self.index, inputs, module.activation_threshold)
+        else:
+            self.metric.update(self.index, inputs, module.activation_threshold)
 
 
 class SparsityCounter:

@@ -1,0 +1,192 @@
+"""Adapter-aware sparsification: peft LoRA (and DoRA) wrappers around a sparsified Linear.
+
+``peft.get_peft_model(model, LoraConfig(target_modules=["up_proj"]))`` replaces each ``up_proj`` Linear by a
+wrapper (``peft.tuners.lora.Linear``) that computes ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``
+(DoRA adds a magnitude term, also computed from ``x``). Sparsifying only ``up_proj.base_layer`` thresholds
+the base path while the adapter branches still see the dense ``x``: after ``merge_and_unload()`` the merged
+layer computes ``(W + s B A) threshold(x)``, which is not what was trained. Sparsifying ``lora_A`` too
+thresholds the same ``x`` twice with unrelated thresholds.
+
+Here a scope entry that selects the wrapper (``.*up_proj``), its base layer (``.*up_proj\\.base_layer``) or
+the wrapper's whole subtree (``.*up_proj.*``) means one thing: *the input of the adapted projection*.
+
+* The threshold (buffer, target, calibration state) is installed on the base layer, an ``nn.Linear``, as for
+  any layer: its state-dict key is ``...up_proj.base_layer.activation_threshold``, and after
+  ``merge_and_unload()`` the base layer, now holding the merged weight, *is* the plain sparsified Linear at
+  ``...up_proj``, whose outputs equal the trained model's.
+* A forward pre-hook on the wrapper (:class:`AdapterInputHook`) runs the base layer's
+  :meth:`~pl_actsparse.core.layer.ActivationSparsifierMixin.activation_input` on the wrapper's input (once:
+  calibration, thresholding and observers see the raw input) and passes the thresholded input to the wrapper,
+  so the base layer and every adapter branch receive it. It tells the base layer (by a keyword peft forwards
+  to ``base_layer``) not to threshold again.
+* ``lora_A``/``lora_B`` (and the other adapter submodules) are never sparsified on their own: a pattern or
+  type that reaches them lists them as skipped, and an exact name of one raises ``UnsupportedModuleError``.
+
+peft stays optional: it is never imported here. A model can hold peft layers only if peft was imported, so
+the detection looks peft up in ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from torch import nn
+
+from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, is_sparsified
+
+__all__ = [
+    "AdapterMap",
+    "AdapterInputHook",
+    "adapter_map",
+    "is_adapter_wrapper",
+    "adapter_base_layer",
+    "sync_adapter_hooks",
+]
+
+# Wrapper classes whose forward passes its input unchanged to ``base_layer`` and to every adapter branch, and
+# whose merge folds the adapters into ``base_layer.weight`` linearly in that input: thresholding the wrapper's
+# input is then exactly "sparsifying the adapted projection", before and after merging.
+_SUPPORTED_MODULE_PREFIXES = ("peft.tuners.lora.",)
+
+
+def _tuner_layer_class() -> type | None:
+    module = sys.modules.get("peft.tuners.tuners_utils")
+    return getattr(module, "BaseTunerLayer", None)
+
+
+def is_adapter_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft tuner layer (a wrapper with a ``base_layer``)."""
+    cls = _tuner_layer_class()
+    return cls is not None and isinstance(module, cls) and isinstance(getattr(module, "base_layer", None), nn.Module)
+
+
+def adapter_base_layer(wrapper: nn.Module) -> nn.Module:
+    """The innermost ``base_layer`` of a (possibly nested) adapter wrapper."""
+    base = wrapper
+    while isinstance(getattr(base, "base_layer", None), nn.Module):
+        base = base.base_layer
+    return base
+
+
+def _supported(wrapper: nn.Module) -> bool:
+    cls = type(wrapper)
+    return (
+        cls.__module__.startswith(_SUPPORTED_MODULE_PREFIXES)
+        and hasattr(wrapper, "lora_A")
+        and isinstance(adapter_base_layer(wrapper), nn.Linear)
+    )
+
+
+@dataclass
+class AdapterMap:
+    """How the module names of a model with adapter wrappers map to sparsifiable layers.
+
+    ``base_of``: wrapper name -> name of the Linear whose threshold stands for the wrapper's input;
+    ``wrapper_of``: the reverse; ``branch_of``: name of every other module inside a wrapper (``lora_A.default``,
+    ``lora_dropout.default`` ...) -> its wrapper; ``unsupported``: wrapper name -> class name, for wrappers
+    around a Linear whose input cannot be sparsified as a whole (adapter types other than LoRA/DoRA).
+    """
+
+    base_of: dict[str, str] = field(default_factory=dict)
+    wrapper_of: dict[str, str] = field(default_factory=dict)
+    branch_of: dict[str, str] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.base_of or self.unsupported)
+
+    def canonical(self, name: str) -> str:
+        """The layer a matched module name stands for (a wrapper stands for its base layer)."""
+        return self.base_of.get(name, name)
+
+    def aliases(self, name: str) -> list[str]:
+        """Every name a sparsified layer answers to: its own and its wrapper's."""
+        wrapper = self.wrapper_of.get(name)
+        return [name] if wrapper is None else [name, wrapper]
+
+
+def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
+    """Find the adapter wrappers among ``model.named_modules()`` (empty when peft was never imported)."""
+    result = AdapterMap()
+    if _tuner_layer_class() is None:
+        return result
+    modules = list(named_modules)
+    wrappers = [(n, m) for n, m in modules if is_adapter_wrapper(m)]
+    outer = []
+    for name, module in wrappers:
+        if any(name.startswith(o + ".") for o in outer):
+            continue  # nested wrapper: the outermost one owns the input
+        outer.append(name)
+        base_name = name
+        probe = module
+        while isinstance(getattr(probe, "base_layer", None), nn.Module):
+            probe = probe.base_layer
+            base_name += ".base_layer"
+        chain = {name}
+        n = name
+        while n != base_name:
+            n += ".base_layer"
+            chain.add(n)
+        # the adapter's own modules (lora_A, lora_B, dropout ...) are never layers of their own, whatever the
+        # base (a LoRA on GPT-2's Conv1D has Linear lora_A/lora_B too: sparsifying them alone is wrong)
+        for sub, _ in modules:
+            if sub.startswith(name + ".") and sub not in chain and not sub.startswith(base_name + "."):
+                result.branch_of[sub] = name
+        if not isinstance(probe, nn.Linear):
+            continue  # an adapter on an embedding, a convolution ...: its base is not sparsifiable anyway
+        if not _supported(module):
+            result.unsupported[name] = type(module).__qualname__
+            result.unsupported[base_name] = type(module).__qualname__
+            continue
+        result.base_of[name] = base_name
+        result.wrapper_of[base_name] = name
+    return result
+
+
+class AdapterInputHook:
+    """Forward pre-hook of an adapter wrapper: threshold its input with its base layer's sparsifier.
+
+    Holds no reference to any module (the base layer is looked up on each call), so ``copy.deepcopy`` and
+    pickling of the model keep working, and a base layer that is no longer sparsified makes it a no-op.
+    Registered with ``with_kwargs=True``; traceable by ``torch.compile``.
+    """
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        base = adapter_base_layer(module)
+        if not is_sparsified(base):
+            return None
+        if args:
+            x, rest = args[0], args[1:]
+            return (base.activation_input(x), *rest), {**kwargs, ADAPTER_INPUT_KWARG: True}  # type: ignore[operator]
+        if "x" in kwargs:
+            return args, {**kwargs, "x": base.activation_input(kwargs["x"]), ADAPTER_INPUT_KWARG: True}  # type: ignore[operator]
+        return None
+
+
+def _hook_ids(module: nn.Module) -> list[int]:
+    return [k for k, h in module._forward_pre_hooks.items() if isinstance(h, AdapterInputHook)]
+
+
+def sync_adapter_hooks(model: nn.Module, amap: AdapterMap | None = None) -> int:
+    """Give every supported adapter wrapper whose base layer is sparsified exactly one input hook, and take it
+    away from the others (so removing sparsification gives the wrapper back as it was). Returns the number of
+    wrappers hooked. Call after installing or removing sparsifiers; the functional API and the callback do.
+    """
+    modules = dict(model.named_modules())
+    amap = adapter_map(modules.items()) if amap is None else amap
+    hooked = 0
+    for wrapper_name, base_name in amap.base_of.items():
+        wrapper = modules[wrapper_name]
+        ids = _hook_ids(wrapper)
+        want = is_sparsified(modules[base_name])
+        if want and not ids:
+            wrapper.register_forward_pre_hook(AdapterInputHook(), with_kwargs=True, prepend=True)
+        elif not want:
+            for k in ids:
+                del wrapper._forward_pre_hooks[k]
+                wrapper._forward_pre_hooks_with_kwargs.pop(k, None)
+                getattr(wrapper, "_forward_pre_hooks_always_called", {}).pop(k, None)
+        hooked += int(want)
+    return hooked
