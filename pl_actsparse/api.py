@@ -435,8 +435,9 @@ def sparsify_activations(
         TokenMaskError: ``token_mask`` is not one of these (before any change), or a layer's input has no
             leading ``[batch, seq]`` (or flattened ``[batch * seq]``) axes matching the mask (the model is
             restored).
-        CalibrationConvergenceError: a layer called several times per forward has no exact threshold over
-            all of its calls (model restored).
+        CalibrationConvergenceError: layers called several times per forward that feed each other reached no
+            thresholds within ``COUPLED_TOLERANCE`` (0.002) of their fixed points (model restored; see
+            ``docs/calibration.md``).
 
     Returns:
         The same model object. :func:`activation_sparsity_report` tells what was done.
