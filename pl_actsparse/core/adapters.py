@@ -34,7 +34,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, is_sparsified
+from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, is_linear_like, is_sparsified
 
 __all__ = [
     "AdapterMap",
@@ -75,7 +75,7 @@ def _supported(wrapper: nn.Module) -> bool:
     return (
         cls.__module__.startswith(_SUPPORTED_MODULE_PREFIXES)
         and hasattr(wrapper, "lora_A")
-        and isinstance(adapter_base_layer(wrapper), nn.Linear)
+        and is_linear_like(adapter_base_layer(wrapper))
     )
 
 
@@ -134,7 +134,7 @@ def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
         for sub, _ in modules:
             if sub.startswith(name + ".") and sub not in chain and not sub.startswith(base_name + "."):
                 result.branch_of[sub] = name
-        if not isinstance(probe, nn.Linear):
+        if not is_linear_like(probe):
             continue  # an adapter on an embedding, a convolution ...: its base is not sparsifiable anyway
         if not _supported(module):
             result.unsupported[name] = type(module).__qualname__

@@ -515,7 +515,7 @@ def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[
                     m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
                 m.set_extra_state(snap.extra)
             else:  # removed inside the block: install again, as it was
-                install_sparsifier(m, snap.extra["target"])
+                install_sparsifier(m, decode_sparsifier_state(snap.extra)["target"])
                 m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
                 m.set_extra_state(snap.extra)
         if plan_before is None:

@@ -14,6 +14,7 @@ per thread, so lockstep calibration keeps one mask per batch.
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Union
@@ -35,6 +36,10 @@ __all__ = [
 MaskFn = Callable[[Any], Optional[torch.Tensor]]
 
 _CURRENT: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("pl_actsparse_token_mask", default=None)
+# The main thread's mask, also held in a plain global: ``torch.compile`` cannot trace ``ContextVar.get``, and a
+# compiled region always runs in the thread that called it (calibration, the only multi-threaded user, runs
+# with compilation off), so a compiled observer reads this slot instead (dynamo guards on it).
+_MAIN_THREAD_MASK: list[Optional[torch.Tensor]] = [None]
 
 
 def attention_mask_of(batch: Any) -> Optional[torch.Tensor]:
@@ -60,15 +65,23 @@ def resolve_mask_fn(mask: Union[str, MaskFn, None]) -> Optional[MaskFn]:
 @contextmanager
 def token_mask(mask: Optional[torch.Tensor]) -> Iterator[None]:
     """Make ``mask`` (bool ``[batch, seq]``, or ``None`` for "every element counts") the current token mask."""
-    tok = _CURRENT.set(None if mask is None else mask.bool())
+    value = None if mask is None else mask.bool()
+    tok = _CURRENT.set(value)
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        previous, _MAIN_THREAD_MASK[0] = _MAIN_THREAD_MASK[0], value
     try:
         yield
     finally:
         _CURRENT.reset(tok)
+        if main:
+            _MAIN_THREAD_MASK[0] = previous
 
 
 def current_token_mask() -> Optional[torch.Tensor]:
     """The token mask of the forward pass under way in this thread, or ``None``."""
+    if torch.compiler.is_compiling():
+        return _MAIN_THREAD_MASK[0]
     return _CURRENT.get()
 
 

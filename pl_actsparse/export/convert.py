@@ -98,7 +98,7 @@ def export_for_inference(
             UserWarning,
             stacklevel=2,
         )
-    if any(linear_like_spec(m).weight_t(m).device.type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
+    if any(_weight_device(m).type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
         _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
     float_weights = [m._parameters.get("weight") for _, m in targets]  # int8 layers have none (own crossover)
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
@@ -159,6 +159,13 @@ def exported_layers(model: nn.Module) -> list[ExportedLayer]:
             )
         )
     return out
+
+
+def _weight_device(m: nn.Module) -> torch.device:
+    """Where a layer's weight lives (read from the ``weight`` attribute when there is one: a quantized tensor
+    subclass may not support the transpose that ``weight_t`` takes)."""
+    w = getattr(m, "weight", None)
+    return w.device if isinstance(w, Tensor) else linear_like_spec(m).weight_t(m).device
 
 
 def _torchao_int8(name: str, weight: Any) -> Optional[tuple[Tensor, Tensor, Tensor, torch.dtype]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, install_sparsifier, is_sparsified, sparsified_layers
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, install_sparsifier, is_sparsified, sparsified_layers
 
 _KEY = "pl_actsparse/"
 
@@ -39,7 +39,7 @@ def send_to_main_process(trainer: Any, callback: Any, pl_module: Any) -> None:
         name: {
             "threshold": m.activation_threshold.detach().cpu().tolist(),
             "shape": list(m.activation_threshold.shape),
-            "extra": m.get_extra_state(),
+            "extra": decode_sparsifier_state(m.get_extra_state()),  # plain Python values: no tensor crosses the queue
         }
         for name, m in sparsified_layers(module)
     }
