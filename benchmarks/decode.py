@@ -420,7 +420,7 @@ def _e2e_config(args: argparse.Namespace):
 def _build_e2e_model(args: argparse.Namespace, variant: str):
     """The bf16 model (same random weights for every variant), sparsified and exported unless dense."""
     from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
-    from pl_actsparse.export.linear import export_for_inference
+    from pl_actsparse.export.convert import export_for_inference
     from pl_actsparse.demos.llama2c import Llama2cModel
 
     cfg = _e2e_config(args)
@@ -549,7 +549,7 @@ def _load_the_code() -> None:
     the same code before its baseline is read: the calibration and export paths import ~900 modules
     (torch.library, cpp_extension, ...), ~100 MB that do not grow with the model."""
     from pl_actsparse import TargetScope, sparsify_activations
-    from pl_actsparse.export.linear import export_for_inference
+    from pl_actsparse.export.convert import export_for_inference
     from pl_actsparse.demos.llama2c import Llama2cConfig, Llama2cModel
 
     kcpu.set_backend("cpp" if kcpu.load_extension() else "torch")

@@ -26,7 +26,8 @@ from pl_actsparse.core.layer import (
     supported_layer_types,
     weight_nbytes,
 )
-from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
+from pl_actsparse.export.linear import SparseInferenceLinear
+from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.kernels import cpu
 from pl_actsparse.measure.metric import ActivationSparsity
 from pl_actsparse.measure.metric import SparsityCounter

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pl_actsparse import data as data_mod
+from pl_actsparse.demos import paths as data_mod
 from pl_actsparse.demos.tinystories import DATA_ENV_VAR, TokenWindows, load_stories, load_text, resolve_data_dir
 from pl_actsparse.tuning.objectives import mean_nll, perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
@@ -279,3 +279,9 @@ def test_perplexity_restores_mode_on_error():
         perplexity(m, [(torch.zeros(4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))])
     with pytest.raises(ValueError, match="no tokens"):
         perplexity(m, [])
+
+
+def test_repository_root_is_the_checkout_holding_the_package():
+    # the fallback ../shared/data is next to the checkout (pyproject.toml), also after the move into demos/
+    assert (data_mod._REPO_ROOT / "pyproject.toml").is_file()
+    assert (data_mod._REPO_ROOT / "pl_actsparse" / "demos" / "paths.py").is_file()

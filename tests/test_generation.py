@@ -12,7 +12,8 @@ import torch
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.lightning.cli import main
 from pl_actsparse.demos.generate import DecodeComparison, compare_decoding, decode_sparsity
-from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
+from pl_actsparse.export.linear import SparseInferenceLinear
+from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 

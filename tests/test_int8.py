@@ -266,7 +266,8 @@ def test_export_int8_matches_model(tiny, batches, backend):
 
 
 def test_export_for_inference_keeps_int8_layers_int8(tiny, batches, backend):
-    from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference, exported_layers
+    from pl_actsparse.export.linear import SparseInferenceLinear
+    from pl_actsparse.export.convert import export_for_inference, exported_layers
 
     quantize_weights_int8(tiny, TargetScope(patterns=[r".*mlp.*"]))  # attention stays float
     sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)

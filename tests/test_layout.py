@@ -24,7 +24,7 @@ OLD_PATHS = {
     "allocation": "tuning.allocation",
     "evaluation": "tuning.objectives",
     "scoring": "tuning.weight_aware",
-    "inference": "export.linear",
+    "inference": "export",
     "callback": "lightning.callback",
     "cli": "lightning.cli",
     "llama2c": "demos.llama2c",

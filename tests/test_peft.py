@@ -23,7 +23,8 @@ from pl_actsparse.api import load_activation_sparsity, plan_activation_sparsity
 from pl_actsparse.core.adapters import AdapterInputHook, adapter_map
 from pl_actsparse.core.layer import SparseActivationLinear
 from pl_actsparse.errors import UnsupportedModuleError
-from pl_actsparse.export.linear import SparseInferenceLinear, export_for_inference
+from pl_actsparse.export.linear import SparseInferenceLinear
+from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_hf_llama
 

@@ -283,7 +283,7 @@ def register_linear_like(
     """Declare ``cls`` (an ``nn.Module`` computing ``y = x @ weight_t + bias`` over the last axis) sparsifiable.
 
     After registration, scopes select it like an ``nn.Linear``, calibration, the metric, reports and
-    removal (bit for bit) handle it, and :func:`pl_actsparse.export.linear.export_for_inference` reads
+    removal (bit for bit) handle it, and :func:`pl_actsparse.export.convert.export_for_inference` reads
     ``weight_t(module)`` (``[in, out]``) for the sparse kernels. Subclasses of ``cls`` are covered too.
     ``transformers``' ``Conv1D`` (GPT-2) is registered this way as soon as transformers is imported.
 

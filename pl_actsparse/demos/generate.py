@@ -161,7 +161,7 @@ def compare_decoding(
             t0 = time.perf_counter()
             _generate(model, ids, max_new_tokens, stops)
             runs[label].seconds.append(time.perf_counter() - t0)
-    from pl_actsparse.export.linear import exported_layers
+    from pl_actsparse.export.convert import exported_layers
 
     return DecodeComparison(
         prompt=prompt,
@@ -189,7 +189,7 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actspars
     from pl_actsparse.api import sparsify_activations
     from pl_actsparse.demos.llama2c import Llama2cModel, Llama2cTokenizer
     from pl_actsparse.demos.tinystories import resolve_data_dir
-    from pl_actsparse.export.linear import export_for_inference
+    from pl_actsparse.export.convert import export_for_inference
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
     from pl_actsparse.lightning.cli import run
 

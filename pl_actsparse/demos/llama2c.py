@@ -484,7 +484,7 @@ def read_llama2c_config(path: str | os.PathLike | None = None) -> Llama2cConfig:
 def _default_path(path: str | os.PathLike | None, filename: str) -> Path:
     if path is not None:
         return Path(path)
-    from pl_actsparse.demos.tinystories import resolve_data_dir  # local import: data imports this module
+    from pl_actsparse.demos.paths import resolve_data_dir
 
     return resolve_data_dir() / filename
 

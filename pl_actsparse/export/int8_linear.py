@@ -197,7 +197,7 @@ def export_int8_for_inference(model: nn.Module, *, max_sparse_tokens: Optional[i
 
     In place; the int8 buffers are shared, not copied. Compiles the int8 C++ kernel now (once per machine)
     unless the backend is ``"torch"``. Float sparsified layers are left alone (export them with
-    :func:`pl_actsparse.export.linear.export_for_inference`). Raises ``ValueError`` if there is no int8 layer.
+    :func:`pl_actsparse.export.convert.export_for_inference`). Raises ``ValueError`` if there is no int8 layer.
     """
     targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, Int8WeightLinear)]
     if not targets:

@@ -436,15 +436,3 @@ def _sparse_inference_linear_fake(x, threshold, weight_t, bias, max_sparse_token
     torch._check(x.shape[-1] == weight_t.shape[0])
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
-
-# export_for_inference, exported_layers and ExportedLayer live in pl_actsparse.export.convert (which imports
-# this module); they stay importable from here.
-_IN_CONVERT = ("ExportedLayer", "export_for_inference", "exported_layers")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _IN_CONVERT:
-        from pl_actsparse.export import convert
-
-        return getattr(convert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,10 +66,8 @@ class _Payload:
 
     def apply(self, trainer: Any) -> None:
         from pl_actsparse.api import remove_activation_sparsity
-        from pl_actsparse.lightning.callback import ActivationSparsityCallback
-
-        for callback in trainer.callbacks:
-            if not isinstance(callback, ActivationSparsityCallback) or callback.state_key != self.state_key:
+        for callback in trainer.callbacks:  # the ActivationSparsityCallback that sent it (its state_key is unique)
+            if getattr(callback, "state_key", None) != self.state_key or not hasattr(callback, "sparsified_module"):
                 continue
             module = callback.sparsified_module(trainer.lightning_module)
             modules = dict(module.named_modules())
