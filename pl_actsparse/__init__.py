@@ -22,6 +22,9 @@ from pl_actsparse.errors import (
     NotSparsifiedError,
     UnmatchedScopeError,
     UnsupportedModuleError,
+    TokenMaskError,
+    CalibrationConvergenceError,
+    CheckpointError,
 )
 from pl_actsparse.api import (
     SparsityPlan,

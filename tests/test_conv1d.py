@@ -313,3 +313,34 @@ def test_gpt2_with_the_lightning_callback(tmp_path):
     fc2 = fresh.model.transformer.h[0].mlp.c_fc
     assert torch.equal(fc2.activation_threshold, fc.activation_threshold)
     assert torch.equal(fc2.weight, fc.weight)
+
+
+def test_exported_gpt2_removes_saves_and_loads_in_the_conv1d_layout(tmp_path):
+    """An exported Conv1D keeps GPT-2's [in, out] weight layout: removal gives back the Conv1D bit for bit, and a
+    save_pretrained folder loads into plain HF (the dense model) and through pl_actsparse.from_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    import pl_actsparse
+    from pl_actsparse import remove_activation_sparsity
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32)
+    dense = transformers.GPT2LMHeadModel(cfg).eval()
+    model = copy.deepcopy(dense)
+    ids = torch.randint(0, 128, (3, 12))
+    sparsify_activations(model, [ids], {TargetScope(patterns=[r".*mlp\.c_fc", r".*mlp\.c_proj"]): 0.5}, progress=False)
+    with torch.no_grad():
+        sparse_logits = model(ids).logits
+    export_for_inference(model)
+    model.save_pretrained(tmp_path / "exported")
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, sparse_logits, atol=1e-5)
+    remove_activation_sparsity(model)
+    for (n, a), (_, b) in zip(model.state_dict().items(), dense.state_dict().items()):
+        assert a.shape == b.shape and torch.equal(a, b), n
+    assert type(model.transformer.h[0].mlp.c_fc) is type(dense.transformer.h[0].mlp.c_fc)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense(ids).logits)
+        plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+        assert torch.equal(plain(ids).logits, dense(ids).logits)
+        loaded = pl_actsparse.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "exported").eval()
+        assert torch.allclose(loaded(ids).logits, sparse_logits, atol=1e-5)

@@ -18,13 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pl_actsparse.export.linear as inf
-from pl_actsparse.export.linear import (
-    SparseInferenceLinear,
-    default_max_sparse_tokens,
-    export_for_inference,
-    exported_layers,
-    is_sparsified_linear,
-)
+from pl_actsparse.export.convert import export_for_inference, exported_layers
+from pl_actsparse.export.linear import SparseInferenceLinear, default_max_sparse_tokens, is_sparsified_linear
 from pl_actsparse.kernels import cpu, dispatch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

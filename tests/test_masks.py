@@ -287,3 +287,26 @@ def test_mask_function_returning_a_non_tensor_is_an_error():
     with pytest.raises(TypeError, match="token_mask function returned list"):
         sparsify_activations(model, [torch.zeros(1, 4, dtype=torch.long)], RECIPE, progress=False, token_mask=lambda b: [1, 1])
     assert not list(sparsified_layers(model))
+
+
+def test_calibration_on_no_real_token_is_an_error_not_a_dense_layer():
+    """An all-zero attention_mask leaves nothing to calibrate on: an error (model restored), never a layer that
+    silently keeps threshold -inf while claiming to be calibrated."""
+    import torch
+    from torch import nn
+
+    from pl_actsparse import EmptyDatasetError, TargetScope, is_sparsified, sparsify_activations
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, attention_mask=None):
+            return self.proj(x)
+
+    net = Net()
+    batch = {"x": torch.randn(2, 5, 8), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}
+    with pytest.raises(EmptyDatasetError, match="no real token"):
+        sparsify_activations(net, [batch], {TargetScope(names=["proj"]): 0.5}, progress=False)
+    assert not is_sparsified(net.proj)

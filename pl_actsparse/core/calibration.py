@@ -631,6 +631,13 @@ def calibrate_layers(
             f"{len(missing)} layer(s) were never called during calibration, so they have no threshold: {missing}; "
             "check that the calibration inputs reach them (transform_fn) or exclude them with IgnoredScope"
         )
+    empty = [s.name for s in slots if s.stats.elements == 0 and s.target > 0]  # type: ignore[union-attr]
+    if empty:
+        raise EmptyDatasetError(
+            f"{len(empty)} layer(s) were called but received no real token (every position masked out by the token "
+            f"mask), so no threshold can reach its target: {empty}; check the batches' attention_mask, or pass "
+            "token_mask=None to count every element"
+        )
     return {s.name: s.stats for s in slots}  # type: ignore[misc]
 
 

@@ -167,6 +167,7 @@ class SparseInferenceLinear(nn.Module):
             new.activation_threshold = torch.tensor(-math.inf, device=threshold.device)
         new.sparsity_state = _state_of(linear)
         new.__dict__["_restore"] = _RestoreInfo.of(linear)
+        new.__dict__["_weight_in_out"] = _stores_weight_t(linear, weight_t)
         new.train(linear.training)
         return new
 
@@ -302,7 +303,10 @@ class SparseInferenceLinear(nn.Module):
         # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain
         # model loading the file gets the right weights, and load_activation_sparsity / from_pretrained
         # restore the sparsified model from the very same keys as an unexported save.
-        w = self.weight if self.weight is not None else self.weight_t.t()
+        if self.__dict__.get("_weight_in_out", False):  # e.g. GPT-2's Conv1D: its weight is [in, out] = W^T
+            w = self.weight.t() if self.weight is not None else self.weight_t
+        else:
+            w = self.weight if self.weight is not None else self.weight_t.t()
         destination[prefix + "weight"] = w if keep_vars else w.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
@@ -325,7 +329,8 @@ class SparseInferenceLinear(nn.Module):
         # threshold, so the state is bookkeeping only (it then says "calibrated" iff the threshold is finite).
         wkey, tkey, skey = prefix + "weight", prefix + "weight_t", prefix + "_extra_state"
         if wkey in state_dict and tkey not in state_dict:
-            state_dict[tkey] = state_dict[wkey].t()
+            saved = state_dict[wkey]
+            state_dict[tkey] = saved if self.__dict__.get("_weight_in_out", False) else saved.t()
             if self.weight is None:
                 del state_dict[wkey]
         before = len(missing_keys)
@@ -347,13 +352,25 @@ class SparseInferenceLinear(nn.Module):
         Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
         """
         info: Optional[_RestoreInfo] = self.__dict__.get("_restore")
-        weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
+        if self.__dict__.get("_weight_in_out", False):  # the original stored W^T itself (GPT-2's Conv1D)
+            weight = self.weight.detach().t().contiguous() if self.weight is not None else self.weight_t.detach()
+        else:
+            weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
         bias = None if self.bias is None else self.bias.detach()
         if info is None:
             info = _RestoreInfo(nn.Linear, None, True, True)
         lin = info.build(weight, bias, self.in_features, self.out_features)
         lin.train(self.training)
         return lin
+
+
+def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
+    """Whether ``module`` keeps its weight as ``[in, out]`` (``W^T``, like GPT-2's ``Conv1D``) rather than
+    ``nn.Linear``'s ``[out, in]``: its registered ``weight_t`` is its ``weight`` itself, not a transposed view."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor) or w is weight_t:
+        return isinstance(w, Tensor)
+    return w.data_ptr() == weight_t.data_ptr() and w.shape == weight_t.shape and w.stride() == weight_t.stride()
 
 
 @dataclass
@@ -382,6 +399,11 @@ class _RestoreInfo:
         they were)."""
         if self.shell is None:
             lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        elif "weight" not in self.shell["_parameters"]:
+            raise NotImplementedError(
+                f"cannot rebuild the exported {self.cls.__qualname__}: it keeps its weight under another name than "
+                "'weight', so only its own code knows how to hold W again; keep the model from before export"
+            )
         else:
             lin = self.cls.__new__(self.cls)
             lin.__dict__.update(self.copy_of_shell())
