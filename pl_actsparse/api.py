@@ -35,6 +35,8 @@ from pl_actsparse.errors import (
     UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
+    restore_layers,
+    snapshot_layers,
     THRESHOLD_BUFFER,
     GradientMode,
     SparsifierMode,
@@ -284,35 +286,8 @@ def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
     return itertools.chain([first], iterator)
 
 
-@dataclass
-class _Snapshot:
-    was_sparsified: bool
-    threshold: torch.Tensor | None = None
-    extra: dict[str, Any] | None = None
-
-
-def _snapshot(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, _Snapshot]:
-    snaps = {}
-    for n in names:
-        m = modules[n]
-        if is_sparsified(m):
-            snaps[n] = _Snapshot(True, m.activation_threshold.detach().clone(), m.get_extra_state())
-        else:
-            snaps[n] = _Snapshot(False)
-    return snaps
-
-
-def _restore(modules: dict[str, nn.Module], snaps: dict[str, _Snapshot]) -> None:
-    for n, snap in snaps.items():
-        m = modules[n]
-        if not snap.was_sparsified:
-            uninstall_sparsifier(m)
-        elif is_sparsified(m):
-            if m.activation_threshold.shape == snap.threshold.shape:
-                m.activation_threshold.copy_(snap.threshold)
-            else:  # a per-channel threshold replaced a scalar one, or back
-                m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
-            m.set_extra_state(snap.extra)
+# snapshot/restore of layer state around a change that may fail: one implementation, in core.layer
+_snapshot, _restore = snapshot_layers, restore_layers
 
 
 def calibrate_activation_sparsity(

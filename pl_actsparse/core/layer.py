@@ -469,7 +469,39 @@ __all__ += ["preserved"]
 class _LayerSnapshot:
     was_sparsified: bool
     threshold: torch.Tensor | None = None
-    extra: dict[str, Any] | None = None
+    extra: torch.Tensor | None = None  # the encoded sparsifier state (get_extra_state)
+
+
+def snapshot_layers(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, _LayerSnapshot]:
+    """What :func:`restore_layers` needs to put ``names`` back: each layer's threshold and sparsifier state, or
+    that it was not sparsified. ``modules`` is ``dict(model.named_modules())``."""
+    snaps: dict[str, _LayerSnapshot] = {}
+    for n in names:
+        m = modules[n]
+        if is_sparsified(m):
+            snaps[n] = _LayerSnapshot(True, m.activation_threshold.detach().clone(), m.get_extra_state())
+        else:
+            snaps[n] = _LayerSnapshot(False)
+    return snaps
+
+
+def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, _LayerSnapshot]) -> None:
+    """Put layers back as :func:`snapshot_layers` saw them (threshold of any shape, state; a layer sparsified
+    since is un-sparsified, bit for bit; one removed since is installed again)."""
+    for n, snap in snaps.items():
+        m = modules[n]
+        if not snap.was_sparsified:
+            uninstall_sparsifier(m)
+        elif is_sparsified(m):
+            if m.activation_threshold.shape == snap.threshold.shape:
+                m.activation_threshold.copy_(snap.threshold)
+            else:  # a per-channel threshold replaced a scalar one, or back
+                m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
+            m.set_extra_state(snap.extra)
+        else:  # removed since: install again, as it was
+            install_sparsifier(m, decode_sparsifier_state(snap.extra)["target"])
+            m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
+            m.set_extra_state(snap.extra)
 
 
 @contextlib.contextmanager
@@ -493,31 +525,12 @@ def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[
     missing = [n for n in names if n not in modules]
     if missing:
         raise KeyError(f"preserved(): {missing} are not modules of the model")
-    snaps: dict[str, _LayerSnapshot] = {}
-    for n in names:
-        m = modules[n]
-        if is_sparsified(m):
-            snaps[n] = _LayerSnapshot(True, m.activation_threshold.detach().clone(), m.get_extra_state())
-        else:
-            snaps[n] = _LayerSnapshot(False)
+    snaps = snapshot_layers(modules, names)
     plan_before = model.__dict__.get("_actsparse_plan")
     try:
         yield model
     finally:
-        for n, snap in snaps.items():
-            m = modules[n]
-            if not snap.was_sparsified:
-                uninstall_sparsifier(m)
-            elif is_sparsified(m):
-                if m.activation_threshold.shape == snap.threshold.shape:
-                    m.activation_threshold.copy_(snap.threshold)
-                else:  # a per-channel threshold replaced a scalar one, or back
-                    m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
-                m.set_extra_state(snap.extra)
-            else:  # removed inside the block: install again, as it was
-                install_sparsifier(m, decode_sparsifier_state(snap.extra)["target"])
-                m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
-                m.set_extra_state(snap.extra)
+        restore_layers(modules, snaps)
         if plan_before is None:
             model.__dict__.pop("_actsparse_plan", None)
         else:
