@@ -222,3 +222,17 @@ def test_report_command_line_demo_moved_to_demos(tmp_path, monkeypatch):
     monkeypatch.setattr(demos, "report_main", lambda argv, prog: calls.append((argv, prog)))
     console_main(["report", "--demo", "--out", str(tmp_path)])  # `pl-actsparse report --demo` still works
     assert calls == [(["--out", str(tmp_path)], "pl-actsparse report --demo")]
+
+
+@pytest.mark.parametrize("content", [None, b"{not a checkpoint}"])
+def test_report_command_on_a_bad_file_is_one_line_and_exit_2(tmp_path, capsys, content):
+    from pl_actsparse.measure.report import main
+
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as info:
+        main([str(path), "--no-files"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and err[0].startswith("pl-actsparse report: error:")

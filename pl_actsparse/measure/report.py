@@ -28,6 +28,7 @@ Command line: ``pl-actsparse report CHECKPOINT --out DIR`` (:func:`main`).
 from __future__ import annotations
 
 import argparse
+import pickle
 import base64
 import html
 import io
@@ -47,7 +48,7 @@ from torch import nn
 from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
-from pl_actsparse.errors import NotSparsifiedError
+from pl_actsparse.errors import ActivationSparsityError, NotSparsifiedError
 
 __all__ = [
     "LayerReport",
@@ -643,7 +644,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "pl-actsparse report") -
     p.add_argument("--out", default="actsparse-report", help="output directory")
     p.add_argument("--no-files", action="store_true", help="only print the table")
     args = p.parse_args(argv)
-    report = model_report(args.checkpoint, prefix=args.prefix)
+    try:
+        report = model_report(args.checkpoint, prefix=args.prefix)
+    except (OSError, ActivationSparsityError, pickle.UnpicklingError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        p.exit(2, f"{prog}: error: {args.checkpoint}: {type(exc).__name__}: {first}\n")  # one line, like argparse
     write_report(report, None if args.no_files else args.out)
     return report
 
