@@ -344,3 +344,18 @@ def test_exported_gpt2_removes_saves_and_loads_in_the_conv1d_layout(tmp_path):
         assert torch.equal(plain(ids).logits, dense(ids).logits)
         loaded = pl_actsparse.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "exported").eval()
         assert torch.allclose(loaded(ids).logits, sparse_logits, atol=1e-5)
+
+
+def test_checkpoint_report_of_gpt2_equals_the_live_report():
+    """A state dict holds Conv1D weights as [in, out]: the checkpoint report reads the widths the right way round."""
+    transformers = pytest.importorskip("transformers")
+    from pl_actsparse.measure.report import model_report
+
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=32)).eval()
+    sparsify_activations(m, [torch.randint(0, 128, (2, 8))], {TargetScope(patterns=[r".*mlp\.c_fc"]): 0.5}, progress=False)
+    live, saved = model_report(m), model_report(m.state_dict())
+    assert [(r.name, r.in_features, r.out_features, r.weight_bytes) for r in live.layers] == \
+        [(r.name, r.in_features, r.out_features, r.weight_bytes) for r in saved.layers] == \
+        [("transformer.h.0.mlp.c_fc", 64, 256, 64 * 256 * 4)]
+    assert live.decode_bytes == saved.decode_bytes

@@ -493,6 +493,9 @@ def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
             nbytes = sum(sd[pre + p].numel() * sd[pre + p].element_size() for p in _INT8_PARTS if isinstance(sd.get(pre + p), torch.Tensor))
         elif isinstance(w, torch.Tensor) and w.dim() == 2:
             out_f, in_f = w.shape
+            b = sd.get(pre + "bias")
+            if isinstance(b, torch.Tensor) and b.numel() == in_f != out_f:  # stored [in, out] (GPT-2's Conv1D)
+                out_f, in_f = in_f, out_f
             nbytes = w.numel() * w.element_size()
         else:
             raise NotSparsifiedError(f"the state dict has a threshold for {name!r} but no 2-D {pre}weight (or int8 {pre}qweight)")
