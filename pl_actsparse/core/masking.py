@@ -89,7 +89,8 @@ def select_tokens(x: torch.Tensor, mask: Optional[torch.Tensor], *, layer: str =
     """The elements of a layer input ``x`` ``[..., features]`` that belong to real tokens.
 
     ``x``'s leading axes must be the mask's ``[batch, seq]`` (or the mask flattened, ``[batch * seq]``, as
-    some models reshape before a Linear). Returns a 2-D ``[real_tokens, features]`` tensor (a view-free copy
+    some models reshape before a Linear; batch-major, as ``x.view(-1, d)`` of ``[batch, seq, d]`` gives: a
+    sequence-major flattening has the same length and is not detectable). Returns a 2-D ``[real_tokens, features]`` tensor (a view-free copy
     only when ``mask`` is not ``None``; ``x`` reshaped otherwise).
 
     Raises:
