@@ -242,3 +242,21 @@ def test_gradient_reaches_the_input_of_an_exported_int8_layer():
         x2 = x.detach().clone().requires_grad_()
         reference(x2).square().sum().backward()
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("t", [0.0, 0.37, 1e-30, float("-inf"), float("inf"), "per-channel"])
+def test_zero_small_equals_the_masked_fill_in_values_and_gradients(dtype, t):
+    from pl_actsparse.export.linear import zero_small
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 6, dtype=dtype)
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = float("nan"), float("inf"), -0.0, 0.37
+    thr = torch.rand(6) if t == "per-channel" else torch.tensor(t)
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    got, want = zero_small(a, thr), b.masked_fill(b.abs() <= thr, 0)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    got.nan_to_num().sum().backward()
+    want.nan_to_num().sum().backward()
+    assert torch.equal(a.grad, b.grad)

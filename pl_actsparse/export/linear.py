@@ -276,7 +276,7 @@ class SparseInferenceLinear(nn.Module):
         """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens, and whenever
         autograd records: differentiable with respect to ``x``)."""
         thr = self.activation_threshold if threshold is None else threshold
-        xm = x.masked_fill(x.abs() <= thr, 0)
+        xm = zero_small(x, thr)
         if self.weight is not None:
             return F.linear(xm, self.weight, self.bias)
         return dense_linear_t(xm, self.weight_t, self.bias)  # the GEMM measured fastest here, on W^T itself
@@ -364,6 +364,24 @@ class SparseInferenceLinear(nn.Module):
         return lin
 
 
+def zero_small(x: Tensor, threshold: Tensor) -> Tensor:
+    """``x.masked_fill(|x| <= threshold, 0)``, the same values and gradient, cheaper where possible.
+
+    On CPU in fp32/fp64 with one finite non-negative threshold this is ``F.hardshrink``: one fused pass instead
+    of three (``abs``, compare, ``masked_fill``), which was 10 % of a 512-token fp32 prefill GEMM on 5632x2048
+    (11.7 ms against 0.9 ms). NaN stays NaN either way. Elsewhere (low precision, where the threshold is compared
+    in the input's dtype; per-channel thresholds; inside ``torch.compile``) the plain expression is used.
+    """
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and threshold.numel() == 1
+            and threshold.device.type == "cpu" and not torch.compiler.is_compiling()):
+        t = float(threshold)
+        if t == -math.inf:
+            return x
+        if 0.0 <= t < math.inf:
+            return F.hardshrink(x, t)
+    return x.masked_fill(x.abs() <= threshold, 0)
+
+
 def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
     """Whether ``module`` keeps its weight as ``[in, out]`` (``W^T``, like GPT-2's ``Conv1D``) rather than
     ``nn.Linear``'s ``[out, in]``: its registered ``weight_t`` is its ``weight`` itself, not a transposed view."""
@@ -449,7 +467,7 @@ def sparse_inference_linear(
 
             return sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)
         return sparse_linear_cpu(x, threshold, weight_t, bias)
-    xm = x.masked_fill(x.abs() <= threshold, 0)
+    xm = zero_small(x, threshold)
     return dense_linear_t(xm, weight_t, bias)
 
 
