@@ -138,6 +138,20 @@ def _choose(counts_le: torch.Tensor, target_count: float) -> int:
     return int(torch.nonzero(err == best)[0, 0])
 
 
+def _first_bin_reaching(cum: torch.Tensor, want: float) -> int:
+    return int(torch.searchsorted(cum, torch.tensor(math.ceil(want), dtype=cum.dtype)))
+
+
+def fine_bin(coarse: torch.Tensor, target: float) -> int | None:
+    """The coarse bin whose fine histogram :func:`threshold_from_histogram` asks for (float32 inputs), or
+    ``None`` when it asks for none (target 0 or 1, no element)."""
+    coarse = coarse.to("cpu", torch.int64)
+    n = int(coarse.sum())
+    if target <= 0.0 or target >= 1.0 or n == 0:
+        return None
+    return _first_bin_reaching(torch.cumsum(coarse, 0), target * n)
+
+
 def threshold_from_histogram(
     coarse: torch.Tensor,
     target: float,
@@ -168,7 +182,7 @@ def threshold_from_histogram(
         return _bits_to_float(int(keys[i - 1]), dtype), int(candidates[i])
     # float32: the optimum is either "everything below bin b" or a value inside bin b, where b is the
     # first coarse bin whose cumulative count reaches the target.
-    b = int(torch.searchsorted(cum, torch.tensor(math.ceil(want), dtype=cum.dtype)))
+    b = _first_bin_reaching(cum, want)
     below = int(cum[b - 1]) if b > 0 else 0
     if fine_fn is None:
         raise ValueError("float32 calibration needs the fine histogram of the selected bin")

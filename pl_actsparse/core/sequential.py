@@ -63,6 +63,7 @@ from pl_actsparse.core.calibration import (
     default_transform_fn,
     model_device,
 )
+from pl_actsparse.core.levels import BlockIO, BlockPlan, CacheSpoiled, NotLeveled, calibrate_block, plan_block
 from pl_actsparse.core.masking import resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.errors import EmptyDatasetError, InvalidTargetError
 
@@ -79,6 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CALIBRATION_MODES = ("auto", "sequential", "lockstep")
+IN_BLOCK_MODES = ("levels", "lockstep")
 OFFLOAD_MODES = (None, "cpu", "disk")
 
 #: ``calibration="auto"`` chooses the sequential mode when the model has a block list and its parameters take
@@ -218,6 +220,7 @@ class _BoundaryCache:
         self.offload = offload
         self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
         self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
+        self.kept_files = 0
 
     def close(self) -> None:
         if self.dir is not None:
@@ -287,6 +290,25 @@ class _BoundaryCache:
         else:
             entry.hidden = t if self.store_device is None else t.to(self.store_device)
 
+    # outputs of finished sub-modules, reused within one block (pl_actsparse.core.levels) -------------------
+    def keep(self, b: int, name: str, out: Any) -> Any:
+        out = _map_tensors(out, lambda t: t.detach() if self.store_device is None else t.detach().to(self.store_device))
+        if self.dir is None:
+            return out
+        self.kept_files += 1
+        path = os.path.join(self.dir, f"kept{b}-{self.kept_files}.pt")
+        torch.save(out, path)
+        return path
+
+    def load(self, handle: Any) -> Any:
+        obj = torch.load(handle, mmap=True, weights_only=True) if isinstance(handle, str) else handle
+        device = self.device
+        return _map_tensors(obj, lambda t: t.to(device if device is not None else t.device, copy=True))
+
+    def drop(self, handle: Any) -> None:
+        if isinstance(handle, str) and os.path.exists(handle):
+            os.remove(handle)
+
     def call(self, b: int, j: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
         entry = self.entries[b]
         tensors = entry.tensors
@@ -310,6 +332,16 @@ class _BoundaryCache:
 
         args, kwargs = entry.calls[j]
         return dec(args), dec(kwargs)
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -460,20 +492,30 @@ class _ModelRunner(nn.Module):
 
 
 class _BlockRunner(nn.Module):
-    """Runs block ``j`` on the cached input of calibration batch ``index`` and caches its output."""
+    """Runs block ``j`` on the cached input of calibration batch ``index``; :meth:`commit` makes the outputs of
+    the last run of every batch the cached inputs of the next block.
+
+    The outputs wait until then: lockstep calibration may run every batch several times (layers called several
+    times per forward are solved in passes), and each pass must read the block's inputs."""
 
     def __init__(self, block: nn.Module, j: int, cache: _BoundaryCache, masks: list) -> None:
         super().__init__()
         self.block = block
         self.train(False)
-        self.__dict__.update(j=j, cache=cache, masks=masks)
+        self.__dict__.update(j=j, cache=cache, masks=masks, outputs={}, lock=threading.Lock())
 
     def forward(self, index: int) -> None:
         hidden = self.cache.hidden(index)
         args, kwargs = self.cache.call(index, self.j, hidden)
         with _token_mask_context(self.masks[index]):
             out = self.block(*args, **kwargs)
-        self.cache.set_hidden(index, _hidden_out(out))
+        with self.lock:
+            self.outputs[index] = _hidden_out(out).detach()
+
+    def commit(self) -> None:
+        for index, out in sorted(self.outputs.items()):
+            self.cache.set_hidden(index, out)
+        self.outputs.clear()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -551,6 +593,7 @@ def calibrate_sequential(
     offload: str | None = None,
     offload_dir: str | None = None,
     token_mask: Any = "auto",
+    in_block: str = "levels",
 ) -> dict[str, LayerStatistics]:
     """Block-wise exact calibration of ``layers`` (already sparsified modules of ``model``) on ``items``.
 
@@ -565,6 +608,10 @@ def calibrate_sequential(
         token_mask: ``"auto"``, ``None`` or a callable batch -> bool ``[batch, seq]`` mask
             (:func:`pl_actsparse.core.masking.resolve_mask_fn`), evaluated on each original batch and made the
             current token mask while that batch's cached inputs run.
+        in_block: ``"levels"`` (default) calibrates a block's layers level by level with one batch in flight
+            (:mod:`pl_actsparse.core.levels`); ``"lockstep"`` runs every batch through the block at once (one
+            pass, more memory). A block that cannot be leveled (a layer called twice or not at all, e.g.
+            mixture-of-experts) is calibrated in lockstep, with a logged message saying why.
         the others: as for :func:`~pl_actsparse.core.calibration.calibrate_layers`.
 
     Falls back to ``calibrate_layers`` (logging a warning that says why) when the model has no block list, its
@@ -576,6 +623,7 @@ def calibrate_sequential(
         EmptyDatasetError, LayerNotCalledError, NonFiniteActivationError: as ``calibrate_layers``.
     """
     _check_choice("offload", offload, OFFLOAD_MODES)
+    _check_choice("in_block", in_block, IN_BLOCK_MODES)
     transform = transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(token_mask)
     device = model_device(model)
@@ -645,14 +693,20 @@ def calibrate_sequential(
             if bad:
                 raise _Fallback(runner.failure or "another rank's model does not fit the block-wise scheme")
             bar.advance(f"captured the inputs of {len(block_list)} blocks")
+            plans: dict[tuple, BlockPlan | str] = {}
             for j, block in enumerate(block_list):
                 block_runner = _BlockRunner(block, j, cache, masks)
                 if by_block[j]:
-                    stats.update(_run(block_runner, by_block[j], indices, lockstep_kwargs))
+                    got = None if in_block == "lockstep" else _leveled(block, j, by_block[j], cache, masks, indices, dist, plans)
+                    if got is None:
+                        got = _run(block_runner, by_block[j], indices, lockstep_kwargs)
+                        block_runner.commit()
+                    stats.update(got)
                 else:
                     with torch.no_grad():
                         for i in indices:
                             block_runner(i)
+                            block_runner.commit()
                 bar.advance(f"block {j + 1}/{len(block_list)}")
             if post:
                 stubs.mode = "tail"
@@ -673,6 +727,70 @@ def calibrate_sequential(
         cache.close()
         _restore_training(model, training)
     return {n: stats[n] for n in names}
+
+
+def _signature(block: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> tuple:
+    local = {id(m): n for n, m in block.named_modules()}
+    return (type(block),) + tuple((local[id(m)], type(m)) for _, m in layers)
+
+
+def _agreed_plan(block: nn.Module, j: int, layers: Sequence[tuple[str, nn.Module]], cache: _BoundaryCache,
+                 indices: list, dist: _Distributed) -> BlockPlan | str:
+    """The block's dependency levels from this rank's first batch, agreed by all ranks (or why there are none)."""
+    modules = [m for _, m in layers]
+    plan: BlockPlan | None = None
+    reason = "this rank has no calibration batch"
+    if indices:
+        hidden = cache.hidden(indices[0])
+        args, kwargs = cache.call(indices[0], j, hidden)
+        try:
+            plan = plan_block(block, modules, args, kwargs)
+        except NotLeveled as exc:
+            reason = str(exc)
+        del hidden, args, kwargs
+    if not dist.enabled:
+        return plan if plan is not None else reason
+    local = {id(m): n for n, m in block.named_modules()}
+    names = [local[id(m)] for m in modules]
+    level = {n: lv for lv, group in enumerate(plan.levels) for n in group} if plan is not None else {}
+    vec = [level.get(n, 0) for n in names]
+    sums = dist.sum_(torch.tensor([int(plan is not None), int(plan is None and bool(indices))]
+                                  + vec + [v * v for v in vec], dtype=torch.int64)).tolist()
+    planned, failed, k = sums[0], sums[1], len(names)
+    if failed or not planned:
+        return reason if plan is None else "another rank's block cannot be calibrated level by level"
+    lv_sum, sq_sum = sums[2 : 2 + k], sums[2 + k :]
+    if any(sq * planned != s * s for s, sq in zip(lv_sum, sq_sum)):  # equal on every rank iff Cauchy-Schwarz is tight
+        return "the ranks found different dependency levels"
+    agreed = [s // planned for s in lv_sum]
+    if plan is not None:
+        return plan
+    order = {n: i for i, n in enumerate(names)}
+    levels = tuple(tuple(sorted((n for n in names if agreed[order[n]] == lv), key=order.get)) for lv in range(max(agreed) + 1))
+    return BlockPlan(levels, ())
+
+
+def _leveled(block: nn.Module, j: int, layers: Sequence[tuple[str, nn.Module]], cache: _BoundaryCache,
+             masks: list, indices: list, dist: _Distributed, plans: dict) -> dict[str, LayerStatistics] | None:
+    """Calibrate block ``j`` level by level (:mod:`pl_actsparse.core.levels`); ``None`` when it cannot be."""
+    sig = _signature(block, layers)
+    if sig not in plans:
+        plans[sig] = _agreed_plan(block, j, layers, cache, indices, dist)
+        if isinstance(plans[sig], BlockPlan):
+            log.debug("block %d: dependency levels %s, reused outputs %s", j, plans[sig].levels, plans[sig].reuse)
+    plan = plans[sig]
+    if isinstance(plan, str):
+        log.info("block %d is calibrated with all batches in flight (lockstep): %s", j, plan)
+        return None
+    io = BlockIO(indices, cache.hidden, lambda i, h: cache.call(i, j, h), cache.set_hidden, masks.__getitem__,
+                 cache.keep, cache.load, cache.drop)
+    try:
+        return calibrate_block(block, plan, layers, io, dist)
+    except CacheSpoiled as exc:
+        raise _Fallback(f"block {j}: {exc}") from exc
+    except NotLeveled as exc:
+        log.warning("block %d is calibrated with all batches in flight (lockstep) instead of level by level: %s", j, exc)
+        return None
 
 
 def _restore_training(model: nn.Module, training: dict[int, bool]) -> None:

@@ -1,0 +1,544 @@
+"""One block, one calibration batch in flight: dependency levels and one partial pass per level.
+
+Inside a transformer block the targeted layers form a few *dependency levels*: a layer's input depends on the
+thresholds of the layers of lower levels only (Llama: ``q/k/v_proj`` 0, ``o_proj`` 1, ``gate/up_proj`` 2,
+``down_proj`` 3; GPT-2: ``c_attn``, ``attn.c_proj``, ``c_fc``, ``mlp.c_proj``). GPTQ's "true sequential" mode
+and llm-compressor's sequential pipeline calibrate such groups one after another on the cached block inputs;
+:func:`calibrate_block` does the same for activation thresholds:
+
+* **Plan** (:func:`plan_block`, once per distinct block structure): one forward of one batch with autograd on
+  and every floating-point block argument requiring grad. Layer ``B`` depends on layer ``A`` when the autograd
+  graph of ``B``'s input reaches ``A``'s thresholded input; ``level(B) = 1 + max(level(A))`` over those. A block
+  whose layers are not each called exactly once (mixture-of-experts, weight sharing), or whose layer inputs are
+  not traced back to its arguments, is not leveled (:class:`NotLeveled`) and is calibrated in lockstep instead.
+* **Level passes**: for level ``l``, every batch in turn runs the block on its cached input, with the layers of
+  levels ``< l`` sparsified at their final thresholds, until every level-``l`` layer has seen its input (the
+  forward is then stopped). Each layer's real-token inputs go into its histogram; when all batches are done,
+  the level's thresholds are finalized exactly as :mod:`~pl_actsparse.core.calibration` does (same histograms,
+  same rule, summed over DDP ranks).
+* **Propagation**: every batch runs the whole block once more with the final thresholds; its output becomes
+  the cached input of the next block.
+* **Reuse** of finished sub-modules: a sub-module (HF's ``self_attn``) whose targeted layers are all final
+  returns, in later passes, the output it computed in the first pass after they became final, instead of
+  recomputing it (kept only while its output is no larger than the block input, i.e. at most one more
+  boundary-sized tensor per batch, stored where the boundary cache is).
+
+Float32 inputs need a second histogram of the low 16 bits inside one coarse bin (see the calibration module).
+That bin is not known before every batch was seen, so each layer keeps the fine counts of a *window* of bins
+around its first batch's quantile; if the final bin falls outside, the level pass runs once more for the fine
+counts only (exact either way, only slower).
+
+The thresholds, histograms and zeroed counts are bit-for-bit those of lockstep calibration: every batch computes
+the very tensors it computes inside the lockstep forward. Memory above the model: the caller's boundary cache,
+the reused outputs, and the activations of one batch inside one block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from pl_actsparse.core.calibration import (
+    COARSE_BINS,
+    FINE_BINS,
+    LayerStatistics,
+    _agreed_dtype,
+    _check_finite,
+    _Distributed,
+    _INT_VIEW,
+    _abs_keys,
+    coarse_histogram,
+    compilation_disabled,
+    fine_bin,
+    fine_histogram,
+    threshold_from_histogram,
+)
+from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, SparsifierMode, linear_like_spec
+from pl_actsparse.core.masking import select_tokens, token_mask as _token_mask_context
+
+__all__ = ["NotLeveled", "CacheSpoiled", "BlockPlan", "plan_block", "calibrate_block", "BlockIO"]
+
+#: Coarse bins of fine counts kept per float32 layer (each 2**16 int64 counters: 512 KiB); the window covers
+#: the first batch's quantiles within ``FINE_WINDOW_QUANTILE_MARGIN`` of the target.
+FINE_WINDOW_BINS = 16
+FINE_WINDOW_QUANTILE_MARGIN = 0.02
+
+
+class NotLeveled(Exception):
+    """The block cannot be calibrated level by level; the message says why (the caller uses lockstep)."""
+
+
+class CacheSpoiled(NotLeveled):
+    """The block stopped following its plan while the cache was being overwritten with its outputs: the
+    caller must start over in lockstep (all ranks raise it together)."""
+
+
+class _Stop(Exception):
+    """Ends a level pass once every layer of the level has seen its input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """Dependency levels of a block's targeted layers, by their names inside the block.
+
+    ``levels[l]`` lists the level-``l`` layers in call order; ``reuse`` maps the name of a sub-module that can
+    return its earlier output to the first pass (level index) in which all of its targeted layers are final.
+    """
+
+    levels: tuple[tuple[str, ...], ...]
+    reuse: tuple[tuple[str, int], ...]
+
+    @property
+    def passes(self) -> int:
+        return len(self.levels)
+
+
+@dataclasses.dataclass
+class BlockIO:
+    """How :func:`calibrate_block` reads and writes the boundary cache (callables of the batch index)."""
+
+    indices: list[int]
+    hidden: Callable[[int], torch.Tensor]
+    call: Callable[[int, torch.Tensor], tuple[tuple, dict]]
+    set_hidden: Callable[[int, torch.Tensor], None]
+    mask: Callable[[int], torch.Tensor | None]
+    keep: Callable[[int, str, Any], Any]  # store a reused output; returns a handle
+    load: Callable[[Any], Any]  # a stored output back, on the model's device, fresh tensors
+    drop: Callable[[Any], None]
+
+
+def _hidden_out(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _with_grad(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.detach().clone().requires_grad_(True)
+    if isinstance(v, dict):
+        return {k: _with_grad(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return type(v)(_with_grad(x) for x in v)
+    return v
+
+
+def _reachable(node: Any) -> set:
+    seen: set = set()
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for nxt, _ in getattr(n, "next_functions", ()):
+            if nxt is not None and nxt not in seen:
+                stack.append(nxt)
+    return seen
+
+
+def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan:
+    """Dependency levels of ``layers`` (sparsified modules inside ``block``) from one forward of the block on
+    ``args``/``kwargs`` with autograd on (see the module docstring). The layers' modes are restored.
+
+    Raises:
+        NotLeveled: a layer is not called exactly once, a layer input is not traced back to the block's
+            arguments, or the forward fails with autograd on.
+    """
+    local = {id(m): n for n, m in block.named_modules()}
+    ids = {id(m): k for k, m in enumerate(layers)}
+    k_layers = len(layers)
+    raw: list[Any] = [None] * k_layers
+    marks: list[Any] = [None] * k_layers
+    calls = [0] * k_layers
+    order: list[int] = []
+    token = object()
+
+    def observer(module: nn.Module, inp: torch.Tensor, x: torch.Tensor) -> None:
+        k = ids[id(module)]
+        calls[k] += 1
+        if calls[k] == 1:
+            raw[k], marks[k] = inp, x.grad_fn
+            order.append(k)
+
+    containers = [m for m in block.modules() if m is not block and id(m) not in ids
+                  and any(id(x) in ids for x in m.modules())]
+    container_calls = {id(m): 0 for m in containers}
+
+    def count(module: nn.Module, _args: Any) -> None:
+        container_calls[id(module)] += 1
+
+    handles = [m.register_forward_pre_hook(count) for m in containers]
+    modes = [m._actsparse.mode for m in layers]
+    for m in layers:
+        m._actsparse.mode = SparsifierMode.SPARSIFYING  # x * keep: a graph node per layer, whatever the threshold
+        m._actsparse.observers[id(token)] = observer
+    try:
+        with torch.enable_grad(), compilation_disabled():
+            block(*_with_grad(args), **_with_grad(kwargs))
+    except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
+        raise NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in zip(layers, modes):
+            m._actsparse.mode = mode
+            m._actsparse.observers.pop(id(token), None)
+    names = [local[id(m)] for m in layers]
+    missing = [names[k] for k in range(k_layers) if calls[k] == 0]
+    if missing:
+        raise NotLeveled(f"layer(s) {missing} were not called by the block's forward (data-dependent routing)")
+    repeated = [names[k] for k in range(k_layers) if calls[k] > 1]
+    if repeated:
+        raise NotLeveled(f"layer(s) {repeated} are called more than once per block forward")
+    untraced = [names[k] for k in range(k_layers) if marks[k] is None]
+    if untraced:
+        raise NotLeveled(f"the inputs of layer(s) {untraced} do not depend on the block's arguments")
+    level = [0] * k_layers
+    for k in order:
+        reach = _reachable(raw[k].grad_fn)
+        deps = [a for a in order if a != k and marks[a] in reach]
+        level[k] = 1 + max(level[a] for a in deps) if deps else 0
+    n_levels = max(level) + 1
+    levels = tuple(tuple(names[k] for k in order if level[k] == lv) for lv in range(n_levels))
+    # sub-modules called once whose targeted layers are all final before the last level: their output can be reused
+    ready = {}
+    for m in containers:
+        inside = [level[ids[id(x)]] for x in m.modules() if id(x) in ids]
+        r = max(inside) + 1
+        if container_calls[id(m)] == 1 and r < n_levels:
+            ready[local[id(m)]] = r
+    outermost = tuple(sorted(
+        ((n, r) for n, r in ready.items() if not any(n.startswith(o + ".") for o in ready)),
+        key=lambda t: t[0],
+    ))
+    return BlockPlan(levels, outermost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics of one layer over one level pass
+
+
+class _Accumulator:
+    """Coarse counts of a layer's real-token inputs over the batches of a pass, plus float32 fine counts in a
+    window of coarse bins."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name, self.module = name, module
+        self.target = float(module._actsparse.target)
+        self.dtype: torch.dtype | None = None
+        self.coarse: torch.Tensor | None = None
+        self.window: tuple[int, int] | None = None  # coarse bins [lo, hi] with fine counts
+        self.fine: torch.Tensor | None = None
+        self.repass_bin: int | None = None
+        self.repass: torch.Tensor | None = None
+
+    def add(self, sel: torch.Tensor, hist: torch.Tensor) -> None:
+        if self.dtype is None:
+            self.dtype = sel.dtype
+        elif sel.dtype != self.dtype:
+            raise TypeError(f"layer {self.name!r} received inputs of dtypes {self.dtype} and {sel.dtype}")
+        if self.repass_bin is not None:  # the second pass of a float32 level: fine counts of one bin only
+            h = fine_histogram(sel, self.repass_bin)
+            self.repass = h if self.repass is None else self.repass + h
+            return
+        self.coarse = hist.clone() if self.coarse is None else self.coarse.add_(hist)
+        if sel.dtype != torch.float32:
+            return
+        if self.window is None:
+            self.window = _window(hist, self.target)
+        lo, hi = self.window
+        keys = _abs_keys(sel)
+        inside = keys[(keys >= (lo << 16)) & (keys < ((hi + 1) << 16))] - (lo << 16)
+        h = torch.bincount(inside, minlength=(hi - lo + 1) * FINE_BINS)
+        self.fine = h if self.fine is None else self.fine.add_(h)
+
+    def fine_of(self, b: int) -> torch.Tensor | None:
+        if self.window is None or not self.window[0] <= b <= self.window[1]:
+            return None
+        lo = self.window[0]
+        return self.fine[(b - lo) * FINE_BINS : (b - lo + 1) * FINE_BINS]  # type: ignore[index]
+
+
+def _window(hist: torch.Tensor, target: float) -> tuple[int, int]:
+    cum = torch.cumsum(hist.to("cpu"), 0)
+    n = int(cum[-1])
+    if n == 0 or not 0.0 < target < 1.0:
+        return (0, 0)
+    q = lambda f: int(torch.searchsorted(cum, torch.tensor(min(max(f, 0.0), 1.0) * n, dtype=cum.dtype)))  # noqa: E731
+    lo = max(q(target - FINE_WINDOW_QUANTILE_MARGIN) - 1, 0)
+    hi = min(q(target + FINE_WINDOW_QUANTILE_MARGIN) + 1, COARSE_BINS - 1)
+    if hi - lo + 1 > FINE_WINDOW_BINS:
+        mid = q(target)
+        lo = max(mid - FINE_WINDOW_BINS // 2, 0)
+        hi = min(lo + FINE_WINDOW_BINS - 1, COARSE_BINS - 1)
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------------
+# the passes
+
+
+class _Pass:
+    """Observers and reused outputs installed on a block for one pass."""
+
+    def __init__(self, block: nn.Module, plan: BlockPlan, layers: dict[str, nn.Module], io: BlockIO, kept: dict) -> None:
+        self.block, self.plan, self.layers, self.io = block, plan, layers, io
+        self.names = {id(m): n for n, m in layers.items()}
+        self.kept = kept
+        self.hidden_bytes: dict[int, int] = {}
+        self.pending: set[int] = set()
+        self.level_of = {n: lv for lv, names in enumerate(plan.levels) for n in names}
+        self.skipping: dict[str, Any] = {}  # layer name -> its own instance ``forward`` (or _MISSING) while skipped
+        self.inside: dict[str, set[int]] = {}  # reused sub-module -> the targeted layers inside it
+        self.replayed: set[int] = set()  # targeted layers skipped in this run (their sub-module was reused)
+        self.token = object()
+        self.index = -1
+        self.level = 0
+        self.observed: dict[str, _Accumulator] = {}
+        self.calls: dict[int, int] = {}
+        self.last: tuple | None = None  # (input, mask, selected, histogram) of the previous observation
+        self.saved: list = []
+        self.wont_keep: set[str] = set()
+
+    def __enter__(self) -> "_Pass":
+        for m in self.layers.values():
+            m._actsparse.observers[id(self.token)] = self.observe
+        modules = dict(self.block.named_modules())
+        layer_ids = {id(m) for m in self.layers.values()}
+        for name, ready in self.plan.reuse:
+            sub = modules[name]
+            self.inside[name] = {id(m) for m in sub.modules() if id(m) in layer_ids}
+            saved = sub.__dict__.get("forward", _MISSING)
+            real = type(sub).forward.__get__(sub) if saved is _MISSING else saved
+            self.saved.append((sub, saved))
+            sub.forward = self._reusing(name, ready, real)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.skip_from(self.plan.passes)
+        for m in self.layers.values():
+            m._actsparse.observers.pop(id(self.token), None)
+        for sub, saved in self.saved:
+            if saved is _MISSING:
+                sub.__dict__.pop("forward", None)
+            else:
+                sub.forward = saved
+        self.saved = []
+
+    def skip_from(self, level: int) -> None:
+        """Layers of ``level`` and above compute nothing (zeros of the output's shape, after their observers saw
+        the input): in the pass of ``level`` their outputs feed only higher levels, which that pass never
+        observes. Layers below ``level`` compute as usual."""
+        for name, m in self.layers.items():
+            skip = self.level_of[name] >= level
+            if skip and name not in self.skipping:
+                self.skipping[name] = m.__dict__.get("forward", _MISSING)
+                m.forward = _zeros_after_observers(m)
+            elif not skip and name in self.skipping:
+                saved = self.skipping.pop(name)
+                if saved is _MISSING:
+                    m.__dict__.pop("forward", None)
+                else:
+                    m.forward = saved
+
+    def _reusing(self, name: str, ready: int, real: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            key = (self.index, name)
+            if key in self.kept:
+                self.replayed |= self.inside[name]
+                return self.io.load(self.kept[key])
+            out = real(*args, **kwargs)
+            last_pass = self.level >= self.plan.passes  # propagation: nobody reads a kept output afterwards
+            if self.level >= ready and not last_pass and name not in self.wont_keep:
+                if _nbytes(out) <= self.hidden_bytes[self.index]:
+                    self.kept[key] = self.io.keep(self.index, name, out)
+                else:
+                    self.wont_keep.add(name)
+            return out
+
+        return forward
+
+    def observe(self, module: nn.Module, inp: torch.Tensor, x: torch.Tensor) -> None:
+        key = id(module)
+        calls = self.calls.get(key, 0) + 1
+        self.calls[key] = calls
+        if calls > 1:
+            raise NotLeveled("a layer was called more than once in one block forward")
+        acc = self.observed.get(self.names[key])
+        if acc is None:
+            return
+        mask = self.io.mask(self.index)
+        last = self.last
+        if last is not None and last[0] is inp and last[1] is mask:
+            sel, hist = last[2], last[3]
+        else:
+            if inp.dtype not in _INT_VIEW:
+                raise TypeError(f"layer {acc.name!r} received a {inp.dtype} input; calibration supports float32, "
+                                "bfloat16 and float16")
+            sel = select_tokens(inp.detach(), mask, layer=acc.name)
+            hist = coarse_histogram(sel)
+            self.last = (inp, mask, sel, hist)
+        acc.add(sel, hist)
+        self.pending.discard(key)
+        if not self.pending:
+            self.last = None
+            raise _Stop
+
+    def run(self, index: int, level: int, accumulators: dict[str, _Accumulator]) -> torch.Tensor | None:
+        """Run batch ``index``; a level pass stops after its layers' inputs and returns ``None``, the
+        propagation pass (``level == passes``) returns the block output."""
+        self.index, self.level, self.observed, self.calls, self.last = index, level, accumulators, {}, None
+        self.replayed = set()
+        self.skip_from(level)
+        self.pending = {id(acc.module) for acc in accumulators.values()}
+        hidden = self.io.hidden(index)
+        self.hidden_bytes[index] = hidden.numel() * hidden.element_size()
+        args, kwargs = self.io.call(index, hidden)
+        try:
+            with _token_mask_context(self.io.mask(index)):
+                out = self.block(*args, **kwargs)
+        except _Stop:
+            return None
+        finally:
+            self.last = None
+        if self.pending:
+            raise NotLeveled("the block's forward ended before every layer of a level was called")
+        if level == self.plan.passes and set(self.calls) | self.replayed != {id(m) for m in self.layers.values()}:
+            raise NotLeveled("not every targeted layer of the block was called in the propagation pass")
+        return _hidden_out(out)
+
+
+_MISSING = object()
+
+
+def _zeros_after_observers(module: nn.Module) -> Callable[..., torch.Tensor]:
+    out_features = linear_like_spec(module).out_features(module)  # type: ignore[union-attr]
+
+    def forward(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not kwargs.pop(ADAPTER_INPUT_KWARG, False):
+            module.activation_input(input)  # type: ignore[operator]
+        device_type = input.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else input.dtype
+        return input.new_zeros(*input.shape[:-1], out_features, dtype=dtype)
+
+    return forward
+
+
+def _nbytes(out: Any) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_nbytes(v) for v in out)
+    if isinstance(out, dict):
+        return sum(_nbytes(v) for v in out.values())
+    if out is None or isinstance(out, (int, float, bool, str)):
+        return 0
+    return 1 << 62  # unknown objects are never kept
+
+
+def _agree(dist: _Distributed, failed: bool) -> bool:
+    return bool(dist.sum_(torch.tensor([int(failed)])).item()) if dist.enabled else failed
+
+
+def calibrate_block(
+    block: nn.Module,
+    plan: BlockPlan,
+    layers: Sequence[tuple[str, nn.Module]],
+    io: BlockIO,
+    dist: _Distributed,
+    on_level: Callable[[int], None] = lambda level: None,
+) -> dict[str, LayerStatistics]:
+    """Calibrate ``layers`` (``(full name, module)`` inside ``block``) level by level, then propagate every
+    batch's output into the cache (:class:`BlockIO`). Returns statistics per full name.
+
+    Raises:
+        NotLeveled: on any rank, a pass found the block behaving unlike its plan, before the cache changed
+            (the caller calibrates the block in lockstep). All ranks raise together.
+        NonFiniteActivationError, TokenMaskError, TypeError: as lockstep calibration.
+    """
+    local = {id(m): n for n, m in block.named_modules()}
+    by_local = {local[id(m)]: (full, m) for full, m in layers}
+    if sorted(by_local) != sorted(n for lv in plan.levels for n in lv):
+        raise NotLeveled("the block's targeted layers differ from its plan")
+    modules = {n: m for n, (_, m) in by_local.items()}
+    for m in modules.values():
+        m._actsparse.mode = SparsifierMode.PASSTHROUGH
+    kept: dict = {}
+    stats: dict[str, LayerStatistics] = {}
+    p = _Pass(block, plan, modules, io, kept)
+    try:
+        with p, torch.no_grad(), compilation_disabled():
+            for level, names in enumerate(plan.levels):
+                accs = {n: _Accumulator(by_local[n][0], modules[n]) for n in names}
+                failed = None
+                try:
+                    for i in io.indices:
+                        p.run(i, level, accs)
+                except NotLeveled as exc:
+                    failed = exc
+                if _agree(dist, failed is not None):
+                    raise failed or NotLeveled("another rank's block did not follow the plan")
+                _finalize(p, level, accs, io, dist)
+                for n in names:
+                    stats[by_local[n][0]] = accs[n].stats  # type: ignore[attr-defined]
+                on_level(level)
+            failed = None
+            for i in io.indices:
+                try:
+                    out = p.run(i, plan.passes, {})
+                except NotLeveled as exc:
+                    failed = exc  # too late to redo only this block: the cache holds outputs already
+                    break
+                io.set_hidden(i, out)  # type: ignore[arg-type]
+                for key in [k for k in kept if k[0] == i]:
+                    io.drop(kept.pop(key))
+            if _agree(dist, failed is not None):
+                raise CacheSpoiled(f"{failed or 'another rank'}: while propagating the block's outputs")
+    finally:
+        for handle in kept.values():
+            io.drop(handle)
+        kept.clear()
+    return stats
+
+
+def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, dist: _Distributed) -> None:
+    """Thresholds of one level from the summed histograms (all ranks), written into the layers."""
+    ordered = list(accs.values())
+    merged = []
+    for acc in ordered:
+        dtype = _agreed_dtype(dist, acc.dtype)
+        local = acc.coarse if acc.coarse is not None else torch.zeros(COARSE_BINS, dtype=torch.int64)
+        coarse = dist.sum_(local).to("cpu")
+        _check_finite(acc.name, coarse, dtype)
+        merged.append((dtype, coarse))
+    # float32: the fine counts of the bin each threshold falls in; a second pass where a window missed it
+    bins = [fine_bin(coarse, acc.target) if dtype == torch.float32 else None for acc, (dtype, coarse) in zip(ordered, merged)]
+    missing = torch.tensor([int(b is not None and acc.fine_of(b) is None) for acc, b in zip(ordered, bins)])
+    missing = dist.sum_(missing)
+    if int(missing.sum()):
+        again = {n: acc for (n, acc), b, miss in zip(accs.items(), bins, missing.tolist())
+                 if miss and acc.fine_of(b) is None}  # type: ignore[arg-type]
+        if again:
+            for n, acc in again.items():
+                acc.repass_bin = bins[ordered.index(acc)]
+            for i in io.indices:
+                p.run(i, level, again)
+    for acc, (dtype, coarse), b, miss in zip(ordered, merged, bins, missing.tolist()):
+        fine = None
+        if b is not None:
+            local = acc.repass if acc.repass_bin is not None else acc.fine_of(b)
+            if local is None:  # this rank saw no element of the layer
+                local = torch.zeros(FINE_BINS, dtype=torch.int64)
+            fine = dist.sum_(local.to(torch.int64)).to("cpu")
+
+        def fine_fn(bb: int, b: int | None = b, fine: torch.Tensor | None = fine) -> torch.Tensor:
+            assert bb == b and fine is not None
+            return fine
+
+        threshold, zeroed = threshold_from_histogram(coarse, acc.target, dtype, fine_fn)
+        acc.module.activation_threshold.fill_(threshold)  # type: ignore[operator]
+        acc.module._actsparse.mode = SparsifierMode.SPARSIFYING
+        acc.stats = LayerStatistics(acc.name, acc.target, dtype, coarse, threshold, zeroed, calls=1)  # type: ignore[attr-defined]
+        acc.coarse = acc.fine = acc.repass = None
