@@ -194,6 +194,9 @@ def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
         (dict(scopes=MLP, track=["training"]), CallbackConfigurationError, "track must be"),
         (dict(scopes=MLP, log_prefix="a/"), CallbackConfigurationError, "log_prefix"),
         (dict(scopes=MLP, verbose="yes"), CallbackConfigurationError, "verbose must be True or False"),
+        (dict(scopes=MLP, calibration="blockwise"), CallbackConfigurationError,
+         "calibration must be one of 'auto', 'sequential', 'lockstep', got 'blockwise'"),
+        (dict(scopes=MLP, offload="ssd"), CallbackConfigurationError, "offload must be one of None, 'cpu', 'disk', got 'ssd'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
@@ -295,6 +298,24 @@ def test_calibration_sources(options, batches):
     cb = _callback(**options)
     _trainer(cb).validate(lm, datamodule=data, verbose=False)
     assert _thresholds(lm) == _reference_thresholds(lm, batches(data), MLP, dense)
+
+
+@pytest.mark.parametrize("calibration, offload", [("sequential", "disk"), ("lockstep", None)])
+def test_calibration_method_reaches_the_functional_api(calibration, offload, monkeypatch):
+    """``calibration``/``offload`` of the callback choose the method (seen by the dispatcher), with the same
+    thresholds as the functional API's default on the same batches."""
+    from pl_actsparse.core import sequential
+
+    used = []
+    real = sequential.calibrate_sequential
+    monkeypatch.setattr(sequential, "calibrate_sequential", lambda *a, **k: used.append(k.get("offload")) or real(*a, **k))
+    lm, data = TinyLM(), TinyData()
+    dense = _dense_state(lm)
+    cb = _callback(calibration=calibration, offload=offload)
+    assert (cb.calibration, cb.offload) == (calibration, offload)
+    _trainer(cb).validate(lm, datamodule=data, verbose=False)
+    assert used == ([offload] if calibration == "sequential" else [])
+    assert _thresholds(lm) == _reference_thresholds(lm, data.calibration_dataloader(), MLP, dense)
 
 
 def test_auto_source_falls_back_to_first_training_batches_and_transform_fn():

@@ -540,6 +540,40 @@ def test_eager_attention_weights_are_too_large_to_reuse(monkeypatch):
         assert sorted(set(kept)) == expect, impl
 
 
+def test_peft_lora_blocks_go_level_by_level_and_match_lockstep(caplog):
+    """peft LoRA on every projection (random B, so the adapters change the outputs): the thresholded input of each
+    adapted projection reaches the base layer and the adapter branches; level by level, bit for bit lockstep."""
+    peft = pytest.importorskip("peft")
+    from tiny_models import tiny_hf_llama
+
+    def make():
+        config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        return peft.get_peft_model(tiny_hf_llama(), config)
+
+    scope = {TargetScope(patterns=[r".*_proj"]): 0.5}
+    with caplog.at_level(logging.INFO, logger=LOG):
+        got = _assert_same(make, token_batches(n=4), scope)
+    assert len(got) == 14 and all(n.endswith("_proj.base_layer") or n.endswith("_proj") for n in got)
+    assert not [r for r in caplog.records if "lockstep" in r.getMessage()]
+
+
+def test_levels_are_found_under_inference_mode(caplog):
+    """Called inside ``torch.inference_mode()`` (as serving code does), the plan's autograd forward still sees the
+    dependencies: the blocks go level by level and the thresholds are lockstep's."""
+    got = {}
+    for fn in (calibrate_layers, calibrate_sequential):
+        model = tiny_llama()  # built outside inference mode, as a served model is
+        prepare_activation_sparsity(model, ALL)
+        layers = list(sparsified_layers(model))
+        with caplog.at_level(logging.INFO, logger=LOG), torch.inference_mode():
+            fn(model, layers, token_batches(n=3), progress=False)
+        got[fn] = {n: m.activation_threshold.clone() for n, m in layers}
+    want = got[calibrate_layers]
+    assert len(want) == 22 and all(torch.equal(want[n], got[calibrate_sequential][n]) for n in want)
+    assert not [r for r in caplog.records if "lockstep" in r.getMessage()]
+
+
 def test_in_block_option_is_validated():
     model = tiny_llama()
     prepare_activation_sparsity(model, ALL)

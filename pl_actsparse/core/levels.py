@@ -7,7 +7,8 @@ and llm-compressor's sequential pipeline calibrate such groups one after another
 :func:`calibrate_block` does the same for activation thresholds:
 
 * **Plan** (:func:`plan_block`, once per distinct block structure): one forward of one batch with autograd on
-  and every floating-point block argument requiring grad. Layer ``B`` depends on layer ``A`` when the autograd
+  and every floating-point block argument requiring grad (nothing saved for backward: only the graph's
+  structure is read). Layer ``B`` depends on layer ``A`` when the autograd
   graph of ``B``'s input reaches ``A``'s thresholded input; ``level(B) = 1 + max(level(A))`` over those. A block
   whose layers are not each called exactly once (mixture-of-experts, weight sharing), or whose layer inputs are
   not traced back to its arguments, is not leveled (:class:`NotLeveled`) and is calibrated in lockstep instead.
@@ -124,6 +125,10 @@ def _with_grad(v: Any) -> Any:
     return v
 
 
+def _discard(_: Any) -> None:
+    return None
+
+
 def _reachable(node: Any) -> set:
     seen: set = set()
     stack = [node] if node is not None else []
@@ -175,7 +180,10 @@ def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwarg
         m._actsparse.mode = SparsifierMode.SPARSIFYING  # x * keep: a graph node per layer, whatever the threshold
         m._actsparse.observers[id(token)] = observer
     try:
-        with torch.enable_grad(), compilation_disabled():
+        # callers may be in inference mode; only the graph's structure is read, so nothing is saved for backward
+        # (the forward costs the memory of a no-grad one)
+        with torch.inference_mode(False), torch.enable_grad(), compilation_disabled(), \
+                torch.autograd.graph.saved_tensors_hooks(_discard, _discard):
             block(*_with_grad(args), **_with_grad(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
         raise NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc

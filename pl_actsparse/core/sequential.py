@@ -12,23 +12,24 @@ this module does the same for activation thresholds, with the same exactness as 
    pass (embeddings and masks only) caches, per calibration batch, the input hidden states of block 0 and the
    other arguments of *every* block (a model may give blocks different masks, e.g. sliding-window layers).
    Targeted layers that run before block 0 are calibrated during this pass, in lockstep.
-2. **Blocks, in order.** Block ``j`` is calibrated by :func:`~pl_actsparse.core.calibration.calibrate_layers`
-   (the unchanged lockstep machinery) with the block as the model and the cached inputs as the data: each
-   threshold is the exact quantile over all of that layer's elements, measured with the block's upstream layers
-   at their final thresholds, and every earlier block was final when the cache was made. When a batch's block
-   forward finishes, its output (computed with the final thresholds) *replaces* its cache entry: the
-   propagation costs no second pass.
+2. **Blocks, in order.** Block ``j`` is calibrated level by level with one batch in flight
+   (:mod:`pl_actsparse.core.levels`): its targeted layers are grouped into dependency levels, each level is
+   observed by a partial pass of every batch in turn with the lower levels at their final thresholds, and a
+   last pass writes each batch's output (computed with the final thresholds) over its cache entry. A block that
+   cannot be leveled (a layer called twice or skipped) is calibrated by
+   :func:`~pl_actsparse.core.calibration.calibrate_layers` with the block as the model and every cached batch in
+   flight. Either way each threshold is the exact quantile over all of that layer's elements, measured with the
+   block's upstream layers at their final thresholds, and every earlier block was final when the cache was made.
 3. **Tail.** Targeted layers after the last block (``lm_head``) are calibrated by a last lockstep pass of the
    whole model in which the blocks are stubs returning the cached final hidden states; the pass stops once a
    batch has gone through every such layer (the logits are never computed).
 
 Memory above the model's own: the boundary cache (``batches x tokens x hidden`` elements, plus the blocks'
-other arguments, stored once per batch), plus the in-flight activations of *one block* for the calibration
-batches (lockstep inside the block: at ``down_proj`` each batch holds ``tokens x (intermediate + 2 hidden)``
-elements). ``offload="cpu"`` keeps the cache in host memory for a model on an accelerator,
-``offload="disk"`` in files under a temporary directory (read back one batch at a time).
-``max_batches_in_flight`` bounds the in-block activations further, with the approximation documented for
-lockstep.
+other arguments, stored once per batch), the outputs of finished sub-modules kept while their block is
+calibrated (at most one more boundary-sized tensor), and the activations of one batch inside one block.
+``offload="cpu"`` keeps both caches in host memory for a model on an accelerator, ``offload="disk"`` in files
+under a temporary directory (read back one batch at a time). ``max_batches_in_flight`` only bounds the blocks
+calibrated with every batch in flight, with the approximation documented for lockstep.
 
 Identical thresholds to lockstep (bit for bit): each block computes on the very same tensors it gets inside
 the full forward. A cache object handed to the blocks (HF's ``DynamicCache``) is deep-copied per block call,
@@ -221,6 +222,16 @@ class _BoundaryCache:
         self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
         self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
         self.kept_files = 0
+
+    def hidden_nbytes(self) -> int:
+        """Bytes of the cached hidden states (all batches)."""
+        total = 0
+        for e in self.entries:
+            n = 1
+            for d in e.shape:
+                n *= d
+            total += n * (e.dtype.itemsize if e.dtype is not None else 0)
+        return total
 
     def close(self) -> None:
         if self.dir is not None:
@@ -598,8 +609,8 @@ def calibrate_sequential(
     """Block-wise exact calibration of ``layers`` (already sparsified modules of ``model``) on ``items``.
 
     Same contract and same thresholds as :func:`~pl_actsparse.core.calibration.calibrate_layers` (bit for bit),
-    with the memory of one boundary cache plus one block's in-flight activations for all batches (see the module
-    docstring): the logits and key/value caches of all batches are never alive together.
+    with the memory of the boundary cache plus one batch's activations inside one block (see the module
+    docstring): the activations, logits and key/value caches of all batches are never alive together.
 
     Args:
         blocks: qualified name of the ``nn.ModuleList`` of blocks; default: found by :func:`find_block_list`.
@@ -692,7 +703,9 @@ def calibrate_sequential(
             bad = dist.sum_(torch.tensor([int(runner.failure is not None)])).item()
             if bad:
                 raise _Fallback(runner.failure or "another rank's model does not fit the block-wise scheme")
-            bar.advance(f"captured the inputs of {len(block_list)} blocks")
+            where = {None: "with the model", "cpu": "in CPU memory", "disk": "on disk"}[offload]
+            bar.advance(f"captured the inputs of {len(block_list)} blocks "
+                        f"({cache.hidden_nbytes() / 2**20:.1f} MiB of hidden states, {where})")
             plans: dict[tuple, BlockPlan | str] = {}
             for j, block in enumerate(block_list):
                 block_runner = _BlockRunner(block, j, cache, masks)

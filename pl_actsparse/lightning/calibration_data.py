@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from pl_actsparse.core.masking import resolve_mask_fn
-from pl_actsparse.errors import CallbackConfigurationError
+from pl_actsparse.core.sequential import check_calibration_options
+from pl_actsparse.errors import CallbackConfigurationError, InvalidTargetError
 
 __all__ = ["CalibrationData", "STAGE_SOURCES"]
 
@@ -69,6 +70,9 @@ class CalibrationData:
         transform_fn: a callable batch -> model inputs (excludes ``input_key``).
         token_mask: ``"auto"`` (a dict batch's ``attention_mask`` masks padding), None (count every element)
             or a callable batch -> bool mask ``[batch, seq]``; passed to the calibration functions.
+        calibration: ``"auto"``, ``"sequential"`` (block by block from a cache of block inputs, one batch in flight
+            inside a block) or ``"lockstep"`` (the whole model, every batch in flight); see ``docs/calibration.md``.
+        offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
 
     Raises:
         CallbackConfigurationError: an argument is invalid; the message uses the callback's argument names
@@ -84,6 +88,8 @@ class CalibrationData:
         input_key: int | str | None = None,
         transform_fn: Callable[[Any], Any] | None = None,
         token_mask: str | Callable[[Any], Any] | None = "auto",
+        calibration: str = "auto",
+        offload: str | None = None,
     ) -> None:
         if not isinstance(source, str) or not (source == "auto" or source in STAGE_SOURCES or source.isidentifier()):
             raise CallbackConfigurationError(
@@ -116,9 +122,15 @@ class CalibrationData:
             resolve_mask_fn(token_mask)  # type: ignore[arg-type]
         except TypeError as exc:
             raise CallbackConfigurationError(str(exc)) from None
+        try:
+            check_calibration_options(calibration, offload)
+        except InvalidTargetError as exc:
+            raise CallbackConfigurationError(str(exc)) from None
         self.input_key = input_key
         self.transform_fn = transform_fn
         self.token_mask = token_mask
+        self.calibration = calibration
+        self.offload = offload
 
     def __repr__(self) -> str:
         return (

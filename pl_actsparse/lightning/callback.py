@@ -260,6 +260,10 @@ class ActivationSparsityCallback(Callback):
         transform_fn: a callable batch -> model inputs (Python use; an import path in YAML).
         token_mask: ``"auto"`` (a dict batch's ``attention_mask`` excludes padding from calibration), None
             (every element counts) or a callable batch -> bool mask ``[batch, seq]``.
+        calibration: ``"auto"`` (sequential for models with a block list and >= 256 MiB of parameters),
+            ``"sequential"`` (block by block from a cache of block inputs, one batch in flight inside a block:
+            the memory for 7B-class models) or ``"lockstep"`` (every batch in flight). Same thresholds.
+        offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
         recalibrate_every_n_epochs: during fit, recalibrate at the end of every N-th training epoch (before
             that epoch's validation), bringing achieved sparsity back to target as the weights drift.
         recalibrate_every_n_steps: during fit, recalibrate every N optimizer steps.
@@ -306,6 +310,8 @@ class ActivationSparsityCallback(Callback):
         input_key: int | str | None = None,
         transform_fn: Callable[[Any], Any] | None = None,
         token_mask: Literal["auto"] | Callable[[Any], Any] | None = "auto",
+        calibration: Literal["auto", "sequential", "lockstep"] = "auto",
+        offload: Literal["cpu", "disk"] | None = None,
         recalibrate_every_n_epochs: int | None = None,
         recalibrate_every_n_steps: int | None = None,
         schedule: Literal["constant", "linear"] | SparsitySchedule = "constant",
@@ -331,7 +337,8 @@ class ActivationSparsityCallback(Callback):
         self.submodule = submodule
         with _argument(None):
             self.calibration_data = CalibrationData(
-                calibration_dataloader, calibration_source, num_calibration_batches, max_batches_in_flight, input_key, transform_fn, token_mask
+                calibration_dataloader, calibration_source, num_calibration_batches, max_batches_in_flight, input_key, transform_fn, token_mask,
+                calibration, offload,
             )
         with _argument(None):
             self.recalibrate_every_n_epochs = positive_int_or_none(recalibrate_every_n_epochs, "recalibrate_every_n_epochs")
@@ -372,6 +379,8 @@ class ActivationSparsityCallback(Callback):
     input_key = property(lambda self: self.calibration_data.input_key)
     transform_fn = property(lambda self: self.calibration_data.transform_fn)
     token_mask = property(lambda self: self.calibration_data.token_mask)
+    calibration = property(lambda self: self.calibration_data.calibration)
+    offload = property(lambda self: self.calibration_data.offload)
 
     def sparsified_module(self, pl_module: LightningModule) -> nn.Module:
         """The module this callback sparsifies: ``pl_module`` or its ``submodule``.
@@ -418,7 +427,8 @@ class ActivationSparsityCallback(Callback):
     def _api_options(self, fn: Callable[..., Any]) -> dict[str, Any]:
         # token_mask reaches the functional API once it accepts it (issue 12); until then "auto" is its behaviour
         if _accepts(fn, "token_mask"):
-            return {"token_mask": self.calibration_data.token_mask}
+            data = self.calibration_data
+            return {"token_mask": data.token_mask, "calibration": data.calibration, "offload": data.offload}
         if self.calibration_data.token_mask != "auto":
             raise CallbackConfigurationError(
                 f"token_mask={self.calibration_data.token_mask!r} needs a pl_actsparse whose {fn.__name__} takes token_mask"
