@@ -397,7 +397,8 @@ def sparsify_activations(
         max_batches_in_flight: bound memory by running batches in lockstep groups of this size (default: all
             at once, which is exact; smaller groups make calibration streaming and approximately exact).
         calibration: ``"lockstep"`` (the whole model, every batch in flight), ``"sequential"`` (block by block
-            with a cache of block inputs: same thresholds, no logits or KV caches held for all batches, see
+            with a cache of block inputs and one batch in flight inside a block: same thresholds, memory of the
+            cache plus one batch's block activations, about 2x a dense forward's time; see
             :mod:`pl_actsparse.core.sequential`) or ``"auto"`` (sequential for models with a block list whose
             parameters take at least 256 MiB, else lockstep). Raises ``InvalidTargetError`` for another value.
         offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
