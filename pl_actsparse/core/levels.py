@@ -528,11 +528,17 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, 
     if int(missing.sum()):
         again = {n: acc for (n, acc), b, miss in zip(accs.items(), bins, missing.tolist())
                  if miss and acc.fine_of(b) is None}  # type: ignore[arg-type]
+        failed = None
         if again:
             for n, acc in again.items():
                 acc.repass_bin = bins[ordered.index(acc)]
-            for i in io.indices:
-                p.run(i, level, again)
+            try:
+                for i in io.indices:
+                    p.run(i, level, again)
+            except NotLeveled as exc:
+                failed = exc
+        if _agree(dist, failed is not None):  # every rank gets here: ``missing`` is summed over all of them
+            raise failed or NotLeveled("another rank's block did not follow the plan")
     for acc, (dtype, coarse), b, miss in zip(ordered, merged, bins, missing.tolist()):
         fine = None
         if b is not None:
