@@ -226,14 +226,41 @@ class _Scaled(nn.Module):
         return x + aux
 
 
+class _ResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x, residual=None):
+        residual = x if residual is None else x + residual
+        return self.b(torch.relu(self.a(residual))), residual
+
+
+class _TwoStreams(nn.Module):
+    """Mamba-style blocks: ``block(h, residual) -> (h, residual)``, a second stream passed between blocks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Linear(8, 16)
+        self.layers = nn.ModuleList(_ResidualBlock() for _ in range(3))
+
+    def forward(self, x):
+        h, r = self.emb(x), None
+        for layer in self.layers:
+            h, r = layer(h, residual=r)
+        return h + r
+
+
 @pytest.mark.parametrize(
     "make, scope, why",
     [
         (lambda: torch.manual_seed(0) and nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), ALL, "no nn.ModuleList"),
+        (_TwoStreams, {TargetScope(patterns=[r"layers\..*"]): 0.5}, "receives an output of block 0 other than the hidden states"),
         (lambda: _Scaled(use_mid=False), {TargetScope(patterns=[r"blocks\..*"]): 0.5}, "the input of block 1 is not the output of block 0"),
         (lambda: _Scaled(use_mid=True), ALL, "run between two blocks: ['mid']"),
     ],
-    ids=["no-blocks", "not-chained", "layer-between-blocks"],
+    ids=["no-blocks", "second-stream", "not-chained", "layer-between-blocks"],
 )
 def test_fallback_logs_why_and_matches_lockstep(make, scope, why, caplog):
     data = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -572,6 +599,33 @@ def test_levels_are_found_under_inference_mode(caplog):
     want = got[calibrate_layers]
     assert len(want) == 22 and all(torch.equal(want[n], got[calibrate_sequential][n]) for n in want)
     assert not [r for r in caplog.records if "lockstep" in r.getMessage()]
+
+
+class _HeadOnBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("fn", [calibrate_layers, calibrate_sequential])
+def test_inference_mode_with_a_head_reading_the_last_block(fn):
+    """Under ``torch.inference_mode()`` the head's input is an inference tensor, which has no version counter:
+    both methods calibrate it (they crashed in the histogram cache) and agree with a no-grad lockstep run."""
+    data = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _, want, _ = _calibrate(_HeadOnBlocks, data, ALL, calibrate_layers)
+    model = _HeadOnBlocks()
+    prepare_activation_sparsity(model, ALL)
+    layers = list(sparsified_layers(model))
+    with torch.inference_mode():
+        fn(model, layers, data, progress=False)
+    assert len(want) == 3 and all(torch.equal(want[n], m.activation_threshold) for n, m in layers)
 
 
 def test_in_block_option_is_validated():

@@ -376,7 +376,8 @@ class CalibrationSession:
         # Called by the coordinator only. The cache holds the histograms of the previous layer's inputs, with
         # weak references to them: a hit must be the very same tensor (and mask), yet the cache keeps nothing
         # alive. Returns the coarse histogram and the real-token elements it counts.
-        key = (id(x), x.data_ptr(), x._version, tuple(x.shape), x.dtype, id(mask))
+        version = 0 if x.is_inference() else x._version  # inference tensors have no version counter (and never change)
+        key = (id(x), x.data_ptr(), version, tuple(x.shape), x.dtype, id(mask))
         hit = self._hist_cache.get(key)
         if hit is not None and hit[0]() is x and (mask is None or hit[1]() is mask):
             self._hist_next[key] = hit

@@ -369,10 +369,29 @@ def _output_format(out: Any, hidden: torch.Tensor) -> Callable[[torch.Tensor], A
     if isinstance(out, torch.Tensor) and out.shape == hidden.shape:
         return lambda h: h
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) and out[0].shape == hidden.shape:
-        rest = tuple(out[1:])
+        # The other outputs are those of the probe's one real call, not of the batch at hand: float tensors among
+        # them are handed on as NaN, so a model that computes with them fails loudly (NonFiniteActivationError)
+        # instead of calibrating on stale values; one passed on to the next block as it is is caught by identity.
+        rest = tuple(torch.full_like(v, float("nan")) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                     for v in out[1:])
         kind = type(out)
-        return lambda h: kind((h,) + rest)
+        fmt = lambda h: kind((h,) + rest)  # noqa: E731
+        fmt.others = {id(v) for v in rest if isinstance(v, torch.Tensor)}  # type: ignore[attr-defined]
+        return fmt
     raise _NotAChain(f"a block returned {type(out).__qualname__}, not its hidden states (a tensor or a tuple starting with one)")
+
+
+def _holds_any(args: tuple, kwargs: dict, ids: set) -> bool:
+    def walk(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return id(v) in ids
+        if isinstance(v, dict):
+            return any(walk(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return any(walk(x) for x in v)
+        return False
+
+    return walk(args) or walk(kwargs)
 
 
 def _hidden_out(out: Any) -> torch.Tensor:
@@ -432,6 +451,10 @@ class _Stubs:
             hidden = _hidden_of(args, kwargs)
             if j > 0 and hidden is not st.passed:
                 raise _NotAChain(f"the input of block {j} is not the output of block {j - 1} (the model changes it in between)")
+            others = getattr(self.fmt, "others", None)
+            if j > 0 and others and _holds_any(args, kwargs, others):
+                raise _NotAChain(f"block {j} receives an output of block {j - 1} other than the hidden states (a second "
+                                 "stream, e.g. a residual passed between blocks), which the cache does not carry")
             st.next_block = j + 1
             if self.mode == "tail":
                 if j == last:
