@@ -217,16 +217,20 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return obj
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside its dicts, lists and tuples (named tuples and other
+    objects are left as they are)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def _to_device(obj: Any, device: torch.device | None) -> Any:
+    return obj if device is None else map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
 def model_device(model: nn.Module) -> torch.device | None:

@@ -55,6 +55,7 @@ from pl_actsparse.core.calibration import (
     compilation_disabled,
     fine_bin,
     fine_histogram,
+    map_tensors,
     threshold_from_histogram,
 )
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, SparsifierMode, linear_like_spec
@@ -116,13 +117,26 @@ def _hidden_out(out: Any) -> torch.Tensor:
 
 
 def _with_grad(v: Any) -> Any:
-    if isinstance(v, torch.Tensor) and v.is_floating_point():
-        return v.detach().clone().requires_grad_(True)
-    if isinstance(v, dict):
-        return {k: _with_grad(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-        return type(v)(_with_grad(x) for x in v)
-    return v
+    return map_tensors(v, lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
+
+
+_MISSING = object()
+
+
+def patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """Replace ``module.forward`` by ``make(current forward)`` (an instance attribute, so hooks still run);
+    returns what :func:`restore_forward` needs. A forward already set on the instance (accelerate's hook
+    wrapper) is the one wrapped and later restored."""
+    saved = module.__dict__.get("forward", _MISSING)
+    module.forward = make(type(module).forward.__get__(module) if saved is _MISSING else saved)
+    return saved
+
+
+def restore_forward(module: nn.Module, saved: Any) -> None:
+    if saved is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = saved
 
 
 def _discard(_: Any) -> None:
@@ -318,10 +332,7 @@ class _Pass:
         for name, ready in self.plan.reuse:
             sub = modules[name]
             self.inside[name] = {id(m) for m in sub.modules() if id(m) in layer_ids}
-            saved = sub.__dict__.get("forward", _MISSING)
-            real = type(sub).forward.__get__(sub) if saved is _MISSING else saved
-            self.saved.append((sub, saved))
-            sub.forward = self._reusing(name, ready, real)
+            self.saved.append((sub, patch_forward(sub, lambda real, name=name, ready=ready: self._reusing(name, ready, real))))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -329,10 +340,7 @@ class _Pass:
         for m in self.layers.values():
             m._actsparse.observers.pop(id(self.token), None)
         for sub, saved in self.saved:
-            if saved is _MISSING:
-                sub.__dict__.pop("forward", None)
-            else:
-                sub.forward = saved
+            restore_forward(sub, saved)
         self.saved = []
 
     def skip_from(self, level: int) -> None:
@@ -342,14 +350,9 @@ class _Pass:
         for name, m in self.layers.items():
             skip = self.level_of[name] >= level
             if skip and name not in self.skipping:
-                self.skipping[name] = m.__dict__.get("forward", _MISSING)
-                m.forward = _zeros_after_observers(m)
+                self.skipping[name] = patch_forward(m, lambda _real, m=m: _zeros_after_observers(m))
             elif not skip and name in self.skipping:
-                saved = self.skipping.pop(name)
-                if saved is _MISSING:
-                    m.__dict__.pop("forward", None)
-                else:
-                    m.forward = saved
+                restore_forward(m, self.skipping.pop(name))
 
     def _reusing(self, name: str, ready: int, real: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -416,9 +419,6 @@ class _Pass:
         if level == self.plan.passes and set(self.calls) | self.replayed != {id(m) for m in self.layers.values()}:
             raise NotLeveled("not every targeted layer of the block was called in the propagation pass")
         return _hidden_out(out)
-
-
-_MISSING = object()
 
 
 def _zeros_after_observers(module: nn.Module) -> Callable[..., torch.Tensor]:
@@ -523,15 +523,15 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, 
         merged.append((dtype, coarse))
     # float32: the fine counts of the bin each threshold falls in; a second pass where a window missed it
     bins = [fine_bin(coarse, acc.target) if dtype == torch.float32 else None for acc, (dtype, coarse) in zip(ordered, merged)]
-    missing = torch.tensor([int(b is not None and acc.fine_of(b) is None) for acc, b in zip(ordered, bins)])
-    missing = dist.sum_(missing)
-    if int(missing.sum()):
-        again = {n: acc for (n, acc), b, miss in zip(accs.items(), bins, missing.tolist())
-                 if miss and acc.fine_of(b) is None}  # type: ignore[arg-type]
+    here = [b is not None and acc.fine_of(b) is None for acc, b in zip(ordered, bins)]  # missing on this rank
+    if int(dist.sum_(torch.tensor(here, dtype=torch.int64)).sum()):  # some rank needs a second pass
+        again = {}
+        for (n, acc), b, miss in zip(accs.items(), bins, here):
+            if miss:
+                acc.repass_bin = b
+                again[n] = acc
         failed = None
         if again:
-            for n, acc in again.items():
-                acc.repass_bin = bins[ordered.index(acc)]
             try:
                 for i in io.indices:
                     p.run(i, level, again)
@@ -539,7 +539,7 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, 
                 failed = exc
         if _agree(dist, failed is not None):  # every rank gets here: ``missing`` is summed over all of them
             raise failed or NotLeveled("another rank's block did not follow the plan")
-    for acc, (dtype, coarse), b, miss in zip(ordered, merged, bins, missing.tolist()):
+    for acc, (dtype, coarse), b in zip(ordered, merged, bins):
         fine = None
         if b is not None:
             local = acc.repass if acc.repass_bin is not None else acc.fine_of(b)

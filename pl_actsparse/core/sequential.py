@@ -62,9 +62,20 @@ from pl_actsparse.core.calibration import (
     calibrate_layers,
     call_model,
     default_transform_fn,
+    map_tensors,
     model_device,
 )
-from pl_actsparse.core.levels import BlockIO, BlockPlan, CacheSpoiled, NotLeveled, calibrate_block, plan_block
+from pl_actsparse.core.levels import (
+    BlockIO,
+    BlockPlan,
+    CacheSpoiled,
+    NotLeveled,
+    _hidden_out,
+    calibrate_block,
+    patch_forward,
+    plan_block,
+    restore_forward,
+)
 from pl_actsparse.core.masking import resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.errors import EmptyDatasetError, InvalidTargetError
 
@@ -303,7 +314,7 @@ class _BoundaryCache:
 
     # outputs of finished sub-modules, reused within one block (pl_actsparse.core.levels) -------------------
     def keep(self, b: int, name: str, out: Any) -> Any:
-        out = _map_tensors(out, lambda t: t.detach() if self.store_device is None else t.detach().to(self.store_device))
+        out = map_tensors(out, lambda t: t.detach() if self.store_device is None else t.detach().to(self.store_device))
         if self.dir is None:
             return out
         self.kept_files += 1
@@ -314,7 +325,7 @@ class _BoundaryCache:
     def load(self, handle: Any) -> Any:
         obj = torch.load(handle, mmap=True, weights_only=True) if isinstance(handle, str) else handle
         device = self.device
-        return _map_tensors(obj, lambda t: t.to(device if device is not None else t.device, copy=True))
+        return map_tensors(obj, lambda t: t.to(device if device is not None else t.device, copy=True))
 
     def drop(self, handle: Any) -> None:
         if isinstance(handle, str) and os.path.exists(handle):
@@ -343,16 +354,6 @@ class _BoundaryCache:
 
         args, kwargs = entry.calls[j]
         return dec(args), dec(kwargs)
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -394,10 +395,6 @@ def _holds_any(args: tuple, kwargs: dict, ids: set) -> bool:
     return walk(args) or walk(kwargs)
 
 
-def _hidden_out(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 # ---------------------------------------------------------------------------------------------------
 # block stubs
 
@@ -424,17 +421,12 @@ class _Stubs:
 
     def __enter__(self) -> "_Stubs":
         for j, block in enumerate(self.blocks):
-            saved = block.__dict__.get("forward", _MISSING)  # e.g. accelerate's hook wrapper
-            self._saved.append(saved)
-            block.forward = self._stub(j, type(block).forward.__get__(block) if saved is _MISSING else saved)
+            self._saved.append(patch_forward(block, lambda real, j=j: self._stub(j, real)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for block, saved in zip(self.blocks, self._saved):
-            if saved is _MISSING:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = saved
+            restore_forward(block, saved)
         self._saved = []
 
     def start(self, index: int) -> None:
@@ -476,9 +468,6 @@ class _Stubs:
             return self.fmt(hidden)  # type: ignore[misc]
 
         return stub
-
-
-_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------------
