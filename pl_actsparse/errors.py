@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "CalibrationConvergenceError",
     "CallbackConfigurationError",
+    "InvalidOptionError",
 ]
 
 
@@ -87,3 +88,8 @@ class CallbackConfigurationError(ActivationSparsityError):
     """An argument of :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback` (or of its
     :class:`~pl_actsparse.lightning.calibration_data.CalibrationData` / schedule) is invalid, or the run it is
     used in cannot work with it (raised by the constructor, or at ``setup`` naming the fix)."""
+
+
+class InvalidOptionError(ActivationSparsityError):
+    """An option that is not a target sparsity or a scope has an invalid value (a calibration method, a batch
+    count, an offload mode, ...); the message names the option and what would be valid."""
