@@ -11,7 +11,7 @@
     (the same kernel with no threshold) and bf16 50% sparse (``pl_actsparse.kernels.cpu.sparse_linear``).
 (c) ``decode``: tokens/s of KV-cache decoding on the TinyLlama-1.1B-shaped random bf16 model: int8 (all
     Linear layers) + 50% activation sparsity on all 7 projections per block, exported with
-    ``export_int8_for_inference``, against the bf16 dense model.
+    ``export_for_inference``, against the bf16 dense model.
 
 Timing method: candidates run interleaved in shuffled order within each round; speedups are medians over
 rounds of per-round ratios (slow drifts of a shared machine cancel). Each part runs at every thread count of
@@ -40,7 +40,8 @@ from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activ
 from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.kernels import int8_cpu as k8
 from pl_actsparse.kernels.dispatch import cpu_isa_flags
-from pl_actsparse.core.int8 import export_int8_for_inference, quantize_weights_int8
+from pl_actsparse.core.int8 import quantize_weights_int8
+from pl_actsparse.export.convert import export_for_inference
 
 from _common import llc_bytes
 
@@ -207,7 +208,7 @@ def decode_part(args) -> dict:
     with torch.no_grad():
         sparsify_activations(sparse, calib, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
     srep = activation_sparsity_report(sparse)
-    export_int8_for_inference(sparse)
+    export_for_inference(sparse)
     log(f"[decode] quantized, calibrated and exported in {time.perf_counter() - t0:.0f} s")
 
     prompt = torch.randint(0, cfg.vocab_size, (1, 8), generator=gen)
@@ -222,7 +223,7 @@ def decode_part(args) -> dict:
             zeros[0] += int((x.abs() <= mod.activation_threshold).sum())
             zeros[1] += x.numel()
 
-    from pl_actsparse.core.int8 import Int8SparseInferenceLinear
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 
     hs = [m.register_forward_pre_hook(hook) for m in sparse.modules() if isinstance(m, Int8SparseInferenceLinear)]
     with torch.no_grad():

@@ -1,31 +1,14 @@
 """pl-actsparse: activation sparsity for PyTorch and PyTorch Lightning.
 
-The functional core (:func:`sparsify_activations` and friends) is plain PyTorch; Lightning is imported only
-when the callback or the CLI is used.
+One verb per workflow step; everything else is importable from its subpackage (``pl_actsparse.core``,
+``calibrate``, ``measure``, ``tuning``, ``export``, ``kernels``, ``lightning``, ``integrations``). The functional
+core is plain PyTorch; Lightning is imported only when the callback or the metric is used.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pl_actsparse.core.calibration import LayerStatistics, threshold_from_histogram
-from pl_actsparse.errors import (
-    ActivationSparsityError,
-    CheckpointError,
-    ConflictingScopesError,
-    EmptyDatasetError,
-    InvalidScopeError,
-    InvalidTargetError,
-    LayerNotCalledError,
-    NonFiniteActivationError,
-    NothingToSparsifyError,
-    NotSparsifiedError,
-    UnmatchedScopeError,
-    UnsupportedModuleError,
-    TokenMaskError,
-    CalibrationConvergenceError,
-    CheckpointError,
-)
 from pl_actsparse.api import (
     SparsityPlan,
     calibrate_activation_sparsity,
@@ -37,97 +20,53 @@ from pl_actsparse.api import (
     set_target_sparsity,
     sparsify_activations,
 )
-from pl_actsparse.core.layer import GradientMode, SparseActivationLinear, SparsifierMode, is_sparsified, sparsified_layers
-from pl_actsparse.measure.report import LayerReport, SparsityReport, activation_sparsity_report
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.core.layer import GradientMode
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
+from pl_actsparse.errors import ActivationSparsityError
+from pl_actsparse.measure.report import LayerReport, SparsityReport, activation_sparsity_report
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    # Imported on first use so that `import pl_actsparse` stays light (no Lightning, no matplotlib).
+    "export_for_inference": ".export.convert",
+    "quantize_weights_int8": ".core.int8",
+    "allocate_sparsity": ".tuning.allocation",
+    "sweep_sparsity": ".tuning.sweep",
+    "activation_sparsity_disabled": ".lightning.callback",
+    "ActivationSparsityCallback": ".lightning.callback",
+    "ActivationSparsity": ".measure.metric",
+}
+
 __all__ = [
-    "TargetScope",
-    "IgnoredScope",
-    "sparsify_activations",
-    "remove_activation_sparsity",
-    "prepare_activation_sparsity",
-    "calibrate_activation_sparsity",
     "plan_activation_sparsity",
-    "load_activation_sparsity",
-    "from_pretrained",
+    "prepare_activation_sparsity",
+    "sparsify_activations",
+    "calibrate_activation_sparsity",
     "set_target_sparsity",
     "activation_sparsity_report",
+    "remove_activation_sparsity",
+    "load_activation_sparsity",
+    "from_pretrained",
+    "TargetScope",
+    "IgnoredScope",
+    "CalibrationConfig",
     "SparsityPlan",
     "SparsityReport",
     "LayerReport",
-    "LayerStatistics",
-    "threshold_from_histogram",
     "GradientMode",
-    "SparsifierMode",
-    "SparseActivationLinear",
-    "is_sparsified",
-    "sparsified_layers",
     "ActivationSparsityError",
-    "InvalidTargetError",
-    "InvalidScopeError",
-    "UnmatchedScopeError",
-    "ConflictingScopesError",
-    "UnsupportedModuleError",
-    "NothingToSparsifyError",
-    "EmptyDatasetError",
-    "NonFiniteActivationError",
-    "NotSparsifiedError",
-    "LayerNotCalledError",
-    "CheckpointError",
+    *_LAZY,
 ]
-
-_LAZY = {
-    # Imported on first use so that `import pl_actsparse` stays light (no Lightning, no matplotlib).
-    "allocate_sparsity": ".tuning.allocation",
-    "measure_sensitivity": ".tuning.allocation",
-    "Allocation": ".tuning.allocation",
-    "load_scopes_yaml": ".core.recipe",
-    "sweep_sparsity": ".tuning.sweep",
-    "SweepResult": ".tuning.sweep",
-    "threshold_for_target": ".tuning.sweep",
-    "find_shared_input_groups": ".core.groups",
-    "sparsify_activations_weight_aware": ".tuning.weight_aware",
-    "model_report": ".measure.report",
-    "ModelReport": ".measure.report",
-    "SparsityCounter": ".measure.metric",
-    "quantize_weights_int8": ".core.int8",
-    "dequantize_weights_int8": ".core.int8",
-    "export_int8_for_inference": ".export.int8_linear",
-    "Int8WeightLinear": ".core.int8",
-    "Int8SparseInferenceLinear": ".export.int8_linear",
-    "Int8QuantizationReport": ".core.int8",
-    "Int8LayerReport": ".core.int8",
-    "ActivationSparsityCallback": ".lightning.callback",
-    "ScopeSpec": ".core.recipe",
-    "IgnoredScopeSpec": ".core.recipe",
-    "activation_sparsity_disabled": ".lightning.callback",
-    "install_sparsifiers_from_state_dict": ".lightning.callback",
-    "CallbackConfigurationError": ".lightning.callback",
-    "ActivationSparsity": ".measure.metric",
-    "TinyStoriesLM": ".demos.lightning_models",
-    "HFLlamaLM": ".demos.lightning_models",
-    "TinyStoriesDataModule": ".demos.lightning_models",
-    "export_for_inference": ".export.convert",
-    "exported_layers": ".export.convert",
-    "SparseInferenceLinear": ".export.linear",
-    "compare_decoding": ".demos.generate",
-    "DecodeComparison": ".demos.generate",
-}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(_LAZY[name], __name__)
-        return getattr(module, name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'pl_actsparse' has no attribute {name!r}")
-
-
-__all__ += list(_LAZY)
 
 
 def __dir__() -> list[str]:

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from pl_actsparse import (
-    NonFiniteActivationError,
     TargetScope,
     activation_sparsity_report,
-    is_sparsified,
     load_activation_sparsity,
     remove_activation_sparsity,
     sparsify_activations,
 )
+from pl_actsparse.errors import NonFiniteActivationError
+from pl_actsparse.core.layer import is_sparsified
 from pl_actsparse.tuning.allocation import (
     SensitivityProfile,
     allocate_from_curves,
@@ -25,7 +25,11 @@ from pl_actsparse.tuning.allocation import (
     scopes_from_list,
 )
 from pl_actsparse.errors import InvalidTargetError
-from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
+from pl_actsparse.tuning.weight_aware import (
+    is_weight_aware,
+    sparsify_activations_weight_aware,
+    weight_column_norms,
+)
 from pl_actsparse.measure.metric import SparsityCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,16 +23,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from pl_actsparse import (
     ActivationSparsityCallback,
     IgnoredScope,
-    InvalidScopeError,
-    InvalidTargetError,
-    SparsifierMode,
     TargetScope,
     calibrate_activation_sparsity,
     load_activation_sparsity,
     prepare_activation_sparsity,
-    sparsified_layers,
 )
-from pl_actsparse.lightning.callback import CallbackConfigurationError, ScopeSpec, install_sparsifiers_from_state_dict
+from pl_actsparse.errors import InvalidScopeError, InvalidTargetError
+from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
+from pl_actsparse.lightning.callback import (
+    CallbackConfigurationError,
+    ScopeSpec,
+    install_sparsifiers_from_state_dict,
+)
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_llama
 

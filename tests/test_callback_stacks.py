@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from torch.utils.data import DataLoader
 
-from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsified_layers
+from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity
+from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.errors import CallbackConfigurationError, InvalidTargetError
 from pl_actsparse.lightning.calibration_data import CalibrationData
 from pl_actsparse.lightning.callback import ActivationSparsityCallback, install_sparsifiers_from_state_dict

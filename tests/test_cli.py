@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from pl_actsparse import TargetScope, sparsified_layers, sparsify_activations
+from pl_actsparse import TargetScope, sparsify_activations
+from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.lightning.callback import ActivationSparsityCallback
 from pl_actsparse.lightning.cli import _as_option, main, run
 from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
@@ -204,7 +205,7 @@ def test_instantiation_errors_of_the_callback_from_overrides_are_one_line_too(tm
 @pytest.mark.parametrize(
     "init_args, line",
     [
-        ({"scopes": [{"class_path": "pl_actsparse.ScopeSpec", "init_args": {"patterns": ["x"], "sparsity": 1.5}}]},
+        ({"scopes": [{"class_path": "pl_actsparse.core.recipe.ScopeSpec", "init_args": {"patterns": ["x"], "sparsity": 1.5}}]},
          "error: trainer.callbacks[1].init_args.scopes[0].sparsity: target sparsity for scopes[0] must be in [0, 1], got 1.5"),
         ({"scopes": [{"patterns": ["x"], "sparsity": 0.5}], "on_train_end": "delete"},
          "error: trainer.callbacks[1].init_args.on_train_end: on_train_end must be one of 'keep', 'make_permanent', 'remove', got 'delete'"),

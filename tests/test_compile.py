@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 
-from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsified_layers, sparsify_activations
+from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsify_activations
+from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.core.calibration import compilation_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_hf_llama

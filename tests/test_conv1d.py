@@ -12,12 +12,12 @@ from torch import nn
 
 from pl_actsparse import (
     TargetScope,
-    UnsupportedModuleError,
     activation_sparsity_report,
     load_activation_sparsity,
     remove_activation_sparsity,
     sparsify_activations,
 )
+from pl_actsparse.errors import UnsupportedModuleError
 from pl_actsparse.core.layer import (
     is_linear_like,
     linear_like_weight,

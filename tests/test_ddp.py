@@ -110,7 +110,8 @@ def test_both_ranks_calibrate_identically_on_their_own_batches(ranks):
 
 
 def test_ddp_thresholds_equal_single_process_on_the_union(ranks):
-    from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsified_layers
+    from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity
+    from pl_actsparse.core.layer import sparsified_layers
     from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     a, b = (r["validated"] for r in ranks)
@@ -123,7 +124,8 @@ def test_ddp_thresholds_equal_single_process_on_the_union(ranks):
 
 
 def test_metrics_are_synced_across_ranks(ranks):
-    from pl_actsparse import SparsifierMode, TargetScope, prepare_activation_sparsity, sparsified_layers
+    from pl_actsparse import TargetScope, prepare_activation_sparsity
+    from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
     from pl_actsparse.tuning.objectives import perplexity
     from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
     from pl_actsparse.measure.metric import ActivationSparsity

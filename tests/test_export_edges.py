@@ -160,7 +160,7 @@ def test_remove_by_scope_on_an_exported_model_and_int8():
     down = model.layers[0].mlp.down_proj
     assert type(down) is Int8WeightLinear and torch.equal(down.qweight, codes)
     assert isinstance(model.layers[0].mlp.up_proj, SparseInferenceLinear)  # outside the scope: still exported
-    with pytest.raises(pl_actsparse.NotSparsifiedError):
+    with pytest.raises(pl_actsparse.errors.NotSparsifiedError):
         remove_activation_sparsity(model, TargetScope(patterns=[r".*nothing"]))
     remove_activation_sparsity(model)
     assert not any(isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear)) for m in model.modules())
@@ -205,7 +205,7 @@ def test_other_quantized_weights_refuse_export_by_name():
     model = nn.Sequential(nn.Linear(8, 4))
     sparsify_activations(model, [torch.randn(2, 8)], {TargetScope(names=["0"]): 0.5}, progress=False)
     model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(Odd))
-    with pytest.raises(pl_actsparse.UnsupportedModuleError, match=r"'0' has a .*Odd weight"):
+    with pytest.raises(pl_actsparse.errors.UnsupportedModuleError, match=r"'0' has a .*Odd weight"):
         export_for_inference(model)
     assert not isinstance(model[0], SparseInferenceLinear)
 

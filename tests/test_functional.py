@@ -9,27 +9,27 @@ from pl_actsparse.core.layer import decode_sparsifier_state
 from torch import nn
 
 from pl_actsparse import (
-    ConflictingScopesError,
-    EmptyDatasetError,
     IgnoredScope,
-    InvalidTargetError,
-    NonFiniteActivationError,
-    NothingToSparsifyError,
-    NotSparsifiedError,
-    SparseActivationLinear,
     TargetScope,
-    UnmatchedScopeError,
-    UnsupportedModuleError,
     activation_sparsity_report,
     calibrate_activation_sparsity,
-    is_sparsified,
     load_activation_sparsity,
     prepare_activation_sparsity,
     remove_activation_sparsity,
     set_target_sparsity,
-    sparsified_layers,
     sparsify_activations,
 )
+from pl_actsparse.errors import (
+    ConflictingScopesError,
+    EmptyDatasetError,
+    InvalidTargetError,
+    NonFiniteActivationError,
+    NotSparsifiedError,
+    NothingToSparsifyError,
+    UnmatchedScopeError,
+    UnsupportedModuleError,
+)
+from pl_actsparse.core.layer import SparseActivationLinear, is_sparsified, sparsified_layers
 from tiny_models import tiny_llama, token_batches
 
 SEED = {

@@ -11,7 +11,8 @@ import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.lightning.cli import main
-from pl_actsparse.demos.generate import DecodeComparison, compare_decoding, decode_sparsity
+from pl_actsparse.demos.generate import DecodeComparison, compare_decoding
+from pl_actsparse.measure.metric import DecodeSparsity
 from pl_actsparse.export.linear import SparseInferenceLinear
 from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.kernels import cpu as kcpu
@@ -76,11 +77,11 @@ def test_recipe_sparsity_is_achieved_while_decoding(tokenizer, calibration):
 def test_decode_sparsity_probe_counts_single_token_calls_only(calibration):
     model = _exported(calibration, {r".*down_proj": 0.5})
     layers = [m for m in model.modules() if isinstance(m, SparseInferenceLinear)]
-    with decode_sparsity(model) as probe:
+    with DecodeSparsity(model) as probe:
         with torch.inference_mode():
             model(torch.tensor([[1, 20, 30]]))  # prefill: 3 tokens, not counted
     assert probe.fraction is None and len(probe.layers) == len(layers) == 5
-    with decode_sparsity(model) as probe:
+    with DecodeSparsity(model) as probe:
         model.generate(torch.tensor([[1]]), 5)
     assert probe.total == 5 * 5 * 172 and 0.3 < probe.fraction < 0.7
     assert all(not m._forward_pre_hooks for m in layers)  # hooks removed
@@ -161,7 +162,7 @@ def test_hugging_face_llama_export_and_generate(backend):
             if sparsity == 0.0:
                 assert torch.equal(out, want)
             else:
-                with decode_sparsity(model) as probe, torch.no_grad():
+                with DecodeSparsity(model) as probe, torch.no_grad():
                     model.generate(prompt, **kw)
                 assert probe.fraction == pytest.approx(0.5, abs=0.15)
     finally:

@@ -14,20 +14,17 @@ from torch import nn
 from pl_actsparse import (
     TargetScope,
     activation_sparsity_report,
-    is_sparsified,
     load_activation_sparsity,
     remove_activation_sparsity,
     sparsify_activations,
 )
+from pl_actsparse.core.layer import is_sparsified
 from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.kernels import int8_cpu as k8
-from pl_actsparse.core.int8 import (
-    Int8SparseInferenceLinear,
-    Int8WeightLinear,
-    dequantize_weights_int8,
-    export_int8_for_inference,
-    quantize_weights_int8,
-)
+from pl_actsparse.core.int8 import Int8WeightLinear, dequantize_weights_int8, quantize_weights_int8
+from pl_actsparse.errors import NotSparsifiedError
+from pl_actsparse.export.convert import export_for_inference
+from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from tiny_models import SEED_RECIPE_PATTERNS, tiny_llama, token_batches
 
 MODES = ["asym", "sym"]
@@ -254,15 +251,15 @@ def test_export_int8_matches_model(tiny, batches, backend):
     ids = batches[0][:1]
     ref = tiny(ids)
     refs = [tiny(ids[:, : i + 1])[:, -1] for i in range(3)]
-    export_int8_for_inference(tiny)
+    export_for_inference(tiny)
     layers = [m for m in tiny.modules() if isinstance(m, Int8SparseInferenceLinear)]
     assert len(layers) == 22  # 21 sparsified projections + the dense int8 lm_head
     assert sum(math.isinf(float(m.activation_threshold)) for m in layers) == 1
     torch.testing.assert_close(tiny(ids), ref, rtol=1e-4, atol=1e-4)  # 16 tokens: dense path
     for i in range(3):  # few tokens: the sparse kernel
         torch.testing.assert_close(tiny(ids[:, : i + 1])[:, -1], refs[i], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="no Int8WeightLinear"):
-        export_int8_for_inference(tiny)
+    with pytest.raises(NotSparsifiedError, match="no sparsified layer or Int8WeightLinear"):
+        export_for_inference(tiny)
 
 
 def test_export_for_inference_keeps_int8_layers_int8(tiny, batches, backend):

@@ -163,7 +163,8 @@ def test_not_built_yet_then_first_use_builds(fake):
 
 def test_pickled_int8_model_loaded_first_builds_the_int8_kernel_on_first_use(fake):
     """Item 11 end to end: a fresh state, a pickled Int8SparseInferenceLinear, the first forward builds."""
-    from pl_actsparse.core.int8 import Int8SparseInferenceLinear, Int8WeightLinear
+    from pl_actsparse.core.int8 import Int8WeightLinear
+    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 
     f = fake["int8"]
     f.fail = "simulated compile error"  # so that the call can complete on the torch fallback

@@ -295,7 +295,9 @@ def test_calibration_on_no_real_token_is_an_error_not_a_dense_layer():
     import torch
     from torch import nn
 
-    from pl_actsparse import EmptyDatasetError, TargetScope, is_sparsified, sparsify_activations
+    from pl_actsparse import TargetScope, sparsify_activations
+    from pl_actsparse.errors import EmptyDatasetError
+    from pl_actsparse.core.layer import is_sparsified
 
     class Net(nn.Module):
         def __init__(self):

@@ -347,7 +347,7 @@ def test_int8_weight_bytes_agree_everywhere():
     sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
     stored = [18432, 16896]  # int8 codes + fp32 per-channel scale and zero point: 64*256 + 2*4*256, 256*64 + 2*4*64
     assert [r.weight_bytes for r in activation_sparsity_report(net).layers] == stored
-    assert [r.weight_bytes for r in model_report(net, detect_groups=False).rows] == stored
+    assert [r.weight_bytes for r in model_report(net, detect_groups=False).layers] == stored
     assert ActivationSparsity.from_model(net).weight_bytes == stored
     report = model_report(net)
     assert report.decode_bytes == sum(stored) + (256 + 64) * 4  # codes and scales are buffers; biases count too

@@ -12,15 +12,15 @@ import torch
 
 nncf = pytest.importorskip("nncf")
 
-from pl_actsparse import (  # noqa: E402
+from pl_actsparse import (
     IgnoredScope,
     TargetScope,
     activation_sparsity_report,
-    is_sparsified,
     load_activation_sparsity,
     remove_activation_sparsity,
     sparsify_activations,
 )
+from pl_actsparse.core.layer import is_sparsified
 from tiny_models import tiny_llama, token_batches  # noqa: E402
 
 MODES = ["INT8_ASYM", "INT8_SYM"]

@@ -23,14 +23,14 @@ def sparse_tiny(tiny, batches):
 
 def test_live_report_with_data_groups_and_spread(sparse_tiny, batches):
     report = model_report(sparse_tiny, batches[3:])
-    assert len(report.rows) == 3 * 6
-    rows = {r.name: r for r in report.rows}
+    assert len(report.layers) == 3 * 6
+    rows = {r.name: r for r in report.layers}
     gate, up = rows["layers.0.mlp.gate_proj"], rows["layers.0.mlp.up_proj"]
     assert gate.group is not None and gate.group == up.group
     assert rows["layers.0.mlp.down_proj"].group is None
     assert {rows[f"layers.2.self_attn.{p}_proj"].group for p in "qkv"} == {rows["layers.2.self_attn.q_proj"].group}
     assert len(report.groups) == 6
-    for r in report.rows:
+    for r in report.layers:
         assert r.calibration_sparsity == pytest.approx(r.target, abs=0.01)
         assert r.data_sparsity is not None and abs(r.data_sparsity - r.target) < 0.15  # held-out drift
         assert 0.0 <= r.token_p5 <= r.data_sparsity <= r.token_p95 <= 1.0
@@ -40,7 +40,7 @@ def test_live_report_with_data_groups_and_spread(sparse_tiny, batches):
     params = sum(p.numel() * p.element_size() for p in sparse_tiny.parameters())
     embed = sparse_tiny.embed_tokens.weight.numel() * 4
     assert report.model_bytes == params and report.decode_bytes == params - embed
-    assert report.decode_saving == pytest.approx(sum(r.bytes_skipped for r in report.rows) / (params - embed))
+    assert report.decode_saving == pytest.approx(sum(r.bytes_skipped for r in report.layers) / (params - embed))
     assert report.speedup_bound == pytest.approx(1 / (1 - report.decode_saving))
 
 
@@ -71,12 +71,12 @@ def test_checkpoint_report_equals_live_report(sparse_tiny, tmp_path):
     torch.save(sparse_tiny.state_dict(), path)
     saved = model_report(path)
     keys = ["name", "target", "threshold", "calibration_sparsity", "in_features", "out_features", "weight_bytes", "mode"]
-    assert [[getattr(r, k) for k in keys] for r in saved.rows] == [[getattr(r, k) for k in keys] for r in live.rows]
+    assert [[getattr(r, k) for k in keys] for r in saved.layers] == [[getattr(r, k) for k in keys] for r in live.layers]
     assert saved.decode_bytes == live.decode_bytes and saved.model_bytes == live.model_bytes
     # a Lightning checkpoint with the model under "model."
     ckpt = {"state_dict": {"model." + k: v for k, v in sparse_tiny.state_dict().items()}, "epoch": 3}
     torch.save(ckpt, tmp_path / "lightning.ckpt")
-    assert [r.name for r in model_report(tmp_path / "lightning.ckpt", prefix="model.").rows] == [r.name for r in live.rows]
+    assert [r.name for r in model_report(tmp_path / "lightning.ckpt", prefix="model.").layers] == [r.name for r in live.layers]
     with pytest.raises(ValueError, match="live model"):
         model_report(path, [torch.zeros(1, 4, dtype=torch.long)])
 
@@ -104,7 +104,7 @@ def test_errors_and_cli(tiny, sparse_tiny, tmp_path):
         model_report(tmp_path / "dense.pt")
     torch.save(sparse_tiny.state_dict(), tmp_path / "sparse.pt")
     report = main([str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli")])
-    assert len(report.rows) == 18 and (tmp_path / "cli" / "report.html").stat().st_size > 0
+    assert len(report.layers) == 18 and (tmp_path / "cli" / "report.html").stat().st_size > 0
     from pl_actsparse.lightning.cli import main as console_main
 
     console_main(["report", str(tmp_path / "sparse.pt"), "--out", str(tmp_path / "cli2")])  # `pl-actsparse report`
@@ -145,11 +145,11 @@ def test_report_on_padded_hf_batches_counts_real_tokens(side):
     finally:
         del layer._actsparse.observers[0]
     real = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(captured, batches)])
-    row = {r.name: r for r in report.rows}[name]
+    row = {r.name: r for r in report.layers}[name]
     assert row.data_sparsity == pytest.approx(float((real.abs() <= layer.activation_threshold).double().mean()), abs=1e-12)
     assert report.data_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     unmasked = model_report(model, batches, detect_groups=False, token_mask=None)  # pads counted: a different number
-    assert {r.name: r for r in unmasked.rows}[name].data_sparsity != row.data_sparsity
+    assert {r.name: r for r in unmasked.layers}[name].data_sparsity != row.data_sparsity
     with SparsityCounter(model):  # the report's counting left no observer behind
         pass
     assert not layer._actsparse.observers
@@ -167,14 +167,14 @@ def test_per_channel_thresholds_through_reports_sweep_and_allocation(tiny, batch
     sparsify_activations_weight_aware(tiny, batches[:3], {TargetScope(patterns=[".*mlp.*"]): 0.3}, progress=False)
     before = {n: m.activation_threshold.clone() for n, m in tiny.named_modules() if hasattr(m, "_actsparse")}
     live = model_report(tiny, batches[3:])
-    for r in live.rows:
+    for r in live.layers:
         assert r.per_channel and r.threshold == pytest.approx(float(before[r.name].mean()), rel=1e-6)
         assert abs(r.calibration_sparsity - 0.3) < 2e-3 and r.data_sparsity is not None
     assert "(per-ch. mean)" in str(live) and "(per-ch. mean)" in live.to_markdown()
     torch.save(tiny.state_dict(), tmp_path / "wa.pt")
     saved = model_report(tmp_path / "wa.pt")
-    assert [(r.name, r.threshold, r.per_channel, r.weight_bytes) for r in saved.rows] == [
-        (r.name, r.threshold, r.per_channel, r.weight_bytes) for r in activation_sparsity_report(tiny).rows
+    assert [(r.name, r.threshold, r.per_channel, r.weight_bytes) for r in saved.layers] == [
+        (r.name, r.threshold, r.per_channel, r.weight_bytes) for r in activation_sparsity_report(tiny).layers
     ]
     metric = ActivationSparsity.from_model(tiny)
     with metric.observe(tiny), torch.no_grad():
@@ -209,8 +209,8 @@ def test_int8_checkpoint_report_counts_stored_bytes(tmp_path):
     sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
     torch.save(net.state_dict(), tmp_path / "int8.pt")
     live, saved = activation_sparsity_report(net), model_report(tmp_path / "int8.pt")
-    assert [r.weight_bytes for r in saved.rows] == [r.weight_bytes for r in live.rows] == [18432, 16896]
-    assert [(r.in_features, r.out_features) for r in saved.rows] == [(64, 256), (256, 64)]
+    assert [r.weight_bytes for r in saved.layers] == [r.weight_bytes for r in live.layers] == [18432, 16896]
+    assert [(r.in_features, r.out_features) for r in saved.layers] == [(64, 256), (256, 64)]
     assert saved.decode_bytes == live.decode_bytes
 
 

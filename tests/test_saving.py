@@ -15,16 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pl_actsparse
-from pl_actsparse import (
-    CheckpointError,
-    NotSparsifiedError,
-    TargetScope,
-    UnsupportedModuleError,
-    activation_sparsity_report,
-    load_activation_sparsity,
-    sparsified_layers,
-    sparsify_activations,
-)
+from pl_actsparse import TargetScope, activation_sparsity_report, load_activation_sparsity, sparsify_activations
+from pl_actsparse.errors import CheckpointError, NotSparsifiedError, UnsupportedModuleError
+from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.core.checkpoint import read_state_dict, saved_sparsifiers
 from pl_actsparse.core.layer import SparsifierMode, decode_sparsifier_state, encode_sparsifier_state
 from tiny_models import tiny_hf_llama, tiny_llama
@@ -196,7 +189,7 @@ _LOAD_SCRIPT = textwrap.dedent(
     out = {}
     for folder in sys.argv[2:]:
         model = pl_actsparse.from_pretrained(transformers.AutoModelForCausalLM, folder)
-        layers = dict(pl_actsparse.sparsified_layers(model))
+        layers = dict(pl_actsparse.core.layer.sparsified_layers(model))
         assert len(layers) == 6 and all(m._actsparse.mode is SparsifierMode.SPARSIFYING for m in layers.values()), layers
         with torch.no_grad():
             out[folder] = model(ids).logits

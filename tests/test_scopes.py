@@ -1,7 +1,8 @@
 import pytest
 from torch import nn
 
-from pl_actsparse import IgnoredScope, InvalidScopeError, TargetScope
+from pl_actsparse import IgnoredScope, TargetScope
+from pl_actsparse.errors import InvalidScopeError
 
 
 def test_scopes_are_hashable_and_order_insensitive():

@@ -366,22 +366,3 @@ def dequantize_weights_int8(model: nn.Module) -> nn.Module:
         m.__class__ = _sparse_class_for(nn.Linear) if sparse else nn.Linear
         m.weight = nn.Parameter(w)
     return model
-
-
-# The inference export moved to pl_actsparse.export.int8_linear (core does not depend on export). The old
-# names stay importable from here as deprecated aliases, resolved on first use only.
-_MOVED_TO_EXPORT = ("Int8SparseInferenceLinear", "export_int8_for_inference", "DEFAULT_INT8_MAX_SPARSE_TOKENS")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_EXPORT:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"pl_actsparse.core.int8.{name} moved to pl_actsparse.export.int8_linear; the old path is removed in 0.3",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module("pl_actsparse.export.int8_linear"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from pl_actsparse.measure.metric import decode_sparsity  # the one counter of |x| <= t, on decode steps
+from pl_actsparse.measure.metric import DecodeSparsity  # the one counter of |x| <= t, on decode steps
 
-__all__ = ["DecodeRun", "DecodeComparison", "compare_decoding", "decode_sparsity", "generate_from_recipe"]
+__all__ = ["DecodeRun", "DecodeComparison", "compare_decoding", "generate_from_recipe"]
 
 
 @dataclass
@@ -147,7 +147,7 @@ def compare_decoding(
     stops = (tokenizer.bos_id, tokenizer.eos_id)
     runs: dict[str, DecodeRun] = {}
     for label, model in (("dense", dense_model), ("sparse", sparse_model)):
-        with decode_sparsity(model) as probe:  # also the warm-up run
+        with DecodeSparsity(model) as probe:  # also the warm-up run
             new = _generate(model, ids, max_new_tokens, stops)
         runs[label] = DecodeRun(
             label=label,

@@ -1,9 +1,10 @@
 """Model-level export: swap every sparsified layer of a model for its inference layer.
 
-:func:`export_for_inference` turns sparsified float ``nn.Linear`` layers into
-:class:`~pl_actsparse.export.linear.SparseInferenceLinear`, sparsified
-:class:`~pl_actsparse.core.int8.Int8WeightLinear` layers and torchao weight-only int8 layers into
-:class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear`; :func:`exported_layers` lists them.
+:func:`export_for_inference` (the one export verb) turns sparsified float ``nn.Linear`` layers into
+:class:`~pl_actsparse.export.linear.SparseInferenceLinear`, every
+:class:`~pl_actsparse.core.int8.Int8WeightLinear` layer (sparsified or not) and sparsified torchao weight-only
+int8 layers into :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear`; :func:`exported_layers`
+lists them.
 See ``docs/inference.md``.
 """
 
@@ -17,8 +18,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.core.layer import linear_like_spec, threshold_summary
-from pl_actsparse.errors import UnsupportedModuleError
+from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
+from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
     THRESHOLD_BUFFER,
     SparseInferenceLinear,
@@ -54,37 +57,42 @@ def export_for_inference(
 ) -> nn.Module:
     """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
 
-    Sparsified :class:`~pl_actsparse.core.int8.Int8WeightLinear` layers become
-    :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` instead, sharing their int8 buffers
-    (``keep_dense_weight`` does not apply to them), so an int8 model stays int8.
+    Every :class:`~pl_actsparse.core.int8.Int8WeightLinear` layer, sparsified or not, becomes an
+    :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` instead, sharing its int8 buffers
+    (``keep_dense_weight`` does not apply to them), so an int8 model stays int8; one without a sparsifier gets
+    threshold ``-inf`` (a dense int8 GEMV).
 
     With the default backend this compiles the C++ kernel now (once per machine), not during the first
     decode step. Layers are swapped one at a time, so the extra memory peaks at one layer's ``W^T``; the
     original weights are released unless ``keep_dense_weight`` (they then serve the dense path) or other
     references hold them. Returns ``model``; :func:`exported_layers` lists what was replaced.
 
-    Raises ``ValueError`` if ``model`` contains no sparsified layer.
+    Raises :class:`~pl_actsparse.errors.NotSparsifiedError` if ``model`` contains no sparsified layer and no
+    ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
+    layer, for the base layers of peft adapters, and for quantized weights no kernel reads.
     """
     # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
-    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if is_sparsified_linear(m)]
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if is_sparsified_linear(m) or isinstance(m, Int8WeightLinear)]
     if not targets:
         n_linear = sum(linear_like_spec(m) is not None for m in model.modules())
-        n_done = sum(type(m).__name__ in ("SparseInferenceLinear", "Int8SparseInferenceLinear") for m in model.modules())
+        n_done = sum(isinstance(m, (SparseInferenceLinear, Int8SparseInferenceLinear)) for m in model.modules())
         hint = f" ({n_done} layers are already exported)" if n_done else ""
-        raise ValueError(
-            f"export_for_inference: {type(model).__name__} has no sparsified layer: none of its {n_linear} "
-            f"nn.Linear modules carries an {THRESHOLD_BUFFER!r} buffer{hint}. Sparsify and calibrate it first."
+        raise NotSparsifiedError(
+            f"export_for_inference: {type(model).__name__} has no sparsified layer or Int8WeightLinear: none of its "
+            f"{n_linear} nn.Linear modules carries an {THRESHOLD_BUFFER!r} buffer{hint}. Sparsify and calibrate it "
+            "(or quantize_weights_int8) first."
         )
     if any(name == "" for name, _ in targets):
-        raise ValueError(
-            "export_for_inference: the model itself is a sparsified nn.Linear and cannot be replaced in place; "
-            "wrap it in a container (e.g. nn.Sequential) or use SparseInferenceLinear.from_linear"
+        raise UnsupportedModuleError(
+            f"export_for_inference: the model itself ({type(model).__name__}) is the layer to export and cannot be "
+            "replaced in place; wrap it in a container (e.g. nn.Sequential) or use SparseInferenceLinear.from_linear"
         )
     from pl_actsparse.core.adapters import adapter_map
 
     adapted = [n for n in adapter_map(model.named_modules()).wrapper_of if n in {name for name, _ in targets}]
     if adapted:
-        raise ValueError(
+        raise UnsupportedModuleError(
             f"export_for_inference: {len(adapted)} sparsified layer(s) are the base layers of peft adapters "
             f"({', '.join(adapted[:4])}{' ...' if len(adapted) > 4 else ''}); the exported kernel would drop the "
             "adapter branches' thresholding. Merge the adapters first: model = model.merge_and_unload()"
@@ -104,8 +112,6 @@ def export_for_inference(
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
         sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
-    from pl_actsparse.core.int8 import Int8WeightLinear
-    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 
     for name, m in targets:  # fail before anything is swapped on a quantized weight the kernels cannot read
         _torchao_int8(name, getattr(m, "weight", None))
@@ -136,8 +142,6 @@ def export_for_inference(
 
 def exported_layers(model: nn.Module) -> list[ExportedLayer]:
     """The exported layers of ``model`` (qualified names, sizes, settings), int8 ones included."""
-    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
-
     out = []
     for name, m in model.named_modules():
         if isinstance(m, Int8SparseInferenceLinear):

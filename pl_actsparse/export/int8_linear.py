@@ -1,9 +1,8 @@
 """Inference-only int8 layers: the int8 sparse GEMV while decoding, dequantize + GEMM for prefill.
 
-:func:`export_int8_for_inference` swaps every :class:`~pl_actsparse.core.int8.Int8WeightLinear` (sparsified
-or not) for an :class:`Int8SparseInferenceLinear` sharing its int8 buffers;
-:func:`pl_actsparse.export.convert.export_for_inference` does the same for the int8 layers of a sparsified
-model, and reads torchao's weight-only int8 weights too. See ``docs/int8.md``.
+:func:`pl_actsparse.export.convert.export_for_inference` swaps every
+:class:`~pl_actsparse.core.int8.Int8WeightLinear` (sparsified or not) for an :class:`Int8SparseInferenceLinear`
+sharing its int8 buffers, and reads torchao's weight-only int8 weights too. See ``docs/int8.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
 from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
 
-__all__ = ["Int8SparseInferenceLinear", "export_int8_for_inference", "DEFAULT_INT8_MAX_SPARSE_TOKENS"]
+__all__ = ["Int8SparseInferenceLinear", "DEFAULT_INT8_MAX_SPARSE_TOKENS"]
 
 #: Largest token count routed to the int8 sparse kernel by :class:`Int8SparseInferenceLinear`, by backend.
 #: The C++ kernel reads the union of the tokens' rows once and does one FMA per token and weight, which beats
@@ -191,27 +190,3 @@ class Int8SparseInferenceLinear(nn.Module):
         new.train(self.training)
         return new
 
-
-def export_int8_for_inference(model: nn.Module, *, max_sparse_tokens: Optional[int] = None) -> nn.Module:
-    """Replace every :class:`Int8WeightLinear` (sparsified or not) by an :class:`Int8SparseInferenceLinear`.
-
-    In place; the int8 buffers are shared, not copied. Compiles the int8 C++ kernel now (once per machine)
-    unless the backend is ``"torch"``. Float sparsified layers are left alone (export them with
-    :func:`pl_actsparse.export.convert.export_for_inference`). Raises ``ValueError`` if there is no int8 layer.
-    """
-    targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, Int8WeightLinear)]
-    if not targets:
-        raise ValueError(f"export_int8_for_inference: {type(model).__name__} has no Int8WeightLinear; run quantize_weights_int8 first")
-    if any(n == "" for n, _ in targets):
-        raise ValueError("export_int8_for_inference: the model itself is an int8 layer; wrap it in a container")
-    if _cpu.get_backend() != "torch":
-        resolve_int8_backend(build=True)
-    done: dict[int, Int8SparseInferenceLinear] = {}
-    for name, old in targets:
-        new = done.get(id(old))
-        if new is None:
-            new = done[id(old)] = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model

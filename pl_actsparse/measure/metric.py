@@ -6,7 +6,7 @@ the weights, the fraction of inputs a layer zeroes drifts. :class:`ActivationSpa
 a sparse kernel skips), the spread of per-token sparsity, and the thresholds in use. The thin views over it:
 
 * :class:`SparsityCounter`: a context manager with plain-float results, for scripts and benchmarks;
-* :func:`decode_sparsity`: the same count on single-token (decode) calls of any layer carrying an
+* :class:`DecodeSparsity`: the same count on single-token (decode) calls of any layer carrying an
   ``activation_threshold`` buffer, e.g. exported inference layers (duck-typed: nothing from ``export`` is
   imported here).
 
@@ -37,7 +37,7 @@ from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_
 from pl_actsparse.core.masking import current_token_mask, select_tokens
 from pl_actsparse.errors import NotSparsifiedError, TokenMaskError
 
-__all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "decode_sparsity", "quantile_from_histogram"]
+__all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "quantile_from_histogram"]
 
 _LOCK = threading.Lock()  # observers may run in several threads (calibration); module-level so metrics stay picklable
 
@@ -421,18 +421,16 @@ class SparsityCounter:
 
     Args:
         model: a model with sparsified layers.
-        per_token: accepted for compatibility; the per-token histogram is always kept.
 
     Raises:
         NotSparsifiedError: the model has no sparsified layer.
     """
 
-    def __init__(self, model: nn.Module, per_token: bool = False) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.layers = dict(sparsified_layers(model))
         if not self.layers:
             raise NotSparsifiedError("the model has no sparsified layer to count")
-        self.per_token = per_token
         self.metric = ActivationSparsity.from_model(model)
         self._stack: contextlib.ExitStack | None = None
 
@@ -519,8 +517,3 @@ class DecodeSparsity:
     def fraction(self) -> float | None:
         """Zeroed fraction of the counted inputs, ``None`` before any decode step."""
         return self.zero / self.total if self.total else None
-
-
-def decode_sparsity(model: nn.Module) -> DecodeSparsity:
-    """``with decode_sparsity(model) as probe: ...; probe.fraction``: see :class:`DecodeSparsity`."""
-    return DecodeSparsity(model)

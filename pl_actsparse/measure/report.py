@@ -57,9 +57,6 @@ __all__ = [
     "model_report",
     "achieved_table",
     "main",
-    # names of 0.1, kept as aliases of the merged classes
-    "LayerRow",
-    "ModelReport",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,9 +107,6 @@ class LayerReport:
         return self.achieved * self.weight_bytes
 
 
-LayerRow = LayerReport
-
-
 @dataclass
 class SparsityReport:
     """Per-layer rows, what the recipe skipped or ignored, and the decode-memory prediction.
@@ -134,16 +128,9 @@ class SparsityReport:
 
     # -- summary ----------------------------------------------------------------------------------
     @property
-    def rows(self) -> list[LayerReport]:
-        """The layers (the 0.1 ``ModelReport`` name)."""
-        return self.layers
-
-    @property
     def weight_bytes(self) -> int:
         """Stored weight bytes of the sparsified layers."""
         return sum(r.weight_bytes for r in self.layers)
-
-    sparsified_bytes = weight_bytes
 
     @property
     def mean_sparsity(self) -> float | None:
@@ -335,9 +322,6 @@ class SparsityReport:
         paths["html"].write_text(self.to_html(png))
         paths["json"].write_text(self.to_json() + "\n")
         return paths
-
-
-ModelReport = SparsityReport
 
 
 # ---------------------------------------------------------------------------------------------------
