@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from pl_actsparse.core.adapters import adapter_map, sync_adapter_hooks
+from pl_actsparse.integrations import is_tool_storage, layer_map, sync_adapter_hooks
 from pl_actsparse.core.calibration import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.core.sequential import calibrate as _calibrate, check_calibration_options
@@ -99,7 +99,7 @@ def plan_activation_sparsity(
     :class:`UnsupportedModuleError` (an exact name that is not an ``nn.Linear``),
     :class:`ConflictingScopesError`, :class:`NothingToSparsifyError`.
 
-    Adapters (peft LoRA/DoRA, see :mod:`pl_actsparse.core.adapters`): an entry that selects an adapter wrapper
+    Adapters (peft LoRA/DoRA, see :mod:`pl_actsparse.integrations.peft`): an entry that selects an adapter wrapper
     (``.*up_proj``), its base layer or its whole subtree (``.*up_proj.*``) selects *the input of the adapted
     projection*, planned under the base layer's name (``...up_proj.base_layer``); the adapter branches
     (``lora_A``, ``lora_B`` ...) are never planned on their own (listed in ``skipped``; an exact name of one
@@ -124,58 +124,41 @@ def plan_activation_sparsity(
     modules = list(model.named_modules())
     is_linear = {name: is_linear_like(m) for name, m in modules}
     class_of = {name: type(m).__qualname__ for name, m in modules}
-    adapters = adapter_map(modules)  # empty unless the model holds peft adapter wrappers
+    layers = layer_map(modules)  # what selected names stand for with wrapper layers (peft adapters); else themselves
 
     unmatched: list[str] = []
     unsupported: list[str] = []
-    unsupported_adapters: dict[str, str] = {}  # canonical name -> message, raised unless ignored
+    refused: dict[str, str] = {}  # name -> why it cannot be selected, raised unless ignored
     skipped: dict[str, str] = {}
     claims: dict[str, list[TargetScope]] = {}
     for scope in targets:
         match = scope.match(modules)
         for name, hits in match.by_name.items():
-            if not hits:
-                continue
-            if name in adapters.branch_of:
-                owner = adapters.branch_of[name]
-                unsupported.append(
-                    f"{name!r} ({class_of[name]}: a branch of the adapter {owner!r}; adapter branches are sparsified "
-                    f"only through the adapted projection's input: name {owner!r} instead)"
-                )
-            elif name not in adapters.unsupported and not is_linear[adapters.canonical(name)]:
+            sel = layers.select(name, exact=True)
+            if hits and not sel.refused and not is_linear[sel.layer]:
                 unsupported.append(f"{name!r} ({class_of[name]})")
         for label, hits in itertools.chain(match.by_name.items(), match.by_pattern.items(), match.by_type.items()):
-            usable = [adapters.canonical(h) for h in hits if h not in adapters.branch_of]
-            if scope.validate and not any(is_linear[h] or h in adapters.unsupported for h in usable):
+            sels = [layers.select(h, exact=False) for h in hits]
+            if scope.validate and not any(s.refused or (s.layer is not None and is_linear[s.layer]) for s in sels):
                 what = "" if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
                 unmatched.append(f"{scope!r}: {_entry_kind(match, label)} {label!r}{what}")
         for name in match.all_names():
-            if name in adapters.branch_of:
-                if name not in scope.names:
-                    skipped[name] = (
-                        f"a branch of the adapter {adapters.branch_of[name]!r}: adapter branches are sparsified "
-                        "only through the adapted projection's input"
-                    )
-                continue
-            if name in adapters.unsupported:
-                unsupported_adapters[name] = (
-                    f"{name!r} is (inside) a peft {adapters.unsupported[name]} adapter: only LoRA/DoRA wrappers of a "
-                    "Linear can have their input sparsified for base layer and adapter together; merge_and_unload() "
-                    "the adapter first, or exclude it with an IgnoredScope"
-                )
-                continue
-            layer = adapters.canonical(name)
-            if is_linear[layer]:
-                if scope not in claims.setdefault(layer, []):
-                    claims[layer].append(scope)
-            elif name and name not in scope.names and not _is_private(name):
+            sel = layers.select(name, exact=name in scope.names)
+            if sel.refused:
+                refused[name] = sel.refused
+            elif sel.skipped:
+                skipped[name] = sel.skipped
+            elif is_linear[sel.layer]:
+                if scope not in claims.setdefault(sel.layer, []):
+                    claims[sel.layer].append(scope)
+            elif name and name not in scope.names and not is_tool_storage(name):
                 skipped[name] = f"{class_of[name]} is not an nn.Linear"
 
     ignored_match = ignored_scope.match(modules)
     if ignored_scope.validate:
         unmatched += [f"{ignored_scope!r}: {entry}" for entry in ignored_match.unmatched()]
-    ignored_names = {adapters.canonical(n) for n in ignored_match.all_names()} | set(ignored_match.all_names())
-    unsupported += [msg for n, msg in unsupported_adapters.items() if n not in ignored_names]
+    ignored_names = {layers.canonical(n) for n in ignored_match.all_names()} | set(ignored_match.all_names())
+    unsupported += [msg for n, msg in refused.items() if n not in ignored_names]
 
     if unsupported:
         raise UnsupportedModuleError(
@@ -206,11 +189,6 @@ def plan_activation_sparsity(
         skipped=[(n, skipped[n]) for n in order if n in skipped and n not in ignored_names],
         ignored=[n for n in order if n in claims and n in ignored_names],
     )
-
-
-def _is_private(name: str) -> bool:
-    """Storage of other tools (NNCF's ``__nncf_hooks``) is nobody's layer: never list it as skipped."""
-    return any(part.startswith("__") for part in name.split("."))
 
 
 def _entry_kind(match: Any, label: str) -> str:
@@ -490,8 +468,8 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
     chosen = list(sparsified_layers(model))
     exported = _exported_restorations(model)
     if scope is not None:
-        adapters = adapter_map(model.named_modules())  # an adapted projection answers to its wrapper's name too
-        chosen = [(n, m) for n, m in chosen if any(scope.matches(a, m) for a in adapters.aliases(n))]
+        layers = layer_map(model.named_modules())  # an adapted projection answers to its wrapper's name too
+        chosen = [(n, m) for n, m in chosen if any(scope.matches(a, m) for a in layers.aliases(n))]
         exported = [(n, new) for n, new in exported if scope.matches(n, new)]
         if not chosen and not exported:
             raise NotSparsifiedError(f"{scope!r} matches no sparsified layer of the model")

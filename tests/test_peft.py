@@ -15,7 +15,7 @@ import torch
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, remove_activation_sparsity, sparsify_activations
 from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.api import load_activation_sparsity, plan_activation_sparsity
-from pl_actsparse.core.adapters import AdapterInputHook, adapter_map
+from pl_actsparse.integrations.peft import AdapterInputHook, adapter_map
 from pl_actsparse.core.layer import SparseActivationLinear
 from pl_actsparse.errors import UnsupportedModuleError
 from pl_actsparse.export.linear import SparseInferenceLinear

@@ -265,12 +265,6 @@ class LinearLikeSpec:
 _LINEAR_LIKE: dict[type, LinearLikeSpec] = {
     nn.Linear: LinearLikeSpec(nn.Linear, lambda m: m.in_features, lambda m: m.out_features, lambda m: m.weight.t())
 }
-# Registered when its module has been imported (a model holding one implies it): transformers is never imported here.
-_LAZY_LINEAR_LIKE = {
-    ("transformers.pytorch_utils", "Conv1D"): dict(
-        in_features=lambda m: m.nx, out_features=lambda m: m.nf, weight_t=lambda m: m.weight
-    ),
-}
 
 
 def register_linear_like(
@@ -301,11 +295,12 @@ def register_linear_like(
 
 
 def _load_lazy_specs() -> None:
-    for key in list(_LAZY_LINEAR_LIKE):
-        mod = sys.modules.get(key[0])
-        cls = getattr(mod, key[1], None) if mod is not None else None
-        if isinstance(cls, type):
-            register_linear_like(cls, **_LAZY_LINEAR_LIKE.pop(key))
+    # third-party Linear-like types (GPT-2's Conv1D), registered once their library has been imported (a model
+    # holding one implies it): the dispatch point of pl_actsparse.integrations, imported here on first use
+    from pl_actsparse import integrations
+
+    for cls, accessors in integrations.linear_like_types():
+        register_linear_like(cls, **accessors)
 
 
 def linear_like_spec(module_or_cls: nn.Module | type) -> LinearLikeSpec | None:

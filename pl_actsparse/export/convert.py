@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from pl_actsparse import integrations
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.core.layer import linear_like_spec, threshold_summary
 from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
@@ -88,9 +89,7 @@ def export_for_inference(
             f"export_for_inference: the model itself ({type(model).__name__}) is the layer to export and cannot be "
             "replaced in place; wrap it in a container (e.g. nn.Sequential) or use SparseInferenceLinear.from_linear"
         )
-    from pl_actsparse.core.adapters import adapter_map
-
-    adapted = [n for n in adapter_map(model.named_modules()).wrapper_of if n in {name for name, _ in targets}]
+    adapted = [n for n in integrations.layer_map(model.named_modules()).wrapper_of if n in {name for name, _ in targets}]
     if adapted:
         raise UnsupportedModuleError(
             f"export_for_inference: {len(adapted)} sparsified layer(s) are the base layers of peft adapters "
@@ -113,10 +112,9 @@ def export_for_inference(
         sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
 
-    for name, m in targets:  # fail before anything is swapped on a quantized weight the kernels cannot read
-        _torchao_int8(name, getattr(m, "weight", None))
-    if any(isinstance(m, Int8WeightLinear) or _torchao_int8(n, getattr(m, "weight", None)) is not None for n, m in targets) \
-            and _cpu.get_backend() != "torch":
+    # fail before anything is swapped on a quantized weight the kernels cannot read
+    int8 = {id(m): integrations.int8_weight(n, getattr(m, "weight", None)) for n, m in targets}
+    if any(isinstance(m, Int8WeightLinear) or int8[id(m)] is not None for _, m in targets) and _cpu.get_backend() != "torch":
         resolve_int8_backend(build=True)
     replaced: dict[int, nn.Module] = {}
     targets.reverse()
@@ -128,8 +126,8 @@ def export_for_inference(
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
                 if not _applies_threshold(old):
                     new.activation_threshold.fill_(-math.inf)
-            elif _torchao_int8(name, getattr(old, "weight", None)) is not None:  # torchao's int8 codes, read as they are
-                new = _int8_from_torchao(name, old, max_sparse_tokens)
+            elif int8[id(old)] is not None:  # a library's int8 codes (torchao), read as they are
+                new = _int8_from_codes(name, old, int8.pop(id(old)), max_sparse_tokens)
             else:
                 new = SparseInferenceLinear.from_linear(
                     old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
@@ -172,44 +170,11 @@ def _weight_device(m: nn.Module) -> torch.device:
     return w.device if isinstance(w, Tensor) else linear_like_spec(m).weight_t(m).device
 
 
-def _torchao_int8(name: str, weight: Any) -> Optional[tuple[Tensor, Tensor, Tensor, torch.dtype]]:
-    """``(qdata [out, in] int8, scale [out], zero_point [out], float dtype)`` of a torchao weight-only int8
-    weight (``quantize_(model, Int8WeightOnlyConfig())``), ``None`` for a plain tensor.
-
-    Raises :class:`~pl_actsparse.errors.UnsupportedModuleError` for any other tensor subclass (int4, float8,
-    int8 with dynamic activation quantization, group-wise scales): the export has no kernel that computes
-    what it computes, and dequantizing silently would change the model.
-    """
-    if type(weight) in (Tensor, nn.Parameter) or not isinstance(weight, Tensor):
-        return None
-    cls = type(weight)
-    label = f"{cls.__module__}.{cls.__qualname__}"
-    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
-    ok = (
-        cls.__module__.startswith("torchao")
-        and isinstance(qdata, Tensor) and qdata.dtype == torch.int8 and qdata.dim() == 2
-        and isinstance(scale, Tensor) and scale.numel() == qdata.shape[0]
-        and list(getattr(weight, "block_size", [1, qdata.shape[1]])) == [1, qdata.shape[1]]
-        and getattr(weight, "act_quant_kwargs", None) is None
-    )
-    if not ok:
-        raise UnsupportedModuleError(
-            f"export_for_inference: {name!r} has a {label} weight; the export reads plain float weights, "
-            "pl-actsparse Int8WeightLinear layers and torchao weight-only int8 with one scale per output channel "
-            "(quantize_(model, Int8WeightOnlyConfig())). Dequantize it or use one of these"
-        )
-    zp = getattr(weight, "zero_point", None)
-    zp = torch.zeros_like(scale, dtype=torch.float32) if zp is None else zp
-    return qdata, scale.reshape(-1), zp.reshape(-1), getattr(weight, "dtype", torch.float32)
-
-
-def _int8_from_torchao(name: str, linear: nn.Linear, max_sparse_tokens: Optional[int]) -> nn.Module:
-    """An :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` reading torchao's int8 codes and scales
-    (per output channel, ``W = scale * (qdata - zero_point)``) in the int8 kernel's ``[in, out]`` layout."""
-    from pl_actsparse.core.int8 import Int8WeightLinear
-    from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
-
-    qdata, scale, zp, dtype = _torchao_int8(name, linear.weight)  # type: ignore[misc]
+def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_tokens: Optional[int]) -> nn.Module:
+    """An :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` reading a library's int8 codes and
+    scales (:func:`pl_actsparse.integrations.int8_weight`: per output channel, ``W = scale * (qdata - zero_point)``)
+    in the int8 kernel's ``[in, out]`` layout."""
+    qdata, scale, zp, dtype, rebuild = codes
     asym = bool((zp != 0).any())
     shell = Int8WeightLinear(linear.in_features, linear.out_features, bias=False, mode="asym" if asym else "sym",
                              device="meta", dtype=dtype)
@@ -220,17 +185,16 @@ def _int8_from_torchao(name: str, linear: nn.Linear, max_sparse_tokens: Optional
     new = Int8SparseInferenceLinear(shell, max_sparse_tokens=max_sparse_tokens)
     t = linear._buffers[THRESHOLD_BUFFER]
     if t.numel() != 1:
-        raise ValueError(f"{THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
+        raise UnsupportedModuleError(
+            f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel (a "
+            f"per-channel threshold is not supported on int8 weights), got shape {tuple(t.shape)}"
+        )
     new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
                                 else torch.tensor(-math.inf, device=t.device))
     new.sparsity_state = _state_of(linear)
     new.train(linear.training)
-    # what to_linear needs to give back the torchao module bit for bit (no tensor data kept)
-    w = linear.weight
-    names, meta = w.__tensor_flatten__()
-    inner = {n: (tuple(getattr(w, n).shape), getattr(w, n).dtype) for n in names}
-    new.__dict__["_torchao_restore"] = (type(w), names, meta, inner, tuple(w.shape), tuple(w.stride()),
-                                        _RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
+    # what to_linear needs to give back the library's module bit for bit (no tensor data kept)
+    new.__dict__["_codes_restore"] = (rebuild, _RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
     return new
 
 

@@ -173,12 +173,10 @@ class Int8SparseInferenceLinear(nn.Module):
         torchao's int8 (``Int8WeightOnlyConfig``), the original module class holding a torchao tensor of the
         same type, codes (transposed back), scales and zero points. Used by
         :func:`pl_actsparse.remove_activation_sparsity` on exported models."""
-        ao = self.__dict__.get("_torchao_restore")
-        if ao is not None:
-            cls, names, meta, inner, shape, stride, info, bias_dtype = ao
-            parts = {"qdata": self.qweight_t.t().contiguous(), "scale": self.scale, "zero_point": self.zero_point}
-            tensors = {n: parts[n].reshape(inner[n][0]).to(inner[n][1]).contiguous() for n in names}
-            weight = cls.__tensor_unflatten__(tensors, meta, torch.Size(shape), stride)
+        codes = self.__dict__.get("_codes_restore")
+        if codes is not None:  # a library's int8 weight (torchao), rebuilt from these buffers
+            rebuild, info, bias_dtype = codes
+            weight = rebuild(self.qweight_t.t().contiguous(), self.scale, self.zero_point)
             bias = None if self.bias is None else self.bias.detach().to(bias_dtype)
             lin = info.build(weight, bias, self.in_features, self.out_features)
             lin.train(self.training)

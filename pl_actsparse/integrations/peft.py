@@ -38,6 +38,7 @@ from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, is_linear_like, is_spar
 
 __all__ = [
     "AdapterMap",
+    "Selection",
     "AdapterInputHook",
     "adapter_map",
     "is_adapter_wrapper",
@@ -79,6 +80,17 @@ def _supported(wrapper: nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a module name a scope selected stands for: ``layer``, the module whose input is sparsified (an
+    adapter wrapper stands for its base layer), or ``None`` with ``skipped`` (why it is no layer of its own, when
+    reached by a pattern or type) or ``refused`` (why selecting it is an error)."""
+
+    layer: str | None
+    skipped: str = ""
+    refused: str = ""
+
+
 @dataclass
 class AdapterMap:
     """How the module names of a model with adapter wrappers map to sparsifiable layers.
@@ -105,6 +117,24 @@ class AdapterMap:
         """Every name a sparsified layer answers to: its own and its wrapper's."""
         wrapper = self.wrapper_of.get(name)
         return [name] if wrapper is None else [name, wrapper]
+
+    def select(self, name: str, exact: bool) -> Selection:
+        """What selecting ``name`` (``exact``: by its exact name rather than a pattern or type) means."""
+        owner = self.branch_of.get(name)
+        if owner is not None and exact:
+            return Selection(None, refused=(
+                f"{name!r} (a branch of the adapter {owner!r}; adapter branches are sparsified only through the "
+                f"adapted projection's input: name {owner!r} instead)"))
+        if owner is not None:
+            return Selection(None, skipped=(
+                f"a branch of the adapter {owner!r}: adapter branches are sparsified only through the adapted "
+                "projection's input"))
+        if name in self.unsupported:
+            return Selection(None, refused=(
+                f"{name!r} is (inside) a peft {self.unsupported[name]} adapter: only LoRA/DoRA wrappers of a "
+                "Linear can have their input sparsified for base layer and adapter together; merge_and_unload() "
+                "the adapter first, or exclude it with an IgnoredScope"))
+        return Selection(self.canonical(name))
 
 
 def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
