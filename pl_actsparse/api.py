@@ -26,6 +26,7 @@ from pl_actsparse.errors import (
     CheckpointError,
     ConflictingScopesError,
     EmptyDatasetError,
+    InvalidOptionError,
     InvalidScopeError,
     InvalidTargetError,
     NothingToSparsifyError,
@@ -230,7 +231,7 @@ def _gradient_mode(value: GradientMode | str) -> GradientMode:
         return GradientMode(value)
     except ValueError:
         valid = ", ".join(repr(m.value) for m in GradientMode)
-        raise InvalidTargetError(f"gradient_mode must be one of {valid}, got {value!r}") from None
+        raise InvalidOptionError(f"gradient_mode must be one of {valid}, got {value!r}") from None
 
 
 def _check_options(num_calibration_batches: Any, transform_fn: Any, max_batches_in_flight: Any = None) -> None:

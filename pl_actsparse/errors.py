@@ -1,7 +1,9 @@
-"""Exceptions raised at the public boundary.
+"""Exceptions raised at the public boundary: the one family, every class defined here.
 
-Every error is a ``ValueError`` subclass so that callers who only know "bad input" can catch one type,
-while tests and tools can tell the cases apart.
+Every error is an :class:`ActivationSparsityError`, a ``ValueError``, so that callers who only know "bad input"
+can catch one type, while tests and tools can tell the cases apart. :class:`InvalidTargetError` is for target
+sparsities only; :class:`InvalidOptionError` for every other option or argument value. Argument *type* checks
+raise ``TypeError``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ __all__ = [
     "ActivationSparsityError",
     "InvalidTargetError",
     "InvalidScopeError",
+    "ScopeSpecError",
     "UnmatchedScopeError",
     "ConflictingScopesError",
     "UnsupportedModuleError",
@@ -36,6 +39,11 @@ class InvalidTargetError(ActivationSparsityError):
 
 class InvalidScopeError(ActivationSparsityError):
     """A scope is malformed (bad regex, wrong type of entry, wrong scope class)."""
+
+
+class ScopeSpecError(InvalidScopeError):
+    """An entry of a ``scopes`` list (a recipe, the callback's ``scopes=``) is malformed: not a mapping, an
+    unknown key, or no ``sparsity``. A ``sparsity`` outside ``[0, 1]`` is an :class:`InvalidTargetError`."""
 
 
 class UnmatchedScopeError(ActivationSparsityError):

@@ -24,7 +24,7 @@ from pl_actsparse.tuning.allocation import (
     measure_sensitivity,
     scopes_from_list,
 )
-from pl_actsparse.errors import InvalidTargetError
+from pl_actsparse.errors import InvalidTargetError, ScopeSpecError
 from pl_actsparse.tuning.weight_aware import (
     is_weight_aware,
     sparsify_activations_weight_aware,
@@ -140,7 +140,7 @@ def test_yaml_round_trip_and_scopes_list(tmp_path):
     assert text.startswith("# pl_actsparse allocation") and "scopes:" in text
     assert load_scopes_yaml(path) == alloc.target_sparsity_by_scope()
     assert load_scopes_yaml(text) == scopes_from_list(alloc.to_scopes())
-    with pytest.raises(InvalidTargetError):
+    with pytest.raises(ScopeSpecError, match=r"scopes\[0\] needs a 'sparsity'"):
         scopes_from_list([{"names": ["a"]}])
 
 
@@ -274,7 +274,7 @@ def test_weight_aware_failure_restores_weights(tiny, batches):
 
 from hypothesis import given, strategies as st  # noqa: E402
 
-from pl_actsparse.core.recipe import ScopeSpecError, dump_scopes_yaml, parse_scope_spec  # noqa: E402
+from pl_actsparse.core.recipe import dump_scopes_yaml, parse_scope_spec  # noqa: E402
 from pl_actsparse.errors import InvalidScopeError  # noqa: E402
 
 MALFORMED = [

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import (
     TargetScope,
     activation_sparsity_report,
@@ -101,8 +102,8 @@ def test_gpt2_conv1d_calibration_is_exact_and_removal_bit_for_bit():
         achieved = float((x.abs() <= m.activation_threshold).double().mean())
         assert achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12)
         assert achieved == pytest.approx(target, abs=1.0 / x.numel())
-        assert m._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12)
-        assert m._actsparse.calibration_elements == x.numel()
+        assert sparsifier_state(m).calibration_sparsity == pytest.approx(achieved, abs=1e-12)
+        assert sparsifier_state(m).calibration_elements == x.numel()
     # the metric and the counter read Conv1D layers like Linear ones
     metric = ActivationSparsity.from_model(model)
     assert metric.in_features == [64, 256, 64, 256]
@@ -110,7 +111,7 @@ def test_gpt2_conv1d_calibration_is_exact_and_removal_bit_for_bit():
         for b in batches:
             model(**b)
     for n in names:
-        assert counter.sparsity()[n] == pytest.approx(modules[n]._actsparse.calibration_sparsity, abs=1e-12)
+        assert counter.sparsity()[n] == pytest.approx(sparsifier_state(modules[n]).calibration_sparsity, abs=1e-12)
 
     remove_activation_sparsity(model)
     from transformers.pytorch_utils import Conv1D
@@ -134,7 +135,7 @@ def test_gpt2_checkpoint_round_trip():
     for n, m in a.items():
         if hasattr(m, "_actsparse"):
             assert torch.equal(b[n].activation_threshold, m.activation_threshold)
-            assert b[n]._actsparse.calibration_sparsity == m._actsparse.calibration_sparsity
+            assert sparsifier_state(b[n]).calibration_sparsity == sparsifier_state(m).calibration_sparsity
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
@@ -246,7 +247,7 @@ def test_conv1d_behaves_as_the_equivalent_linear(dtype, target):
         fn(c, data, {TargetScope(names=["0"]): target}, progress=False)
         fn(l, data, {TargetScope(names=["0"]): target}, progress=False)
         assert torch.equal(c[0].activation_threshold, l[0].activation_threshold), fn.__name__
-        assert c[0]._actsparse.calibration_sparsity == l[0]._actsparse.calibration_sparsity
+        assert sparsifier_state(c[0]).calibration_sparsity == sparsifier_state(l[0]).calibration_sparsity
         assert torch.equal(c[0].weight, w_before)  # weight-aware puts the very weights back
         with torch.no_grad():
             torch.testing.assert_close(c(probe), l(probe), rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -302,7 +303,7 @@ def test_gpt2_with_the_lightning_callback(tmp_path):
     results = trainer.validate(lm, dataloaders=loader, verbose=False)[0]
     fc = lm.model.transformer.h[0].mlp.c_fc
     assert type(fc).__name__ == "SparseActivationConv1D"
-    assert fc._actsparse.calibration_sparsity == pytest.approx(0.5, abs=1 / fc._actsparse.calibration_elements)
+    assert sparsifier_state(fc).calibration_sparsity == pytest.approx(0.5, abs=1 / sparsifier_state(fc).calibration_elements)
     assert "actsparse/val/sparsity" in results
     before = fc.weight.detach().clone()
     trainer.fit(lm, train_dataloaders=loader, val_dataloaders=loader)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
+from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.core.calibration import coarse_histogram, fine_histogram, threshold_from_histogram
 
@@ -94,7 +95,7 @@ def test_thresholds_do_not_depend_on_batching(seed, splits, target, dtype):
     chunks = list(torch.split(rows[torch.randperm(len(rows), generator=g)], splits))
     sparsify_activations(lin_b, chunks, scope, progress=False)
     assert torch.equal(lin_a.activation_threshold, lin_b.activation_threshold)
-    assert lin_a._actsparse.calibration_sparsity == lin_b._actsparse.calibration_sparsity
+    assert sparsifier_state(lin_a).calibration_sparsity == sparsifier_state(lin_b).calibration_sparsity
 
 
 def test_shared_inputs_are_histogrammed_once(monkeypatch):

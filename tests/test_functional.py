@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pl_actsparse.core.layer import decode_sparsifier_state
+from pl_actsparse.core.layer import decode_sparsifier_state, sparsifier_state
 from torch import nn
 
 from pl_actsparse import (
@@ -22,6 +22,7 @@ from pl_actsparse import (
 from pl_actsparse.errors import (
     ConflictingScopesError,
     EmptyDatasetError,
+    InvalidOptionError,
     InvalidTargetError,
     NonFiniteActivationError,
     NotSparsifiedError,
@@ -205,7 +206,7 @@ def test_gradient_modes(batches):
         assert y.item() == pytest.approx(1.0)  # -2 + 3, small inputs zeroed in both modes
         y.backward()
         assert x.grad.tolist() == [expected]
-    with pytest.raises(InvalidTargetError, match="gradient_mode must be one of 'masked', 'ste', got 'sgd'"):
+    with pytest.raises(InvalidOptionError, match="gradient_mode must be one of 'masked', 'ste', got 'sgd'"):
         sparsify_activations(lin, [x], {TargetScope(names=[""]): 0.5}, gradient_mode="sgd")
 
 
@@ -221,14 +222,14 @@ def test_transform_fn_and_input_kinds():
     data = [{"a": torch.randn(8, 4), "b": torch.randn(8, 4)} for _ in range(3)]
     m = KwModel()
     sparsify_activations(m, data, {TargetScope(names=["proj"]): 0.5}, progress=False)
-    assert m.proj._actsparse.calibration_elements == 3 * 32
+    assert sparsifier_state(m.proj).calibration_elements == 3 * 32
     m2 = KwModel()
     pairs = [(torch.randn(8, 4), torch.randn(8)) for _ in range(5)]
     sparsify_activations(m2, pairs, {TargetScope(names=["proj"]): 0.5}, transform_fn=lambda item: item[0], num_calibration_batches=2, progress=False)
-    assert m2.proj._actsparse.calibration_elements == 2 * 32
+    assert sparsifier_state(m2.proj).calibration_elements == 2 * 32
     m3 = KwModel()
     sparsify_activations(m3, [(torch.randn(8, 4), torch.randn(8, 4))], {TargetScope(names=["proj"]): 0.5}, progress=False)
-    assert m3.proj._actsparse.calibration_sparsity == 0.5
+    assert sparsifier_state(m3.proj).calibration_sparsity == 0.5
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -340,14 +341,14 @@ def test_worker_exception_propagates_and_rolls_back(tiny):
 def test_prepare_then_calibrate_and_set_target(tiny, batches):
     plan = prepare_activation_sparsity(tiny, SEED)
     assert len(plan.targets) == 9
-    assert all(m._actsparse.mode.value == "passthrough" for _, m in sparsified_layers(tiny))
+    assert all(sparsifier_state(m).mode.value == "passthrough" for _, m in sparsified_layers(tiny))
     ref = tiny_llama()
     assert torch.equal(tiny(batches[0]), ref(batches[0]))  # pass-through until calibrated
     report = calibrate_activation_sparsity(tiny, batches, progress=False)
     assert report.max_abs_error < 2e-3
     assert set(report.statistics) == set(plan.targets)
     set_target_sparsity(tiny, {"layers.0.mlp.down_proj": 0.6})
-    assert tiny.layers[0].mlp.down_proj._actsparse.mode.value == "passthrough"
+    assert sparsifier_state(tiny.layers[0].mlp.down_proj).mode.value == "passthrough"
     calibrate_activation_sparsity(tiny, batches, layers=["layers.0.mlp.down_proj"], progress=False)
     assert measured_sparsity(tiny, batches)["layers.0.mlp.down_proj"] == pytest.approx(0.6, abs=2e-3)
     with pytest.raises(NotSparsifiedError, match="not sparsified layers"):
@@ -377,7 +378,7 @@ def test_linear_subclass_is_supported(batches):
     ref = m(data[0])
     sparsify_activations(m, data, {TargetScope(types=[MyLinear]): 0.25}, progress=False)
     assert isinstance(m[0], MyLinear) and is_sparsified(m[0])
-    assert m[0]._actsparse.calibration_sparsity == 0.25
+    assert sparsifier_state(m[0]).calibration_sparsity == 0.25
     clone = copy.deepcopy(m)
     assert torch.equal(clone(data[0]), m(data[0]))
     remove_activation_sparsity(m)

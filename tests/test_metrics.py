@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.lightning.callback import activation_sparsity_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
@@ -114,10 +115,10 @@ def test_observe_counts_the_model_and_matches_calibration():
     # on the calibration data the measured sparsity is the calibration's own result, exactly (layer 2 reads
     # ReLU outputs: ties at zero make 0.5 itself unreachable, the closest reachable fraction is chosen)
     assert float(out["0/sparsity"]) == 0.25
-    assert float(out["2/sparsity"]) == net[2]._actsparse.calibration_sparsity
+    assert float(out["2/sparsity"]) == sparsifier_state(net[2]).calibration_sparsity
     assert abs(float(out["2/sparsity"]) - 0.5) < 0.01
     assert float(out["0/threshold"]) == float(net[0].activation_threshold)
-    assert all(not m._actsparse.observers for m in (net[0], net[2]))  # detached on exit
+    assert all(not sparsifier_state(m).observers for m in (net[0], net[2]))  # detached on exit
     net(data[0])
     assert int(metric.elements.sum()) == 5 * 8 * (16 + 32)
 

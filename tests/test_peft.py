@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, remove_activation_sparsity, sparsify_activations
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.api import load_activation_sparsity, plan_activation_sparsity
 from pl_actsparse.integrations.peft import AdapterInputHook, adapter_map
 from pl_actsparse.core.layer import SparseActivationLinear
@@ -351,7 +351,7 @@ def test_property_adapter_branches_and_merge_on_any_target_rank_and_variant(up, 
     assert torch.equal(ins[0], ins[1]) and torch.equal(ins[2], ins[3])
     for x, target, name in ((ins[0], up, "up_proj"), (ins[2], down, "down_proj")):
         # exactly the calibrated fraction, which is the closest reachable to the target (continuous data: 1/n)
-        calibrated = getattr(inner, name).base_layer._actsparse.calibration_sparsity
+        calibrated = sparsifier_state(getattr(inner, name).base_layer).calibration_sparsity
         assert _zero_fraction(x) == pytest.approx(calibrated, abs=1e-12)
         assert abs(calibrated - target) <= _closest_reachable_miss(x, target) + 1e-12
     with torch.no_grad():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.errors import NotSparsifiedError
 from pl_actsparse.measure.report import main, model_report
@@ -152,7 +153,7 @@ def test_report_on_padded_hf_batches_counts_real_tokens(side):
     assert {r.name: r for r in unmasked.layers}[name].data_sparsity != row.data_sparsity
     with SparsityCounter(model):  # the report's counting left no observer behind
         pass
-    assert not layer._actsparse.observers
+    assert not sparsifier_state(layer).observers
 
 
 def test_per_channel_thresholds_through_reports_sweep_and_allocation(tiny, batches, tmp_path):

@@ -19,7 +19,7 @@ from pl_actsparse import TargetScope, activation_sparsity_report, load_activatio
 from pl_actsparse.errors import CheckpointError, NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.core.checkpoint import read_state_dict, saved_sparsifiers
-from pl_actsparse.core.layer import SparsifierMode, decode_sparsifier_state, encode_sparsifier_state
+from pl_actsparse.core.layer import SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, sparsifier_state
 from tiny_models import tiny_hf_llama, tiny_llama
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -86,7 +86,7 @@ def test_state_dict_holds_only_tensors_and_safetensors_round_trips(tiny, batches
     assert [(r.name, r.target, r.calibration_sparsity) for r in loaded.layers] == [
         (r.name, r.target, r.calibration_sparsity) for r in live.layers
     ]
-    assert all(m._actsparse.mode is SparsifierMode.SPARSIFYING for _, m in sparsified_layers(fresh))
+    assert all(sparsifier_state(m).mode is SparsifierMode.SPARSIFYING for _, m in sparsified_layers(fresh))
 
 
 def test_model_to_half_keeps_the_state_exact(tiny, batches):
@@ -110,7 +110,7 @@ def test_threshold_without_state_is_an_error_under_strict_and_a_sparsifying_laye
     with pytest.warns(UserWarning, match="sparsifies with the loaded threshold"):
         load_activation_sparsity(fresh, sd, strict=False)
     layers = dict(sparsified_layers(fresh))
-    assert len(layers) == 9 and all(m._actsparse.mode is SparsifierMode.SPARSIFYING for m in layers.values())
+    assert len(layers) == 9 and all(sparsifier_state(m).mode is SparsifierMode.SPARSIFYING for m in layers.values())
     assert torch.equal(fresh(batches[0]), ref)  # sparsifying exactly as saved, not dense
     # plain load_state_dict into a sparsified model: strict fails, non-strict warns and sparsifies
     other = tiny_llama(seed=4)
@@ -184,13 +184,13 @@ def test_reading_a_path_that_is_no_checkpoint(tmp_path):
 _LOAD_SCRIPT = textwrap.dedent(
     """
     import sys, torch, transformers, pl_actsparse
-    from pl_actsparse.core.layer import SparsifierMode
+    from pl_actsparse.core.layer import SparsifierMode, sparsified_layers, sparsifier_state
     ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(7))
     out = {}
     for folder in sys.argv[2:]:
         model = pl_actsparse.from_pretrained(transformers.AutoModelForCausalLM, folder)
-        layers = dict(pl_actsparse.core.layer.sparsified_layers(model))
-        assert len(layers) == 6 and all(m._actsparse.mode is SparsifierMode.SPARSIFYING for m in layers.values()), layers
+        layers = dict(sparsified_layers(model))
+        assert len(layers) == 6 and all(sparsifier_state(m).mode is SparsifierMode.SPARSIFYING for m in layers.values()), layers
         with torch.no_grad():
             out[folder] = model(ids).logits
     torch.save(out, sys.argv[1])
@@ -299,7 +299,7 @@ def test_from_pretrained_in_bf16_sparsifies_like_the_saved_model_cast_to_bf16(tm
     assert len(list(sparsified_layers(back))) == 6
     thresholds = {n: m.activation_threshold for n, m in sparsified_layers(model)}
     assert all(torch.equal(m.activation_threshold, thresholds[n]) for n, m in sparsified_layers(back))
-    assert all(m._actsparse.mode is SparsifierMode.SPARSIFYING for _, m in sparsified_layers(back))
+    assert all(sparsifier_state(m).mode is SparsifierMode.SPARSIFYING for _, m in sparsified_layers(back))
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)  # dense
     ids = _ids()
     with torch.no_grad():

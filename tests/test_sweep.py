@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
-from pl_actsparse.core.layer import is_sparsified
+from pl_actsparse.core.layer import is_sparsified, sparsifier_state
 from pl_actsparse.core.calibration import LayerStatistics, coarse_histogram
 from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
 from pl_actsparse.tuning.sweep import (
@@ -87,7 +87,7 @@ def test_apply_statistics_all_layers_drift_small(tiny, batches):
     got = counter.sparsity()
     assert got[FIRST] == pytest.approx(0.6, abs=2e-3)  # exact up to fp32 interpolation
     assert max(abs(v - 0.6) for v in got.values()) < 0.06  # downstream layers drift (random tiny model; see docs/sweep.md for stories260K)
-    assert all(m._actsparse.target == 0.6 for _, m in tiny.named_modules() if is_sparsified(m))
+    assert all(sparsifier_state(m).target == 0.6 for _, m in tiny.named_modules() if is_sparsified(m))
     with pytest.raises(NotSparsifiedError):
         thresholds_for_targets(stats, {"nope": 0.5})
 
@@ -147,7 +147,7 @@ def test_sweep_on_a_sparsified_model_and_per_layer_points(tiny, batches):
     result = sweep_sparsity(tiny, batches, [point, 0.4], _nll, include_dense=False)
     assert result.points[0].targets == point
     assert all(torch.equal(m.activation_threshold, thr_before[n]) for n, m in tiny.named_modules() if is_sparsified(m))
-    assert all(m._actsparse.target == 0.3 for _, m in tiny.named_modules() if is_sparsified(m))
+    assert all(sparsifier_state(m).target == 0.3 for _, m in tiny.named_modules() if is_sparsified(m))
     with pytest.raises(InvalidTargetError):
         sweep_sparsity(tiny, batches, [{names[0]: 0.5}], _nll)  # a dict point must set every layer
     with pytest.raises(InvalidTargetError):

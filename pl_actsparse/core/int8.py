@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from pl_actsparse.kernels.int8_cpu import Granularity, QuantMode, dequantize_weight_t, quantize_weight_t
-from pl_actsparse.core.layer import _sparse_class_for, is_sparsified, original_module_class, weight_nbytes
+from pl_actsparse.core.layer import SparseActivationLinear, is_sparsified, sparse_class_for, original_module_class, weight_nbytes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
+from pl_actsparse.errors import InvalidOptionError, InvalidScopeError, UnmatchedScopeError
 
 __all__ = [
     "Int8WeightLinear",
@@ -93,7 +94,7 @@ class Int8WeightLinear(nn.Linear):
     def set_weight(self, weight: Tensor) -> None:
         """Quantize a float ``[out, in]`` weight into this layer's buffers (``mode``/``granularity`` kept)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}")
+            raise InvalidOptionError(f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}")
         q, s, z = quantize_weight_t(weight, self.mode, self.granularity)
         dev = self.qweight.device
         self.qweight = q.to(dev)
@@ -160,15 +161,15 @@ class Int8WeightLinear(nn.Linear):
 
 #: The sparsified form of :class:`Int8WeightLinear` (what :func:`~pl_actsparse.sparsify_activations` turns it
 #: into), registered here under its own name so that whole models pickle with ``torch.save(model)``.
-SparseActivationInt8WeightLinear = _sparse_class_for(Int8WeightLinear)
+SparseActivationInt8WeightLinear = sparse_class_for(Int8WeightLinear)
 SparseActivationInt8WeightLinear.__module__ = __name__
 
 
 def _check_options(mode: Any, granularity: Any) -> None:
     if mode not in ("asym", "sym"):
-        raise ValueError(f"mode must be 'asym' or 'sym', got {mode!r}")
+        raise InvalidOptionError(f"mode must be 'asym' or 'sym', got {mode!r}")
     if granularity not in ("output", "input"):
-        raise ValueError(f"granularity must be 'output' or 'input', got {granularity!r}")
+        raise InvalidOptionError(f"granularity must be 'output' or 'input', got {granularity!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def quantize_weights_int8(
     """
     _check_options(mode, granularity)
     if scope is not None and not isinstance(scope, TargetScope):
-        raise TypeError(f"scope must be a TargetScope or None, got {scope!r}")
+        raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     report = Int8QuantizationReport()
     users = _weight_users(model)
     matched = 0
@@ -320,7 +321,7 @@ def quantize_weights_int8(
         float_bytes = w.numel() * w.element_size()
         dtype, device = w.dtype, w.device
         del m._parameters["weight"]
-        m.__class__ = _sparse_class_for(Int8WeightLinear) if sparse else Int8WeightLinear
+        m.__class__ = SparseActivationInt8WeightLinear if sparse else Int8WeightLinear
         m.mode = mode
         m.granularity = granularity
         m.weight_dtype = dtype
@@ -343,7 +344,7 @@ def quantize_weights_int8(
             )
         )
     if matched == 0:
-        raise ValueError(f"quantize_weights_int8: {scope!r} matches no nn.Linear layer of {type(model).__name__}")
+        raise UnmatchedScopeError(f"quantize_weights_int8: {scope!r} matches no nn.Linear layer of {type(model).__name__}")
     return report
 
 
@@ -363,6 +364,6 @@ def dequantize_weights_int8(model: nn.Module) -> nn.Module:
             del m._buffers[key]
         for key in ("mode", "granularity", "weight_dtype"):
             m.__dict__.pop(key, None)
-        m.__class__ = _sparse_class_for(nn.Linear) if sparse else nn.Linear
+        m.__class__ = SparseActivationLinear if sparse else nn.Linear
         m.weight = nn.Parameter(w)
     return model

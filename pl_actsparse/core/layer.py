@@ -16,17 +16,19 @@ safetensors, HF ``save_pretrained``) carries everything a report needs in tensor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from pl_actsparse.errors import CheckpointError
+from pl_actsparse.errors import CheckpointError, NotSparsifiedError, UnsupportedModuleError
 
 __all__ = [
     "SparsifierMode",
@@ -35,6 +37,9 @@ __all__ = [
     "SparseActivationLinear",
     "is_sparsified",
     "sparsified_layers",
+    "sparsifier_state",
+    "SparsifierStateView",
+    "sparse_class_for",
     "install_sparsifier",
     "uninstall_sparsifier",
     "original_module_class",
@@ -52,6 +57,7 @@ __all__ = [
     "linear_like_weight_t",
     "linear_like_weight",
     "supported_layer_types",
+    "preserved",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
@@ -126,7 +132,7 @@ class ActivationSparsifierMixin:
         mode says, after every observer has seen the raw ``input``.
 
         The one entry point of the input processing: the layer's own ``forward`` calls it, and so does the
-        input hook of an adapter wrapper around this layer (:mod:`pl_actsparse.core.adapters`), so that the base
+        input hook of an adapter wrapper around this layer (:mod:`pl_actsparse.integrations.peft`), so that the base
         layer and the adapter branches all receive the same thresholded input.
 
         Traceable by ``torch.compile(fullgraph=True)`` in the pass-through and sparsifying modes (observers
@@ -330,10 +336,11 @@ def supported_layer_types() -> list[type]:
 
 def linear_like_weight_t(module: nn.Module) -> torch.Tensor:
     """The weight of a Linear-like layer as ``[in_features, out_features]`` (the sparse kernels' layout;
-    a view of the stored weight, no copy). Raises ``TypeError`` for other modules."""
+    a view of the stored weight, no copy). Raises :class:`~pl_actsparse.errors.UnsupportedModuleError` for
+    other modules."""
     spec = linear_like_spec(module)
     if spec is None:
-        raise TypeError(f"{type(module).__qualname__} is not a Linear-like layer (see register_linear_like)")
+        raise UnsupportedModuleError(f"{type(module).__qualname__} is not a Linear-like layer (see register_linear_like)")
     return spec.weight_t(module)
 
 
@@ -344,7 +351,8 @@ def linear_like_weight(module: nn.Module) -> torch.Tensor:
     return linear_like_weight_t(module).t()
 
 
-def _sparse_class_for(cls: type) -> type:
+def sparse_class_for(cls: type) -> type:
+    """The class a Linear-like ``cls`` takes while sparsified (``SparseActivation<cls>``, created once)."""
     if cls not in _SPARSE_CLASSES:
         namespace: dict[str, Any] = {"__module__": __name__, "__doc__": f"{cls.__qualname__} with a sparsified input."}
         spec = linear_like_spec(cls)
@@ -359,7 +367,7 @@ def _sparse_class_for(cls: type) -> type:
 
 def _rebuild_sparse(func: Callable, args: tuple, state: Any):
     obj = func(*args)
-    obj.__class__ = _sparse_class_for(type(obj))
+    obj.__class__ = sparse_class_for(type(obj))
     if state is not None:
         obj.__setstate__(state)
     return obj
@@ -368,6 +376,58 @@ def _rebuild_sparse(func: Callable, args: tuple, state: Any):
 def is_sparsified(module: nn.Module) -> bool:
     """Whether a module carries an activation sparsifier."""
     return isinstance(module, ActivationSparsifierMixin)
+
+
+class SparsifierStateView:
+    """A read-only, live view of one sparsified layer's state (see :func:`sparsifier_state`).
+
+    ``target`` (float, fraction of inputs to zero, in [0, 1]); ``threshold`` (the ``activation_threshold``
+    buffer, detached: a 0-dim tensor, or ``[in_features]`` per channel; the layer's dtype); ``mode``
+    (:class:`SparsifierMode`: pass-through until calibrated); ``gradient_mode`` (:class:`GradientMode`);
+    ``calibration_sparsity`` (fraction zeroed on the calibration data, ``None`` before calibration);
+    ``calibration_elements`` (input elements calibrated on, an int); ``observers`` (a read-only mapping
+    key -> ``fn(module, input, output)`` of the callables that see every input).
+    """
+
+    __slots__ = ("_module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    target = property(lambda self: self._module._actsparse.target)
+    mode = property(lambda self: self._module._actsparse.mode)
+    gradient_mode = property(lambda self: self._module._actsparse.gradient_mode)
+    calibration_sparsity = property(lambda self: self._module._actsparse.calibration_sparsity)
+    calibration_elements = property(lambda self: self._module._actsparse.calibration_elements)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self._module.activation_threshold.detach()
+
+    @property
+    def observers(self) -> Mapping[Any, Observer]:
+        return MappingProxyType(self._module._actsparse.observers)
+
+    def __repr__(self) -> str:
+        return (f"SparsifierStateView(target={self.target}, mode={self.mode.value}, "
+                f"threshold={threshold_summary(self.threshold):.4g}, calibration_sparsity={self.calibration_sparsity})")
+
+
+def sparsifier_state(module: nn.Module) -> SparsifierStateView:
+    """The state of a sparsified layer, read-only and live (it follows later calibrations and retargets).
+
+    >>> from torch import nn
+    >>> from pl_actsparse.core.layer import install_sparsifier, sparsifier_state
+    >>> state = sparsifier_state(install_sparsifier(nn.Linear(4, 2), 0.5))
+    >>> state.target, state.mode.value, state.calibration_sparsity
+    (0.5, 'passthrough', None)
+
+    Raises:
+        NotSparsifiedError: ``module`` carries no sparsifier (the message names its class).
+    """
+    if not is_sparsified(module):
+        raise NotSparsifiedError(f"{type(module).__qualname__} is not a sparsified layer: it has no sparsifier state")
+    return SparsifierStateView(module)
 
 
 def original_module_class(module: nn.Module) -> type:
@@ -393,13 +453,13 @@ def install_sparsifier(
         module._actsparse.gradient_mode = GradientMode(gradient_mode)  # type: ignore[union-attr]
         return module
     if not is_linear_like(module):
-        raise TypeError(
+        raise UnsupportedModuleError(
             f"only nn.Linear, its subclasses and registered Linear-like types can be sparsified "
             f"(see register_linear_like), got {type(module).__qualname__}"
         )
     weight = getattr(module, "weight", None)
     device = weight.device if isinstance(weight, torch.Tensor) else None
-    module.__class__ = _sparse_class_for(type(module))
+    module.__class__ = sparse_class_for(type(module))
     module.register_buffer(THRESHOLD_BUFFER, torch.tensor(-math.inf, dtype=torch.float32, device=device))
     module._actsparse = SparsifierState(target=float(target), gradient_mode=GradientMode(gradient_mode))
     return module
@@ -454,10 +514,6 @@ def threshold_summary(threshold: torch.Tensor) -> float:
 
 
 # -- preserving layer state around trial settings (sweep, allocation) -------------------------------------
-import contextlib  # noqa: E402
-from typing import Iterable  # noqa: E402
-
-__all__ += ["preserved"]
 
 
 @dataclass

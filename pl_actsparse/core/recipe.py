@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
-from pl_actsparse.errors import InvalidScopeError, InvalidTargetError
+from pl_actsparse.errors import InvalidScopeError, InvalidTargetError, ScopeSpecError
 
 __all__ = [
     "ScopeSpec",
     "IgnoredScopeSpec",
-    "ScopeSpecError",
     "SCOPE_SPEC_KEYS",
     "IGNORED_SCOPE_SPEC_KEYS",
     "validate_target",
@@ -46,15 +45,6 @@ __all__ = [
 SCOPE_SPEC_KEYS = ("sparsity", "names", "patterns", "types", "validate")
 #: The keys of an ``ignored_scope:`` mapping.
 IGNORED_SCOPE_SPEC_KEYS = ("names", "patterns", "types", "validate")
-
-
-class ScopeSpecError(InvalidScopeError, InvalidTargetError):
-    """An entry of a ``scopes`` list is malformed: not a mapping, an unknown key, or no ``sparsity``.
-
-    It is both an :class:`~pl_actsparse.errors.InvalidScopeError` and an
-    :class:`~pl_actsparse.errors.InvalidTargetError` (an entry is a scope *and* its target), so code that caught
-    what one of the former parsers raised keeps working.
-    """
 
 
 def validate_target(value: Any, where: str) -> float:
@@ -126,7 +116,7 @@ def parse_scope_spec(spec: ScopeSpec | Mapping[str, Any], where: str = "scopes[0
     >>> parse_scope_spec({"pattern": [".*up_proj"], "sparsity": 0.3})
     Traceback (most recent call last):
     ...
-    pl_actsparse.core.recipe.ScopeSpecError: scopes[0] has unknown key(s) ['pattern']; allowed: sparsity, names, patterns, types, validate
+    pl_actsparse.errors.ScopeSpecError: scopes[0] has unknown key(s) ['pattern']; allowed: sparsity, names, patterns, types, validate
     """
     if isinstance(spec, Mapping):
         _check_keys(spec, SCOPE_SPEC_KEYS, where)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from pl_actsparse.core.int8 import Int8WeightLinear
+from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
@@ -49,7 +50,7 @@ class Int8SparseInferenceLinear(nn.Module):
         if not isinstance(layer, Int8WeightLinear):
             raise TypeError(f"expected an Int8WeightLinear, got {type(layer).__qualname__}")
         if max_sparse_tokens is not None and max_sparse_tokens < 0:
-            raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
+            raise InvalidOptionError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens!r}")
         self.in_features = layer.in_features
         self.out_features = layer.out_features
         self.mode = layer.mode
@@ -62,7 +63,7 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer("zero_point", layer.zero_point)
         t = layer._buffers.get(THRESHOLD_BUFFER) if is_sparsified(layer) else None
         if t is not None and t.numel() != 1:
-            raise ValueError(f"{THRESHOLD_BUFFER} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
+            raise UnsupportedModuleError(f"{THRESHOLD_BUFFER} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
         thr = t.detach().reshape(()).float().clone() if t is not None else torch.tensor(-math.inf, device=layer.qweight.device)
         self.register_buffer(THRESHOLD_BUFFER, thr)
         b = layer.bias
@@ -136,7 +137,7 @@ class Int8SparseInferenceLinear(nn.Module):
         """The masked int8 product; output in ``x``'s dtype, or the autocast dtype under ``torch.autocast``
         (as ``F.linear``). With autograd recording, the differentiable dense path (gradients reach ``x``)."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+            raise InvalidOptionError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
         dev = x.device.type
         if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
             with torch.autocast(dev, enabled=False):

@@ -35,7 +35,7 @@ from torchmetrics import Metric
 
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_nbytes
 from pl_actsparse.core.masking import current_token_mask, select_tokens
-from pl_actsparse.errors import NotSparsifiedError, TokenMaskError
+from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, TokenMaskError
 
 __all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "quantile_from_histogram"]
 
@@ -60,13 +60,13 @@ def quantile_from_histogram(values: Tensor, counts: Tensor, q: float, interpolat
     0.5
     """
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must lie in [0, 1], got {q}")
+        raise InvalidOptionError(f"q must lie in [0, 1], got {q}")
     if interpolation not in ("lower", "linear"):
-        raise ValueError(f"interpolation must be 'lower' or 'linear', got {interpolation!r}")
+        raise InvalidOptionError(f"interpolation must be 'lower' or 'linear', got {interpolation!r}")
     values = values.detach().reshape(-1).to("cpu", torch.float64)
     counts = counts.detach().reshape(-1).to("cpu", torch.int64)
     if values.shape != counts.shape:
-        raise ValueError(f"values {tuple(values.shape)} and counts {tuple(counts.shape)} must have one count per value")
+        raise InvalidOptionError(f"values {tuple(values.shape)} and counts {tuple(counts.shape)} must have one count per value")
     keep = counts > 0
     values, counts = values[keep], counts[keep]
     total = int(counts.sum())
@@ -89,7 +89,7 @@ def quantile_from_histogram(values: Tensor, counts: Tensor, q: float, interpolat
 def _check_threshold(threshold: Tensor | float, d: int, layer: str, device: torch.device) -> Tensor:
     thr = torch.as_tensor(threshold, device=device).detach()
     if thr.numel() != 1 and tuple(thr.shape) != (d,):
-        raise ValueError(
+        raise InvalidOptionError(
             f"layer {layer!r}: a threshold must be a scalar or per-channel with shape [{d}] (in_features), "
             f"got shape {tuple(thr.shape)}"
         )
@@ -174,20 +174,20 @@ class ActivationSparsity(Metric):
         super().__init__(**kwargs)
         layers = [str(n) for n in layers]
         if not layers:
-            raise ValueError("ActivationSparsity needs at least one layer name")
+            raise InvalidOptionError("ActivationSparsity needs at least one layer name")
         if len(set(layers)) != len(layers):
-            raise ValueError(f"layer names must be unique, got {layers}")
+            raise InvalidOptionError(f"layer names must be unique, got {layers}")
         in_features = [int(d) for d in in_features]
         if len(in_features) != len(layers) or any(d < 1 for d in in_features):
-            raise ValueError(f"in_features must give one positive width per layer ({len(layers)}), got {in_features}")
+            raise InvalidOptionError(f"in_features must give one positive width per layer ({len(layers)}), got {in_features}")
         weights = [int(w) for w in (weight_bytes if weight_bytes is not None else in_features)]
         if len(weights) != len(layers) or any(w < 0 for w in weights):
-            raise ValueError(f"weight_bytes must give one non-negative size per layer ({len(layers)}), got {weights}")
+            raise InvalidOptionError(f"weight_bytes must give one non-negative size per layer ({len(layers)}), got {weights}")
         if token_bins is not None and (isinstance(token_bins, bool) or not isinstance(token_bins, int) or token_bins < 1):
-            raise ValueError(f"token_bins must be a positive int or None (exact), got {token_bins!r}")
+            raise InvalidOptionError(f"token_bins must be a positive int or None (exact), got {token_bins!r}")
         quantiles = tuple(float(q) for q in quantiles)
         if any(not 0.0 <= q <= 1.0 for q in quantiles):
-            raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
+            raise InvalidOptionError(f"quantiles must lie in [0, 1], got {quantiles}")
         self.layers = layers
         self.in_features = in_features
         self.weight_bytes = weights
@@ -236,7 +236,7 @@ class ActivationSparsity(Metric):
         d = self.in_features[i]
         x = inputs.detach()
         if x.dim() == 0 or x.shape[-1] != d:
-            raise ValueError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
+            raise InvalidOptionError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
         thr = _check_threshold(threshold, d, self.layers[i], x.device)
         mask = token_mask if token_mask is not None else current_token_mask()
         x = select_tokens(x, mask, layer=self.layers[i])
@@ -304,14 +304,14 @@ class ActivationSparsity(Metric):
 
         Raises:
             NotSparsifiedError: the model has no sparsified layer.
-            ValueError: a sparsified layer is not tracked by this metric.
+            InvalidOptionError: a sparsified layer is not tracked by this metric.
         """
         layers = dict(sparsified_layers(model))
         unknown = [n for n in layers if n not in self._index]
         if not layers:
             raise NotSparsifiedError("the model has no sparsified layer to observe")
         if unknown:
-            raise ValueError(f"sparsified layers {unknown} are not tracked by this metric (it tracks {self.layers})")
+            raise InvalidOptionError(f"sparsified layers {unknown} are not tracked by this metric (it tracks {self.layers})")
         key = id(self)
         for name, module in layers.items():
             module._actsparse.observers[key] = self._observer(self._index[name])
@@ -342,7 +342,7 @@ class ActivationSparsity(Metric):
         d = self.in_features[i]
         x = inputs.detach()
         if x.dim() == 0 or x.shape[-1] != d:
-            raise ValueError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
+            raise InvalidOptionError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
         thr = threshold.detach()
         per_token = (x.abs() <= thr).reshape(-1, d).sum(-1)
         mask = current_token_mask()

@@ -48,7 +48,7 @@ from torch import nn
 from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
-from pl_actsparse.errors import ActivationSparsityError, NotSparsifiedError
+from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
 
 __all__ = [
     "LayerReport",
@@ -570,7 +570,10 @@ def model_report(
             _measure(model, items, report, transform_fn, resolve_mask_fn(token_mask))
         return report
     if data is not None:
-        raise ValueError("data can only be measured on a live model; load the checkpoint into the model first")
+        raise InvalidOptionError(
+            f"data can only be measured on a live model, not on {type(model_or_checkpoint).__name__} "
+            f"{model_or_checkpoint!r:.80}; load the checkpoint into the model first"
+        )
     sd, label = _load_state_dict(model_or_checkpoint, prefix)
     rows = _rows_from_state_dict(sd)
     if not rows:
