@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pl_actsparse import integrations  # noqa: F401  (registers third-party layer types with core)
 from pl_actsparse.api import (
     SparsityPlan,
     calibrate_activation_sparsity,

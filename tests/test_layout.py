@@ -1,33 +1,66 @@
-"""The package layout: public names and the import rules."""
+"""The package layout: public names and the import rules between subpackages (lazy imports included)."""
 
 import ast
-import importlib
+import itertools
 import pathlib
 
 import pytest
 
 import pl_actsparse
 
+
 def test_every_public_name_resolves():
     missing = [n for n in pl_actsparse.__all__ if getattr(pl_actsparse, n, None) is None]
     assert missing == []
 
 
-def _imports(path: pathlib.Path) -> set[str]:
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-    return out
+def test_at_most_25_public_names_one_verb_per_step():
+    assert len(pl_actsparse.__all__) <= 25 and len(set(pl_actsparse.__all__)) == len(pl_actsparse.__all__)
 
 
 PKG = pathlib.Path(pl_actsparse.__file__).parent
+SUBPACKAGES = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists())
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def _import_froms(path: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every import in the file, lazy ones (inside functions) included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """Imported modules; ``from pl_actsparse.x import y`` counts as ``pl_actsparse.x.y`` when that is a module."""
+    out = set()
+    for module, names in _import_froms(path):
+        out.add(module)
+        out.update(f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES)
+    return out
 
 
 def _modules(sub: str):
     return list((PKG / sub).rglob("*.py"))
+
+
+def _package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _package_imports(sub: str) -> set[str]:
+    return {_package_of(i) for p in _modules(sub) for i in _imports(p) if i.startswith("pl_actsparse.")} - {sub}
 
 
 def test_kernels_import_nothing_from_the_package():
@@ -48,11 +81,93 @@ def test_only_the_lightning_and_demos_packages_import_lightning():
 
 
 @pytest.mark.parametrize("lower, higher", [("core", "measure"), ("core", "tuning"), ("core", "export"),
-                                           ("core", "lightning"), ("core", "demos"), ("measure", "export"),
-                                           ("measure", "lightning"), ("measure", "demos"),
+                                           ("core", "lightning"), ("core", "demos"), ("core", "integrations"),
+                                           ("measure", "export"), ("measure", "lightning"), ("measure", "demos"),
                                            ("tuning", "lightning"), ("tuning", "demos"),
                                            ("export", "lightning"), ("export", "demos")])
 def test_no_upward_imports(lower, higher):
     offenders = [str(p.relative_to(PKG)) for p in _modules(lower)
                  if any(i == f"pl_actsparse.{higher}" or i.startswith(f"pl_actsparse.{higher}.") for i in _imports(p))]
+    assert offenders == []
+
+
+# The rules below fail until another helper's branch is merged: exactly these cases are expected to fail.
+_UNTIL = {
+    "lightning->demos": "until the lightning branch merges (lightning/cli.py's demo subcommands move to demos/)",
+    "calibrate": "until the calibrate branch merges (core/levels.py and core/sequential.py import core/calibration.py privates)",
+    "lightning": "until the lightning branch merges (lightning/callback.py imports api._validated_targets)",
+    "tuning": "until the calibrate/tuning branches merge (tuning/sweep.py: core.calibration._bits_to_float; "
+              "tuning/allocation.py: tuning.objectives._LossRunner)",
+    "demos": "until the demos/tuning branches merge (demos/lightning_models.py imports tuning.objectives._logits)",
+    "exceptions": "until the calibrate branch merges (core/levels.py's control-flow exceptions NotLeveled and "
+                  "CacheSpoiled become private in calibrate/)",
+    "export": "until the kernel branch merges (export/convert.py imports export/linear.py's _applies_threshold, "
+              "_RestoreInfo, _state_of)",
+}
+
+
+def _xfail(key: str):
+    return pytest.mark.xfail(strict=False, reason=_UNTIL[key])
+
+
+@pytest.mark.parametrize("a, b", [pytest.param(a, b, marks=_xfail("lightning->demos")) if (a, b) == ("demos", "lightning")
+                                  else (a, b) for a, b in itertools.combinations(SUBPACKAGES, 2)])
+def test_no_import_cycle_between_subpackages(a, b):
+    assert not (b in _package_imports(a) and a in _package_imports(b)), f"{a} and {b} import each other"
+
+
+def test_no_import_cycle_between_modules_of_one_subpackage():
+    graph = {m: {i for i in _imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+    cycles = []
+    for m in graph:  # a path back to m through modules of m's own subpackage
+        seen, todo = set(), [d for d in graph[m] if _package_of(d) == _package_of(m)]
+        while todo:
+            d = todo.pop()
+            if d == m:
+                cycles.append(m)
+                break
+            if d not in seen:
+                seen.add(d)
+                todo += [e for e in graph[d] if _package_of(e) == _package_of(m)]
+    assert cycles == []
+
+
+@pytest.mark.parametrize("sub", [pytest.param(s, marks=_xfail("lightning->demos")) if s == "lightning" else s
+                                 for s in SUBPACKAGES if s != "demos"])
+def test_nothing_outside_demos_imports_demos(sub):
+    offenders = [str(p.relative_to(PKG)) for p in _modules(sub)
+                 if any(i == "pl_actsparse.demos" or i.startswith("pl_actsparse.demos.") for i in _imports(p))]
+    assert offenders == []
+
+
+_PRIVATE_XFAIL = {"core": "calibrate", "lightning": "lightning", "tuning": "tuning", "demos": "demos", "export": "export"}
+
+
+@pytest.mark.parametrize("sub", [pytest.param(s, marks=_xfail(_PRIVATE_XFAIL[s])) if s in _PRIVATE_XFAIL else s
+                                 for s in SUBPACKAGES] + [""])
+def test_no_module_imports_a_private_name_of_another(sub):
+    paths = _modules(sub) if sub else [p for p in PKG.glob("*.py")]
+    offenders = [f"{p.relative_to(PKG)} <- {module}.{name}" for p in paths for module, names in _import_froms(p)
+                 if module.startswith("pl_actsparse") for name in names if name.startswith("_") and not name.startswith("__")]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("sub", [pytest.param(s, marks=_xfail("exceptions")) if s == "core" else s
+                                 for s in SUBPACKAGES if s != "kernels"] + [""])
+def test_only_errors_defines_public_exception_classes(sub):
+    offenders = []
+    for p in _modules(sub) if sub else PKG.glob("*.py"):
+        if p == PKG / "errors.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = [getattr(b, "id", getattr(b, "attr", "")) for b in node.bases]
+                if any(b.endswith(("Error", "Exception")) for b in bases):
+                    offenders.append(f"{p.relative_to(PKG)}:{node.name}")
+    assert offenders == []
+
+
+def test_nothing_imports_an_integration_module_but_through_the_dispatch_point():
+    offenders = [f"{p.relative_to(PKG)} <- {i}" for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] != "integrations"
+                 for i in _imports(p) if i.startswith("pl_actsparse.integrations.")]
     assert offenders == []

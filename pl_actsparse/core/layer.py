@@ -57,6 +57,7 @@ __all__ = [
     "linear_like_weight_t",
     "linear_like_weight",
     "supported_layer_types",
+    "LINEAR_LIKE_SOURCES",
     "preserved",
 ]
 
@@ -300,13 +301,16 @@ def register_linear_like(
     return spec
 
 
-def _load_lazy_specs() -> None:
-    # third-party Linear-like types (GPT-2's Conv1D), registered once their library has been imported (a model
-    # holding one implies it): the dispatch point of pl_actsparse.integrations, imported here on first use
-    from pl_actsparse import integrations
+#: Callables ``() -> [(class, accessors of register_linear_like)]`` asked on each lookup for Linear-like types
+#: whose library has been imported since (a model holding one implies it): :mod:`pl_actsparse.integrations`
+#: adds its dispatch point here (GPT-2's Conv1D), so core imports no third-party integration.
+LINEAR_LIKE_SOURCES: list[Callable[[], list[tuple[type, dict[str, Callable[[nn.Module], Any]]]]]] = []
 
-    for cls, accessors in integrations.linear_like_types():
-        register_linear_like(cls, **accessors)
+
+def _load_lazy_specs() -> None:
+    for source in LINEAR_LIKE_SOURCES:
+        for cls, accessors in source():
+            register_linear_like(cls, **accessors)
 
 
 def linear_like_spec(module_or_cls: nn.Module | type) -> LinearLikeSpec | None:

@@ -5,7 +5,8 @@
 :mod:`~pl_actsparse.integrations.torchao` (weight-only int8 weights read for export) and
 :mod:`~pl_actsparse.integrations.nncf` (NNCF's hook storage). None of them imports its library: a model can
 hold such layers only once the library was imported, so each is looked up in ``sys.modules`` and loaded lazily.
-The rest of the package (``core`` included) imports this package, never one of its modules.
+The rest of the package imports this package, never one of its modules; ``core`` imports neither (this
+package registers :func:`linear_like_types` in :data:`pl_actsparse.core.layer.LINEAR_LIKE_SOURCES`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from typing import Any, Callable, Iterable
 
 from torch import Tensor, nn
+
+from pl_actsparse.core.layer import LINEAR_LIKE_SOURCES
 
 __all__ = ["linear_like_types", "layer_map", "sync_adapter_hooks", "int8_weight", "is_tool_storage",
            "forward_is_reentrant"]
@@ -36,6 +39,9 @@ def linear_like_types() -> list[tuple[type, dict[str, Callable[[nn.Module], Any]
             found += _integration(integration).linear_like_types(sys.modules[module])
             del _LINEAR_LIKE_PENDING[module]
     return found
+
+
+LINEAR_LIKE_SOURCES.append(linear_like_types)
 
 
 def layer_map(named_modules: Iterable[tuple[str, nn.Module]]) -> Any:
