@@ -23,8 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state
-from pl_actsparse.core.layer import linear_like_spec
+from pl_actsparse.core.layer import (
+    THRESHOLD_BUFFER,
+    SparsifierMode,
+    decode_sparsifier_state,
+    encode_sparsifier_state,
+    is_sparsified,
+    linear_like_spec,
+    sparsifier_state,
+)
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
@@ -36,9 +43,6 @@ __all__ = [
     "sparse_inference_linear",
 ]
 
-THRESHOLD_BUFFER = "activation_threshold"
-
-
 def is_sparsified_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a sparsified layer: an ``nn.Linear`` (or a Linear-like type registered with
     :func:`pl_actsparse.core.layer.register_linear_like`, e.g. GPT-2's ``Conv1D``) carrying an
@@ -49,10 +53,7 @@ def is_sparsified_linear(module: nn.Module) -> bool:
 
 def _applies_threshold(module: nn.Module) -> bool:
     # The core's layers are pass-through until calibrated (their forward ignores the buffer then).
-    state = getattr(module, "_actsparse", None)
-    if state is None or not hasattr(state, "mode"):
-        return True
-    return str(getattr(state.mode, "value", state.mode)) == "sparsifying"
+    return not is_sparsified(module) or sparsifier_state(module).mode is SparsifierMode.SPARSIFYING
 
 
 def default_max_sparse_tokens(
