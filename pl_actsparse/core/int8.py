@@ -8,7 +8,7 @@ checkpoints work on it as on a float layer, before or after quantization.
 
 The int8 codes are stored as ``W^T`` (``[in, out]``), the layout the sparse decode kernel reads
 (:mod:`pl_actsparse.kernels.int8_cpu`), with a scale and zero point per output channel (default) or per input
-channel. :func:`pl_actsparse.export.int8_linear.export_int8_for_inference` swaps them for
+channel. :func:`pl_actsparse.export.convert.export_for_inference` swaps them for
 :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear`, which runs the int8 sparse GEMV while
 decoding and a dequantize-and-GEMM dense path for prefill. See ``docs/int8.md``.
 """
