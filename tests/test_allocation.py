@@ -25,11 +25,7 @@ from pl_actsparse.tuning.allocation import (
     scopes_from_list,
 )
 from pl_actsparse.errors import InvalidTargetError, ScopeSpecError
-from pl_actsparse.tuning.weight_aware import (
-    is_weight_aware,
-    sparsify_activations_weight_aware,
-    weight_column_norms,
-)
+from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
 from pl_actsparse.measure.metric import SparsityCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

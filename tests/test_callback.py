@@ -29,12 +29,8 @@ from pl_actsparse import (
     prepare_activation_sparsity,
 )
 from pl_actsparse.errors import InvalidScopeError, InvalidTargetError
-from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
-from pl_actsparse.lightning.callback import (
-    CallbackConfigurationError,
-    ScopeSpec,
-    install_sparsifiers_from_state_dict,
-)
+from pl_actsparse.core.layer import SparsifierMode, sparsified_layers, sparsifier_state
+from pl_actsparse.lightning.callback import CallbackConfigurationError, ScopeSpec, install_sparsifiers_from_state_dict
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_llama
 
@@ -239,7 +235,7 @@ class _Probe(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         layers = list(sparsified_layers(pl_module))
-        self.seen["setup"] = (len(layers), {m._actsparse.mode for _, m in layers}, trainer.strategy.model is None or trainer.strategy.model is pl_module)
+        self.seen["setup"] = (len(layers), {sparsifier_state(m).mode for _, m in layers}, trainer.strategy.model is None or trainer.strategy.model is pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.thresholds_at_step.append(_thresholds(pl_module))
@@ -443,7 +439,7 @@ def test_linear_ramp_over_epochs_retargets_and_recalibrates():
     cb = _callback(schedule="linear", ramp_epochs=2, initial_sparsity=0.1, track=False)
     _trainer(cb, max_epochs=3, limit_val_batches=0, limit_train_batches=2).fit(lm, datamodule=TinyData())
     assert [(h["epoch"], round(h["target"], 6)) for h in cb.history] == [(0, 0.1), (1, 0.3), (2, 0.5)]
-    assert {round(m._actsparse.target, 6) for _, m in sparsified_layers(lm)} == {0.5}
+    assert {round(sparsifier_state(m).target, 6) for _, m in sparsified_layers(lm)} == {0.5}
     assert all(h["sparsity_after"] == pytest.approx(h["target"], abs=2e-3) for h in cb.history)
 
 
@@ -461,7 +457,7 @@ def test_gradient_mode(mode):
     trainer = _trainer(cb, max_steps=1, limit_val_batches=0)
     trainer.fit(lm, datamodule=TinyData())
     layers = dict(sparsified_layers(lm))
-    assert {m._actsparse.gradient_mode.value for m in layers.values()} == {mode}
+    assert {sparsifier_state(m).gradient_mode.value for m in layers.values()} == {mode}
     layer = layers["model.layers.0.mlp.down_proj"]
     x = torch.randn(5, layer.in_features, requires_grad=True)
     layer(x).sum().backward()

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.lightning.callback import ActivationSparsityCallback
 from pl_actsparse.lightning.cli import _as_option, main, run
 from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
@@ -101,7 +101,7 @@ def test_recipe_b_finetune_then_test_from_checkpoint(tmp_path):
     assert [h["reason"] for h in cb.history] == ["start of fit", "every 1 epoch(s)", "every 1 epoch(s)"]
     assert all(h["sparsity_after"] == pytest.approx(0.5, abs=1e-3) for h in cb.history)
     assert cb.history[1]["sparsity_before"] is not None
-    assert {m._actsparse.gradient_mode.value for _, m in sparsified_layers(cli.model)} == {"ste"}
+    assert {sparsifier_state(m).gradient_mode.value for _, m in sparsified_layers(cli.model)} == {"ste"}
     metrics = cli.trainer.callback_metrics
     assert "train/kd" in metrics and "actsparse/train/sparsity" in metrics and "actsparse/val/sparsity" in metrics
     last = next(tmp_path.rglob("last.ckpt"))
@@ -129,7 +129,7 @@ def test_recipe_c_hugging_face_llama(tmp_path):
     assert cli.datamodule.seq_len == 512  # ${model.init_args.config.max_position_embeddings}, resolved by omegaconf
     names = list(_thresholds(cli.model))
     assert names == [f"model.model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
-    report = {n: m._actsparse.calibration_sparsity for n, m in sparsified_layers(cli.model)}
+    report = {n: sparsifier_state(m).calibration_sparsity for n, m in sparsified_layers(cli.model)}
     assert all(v == pytest.approx(0.3 if "down" not in n else 0.5, abs=1e-3) for n, v in report.items())
     assert "actsparse/val/sparsity" in cli.trainer.callback_metrics
 

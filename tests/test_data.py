@@ -12,13 +12,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.demos import paths as data_mod
-from pl_actsparse.demos.tinystories import (
-    DATA_ENV_VAR,
-    TokenWindows,
-    load_stories,
-    load_text,
-    resolve_data_dir,
-)
+from pl_actsparse.demos.tinystories import DATA_ENV_VAR, TokenWindows, load_stories, load_text, resolve_data_dir
 from pl_actsparse.tuning.objectives import mean_nll, perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsify_activations
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.errors import TokenMaskError
 
 from tiny_models import SEED_RECIPE_PATTERNS, tiny_hf_llama, tiny_llama
@@ -75,11 +75,11 @@ def check_real_token_sparsity(model, batches, call, tol=0.002):
     modules = dict(model.named_modules())
     for name, x in real_token_inputs(model, batches, call).items():
         m = modules[name]
-        target = m._actsparse.target
+        target = sparsifier_state(m).target
         achieved = assert_best_reachable(x, m.activation_threshold, target, name)
         assert abs(achieved - target) <= tol, (name, achieved, target)
-        assert m._actsparse.calibration_elements == x.numel(), name
-        assert m._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12), name
+        assert sparsifier_state(m).calibration_elements == x.numel(), name
+        assert sparsifier_state(m).calibration_sparsity == pytest.approx(achieved, abs=1e-12), name
 
 
 def test_best_reachable_check_agrees_with_brute_force():
@@ -127,7 +127,7 @@ def test_hf_llama_padded_equals_unpadded_bit_for_bit(side, dtype):
     sparsify_activations(everything, batches, RECIPE, progress=False, token_mask=None)
     c = thresholds(everything)
     assert any(not torch.equal(a[n], c[n]) for n in a)
-    assert all(m._actsparse.calibration_elements == 8 * 16 * m.in_features for _, m in sparsified_layers(everything))
+    assert all(sparsifier_state(m).calibration_elements == 8 * 16 * m.in_features for _, m in sparsified_layers(everything))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_property_padding_never_moves_a_threshold(lengths, side, target, dtype, 
     sparsify_activations(flat, [torch.cat(s)[None] for s in seqs], recipe, progress=False)
     a, b = thresholds(padded), thresholds(flat)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    assert padded.up._actsparse.calibration_elements == sum(map(sum, lengths)) * 16
+    assert sparsifier_state(padded.up).calibration_elements == sum(map(sum, lengths)) * 16
 
 
 def test_explicit_mask_function_for_tuple_batches():

@@ -19,7 +19,7 @@ from pl_actsparse import TargetScope
 from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
 from pl_actsparse.core import sequential
 from pl_actsparse.core.calibration import calibrate_layers
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.core.masking import current_token_mask
 from pl_actsparse.core.sequential import calibrate_sequential, find_block_list
 from pl_actsparse.errors import InvalidTargetError, NonFiniteActivationError
@@ -71,7 +71,7 @@ def test_disk_offload_cleans_up_and_keeps_nothing_on_the_blocks(tmp_path):
     model, _, _ = _calibrate(tiny_llama, token_batches(), ALL, calibrate_sequential, offload="disk", offload_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
     assert all("forward" not in b.__dict__ for b in model.layers)  # the stubs are gone
-    assert all(not m._actsparse.observers for _, m in sparsified_layers(model))
+    assert all(not sparsifier_state(m).observers for _, m in sparsified_layers(model))
 
 
 def test_training_flags_are_restored():
@@ -328,7 +328,7 @@ def test_auto_chooses_by_model_size(monkeypatch, min_bytes, chosen):
     model = tiny_llama()
     sparsify_activations(model, token_batches(), ALL, progress=False)
     assert ("sequential" if calls else "lockstep") == chosen
-    assert all(m._actsparse.mode.value == "sparsifying" for _, m in sparsified_layers(model))
+    assert all(sparsifier_state(m).mode.value == "sparsifying" for _, m in sparsified_layers(model))
 
 
 def test_find_block_list():

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, activation_sparsity_report, calibrate_activation_sparsity, sparsify_activations
 from pl_actsparse.errors import CalibrationConvergenceError
 
@@ -49,7 +50,7 @@ def test_issue_case_every_call_counts():
     achieved, x = achieved_over_all(lin, xs)
     assert achieved == pytest.approx(best_reachable(x.abs(), 0.5), abs=1e-12)
     assert achieved == pytest.approx(0.5, abs=1 / 512)
-    assert lin._actsparse.calibration_elements == 512  # both calls, every element
+    assert sparsifier_state(lin).calibration_elements == 512  # both calls, every element
     assert lin._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12)
     report = calibrate_activation_sparsity(net, data, progress=False)
     st_ = report.statistics["0"]
@@ -71,7 +72,7 @@ def test_repeated_layer_with_other_layers_sparsified_in_between():
     for name, target, module in (("0", 0.4, shared), ("2", 0.6, mid)):
         achieved, x = achieved_over_all(module, seen[name])
         assert achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12), name
-        assert module._actsparse.calibration_elements == x.numel()
+        assert sparsifier_state(module).calibration_elements == x.numel()
 
 
 @settings(max_examples=12, deadline=None)
@@ -94,8 +95,8 @@ def test_property_every_call_counts(seed, calls, target, dtype):
         warnings.simplefilter("always")
         sparsify_activations(net, data, {TargetScope(names=["0"]): target}, progress=False)
     achieved, x = achieved_over_all(lin, all_call_inputs(net, ["0"], data)["0"])
-    assert lin._actsparse.calibration_elements == x.numel() == 2 * 10 * 6 * calls
-    assert lin._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12)
+    assert sparsifier_state(lin).calibration_elements == x.numel() == 2 * 10 * 6 * calls
+    assert sparsifier_state(lin).calibration_sparsity == pytest.approx(achieved, abs=1e-12)
     exact = achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12)
     jumped = any("jumps over the target" in str(w.message) and "'0'" in str(w.message) for w in caught)
     assert exact or jumped
@@ -148,7 +149,7 @@ def test_tied_albert_layers_with_padding():
         assert len(seen[name]) == 6  # 3 calls x 2 batches
         assert x.shape[0] == 3 * (10 + 6 + 8 + 3)
         assert achieved == pytest.approx(best_reachable(x.abs(), target), abs=1e-12), name
-        assert modules[name]._actsparse.calibration_elements == x.numel()
+        assert sparsifier_state(modules[name]).calibration_elements == x.numel()
 
 
 DDP_LENGTHS = ([10, 6], [8, 3], [5, 9], [7, 2])
@@ -255,7 +256,7 @@ def test_a_jump_over_the_target_is_warned_and_the_closer_side_kept():
     tau = float(lin.activation_threshold)
     want = 0.37 * 240
     z, x = _zeroed_over_all_calls(net, lin, data, tau)
-    assert z == round(lin._actsparse.calibration_sparsity * 240)
+    assert z == round(sparsifier_state(lin).calibration_sparsity * 240)
     assert best_reachable(x.abs(), 0.37) * 240 != z  # not a fixed point: its own inputs would want another tau
     above = float(torch.nextafter(torch.tensor(tau), torch.tensor(float("inf"))))
     below = float(torch.nextafter(torch.tensor(tau), torch.tensor(0.0)))
@@ -279,5 +280,5 @@ def test_coupled_layers_without_exact_fixed_point_keep_the_closest_pass_with_a_w
     seen = all_call_inputs(net, ["0", "2"], data)
     for name, m in (("0", a), ("2", b)):
         achieved, x = achieved_over_all(m, seen[name])
-        assert m._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12)  # the kept pass is the real one
+        assert sparsifier_state(m).calibration_sparsity == pytest.approx(achieved, abs=1e-12)  # the kept pass is the real one
         assert abs(achieved - best_reachable(x.abs(), 0.5)) <= cal.COUPLED_TOLERANCE

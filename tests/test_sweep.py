@@ -10,12 +10,7 @@ from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_act
 from pl_actsparse.core.layer import is_sparsified, sparsifier_state
 from pl_actsparse.core.calibration import LayerStatistics, coarse_histogram
 from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
-from pl_actsparse.tuning.sweep import (
-    apply_statistics,
-    sweep_sparsity,
-    threshold_for_target,
-    thresholds_for_targets,
-)
+from pl_actsparse.tuning.sweep import apply_statistics, sweep_sparsity, threshold_for_target, thresholds_for_targets
 from pl_actsparse.measure.metric import SparsityCounter
 
 FIRST = "layers.0.self_attn.q_proj"  # the first sparsified layer the data reaches in TinyLlama
