@@ -47,6 +47,7 @@ from pl_actsparse.core.layer import (
     uninstall_sparsifier,
 )
 from pl_actsparse.core.masking import resolve_mask_fn
+from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -581,6 +582,7 @@ def load_activation_sparsity(
     *,
     prefix: str = "",
     strict: bool = True,
+    _weights_loaded: bool = False,
 ) -> nn.Module:
     """Load a sparsified state dict, checkpoint file or ``save_pretrained`` folder into a model, in place.
 
@@ -592,9 +594,10 @@ def load_activation_sparsity(
     :func:`from_pretrained`). Weights tied in the model (an HF ``lm_head`` tied to the embedding, which
     ``save_pretrained`` stores once) count as loaded when the tensor they share was.
 
-    ``strict=True``: every key must match and every saved threshold must come with its sparsifier state;
-    otherwise nothing is changed and :class:`~pl_actsparse.errors.CheckpointError` names what is wrong.
-    ``strict=False``: what matches is loaded; a threshold without state still makes a sparsifying layer
+    ``strict=True``: every key must match (name, shape, tensor kind: a torchao-quantized weight does not fit a
+    float one) and every saved threshold must come with its sparsifier state; otherwise nothing is changed (all
+    of this is checked before the first tensor is copied) and :class:`~pl_actsparse.errors.CheckpointError`
+    names what is wrong and the fix. ``strict=False``: what matches is loaded, the rest is warned about; a threshold without state still makes a sparsifying layer
     (never a silently dense one) and each thing that could not be restored is warned about.
 
     Raises :class:`NotSparsifiedError` (no threshold in the state dict, or layers the model lacks),
@@ -624,30 +627,20 @@ def load_activation_sparsity(
     wrong = [f"{n!r} ({type(modules[n]).__qualname__})" for n in names if not is_linear_like(modules[n])]
     if wrong:
         raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
+    warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warn about these
+    fit = state_dict_fit(model, sd, names, weights_loaded=_weights_loaded)  # before anything is copied
+    fit.missing = [k for k in fit.missing if k not in warned]
+    problems = [p for p in fit.problems if not p.startswith("missing")] + (
+        [f"missing keys {fit.missing[:10]}{' ...' if len(fit.missing) > 10 else ''}"] if fit.missing else [])
+    if problems and strict:
+        raise CheckpointError(
+            f"the state dict does not fit {type(model).__name__} (nothing was loaded): " + "; ".join(problems)
+            + ". Pass strict=False to load what matches"
+        )
     snaps = _snapshot(modules, names)
     try:
         install_sparsifiers_from_state_dict(model, sd)
-        result = model.load_state_dict(sd, strict=False)
-        warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warned about these
-        missing = [k for k in _untied(model, result.missing_keys, sd) if k not in warned]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if result.unexpected_keys:
-            u = result.unexpected_keys
-            problems.append(f"unexpected keys {u[:10]}{' ...' if len(u) > 10 else ''}")
-        int8 = sorted({k.rpartition(".")[0] for k in result.unexpected_keys if k.endswith(".qweight")})
-        if int8:
-            problems.append(
-                f"{int8[:5]}{' ...' if len(int8) > 5 else ''} are int8 layers in the state dict (qweight, scale, "
-                "zero_point) but float layers here: quantize the model the same way first "
-                "(pl_actsparse.core.int8.quantize_weights_int8 with the same scope), then load"
-            )
-        if problems and strict:
-            raise CheckpointError(
-                f"the state dict does not fit {type(model).__name__}: " + "; ".join(problems)
-                + ". Pass strict=False to load what matches"
-            )
+        model.load_state_dict(fit.loadable, strict=False)
         if problems:
             warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
     except BaseException:
@@ -656,15 +649,6 @@ def load_activation_sparsity(
     finally:
         sync_adapter_hooks(model)
     return model
-
-
-def _untied(model: nn.Module, missing: list[str], sd: Mapping[str, Any]) -> list[str]:
-    """Missing keys whose tensor is not shared with a key that was loaded (tied weights are loaded)."""
-    if not missing:
-        return []
-    own = model.state_dict(keep_vars=True)
-    loaded_ptrs = {own[k].data_ptr() for k in sd if k in own and isinstance(own[k], torch.Tensor)}
-    return [k for k in missing if not (isinstance(own.get(k), torch.Tensor) and own[k].data_ptr() in loaded_ptrs)]
 
 
 def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = True, **kwargs: Any) -> nn.Module:
@@ -685,4 +669,5 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = T
     if not hasattr(model_cls, "from_pretrained"):
         raise TypeError(f"model_cls must have a from_pretrained method (an HF model or auto class), got {model_cls!r}")
     model = model_cls.from_pretrained(path, **kwargs)
-    return load_activation_sparsity(model, path, strict=strict)
+    # HF loaded the weights (also those accelerate offloads to cpu/disk under device_map): add the sparsity only
+    return load_activation_sparsity(model, path, strict=strict, _weights_loaded=True)

@@ -402,9 +402,12 @@ def install_sparsifier(
             f"only nn.Linear, its subclasses and registered Linear-like types can be sparsified "
             f"(see register_linear_like), got {type(module).__qualname__}"
         )
-    weight = getattr(module, "weight", None)
-    device = weight.device if isinstance(weight, torch.Tensor) else None
-    module.__class__ = _sparse_class_for(type(module))
+    from pl_actsparse.integrations.accelerate import rebind_forward, threshold_device
+
+    device = threshold_device(module, getattr(module, "weight", None))  # offloaded (meta) weight: the hook's device
+    old_cls = type(module)
+    module.__class__ = _sparse_class_for(old_cls)
+    rebind_forward(module, old_cls, module.__class__)  # accelerate's stored forward must reach the sparsifier
     module.register_buffer(THRESHOLD_BUFFER, torch.tensor(-math.inf, dtype=torch.float32, device=device))
     module._actsparse = SparsifierState(target=float(target), gradient_mode=GradientMode(gradient_mode))
     return module
@@ -418,7 +421,10 @@ def uninstall_sparsifier(module: nn.Module) -> nn.Module:
     del module._buffers[THRESHOLD_BUFFER]
     module._non_persistent_buffers_set.discard(THRESHOLD_BUFFER)
     del module.__dict__["_actsparse"]
-    module.__class__ = orig
+    from pl_actsparse.integrations.accelerate import rebind_forward
+
+    sparse_cls, module.__class__ = type(module), orig
+    rebind_forward(module, sparse_cls, orig)
     return module
 
 

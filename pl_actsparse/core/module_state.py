@@ -1,0 +1,125 @@
+"""Checks and snapshots that let a call into the model change nothing it should not.
+
+* :func:`state_dict_fit`: which keys of a state dict can be copied into a model, decided *before* anything is
+  copied (``load_state_dict`` copies key by key and stops at the first failure, leaving the earlier tensors
+  overwritten): missing and unexpected keys, shape mismatches, tensor kinds (a torchao-quantized weight into a
+  float parameter or back), and parameters accelerate offloaded to ``meta`` (where a copy is a silent no-op).
+* :func:`preserved_modes`: every module's ``training`` flag is put back as it was after a block that switches
+  modes (calibration runs the model in ``eval()``), on success and on error, so a frozen submodule in
+  ``eval()`` inside a training model stays frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from pl_actsparse.core.layer import THRESHOLD_BUFFER
+
+__all__ = ["StateDictFit", "state_dict_fit", "preserved_modes"]
+
+_STATE_KEY = "_extra_state"
+
+
+@dataclass
+class StateDictFit:
+    """What :func:`state_dict_fit` found. ``loadable``: the entries that can be copied as they are;
+    ``problems``: one sentence per kind of misfit (empty when everything fits)."""
+
+    loadable: dict[str, Any]
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _plain(t: Any) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _few(xs: list[str]) -> str:
+    return f"{xs[:10]}{' ...' if len(xs) > 10 else ''}"
+
+
+def state_dict_fit(model: nn.Module, sd: Mapping[str, Any], sparsified: Iterable[str], *,
+                   weights_loaded: bool = False) -> StateDictFit:
+    """Compare ``sd`` with ``model``'s state dict as it will be once the layers ``sparsified`` carry
+    sparsifiers (their ``activation_threshold`` of any shape and ``_extra_state`` keys are expected), without
+    changing the model. ``weights_loaded``: only the sparsity entries are to be loaded (the weights are in
+    place already, e.g. loaded by HF ``from_pretrained``); other keys are neither missing nor loaded.
+    """
+    own = model.state_dict(keep_vars=True)
+    sparse_keys = set()
+    for name in sparsified:
+        for suffix in (THRESHOLD_BUFFER, _STATE_KEY):
+            sparse_keys.add(f"{name}.{suffix}" if name else suffix)
+    expected = set(own) | sparse_keys
+    if weights_loaded:
+        expected &= sparse_keys
+        sd = {k: v for k, v in sd.items() if k in sparse_keys}
+    fit = StateDictFit(loadable={})
+    shape, quantized, offloaded = [], [], []
+    for key, value in sd.items():
+        if key not in expected:
+            fit.unexpected.append(key)
+            continue
+        target = own.get(key)
+        if key in sparse_keys or not isinstance(target, torch.Tensor) or not isinstance(value, torch.Tensor):
+            fit.loadable[key] = value
+        elif _plain(target) != _plain(value):
+            quantized.append(key)
+        elif target.device.type == "meta" and value.device.type != "meta":
+            offloaded.append(key)
+        elif tuple(target.shape) != tuple(value.shape):
+            shape.append(f"{key}: {tuple(value.shape)} in the state dict, {tuple(target.shape)} in the model")
+        else:
+            fit.loadable[key] = value
+    ptrs = {own[k].data_ptr() for k in fit.loadable if isinstance(own.get(k), torch.Tensor) and own[k].device.type != "meta"}
+    for key in expected:
+        if key in sd:
+            continue
+        t = own.get(key)
+        tied = isinstance(t, torch.Tensor) and t.device.type != "meta" and t.data_ptr() in ptrs  # lm_head tied to the embedding
+        if not tied:
+            fit.missing.append(key)
+    order = {k: i for i, k in enumerate(own)}
+    fit.missing.sort(key=lambda k: order.get(k, len(order)))
+    if fit.missing:
+        fit.problems.append(f"missing keys {_few(fit.missing)}")
+    if fit.unexpected:
+        fit.problems.append(f"unexpected keys {_few(fit.unexpected)}")
+    int8 = sorted({k.rpartition(".")[0] for k in fit.unexpected if k.endswith(".qweight")})
+    if int8:
+        fit.problems.append(
+            f"{_few(int8)} are int8 layers in the state dict (qweight, scale, zero_point) but float layers here: "
+            "quantize the model the same way first (pl_actsparse.core.int8.quantize_weights_int8 with the same "
+            "scope), then load")
+    if shape:
+        fit.problems.append(f"shape mismatches {_few(shape)}")
+    if quantized:
+        layers = sorted({k.rpartition(".")[0] for k in quantized})
+        into_float = any(not _plain(sd[k]) for k in quantized)
+        fit.problems.append(
+            f"{_few(layers)} hold quantized (tensor-subclass, e.g. torchao) weights in "
+            + ("the state dict but float weights here: quantize the model the same way first "
+               "(torchao.quantization.quantize_ with the same config and filter), then load" if into_float else
+               "the model but float weights in the state dict: load into a float model, then quantize"))
+    if offloaded:
+        fit.problems.append(
+            f"{_few(offloaded)} are offloaded by accelerate (on 'meta' in the model; a copy into them does "
+            "nothing): load the weights with from_pretrained(..., device_map=...) or before dispatching the model")
+    return fit
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule's ``training`` flag back as it was on exit (normal or by an exception)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training

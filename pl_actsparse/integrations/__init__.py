@@ -1,0 +1,1 @@
+"""Integrations with other libraries' mechanisms (accelerate dispatch hooks, peft adapters)."""

@@ -1,0 +1,87 @@
+"""Sparsified layers under accelerate's dispatch hooks (``device_map``, cpu/disk offload, ``dispatch_model``,
+``cpu_offload``).
+
+accelerate's ``add_hook_to_module`` stores the module's bound ``forward`` in ``module._old_forward`` and puts
+a wrapper in the *instance* attribute ``forward``; ``remove_hook_from_module`` later puts ``_old_forward``
+back as the instance ``forward``. Both shadow the class, so a class swap alone would never reach the
+sparsifier (the layer reports sparsifying and runs dense). :func:`rebind_forward` re-points every such
+instance attribute bound to the old class's ``forward`` at the new class's one, on install and on removal, in
+either order of dispatch and sparsification.
+
+Offloaded layers keep their weights in the hook's ``weights_map`` and on ``meta`` in the module; their threshold
+buffer is created on the hook's execution device (:func:`threshold_device`), where it stays (accelerate moves
+buffers only with ``offload_buffers=True``, which is refused with an error: the threshold would be read from a
+``weights_map`` that does not hold it).
+
+accelerate is never imported here: a hooked module is recognised by its ``_hf_hook`` attribute.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["rebind_forward", "forward_patch_problem", "threshold_device", "is_offloaded"]
+
+_FORWARD_ATTRS = ("forward", "_old_forward")
+
+
+def _hooks(module: nn.Module) -> list[Any]:
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])  # a SequentialHook holds several
+
+
+def rebind_forward(module: nn.Module, old_cls: type, new_cls: type) -> None:
+    """After ``module.__class__`` changed from ``old_cls`` to ``new_cls``: every instance attribute
+    (``forward``, accelerate's ``_old_forward``) that is ``old_cls.forward`` bound to ``module`` becomes
+    ``new_cls.forward`` bound to it."""
+    for attr in _FORWARD_ATTRS:
+        bound = module.__dict__.get(attr)
+        if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old_cls.forward:
+            module.__dict__[attr] = types.MethodType(new_cls.forward, module)
+
+
+def forward_patch_problem(module: nn.Module) -> str | None:
+    """Why a sparsifier installed on ``module`` would not run in its forward, or ``None`` when it would.
+
+    Runs: no instance ``forward``; an instance ``forward`` that is the module's own class ``forward`` bound to it
+    (what ``remove_hook_from_module`` leaves); an accelerate hook whose ``_old_forward`` is such a bound method.
+    Does not run: any other instance ``forward`` (a patch replacing the computation), and accelerate hooks that
+    offload buffers (``offload_buffers=True``: the threshold buffer would be fetched from a ``weights_map``
+    that lacks it).
+    """
+    cls = type(module)
+    for attr in _FORWARD_ATTRS:
+        bound = module.__dict__.get(attr)
+        if bound is None or (attr == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__):
+            continue
+        if not (isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is cls.forward):
+            return (f"its forward is replaced on the instance by {getattr(bound, '__qualname__', type(bound).__qualname__)} "
+                    f"(via {attr!r}), which never calls the class's forward: the sparsifier would not run")
+    if any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in _hooks(module)):
+        return ("it is dispatched by accelerate with offload_buffers=True: its threshold buffer would be looked up "
+                "in the offloaded weights, which do not hold it; dispatch with offload_buffers=False")
+    return None
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps ``module``'s weights outside it (on ``meta`` between forwards)."""
+    return any(getattr(h, "offload", False) for h in _hooks(module))
+
+
+def threshold_device(module: nn.Module, weight: Any) -> torch.device | None:
+    """Where a new threshold buffer of ``module`` lives: with its weight, or on the accelerate hook's execution
+    device when the weight is offloaded (on ``meta``); ``None`` for a module without a weight tensor."""
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if weight.device.type == "meta":
+        for h in _hooks(module):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    return weight.device
