@@ -47,7 +47,8 @@ from pl_actsparse.core.layer import (
     uninstall_sparsifier,
 )
 from pl_actsparse.core.masking import resolve_mask_fn
-from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
+from pl_actsparse.integrations.accelerate import forward_patch_problem
+from pl_actsparse.core.module_state import keep_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -201,12 +202,20 @@ def plan_activation_sparsity(
             f"no layer left to sparsify: the target scopes matched {len(claims)} nn.Linear layer(s) and "
             f"ignored_scope removed {len([n for n in claims if n in ignored_names])} of them"
         )
+    _check_reachable(dict(modules), chosen)
     return SparsityPlan(
         targets={n: targets[claims[n][0]] for n in chosen},
         claimed_by={n: claims[n][0] for n in chosen},
         skipped=[(n, skipped[n]) for n in order if n in skipped and n not in ignored_names],
         ignored=[n for n in order if n in claims and n in ignored_names],
     )
+
+
+def _check_reachable(modules: dict[str, nn.Module], names: Iterable[str]) -> None:
+    """Raise :class:`UnsupportedModuleError` for layers whose forward would never reach a sparsifier."""
+    stuck = [f"{n!r}: {p}" for n in names if (p := forward_patch_problem(modules[n])) is not None]
+    if stuck:
+        raise UnsupportedModuleError("these layers would stay dense if sparsified: " + "; ".join(stuck))
 
 
 def _is_private(name: str) -> bool:
@@ -327,7 +336,7 @@ def calibrate_activation_sparsity(
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
     snaps = _snapshot(modules, names)
     try:
-        stats = _calibrate(
+        stats = keep_modes(_calibrate)(  # calibration runs in eval(): frozen submodules stay so
             model,
             [(n, modules[n]) for n in names],
             items,
@@ -447,7 +456,7 @@ def sparsify_activations(
             install_sparsifier(modules[name], target, mode)
         sync_adapter_hooks(model)
         model.__dict__["_actsparse_plan"] = plan
-        stats = _calibrate(
+        stats = keep_modes(_calibrate)(  # calibration runs in eval(): frozen submodules stay so
             model,
             [(n, modules[n]) for n in plan.targets],
             items,
@@ -574,6 +583,7 @@ def _check_saved_layers(model: nn.Module, saved: list[SavedSparsifier]) -> None:
         raise UnsupportedModuleError(
             f"the state dict sparsifies modules that are not nn.Linear or a registered Linear-like type here: {wrong}"
         )
+    _check_reachable(modules, [e.name for e in saved])
 
 
 def load_activation_sparsity(

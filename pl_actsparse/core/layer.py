@@ -141,7 +141,8 @@ class ActivationSparsifierMixin:
             x = state.session.arrive(self, input)
         else:
             x = input
-        if state.observers:
+        if state.observers and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
+            # not during backward: activation checkpointing's recomputation is no new data for any metric
             for observer in list(state.observers.values()):
                 observer(self, input, x)
         return x

@@ -12,15 +12,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from pl_actsparse.core.layer import THRESHOLD_BUFFER
 
-__all__ = ["StateDictFit", "state_dict_fit", "preserved_modes"]
+__all__ = ["StateDictFit", "state_dict_fit", "preserved_modes", "keep_modes"]
 
 _STATE_KEY = "_extra_state"
 
@@ -123,3 +124,14 @@ def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def keep_modes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(model, ...)`` run inside :func:`preserved_modes` of its first argument."""
+
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with preserved_modes(model):
+            return fn(model, *args, **kwargs)
+
+    return run

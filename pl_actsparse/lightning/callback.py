@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.api import (
     _validated_targets,
     calibrate_activation_sparsity,
@@ -451,6 +452,7 @@ class ActivationSparsityCallback(Callback):
         }
         before = ActivationSparsity.from_model(module).to(pl_module.device) if calibrated_before else None
         stack = contextlib.ExitStack()
+        stack.enter_context(preserved_modes(pl_module))  # a frozen (eval) backbone stays frozen
         if before is not None:
             # count |x| <= old threshold on the very inputs calibration sees (each layer's new inputs)
             for name, m in sparsified_layers(module):
