@@ -328,7 +328,8 @@ def calibrate_activation_sparsity(
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
         raise NotSparsifiedError("the model has no sparsified layer: call sparsify_activations or prepare_activation_sparsity first")
-    names = present if layers is None else list(layers)
+    inactive = adapter_map(modules.items()).branch_of  # peft copies the forward does not call (modules_to_save)
+    names = [n for n in present if n not in inactive] if layers is None else list(layers)
     unknown = [n for n in names if n not in present]
     if unknown:
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
