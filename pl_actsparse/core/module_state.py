@@ -127,11 +127,14 @@ def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def keep_modes(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(model, ...)`` run inside :func:`preserved_modes` of its first argument."""
+    """``fn(model, ...)`` (a calibration) run inside :func:`preserved_modes` of its first argument, with its
+    accelerate offload hooks safe for several batches in flight
+    (:func:`~pl_actsparse.integrations.accelerate.shared_offload_hooks`)."""
+    from pl_actsparse.integrations.accelerate import shared_offload_hooks
 
     @functools.wraps(fn)
     def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with preserved_modes(model):
+        with preserved_modes(model), shared_offload_hooks(model):
             return fn(model, *args, **kwargs)
 
     return run

@@ -18,13 +18,14 @@ accelerate is never imported here: a hooked module is recognised by its ``_hf_ho
 
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["rebind_forward", "forward_patch_problem", "threshold_device", "is_offloaded"]
+__all__ = ["rebind_forward", "forward_patch_problem", "threshold_device", "is_offloaded", "shared_offload_hooks"]
 
 _FORWARD_ATTRS = ("forward", "_old_forward")
 
@@ -85,3 +86,47 @@ def threshold_device(module: nn.Module, weight: Any) -> torch.device | None:
             if dev is not None:
                 return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
     return weight.device
+
+
+class _SharedOnload:
+    """An accelerate hook of an offloaded module shared by several batches in flight at once (lockstep
+    calibration runs one thread per batch, all waiting inside the layer): the weights are unloaded to ``meta``
+    only when the last call leaves, not when the first one does (which would hand the others meta weights)."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook, self.calls = hook, 0
+        self.lock = __import__("threading").Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.hook, name)
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            self.calls += 1
+            return self.hook.pre_forward(module, *args, **kwargs)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        with self.lock:
+            self.calls -= 1
+            if self.calls == 0:
+                return self.hook.post_forward(module, output)
+        device = getattr(self.hook, "input_device", None)
+        if getattr(self.hook, "io_same_device", False) and device is not None:
+            from accelerate.utils import send_to_device
+
+            return send_to_device(output, device)
+        return output
+
+
+@contextlib.contextmanager
+def shared_offload_hooks(model: nn.Module) -> Iterator[None]:
+    """While open, every offloaded module's accelerate hook tolerates concurrent calls (see
+    :class:`_SharedOnload`); the hooks are put back on exit. A no-op for a model without offloaded modules."""
+    swapped = [(m, m.__dict__["_hf_hook"]) for m in model.modules() if is_offloaded(m)]
+    for m, hook in swapped:
+        m.__dict__["_hf_hook"] = _SharedOnload(hook)
+    try:
+        yield
+    finally:
+        for m, hook in swapped:
+            m.__dict__["_hf_hook"] = hook
