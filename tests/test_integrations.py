@@ -58,12 +58,13 @@ def test_from_pretrained_offloaded_sparsifies_like_in_memory(saved, tmp_path):
     assert (got - dense).abs().max() > 1e-3  # not silently dense
 
 
-def test_calibrating_a_dispatched_model_equals_in_memory(saved, tmp_path):
+@pytest.mark.parametrize("method", ["lockstep", "sequential"])
+def test_calibrating_a_dispatched_model_equals_in_memory(saved, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
     data, sparse, dense_dir, _ = saved
     m = AutoModelForCausalLM.from_pretrained(dense_dir, device_map=_device_map(2), offload_folder=tmp_path / "off")
-    sparsify_activations(m, data, MLP, progress=False, calibration="lockstep")
+    sparsify_activations(m, data, MLP, progress=False, calibration=method)
     got_t = _thresholds(m)
     for n, t in _thresholds(sparse).items():
         assert torch.equal(got_t[n], t), n
@@ -87,6 +88,8 @@ def test_cpu_offload_either_order_and_bit_for_bit_removal():
     after = tiny_hf_llama()  # sparsify, then dispatch
     sparsify_activations(after, data, MLP, progress=False)
     accelerate.cpu_offload(after, execution_device="cpu")
+    with pytest.raises(UnsupportedModuleError, match="first parameter is offloaded"):
+        calibrate_activation_sparsity(before, data, progress=False)  # an error, not a crash in accelerate
     with torch.no_grad():
         for m in (before, after):
             assert torch.equal(m(data[0]).logits, want)
