@@ -668,8 +668,9 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = T
     ``model_cls`` is an HF model class or auto class (``AutoModelForCausalLM``); ``kwargs`` go to its
     ``from_pretrained`` (``torch_dtype``, ...). HF builds the dense model (and lists the thresholds and
     ``_extra_state`` entries as unexpected keys, which it ignores); :func:`load_activation_sparsity` then
-    installs the sparsifiers and loads the saved tensors of the folder, so every layer sparsifies exactly as
-    when it was saved. Models saved after :func:`~pl_actsparse.export.convert.export_for_inference` store
+    installs the sparsifiers and loads the thresholds and states of the folder (the weights are HF's), so every
+    layer sparsifies exactly as when it was saved, also under ``device_map`` with cpu/disk offload (see
+    ``docs/integrations.md``). Models saved after :func:`~pl_actsparse.export.convert.export_for_inference` store
     their weights in the ``nn.Linear`` layout and load as sparsified models: export them again.
 
     Everything comes from tensors in the folder (``model.safetensors`` by default); nothing is unpickled.
