@@ -192,7 +192,11 @@ def test_calibration_keeps_every_module_mode_on_success_and_error():
 def test_activation_checkpointing_does_not_change_the_metric(reentrant):
     from pl_actsparse.measure.metric import ActivationSparsity
 
+    from pl_actsparse.core.masking import token_mask
+
     data = token_batches(2)
+    mask = torch.ones_like(data[0])
+    mask[0, 10:] = 0  # padding: the recomputation in backward runs outside the forward's token-mask context
     values = []
     for ckpt in (False, True):
         m = sparsify_activations(tiny_hf_llama(), data, MLP, progress=False)
@@ -201,9 +205,13 @@ def test_activation_checkpointing_does_not_change_the_metric(reentrant):
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         metric = ActivationSparsity.from_model(m)
         with metric.observe(m):
-            m(data[0], labels=data[0]).loss.backward()
-        values.append({k: float(v) for k, v in metric.compute().items()})
-    assert values[0] == values[1]
+            with token_mask(mask.bool()):
+                loss = m(data[0], attention_mask=mask, labels=data[0]).loss
+            loss.backward()
+        values.append(({k: float(v) for k, v in metric.compute().items()}, metric.elements.clone()))
+    assert values[0][0] == values[1][0]
+    assert torch.equal(values[0][1], values[1][1])  # no element counted twice
+    assert int(values[0][1][0]) == int(mask.sum()) * 32
 
 
 # -- fault 5: peft modules_to_save ---------------------------------------------------------------------------
@@ -273,3 +281,44 @@ def test_left_padding_guarantee_is_on_the_real_tokens_of_the_padded_forward():
     batches = [pad(s, "left", position_ids=True) for s in seqs]
     model = sparsify_activations(tiny_hf_llama(), batches, RECIPE, progress=False)
     check_real_token_sparsity(model, batches, lambda m, b: m(**b))
+
+
+def test_callback_calibrations_keep_a_frozen_batchnorm_backbone_frozen():
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pl_actsparse import ActivationSparsityCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+            self.head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+            self.backbone.requires_grad_(False)
+            self.modes = []
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+        def on_train_epoch_start(self):
+            self.backbone.eval()  # frozen: BatchNorm statistics must not move
+
+        def training_step(self, batch, batch_idx):
+            self.modes.append(self.backbone[1].training)
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 8, generator=g) * 3 + 1, torch.randint(0, 4, (32,), generator=g))
+    net = Net()
+    stats = (net.backbone[1].running_mean.clone(), net.backbone[1].running_var.clone())
+    cb = ActivationSparsityCallback(scopes=[{"patterns": [r"head\.2"], "sparsity": 0.5}], input_key=0,
+                                    calibration_dataloader=DataLoader(data, batch_size=8), recalibrate_every_n_steps=1,
+                                    progress=False, verbose=False)
+    pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(net, DataLoader(data, batch_size=8))
+    assert len(cb.history) > 2 and net.modes and not any(net.modes)
+    assert torch.equal(net.backbone[1].running_mean, stats[0]) and torch.equal(net.backbone[1].running_var, stats[1])
