@@ -239,6 +239,10 @@ def test_modules_to_save_resolves_to_the_active_copy_and_keeps_thresholds_on_swi
     for n, t in t_default.items():
         assert torch.equal(pm.get_submodule(n).activation_threshold, t), n  # untouched by the other's calibration
     calibrate_activation_sparsity(pm, data, progress=False)  # the inactive copy is not calibrated (never called)
+    from pl_actsparse import remove_activation_sparsity
+
+    remove_activation_sparsity(pm, TargetScope(patterns=[".*down_proj"]))  # every copy, active or not
+    assert not list(sparsified_layers(pm))
 
 
 def test_sparsified_before_peft_recalibrates_the_active_copy():

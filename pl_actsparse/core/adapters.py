@@ -108,6 +108,7 @@ class AdapterMap:
     def aliases(self, name: str) -> list[str]:
         """Every name a sparsified layer answers to: its own and its wrapper's."""
         wrapper = self.wrapper_of.get(name) or next((w for w, c in self.copy_of.items() if c == name), None)
+        wrapper = wrapper or self.branch_of.get(name)  # an inactive modules_to_save copy answers to its wrapper
         return [name] if wrapper is None else [name, wrapper]
 
 
