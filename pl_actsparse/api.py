@@ -631,13 +631,7 @@ def load_activation_sparsity(
             "loses them). Pass strict=False to load them as sparsifying layers with unknown targets, or recalibrate"
         )
     modules = dict(model.named_modules())
-    names = [e.name for e in saved]
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise NotSparsifiedError(f"the state dict sparsifies layers the model does not have: {missing}")
-    wrong = [f"{n!r} ({type(modules[n]).__qualname__})" for n in names if not is_linear_like(modules[n])]
-    if wrong:
-        raise UnsupportedModuleError(f"the state dict sparsifies modules that are not nn.Linear here: {wrong}")
+    names = [e.name for e in saved]  # checked by _check_saved_layers
     warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warn about these
     fit = state_dict_fit(model, sd, names, weights_loaded=_weights_loaded)  # before anything is copied
     fit.missing = [k for k in fit.missing if k not in warned]

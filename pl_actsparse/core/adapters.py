@@ -93,13 +93,12 @@ class AdapterMap:
     wrapper_of: dict[str, str] = field(default_factory=dict)
     branch_of: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.base_of or self.unsupported or self.copy_of)
-
     #: peft ``ModulesToSaveWrapper`` name -> name of its active copy (``...modules_to_save.<adapter>``), the
     #: module its forward calls; its other copies (``original_module``, inactive adapters) are in ``branch_of``
     copy_of: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.base_of or self.unsupported or self.copy_of)
 
     def canonical(self, name: str) -> str:
         """The layer a matched module name stands for (a wrapper stands for its base layer or active copy)."""
@@ -165,8 +164,9 @@ def _map_modules_to_save(modules: list[tuple[str, nn.Module]], result: AdapterMa
         copies = getattr(module, "modules_to_save", {})
         if active and active[0] in copies and not module.disable_adapters:
             result.copy_of[name] = f"{name}.modules_to_save.{active[0]}"
+        active_copy = result.copy_of.get(name)
         for sub, _ in modules:
-            if sub.startswith(name + ".") and sub != result.copy_of.get(name) and not sub.startswith(result.copy_of.get(name, "\0") + "."):
+            if sub.startswith(name + ".") and not (active_copy and (sub + ".").startswith(active_copy + ".")):
                 result.branch_of[sub] = name
 
 
