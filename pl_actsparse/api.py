@@ -632,12 +632,9 @@ def load_activation_sparsity(
         )
     modules = dict(model.named_modules())
     names = [e.name for e in saved]  # checked by _check_saved_layers
-    warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warn about these
-    fit = state_dict_fit(model, sd, names, weights_loaded=_weights_loaded)  # before anything is copied
-    fit.missing = [k for k in fit.missing if k not in warned]
-    problems = [p for p in fit.problems if not p.startswith("missing")] + (
-        [f"missing keys {fit.missing[:10]}{' ...' if len(fit.missing) > 10 else ''}"] if fit.missing else [])
-    if problems and strict:
+    warned = [e.key(STATE_KEY) for e in saved if e.state is None]  # the layers warn about these
+    loadable, problems = state_dict_fit(model, sd, names, weights_loaded=_weights_loaded, may_miss=warned)
+    if problems and strict:  # found before anything is copied
         raise CheckpointError(
             f"the state dict does not fit {type(model).__name__} (nothing was loaded): " + "; ".join(problems)
             + ". Pass strict=False to load what matches"
@@ -645,7 +642,7 @@ def load_activation_sparsity(
     snaps = _snapshot(modules, names)
     try:
         install_sparsifiers_from_state_dict(model, sd)
-        model.load_state_dict(fit.loadable, strict=False)
+        model.load_state_dict(loadable, strict=False)
         if problems:
             warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
     except BaseException:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -21,20 +20,9 @@ from torch import nn
 
 from pl_actsparse.core.layer import THRESHOLD_BUFFER
 
-__all__ = ["StateDictFit", "state_dict_fit", "preserved_modes", "keep_modes"]
+__all__ = ["state_dict_fit", "preserved_modes", "keep_modes"]
 
 _STATE_KEY = "_extra_state"
-
-
-@dataclass
-class StateDictFit:
-    """What :func:`state_dict_fit` found. ``loadable``: the entries that can be copied as they are;
-    ``problems``: one sentence per kind of misfit (empty when everything fits)."""
-
-    loadable: dict[str, Any]
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
 
 
 def _plain(t: Any) -> bool:
@@ -45,31 +33,25 @@ def _few(xs: list[str]) -> str:
     return f"{xs[:10]}{' ...' if len(xs) > 10 else ''}"
 
 
-def state_dict_fit(model: nn.Module, sd: Mapping[str, Any], sparsified: Iterable[str], *,
-                   weights_loaded: bool = False) -> StateDictFit:
-    """Compare ``sd`` with ``model``'s state dict as it will be once the layers ``sparsified`` carry
-    sparsifiers (their ``activation_threshold`` of any shape and ``_extra_state`` keys are expected), without
-    changing the model. ``weights_loaded``: only the sparsity entries are to be loaded (the weights are in
-    place already, e.g. loaded by HF ``from_pretrained``); other keys are neither missing nor loaded.
+def state_dict_fit(model: nn.Module, sd: Mapping[str, Any], sparsified: Iterable[str], *, weights_loaded: bool = False,
+                   may_miss: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """``(loadable, problems)``: the entries of ``sd`` that can be copied into ``model`` as it will be once the
+    layers ``sparsified`` carry sparsifiers (their thresholds may have any shape), and one sentence per kind of
+    misfit (empty when everything fits), without changing the model. ``weights_loaded``: only the sparsity
+    entries are loaded (the weights are in place, e.g. loaded by HF ``from_pretrained``); ``may_miss``: keys
+    whose absence is reported elsewhere.
     """
     own = model.state_dict(keep_vars=True)
-    sparse_keys = set()
-    for name in sparsified:
-        for suffix in (THRESHOLD_BUFFER, _STATE_KEY):
-            sparse_keys.add(f"{name}.{suffix}" if name else suffix)
-    expected = set(own) | sparse_keys
-    if weights_loaded:
-        expected &= sparse_keys
-        sd = {k: v for k, v in sd.items() if k in sparse_keys}
-    fit = StateDictFit(loadable={})
-    shape, quantized, offloaded = [], [], []
+    sparse_keys = {f"{n}.{k}" if n else k for n in sparsified for k in (THRESHOLD_BUFFER, _STATE_KEY)}
+    expected = sparse_keys if weights_loaded else set(own) | sparse_keys
+    loadable, unexpected, shape, quantized, offloaded = {}, [], [], [], []
     for key, value in sd.items():
-        if key not in expected:
-            fit.unexpected.append(key)
-            continue
         target = own.get(key)
-        if key in sparse_keys or not isinstance(target, torch.Tensor) or not isinstance(value, torch.Tensor):
-            fit.loadable[key] = value
+        if key not in expected:
+            if not weights_loaded:
+                unexpected.append(key)
+        elif key in sparse_keys or not isinstance(target, torch.Tensor) or not isinstance(value, torch.Tensor):
+            loadable[key] = value
         elif _plain(target) != _plain(value):
             quantized.append(key)
         elif target.device.type == "meta" and value.device.type != "meta":
@@ -77,42 +59,36 @@ def state_dict_fit(model: nn.Module, sd: Mapping[str, Any], sparsified: Iterable
         elif tuple(target.shape) != tuple(value.shape):
             shape.append(f"{key}: {tuple(value.shape)} in the state dict, {tuple(target.shape)} in the model")
         else:
-            fit.loadable[key] = value
-    ptrs = {own[k].data_ptr() for k in fit.loadable if isinstance(own.get(k), torch.Tensor) and own[k].device.type != "meta"}
-    for key in expected:
-        if key in sd:
-            continue
-        t = own.get(key)
-        tied = isinstance(t, torch.Tensor) and t.device.type != "meta" and t.data_ptr() in ptrs  # lm_head tied to the embedding
-        if not tied:
-            fit.missing.append(key)
-    order = {k: i for i, k in enumerate(own)}
-    fit.missing.sort(key=lambda k: order.get(k, len(order)))
-    if fit.missing:
-        fit.problems.append(f"missing keys {_few(fit.missing)}")
-    if fit.unexpected:
-        fit.problems.append(f"unexpected keys {_few(fit.unexpected)}")
-    int8 = sorted({k.rpartition(".")[0] for k in fit.unexpected if k.endswith(".qweight")})
+            loadable[key] = value
+    real = lambda t: isinstance(t, torch.Tensor) and t.device.type != "meta"  # noqa: E731
+    ptrs = {own[k].data_ptr() for k in loadable if real(own.get(k))}  # a weight tied to a loaded one is loaded
+    skip = set(sd) | set(may_miss)
+    missing = [k for k in [*own, *sorted(sparse_keys - set(own))] if k in expected and k not in skip
+               and not (real(own.get(k)) and own[k].data_ptr() in ptrs)]
+    problems = [f"missing keys {_few(missing)}"] if missing else []
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    int8 = sorted({k.rpartition(".")[0] for k in unexpected if k.endswith(".qweight")})
     if int8:
-        fit.problems.append(
+        problems.append(
             f"{_few(int8)} are int8 layers in the state dict (qweight, scale, zero_point) but float layers here: "
             "quantize the model the same way first (pl_actsparse.core.int8.quantize_weights_int8 with the same "
             "scope), then load")
     if shape:
-        fit.problems.append(f"shape mismatches {_few(shape)}")
+        problems.append(f"shape mismatches {_few(shape)}")
     if quantized:
         layers = sorted({k.rpartition(".")[0] for k in quantized})
-        into_float = any(not _plain(sd[k]) for k in quantized)
-        fit.problems.append(
+        problems.append(
             f"{_few(layers)} hold quantized (tensor-subclass, e.g. torchao) weights in "
             + ("the state dict but float weights here: quantize the model the same way first "
-               "(torchao.quantization.quantize_ with the same config and filter), then load" if into_float else
+               "(torchao.quantization.quantize_ with the same config and filter), then load"
+               if any(not _plain(sd[k]) for k in quantized) else
                "the model but float weights in the state dict: load into a float model, then quantize"))
     if offloaded:
-        fit.problems.append(
+        problems.append(
             f"{_few(offloaded)} are offloaded by accelerate (on 'meta' in the model; a copy into them does "
             "nothing): load the weights with from_pretrained(..., device_map=...) or before dispatching the model")
-    return fit
+    return loadable, problems
 
 
 @contextlib.contextmanager
