@@ -326,3 +326,40 @@ def test_callback_calibrations_keep_a_frozen_batchnorm_backbone_frozen():
                enable_model_summary=False, callbacks=[cb]).fit(net, DataLoader(data, batch_size=8))
     assert len(cb.history) > 2 and net.modes and not any(net.modes)
     assert torch.equal(net.backbone[1].running_mean, stats[0]) and torch.equal(net.backbone[1].running_var, stats[1])
+
+
+def test_callback_warns_when_a_sparsified_layer_is_never_reached():
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pl_actsparse import ActivationSparsityCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.use_b = True
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h) if self.use_b else h
+
+        def validation_step(self, batch, batch_idx):
+            return self(batch[0]).sum()
+
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(16, 8, generator=g), torch.zeros(16)), batch_size=8)
+    net = Net()
+    cb = ActivationSparsityCallback(scopes=[{"types": [nn.Linear], "sparsity": 0.5}], input_key=0,
+                                    calibration_dataloader=data, progress=False, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[cb])
+    trainer.validate(net, data)
+    net.use_b = False  # a path that never reaches b's sparsifier
+    with pytest.warns(UserWarning, match=r"val: sparsified layers \['b'\] saw no input"):
+        trainer.validate(net, data)
+    net.use_b = True
+    net.b.forward = lambda x: nn.functional.linear(x, net.b.weight, net.b.bias)  # patched after sparsifying
+    with pytest.raises(UnsupportedModuleError, match=r"'b': its forward is replaced on the instance"):
+        trainer.validate(net, data)  # found when the callback plans again
