@@ -19,6 +19,7 @@ accelerate is never imported here: a hooked module is recognised by its ``_hf_ho
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from typing import Any, Iterator
 
@@ -95,7 +96,7 @@ class _SharedOnload:
 
     def __init__(self, hook: Any) -> None:
         self.hook, self.calls = hook, 0
-        self.lock = __import__("threading").Lock()
+        self.lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.hook, name)
