@@ -18,7 +18,13 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from pl_actsparse.integrations import is_tool_storage, layer_map, sync_adapter_hooks
+from pl_actsparse.integrations import (
+    forward_patch_problem,
+    is_tool_storage,
+    layer_map,
+    shared_offload_hooks,
+    sync_adapter_hooks,
+)
 from pl_actsparse.core.calibration import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.core.sequential import calibrate as _calibrate, check_calibration_options
@@ -48,6 +54,7 @@ from pl_actsparse.core.layer import (
     uninstall_sparsifier,
 )
 from pl_actsparse.core.masking import resolve_mask_fn
+from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -184,12 +191,20 @@ def plan_activation_sparsity(
             f"no layer left to sparsify: the target scopes matched {len(claims)} nn.Linear layer(s) and "
             f"ignored_scope removed {len([n for n in claims if n in ignored_names])} of them"
         )
+    _check_reachable(dict(modules), chosen)
     return SparsityPlan(
         targets={n: targets[claims[n][0]] for n in chosen},
         claimed_by={n: claims[n][0] for n in chosen},
         skipped=[(n, skipped[n]) for n in order if n in skipped and n not in ignored_names],
         ignored=[n for n in order if n in claims and n in ignored_names],
     )
+
+
+def _check_reachable(modules: dict[str, nn.Module], names: Iterable[str]) -> None:
+    """Raise :class:`UnsupportedModuleError` for layers whose forward would never reach a sparsifier."""
+    stuck = [f"{n!r}: {p}" for n in names if (p := forward_patch_problem(modules[n])) is not None]
+    if stuck:
+        raise UnsupportedModuleError("these layers would stay dense if sparsified: " + "; ".join(stuck))
 
 
 def _entry_kind(match: Any, label: str) -> str:
@@ -269,6 +284,17 @@ def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
 _snapshot, _restore = snapshot_layers, restore_layers
 
 
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(model, ...)`` (a calibration) with every submodule's ``training`` flag put back on exit and
+    accelerate's offload hooks safe for several batches in flight."""
+
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with preserved_modes(model), shared_offload_hooks(model):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
 def calibrate_activation_sparsity(
     model: nn.Module,
     dataset: Iterable[Any],
@@ -297,7 +323,8 @@ def calibrate_activation_sparsity(
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
         raise NotSparsifiedError("the model has no sparsified layer: call sparsify_activations or prepare_activation_sparsity first")
-    names = present if layers is None else list(layers)
+    inactive = layer_map(modules.items()).branch_of  # peft copies the forward does not call (modules_to_save)
+    names = [n for n in present if n not in inactive] if layers is None else list(layers)
     unknown = [n for n in names if n not in present]
     if unknown:
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
@@ -305,7 +332,7 @@ def calibrate_activation_sparsity(
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
     snaps = _snapshot(modules, names)
     try:
-        stats = _calibrate(
+        stats = _guarded(_calibrate)(  # calibration runs in eval(): frozen submodules stay so
             model,
             [(n, modules[n]) for n in names],
             items,
@@ -425,7 +452,7 @@ def sparsify_activations(
             install_sparsifier(modules[name], target, mode)
         sync_adapter_hooks(model)
         model.__dict__["_actsparse_plan"] = plan
-        stats = _calibrate(
+        stats = _guarded(_calibrate)(  # calibration runs in eval(): frozen submodules stay so
             model,
             [(n, modules[n]) for n in plan.targets],
             items,
@@ -552,6 +579,7 @@ def _check_saved_layers(model: nn.Module, saved: list[SavedSparsifier]) -> None:
         raise UnsupportedModuleError(
             f"the state dict sparsifies modules that are not nn.Linear or a registered Linear-like type here: {wrong}"
         )
+    _check_reachable(modules, [e.name for e in saved])
 
 
 def load_activation_sparsity(
@@ -560,6 +588,7 @@ def load_activation_sparsity(
     *,
     prefix: str = "",
     strict: bool = True,
+    _weights_loaded: bool = False,
 ) -> nn.Module:
     """Load a sparsified state dict, checkpoint file or ``save_pretrained`` folder into a model, in place.
 
@@ -571,9 +600,10 @@ def load_activation_sparsity(
     :func:`from_pretrained`). Weights tied in the model (an HF ``lm_head`` tied to the embedding, which
     ``save_pretrained`` stores once) count as loaded when the tensor they share was.
 
-    ``strict=True``: every key must match and every saved threshold must come with its sparsifier state;
-    otherwise nothing is changed and :class:`~pl_actsparse.errors.CheckpointError` names what is wrong.
-    ``strict=False``: what matches is loaded; a threshold without state still makes a sparsifying layer
+    ``strict=True``: every key must match (name, shape, tensor kind: a torchao-quantized weight does not fit a
+    float one) and every saved threshold must come with its sparsifier state; otherwise nothing is changed (all
+    of this is checked before the first tensor is copied) and :class:`~pl_actsparse.errors.CheckpointError`
+    names what is wrong and the fix. ``strict=False``: what matches is loaded, the rest is warned about; a threshold without state still makes a sparsifying layer
     (never a silently dense one) and each thing that could not be restored is warned about.
 
     Raises :class:`NotSparsifiedError` (no threshold in the state dict, or layers the model lacks),
@@ -596,31 +626,18 @@ def load_activation_sparsity(
             "loses them). Pass strict=False to load them as sparsifying layers with unknown targets, or recalibrate"
         )
     modules = dict(model.named_modules())
-    names = [e.name for e in saved]
+    names = [e.name for e in saved]  # checked by _check_saved_layers
+    warned = [e.key(STATE_KEY) for e in saved if e.state is None]  # the layers warn about these
+    loadable, problems = state_dict_fit(model, sd, names, weights_loaded=_weights_loaded, may_miss=warned)
+    if problems and strict:  # found before anything is copied
+        raise CheckpointError(
+            f"the state dict does not fit {type(model).__name__} (nothing was loaded): " + "; ".join(problems)
+            + ". Pass strict=False to load what matches"
+        )
     snaps = _snapshot(modules, names)
     try:
         install_sparsifiers_from_state_dict(model, sd)
-        result = model.load_state_dict(sd, strict=False)
-        warned = {e.key(STATE_KEY) for e in saved if e.state is None}  # the layers warned about these
-        missing = [k for k in _untied(model, result.missing_keys, sd) if k not in warned]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if result.unexpected_keys:
-            u = result.unexpected_keys
-            problems.append(f"unexpected keys {u[:10]}{' ...' if len(u) > 10 else ''}")
-        int8 = sorted({k.rpartition(".")[0] for k in result.unexpected_keys if k.endswith(".qweight")})
-        if int8:
-            problems.append(
-                f"{int8[:5]}{' ...' if len(int8) > 5 else ''} are int8 layers in the state dict (qweight, scale, "
-                "zero_point) but float layers here: quantize the model the same way first "
-                "(pl_actsparse.core.int8.quantize_weights_int8 with the same scope), then load"
-            )
-        if problems and strict:
-            raise CheckpointError(
-                f"the state dict does not fit {type(model).__name__}: " + "; ".join(problems)
-                + ". Pass strict=False to load what matches"
-            )
+        model.load_state_dict(loadable, strict=False)
         if problems:
             warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
     except BaseException:
@@ -631,23 +648,15 @@ def load_activation_sparsity(
     return model
 
 
-def _untied(model: nn.Module, missing: list[str], sd: Mapping[str, Any]) -> list[str]:
-    """Missing keys whose tensor is not shared with a key that was loaded (tied weights are loaded)."""
-    if not missing:
-        return []
-    own = model.state_dict(keep_vars=True)
-    loaded_ptrs = {own[k].data_ptr() for k in sd if k in own and isinstance(own[k], torch.Tensor)}
-    return [k for k in missing if not (isinstance(own.get(k), torch.Tensor) and own[k].data_ptr() in loaded_ptrs)]
-
-
 def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = True, **kwargs: Any) -> nn.Module:
     """Load a sparsified model saved with HF ``save_pretrained``: ``model_cls.from_pretrained`` plus sparsity.
 
     ``model_cls`` is an HF model class or auto class (``AutoModelForCausalLM``); ``kwargs`` go to its
     ``from_pretrained`` (``torch_dtype``, ...). HF builds the dense model (and lists the thresholds and
     ``_extra_state`` entries as unexpected keys, which it ignores); :func:`load_activation_sparsity` then
-    installs the sparsifiers and loads the saved tensors of the folder, so every layer sparsifies exactly as
-    when it was saved. Models saved after :func:`~pl_actsparse.export.convert.export_for_inference` store
+    installs the sparsifiers and loads the thresholds and states of the folder (the weights are HF's), so every
+    layer sparsifies exactly as when it was saved, also under ``device_map`` with cpu/disk offload (see
+    ``docs/integrations.md``). Models saved after :func:`~pl_actsparse.export.convert.export_for_inference` store
     their weights in the ``nn.Linear`` layout and load as sparsified models: export them again.
 
     Everything comes from tensors in the folder (``model.safetensors`` by default); nothing is unpickled.
@@ -658,4 +667,5 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *, strict: bool = T
     if not hasattr(model_cls, "from_pretrained"):
         raise TypeError(f"model_cls must have a from_pretrained method (an HF model or auto class), got {model_cls!r}")
     model = model_cls.from_pretrained(path, **kwargs)
-    return load_activation_sparsity(model, path, strict=strict)
+    # HF loaded the weights (also those accelerate offloads to cpu/disk under device_map): add the sparsity only
+    return load_activation_sparsity(model, path, strict=strict, _weights_loaded=True)

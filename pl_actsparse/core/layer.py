@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
@@ -148,7 +149,8 @@ class ActivationSparsifierMixin:
             x = state.session.arrive(self, input)
         else:
             x = input
-        if state.observers:
+        if state.observers and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
+            # not during backward: activation checkpointing's recomputation is no new data for any metric
             for observer in list(state.observers.values()):
                 observer(self, input, x)
         return x
@@ -448,6 +450,33 @@ def sparsified_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
             yield name, module  # type: ignore[misc]
 
 
+#: Functions ``module -> torch.device | None`` telling where the threshold of a layer whose weight is on ``meta``
+#: (offloaded) must live; :mod:`pl_actsparse.integrations` registers accelerate's hook reader here.
+PLACEMENT_SOURCES: list[Callable[[nn.Module], torch.device | None]] = []
+
+
+def _threshold_device(module: nn.Module) -> torch.device | None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if weight.device.type == "meta":
+        for source in PLACEMENT_SOURCES:
+            device = source(module)
+            if device is not None:
+                return device
+    return weight.device
+
+
+def rebind_instance_forward(module: nn.Module, old_cls: type, new_cls: type) -> None:
+    """After ``module.__class__`` changed from ``old_cls`` to ``new_cls``: every instance attribute ``forward`` or
+    ``_old_forward`` (where accelerate's dispatch hooks keep the bound forward they call) that is ``old_cls.forward``
+    bound to ``module`` becomes ``new_cls.forward`` bound to it, so the class swap reaches what actually runs."""
+    for attr in ("forward", "_old_forward"):
+        bound = module.__dict__.get(attr)
+        if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ is old_cls.forward:
+            module.__dict__[attr] = types.MethodType(new_cls.forward, module)
+
+
 def install_sparsifier(
     module: nn.Linear, target: float, gradient_mode: GradientMode | str = GradientMode.MASKED
 ) -> nn.Linear:
@@ -461,9 +490,10 @@ def install_sparsifier(
             f"only nn.Linear, its subclasses and registered Linear-like types can be sparsified "
             f"(see register_linear_like), got {type(module).__qualname__}"
         )
-    weight = getattr(module, "weight", None)
-    device = weight.device if isinstance(weight, torch.Tensor) else None
-    module.__class__ = sparse_class_for(type(module))
+    device = _threshold_device(module)
+    old_cls = type(module)
+    module.__class__ = sparse_class_for(old_cls)
+    rebind_instance_forward(module, old_cls, module.__class__)  # accelerate's stored forward must reach the sparsifier
     module.register_buffer(THRESHOLD_BUFFER, torch.tensor(-math.inf, dtype=torch.float32, device=device))
     module._actsparse = SparsifierState(target=float(target), gradient_mode=GradientMode(gradient_mode))
     return module
@@ -477,7 +507,8 @@ def uninstall_sparsifier(module: nn.Module) -> nn.Module:
     del module._buffers[THRESHOLD_BUFFER]
     module._non_persistent_buffers_set.discard(THRESHOLD_BUFFER)
     del module.__dict__["_actsparse"]
-    module.__class__ = orig
+    sparse_cls, module.__class__ = type(module), orig
+    rebind_instance_forward(module, sparse_cls, orig)
     return module
 
 

@@ -233,7 +233,7 @@ class Llama2cAttention(nn.Module):
         mask = None
         is_causal = False
         if T == S:
-            is_causal = T > 1
+            is_causal = bool(T > 1)  # a Python bool also when tracing (torch.jit.trace gives shapes as tensors)
         elif T > 1:  # a chunk after cached positions: query i sees keys <= S - T + i
             i = torch.arange(T, device=x.device)[:, None]
             j = torch.arange(S, device=x.device)[None, :]

@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterable
 
 from torch import Tensor, nn
 
-from pl_actsparse.core.layer import LINEAR_LIKE_SOURCES
+from pl_actsparse.core.layer import LINEAR_LIKE_SOURCES, PLACEMENT_SOURCES
 
 __all__ = ["linear_like_types", "layer_map", "sync_adapter_hooks", "int8_weight", "is_tool_storage",
-           "forward_is_reentrant"]
+           "forward_is_reentrant", "forward_patch_problem", "shared_offload_hooks"]
 
 # library module that defines a Linear-like type -> the integration that describes it (dropped once registered)
 _LINEAR_LIKE_PENDING = {"transformers.pytorch_utils": "transformers"}
@@ -75,3 +75,23 @@ def is_tool_storage(name: str) -> bool:
 def forward_is_reentrant(model: nn.Module) -> bool:
     """Whether two forwards of ``model`` may overlap (not for NNCF-wrapped models, which patch shared state)."""
     return "nncf" not in sys.modules or not _integration("nncf").has_hooks(model)
+
+
+def _offload_device(module: nn.Module) -> Any:
+    return _integration("accelerate").threshold_device(module) if "_hf_hook" in module.__dict__ else None
+
+
+PLACEMENT_SOURCES.append(_offload_device)
+
+
+def forward_patch_problem(module: nn.Module) -> str | None:
+    """Why a sparsifier installed on ``module`` would not run in its forward (a forward patched on the instance,
+    an accelerate hook offloading buffers), or ``None`` when it would
+    (:func:`pl_actsparse.integrations.accelerate.forward_patch_problem`)."""
+    return _integration("accelerate").forward_patch_problem(module)
+
+
+def shared_offload_hooks(model: nn.Module) -> Any:
+    """A context in which accelerate's offload hooks of ``model`` tolerate several batches in flight at once
+    (:func:`pl_actsparse.integrations.accelerate.shared_offload_hooks`)."""
+    return _integration("accelerate").shared_offload_hooks(model)

@@ -105,17 +105,21 @@ class AdapterMap:
     wrapper_of: dict[str, str] = field(default_factory=dict)
     branch_of: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: peft ``ModulesToSaveWrapper`` name -> name of its active copy (``...modules_to_save.<adapter>``), the
+    #: module its forward calls; its other copies (``original_module``, inactive adapters) are in ``branch_of``
+    copy_of: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.base_of or self.unsupported)
+        return bool(self.base_of or self.unsupported or self.copy_of)
 
     def canonical(self, name: str) -> str:
-        """The layer a matched module name stands for (a wrapper stands for its base layer)."""
-        return self.base_of.get(name, name)
+        """The layer a matched module name stands for (a wrapper stands for its base layer or active copy)."""
+        return self.base_of.get(name, self.copy_of.get(name, name))
 
     def aliases(self, name: str) -> list[str]:
         """Every name a sparsified layer answers to: its own and its wrapper's."""
-        wrapper = self.wrapper_of.get(name)
+        wrapper = self.wrapper_of.get(name) or next((w for w, c in self.copy_of.items() if c == name), None)
+        wrapper = wrapper or self.branch_of.get(name)  # an inactive modules_to_save copy answers to its wrapper
         return [name] if wrapper is None else [name, wrapper]
 
     def select(self, name: str, exact: bool) -> Selection:
@@ -143,6 +147,7 @@ def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
     if _tuner_layer_class() is None:
         return result
     modules = list(named_modules)
+    _map_modules_to_save(modules, result)
     wrappers = [(n, m) for n, m in modules if is_adapter_wrapper(m)]
     outer = []
     for name, module in wrappers:
@@ -173,6 +178,26 @@ def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
         result.base_of[name] = base_name
         result.wrapper_of[base_name] = name
     return result
+
+
+def _map_modules_to_save(modules: list[tuple[str, nn.Module]], result: AdapterMap) -> None:
+    """peft ``modules_to_save``: the wrapper calls ``modules_to_save[active]`` (a trained copy) and never its
+    ``original_module`` (only with adapters disabled). The wrapper stands for its active copy; every other copy
+    is nobody's layer while inactive (a sparsified one keeps its own threshold for when it is active again)."""
+    cls = getattr(sys.modules.get("peft.utils.other"), "ModulesToSaveWrapper", None)
+    if cls is None:
+        return
+    for name, module in modules:
+        if not isinstance(module, cls):
+            continue
+        active = list(getattr(module, "active_adapters", None) or [])
+        copies = getattr(module, "modules_to_save", {})
+        if active and active[0] in copies and not module.disable_adapters:
+            result.copy_of[name] = f"{name}.modules_to_save.{active[0]}"
+        active_copy = result.copy_of.get(name)
+        for sub, _ in modules:
+            if sub.startswith(name + ".") and not (active_copy and (sub + ".").startswith(active_copy + ".")):
+                result.branch_of[sub] = name
 
 
 class AdapterInputHook:

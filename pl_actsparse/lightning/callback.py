@@ -23,10 +23,11 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.api import (
     _validated_targets,
     calibrate_activation_sparsity,
@@ -451,6 +452,7 @@ class ActivationSparsityCallback(Callback):
         }
         before = ActivationSparsity.from_model(module).to(pl_module.device) if calibrated_before else None
         stack = contextlib.ExitStack()
+        stack.enter_context(preserved_modes(pl_module))  # a frozen (eval) backbone stays frozen
         if before is not None:
             # count |x| <= old threshold on the very inputs calibration sees (each layer's new inputs)
             for name, m in sparsified_layers(module):
@@ -597,6 +599,10 @@ class ActivationSparsityCallback(Callback):
         if metric is None or not metric.update_called:
             return {}
         values = {k: float(v) for k, v in metric.compute().items()}  # synced over ranks
+        unseen = [k.rpartition("/")[0] for k, v in values.items() if k.endswith("/sparsity") and v != v]  # NaN
+        if unseen:  # never silently dense: a layer whose forward bypasses its sparsifier is no layer of this model
+            rank_zero_warn(f"{stage}: sparsified layers {unseen} saw no input: the model's forward never reached "
+                          "their sparsifiers (not called, or a forward patched after sparsification)")
         prefix = f"{self.log_prefix}/{stage}/"
         logs = {prefix + k: v for k, v in values.items() if self.log_per_layer or "/" not in k}
         pl_module.log_dict(logs, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=trainer.world_size > 1 and not on_step)
