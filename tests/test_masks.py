@@ -147,8 +147,10 @@ def _ids(batch):
 def test_stories260k_padded_batches(stories, dtype, sides):
     """32 real stories in batches of 8 padded to the longest (about 20% padding), right and left padding.
 
-    The llama2c model is causal and takes no mask: with right padding it computes the real tokens exactly as
-    unpadded, so thresholds are equal bit for bit; with left padding real tokens attend to the pads (another
+    The llama2c model is causal and takes no mask: with right padding it computes the real tokens as unpadded up
+    to the rounding of batched GEMMs (their blocking depends on the batch shape and the CPU's ISA: AMX/AVX-512
+    round differently from single-sequence calls; the quantile may then land on a neighbouring order statistic), so
+    thresholds agree to 1e-3 relative (the drift grows with depth); with left padding real tokens attend to the pads (another
     model), so only the guarantee on real tokens is checked. (bf16 left padding is covered on the HF Llama
     above; stories260K in bf16 is slow on CPU.)
     """
@@ -166,7 +168,8 @@ def test_stories260k_padded_batches(stories, dtype, sides):
         sparsify_activations(model, batches, RECIPE, progress=False, transform_fn=_ids)
         if side == "right" and unpadded is not None:
             a, b = thresholds(model), thresholds(unpadded)
-            assert all(torch.equal(a[n], b[n]) for n in a)
+            for n in a:
+                torch.testing.assert_close(a[n], b[n], rtol=1e-3, atol=0, msg=lambda m, n=n: f"{n}: {m}")
         check_real_token_sparsity(model, batches, lambda m, b: m(b["input_ids"]))
 
 
