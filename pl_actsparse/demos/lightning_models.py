@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchmetrics.text import Perplexity
 
-from pl_actsparse.lightning.callback import activation_sparsity_disabled, install_sparsifiers_from_state_dict
+from pl_actsparse.api import install_sparsifiers_from_state_dict
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import activation_sparsity_disabled, sparsified_layers
 
 __all__ = ["NextTokenPerplexity", "CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
 
