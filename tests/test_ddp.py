@@ -54,7 +54,9 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the subprocesses
             seen.append(batch[0].clone())
         return batch[0]
 
-    cb = ActivationSparsityCallback(scopes=MLP, transform_fn=inputs, recalibrate_every_n_epochs=1, progress=False, verbose=False)
+    cb = ActivationSparsityCallback(
+        scopes=MLP, calibration={"transform_fn": inputs, "progress": False}, recalibrate_every_n_epochs=1, verbose=False
+    )
     trainer = pl.Trainer(
         strategy="ddp",
         devices=WORLD,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.lightning.callback import activation_sparsity_disabled
+from pl_actsparse.core.layer import activation_sparsity_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
 
 

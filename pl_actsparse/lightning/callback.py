@@ -199,7 +199,7 @@ class ActivationSparsityCallback(Callback):
         calibration_dataloader: Iterable[Any] | None = None,
         calibration_source: str = "auto",
         input_key: int | str | None = None,
-        calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
+        calibration: Mapping[str, Any] | CalibrationConfig | str | None = None,  # a YAML mapping stays a mapping: errors name its key
         recalibrate_every_n_epochs: int | None = None,
         recalibrate_every_n_steps: int | None = None,
         schedule: Literal["constant"] | SparsitySchedule = "constant",

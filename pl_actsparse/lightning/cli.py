@@ -20,6 +20,7 @@ must be in [0, 1], got 1.5``, and the command exits with status 2, like jsonargp
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import re
 import sys
@@ -190,12 +191,15 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
 def _needs_jsonargparse(value: Any) -> bool:
     """Whether jsonargparse turns (part of) ``value`` into an object: a ``class_path`` mapping, an import path
-    of a callable (``mypackage.inputs``) or an interpolation (``${...}``), at any depth."""
+    (``mypackage.inputs`` where ``mypackage`` can be imported; a module name such as ``encoder.fc`` is not
+    one) or an interpolation (``${...}``), at any depth."""
     if isinstance(value, dict):
         return "class_path" in value or any(_needs_jsonargparse(v) for v in value.values())
     if isinstance(value, list):
         return any(_needs_jsonargparse(v) for v in value)
-    return isinstance(value, str) and ("${" in value or _IMPORT_PATH.match(value) is not None)
+    if not isinstance(value, str):
+        return False
+    return "${" in value or (_IMPORT_PATH.match(value) is not None and importlib.util.find_spec(value.split(".")[0]) is not None)
 
 
 def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = True) -> ActSparseCLI:
