@@ -30,15 +30,9 @@ from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_d
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.core.layer import activation_sparsity_disabled, sparsified_layers
 
-__all__ = ["NextTokenPerplexity", "CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
+from pl_actsparse.tuning.objectives import _logits  # the one logits-out-of-an-output helper
 
-
-NextTokenPerplexity = Perplexity
-"""The shipped models' perplexity metric: torchmetrics' :class:`~torchmetrics.text.Perplexity` (``update(logits
-[B, T, vocab], targets [B, T])``, exp of the mean next-token NLL, states summed across ranks). The 0.1 name."""
-
-
-from pl_actsparse.tuning.objectives import _logits  # noqa: E402 - the one copy
+__all__ = ["CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
 
 
 class CausalLMModule(LightningModule):
