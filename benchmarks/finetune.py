@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gradient_mode=mode,
             on_train_end="make_permanent",  # final thresholds calibrated on the final weights
             track=False,
-            progress=False,
+            calibration={"progress": False},
             verbose=False,
         )
         module = TinyStoriesLM(
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         scopes=scopes,
                         calibration_source="calibration_dataloader",
                         gradient_mode=kind,
-                        progress=False,
+                        calibration={"progress": False},
                         verbose=False,
                     )
                 )
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gradient_mode="ste",
             on_train_end="make_permanent",
             track=False,
-            progress=False,
+            calibration={"progress": False},
             verbose=False,
         )
         module = LoRATinyStoriesLM(
@@ -355,7 +355,7 @@ def _compiled_step_times(args: Any, trainer: Any, datamodule: Any, scopes: list,
                         0,
                         ActivationSparsityCallback(
                             scopes=scopes, calibration_source="calibration_dataloader", gradient_mode="ste",
-                            progress=False, verbose=False,
+                            calibration={"progress": False}, verbose=False,
                         ),
                     )
                 module = CompiledTinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr)

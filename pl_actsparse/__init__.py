@@ -35,7 +35,7 @@ _LAZY = {
     "quantize_weights_int8": ".core.int8",
     "allocate_sparsity": ".tuning.allocation",
     "sweep_sparsity": ".tuning.sweep",
-    "activation_sparsity_disabled": ".lightning.callback",
+    "activation_sparsity_disabled": ".core.layer",
     "ActivationSparsityCallback": ".lightning.callback",
     "ActivationSparsity": ".measure.metric",
 }

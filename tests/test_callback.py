@@ -28,9 +28,12 @@ from pl_actsparse import (
     load_activation_sparsity,
     prepare_activation_sparsity,
 )
-from pl_actsparse.errors import InvalidScopeError, InvalidTargetError
+from pl_actsparse.api import install_sparsifiers_from_state_dict
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.errors import InvalidOptionError, InvalidScopeError, InvalidTargetError, ScopeSpecError
 from pl_actsparse.core.layer import SparsifierMode, sparsified_layers, sparsifier_state
-from pl_actsparse.lightning.callback import CallbackConfigurationError, ScopeSpec, install_sparsifiers_from_state_dict
+from pl_actsparse.lightning.callback import CallbackConfigurationError, ScopeSpec
+from pl_actsparse.lightning.schedule import LinearRamp
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_llama
 
@@ -121,7 +124,7 @@ def _trainer(*callbacks, **kwargs) -> pl.Trainer:
 
 def _callback(scopes=MLP, **kwargs) -> ActivationSparsityCallback:
     kwargs.setdefault("input_key", 0)
-    kwargs.setdefault("progress", False)
+    kwargs.setdefault("calibration", {"progress": False})
     kwargs.setdefault("verbose", False)
     return ActivationSparsityCallback(scopes=scopes, **kwargs)
 
@@ -158,49 +161,54 @@ def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
         (dict(), CallbackConfigurationError, "neither was given"),
         (dict(scopes=MLP, target_sparsity_by_scope={TargetScope(patterns=".*"): 0.5}), CallbackConfigurationError, "both were given"),
         (dict(scopes=[]), CallbackConfigurationError, "no scope given"),
-        (dict(scopes="mlp"), CallbackConfigurationError, "must be a list"),
+        (dict(scopes="mlp"), InvalidScopeError, "must be a list"),
         (dict(scopes=[{"patterns": [".*"], "sparsity": 1.5}]), InvalidTargetError, r"scopes\[0\].*\[0, 1\]"),
         (dict(scopes=[{"patterns": ["("], "sparsity": 0.5}]), InvalidScopeError, r"scopes\[0\].*not a valid regular expression"),
-        (dict(scopes=[{"patterns": [".*"]}]), CallbackConfigurationError, r"scopes\[0\] needs a 'sparsity'"),
-        (dict(scopes=[{"pattern": [".*"], "sparsity": 0.5}]), CallbackConfigurationError, r"unknown key\(s\) \['pattern'\]"),
+        (dict(scopes=[{"patterns": [".*"]}]), ScopeSpecError, r"scopes\[0\] needs a 'sparsity'"),
+        (dict(scopes=[{"pattern": [".*"], "sparsity": 0.5}]), ScopeSpecError, r"unknown key\(s\) \['pattern'\]"),
         (dict(scopes=[{"sparsity": 0.5}]), InvalidScopeError, "selects nothing"),
         (dict(scopes=MLP + MLP), InvalidScopeError, r"scopes\[1\] repeats"),
         (dict(target_sparsity_by_scope=[TargetScope(patterns=".*")]), InvalidScopeError, "must be a mapping"),
         (dict(target_sparsity_by_scope={".*": 0.5}), InvalidScopeError, "TargetScope objects"),
-        (dict(scopes=MLP, ignored_scope={"name": ["x"]}), CallbackConfigurationError, "ignored_scope has unknown"),
+        (dict(scopes=MLP, ignored_scope={"name": ["x"]}), ScopeSpecError, "ignored_scope has unknown"),
         (dict(scopes=MLP, ignored_scope=TargetScope(names="x")), InvalidScopeError, "ignored_scope must be"),
         (dict(scopes=MLP, submodule="model..x"), CallbackConfigurationError, "dotted attribute path"),
         (dict(scopes=MLP, calibration_source="val loader"), CallbackConfigurationError, "calibration_source must be"),
         (dict(scopes=MLP, calibration_source="val", calibration_dataloader=[1]), CallbackConfigurationError, "not both"),
         (dict(scopes=MLP, calibration_dataloader=3), CallbackConfigurationError, "must be iterable"),
-        (dict(scopes=MLP, calibration_source="train"), CallbackConfigurationError, "needs num_calibration_batches"),
-        (dict(scopes=MLP, num_calibration_batches=0), CallbackConfigurationError, "num_calibration_batches must be a positive"),
-        (dict(scopes=MLP, num_calibration_batches=True), CallbackConfigurationError, "num_calibration_batches"),
-        (dict(scopes=MLP, input_key=0, transform_fn=lambda b: b), CallbackConfigurationError, "input_key or transform_fn"),
+        (dict(scopes=MLP, calibration_source="train"), CallbackConfigurationError, "needs calibration.num_batches"),
+        (dict(scopes=MLP, calibration={"num_batches": 0}), InvalidOptionError, "num_batches must be a positive"),
+        (dict(scopes=MLP, calibration={"num_batches": True}), InvalidOptionError, "num_batches"),
+        (dict(scopes=MLP, calibration={"num_batch": 2}), InvalidOptionError, r"unknown CalibrationConfig field\(s\) \['num_batch'\]"),
+        (dict(scopes=MLP, calibration=3), InvalidOptionError, "calibration must be a CalibrationConfig"),
+        (dict(scopes=MLP, input_key=0, calibration={"transform_fn": lambda b: b}), CallbackConfigurationError, "input_key or calibration.transform_fn"),
         (dict(scopes=MLP, input_key=1.5), CallbackConfigurationError, "input_key must be"),
         (dict(scopes=MLP, recalibrate_every_n_epochs=0), CallbackConfigurationError, "recalibrate_every_n_epochs"),
         (dict(scopes=MLP, recalibrate_every_n_steps=-2), CallbackConfigurationError, "recalibrate_every_n_steps"),
-        (dict(scopes=MLP, schedule="cosine"), CallbackConfigurationError, "schedule must be one of 'constant', 'linear'"),
-        (dict(scopes=MLP, schedule="linear"), CallbackConfigurationError, "exactly one of ramp_epochs and ramp_steps"),
-        (dict(scopes=MLP, schedule="linear", ramp_epochs=2, ramp_steps=3), CallbackConfigurationError, "exactly one"),
-        (dict(scopes=MLP, schedule="linear", ramp_epochs=2, ramp_every_n_steps=3), CallbackConfigurationError, "ramp_every_n_steps only"),
-        (dict(scopes=MLP, ramp_epochs=2), CallbackConfigurationError, "ramp_epochs only apply to schedule='linear'"),
-        (dict(scopes=MLP, initial_sparsity=0.2), CallbackConfigurationError, "initial_sparsity only apply"),
-        (dict(scopes=MLP, schedule="linear", ramp_epochs=2, initial_sparsity=-0.1), InvalidTargetError, "initial_sparsity"),
+        (dict(scopes=MLP, schedule="linear"), CallbackConfigurationError, "schedule must be 'constant' or a SparsitySchedule"),
         (dict(scopes=MLP, gradient_mode="exact"), CallbackConfigurationError, "gradient_mode must be one of 'masked', 'ste'"),
         (dict(scopes=MLP, on_train_end="delete"), CallbackConfigurationError, "on_train_end must be one of"),
         (dict(scopes=MLP, track=["training"]), CallbackConfigurationError, "track must be"),
         (dict(scopes=MLP, log_prefix="a/"), CallbackConfigurationError, "log_prefix"),
         (dict(scopes=MLP, verbose="yes"), CallbackConfigurationError, "verbose must be True or False"),
-        (dict(scopes=MLP, calibration="blockwise"), CallbackConfigurationError,
-         "calibration must be one of 'auto', 'sequential', 'lockstep', got 'blockwise'"),
-        (dict(scopes=MLP, offload="ssd"), CallbackConfigurationError, "offload must be one of None, 'cpu', 'disk', got 'ssd'"),
+        (dict(scopes=MLP, calibration="blockwise"), InvalidOptionError, "method must be one of 'auto', 'lockstep', 'sequential', got 'blockwise'"),
+        (dict(scopes=MLP, calibration={"offload": "ssd"}), InvalidOptionError, "offload must be one of None, 'cpu', 'disk', got 'ssd'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         ActivationSparsityCallback(**kwargs)
     assert issubclass(error, ValueError)
+    assert info.value.argument.split(".")[0].split("[")[0] in {*kwargs, "scopes", "calibration"}  # the argument it is about (for the CLI)
+
+
+def test_schedule_ramp_errors_name_the_ramp_argument():
+    for kwargs, match in [(dict(), "exactly one of epochs and steps"), (dict(epochs=2, steps=3), "exactly one"),
+                          (dict(epochs=2, every_n_steps=3), "every_n_steps only"), (dict(epochs=0), "epochs must be a positive")]:
+        with pytest.raises(CallbackConfigurationError, match=match):
+            LinearRamp(**kwargs)
+    with pytest.raises(InvalidTargetError, match="initial_sparsity"):
+        LinearRamp(initial_sparsity=-0.1, epochs=2)
 
 
 def test_yaml_scopes_equal_the_functional_mapping():
@@ -212,11 +220,11 @@ def test_yaml_scopes_equal_the_functional_mapping():
 
 
 def test_schedule_targets():
-    cb = ActivationSparsityCallback(scopes=MLP, schedule="linear", ramp_epochs=4, initial_sparsity=0.1)
+    cb = ActivationSparsityCallback(scopes=MLP, schedule=LinearRamp(initial_sparsity=0.1, epochs=4))
     assert [cb.scheduled_targets(epoch=e)[TargetScope(patterns=[r".*mlp\.(gate|up|down)_proj"])] for e in range(6)] == pytest.approx(
         [0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
     )
-    steps = ActivationSparsityCallback(scopes=MLP, schedule="linear", ramp_steps=10, ramp_every_n_steps=5)
+    steps = ActivationSparsityCallback(scopes=MLP, schedule=LinearRamp(steps=10, every_n_steps=5))
     values = [next(iter(steps.scheduled_targets(step=s).values())) for s in (0, 4, 5, 9, 10, 50)]
     assert values == pytest.approx([0.0, 0.0, 0.25, 0.25, 0.5, 0.5])
     assert next(iter(steps.scheduled_targets(final=True).values())) == 0.5
@@ -284,9 +292,9 @@ def test_training_free_validate_calibrates_then_validates():
 @pytest.mark.parametrize(
     "options, batches",
     [
-        (dict(calibration_source="train", num_calibration_batches=2), lambda d: list(d.train_dataloader())[:2]),
-        (dict(calibration_source="val", num_calibration_batches=1), lambda d: list(d.val_dataloader())[:1]),
-        (dict(calibration_source="calibration_dataloader", num_calibration_batches=2), lambda d: list(d.calibration_dataloader())[:2]),
+        (dict(calibration_source="train", calibration={"num_batches": 2, "progress": False}), lambda d: list(d.train_dataloader())[:2]),
+        (dict(calibration_source="val", calibration={"num_batches": 1, "progress": False}), lambda d: list(d.val_dataloader())[:1]),
+        (dict(calibration_source="calibration_dataloader", calibration={"num_batches": 2, "progress": False}), lambda d: list(d.calibration_dataloader())[:2]),
         (dict(calibration_dataloader=[b for b in DataLoader(_windows(6, 9), batch_size=2)]), lambda d: list(DataLoader(_windows(6, 9), batch_size=2))),
     ],
 )
@@ -309,8 +317,8 @@ def test_calibration_method_reaches_the_functional_api(calibration, offload, mon
     monkeypatch.setattr(sequential, "calibrate_sequential", lambda *a, **k: used.append(k.get("offload")) or real(*a, **k))
     lm, data = TinyLM(), TinyData()
     dense = _dense_state(lm)
-    cb = _callback(calibration=calibration, offload=offload)
-    assert (cb.calibration, cb.offload) == (calibration, offload)
+    cb = _callback(calibration={"method": calibration, "offload": offload, "progress": False})
+    assert (cb.calibration_data.config.method, cb.calibration_data.config.offload) == (calibration, offload)
     _trainer(cb).validate(lm, datamodule=data, verbose=False)
     assert used == ([offload] if calibration == "sequential" else [])
     assert _thresholds(lm) == _reference_thresholds(lm, data.calibration_dataloader(), MLP, dense)
@@ -325,24 +333,24 @@ def test_auto_source_falls_back_to_first_training_batches_and_transform_fn():
     with pytest.raises(CallbackConfigurationError, match="no calibration data"):
         _trainer(_callback()).validate(lm, datamodule=data, verbose=False)
     lm = TinyLM()
-    cb = _callback(input_key=None, transform_fn=lambda batch: batch[0], num_calibration_batches=3)
+    cb = _callback(input_key=None, calibration=CalibrationConfig(transform_fn=lambda batch: batch[0], num_batches=3, progress=False))
     _trainer(cb).validate(lm, datamodule=data, verbose=False)
     assert cb.history[0]["source"] == "the train dataloader"
     assert _thresholds(lm) == _reference_thresholds(lm, list(data.train_dataloader())[:3], MLP, dense)
 
 
-def test_calibration_loader_without_trainer():
+def test_calibration_data_resolves_without_a_trainer():
     lm, data = TinyLM(), TinyData()
     explicit = [torch.zeros(2, 9, dtype=torch.long)]
-    assert _callback(calibration_dataloader=explicit).calibration_loader_without_trainer(data, lm) == (
-        explicit,
-        "calibration_dataloader",
-    )
-    loader, where = _callback().calibration_loader_without_trainer(data, lm)  # auto: the datamodule method
+    assert _callback(calibration_dataloader=explicit).calibration_data.resolve(data, lm) == (explicit, "calibration_dataloader")
+    loader, where = _callback().calibration_data.resolve(data, lm)  # auto: the datamodule method
     assert where == "TinyData.calibration_dataloader()" and len(list(loader)) == len(list(data.calibration_dataloader()))
-    assert _callback(calibration_source="val", num_calibration_batches=1).calibration_loader_without_trainer(data, lm) is None
+    loader, where = _callback(calibration_source="val", calibration={"num_batches": 1}).calibration_data.resolve(data, lm)
+    assert where == "the val dataloader" and [x.tolist() for x, _ in loader] == [x.tolist() for x, _ in data.val_dataloader()]
     with pytest.raises(CallbackConfigurationError, match="has a method 'holdout_dataloader'"):
-        _callback(calibration_source="holdout_dataloader").calibration_loader_without_trainer(data, lm)
+        _callback(calibration_source="holdout_dataloader").calibration_data.resolve(data, lm)
+    with pytest.raises(CallbackConfigurationError, match="has a method 'test_dataloader'"):  # Lightning's default hook raises
+        _callback(calibration_source="test", calibration={"num_batches": 1}).calibration_data.resolve(None, lm)
 
 
 def test_unknown_source_method_and_submodule():
@@ -436,7 +444,7 @@ def test_recalibration_every_n_steps_without_validation():
 
 def test_linear_ramp_over_epochs_retargets_and_recalibrates():
     lm = TinyLM()
-    cb = _callback(schedule="linear", ramp_epochs=2, initial_sparsity=0.1, track=False)
+    cb = _callback(schedule=LinearRamp(initial_sparsity=0.1, epochs=2), track=False)
     _trainer(cb, max_epochs=3, limit_val_batches=0, limit_train_batches=2).fit(lm, datamodule=TinyData())
     assert [(h["epoch"], round(h["target"], 6)) for h in cb.history] == [(0, 0.1), (1, 0.3), (2, 0.5)]
     assert {round(sparsifier_state(m).target, 6) for _, m in sparsified_layers(lm)} == {0.5}
@@ -445,7 +453,7 @@ def test_linear_ramp_over_epochs_retargets_and_recalibrates():
 
 def test_linear_ramp_over_steps():
     lm = TinyLM()
-    cb = _callback(schedule="linear", ramp_steps=4, ramp_every_n_steps=2, track=False)
+    cb = _callback(schedule=LinearRamp(steps=4, every_n_steps=2), track=False)
     _trainer(cb, max_steps=6, limit_val_batches=0).fit(lm, datamodule=TinyData())
     assert [(h["step"], round(h["target"], 6)) for h in cb.history] == [(0, 0.0), (2, 0.25), (4, 0.5)]
 

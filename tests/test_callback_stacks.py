@@ -17,7 +17,9 @@ from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_act
 from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.errors import CallbackConfigurationError, InvalidTargetError
 from pl_actsparse.lightning.calibration_data import CalibrationData
-from pl_actsparse.lightning.callback import ActivationSparsityCallback, install_sparsifiers_from_state_dict
+from pl_actsparse.api import install_sparsifiers_from_state_dict
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.lightning.callback import ActivationSparsityCallback
 from pl_actsparse.lightning.schedule import LinearRamp, SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
 from test_callback import MLP, TinyData, TinyLM, _callback, _reference_thresholds, _thresholds, _trainer, _windows
@@ -236,35 +238,36 @@ def test_schedule_validation():
         type("Lost", (SparsitySchedule,), {"targets": lambda self, f, e, s: {}})().checked_targets(final, 0, 0)
     ramp = LinearRamp(initial_sparsity=0.1, epochs=4)
     assert [ramp.checked_targets(final, e, 0)[TargetScope(patterns=[".*"])] for e in range(6)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.5])
-    with pytest.raises(CallbackConfigurationError, match="only apply to schedule='linear'"):
-        ActivationSparsityCallback(scopes=MLP, schedule=ramp, ramp_epochs=3)
+    assert ActivationSparsityCallback(scopes=MLP, schedule=ramp).schedule is ramp
 
 
 def test_calibration_data_validation_and_hooks_resolution():
-    with pytest.raises(CallbackConfigurationError, match="token_mask must be"):
-        CalibrationData(token_mask="everything")
-    data = CalibrationData(source="val", num_batches=1)
-    loader, where = data.loader_from_hooks(TinyData(), TinyLM())
-    assert where == "TinyData.val_dataloader()" and len(list(data.batches(loader))) == 1
+    with pytest.raises(CallbackConfigurationError, match="needs calibration.num_batches"):
+        CalibrationData(source="val")
+    data = CalibrationData(source="val", config=CalibrationConfig(num_batches=1))
+    loader, where = data.resolve(TinyData(), TinyLM())
+    assert where == "the val dataloader" and len(list(data.batches(loader))) == 1
     assert [x for x in data.batches(range(10), world_size=3, rank=1)] == []  # num_batches=1: rank 1 gets nothing
-    assert list(CalibrationData(num_batches=7).batches(range(10), world_size=3, rank=1)) == [1, 4]
+    assert list(CalibrationData(config=CalibrationConfig(num_batches=7)).batches(range(10), world_size=3, rank=1)) == [1, 4]
 
 
-def test_token_mask_reaches_the_functional_api_when_it_accepts_it(monkeypatch):
+def test_the_calibration_config_reaches_the_functional_api(monkeypatch):
+    """Every option of ``calibration`` reaches the api's verb (token_mask, method, offload, batches in flight)."""
     import pl_actsparse.lightning.callback as module
 
     seen = {}
     real = module.calibrate_activation_sparsity
 
-    def calibrate(model, dataset, *, token_mask="auto", **kwargs):
-        seen["token_mask"] = token_mask
+    def calibrate(model, dataset, **kwargs):
+        seen.update(kwargs)
         return real(model, dataset, **kwargs)
 
     monkeypatch.setattr(module, "calibrate_activation_sparsity", calibrate)
     mask = lambda batch: torch.ones(batch[0].shape, dtype=torch.bool)  # noqa: E731
-    cb = _callback(token_mask=mask)
+    cb = _callback(calibration=CalibrationConfig(token_mask=mask, method="lockstep", max_batches_in_flight=2, progress=False))
     _trainer(cb).validate(TinyLM(), datamodule=TinyData(), verbose=False)
     assert seen["token_mask"] is mask and len(cb.history) == 1
+    assert (seen["calibration"], seen["max_batches_in_flight"], seen["offload"], seen["progress"]) == ("lockstep", 2, None, False)
 
 
 def test_verbose_output_goes_to_the_logger_on_rank_zero(caplog, capsys):

@@ -261,7 +261,7 @@ def test_gpt2_with_the_lightning_callback(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     from pl_actsparse import ActivationSparsityCallback
-    from pl_actsparse.lightning.callback import install_sparsifiers_from_state_dict
+    from pl_actsparse.api import install_sparsifiers_from_state_dict
 
     class GPT2LM(pl.LightningModule):
         def __init__(self):
@@ -293,7 +293,7 @@ def test_gpt2_with_the_lightning_callback(tmp_path):
     calib = list(loader)
     cb = ActivationSparsityCallback(
         scopes=[{"patterns": [r".*c_fc", r".*mlp\.c_proj"], "sparsity": 0.5}],
-        calibration_dataloader=calib, input_key=0, progress=False, verbose=False,
+        calibration_dataloader=calib, input_key=0, calibration={"progress": False}, verbose=False,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -66,7 +66,7 @@ def test_explicit_path_wins(tmp_path, monkeypatch):
         resolve_data_dir(tmp_path / "missing_dir")
 
 
-def test_env_var_then_cwd_then_repo_root(tmp_path, monkeypatch):
+def test_env_var_then_the_repository_of_the_current_directory(tmp_path, monkeypatch):
     env_dir = tmp_path / "env"
     env_dir.mkdir()
     monkeypatch.setenv(DATA_ENV_VAR, str(env_dir))
@@ -77,30 +77,22 @@ def test_env_var_then_cwd_then_repo_root(tmp_path, monkeypatch):
         resolve_data_dir()  # a wrong explicit setting is not silently replaced
 
     monkeypatch.delenv(DATA_ENV_VAR)
-    cwd_data = _make_data(tmp_path / "a")
-    work = tmp_path / "a" / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    assert resolve_data_dir() == cwd_data.resolve()
-
-    monkeypatch.chdir(tmp_path)  # no ../shared/data from here: falls back to the repository root
     repo_data = _make_data(tmp_path / "b")
-    (tmp_path / "b" / "repo").mkdir()
-    monkeypatch.setattr(data_mod, "_REPO_ROOT", tmp_path / "b" / "repo")
+    (tmp_path / "b" / "repo" / "src").mkdir(parents=True)
+    (tmp_path / "b" / "repo" / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path / "b" / "repo" / "src")  # anywhere inside the repository
     assert resolve_data_dir() == repo_data.resolve()
 
 
-def test_error_names_every_place(tmp_path, monkeypatch):
+def test_error_names_the_place_looked_at(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ENV_VAR, raising=False)
     (tmp_path / "x" / "cwd").mkdir(parents=True)
+    (tmp_path / "x" / "cwd" / ".git").mkdir()
     monkeypatch.chdir(tmp_path / "x" / "cwd")
-    monkeypatch.setattr(data_mod, "_REPO_ROOT", tmp_path / "y" / "repo")
     with pytest.raises(FileNotFoundError) as info:
         resolve_data_dir()
     msg = str(info.value)
-    assert str(tmp_path / "x" / "cwd" / ".." / "shared" / "data") in msg
-    assert str(tmp_path / "y" / "repo" / ".." / "shared" / "data") in msg
-    assert DATA_ENV_VAR in msg
+    assert str(tmp_path / "x" / "cwd" / ".." / "shared" / "data") in msg and DATA_ENV_VAR in msg
 
 
 def test_default_resolves_to_shipped_files(data_dir):
@@ -281,7 +273,7 @@ def test_perplexity_restores_mode_on_error():
         perplexity(m, [])
 
 
-def test_repository_root_is_the_checkout_holding_the_package():
-    # the fallback ../shared/data is next to the checkout (pyproject.toml), also after the move into demos/
-    assert (data_mod._REPO_ROOT / "pyproject.toml").is_file()
-    assert (data_mod._REPO_ROOT / "pl_actsparse" / "demos" / "paths.py").is_file()
+def test_repository_root_is_found_from_the_current_directory(monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root / "tests")
+    assert data_mod.repository_root() == root and (root / "pyproject.toml").is_file()

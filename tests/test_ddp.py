@@ -54,7 +54,9 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the subprocesses
             seen.append(batch[0].clone())
         return batch[0]
 
-    cb = ActivationSparsityCallback(scopes=MLP, transform_fn=inputs, recalibrate_every_n_epochs=1, progress=False, verbose=False)
+    cb = ActivationSparsityCallback(
+        scopes=MLP, calibration={"transform_fn": inputs, "progress": False}, recalibrate_every_n_epochs=1, verbose=False
+    )
     trainer = pl.Trainer(
         strategy="ddp",
         devices=WORLD,
@@ -87,8 +89,9 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the subprocesses
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     root = Path(__file__).resolve().parent.parent
+    # the script's own folder comes first on its sys.path: put this checkout's package before any installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=400
     )

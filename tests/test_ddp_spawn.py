@@ -34,7 +34,7 @@ def _script(out: Path) -> None:  # pragma: no cover - runs in the subprocess (an
         input_key=0,
         recalibrate_every_n_epochs=1,
         track=False,
-        progress=False,
+        calibration={"progress": False},
         verbose=False,
     )
     trainer = pl.Trainer(

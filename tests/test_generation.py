@@ -1,4 +1,4 @@
-"""The decode demo: ``pl-actsparse generate`` and :func:`pl_actsparse.demos.generate.compare_decoding`."""
+"""The decode demo: ``python -m pl_actsparse.demos generate`` and :func:`pl_actsparse.demos.generate.compare_decoding`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.lightning.cli import main
+from pl_actsparse.demos.__main__ import main
 from pl_actsparse.demos.generate import DecodeComparison, compare_decoding
 from pl_actsparse.measure.metric import DecodeSparsity
 from pl_actsparse.export.linear import SparseInferenceLinear
@@ -107,7 +107,7 @@ def test_datamodule_tokenizer_is_the_data_folders(tokenizer):
 
 
 def test_cli_generate_at_sparsity_zero_and_at_the_recipe(capsys):
-    main(["generate", "--config", RECIPE, "--sparsity", "0", "--max_new_tokens", "40", "--repeats", "1", "--json", *SMALL])
+    main(["generate", "--config", RECIPE, "--sparsity", "0", "--max-new-tokens", "40", "--repeats", "1", "--json", *SMALL])
     zero = json.loads(capsys.readouterr().out)
     assert zero["identical"] and zero["dense"]["text"] == zero["sparse"]["text"]
     assert zero["exported_layers"] == 15 and zero["sparse"]["decode_sparsity"] == pytest.approx(0.0, abs=1e-3)
@@ -116,6 +116,21 @@ def test_cli_generate_at_sparsity_zero_and_at_the_recipe(capsys):
     out = capsys.readouterr().out
     assert "prompt: 'Tom had a dog'" in out and "--- dense:" in out and "--- sparse:" in out
     assert "tokens/s" in out and "of sparse-layer inputs zero" in out and "x dense (15 exported layers" in out
+
+
+def test_generate_calibrates_with_the_recipes_calibration_options(monkeypatch, capsys):
+    """The demo builds its CalibrationConfig from the recipe, as validate does: no option is dropped."""
+    import pl_actsparse.api as api
+
+    seen = {}
+    real = api.sparsify_activations
+    monkeypatch.setattr(api, "sparsify_activations", lambda *a, **k: seen.update(k) or real(*a, **k))
+    options = '{"method": "sequential", "offload": "cpu", "token_mask": null, "num_batches": 1, "max_batches_in_flight": 1}'
+    main(["generate", "--config", RECIPE, "--max-new-tokens", "4", "--repeats", "1", "--json", *SMALL,
+          f"--trainer.callbacks.init_args.calibration={options}"])
+    assert json.loads(capsys.readouterr().out)["exported_layers"] == 15
+    assert (seen["calibration"], seen["offload"], seen["token_mask"], seen["max_batches_in_flight"]) == ("sequential", "cpu", None, 1)
+    assert seen["num_calibration_batches"] == 1 and callable(seen["transform_fn"])
 
 
 def test_cli_generate_errors(capsys, tmp_path):

@@ -304,7 +304,7 @@ def test_callback_on_int8_model(tiny, batches):
     quantize_weights_int8(tiny)
     lm = LM(tiny)
     cb = ActivationSparsityCallback(
-        _recipe(), submodule="net", calibration_dataloader=batches, progress=False, verbose=False, log_per_layer=False
+        _recipe(), submodule="net", calibration_dataloader=batches, calibration={"progress": False}, verbose=False, log_per_layer=False
     )
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -12,7 +12,7 @@ from torch import nn
 
 from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.lightning.callback import activation_sparsity_disabled
+from pl_actsparse.core.layer import activation_sparsity_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
 
 

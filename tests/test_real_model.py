@@ -3,25 +3,20 @@
 import pytest
 import torch
 
-from pl_actsparse import TargetScope, activation_sparsity_report, remove_activation_sparsity, sparsify_activations
+from pl_actsparse import activation_sparsity_report, remove_activation_sparsity, sparsify_activations
+from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.measure.metric import SparsityCounter
 
-SEED = {
-    TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
-    TargetScope(patterns=[".*down_proj.*"]): 0.5,
-}
 
 
 @pytest.fixture(scope="module")
 def setup():
     tok = Llama2cTokenizer.from_file()
-    calib = TokenWindows(load_stories(start=500, stop=540), tok, seq_len=256)
     held = TokenWindows(load_stories(start=0, stop=30), tok, seq_len=256)
-    batches = [torch.stack([calib[j] for j in range(i, min(i + 8, len(calib)))]) for i in range(0, len(calib), 8)]
-    return batches, held
+    return calibration_batches(500, 540, tokenizer=tok), held
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -30,7 +25,7 @@ def test_seed_recipe_on_stories260k(setup, dtype):
     model = load_llama2c_checkpoint(dtype=dtype)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     dense = perplexity(model, held)
-    sparsify_activations(model, batches, SEED, progress=False)
+    sparsify_activations(model, batches, SEED_RECIPE, progress=False)
     report = activation_sparsity_report(model)
     assert len(report.layers) == 15
     with SparsityCounter(model) as on_calib, torch.no_grad():

@@ -215,14 +215,13 @@ def test_int8_checkpoint_report_counts_stored_bytes(tmp_path):
     assert saved.decode_bytes == live.decode_bytes
 
 
-def test_report_command_line_demo_moved_to_demos(tmp_path, monkeypatch):
+def test_report_demo_is_a_demos_command(tmp_path, monkeypatch):
     import pl_actsparse.demos.__main__ as demos
-    from pl_actsparse.lightning.cli import main as console_main
 
     calls = []
-    monkeypatch.setattr(demos, "report_main", lambda argv, prog: calls.append((argv, prog)))
-    console_main(["report", "--demo", "--out", str(tmp_path)])  # `pl-actsparse report --demo` still works
-    assert calls == [(["--out", str(tmp_path)], "pl-actsparse report --demo")]
+    monkeypatch.setattr(demos, "report_main", lambda argv: calls.append(argv))
+    demos.main(["report", "--out", str(tmp_path)])  # python -m pl_actsparse.demos report
+    assert calls == [["--out", str(tmp_path)]]
 
 
 @pytest.mark.parametrize("content", [None, b"{not a checkpoint}"])

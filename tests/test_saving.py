@@ -132,7 +132,7 @@ def test_state_without_threshold_is_an_error(tiny, batches):
 
 def test_one_parser_one_error_for_the_same_input(tiny, batches):
     """The loader, the callback helper and model_report read a state dict through one parser."""
-    from pl_actsparse.lightning.callback import install_sparsifiers_from_state_dict
+    from pl_actsparse.api import install_sparsifiers_from_state_dict
     from pl_actsparse.measure.report import model_report
 
     sparsify_activations(tiny, batches, MLP, progress=False)

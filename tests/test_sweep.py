@@ -177,14 +177,13 @@ def test_lightning_validate_metric(tiny, batches):
 
 
 def test_cli_on_the_shipped_model(tmp_path, monkeypatch):
-    import pl_actsparse.demos.__main__ as sweep_module  # the demo command line moved out of the library
-    from pl_actsparse.lightning.cli import main as console_main
+    import pl_actsparse.demos.__main__ as sweep_module  # the demo command line, outside the library
 
     results = []
     real_main = sweep_module.sweep_main
     monkeypatch.setattr(sweep_module, "sweep_main", lambda *a, **k: results.append(real_main(*a, **k)))
 
-    console_main(  # the `pl-actsparse sweep` subcommand
+    sweep_module.main(  # python -m pl_actsparse.demos sweep
         ["sweep", "--targets", "0.2", "0.5", "--calibration-stories", "500", "506", "--eval-stories", "0", "4",
          "--json", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png"), "--threads", "1"]
     )

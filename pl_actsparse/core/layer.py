@@ -695,3 +695,25 @@ def decode_sparsifier_state(saved: Any) -> dict[str, Any]:
     if not 0.0 <= out["target"] <= 1.0:
         raise CheckpointError(f"malformed sparsifier state: target {out['target']!r} is not in [0, 1]")
     return out
+
+
+@contextlib.contextmanager
+def activation_sparsity_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` dense for a moment (e.g. a dense reference pass inside ``validation_step``).
+
+    Sparsified layers pass their input through and their observers are paused, so sparsity metrics do not
+    count the dense pass. Thresholds and calibration state are untouched; the modes and observers come back
+    on exit, also when the body raises.
+    """
+    saved = []
+    for _, m in sparsified_layers(model):
+        state = m._actsparse
+        saved.append((state, state.mode, state.observers))
+        state.mode = SparsifierMode.PASSTHROUGH
+        state.observers = {}
+    try:
+        yield model
+    finally:
+        for state, mode, observers in saved:
+            state.mode = mode
+            state.observers = observers

@@ -1,13 +1,15 @@
-"""Demo command lines on the shipped stories260K model: ``python -m pl_actsparse.demos {run,sweep,report}``.
+"""Demo command lines on the shipped stories260K model: ``python -m pl_actsparse.demos {run,generate,sweep,report}``.
 
 * ``run``: the seed recipe, dense vs sparse perplexity and the per-layer report (:mod:`pl_actsparse.demos.run`);
+* ``generate``: greedy decoding, dense vs the recipe's sparsified and exported model, calibrated exactly as
+  ``pl-actsparse validate`` calibrates on the same recipe (:func:`~pl_actsparse.demos.generate.generate_from_recipe`),
+  e.g. ``python -m pl_actsparse.demos generate --config recipes/stories260k_training_free.yaml --prompt "Once"``;
 * ``sweep``: perplexity on stories 0-149 at several targets from one calibration pass
   (:func:`~pl_actsparse.tuning.sweep.sweep_sparsity`), written as JSON and a PNG plot;
 * ``report``: the seed recipe measured on stories 0-29 (:func:`~pl_actsparse.measure.report.model_report`),
   written as ``report.{md,html,png,json}``.
 
-The library itself has no demo code: ``pl-actsparse sweep`` and ``pl-actsparse report --demo`` call
-:func:`sweep_main` and :func:`report_main` here.
+The library has no demo code and imports nothing from here.
 """
 
 from __future__ import annotations
@@ -16,26 +18,27 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.scopes import TargetScope
+from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 
-__all__ = ["main", "sweep_main", "report_main", "calibration_batches"]
-
-#: The seed recipe of the demos.
-SEED_RECIPE = {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5}
+__all__ = ["main", "sweep_main", "report_main"]
 
 
-def calibration_batches(start: int, stop: int, seq_len: int = 256, batch_size: int = 8, tokenizer: Llama2cTokenizer | None = None) -> list[torch.Tensor]:
-    """Stories ``start..stop`` as ``seq_len``-token windows, stacked in batches of ``batch_size`` (``LongTensor``)."""
-    tok = tokenizer or Llama2cTokenizer.from_file()
-    w = TokenWindows(load_stories(start=start, stop=stop), tok, seq_len)
-    xs = [w[i] for i in range(len(w))]
-    return [torch.stack(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
+def _call(verb: Callable[..., Any], *args: Any, config: CalibrationConfig, **kwargs: Any) -> Any:
+    """The one way this module calls an api verb with calibration options (``calibration=config`` once every
+    verb takes it; today the options the verb knows, as keywords)."""
+    options = {"num_calibration_batches": config.num_batches, "transform_fn": config.transform_fn, "token_mask": config.token_mask, "progress": config.progress}
+    if verb.__name__ != "sweep_sparsity":
+        options.update(sync_across_processes=config.sync_across_processes, max_batches_in_flight=config.max_batches_in_flight,
+                       calibration=config.method, offload=config.offload)
+    return verb(*args, **options, **kwargs)
 
 
 def _sweep_parser(prog: str) -> argparse.ArgumentParser:
@@ -70,9 +73,9 @@ def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_acts
     tok = Llama2cTokenizer.from_file()
     calib = calibration_batches(*args.calibration_stories, seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tok)
     evaluation = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, args.seq_len)
-    result = sweep_sparsity(
-        model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
-        recalibrate=args.recalibrate, metric_name="perplexity", progress=True,
+    result = _call(
+        sweep_sparsity, model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
+        config=CalibrationConfig(progress=True), recalibrate=args.recalibrate, metric_name="perplexity",
     )
     text = result.to_json()
     if args.json == "-":
@@ -96,7 +99,7 @@ def report_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_act
     p.add_argument("--no-files", action="store_true", help="only print the table")
     args = p.parse_args(argv)
     model = load_llama2c_checkpoint()
-    sparsify_activations(model, calibration_batches(500, 600), SEED_RECIPE, progress=False)
+    _call(sparsify_activations, model, calibration_batches(500, 600), SEED_RECIPE, config=CalibrationConfig(progress=False))
     report = model_report(model, calibration_batches(0, 30))
     report.source = "stories260K, seed recipe"
     write_report(report, None if args.no_files else args.out)
@@ -104,10 +107,9 @@ def report_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_act
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pl_actsparse.demos {run,sweep,report} ...``."""
+    """``python -m pl_actsparse.demos {run,generate,sweep,report} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    commands = {"sweep": sweep_main, "report": report_main}
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(__doc__ + "\n")
         return
@@ -115,10 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pl_actsparse.demos.run import main as run_main
 
         run_main(argv[1:])
-    elif argv[0] in commands:
-        commands[argv[0]](argv[1:])
+    elif argv[0] == "generate":
+        from pl_actsparse.demos.generate import generate_from_recipe
+
+        generate_from_recipe(argv[1:])
+    elif argv[0] in ("sweep", "report"):
+        {"sweep": sweep_main, "report": report_main}[argv[0]](argv[1:])
     else:
-        raise SystemExit(f"unknown demo {argv[0]!r}; choose run, sweep or report")
+        raise SystemExit(f"unknown demo {argv[0]!r}; choose run, generate, sweep or report")
 
 
 if __name__ == "__main__":

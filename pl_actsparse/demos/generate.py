@@ -1,4 +1,4 @@
-"""Greedy decoding, dense vs exported sparse model: the decode demo behind ``pl-actsparse generate``.
+"""Greedy decoding, dense vs exported sparse model: the decode demo ``python -m pl_actsparse.demos generate``.
 
 The demo answers two questions a user has before trusting sparse decoding: does the exported model say the
 same thing (at sparsity 0 it must produce the dense text token for token; at the recipe's sparsity the text
@@ -172,13 +172,26 @@ def compare_decoding(
     )
 
 
-def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actsparse generate") -> DecodeComparison:
-    """The ``pl-actsparse generate`` command: the recipe's sparsified, exported llama2.c model vs the dense one.
+def _sparsify(model: nn.Module, data: Any, targets: Any, ignored: Any, config: Any) -> nn.Module:
+    """The one call of the api's sparsify verb in this module (it will take ``calibration=config``)."""
+    from pl_actsparse.api import sparsify_activations
+
+    return sparsify_activations(
+        model, data, targets, ignored, num_calibration_batches=config.num_batches, transform_fn=config.transform_fn,
+        progress=config.progress, sync_across_processes=config.sync_across_processes,
+        max_batches_in_flight=config.max_batches_in_flight, calibration=config.method, offload=config.offload,
+        token_mask=config.token_mask,
+    )
+
+
+def generate_from_recipe(args: list[str] | None = None, prog: str = "python -m pl_actsparse.demos generate") -> DecodeComparison:
+    """The decode demo: the recipe's sparsified, exported llama2.c model vs the dense one.
 
     Builds the recipe's model, data and :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback`
-    (without running a Trainer), calibrates with the callback's scopes on its
-    :class:`~pl_actsparse.lightning.calibration_data.CalibrationData`, exports the model for sparse decoding and
-    prints both greedy continuations with their speeds. ``--sparsity 0`` must give back the dense text.
+    (without running a Trainer) and calibrates with the callback's scopes, data source and
+    :class:`~pl_actsparse.config.CalibrationConfig` (the same ``calibration`` options as ``pl-actsparse validate``
+    on that recipe: batches, token mask, method, offload), exports the model for sparse decoding and prints
+    both greedy continuations with their speeds. ``--sparsity 0`` must give back the dense text.
     Returns the :class:`DecodeComparison`; exits with status 2 on bad arguments.
     """
     import argparse
@@ -186,7 +199,6 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actspars
     import json
     import sys
 
-    from pl_actsparse.api import sparsify_activations
     from pl_actsparse.demos.llama2c import Llama2cModel, Llama2cTokenizer
     from pl_actsparse.demos.tinystories import resolve_data_dir
     from pl_actsparse.export.convert import export_for_inference
@@ -200,16 +212,16 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actspars
     )
     p.add_argument("--config", required=True, help="a recipe (YAML) with an ActivationSparsityCallback and a llama2.c model")
     p.add_argument("--prompt", default="Once upon a time", help="text after BOS (default: %(default)r)")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--sparsity", type=float, default=None, help="replace every scope's target (0: the dense text must come back)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each model, interleaved (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-    ns, overrides = p.parse_known_args(args if args is not None else sys.argv[2:])
+    ns, overrides = p.parse_known_args(args if args is not None else sys.argv[1:])
     if ns.sparsity is not None and not 0.0 <= ns.sparsity <= 1.0:
         p.error(f"--sparsity must be in [0, 1], got {ns.sparsity}")
     if ns.max_new_tokens < 1 or ns.repeats < 1:
-        p.error(f"--max_new_tokens and --repeats must be >= 1, got {ns.max_new_tokens} and {ns.repeats}")
+        p.error(f"--max-new-tokens and --repeats must be >= 1, got {ns.max_new_tokens} and {ns.repeats}")
     if ns.threads:
         torch.set_num_threads(ns.threads)
 
@@ -231,18 +243,10 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actspars
         targets = {scope: ns.sparsity for scope in targets}
     dense = copy.deepcopy(net).eval()
     data = callback.calibration_data
-    calibration, _ = data.loader_from_hooks(cli.datamodule, module)
+    calibration, _ = data.resolve(cli.datamodule, module)
     module.eval()
-    sparsify_activations(
-        target,
-        calibration,
-        targets,
-        callback.ignored_scope,
-        num_calibration_batches=data.num_batches,
-        transform_fn=data.inputs_fn(module, target),
-        max_batches_in_flight=data.max_batches_in_flight,
-        progress=not ns.json,
-    )
+    config = data.config.replace(transform_fn=data.inputs_fn(module, target), progress=data.config.progress and not ns.json)
+    _sparsify(target, calibration, targets, callback.ignored_scope, config)
     export_for_inference(net)
     tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file(resolve_data_dir() / "tok512.bin")
     result = compare_decoding(dense, net, tokenizer, ns.prompt, ns.max_new_tokens, repeats=ns.repeats)

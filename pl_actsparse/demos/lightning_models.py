@@ -25,20 +25,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchmetrics.text import Perplexity
 
-from pl_actsparse.lightning.callback import activation_sparsity_disabled, install_sparsifiers_from_state_dict
+from pl_actsparse.api import install_sparsifiers_from_state_dict
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import activation_sparsity_disabled, sparsified_layers
 
-__all__ = ["NextTokenPerplexity", "CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
+from pl_actsparse.tuning.objectives import _logits  # the one logits-out-of-an-output helper
 
-
-NextTokenPerplexity = Perplexity
-"""The shipped models' perplexity metric: torchmetrics' :class:`~torchmetrics.text.Perplexity` (``update(logits
-[B, T, vocab], targets [B, T])``, exp of the mean next-token NLL, states summed across ranks). The 0.1 name."""
-
-
-from pl_actsparse.tuning.objectives import _logits  # noqa: E402 - the one copy
+__all__ = ["CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
 
 
 class CausalLMModule(LightningModule):

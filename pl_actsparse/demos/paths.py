@@ -1,7 +1,8 @@
 """Where the demo data lives (``stories260K.bin``, ``tok512.bin``, the TinyStories and Shakespeare texts).
 
-Nothing is downloaded: the files sit in a folder beside the checkout (``../shared/data``), or wherever
-``$PL_ACTSPARSE_DATA`` points.
+Nothing is downloaded: the files sit in ``$PL_ACTSPARSE_DATA``, or by default in ``../shared/data`` beside the
+repository the command runs in (the repository holding the current directory; ``make main`` runs from the
+checkout's root). The installed package's location plays no part.
 """
 
 from __future__ import annotations
@@ -9,34 +10,38 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DATA_ENV_VAR", "resolve_data_dir"]
+__all__ = ["DATA_ENV_VAR", "resolve_data_dir", "repository_root"]
 
 DATA_ENV_VAR = "PL_ACTSPARSE_DATA"
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding the pl_actsparse package
+
+
+def repository_root(start: str | os.PathLike | None = None) -> Path:
+    """The repository holding ``start`` (default: the current directory): the nearest folder, ``start``
+    included, with a ``.git`` or a ``pyproject.toml``; ``start`` itself when no folder above has one."""
+    here = Path.cwd() if start is None else Path(start)
+    for folder in (here, *here.parents):
+        if (folder / ".git").exists() or (folder / "pyproject.toml").is_file():
+            return folder
+    return here
 
 
 def resolve_data_dir(path: str | os.PathLike | None = None) -> Path:
-    """Locate the data directory so tests, scripts and notebooks agree without configuration.
+    """The data directory: ``path`` if given; else ``$PL_ACTSPARSE_DATA`` if set; else ``../shared/data``
+    from the current directory's :func:`repository_root`.
 
-    Order: ``path`` if given; else ``$PL_ACTSPARSE_DATA`` if set; else
-    ``../shared/data`` from the current directory; else ``../shared/data`` next to
-    the repository root. An explicit ``path`` or environment variable that does not
-    exist is an error (it is never silently replaced by a default).
+    Raises:
+        FileNotFoundError: the chosen folder does not exist (an explicit ``path`` or environment variable
+            is never silently replaced by the default); the message names it and how it was chosen.
     """
     if path is not None:
-        candidates = [(Path(path), "explicit path")]
+        candidate, why = Path(path), "explicit path"
     elif os.environ.get(DATA_ENV_VAR):
-        candidates = [(Path(os.environ[DATA_ENV_VAR]), f"${DATA_ENV_VAR}")]
+        candidate, why = Path(os.environ[DATA_ENV_VAR]), f"${DATA_ENV_VAR}"
     else:
-        candidates = [
-            (Path.cwd() / ".." / "shared" / "data", "relative to the current directory"),
-            (_REPO_ROOT / ".." / "shared" / "data", "relative to the repository root"),
-        ]
-    for candidate, _ in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    looked = "; ".join(f"{c} ({why})" for c, why in candidates)
+        candidate, why = repository_root() / ".." / "shared" / "data", "../shared/data from the repository of the current directory"
+    if candidate.is_dir():
+        return candidate.resolve()
     raise FileNotFoundError(
-        f"pl_actsparse data directory not found; looked at: {looked}. "
+        f"pl_actsparse data directory not found: {candidate} ({why}). "
         f"Pass a path or set {DATA_ENV_VAR} to the folder holding stories260K.bin and tok512.bin."
     )

@@ -12,23 +12,17 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
-from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
-from pl_actsparse.tuning.objectives import perplexity
+from pl_actsparse import activation_sparsity_report, sparsify_activations
+from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
 from pl_actsparse.measure.metric import SparsityCounter
-
-SEED_RECIPE = {
-    TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
-    TargetScope(patterns=[".*down_proj.*"]): 0.5,
-}
+from pl_actsparse.tuning.objectives import perplexity
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="folder with stories260K.bin etc. (default: $PL_ACTSPARSE_DATA or ../shared/data)")
+    parser.add_argument("--data", default=None, help="folder with stories260K.bin etc. (default: $PL_ACTSPARSE_DATA, else ../shared/data beside this repository)")
     parser.add_argument("--calibration-batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
@@ -36,13 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data: {data_dir}")
     model = load_llama2c_checkpoint(data_dir / "stories260K.bin")
     tokenizer = Llama2cTokenizer.from_file(data_dir / "tok512.bin")
-    calib_windows = TokenWindows(load_stories(data_dir, 500, 600), tokenizer, seq_len=256)
+    calibration = calibration_batches(500, 600, batch_size=args.calibration_batch_size, tokenizer=tokenizer, data_dir=data_dir)
     evaluation = TokenWindows(load_stories(data_dir, 0, 150), tokenizer, seq_len=256)
-    bs = args.calibration_batch_size
-    calibration = [
-        torch.stack([calib_windows[j] for j in range(i, min(i + bs, len(calib_windows)))])
-        for i in range(0, len(calib_windows), bs)
-    ]
 
     dense = perplexity(model, evaluation)
     print(f"dense perplexity on stories 0-149 ({len(evaluation)} windows of 256 tokens): {dense:.4f}")
@@ -50,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     sparsify_activations(model, calibration, SEED_RECIPE)
     seconds = time.perf_counter() - t0
     report = activation_sparsity_report(model)
-    print(f"\ncalibrated on stories 500-599 ({len(calib_windows)} windows, {len(calibration)} batches) in {seconds:.2f} s")
+    print(f"\ncalibrated on stories 500-599 ({sum(len(b) for b in calibration)} windows, {len(calibration)} batches) in {seconds:.2f} s")
     print(report)
     with SparsityCounter(model) as heldout:
         sparse = perplexity(model, evaluation)

@@ -1,9 +1,11 @@
 """Where the callback's calibration batches come from, and how the model inputs are taken out of them.
 
-:class:`CalibrationData` is the calibration part of :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback`'s
-configuration as a small validated object. The callback resolves it with a running ``Trainer``
-(:meth:`CalibrationData.resolve`); ``pl-actsparse generate`` and other tools resolve it without one
-(:meth:`CalibrationData.loader_without_trainer`).
+:class:`CalibrationData` is the data source of :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback`:
+an explicit iterable, a ``calibration_dataloader`` method, another named method, or a stage's dataloader, plus
+how a batch becomes model inputs. *How* thresholds are calibrated (batch count, token mask, method, ...) is a
+:class:`~pl_actsparse.config.CalibrationConfig`, checked by that class. :meth:`CalibrationData.resolve` finds the
+data with or without a running Trainer (``python -m pl_actsparse.demos generate`` runs none), through public
+Lightning hooks only.
 """
 
 from __future__ import annotations
@@ -13,28 +15,25 @@ import numbers
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from pl_actsparse.core.masking import resolve_mask_fn
-from pl_actsparse.core.sequential import check_calibration_options
-from pl_actsparse.errors import CallbackConfigurationError, InvalidTargetError
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError
 
-__all__ = ["CalibrationData", "STAGE_SOURCES"]
+__all__ = ["CalibrationData", "STAGE_SOURCES", "config_error"]
 
 STAGE_SOURCES = ("train", "val", "test", "predict")
+_TRAINER_LOADERS = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders", "predict": "predict_dataloaders"}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def positive_int_or_none(value: Any, name: str) -> int | None:
-    """``value`` as an int >= 1, or None; raises :class:`CallbackConfigurationError` naming ``name`` otherwise."""
-    if value is None:
-        return None
-    if not _is_int(value) or value < 1:
-        raise CallbackConfigurationError(f"{name} must be a positive integer or None, got {value!r}")
-    return int(value)
+def config_error(argument: str, message: str, kind: type[ActivationSparsityError] = CallbackConfigurationError) -> ActivationSparsityError:
+    """An error (a :class:`CallbackConfigurationError` unless ``kind`` says otherwise) about the callback's
+    constructor ``argument`` (its YAML key below ``init_args``); ``pl-actsparse`` prints the key with the message."""
+    error = kind(message)
+    error.argument = argument  # type: ignore[attr-defined]
+    return error
 
 
 def first_loader(loaders: Any) -> Any:
@@ -56,182 +55,105 @@ def shard(loader: Iterable[Any], limit: int | None, world_size: int, rank: int) 
             yield item
 
 
+def _method(owner: Any, name: str) -> Callable[[], Any] | None:
+    """``owner.name`` if it is a method the user defined (Lightning's default ``*_dataloader`` hooks raise)."""
+    fn = getattr(owner, name, None) if owner is not None else None
+    default = any(isinstance(owner, p) and hasattr(p, name) and not is_overridden(name, owner, p) for p in (LightningModule, LightningDataModule))
+    return None if default or not callable(fn) else fn
+
+
 class CalibrationData:
-    """The calibration data of a Lightning run: a source, how many batches, and how to get model inputs.
+    """The calibration data of a Lightning run: a source, and how to get model inputs out of a batch.
 
     Args:
         dataloader: an explicit iterable of calibration batches (then ``source`` must stay ``"auto"``).
         source: ``"auto"`` (a ``calibration_dataloader`` method of the datamodule or LightningModule if there is
-            one, else the first ``num_batches`` training batches), ``"train"``/``"val"``/``"test"``/``"predict"``
+            one, else the first ``config.num_batches`` training batches), ``"train"``/``"val"``/``"test"``/``"predict"``
             (that stage's dataloader), or the name of another datamodule/LightningModule method returning an iterable.
-        num_batches: use the first N batches (all when None; required for the stage dataloaders).
-        max_batches_in_flight: lockstep group size that caps calibration memory (see ``docs/calibration.md``).
         input_key: index or key taking the model inputs out of a batch (``0`` for ``(x, y)``).
-        transform_fn: a callable batch -> model inputs (excludes ``input_key``).
-        token_mask: ``"auto"`` (a dict batch's ``attention_mask`` masks padding), None (count every element)
-            or a callable batch -> bool mask ``[batch, seq]``; passed to the calibration functions.
-        calibration: ``"auto"``, ``"sequential"`` (block by block from a cache of block inputs, one batch in flight
-            inside a block) or ``"lockstep"`` (the whole model, every batch in flight); see ``docs/calibration.md``.
-        offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
+        config: the calibration options; ``num_batches`` and ``transform_fn`` are read here.
 
     Raises:
-        CallbackConfigurationError: an argument is invalid; the message uses the callback's argument names
-            (``calibration_source``, ``num_calibration_batches``, ...).
+        CallbackConfigurationError: a source argument is invalid; the message and ``argument`` name the
+            callback's argument (``calibration_source``, ``calibration_dataloader``, ``input_key``).
     """
 
     def __init__(
         self,
         dataloader: Iterable[Any] | None = None,
         source: str = "auto",
-        num_batches: int | None = None,
-        max_batches_in_flight: int | None = None,
         input_key: int | str | None = None,
-        transform_fn: Callable[[Any], Any] | None = None,
-        token_mask: str | Callable[[Any], Any] | None = "auto",
-        calibration: str = "auto",
-        offload: str | None = None,
+        config: CalibrationConfig = CalibrationConfig(),
     ) -> None:
         if not isinstance(source, str) or not (source == "auto" or source in STAGE_SOURCES or source.isidentifier()):
-            raise CallbackConfigurationError(
-                "calibration_source must be 'auto', 'train', 'val', 'test', 'predict' or the name of a "
-                f"LightningDataModule/LightningModule method, got {source!r}"
-            )
-        if dataloader is not None:
-            if source != "auto":
-                raise CallbackConfigurationError(f"give either calibration_dataloader or calibration_source={source!r}, not both")
-            if not hasattr(dataloader, "__iter__"):
-                raise CallbackConfigurationError(
-                    f"calibration_dataloader must be iterable (a DataLoader, a list of batches), got {type(dataloader).__qualname__}"
-                )
-        self.dataloader = dataloader
-        self.source = source
-        self.num_batches = positive_int_or_none(num_batches, "num_calibration_batches")
-        self.max_batches_in_flight = positive_int_or_none(max_batches_in_flight, "max_batches_in_flight")
-        if source in STAGE_SOURCES and self.num_batches is None:
-            raise CallbackConfigurationError(
-                f"calibration_source={source!r} needs num_calibration_batches (calibrate on the first N "
-                f"batches of the {source} dataloader, not all of them)"
-            )
-        if input_key is not None and not (_is_int(input_key) or isinstance(input_key, str)):
-            raise CallbackConfigurationError(f"input_key must be an int index, a str key or None, got {input_key!r}")
-        if transform_fn is not None and not callable(transform_fn):
-            raise CallbackConfigurationError(f"transform_fn must be callable or None, got {transform_fn!r}")
-        if transform_fn is not None and input_key is not None:
-            raise CallbackConfigurationError("give either input_key or transform_fn, not both")
-        try:
-            resolve_mask_fn(token_mask)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise CallbackConfigurationError(str(exc)) from None
-        try:
-            check_calibration_options(calibration, offload)
-        except InvalidTargetError as exc:
-            raise CallbackConfigurationError(str(exc)) from None
-        self.input_key = input_key
-        self.transform_fn = transform_fn
-        self.token_mask = token_mask
-        self.calibration = calibration
-        self.offload = offload
+            raise config_error("calibration_source", "calibration_source must be 'auto', 'train', 'val', 'test', 'predict' or "
+                               f"the name of a LightningDataModule/LightningModule method, got {source!r}")
+        if dataloader is not None and source != "auto":
+            raise config_error("calibration_dataloader", f"give either calibration_dataloader or calibration_source={source!r}, not both")
+        if dataloader is not None and not hasattr(dataloader, "__iter__"):
+            raise config_error("calibration_dataloader", "calibration_dataloader must be iterable (a DataLoader, a list of "
+                               f"batches), got {type(dataloader).__qualname__}")
+        if source in STAGE_SOURCES and config.num_batches is None:
+            raise config_error("calibration", f"calibration_source={source!r} needs calibration.num_batches (calibrate on the "
+                               f"first N batches of the {source} dataloader, not all of them)")
+        if input_key is not None and (isinstance(input_key, bool) or not isinstance(input_key, (numbers.Integral, str))):
+            raise config_error("input_key", f"input_key must be an int index, a str key or None, got {input_key!r}")
+        if config.transform_fn is not None and input_key is not None:
+            raise config_error("input_key", "give either input_key or calibration.transform_fn, not both")
+        self.dataloader, self.source, self.input_key, self.config = dataloader, source, input_key, config
 
     def __repr__(self) -> str:
-        return (
-            f"CalibrationData(source={self.source!r}, num_batches={self.num_batches}, input_key={self.input_key!r}, "
-            f"explicit_dataloader={self.dataloader is not None})"
-        )
+        return f"CalibrationData(source={self.source!r}, input_key={self.input_key!r}, explicit_dataloader={self.dataloader is not None})"
 
-    # -- where the batches come from -------------------------------------------------------------------
+    def resolve(self, datamodule: Any, pl_module: Any, trainer: Any = None) -> tuple[Iterable[Any], str]:
+        """The calibration data and a description of where it came from.
 
-    def loader_without_trainer(self, datamodule: Any, pl_module: Any) -> tuple[Iterable[Any], str] | None:
-        """The calibration data and where it came from, when no running Trainer is needed to find it.
-
-        ``None`` means the source is a stage's dataloader (``"train"``, ``"val"``, ...; also ``"auto"``
-        without a ``calibration_dataloader`` method), which only a running Trainer resolves.
+        A stage source calls ``<stage>_dataloader()`` of the datamodule or LightningModule; only when neither
+        defines it, the dataloaders given to the running ``trainer`` (its public ``train_dataloader``,
+        ``val_dataloaders``, ... once Lightning has set them up) are used.
 
         Raises:
-            CallbackConfigurationError: the named method does not exist, or ``"auto"`` finds nothing to use.
+            CallbackConfigurationError: the named method does not exist, ``"auto"`` finds nothing to use, or
+                the stage's dataloader is not available.
         """
         if self.dataloader is not None:
             return self.dataloader, "calibration_dataloader"
+        owners = [o for o in (datamodule, pl_module) if o is not None]
         source = self.source
         if source == "auto":
-            for owner in (datamodule, pl_module):
-                if owner is not None and callable(getattr(owner, "calibration_dataloader", None)):
-                    return first_loader(owner.calibration_dataloader()), f"{type(owner).__name__}.calibration_dataloader()"
-            if self.num_batches is None:
-                raise CallbackConfigurationError(
-                    "no calibration data: there is no calibration_dataloader (argument, or method of the datamodule or "
-                    "LightningModule), and calibrating on the first training batches needs num_calibration_batches"
-                )
-            return None
-        if source in STAGE_SOURCES:
-            return None
-        for owner in (datamodule, pl_module):
-            if owner is not None and callable(getattr(owner, source, None)):
-                return first_loader(getattr(owner, source)()), f"{type(owner).__name__}.{source}()"
-        raise CallbackConfigurationError(
-            f"calibration_source={source!r}: neither the datamodule "
-            f"({type(datamodule).__name__ if datamodule is not None else 'none'}) nor {type(pl_module).__name__} "
-            f"has a method {source!r}"
-        )
-
-    def loader_from_hooks(self, datamodule: Any, pl_module: Any) -> tuple[Iterable[Any], str]:
-        """Like :meth:`loader_without_trainer`, resolving a stage source by calling ``<stage>_dataloader()``
-        of the datamodule or LightningModule directly (for tools that run no Trainer, e.g. ``generate``).
-
-        Raises:
-            CallbackConfigurationError: neither object defines the stage's dataloader method.
-        """
-        found = self.loader_without_trainer(datamodule, pl_module)
-        if found is not None:
-            return found
-        stage = "train" if self.source == "auto" else self.source
-        method = f"{stage}_dataloader"
-        for owner in (datamodule, pl_module):
-            if owner is not None and callable(getattr(owner, method, None)):
-                return first_loader(getattr(owner, method)()), f"{type(owner).__name__}.{method}()"
-        raise CallbackConfigurationError(
-            f"calibration_source={self.source!r}: neither {type(datamodule).__name__} nor {type(pl_module).__name__} has {method}()"
-        )
-
-    def resolve(self, trainer: Any, pl_module: Any) -> tuple[Iterable[Any], str]:
-        """The calibration data of a running Trainer and a description of where it came from.
-
-        Raises:
-            CallbackConfigurationError: the source's dataloader is not available in this run.
-        """
-        found = self.loader_without_trainer(getattr(trainer, "datamodule", None), pl_module)
-        if found is not None:
-            return found
-        source = "train" if self.source == "auto" else self.source
-        loop = {
-            "train": trainer.fit_loop,
-            "val": trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == "fit" else trainer.validate_loop,
-            "test": trainer.test_loop,
-            "predict": trainer.predict_loop,
-        }[source]
-        data_source = loop._data_source  # Lightning has no public accessor for a loop's dataloader source
-        if not data_source.is_defined():
-            raise CallbackConfigurationError(
-                f"calibration_source={source!r}: the {source} dataloader is not available in this run; pass "
-                "calibration_dataloader, or a datamodule/LightningModule that defines it"
-            )
-        return first_loader(data_source.dataloader()), f"the {source} dataloader"
+            for owner in owners:
+                if (fn := _method(owner, "calibration_dataloader")) is not None:
+                    return first_loader(fn()), f"{type(owner).__name__}.calibration_dataloader()"
+            if self.config.num_batches is None:
+                raise config_error("calibration_source", "no calibration data: there is no calibration_dataloader (argument, or "
+                                   "method of the datamodule or LightningModule), and calibrating on the first training batches "
+                                   "needs calibration.num_batches")
+            source = "train"
+        method = f"{source}_dataloader" if source in STAGE_SOURCES else source
+        for owner in owners:
+            if (fn := _method(owner, method)) is not None:
+                return first_loader(fn()), f"the {source} dataloader" if source in STAGE_SOURCES else f"{type(owner).__name__}.{method}()"
+        loaders = getattr(trainer, _TRAINER_LOADERS[source], None) if source in STAGE_SOURCES and trainer is not None else None
+        if loaders is not None:
+            return first_loader(loaders), f"the {source} dataloader"
+        names = " nor ".join(type(o).__name__ for o in owners) or "nothing"
+        raise config_error("calibration_source", f"calibration_source={self.source!r}: neither {names} has a method {method!r}, "
+                           "and the run has no such dataloader; pass calibration_dataloader or define the method")
 
     def batches(self, loader: Iterable[Any], world_size: int = 1, rank: int = 0) -> Iterator[Any]:
-        """This rank's share of the first ``num_batches`` items of ``loader`` (round-robin over ranks)."""
-        return shard(loader, self.num_batches, world_size, rank)
-
-    # -- model inputs out of a batch -------------------------------------------------------------------
+        """This rank's share of the first ``config.num_batches`` items of ``loader`` (round-robin over ranks)."""
+        return shard(loader, self.config.num_batches, world_size, rank)
 
     def inputs_fn(self, pl_module: Any, model: nn.Module | None = None) -> Callable[[Any], Any] | None:
-        """The function batch -> model inputs: ``transform_fn``, else ``batch[input_key]``, else the
+        """The function batch -> model inputs: ``config.transform_fn``, else ``batch[input_key]``, else the
         LightningModule's ``calibration_inputs(batch)`` method, else the batch as it is.
 
         With the batch as it is, a tuple/list batch is passed as positional arguments; when ``model.forward``
         cannot take that many, the error names the ``input_key`` option (a ``TensorDataset`` batch ``(x, y)``
         fed to ``forward(x)``) instead of a ``TypeError`` deep inside the model.
         """
-        if self.transform_fn is not None:
-            return self.transform_fn
+        if self.config.transform_fn is not None:
+            return self.config.transform_fn
         if self.input_key is not None:
             key = self.input_key
             return lambda batch: batch[key]
@@ -239,9 +161,7 @@ class CalibrationData:
         if callable(hook):
             return hook
         target = model if model is not None else pl_module
-        if isinstance(target, nn.Module):
-            return _ArityChecked(target)
-        return None
+        return _ArityChecked(target) if isinstance(target, nn.Module) else None
 
 
 class _ArityChecked:
@@ -264,8 +184,8 @@ class _ArityChecked:
                 raise CallbackConfigurationError(
                     f"a calibration batch is a {type(batch).__name__} of {len(batch)} items ({', '.join(kinds)}), passed as "
                     f"positional arguments to {type(self.model).__name__}.forward{self.signature}, which does not take "
-                    "them: set input_key (e.g. input_key=0 for an (x, y) batch of a TensorDataset), transform_fn, or "
-                    "define calibration_inputs(batch) on the LightningModule"
+                    "them: set input_key (e.g. input_key=0 for an (x, y) batch of a TensorDataset), calibration.transform_fn, "
+                    "or define calibration_inputs(batch) on the LightningModule"
                 ) from None
             self.checked.add(len(batch))
         return batch

@@ -3,28 +3,24 @@
     pl-actsparse validate --config recipes/stories260k_training_free.yaml
     pl-actsparse fit --config recipes/stories260k_finetune.yaml --trainer.max_epochs=2
     pl-actsparse fit --config recipes/stories260k_finetune.yaml trainer.max_steps=10   # omegaconf-style override
-    pl-actsparse generate --config recipes/stories260k_training_free.yaml --prompt "Once upon a time"
-    pl-actsparse sweep --targets 0.3 0.5 --json sweep.json --plot sweep.png     # = python -m pl_actsparse.demos sweep
     pl-actsparse report CHECKPOINT.ckpt --prefix model. --out report/          # pl_actsparse.measure.report.main
-    pl-actsparse report --demo --out report/                                   # = python -m pl_actsparse.demos report
+    pl-actsparse build-kernels                                                  # the C++ kernels, ahead of time
 
-Any LightningModule / LightningDataModule can be named with ``class_path``; the package ships
-:class:`~pl_actsparse.demos.lightning_models.TinyStoriesLM`, :class:`~pl_actsparse.demos.lightning_models.HFLlamaLM` and
-:class:`~pl_actsparse.demos.lightning_models.TinyStoriesDataModule`, so the recipes need no user code. The
-parser runs in ``omegaconf`` mode: recipes may interpolate (``${data.init_args.seq_len}``).
+Any LightningModule / LightningDataModule can be named with ``class_path`` (the recipes use the demo modules
+of :mod:`pl_actsparse.demos.lightning_models`, so they need no user code). The parser runs in ``omegaconf``
+mode: recipes may interpolate (``${data.init_args.seq_len}``). The decode, sweep and report demos on the
+shipped model are ``python -m pl_actsparse.demos {generate,sweep,report}``; this module imports no demo.
 
 Configuration errors of an :class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback` in a recipe
 (a sparsity of 1.5, a misspelt argument or scope key) are printed as one line naming the YAML key, e.g.
 ``pl-actsparse fit: error: trainer.callbacks[0].init_args.scopes[1].sparsity: target sparsity for scopes[1]
 must be in [0, 1], got 1.5``, and the command exits with status 2, like jsonargparse's own errors.
-
-``generate`` is the decode demo (not a Trainer method, see
-:func:`pl_actsparse.demos.generate.generate_from_recipe`, imported lazily: nothing else here needs the demos).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import re
 import sys
@@ -38,7 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from pl_actsparse.errors import ActivationSparsityError
 
-__all__ = ["ActSparseCLI", "run", "generate", "main", "SUBCOMMANDS"]
+__all__ = ["ActSparseCLI", "run", "main", "SUBCOMMANDS"]
 
 _QUIET = (
     # the data is an in-memory tensor: worker processes would only cost start-up time
@@ -138,8 +134,9 @@ def _is_sparsity_callback(class_path: Any) -> bool:
 def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") -> None:
     """Construct every ``ActivationSparsityCallback`` of the recipes in ``args`` (``--config`` files) from
     its YAML ``init_args``; on a configuration error print ``<prog>: error: <YAML key>: <message>`` to stderr
-    and exit with status 2. Values that only jsonargparse can build (import paths of callables) are left
-    to it. Files that cannot be read are left to jsonargparse too.
+    and exit with status 2. Values that only jsonargparse can build (``class_path`` objects, import paths,
+    interpolations) are left to it, and so is an error about an argument this file does not give (it may
+    come from another file or the command line). Files that cannot be read are left to jsonargparse too.
 
     Raises:
         SystemExit: with code 2, on a configuration error of the callback.
@@ -148,7 +145,7 @@ def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") ->
 
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
 
-    params = inspect.signature(ActivationSparsityCallback.__init__).parameters
+    params = [p for p in inspect.signature(ActivationSparsityCallback.__init__).parameters if p != "self"]
     for path in _config_files(args):
         try:
             config = yaml.safe_load(path.read_text())
@@ -164,20 +161,19 @@ def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") ->
             init_args = entry.get("init_args") or {}
             if not isinstance(init_args, dict):
                 continue
-            unknown = [k for k in init_args if k not in params or k == "self"]
+            unknown = [k for k in init_args if k not in params]
             if unknown:
-                close = difflib.get_close_matches(unknown[0], [p for p in params if p != "self"], n=1)
+                close = difflib.get_close_matches(unknown[0], params, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 _exit_with_config_error(prog, f"{base}.{unknown[0]}", f"ActivationSparsityCallback has no argument {unknown[0]!r}{hint}")
             kwargs = {k: _plain_specs(v) for k, v in init_args.items()}
-            kwargs = {k: v for k, v in kwargs.items() if not _needs_jsonargparse(params[k], v)}
-            if "scopes" not in kwargs and "target_sparsity_by_scope" not in kwargs:
-                continue  # the scopes need jsonargparse to build them: leave the whole check to it
+            kwargs = {k: v for k, v in kwargs.items() if not _needs_jsonargparse(v)}
             try:
                 ActivationSparsityCallback(**kwargs)
             except ActivationSparsityError as exc:
-                key = getattr(exc, "argument", None)
-                _exit_with_config_error(prog, f"{base}.{key}" if key else base, exc)
+                key = getattr(exc, "argument", None) or ""
+                if re.split(r"[.\[]", key)[0] in kwargs:
+                    _exit_with_config_error(prog, f"{base}.{key}", exc)
 
 
 def _plain_specs(value: Any) -> Any:
@@ -190,17 +186,20 @@ def _plain_specs(value: Any) -> Any:
     return value
 
 
-def _needs_jsonargparse(param: inspect.Parameter, value: Any) -> bool:
-    """Values jsonargparse turns into objects (a class_path dict, an import path of a callable, ``${...}``)."""
-    if isinstance(value, dict) and "class_path" in value:
-        return True
-    if isinstance(value, list) and any(isinstance(v, dict) and "class_path" in v for v in value):
-        return True
-    if isinstance(value, str) and "${" in value:
-        return True
-    if isinstance(value, str) and param.name in ("transform_fn", "calibration_dataloader", "schedule") and value not in ("constant", "linear"):
-        return True
-    return param.name == "token_mask" and isinstance(value, str) and value != "auto"
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def _needs_jsonargparse(value: Any) -> bool:
+    """Whether jsonargparse turns (part of) ``value`` into an object: a ``class_path`` mapping, an import path
+    (``mypackage.inputs`` where ``mypackage`` can be imported; a module name such as ``encoder.fc`` is not
+    one) or an interpolation (``${...}``), at any depth."""
+    if isinstance(value, dict):
+        return "class_path" in value or any(_needs_jsonargparse(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_needs_jsonargparse(v) for v in value)
+    if not isinstance(value, str):
+        return False
+    return "${" in value or (_IMPORT_PATH.match(value) is not None and importlib.util.find_spec(value.split(".")[0]) is not None)
 
 
 def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = True) -> ActSparseCLI:
@@ -226,27 +225,8 @@ def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = Tr
     )
 
 
-def generate(args: list[str] | None = None) -> Any:
-    """The ``pl-actsparse generate`` subcommand: :func:`pl_actsparse.demos.generate.generate_from_recipe`."""
-    from pl_actsparse.demos.generate import generate_from_recipe
-
-    return generate_from_recipe(args, prog="pl-actsparse generate")
-
-
-def _sweep(args: list[str]) -> Any:
-    """``pl-actsparse sweep``: the shipped-model sweep demo (:func:`pl_actsparse.demos.__main__.sweep_main`)."""
-    from pl_actsparse.demos.__main__ import sweep_main
-
-    return sweep_main(args, prog="pl-actsparse sweep")
-
-
 def _report(args: list[str]) -> Any:
-    """``pl-actsparse report CKPT`` (:func:`pl_actsparse.measure.report.main`), or ``report --demo`` on the
-    shipped model."""
-    if "--demo" in args:
-        from pl_actsparse.demos.__main__ import report_main as demo_report_main
-
-        return demo_report_main([a for a in args if a != "--demo"], prog="pl-actsparse report --demo")
+    """``pl-actsparse report CKPT`` (:func:`pl_actsparse.measure.report.main`)."""
     from pl_actsparse.measure.report import main as report_main
 
     return report_main(args, prog="pl-actsparse report")
@@ -259,9 +239,7 @@ def _build_kernels(args: list[str]) -> Any:
     raise SystemExit(build_kernels_main(args))
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {
-    "generate": generate, "sweep": _sweep, "report": _report, "build-kernels": _build_kernels,
-}
+SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {"report": _report, "build-kernels": _build_kernels}
 """Subcommands that are not Trainer methods: name -> function of the remaining arguments. Anything else goes
 to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
 

@@ -10,14 +10,20 @@ recalibrates the changed layers.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+import numbers
+from typing import Any, Mapping
 
-from pl_actsparse.api import validate_target
+from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import TargetScope
 from pl_actsparse.errors import CallbackConfigurationError
-from pl_actsparse.lightning.calibration_data import positive_int_or_none
 
 __all__ = ["SparsitySchedule", "LinearRamp"]
+
+
+def _positive_int_or_none(value: Any, name: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        raise CallbackConfigurationError(f"LinearRamp: {name} must be a positive integer or None, got {value!r}")
+    return None if value is None else int(value)
 
 
 class SparsitySchedule:
@@ -80,14 +86,14 @@ class LinearRamp(SparsitySchedule):
         steps: int | None = None,
         every_n_steps: int | None = None,
     ) -> None:
-        self.initial_sparsity = validate_target(initial_sparsity, "initial_sparsity")
-        self.epochs = positive_int_or_none(epochs, "ramp_epochs")
-        self.steps = positive_int_or_none(steps, "ramp_steps")
-        every = positive_int_or_none(every_n_steps, "ramp_every_n_steps")
+        self.initial_sparsity = validate_target(initial_sparsity, "LinearRamp initial_sparsity")
+        self.epochs = _positive_int_or_none(epochs, "epochs")
+        self.steps = _positive_int_or_none(steps, "steps")
+        every = _positive_int_or_none(every_n_steps, "every_n_steps")
         if (self.epochs is None) == (self.steps is None):
-            raise CallbackConfigurationError("schedule='linear' needs exactly one of ramp_epochs and ramp_steps")
+            raise CallbackConfigurationError(f"LinearRamp needs exactly one of epochs and steps, got epochs={epochs!r}, steps={steps!r}")
         if every is not None and self.steps is None:
-            raise CallbackConfigurationError("ramp_every_n_steps only applies to a ramp over steps (ramp_steps)")
+            raise CallbackConfigurationError("LinearRamp: every_n_steps only applies to a ramp over steps (steps=...)")
         if self.steps is not None and every is None:
             every = max(1, math.ceil(self.steps / 10))
         self.every_n_steps = every
