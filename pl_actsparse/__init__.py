@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pl_actsparse.core.calibration import LayerStatistics, threshold_from_histogram
+from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_from_histogram
 from pl_actsparse.errors import (
     ActivationSparsityError,
     CheckpointError,
@@ -87,7 +87,7 @@ _LAZY = {
     "load_scopes_yaml": ".core.recipe",
     "sweep_sparsity": ".tuning.sweep",
     "SweepResult": ".tuning.sweep",
-    "threshold_for_target": ".tuning.sweep",
+    "threshold_for_target": ".calibrate.histogram",
     "find_shared_input_groups": ".core.groups",
     "sparsify_activations_weight_aware": ".tuning.weight_aware",
     "model_report": ".measure.report",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsified_layers, sparsify_activations
-from pl_actsparse.core.calibration import compilation_disabled
+from pl_actsparse.calibrate.running import compilation_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_hf_llama
 

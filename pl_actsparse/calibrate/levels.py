@@ -11,12 +11,12 @@ and llm-compressor's sequential pipeline calibrate such groups one after another
   structure is read). Layer ``B`` depends on layer ``A`` when the autograd
   graph of ``B``'s input reaches ``A``'s thresholded input; ``level(B) = 1 + max(level(A))`` over those. A block
   whose layers are not each called exactly once (mixture-of-experts, weight sharing), or whose layer inputs are
-  not traced back to its arguments, is not leveled (:class:`NotLeveled`) and is calibrated in lockstep instead.
+  not traced back to its arguments, is not leveled (:func:`plan_block` returns why) and is calibrated in lockstep instead.
 * **Level passes**: for level ``l``, every batch in turn runs the block on its cached input, with the layers of
   levels ``< l`` sparsified at their final thresholds, until every level-``l`` layer has seen its input (the
   forward is then stopped). Each layer's real-token inputs go into its histogram; when all batches are done,
-  the level's thresholds are finalized exactly as :mod:`~pl_actsparse.core.calibration` does (same histograms,
-  same rule, summed over DDP ranks).
+  the level's thresholds are finalized by :func:`~pl_actsparse.calibrate.histogram.finalize`, as in lockstep
+  (same histograms, same rule, summed over DDP ranks).
 * **Propagation**: every batch runs the whole block once more with the final thresholds; its output becomes
   the cached input of the next block.
 * **Reuse** of finished sub-modules: a sub-module (HF's ``self_attn``) whose targeted layers are all final
@@ -42,26 +42,25 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.core.calibration import (
+from pl_actsparse.calibrate.blocks import hidden_out
+from pl_actsparse.calibrate.distributed import Distributed
+from pl_actsparse.calibrate.histogram import (
     COARSE_BINS,
     FINE_BINS,
     LayerStatistics,
-    _agreed_dtype,
-    _check_finite,
-    _Distributed,
-    _INT_VIEW,
-    _abs_keys,
+    abs_keys,
+    check_input_dtype,
     coarse_histogram,
-    compilation_disabled,
+    finalize,
     fine_bin,
     fine_histogram,
-    map_tensors,
-    threshold_from_histogram,
+    merge_coarse,
 )
+from pl_actsparse.calibrate.running import compilation_disabled, map_tensors, patch_forward, restore_forward
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, SparsifierMode, linear_like_spec
-from pl_actsparse.core.masking import select_tokens, token_mask as _token_mask_context
+from pl_actsparse.core.masking import select_tokens, token_mask as token_mask_context
 
-__all__ = ["NotLeveled", "CacheSpoiled", "BlockPlan", "plan_block", "calibrate_block", "BlockIO"]
+__all__ = ["Unleveled", "BlockPlan", "plan_block", "calibrate_block", "BlockIO"]
 
 #: Coarse bins of fine counts kept per float32 layer (each 2**16 int64 counters: 512 KiB); the window covers
 #: the first batch's quantiles within ``FINE_WINDOW_QUANTILE_MARGIN`` of the target.
@@ -69,13 +68,24 @@ FINE_WINDOW_BINS = 16
 FINE_WINDOW_QUANTILE_MARGIN = 0.02
 
 
-class NotLeveled(Exception):
-    """The block cannot be calibrated level by level; the message says why (the caller uses lockstep)."""
+class _NotLeveled(Exception):
+    """The block cannot be calibrated level by level; the message says why."""
 
 
-class CacheSpoiled(NotLeveled):
-    """The block stopped following its plan while the cache was being overwritten with its outputs: the
-    caller must start over in lockstep (all ranks raise it together)."""
+class _CacheSpoiled(_NotLeveled):
+    """The block stopped following its plan while the cache was being overwritten with its outputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unleveled:
+    """What :func:`calibrate_block` returns when the block cannot be calibrated level by level (all ranks agree).
+
+    ``spoiled``: the block's outputs had already replaced part of the boundary cache, so the caller must start
+    over in lockstep; otherwise nothing changed and the caller calibrates this block in lockstep.
+    """
+
+    reason: str
+    spoiled: bool = False
 
 
 class _Stop(Exception):
@@ -112,31 +122,8 @@ class BlockIO:
     drop: Callable[[Any], None]
 
 
-def _hidden_out(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 def _with_grad(v: Any) -> Any:
     return map_tensors(v, lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
-
-
-_MISSING = object()
-
-
-def patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
-    """Replace ``module.forward`` by ``make(current forward)`` (an instance attribute, so hooks still run);
-    returns what :func:`restore_forward` needs. A forward already set on the instance (accelerate's hook
-    wrapper) is the one wrapped and later restored."""
-    saved = module.__dict__.get("forward", _MISSING)
-    module.forward = make(type(module).forward.__get__(module) if saved is _MISSING else saved)
-    return saved
-
-
-def restore_forward(module: nn.Module, saved: Any) -> None:
-    if saved is _MISSING:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = saved
 
 
 def _discard(_: Any) -> None:
@@ -157,14 +144,20 @@ def _reachable(node: Any) -> set:
     return seen
 
 
-def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan:
+def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan | str:
     """Dependency levels of ``layers`` (sparsified modules inside ``block``) from one forward of the block on
     ``args``/``kwargs`` with autograd on (see the module docstring). The layers' modes are restored.
 
-    Raises:
-        NotLeveled: a layer is not called exactly once, a layer input is not traced back to the block's
-            arguments, or the forward fails with autograd on.
+    Returns the plan, or why there is none (a layer is not called exactly once, a layer input is not traced
+    back to the block's arguments, or the forward fails with autograd on).
     """
+    try:
+        return _plan(block, layers, args, kwargs)
+    except _NotLeveled as exc:
+        return str(exc)
+
+
+def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan:
     local = {id(m): n for n, m in block.named_modules()}
     ids = {id(m): k for k, m in enumerate(layers)}
     k_layers = len(layers)
@@ -200,7 +193,7 @@ def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwarg
                 torch.autograd.graph.saved_tensors_hooks(_discard, _discard):
             block(*_with_grad(args), **_with_grad(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
-        raise NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
+        raise _NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
     finally:
         for h in handles:
             h.remove()
@@ -210,13 +203,13 @@ def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwarg
     names = [local[id(m)] for m in layers]
     missing = [names[k] for k in range(k_layers) if calls[k] == 0]
     if missing:
-        raise NotLeveled(f"layer(s) {missing} were not called by the block's forward (data-dependent routing)")
+        raise _NotLeveled(f"layer(s) {missing} were not called by the block's forward (data-dependent routing)")
     repeated = [names[k] for k in range(k_layers) if calls[k] > 1]
     if repeated:
-        raise NotLeveled(f"layer(s) {repeated} are called more than once per block forward")
+        raise _NotLeveled(f"layer(s) {repeated} are called more than once per block forward")
     untraced = [names[k] for k in range(k_layers) if marks[k] is None]
     if untraced:
-        raise NotLeveled(f"the inputs of layer(s) {untraced} do not depend on the block's arguments")
+        raise _NotLeveled(f"the inputs of layer(s) {untraced} do not depend on the block's arguments")
     level = [0] * k_layers
     for k in order:
         reach = _reachable(raw[k].grad_fn)
@@ -271,7 +264,7 @@ class _Accumulator:
         if self.window is None:
             self.window = _window(hist, self.target)
         lo, hi = self.window
-        keys = _abs_keys(sel)
+        keys = abs_keys(sel)
         inside = keys[(keys >= (lo << 16)) & (keys < ((hi + 1) << 16))] - (lo << 16)
         h = torch.bincount(inside, minlength=(hi - lo + 1) * FINE_BINS)
         self.fine = h if self.fine is None else self.fine.add_(h)
@@ -376,7 +369,7 @@ class _Pass:
         calls = self.calls.get(key, 0) + 1
         self.calls[key] = calls
         if calls > 1:
-            raise NotLeveled("a layer was called more than once in one block forward")
+            raise _NotLeveled("a layer was called more than once in one block forward")
         acc = self.observed.get(self.names[key])
         if acc is None:
             return
@@ -385,9 +378,7 @@ class _Pass:
         if last is not None and last[0] is inp and last[1] is mask:
             sel, hist = last[2], last[3]
         else:
-            if inp.dtype not in _INT_VIEW:
-                raise TypeError(f"layer {acc.name!r} received a {inp.dtype} input; calibration supports float32, "
-                                "bfloat16 and float16")
+            check_input_dtype(acc.name, inp)
             sel = select_tokens(inp.detach(), mask, layer=acc.name)
             hist = coarse_histogram(sel)
             self.last = (inp, mask, sel, hist)
@@ -408,17 +399,17 @@ class _Pass:
         self.hidden_bytes[index] = hidden.numel() * hidden.element_size()
         args, kwargs = self.io.call(index, hidden)
         try:
-            with _token_mask_context(self.io.mask(index)):
+            with token_mask_context(self.io.mask(index)):
                 out = self.block(*args, **kwargs)
         except _Stop:
             return None
         finally:
             self.last = None
         if self.pending:
-            raise NotLeveled("the block's forward ended before every layer of a level was called")
+            raise _NotLeveled("the block's forward ended before every layer of a level was called")
         if level == self.plan.passes and set(self.calls) | self.replayed != {id(m) for m in self.layers.values()}:
-            raise NotLeveled("not every targeted layer of the block was called in the propagation pass")
-        return _hidden_out(out)
+            raise _NotLeveled("not every targeted layer of the block was called in the propagation pass")
+        return hidden_out(out)
 
 
 def _zeros_after_observers(module: nn.Module) -> Callable[..., torch.Tensor]:
@@ -446,30 +437,24 @@ def _nbytes(out: Any) -> int:
     return 1 << 62  # unknown objects are never kept
 
 
-def _agree(dist: _Distributed, failed: bool) -> bool:
-    return bool(dist.sum_(torch.tensor([int(failed)])).item()) if dist.enabled else failed
-
-
 def calibrate_block(
     block: nn.Module,
     plan: BlockPlan,
     layers: Sequence[tuple[str, nn.Module]],
     io: BlockIO,
-    dist: _Distributed,
-    on_level: Callable[[int], None] = lambda level: None,
-) -> dict[str, LayerStatistics]:
+    dist: Distributed,
+) -> dict[str, LayerStatistics] | Unleveled:
     """Calibrate ``layers`` (``(full name, module)`` inside ``block``) level by level, then propagate every
-    batch's output into the cache (:class:`BlockIO`). Returns statistics per full name.
+    batch's output into the cache (:class:`BlockIO`). Returns statistics per full name, or :class:`Unleveled`
+    when, on any rank, a pass found the block behaving unlike its plan (all ranks return it together).
 
     Raises:
-        NotLeveled: on any rank, a pass found the block behaving unlike its plan, before the cache changed
-            (the caller calibrates the block in lockstep). All ranks raise together.
         NonFiniteActivationError, TokenMaskError, TypeError: as lockstep calibration.
     """
     local = {id(m): n for n, m in block.named_modules()}
     by_local = {local[id(m)]: (full, m) for full, m in layers}
     if sorted(by_local) != sorted(n for lv in plan.levels for n in lv):
-        raise NotLeveled("the block's targeted layers differ from its plan")
+        return Unleveled("the block's targeted layers differ from its plan")
     modules = {n: m for n, (_, m) in by_local.items()}
     for m in modules.values():
         m._actsparse.mode = SparsifierMode.PASSTHROUGH
@@ -484,26 +469,27 @@ def calibrate_block(
                 try:
                     for i in io.indices:
                         p.run(i, level, accs)
-                except NotLeveled as exc:
+                except _NotLeveled as exc:
                     failed = exc
-                if _agree(dist, failed is not None):
-                    raise failed or NotLeveled("another rank's block did not follow the plan")
+                if dist.any(failed is not None):
+                    raise failed or _NotLeveled("another rank's block did not follow the plan")
                 _finalize(p, level, accs, io, dist)
                 for n in names:
                     stats[by_local[n][0]] = accs[n].stats  # type: ignore[attr-defined]
-                on_level(level)
             failed = None
             for i in io.indices:
                 try:
                     out = p.run(i, plan.passes, {})
-                except NotLeveled as exc:
+                except _NotLeveled as exc:
                     failed = exc  # too late to redo only this block: the cache holds outputs already
                     break
                 io.set_hidden(i, out)  # type: ignore[arg-type]
                 for key in [k for k in kept if k[0] == i]:
                     io.drop(kept.pop(key))
-            if _agree(dist, failed is not None):
-                raise CacheSpoiled(f"{failed or 'another rank'}: while propagating the block's outputs")
+            if dist.any(failed is not None):
+                raise _CacheSpoiled(f"{failed or 'another rank'}: while propagating the block's outputs")
+    except _NotLeveled as exc:
+        return Unleveled(str(exc), spoiled=isinstance(exc, _CacheSpoiled))
     finally:
         for handle in kept.values():
             io.drop(handle)
@@ -511,20 +497,14 @@ def calibrate_block(
     return stats
 
 
-def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, dist: _Distributed) -> None:
+def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, dist: Distributed) -> None:
     """Thresholds of one level from the summed histograms (all ranks), written into the layers."""
     ordered = list(accs.values())
-    merged = []
-    for acc in ordered:
-        dtype = _agreed_dtype(dist, acc.dtype)
-        local = acc.coarse if acc.coarse is not None else torch.zeros(COARSE_BINS, dtype=torch.int64)
-        coarse = dist.sum_(local).to("cpu")
-        _check_finite(acc.name, coarse, dtype)
-        merged.append((dtype, coarse))
+    merged = [merge_coarse(acc.name, acc.dtype, acc.coarse, dist) for acc in ordered]
     # float32: the fine counts of the bin each threshold falls in; a second pass where a window missed it
     bins = [fine_bin(coarse, acc.target) if dtype == torch.float32 else None for acc, (dtype, coarse) in zip(ordered, merged)]
     here = [b is not None and acc.fine_of(b) is None for acc, b in zip(ordered, bins)]  # missing on this rank
-    if int(dist.sum_(torch.tensor(here, dtype=torch.int64)).sum()):  # some rank needs a second pass
+    if dist.any(any(here)):  # some rank needs a second pass
         again = {}
         for (n, acc), b, miss in zip(accs.items(), bins, here):
             if miss:
@@ -535,24 +515,13 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, 
             try:
                 for i in io.indices:
                     p.run(i, level, again)
-            except NotLeveled as exc:
+            except _NotLeveled as exc:
                 failed = exc
-        if _agree(dist, failed is not None):  # every rank gets here: ``missing`` is summed over all of them
-            raise failed or NotLeveled("another rank's block did not follow the plan")
-    for acc, (dtype, coarse), b in zip(ordered, merged, bins):
-        fine = None
-        if b is not None:
-            local = acc.repass if acc.repass_bin is not None else acc.fine_of(b)
-            if local is None:  # this rank saw no element of the layer
-                local = torch.zeros(FINE_BINS, dtype=torch.int64)
-            fine = dist.sum_(local.to(torch.int64)).to("cpu")
-
-        def fine_fn(bb: int, b: int | None = b, fine: torch.Tensor | None = fine) -> torch.Tensor:
-            assert bb == b and fine is not None
-            return fine
-
-        threshold, zeroed = threshold_from_histogram(coarse, acc.target, dtype, fine_fn)
-        acc.module.activation_threshold.fill_(threshold)  # type: ignore[operator]
+        if dist.any(failed is not None):  # every rank gets here: ``missing`` is summed over all of them
+            raise failed or _NotLeveled("another rank's block did not follow the plan")
+    for acc, (dtype, coarse) in zip(ordered, merged):
+        local_fine = lambda b, acc=acc: acc.repass if acc.repass_bin is not None else acc.fine_of(b)  # noqa: E731
+        acc.stats = finalize(acc.name, acc.target, dtype, coarse, local_fine, dist)  # type: ignore[attr-defined]
+        acc.module.activation_threshold.fill_(acc.stats.threshold)  # type: ignore[operator,attr-defined]
         acc.module._actsparse.mode = SparsifierMode.SPARSIFYING
-        acc.stats = LayerStatistics(acc.name, acc.target, dtype, coarse, threshold, zeroed, calls=1)  # type: ignore[attr-defined]
         acc.coarse = acc.fine = acc.repass = None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device, _to_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device, to_device
 from pl_actsparse.core.layer import is_linear_like
 
 __all__ = ["find_shared_input_groups", "group_of", "check_shared_thresholds"]
@@ -81,7 +81,7 @@ def find_shared_input_groups(
     try:
         model.eval()
         with torch.no_grad():
-            call_model(model, _to_device(transform(example_input), model_device(model)))
+            call_model(model, to_device(transform(example_input), model_device(model)))
     finally:
         for h in handles:
             h.remove()

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from pl_actsparse.core.masking import resolve_mask_fn
-from pl_actsparse.core.sequential import check_calibration_options
-from pl_actsparse.errors import CallbackConfigurationError, InvalidTargetError
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.errors import CallbackConfigurationError, InvalidOptionError, InvalidTargetError
 
 __all__ = ["CalibrationData", "STAGE_SOURCES"]
 
@@ -123,8 +123,8 @@ class CalibrationData:
         except TypeError as exc:
             raise CallbackConfigurationError(str(exc)) from None
         try:
-            check_calibration_options(calibration, offload)
-        except InvalidTargetError as exc:
+            CalibrationConfig(method=calibration, offload=offload)
+        except InvalidOptionError as exc:
             raise CallbackConfigurationError(str(exc)) from None
         self.input_key = input_key
         self.transform_fn = transform_fn

@@ -45,7 +45,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.errors import ActivationSparsityError, NotSparsifiedError
@@ -119,7 +119,7 @@ class SparsityReport:
 
     ``decode_bytes``: bytes a dense batch-1 decode step reads (parameters except embedding tables);
     ``model_bytes``: all unique parameter bytes; ``statistics``: the calibration histograms (name ->
-    :class:`~pl_actsparse.core.calibration.LayerStatistics`) when the report comes from a calibration.
+    :class:`~pl_actsparse.calibrate.histogram.LayerStatistics`) when the report comes from a calibration.
     """
 
     layers: list[LayerReport]

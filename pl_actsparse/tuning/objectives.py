@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
 from pl_actsparse.errors import InvalidTargetError
 
