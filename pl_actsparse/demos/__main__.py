@@ -72,7 +72,7 @@ def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_acts
     evaluation = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, args.seq_len)
     result = sweep_sparsity(
         model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
-        recalibrate=args.recalibrate, metric_name="perplexity", progress=True,
+        recalibrate=args.recalibrate, metric_name="perplexity",
     )
     text = result.to_json()
     if args.json == "-":
@@ -96,7 +96,7 @@ def report_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_act
     p.add_argument("--no-files", action="store_true", help="only print the table")
     args = p.parse_args(argv)
     model = load_llama2c_checkpoint()
-    sparsify_activations(model, calibration_batches(500, 600), SEED_RECIPE, progress=False)
+    sparsify_activations(model, calibration_batches(500, 600), SEED_RECIPE, calibration={"progress": False})
     report = model_report(model, calibration_batches(0, 30))
     report.source = "stories260K, seed recipe"
     write_report(report, None if args.no_files else args.out)
