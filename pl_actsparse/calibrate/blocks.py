@@ -19,14 +19,7 @@ from torch import nn
 
 from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import (
-    call_model,
-    model_device,
-    patch_forward,
-    restore_forward,
-    run_item,
-    to_device,
-)
+from pl_actsparse.calibrate.running import call_model, model_device, patch_forward, restore_forward, run_item, to_device
 from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import InvalidTargetError
 

@@ -18,15 +18,8 @@ import torch
 
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.histogram import (
-    COARSE_BINS,
-    FINE_BINS,
-    INT_VIEW,
-    LayerStatistics,
-    bits_to_float,
-    coarse_histogram,
-    finalize,
-    fine_histogram,
-    merge_coarse,
+    COARSE_BINS, FINE_BINS, INT_VIEW, LayerStatistics, bits_to_float, coarse_histogram, finalize, fine_histogram,
+    merge_coarse
 )
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.errors import CalibrationConvergenceError

@@ -1,37 +1,23 @@
 """One block, one calibration batch in flight: dependency levels and one partial pass per level.
 
-Inside a transformer block the targeted layers form a few *dependency levels*: a layer's input depends on the
-thresholds of the layers of lower levels only (Llama: ``q/k/v_proj`` 0, ``o_proj`` 1, ``gate/up_proj`` 2,
-``down_proj`` 3; GPT-2: ``c_attn``, ``attn.c_proj``, ``c_fc``, ``mlp.c_proj``). GPTQ's "true sequential" mode
-and llm-compressor's sequential pipeline calibrate such groups one after another on the cached block inputs;
-:func:`calibrate_block` does the same for activation thresholds:
+Inside a block the targeted layers form a few *dependency levels*: a layer's input depends on the thresholds of
+lower levels only (Llama: ``q/k/v_proj`` 0, ``o_proj`` 1, ``gate/up_proj`` 2, ``down_proj`` 3). As GPTQ's "true
+sequential" mode, :func:`calibrate_block` calibrates them one after another on the cached block inputs:
 
-* **Plan** (:func:`plan_block`, once per distinct block structure): one forward of one batch with autograd on
-  and every floating-point block argument requiring grad (nothing saved for backward: only the graph's
-  structure is read). Layer ``B`` depends on layer ``A`` when the autograd
-  graph of ``B``'s input reaches ``A``'s thresholded input; ``level(B) = 1 + max(level(A))`` over those. A block
-  whose layers are not each called exactly once (mixture-of-experts, weight sharing), or whose layer inputs are
-  not traced back to its arguments, is not leveled (:func:`plan_block` returns why) and is calibrated in lockstep instead.
-* **Level passes**: for level ``l``, every batch in turn runs the block on its cached input, with the layers of
-  levels ``< l`` sparsified at their final thresholds, until every level-``l`` layer has seen its input (the
-  forward is then stopped). Each layer's real-token inputs go into its histogram; when all batches are done,
-  the level's thresholds are finalized by :func:`~pl_actsparse.calibrate.histogram.finalize`, as in lockstep
-  (same histograms, same rule, summed over DDP ranks).
-* **Propagation**: every batch runs the whole block once more with the final thresholds; its output becomes
-  the cached input of the next block.
-* **Reuse** of finished sub-modules: a sub-module (HF's ``self_attn``) whose targeted layers are all final
-  returns, in later passes, the output it computed in the first pass after they became final, instead of
-  recomputing it (kept only while its output is no larger than the block input, i.e. at most one more
-  boundary-sized tensor per batch, stored where the boundary cache is).
+* **Plan** (:func:`plan_block`, once per block structure): one forward with autograd on (nothing saved for
+  backward); ``B`` depends on ``A`` when the graph of ``B``'s input reaches ``A``'s thresholded input. A block
+  whose layers are not each called once (mixture-of-experts), or whose layer inputs are not traced back to its
+  arguments, is not leveled and is calibrated in lockstep instead.
+* **Level passes**: for level ``l`` every batch in turn runs the block, levels ``< l`` at their final thresholds,
+  until every level-``l`` layer has seen its input; then :func:`~pl_actsparse.calibrate.histogram.finalize`
+  sets the level's thresholds, as in lockstep. **Propagation**: each batch's output under the final thresholds
+  becomes the cached input of the next block.
+* **Reuse**: a sub-module (HF's ``self_attn``) whose targeted layers are all final returns its kept output in
+  later passes (kept only while no larger than the block input).
 
-Float32 inputs need a second histogram of the low 16 bits inside one coarse bin (see the calibration module).
-That bin is not known before every batch was seen, so each layer keeps the fine counts of a *window* of bins
-around its first batch's quantile; if the final bin falls outside, the level pass runs once more for the fine
-counts only (exact either way, only slower).
-
-The thresholds, histograms and zeroed counts are bit-for-bit those of lockstep calibration: every batch computes
-the very tensors it computes inside the lockstep forward. Memory above the model: the caller's boundary cache,
-the reused outputs, and the activations of one batch inside one block.
+Float32 fine counts are kept for a *window* of coarse bins around the first batch's quantile; when the final
+bin falls outside, the level pass runs once more for its fine counts. Thresholds, histograms and zeroed counts
+are bit for bit lockstep's: every batch computes the very tensors it computes inside the lockstep forward.
 """
 
 from __future__ import annotations
@@ -43,24 +29,17 @@ import torch
 from torch import nn
 
 from pl_actsparse.calibrate.blocks import hidden_out
+from pl_actsparse.calibrate.cache import BoundaryCache
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.histogram import (
-    COARSE_BINS,
-    FINE_BINS,
-    LayerStatistics,
-    abs_keys,
-    check_input_dtype,
-    coarse_histogram,
-    finalize,
-    fine_bin,
-    fine_histogram,
-    merge_coarse,
+    COARSE_BINS, FINE_BINS, LayerStatistics, abs_keys, check_input_dtype, coarse_histogram, finalize, fine_bin,
+    fine_histogram, merge_coarse
 )
 from pl_actsparse.calibrate.running import compilation_disabled, map_tensors, patch_forward, restore_forward
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, SparsifierMode, linear_like_spec
 from pl_actsparse.core.masking import select_tokens, token_mask as token_mask_context
 
-__all__ = ["Unleveled", "BlockPlan", "plan_block", "calibrate_block", "BlockIO"]
+__all__ = ["Unleveled", "BlockPlan", "plan_block", "calibrate_block"]
 
 #: Coarse bins of fine counts kept per float32 layer (each 2**16 int64 counters: 512 KiB); the window covers
 #: the first batch's quantiles within ``FINE_WINDOW_QUANTILE_MARGIN`` of the target.
@@ -106,20 +85,6 @@ class BlockPlan:
     @property
     def passes(self) -> int:
         return len(self.levels)
-
-
-@dataclasses.dataclass
-class BlockIO:
-    """How :func:`calibrate_block` reads and writes the boundary cache (callables of the batch index)."""
-
-    indices: list[int]
-    hidden: Callable[[int], torch.Tensor]
-    call: Callable[[int, torch.Tensor], tuple[tuple, dict]]
-    set_hidden: Callable[[int, torch.Tensor], None]
-    mask: Callable[[int], torch.Tensor | None]
-    keep: Callable[[int, str, Any], Any]  # store a reused output; returns a handle
-    load: Callable[[Any], Any]  # a stored output back, on the model's device, fresh tensors
-    drop: Callable[[Any], None]
 
 
 def _with_grad(v: Any) -> Any:
@@ -298,8 +263,9 @@ def _window(hist: torch.Tensor, target: float) -> tuple[int, int]:
 class _Pass:
     """Observers and reused outputs installed on a block for one pass."""
 
-    def __init__(self, block: nn.Module, plan: BlockPlan, layers: dict[str, nn.Module], io: BlockIO, kept: dict) -> None:
-        self.block, self.plan, self.layers, self.io = block, plan, layers, io
+    def __init__(self, block: nn.Module, j: int, plan: BlockPlan, layers: dict[str, nn.Module], cache: BoundaryCache,
+                 masks: list, kept: dict) -> None:
+        self.block, self.j, self.plan, self.layers, self.cache, self.masks = block, j, plan, layers, cache, masks
         self.names = {id(m): n for n, m in layers.items()}
         self.kept = kept
         self.hidden_bytes: dict[int, int] = {}
@@ -352,12 +318,12 @@ class _Pass:
             key = (self.index, name)
             if key in self.kept:
                 self.replayed |= self.inside[name]
-                return self.io.load(self.kept[key])
+                return self.cache.load(self.kept[key])
             out = real(*args, **kwargs)
             last_pass = self.level >= self.plan.passes  # propagation: nobody reads a kept output afterwards
             if self.level >= ready and not last_pass and name not in self.wont_keep:
                 if _nbytes(out) <= self.hidden_bytes[self.index]:
-                    self.kept[key] = self.io.keep(self.index, name, out)
+                    self.kept[key] = self.cache.keep(self.index, name, out)
                 else:
                     self.wont_keep.add(name)
             return out
@@ -373,7 +339,7 @@ class _Pass:
         acc = self.observed.get(self.names[key])
         if acc is None:
             return
-        mask = self.io.mask(self.index)
+        mask = self.masks[self.index]
         last = self.last
         if last is not None and last[0] is inp and last[1] is mask:
             sel, hist = last[2], last[3]
@@ -395,11 +361,11 @@ class _Pass:
         self.replayed = set()
         self.skip_from(level)
         self.pending = {id(acc.module) for acc in accumulators.values()}
-        hidden = self.io.hidden(index)
+        hidden = self.cache.hidden(index)
         self.hidden_bytes[index] = hidden.numel() * hidden.element_size()
-        args, kwargs = self.io.call(index, hidden)
+        args, kwargs = self.cache.call(index, self.j, hidden)
         try:
-            with token_mask_context(self.io.mask(index)):
+            with token_mask_context(self.masks[index]):
                 out = self.block(*args, **kwargs)
         except _Stop:
             return None
@@ -441,12 +407,15 @@ def calibrate_block(
     block: nn.Module,
     plan: BlockPlan,
     layers: Sequence[tuple[str, nn.Module]],
-    io: BlockIO,
+    j: int,
+    cache: BoundaryCache,
+    masks: list,
     dist: Distributed,
 ) -> dict[str, LayerStatistics] | Unleveled:
-    """Calibrate ``layers`` (``(full name, module)`` inside ``block``) level by level, then propagate every
-    batch's output into the cache (:class:`BlockIO`). Returns statistics per full name, or :class:`Unleveled`
-    when, on any rank, a pass found the block behaving unlike its plan (all ranks return it together).
+    """Calibrate ``layers`` (``(full name, module)`` inside ``block``, the ``j``-th block) level by level on the
+    inputs in ``cache`` (``masks``: each batch's token mask), then write every batch's output there. Returns
+    statistics per full name, or :class:`Unleveled` when, on any rank, a pass found the block behaving unlike its
+    plan (all ranks return it together).
 
     Raises:
         NonFiniteActivationError, TokenMaskError, TypeError: as lockstep calibration.
@@ -460,44 +429,44 @@ def calibrate_block(
         m._actsparse.mode = SparsifierMode.PASSTHROUGH
     kept: dict = {}
     stats: dict[str, LayerStatistics] = {}
-    p = _Pass(block, plan, modules, io, kept)
+    p = _Pass(block, j, plan, modules, cache, masks, kept)
     try:
         with p, torch.no_grad(), compilation_disabled():
             for level, names in enumerate(plan.levels):
                 accs = {n: _Accumulator(by_local[n][0], modules[n]) for n in names}
                 failed = None
                 try:
-                    for i in io.indices:
+                    for i in range(len(masks)):
                         p.run(i, level, accs)
                 except _NotLeveled as exc:
                     failed = exc
                 if dist.any(failed is not None):
                     raise failed or _NotLeveled("another rank's block did not follow the plan")
-                _finalize(p, level, accs, io, dist)
+                _finalize(p, level, accs, dist)
                 for n in names:
                     stats[by_local[n][0]] = accs[n].stats  # type: ignore[attr-defined]
             failed = None
-            for i in io.indices:
+            for i in range(len(masks)):
                 try:
                     out = p.run(i, plan.passes, {})
                 except _NotLeveled as exc:
                     failed = exc  # too late to redo only this block: the cache holds outputs already
                     break
-                io.set_hidden(i, out)  # type: ignore[arg-type]
+                cache.set_hidden(i, out)  # type: ignore[arg-type]
                 for key in [k for k in kept if k[0] == i]:
-                    io.drop(kept.pop(key))
+                    cache.drop(kept.pop(key))
             if dist.any(failed is not None):
                 raise _CacheSpoiled(f"{failed or 'another rank'}: while propagating the block's outputs")
     except _NotLeveled as exc:
         return Unleveled(str(exc), spoiled=isinstance(exc, _CacheSpoiled))
     finally:
         for handle in kept.values():
-            io.drop(handle)
+            cache.drop(handle)
         kept.clear()
     return stats
 
 
-def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, dist: Distributed) -> None:
+def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distributed) -> None:
     """Thresholds of one level from the summed histograms (all ranks), written into the layers."""
     ordered = list(accs.values())
     merged = [merge_coarse(acc.name, acc.dtype, acc.coarse, dist) for acc in ordered]
@@ -513,7 +482,7 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, 
         failed = None
         if again:
             try:
-                for i in io.indices:
+                for i in range(len(p.masks)):
                     p.run(i, level, again)
             except _NotLeveled as exc:
                 failed = exc

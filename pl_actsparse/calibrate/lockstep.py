@@ -1,23 +1,14 @@
 """Lockstep calibration: the whole model, every calibration batch in flight, each layer finalized in turn.
 
-The calibration data of ``down_proj`` must be what it receives once ``gate_proj``/``up_proj`` are already
-sparsified with their *final* thresholds, or the achieved sparsity drifts from the target (NNCF's moving
-average, or dense calibration, both leave this error). Computing layer thresholds one after another normally
-costs one pass per layer. Instead, every calibration batch runs in its own thread and all of them advance in
-*lockstep*: a batch that reaches a layer contributes its histogram and waits; when every batch is waiting (or
-finished), the coordinator finalizes the earliest waiting layer (:func:`~pl_actsparse.calibrate.histogram.finalize`),
-after which all batches continue with that layer sparsified. Each layer is thus calibrated on exactly the inputs
-it will see, in a single forward pass over the data. The cost is memory: the activations of all calibration
-batches are alive at the same time (cap them with ``CalibrationConfig.num_batches``).
-
-Layers that are not called by every batch (mixture-of-experts) are handled too: the coordinator only
-finalizes when nobody can still arrive, choosing the earliest layer in model order.
-
-**What counts as an element.** Only real tokens: each batch's forward runs under
-:func:`pl_actsparse.core.masking.token_mask` (``token_mask="auto"`` takes a dict batch's ``attention_mask``),
-and a layer's statistic histograms ``select_tokens(x, mask)``, so padding never moves a threshold.
-Every call counts: a module called ``k`` times per forward (weight tying, a shared block) is calibrated over
-the inputs of all ``k`` calls (:mod:`pl_actsparse.calibrate.fixed_point`).
+A layer must be calibrated on what it receives once the layers before it are sparsified with their *final*
+thresholds, or the achieved sparsity drifts from the target. Every calibration batch runs in its own thread and
+all of them advance in *lockstep*: a batch that reaches a layer leaves its input and waits; when every batch is
+waiting (or finished), the coordinator finalizes the earliest waiting layer in model order
+(:func:`~pl_actsparse.calibrate.histogram.finalize`) and all batches continue with it sparsified: one forward
+pass over the data, at the memory cost of every batch's activations alive at once. Layers not called by every
+batch (mixture-of-experts) are finalized only when nobody can still arrive. Only real tokens count (each forward
+runs under its batch's token mask). A module called several times per forward is calibrated over all of its
+calls (:mod:`~pl_actsparse.calibrate.fixed_point`).
 """
 
 from __future__ import annotations
@@ -35,24 +26,11 @@ from torch import nn
 from pl_actsparse.calibrate.distributed import NOBODY, Distributed
 from pl_actsparse.calibrate.fixed_point import solve_repeated
 from pl_actsparse.calibrate.histogram import (
-    COARSE_BINS,
-    FINE_BINS,
-    LayerStatistics,
-    check_input_dtype,
-    coarse_histogram,
-    finalize,
-    fine_histogram,
-    merge_coarse,
+    COARSE_BINS, FINE_BINS, LayerStatistics, check_input_dtype, coarse_histogram, finalize, fine_histogram, merge_coarse
 )
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.calibrate.running import (
-    compilation_disabled,
-    default_transform_fn,
-    forward_is_not_reentrant,
-    mask_of,
-    model_device,
-    run_item,
-    take_batches,
+    compilation_disabled, default_transform_fn, forward_is_not_reentrant, mask_of, model_device, run_item, take_batches
 )
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import SparsifierMode
@@ -175,9 +153,9 @@ class CalibrationSession:
         self._hist_next[key] = (weakref.ref(x), None if mask is None else weakref.ref(mask), hist, selected)
         return hist, selected
 
-    def run_worker(self, fn: Callable[[], Any]) -> None:
+    def run_worker(self, fn: Callable[[Any], Any], batch: Any) -> None:
         try:
-            fn()
+            fn(batch)
         except _Aborted:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the coordinator and re-raised there
@@ -284,27 +262,19 @@ def calibrate_layers(
 ) -> dict[str, LayerStatistics]:
     """Calibrate the thresholds of ``layers`` (already sparsified modules) on ``items``, every batch in flight.
 
-    Every layer of ``layers`` is switched to calibrating mode for the pass and ends in sparsifying mode with
-    its exact threshold. Other sparsified layers of the model keep doing what they did (their sparsification
-    is part of what the calibrated layers see). Thresholds are written only after a layer's statistics are
-    complete, and nothing is written for a failed run except layers already finalized (the caller restores
-    them). Returns statistics per layer name. Of ``config`` this reads ``num_batches``, ``transform_fn``,
-    ``token_mask`` (applied to each item as the data yields it), ``max_batches_in_flight``, ``progress`` and
-    ``sync_across_processes``.
-
-    A layer called several times in one forward is calibrated over all of its calls, solved as a fixed point in
-    at most ``max_rounds`` further passes (:mod:`pl_actsparse.calibrate.fixed_point`).
-
-    ``max_batches_in_flight`` bounds memory: batches then run in consecutive groups of that size, each in
-    lockstep, with histograms accumulated over groups. Thresholds are still quantiles of all elements, but
-    earlier groups saw the upstream thresholds of their time, so the guarantee becomes approximate.
+    Every layer of ``layers`` ends in sparsifying mode with its exact threshold; other sparsified layers keep
+    doing what they did. A threshold is written only once its statistics are complete (a failed run leaves only
+    finalized layers changed: the caller restores them). Returns statistics per layer name. Of ``config`` this
+    reads all but ``method``, ``offload`` and ``in_block``; ``max_batches_in_flight`` runs the batches in groups
+    of that size with histograms accumulated over groups (earlier groups saw the upstream thresholds of their
+    time: approximately exact). A layer called several times per forward is solved as a fixed point in at most
+    ``max_rounds`` further passes (:mod:`~pl_actsparse.calibrate.fixed_point`).
 
     Raises:
         EmptyDatasetError: no item, or a layer received no real token.
         LayerNotCalledError: a layer was never called.
         TokenMaskError: a layer input has no token axes matching the mask.
-        NonFiniteActivationError, CalibrationConvergenceError: see :mod:`~pl_actsparse.calibrate.histogram`
-            and :mod:`~pl_actsparse.calibrate.fixed_point`.
+        NonFiniteActivationError, CalibrationConvergenceError: a NaN/inf input; no fixed point found.
     """
     mask_fn = resolve_mask_fn(config.token_mask)
     transform = config.transform_fn or default_transform_fn
@@ -318,38 +288,19 @@ def calibrate_layers(
     was_training = model.training
     model.eval()
 
-    def work(batch: Any) -> Callable[[], Any]:
-        def run() -> None:
-            contexts = enter_context()
-            _WORKER.set(object())
-            try:
-                with torch.no_grad():
-                    run_item(model, batch, transform, mask_of(mask_fn, batch), device)
-            finally:
-                for c in reversed(contexts):
-                    c.__exit__(None, None, None)
-
-        return run
+    def work(batch: Any) -> None:
+        contexts = enter_context()
+        _WORKER.set(object())
+        try:
+            with torch.no_grad():
+                run_item(model, batch, transform, mask_of(mask_fn, batch), device)
+        finally:
+            for c in reversed(contexts):
+                c.__exit__(None, None, None)
 
     def run_pass(bar: Progress) -> None:
         for group in groups:
-            session = CalibrationSession(slots, dist)
-            for s in slots:
-                s.reset_for_group()
-                s.module._actsparse.mode = SparsifierMode.CALIBRATING
-                s.module._actsparse.session = session
-            threads = [
-                threading.Thread(target=session.run_worker, args=(work(b),), name=f"actsparse-calib-{i}", daemon=True)
-                for i, b in enumerate(group)
-            ]
-            session.workers = len(threads)
-            for t in threads:
-                t.start()
-            session.coordinate(lambda slot: bar.advance(slot.name))
-            for t in threads:
-                t.join()
-            if session.error is not None:
-                raise session.error
+            _run_group(group, slots, dist, work, bar)
 
     bar = Progress("calibrating activation thresholds", len(slots) * len(groups), config.progress and dist.is_main)
     try:
@@ -362,11 +313,29 @@ def calibrate_layers(
     finally:
         model.train(was_training)
         for s in slots:
-            s.pinned = False
-            s.observed = []
-            s.module._actsparse.session = None
+            s.pinned, s.observed, s.module._actsparse.session = False, [], None
             s.module._actsparse.mode = SparsifierMode.SPARSIFYING if s.stats is not None else previous_modes[id(s.module)]
     return _results(slots)
+
+
+def _run_group(group: list, slots: Sequence[LayerSlot], dist: Distributed, work: Callable[[Any], None],
+               bar: Progress) -> None:
+    """One lockstep pass of a group of batches, one thread per batch; re-raises the first failure."""
+    session = CalibrationSession(slots, dist)
+    for s in slots:
+        s.reset_for_group()
+        s.module._actsparse.mode = SparsifierMode.CALIBRATING
+        s.module._actsparse.session = session
+    threads = [threading.Thread(target=session.run_worker, args=(work, b), name=f"actsparse-calib-{i}", daemon=True)
+               for i, b in enumerate(group)]
+    session.workers = len(threads)
+    for t in threads:
+        t.start()
+    session.coordinate(lambda slot: bar.advance(slot.name))
+    for t in threads:
+        t.join()
+    if session.error is not None:
+        raise session.error
 
 
 def _groups(model: nn.Module, batches: list, max_batches_in_flight: int | None, dist: Distributed) -> list[list]:

@@ -1,42 +1,24 @@
 """Block-wise (sequential) exact calibration: a cache of block inputs instead of the whole model in flight.
 
-Lockstep calibration (:mod:`pl_actsparse.calibrate.lockstep`) runs the *whole model* with every calibration batch
-in flight, so every batch's activations at the layer being finalized are alive at once. Most large models are
-a list of blocks (``model.model.layers`` of HF Llama/Qwen2/Mistral, ``transformer.h`` of GPT-2, the
-``layers`` of the llama2.c demo). GPTQ and llm-compressor's sequential pipeline exploit that for quantization;
-this module does the same for activation thresholds, with the same exactness as lockstep:
+Most large models are a list of blocks (``model.model.layers`` of HF Llama, ``transformer.h`` of GPT-2). As GPTQ
+and llm-compressor's sequential pipeline do for quantization, this driver calibrates them one after another,
+with the thresholds of lockstep calibration bit for bit (see ``docs/calibration.md``):
 
-1. **Capture.** Every block's ``forward`` is replaced by a stub that records its arguments (``hidden_states``
-   plus every other argument: attention mask, position embeddings, position ids, cache flags) and passes the
-   hidden states on unchanged; the stub of the last block stops the forward (GPTQ's "Catcher"). So one cheap
-   pass (embeddings and masks only) caches, per calibration batch, the input hidden states of block 0 and the
-   other arguments of *every* block (a model may give blocks different masks, e.g. sliding-window layers).
-   Targeted layers that run before block 0 are calibrated during this pass, in lockstep.
-2. **Blocks, in order.** Block ``j`` is calibrated level by level with one batch in flight
-   (:mod:`pl_actsparse.calibrate.levels`): its targeted layers are grouped into dependency levels, each level is
-   observed by a partial pass of every batch in turn with the lower levels at their final thresholds, and a
-   last pass writes each batch's output (computed with the final thresholds) over its cache entry. A block that
-   cannot be leveled (a layer called twice or skipped) is calibrated by
-   :func:`~pl_actsparse.calibrate.lockstep.calibrate_layers` with the block as the model and every cached batch in
-   flight. Either way each threshold is the exact quantile over all of that layer's elements, measured with the
-   block's upstream layers at their final thresholds, and every earlier block was final when the cache was made.
-3. **Tail.** Targeted layers after the last block (``lm_head``) are calibrated by a last lockstep pass of the
-   whole model in which the blocks are stubs returning the cached final hidden states; the pass stops once a
-   batch has gone through every such layer (the logits are never computed).
+1. **Capture** (:mod:`~pl_actsparse.calibrate.blocks`): with every block stubbed, one cheap pass caches each
+   batch's input to block 0 and every block's other arguments (:mod:`~pl_actsparse.calibrate.cache`); targeted
+   layers before block 0 are calibrated on the way, in lockstep.
+2. **Blocks, in order**: block ``j`` is calibrated level by level with one batch in flight
+   (:mod:`~pl_actsparse.calibrate.levels`), or in lockstep with every cached batch when it cannot be leveled;
+   each batch's output (under the final thresholds) then replaces its cache entry.
+3. **Tail**: layers after the last block (``lm_head``) are calibrated by a lockstep pass of the whole model in
+   which the blocks return the cached final hidden states.
 
-Memory above the model's own: the boundary cache (``batches x tokens x hidden`` elements, plus the blocks'
-other arguments, stored once per batch), the outputs of finished sub-modules kept while their block is
-calibrated (at most one more boundary-sized tensor), and the activations of one batch inside one block.
-``offload="cpu"`` keeps both caches in host memory for a model on an accelerator, ``offload="disk"`` in files
-under a temporary directory (read back one batch at a time). ``max_batches_in_flight`` only bounds the blocks
-calibrated with every batch in flight, with the approximation documented for lockstep.
-
-Identical thresholds to lockstep (bit for bit): each block computes on the very same tensors it gets inside
-the full forward (:mod:`pl_actsparse.calibrate.cache`, :mod:`pl_actsparse.calibrate.blocks`).
-
-When the model does not fit this scheme (no block list, blocks not chained output-to-input, a targeted layer
-called between two blocks, NNCF's non-reentrant forward), calibration falls back to lockstep and logs why.
-Anything that would make a threshold wrong raises or falls back; nothing is skipped.
+Memory above the model's own: the boundary cache (``batches x tokens x hidden``, plus the blocks' other
+arguments), the reused outputs of finished sub-modules (at most one more boundary-sized tensor) and one batch's
+activations inside one block. ``offload`` moves the caches to CPU memory or disk; ``max_batches_in_flight`` only
+bounds the blocks calibrated in lockstep. A model that does not fit the scheme (no block list, blocks not chained
+output-to-input, a targeted layer between two blocks, NNCF's non-reentrant forward) is calibrated in lockstep,
+with a logged warning saying why; nothing is skipped.
 """
 
 from __future__ import annotations
@@ -52,15 +34,11 @@ from pl_actsparse.calibrate.blocks import BlockRunner, ModelRunner, StubMode, St
 from pl_actsparse.calibrate.cache import BoundaryCache
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.histogram import LayerStatistics
-from pl_actsparse.calibrate.levels import BlockIO, BlockPlan, Unleveled, calibrate_block, plan_block
+from pl_actsparse.calibrate.levels import BlockPlan, Unleveled, calibrate_block, plan_block
 from pl_actsparse.calibrate.lockstep import calibrate_layers
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.calibrate.running import (
-    default_transform_fn,
-    forward_is_not_reentrant,
-    mask_of,
-    model_device,
-    take_batches,
+    default_transform_fn, forward_is_not_reentrant, mask_of, model_device, take_batches
 )
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.masking import resolve_mask_fn
@@ -73,9 +51,7 @@ Layers = Sequence[tuple[str, nn.Module]]
 
 
 class _Fallback(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    """The model does not fit the block-wise scheme; the message says why."""
 
 
 def calibrate_sequential(
@@ -138,7 +114,7 @@ def calibrate_sequential(
             bar.advance("after the blocks")
     except _Fallback as exc:
         _restore_training(model, training)
-        return _fallback(model, layers, batches, config, exc.reason)
+        return _fallback(model, layers, batches, config, str(exc))
     finally:
         cache.close()
         _restore_training(model, training)
@@ -267,9 +243,7 @@ def _leveled(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, mas
     if isinstance(plan, str):
         log.info("block %d is calibrated with all batches in flight (lockstep): %s", j, plan)
         return None
-    io = BlockIO(list(range(len(masks))), cache.hidden, lambda i, h: cache.call(i, j, h), cache.set_hidden,
-                 masks.__getitem__, cache.keep, cache.load, cache.drop)
-    got = calibrate_block(block, plan, layers, io, dist)
+    got = calibrate_block(block, plan, layers, j, cache, masks, dist)
     if isinstance(got, Unleveled) and got.spoiled:
         raise _Fallback(f"block {j}: {got.reason}")
     if isinstance(got, Unleveled):

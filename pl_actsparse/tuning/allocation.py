@@ -190,7 +190,7 @@ def measure_sensitivity(
     ``sum over units of len(grid)`` loss passes over the (capped) data. The model is restored afterwards.
     ``calibration`` (as for :func:`~pl_actsparse.sparsify_activations`) also gives the loss passes their data:
     ``num_batches`` caps it, ``transform_fn`` and ``token_mask`` apply (the loss counts real tokens only), and
-    ``progress`` logs each unit's curve.
+    ``progress`` logs each unit's curve (the one calibration pass shows no bar).
     Unit sizes are stored weight bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`).
 
     Raises:
@@ -224,7 +224,7 @@ def measure_sensitivity(
     runner = CalibrationLoss(model, data, loss_fn, config.transform_fn, config.token_mask)
     with preserved(model, names):
         prepare_activation_sparsity(model, {TargetScope(names=[n]): base[n] for n in names})
-        report = calibrate_activation_sparsity(model, data, layers=names, calibration=config)
+        report = calibrate_activation_sparsity(model, data, layers=names, calibration=config.replace(progress=False))
         stats: dict[str, LayerStatistics] = report.statistics
         base_loss = runner()
         curves: list[dict[float, float]] = []
