@@ -25,7 +25,7 @@ from pl_actsparse.calibrate.sequential import calibrate_sequential
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.core.masking import current_token_mask
-from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, NonFiniteActivationError
+from pl_actsparse.errors import InvalidOptionError, NonFiniteActivationError
 from tiny_models import tiny_llama, token_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -346,7 +346,7 @@ def test_find_block_list():
     holder.blocks = nn.ModuleList([shared, shared, nn.Linear(2, 2)])
     name, why = find_block_list(holder)
     assert name is None and "same block object" in why
-    with pytest.raises(InvalidTargetError, match="'nope'"):
+    with pytest.raises(InvalidOptionError, match="'nope'"):
         find_block_list(tiny_llama(), blocks="nope")
 
 

@@ -1,13 +1,7 @@
-"""Thresholds from calibration data: one entry point, :func:`calibrate`, over a registry of methods.
-
-* ``"lockstep"`` (:mod:`~pl_actsparse.calibrate.lockstep`): the whole model, every batch in flight;
-* ``"sequential"`` (:mod:`~pl_actsparse.calibrate.sequential`): block by block from a cache of block inputs,
-  the same thresholds bit for bit with the memory of one batch inside one block;
-* ``"auto"``: sequential for a model with a block list whose parameters take at least
-  :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, else lockstep.
-
-Every method computes each threshold with :func:`~pl_actsparse.calibrate.histogram.finalize` from exact
-histograms (:mod:`~pl_actsparse.calibrate.histogram`). Modelled on llm-compressor's ``CalibrationPipeline`` registry.
+"""Thresholds from calibration data: :func:`calibrate` over a registry of methods (as llm-compressor's
+``CalibrationPipeline``): ``"lockstep"`` (:mod:`~pl_actsparse.calibrate.lockstep`, every batch in flight) and
+``"sequential"`` (:mod:`~pl_actsparse.calibrate.sequential`, block by block, the same thresholds bit for bit);
+``"auto"`` chooses. Every method finalizes each threshold with :func:`~pl_actsparse.calibrate.histogram.finalize`.
 """
 
 from __future__ import annotations
@@ -43,9 +37,10 @@ METHODS: dict[str, Callable[..., dict[str, LayerStatistics]]] = {
 def calibrate(
     model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], config: CalibrationConfig
 ) -> dict[str, LayerStatistics]:
-    """Calibrate ``layers`` (``(name, sparsified module)`` pairs of ``model``) on ``items`` by ``config.method``.
-
-    Every layer ends in sparsifying mode with its threshold; returns the statistics per layer name.
+    """Calibrate ``layers`` (``(name, sparsified module)`` pairs of ``model``) on ``items`` by ``config.method``
+    (``"auto"``: sequential for a model with a block list whose parameters take at least
+    :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, else lockstep). Every layer ends in sparsifying mode with its
+    threshold; returns the statistics per layer name.
 
     Raises:
         EmptyDatasetError, LayerNotCalledError, NonFiniteActivationError, TokenMaskError,

@@ -21,7 +21,7 @@ from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.running import call_model, model_device, patch_forward, restore_forward, run_item, to_device
 from pl_actsparse.core.masking import token_mask as token_mask_context
-from pl_actsparse.errors import InvalidTargetError
+from pl_actsparse.errors import InvalidOptionError
 
 __all__ = ["find_block_list", "hidden_out", "StubMode", "Stubs", "ModelRunner", "BlockRunner", "probe"]
 
@@ -61,7 +61,7 @@ def find_block_list(
     (or what was found).
 
     Raises:
-        InvalidTargetError: ``blocks`` is given but names no ``nn.ModuleList`` of the model.
+        InvalidOptionError: ``blocks`` is given but names no ``nn.ModuleList`` of the model.
     """
     modules = dict(model.named_modules())
     if layers is None:
@@ -70,7 +70,7 @@ def find_block_list(
     if blocks is not None:
         if not isinstance(blocks, str) or not isinstance(modules.get(blocks), nn.ModuleList):
             lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
-            raise InvalidTargetError(
+            raise InvalidOptionError(
                 f"blocks must be the qualified name of an nn.ModuleList of the model, got {blocks!r}; "
                 f"the model's ModuleLists are {lists[:10]}{'...' if len(lists) > 10 else ''}"
             )

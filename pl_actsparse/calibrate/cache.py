@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -23,11 +24,7 @@ from pl_actsparse.calibrate.running import map_tensors
 __all__ = ["BoundaryCache", "is_cache_object"]
 
 
-class _Hidden:
-    """Placeholder of the hidden-states argument inside a recorded call."""
-
-
-_HIDDEN = _Hidden()
+_HIDDEN = object()  # placeholder of the hidden-states argument inside a recorded call
 
 
 @dataclasses.dataclass
@@ -60,7 +57,6 @@ class _Entry:
         self.dtype: torch.dtype | None = None
         self.calls: list[tuple[tuple, dict]] = []  # per block: args, kwargs with placeholders
         self.tensors: Any = []  # list of tensors, or the path of their file (offload="disk")
-        self.mask: torch.Tensor | None = None
         self.generation = 0
 
 
@@ -70,20 +66,13 @@ class BoundaryCache:
     def __init__(self, n: int, device: torch.device | None, offload: str | None, offload_dir: str | None) -> None:
         self.entries = [_Entry() for _ in range(n)]
         self.device = device
-        self.offload = offload
         self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
         self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
         self.kept_files = 0
 
     def hidden_nbytes(self) -> int:
         """Bytes of the cached hidden states (all batches)."""
-        total = 0
-        for e in self.entries:
-            n = 1
-            for d in e.shape:
-                n *= d
-            total += n * (e.dtype.itemsize if e.dtype is not None else 0)
-        return total
+        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries if e.dtype is not None)
 
     def close(self) -> None:
         if self.dir is not None:
@@ -128,10 +117,7 @@ class BoundaryCache:
     def hidden(self, b: int) -> torch.Tensor:
         entry = self.entries[b]
         if isinstance(entry.hidden, str):
-            n = 1
-            for s in entry.shape:
-                n *= s
-            t = torch.from_file(entry.hidden, shared=False, size=n, dtype=entry.dtype).view(entry.shape)
+            t = torch.from_file(entry.hidden, shared=False, size=math.prod(entry.shape), dtype=entry.dtype).view(entry.shape)
         else:
             t = entry.hidden
         return t if self.device is None else t.to(self.device)

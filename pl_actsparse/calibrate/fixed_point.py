@@ -100,6 +100,23 @@ def _measure_pinned(s: LayerSlot, dist: Distributed) -> tuple[torch.dtype, torch
     return dtype, coarse, zeroed_at, best.threshold, best.zeroed
 
 
+def _pinned_pass(slots: Sequence[LayerSlot], repeated: Sequence[LayerSlot], run_pass: Callable[[Any], None],
+                 bar: Progress, dist: Distributed, n_groups: int, rounds: int) -> dict[int, tuple]:
+    """One pass with the repeated layers pinned at their current thresholds (statistics set); per layer
+    ``(dtype, threshold, zeroed at it, best threshold, best zeroed count)`` over all of its calls."""
+    for s in slots:
+        s.reset_for_round()
+    bar.extend((len(slots) - len(repeated)) * n_groups)
+    run_pass(bar)
+    taus = {id(s): float(s.module.activation_threshold) for s in repeated}
+    out = {}
+    for s in repeated:
+        dtype, coarse, zeroed_at, best_tau, best_zeroed = _measure_pinned(s, dist)
+        s.stats = LayerStatistics(s.name, s.target, dtype, coarse, taus[id(s)], zeroed_at, calls=s.max_calls, rounds=rounds)
+        out[id(s)] = (dtype, taus[id(s)], zeroed_at, best_tau, best_zeroed)
+    return out
+
+
 def solve_repeated(
     slots: Sequence[LayerSlot],
     repeated: Sequence[LayerSlot],
@@ -122,41 +139,30 @@ def solve_repeated(
     search = {id(s): _FixedPoint() for s in repeated}
     for s in repeated:
         s.pinned = True
-    free = len(slots) - len(repeated)
     history: list[tuple[float, dict]] = []  # (largest miss, thresholds) per pass
     settled: dict[int, bool] = {}
     jumped: set[int] = set()  # layers settled on the closer side of a jump, not on an exact fixed point
     best_counts: dict[int, int] = {}  # per layer, the best zeroed count of the last pass's inputs
     for round_index in range(1, max_rounds + 2):
-        for s in slots:
-            s.reset_for_round()
-        bar.extend(free * n_groups)
-        run_pass(bar)
-        taus = {id(s): float(s.module.activation_threshold) for s in repeated}
+        measured = _pinned_pass(slots, repeated, run_pass, bar, dist, n_groups, round_index + 1)
         misses, moves = {}, {}
         for s in repeated:
-            fp = search[id(s)]
-            dtype, coarse, zeroed_at, best_tau, best_zeroed = _measure_pinned(s, dist)
-            n = int(coarse.sum())
-            key = _threshold_key(taus[id(s)], dtype)
-            s.stats = LayerStatistics(
-                s.name, s.target, dtype, coarse, taus[id(s)], zeroed_at, calls=s.max_calls, rounds=round_index + 1
-            )
-            fp.tried[key] = (zeroed_at, best_zeroed, n)
-            best_counts[id(s)] = best_zeroed
-            if zeroed_at == best_zeroed:
+            dtype, tau, zeroed_at, best_tau, best_counts[id(s)] = measured[id(s)]
+            fp, key, n = search[id(s)], _threshold_key(tau, dtype), s.stats.elements  # type: ignore[union-attr]
+            fp.tried[key] = (zeroed_at, best_counts[id(s)], n)
+            misses[id(s)] = abs(zeroed_at - best_counts[id(s)]) / max(n, 1)
+            settled[id(s)] = zeroed_at == best_counts[id(s)]
+            if settled[id(s)]:
                 jumped.discard(id(s))
-            misses[id(s)] = abs(zeroed_at - best_zeroed) / max(n, 1)
-            settled[id(s)] = zeroed_at == best_zeroed
-            if not settled[id(s)]:
-                nxt = fp.next_key(key, _threshold_key(best_tau, dtype))
-                if nxt is None:  # the count jumps over the target between adjacent thresholds: take the closer
-                    nxt = fp.closest(s.target)
-                    settled[id(s)] = nxt == key
-                    jumped.add(id(s))
-                if nxt != key:
-                    moves[id(s)] = _key_threshold(nxt, dtype)
-        history.append((max(misses.values()), dict(taus)))
+                continue
+            nxt = fp.next_key(key, _threshold_key(best_tau, dtype))
+            if nxt is None:  # the count jumps over the target between adjacent thresholds: take the closer
+                nxt = fp.closest(s.target)
+                settled[id(s)] = nxt == key
+                jumped.add(id(s))
+            if nxt != key:
+                moves[id(s)] = _key_threshold(nxt, dtype)
+        history.append((max(misses.values()), {k: v[1] for k, v in measured.items()}))
         if not moves or round_index > max_rounds:
             break
         for s in repeated:  # the others' inputs change with these thresholds: their brackets are stale
@@ -171,16 +177,8 @@ def solve_repeated(
     if best_taus != history[-1][1]:  # re-run the best pass so that every other layer is calibrated under it
         for s in repeated:
             s.module.activation_threshold.fill_(best_taus[id(s)])  # type: ignore[union-attr]
-        for s in slots:
-            s.reset_for_round()
-        bar.extend(free * n_groups)
-        run_pass(bar)
-        for s in repeated:
-            dtype, coarse, zeroed_at, _, best_zeroed = _measure_pinned(s, dist)
-            s.stats = LayerStatistics(
-                s.name, s.target, dtype, coarse, best_taus[id(s)], zeroed_at, calls=s.max_calls, rounds=len(history) + 2
-            )
-            best_counts[id(s)] = best_zeroed
+        measured = _pinned_pass(slots, repeated, run_pass, bar, dist, n_groups, len(history) + 2)
+        best_counts.update({k: v[4] for k, v in measured.items()})
     report = ", ".join(
         f"{s.name!r}: achieved {s.stats.achieved:.6f} over {s.stats.elements} elements of {s.max_calls} calls, "
         f"best reachable {best_counts[id(s)] / max(s.stats.elements, 1):.6f}"

@@ -1,16 +1,9 @@
 """Exact thresholds from histograms of float bit patterns, and the one rule that finalizes a layer's threshold.
 
-``|x|`` of a float, read as an unsigned integer, sorts like the float. A histogram over those bit patterns is
-therefore an exact order statistic, not an approximation:
-
-* bf16 / fp16 inputs: one histogram of all 2**15 non-negative bit patterns is exact.
-* fp32 inputs: a histogram of the top 16 bits finds the bin holding the wanted order statistic; a second
-  histogram of the low 16 bits *inside that bin only* resolves it exactly.
-
-Histograms are integer counts, so the statistics of several processes are merged by summing them
-(``all_reduce(SUM)``), which is how DDP ranks agree on identical thresholds. The stored coarse histogram also
-answers "which threshold zeroes a fraction t" for other targets with no pass over data
-(:func:`threshold_for_target`).
+``|x|`` of a float, read as an unsigned integer, sorts like the float, so a histogram over bit patterns is an
+exact order statistic: bf16/fp16 use all 2**15 non-negative patterns; fp32 the top 16 bits, then the low 16 bits
+inside the one bin that holds the order statistic. Integer counts merge across DDP ranks by summing. The stored
+coarse histogram also gives thresholds for other targets with no pass over data (:func:`threshold_for_target`).
 """
 
 from __future__ import annotations

@@ -71,12 +71,9 @@ def run_item(model: nn.Module, item: Any, transform: Callable[[Any], Any], mask:
 def compilation_disabled() -> Iterator[None]:
     """Run every ``torch.compile``'d function and module eagerly while the context is open, then restore.
 
-    Calibration runs the model in several threads at once, with locks, conditions and ``bincount`` in the
-    layers: traced by dynamo, that breaks graphs, and concurrent compiles invalidate each other's guards until
-    the recompile limit sends the user's compiled model to eager for good. Under
-    ``torch.compiler.set_stance("force_eager")`` nothing is traced and the compiled graphs stay cached, so the
-    first step after calibration reuses (or compiles once) the user's graph. A no-op when dynamo was never
-    imported (nothing can be compiled then). Not for use inside a compiled region.
+    Calibration runs threads, locks and ``bincount`` in the layers, which would break graphs and spend the
+    recompile limit; under ``set_stance("force_eager")`` nothing is traced and the user's compiled graphs stay
+    cached. A no-op when dynamo was never imported. Not for use inside a compiled region.
     """
     if "torch._dynamo" not in sys.modules:
         yield

@@ -72,13 +72,10 @@ def calibrate_sequential(
     flight inside a block; ``"lockstep"``: every batch through the block at once). A block that cannot be
     leveled (a layer called twice or not at all, e.g. mixture-of-experts) is calibrated in lockstep, with a
     logged message saying why. ``blocks`` names the ``nn.ModuleList`` of blocks (default: :func:`find_block_list`).
-
-    Falls back to ``calibrate_layers`` (logging a warning that says why) when the model has no block list, its
-    blocks are not called once each in order with each block's output as the next one's input, a targeted
-    layer outside the blocks runs between two blocks, or the model's forward is not reentrant (NNCF).
+    A model that does not fit the scheme (module docstring) is calibrated by ``calibrate_layers``, with a warning.
 
     Raises:
-        InvalidTargetError: ``blocks`` names no ``nn.ModuleList`` of the model.
+        InvalidOptionError: ``blocks`` names no ``nn.ModuleList`` of the model.
         EmptyDatasetError, LayerNotCalledError, NonFiniteActivationError: as ``calibrate_layers``.
     """
     transform = config.transform_fn or default_transform_fn
