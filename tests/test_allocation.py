@@ -182,7 +182,7 @@ def stories():
 
 
 def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
-    from pl_actsparse.tuning.allocation import _LossRunner
+    from pl_actsparse.tuning.objectives import CalibrationLoss
     from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     scope = TargetScope(patterns=[r".*mlp\..*_proj"])
@@ -196,7 +196,7 @@ def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
     for label, recipe in [("uniform", {scope: 0.4}), ("allocation", alloc.target_sparsity_by_scope())]:
         m = load_llama2c_checkpoint()
         sparsify_activations(m, stories, recipe, calibration={"progress": False})
-        losses[label] = _LossRunner(m, stories, None, None)()
+        losses[label] = CalibrationLoss(m, stories, None, None)()
     assert losses["allocation"] < losses["uniform"]
 
 

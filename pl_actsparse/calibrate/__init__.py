@@ -12,13 +12,13 @@ from typing import Any, Callable, Iterable, Sequence
 from torch import nn
 
 from pl_actsparse.calibrate.blocks import find_block_list
-from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_from_histogram
+from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.calibrate.lockstep import calibrate_layers
 from pl_actsparse.calibrate.running import forward_is_not_reentrant
 from pl_actsparse.calibrate.sequential import calibrate_sequential
 from pl_actsparse.config import CalibrationConfig
 
-__all__ = ["calibrate", "METHODS", "AUTO_SEQUENTIAL_MIN_PARAM_BYTES", "LayerStatistics", "threshold_from_histogram"]
+__all__ = ["calibrate", "METHODS", "AUTO_SEQUENTIAL_MIN_PARAM_BYTES"]
 
 log = logging.getLogger(__name__)
 

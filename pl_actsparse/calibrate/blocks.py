@@ -163,7 +163,6 @@ class Stubs:
         self.mode = StubMode.PROBE
         self.state = _StubState()
         self.fmt: Callable[[torch.Tensor], Any] | None = None
-        self.lock = threading.Lock()
         self._saved: list = []
 
     def __enter__(self) -> "Stubs":
@@ -283,7 +282,7 @@ class BlockRunner(nn.Module):
 
 
 def probe(model: nn.Module, stubs: Stubs, batches: list, transform: Callable,
-           outside: Sequence[tuple[str, nn.Module]], dist: Distributed) -> tuple[set[str], str | None]:
+          outside: Sequence[tuple[str, nn.Module]], dist: Distributed) -> tuple[set[str], str | None]:
     """Run the first batch with the blocks stubbed: learn the blocks' output format, check they form a chain,
     and find which targeted layers outside them run before block 0 (``pre``) or between blocks (not allowed).
     The answer is agreed by all ranks."""

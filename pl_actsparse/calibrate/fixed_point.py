@@ -18,8 +18,7 @@ import torch
 
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.histogram import (
-    COARSE_BINS, FINE_BINS, INT_VIEW, LayerStatistics, bits_to_float, coarse_histogram, finalize, fine_histogram,
-    merge_coarse
+    COARSE_BINS, INT_VIEW, LayerStatistics, bits_to_float, coarse_histogram, finalize, merge_coarse, summed_fine
 )
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.errors import CalibrationConvergenceError
@@ -89,14 +88,7 @@ def _measure_pinned(s: LayerSlot, dist: Distributed) -> tuple[torch.dtype, torch
         zeroed += (sel.abs() <= s.module.activation_threshold).sum().to(device)  # exactly as the forward zeroes
     dtype, coarse = merge_coarse(s.name, s.dtype, coarse, dist)
     zeroed_at = int(dist.sum_(zeroed.reshape(1)).item())
-
-    def local_fine(b: int) -> torch.Tensor:
-        local = torch.zeros(FINE_BINS, dtype=torch.int64, device=device)
-        for sel in observed:
-            local += fine_histogram(sel, b).to(device)
-        return local
-
-    best = finalize(s.name, s.target, dtype, coarse, local_fine, dist)
+    best = finalize(s.name, s.target, dtype, coarse, summed_fine(observed, device), dist)
     return dtype, coarse, zeroed_at, best.threshold, best.zeroed
 
 

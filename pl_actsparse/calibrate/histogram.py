@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COARSE_BINS", "FINE_BINS", "INT_VIEW", "LayerStatistics", "abs_keys", "coarse_histogram", "fine_histogram",
-    "bits_to_float", "check_input_dtype", "fine_bin", "threshold_from_histogram", "merge_coarse", "finalize",
+    "bits_to_float", "check_input_dtype", "fine_bin", "threshold_from_histogram", "summed_fine", "merge_coarse", "finalize",
     "threshold_for_target", "thresholds_for_targets", "apply_statistics",
 ]
 
@@ -162,6 +162,18 @@ def threshold_from_histogram(
         # any value in [max of earlier bins, min of bin b) zeroes the same elements: use the bin's lower edge - 1 ulp
         return bits_to_float((b << 16) - 1, dtype), below
     return bits_to_float((b << 16) | int(low[i - 1]), dtype), int(round(float(candidates[i])))
+
+
+def summed_fine(selected: Sequence[torch.Tensor], device: torch.device | None) -> Callable[[int], torch.Tensor]:
+    """``local_fine`` for :func:`finalize`: the fine counts of a bin summed over the tensors ``selected`` (on ``device``)."""
+
+    def fine(b: int) -> torch.Tensor:
+        local = torch.zeros(FINE_BINS, dtype=torch.int64, device=device)
+        for sel in selected:
+            local += fine_histogram(sel, b).to(local.device)
+        return local
+
+    return fine
 
 
 def merge_coarse(name: str, dtype: torch.dtype | None, local: torch.Tensor | None, dist: "Distributed") -> tuple[torch.dtype, torch.Tensor]:

@@ -26,7 +26,7 @@ from torch import nn
 from pl_actsparse.calibrate.distributed import NOBODY, Distributed
 from pl_actsparse.calibrate.fixed_point import solve_repeated
 from pl_actsparse.calibrate.histogram import (
-    COARSE_BINS, FINE_BINS, LayerStatistics, check_input_dtype, coarse_histogram, finalize, fine_histogram, merge_coarse
+    COARSE_BINS, LayerStatistics, check_input_dtype, coarse_histogram, finalize, merge_coarse, summed_fine
 )
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.calibrate.running import (
@@ -216,18 +216,12 @@ class CalibrationSession:
         else:  # nobody on this rank reached the layer; other ranks did
             slot.coarse = torch.zeros(COARSE_BINS, dtype=torch.int64)
         dtype, coarse = merge_coarse(slot.name, slot.dtype, slot.coarse, self.dist)
-
-        def local_fine(b: int) -> torch.Tensor:
-            local = torch.zeros(FINE_BINS, dtype=torch.int64, device=slot.coarse.device)
-            for sel in selected:
-                local += fine_histogram(sel, b).to(local.device)
-            return local
-
-        slot.stats = finalize(slot.name, slot.target, dtype, coarse, local_fine, self.dist, carried=slot.carried,
-                              calls=slot.max_calls)
+        slot.stats = finalize(slot.name, slot.target, dtype, coarse, summed_fine(selected, slot.coarse.device), self.dist,
+                              carried=slot.carried, calls=slot.max_calls)
         slot.module.activation_threshold.fill_(slot.stats.threshold)  # type: ignore[union-attr]
         # the mode stays CALIBRATING until the pass ends: a later call of this layer must still be seen
         slot.carried = slot.stats.coarse
+
 
 def _thread_context() -> Callable[[], Any]:
     """Capture the caller's thread-local torch state (autocast, CUDA device) to replay in workers."""

@@ -51,7 +51,7 @@ from pl_actsparse.core.layer import preserved, weight_nbytes
 from pl_actsparse.core.recipe import dump_scopes_yaml, load_scopes_yaml, scopes_from_list, validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidTargetError
-from pl_actsparse.tuning.objectives import CalibrationLoss, _LossRunner, next_token_nll  # noqa: F401 - 0.1 names
+from pl_actsparse.tuning.objectives import CalibrationLoss
 
 __all__ = [
     "DEFAULT_OFFSETS",
@@ -60,7 +60,6 @@ __all__ = [
     "measure_sensitivity",
     "allocate_sparsity",
     "allocate_from_curves",
-    "next_token_nll",
     "load_scopes_yaml",
     "scopes_from_list",
 ]

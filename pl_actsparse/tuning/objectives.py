@@ -209,5 +209,3 @@ class CalibrationLoss:
         self.passes += 1
         return total / max(count, 1)
 
-
-_LossRunner = CalibrationLoss  # the 0.1 name
