@@ -195,7 +195,7 @@ def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
         (dict(scopes=MLP, log_prefix="a/"), CallbackConfigurationError, "log_prefix"),
         (dict(scopes=MLP, verbose="yes"), CallbackConfigurationError, "verbose must be True or False"),
         (dict(scopes=MLP, calibration="blockwise"), CallbackConfigurationError,
-         "calibration must be one of 'auto', 'sequential', 'lockstep', got 'blockwise'"),
+         "method must be one of 'auto', 'lockstep', 'sequential', got 'blockwise'"),
         (dict(scopes=MLP, offload="ssd"), CallbackConfigurationError, "offload must be one of None, 'cpu', 'disk', got 'ssd'"),
     ],
 )

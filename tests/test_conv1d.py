@@ -243,8 +243,8 @@ def test_conv1d_behaves_as_the_equivalent_linear(dtype, target):
     for fn in (sparsify_activations, sparsify_activations_weight_aware):
         c, l = nn.Sequential(copy.deepcopy(conv)), nn.Sequential(copy.deepcopy(lin))
         w_before = c[0].weight.clone()
-        fn(c, data, {TargetScope(names=["0"]): target}, progress=False)
-        fn(l, data, {TargetScope(names=["0"]): target}, progress=False)
+        fn(c, data, {TargetScope(names=["0"]): target}, calibration={"progress": False})
+        fn(l, data, {TargetScope(names=["0"]): target}, calibration={"progress": False})
         assert torch.equal(c[0].activation_threshold, l[0].activation_threshold), fn.__name__
         assert c[0]._actsparse.calibration_sparsity == l[0]._actsparse.calibration_sparsity
         assert torch.equal(c[0].weight, w_before)  # weight-aware puts the very weights back

@@ -238,10 +238,8 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "pl-actspars
         calibration,
         targets,
         callback.ignored_scope,
-        num_calibration_batches=data.num_batches,
-        transform_fn=data.inputs_fn(module, target),
-        max_batches_in_flight=data.max_batches_in_flight,
-        progress=not ns.json,
+        calibration=dict(num_batches=data.num_batches, transform_fn=data.inputs_fn(module, target),
+                         max_batches_in_flight=data.max_batches_in_flight, progress=not ns.json),
     )
     export_for_inference(net)
     tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file(resolve_data_dir() / "tok512.bin")

@@ -41,6 +41,7 @@ from pl_actsparse.core.layer import (
     is_sparsified,
     sparsified_layers,
 )
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.recipe import IgnoredScopeSpec, ScopeSpec, ScopeSpecError, parse_ignored_scope_spec, parse_scope_spec
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import (
@@ -211,13 +212,6 @@ def _argument(argument: str | None) -> Iterator[None]:
         if argument is not None:
             _tagged(exc, argument)
         raise
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -424,16 +418,11 @@ class ActivationSparsityCallback(Callback):
     def _needs_calibration(self, module: nn.Module) -> bool:
         return any(m._actsparse.mode is not SparsifierMode.SPARSIFYING for n, m in sparsified_layers(module) if n in self._layer_names)
 
-    def _api_options(self, fn: Callable[..., Any]) -> dict[str, Any]:
-        # token_mask reaches the functional API once it accepts it (issue 12); until then "auto" is its behaviour
-        if _accepts(fn, "token_mask"):
-            data = self.calibration_data
-            return {"token_mask": data.token_mask, "calibration": data.calibration, "offload": data.offload}
-        if self.calibration_data.token_mask != "auto":
-            raise CallbackConfigurationError(
-                f"token_mask={self.calibration_data.token_mask!r} needs a pl_actsparse whose {fn.__name__} takes token_mask"
-            )
-        return {}
+    def _calibration_config(self, transform_fn: Callable[[Any], Any] | None, progress: bool) -> CalibrationConfig:
+        data = self.calibration_data
+        return CalibrationConfig(method=data.calibration, offload=data.offload, token_mask=data.token_mask,
+                                 transform_fn=transform_fn, progress=progress,
+                                 max_batches_in_flight=data.max_batches_in_flight)
 
     def calibrate(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> SparsityReport:
         """Calibrate every sparsified layer now (all ranks together) and record before/after sparsity.
@@ -463,10 +452,8 @@ class ActivationSparsityCallback(Callback):
                 module,
                 items,
                 layers=layers,
-                transform_fn=self.calibration_data.inputs_fn(pl_module, module),
-                progress=self.progress and trainer.is_global_zero,
-                max_batches_in_flight=self.calibration_data.max_batches_in_flight,
-                **self._api_options(calibrate_activation_sparsity),
+                calibration=self._calibration_config(self.calibration_data.inputs_fn(pl_module, module),
+                                                     self.progress and trainer.is_global_zero),
             )
         self._check_replicated(trainer, module)
         after = report.mean_sparsity
@@ -783,10 +770,7 @@ class ActivationSparsityCallback(Callback):
                     module,
                     self.calibration_data.batches(loader, trainer.world_size, trainer.global_rank),
                     layers=[n for n, _ in sparsified_layers(module) if n in self._layer_names],
-                    transform_fn=self.calibration_data.inputs_fn(pl_module, module),
-                    progress=False,
-                    max_batches_in_flight=self.calibration_data.max_batches_in_flight,
-                    **self._api_options(calibrate_activation_sparsity),
+                    calibration=self._calibration_config(self.calibration_data.inputs_fn(pl_module, module), False),
                 )
             for name, m in sparsified_layers(module):
                 averaged[f"{prefix}{name}.{THRESHOLD_BUFFER}"] = m.activation_threshold.detach().clone()
