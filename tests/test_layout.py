@@ -13,7 +13,6 @@ OLD_PATHS = {
     "functional": "api",
     "scopes": "core.scopes",
     "modules": "core.layer",
-    "calibration": "core.calibration",
     "groups": "core.groups",
     "quantization": "core.int8",
     "metrics": "measure.metric",
