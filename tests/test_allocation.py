@@ -24,7 +24,7 @@ from pl_actsparse.tuning.allocation import (
     measure_sensitivity,
     scopes_from_list,
 )
-from pl_actsparse.errors import InvalidTargetError
+from pl_actsparse.errors import InvalidOptionError, InvalidTargetError
 from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
 from pl_actsparse.measure.metric import SparsityCounter
 
@@ -166,7 +166,7 @@ def test_measure_sensitivity_validates_options(tiny, batches):
         measure_sensitivity(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.4}, offsets=(float("nan"),))
     with pytest.raises(InvalidTargetError):
         measure_sensitivity(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.4}, min_sparsity=0.9, max_sparsity=0.5)
-    with pytest.raises(InvalidTargetError, match="token ids"):  # default loss needs token ids
+    with pytest.raises(InvalidOptionError, match="token ids"):  # default loss needs token ids
         allocate_sparsity(OddShapes(), [torch.randn(4, 12)], 0.3, TargetScope(types=[nn.Linear]))
 
 

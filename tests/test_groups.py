@@ -6,6 +6,7 @@ from torch import nn
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
 from pl_actsparse.core.groups import check_shared_thresholds, find_shared_input_groups, group_of
+from pl_actsparse.errors import UnsupportedModuleError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +57,7 @@ def test_restriction_singletons_and_sparsified_layers(tiny, batches):
     assert with_single == [names[2:], names[:2]]  # model order: TinyMLP defines down_proj first
     sparsify_activations(tiny, batches, {TargetScope(patterns=[".*_proj"]): 0.4}, calibration={"progress": False})
     assert _as_sets(find_shared_input_groups(tiny, batches[0])) == _as_sets(_expected_llama_groups(3))
-    with pytest.raises(ValueError, match="not nn.Linear"):
+    with pytest.raises(UnsupportedModuleError, match="not nn.Linear"):
         find_shared_input_groups(tiny, batches[0], ["layers.0.mlp"])
 
 

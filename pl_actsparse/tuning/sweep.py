@@ -46,7 +46,7 @@ from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import SparsifierMode, preserved, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
-from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
+from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, NotSparsifiedError
 from pl_actsparse.measure.metric import SparsityCounter
 
 __all__ = [
@@ -171,7 +171,8 @@ def sweep_sparsity(
     (:func:`~pl_actsparse.core.layer.weight_nbytes`).
 
     Raises:
-        InvalidTargetError: ``evaluate`` is not callable, ``targets`` is empty, or a point is malformed.
+        InvalidOptionError: ``evaluate`` is not callable.
+        InvalidTargetError: ``targets`` is empty, or a point is malformed.
         NotSparsifiedError: no layer to sweep, or a point names a layer that is not swept.
         InvalidOptionError, TokenMaskError: an invalid ``calibration``.
 
@@ -180,7 +181,7 @@ def sweep_sparsity(
     """
     config = CalibrationConfig.from_value(calibration)
     if not callable(evaluate):
-        raise InvalidTargetError(f"evaluate must be a callable model -> float, got {evaluate!r}")
+        raise InvalidOptionError(f"evaluate must be a callable model -> float, got {evaluate!r}")
     if not targets:
         raise InvalidTargetError("targets is empty: give at least one sweep point")
     data = list(dataset) if not isinstance(dataset, (list, tuple)) else dataset
