@@ -255,9 +255,9 @@ def test_token_mask_reaches_the_functional_api_when_it_accepts_it(monkeypatch):
     seen = {}
     real = module.calibrate_activation_sparsity
 
-    def calibrate(model, dataset, *, token_mask="auto", **kwargs):
-        seen["token_mask"] = token_mask
-        return real(model, dataset, **kwargs)
+    def calibrate(model, dataset, *, calibration=None, **kwargs):
+        seen["token_mask"] = calibration.token_mask
+        return real(model, dataset, calibration=calibration, **kwargs)
 
     monkeypatch.setattr(module, "calibrate_activation_sparsity", calibrate)
     mask = lambda batch: torch.ones(batch[0].shape, dtype=torch.bool)  # noqa: E731
