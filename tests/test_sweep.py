@@ -13,15 +13,9 @@ from pl_actsparse import (
     prepare_activation_sparsity,
     sparsify_activations,
 )
-from pl_actsparse.calibrate.histogram import (
-    LayerStatistics,
-    apply_statistics,
-    coarse_histogram,
-    threshold_for_target,
-    thresholds_for_targets,
-)
+from pl_actsparse.calibrate.histogram import LayerStatistics, coarse_histogram, threshold_for_target
 from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
-from pl_actsparse.tuning.sweep import sweep_sparsity
+from pl_actsparse.tuning.sweep import apply_statistics, sweep_sparsity, thresholds_for_targets
 from pl_actsparse.measure.metric import SparsityCounter
 
 FIRST = "layers.0.self_attn.q_proj"  # the first sparsified layer the data reaches in TinyLlama

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from torch import nn
 
-from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
 from pl_actsparse.core.recipe import validate_target
-from pl_actsparse.errors import NonFiniteActivationError, NotSparsifiedError
+from pl_actsparse.errors import NonFiniteActivationError
 
 if TYPE_CHECKING:
     from pl_actsparse.calibrate.distributed import Distributed
@@ -25,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COARSE_BINS", "FINE_BINS", "INT_VIEW", "LayerStatistics", "abs_keys", "coarse_histogram", "fine_histogram",
     "bits_to_float", "check_input_dtype", "fine_bin", "threshold_from_histogram", "summed_fine", "merge_coarse", "finalize",
-    "threshold_for_target", "thresholds_for_targets", "apply_statistics",
+    "threshold_for_target",
 ]
 
 COARSE_BINS = 1 << 15  # non-negative bit patterns of a 16-bit float, or the top 16 bits of a float32
@@ -261,41 +259,3 @@ def threshold_for_target(stats: LayerStatistics, target: float) -> float:
     # Values in the bin are assumed spread uniformly over [lo, hi); the exact one is within the bin.
     frac = min(max((want - below) / count, 0.0), 1.0)
     return lo + frac * (hi - lo)
-
-
-def thresholds_for_targets(
-    statistics: Mapping[str, LayerStatistics], targets: Mapping[str, float] | float
-) -> dict[str, float]:
-    """:func:`threshold_for_target` for several layers (a number applies to all)."""
-    if not isinstance(targets, Mapping):
-        targets = {n: targets for n in statistics}
-    missing = [n for n in targets if n not in statistics]
-    if missing:
-        raise NotSparsifiedError(f"no calibration statistics for {missing}; statistics exist for {list(statistics)}")
-    return {n: threshold_for_target(statistics[n], t) for n, t in targets.items()}
-
-
-def apply_statistics(
-    model: nn.Module, statistics: Mapping[str, LayerStatistics], targets: Mapping[str, float] | float
-) -> dict[str, float]:
-    """Set targets and thresholds of sparsified layers from stored statistics (no forward pass).
-
-    The layers end in sparsifying mode; returns the thresholds that were set. Exact for bf16/fp16 statistics
-    of the layer alone; downstream layers drift, since their inputs were measured at the old thresholds.
-
-    Raises:
-        NotSparsifiedError: a layer has no statistics or is not a sparsified layer of ``model``.
-    """
-    layers = dict(sparsified_layers(model))
-    thresholds = thresholds_for_targets(statistics, targets)
-    unknown = [n for n in thresholds if n not in layers]
-    if unknown:
-        raise NotSparsifiedError(f"{unknown} are not sparsified layers of the model")
-    for name, thr in thresholds.items():
-        m = layers[name]
-        t = targets[name] if isinstance(targets, Mapping) else targets
-        m._actsparse.target = float(t)
-        m.activation_threshold.fill_(thr)
-        m._actsparse.mode = SparsifierMode.SPARSIFYING
-        m._actsparse.calibration_sparsity = None  # not measured at this target
-    return thresholds

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, set_target_sparsity
-from pl_actsparse.calibrate.histogram import LayerStatistics, apply_statistics
+from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import SparsifierMode, preserved, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.recipe import validate_target
@@ -50,6 +50,8 @@ from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, NotSpars
 from pl_actsparse.measure.metric import SparsityCounter
 
 __all__ = [
+    "thresholds_for_targets",
+    "apply_statistics",
     "SweepPoint",
     "SweepResult",
     "sweep_sparsity",
@@ -58,6 +60,44 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def thresholds_for_targets(
+    statistics: Mapping[str, LayerStatistics], targets: Mapping[str, float] | float
+) -> dict[str, float]:
+    """:func:`threshold_for_target` for several layers (a number applies to all)."""
+    if not isinstance(targets, Mapping):
+        targets = {n: targets for n in statistics}
+    missing = [n for n in targets if n not in statistics]
+    if missing:
+        raise NotSparsifiedError(f"no calibration statistics for {missing}; statistics exist for {list(statistics)}")
+    return {n: threshold_for_target(statistics[n], t) for n, t in targets.items()}
+
+
+def apply_statistics(
+    model: nn.Module, statistics: Mapping[str, LayerStatistics], targets: Mapping[str, float] | float
+) -> dict[str, float]:
+    """Set targets and thresholds of sparsified layers from stored statistics (no forward pass).
+
+    The layers end in sparsifying mode; returns the thresholds that were set. Exact for bf16/fp16 statistics
+    of the layer alone; downstream layers drift, since their inputs were measured at the old thresholds.
+
+    Raises:
+        NotSparsifiedError: a layer has no statistics or is not a sparsified layer of ``model``.
+    """
+    layers = dict(sparsified_layers(model))
+    thresholds = thresholds_for_targets(statistics, targets)
+    unknown = [n for n in thresholds if n not in layers]
+    if unknown:
+        raise NotSparsifiedError(f"{unknown} are not sparsified layers of the model")
+    for name, thr in thresholds.items():
+        m = layers[name]
+        t = targets[name] if isinstance(targets, Mapping) else targets
+        m._actsparse.target = float(t)
+        m.activation_threshold.fill_(thr)
+        m._actsparse.mode = SparsifierMode.SPARSIFYING
+        m._actsparse.calibration_sparsity = None  # not measured at this target
+    return thresholds
 
 
 # ---------------------------------------------------------------------------------------------------
