@@ -198,16 +198,10 @@ def _agreed_plan(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache,
                  dist: Distributed) -> BlockPlan | str:
     """The block's dependency levels from this rank's first batch, agreed by all ranks (or why there are none)."""
     modules = [m for _, m in layers]
-    plan: BlockPlan | None = None
-    reason = "this rank has no calibration batch"
-    if count:
-        hidden = cache.hidden(0)
-        args, kwargs = cache.call(0, j, hidden)
-        got = plan_block(block, modules, args, kwargs)
-        plan, reason = (got, reason) if isinstance(got, BlockPlan) else (None, got)
-        del hidden, args, kwargs
+    got = plan_block(block, modules, *cache.call(0, j, cache.hidden(0))) if count else "this rank has no calibration batch"
     if not dist.enabled:
-        return plan if plan is not None else reason
+        return got
+    plan, reason = (got, "") if isinstance(got, BlockPlan) else (None, got)
     local = {id(m): n for n, m in block.named_modules()}
     names = [local[id(m)] for m in modules]
     level = {n: lv for lv, group in enumerate(plan.levels) for n in group} if plan is not None else {}
