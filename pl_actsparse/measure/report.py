@@ -435,7 +435,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> from pl_actsparse import sparsify_activations, TargetScope, activation_sparsity_report
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> _ = sparsify_activations(net, [torch.randn(64, 8)], {TargetScope(names=["0"]): 0.25}, progress=False)
+    >>> _ = sparsify_activations(net, [torch.randn(64, 8)], {TargetScope(names=["0"]): 0.25}, calibration={"progress": False})
     >>> report = activation_sparsity_report(net)
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
