@@ -13,7 +13,7 @@ weights, all 7 projections of every block at 50%, calibrated on N sequences of 5
    ratio tends to.
 
 Modes: ``lockstep`` (today's exact mode, every batch in flight), ``sequential`` (block by block,
-:mod:`pl_actsparse.core.sequential`), ``sequential-disk`` (the same, cache on disk), ``streaming``
+:mod:`pl_actsparse.calibrate.sequential`), ``sequential-disk`` (the same, cache on disk), ``streaming``
 (``max_batches_in_flight=1``). Per-layer error: the relative difference of each threshold to the exact one
 (lockstep's at the same N; ``null`` when lockstep was not run) and the number of bit-identical thresholds.
 

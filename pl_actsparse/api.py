@@ -8,12 +8,10 @@ layer back as it was.
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -25,19 +23,19 @@ from pl_actsparse.integrations import (
     shared_offload_hooks,
     sync_adapter_hooks,
 )
-from pl_actsparse.core.calibration import LayerStatistics
+from pl_actsparse.calibrate import calibrate as _calibrate
+from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
-from pl_actsparse.core.sequential import calibrate as _calibrate, check_calibration_options
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
     CheckpointError,
     ConflictingScopesError,
     EmptyDatasetError,
     InvalidOptionError,
     InvalidScopeError,
-    InvalidTargetError,
+    InvalidOptionError,
     NothingToSparsifyError,
     NotSparsifiedError,
-    TokenMaskError,
     UnmatchedScopeError,
     UnsupportedModuleError,
 )
@@ -53,7 +51,6 @@ from pl_actsparse.core.layer import (
     sparsified_layers,
     uninstall_sparsifier,
 )
-from pl_actsparse.core.masking import resolve_mask_fn
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
 from pl_actsparse.core.recipe import validate_target
@@ -249,22 +246,6 @@ def _gradient_mode(value: GradientMode | str) -> GradientMode:
         raise InvalidOptionError(f"gradient_mode must be one of {valid}, got {value!r}") from None
 
 
-def _check_options(num_calibration_batches: Any, transform_fn: Any, max_batches_in_flight: Any = None) -> None:
-    for name, value in (("num_calibration_batches", num_calibration_batches), ("max_batches_in_flight", max_batches_in_flight)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise InvalidTargetError(f"{name} must be a positive integer or None, got {value!r}")
-    if transform_fn is not None and not callable(transform_fn):
-        raise InvalidTargetError(f"transform_fn must be callable or None, got {transform_fn!r}")
-
-
-def _check_token_mask(token_mask: Any) -> None:
-    """``token_mask`` must be ``"auto"``, ``None`` or a callable (checked before any module changes)."""
-    try:
-        resolve_mask_fn(token_mask)
-    except TypeError as exc:
-        raise TokenMaskError(str(exc)) from None
-
-
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
     """Fail on empty data before anything changes, without consuming an item."""
     try:
@@ -300,25 +281,20 @@ def calibrate_activation_sparsity(
     dataset: Iterable[Any],
     *,
     layers: Iterable[str] | None = None,
-    num_calibration_batches: int | None = None,
-    transform_fn: Callable[[Any], Any] | None = None,
-    progress: bool = True,
-    sync_across_processes: bool | None = None,
-    max_batches_in_flight: int | None = None,
-    calibration: str = "auto",
-    offload: str | None = None,
-    token_mask: str | Callable[[Any], torch.Tensor | None] | None = "auto",
+    calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
 ) -> SparsityReport:
     """(Re)calibrate sparsified layers at their current targets and return the report.
 
     ``layers`` limits calibration to some layer names (default: every sparsified layer). The report carries
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
-    it had. ``calibration``, ``offload``, ``token_mask`` and the other options are those of
-    :func:`sparsify_activations`.
+    it had. ``calibration`` is as for :func:`sparsify_activations`.
+
+    Raises:
+        InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
+        NotSparsifiedError: the model has no sparsified layer, or ``layers`` names another module.
+        EmptyDatasetError: the data yields no item.
     """
-    _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
-    check_calibration_options(calibration, offload)
-    _check_token_mask(token_mask)
+    config = CalibrationConfig.from_value(calibration)
     modules = dict(model.named_modules())
     present = [n for n, _ in sparsified_layers(model)]
     if not present:
@@ -336,14 +312,7 @@ def calibrate_activation_sparsity(
             model,
             [(n, modules[n]) for n in names],
             items,
-            transform_fn=transform_fn,
-            num_calibration_batches=num_calibration_batches,
-            max_batches_in_flight=max_batches_in_flight,
-            progress=progress,
-            sync_across_processes=sync_across_processes,
-            calibration=calibration,
-            offload=offload,
-            token_mask=token_mask,
+            config,
         )
     except BaseException:
         _restore(modules, snaps)
@@ -367,21 +336,14 @@ def sparsify_activations(
     target_sparsity_by_scope: Mapping[TargetScope, float],
     ignored_scope: IgnoredScope | None = None,
     *,
-    num_calibration_batches: int | None = None,
-    transform_fn: Callable[[Any], Any] | None = None,
+    calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     gradient_mode: GradientMode | str = GradientMode.MASKED,
-    progress: bool = True,
-    sync_across_processes: bool | None = None,
-    max_batches_in_flight: int | None = None,
-    calibration: str = "auto",
-    offload: str | None = None,
-    token_mask: str | Callable[[Any], torch.Tensor | None] | None = "auto",
 ) -> nn.Module:
     """Sparsify the inputs of the selected Linear layers and calibrate exact thresholds, in place.
 
     Each layer's threshold is the exact quantile of ``|x|`` over all of its calibration elements, measured
     with every selected layer already sparsified (one forward pass over the data, see
-    :mod:`pl_actsparse.core.calibration`). Elements are the inputs of real tokens (``token_mask``) in every
+    :mod:`pl_actsparse.calibrate`). Elements are the inputs of real tokens (``token_mask``) in every
     call of the layer: a module called several times per forward is calibrated over all its calls.
     Calling it again on a sparsified model recalibrates the selected
     layers (new targets allowed) and never stacks a second sparsifier; sparsified layers that the new recipe
@@ -392,28 +354,26 @@ def sparsify_activations(
         dataset: an iterable of calibration items (a DataLoader, a list of tensors, ...).
         target_sparsity_by_scope: ``{TargetScope(...): fraction of inputs to zero}``, each in [0, 1].
         ignored_scope: layers never to sparsify.
-        num_calibration_batches: use at most this many items of ``dataset``.
-        transform_fn: maps an item to model inputs; by default the item itself. Inputs that are a dict are
-            passed as keyword arguments, a tuple or list as positional arguments, anything else as the single
-            argument (so a loader of ``(input, label)`` pairs needs ``transform_fn=lambda b: b[0]``).
+        calibration: how thresholds are calibrated: a :class:`~pl_actsparse.config.CalibrationConfig`, a mapping
+            of its fields (YAML), a method name (``"lockstep"``, ``"sequential"``, ``"auto"``) or ``None`` (the
+            defaults). Its fields: ``method`` (``"lockstep"``: the whole model, every batch in flight;
+            ``"sequential"``: block by block with a cache of block inputs and one batch in flight inside a block,
+            the same thresholds with the memory of the cache plus one batch's block activations, about 2x a dense
+            forward's time; ``"auto"``: sequential for models with a block list whose parameters take at least
+            256 MiB, else lockstep), ``num_batches`` (use at most this many items of ``dataset``),
+            ``transform_fn`` (maps an item to model inputs; a dict is passed as keyword arguments, a tuple or list
+            as positional arguments, anything else as the single argument, so a loader of ``(input, label)``
+            pairs needs ``transform_fn=lambda b: b[0]``), ``token_mask`` (``"auto"``: a dict item's
+            ``attention_mask``, 1 = real token, masks padding; ``None``: every element counts; a callable
+            ``item -> bool mask [batch, seq]`` applied to the item as ``dataset`` yields it),
+            ``offload`` (where the sequential cache lives: ``None``, ``"cpu"`` or ``"disk"``),
+            ``max_batches_in_flight`` (lockstep groups of this size bound memory; approximately exact),
+            ``in_block``, ``progress`` and ``sync_across_processes`` (sum statistics over
+            ``torch.distributed`` ranks; default: when a process group with several ranks is initialized).
         gradient_mode: ``"masked"`` or ``"ste"``, how gradients cross the zeroing when training afterwards.
-        progress: show a progress bar over layers.
-        sync_across_processes: sum calibration statistics over ``torch.distributed`` ranks (default: when a
-            process group with several ranks is initialized).
-        max_batches_in_flight: bound memory by running batches in lockstep groups of this size (default: all
-            at once, which is exact; smaller groups make calibration streaming and approximately exact).
-        calibration: ``"lockstep"`` (the whole model, every batch in flight), ``"sequential"`` (block by block
-            with a cache of block inputs and one batch in flight inside a block: same thresholds, memory of the
-            cache plus one batch's block activations, about 2x a dense forward's time; see
-            :mod:`pl_actsparse.core.sequential`) or ``"auto"`` (sequential for models with a block list whose
-            parameters take at least 256 MiB, else lockstep). Raises ``InvalidTargetError`` for another value.
-        offload: where the sequential mode keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
-        token_mask: which input elements are data. ``"auto"`` (default): a dict item's ``attention_mask``
-            (bool/0-1 ``[batch, seq]``, 1 = real token) masks padding, other items count every element;
-            ``None``: every element counts; a callable ``item -> bool mask [batch, seq]`` (or ``None``) for
-            other layouts. It receives the item as ``dataset`` yields it, before ``transform_fn``.
 
     Raises:
+        InvalidOptionError: an invalid ``calibration`` field or ``gradient_mode`` (before any change).
         TokenMaskError: ``token_mask`` is not one of these (before any change), or a layer's input has no
             leading ``[batch, seq]`` (or flattened ``[batch * seq]``) axes matching the mask (the model is
             restored).
@@ -430,7 +390,7 @@ def sparsify_activations(
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     >>> data = [torch.randn(8, 16) for _ in range(4)]
-    >>> _ = sparsify_activations(net, data, {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    >>> _ = sparsify_activations(net, data, {TargetScope(types=[nn.Linear]): 0.5}, calibration={"progress": False})
     >>> x = net[0].sparsify_input(torch.cat(data))
     >>> float((x == 0).float().mean())
     0.5
@@ -438,9 +398,7 @@ def sparsify_activations(
     >>> type(net[0]) is nn.Linear
     True
     """
-    _check_options(num_calibration_batches, transform_fn, max_batches_in_flight)
-    check_calibration_options(calibration, offload)
-    _check_token_mask(token_mask)
+    config = CalibrationConfig.from_value(calibration)
     mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     items = _peek(dataset)
@@ -456,14 +414,7 @@ def sparsify_activations(
             model,
             [(n, modules[n]) for n in plan.targets],
             items,
-            transform_fn=transform_fn,
-            num_calibration_batches=num_calibration_batches,
-            max_batches_in_flight=max_batches_in_flight,
-            progress=progress,
-            sync_across_processes=sync_across_processes,
-            calibration=calibration,
-            offload=offload,
-            token_mask=token_mask,
+            config,
         )
     except BaseException:
         _restore(modules, snaps)

@@ -24,7 +24,7 @@ from pl_actsparse.tuning.allocation import (
     measure_sensitivity,
     scopes_from_list,
 )
-from pl_actsparse.errors import InvalidTargetError, ScopeSpecError
+from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, ScopeSpecError
 from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
 from pl_actsparse.measure.metric import SparsityCounter
 
@@ -121,7 +121,7 @@ def test_allocation_respects_byte_budget_with_odd_shapes(budget):
     grid_sizes = [len(c) - 1 for c in alloc.profile.curves]
     assert alloc.forward_passes == 2 + sum(grid_sizes)
     # the recipe is accepted as it is and achieves the per-layer targets on the calibration data
-    sparsify_activations(net, data, alloc.target_sparsity_by_scope(), progress=False)
+    sparsify_activations(net, data, alloc.target_sparsity_by_scope(), calibration={"progress": False})
     report = activation_sparsity_report(net)
     for row in report.layers:
         assert row.target == pytest.approx(alloc.targets[row.name])
@@ -166,7 +166,7 @@ def test_measure_sensitivity_validates_options(tiny, batches):
         measure_sensitivity(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.4}, offsets=(float("nan"),))
     with pytest.raises(InvalidTargetError):
         measure_sensitivity(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.4}, min_sparsity=0.9, max_sparsity=0.5)
-    with pytest.raises(InvalidTargetError, match="token ids"):  # default loss needs token ids
+    with pytest.raises(InvalidOptionError, match="token ids"):  # default loss needs token ids
         allocate_sparsity(OddShapes(), [torch.randn(4, 12)], 0.3, TargetScope(types=[nn.Linear]))
 
 
@@ -182,7 +182,7 @@ def stories():
 
 
 def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
-    from pl_actsparse.tuning.allocation import _LossRunner
+    from pl_actsparse.tuning.objectives import CalibrationLoss
     from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
     scope = TargetScope(patterns=[r".*mlp\..*_proj"])
@@ -195,8 +195,8 @@ def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
     losses = {}
     for label, recipe in [("uniform", {scope: 0.4}), ("allocation", alloc.target_sparsity_by_scope())]:
         m = load_llama2c_checkpoint()
-        sparsify_activations(m, stories, recipe, progress=False)
-        losses[label] = _LossRunner(m, stories, None, None)()
+        sparsify_activations(m, stories, recipe, calibration={"progress": False})
+        losses[label] = CalibrationLoss(m, stories, None, None)()
     assert losses["allocation"] < losses["uniform"]
 
 
@@ -207,7 +207,7 @@ def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
 def test_weight_aware_zeroes_by_score_and_hits_target(tiny, batches):
     original = {k: v.clone() for k, v in tiny.state_dict().items()}
     scope = TargetScope(patterns=[".*mlp.*"])
-    sparsify_activations_weight_aware(tiny, batches, {scope: 0.45}, progress=False)
+    sparsify_activations_weight_aware(tiny, batches, {scope: 0.45}, calibration={"progress": False})
     layer = tiny.layers[1].mlp.down_proj
     assert is_weight_aware(layer) and layer.activation_threshold.shape == (layer.in_features,)
     # weights are the very same values again, and no hook is left behind
@@ -235,7 +235,7 @@ def test_weight_aware_zeroes_by_score_and_hits_target(tiny, batches):
 def test_weight_aware_checkpoint_report_and_shared_groups(tiny, batches, tmp_path):
     from tiny_models import tiny_llama
 
-    sparsify_activations_weight_aware(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.3}, share_groups=True, progress=False)
+    sparsify_activations_weight_aware(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.3}, share_groups=True, calibration={"progress": False})
     gate, up = tiny.layers[0].mlp.gate_proj, tiny.layers[0].mlp.up_proj
     assert torch.equal(gate.activation_threshold, up.activation_threshold)  # one scale and mask per group
     assert "per-channel[32]" in repr(gate)
@@ -247,7 +247,7 @@ def test_weight_aware_checkpoint_report_and_shared_groups(tiny, batches, tmp_pat
     with torch.no_grad():
         assert torch.equal(fresh(batches[0]), tiny(batches[0]))
     # a plain recalibration fills the vector with one value: back to the plain |x| rule
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.3}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.3}, calibration={"progress": False})
     t = tiny.layers[0].mlp.gate_proj.activation_threshold
     assert bool((t == t[0]).all())
 
@@ -258,7 +258,7 @@ def test_weight_aware_failure_restores_weights(tiny, batches):
     tiny.layers[0].mlp.gate_proj.weight.data[0, 0] = float("nan")
     original["layers.0.mlp.gate_proj.weight"] = tiny.layers[0].mlp.gate_proj.weight.detach().clone()
     with pytest.raises(NonFiniteActivationError):
-        sparsify_activations_weight_aware(tiny, bad, {TargetScope(patterns=[".*mlp.*"]): 0.3}, progress=False)
+        sparsify_activations_weight_aware(tiny, bad, {TargetScope(patterns=[".*mlp.*"]): 0.3}, calibration={"progress": False})
     state = tiny.state_dict()
     assert all(torch.equal(state[k], v) or (torch.isnan(v).any() and torch.equal(state[k].isnan(), v.isnan())) for k, v in original.items())
     assert not any(is_sparsified(m) for m in tiny.modules())

@@ -138,7 +138,7 @@ def _reference_thresholds(lm: pl.LightningModule, batches, scopes=MLP, state=Non
     ref = TinyLM()
     ref.load_state_dict(state if state is not None else _dense_state(lm), strict=False)
     prepare_activation_sparsity(ref, {ScopeSpec(**s).to_scope(): s["sparsity"] for s in scopes})
-    calibrate_activation_sparsity(ref, list(batches), transform_fn=lambda b: b[0], progress=False)
+    calibrate_activation_sparsity(ref, list(batches), calibration={"transform_fn": lambda b: b[0], "progress": False})
     return _thresholds(ref)
 
 
@@ -310,11 +310,11 @@ def test_calibration_sources(options, batches):
 def test_calibration_method_reaches_the_functional_api(calibration, offload, monkeypatch):
     """``calibration``/``offload`` of the callback choose the method (seen by the dispatcher), with the same
     thresholds as the functional API's default on the same batches."""
-    from pl_actsparse.core import sequential
+    import pl_actsparse.calibrate as calibrate
 
     used = []
-    real = sequential.calibrate_sequential
-    monkeypatch.setattr(sequential, "calibrate_sequential", lambda *a, **k: used.append(k.get("offload")) or real(*a, **k))
+    real = calibrate.METHODS["sequential"]
+    monkeypatch.setitem(calibrate.METHODS, "sequential", lambda *a, **k: used.append(a[3].offload) or real(*a, **k))
     lm, data = TinyLM(), TinyData()
     dense = _dense_state(lm)
     cb = _callback(calibration={"method": calibration, "offload": offload, "progress": False})

@@ -85,7 +85,7 @@ def test_model_built_in_configure_model_is_sparsified_validated_and_fitted(tmp_p
     # the same thresholds as the functional core on an identical model and the same batches
     ref = tiny_hf_llama(seed=3)
     prepare_activation_sparsity(ref, {TargetScope(patterns=HF_MLP[0]["patterns"]): 0.5})
-    calibrate_activation_sparsity(ref, list(data.calibration_dataloader()), transform_fn=lambda b: b[0], progress=False)
+    calibrate_activation_sparsity(ref, list(data.calibration_dataloader()), calibration={"transform_fn": lambda b: b[0], "progress": False})
     assert _thresholds(lm.model) == _thresholds(ref)
     metric = ActivationSparsity.from_model(lm)
     with metric.observe(lm), torch.no_grad():
@@ -258,9 +258,9 @@ def test_the_calibration_config_reaches_the_functional_api(monkeypatch):
     seen = {}
     real = module.calibrate_activation_sparsity
 
-    def calibrate(model, dataset, **kwargs):
-        seen.update(kwargs)
-        return real(model, dataset, **kwargs)
+    def calibrate(model, dataset, *, calibration=None, **kwargs):
+        seen["token_mask"] = calibration.token_mask
+        return real(model, dataset, calibration=calibration, **kwargs)
 
     monkeypatch.setattr(module, "calibrate_activation_sparsity", calibrate)
     mask = lambda batch: torch.ones(batch[0].shape, dtype=torch.bool)  # noqa: E731

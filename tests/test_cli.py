@@ -75,7 +75,7 @@ def test_recipe_a_training_free_validation(caplog, tmp_path):
         model,
         batches,
         {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5},
-        progress=False,
+        calibration={"progress": False},
     )
     assert _thresholds(cli.model.model) == _thresholds(model)
     # the tables go to the pl_actsparse logger (rank 0), not to print

@@ -15,7 +15,7 @@ import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsify_activations
 from pl_actsparse.core.layer import sparsified_layers
-from pl_actsparse.core.calibration import compilation_disabled
+from pl_actsparse.calibrate.running import compilation_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
 from tiny_models import tiny_hf_llama
 
@@ -93,10 +93,10 @@ def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
         compiled(input_ids=data[0], use_cache=False)  # compiled dense, before any sparsification
     assert counter.frame_count == 1
 
-    sparsify_activations(compiled, data, SCOPES, gradient_mode=gradient_mode, progress=False)
+    sparsify_activations(compiled, data, SCOPES, gradient_mode=gradient_mode, calibration={"progress": False})
     assert counter.frame_count == 1, "calibration must run eagerly, outside the compiled region"
     assert _graph_breaks() == 0
-    sparsify_activations(reference, data, SCOPES, gradient_mode=gradient_mode, progress=False)
+    sparsify_activations(reference, data, SCOPES, gradient_mode=gradient_mode, calibration={"progress": False})
     assert {k: float(v) for k, v in _thresholds(compiled).items()} == {k: float(v) for k, v in _thresholds(reference).items()}
 
     model.train()
@@ -117,11 +117,11 @@ def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
 
     # recalibration: eager again, thresholds change in place, the next steps reuse the graph
     before = _thresholds(compiled)
-    calibrate_activation_sparsity(compiled, _data(seed=7), progress=False)
+    calibrate_activation_sparsity(compiled, _data(seed=7), calibration={"progress": False})
     assert any(not torch.equal(before[k], v) for k, v in _thresholds(compiled).items())
     assert counter.frame_count == 2
     model.train()
-    calibrate_activation_sparsity(reference, _data(seed=7), progress=False)
+    calibrate_activation_sparsity(reference, _data(seed=7), calibration={"progress": False})
     reference.train()
     out, _ = _step(compiled, held_out[0])
     torch.testing.assert_close(out, _step(reference, held_out[0])[0], rtol=1e-4, atol=1e-5)
@@ -131,7 +131,7 @@ def test_calibrating_a_compiled_model_keeps_its_graph_and_steps_compile_once():
 def test_metric_tracking_inside_the_compiled_region_is_traced_and_exact():
     data = _data()
     model = _one_block_llama()
-    sparsify_activations(model, data, SCOPES, progress=False)
+    sparsify_activations(model, data, SCOPES, calibration={"progress": False})
     model.train()
     counter = CompileCounterWithBackend("eager")  # dynamo's tracing is what breaks or recompiles
     compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -207,7 +207,7 @@ def _lightning_fit(compile_backend, data, tmp_path, steps=5):
         calibration_dataloader=data,
         recalibrate_every_n_steps=2,
         track=["train"],
-        progress=False,
+        calibration={"progress": False},
         verbose=False,
     )
     module = LM()

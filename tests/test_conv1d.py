@@ -87,7 +87,7 @@ def test_gpt2_conv1d_calibration_is_exact_and_removal_bit_for_bit():
     probe = {"input_ids": torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))}
     with torch.no_grad():
         dense_logits = model(**probe).logits
-    sparsify_activations(model, batches, RECIPE, progress=False)
+    sparsify_activations(model, batches, RECIPE, calibration={"progress": False})
     names = [f"transformer.h.{i}.mlp.{p}" for i in range(2) for p in ("c_fc", "c_proj")]
     report = activation_sparsity_report(model)
     assert [r.name for r in report.layers] == names
@@ -128,7 +128,7 @@ def test_gpt2_conv1d_calibration_is_exact_and_removal_bit_for_bit():
 
 def test_gpt2_checkpoint_round_trip():
     model = tiny_gpt2()
-    sparsify_activations(model, gpt2_batches(), RECIPE, progress=False)
+    sparsify_activations(model, gpt2_batches(), RECIPE, calibration={"progress": False})
     fresh = tiny_gpt2(seed=3)
     load_activation_sparsity(fresh, model.state_dict())
     a, b = dict(model.named_modules()), dict(fresh.named_modules())
@@ -143,7 +143,7 @@ def test_gpt2_export_matches_the_sparsified_model(backend):
     if backend == "cpp" and not cpu.load_extension(build=os.environ.get("PL_ACTSPARSE_BUILD_EXT") == "1"):
         pytest.skip("C++ kernel not built (PL_ACTSPARSE_BUILD_EXT=1 builds it)")
     model = tiny_gpt2()
-    sparsify_activations(model, gpt2_batches(), RECIPE, progress=False)
+    sparsify_activations(model, gpt2_batches(), RECIPE, calibration={"progress": False})
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
     modules = dict(model.named_modules())
     fc = modules["transformer.h.0.mlp.c_fc"]
@@ -168,7 +168,7 @@ def test_sparsified_conv1d_trains_with_the_masked_gradient():
     torch.manual_seed(0)
     conv = transformers.pytorch_utils.Conv1D(6, 5)
     data = [torch.randn(4, 3, 5) for _ in range(2)]
-    sparsify_activations(nn.Sequential(conv), data, {TargetScope(names=["0"]): 0.5}, progress=False)
+    sparsify_activations(nn.Sequential(conv), data, {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     x = torch.randn(2, 3, 5, requires_grad=True)
     y = conv(x)
     g = torch.randn_like(y)
@@ -197,7 +197,7 @@ def test_registering_another_linear_like_type():
     net = nn.Sequential(TransposedLinear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     data = [torch.randn(32, 8) for _ in range(2)]
     with pytest.raises(UnsupportedModuleError, match="register_linear_like"):
-        sparsify_activations(net, data, {TargetScope(names=["0"]): 0.5}, progress=False)
+        sparsify_activations(net, data, {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     assert not is_linear_like(net[0])
     with pytest.raises(TypeError):
         register_linear_like(int, in_features=len, out_features=len, weight_t=len)
@@ -207,7 +207,7 @@ def test_registering_another_linear_like_type():
         assert TransposedLinear in supported_layer_types()
         assert linear_like_weight_t(net[0]) is net[0].w_t
         assert torch.equal(linear_like_weight(net[0]), net[0].w_t.t())
-        sparsify_activations(net, data, {TargetScope(types=[TransposedLinear]): 0.5}, progress=False)
+        sparsify_activations(net, data, {TargetScope(types=[TransposedLinear]): 0.5}, calibration={"progress": False})
         x = torch.cat(data)
         assert float((x.abs() <= net[0].activation_threshold).float().mean()) == 0.5
         assert net[0].in_features == 8 and net[0].out_features == 16
@@ -244,8 +244,8 @@ def test_conv1d_behaves_as_the_equivalent_linear(dtype, target):
     for fn in (sparsify_activations, sparsify_activations_weight_aware):
         c, l = nn.Sequential(copy.deepcopy(conv)), nn.Sequential(copy.deepcopy(lin))
         w_before = c[0].weight.clone()
-        fn(c, data, {TargetScope(names=["0"]): target}, progress=False)
-        fn(l, data, {TargetScope(names=["0"]): target}, progress=False)
+        fn(c, data, {TargetScope(names=["0"]): target}, calibration={"progress": False})
+        fn(l, data, {TargetScope(names=["0"]): target}, calibration={"progress": False})
         assert torch.equal(c[0].activation_threshold, l[0].activation_threshold), fn.__name__
         assert sparsifier_state(c[0]).calibration_sparsity == sparsifier_state(l[0]).calibration_sparsity
         assert torch.equal(c[0].weight, w_before)  # weight-aware puts the very weights back
@@ -328,7 +328,7 @@ def test_exported_gpt2_removes_saves_and_loads_in_the_conv1d_layout(tmp_path):
     dense = transformers.GPT2LMHeadModel(cfg).eval()
     model = copy.deepcopy(dense)
     ids = torch.randint(0, 128, (3, 12))
-    sparsify_activations(model, [ids], {TargetScope(patterns=[r".*mlp\.c_fc", r".*mlp\.c_proj"]): 0.5}, progress=False)
+    sparsify_activations(model, [ids], {TargetScope(patterns=[r".*mlp\.c_fc", r".*mlp\.c_proj"]): 0.5}, calibration={"progress": False})
     with torch.no_grad():
         sparse_logits = model(ids).logits
     export_for_inference(model)
@@ -354,7 +354,7 @@ def test_checkpoint_report_of_gpt2_equals_the_live_report():
 
     torch.manual_seed(0)
     m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=32)).eval()
-    sparsify_activations(m, [torch.randint(0, 128, (2, 8))], {TargetScope(patterns=[r".*mlp\.c_fc"]): 0.5}, progress=False)
+    sparsify_activations(m, [torch.randint(0, 128, (2, 8))], {TargetScope(patterns=[r".*mlp\.c_fc"]): 0.5}, calibration={"progress": False})
     live, saved = model_report(m), model_report(m.state_dict())
     assert [(r.name, r.in_features, r.out_features, r.weight_bytes) for r in live.layers] == \
         [(r.name, r.in_features, r.out_features, r.weight_bytes) for r in saved.layers] == \

@@ -120,7 +120,7 @@ def test_ddp_thresholds_equal_single_process_on_the_union(ranks):
     a, b = (r["validated"] for r in ranks)
     model = load_llama2c_checkpoint()
     prepare_activation_sparsity(model, {TargetScope(patterns=MLP[0]["patterns"]): 0.5})
-    calibrate_activation_sparsity(model, a["batches"] + b["batches"], progress=False)
+    calibrate_activation_sparsity(model, a["batches"] + b["batches"], calibration={"progress": False})
     single = {f"model.{n}.activation_threshold": m.activation_threshold for n, m in sparsified_layers(model)}
     # the calibration is exact, so "within its resolution" is equality
     assert all(torch.equal(single[k], a["thresholds"][k]) for k in single)

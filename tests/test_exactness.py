@@ -11,7 +11,7 @@ from torch import nn
 
 from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.core.calibration import coarse_histogram, fine_histogram, threshold_from_histogram
+from pl_actsparse.calibrate.histogram import coarse_histogram, fine_histogram, threshold_from_histogram
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,9 +71,9 @@ def test_both_ends_are_defined():
     assert calibrated(x, 0.0) == (-math.inf, 0)
     assert calibrated(x, 1.0) == (math.inf, 1000)
     lin = nn.Linear(4, 4)
-    sparsify_activations(lin, [torch.randn(32, 4)], {TargetScope(names=[""]): 1.0}, progress=False)
+    sparsify_activations(lin, [torch.randn(32, 4)], {TargetScope(names=[""]): 1.0}, calibration={"progress": False})
     assert torch.equal(lin.sparsify_input(torch.randn(5, 4) * 1e30), torch.zeros(5, 4))
-    sparsify_activations(lin, [torch.randn(32, 4)], {TargetScope(names=[""]): 0.0}, progress=False)
+    sparsify_activations(lin, [torch.randn(32, 4)], {TargetScope(names=[""]): 0.0}, calibration={"progress": False})
     y = torch.tensor([[0.0, 1e-38, -3.0, 5.0]])
     assert torch.equal(lin.sparsify_input(y), y)  # target 0 zeroes nothing, not even the smallest value
 
@@ -91,16 +91,16 @@ def test_thresholds_do_not_depend_on_batching(seed, splits, target, dtype):
     lin_a = nn.Linear(6, 3).to(DTYPES[dtype])
     lin_b = nn.Linear(6, 3).to(DTYPES[dtype])
     scope = {TargetScope(names=[""]): target}
-    sparsify_activations(lin_a, [rows], scope, progress=False)
+    sparsify_activations(lin_a, [rows], scope, calibration={"progress": False})
     chunks = list(torch.split(rows[torch.randperm(len(rows), generator=g)], splits))
-    sparsify_activations(lin_b, chunks, scope, progress=False)
+    sparsify_activations(lin_b, chunks, scope, calibration={"progress": False})
     assert torch.equal(lin_a.activation_threshold, lin_b.activation_threshold)
     assert sparsifier_state(lin_a).calibration_sparsity == sparsifier_state(lin_b).calibration_sparsity
 
 
 def test_shared_inputs_are_histogrammed_once(monkeypatch):
     """gate_proj and up_proj read the same tensor: the coordinator reuses the first layer's histograms."""
-    import pl_actsparse.core.calibration as cal
+    import pl_actsparse.calibrate.lockstep as cal
     from tiny_models import tiny_llama, token_batches
 
     calls = []
@@ -108,7 +108,7 @@ def test_shared_inputs_are_histogrammed_once(monkeypatch):
     monkeypatch.setattr(cal, "coarse_histogram", lambda x: calls.append(x.shape) or real(x))
     model = tiny_llama()
     batches = token_batches(n=4)
-    sparsify_activations(model, batches, {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, progress=False)
+    sparsify_activations(model, batches, {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, calibration={"progress": False})
     blocks = len(model.layers)
     assert len(calls) == 2 * blocks * len(batches)  # gate (shared with up) and down, per block and batch
     for block in model.layers:

@@ -22,7 +22,7 @@ MLP = {TargetScope(patterns=[r".*mlp\..*"]): 0.5}
 def _layer(dtype=torch.float32, threshold=0.5, out=24, inp=16, seed=0):
     torch.manual_seed(seed)
     lin = nn.Linear(inp, out).to(dtype)
-    sparsify_activations(nn.Sequential(lin), [torch.randn(4, inp, dtype=dtype)], {TargetScope(names=["0"]): 0.5}, progress=False)
+    sparsify_activations(nn.Sequential(lin), [torch.randn(4, inp, dtype=dtype)], {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     lin.activation_threshold.fill_(threshold)
     return lin
 
@@ -66,7 +66,7 @@ def test_mixed_dtypes_without_autocast_raise_like_f_linear(tokens):
 def test_exported_hf_model_decodes_under_autocast():
     model = tiny_hf_llama()
     g = torch.Generator().manual_seed(3)
-    sparsify_activations(model, [torch.randint(0, 64, (2, 16), generator=g)], MLP, progress=False)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16), generator=g)], MLP, calibration={"progress": False})
     ids = torch.randint(0, 64, (1, 6), generator=g)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         ref = model.generate(ids, max_new_tokens=4, do_sample=False)
@@ -97,7 +97,7 @@ def test_int8_export_follows_autocast():
 
 def test_torch_export_with_dynamic_batch_and_sequence():
     model = tiny_llama()
-    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, calibration={"progress": False})
     export_for_inference(model, max_sparse_tokens=4)
     batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=1, max=64)
     ep = torch.export.export(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({0: batch, 1: seq},))
@@ -131,7 +131,7 @@ def test_remove_activation_sparsity_restores_plain_modules_from_an_exported_mode
     hooked = model.layers[0].mlp.up_proj
     hooked.weight.requires_grad_(False)
     hooked.custom_attribute = "kept"
-    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, calibration={"progress": False})
     kept = model.layers[1].mlp.up_proj.weight
     export_for_inference(model, keep_dense_weight=keep_dense_weight)
     assert isinstance(model.layers[0].mlp.up_proj, SparseInferenceLinear)
@@ -153,7 +153,7 @@ def test_remove_by_scope_on_an_exported_model_and_int8():
     model = tiny_llama()
     quantize_weights_int8(model, TargetScope(patterns=[r".*down_proj"]))
     codes = model.layers[0].mlp.down_proj.qweight.clone()
-    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, calibration={"progress": False})
     export_for_inference(model)
     assert isinstance(model.layers[0].mlp.down_proj, Int8SparseInferenceLinear)
     remove_activation_sparsity(model, TargetScope(patterns=[r".*down_proj"]))
@@ -181,7 +181,7 @@ def test_torchao_int8_weights_export_into_the_int8_kernel(dtype):
     up = model.model.layers[0].mlp.up_proj
     codes = up.weight.qdata.clone()
     assert weight_nbytes(up) == 172 * 64 + 172 * (4 + 1)  # int8 codes, fp32 scales, int8 zero points
-    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, progress=False)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 16)) for _ in range(2)], MLP, calibration={"progress": False})
     g = torch.Generator().manual_seed(5)
     inputs = [torch.randint(0, 64, (1, n), generator=g) for n in (1, 3, 40)]  # decode, few tokens, prefill
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_other_quantized_weights_refuse_export_by_name():
         pass
 
     model = nn.Sequential(nn.Linear(8, 4))
-    sparsify_activations(model, [torch.randn(2, 8)], {TargetScope(names=["0"]): 0.5}, progress=False)
+    sparsify_activations(model, [torch.randn(2, 8)], {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(Odd))
     with pytest.raises(pl_actsparse.errors.UnsupportedModuleError, match=r"'0' has a .*Odd weight"):
         export_for_inference(model)
@@ -219,7 +219,7 @@ def test_removal_gives_back_the_torchao_module_bit_for_bit():
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = model(x)
-    sparsify_activations(model, [torch.randn(8, 64)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    sparsify_activations(model, [torch.randn(8, 64)], {TargetScope(types=[nn.Linear]): 0.5}, calibration={"progress": False})
     export_for_inference(model)
     assert isinstance(model[0], Int8SparseInferenceLinear)
     remove_activation_sparsity(model)

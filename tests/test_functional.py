@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pl_actsparse.core.layer import decode_sparsifier_state, sparsifier_state
+from pl_actsparse.errors import InvalidOptionError
 from torch import nn
 
 from pl_actsparse import (
@@ -58,7 +59,7 @@ def measured_sparsity(model, batches):
 
 
 def test_seed_example_hits_targets_with_all_layers_sparsified(tiny, batches):
-    out = sparsify_activations(tiny, batches, SEED, ignored_scope=IgnoredScope(), progress=False)
+    out = sparsify_activations(tiny, batches, SEED, ignored_scope=IgnoredScope(), calibration={"progress": False})
     assert out is tiny
     achieved = measured_sparsity(tiny, batches)
     assert len(achieved) == 9
@@ -73,7 +74,7 @@ def test_seed_example_hits_targets_with_all_layers_sparsified(tiny, batches):
 
 
 def test_report_prints_a_table_and_serializes(tiny, batches):
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     report = activation_sparsity_report(tiny)
     text = str(report)
     assert "layers.0.mlp.down_proj" in text and "achieved" in text and "9 layers" in text
@@ -86,9 +87,9 @@ def test_report_prints_a_table_and_serializes(tiny, batches):
 
 
 def test_calling_again_recalibrates_and_never_stacks(tiny, batches):
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     first = tiny.layers[1].mlp.down_proj.activation_threshold.clone()
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*down_proj"]): 0.7}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*down_proj"]): 0.7}, calibration={"progress": False})
     down = tiny.layers[1].mlp.down_proj
     assert type(down) is SparseActivationLinear
     assert type(down).__mro__.count(SparseActivationLinear) == 1
@@ -103,7 +104,7 @@ def test_removal_gives_back_the_same_modules_bit_for_bit(tiny, batches):
     params = {n: p for n, p in tiny.named_parameters()}
     modules = {n: m for n, m in tiny.named_modules()}
     ref_out = tiny(batches[0])
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     assert not torch.equal(tiny(batches[0]), ref_out)
     remove_activation_sparsity(tiny)
     assert not any(is_sparsified(m) for m in tiny.modules())
@@ -118,7 +119,7 @@ def test_removal_gives_back_the_same_modules_bit_for_bit(tiny, batches):
 
 
 def test_remove_by_scope(tiny, batches):
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     remove_activation_sparsity(tiny, TargetScope(patterns=[".*down_proj"]))
     assert sorted({n.split(".")[-1] for n, _ in sparsified_layers(tiny)}) == ["gate_proj", "up_proj"]
     with pytest.raises(NotSparsifiedError, match="matches no sparsified layer"):
@@ -129,7 +130,7 @@ def test_parameters_are_shared_not_copied(tiny, batches):
     up = tiny.layers[0].mlp.up_proj
     weight = up.weight
     opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     assert up.weight is weight and tiny.layers[0].mlp.up_proj is up
     assert isinstance(up, nn.Linear)
     tiny.train()
@@ -142,7 +143,7 @@ def test_parameters_are_shared_not_copied(tiny, batches):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(dtype, batches):
     model = tiny_llama().to(dtype)
-    sparsify_activations(model, batches, SEED, progress=False)
+    sparsify_activations(model, batches, SEED, calibration={"progress": False})
     achieved = measured_sparsity(model, batches)
     for name, value in achieved.items():
         target = 0.5 if "down_proj" in name else 0.3
@@ -152,7 +153,7 @@ def test_dtypes(dtype, batches):
 
 
 def test_state_dict_round_trip_and_fresh_model_loading(tiny, batches):
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     sd = tiny.state_dict()
     assert "layers.0.mlp.up_proj.activation_threshold" in sd
     assert decode_sparsifier_state(sd["layers.0.mlp.up_proj._extra_state"])["target"] == 0.3
@@ -177,7 +178,7 @@ def test_state_dict_round_trip_and_fresh_model_loading(tiny, batches):
 
 def test_dense_checkpoint_loads_into_sparsified_model_keeping_thresholds(tiny, batches):
     dense = tiny_llama(seed=9)
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     thresholds = {n: m.activation_threshold.clone() for n, m in sparsified_layers(tiny)}
     result = tiny.load_state_dict(dense.state_dict())  # strict, and nothing reported missing
     assert result.missing_keys == [] and result.unexpected_keys == []
@@ -188,7 +189,7 @@ def test_dense_checkpoint_loads_into_sparsified_model_keeping_thresholds(tiny, b
 def test_load_activation_sparsity_errors(tiny, batches):
     with pytest.raises(NotSparsifiedError, match="no 'activation_threshold' entry"):
         load_activation_sparsity(tiny, tiny_llama().state_dict())
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     sd = {"model." + k: v for k, v in tiny.state_dict().items()}
     fresh = tiny_llama()
     load_activation_sparsity(fresh, {"state_dict": sd}, prefix="model.")
@@ -200,7 +201,7 @@ def test_gradient_modes(batches):
     for mode, expected in [("masked", [1.0, 0.0, 0.0, 1.0]), ("ste", [1.0, 1.0, 1.0, 1.0])]:
         lin = nn.Linear(4, 1, bias=False)
         nn.init.ones_(lin.weight)
-        sparsify_activations(lin, [torch.tensor([[-2.0, 0.1, 0.3, 3.0]])], {TargetScope(names=[""]): 0.5}, gradient_mode=mode, progress=False)
+        sparsify_activations(lin, [torch.tensor([[-2.0, 0.1, 0.3, 3.0]])], {TargetScope(names=[""]): 0.5}, gradient_mode=mode, calibration={"progress": False})
         x.grad = None
         y = lin(x)
         assert y.item() == pytest.approx(1.0)  # -2 + 3, small inputs zeroed in both modes
@@ -221,14 +222,14 @@ def test_transform_fn_and_input_kinds():
 
     data = [{"a": torch.randn(8, 4), "b": torch.randn(8, 4)} for _ in range(3)]
     m = KwModel()
-    sparsify_activations(m, data, {TargetScope(names=["proj"]): 0.5}, progress=False)
+    sparsify_activations(m, data, {TargetScope(names=["proj"]): 0.5}, calibration={"progress": False})
     assert sparsifier_state(m.proj).calibration_elements == 3 * 32
     m2 = KwModel()
     pairs = [(torch.randn(8, 4), torch.randn(8)) for _ in range(5)]
-    sparsify_activations(m2, pairs, {TargetScope(names=["proj"]): 0.5}, transform_fn=lambda item: item[0], num_calibration_batches=2, progress=False)
+    sparsify_activations(m2, pairs, {TargetScope(names=["proj"]): 0.5}, calibration={"transform_fn": lambda item: item[0], "num_batches": 2, "progress": False})
     assert sparsifier_state(m2.proj).calibration_elements == 2 * 32
     m3 = KwModel()
-    sparsify_activations(m3, [(torch.randn(8, 4), torch.randn(8, 4))], {TargetScope(names=["proj"]): 0.5}, progress=False)
+    sparsify_activations(m3, [(torch.randn(8, 4), torch.randn(8, 4))], {TargetScope(names=["proj"]): 0.5}, calibration={"progress": False})
     assert sparsifier_state(m3.proj).calibration_sparsity == 0.5
 
 
@@ -240,7 +241,7 @@ def _untouched(model):
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.3", True, None])
 def test_bad_targets(tiny, batches, bad):
     with pytest.raises(InvalidTargetError, match=r"must be (a number )?in \[0, 1\]"):
-        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj"]): bad}, progress=False)
+        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj"]): bad}, calibration={"progress": False})
     assert _untouched(tiny)
 
 
@@ -250,24 +251,24 @@ def test_unmatched_entries_are_all_listed(tiny, batches):
         TargetScope(types=["Conv2d"]): 0.5,
     }
     with pytest.raises(UnmatchedScopeError) as err:
-        sparsify_activations(tiny, batches, recipe, ignored_scope=IgnoredScope(names=["ghost"]), progress=False)
+        sparsify_activations(tiny, batches, recipe, ignored_scope=IgnoredScope(names=["ghost"]), calibration={"progress": False})
     msg = str(err.value)
     for piece in ["'.*nope'", "'layers.9.mlp.up_proj'", "'Conv2d'", "'ghost'"]:
         assert piece in msg
     assert "pattern '.*up_proj'" not in msg  # the entry that matched is not reported
     assert _untouched(tiny)
     # validate=False tolerates entries that match nothing
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj", ".*nope"], validate=False): 0.3}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj", ".*nope"], validate=False): 0.3}, calibration={"progress": False})
     assert len(list(sparsified_layers(tiny))) == 3
 
 
 def test_pattern_that_only_hits_non_linear_modules_is_an_error(tiny, batches):
     with pytest.raises(UnmatchedScopeError, match="only non-Linear modules"):
-        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*layernorm"]): 0.3}, progress=False)
+        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*layernorm"]): 0.3}, calibration={"progress": False})
 
 
 def test_non_linear_matched_by_pattern_is_skipped_and_listed(tiny, batches):
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[r"layers\.0\.mlp.*"]): 0.3}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r"layers\.0\.mlp.*"]): 0.3}, calibration={"progress": False})
     report = activation_sparsity_report(tiny)
     assert [r.name for r in report.layers] == ["layers.0.mlp.down_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]
     assert report.skipped == [("layers.0.mlp", "TinyMLP is not an nn.Linear")]
@@ -276,65 +277,64 @@ def test_non_linear_matched_by_pattern_is_skipped_and_listed(tiny, batches):
 
 def test_exact_name_of_non_linear_is_an_error(tiny, batches):
     with pytest.raises(UnsupportedModuleError, match=r"'layers.0.mlp' \(TinyMLP\)"):
-        sparsify_activations(tiny, batches, {TargetScope(names=["layers.0.mlp"]): 0.3}, progress=False)
+        sparsify_activations(tiny, batches, {TargetScope(names=["layers.0.mlp"]): 0.3}, calibration={"progress": False})
     assert _untouched(tiny)
 
 
 def test_layer_claimed_twice(tiny, batches):
     recipe = {TargetScope(patterns=[".*up_proj"]): 0.3, TargetScope(names=["layers.1.mlp.up_proj"]): 0.3}
     with pytest.raises(ConflictingScopesError, match="'layers.1.mlp.up_proj' by"):
-        sparsify_activations(tiny, batches, recipe, progress=False)
+        sparsify_activations(tiny, batches, recipe, calibration={"progress": False})
     # ignoring the contested layer resolves it
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj"]): 0.3, TargetScope(names=["layers.1.mlp.down_proj"]): 0.5},
-                         ignored_scope=IgnoredScope(names=["layers.2.mlp.up_proj"]), progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj"]): 0.3, TargetScope(names=["layers.1.mlp.down_proj"]): 0.5}, ignored_scope=IgnoredScope(names=["layers.2.mlp.up_proj"]), calibration={"progress": False})
     assert activation_sparsity_report(tiny).ignored == ["layers.2.mlp.up_proj"]
 
 
 def test_nothing_left(tiny, batches):
     with pytest.raises(NothingToSparsifyError, match="ignored_scope removed 3 of them"):
-        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj"]): 0.3}, ignored_scope=IgnoredScope(patterns=[".*mlp.*"]), progress=False)
+        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up_proj"]): 0.3}, ignored_scope=IgnoredScope(patterns=[".*mlp.*"]), calibration={"progress": False})
     with pytest.raises(NothingToSparsifyError, match="empty"):
-        sparsify_activations(tiny, batches, {}, progress=False)
+        sparsify_activations(tiny, batches, {}, calibration={"progress": False})
     assert _untouched(tiny)
 
 
 def test_empty_dataset(tiny):
     with pytest.raises(EmptyDatasetError, match="empty"):
-        sparsify_activations(tiny, [], SEED, progress=False)
+        sparsify_activations(tiny, [], SEED, calibration={"progress": False})
     with pytest.raises(EmptyDatasetError, match="must be iterable"):
-        sparsify_activations(tiny, 3, SEED, progress=False)
+        sparsify_activations(tiny, 3, SEED, calibration={"progress": False})
     assert _untouched(tiny)
 
 
 def test_non_finite_activation_names_the_layer_and_rolls_back(batches):
     model = tiny_llama()
-    sparsify_activations(model, batches, SEED, progress=False)
+    sparsify_activations(model, batches, SEED, calibration={"progress": False})
     before = {n: m.activation_threshold.clone() for n, m in sparsified_layers(model)}
     with torch.no_grad():
         model.layers[1].mlp.gate_proj.weight[0, 0] = float("inf")  # -> NaN/inf into down_proj of layer 1
     with pytest.raises(NonFiniteActivationError, match="layers.1.mlp.down_proj"):
-        sparsify_activations(model, batches, SEED, progress=False)
+        sparsify_activations(model, batches, SEED, calibration={"progress": False})
     after = {n: m.activation_threshold for n, m in sparsified_layers(model)}
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
     fresh = tiny_llama()
     with torch.no_grad():
         fresh.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteActivationError):
-        sparsify_activations(fresh, batches, SEED, progress=False)
+        sparsify_activations(fresh, batches, SEED, calibration={"progress": False})
     assert _untouched(fresh)
 
 
 def test_errors_are_value_errors_before_changes(tiny, batches):
     with pytest.raises(ValueError):
-        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up"]): 0.3}, progress=False)
-    with pytest.raises(InvalidTargetError, match="num_calibration_batches must be a positive integer"):
-        sparsify_activations(tiny, batches, SEED, num_calibration_batches=0)
+        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*up"]): 0.3}, calibration={"progress": False})
+    with pytest.raises(InvalidOptionError, match="CalibrationConfig.num_batches must be a positive integer"):
+        sparsify_activations(tiny, batches, SEED, calibration={"num_batches": 0})
     assert _untouched(tiny)
 
 
 def test_worker_exception_propagates_and_rolls_back(tiny):
     with pytest.raises(IndexError):
-        sparsify_activations(tiny, [torch.tensor([[1000]])], SEED, progress=False)
+        sparsify_activations(tiny, [torch.tensor([[1000]])], SEED, calibration={"progress": False})
     assert _untouched(tiny)
 
 
@@ -344,21 +344,21 @@ def test_prepare_then_calibrate_and_set_target(tiny, batches):
     assert all(sparsifier_state(m).mode.value == "passthrough" for _, m in sparsified_layers(tiny))
     ref = tiny_llama()
     assert torch.equal(tiny(batches[0]), ref(batches[0]))  # pass-through until calibrated
-    report = calibrate_activation_sparsity(tiny, batches, progress=False)
+    report = calibrate_activation_sparsity(tiny, batches, calibration={"progress": False})
     assert report.max_abs_error < 2e-3
     assert set(report.statistics) == set(plan.targets)
     set_target_sparsity(tiny, {"layers.0.mlp.down_proj": 0.6})
     assert sparsifier_state(tiny.layers[0].mlp.down_proj).mode.value == "passthrough"
-    calibrate_activation_sparsity(tiny, batches, layers=["layers.0.mlp.down_proj"], progress=False)
+    calibrate_activation_sparsity(tiny, batches, layers=["layers.0.mlp.down_proj"], calibration={"progress": False})
     assert measured_sparsity(tiny, batches)["layers.0.mlp.down_proj"] == pytest.approx(0.6, abs=2e-3)
     with pytest.raises(NotSparsifiedError, match="not sparsified layers"):
-        calibrate_activation_sparsity(tiny, batches, layers=["lm_head"], progress=False)
+        calibrate_activation_sparsity(tiny, batches, layers=["lm_head"], calibration={"progress": False})
     with pytest.raises(InvalidTargetError):
         set_target_sparsity(tiny, 2.0)
 
 
 def test_deepcopy_and_pickle_of_sparsified_model(tiny, batches):
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     clone = copy.deepcopy(tiny)
     assert torch.equal(clone(batches[0]), tiny(batches[0]))
     buf = io.BytesIO()
@@ -376,7 +376,7 @@ def test_linear_subclass_is_supported(batches):
     m = nn.Sequential(MyLinear(4, 4))
     data = [torch.randn(16, 4) for _ in range(2)]
     ref = m(data[0])
-    sparsify_activations(m, data, {TargetScope(types=[MyLinear]): 0.25}, progress=False)
+    sparsify_activations(m, data, {TargetScope(types=[MyLinear]): 0.25}, calibration={"progress": False})
     assert isinstance(m[0], MyLinear) and is_sparsified(m[0])
     assert sparsifier_state(m[0]).calibration_sparsity == 0.25
     clone = copy.deepcopy(m)
@@ -386,16 +386,16 @@ def test_linear_subclass_is_supported(batches):
 
 
 def test_compile_smoke(tiny, batches):
-    sparsify_activations(tiny, batches, SEED, progress=False)
+    sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     compiled = torch.compile(tiny, backend="eager")
     assert torch.allclose(compiled(batches[0]), tiny(batches[0]))
 
 
 def test_streaming_groups_bound_memory_and_stay_close(batches):
     exact = tiny_llama()
-    sparsify_activations(exact, batches, SEED, progress=False)
+    sparsify_activations(exact, batches, SEED, calibration={"progress": False})
     streamed = tiny_llama()
-    sparsify_activations(streamed, batches, SEED, max_batches_in_flight=2, progress=False)
+    sparsify_activations(streamed, batches, SEED, calibration={"max_batches_in_flight": 2, "progress": False})
     # the first layer sees no upstream sparsification: same histogram; fp32 only loses the position inside
     # one top-16-bit bin (relative width 2**-7) for the earlier groups
     first_exact = float(exact.layers[0].mlp.gate_proj.activation_threshold)
@@ -404,8 +404,8 @@ def test_streaming_groups_bound_memory_and_stay_close(batches):
     for name, value in achieved.items():
         target = 0.5 if "down_proj" in name else 0.3
         assert value == pytest.approx(target, abs=0.01), name
-    with pytest.raises(InvalidTargetError, match="max_batches_in_flight must be a positive integer"):
-        sparsify_activations(streamed, batches, SEED, max_batches_in_flight=0)
+    with pytest.raises(InvalidOptionError, match="CalibrationConfig.max_batches_in_flight must be a positive integer"):
+        sparsify_activations(streamed, batches, SEED, calibration={"max_batches_in_flight": 0})
 
 
 class _Scaled(nn.Linear):
@@ -420,7 +420,7 @@ def test_pickle_of_dynamic_sparse_subclass_in_a_fresh_class_cache():
 
     m = nn.Sequential(_Scaled(4, 4))
     data = [torch.randn(16, 4)]
-    sparsify_activations(m, data, {TargetScope(types=[_Scaled]): 0.5}, progress=False)
+    sparsify_activations(m, data, {TargetScope(types=[_Scaled]): 0.5}, calibration={"progress": False})
     buf = io.BytesIO()
     torch.save(m, buf)
     modules._SPARSE_CLASSES.pop(_Scaled)  # as in a new process: the dynamic class does not exist yet

@@ -38,7 +38,7 @@ def calibration(tokenizer):
 def _exported(calibration, sparsity_by_pattern):
     model = load_llama2c_checkpoint()
     recipe = {TargetScope(patterns=[p]): s for p, s in sparsity_by_pattern.items()}
-    sparsify_activations(model, calibration, recipe, progress=False)
+    sparsify_activations(model, calibration, recipe, calibration={"progress": False})
     return export_for_inference(model)
 
 
@@ -163,7 +163,7 @@ def test_hugging_face_llama_export_and_generate(backend):
         for sparsity in (0.0, 0.5):
             model = copy.deepcopy(dense)
             recipe = {TargetScope(patterns=[r".*mlp\.(gate|up|down)_proj"]): sparsity}
-            sparsify_activations(model, calib, recipe, progress=False)
+            sparsify_activations(model, calib, recipe, calibration={"progress": False})
             with torch.no_grad():
                 ref_logits = model(prompt).logits
             export_for_inference(model)

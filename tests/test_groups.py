@@ -6,6 +6,7 @@ from torch import nn
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
 from pl_actsparse.core.groups import check_shared_thresholds, find_shared_input_groups, group_of
+from pl_actsparse.errors import UnsupportedModuleError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,9 +55,9 @@ def test_restriction_singletons_and_sparsified_layers(tiny, batches):
     assert find_shared_input_groups(tiny, batches[0], names) == [names[:2]]
     with_single = find_shared_input_groups(tiny, batches[0], names, include_singletons=True)
     assert with_single == [names[2:], names[:2]]  # model order: TinyMLP defines down_proj first
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*_proj"]): 0.4}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*_proj"]): 0.4}, calibration={"progress": False})
     assert _as_sets(find_shared_input_groups(tiny, batches[0])) == _as_sets(_expected_llama_groups(3))
-    with pytest.raises(ValueError, match="not nn.Linear"):
+    with pytest.raises(UnsupportedModuleError, match="not nn.Linear"):
         find_shared_input_groups(tiny, batches[0], ["layers.0.mlp"])
 
 
@@ -82,19 +83,19 @@ def test_layer_called_twice_groups_only_on_every_call():
 def test_equal_targets_share_threshold_and_statistic(tiny, batches, dtype):
     tiny = tiny.to(dtype)
     prepare_activation_sparsity(tiny, {TargetScope(patterns=[".*_proj"]): 0.37})
-    report = calibrate_activation_sparsity(tiny, batches, progress=False)
+    report = calibrate_activation_sparsity(tiny, batches, calibration={"progress": False})
     groups = find_shared_input_groups(tiny, batches[0])
     assert check_shared_thresholds(tiny, groups, report.statistics) == []
     # and a group member with another target gets its own threshold
     prepare_activation_sparsity(tiny, {TargetScope(names=["layers.0.mlp.up_proj"]): 0.6})
-    calibrate_activation_sparsity(tiny, batches, layers=["layers.0.mlp.up_proj"], progress=False)
+    calibrate_activation_sparsity(tiny, batches, layers=["layers.0.mlp.up_proj"], calibration={"progress": False})
     assert not torch.equal(tiny.layers[0].mlp.up_proj.activation_threshold, tiny.layers[0].mlp.gate_proj.activation_threshold)
     assert check_shared_thresholds(tiny, groups) == []  # different targets: nothing to share
 
 
 def test_check_shared_thresholds_reports_a_mismatch(tiny, batches):
     prepare_activation_sparsity(tiny, {TargetScope(patterns=[".*mlp.*"]): 0.3})
-    calibrate_activation_sparsity(tiny, batches, progress=False)
+    calibrate_activation_sparsity(tiny, batches, calibration={"progress": False})
     tiny.layers[1].mlp.up_proj.activation_threshold.fill_(123.0)
     problems = check_shared_thresholds(tiny, find_shared_input_groups(tiny, batches[0]))
     assert len(problems) == 1 and "layers.1.mlp.up_proj" in problems[0]

@@ -412,7 +412,7 @@ def test_checkpoint_then_export_on_the_real_model(tmp_path, dtype):
     model = load_llama2c_checkpoint(dtype=dtype)
     calib = [torch.randint(0, 512, (2, 64)) for _ in range(2)]
     recipe = {TargetScope(patterns=[".*up_proj", ".*gate_proj"]): 0.3, TargetScope(patterns=[".*down_proj"]): 0.5}
-    sparsify_activations(model, calib, recipe, progress=False)
+    sparsify_activations(model, calib, recipe, calibration={"progress": False})
     torch.save(model.state_dict(), tmp_path / "sparse.pt")
 
     fresh = load_llama2c_checkpoint(dtype=dtype)
@@ -661,7 +661,7 @@ def test_hf_llama_prefill_and_decode_match_after_export(monkeypatch, profile_cac
     monkeypatch.setenv("PL_ACTSPARSE_DENSE_METHOD", method)
     model = tiny_hf_llama(vocab=128, hidden=64, intermediate=172).to(torch.bfloat16)
     calib = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    sparsify_activations(model, calib, {TargetScope(patterns=[r".*mlp\.(up|gate|down)_proj"]): 0.5}, progress=False)
+    sparsify_activations(model, calib, {TargetScope(patterns=[r".*mlp\.(up|gate|down)_proj"]): 0.5}, calibration={"progress": False})
     ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref_prefill = model(ids).logits.double()

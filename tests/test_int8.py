@@ -201,8 +201,8 @@ def test_quantize_then_sparsify_is_exact_and_removable(tiny, batches):
     float_twin = dequantize_weights_int8(copy.deepcopy(tiny))
     up = tiny.layers[1].mlp.up_proj
     qbuf = up.qweight
-    sparsify_activations(tiny, batches, _recipe(), progress=False)
-    sparsify_activations(float_twin, batches, _recipe(), progress=False)
+    sparsify_activations(tiny, batches, _recipe(), calibration={"progress": False})
+    sparsify_activations(float_twin, batches, _recipe(), calibration={"progress": False})
     assert _thresholds(tiny) == _thresholds(float_twin)
     assert tiny.layers[1].mlp.up_proj is up and isinstance(up, Int8WeightLinear) and is_sparsified(up)
     rep = activation_sparsity_report(tiny)
@@ -225,7 +225,7 @@ def test_quantize_then_sparsify_is_exact_and_removable(tiny, batches):
 
 
 def test_sparsify_then_quantize_keeps_thresholds(tiny, batches):
-    sparsify_activations(tiny, batches, _recipe(), progress=False)
+    sparsify_activations(tiny, batches, _recipe(), calibration={"progress": False})
     before = _thresholds(tiny)
     down = tiny.layers[0].mlp.down_proj
     report = quantize_weights_int8(tiny, TargetScope(patterns=[".*mlp.*"]), mode="asym", granularity="input")
@@ -247,7 +247,7 @@ def test_sparsify_then_quantize_keeps_thresholds(tiny, batches):
 
 def test_export_int8_matches_model(tiny, batches, backend):
     quantize_weights_int8(tiny)
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, calibration={"progress": False})
     ids = batches[0][:1]
     ref = tiny(ids)
     refs = [tiny(ids[:, : i + 1])[:, -1] for i in range(3)]
@@ -267,7 +267,7 @@ def test_export_for_inference_keeps_int8_layers_int8(tiny, batches, backend):
     from pl_actsparse.export.convert import export_for_inference, exported_layers
 
     quantize_weights_int8(tiny, TargetScope(patterns=[r".*mlp.*"]))  # attention stays float
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*_proj"]): 0.5}, calibration={"progress": False})
     ids = batches[0][:1]
     ref = tiny(ids)
     ref_last = tiny(ids[:, :2])[:, -1]

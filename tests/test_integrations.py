@@ -31,7 +31,7 @@ def _device_map(n_layers: int) -> dict[str, str]:
 def saved(tmp_path):
     pytest.importorskip("accelerate")
     data = token_batches(3)
-    sparse = sparsify_activations(tiny_hf_llama(), data, MLP, progress=False)
+    sparse = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
     dense_dir, sparse_dir = tmp_path / "dense", tmp_path / "sparse"
     tiny_hf_llama().save_pretrained(dense_dir)
     sparse.save_pretrained(sparse_dir)
@@ -64,7 +64,7 @@ def test_calibrating_a_dispatched_model_equals_in_memory(saved, tmp_path, method
 
     data, sparse, dense_dir, _ = saved
     m = AutoModelForCausalLM.from_pretrained(dense_dir, device_map=_device_map(2), offload_folder=tmp_path / "off")
-    sparsify_activations(m, data, MLP, progress=False, calibration=method)
+    sparsify_activations(m, data, MLP, calibration={"method": method, "progress": False})
     got_t = _thresholds(m)
     for n, t in _thresholds(sparse).items():
         assert torch.equal(got_t[n], t), n
@@ -77,7 +77,7 @@ def test_cpu_offload_either_order_and_bit_for_bit_removal():
     from pl_actsparse import remove_activation_sparsity
 
     data = token_batches(3)
-    ref = sparsify_activations(tiny_hf_llama(), data, MLP, progress=False)
+    ref = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
     with torch.no_grad():
         want, dense_want = ref(data[0]).logits, tiny_hf_llama()(data[0]).logits
     before = tiny_hf_llama()  # dispatch, then load the thresholds
@@ -86,10 +86,10 @@ def test_cpu_offload_either_order_and_bit_for_bit_removal():
     with pytest.warns(UserWarning, match="missing keys"):  # the weights are the offloaded ones
         load_activation_sparsity(before, sparsity, strict=False)
     after = tiny_hf_llama()  # sparsify, then dispatch
-    sparsify_activations(after, data, MLP, progress=False)
+    sparsify_activations(after, data, MLP, calibration={"progress": False})
     accelerate.cpu_offload(after, execution_device="cpu")
     with pytest.raises(UnsupportedModuleError, match="first parameter is offloaded"):
-        calibrate_activation_sparsity(before, data, progress=False)  # an error, not a crash in accelerate
+        calibrate_activation_sparsity(before, data, calibration={"progress": False})  # an error, not a crash in accelerate
     with torch.no_grad():
         for m in (before, after):
             assert torch.equal(m(data[0]).logits, want)
@@ -103,7 +103,7 @@ def test_a_forward_patch_that_bypasses_the_class_is_refused():
     layer = m.model.layers[0].mlp.up_proj
     layer.forward = lambda x: nn.functional.linear(x, layer.weight)  # e.g. a monkeypatch of another tool
     with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.0\.mlp\.up_proj.*replaced on the instance"):
-        sparsify_activations(m, token_batches(1), MLP, progress=False)
+        sparsify_activations(m, token_batches(1), MLP, calibration={"progress": False})
     assert not list(sparsified_layers(m))
 
 
@@ -125,7 +125,7 @@ def test_failed_int8_load_leaves_model_bit_identical():
     from pl_actsparse.core.int8 import quantize_weights_int8
 
     data = token_batches(2)
-    q = sparsify_activations(tiny_hf_llama(seed=1), data, MLP, progress=False)
+    q = sparsify_activations(tiny_hf_llama(seed=1), data, MLP, calibration={"progress": False})
     quantize_weights_int8(q, TargetScope(patterns=[".*mlp.*"]))
     m = tiny_hf_llama()
     before = _state(m)
@@ -140,7 +140,7 @@ def test_torchao_checkpoint_into_float_model_names_layers_and_fix():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     data = token_batches(2)
-    q = sparsify_activations(tiny_hf_llama(seed=1), data, MLP, progress=False)
+    q = sparsify_activations(tiny_hf_llama(seed=1), data, MLP, calibration={"progress": False})
     quantize_(q, Int8WeightOnlyConfig(), filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and "mlp" in fqn)
     m = tiny_hf_llama()
     before = _state(m)
@@ -151,7 +151,7 @@ def test_torchao_checkpoint_into_float_model_names_layers_and_fix():
 
 def test_shape_mismatch_is_found_before_copying():
     data = token_batches(2)
-    src = sparsify_activations(tiny_hf_llama(), data, MLP, progress=False)
+    src = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
     sd = dict(src.state_dict())
     sd["model.norm.weight"] = torch.ones(7)  # the last key: everything before it would have been copied
     m = tiny_hf_llama(seed=3)
@@ -172,16 +172,16 @@ def test_calibration_keeps_every_module_mode_on_success_and_error():
     m.train()
     m.model.layers[0].eval()
     modes = {n: mod.training for n, mod in m.named_modules()}
-    sparsify_activations(m, token_batches(2), MLP, progress=False)
+    sparsify_activations(m, token_batches(2), MLP, calibration={"progress": False})
     assert {n: mod.training for n, mod in m.named_modules()} == modes
-    calibrate_activation_sparsity(m, token_batches(2), progress=False)
+    calibrate_activation_sparsity(m, token_batches(2), calibration={"progress": False})
     assert {n: mod.training for n, mod in m.named_modules()} == modes
 
     def boom(item):
         raise RuntimeError("bad batch")
 
     with pytest.raises(RuntimeError, match="bad batch"):
-        calibrate_activation_sparsity(m, token_batches(2), transform_fn=boom, progress=False)
+        calibrate_activation_sparsity(m, token_batches(2), calibration={"transform_fn": boom, "progress": False})
     assert {n: mod.training for n, mod in m.named_modules()} == modes
 
 
@@ -199,7 +199,7 @@ def test_activation_checkpointing_does_not_change_the_metric(reentrant):
     mask[0, 10:] = 0  # padding: the recomputation in backward runs outside the forward's token-mask context
     values = []
     for ckpt in (False, True):
-        m = sparsify_activations(tiny_hf_llama(), data, MLP, progress=False)
+        m = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
         m.train()
         if ckpt:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -222,23 +222,23 @@ def test_modules_to_save_resolves_to_the_active_copy_and_keeps_thresholds_on_swi
     data = token_batches(3)
     cfg = dict(target_modules=["q_proj", "v_proj"], modules_to_save=["down_proj"])
     pm = peft.get_peft_model(tiny_hf_llama(), peft.LoraConfig(**cfg))
-    sparsify_activations(pm, data, {TargetScope(patterns=[".*down_proj"]): 0.5}, progress=False)
+    sparsify_activations(pm, data, {TargetScope(patterns=[".*down_proj"]): 0.5}, calibration={"progress": False})
     wrapper = "base_model.model.model.layers.0.mlp.down_proj"
     assert [n for n, _ in sparsified_layers(pm)][0] == wrapper + ".modules_to_save.default"
-    ref = sparsify_activations(tiny_hf_llama(), data, {TargetScope(patterns=[".*down_proj"]): 0.5}, progress=False)
+    ref = sparsify_activations(tiny_hf_llama(), data, {TargetScope(patterns=[".*down_proj"]): 0.5}, calibration={"progress": False})
     # LoRA B starts at zero: the model computes what the plain one does, so the thresholds are the same
     assert torch.equal(pm.get_submodule(wrapper + ".modules_to_save.default").activation_threshold,
                        ref.model.layers[0].mlp.down_proj.activation_threshold)
     t_default = _thresholds(pm)
     pm.add_adapter("other", peft.LoraConfig(**cfg))
     pm.set_adapter("other")
-    sparsify_activations(pm, data, {TargetScope(patterns=[".*down_proj"]): 0.25}, progress=False)
+    sparsify_activations(pm, data, {TargetScope(patterns=[".*down_proj"]): 0.25}, calibration={"progress": False})
     other = pm.get_submodule(wrapper + ".modules_to_save.other")
     assert other._actsparse.target == 0.25
     pm.set_adapter("default")
     for n, t in t_default.items():
         assert torch.equal(pm.get_submodule(n).activation_threshold, t), n  # untouched by the other's calibration
-    calibrate_activation_sparsity(pm, data, progress=False)  # the inactive copy is not calibrated (never called)
+    calibrate_activation_sparsity(pm, data, calibration={"progress": False})  # the inactive copy is not calibrated (never called)
     from pl_actsparse import remove_activation_sparsity
 
     remove_activation_sparsity(pm, TargetScope(patterns=[".*down_proj"]))  # every copy, active or not
@@ -248,9 +248,9 @@ def test_modules_to_save_resolves_to_the_active_copy_and_keeps_thresholds_on_swi
 def test_sparsified_before_peft_recalibrates_the_active_copy():
     peft = pytest.importorskip("peft")
     data = token_batches(3)
-    m = sparsify_activations(tiny_hf_llama(), data, {TargetScope(patterns=[".*down_proj"]): 0.5}, progress=False)
+    m = sparsify_activations(tiny_hf_llama(), data, {TargetScope(patterns=[".*down_proj"]): 0.5}, calibration={"progress": False})
     pm = peft.get_peft_model(m, peft.LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["down_proj"]))
-    report = calibrate_activation_sparsity(pm, data, progress=False)
+    report = calibrate_activation_sparsity(pm, data, calibration={"progress": False})
     assert sorted(report.statistics) == [f"base_model.model.model.layers.{i}.mlp.down_proj.modules_to_save.default" for i in range(2)]
 
 
@@ -266,7 +266,7 @@ def test_sparsified_demo_model_traces():
     m = TinyStoriesLM().eval()
     g = torch.Generator().manual_seed(0)
     sparsify_activations(m.model, [torch.randint(0, 512, (2, 16), generator=g) for _ in range(2)],
-                         {TargetScope(patterns=[".*up_proj"]): 0.5}, progress=False)
+                         {TargetScope(patterns=[".*up_proj"]): 0.5}, calibration={"progress": False})
     x = torch.randint(0, 512, (2, 16), generator=g)
     with pytest.warns(torch.jit.TracerWarning):
         traced = m.to_torchscript(method="trace", example_inputs=x)
@@ -283,7 +283,7 @@ def test_left_padding_guarantee_is_on_the_real_tokens_of_the_padded_forward():
 
     seqs = [random_seqs([12, 5, 9, 16], seed=0), random_seqs([7, 16, 3, 10], seed=1)]
     batches = [pad(s, "left", position_ids=True) for s in seqs]
-    model = sparsify_activations(tiny_hf_llama(), batches, RECIPE, progress=False)
+    model = sparsify_activations(tiny_hf_llama(), batches, RECIPE, calibration={"progress": False})
     check_real_token_sparsity(model, batches, lambda m, b: m(**b))
 
 
@@ -321,7 +321,7 @@ def test_callback_calibrations_keep_a_frozen_batchnorm_backbone_frozen():
     stats = (net.backbone[1].running_mean.clone(), net.backbone[1].running_var.clone())
     cb = ActivationSparsityCallback(scopes=[{"patterns": [r"head\.2"], "sparsity": 0.5}], input_key=0,
                                     calibration_dataloader=DataLoader(data, batch_size=8), recalibrate_every_n_steps=1,
-                                    progress=False, verbose=False)
+                                    calibration={"progress": False}, verbose=False)
     pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(net, DataLoader(data, batch_size=8))
     assert len(cb.history) > 2 and net.modes and not any(net.modes)
@@ -352,7 +352,7 @@ def test_callback_warns_when_a_sparsified_layer_is_never_reached():
     data = DataLoader(TensorDataset(torch.randn(16, 8, generator=g), torch.zeros(16)), batch_size=8)
     net = Net()
     cb = ActivationSparsityCallback(scopes=[{"types": [nn.Linear], "sparsity": 0.5}], input_key=0,
-                                    calibration_dataloader=data, progress=False, verbose=False)
+                                    calibration_dataloader=data, calibration={"progress": False}, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[cb])
     trainer.validate(net, data)

@@ -115,8 +115,8 @@ def test_hf_llama_padded_equals_unpadded_bit_for_bit(side, dtype):
     batches = [pad(s, side, position_ids=True) for s in seqs]
     padded = tiny_hf_llama().to(DTYPES[dtype])
     unpadded = tiny_hf_llama().to(DTYPES[dtype])
-    sparsify_activations(padded, batches, RECIPE, progress=False)  # token_mask="auto": attention_mask
-    sparsify_activations(unpadded, [{"input_ids": s[None]} for ss in seqs for s in ss], RECIPE, progress=False)
+    sparsify_activations(padded, batches, RECIPE, calibration={"progress": False})  # token_mask="auto": attention_mask
+    sparsify_activations(unpadded, [{"input_ids": s[None]} for ss in seqs for s in ss], RECIPE, calibration={"progress": False})
     a, b = thresholds(padded), thresholds(unpadded)
     assert len(a) == 6
     for n in a:
@@ -124,7 +124,7 @@ def test_hf_llama_padded_equals_unpadded_bit_for_bit(side, dtype):
     check_real_token_sparsity(padded, batches, lambda m, b: m(**b))
     # and the mask is what makes the difference: counting pad positions moves the thresholds
     everything = tiny_hf_llama().to(DTYPES[dtype])
-    sparsify_activations(everything, batches, RECIPE, progress=False, token_mask=None)
+    sparsify_activations(everything, batches, RECIPE, calibration={"progress": False, "token_mask": None})
     c = thresholds(everything)
     assert any(not torch.equal(a[n], c[n]) for n in a)
     assert all(sparsifier_state(m).calibration_elements == 8 * 16 * m.in_features for _, m in sparsified_layers(everything))
@@ -159,13 +159,13 @@ def test_stories260k_padded_batches(stories, dtype, sides):
     unpadded = None
     if dtype == "float32":
         unpadded = load_llama2c_checkpoint(dtype=DTYPES[dtype])
-        sparsify_activations(unpadded, [s[None] for s in stories], RECIPE, progress=False)
+        sparsify_activations(unpadded, [s[None] for s in stories], RECIPE, calibration={"progress": False})
     for side in sides:
         batches = [pad(stories[i : i + 8], side) for i in range(0, 32, 8)]
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         assert 0.15 < 1 - real / sum(b["attention_mask"].numel() for b in batches) < 0.3
         model = load_llama2c_checkpoint(dtype=DTYPES[dtype])
-        sparsify_activations(model, batches, RECIPE, progress=False, transform_fn=_ids)
+        sparsify_activations(model, batches, RECIPE, calibration={"progress": False, "transform_fn": _ids})
         if side == "right" and unpadded is not None:
             a, b = thresholds(model), thresholds(unpadded)
             for n in a:
@@ -199,8 +199,8 @@ def test_property_padding_never_moves_a_threshold(lengths, side, target, dtype, 
     seqs = [random_seqs(ls, seed=seed + i) for i, ls in enumerate(lengths)]
     recipe = {TargetScope(names=["up", "down"]): target}
     padded, flat = PositionWise().to(DTYPES[dtype]), PositionWise().to(DTYPES[dtype])
-    sparsify_activations(padded, [pad(s, side) for s in seqs], recipe, progress=False)
-    sparsify_activations(flat, [torch.cat(s)[None] for s in seqs], recipe, progress=False)
+    sparsify_activations(padded, [pad(s, side) for s in seqs], recipe, calibration={"progress": False})
+    sparsify_activations(flat, [torch.cat(s)[None] for s in seqs], recipe, calibration={"progress": False})
     a, b = thresholds(padded), thresholds(flat)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert sparsifier_state(padded.up).calibration_elements == sum(map(sum, lengths)) * 16
@@ -213,15 +213,15 @@ def test_explicit_mask_function_for_tuple_batches():
     items = [(b["input_ids"], b["attention_mask"]) for b in (b1, b2)]
     as_kwargs = lambda t: {"input_ids": t[0], "attention_mask": t[1]}  # noqa: E731
     model, ref = tiny_hf_llama(), tiny_hf_llama()
-    sparsify_activations(model, items, RECIPE, progress=False, transform_fn=as_kwargs, token_mask=lambda t: t[1].bool())
-    sparsify_activations(ref, [s[None] for s in seqs], RECIPE, progress=False)
+    sparsify_activations(model, items, RECIPE, calibration={"progress": False, "transform_fn": as_kwargs, "token_mask": lambda t: t[1].bool()})
+    sparsify_activations(ref, [s[None] for s in seqs], RECIPE, calibration={"progress": False})
     a, b = thresholds(model), thresholds(ref)
     assert all(torch.equal(a[n], b[n]) for n in a)
     # "auto" finds no mask in a tuple item: every element counts, pads included
-    report = calibrate_activation_sparsity(model, items, progress=False, transform_fn=as_kwargs)
+    report = calibrate_activation_sparsity(model, items, calibration={"progress": False, "transform_fn": as_kwargs})
     assert [st_.elements for st_ in report.statistics.values()] == [(2 * 9 + 2 * 13) * m.in_features for _, m in sparsified_layers(model)]
     # recalibration takes the option too
-    report = calibrate_activation_sparsity(model, items, progress=False, transform_fn=as_kwargs, token_mask=lambda t: t[1])
+    report = calibrate_activation_sparsity(model, items, calibration={"progress": False, "transform_fn": as_kwargs, "token_mask": lambda t: t[1]})
     assert [st_.elements for st_ in report.statistics.values()] == [32 * m.in_features for _, m in sparsified_layers(model)]
     assert all(torch.equal(v, thresholds(model)[n]) for n, v in a.items())
 
@@ -238,7 +238,7 @@ def test_flattened_token_axis_is_accepted():
     torch.manual_seed(0)
     model = Flat()
     batch = pad(random_seqs([5, 2, 7], seed=1), "left")
-    sparsify_activations(model, [batch], {TargetScope(names=["lin"]): 0.5}, progress=False)
+    sparsify_activations(model, [batch], {TargetScope(names=["lin"]): 0.5}, calibration={"progress": False})
     assert model.lin._actsparse.calibration_elements == 14 * 8
 
 
@@ -260,13 +260,13 @@ def test_layer_without_token_axis_raises_and_restores():
     batch = pad(random_seqs([5, 2, 7], seed=1), "right")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TokenMaskError, match=r"head: input of shape \(3, 8\).*token mask of shape \(3, 7\)"):
-        sparsify_activations(model, [batch], {TargetScope(names=["body", "head"]): 0.5}, progress=False)
+        sparsify_activations(model, [batch], {TargetScope(names=["body", "head"]): 0.5}, calibration={"progress": False})
     assert type(model.head) is nn.Linear and type(model.body) is nn.Linear
     assert model.state_dict().keys() == weights.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     # switching masks off is the documented way out; the body alone is fine with the mask
-    sparsify_activations(model, [batch], {TargetScope(names=["head"]): 0.5}, progress=False, token_mask=None)
-    sparsify_activations(model, [batch], {TargetScope(names=["body"]): 0.5}, progress=False)
+    sparsify_activations(model, [batch], {TargetScope(names=["head"]): 0.5}, calibration={"progress": False, "token_mask": None})
+    sparsify_activations(model, [batch], {TargetScope(names=["body"]): 0.5}, calibration={"progress": False})
     assert model.body._actsparse.calibration_elements == 14 * 8
 
 
@@ -274,21 +274,21 @@ def test_layer_without_token_axis_raises_and_restores():
 def test_invalid_token_mask_option_is_refused_before_any_change(bad):
     model = tiny_llama()
     with pytest.raises(TokenMaskError, match="token_mask must be"):
-        sparsify_activations(model, [torch.zeros(1, 4, dtype=torch.long)], RECIPE, progress=False, token_mask=bad)
+        sparsify_activations(model, [torch.zeros(1, 4, dtype=torch.long)], RECIPE, calibration={"progress": False, "token_mask": bad})
     assert not list(sparsified_layers(model))
     data = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))]
-    sparsify_activations(model, data, RECIPE, progress=False)
+    sparsify_activations(model, data, RECIPE, calibration={"progress": False})
     before = thresholds(model)
     with pytest.raises(TokenMaskError, match="token_mask must be"):
-        calibrate_activation_sparsity(model, [torch.randn(1)], progress=False, token_mask=bad)
+        calibrate_activation_sparsity(model, [torch.randn(1)], calibration={"progress": False, "token_mask": bad})
     after = thresholds(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_mask_function_returning_a_non_tensor_is_an_error():
     model = tiny_llama()
-    with pytest.raises(TypeError, match="token_mask function returned list"):
-        sparsify_activations(model, [torch.zeros(1, 4, dtype=torch.long)], RECIPE, progress=False, token_mask=lambda b: [1, 1])
+    with pytest.raises(TokenMaskError, match="token_mask function returned list"):
+        sparsify_activations(model, [torch.zeros(1, 4, dtype=torch.long)], RECIPE, calibration={"progress": False, "token_mask": lambda b: [1, 1]})
     assert not list(sparsified_layers(model))
 
 
@@ -313,5 +313,5 @@ def test_calibration_on_no_real_token_is_an_error_not_a_dense_layer():
     net = Net()
     batch = {"x": torch.randn(2, 5, 8), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}
     with pytest.raises(EmptyDatasetError, match="no real token"):
-        sparsify_activations(net, [batch], {TargetScope(names=["proj"]): 0.5}, progress=False)
+        sparsify_activations(net, [batch], {TargetScope(names=["proj"]): 0.5}, calibration={"progress": False})
     assert not is_sparsified(net.proj)

@@ -102,7 +102,7 @@ def test_observe_counts_the_model_and_matches_calibration():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     data = [torch.randn(8, 16) for _ in range(5)]
-    sparsify_activations(net, data, {TargetScope(names=["0"]): 0.25, TargetScope(names=["2"]): 0.5}, progress=False)
+    sparsify_activations(net, data, {TargetScope(names=["0"]): 0.25, TargetScope(names=["2"]): 0.5}, calibration={"progress": False})
     metric = ActivationSparsity.from_model(net)
     assert metric.layers == ["0", "2"] and metric.in_features == [16, 32]
     assert metric.weight_bytes == [16 * 32 * 4, 32 * 4 * 4]
@@ -126,7 +126,7 @@ def test_observe_counts_the_model_and_matches_calibration():
 def test_observe_rejects_untracked_layers():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    sparsify_activations(net, [torch.randn(4, 4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    sparsify_activations(net, [torch.randn(4, 4)], {TargetScope(types=[nn.Linear]): 0.5}, calibration={"progress": False})
     metric = ActivationSparsity(["0"], [4])
     with pytest.raises(ValueError, match="not tracked"):
         with metric.observe(net):
@@ -197,7 +197,7 @@ def test_per_channel_threshold_broadcasts_on_the_last_axis():
 def test_weight_aware_model_through_metric_counter_and_observe(tiny, batches):
     from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 
-    sparsify_activations_weight_aware(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.45}, progress=False)
+    sparsify_activations_weight_aware(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.45}, calibration={"progress": False})
     down = tiny.layers[1].mlp.down_proj
     captured = []
     down._actsparse.observers[0] = lambda m, x, y: captured.append(x.detach().clone())
@@ -259,7 +259,7 @@ def test_hf_llama_right_and_left_padded_metric_counts_real_tokens_only():
     model = tiny_hf_llama()
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(1, 64, (3, 12), generator=g) for _ in range(2)]
-    sparsify_activations(model, data, {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, progress=False)
+    sparsify_activations(model, data, {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, calibration={"progress": False})
     layer_name = "model.layers.1.mlp.down_proj"
     layer = dict(model.named_modules())[layer_name]
     for side in ("right", "left"):
@@ -308,7 +308,7 @@ def test_counter_token_quantiles_past_2_pow_24_tokens():
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 2))
-    sparsify_activations(net, [torch.randn(64, 2)], {TargetScope(names=["0"]): 0.5}, progress=False)
+    sparsify_activations(net, [torch.randn(64, 2)], {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     net[0].activation_threshold.fill_(0.5)
     n = 2**24 + 8
     x = torch.randint(-2, 3, (n, 2), generator=torch.Generator().manual_seed(1), dtype=torch.int8).to(torch.bfloat16) * 0.4
@@ -345,7 +345,7 @@ def test_int8_weight_bytes_agree_everywhere():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
     quantize_weights_int8(net)
-    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, calibration={"progress": False})
     stored = [18432, 16896]  # int8 codes + fp32 per-channel scale and zero point: 64*256 + 2*4*256, 256*64 + 2*4*64
     assert [r.weight_bytes for r in activation_sparsity_report(net).layers] == stored
     assert [r.weight_bytes for r in model_report(net, detect_groups=False).layers] == stored
@@ -364,7 +364,7 @@ def test_torchao_int8_weight_only_bytes():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
     quantize_(net, Int8WeightOnlyConfig())
-    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, calibration={"progress": False})
     stored = [weight_nbytes(net[0]), weight_nbytes(net[2])]
     assert stored[0] < 64 * 256 * 2 and stored[0] >= 64 * 256  # int8 codes (+ scales), not float bytes
     assert [r.weight_bytes for r in activation_sparsity_report(net).layers] == stored

@@ -92,7 +92,7 @@ def test_nncf_removal_and_checkpoint(mode):
     compressed_out = model(ids)
     up = model.layers[1].mlp.up_proj
     weight = up.weight
-    sparsify_activations(model, batches, {TargetScope(patterns=[".*mlp.*"]): 0.5}, progress=False)
+    sparsify_activations(model, batches, {TargetScope(patterns=[".*mlp.*"]): 0.5}, calibration={"progress": False})
     sparse_out = model(ids)
     assert not torch.equal(sparse_out, compressed_out)
 
@@ -121,8 +121,8 @@ def test_nncf_then_our_calibration_matches_dequantized_twin():
         for name, w in decompressed.items():
             twin.get_submodule(name).weight.copy_(w)
     recipe = {TargetScope(patterns=[".*_proj"]): 0.4}
-    sparsify_activations(model, batches, recipe, progress=False)
-    sparsify_activations(twin, batches, recipe, progress=False)
+    sparsify_activations(model, batches, recipe, calibration={"progress": False})
+    sparsify_activations(twin, batches, recipe, calibration={"progress": False})
     a, b = _thresholds(model), _thresholds(twin)
     assert a.keys() == b.keys()
     for k in a:

@@ -81,7 +81,7 @@ def _zero_fraction(t: torch.Tensor) -> float:
 def test_lora_branches_receive_the_thresholded_input_at_the_target():
     model = _lora()
     data = _data()
-    sparsify_activations(model, data, SEED, progress=False)
+    sparsify_activations(model, data, SEED, calibration={"progress": False})
     names = [n for n, _ in sparsified_layers(model)]
     assert f"{PREFIX}.0.mlp.up_proj.base_layer" in names and f"{PREFIX}.0.mlp.gate_proj" in names
     assert not any("lora_" in n for n in names) and len(names) == 6
@@ -124,8 +124,8 @@ def test_patterns_on_a_peft_model_all_mean_the_adapted_projection(patterns):
             assert "branch of the adapter" in skipped[f"{PREFIX}.0.mlp.up_proj.{branch}"]
     # the same thresholds as the seed pattern on the same model
     a, b = _lora(), _lora()
-    sparsify_activations(a, _data(), {TargetScope(patterns=patterns): 0.3}, progress=False)
-    sparsify_activations(b, _data(), {TargetScope(patterns=[".*up_proj"]): 0.3}, progress=False)
+    sparsify_activations(a, _data(), {TargetScope(patterns=patterns): 0.3}, calibration={"progress": False})
+    sparsify_activations(b, _data(), {TargetScope(patterns=[".*up_proj"]): 0.3}, calibration={"progress": False})
     assert {n: float(m.activation_threshold) for n, m in sparsified_layers(a)} == {
         n: float(m.activation_threshold) for n, m in sparsified_layers(b)
     }
@@ -162,7 +162,7 @@ def _train_lora(model, data, steps=3):
 def test_merge_and_unload_gives_a_plain_sparsified_linear_with_the_trained_outputs(dora):
     model = _lora(dora=dora, random_b=False)  # peft's default init: lora_B = 0, trained below
     data, held_out = _data(), _data(seed=5)
-    sparsify_activations(model, data, SEED, progress=False)
+    sparsify_activations(model, data, SEED, calibration={"progress": False})
     _train_lora(model, data)
     up = model.base_model.model.model.layers[0].mlp.up_proj
     assert float(up.lora_B["default"].weight.detach().abs().max()) > 0  # the adapters learned something
@@ -193,7 +193,7 @@ def test_merge_and_unload_gives_a_plain_sparsified_linear_with_the_trained_outpu
 
 def test_export_before_merging_is_refused():
     model = _lora()
-    sparsify_activations(model, _data(), SEED, progress=False)
+    sparsify_activations(model, _data(), SEED, calibration={"progress": False})
     with pytest.raises(ValueError, match="merge_and_unload"):
         export_for_inference(model)
 
@@ -204,7 +204,7 @@ def test_removal_gives_the_peft_model_back_bit_for_bit():
     classes = {n: type(m) for n, m in model.named_modules()}
     held_out = _data(seed=5)
     dense = _logits(model, held_out)
-    sparsify_activations(model, _data(), SEED, progress=False)
+    sparsify_activations(model, _data(), SEED, calibration={"progress": False})
     assert sum(isinstance(h, AdapterInputHook) for m in model.modules() for h in m._forward_pre_hooks.values()) == 4
     assert max(float((a - b).abs().max()) for a, b in zip(_logits(model, held_out), dense)) > 1e-3
     remove_activation_sparsity(model)
@@ -218,7 +218,7 @@ def test_removal_gives_the_peft_model_back_bit_for_bit():
 def test_remove_by_the_wrapper_pattern_and_load_into_a_fresh_peft_model():
     model = _lora()
     data, held_out = _data(), _data(seed=5)
-    sparsify_activations(model, data, SEED, progress=False)
+    sparsify_activations(model, data, SEED, calibration={"progress": False})
     expected = _logits(model, held_out)
     state = model.state_dict()
     assert f"{PREFIX}.0.mlp.up_proj.base_layer.activation_threshold" in state
@@ -238,9 +238,9 @@ def test_remove_by_the_wrapper_pattern_and_load_into_a_fresh_peft_model():
 def test_peft_applied_after_sparsification_is_hooked_at_the_next_calibration():
     base = tiny_hf_llama()
     data = _data()
-    sparsify_activations(base, data, SEED, progress=False)
+    sparsify_activations(base, data, SEED, calibration={"progress": False})
     model = _lora(base)  # wraps the already-sparsified Linear layers
-    calibrate_activation_sparsity(model, data, progress=False)
+    calibrate_activation_sparsity(model, data, calibration={"progress": False})
     up = model.base_model.model.model.layers[1].mlp.up_proj
     base_in, a_in = _inputs_of([up.base_layer, up.lora_A["default"]], lambda: _logits(model, data))
     assert torch.equal(base_in, a_in) and _zero_fraction(a_in) == pytest.approx(0.3, abs=1e-3)
@@ -255,7 +255,7 @@ def test_compiled_lora_model_has_no_graph_break():
     counters.clear()
     model = _lora()
     data = _data()
-    sparsify_activations(model, data, SEED, progress=False)
+    sparsify_activations(model, data, SEED, calibration={"progress": False})
     expected = _logits(model, data)
     counter = CompileCounterWithBackend("eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
@@ -341,7 +341,7 @@ def test_property_adapter_branches_and_merge_on_any_target_rank_and_variant(up, 
     calib = [torch.randn(4, 5, 16) for _ in range(3)]
     held_out = [torch.randn(4, 5, 16)]
     sparsify_activations(
-        model, calib, {TargetScope(patterns=[".*up_proj"]): up, TargetScope(patterns=[".*down_proj.*"]): down}, progress=False
+        model, calib, {TargetScope(patterns=[".*up_proj"]): up, TargetScope(patterns=[".*down_proj.*"]): down}, calibration={"progress": False}
     )
     inner = model.base_model.model
     ins = _inputs_of(
@@ -374,7 +374,7 @@ def test_lora_on_gpt2_conv1d_thresholds_the_adapted_input_merges_and_exports():
     assert list(plan.targets) == ["base_model.model.transformer.h.0.mlp.c_fc.base_layer"]
     assert "branch of the adapter" in dict(plan.skipped)["base_model.model.transformer.h.0.mlp.c_fc.lora_A.default"]
     x = torch.randint(0, 64, (4, 16))
-    sparsify_activations(model, [x], {TargetScope(patterns=[".*c_fc.*"]): 0.5}, progress=False)
+    sparsify_activations(model, [x], {TargetScope(patterns=[".*c_fc.*"]): 0.5}, calibration={"progress": False})
     wrapper = model.base_model.model.transformer.h[0].mlp.c_fc
     ins = _inputs_of([wrapper.base_layer, wrapper.lora_A["default"]], lambda: model(x))
     assert torch.equal(ins[0], ins[1])

@@ -25,7 +25,7 @@ def test_seed_recipe_on_stories260k(setup, dtype):
     model = load_llama2c_checkpoint(dtype=dtype)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     dense = perplexity(model, held)
-    sparsify_activations(model, batches, SEED_RECIPE, progress=False)
+    sparsify_activations(model, batches, SEED_RECIPE, calibration={"progress": False})
     report = activation_sparsity_report(model)
     assert len(report.layers) == 15
     with SparsityCounter(model) as on_calib, torch.no_grad():

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def sparse_tiny(tiny, batches):
-    sparsify_activations(tiny, batches[:3], RECIPE, progress=False)
+    sparsify_activations(tiny, batches[:3], RECIPE, calibration={"progress": False})
     return tiny
 
 
@@ -87,7 +87,7 @@ def test_tied_classifier_counts_once_live_and_saved(tmp_path, batches):
 
     model = load_llama2c_checkpoint()
     assert model.lm_head.weight is model.embed_tokens.weight
-    sparsify_activations(model, [torch.randint(0, 512, (2, 32))], {TargetScope(patterns=[".*down_proj"]): 0.5}, progress=False)
+    sparsify_activations(model, [torch.randint(0, 512, (2, 32))], {TargetScope(patterns=[".*down_proj"]): 0.5}, calibration={"progress": False})
     unique = sum(p.numel() * 4 for p in model.parameters())  # parameters() yields a tied tensor once
     live = model_report(model)
     assert live.decode_bytes == unique  # the tied classifier reads the whole table each step
@@ -135,7 +135,7 @@ def test_report_on_padded_hf_batches_counts_real_tokens(side):
 
     model = tiny_hf_llama()
     g = torch.Generator().manual_seed(0)
-    sparsify_activations(model, [torch.randint(1, 64, (3, 12), generator=g)], {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, progress=False)
+    sparsify_activations(model, [torch.randint(1, 64, (3, 12), generator=g)], {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.4}, calibration={"progress": False})
     batches = [_padded_hf_batches(side, g) for _ in range(2)]
     name = "model.layers.0.mlp.down_proj"
     layer = dict(model.named_modules())[name]
@@ -165,7 +165,7 @@ def test_per_channel_thresholds_through_reports_sweep_and_allocation(tiny, batch
     from pl_actsparse.tuning.sweep import sweep_sparsity
     from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 
-    sparsify_activations_weight_aware(tiny, batches[:3], {TargetScope(patterns=[".*mlp.*"]): 0.3}, progress=False)
+    sparsify_activations_weight_aware(tiny, batches[:3], {TargetScope(patterns=[".*mlp.*"]): 0.3}, calibration={"progress": False})
     before = {n: m.activation_threshold.clone() for n, m in tiny.named_modules() if hasattr(m, "_actsparse")}
     live = model_report(tiny, batches[3:])
     for r in live.layers:
@@ -207,7 +207,7 @@ def test_int8_checkpoint_report_counts_stored_bytes(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
     quantize_weights_int8(net)
-    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, progress=False)
+    sparsify_activations(net, [torch.randn(32, 64) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}, calibration={"progress": False})
     torch.save(net.state_dict(), tmp_path / "int8.pt")
     live, saved = activation_sparsity_report(net), model_report(tmp_path / "int8.pt")
     assert [r.weight_bytes for r in saved.layers] == [r.weight_bytes for r in live.layers] == [18432, 16896]

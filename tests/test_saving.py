@@ -32,7 +32,7 @@ def _hf_sparse(seed: int = 0):
     model = tiny_hf_llama(seed=seed)
     g = torch.Generator().manual_seed(3)
     data = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(3)]
-    sparsify_activations(model, data, MLP, progress=False)
+    sparsify_activations(model, data, MLP, calibration={"progress": False})
     return model
 
 
@@ -75,7 +75,7 @@ def test_malformed_state_is_a_checkpoint_error(bad, match):
 
 
 def test_state_dict_holds_only_tensors_and_safetensors_round_trips(tiny, batches, tmp_path):
-    sparsify_activations(tiny, batches, MLP, progress=False)
+    sparsify_activations(tiny, batches, MLP, calibration={"progress": False})
     sd = tiny.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     safetensors_torch.save_model(tiny, str(tmp_path / "m.safetensors"))
@@ -90,7 +90,7 @@ def test_state_dict_holds_only_tensors_and_safetensors_round_trips(tiny, batches
 
 
 def test_model_to_half_keeps_the_state_exact(tiny, batches):
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*up_proj"]): 0.3}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*up_proj"]): 0.3}, calibration={"progress": False})
     tiny.half()
     d = decode_sparsifier_state(tiny.state_dict()["layers.0.mlp.up_proj._extra_state"])
     assert d["target"] == 0.3 and d["calibrated"]
@@ -100,7 +100,7 @@ def test_model_to_half_keeps_the_state_exact(tiny, batches):
 
 
 def test_threshold_without_state_is_an_error_under_strict_and_a_sparsifying_layer_otherwise(tiny, batches):
-    sparsify_activations(tiny, batches, MLP, progress=False)
+    sparsify_activations(tiny, batches, MLP, calibration={"progress": False})
     ref = tiny(batches[0])
     sd = {k: v for k, v in tiny.state_dict().items() if not k.endswith("_extra_state")}
     fresh = tiny_llama(seed=4)
@@ -123,7 +123,7 @@ def test_threshold_without_state_is_an_error_under_strict_and_a_sparsifying_laye
 
 
 def test_state_without_threshold_is_an_error(tiny, batches):
-    sparsify_activations(tiny, batches, MLP, progress=False)
+    sparsify_activations(tiny, batches, MLP, calibration={"progress": False})
     sd = dict(tiny.state_dict())
     del sd["layers.0.mlp.up_proj.activation_threshold"]
     with pytest.raises(CheckpointError, match=r"'layers.0.mlp.up_proj._extra_state' holds a sparsifier state but .* no 'activation_threshold'"):
@@ -135,7 +135,7 @@ def test_one_parser_one_error_for_the_same_input(tiny, batches):
     from pl_actsparse.api import install_sparsifiers_from_state_dict
     from pl_actsparse.measure.report import model_report
 
-    sparsify_activations(tiny, batches, MLP, progress=False)
+    sparsify_activations(tiny, batches, MLP, calibration={"progress": False})
     sd = dict(tiny.state_dict())
     sd["layers.0.mlp.up_proj._extra_state"] = torch.zeros(3)
     for call in (lambda: load_activation_sparsity(tiny_llama(), sd),
@@ -155,7 +155,7 @@ def test_one_parser_one_error_for_the_same_input(tiny, batches):
 
 
 def test_strict_mismatch_is_reported_and_nothing_changes(tiny, batches):
-    sparsify_activations(tiny, batches, MLP, progress=False)
+    sparsify_activations(tiny, batches, MLP, calibration={"progress": False})
     sd = dict(tiny.state_dict())
     sd["extra.weight"] = torch.zeros(1)
     fresh = tiny_llama(seed=4)
@@ -246,7 +246,7 @@ def test_tied_weights_of_a_save_pretrained_folder_count_as_loaded(tmp_path):
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
-    sparsify_activations(model, [torch.randint(0, 64, (2, 8))], MLP, progress=False)
+    sparsify_activations(model, [torch.randint(0, 64, (2, 8))], MLP, calibration={"progress": False})
     model.save_pretrained(tmp_path / "tied")
     back = pl_actsparse.from_pretrained(transformers.LlamaForCausalLM, tmp_path / "tied")
     ids = _ids()
@@ -269,7 +269,7 @@ def test_exported_int8_model_saves_in_the_int8_layer_layout_and_loads_back(tmp_p
     scope = TargetScope(patterns=[r".*down_proj"])
     model = tiny_llama()
     quantize_weights_int8(model, scope)
-    sparsify_activations(model, batches, MLP, progress=False)
+    sparsify_activations(model, batches, MLP, calibration={"progress": False})
     with torch.no_grad():
         ref = model(batches[0])
     keys = set(model.state_dict())

@@ -17,24 +17,29 @@ from torch import nn
 
 from pl_actsparse import TargetScope
 from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
-from pl_actsparse.core import sequential
-from pl_actsparse.core.calibration import calibrate_layers
+import pl_actsparse.calibrate as calibrate
+from pl_actsparse.calibrate.blocks import find_block_list
+from pl_actsparse.calibrate.cache import BoundaryCache
+from pl_actsparse.calibrate.lockstep import calibrate_layers
+from pl_actsparse.calibrate.sequential import calibrate_sequential
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.core.masking import current_token_mask
-from pl_actsparse.core.sequential import calibrate_sequential, find_block_list
-from pl_actsparse.errors import InvalidTargetError, NonFiniteActivationError
+from pl_actsparse.errors import InvalidOptionError, NonFiniteActivationError
 from tiny_models import tiny_llama, token_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = {TargetScope(types=[nn.Linear]): 0.5}
-LOG = "pl_actsparse.core.sequential"
+LOG = "pl_actsparse.calibrate.sequential"
 
 
 def _calibrate(make, data, scope, fn, **kw):
+    """``fn`` (a method) on a fresh model; ``kw`` holds CalibrationConfig fields and ``fn``'s own keywords."""
     model = make()
     prepare_activation_sparsity(model, scope)
     layers = list(sparsified_layers(model))
-    stats = fn(model, layers, data, progress=False, **kw)
+    fields = {k: kw.pop(k) for k in list(kw) if k in CalibrationConfig.__dataclass_fields__}
+    stats = fn(model, layers, data, CalibrationConfig(progress=False, **fields), **kw)
     return model, {n: m.activation_threshold.clone() for n, m in layers}, stats
 
 
@@ -78,7 +83,7 @@ def test_training_flags_are_restored():
     model = tiny_llama().train()
     model.layers[1].eval()
     prepare_activation_sparsity(model, ALL)
-    calibrate_sequential(model, list(sparsified_layers(model)), token_batches(), progress=False)
+    calibrate_sequential(model, list(sparsified_layers(model)), token_batches(), CalibrationConfig(progress=False))
     assert model.training and model.layers[0].training and not model.layers[1].training
 
 
@@ -192,7 +197,7 @@ def test_token_mask_is_current_inside_the_blocks():
     masks = {id(b): torch.rand(b.shape, generator=torch.Generator().manual_seed(i)) > 0.3 for i, b in enumerate(data)}
     seen = []
     model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(current_token_mask()))
-    calibrate_sequential(model, list(sparsified_layers(model)), data, progress=False, token_mask=lambda b: masks[id(b)])
+    calibrate_sequential(model, list(sparsified_layers(model)), data, CalibrationConfig(progress=False, token_mask=lambda b: masks[id(b)]))
     # every call ran under one of the batches' masks and each batch's mask was current (a block runs each batch
     # several times: once per dependency level it reaches, then to propagate)
     assert len(seen) >= 3 and all(t is not None for t in seen)
@@ -293,7 +298,7 @@ def test_tail_reading_an_early_block_output_is_an_error_not_a_wrong_threshold():
     data = [torch.randn(4, 8) for _ in range(2)]
     before = model.head.weight.clone()
     with pytest.raises(NonFiniteActivationError, match="head"):
-        sparsify_activations(model, data, ALL, calibration="sequential", progress=False)
+        sparsify_activations(model, data, ALL, calibration={"method": "sequential", "progress": False})
     assert type(model.head) is nn.Linear and torch.equal(model.head.weight, before)  # restored
 
 
@@ -304,29 +309,29 @@ def test_tail_reading_an_early_block_output_is_an_error_not_a_wrong_threshold():
 def test_api_sequential_equals_lockstep_and_validates_options():
     data = token_batches()
     a, b = tiny_llama(), tiny_llama()
-    sparsify_activations(a, data, ALL, calibration="lockstep", progress=False)
-    sparsify_activations(b, data, ALL, calibration="sequential", offload="cpu", progress=False)
+    sparsify_activations(a, data, ALL, calibration={"method": "lockstep", "progress": False})
+    sparsify_activations(b, data, ALL, calibration={"method": "sequential", "offload": "cpu", "progress": False})
     ta, tb = dict(sparsified_layers(a)), dict(sparsified_layers(b))
     assert all(torch.equal(ta[n].activation_threshold, tb[n].activation_threshold) for n in ta)
-    report = calibrate_activation_sparsity(b, data, calibration="sequential", progress=False)
+    report = calibrate_activation_sparsity(b, data, calibration={"method": "sequential", "progress": False})
     assert all(torch.equal(ta[n].activation_threshold, tb[n].activation_threshold) for n in ta)
     assert report.statistics["lm_head"].name == "lm_head"
     c = tiny_llama()
-    with pytest.raises(InvalidTargetError, match="calibration must be one of 'auto', 'sequential', 'lockstep', got 'blockwise'"):
+    with pytest.raises(InvalidOptionError, match="CalibrationConfig.method must be one of 'auto', 'lockstep', 'sequential', got 'blockwise'"):
         sparsify_activations(c, data, ALL, calibration="blockwise")
-    with pytest.raises(InvalidTargetError, match="offload must be one of None, 'cpu', 'disk', got 'gpu'"):
-        sparsify_activations(c, data, ALL, offload="gpu")
+    with pytest.raises(InvalidOptionError, match="CalibrationConfig.offload must be one of None, 'cpu', 'disk', got 'gpu'"):
+        sparsify_activations(c, data, ALL, calibration={"offload": "gpu"})
     assert not list(sparsified_layers(c))  # validated before anything changed
 
 
 @pytest.mark.parametrize("min_bytes, chosen", [(0, "sequential"), (1 << 40, "lockstep")])
 def test_auto_chooses_by_model_size(monkeypatch, min_bytes, chosen):
     calls = []
-    real = sequential.calibrate_sequential
-    monkeypatch.setattr(sequential, "AUTO_SEQUENTIAL_MIN_PARAM_BYTES", min_bytes)
-    monkeypatch.setattr(sequential, "calibrate_sequential", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = calibrate.METHODS["sequential"]
+    monkeypatch.setattr(calibrate, "AUTO_SEQUENTIAL_MIN_PARAM_BYTES", min_bytes)
+    monkeypatch.setitem(calibrate.METHODS, "sequential", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_llama()
-    sparsify_activations(model, token_batches(), ALL, progress=False)
+    sparsify_activations(model, token_batches(), ALL, calibration={"progress": False})
     assert ("sequential" if calls else "lockstep") == chosen
     assert all(sparsifier_state(m).mode.value == "sparsifying" for _, m in sparsified_layers(model))
 
@@ -341,7 +346,7 @@ def test_find_block_list():
     holder.blocks = nn.ModuleList([shared, shared, nn.Linear(2, 2)])
     name, why = find_block_list(holder)
     assert name is None and "same block object" in why
-    with pytest.raises(InvalidTargetError, match="'nope'"):
+    with pytest.raises(InvalidOptionError, match="'nope'"):
         find_block_list(tiny_llama(), blocks="nope")
 
 
@@ -357,7 +362,7 @@ def _ddp_worker(rank: int, out: str, init: str) -> None:  # pragma: no cover - r
     data = token_batches(n=5)
     model = tiny_llama()
     prepare_activation_sparsity(model, ALL)
-    calibrate_sequential(model, list(sparsified_layers(model)), data[rank::2], progress=False)
+    calibrate_sequential(model, list(sparsified_layers(model)), data[rank::2], CalibrationConfig(progress=False))
     torch.save({n: m.activation_threshold for n, m in sparsified_layers(model)}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -371,7 +376,7 @@ def test_levels_of_llama_and_gpt2_blocks():
     down their product (3); GPT-2's Conv1D blocks have the same four levels. The attention sub-module is final
     from level 2 on, so its output is reused there."""
     transformers = pytest.importorskip("transformers")
-    from pl_actsparse.core.levels import plan_block
+    from pl_actsparse.calibrate.levels import plan_block
 
     model = _hf("llama")()
     prepare_activation_sparsity(model, ALL)
@@ -441,7 +446,7 @@ def test_one_batch_in_flight_inside_a_block(in_block, most):
     model = tiny_llama()
     prepare_activation_sparsity(model, blocks_only)
     counter = _InFlight(model.layers)
-    calibrate_sequential(model, list(sparsified_layers(model)), token_batches(n=6), progress=False, in_block=in_block)
+    calibrate_sequential(model, list(sparsified_layers(model)), token_batches(n=6), CalibrationConfig(progress=False, in_block=in_block))
     assert counter.most == most
     got = {n: m.activation_threshold.clone() for n, m in sparsified_layers(model)}
     _, want, _ = _calibrate(tiny_llama, token_batches(n=6), blocks_only, calibrate_layers)
@@ -453,7 +458,7 @@ def test_float32_fine_counts_outside_the_window_take_a_second_pass(monkeypatch):
     """A float32 threshold needs the fine counts of one coarse bin, kept for a window around the first batch's
     quantile. With a window of one bin and no margin, the final bin is usually elsewhere: a second pass over
     the level supplies its counts, and the thresholds stay bit for bit lockstep's."""
-    from pl_actsparse.core import levels
+    from pl_actsparse.calibrate import levels
 
     monkeypatch.setattr(levels, "FINE_WINDOW_BINS", 1)
     monkeypatch.setattr(levels, "FINE_WINDOW_QUANTILE_MARGIN", 0.0)
@@ -552,8 +557,8 @@ def test_eager_attention_weights_are_too_large_to_reuse(monkeypatch):
     recomputed rather than kept (memory stays bounded), and the thresholds are still exact. With SDPA it is kept."""
     transformers = pytest.importorskip("transformers")
     kept = []
-    real = sequential._BoundaryCache.keep
-    monkeypatch.setattr(sequential._BoundaryCache, "keep", lambda self, b, name, out: kept.append(name) or real(self, b, name, out))
+    real = BoundaryCache.keep
+    monkeypatch.setattr(BoundaryCache, "keep", lambda self, b, name, out: kept.append(name) or real(self, b, name, out))
     make = _hf("llama")
     for impl, expect in [("eager", []), ("sdpa", ["self_attn"])]:
         kept.clear()
@@ -594,7 +599,7 @@ def test_levels_are_found_under_inference_mode(caplog):
         prepare_activation_sparsity(model, ALL)
         layers = list(sparsified_layers(model))
         with caplog.at_level(logging.INFO, logger=LOG), torch.inference_mode():
-            fn(model, layers, token_batches(n=3), progress=False)
+            fn(model, layers, token_batches(n=3), CalibrationConfig(progress=False))
         got[fn] = {n: m.activation_threshold.clone() for n, m in layers}
     want = got[calibrate_layers]
     assert len(want) == 22 and all(torch.equal(want[n], got[calibrate_sequential][n]) for n in want)
@@ -624,15 +629,15 @@ def test_inference_mode_with_a_head_reading_the_last_block(fn):
     prepare_activation_sparsity(model, ALL)
     layers = list(sparsified_layers(model))
     with torch.inference_mode():
-        fn(model, layers, data, progress=False)
+        fn(model, layers, data, CalibrationConfig(progress=False))
     assert len(want) == 3 and all(torch.equal(want[n], m.activation_threshold) for n, m in layers)
 
 
 def test_in_block_option_is_validated():
     model = tiny_llama()
     prepare_activation_sparsity(model, ALL)
-    with pytest.raises(InvalidTargetError, match="in_block must be one of 'levels', 'lockstep', got 'threads'"):
-        calibrate_sequential(model, list(sparsified_layers(model)), token_batches(), in_block="threads")
+    with pytest.raises(InvalidOptionError, match="CalibrationConfig.in_block must be one of 'levels', 'lockstep', got 'threads'"):
+        calibrate_sequential(model, list(sparsified_layers(model)), token_batches(), CalibrationConfig(in_block="threads"))
 
 
 def test_ddp_ranks_agree_and_equal_one_process_on_the_union(tmp_path):

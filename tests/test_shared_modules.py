@@ -44,7 +44,7 @@ def test_issue_case_every_call_counts():
     lin = nn.Linear(8, 8)
     net = nn.Sequential(lin, nn.GELU(), lin)
     data = [torch.randn(32, 8)]
-    sparsify_activations(net, data, {TargetScope(names=["0"]): 0.5}, progress=False)
+    sparsify_activations(net, data, {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     xs = all_call_inputs(net, ["0"], data)["0"]
     assert len(xs) == 2
     achieved, x = achieved_over_all(lin, xs)
@@ -52,7 +52,7 @@ def test_issue_case_every_call_counts():
     assert achieved == pytest.approx(0.5, abs=1 / 512)
     assert sparsifier_state(lin).calibration_elements == 512  # both calls, every element
     assert lin._actsparse.calibration_sparsity == pytest.approx(achieved, abs=1e-12)
-    report = calibrate_activation_sparsity(net, data, progress=False)
+    report = calibrate_activation_sparsity(net, data, calibration={"progress": False})
     st_ = report.statistics["0"]
     assert (st_.calls, st_.elements, st_.zeroed) == (2, 512, 256)
     assert st_.rounds >= 2
@@ -66,7 +66,7 @@ def test_repeated_layer_with_other_layers_sparsified_in_between():
     shared, mid = nn.Linear(16, 16), nn.Linear(16, 16)
     net = nn.Sequential(shared, nn.GELU(), mid, nn.Tanh(), shared, nn.GELU(), shared)
     data = [torch.randn(24, 16) for _ in range(3)]
-    sparsify_activations(net, data, {TargetScope(names=["0"]): 0.4, TargetScope(names=["2"]): 0.6}, progress=False)
+    sparsify_activations(net, data, {TargetScope(names=["0"]): 0.4, TargetScope(names=["2"]): 0.6}, calibration={"progress": False})
     seen = all_call_inputs(net, ["0", "2"], data)
     assert len(seen["0"]) == 9 and len(seen["2"]) == 3
     for name, target, module in (("0", 0.4, shared), ("2", 0.6, mid)):
@@ -93,7 +93,7 @@ def test_property_every_call_counts(seed, calls, target, dtype):
     data = [torch.randn(10, 6, generator=g).to(dt) for _ in range(2)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sparsify_activations(net, data, {TargetScope(names=["0"]): target}, progress=False)
+        sparsify_activations(net, data, {TargetScope(names=["0"]): target}, calibration={"progress": False})
     achieved, x = achieved_over_all(lin, all_call_inputs(net, ["0"], data)["0"])
     assert sparsifier_state(lin).calibration_elements == x.numel() == 2 * 10 * 6 * calls
     assert sparsifier_state(lin).calibration_sparsity == pytest.approx(achieved, abs=1e-12)
@@ -139,7 +139,7 @@ def test_tied_albert_layers_with_padding():
     names = ALBERT_NAMES
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # exact: no fallback warning
-        sparsify_activations(model, batches, ALBERT_RECIPE, progress=False)
+        sparsify_activations(model, batches, ALBERT_RECIPE, calibration={"progress": False})
     seen = all_call_inputs(model, names, batches, call=lambda m, b: m(**b))
     modules = dict(model.named_modules())
     for name in names:
@@ -184,7 +184,7 @@ def _ddp_rank(rank: int, out: str) -> None:  # pragma: no cover - runs in spawne
         model = SharedBlockLM()
         mine = _albert_batches(DDP_LENGTHS)[rank::2]
         report = calibrate_activation_sparsity(
-            (sparsify_activations(model, mine, DDP_RECIPE, progress=False)), mine, progress=False
+            sparsify_activations(model, mine, DDP_RECIPE, calibration={"progress": False}), mine, calibration={"progress": False}
         )
         torch.save({n: (m.activation_threshold.clone(), report.statistics[n].elements, report.statistics[n].zeroed)
                     for n, m in model.named_modules() if hasattr(m, "_actsparse")}, f"{out}/rank{rank}.pt")
@@ -205,7 +205,7 @@ def test_ddp_padded_repeated_layers_agree_with_one_process(tmp_path):
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     single = SharedBlockLM()
     batches = _albert_batches(DDP_LENGTHS)
-    report = calibrate_activation_sparsity(sparsify_activations(single, batches, DDP_RECIPE, progress=False), batches, progress=False)
+    report = calibrate_activation_sparsity(sparsify_activations(single, batches, DDP_RECIPE, calibration={"progress": False}), batches, calibration={"progress": False})
     assert sorted(r0) == ["block", "mid"]
     modules = dict(single.named_modules())
     real_tokens = sum(map(sum, DDP_LENGTHS))
@@ -217,16 +217,17 @@ def test_ddp_padded_repeated_layers_agree_with_one_process(tmp_path):
 
 
 def test_no_fixed_point_within_the_passes_raises_and_restores(monkeypatch):
-    import pl_actsparse.core.calibration as cal
+    import pl_actsparse.calibrate.fixed_point as fixed_point
+    import pl_actsparse.calibrate.lockstep as cal
 
     monkeypatch.setitem(cal.calibrate_layers.__kwdefaults__, "max_rounds", 1)
-    monkeypatch.setattr(cal, "COUPLED_TOLERANCE", 0.0)  # any miss is an error
+    monkeypatch.setattr(fixed_point, "COUPLED_TOLERANCE", 0.0)  # any miss is an error
     torch.manual_seed(0)
     a, b = nn.Linear(8, 8), nn.Linear(8, 8)
     net = nn.Sequential(a, nn.GELU(), b, nn.GELU(), a, nn.GELU(), b)
     data = [torch.randn(64, 8)]
     with pytest.raises(CalibrationConvergenceError, match="called several times per forward"):
-        sparsify_activations(net, data, {TargetScope(names=["0", "2"]): 0.5}, progress=False)
+        sparsify_activations(net, data, {TargetScope(names=["0", "2"]): 0.5}, calibration={"progress": False})
     assert type(a) is nn.Linear and type(b) is nn.Linear  # restored, nothing left installed
     assert "activation_threshold" not in a._buffers
 
@@ -252,7 +253,7 @@ def test_a_jump_over_the_target_is_warned_and_the_closer_side_kept():
     net = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh())
     data = [torch.randn(10, 6, generator=g) for _ in range(2)]
     with pytest.warns(UserWarning, match=r"'0' is called 2 times per forward; its zeroed fraction over all calls jumps"):
-        sparsify_activations(net, data, {TargetScope(names=["0"]): 0.37}, progress=False)
+        sparsify_activations(net, data, {TargetScope(names=["0"]): 0.37}, calibration={"progress": False})
     tau = float(lin.activation_threshold)
     want = 0.37 * 240
     z, x = _zeroed_over_all_calls(net, lin, data, tau)
@@ -268,7 +269,8 @@ def test_a_jump_over_the_target_is_warned_and_the_closer_side_kept():
 def test_coupled_layers_without_exact_fixed_point_keep_the_closest_pass_with_a_warning(monkeypatch):
     """Same coupled pair (exact after 5 passes), 4 passes allowed: the last one misses the fixed points by 1 and
     2 of 1024 elements; it is kept and the warning gives each layer's achieved and best reachable fraction."""
-    import pl_actsparse.core.calibration as cal
+    import pl_actsparse.calibrate.fixed_point as fixed_point
+    import pl_actsparse.calibrate.lockstep as cal
 
     monkeypatch.setitem(cal.calibrate_layers.__kwdefaults__, "max_rounds", 3)
     torch.manual_seed(0)
@@ -276,9 +278,9 @@ def test_coupled_layers_without_exact_fixed_point_keep_the_closest_pass_with_a_w
     net = nn.Sequential(a, nn.GELU(), b, nn.GELU(), a, nn.GELU(), b)
     data = [torch.randn(64, 8)]
     with pytest.warns(UserWarning, match=r"no pass hit every fixed point exactly.*'0': achieved 0\.\d+ over 1024 elements"):
-        sparsify_activations(net, data, {TargetScope(names=["0", "2"]): 0.5}, progress=False)
+        sparsify_activations(net, data, {TargetScope(names=["0", "2"]): 0.5}, calibration={"progress": False})
     seen = all_call_inputs(net, ["0", "2"], data)
     for name, m in (("0", a), ("2", b)):
         achieved, x = achieved_over_all(m, seen[name])
         assert sparsifier_state(m).calibration_sparsity == pytest.approx(achieved, abs=1e-12)  # the kept pass is the real one
-        assert abs(achieved - best_reachable(x.abs(), 0.5)) <= cal.COUPLED_TOLERANCE
+        assert abs(achieved - best_reachable(x.abs(), 0.5)) <= fixed_point.COUPLED_TOLERANCE

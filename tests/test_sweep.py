@@ -8,9 +8,9 @@ import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
 from pl_actsparse.core.layer import is_sparsified, sparsifier_state
-from pl_actsparse.core.calibration import LayerStatistics, coarse_histogram
+from pl_actsparse.calibrate.histogram import LayerStatistics, coarse_histogram, threshold_for_target
 from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError
-from pl_actsparse.tuning.sweep import apply_statistics, sweep_sparsity, threshold_for_target, thresholds_for_targets
+from pl_actsparse.tuning.sweep import apply_statistics, sweep_sparsity, thresholds_for_targets
 from pl_actsparse.measure.metric import SparsityCounter
 
 FIRST = "layers.0.self_attn.q_proj"  # the first sparsified layer the data reaches in TinyLlama
@@ -22,12 +22,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _stats_at(model, batches, scope, base):
     prepare_activation_sparsity(model, {scope: base})
-    return calibrate_activation_sparsity(model, batches, progress=False).statistics
+    return calibrate_activation_sparsity(model, batches, calibration={"progress": False}).statistics
 
 
 def _fresh_thresholds(model_fn, batches, scope, target):
     m = model_fn()
-    sparsify_activations(m, batches, {scope: target}, progress=False)
+    sparsify_activations(m, batches, {scope: target}, calibration={"progress": False})
     return {n: mod.activation_threshold.clone() for n, mod in m.named_modules() if is_sparsified(mod)}
 
 
@@ -135,7 +135,7 @@ def test_sweep_thresholds_equal_fresh_calibration(batches):
 
 
 def test_sweep_on_a_sparsified_model_and_per_layer_points(tiny, batches):
-    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.3}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.3}, calibration={"progress": False})
     thr_before = {n: m.activation_threshold.clone() for n, m in tiny.named_modules() if is_sparsified(m)}
     names = list(thr_before)
     point = {n: (0.5 if "down" in n else 0.2) for n in names}
@@ -202,13 +202,13 @@ def test_cli_on_the_shipped_model(tmp_path, monkeypatch):
 def test_preserved_restores_on_error_and_removes_what_it_added(tiny, batches):
     from pl_actsparse.core.layer import preserved
 
-    sparsify_activations(tiny, batches, {TargetScope(names=["layers.0.mlp.up_proj"]): 0.3}, progress=False)
+    sparsify_activations(tiny, batches, {TargetScope(names=["layers.0.mlp.up_proj"]): 0.3}, calibration={"progress": False})
     up = tiny.layers[0].mlp.up_proj
     thr, extra, plan = up.activation_threshold.clone(), up.get_extra_state(), tiny.__dict__["_actsparse_plan"]
     names = ["layers.0.mlp.up_proj", "layers.1.mlp.down_proj"]
     with pytest.raises(RuntimeError, match="boom"):
         with preserved(tiny, names):
-            sparsify_activations(tiny, batches, {TargetScope(names=names): 0.7}, progress=False)
+            sparsify_activations(tiny, batches, {TargetScope(names=names): 0.7}, calibration={"progress": False})
             up.activation_threshold.fill_(123.0)
             raise RuntimeError("boom")
     assert torch.equal(up.activation_threshold, thr) and torch.equal(up.get_extra_state(), extra)
@@ -276,11 +276,7 @@ def test_calibration_loss_on_right_padded_hf_batches_equals_unpadded():
 
 def test_tuning_calibration_refuses_padded_batches_it_cannot_mask(batches):
     """Padded calibration batches never count pad positions silently."""
-    import inspect
-
     from tiny_models import tiny_hf_llama
-
-    from pl_actsparse.errors import TokenMaskError
 
     model = tiny_hf_llama()
     g = torch.Generator().manual_seed(0)
@@ -290,14 +286,11 @@ def test_tuning_calibration_refuses_padded_batches_it_cannot_mask(batches):
     data = [{"input_ids": ids, "attention_mask": mask}]
     metric = lambda m: 0.0  # noqa: E731
     scope = TargetScope(patterns=[r".*mlp\.down_proj"])
-    if "token_mask" not in inspect.signature(calibrate_activation_sparsity).parameters:
-        with pytest.raises(TokenMaskError, match="padded"):
-            sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False)
-    else:  # once calibration masks: thresholds from the padded batch equal those from its real tokens
-        padded = sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False)
-        real = [ids[:1], ids[1:, :5]]
-        unpadded = sweep_sparsity(model, real, [0.5], metric, scope, include_dense=False)
-        assert padded.points[0].thresholds == unpadded.points[0].thresholds
+    # calibration masks padding: thresholds from the padded batch equal those from its real tokens
+    padded = sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False)
+    real = [ids[:1], ids[1:, :5]]
+    unpadded = sweep_sparsity(model, real, [0.5], metric, scope, include_dense=False)
+    assert padded.points[0].thresholds == unpadded.points[0].thresholds
     assert not any(is_sparsified(m) for m in model.modules())
-    result = sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False, token_mask=None)  # explicit opt-out
+    result = sweep_sparsity(model, data, [0.5], metric, scope, include_dense=False, calibration={"token_mask": None})  # explicit opt-out
     assert result.calibration_passes == 1

@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.core.calibration import call_model, default_transform_fn, map_tensors, model_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device, to_device
 from pl_actsparse.core.layer import is_linear_like
-from pl_actsparse.errors import InvalidOptionError
+from pl_actsparse.errors import UnsupportedModuleError
 
 __all__ = ["find_shared_input_groups", "group_of", "check_shared_thresholds"]
 
@@ -61,7 +61,7 @@ def find_shared_input_groups(
         wanted = set(layers)
         unknown = wanted - {n for n, _ in named}
         if unknown:
-            raise InvalidOptionError(f"layers {sorted(unknown)} are not nn.Linear (or registered Linear-like) layers of the model")
+            raise UnsupportedModuleError(f"not nn.Linear (or registered Linear-like) layers of the model: {sorted(unknown)}")
         named = [(n, m) for n, m in named if n in wanted]
     order = {n: i for i, (n, _) in enumerate(named)}
     calls: dict[str, list[tuple]] = {n: [] for n, _ in named}
@@ -82,8 +82,7 @@ def find_shared_input_groups(
     try:
         model.eval()
         with torch.no_grad():
-            inputs, device = transform(example_input), model_device(model)
-            call_model(model, inputs if device is None else map_tensors(inputs, lambda t: t.to(device)))
+            call_model(model, to_device(transform(example_input), model_device(model)))
     finally:
         for h in handles:
             h.remove()

@@ -31,16 +31,6 @@ from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 __all__ = ["main", "sweep_main", "report_main"]
 
 
-def _call(verb: Callable[..., Any], *args: Any, config: CalibrationConfig, **kwargs: Any) -> Any:
-    """The one way this module calls an api verb with calibration options (``calibration=config`` once every
-    verb takes it; today the options the verb knows, as keywords)."""
-    options = {"num_calibration_batches": config.num_batches, "transform_fn": config.transform_fn, "token_mask": config.token_mask, "progress": config.progress}
-    if verb.__name__ != "sweep_sparsity":
-        options.update(sync_across_processes=config.sync_across_processes, max_batches_in_flight=config.max_batches_in_flight,
-                       calibration=config.method, offload=config.offload)
-    return verb(*args, **options, **kwargs)
-
-
 def _sweep_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -73,9 +63,8 @@ def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_acts
     tok = Llama2cTokenizer.from_file()
     calib = calibration_batches(*args.calibration_stories, seq_len=args.seq_len, batch_size=args.batch_size, tokenizer=tok)
     evaluation = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, args.seq_len)
-    result = _call(
-        sweep_sparsity, model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
-        config=CalibrationConfig(progress=True), recalibrate=args.recalibrate, metric_name="perplexity",
+    result = sweep_sparsity(model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
+        calibration=CalibrationConfig(progress=True), recalibrate=args.recalibrate, metric_name="perplexity",
     )
     text = result.to_json()
     if args.json == "-":
@@ -99,7 +88,7 @@ def report_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_act
     p.add_argument("--no-files", action="store_true", help="only print the table")
     args = p.parse_args(argv)
     model = load_llama2c_checkpoint()
-    _call(sparsify_activations, model, calibration_batches(500, 600), SEED_RECIPE, config=CalibrationConfig(progress=False))
+    sparsify_activations(model, calibration_batches(500, 600), SEED_RECIPE, calibration=CalibrationConfig(progress=False))
     report = model_report(model, calibration_batches(0, 30))
     report.source = "stories260K, seed recipe"
     write_report(report, None if args.no_files else args.out)

@@ -172,18 +172,6 @@ def compare_decoding(
     )
 
 
-def _sparsify(model: nn.Module, data: Any, targets: Any, ignored: Any, config: Any) -> nn.Module:
-    """The one call of the api's sparsify verb in this module (it will take ``calibration=config``)."""
-    from pl_actsparse.api import sparsify_activations
-
-    return sparsify_activations(
-        model, data, targets, ignored, num_calibration_batches=config.num_batches, transform_fn=config.transform_fn,
-        progress=config.progress, sync_across_processes=config.sync_across_processes,
-        max_batches_in_flight=config.max_batches_in_flight, calibration=config.method, offload=config.offload,
-        token_mask=config.token_mask,
-    )
-
-
 def generate_from_recipe(args: list[str] | None = None, prog: str = "python -m pl_actsparse.demos generate") -> DecodeComparison:
     """The decode demo: the recipe's sparsified, exported llama2.c model vs the dense one.
 
@@ -199,6 +187,7 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "python -m p
     import json
     import sys
 
+    from pl_actsparse.api import sparsify_activations
     from pl_actsparse.demos.llama2c import Llama2cModel, Llama2cTokenizer
     from pl_actsparse.demos.tinystories import resolve_data_dir
     from pl_actsparse.export.convert import export_for_inference
@@ -243,10 +232,10 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "python -m p
         targets = {scope: ns.sparsity for scope in targets}
     dense = copy.deepcopy(net).eval()
     data = callback.calibration_data
-    calibration, _ = data.resolve(cli.datamodule, module)
+    batches, _ = data.resolve(cli.datamodule, module)
     module.eval()
     config = data.config.replace(transform_fn=data.inputs_fn(module, target), progress=data.config.progress and not ns.json)
-    _sparsify(target, calibration, targets, callback.ignored_scope, config)
+    sparsify_activations(target, batches, targets, callback.ignored_scope, calibration=config)
     export_for_inference(net)
     tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file(resolve_data_dir() / "tok512.bin")
     result = compare_decoding(dense, net, tokenizer, ns.prompt, ns.max_new_tokens, repeats=ns.repeats)

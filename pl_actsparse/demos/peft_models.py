@@ -4,7 +4,7 @@
 adapters on the MLP projections: only the adapters train (the base weights are frozen), and the seed patterns
 of :class:`~pl_actsparse.ActivationSparsityCallback` (``.*mlp\\.(gate|up|down)_proj``) sparsify the input of
 each adapted projection, which the base layer and the LoRA branch then both receive (see
-:mod:`pl_actsparse.core.adapters`). ``module.merged_model()`` folds the adapters into the base weights and
+:mod:`pl_actsparse.integrations.peft`). ``module.merged_model()`` folds the adapters into the base weights and
 returns a plain model of sparsified Linear layers, ready for :func:`pl_actsparse.export_for_inference`.
 Used by ``recipes/stories260k_lora.yaml`` and ``benchmarks/finetune.py``.
 """

@@ -46,16 +46,6 @@ log = logging.getLogger(__name__)
 _TRACKABLE = ("train", "val", "test")
 
 
-def _calibrate(module: nn.Module, items: Iterable[Any], layers: list[str], config: CalibrationConfig) -> SparsityReport:
-    """The one call of the api's calibration verb in this module (it will take ``calibration=config``)."""
-    return calibrate_activation_sparsity(
-        module, items, layers=layers, num_calibration_batches=config.num_batches, transform_fn=config.transform_fn,
-        progress=config.progress, sync_across_processes=config.sync_across_processes,
-        max_batches_in_flight=config.max_batches_in_flight, calibration=config.method, offload=config.offload,
-        token_mask=config.token_mask,
-    )
-
-
 def _tag(argument: str, check: Callable[..., Any], *args: Any) -> Any:
     """``check(*args)``; an error it raises is recorded as about the constructor ``argument`` (the YAML key
     below ``init_args`` that ``pl-actsparse`` prints), unless a more precise key was recorded already."""
@@ -280,7 +270,7 @@ class ActivationSparsityCallback(Callback):
         loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
         config = data.config.replace(num_batches=None, transform_fn=data.inputs_fn(pl_module, module), progress=progress)
         with trainer.strategy.precision_plugin.forward_context():
-            report = _calibrate(module, data.batches(loader, trainer.world_size, trainer.global_rank), [n for n, _ in self._layers(module)], config)
+            report = calibrate_activation_sparsity(module, data.batches(loader, trainer.world_size, trainer.global_rank), layers=[n for n, _ in self._layers(module)], calibration=config)
         return report, where
 
     def calibrate(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> SparsityReport:

@@ -137,7 +137,7 @@ class ActivationSparsity(Metric):
         >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
         >>> data = [torch.randn(64, 16) for _ in range(4)]
-        >>> _ = sparsify_activations(net, data, {TargetScope(names=["0"]): 0.5}, progress=False)
+        >>> _ = sparsify_activations(net, data, {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
         >>> metric = ActivationSparsity.from_model(net)
         >>> with metric.observe(net):
         ...     for x in data:
@@ -413,7 +413,7 @@ class SparsityCounter:
     >>> from pl_actsparse.measure.metric import SparsityCounter
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(4, 4))
-    >>> _ = sparsify_activations(net, [torch.randn(100, 4)], {TargetScope(names=["0"]): 0.5}, progress=False)
+    >>> _ = sparsify_activations(net, [torch.randn(100, 4)], {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
     >>> with SparsityCounter(net) as counter:
     ...     _ = net(torch.randn(1000, 4))
     >>> round(counter.sparsity()["0"], 1)

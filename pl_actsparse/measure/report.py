@@ -45,7 +45,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
@@ -113,7 +113,7 @@ class SparsityReport:
 
     ``decode_bytes``: bytes a dense batch-1 decode step reads (parameters except embedding tables);
     ``model_bytes``: all unique parameter bytes; ``statistics``: the calibration histograms (name ->
-    :class:`~pl_actsparse.core.calibration.LayerStatistics`) when the report comes from a calibration.
+    :class:`~pl_actsparse.calibrate.histogram.LayerStatistics`) when the report comes from a calibration.
     """
 
     layers: list[LayerReport]
@@ -419,7 +419,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> from pl_actsparse import sparsify_activations, TargetScope, activation_sparsity_report
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> _ = sparsify_activations(net, [torch.randn(64, 8)], {TargetScope(names=["0"]): 0.25}, progress=False)
+    >>> _ = sparsify_activations(net, [torch.randn(64, 8)], {TargetScope(names=["0"]): 0.25}, calibration={"progress": False})
     >>> report = activation_sparsity_report(net)
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]

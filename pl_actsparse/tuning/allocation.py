@@ -28,7 +28,7 @@ by :func:`~pl_actsparse.core.recipe.load_scopes_yaml`). The model is left as it 
 
 Weight bytes are stored bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`: int8 and torchao-quantized layers
 count their codes and scales). Padded batches: calibration and the loss count real tokens only
-(``token_mask="auto"``).
+(``CalibrationConfig.token_mask="auto"``).
 """
 
 from __future__ import annotations
@@ -44,15 +44,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.api import plan_activation_sparsity, prepare_activation_sparsity
-from pl_actsparse.core.calibration import LayerStatistics
+from pl_actsparse.api import calibrate_activation_sparsity, plan_activation_sparsity, prepare_activation_sparsity
+from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import preserved, weight_nbytes
-from pl_actsparse.core.masking import MaskFn
 from pl_actsparse.core.recipe import dump_scopes_yaml, load_scopes_yaml, scopes_from_list, validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidTargetError
-from pl_actsparse.tuning.objectives import CalibrationLoss, _LossRunner, next_token_nll  # noqa: F401 - 0.1 names
-from pl_actsparse.tuning.sweep import calibrate_for_tuning, threshold_for_target
+from pl_actsparse.tuning.objectives import CalibrationLoss
 
 __all__ = [
     "DEFAULT_OFFSETS",
@@ -61,7 +60,6 @@ __all__ = [
     "measure_sensitivity",
     "allocate_sparsity",
     "allocate_from_curves",
-    "next_token_nll",
     "load_scopes_yaml",
     "scopes_from_list",
 ]
@@ -177,12 +175,9 @@ def measure_sensitivity(
     tie_shared_inputs: bool = True,
     groups: Sequence[Sequence[str]] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    num_calibration_batches: int | None = None,
-    transform_fn: Callable[[Any], Any] | None = None,
-    token_mask: str | MaskFn | None = "auto",
+    calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     min_sparsity: float = 0.0,
     max_sparsity: float = 0.95,
-    progress: bool = False,
 ) -> SensitivityProfile:
     """Loss-increase curves of every unit around the recipe's targets (the base point).
 
@@ -192,13 +187,16 @@ def measure_sensitivity(
     ``groups`` (default: detected with :func:`~pl_actsparse.core.groups.find_shared_input_groups` when
     ``tie_shared_inputs``) are tied to one target. Cost: one calibration pass, one base-loss pass and
     ``sum over units of len(grid)`` loss passes over the (capped) data. The model is restored afterwards.
-    ``token_mask`` (``"auto"``: a dict batch's ``attention_mask``) limits calibration and loss to real tokens.
+    ``calibration`` (as for :func:`~pl_actsparse.sparsify_activations`) also gives the loss passes their data:
+    ``num_batches`` caps it, ``transform_fn`` and ``token_mask`` apply (the loss counts real tokens only), and
+    ``progress`` logs each unit's curve (the one calibration pass shows no bar).
     Unit sizes are stored weight bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`).
 
     Raises:
         InvalidTargetError: a bad offset, ``min_sparsity``/``max_sparsity`` or target.
-        TokenMaskError: see :func:`~pl_actsparse.tuning.sweep.calibrate_for_tuning`.
+        InvalidOptionError, TokenMaskError: an invalid ``calibration``.
     """
+    config = CalibrationConfig.from_value(calibration)
     for o in offsets:
         if not isinstance(o, (int, float)) or isinstance(o, bool) or not math.isfinite(o):
             raise InvalidTargetError(f"offsets must be finite numbers, got {o!r}")
@@ -206,7 +204,7 @@ def measure_sensitivity(
     max_sparsity = validate_target(max_sparsity, "max_sparsity")
     if min_sparsity > max_sparsity:
         raise InvalidTargetError(f"min_sparsity {min_sparsity} > max_sparsity {max_sparsity}")
-    data = list(itertools.islice(dataset, num_calibration_batches))
+    data = list(itertools.islice(dataset, config.num_batches))
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     names = list(plan.targets)
     base = dict(plan.targets)
@@ -216,16 +214,16 @@ def measure_sensitivity(
         if groups is None:
             from pl_actsparse.core.groups import find_shared_input_groups
 
-            groups = find_shared_input_groups(model, data[0], names, transform_fn=transform_fn) if data else []
+            groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn) if data else []
         unit_groups = groups
     units = _units(names, unit_groups, base)
     nbytes = {n: weight_nbytes(modules[n]) for n in names}
 
     t0 = time.perf_counter()
-    runner = CalibrationLoss(model, data, loss_fn, transform_fn, token_mask)
+    runner = CalibrationLoss(model, data, loss_fn, config.transform_fn, config.token_mask)
     with preserved(model, names):
         prepare_activation_sparsity(model, {TargetScope(names=[n]): base[n] for n in names})
-        report = calibrate_for_tuning(model, data, names, token_mask, transform_fn=transform_fn, progress=False)
+        report = calibrate_activation_sparsity(model, data, layers=names, calibration=config.replace(progress=False))
         stats: dict[str, LayerStatistics] = report.statistics
         base_loss = runner()
         curves: list[dict[float, float]] = []
@@ -243,7 +241,7 @@ def measure_sensitivity(
                 for n, t in zip(unit, saved):
                     modules[n].activation_threshold.copy_(t)
             curves.append(curve)
-            if progress:
+            if config.progress:
                 pretty = ", ".join(f"{s:.2f}:{d:+.4f}" for s, d in sorted(curve.items()))
                 log.info("sensitivity %d/%d %s: %s", k + 1, len(units), "+".join(unit), pretty)
     return SensitivityProfile(
@@ -344,7 +342,7 @@ def allocate_sparsity(
     weight bytes is skipped per token, minimising the loss increase on ``dataset``.
 
     Keyword arguments go to :func:`measure_sensitivity` (``offsets``, ``tie_shared_inputs``, ``loss_fn``,
-    ``num_calibration_batches``, ``transform_fn``, ``max_sparsity``, ``progress``). The model is unchanged;
+    ``calibration``, ``max_sparsity``). The model is unchanged;
     apply the result with ``sparsify_activations(model, data, allocation.target_sparsity_by_scope())``.
 
     >>> import torch

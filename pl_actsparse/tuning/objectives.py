@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.core.calibration import call_model, default_transform_fn, model_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
-from pl_actsparse.errors import InvalidTargetError
+from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError
 
 __all__ = ["perplexity", "mean_nll", "next_token_nll", "CalibrationLoss"]
 
@@ -65,7 +65,7 @@ def mean_nll(
     Log-probabilities are computed in fp32 whatever the model dtype.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
@@ -106,7 +106,7 @@ def mean_nll(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no tokens to evaluate: the dataset has no windows")
+        raise EmptyDatasetError("no tokens to evaluate: the dataset has no windows")
     return total / count, count
 
 
@@ -133,7 +133,7 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
     counts only when its input and its target are both real, so padding (right or left) adds nothing.
 
     Raises:
-        InvalidTargetError: the inputs are not token ids ``[B, T]`` or do not match the logits or the mask.
+        InvalidOptionError: the inputs are not token ids ``[B, T]`` or do not match the logits or the mask.
     """
     if isinstance(inputs, Mapping):
         if mask is None and inputs.get("attention_mask") is not None:
@@ -143,18 +143,18 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
         inputs = inputs[0]
     logits = _logits(output)
     if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
-        raise InvalidTargetError(
+        raise InvalidOptionError(
             "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "
             "loss_fn(output, item) -> scalar loss"
         )
     if logits.shape[:2] != inputs.shape:
-        raise InvalidTargetError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
+        raise InvalidOptionError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
     y = inputs[:, 1:]
     losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="none")
     if mask is None:
         return losses.sum(), y.numel()
     if tuple(mask.shape) != tuple(inputs.shape):
-        raise InvalidTargetError(f"token mask {tuple(mask.shape)} does not match token ids {tuple(inputs.shape)}")
+        raise InvalidOptionError(f"token mask {tuple(mask.shape)} does not match token ids {tuple(inputs.shape)}")
     m = mask.to(inputs.device).bool()
     keep = (m[:, :-1] & m[:, 1:]).flatten()
     return losses[keep].sum(), int(keep.sum())
@@ -209,5 +209,3 @@ class CalibrationLoss:
         self.passes += 1
         return total / max(count, 1)
 
-
-_LossRunner = CalibrationLoss  # the 0.1 name

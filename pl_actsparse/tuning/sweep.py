@@ -1,10 +1,11 @@
 """One calibration pass, any target: thresholds from stored statistics, and metric-vs-sparsity sweeps.
 
 A calibration pass keeps, per layer, a histogram of ``|x|`` over every calibration element
-(:class:`~pl_actsparse.core.calibration.LayerStatistics`). That histogram answers "which threshold zeroes a
+(:class:`~pl_actsparse.calibrate.histogram.LayerStatistics`). That histogram answers "which threshold zeroes a
 fraction ``t`` of this layer's inputs?" for *any* ``t`` without running the model again:
 
-* bf16 / fp16 inputs: the histogram covers every bit pattern, so :func:`threshold_for_target` is exact: the
+* bf16 / fp16 inputs: the histogram covers every bit pattern, so :func:`~pl_actsparse.calibrate.histogram.threshold_for_target` is
+  exact: the
   same threshold a fresh calibration would choose on the same inputs.
 * fp32 inputs: the stored histogram keeps the top 16 bits of each value (bins 2**-7 wide, relative). The
   threshold is interpolated linearly inside the bin that holds the order statistic, so it is within one bin
@@ -19,7 +20,7 @@ first sparsified layer (and any layer whose upstream layers keep their threshold
 evaluations; drift measured and reported) and ``recalibrate=True`` (a fresh exact calibration per point,
 N calibration passes plus N evaluations).
 
-Padded batches: calibration counts only real tokens (``token_mask="auto"``: a dict batch's ``attention_mask``);
+Padded batches: calibration counts only real tokens (``CalibrationConfig.token_mask="auto"``: a dict batch's ``attention_mask``);
 the achieved sparsity during ``evaluate`` counts real tokens when ``evaluate`` runs its forwards inside
 :func:`pl_actsparse.core.masking.token_mask` (the callback does for Lightning validation).
 
@@ -28,10 +29,8 @@ The shipped-model demo (perplexity on stories 0-149) is ``python -m pl_actsparse
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import statistics as _stats
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,16 +41,15 @@ import torch
 from torch import nn
 
 from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, set_target_sparsity
-from pl_actsparse.core.calibration import LayerStatistics, _bits_to_float, threshold_from_histogram
+from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import SparsifierMode, preserved, sparsified_layers, threshold_summary, weight_nbytes
-from pl_actsparse.core.masking import MaskFn, resolve_mask_fn
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
-from pl_actsparse.errors import InvalidTargetError, NotSparsifiedError, TokenMaskError
+from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, NotSparsifiedError
 from pl_actsparse.measure.metric import SparsityCounter
 
 __all__ = [
-    "threshold_for_target",
     "thresholds_for_targets",
     "apply_statistics",
     "SweepPoint",
@@ -62,44 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def threshold_for_target(stats: LayerStatistics, target: float) -> float:
-    """Threshold zeroing a fraction ``target`` of the inputs ``stats`` describes, with no pass over data.
-
-    Exact for bf16/fp16 statistics (identical to what calibration chooses on the same inputs); for fp32,
-    linearly interpolated inside the 2**-7-wide (relative) bin that holds the order statistic.
-    Target 0 gives ``-inf`` and 1 gives ``+inf``, as in calibration.
-
-    >>> import torch
-    >>> from pl_actsparse.core.calibration import LayerStatistics, coarse_histogram
-    >>> x = torch.randn(10000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    >>> st = LayerStatistics("l", 0.5, torch.bfloat16, coarse_histogram(x))  # as measured at target 0.5
-    >>> t = threshold_for_target(st, 0.3)
-    >>> round(float((x.abs() <= t).float().mean()), 2)
-    0.3
-    """
-    target = validate_target(target, repr(stats.name))
-    coarse = stats.coarse.to("cpu", torch.int64)
-    n = int(coarse.sum())
-    if target <= 0.0 or n == 0:
-        return -math.inf
-    if target >= 1.0:
-        return math.inf
-    if stats.dtype != torch.float32:
-        return threshold_from_histogram(coarse, target, stats.dtype)[0]
-    want = target * n
-    cum = torch.cumsum(coarse, 0)
-    b = int(torch.searchsorted(cum, torch.tensor(math.ceil(want), dtype=cum.dtype)))
-    b = min(b, coarse.numel() - 1)
-    below = int(cum[b - 1]) if b > 0 else 0
-    count = int(coarse[b])
-    lo, hi = _bits_to_float(b << 16, torch.float32), _bits_to_float((b + 1) << 16, torch.float32)
-    if count == 0 or want <= below:
-        return _bits_to_float((b << 16) - 1, torch.float32) if b > 0 else -math.inf
-    # Values in the bin are assumed spread uniformly over [lo, hi); the exact one is within the bin.
-    frac = min(max((want - below) / count, 0.0), 1.0)
-    return lo + frac * (hi - lo)
 
 
 def thresholds_for_targets(
@@ -119,8 +79,11 @@ def apply_statistics(
 ) -> dict[str, float]:
     """Set targets and thresholds of sparsified layers from stored statistics (no forward pass).
 
-    The layers end in sparsifying mode; returns the thresholds that were set. See the module docstring for
-    what is exact and what drifts.
+    The layers end in sparsifying mode; returns the thresholds that were set. Exact for bf16/fp16 statistics
+    of the layer alone; downstream layers drift, since their inputs were measured at the old thresholds.
+
+    Raises:
+        NotSparsifiedError: a layer has no statistics or is not a sparsified layer of ``model``.
     """
     layers = dict(sparsified_layers(model))
     thresholds = thresholds_for_targets(statistics, targets)
@@ -213,29 +176,6 @@ def _weighted(values: Mapping[str, float], weights: Mapping[str, int]) -> float:
     return sum(values[n] * weights[n] for n in values) / total if total else 0.0
 
 
-def calibrate_for_tuning(
-    model: nn.Module, data: Sequence[Any], names: Sequence[str], token_mask: str | MaskFn | None, **kwargs: Any
-) -> Any:
-    """:func:`~pl_actsparse.calibrate_activation_sparsity` of ``names`` on ``data`` counting real tokens only.
-
-    Raises:
-        TokenMaskError: the batches are padded (a mask with a ``False``) but this build's calibration takes no
-            ``token_mask``: counting pad positions would give wrong thresholds silently.
-    """
-    if "token_mask" in inspect.signature(calibrate_activation_sparsity).parameters:
-        return calibrate_activation_sparsity(model, data, layers=names, token_mask=token_mask, **kwargs)
-    mask_fn = resolve_mask_fn(token_mask)
-    if mask_fn is not None:
-        for item in data:
-            m = mask_fn(item)
-            if m is not None and not bool(m.all()):
-                raise TokenMaskError(
-                    "the calibration batches are padded but calibrate_activation_sparsity takes no token_mask in this "
-                    "build; pass unpadded batches, or token_mask=None to count pad positions too"
-                )
-    return calibrate_activation_sparsity(model, data, layers=names, **kwargs)
-
-
 def sweep_sparsity(
     model: nn.Module,
     dataset: Iterable[Any],
@@ -246,13 +186,10 @@ def sweep_sparsity(
     *,
     recalibrate: bool = False,
     base_targets: float | Mapping[str, float] | None = None,
-    num_calibration_batches: int | None = None,
-    transform_fn: Callable[[Any], Any] | None = None,
-    token_mask: str | MaskFn | None = "auto",
+    calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     metric_name: str = "metric",
     include_dense: bool = True,
     measure_achieved: bool = True,
-    progress: bool = False,
 ) -> SweepResult:
     """Evaluate ``evaluate(model)`` at each sparsity setting of ``targets``; the model is left as it was.
 
@@ -266,23 +203,25 @@ def sweep_sparsity(
         recalibrate: ``False`` (default): one calibration pass at ``base_targets``, thresholds of every point
             from its statistics; ``True``: an exact calibration per point.
         base_targets: where the single pass calibrates; default: per layer, the median of the points' targets.
-        token_mask: which calibration tokens count (``"auto"``: a dict batch's ``attention_mask``; ``None``:
-            every element; a callable batch -> bool mask).
+        calibration: how each pass calibrates (as for :func:`~pl_actsparse.sparsify_activations`); its
+            ``progress`` also logs each point.
         measure_achieved: count zeroed inputs during each evaluation (:class:`SparsityCounter`), the x axis.
 
     Weights of the mean target and of the achieved sparsity are stored weight bytes
     (:func:`~pl_actsparse.core.layer.weight_nbytes`).
 
     Raises:
-        InvalidTargetError: ``evaluate`` is not callable, ``targets`` is empty, or a point is malformed.
+        InvalidOptionError: ``evaluate`` is not callable.
+        InvalidTargetError: ``targets`` is empty, or a point is malformed.
         NotSparsifiedError: no layer to sweep, or a point names a layer that is not swept.
-        TokenMaskError: see :func:`calibrate_for_tuning`.
+        InvalidOptionError, TokenMaskError: an invalid ``calibration``.
 
     Cost: ``1 + len(targets)`` passes (``recalibrate=False``) or ``2 * len(targets)``, plus one evaluation
     for the dense reference when ``include_dense``.
     """
+    config = CalibrationConfig.from_value(calibration)
     if not callable(evaluate):
-        raise InvalidTargetError(f"evaluate must be a callable model -> float, got {evaluate!r}")
+        raise InvalidOptionError(f"evaluate must be a callable model -> float, got {evaluate!r}")
     if not targets:
         raise InvalidTargetError("targets is empty: give at least one sweep point")
     data = list(dataset) if not isinstance(dataset, (list, tuple)) else dataset
@@ -302,9 +241,7 @@ def sweep_sparsity(
         base = {n: float(_stats.median(p[n] for p in points)) for n in names}
     else:
         base = _as_targets(base_targets, names)
-    calibrate = lambda: calibrate_for_tuning(  # noqa: E731
-        model, data, names, token_mask, num_calibration_batches=num_calibration_batches, transform_fn=transform_fn, progress=progress
-    )
+    calibrate = lambda: calibrate_activation_sparsity(model, data, layers=names, calibration=config)  # noqa: E731
 
     t_start = time.perf_counter()
     passes = 0
@@ -332,7 +269,7 @@ def sweep_sparsity(
             result_points.append(_evaluate_point(model, point, None if recalibrate else stats, evaluate, weights, measure_achieved))
             result_points[-1].seconds = time.perf_counter() - t0  # calibration included
             evaluations += 1
-            if progress:
+            if config.progress:
                 log.info("sweep: target %.3f -> %s %.4f", result_points[-1].mean_target, metric_name, result_points[-1].metric)
     return SweepResult(
         points=result_points,

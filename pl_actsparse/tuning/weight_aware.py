@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
+from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import UnsupportedModuleError
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -73,14 +74,18 @@ def sparsify_activations_weight_aware(
     *,
     share_groups: bool = False,
     groups: Sequence[Sequence[str]] | None = None,
+    calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """:func:`~pl_actsparse.sparsify_activations` with the score ``|x_i| * ||W[:, i]||`` instead of ``|x_i|``.
 
     ``share_groups``: layers that read the same tensor and have equal targets use one scale (the column
     norms of their stacked weights), so they share one threshold vector and one mask; ``groups`` overrides
-    the detection (:func:`~pl_actsparse.core.groups.find_shared_input_groups`). Other keyword arguments go to
-    :func:`~pl_actsparse.sparsify_activations`.
+    the detection (:func:`~pl_actsparse.core.groups.find_shared_input_groups`). ``calibration`` and the other
+    keyword arguments (``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
+
+    Raises:
+        InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
 
     >>> import torch
     >>> from torch import nn
@@ -88,10 +93,12 @@ def sparsify_activations_weight_aware(
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(16, 4))
     >>> data = [torch.randn(64, 16)]
-    >>> _ = sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5}, progress=False)
+    >>> _ = sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5},
+    ...                                       calibration={"progress": False})
     >>> tuple(net[0].activation_threshold.shape), float((net[0].sparsify_input(data[0]) == 0).float().mean())
     ((16,), 0.5)
     """
+    config = CalibrationConfig.from_value(calibration)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     modules = dict(model.named_modules())
     names = list(plan.targets)
@@ -102,7 +109,7 @@ def sparsify_activations_weight_aware(
         if groups is None:
             from pl_actsparse.core.groups import find_shared_input_groups
 
-            groups = find_shared_input_groups(model, data[0], names, transform_fn=kwargs.get("transform_fn")) if data else []
+            groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn) if data else []
         for g in groups:
             members = [n for n in g if n in plan.targets]
             by_target: dict[float, list[str]] = {}
@@ -129,7 +136,7 @@ def sparsify_activations_weight_aware(
                 return (args[0] * c.to(args[0].dtype),) + tuple(args[1:])
 
             handles.append(m.register_forward_pre_hook(pre_hook))
-        sparsify_activations(model, dataset, target_sparsity_by_scope, ignored_scope, **kwargs)
+        sparsify_activations(model, dataset, target_sparsity_by_scope, ignored_scope, calibration=config, **kwargs)
     finally:
         for h in handles:
             h.remove()

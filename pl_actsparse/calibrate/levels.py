@@ -1,37 +1,23 @@
 """One block, one calibration batch in flight: dependency levels and one partial pass per level.
 
-Inside a transformer block the targeted layers form a few *dependency levels*: a layer's input depends on the
-thresholds of the layers of lower levels only (Llama: ``q/k/v_proj`` 0, ``o_proj`` 1, ``gate/up_proj`` 2,
-``down_proj`` 3; GPT-2: ``c_attn``, ``attn.c_proj``, ``c_fc``, ``mlp.c_proj``). GPTQ's "true sequential" mode
-and llm-compressor's sequential pipeline calibrate such groups one after another on the cached block inputs;
-:func:`calibrate_block` does the same for activation thresholds:
+Inside a block the targeted layers form a few *dependency levels*: a layer's input depends on the thresholds of
+lower levels only (Llama: ``q/k/v_proj`` 0, ``o_proj`` 1, ``gate/up_proj`` 2, ``down_proj`` 3). As GPTQ's "true
+sequential" mode, :func:`calibrate_block` calibrates them one after another on the cached block inputs:
 
-* **Plan** (:func:`plan_block`, once per distinct block structure): one forward of one batch with autograd on
-  and every floating-point block argument requiring grad (nothing saved for backward: only the graph's
-  structure is read). Layer ``B`` depends on layer ``A`` when the autograd
-  graph of ``B``'s input reaches ``A``'s thresholded input; ``level(B) = 1 + max(level(A))`` over those. A block
-  whose layers are not each called exactly once (mixture-of-experts, weight sharing), or whose layer inputs are
-  not traced back to its arguments, is not leveled (:class:`NotLeveled`) and is calibrated in lockstep instead.
-* **Level passes**: for level ``l``, every batch in turn runs the block on its cached input, with the layers of
-  levels ``< l`` sparsified at their final thresholds, until every level-``l`` layer has seen its input (the
-  forward is then stopped). Each layer's real-token inputs go into its histogram; when all batches are done,
-  the level's thresholds are finalized exactly as :mod:`~pl_actsparse.core.calibration` does (same histograms,
-  same rule, summed over DDP ranks).
-* **Propagation**: every batch runs the whole block once more with the final thresholds; its output becomes
-  the cached input of the next block.
-* **Reuse** of finished sub-modules: a sub-module (HF's ``self_attn``) whose targeted layers are all final
-  returns, in later passes, the output it computed in the first pass after they became final, instead of
-  recomputing it (kept only while its output is no larger than the block input, i.e. at most one more
-  boundary-sized tensor per batch, stored where the boundary cache is).
+* **Plan** (:func:`plan_block`, once per block structure): one forward with autograd on (nothing saved for
+  backward); ``B`` depends on ``A`` when the graph of ``B``'s input reaches ``A``'s thresholded input. A block
+  whose layers are not each called once (mixture-of-experts), or whose layer inputs are not traced back to its
+  arguments, is not leveled and is calibrated in lockstep instead.
+* **Level passes**: for level ``l`` every batch in turn runs the block, levels ``< l`` at their final thresholds,
+  until every level-``l`` layer has seen its input; then :func:`~pl_actsparse.calibrate.histogram.finalize`
+  sets the level's thresholds, as in lockstep. **Propagation**: each batch's output under the final thresholds
+  becomes the cached input of the next block.
+* **Reuse**: a sub-module (HF's ``self_attn``) whose targeted layers are all final returns its kept output in
+  later passes (kept only while no larger than the block input).
 
-Float32 inputs need a second histogram of the low 16 bits inside one coarse bin (see the calibration module).
-That bin is not known before every batch was seen, so each layer keeps the fine counts of a *window* of bins
-around its first batch's quantile; if the final bin falls outside, the level pass runs once more for the fine
-counts only (exact either way, only slower).
-
-The thresholds, histograms and zeroed counts are bit-for-bit those of lockstep calibration: every batch computes
-the very tensors it computes inside the lockstep forward. Memory above the model: the caller's boundary cache,
-the reused outputs, and the activations of one batch inside one block.
+Float32 fine counts are kept for a *window* of coarse bins around the first batch's quantile; when the final
+bin falls outside, the level pass runs once more for its fine counts. Thresholds, histograms and zeroed counts
+are bit for bit lockstep's: every batch computes the very tensors it computes inside the lockstep forward.
 """
 
 from __future__ import annotations
@@ -42,26 +28,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.core.calibration import (
-    COARSE_BINS,
-    FINE_BINS,
-    LayerStatistics,
-    _agreed_dtype,
-    _check_finite,
-    _Distributed,
-    _INT_VIEW,
-    _abs_keys,
-    coarse_histogram,
-    compilation_disabled,
-    fine_bin,
-    fine_histogram,
-    map_tensors,
-    threshold_from_histogram,
+from pl_actsparse.calibrate.blocks import hidden_out
+from pl_actsparse.calibrate.cache import BoundaryCache
+from pl_actsparse.calibrate.distributed import Distributed
+from pl_actsparse.calibrate.histogram import (
+    COARSE_BINS, FINE_BINS, LayerStatistics, abs_keys, check_input_dtype, coarse_histogram, finalize, fine_bin,
+    fine_histogram, merge_coarse
 )
+from pl_actsparse.calibrate.running import compilation_disabled, map_tensors, patch_forward, restore_forward
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, SparsifierMode, linear_like_spec
-from pl_actsparse.core.masking import select_tokens, token_mask as _token_mask_context
+from pl_actsparse.core.masking import select_tokens, token_mask as token_mask_context
 
-__all__ = ["NotLeveled", "CacheSpoiled", "BlockPlan", "plan_block", "calibrate_block", "BlockIO"]
+__all__ = ["Unleveled", "BlockPlan", "plan_block", "calibrate_block"]
 
 #: Coarse bins of fine counts kept per float32 layer (each 2**16 int64 counters: 512 KiB); the window covers
 #: the first batch's quantiles within ``FINE_WINDOW_QUANTILE_MARGIN`` of the target.
@@ -69,13 +47,24 @@ FINE_WINDOW_BINS = 16
 FINE_WINDOW_QUANTILE_MARGIN = 0.02
 
 
-class NotLeveled(Exception):
-    """The block cannot be calibrated level by level; the message says why (the caller uses lockstep)."""
+class _NotLeveled(Exception):
+    """The block cannot be calibrated level by level; the message says why."""
 
 
-class CacheSpoiled(NotLeveled):
-    """The block stopped following its plan while the cache was being overwritten with its outputs: the
-    caller must start over in lockstep (all ranks raise it together)."""
+class _CacheSpoiled(_NotLeveled):
+    """The block stopped following its plan while the cache was being overwritten with its outputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unleveled:
+    """What :func:`calibrate_block` returns when the block cannot be calibrated level by level (all ranks agree).
+
+    ``spoiled``: the block's outputs had already replaced part of the boundary cache, so the caller must start
+    over in lockstep; otherwise nothing changed and the caller calibrates this block in lockstep.
+    """
+
+    reason: str
+    spoiled: bool = False
 
 
 class _Stop(Exception):
@@ -98,45 +87,8 @@ class BlockPlan:
         return len(self.levels)
 
 
-@dataclasses.dataclass
-class BlockIO:
-    """How :func:`calibrate_block` reads and writes the boundary cache (callables of the batch index)."""
-
-    indices: list[int]
-    hidden: Callable[[int], torch.Tensor]
-    call: Callable[[int, torch.Tensor], tuple[tuple, dict]]
-    set_hidden: Callable[[int, torch.Tensor], None]
-    mask: Callable[[int], torch.Tensor | None]
-    keep: Callable[[int, str, Any], Any]  # store a reused output; returns a handle
-    load: Callable[[Any], Any]  # a stored output back, on the model's device, fresh tensors
-    drop: Callable[[Any], None]
-
-
-def _hidden_out(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
 def _with_grad(v: Any) -> Any:
     return map_tensors(v, lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
-
-
-_MISSING = object()
-
-
-def patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
-    """Replace ``module.forward`` by ``make(current forward)`` (an instance attribute, so hooks still run);
-    returns what :func:`restore_forward` needs. A forward already set on the instance (accelerate's hook
-    wrapper) is the one wrapped and later restored."""
-    saved = module.__dict__.get("forward", _MISSING)
-    module.forward = make(type(module).forward.__get__(module) if saved is _MISSING else saved)
-    return saved
-
-
-def restore_forward(module: nn.Module, saved: Any) -> None:
-    if saved is _MISSING:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = saved
 
 
 def _discard(_: Any) -> None:
@@ -157,14 +109,20 @@ def _reachable(node: Any) -> set:
     return seen
 
 
-def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan:
+def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan | str:
     """Dependency levels of ``layers`` (sparsified modules inside ``block``) from one forward of the block on
     ``args``/``kwargs`` with autograd on (see the module docstring). The layers' modes are restored.
 
-    Raises:
-        NotLeveled: a layer is not called exactly once, a layer input is not traced back to the block's
-            arguments, or the forward fails with autograd on.
+    Returns the plan, or why there is none (a layer is not called exactly once, a layer input is not traced
+    back to the block's arguments, or the forward fails with autograd on).
     """
+    try:
+        return _plan(block, layers, args, kwargs)
+    except _NotLeveled as exc:
+        return str(exc)
+
+
+def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan:
     local = {id(m): n for n, m in block.named_modules()}
     ids = {id(m): k for k, m in enumerate(layers)}
     k_layers = len(layers)
@@ -200,7 +158,7 @@ def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwarg
                 torch.autograd.graph.saved_tensors_hooks(_discard, _discard):
             block(*_with_grad(args), **_with_grad(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
-        raise NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
+        raise _NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
     finally:
         for h in handles:
             h.remove()
@@ -210,13 +168,13 @@ def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwarg
     names = [local[id(m)] for m in layers]
     missing = [names[k] for k in range(k_layers) if calls[k] == 0]
     if missing:
-        raise NotLeveled(f"layer(s) {missing} were not called by the block's forward (data-dependent routing)")
+        raise _NotLeveled(f"layer(s) {missing} were not called by the block's forward (data-dependent routing)")
     repeated = [names[k] for k in range(k_layers) if calls[k] > 1]
     if repeated:
-        raise NotLeveled(f"layer(s) {repeated} are called more than once per block forward")
+        raise _NotLeveled(f"layer(s) {repeated} are called more than once per block forward")
     untraced = [names[k] for k in range(k_layers) if marks[k] is None]
     if untraced:
-        raise NotLeveled(f"the inputs of layer(s) {untraced} do not depend on the block's arguments")
+        raise _NotLeveled(f"the inputs of layer(s) {untraced} do not depend on the block's arguments")
     level = [0] * k_layers
     for k in order:
         reach = _reachable(raw[k].grad_fn)
@@ -271,7 +229,7 @@ class _Accumulator:
         if self.window is None:
             self.window = _window(hist, self.target)
         lo, hi = self.window
-        keys = _abs_keys(sel)
+        keys = abs_keys(sel)
         inside = keys[(keys >= (lo << 16)) & (keys < ((hi + 1) << 16))] - (lo << 16)
         h = torch.bincount(inside, minlength=(hi - lo + 1) * FINE_BINS)
         self.fine = h if self.fine is None else self.fine.add_(h)
@@ -305,8 +263,9 @@ def _window(hist: torch.Tensor, target: float) -> tuple[int, int]:
 class _Pass:
     """Observers and reused outputs installed on a block for one pass."""
 
-    def __init__(self, block: nn.Module, plan: BlockPlan, layers: dict[str, nn.Module], io: BlockIO, kept: dict) -> None:
-        self.block, self.plan, self.layers, self.io = block, plan, layers, io
+    def __init__(self, block: nn.Module, j: int, plan: BlockPlan, layers: dict[str, nn.Module], cache: BoundaryCache,
+                 masks: list, kept: dict) -> None:
+        self.block, self.j, self.plan, self.layers, self.cache, self.masks = block, j, plan, layers, cache, masks
         self.names = {id(m): n for n, m in layers.items()}
         self.kept = kept
         self.hidden_bytes: dict[int, int] = {}
@@ -359,12 +318,12 @@ class _Pass:
             key = (self.index, name)
             if key in self.kept:
                 self.replayed |= self.inside[name]
-                return self.io.load(self.kept[key])
+                return self.cache.load(self.kept[key])
             out = real(*args, **kwargs)
             last_pass = self.level >= self.plan.passes  # propagation: nobody reads a kept output afterwards
             if self.level >= ready and not last_pass and name not in self.wont_keep:
                 if _nbytes(out) <= self.hidden_bytes[self.index]:
-                    self.kept[key] = self.io.keep(self.index, name, out)
+                    self.kept[key] = self.cache.keep(self.index, name, out)
                 else:
                     self.wont_keep.add(name)
             return out
@@ -376,18 +335,16 @@ class _Pass:
         calls = self.calls.get(key, 0) + 1
         self.calls[key] = calls
         if calls > 1:
-            raise NotLeveled("a layer was called more than once in one block forward")
+            raise _NotLeveled("a layer was called more than once in one block forward")
         acc = self.observed.get(self.names[key])
         if acc is None:
             return
-        mask = self.io.mask(self.index)
+        mask = self.masks[self.index]
         last = self.last
         if last is not None and last[0] is inp and last[1] is mask:
             sel, hist = last[2], last[3]
         else:
-            if inp.dtype not in _INT_VIEW:
-                raise TypeError(f"layer {acc.name!r} received a {inp.dtype} input; calibration supports float32, "
-                                "bfloat16 and float16")
+            check_input_dtype(acc.name, inp)
             sel = select_tokens(inp.detach(), mask, layer=acc.name)
             hist = coarse_histogram(sel)
             self.last = (inp, mask, sel, hist)
@@ -404,21 +361,21 @@ class _Pass:
         self.replayed = set()
         self.skip_from(level)
         self.pending = {id(acc.module) for acc in accumulators.values()}
-        hidden = self.io.hidden(index)
+        hidden = self.cache.hidden(index)
         self.hidden_bytes[index] = hidden.numel() * hidden.element_size()
-        args, kwargs = self.io.call(index, hidden)
+        args, kwargs = self.cache.call(index, self.j, hidden)
         try:
-            with _token_mask_context(self.io.mask(index)):
+            with token_mask_context(self.masks[index]):
                 out = self.block(*args, **kwargs)
         except _Stop:
             return None
         finally:
             self.last = None
         if self.pending:
-            raise NotLeveled("the block's forward ended before every layer of a level was called")
+            raise _NotLeveled("the block's forward ended before every layer of a level was called")
         if level == self.plan.passes and set(self.calls) | self.replayed != {id(m) for m in self.layers.values()}:
-            raise NotLeveled("not every targeted layer of the block was called in the propagation pass")
-        return _hidden_out(out)
+            raise _NotLeveled("not every targeted layer of the block was called in the propagation pass")
+        return hidden_out(out)
 
 
 def _zeros_after_observers(module: nn.Module) -> Callable[..., torch.Tensor]:
@@ -446,85 +403,77 @@ def _nbytes(out: Any) -> int:
     return 1 << 62  # unknown objects are never kept
 
 
-def _agree(dist: _Distributed, failed: bool) -> bool:
-    return bool(dist.sum_(torch.tensor([int(failed)])).item()) if dist.enabled else failed
-
-
 def calibrate_block(
     block: nn.Module,
     plan: BlockPlan,
     layers: Sequence[tuple[str, nn.Module]],
-    io: BlockIO,
-    dist: _Distributed,
-    on_level: Callable[[int], None] = lambda level: None,
-) -> dict[str, LayerStatistics]:
-    """Calibrate ``layers`` (``(full name, module)`` inside ``block``) level by level, then propagate every
-    batch's output into the cache (:class:`BlockIO`). Returns statistics per full name.
+    j: int,
+    cache: BoundaryCache,
+    masks: list,
+    dist: Distributed,
+) -> dict[str, LayerStatistics] | Unleveled:
+    """Calibrate ``layers`` (``(full name, module)`` inside ``block``, the ``j``-th block) level by level on the
+    inputs in ``cache`` (``masks``: each batch's token mask), then write every batch's output there. Returns
+    statistics per full name, or :class:`Unleveled` when, on any rank, a pass found the block behaving unlike its
+    plan (all ranks return it together).
 
     Raises:
-        NotLeveled: on any rank, a pass found the block behaving unlike its plan, before the cache changed
-            (the caller calibrates the block in lockstep). All ranks raise together.
         NonFiniteActivationError, TokenMaskError, TypeError: as lockstep calibration.
     """
     local = {id(m): n for n, m in block.named_modules()}
     by_local = {local[id(m)]: (full, m) for full, m in layers}
     if sorted(by_local) != sorted(n for lv in plan.levels for n in lv):
-        raise NotLeveled("the block's targeted layers differ from its plan")
+        return Unleveled("the block's targeted layers differ from its plan")
     modules = {n: m for n, (_, m) in by_local.items()}
     for m in modules.values():
         m._actsparse.mode = SparsifierMode.PASSTHROUGH
     kept: dict = {}
     stats: dict[str, LayerStatistics] = {}
-    p = _Pass(block, plan, modules, io, kept)
+    p = _Pass(block, j, plan, modules, cache, masks, kept)
     try:
         with p, torch.no_grad(), compilation_disabled():
             for level, names in enumerate(plan.levels):
                 accs = {n: _Accumulator(by_local[n][0], modules[n]) for n in names}
                 failed = None
                 try:
-                    for i in io.indices:
+                    for i in range(len(masks)):
                         p.run(i, level, accs)
-                except NotLeveled as exc:
+                except _NotLeveled as exc:
                     failed = exc
-                if _agree(dist, failed is not None):
-                    raise failed or NotLeveled("another rank's block did not follow the plan")
-                _finalize(p, level, accs, io, dist)
+                if dist.any(failed is not None):
+                    raise failed or _NotLeveled("another rank's block did not follow the plan")
+                _finalize(p, level, accs, dist)
                 for n in names:
                     stats[by_local[n][0]] = accs[n].stats  # type: ignore[attr-defined]
-                on_level(level)
             failed = None
-            for i in io.indices:
+            for i in range(len(masks)):
                 try:
                     out = p.run(i, plan.passes, {})
-                except NotLeveled as exc:
+                except _NotLeveled as exc:
                     failed = exc  # too late to redo only this block: the cache holds outputs already
                     break
-                io.set_hidden(i, out)  # type: ignore[arg-type]
+                cache.set_hidden(i, out)  # type: ignore[arg-type]
                 for key in [k for k in kept if k[0] == i]:
-                    io.drop(kept.pop(key))
-            if _agree(dist, failed is not None):
-                raise CacheSpoiled(f"{failed or 'another rank'}: while propagating the block's outputs")
+                    cache.drop(kept.pop(key))
+            if dist.any(failed is not None):
+                raise _CacheSpoiled(f"{failed or 'another rank'}: while propagating the block's outputs")
+    except _NotLeveled as exc:
+        return Unleveled(str(exc), spoiled=isinstance(exc, _CacheSpoiled))
     finally:
         for handle in kept.values():
-            io.drop(handle)
+            cache.drop(handle)
         kept.clear()
     return stats
 
 
-def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, dist: _Distributed) -> None:
+def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distributed) -> None:
     """Thresholds of one level from the summed histograms (all ranks), written into the layers."""
     ordered = list(accs.values())
-    merged = []
-    for acc in ordered:
-        dtype = _agreed_dtype(dist, acc.dtype)
-        local = acc.coarse if acc.coarse is not None else torch.zeros(COARSE_BINS, dtype=torch.int64)
-        coarse = dist.sum_(local).to("cpu")
-        _check_finite(acc.name, coarse, dtype)
-        merged.append((dtype, coarse))
+    merged = [merge_coarse(acc.name, acc.dtype, acc.coarse, dist) for acc in ordered]
     # float32: the fine counts of the bin each threshold falls in; a second pass where a window missed it
     bins = [fine_bin(coarse, acc.target) if dtype == torch.float32 else None for acc, (dtype, coarse) in zip(ordered, merged)]
     here = [b is not None and acc.fine_of(b) is None for acc, b in zip(ordered, bins)]  # missing on this rank
-    if int(dist.sum_(torch.tensor(here, dtype=torch.int64)).sum()):  # some rank needs a second pass
+    if dist.any(any(here)):  # some rank needs a second pass
         again = {}
         for (n, acc), b, miss in zip(accs.items(), bins, here):
             if miss:
@@ -533,26 +482,15 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], io: BlockIO, 
         failed = None
         if again:
             try:
-                for i in io.indices:
+                for i in range(len(p.masks)):
                     p.run(i, level, again)
-            except NotLeveled as exc:
+            except _NotLeveled as exc:
                 failed = exc
-        if _agree(dist, failed is not None):  # every rank gets here: ``missing`` is summed over all of them
-            raise failed or NotLeveled("another rank's block did not follow the plan")
-    for acc, (dtype, coarse), b in zip(ordered, merged, bins):
-        fine = None
-        if b is not None:
-            local = acc.repass if acc.repass_bin is not None else acc.fine_of(b)
-            if local is None:  # this rank saw no element of the layer
-                local = torch.zeros(FINE_BINS, dtype=torch.int64)
-            fine = dist.sum_(local.to(torch.int64)).to("cpu")
-
-        def fine_fn(bb: int, b: int | None = b, fine: torch.Tensor | None = fine) -> torch.Tensor:
-            assert bb == b and fine is not None
-            return fine
-
-        threshold, zeroed = threshold_from_histogram(coarse, acc.target, dtype, fine_fn)
-        acc.module.activation_threshold.fill_(threshold)  # type: ignore[operator]
+        if dist.any(failed is not None):  # every rank gets here: ``missing`` is summed over all of them
+            raise failed or _NotLeveled("another rank's block did not follow the plan")
+    for acc, (dtype, coarse) in zip(ordered, merged):
+        local_fine = lambda b, acc=acc: acc.repass if acc.repass_bin is not None else acc.fine_of(b)  # noqa: E731
+        acc.stats = finalize(acc.name, acc.target, dtype, coarse, local_fine, dist)  # type: ignore[attr-defined]
+        acc.module.activation_threshold.fill_(acc.stats.threshold)  # type: ignore[operator,attr-defined]
         acc.module._actsparse.mode = SparsifierMode.SPARSIFYING
-        acc.stats = LayerStatistics(acc.name, acc.target, dtype, coarse, threshold, zeroed, calls=1)  # type: ignore[attr-defined]
         acc.coarse = acc.fine = acc.repass = None

@@ -1,0 +1,181 @@
+"""The boundary cache of sequential calibration: every batch's input to the current block, and every block's
+other arguments (cf. llm-compressor's ``pipelines/cache.py``).
+
+Kept with the model, in CPU memory (``offload="cpu"``) or in files under a temporary directory
+(``offload="disk"``, read back one batch at a time). Tensors shared by several block calls of a batch are stored
+once; a cache object handed to the blocks (HF's ``DynamicCache``) is deep-copied per block call, so re-running a
+block never sees a key/value state another call appended.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from pl_actsparse.calibrate.running import map_tensors
+
+__all__ = ["BoundaryCache", "is_cache_object"]
+
+
+_HIDDEN = object()  # placeholder of the hidden-states argument inside a recorded call
+
+
+@dataclasses.dataclass
+class _Tensor:
+    """Placeholder of a stored tensor inside a recorded call (index into the batch's tensor list)."""
+
+    index: int
+
+
+@dataclasses.dataclass
+class _Fresh:
+    """A mutable cache object (HF ``Cache``): every block call gets its own deep copy of the captured state."""
+
+    obj: Any
+
+
+def is_cache_object(v: Any) -> bool:
+    """Whether ``v`` is a mutable cache object (HF ``Cache``), deep-copied for every block call."""
+    if isinstance(v, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict)):
+        return False
+    return "cache" in type(v).__name__.lower()
+
+
+class _Entry:
+    """One calibration batch: its hidden states at the current block boundary and every block's call."""
+
+    def __init__(self) -> None:
+        self.hidden: Any = None  # tensor, or the path of its file (offload="disk")
+        self.shape: tuple = ()
+        self.dtype: torch.dtype | None = None
+        self.calls: list[tuple[tuple, dict]] = []  # per block: args, kwargs with placeholders
+        self.tensors: Any = []  # list of tensors, or the path of their file (offload="disk")
+        self.generation = 0
+
+
+class BoundaryCache:
+    """Where the block inputs of every calibration batch live: with the model, on CPU or on disk."""
+
+    def __init__(self, n: int, device: torch.device | None, offload: str | None, offload_dir: str | None) -> None:
+        self.entries = [_Entry() for _ in range(n)]
+        self.device = device
+        self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
+        self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
+        self.kept_files = 0
+
+    def hidden_nbytes(self) -> int:
+        """Bytes of the cached hidden states (all batches)."""
+        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries if e.dtype is not None)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    # recording -------------------------------------------------------------------------------------
+    def record(self, b: int, j: int, args: tuple, kwargs: dict, hidden: torch.Tensor, seen: dict) -> None:
+        entry = self.entries[b]
+        tensors: list = entry.tensors
+
+        def enc(v: Any) -> Any:
+            if v is hidden:
+                return _HIDDEN
+            if isinstance(v, torch.Tensor):
+                key = id(v)
+                if key not in seen:
+                    seen[key] = (len(tensors), v)  # keeps v alive, so ids stay unique
+                    tensors.append(v.detach() if self.store_device is None else v.detach().to(self.store_device))
+                return _Tensor(seen[key][0])
+            if isinstance(v, dict):
+                return {k: enc(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+                return type(v)(enc(x) for x in v)
+            if is_cache_object(v):
+                return _Fresh(v)
+            return v
+
+        entry.calls.append((enc(args), enc(kwargs)))
+        if j == 0:
+            self.set_hidden(b, hidden)
+
+    def seal(self, b: int) -> None:
+        """The batch's calls are complete: move its tensors to their file (offload="disk")."""
+        entry = self.entries[b]
+        if self.dir is not None and isinstance(entry.tensors, list):
+            path = os.path.join(self.dir, f"calls{b}.pt")
+            torch.save(entry.tensors, path)
+            entry.tensors = path
+
+    # reading and writing ---------------------------------------------------------------------------
+    def hidden(self, b: int) -> torch.Tensor:
+        entry = self.entries[b]
+        if isinstance(entry.hidden, str):
+            t = torch.from_file(entry.hidden, shared=False, size=math.prod(entry.shape), dtype=entry.dtype).view(entry.shape)
+        else:
+            t = entry.hidden
+        return t if self.device is None else t.to(self.device)
+
+    def set_hidden(self, b: int, t: torch.Tensor) -> None:
+        entry = self.entries[b]
+        t = t.detach()
+        entry.shape, entry.dtype = tuple(t.shape), t.dtype
+        if self.dir is not None:
+            # a new file each time: the old one may still be mapped (and even be ``t`` itself)
+            entry.generation += 1
+            path = os.path.join(self.dir, f"hidden{b}-{entry.generation}.bin")
+            t.contiguous().cpu().view(torch.uint8).numpy().tofile(path)
+            old, entry.hidden = entry.hidden, path
+            if isinstance(old, str):
+                os.remove(old)
+        else:
+            entry.hidden = t if self.store_device is None else t.to(self.store_device)
+
+    # outputs of finished sub-modules, reused within one block (pl_actsparse.calibrate.levels) --------------
+    def keep(self, b: int, name: str, out: Any) -> Any:
+        out = map_tensors(out, lambda t: t.detach() if self.store_device is None else t.detach().to(self.store_device))
+        if self.dir is None:
+            return out
+        self.kept_files += 1
+        path = os.path.join(self.dir, f"kept{b}-{self.kept_files}.pt")
+        torch.save(out, path)
+        return path
+
+    def load(self, handle: Any) -> Any:
+        obj = torch.load(handle, mmap=True, weights_only=True) if isinstance(handle, str) else handle
+        device = self.device
+        return map_tensors(obj, lambda t: t.to(device if device is not None else t.device, copy=True))
+
+    def drop(self, handle: Any) -> None:
+        if isinstance(handle, str) and os.path.exists(handle):
+            os.remove(handle)
+
+    def call(self, b: int, j: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        entry = self.entries[b]
+        tensors = entry.tensors
+        if isinstance(tensors, str):
+            tensors = torch.load(tensors, mmap=True, weights_only=True)
+        device = self.device
+
+        def dec(v: Any) -> Any:
+            if v is _HIDDEN:
+                return hidden
+            if isinstance(v, _Tensor):
+                t = tensors[v.index]
+                return t if device is None else t.to(device)
+            if isinstance(v, _Fresh):
+                return copy.deepcopy(v.obj)
+            if isinstance(v, dict):
+                return {k: dec(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+                return type(v)(dec(x) for x in v)
+            return v
+
+        args, kwargs = entry.calls[j]
+        return dec(args), dec(kwargs)

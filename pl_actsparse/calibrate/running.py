@@ -1,0 +1,138 @@
+"""Running a model on calibration items: how an item becomes a call, on which device, and which items are used."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from pl_actsparse.calibrate.distributed import Distributed
+from pl_actsparse.core.masking import token_mask as token_mask_context
+from pl_actsparse.errors import EmptyDatasetError, TokenMaskError
+
+__all__ = [
+    "default_transform_fn", "call_model", "map_tensors", "to_device", "model_device", "compilation_disabled",
+    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward",
+]
+
+
+def default_transform_fn(item: Any) -> Any:
+    """Calibration items are model inputs as they are (see :func:`call_model` for how they are passed)."""
+    return item
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call the model the way NNCF does: a dict is keyword arguments, a tuple or list positional ones,
+    anything else the single argument."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor inside its dicts, lists and tuples (named tuples and other
+    objects are left as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def to_device(obj: Any, device: torch.device | None) -> Any:
+    """Every tensor of ``obj`` moved to ``device`` (``None``: ``obj`` unchanged)."""
+    return obj if device is None else map_tensors(obj, lambda t: t.to(device, non_blocking=True))
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (or buffer); ``None`` for a model with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+def run_item(model: nn.Module, item: Any, transform: Callable[[Any], Any], mask: torch.Tensor | None,
+             device: torch.device | None) -> Any:
+    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask."""
+    with token_mask_context(mask):
+        return call_model(model, to_device(transform(item), device))
+
+
+@contextlib.contextmanager
+def compilation_disabled() -> Iterator[None]:
+    """Run every ``torch.compile``'d function and module eagerly while the context is open, then restore.
+
+    Calibration runs threads, locks and ``bincount`` in the layers, which would break graphs and spend the
+    recompile limit; under ``set_stance("force_eager")`` nothing is traced and the user's compiled graphs stay
+    cached. A no-op when dynamo was never imported. Not for use inside a compiled region.
+    """
+    if "torch._dynamo" not in sys.modules:
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def forward_is_not_reentrant(model: nn.Module) -> bool:
+    """Models whose forward patches shared state (NNCF-wrapped ones) break when two forwards overlap."""
+    return any("__nncf_hooks" in m._modules for m in model.modules())
+
+
+def take_batches(items: Iterable[Any], num_batches: int | None, dist: Distributed) -> list[Any]:
+    """The first ``num_batches`` items (all when ``None``).
+
+    Raises:
+        EmptyDatasetError: no rank has an item.
+    """
+    batches: list[Any] = []
+    for item in items:
+        if num_batches is not None and len(batches) >= num_batches:
+            break
+        batches.append(item)
+    if dist.count(len(batches)) == 0:
+        raise EmptyDatasetError(
+            "the calibration data yielded no item: pass a non-empty iterable of model inputs"
+            + (f" (CalibrationConfig.num_batches={num_batches!r})" if num_batches is not None else "")
+        )
+    return batches
+
+
+def mask_of(mask_fn: Callable[[Any], Any] | None, item: Any) -> torch.Tensor | None:
+    """The token mask of ``item`` (``mask_fn`` from :func:`pl_actsparse.core.masking.resolve_mask_fn`).
+
+    Raises:
+        TokenMaskError: ``mask_fn`` returned something other than a tensor or ``None``.
+    """
+    mask = mask_fn(item) if mask_fn is not None else None
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TokenMaskError(f"token_mask function returned {type(mask).__qualname__}, expected a bool tensor [batch, seq] or None")
+    return mask
+
+
+_MISSING = object()
+
+
+def patch_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """Replace ``module.forward`` by ``make(current forward)`` (an instance attribute, so hooks still run);
+    returns what :func:`restore_forward` needs. A forward already set on the instance (accelerate's hook
+    wrapper) is the one wrapped and later restored."""
+    saved = module.__dict__.get("forward", _MISSING)
+    module.forward = make(type(module).forward.__get__(module) if saved is _MISSING else saved)
+    return saved
+
+
+def restore_forward(module: nn.Module, saved: Any) -> None:
+    """Undo :func:`patch_forward` (``saved`` is what it returned)."""
+    if saved is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = saved

@@ -1,0 +1,257 @@
+"""Block-wise (sequential) exact calibration: a cache of block inputs instead of the whole model in flight.
+
+Most large models are a list of blocks (``model.model.layers`` of HF Llama, ``transformer.h`` of GPT-2). As GPTQ
+and llm-compressor's sequential pipeline do for quantization, this driver calibrates them one after another,
+with the thresholds of lockstep calibration bit for bit (see ``docs/calibration.md``):
+
+1. **Capture** (:mod:`~pl_actsparse.calibrate.blocks`): with every block stubbed, one cheap pass caches each
+   batch's input to block 0 and every block's other arguments (:mod:`~pl_actsparse.calibrate.cache`); targeted
+   layers before block 0 are calibrated on the way, in lockstep.
+2. **Blocks, in order**: block ``j`` is calibrated level by level with one batch in flight
+   (:mod:`~pl_actsparse.calibrate.levels`), or in lockstep with every cached batch when it cannot be leveled;
+   each batch's output (under the final thresholds) then replaces its cache entry.
+3. **Tail**: layers after the last block (``lm_head``) are calibrated by a lockstep pass of the whole model in
+   which the blocks return the cached final hidden states.
+
+Memory above the model's own: the boundary cache (``batches x tokens x hidden``, plus the blocks' other
+arguments), the reused outputs of finished sub-modules (at most one more boundary-sized tensor) and one batch's
+activations inside one block. ``offload`` moves the caches to CPU memory or disk; ``max_batches_in_flight`` only
+bounds the blocks calibrated in lockstep. A model that does not fit the scheme (no block list, blocks not chained
+output-to-input, a targeted layer between two blocks, NNCF's non-reentrant forward) is calibrated in lockstep,
+with a logged warning saying why; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from pl_actsparse.calibrate.blocks import BlockRunner, ModelRunner, StubMode, Stubs, find_block_list, probe
+from pl_actsparse.calibrate.cache import BoundaryCache
+from pl_actsparse.calibrate.distributed import Distributed
+from pl_actsparse.calibrate.histogram import LayerStatistics
+from pl_actsparse.calibrate.levels import BlockPlan, Unleveled, calibrate_block, plan_block
+from pl_actsparse.calibrate.lockstep import calibrate_layers
+from pl_actsparse.calibrate.progress import Progress
+from pl_actsparse.calibrate.running import (
+    default_transform_fn, forward_is_not_reentrant, mask_of, model_device, take_batches
+)
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.core.masking import resolve_mask_fn
+
+__all__ = ["calibrate_sequential"]
+
+log = logging.getLogger(__name__)
+
+Layers = Sequence[tuple[str, nn.Module]]
+
+
+class _Fallback(Exception):
+    """The model does not fit the block-wise scheme; the message says why."""
+
+
+def calibrate_sequential(
+    model: nn.Module,
+    layers: Layers,
+    items: Iterable[Any],
+    config: CalibrationConfig = CalibrationConfig(),
+    *,
+    blocks: str | None = None,
+    offload_dir: str | None = None,
+) -> dict[str, LayerStatistics]:
+    """Block-wise exact calibration of ``layers`` (already sparsified modules of ``model``) on ``items``.
+
+    Same contract and same thresholds as :func:`~pl_actsparse.calibrate.lockstep.calibrate_layers` (bit for bit),
+    with the memory of the boundary cache plus one batch's activations inside one block (module docstring).
+    Of ``config`` this also reads ``offload`` (where the cache lives; ``"disk"``: files under ``offload_dir``,
+    default the system's temporary directory, deleted at the end) and ``in_block`` (``"levels"``: one batch in
+    flight inside a block; ``"lockstep"``: every batch through the block at once). A block that cannot be
+    leveled (a layer called twice or not at all, e.g. mixture-of-experts) is calibrated in lockstep, with a
+    logged message saying why. ``blocks`` names the ``nn.ModuleList`` of blocks (default: :func:`find_block_list`).
+    A model that does not fit the scheme (module docstring) is calibrated by ``calibrate_layers``, with a warning.
+
+    Raises:
+        InvalidOptionError: ``blocks`` names no ``nn.ModuleList`` of the model.
+        EmptyDatasetError, LayerNotCalledError, NonFiniteActivationError: as ``calibrate_layers``.
+    """
+    transform = config.transform_fn or default_transform_fn
+    dist = Distributed(config.sync_across_processes, model_device(model))
+    batches = take_batches(items, config.num_batches, dist)
+    names = [n for n, _ in layers]
+    list_name, why = find_block_list(model, names, blocks)
+    if list_name is None or forward_is_not_reentrant(model):
+        return _fallback(model, layers, batches, config, why if list_name is None else
+                         "the model keeps per-forward global state (NNCF's function hooks)")
+    block_list = list(model.get_submodule(list_name))
+    by_block, outside = _split(block_list, list_name, layers)
+    training = {id(m): m.training for m in model.modules()}
+    mask_fn = resolve_mask_fn(config.token_mask)
+    masks = [mask_of(mask_fn, b) for b in batches]
+    cache = BoundaryCache(len(batches), model_device(model), config.offload, offload_dir)
+    stubs = Stubs(block_list, cache)
+    inner = config.replace(num_batches=None, transform_fn=None, token_mask=None, progress=False)
+    stats: dict[str, LayerStatistics] = {}
+    plans: dict[tuple, BlockPlan | str] = {}
+    try:
+        model.eval()
+        with Progress("calibrating block by block", len(block_list) + 2, config.progress and dist.is_main) as bar:
+            post = _capture(model, stubs, batches, transform, masks, outside, dist, inner, stats)
+            where = {None: "with the model", "cpu": "in CPU memory", "disk": "on disk"}[config.offload]
+            bar.advance(f"captured the inputs of {len(block_list)} blocks "
+                        f"({cache.hidden_nbytes() / 2**20:.1f} MiB of hidden states, {where})")
+            for j, block in enumerate(block_list):
+                stats.update(_block(block, j, by_block[j], cache, masks, dist, inner, plans))
+                bar.advance(f"block {j + 1}/{len(block_list)}")
+            if post:
+                stats.update(_tail(model, stubs, batches, transform, masks, post, inner))
+            bar.advance("after the blocks")
+    except _Fallback as exc:
+        _restore_training(model, training)
+        return _fallback(model, layers, batches, config, str(exc))
+    finally:
+        cache.close()
+        _restore_training(model, training)
+    return {n: stats[n] for n in names}
+
+
+def _fallback(model: nn.Module, layers: Layers, batches: list, config: CalibrationConfig, reason: str) -> dict[str, LayerStatistics]:
+    log.warning("sequential calibration is not possible here, calibrating in lockstep instead: %s", reason)
+    return calibrate_layers(model, layers, batches, config)
+
+
+def _split(block_list: list, list_name: str, layers: Layers) -> tuple[list[list], list]:
+    """The targeted layers per block, and those outside every block."""
+    prefix = f"{list_name}." if list_name else ""
+    by_block: list[list[tuple[str, nn.Module]]] = [[] for _ in block_list]
+    outside: list[tuple[str, nn.Module]] = []
+    block_of = {id(m): j for j, b in enumerate(block_list) for m in b.modules()}
+    for name, m in layers:
+        j = block_of.get(id(m))
+        (outside if j is None or not name.startswith(prefix) else by_block[j]).append((name, m))
+    return by_block, outside
+
+
+def _capture(model: nn.Module, stubs: Stubs, batches: list, transform: Callable, masks: list, outside: Layers,
+             dist: Distributed, config: CalibrationConfig, stats: dict) -> Layers:
+    """Fill the cache with every batch's block inputs, calibrating the targeted layers before block 0 on the
+    way (into ``stats``); returns the targeted layers after the blocks."""
+    with stubs:
+        pre, failure = probe(model, stubs, batches, transform, outside, dist)
+        if failure:
+            raise _Fallback(failure)
+        stubs.mode = StubMode.CAPTURE
+        runner = ModelRunner(model, stubs, batches, transform, masks)
+        pre_layers = [(n, m) for n, m in outside if n in pre]
+        if pre_layers:
+            stats.update(_lockstep(runner, pre_layers, len(batches), config))
+        else:
+            with torch.no_grad():
+                for i in range(len(batches)):
+                    runner(i)
+    if dist.any(runner.failure is not None):
+        raise _Fallback(runner.failure or "another rank's model does not fit the block-wise scheme")
+    return [(n, m) for n, m in outside if n not in pre]
+
+
+def _block(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, masks: list, dist: Distributed,
+           config: CalibrationConfig, plans: dict) -> dict[str, LayerStatistics]:
+    """Calibrate block ``j``'s layers (level by level, else in lockstep); its outputs become the cached inputs."""
+    runner = BlockRunner(block, j, cache, masks)
+    if not layers:
+        with torch.no_grad():
+            for i in range(len(masks)):
+                runner(i)
+                runner.commit()
+        return {}
+    got = None if config.in_block == "lockstep" else _leveled(block, j, layers, cache, masks, dist, plans)
+    if got is None:
+        got = _lockstep(runner, layers, len(masks), config)
+        runner.commit()
+    return got
+
+
+def _tail(model: nn.Module, stubs: Stubs, batches: list, transform: Callable, masks: list, post: Layers,
+          config: CalibrationConfig) -> dict[str, LayerStatistics]:
+    """Calibrate the layers after the blocks by a lockstep pass in which the blocks return the cached outputs."""
+    stubs.mode = StubMode.TAIL
+    tail = ModelRunner(model, stubs, batches, transform, masks, post=[m for _, m in post])
+    for _, m in post:
+        m._actsparse.observers[id(tail)] = tail.observer
+    try:
+        with stubs:
+            return _lockstep(tail, post, len(batches), config)
+    finally:
+        for _, m in post:
+            m._actsparse.observers.pop(id(tail), None)
+
+
+def _signature(block: nn.Module, layers: Layers) -> tuple:
+    local = {id(m): n for n, m in block.named_modules()}
+    return (type(block),) + tuple((local[id(m)], type(m)) for _, m in layers)
+
+
+def _agreed_plan(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, count: int,
+                 dist: Distributed) -> BlockPlan | str:
+    """The block's dependency levels from this rank's first batch, agreed by all ranks (or why there are none)."""
+    modules = [m for _, m in layers]
+    got = plan_block(block, modules, *cache.call(0, j, cache.hidden(0))) if count else "this rank has no calibration batch"
+    if not dist.enabled:
+        return got
+    plan, reason = (got, "") if isinstance(got, BlockPlan) else (None, got)
+    local = {id(m): n for n, m in block.named_modules()}
+    names = [local[id(m)] for m in modules]
+    level = {n: lv for lv, group in enumerate(plan.levels) for n in group} if plan is not None else {}
+    vec = [level.get(n, 0) for n in names]
+    sums = dist.sum_(torch.tensor([int(plan is not None), int(plan is None and bool(count))]
+                                  + vec + [v * v for v in vec], dtype=torch.int64)).tolist()
+    planned, failed, k = sums[0], sums[1], len(names)
+    if failed or not planned:
+        return reason if plan is None else "another rank's block cannot be calibrated level by level"
+    lv_sum, sq_sum = sums[2 : 2 + k], sums[2 + k :]
+    if any(sq * planned != s * s for s, sq in zip(lv_sum, sq_sum)):  # equal on every rank iff Cauchy-Schwarz is tight
+        return "the ranks found different dependency levels"
+    agreed = [s // planned for s in lv_sum]
+    if plan is not None:
+        return plan
+    order = {n: i for i, n in enumerate(names)}
+    levels = tuple(tuple(sorted((n for n in names if agreed[order[n]] == lv), key=order.get)) for lv in range(max(agreed) + 1))
+    return BlockPlan(levels, ())
+
+
+def _leveled(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, masks: list, dist: Distributed,
+             plans: dict) -> dict[str, LayerStatistics] | None:
+    """Calibrate block ``j`` level by level (:mod:`pl_actsparse.calibrate.levels`); ``None`` when it cannot be."""
+    sig = _signature(block, layers)
+    if sig not in plans:
+        plans[sig] = _agreed_plan(block, j, layers, cache, len(masks), dist)
+        if isinstance(plans[sig], BlockPlan):
+            log.debug("block %d: dependency levels %s, reused outputs %s", j, plans[sig].levels, plans[sig].reuse)
+    plan = plans[sig]
+    if isinstance(plan, str):
+        log.info("block %d is calibrated with all batches in flight (lockstep): %s", j, plan)
+        return None
+    got = calibrate_block(block, plan, layers, j, cache, masks, dist)
+    if isinstance(got, Unleveled) and got.spoiled:
+        raise _Fallback(f"block {j}: {got.reason}")
+    if isinstance(got, Unleveled):
+        log.warning("block %d is calibrated with all batches in flight (lockstep) instead of level by level: %s", j, got.reason)
+        return None
+    return got
+
+
+def _restore_training(model: nn.Module, training: dict[int, bool]) -> None:
+    for m in model.modules():
+        if id(m) in training:
+            m.training = training[id(m)]
+
+
+def _lockstep(runner: nn.Module, layers: Layers, count: int, config: CalibrationConfig) -> dict[str, LayerStatistics]:
+    """``calibrate_layers`` on a runner over batch indices ``0..count-1``; statistics under the layers' full names."""
+    local = {id(m): n for n, m in runner.named_modules()}
+    full = {local[id(m)]: n for n, m in layers}
+    got = calibrate_layers(runner, [(local[id(m)], m) for _, m in layers], list(range(count)), config)
+    return {full[k]: dataclasses.replace(st, name=full[k]) for k, st in got.items()}
