@@ -158,7 +158,7 @@ def test_torch_compile_traces_the_custom_op():
         traced.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
         return gm.forward
 
-    op = torch.ops.pl_actsparse.sparse_linear.default
+    op = torch.ops.pl_actsparse.sparse_inference_linear.default
     for backend in (recording_backend, "aot_eager"):
         compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)
         for shape in [(16,), (1, 2, 16), (5, 16)]:  # sparse, sparse, dense path
@@ -166,7 +166,7 @@ def test_torch_compile_traces_the_custom_op():
             with torch.no_grad():
                 assert torch.allclose(compiled(x), layer(x), atol=1e-5)
         torch._dynamo.reset()
-    assert [op in ops for ops in traced] == [True, True, False]  # one graph per shape, op in the sparse ones
+    assert traced and all(op in ops for ops in traced)  # the layer is one op; it picks its path at run time
 
 
 # --------------------------------------------------------------------------------------------------------
