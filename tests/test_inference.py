@@ -97,6 +97,21 @@ def test_kernel_matches_masked_dense(backend, dtype, bias, lead):
             assert_close(y, reference(x, w, b, t), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_avx512_and_avx2_paths_agree_with_the_reference(dtype):
+    """The C++ kernel picks AVX-512 by CPU capability (isa=0); isa=1 forces the AVX2 path on the same build."""
+    if not cpu.load_extension(build=True):
+        pytest.skip(f"C++ kernel unavailable: {cpu.extension_status().error}")
+    g = torch.Generator().manual_seed(0)
+    for in_f, out_f in [(7, 13), (61, 45), (300, 530), (512, 2048)]:  # tails of 8/16 columns, < and > 16 rows
+        wt = torch.randn(in_f, out_f, generator=g).to(dtype)
+        x, t = torch.randn(1, in_f, generator=g).to(dtype), torch.tensor(0.6)
+        ys = [torch.ops.pl_actsparse_ext.sparse_gemv(x, t, wt, None, 0, isa) for isa in (0, 1)]
+        for y in ys:
+            assert_close(y, reference(x, wt.t(), None, t), dtype)
+        torch.testing.assert_close(ys[0].float(), ys[1].float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_threshold_compared_in_input_dtype(backend):
     # 1.005 rounds to the bf16 value 1.0078125, so the reference (x.abs() <= fp32 buffer, which promotes to
