@@ -94,6 +94,13 @@ def read_bandwidth(rounds: int = 5) -> dict:
             "method": "read_probe" if kcpu.EXTENSION.loaded else "uint8 max"}
 
 
+def _probe_fn(buffers: list) -> Optional[Callable[[int], object]]:
+    """A candidate for :func:`interleaved` reading one of ``buffers`` in full per call (cycled, so cold)."""
+    if not kcpu.load_extension(build=False):
+        return None
+    return lambda i: torch.ops.pl_actsparse_ext.read_probe(buffers[i % len(buffers)])
+
+
 def kernel_isa() -> str:
     """The instruction set the C++ kernel's one-token path uses on this CPU (chosen at run time)."""
     if not kcpu.load_extension(build=False):
@@ -236,6 +243,7 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                 }
                 for b in backends:
                     fns[f"sparse_{b}"] = _sparse_fn(b, xs, thr, layers.weight_t)
+                probe = _probe_fn([w.view(-1) for w in layers.weight_t]) if not args.no_bandwidth else None
                 _check(fns, xs[0], thr, layers.weights[0], [k for k in fns if k.startswith("sparse_")])
                 excluded = {}
                 base = _probe(fns["linear"])
@@ -244,9 +252,13 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                     if t > 4 * base:  # e.g. bf16 GEMV against W^T on CPUs without native bf16 (30-50x slower)
                         excluded[k] = {"probe_ms": round(t * 1e3, 2), "reason": "slower than 4x F.linear in a probe"}
                         del fns[k]
+                if probe is not None:  # the bandwidth, interleaved with the kernels, on the same cold weights
+                    fns["read_probe"] = probe
                 times, noise = interleaved(
                     fns, reps=args.reps, min_quiet=args.rounds, max_seconds=args.max_seconds, quiet=args.quiet
                 )
+                probe_t = times.pop("read_probe", None)
+                fns.pop("read_probe", None)
                 idx = _select_rounds(noise, args.quiet, min(5, len(noise)))
                 dense = [k for k in ("linear", "x@Wt") if k in fns]
                 best_dense = [min(times[k][i] for k in dense) for i in range(len(noise))]
@@ -280,10 +292,13 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                 dense_bytes = in_f * out_f * dtype.itemsize * args.tokens
                 sparse_bytes = (1 - achieved) * dense_bytes if args.tokens == 1 else None
                 rec["weight_bytes_read"] = {"dense": dense_bytes, "sparse": None if sparse_bytes is None else round(sparse_bytes)}
-                if sparse_bytes is not None and args.bandwidth:
+                if sparse_bytes is not None and probe_t is not None:  # per round: (bytes / t) / (bytes / t_probe)
+                    wb = in_f * out_f * dtype.itemsize
+                    rec["read_bandwidth_gb_per_s"] = round(wb / statistics.median(probe_t[i] for i in idx) / 1e9, 2)
                     rec["fraction_of_bandwidth"] = {
-                        k: round((sparse_bytes if k.startswith("sparse_") else dense_bytes) / (rec["ms"][k] * 1e-3)
-                                 / (args.bandwidth * 1e9), 3) for k in fns}
+                        k: round(statistics.median(
+                            (sparse_bytes if k.startswith("sparse_") else dense_bytes) / wb * probe_t[i] / times[k][i]
+                            for i in idx), 3) for k in fns}
                 results.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
             del layers
@@ -728,9 +743,15 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
     for variant in ("mlp", "all"):
         for b in backends:
             fns[f"{variant}_{b}"] = _with_backend(models[variant], b, _decoder(models[variant], prompt, args.decode_steps, max_len))
+    probe_buf = torch.ones(max(256 << 20, min(2 * llc_bytes(), 1 << 30)), dtype=torch.uint8) if not args.no_bandwidth else None
+    probe = _probe_fn([probe_buf]) if probe_buf is not None else None
+    if probe is not None:  # the bandwidth in every round, interleaved with the decoders
+        fns["read_probe"] = probe
     times, noise = interleaved(
         fns, reps=1, min_quiet=args.e2e_rounds, max_seconds=args.e2e_max_seconds, quiet=args.quiet, seed=args.seed
     )
+    probe_t = times.pop("read_probe", None)
+    fns.pop("read_probe", None)
     kcpu.set_backend(None)
     idx = _select_rounds(noise, args.quiet, min_keep=3)
     per_token = {k: statistics.median(v[i] for i in idx) / args.decode_steps for k, v in times.items()}
@@ -747,10 +768,13 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
             k: round(_median_ratio(times["dense"], times[k], idx), 3) for k in fns if k != "dense"
         },
     }
-    if args.bandwidth:  # weight bytes per token / time per token, against the bandwidth measured in this run
+    if probe_t is not None:  # per round: (weight bytes per token / time per token) / (probe bytes / probe time)
+        nb = probe_buf.numel()
+        out["read_bandwidth_gb_per_s"] = round(nb / statistics.median(probe_t[i] for i in idx) / 1e9, 2)
         out["fraction_of_bandwidth"] = {
-            k: round(info[k.split("_")[0]]["weight_bytes_per_token"] / per_token[k] / (args.bandwidth * 1e9), 3)
-            for k in per_token}
+            k: round(statistics.median(info[k.split("_")[0]]["weight_bytes_per_token"] * args.decode_steps
+                                       / times[k][i] * probe_t[i] / nb for i in idx), 3) for k in per_token}
+        del probe_buf
     if args.prefill_tokens:
         gen = torch.Generator().manual_seed(args.seed + 3)
         long_prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill_tokens), generator=gen)
