@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state
 from pl_actsparse.core.layer import linear_like_spec
 from pl_actsparse.kernels import cpu as _cpu
-from pl_actsparse.kernels.cpu import sparse_linear_cpu, to_kernel_layout
+from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
 from pl_actsparse.kernels.sparse_op import zero_small
 
@@ -261,7 +261,9 @@ class SparseInferenceLinear(nn.Module):
         ``threshold`` defaults to the layer's; ``x`` must have the weight's dtype. Not differentiable.
         """
         thr = self.activation_threshold if threshold is None else threshold
-        # The kernel directly: the custom op's dispatch layers cost ~40 us per call.
+        if torch.compiler.is_compiling():
+            return sparse_linear(x, thr, self.weight_t, self.bias)  # one opaque graph node
+        # Eager: call the kernel directly; the custom op's dispatch layers cost ~40 us per call.
         if x.device.type == "cuda":
             t = self._threshold_for(x.dtype) if threshold is None else _cpu.effective_threshold(thr, x.dtype)
             from pl_actsparse.kernels.cuda import sparse_linear_cuda

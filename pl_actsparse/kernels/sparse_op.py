@@ -82,7 +82,7 @@ def sparse_linear(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional
 
     ``x`` is ``[..., in]``, ``weight_t`` the kernel layout ``[in, out]`` (see :func:`to_kernel_layout`),
     ``threshold`` a 0-dim tensor compared in ``x.dtype``. Meant for a few tokens; the work grows with the
-    number of tokens (see :func:`pl_actsparse.kernels.cpu.sparse_token_crossover`). Devices without a
+    number of tokens (see :func:`pl_actsparse.kernels.dispatch.sparse_token_crossover`). Devices without a
     registered kernel compute the masked dense product.
     """
     if x.shape[-1] != weight_t.shape[0]:
