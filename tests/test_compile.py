@@ -376,3 +376,41 @@ def test_the_ops_autograd_formula_is_the_masked_layers_gradient():
         torch.testing.assert_close(x.grad, x2.grad)
     torch.library.opcheck(torch.ops.pl_actsparse.sparse_inference_linear.default, (x.detach().requires_grad_(), thr, wt, b, 4),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_exported_int8_model_compiles_exports_and_differentiates_through_one_op():
+    from pl_actsparse.core.int8 import quantize_weights_int8
+    from pl_actsparse.export.convert import export_for_inference
+    from pl_actsparse.kernels.int8_cpu import int8_sparse_linear
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*mlp\..*"]): 0.5}, progress=False)
+    quantize_weights_int8(model)
+    export_for_inference(model)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for shape in [(1, 1), (1, 1), (1, 1)]:  # decode steps: one graph, no break
+            ids = torch.randint(0, 64, shape, generator=g)
+            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1 and _graph_breaks() == 0
+    dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=1, max=64)}
+    ep = torch.export.export(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=(dims,))  # default grad mode
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert ops.count("pl_actsparse.int8_sparse_linear.default") == 9  # 3 blocks x gate/up/down
+    for shape in [(1, 1), (3, 40)]:
+        ids = torch.randint(0, 64, shape, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(ids), model(ids), rtol=1e-5, atol=1e-5)
+    # the op's gradient is the masked layer's, on the sparse and the dense path
+    layer = model.layers[0].mlp.up_proj
+    zp = layer.zero_point if layer.mode == "asym" else None
+    w = layer.to_linear().weight.detach()
+    for tokens, limit in [(1, 4), (6, 4)]:
+        x = torch.randn(tokens, w.shape[1], generator=g, requires_grad=True)
+        int8_sparse_linear(x, layer.activation_threshold, layer.qweight_t, layer.scale, zp, layer.bias, limit).sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        torch.nn.functional.linear(x2.masked_fill(x2.abs() <= layer.activation_threshold, 0), w, layer.bias).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
