@@ -322,18 +322,9 @@ def _int8_setup_context(ctx, inputs, output) -> None:
 def _int8_backward(ctx, grad: Tensor):
     x, threshold, qweight_t, scale, zero_point = ctx.saved_tensors
     grad_x = None
-    if ctx.needs_input_grad[0]:  # grad @ dequantize(W^T)^T, a block of input rows at a time, zero where x was
-        in_f, out_f = qweight_t.shape
-        g2 = grad.reshape(-1, out_f).float()
-        out = g2.new_empty(g2.shape[0], in_f)
-        rows = max(16, _BLOCK_BYTES // (4 * max(out_f, 1)))
-        per_row = scale_granularity(qweight_t, scale, zero_point) == "input"
-        for i0 in range(0, in_f, rows):
-            i1 = min(in_f, i0 + rows)
-            s = scale[i0:i1] if per_row else scale
-            z = None if zero_point is None else (zero_point[i0:i1] if per_row else zero_point)
-            out[:, i0:i1] = g2 @ dequantize_weight_t(qweight_t[i0:i1], s, z).t()
-        grad_x = out.reshape(x.shape).masked_fill(x.abs() <= threshold, 0).to(x.dtype)
+    if ctx.needs_input_grad[0]:  # grad @ dequantize(W^T)^T: the dense path on the transposed codes and scales
+        zt = None if zero_point is None else zero_point.t()
+        grad_x = int8_dense_linear(grad, qweight_t.t(), scale.t(), zt).masked_fill(x.abs() <= threshold, 0)
     return grad_x, None, None, None, None, None, None
 
 
