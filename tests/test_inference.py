@@ -688,3 +688,17 @@ def test_hf_llama_prefill_and_decode_match_after_export(monkeypatch, profile_cac
     for got, ref in ((got_prefill, ref_prefill), (got_step, ref_step)):
         err = float((got - ref).abs().max() / ref.abs().max())
         assert err <= 3e-2, err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_one_pass_masking_zeroes_exactly_what_the_sparse_path_zeroes(dtype):
+    """The dense path masks with hardshrink at the threshold rounded to the dtype: over every value of the dtype
+    it zeroes exactly the elements with |x| <= t (compared in the dtype, as the kernels do); NaN is kept."""
+    from pl_actsparse.kernels.sparse_op import zero_small
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    for t in [0.0, 1e-30, 0.1, 0.3337, 1.0, 65504.0, 3e38, -1.0]:
+        thr = torch.tensor(t)
+        got, want = zero_small(every, thr), every.masked_fill(every.abs() <= thr, 0)
+        assert torch.equal(got.isnan(), want.isnan()), t
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), t
