@@ -895,14 +895,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.bandwidth = None
     if args.e2e_memory_child:
         print(json.dumps(e2e_memory_child(args)))
         return
     bandwidth = None
     if not args.no_bandwidth:
         bandwidth = read_bandwidth()
-        args.bandwidth = bandwidth["gb_per_s"]
     if args.profile:
         body = {"decode_profile": decode_profile(args)}
     elif args.end_to_end:
