@@ -14,8 +14,15 @@ process per model)::
     python benchmarks/decode.py --end-to-end --e2e-layers 2 --prefill-tokens 128 --decode-steps 4 \
         --e2e-rounds 3 --no-memory                   # a short check
 
-The JSON's ``meta`` holds the CPU's ISA flags (avx2, avx512f, avx512_bf16, amx...) and the measured
-dense-method/crossover profiles of :mod:`pl_actsparse.kernels.dispatch`.
+Part (c), where one decode token's time goes (projections, thresholding, attention, norms, LM head, the rest)::
+
+    python benchmarks/decode.py --profile --decode-steps 4 --threads 1 --dtypes bfloat16
+
+The JSON's ``meta`` holds the CPU's ISA flags (avx2, avx512f, avx512_bf16, amx...), the ISA the C++ kernel
+uses (``kernel_isa``), the machine's read bandwidth before and after the run, and the measured
+dense-method/crossover profiles of :mod:`pl_actsparse.kernels.dispatch`. Parts (a) and (b) also time a
+bandwidth probe interleaved with the candidates and report the weight bytes read (per call, per token) and
+the fraction of that bandwidth each candidate achieves (``--no-bandwidth`` skips it).
 
 Method, because the numbers are easy to get wrong on a small shared machine:
 
