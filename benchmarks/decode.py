@@ -14,8 +14,15 @@ process per model)::
     python benchmarks/decode.py --end-to-end --e2e-layers 2 --prefill-tokens 128 --decode-steps 4 \
         --e2e-rounds 3 --no-memory                   # a short check
 
-The JSON's ``meta`` holds the CPU's ISA flags (avx2, avx512f, avx512_bf16, amx...) and the measured
-dense-method/crossover profiles of :mod:`pl_actsparse.kernels.dispatch`.
+Part (c), where one decode token's time goes (projections, thresholding, attention, norms, LM head, the rest)::
+
+    python benchmarks/decode.py --profile --decode-steps 4 --threads 1 --dtypes bfloat16
+
+The JSON's ``meta`` holds the CPU's ISA flags (avx2, avx512f, avx512_bf16, amx...), the ISA the C++ kernel
+uses (``kernel_isa``), the machine's read bandwidth before and after the run, and the measured
+dense-method/crossover profiles of :mod:`pl_actsparse.kernels.dispatch`. Parts (a) and (b) also time a
+bandwidth probe interleaved with the candidates and report the weight bytes read (per call, per token) and
+the fraction of that bandwidth each candidate achieves (``--no-bandwidth`` skips it).
 
 Method, because the numbers are easy to get wrong on a small shared machine:
 
@@ -75,6 +82,37 @@ def _cpu_ticks() -> tuple[int, int]:
         return sum(v) - v[3] - v[4], int(s[11]) + int(s[12])
     except (OSError, ValueError, IndexError):
         return 0, 0
+
+
+def read_bandwidth(rounds: int = 5) -> dict:
+    """The machine's read bandwidth now, with this process's threads: best of ``rounds`` reads of a buffer of
+    twice the LLC (256 MiB..1 GiB) by the C++ kernel's ``read_probe`` (AVX2 loads, all threads), or
+    ``uint8.max()`` where the kernel is not loaded. Measured in the same run as the figures it normalizes."""
+    nbytes = max(256 << 20, min(2 * llc_bytes(), 1 << 30))
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    probe = torch.ops.pl_actsparse_ext.read_probe if kcpu.load_extension(build=False) else (lambda b: b.max())
+    probe(buf)
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        probe(buf)
+        best = min(best, time.perf_counter() - t0)
+    return {"gb_per_s": round(nbytes / best / 1e9, 2), "buffer_bytes": nbytes, "threads": torch.get_num_threads(),
+            "method": "read_probe" if kcpu.EXTENSION.loaded else "uint8 max"}
+
+
+def _probe_fn(buffers: list) -> Optional[Callable[[int], object]]:
+    """A candidate for :func:`interleaved` reading one of ``buffers`` in full per call (cycled, so cold)."""
+    if not kcpu.load_extension(build=False):
+        return None
+    return lambda i: torch.ops.pl_actsparse_ext.read_probe(buffers[i % len(buffers)])
+
+
+def kernel_isa() -> str:
+    """The instruction set the C++ kernel's one-token path uses on this CPU (chosen at run time)."""
+    if not kcpu.load_extension(build=False):
+        return "torch embedding_bag (C++ kernel not loaded)"
+    return "avx512" if torch.ops.pl_actsparse_ext.has_avx512() else "avx2"
 
 
 def interleaved(
@@ -212,6 +250,7 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                 }
                 for b in backends:
                     fns[f"sparse_{b}"] = _sparse_fn(b, xs, thr, layers.weight_t)
+                probe = _probe_fn([w.view(-1) for w in layers.weight_t]) if not args.no_bandwidth else None
                 _check(fns, xs[0], thr, layers.weights[0], [k for k in fns if k.startswith("sparse_")])
                 excluded = {}
                 base = _probe(fns["linear"])
@@ -220,9 +259,13 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                     if t > 4 * base:  # e.g. bf16 GEMV against W^T on CPUs without native bf16 (30-50x slower)
                         excluded[k] = {"probe_ms": round(t * 1e3, 2), "reason": "slower than 4x F.linear in a probe"}
                         del fns[k]
+                if probe is not None:  # the bandwidth, interleaved with the kernels, on the same cold weights
+                    fns["read_probe"] = probe
                 times, noise = interleaved(
                     fns, reps=args.reps, min_quiet=args.rounds, max_seconds=args.max_seconds, quiet=args.quiet
                 )
+                probe_t = times.pop("read_probe", None)
+                fns.pop("read_probe", None)
                 idx = _select_rounds(noise, args.quiet, min(5, len(noise)))
                 dense = [k for k in ("linear", "x@Wt") if k in fns]
                 best_dense = [min(times[k][i] for k in dense) for i in range(len(noise))]
@@ -253,6 +296,16 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                         }
                 if excluded:
                     rec["excluded"] = excluded
+                dense_bytes = in_f * out_f * dtype.itemsize * args.tokens
+                sparse_bytes = (1 - achieved) * dense_bytes if args.tokens == 1 else None
+                rec["weight_bytes_read"] = {"dense": dense_bytes, "sparse": None if sparse_bytes is None else round(sparse_bytes)}
+                if sparse_bytes is not None and probe_t is not None:  # per round: (bytes / t) / (bytes / t_probe)
+                    wb = in_f * out_f * dtype.itemsize
+                    rec["read_bandwidth_gb_per_s"] = round(wb / statistics.median(probe_t[i] for i in idx) / 1e9, 2)
+                    rec["fraction_of_bandwidth"] = {
+                        k: round(statistics.median(
+                            (sparse_bytes if k.startswith("sparse_") else dense_bytes) / wb * probe_t[i] / times[k][i]
+                            for i in idx), 3) for k in fns}
                 results.append(rec)
                 print(json.dumps(rec), file=sys.stderr, flush=True)
             del layers
@@ -502,26 +555,93 @@ def _with_backend(model, backend: str, fn: Callable[[int], object]) -> Callable[
     return run
 
 
-def _decode_sparsity(model, prompt: torch.Tensor, steps: int) -> Optional[float]:
-    """Fraction of inputs at or below the threshold over the sparse layers, on single-token decode calls."""
+def _decode_reads(model, prompt: torch.Tensor, steps: int) -> dict:
+    """Over ``steps`` single-token decode calls: the fraction of inputs at or below the threshold in the sparse
+    layers (``decode_sparsity``) and the weight bytes read per token (``weight_bytes_per_token``: every dense
+    Linear's whole weight, LM head included; of a sparse layer, the rows of its kept inputs)."""
     from pl_actsparse.export.linear import SparseInferenceLinear
 
-    counts = [0, 0]
+    counts, nbytes = [0, 0], [0]
 
     def hook(mod, inp):
         x = inp[0]
-        if x.numel() == x.shape[-1] and math.isfinite(float(mod.activation_threshold)):
-            counts[0] += int((x.abs() <= mod.activation_threshold.to(x.dtype)).sum())
+        if x.numel() != x.shape[-1]:
+            return
+        if isinstance(mod, SparseInferenceLinear):
+            zero = int((x.abs() <= mod.activation_threshold.to(x.dtype)).sum())
+            counts[0] += zero
             counts[1] += x.numel()
+            nbytes[0] += mod.weight_nbytes * (x.numel() - zero) // x.numel()
+        else:
+            nbytes[0] += mod.weight.numel() * mod.weight.element_size()
 
-    hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, SparseInferenceLinear)]
+    run = _decoder(model, prompt, steps, prompt.shape[1] + steps)  # the prompt's prefill, before the hooks
+    hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, (SparseInferenceLinear, nn.Linear))]
     try:
-        with torch.inference_mode():
-            model.generate(prompt, steps)
+        run(0)  # ``steps`` single-token forward passes
     finally:
         for h in hs:
             h.remove()
-    return round(counts[0] / counts[1], 4) if counts[1] else None
+    return {"decode_sparsity": round(counts[0] / counts[1], 4) if counts[1] else None,
+            "weight_bytes_per_token": nbytes[0] // steps}
+
+
+def decode_profile(args: argparse.Namespace) -> dict:
+    """Where one decode token's time goes, per variant: ms per token in the projections (sparse kernel or
+    F.linear, thresholding included), the thresholding alone (the kernel called with every input zeroed: the
+    row-selection pass and the output), attention (RoPE, KV cache, SDPA), the MLP's activation, norms, the LM
+    head, and the rest (per-layer Python, residual adds, hooks). Forward hooks time each module (inclusive)."""
+    out = {}
+    for variant in ("dense", "all"):
+        model, _ = _build_e2e_model(args, variant)
+        prompt = _prompt(args, model.config.vocab_size)
+        marks: dict = {}
+        spent: dict = {}
+
+        def pre(mod, inp):
+            marks[id(mod)] = time.perf_counter()
+
+        def post(mod, inp, outp):
+            dt = time.perf_counter() - marks.pop(id(mod))
+            spent[mod.__dict__["_prof"]] = spent.get(mod.__dict__["_prof"], 0.0) + dt
+
+        kinds = []
+        for name, m in model.named_modules():
+            kind = ("lm_head" if name == "lm_head" else "mlp_projections" if ".mlp." in name and name.endswith("_proj")
+                    else "attention_projections" if name.endswith("_proj") else
+                    "attention_total" if name.endswith("self_attn") else "mlp_total" if name.endswith(".mlp") else
+                    "norms" if "norm" in name.split(".")[-1] else "embedding" if name == "embed_tokens" else None)
+            if kind is not None:
+                m.__dict__["_prof"] = kind
+                kinds += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        steps = args.decode_steps
+        step = _decoder(model, prompt, steps, args.prompt_tokens + steps)
+        step(0)
+        spent.clear()
+        t0 = time.perf_counter()
+        step(1)
+        total = time.perf_counter() - t0
+        for h in kinds:
+            h.remove()
+        ms = {k: v / steps * 1e3 for k, v in spent.items()}
+        ms["attention_excl_projections"] = ms.pop("attention_total") - ms["attention_projections"]
+        ms["mlp_activation"] = ms.pop("mlp_total") - ms["mlp_projections"]
+        ms["total"] = total / steps * 1e3
+        ms["other_python_residual"] = ms["total"] - sum(v for k, v in ms.items() if k != "total")
+        if variant == "all":  # thresholding alone: the kernel with nothing kept, at each sparse layer's shape
+            layers = [m for m in model.modules() if isinstance(m, SparseInferenceLinear)]
+            inf = torch.tensor(math.inf)
+            xs = {m.in_features: torch.randn(1, m.in_features).to(torch.bfloat16) for m in layers}
+            for m in layers:
+                kcpu.sparse_linear_cpu(xs[m.in_features], inf, m.weight_t)
+            t0 = time.perf_counter()
+            for m in layers:
+                kcpu.sparse_linear_cpu(xs[m.in_features], inf, m.weight_t)
+            ms["thresholding_within_projections"] = (time.perf_counter() - t0) * 1e3
+        out[variant] = {k: round(v, 3) for k, v in ms.items()}
+        del model, step
+        gc.collect()
+    return {"ms_per_token": out, "decode_steps": args.decode_steps, "note": "one timed pass of --decode-steps tokens with forward hooks on"}
 
 
 def _rss_bytes(field: str) -> Optional[int]:
@@ -623,16 +743,22 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
     cfg = models["dense"].config
     prompt = _prompt(args, cfg.vocab_size)
     max_len = args.prompt_tokens + args.decode_steps
-    for variant in ("mlp", "all"):
+    for variant in E2E_VARIANTS:
         kcpu.set_backend(backends[0])
-        info[variant]["decode_sparsity"] = _decode_sparsity(models[variant], prompt, args.decode_steps)
+        info[variant].update(_decode_reads(models[variant], prompt, args.decode_steps))
     fns = {"dense": _decoder(models["dense"], prompt, args.decode_steps, max_len)}
     for variant in ("mlp", "all"):
         for b in backends:
             fns[f"{variant}_{b}"] = _with_backend(models[variant], b, _decoder(models[variant], prompt, args.decode_steps, max_len))
+    probe_buf = torch.ones(max(256 << 20, min(2 * llc_bytes(), 1 << 30)), dtype=torch.uint8) if not args.no_bandwidth else None
+    probe = _probe_fn([probe_buf]) if probe_buf is not None else None
+    if probe is not None:  # the bandwidth in every round, interleaved with the decoders
+        fns["read_probe"] = probe
     times, noise = interleaved(
         fns, reps=1, min_quiet=args.e2e_rounds, max_seconds=args.e2e_max_seconds, quiet=args.quiet, seed=args.seed
     )
+    probe_t = times.pop("read_probe", None)
+    fns.pop("read_probe", None)
     kcpu.set_backend(None)
     idx = _select_rounds(noise, args.quiet, min_keep=3)
     per_token = {k: statistics.median(v[i] for i in idx) / args.decode_steps for k, v in times.items()}
@@ -649,6 +775,13 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
             k: round(_median_ratio(times["dense"], times[k], idx), 3) for k in fns if k != "dense"
         },
     }
+    if probe_t is not None:  # per round: (weight bytes per token / time per token) / (probe bytes / probe time)
+        nb = probe_buf.numel()
+        out["read_bandwidth_gb_per_s"] = round(nb / statistics.median(probe_t[i] for i in idx) / 1e9, 2)
+        out["fraction_of_bandwidth"] = {
+            k: round(statistics.median(info[k.split("_")[0]]["weight_bytes_per_token"] * args.decode_steps
+                                       / times[k][i] * probe_t[i] / nb for i in idx), 3) for k in per_token}
+        del probe_buf
     if args.prefill_tokens:
         gen = torch.Generator().manual_seed(args.seed + 3)
         long_prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill_tokens), generator=gen)
@@ -715,6 +848,7 @@ def _meta(args: argparse.Namespace) -> dict:
         "quiet_threshold": args.quiet,
         "platform": platform.platform(),
         "isa": cpu_isa_flags(),
+        "kernel_isa": kernel_isa(),
         "extension": repr(kcpu.extension_status()),
         "cpu_profiles": {
             name: cpu_profile(getattr(torch, name)).to_dict() for name in args.dtypes.split(",")
@@ -763,19 +897,30 @@ def main(argv: Optional[list[str]] = None) -> None:
     e2e.add_argument("--prefill-rounds", type=int, default=3, help="quiet prefill rounds wanted")
     e2e.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     e2e.add_argument("--e2e-memory-child", choices=list(E2E_VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help="where a decode token's time goes (TinyLlama shapes)")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the read-bandwidth measurement")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.e2e_memory_child:
         print(json.dumps(e2e_memory_child(args)))
         return
-    if args.end_to_end:
+    bandwidth = None
+    if not args.no_bandwidth:
+        bandwidth = read_bandwidth()
+    if args.profile:
+        body = {"decode_profile": decode_profile(args)}
+    elif args.end_to_end:
         body = {"end_to_end": end_to_end_benchmark(args)}
     else:
         with torch.inference_mode():
             body = crossover_benchmark(args) if args.crossover else gemv_benchmark(args)
     kcpu.set_backend(None)
-    print(json.dumps({"meta": _meta(args), **body}, indent=1))
+    meta = _meta(args)
+    meta["read_bandwidth"] = bandwidth
+    if bandwidth is not None:  # measured again after the timings: the spread says how steady the machine was
+        meta["read_bandwidth_after_gb_per_s"] = read_bandwidth()["gb_per_s"]
+    print(json.dumps({"meta": meta, **body}, indent=1))
 
 
 if __name__ == "__main__":

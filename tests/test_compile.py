@@ -238,3 +238,180 @@ def test_callback_on_a_module_that_compiles_its_model(tmp_path):
     weights = {n.replace("._orig_mod", ""): p for n, p in compiled.named_parameters()}
     for name, p in eager.named_parameters():
         torch.testing.assert_close(weights[name], p, rtol=1e-4, atol=1e-6)
+
+
+
+# -- issue 22 item 1: exported layers under torch.compile, torch.export and HF generate --------------------
+
+OP = "pl_actsparse.sparse_inference_linear.default"
+
+
+def _exported_hf_llama(max_sparse_tokens=4):
+    """An exported tiny HF Llama (all projections at 50%) and the sparsified model it came from."""
+    import copy
+
+    from pl_actsparse.export.convert import export_for_inference
+    from tiny_models import tiny_hf_llama
+
+    model = tiny_hf_llama()
+    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*proj"]): 0.5}, progress=False)
+    reference = copy.deepcopy(model)
+    export_for_inference(model, max_sparse_tokens=max_sparse_tokens)
+    return model, reference
+
+
+def _count_kernel_calls(monkeypatch):
+    """Token counts of the calls of the CPU sparse kernel (eager layers and the custom op both end there)."""
+    import pl_actsparse.export.linear as linear_mod
+
+    calls = []
+    real = linear_mod.sparse_linear_cpu
+
+    def counting(x, *args):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, *args)
+
+    monkeypatch.setattr(linear_mod, "sparse_linear_cpu", counting)
+    return calls
+
+
+def _graph_ops(gm) -> set:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("max_sparse_tokens", [2, None], ids=["limit2", "measured"])
+def test_compiled_exported_layer_has_one_graph_no_break_and_equals_eager(max_sparse_tokens, monkeypatch):
+    from pl_actsparse.export.linear import SparseInferenceLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    lin.register_buffer("activation_threshold", torch.tensor(0.5))
+    layer = SparseInferenceLinear.from_linear(lin, max_sparse_tokens=max_sparse_tokens)
+    graphs: list = []
+
+    def recording(gm, example_inputs):
+        graphs.append(_graph_ops(gm))
+        return gm.forward
+
+    counter = CompileCounterWithBackend(recording)
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    calls = _count_kernel_calls(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):  # decode steps: one token each, new values
+        x = torch.randn(1, 1, 64, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+    assert counter.frame_count == 1 and _graph_breaks() == 0  # one graph, no recompilation over the steps
+    assert all(OP in ops for ops in graphs)
+    assert calls.count(1) == 8  # the sparse kernel ran in the compiled graph and in eager, each step
+    x = torch.randn(1, 40, 64, generator=g)  # prefill: the dense path, inside the same op
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+    assert _graph_breaks() == 0
+
+
+def test_compiled_exported_hf_llama_decodes_without_breaks_or_recompiles(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    model, reference = _exported_hf_llama()
+    counter = CompileCounterWithBackend("eager")
+    calls = _count_kernel_calls(monkeypatch)
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    ref_cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        pos = torch.arange(6)
+        out = compiled(input_ids=ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        ref = reference(input_ids=ids, past_key_values=ref_cache, cache_position=pos, use_cache=True).logits
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        frames_after_prefill = counter.frame_count
+        for step in range(6, 12):  # decode steps with a static cache: one token each
+            nxt = out[:, -1:].argmax(-1)
+            pos = torch.tensor([step])
+            out = compiled(input_ids=nxt, past_key_values=cache, cache_position=pos, use_cache=True).logits
+            ref = reference(input_ids=nxt, past_key_values=ref_cache, cache_position=pos, use_cache=True).logits
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            if step == 6:
+                frames_after_first_step = counter.frame_count
+    assert _graph_breaks() == 0
+    assert counter.frame_count == frames_after_first_step <= frames_after_prefill + 1  # no recompiles
+    assert calls.count(1) >= 6 * 14  # 14 sparse layers per decode step ran the sparse kernel
+
+
+def test_torch_export_in_default_grad_mode_records_the_op_with_dynamic_shapes(monkeypatch):
+    model, _ = _exported_hf_llama()
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())  # the embedding's
+    dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=1, max=64)}
+    ep = torch.export.export(model, (), {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False},
+                             dynamic_shapes={"input_ids": dims, "use_cache": None})
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert ops.count(OP) == 14 and "aten.linear.default" in ops  # 14 sparse layers; lm_head stays dense
+    calls = _count_kernel_calls(monkeypatch)
+    for shape in [(1, 1), (2, 1), (1, 3), (3, 40)]:  # single tokens take the sparse kernel; prefill dense
+        ids = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(input_ids=ids, use_cache=False).logits,
+                                       model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    assert calls.count(1) == 2 * 14 and calls.count(2) == 2 * 14  # (1, 1) and (2, 1), graph and eager
+
+
+def test_hf_generate_with_a_static_cache_uses_the_sparse_kernel_and_equals_the_sparsified_model(monkeypatch):
+    model, reference = _exported_hf_llama()
+    calls = _count_kernel_calls(monkeypatch)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(4))
+    kw = {"max_new_tokens": 6, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
+    out = model.generate(ids, **kw)
+    assert torch.equal(out, reference.generate(ids, **kw))
+    assert calls.count(1) >= 5 * 14  # every decode step after the prefill ran the kernel in all 14 layers
+
+
+def test_the_ops_autograd_formula_is_the_masked_layers_gradient():
+    from pl_actsparse.export.linear import sparse_inference_linear
+
+    g = torch.Generator().manual_seed(0)
+    wt, b, thr = torch.randn(16, 8, generator=g), torch.randn(8, generator=g), torch.tensor(0.5)
+    for tokens, limit in [(1, 4), (6, 4), (1, -1)]:  # sparse kernel, dense path, measured limit
+        x = torch.randn(tokens, 16, generator=g, requires_grad=True)
+        sparse_inference_linear(x, thr, wt, b, limit).square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        torch.nn.functional.linear(x2.masked_fill(x2.abs() <= thr, 0), wt.t(), b).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+    torch.library.opcheck(torch.ops.pl_actsparse.sparse_inference_linear.default, (x.detach().requires_grad_(), thr, wt, b, 4),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_exported_int8_model_compiles_exports_and_differentiates_through_one_op():
+    from pl_actsparse.core.int8 import quantize_weights_int8
+    from pl_actsparse.export.convert import export_for_inference
+    from pl_actsparse.kernels.int8_cpu import int8_sparse_linear
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*mlp\..*"]): 0.5}, progress=False)
+    quantize_weights_int8(model)
+    export_for_inference(model)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for shape in [(1, 1), (1, 1), (1, 1)]:  # decode steps: one graph, no break
+            ids = torch.randint(0, 64, shape, generator=g)
+            torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1 and _graph_breaks() == 0
+    dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=1, max=64)}
+    ep = torch.export.export(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=(dims,))  # default grad mode
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert ops.count("pl_actsparse.int8_sparse_linear.default") == 9  # 3 blocks x gate/up/down
+    for shape in [(1, 1), (3, 40)]:
+        ids = torch.randint(0, 64, shape, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(ids), model(ids), rtol=1e-5, atol=1e-5)
+    # the op's gradient is the masked layer's, on the sparse and the dense path
+    layer = model.layers[0].mlp.up_proj
+    zp = layer.zero_point if layer.mode == "asym" else None
+    w = layer.to_linear().weight.detach()
+    for tokens, limit in [(1, 4), (6, 4)]:
+        x = torch.randn(tokens, w.shape[1], generator=g, requires_grad=True)
+        int8_sparse_linear(x, layer.activation_threshold, layer.qweight_t, layer.scale, zp, layer.bias, limit).sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        torch.nn.functional.linear(x2.masked_fill(x2.abs() <= layer.activation_threshold, 0), w, layer.bias).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)

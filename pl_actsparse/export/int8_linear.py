@@ -146,6 +146,10 @@ class Int8SparseInferenceLinear(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         zp = self.zero_point if self.mode == "asym" else None
+        if torch.compiler.is_compiling():
+            # one differentiable op choosing sparse/dense at run time (no graph break, recorded by torch.export)
+            limit = self.sparse_token_limit() if x.device.type == "cpu" else 0
+            return int8_sparse_linear(x, self.activation_threshold, self.qweight_t, self.scale, zp, self.bias, limit)
         ntok = x.numel() // self.in_features
         grad = torch.is_grad_enabled() and x.requires_grad
         if not grad and x.device.type == "cpu" and ntok <= self.sparse_token_limit():

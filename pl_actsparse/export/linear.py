@@ -35,6 +35,7 @@ from pl_actsparse.core.layer import (
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
+from pl_actsparse.kernels.sparse_op import zero_small
 
 __all__ = [
     "SparseInferenceLinear",
@@ -57,19 +58,24 @@ def _applies_threshold(module: nn.Module) -> bool:
 
 
 def default_max_sparse_tokens(
-    dtype: torch.dtype, backend: Optional[str] = None, weight_bytes: Optional[int] = None
+    dtype: torch.dtype, backend: Optional[str] = None, weight_bytes: Optional[int] = None,
+    weight_t: Optional[Tensor] = None,
 ) -> int:
     """The token count up to which the sparse kernel beats the dense path, measured on this machine for
-    ``dtype`` and ``backend`` (:func:`pl_actsparse.kernels.dispatch.sparse_token_crossover`; cached per CPU).
+    ``dtype`` and ``backend`` (:func:`pl_actsparse.kernels.dispatch.sparse_token_crossover`): for the shape
+    of ``weight_t`` (``[in, out]`` of ``dtype``; measured on it at first use, kept in memory) or, without
+    it, for a reference shape (cached per CPU).
 
     ``backend`` is ``"cpp"`` or ``"torch"``; ``None`` resolves the configured one without compiling. Layers
     smaller than the backend's :data:`~pl_actsparse.kernels.MIN_SPARSE_WEIGHT_BYTES` get 0 (always dense).
     """
     if backend is None:
         backend = _cpu.resolve_backend(build=False)
+    if weight_t is not None and weight_bytes is None:
+        weight_bytes = weight_t.numel() * weight_t.element_size()
     if weight_bytes is not None and weight_bytes < _cpu.MIN_SPARSE_WEIGHT_BYTES.get(backend, 0):
         return 0
-    return sparse_token_crossover(dtype, backend)
+    return sparse_token_crossover(dtype, backend, weight_t=weight_t)
 
 
 class SparseInferenceLinear(nn.Module):
@@ -181,8 +187,9 @@ class SparseInferenceLinear(nn.Module):
         """Largest token count routed to the sparse kernel for inputs of ``dtype``."""
         if self.max_sparse_tokens is not None:
             return self.max_sparse_tokens
-        weight_bytes = self.weight_t.numel() * dtype.itemsize
-        return default_max_sparse_tokens(dtype, self.backend, weight_bytes)
+        if dtype == self.weight_t.dtype:  # measured on this layer's shape at first use
+            return default_max_sparse_tokens(dtype, self.backend, weight_t=self.weight_t)
+        return default_max_sparse_tokens(dtype, self.backend, self.weight_t.numel() * dtype.itemsize)
 
     def forward(self, x: Tensor) -> Tensor:
         """``F.linear(x.masked_fill(|x| <= threshold, 0), W, bias)``, with ``F.linear``'s dtype rules.
@@ -194,8 +201,9 @@ class SparseInferenceLinear(nn.Module):
           rounding of that dtype).
         * With autograd recording (``x.requires_grad``), the differentiable dense path is used, so
           gradients reach ``x`` on every path (the weights are frozen).
-        * Under ``torch.export``/``torch.compile`` with a symbolic token count, the choice between the
-          sparse kernel and the dense path is made inside one custom op at run time.
+        * Under ``torch.compile``/``torch.export`` (any grad mode, static or dynamic shapes) the layer is one
+          custom op, :func:`sparse_inference_linear`, which chooses between the sparse kernel and the dense
+          path at run time, exactly as eager does, and has an autograd formula (gradients reach ``x``).
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
@@ -223,9 +231,13 @@ class SparseInferenceLinear(nn.Module):
 
     def _route(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
         thr = self.activation_threshold if threshold is None else threshold
+        if torch.compiler.is_compiling():
+            # One opaque, differentiable node that picks its path at run time: tracing reads no Python state
+            # (thread count, measured crossovers), so nothing breaks the graph or specializes it.
+            limit = -1 if self.max_sparse_tokens is None else self.max_sparse_tokens
+            return sparse_inference_linear(x, thr, self.weight_t, self.bias, limit)
         if torch.is_grad_enabled() and x.requires_grad:
             return self.dense_forward(x, thr)
-        ntokens = x.numel() // self.in_features
         device = x.device.type
         if device == "cpu":
             limit = self.sparse_token_limit(x.dtype)
@@ -233,10 +245,7 @@ class SparseInferenceLinear(nn.Module):
             limit = self._cuda_token_limit()
         else:
             return self.dense_forward(x, thr)
-        if isinstance(ntokens, torch.SymInt):
-            # a symbolic token count (torch.export with dynamic shapes): branch at run time, inside the op
-            return sparse_inference_linear(x, thr, self.weight_t, self.bias, limit)
-        if ntokens <= limit:
+        if x.numel() // self.in_features <= limit:
             return self.sparse_forward(x, thr)
         return self.dense_forward(x, thr)
 
@@ -365,24 +374,6 @@ class SparseInferenceLinear(nn.Module):
         return lin
 
 
-def zero_small(x: Tensor, threshold: Tensor) -> Tensor:
-    """``x.masked_fill(|x| <= threshold, 0)``, the same values and gradient, cheaper where possible.
-
-    On CPU in fp32/fp64 with one finite non-negative threshold this is ``F.hardshrink``: one fused pass instead
-    of three (``abs``, compare, ``masked_fill``), which was 10 % of a 512-token fp32 prefill GEMM on 5632x2048
-    (11.7 ms against 0.9 ms). NaN stays NaN either way. Elsewhere (low precision, where the threshold is compared
-    in the input's dtype; per-channel thresholds; inside ``torch.compile``) the plain expression is used.
-    """
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and threshold.numel() == 1
-            and threshold.device.type == "cpu" and not torch.compiler.is_compiling()):
-        t = float(threshold)
-        if t == -math.inf:
-            return x
-        if 0.0 <= t < math.inf:
-            return F.hardshrink(x, t)
-    return x.masked_fill(x.abs() <= threshold, 0)
-
-
 def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
     """Whether ``module`` keeps its weight as ``[in, out]`` (``W^T``, like GPT-2's ``Conv1D``) rather than
     ``nn.Linear``'s ``[out, in]``: its registered ``weight_t`` is its ``weight`` itself, not a transposed view."""
@@ -457,19 +448,27 @@ def sparse_inference_linear(
     """What :class:`SparseInferenceLinear` computes, with the token-count dispatch inside one op.
 
     ``F.linear(x.masked_fill(|x| <= threshold, 0), weight_t.T, bias)``: through the sparse kernel for at
-    most ``max_sparse_tokens`` tokens, a dense GEMM for more. The layer calls it when the token count is
-    symbolic (``torch.export`` with dynamic batch or sequence), so the exported graph holds one node whose
-    run-time branch is the eager layer's.
+    most ``max_sparse_tokens`` tokens, a dense GEMM for more; ``max_sparse_tokens < 0`` uses the crossover
+    measured for this shape and dtype (:func:`default_max_sparse_tokens`), decided at run time. The layer
+    calls it under ``torch.compile``/``torch.export``, so the graph holds one node whose run-time branch is
+    the eager layer's. Differentiable with respect to ``x`` (the weights are frozen).
     """
     ntok = x.numel() // weight_t.shape[0] if weight_t.shape[0] else 0
-    if ntok <= max_sparse_tokens and x.device.type in ("cpu", "cuda"):
-        if x.device.type == "cuda":
+    dev = x.device.type
+    if max_sparse_tokens < 0:
+        if dev == "cpu":
+            max_sparse_tokens = default_max_sparse_tokens(x.dtype, weight_t=weight_t if x.dtype == weight_t.dtype else None)
+        elif dev == "cuda":
+            from pl_actsparse.kernels import cuda as triton_gemv
+
+            max_sparse_tokens = triton_gemv.CUDA_MAX_SPARSE_TOKENS if triton_gemv.triton_available() else 0
+    if ntok <= max_sparse_tokens and dev in ("cpu", "cuda"):
+        if dev == "cuda":
             from pl_actsparse.kernels.cuda import sparse_linear_cuda
 
             return sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)
         return sparse_linear_cpu(x, threshold, weight_t, bias)
-    xm = zero_small(x, threshold)
-    return dense_linear_t(xm, weight_t, bias)
+    return dense_linear_t(zero_small(x, threshold), weight_t, bias)
 
 
 @sparse_inference_linear.register_fake
@@ -477,3 +476,18 @@ def _sparse_inference_linear_fake(x, threshold, weight_t, bias, max_sparse_token
     torch._check(x.shape[-1] == weight_t.shape[0])
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, threshold, weight_t = inputs[:3]
+    ctx.save_for_backward(x, threshold, weight_t)
+
+
+def _backward(ctx, grad: Tensor):
+    x, threshold, weight_t = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:  # d/dx of F.linear(masked x): W^T's rows, zero where x was zeroed
+        grad_x = (grad @ weight_t.t().to(grad.dtype)).masked_fill(x.abs() <= threshold, 0).to(x.dtype)
+    return grad_x, None, None, None, None
+
+
+sparse_inference_linear.register_autograd(_backward, setup_context=_setup_context)

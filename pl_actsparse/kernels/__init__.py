@@ -1,7 +1,8 @@
 """Sparse kernels for activation-sparse inference. Imports nothing from the rest of the package.
 
 * :mod:`~pl_actsparse.kernels.sparse_op`: the custom op ``torch.ops.pl_actsparse.sparse_linear``, its fake,
-  and the shared helpers (:func:`to_kernel_layout`, :func:`effective_threshold`, :func:`masked_linear`).
+  and the shared helpers (:func:`to_kernel_layout`, :func:`effective_threshold`, :func:`masked_linear`,
+  :func:`zero_small`).
   (Not named ``sparse_linear.py``: ``import pl_actsparse.kernels.sparse_linear as m`` would then bind the op
   :func:`sparse_linear` exported here, not the module.)
 * :mod:`~pl_actsparse.kernels.cpu`: the CPU kernels (C++ ``csrc/sparse_gemv.cpp``, ``embedding_bag`` fallback).

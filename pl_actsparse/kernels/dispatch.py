@@ -45,6 +45,7 @@ from torch import Tensor
 
 import pl_actsparse.kernels.cpu as _cpu
 from pl_actsparse.kernels._extension import extension_root
+from pl_actsparse.kernels.sparse_op import zero_small
 
 __all__ = [
     "DENSE_METHODS",
@@ -289,6 +290,8 @@ def measure_cpu_profile(
     sparsity: float = 0.5,
     rounds: int = 5,
     timer: Callable[[], float] = time.perf_counter,
+    weight_t: Optional[Tensor] = None,
+    method: Optional[str] = None,
 ) -> CpuProfile:
     """Measure the dense method and the sparse/dense crossover for ``dtype`` and ``backend`` (``"cpp"``/``"torch"``).
 
@@ -298,8 +301,10 @@ def measure_cpu_profile(
     always counts as sparse (the kernel's purpose; small layers are kept dense by
     :data:`~pl_actsparse.kernels.cpu.MIN_SPARSE_WEIGHT_BYTES`), so a noisy first measurement cannot switch
     decoding off. ``other_load`` records how busy the rest of the machine was (cores used by other processes).
-    Nothing is cached here (see :func:`cpu_profile`). Raises ``ValueError`` for an unknown ``backend`` and
-    ``RuntimeError`` for ``"cpp"`` when the C++ kernel is not loaded.
+    Nothing is cached here (see :func:`cpu_profile`). ``weight_t`` (``[in, out]`` of ``dtype``) measures the
+    crossover on that weight itself (its shape replaces ``shape``; nothing is copied) and ``method`` skips the
+    dense-method measurement. Raises ``ValueError`` for an unknown ``backend`` and ``RuntimeError`` for
+    ``"cpp"`` when the C++ kernel is not loaded.
     """
     if backend not in ("cpp", "torch"):
         raise ValueError(f"backend must be 'cpp' or 'torch', got {backend!r}")
@@ -311,7 +316,7 @@ def measure_cpu_profile(
     dense_ms: dict[str, float] = {}
     if dtype in _FLOAT_DTYPES:
         method = "linear"
-    else:
+    elif method is None:
         wt = torch.randn(dense_shape, generator=gen).to(dtype)
         x = torch.randn(dense_tokens, dense_shape[0], generator=gen).to(dtype)
         best = math.inf
@@ -322,8 +327,11 @@ def measure_cpu_profile(
             best = min(best, t)
         method = min(dense_ms, key=dense_ms.get)
     # 2. the crossover
+    if weight_t is not None:
+        shape, wt = tuple(weight_t.shape), weight_t.detach().contiguous()
+    else:
+        wt = torch.randn(shape, generator=gen).to(dtype)
     in_f, out_f = shape
-    wt = torch.randn(shape, generator=gen).to(dtype)
     dense_fn = _DENSE_FNS[method]
     sparse_ms: dict[int, float] = {}
     dense_by_tokens: dict[int, float] = {}
@@ -341,7 +349,7 @@ def measure_cpu_profile(
                 return _cpu._sparse_linear_torch(x, t_eff, wt, None)
 
         def dense() -> Tensor:
-            return dense_fn(x.masked_fill(x.abs() <= thr, 0), wt, None)
+            return dense_fn(zero_small(x, thr), wt, None)  # the layer's dense path, masking included
 
         ts, td = _race(sparse, dense, rounds, timer)
         if ts > td:  # confirm a loss before it ends the search
@@ -435,19 +443,29 @@ _crossover_cache: dict[tuple, tuple[tuple, int]] = {}
 _method_cache: dict[torch.dtype, tuple[tuple, str]] = {}
 
 
-def sparse_token_crossover(dtype: torch.dtype, backend: Optional[str] = None) -> int:
-    """Largest token count for which the sparse kernel beats the dense path for ``dtype`` here (see :func:`cpu_profile`).
+def sparse_token_crossover(dtype: torch.dtype, backend: Optional[str] = None, *, weight_t: Optional[Tensor] = None) -> int:
+    """Largest token count for which the sparse kernel beats the dense path for ``dtype`` here.
 
-    Memoized: after the first call per dtype and backend this is a few dictionary reads.
+    Without ``weight_t``: :func:`cpu_profile`'s figure for a reference shape (cached per machine). With
+    ``weight_t`` (``[in, out]`` of ``dtype``): measured on that weight at first use for its shape, dtype,
+    backend and thread count (:func:`measure_cpu_profile`, ~0.1 s for a 2048x5632 bf16 layer), kept in
+    memory. Environment overrides and an unloaded C++ kernel use :func:`cpu_profile`'s figure.
+    Memoized: after the first call per key this is a few dictionary reads.
     """
     if backend is None:
         backend = _cpu.resolve_backend(build=False)
     state = _state()
-    cached = _crossover_cache.get((dtype, backend))
+    key = (dtype, backend) if weight_t is None else (dtype, backend, tuple(weight_t.shape))
+    cached = _crossover_cache.get(key)
     if cached is not None and cached[0] == state:
         return cached[1]
-    value = cpu_profile(dtype, backend).max_sparse_tokens
-    _crossover_cache[(dtype, backend)] = (state, value)
+    profile = cpu_profile(dtype, backend)
+    value = profile.max_sparse_tokens
+    if weight_t is not None and profile.source in ("measured", "cache") and weight_t.dtype == dtype:
+        with _lock:
+            value = measure_cpu_profile(dtype, backend, weight_t=weight_t, method=dense_method(dtype)).max_sparse_tokens
+        log.info("pl_actsparse: sparse kernel up to %d tokens for %s %s", value, tuple(weight_t.shape), dtype)
+    _crossover_cache[key] = (state, value)
     return value
 
 

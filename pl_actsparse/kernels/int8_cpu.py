@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pl_actsparse.kernels._extension import ExtensionStatus, InlineExtension, get_backend
-from pl_actsparse.kernels.sparse_op import effective_threshold
+from pl_actsparse.kernels.sparse_op import effective_threshold, zero_small
 
 __all__ = [
     "Granularity",
@@ -253,8 +253,13 @@ def int8_sparse_linear(
     scale: Tensor,
     zero_point: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
+    max_sparse_tokens: Optional[int] = None,
 ) -> Tensor:
     """``F.linear(x.masked_fill(|x| <= threshold, 0), dequantize(qweight_t).T, bias)`` reading only kept rows.
+
+    With ``max_sparse_tokens`` set, calls with more tokens take :func:`int8_dense_linear` on the masked input
+    instead (the choice made at run time: under ``torch.compile``/``torch.export`` the exported int8 layer is
+    this one op). Differentiable with respect to ``x`` (zero gradient where ``x`` was zeroed).
 
     ``x`` is ``[..., in]`` (fp32, bf16 or fp16), ``qweight_t`` int8 ``[in, out]`` with ``scale`` /
     ``zero_point`` as returned by :func:`quantize_weight_t`; ``threshold`` a 0-dim tensor (``-inf`` keeps
@@ -268,6 +273,8 @@ def int8_sparse_linear(
         raise ValueError(f"x has {x.shape[-1]} features, qweight_t has {in_f} rows")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f)
+    if max_sparse_tokens is not None and x2.shape[0] > max_sparse_tokens:
+        return int8_dense_linear(zero_small(x, threshold), qweight_t, scale, zero_point, bias)
     t = effective_threshold(threshold, x.dtype)
     if x.device.type != "cpu":
         y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
@@ -302,9 +309,26 @@ def int8_sparse_gemv_direct(
 
 
 @int8_sparse_linear.register_fake
-def _int8_sparse_linear_fake(x, threshold, qweight_t, scale, zero_point=None, bias=None):
+def _int8_sparse_linear_fake(x, threshold, qweight_t, scale, zero_point=None, bias=None, max_sparse_tokens=None):
     torch._check(x.shape[-1] == qweight_t.shape[0])
     return x.new_empty((*x.shape[:-1], qweight_t.shape[1]))
+
+
+def _int8_setup_context(ctx, inputs, output) -> None:
+    x, threshold, qweight_t, scale, zero_point = inputs[:5]
+    ctx.save_for_backward(x, threshold, qweight_t, scale, zero_point)
+
+
+def _int8_backward(ctx, grad: Tensor):
+    x, threshold, qweight_t, scale, zero_point = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:  # grad @ dequantize(W^T)^T: the dense path on the transposed codes and scales
+        zt = None if zero_point is None else zero_point.t()
+        grad_x = int8_dense_linear(grad, qweight_t.t(), scale.t(), zt).masked_fill(x.abs() <= threshold, 0)
+    return grad_x, None, None, None, None, None, None
+
+
+int8_sparse_linear.register_autograd(_int8_backward, setup_context=_int8_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

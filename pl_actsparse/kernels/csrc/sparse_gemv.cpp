@@ -12,6 +12,11 @@
 #include <immintrin.h>
 #define PLAS_AVX2 1
 #endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define PLAS_AVX512 1  // compiled for AVX-512 by function attribute, used only where the CPU has it
+#define PLAS_T512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#endif
 
 namespace {
 
@@ -36,21 +41,77 @@ template <> inline __m256 load8<c10::Half>(const c10::Half* p) {
 }
 #endif
 
+// Checked at run time: the build may be shared by AVX2-only and AVX-512 machines (no -march=native).
+bool has_avx512() {
+#ifdef PLAS_AVX512
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#ifdef PLAS_AVX512
+template <typename T> PLAS_T512 inline __m512 load16(const T* p);
+template <> PLAS_T512 inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> PLAS_T512 inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <> PLAS_T512 inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One token, AVX-512: acc[j] += sum_u v[u] * r[u][j] for the 16-wide part of [0, n); returns where it stopped.
+// Prefetches `next` (the next group's rows) as the AVX2 loop does. Same speed as AVX2 on weights streamed
+// from memory; 1.01-1.23x on cache-resident layers (docs/inference.md).
+template <typename T>
+PLAS_T512 int64_t accumulate1_avx512(const T* const* r, const T* const* next, const float* v, int64_t n, float* acc) {
+  __m512 vb[kU];
+  for (int64_t u = 0; u < kU; ++u) vb[u] = _mm512_set1_ps(v[u]);
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    if (next != nullptr && j % kLine == 0) {
+      for (int64_t u = 0; u < kU; ++u) _mm_prefetch(reinterpret_cast<const char*>(next[u] + j), _MM_HINT_T0);
+    }
+    __m512 s = _mm512_loadu_ps(acc + j);
+    for (int64_t u = 0; u < kU; ++u) s = _mm512_fmadd_ps(vb[u], load16(r[u] + j), s);
+    _mm512_storeu_ps(acc + j, s);
+  }
+  return j;
+}
+#endif
+
 // acc[t * n + j] += sum_k vals[k * ntok + t] * wt[rows[k], j0 + j]   for j in [0, n), t in [0, ntok)
 template <typename T>
 void accumulate(const T* wt, int64_t ld, int64_t j0, int64_t n, const int64_t* rows,
-                const float* vals, int64_t nr, int64_t ntok, float* acc) {
+                const float* vals, int64_t nr, int64_t ntok, float* acc, bool avx512) {
   int64_t k = 0;
   for (; k + kU <= nr; k += kU) {
     const T* r[kU];
     for (int64_t u = 0; u < kU; ++u) r[u] = wt + rows[k + u] * ld + j0;
     const float* v = vals + k * ntok;
     int64_t j = 0;
+    // One token: while reading this group of rows, prefetch the same columns of the next group (the rows
+    // of kept inputs are scattered, so the hardware prefetcher would start each new row cold): 1.10-1.32x
+    // on weights streamed from memory (Xeon, docs/inference.md).
+    const T* next[kU];
+    const bool more = ntok == 1 && k + 2 * kU <= nr;
+    for (int64_t u = 0; u < kU && more; ++u) next[u] = wt + rows[k + kU + u] * ld + j0;
+#ifdef PLAS_AVX512
+    if (ntok == 1 && avx512) j = accumulate1_avx512<T>(r, more ? next : nullptr, v, n, acc);
+#endif
 #ifdef PLAS_AVX2
     if (ntok == 1) {
       __m256 vb[kU];
       for (int64_t u = 0; u < kU; ++u) vb[u] = _mm256_set1_ps(v[u]);
+      constexpr int64_t kLine = 64 / sizeof(T);
       for (; j + 8 <= n; j += 8) {
+        if (more && j % kLine == 0) {
+          for (int64_t u = 0; u < kU; ++u) _mm_prefetch(reinterpret_cast<const char*>(next[u] + j), _MM_HINT_T0);
+        }
         __m256 s = _mm256_loadu_ps(acc + j);
         for (int64_t u = 0; u < kU; ++u) s = _mm256_fmadd_ps(vb[u], load8(r[u] + j), s);
         _mm256_storeu_ps(acc + j, s);
@@ -95,7 +156,7 @@ void accumulate(const T* wt, int64_t ld, int64_t j0, int64_t n, const int64_t* r
 
 template <typename T>
 void run(const T* wt, int64_t out_f, const std::vector<int64_t>& rows, const std::vector<float>& vals,
-         int64_t ntok, const float* bias, T* out, int64_t tile) {
+         int64_t ntok, const float* bias, T* out, int64_t tile, bool avx512) {
   const int64_t nr = static_cast<int64_t>(rows.size());
   // One contiguous column chunk per thread (no reduction across threads); chunk edges on 64-byte lines.
   // Small products (tiny layers, very sparse inputs) run on the calling thread: waking the pool costs
@@ -118,7 +179,7 @@ void run(const T* wt, int64_t out_f, const std::vector<int64_t>& rows, const std
         const int64_t n = std::min(c1, j0 + tile) - j0;
         accv.assign(static_cast<size_t>(ntok * n), 0.f);
         float* acc = accv.data();
-        accumulate<T>(wt, out_f, j0, n, rows.data(), vals.data(), nr, ntok, acc);
+        accumulate<T>(wt, out_f, j0, n, rows.data(), vals.data(), nr, ntok, acc, avx512);
         for (int64_t t = 0; t < ntok; ++t) {
           T* o = out + t * out_f + j0;
           const float* a = acc + t * n;
@@ -149,7 +210,7 @@ float threshold_in_dtype(const at::Tensor& threshold, at::ScalarType st) {
 }
 
 at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, const at::Tensor& weight_t,
-                       const c10::optional<at::Tensor>& bias, int64_t tile) {
+                       const c10::optional<at::Tensor>& bias, int64_t tile, int64_t isa) {
   TORCH_CHECK(x_in.dim() >= 1, "sparse_gemv: x must be [..., in]");
   TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous(),
               "sparse_gemv: weight_t must be a contiguous [in, out]");
@@ -200,19 +261,43 @@ at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, cons
     bf = bias->to(at::kFloat).contiguous();
     bp = bf.data_ptr<float>();
   }
+  // isa: 0 = the best this CPU has, 1 = AVX2 (or scalar) only, for comparisons
+  TORCH_CHECK(isa == 0 || isa == 1, "sparse_gemv: isa must be 0 (best) or 1 (AVX2), got ", isa);
+  const bool avx512 = isa == 0 && has_avx512();
   if (st == at::kFloat) {
-    run<float>(weight_t.data_ptr<float>(), out_f, rows, vals, ntok, bp, out.data_ptr<float>(), tile);
+    run<float>(weight_t.data_ptr<float>(), out_f, rows, vals, ntok, bp, out.data_ptr<float>(), tile, avx512);
   } else if (st == at::kBFloat16) {
     run<c10::BFloat16>(weight_t.data_ptr<c10::BFloat16>(), out_f, rows, vals, ntok, bp,
-                       out.data_ptr<c10::BFloat16>(), tile);
+                       out.data_ptr<c10::BFloat16>(), tile, avx512);
   } else {
-    run<c10::Half>(weight_t.data_ptr<c10::Half>(), out_f, rows, vals, ntok, bp, out.data_ptr<c10::Half>(), tile);
+    run<c10::Half>(weight_t.data_ptr<c10::Half>(), out_f, rows, vals, ntok, bp, out.data_ptr<c10::Half>(), tile, avx512);
   }
   return out;
+}
+
+// Read every byte of `buf` once (all threads, one contiguous block each) and return a
+// checksum: the machine's read bandwidth, the same way the kernel reads (benchmarks/decode.py).
+double read_probe(const at::Tensor& buf) {
+  TORCH_CHECK(buf.is_contiguous() && buf.device().is_cpu(), "read_probe: a contiguous CPU tensor");
+  const auto* p = static_cast<const uint8_t*>(buf.data_ptr());
+  const int64_t n = buf.numel() * buf.element_size() / 256;  // 256-byte blocks
+  std::vector<double> part(std::max<int64_t>(1, at::get_num_threads()) * 8, 0.0);
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    int64_t x = 0;  // XOR of every 8 bytes: vectorized by the compiler, nothing else to do per byte
+    const int64_t* q = reinterpret_cast<const int64_t*>(p + b * 256);
+    for (int64_t i = 0; i < (e - b) * 32; ++i) x ^= q[i];
+    part[at::get_thread_num() * 8] += static_cast<double>(x & 0xff);
+  });
+  double sum = 0;
+  for (double v : part) sum += v;
+  return sum;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(pl_actsparse_ext, m) {
-  m.def("sparse_gemv(Tensor x, Tensor threshold, Tensor weight_t, Tensor? bias, int tile=0) -> Tensor", &sparse_gemv);
+  m.def("sparse_gemv(Tensor x, Tensor threshold, Tensor weight_t, Tensor? bias, int tile=0, int isa=0) -> Tensor",
+        &sparse_gemv);
+  m.def("has_avx512() -> bool", &has_avx512);
+  m.def("read_probe(Tensor buf) -> float", &read_probe);
 }
