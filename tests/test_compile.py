@@ -254,7 +254,7 @@ def _exported_hf_llama(max_sparse_tokens=4):
     from tiny_models import tiny_hf_llama
 
     model = tiny_hf_llama()
-    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*proj"]): 0.5}, progress=False)
+    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*proj"]): 0.5}, calibration={"progress": False})
     reference = copy.deepcopy(model)
     export_for_inference(model, max_sparse_tokens=max_sparse_tokens)
     return model, reference
@@ -386,7 +386,7 @@ def test_exported_int8_model_compiles_exports_and_differentiates_through_one_op(
     from tiny_models import tiny_llama
 
     model = tiny_llama()
-    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*mlp\..*"]): 0.5}, progress=False)
+    sparsify_activations(model, _data(n=2), {TargetScope(patterns=[r".*mlp\..*"]): 0.5}, calibration={"progress": False})
     quantize_weights_int8(model)
     export_for_inference(model)
     counter = CompileCounterWithBackend("eager")
