@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -23,8 +23,7 @@ from pl_actsparse.calibrate.histogram import (
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.errors import CalibrationConvergenceError
 
-if TYPE_CHECKING:
-    from pl_actsparse.calibrate.lockstep import LayerSlot
+LayerSlot = Any  # calibrate.lockstep.LayerSlot (not imported: lockstep imports this module)
 
 __all__ = ["COUPLED_TOLERANCE", "solve_repeated"]
 
