@@ -33,7 +33,7 @@ from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpe
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidScopeError, InvalidTargetError
-from pl_actsparse.lightning import _spawn
+from pl_actsparse.lightning import _spawn, neighbours
 from pl_actsparse.lightning.calibration_data import CalibrationData, config_error
 from pl_actsparse.lightning.schedule import SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
@@ -351,10 +351,11 @@ class ActivationSparsityCallback(Callback):
         return _on_any_rank(trainer, changed)
 
     def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Whether another callback replaced the thresholds this callback calibrated (any rank), as
-        ``WeightAveraging`` does when it copies or swaps its averaged model's parameters *and buffers* in."""
-        if not self._calibrated_thresholds:
-            return False
+        """Whether another callback replaced the thresholds this callback calibrated (any rank); with a
+        ``WeightAveraging`` callback, which copies or swaps its model's parameters *and buffers* in (its thresholds
+        may equal the calibrated ones), whether weights or thresholds differ from those of the last calibration."""
+        if not self._calibrated_thresholds or neighbours.swaps_weights(trainer):
+            return bool(self._calibrated_thresholds) and self._weights_changed(trainer, pl_module)
         layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
         changed = any(
             name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
@@ -416,18 +417,15 @@ class ActivationSparsityCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Install pass-through sparsifiers in place, before the strategy wraps the model (same modules, same
         Parameters), or right after ``configure_model`` when the LightningModule builds its layers there."""
-        if stage == "fit":
-            _run_after_weight_averaging(trainer, self)
+        copy_again = neighbours.arrange(trainer, self, pl_module, stage)  # weight averaging, tuners: see neighbours.py
         if self.finished == "remove":
             return
         if self.finished == "make_permanent":  # frozen: adopt the layers as they are
-            plan = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
+            prepare = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
         else:
-            plan = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
-        if is_overridden("configure_model", pl_module):
-            _after_configure_model(pl_module, plan)
-        else:
-            plan()
+            prepare = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
+        plan = lambda: (prepare(), copy_again())  # noqa: E731
+        _after_configure_model(pl_module, plan) if is_overridden("configure_model", pl_module) else plan()
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -562,6 +560,7 @@ class ActivationSparsityCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for name in list(self._observing):
             self._stop_tracking(name)
+        neighbours.release(trainer)
 
     # -- checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
 
@@ -628,27 +627,6 @@ def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
 
 def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
-
-
-def _run_after_weight_averaging(trainer: Trainer, callback: Callback) -> None:
-    """Move ``callback`` after every weight-averaging callback (and keep checkpoint callbacks last), so its
-    ``on_train_end`` and ``on_save_checkpoint`` see the weights those callbacks put in, in either order."""
-    from lightning.pytorch.callbacks import Checkpoint, StochasticWeightAveraging
-
-    try:
-        from lightning.pytorch.callbacks import WeightAveraging
-    except ImportError:  # pragma: no cover - Lightning < 2.5
-        WeightAveraging = StochasticWeightAveraging  # type: ignore[misc, assignment]
-    callbacks = list(trainer.callbacks)
-    averaging = [i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
-    me = callbacks.index(callback) if callback in callbacks else None
-    if me is None or not averaging or me > max(averaging):
-        return
-    callbacks.remove(callback)
-    last = max(i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging)))
-    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint) and i > last), None)
-    callbacks.insert(last + 1 if first_checkpoint is None else min(last + 1, first_checkpoint), callback)
-    trainer.callbacks = callbacks  # a new list: a hook loop running over the old one is not disturbed
 
 
 def _mean_target(report: SparsityReport) -> float:
