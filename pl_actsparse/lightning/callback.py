@@ -1,16 +1,10 @@
-"""``ActivationSparsityCallback``: the functional core, run at the right moments of a Lightning run.
+"""``ActivationSparsityCallback``: the functional core (:mod:`pl_actsparse.api`) at the right moments of a run.
 
-The callback is glue: it installs sparsifiers with :func:`~pl_actsparse.api.prepare_activation_sparsity` once
-the model exists (in ``setup``, or right after ``LightningModule.configure_model`` when the module builds its
-layers there) and before the strategy wraps it; calibrates with
-:func:`~pl_actsparse.api.calibrate_activation_sparsity` when the model is not calibrated yet (start of fit,
-validate, test, predict); recalibrates during fine-tuning following a
-:class:`~pl_actsparse.lightning.schedule.SparsitySchedule`; and tracks the achieved sparsity with
-:class:`~pl_actsparse.measure.metric.ActivationSparsity`. How to calibrate is one
-:class:`~pl_actsparse.config.CalibrationConfig`; where the batches come from is a
-:class:`~pl_actsparse.lightning.calibration_data.CalibrationData`. Thresholds live in the model's state dict
-(so in every checkpoint); the callback's own ``state_dict`` keeps the calibration history, so a resumed fit
-continues exactly. The model is never deep-copied.
+It installs sparsifiers once the model exists and before the strategy wraps it; calibrates when the model is
+not calibrated yet; recalibrates while fine-tuning following a :class:`~pl_actsparse.lightning.schedule.SparsitySchedule`;
+and tracks the achieved sparsity. Thresholds live in the model's state dict (so in every checkpoint); the
+callback's ``state_dict`` keeps the calibration history. The model is never deep-copied. Weight averaging and
+tuners: :mod:`pl_actsparse.lightning.neighbours`.
 """
 
 from __future__ import annotations
@@ -303,7 +297,7 @@ class ActivationSparsityCallback(Callback):
             "sparsity_after": after,
             "sparsity_before_by_layer": {n: float(values[f"{n}/sparsity"]) for n in calibrated_before},
             "sparsity_after_by_layer": {r.name: r.calibration_sparsity for r in report.layers},
-            "target": _mean_target(report),
+            "target": report.mean_target,
             "thresholds": {r.name: r.threshold for r in report.layers},
         }
         self.history.append(entry)
@@ -347,7 +341,7 @@ class ActivationSparsityCallback(Callback):
     def _weights_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether weights or thresholds differ from those of the last calibration (any rank)."""
         module, fingerprint = self.sparsified_module(pl_module), self._calibrated_fingerprint
-        changed = fingerprint is None or self._needs_calibration(module) or not _same_fingerprint(fingerprint, _fingerprint(module))
+        changed = fingerprint is None or self._needs_calibration(module) or not torch.equal(fingerprint, _fingerprint(module))  # False on shapes that differ
         return _on_any_rank(trainer, changed)
 
     def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
@@ -623,13 +617,3 @@ def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
                 total += torch.stack([x.sum(), (x * w).sum()])
             sums.append(total)
     return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
-
-
-def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a, b)
-
-
-def _mean_target(report: SparsityReport) -> float:
-    rows = [r for r in report.layers if r.calibration_elements]
-    n = sum(r.calibration_elements for r in rows)
-    return sum(r.target * r.calibration_elements for r in rows) / n if n else float("nan")

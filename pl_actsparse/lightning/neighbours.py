@@ -1,20 +1,11 @@
-"""The callback among Lightning callbacks that copy, swap or try out the model: weight averaging and tuners.
+"""The callback next to Lightning callbacks that copy, swap or try out the model (``docs/integrations.md``).
 
-Lightning runs each hook over ``trainer.callbacks`` in order, the tuners (``LearningRateFinder``,
-``BatchSizeFinder``) moved to the front and checkpoint callbacks to the end. For
-:class:`~pl_actsparse.lightning.callback.ActivationSparsityCallback` that means:
-
-* ``WeightAveraging``/``EMAWeightAveraging`` copies the model in its ``setup`` and later swaps or copies
-  parameters *and buffers* between model and copy by position. A copy made before the sparsifiers existed
-  (averaging callback listed first) has no thresholds, so validation on the averaged weights would keep the
-  training weights' thresholds (and a buffer after the first threshold would pair with the wrong tensor).
-  Such a copy is made again, by the averaging callback's own ``setup``, once the sparsifiers are installed;
-  and the callback runs after every averaging callback, so its hooks see the weights those put in.
-* A tuner runs its whole search inside its own hook (``on_fit_start``; ``BatchSizeFinder`` also
-  ``on_validation_start``/``on_test_start``/``on_predict_start``), before the callback's hooks, with
-  ``trainer.callbacks`` replaced. Its search method (``lr_find``, ``scale_batch_size``) is wrapped on the
-  instance for the run: the callback calibrates (and applies the schedule's targets of the epoch) first, so
-  every search step runs the model as it will be trained. The wrapper is removed at ``teardown``.
+* ``WeightAveraging`` (EMA) copies the model in its ``setup`` and swaps or copies parameters *and buffers*
+  by position. A copy made before the sparsifiers existed is made again (its own ``setup``) once they exist;
+  the callback runs after every averaging callback, so its hooks see the weights those put in.
+* A tuner (``LearningRateFinder``, ``BatchSizeFinder``, listed first by Lightning) searches inside its own hook
+  with ``trainer.callbacks`` replaced. Its search method is wrapped on the instance until ``teardown``: the
+  callback calibrates first, so every search step runs the model as it will be trained.
 """
 
 from __future__ import annotations
@@ -37,17 +28,15 @@ def swaps_weights(trainer: Any) -> bool:
     return WeightAveraging is not StochasticWeightAveraging and any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
 
 
-def arrange(trainer: Any, callback: Any, pl_module: Any, stage: str) -> Callable[[], None]:
+def arrange(trainer: Any, callback: Any, pl_module: Any, stage: str) -> Callable[[], Any]:
     """In ``callback.setup``: move ``callback`` after every weight-averaging callback (checkpoint callbacks stay
     last) and make it calibrate before every tuner's search. Returns what to run once the sparsifiers exist:
     in a fit, the ``setup`` of the ``WeightAveraging`` callbacks that copied the model already (copy again)."""
     callbacks = list(trainer.callbacks)
     me = callbacks.index(callback) if callback in callbacks else len(callbacks)
     early = [c for c in callbacks[:me] if isinstance(c, WeightAveraging) and stage == "fit"]
-    for tuner in callbacks:
-        for cls, name in _SEARCH:
-            if isinstance(tuner, cls) and name not in tuner.__dict__:
-                tuner.__dict__[name] = _calibrating_first(callback, tuner, getattr(tuner, name))
+    for tuner, name in [(c, n) for c in callbacks for cls, n in _SEARCH if isinstance(c, cls) and n not in vars(c)]:
+        vars(tuner)[name] = _calibrating_first(callback, tuner, getattr(tuner, name))
     averaging = [i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
     if averaging and me < max(averaging):
         callbacks.remove(callback)
@@ -55,7 +44,7 @@ def arrange(trainer: Any, callback: Any, pl_module: Any, stage: str) -> Callable
         first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint) and i > last), last + 1)
         callbacks.insert(min(last + 1, first_checkpoint), callback)
         trainer.callbacks = callbacks  # a new list: a hook loop running over the old one is not disturbed
-    return lambda: [c.setup(trainer, pl_module, stage) for c in early] and None
+    return lambda: [c.setup(trainer, pl_module, stage) for c in early]
 
 
 def _calibrating_first(callback: Any, tuner: Any, search: Callable[..., Any]) -> Callable[..., Any]:
@@ -72,7 +61,5 @@ def _calibrating_first(callback: Any, tuner: Any, search: Callable[..., Any]) ->
 
 def release(trainer: Any) -> None:
     """In ``callback.teardown``: remove the wrappers :func:`arrange` put on the tuners."""
-    for tuner in trainer.callbacks:
-        for _, name in _SEARCH:
-            if getattr(tuner.__dict__.get(name), "pl_actsparse_wrapper", False):
-                del tuner.__dict__[name]
+    for tuner, name in [(c, n) for c in trainer.callbacks for _, n in _SEARCH if hasattr(vars(c).get(n), "pl_actsparse_wrapper")]:
+        del vars(tuner)[name]
