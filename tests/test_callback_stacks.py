@@ -259,7 +259,8 @@ def test_the_calibration_config_reaches_the_functional_api(monkeypatch):
     real = module.calibrate_activation_sparsity
 
     def calibrate(model, dataset, *, calibration=None, **kwargs):
-        seen["token_mask"] = calibration.token_mask
+        seen.update(token_mask=calibration.token_mask, calibration=calibration.method, offload=calibration.offload,
+                    max_batches_in_flight=calibration.max_batches_in_flight, progress=calibration.progress)
         return real(model, dataset, calibration=calibration, **kwargs)
 
     monkeypatch.setattr(module, "calibrate_activation_sparsity", calibrate)

@@ -345,11 +345,12 @@ class ActivationSparsityCallback(Callback):
         return _on_any_rank(trainer, changed)
 
     def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Whether another callback replaced the thresholds this callback calibrated (any rank); with a
-        ``WeightAveraging`` callback, which copies or swaps its model's parameters *and buffers* in (its thresholds
-        may equal the calibrated ones), whether weights or thresholds differ from those of the last calibration."""
-        if not self._calibrated_thresholds or neighbours.swaps_weights(trainer):
-            return bool(self._calibrated_thresholds) and self._weights_changed(trainer, pl_module)
+        """Whether another callback replaced the thresholds this callback calibrated (any rank); with ``WeightAveraging``
+        (it swaps parameters *and buffers* in, thresholds maybe equal): whether weights or thresholds changed since."""
+        if not self._calibrated_thresholds:
+            return False
+        if neighbours.swaps_weights(trainer):
+            return self._weights_changed(trainer, pl_module)
         layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
         changed = any(
             name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
@@ -585,9 +586,8 @@ def _on_any_rank(trainer: Trainer, flag: bool) -> bool:
 
 
 def _after_configure_model(pl_module: LightningModule, action: Callable[[], None]) -> None:
-    """Lightning calls callback ``setup`` before ``LightningModule.configure_model``, where large models build
-    their layers: run ``action`` right after that hook (still before checkpoint loading and sharding), by a
-    one-shot wrapper in the instance's ``__dict__`` that removes itself."""
+    """Run ``action`` right after ``LightningModule.configure_model`` (called after callback ``setup``, before checkpoint
+    loading and sharding; large models build their layers there), by a one-shot wrapper in the instance's ``__dict__``."""
     if "configure_model" in pl_module.__dict__:
         return  # already waiting (setup called twice)
     hook = pl_module.configure_model
@@ -601,9 +601,8 @@ def _after_configure_model(pl_module: LightningModule, action: Callable[[], None
 
 
 def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
-    """Per-tensor sum and position-weighted sum of every parameter and buffer, in float64 and in chunks of
-    ``chunk`` elements (bounded extra memory): any copy of other weights (weight averaging, a checkpoint load)
-    or of other thresholds changes it. Shape ``[2 * tensors]`` on the CPU."""
+    """Per-tensor sum and position-weighted sum of every parameter and buffer (float64, in chunks: bounded memory); any
+    copy of other weights (weight averaging, a checkpoint load) or thresholds changes it. Shape ``[2 * tensors]``, CPU."""
     sums = []
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):

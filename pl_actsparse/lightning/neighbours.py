@@ -23,8 +23,7 @@ _SEARCH = ((LearningRateFinder, "lr_find"), (BatchSizeFinder, "scale_batch_size"
 
 
 def swaps_weights(trainer: Any) -> bool:
-    """Whether a ``WeightAveraging`` callback runs (it swaps its averaged weights in for every validation of a
-    fit and copies them in at ``on_train_end``, whether or not its copy's thresholds differ)."""
+    """Whether a ``WeightAveraging`` callback runs (it swaps its weights in for each validation of a fit, and at the end)."""
     return WeightAveraging is not StochasticWeightAveraging and any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
 
 
@@ -51,8 +50,6 @@ def _calibrating_first(callback: Any, tuner: Any, search: Callable[..., Any]) ->
     def search_calibrated(trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> Any:
         if callback in trainer.callbacks:
             callback._ensure_calibrated(trainer, pl_module, f"before {type(tuner).__name__}")
-            if trainer.state.fn == "fit" and trainer.current_epoch > 0:  # a search at a later epoch (milestones):
-                callback.on_train_epoch_start(trainer, pl_module)  # this epoch's scheduled targets first
         return search(trainer, pl_module, *args, **kwargs)
 
     search_calibrated.pl_actsparse_wrapper = True  # type: ignore[attr-defined]
