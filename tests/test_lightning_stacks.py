@@ -165,3 +165,40 @@ def test_ema_first_on_stories260k_validates_with_thresholds_for_the_averaged_wei
     data.setup("fit")
     deviation = _validated_deviation(probe.validated, data, lambda: TinyStoriesLM(log_dense_perplexity=False))
     assert len(deviation) == 2 and max(deviation) <= 0.002, deviation
+
+
+def test_ema_first_with_a_model_built_in_configure_model():
+    """EMA's setup builds the layers (configure_model) and copies them; the callback plans after configure_model."""
+    from test_callback_stacks import HF_MLP, ConfiguredHFLM
+
+    data, lm = TinyData(), ConfiguredHFLM()
+    cb = _callback(scopes=HF_MLP, submodule="model", recalibrate_every_n_epochs=1, track=False)
+    ema = EMAWeightAveraging(decay=0.9)
+    probe = ValidatedWeights(ema)
+    _trainer(ema, cb, probe, max_epochs=2, limit_val_batches=2).fit(lm, datamodule=data)
+    assert lm.builds == 1 and list(ema._average_model.module.state_dict()) == list(lm.state_dict())
+    assert len(probe.validated) == 2
+    for state in probe.validated:
+        model = ConfiguredHFLM()
+        model.configure_model()
+        install_sparsifiers_from_state_dict(model, state)
+        model.load_state_dict(state)
+        metric = ActivationSparsity.from_model(model.model)
+        with metric.observe(model.model), torch.no_grad():
+            for x, _ in data.calibration_dataloader():
+                model(x)
+        values = metric.compute()
+        assert max(abs(float(values[f"{n}/sparsity"]) - 0.5) for n, _ in sparsified_layers(model.model)) <= 0.002
+
+
+def test_lr_finder_with_ema_searches_the_calibrated_model_and_validates_the_average():
+    data, lm = TinyData(train=96), Spy(lr=0.05)
+    cb = _callback(recalibrate_every_n_epochs=1, track=False)
+    ema = EMAWeightAveraging(decay=0.9)
+    trainer = _trainer(LearningRateFinder(num_training_steps=20, early_stop_threshold=None), ema, cb, max_epochs=1, limit_val_batches=2)
+    trainer.fit(lm, datamodule=data)
+    assert [type(c).__name__ for c in trainer.callbacks] == ["LearningRateFinder", "EMAWeightAveraging", "ActivationSparsityCallback"]
+    searched = [s for s in lm.steps if s["callbacks"] == ["_LRCallback"]]
+    assert len(searched) == 20 and all(s["thresholds"] == cb.history[0]["thresholds"] for s in searched)
+    assert [h["reason"] for h in cb.history] == ["before LearningRateFinder", "every 1 epoch(s)", "validation with weights swapped in by another callback"]
+    assert cb.history[-1]["sparsity_after"] == pytest.approx(0.5, abs=0.002)
