@@ -24,6 +24,7 @@ from pl_actsparse.integrations import (
     sync_adapter_hooks,
 )
 from pl_actsparse.calibrate import calibrate as _calibrate
+from pl_actsparse.calibrate.allocation import allocate_levels, fisher_curves, next_token_nll
 from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
@@ -33,7 +34,6 @@ from pl_actsparse.errors import (
     EmptyDatasetError,
     InvalidOptionError,
     InvalidScopeError,
-    InvalidOptionError,
     NothingToSparsifyError,
     NotSparsifiedError,
     UnmatchedScopeError,
@@ -45,11 +45,13 @@ from pl_actsparse.core.layer import (
     THRESHOLD_BUFFER,
     GradientMode,
     SparsifierMode,
+    activation_sparsity_disabled,
     install_sparsifier,
     is_linear_like,
     is_sparsified,
     sparsified_layers,
     uninstall_sparsifier,
+    weight_nbytes,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
@@ -330,6 +332,26 @@ def _record(modules: dict[str, nn.Module], stats: dict[str, LayerStatistics]) ->
         state.calibration_elements = st.elements
 
 
+#: ``allocation=`` of :func:`sparsify_activations`: how a scope's value is spread over its layers.
+ALLOCATIONS = ("uniform", "auto", "fisher")
+
+
+def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: CalibrationConfig) -> dict[str, float]:
+    """Per-layer levels meeting each scope's byte budget (:mod:`pl_actsparse.calibrate.allocation`)."""
+    modules = dict(model.named_modules())
+    with activation_sparsity_disabled(model), preserved_modes(model):
+        model.eval()
+        curves = fisher_curves(model, [(n, modules[n]) for n in plan.targets], items, next_token_nll, config)
+    levels: dict[str, float] = {}
+    by_scope: dict[Any, list[str]] = {}
+    for n in plan.targets:
+        by_scope.setdefault(plan.claimed_by.get(n), []).append(n)
+    for names in by_scope.values():
+        budget = plan.targets[names[0]]
+        levels.update(allocate_levels({n: curves[n] for n in names}, {n: weight_nbytes(modules[n]) for n in names}, budget))
+    return levels
+
+
 def sparsify_activations(
     model: nn.Module,
     dataset: Iterable[Any],
@@ -338,6 +360,7 @@ def sparsify_activations(
     *,
     calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     gradient_mode: GradientMode | str = GradientMode.MASKED,
+    allocation: str = "uniform",
 ) -> nn.Module:
     """Sparsify the inputs of the selected Linear layers and calibrate exact thresholds, in place.
 
@@ -371,9 +394,15 @@ def sparsify_activations(
             ``in_block``, ``progress`` and ``sync_across_processes`` (sum statistics over
             ``torch.distributed`` ranks; default: when a process group with several ranks is initialized).
         gradient_mode: ``"masked"`` or ``"ste"``, how gradients cross the zeroing when training afterwards.
+        allocation: ``"uniform"`` (default): every layer of a scope gets the scope's target. ``"auto"`` (=
+            ``"fisher"``): each scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped
+            per token, spread over its layers by :mod:`pl_actsparse.calibrate.allocation` (empirical-Fisher
+            loss curves from one forward and backward pass of the dense model, then the convex optimum);
+            the allocated levels are then calibrated exactly. Needs a causal LM on token ids (next-token loss)
+            and iterates ``dataset`` twice (a one-shot iterator is read into a list first).
 
     Raises:
-        InvalidOptionError: an invalid ``calibration`` field or ``gradient_mode`` (before any change).
+        InvalidOptionError: an invalid ``calibration`` field, ``gradient_mode`` or ``allocation`` (before any change).
         TokenMaskError: ``token_mask`` is not one of these (before any change), or a layer's input has no
             leading ``[batch, seq]`` (or flattened ``[batch * seq]``) axes matching the mask (the model is
             restored).
@@ -400,9 +429,14 @@ def sparsify_activations(
     """
     config = CalibrationConfig.from_value(calibration)
     mode = _gradient_mode(gradient_mode)
+    if allocation not in ALLOCATIONS:
+        raise InvalidOptionError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     items = _peek(dataset)
     modules = dict(model.named_modules())
+    if allocation != "uniform":
+        items = list(itertools.islice(items, config.num_batches))  # read twice: the curves, then calibration
+        plan.targets.update(_allocated(model, plan, items, config))
     snaps = _snapshot(modules, plan.targets)
     previous_plan = model.__dict__.get("_actsparse_plan")
     try:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.api import calibrate_activation_sparsity, plan_activation_sparsity, prepare_activation_sparsity
+from pl_actsparse.calibrate.allocation import allocate_levels, lower_hull
 from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import preserved, weight_nbytes
@@ -257,19 +258,6 @@ def measure_sensitivity(
     )
 
 
-def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    hull: list[tuple[float, float]] = []
-    for p in points:
-        while len(hull) >= 2:
-            (x1, y1), (x2, y2) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
 def _interp(hull: list[tuple[float, float]], s: float) -> float:
     for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
         if x1 <= s <= x2:
@@ -280,29 +268,10 @@ def _interp(hull: list[tuple[float, float]], s: float) -> float:
 def allocate_from_curves(profile: SensitivityProfile, budget: float) -> Allocation:
     """Greedy over convex-hull segments (= Lagrangian optimum of the convexified problem), exact budget."""
     budget = validate_target(budget, "budget")
-    hulls = [_lower_hull(sorted(c.items())) for c in profile.curves]
+    hulls = [lower_hull(sorted(c.items())) for c in profile.curves]
+    levels = allocate_levels({u: sorted(c.items()) for u, c in enumerate(profile.curves)}, dict(enumerate(profile.unit_bytes)), budget)
+    s = [levels[u] for u in range(len(hulls))]
     total = float(sum(profile.unit_bytes))
-    lo = sum(b * h[0][0] for b, h in zip(profile.unit_bytes, hulls)) / total
-    hi = sum(b * h[-1][0] for b, h in zip(profile.unit_bytes, hulls)) / total
-    if not lo - 1e-9 <= budget <= hi + 1e-9:
-        raise InvalidTargetError(
-            f"budget {budget} is outside what the measured curves cover ({lo:.4f} to {hi:.4f}); "
-            "measure around a base closer to the budget or widen the offsets"
-        )
-    s = [h[0][0] for h in hulls]
-    need = budget * total - sum(b * x for b, x in zip(profile.unit_bytes, s))
-    segments = []
-    for u, (h, b) in enumerate(zip(hulls, profile.unit_bytes)):
-        for (x1, y1), (x2, y2) in zip(h, h[1:]):
-            segments.append(((y2 - y1) / (b * (x2 - x1)), u, x1, x2))
-    segments.sort(key=lambda t: (t[0], t[1]))
-    for _, u, x1, x2 in segments:
-        if need <= 0:
-            break
-        b = profile.unit_bytes[u]
-        take = min(b * (x2 - x1), need)
-        s[u] = x1 + take / b
-        need -= take
     # round for readability, then put the rounding error back on the unit that was split last
     targets: dict[str, float] = {}
     rounded = [round(x, 4) for x in s]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
+from pl_actsparse.calibrate.allocation import logits_of, next_token_nll
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError
@@ -35,16 +36,6 @@ def _iter_pairs(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             )
         return ((w[:-1], w[1:]) for w in data)
     return iter(data)
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"model output of type {type(output).__name__} has no logits")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -76,7 +67,7 @@ def mean_nll(
         nonlocal total, count
         x = torch.stack(list(inputs)).to(device)
         y = torch.stack(list(targets)).to(device)
-        logits = _logits(model(x))
+        logits = logits_of(model(x))
         if logits.shape[:2] != y.shape:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(y.shape)}")
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
@@ -122,42 +113,6 @@ def perplexity(
     train/eval mode afterwards.
     """
     return math.exp(mean_nll(model, dataset_or_windows, batch_size=batch_size, device=device)[0])
-
-
-def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Default loss of the allocation: summed next-token NLL of a causal LM and the number of predictions.
-
-    ``inputs`` are token ids ``[B, T]`` (the model input; a dict's ``input_ids``, a tuple's first item),
-    ``output`` logits ``[B, T, V]`` (or an object with ``.logits``, or a tuple whose first item is the logits).
-    ``mask`` (bool ``[B, T]``, default: a dict input's ``attention_mask``) marks real tokens: a prediction
-    counts only when its input and its target are both real, so padding (right or left) adds nothing.
-
-    Raises:
-        InvalidOptionError: the inputs are not token ids ``[B, T]`` or do not match the logits or the mask.
-    """
-    if isinstance(inputs, Mapping):
-        if mask is None and inputs.get("attention_mask") is not None:
-            mask = torch.as_tensor(inputs["attention_mask"]).bool()
-        inputs = inputs.get("input_ids")
-    elif isinstance(inputs, (tuple, list)):
-        inputs = inputs[0]
-    logits = _logits(output)
-    if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
-        raise InvalidOptionError(
-            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "
-            "loss_fn(output, item) -> scalar loss"
-        )
-    if logits.shape[:2] != inputs.shape:
-        raise InvalidOptionError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
-    y = inputs[:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="none")
-    if mask is None:
-        return losses.sum(), y.numel()
-    if tuple(mask.shape) != tuple(inputs.shape):
-        raise InvalidOptionError(f"token mask {tuple(mask.shape)} does not match token ids {tuple(inputs.shape)}")
-    m = mask.to(inputs.device).bool()
-    keep = (m[:, :-1] & m[:, 1:]).flatten()
-    return losses[keep].sum(), int(keep.sum())
 
 
 class CalibrationLoss:
