@@ -80,7 +80,7 @@ class SparsityPlan:
     ignored: list[str] = field(default_factory=list)  # Linear layers a target scope matched and IgnoredScope removed
 
 
-def _validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
+def validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
     """Check ``{TargetScope: sparsity}`` entry by entry (shared by the functional API and the callback)."""
     targets: dict[TargetScope, float] = {}
     for scope, value in target_sparsity_by_scope.items():
@@ -124,7 +124,7 @@ def plan_activation_sparsity(
     if not isinstance(ignored_scope, IgnoredScope):
         raise InvalidScopeError(f"ignored_scope must be an IgnoredScope, got {ignored_scope!r}")
 
-    targets = _validated_targets(target_sparsity_by_scope)
+    targets = validated_targets(target_sparsity_by_scope)
 
     modules = list(model.named_modules())
     is_linear = {name: is_linear_like(m) for name, m in modules}

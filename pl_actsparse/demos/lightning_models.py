@@ -30,7 +30,7 @@ from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_d
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.core.layer import activation_sparsity_disabled, sparsified_layers
 
-from pl_actsparse.tuning.objectives import _logits  # the one logits-out-of-an-output helper
+from pl_actsparse.tuning.objectives import logits_of  # the one logits-out-of-an-output helper
 
 __all__ = ["CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
 
@@ -92,7 +92,7 @@ class CausalLMModule(LightningModule):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits ``[B, T, vocab]``."""
-        return _logits(self.model(input_ids))
+        return logits_of(self.model(input_ids))
 
     def calibration_inputs(self, batch: Any) -> Tensor:
         """What :class:`~pl_actsparse.ActivationSparsityCallback` feeds ``forward`` when calibrating."""
@@ -115,7 +115,7 @@ class CausalLMModule(LightningModule):
         if self.distillation_weight > 0 and self.teacher is not None:
             t = self.distillation_temperature
             with torch.no_grad():
-                teacher_logits = _logits(self.teacher(x)).float()
+                teacher_logits = logits_of(self.teacher(x)).float()
             kd = F.kl_div(
                 F.log_softmax(logits.float() / t, -1).flatten(0, 1),
                 F.log_softmax(teacher_logits / t, -1).flatten(0, 1),

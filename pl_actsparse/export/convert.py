@@ -26,9 +26,9 @@ from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
     THRESHOLD_BUFFER,
     SparseInferenceLinear,
-    _applies_threshold,
-    _RestoreInfo,
-    _state_of,
+    applies_threshold,
+    RestoreInfo,
+    exported_state,
     is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
@@ -96,7 +96,7 @@ def export_for_inference(
             f"({', '.join(adapted[:4])}{' ...' if len(adapted) > 4 else ''}); the exported kernel would drop the "
             "adapter branches' thresholding. Merge the adapters first: model = model.merge_and_unload()"
         )
-    passthrough = sorted({name for name, m in targets if not _applies_threshold(m)})
+    passthrough = sorted({name for name, m in targets if not applies_threshold(m)})
     if passthrough:
         warnings.warn(
             f"export_for_inference: {len(passthrough)} sparsified layer(s) are not calibrated (pass-through) and "
@@ -124,7 +124,7 @@ def export_for_inference(
         if new is None:
             if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-                if not _applies_threshold(old):
+                if not applies_threshold(old):
                     new.activation_threshold.fill_(-math.inf)
             elif int8[id(old)] is not None:  # a library's int8 codes (torchao), read as they are
                 new = _int8_from_codes(name, old, int8.pop(id(old)), max_sparse_tokens)
@@ -189,12 +189,12 @@ def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_toke
             f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel (a "
             f"per-channel threshold is not supported on int8 weights), got shape {tuple(t.shape)}"
         )
-    new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
+    new.activation_threshold = (t.detach().reshape(()).float().clone() if applies_threshold(linear)
                                 else torch.tensor(-math.inf, device=t.device))
-    new.sparsity_state = _state_of(linear)
+    new.sparsity_state = exported_state(linear)
     new.train(linear.training)
     # what to_linear needs to give back the library's module bit for bit (no tensor data kept)
-    new.__dict__["_codes_restore"] = (rebuild, _RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
+    new.__dict__["_codes_restore"] = (rebuild, RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
     return new
 
 

@@ -560,7 +560,7 @@ def model_report(
             if example_input is None and items:
                 example_input = items[0]
         if detect_groups and example_input is not None:
-            from pl_actsparse.core.groups import find_shared_input_groups
+            from pl_actsparse.calibrate.groups import find_shared_input_groups
 
             report.groups = find_shared_input_groups(model, example_input, [r.name for r in report.layers], transform_fn=transform_fn)
             label = {n: _group_label(i) for i, g in enumerate(report.groups) for n in g}

@@ -184,7 +184,7 @@ def measure_sensitivity(
     ``target_sparsity_by_scope`` selects the layers and gives the base targets (usually one scope at the
     budget). Each unit is measured at ``base + offsets`` clipped to ``[min_sparsity, max_sparsity]``, the
     others at base. ``loss_fn(output, item) -> scalar`` defaults to next-token NLL for token-id inputs.
-    ``groups`` (default: detected with :func:`~pl_actsparse.core.groups.find_shared_input_groups` when
+    ``groups`` (default: detected with :func:`~pl_actsparse.calibrate.groups.find_shared_input_groups` when
     ``tie_shared_inputs``) are tied to one target. Cost: one calibration pass, one base-loss pass and
     ``sum over units of len(grid)`` loss passes over the (capped) data. The model is restored afterwards.
     ``calibration`` (as for :func:`~pl_actsparse.sparsify_activations`) also gives the loss passes their data:
@@ -212,7 +212,7 @@ def measure_sensitivity(
     unit_groups: Sequence[Sequence[str]] = ()
     if tie_shared_inputs:
         if groups is None:
-            from pl_actsparse.core.groups import find_shared_input_groups
+            from pl_actsparse.calibrate.groups import find_shared_input_groups
 
             groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn) if data else []
         unit_groups = groups

@@ -37,7 +37,8 @@ def _iter_pairs(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     return iter(data)
 
 
-def _logits(output: Any) -> torch.Tensor:
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``output.logits`` (HF) or ``output[0]``; ``TypeError`` otherwise."""
     if isinstance(output, torch.Tensor):
         return output
     if hasattr(output, "logits"):
@@ -76,7 +77,7 @@ def mean_nll(
         nonlocal total, count
         x = torch.stack(list(inputs)).to(device)
         y = torch.stack(list(targets)).to(device)
-        logits = _logits(model(x))
+        logits = logits_of(model(x))
         if logits.shape[:2] != y.shape:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match targets {tuple(y.shape)}")
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
@@ -141,7 +142,7 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
         inputs = inputs.get("input_ids")
     elif isinstance(inputs, (tuple, list)):
         inputs = inputs[0]
-    logits = _logits(output)
+    logits = logits_of(output)
     if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
         raise InvalidOptionError(
             "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "

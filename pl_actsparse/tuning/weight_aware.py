@@ -81,7 +81,7 @@ def sparsify_activations_weight_aware(
 
     ``share_groups``: layers that read the same tensor and have equal targets use one scale (the column
     norms of their stacked weights), so they share one threshold vector and one mask; ``groups`` overrides
-    the detection (:func:`~pl_actsparse.core.groups.find_shared_input_groups`). ``calibration`` and the other
+    the detection (:func:`~pl_actsparse.calibrate.groups.find_shared_input_groups`). ``calibration`` and the other
     keyword arguments (``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
 
     Raises:
@@ -107,7 +107,7 @@ def sparsify_activations_weight_aware(
         data = dataset if isinstance(dataset, (list, tuple)) else list(dataset)
         dataset = data
         if groups is None:
-            from pl_actsparse.core.groups import find_shared_input_groups
+            from pl_actsparse.calibrate.groups import find_shared_input_groups
 
             groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn) if data else []
         for g in groups:

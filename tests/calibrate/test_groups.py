@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
-from pl_actsparse.core.groups import check_shared_thresholds, find_shared_input_groups, group_of
+from pl_actsparse.calibrate.groups import check_shared_thresholds, find_shared_input_groups, group_of
 from pl_actsparse.errors import UnsupportedModuleError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

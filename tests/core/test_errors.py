@@ -6,7 +6,7 @@ from torch import nn
 
 import pl_actsparse.errors as E
 from pl_actsparse import TargetScope, prepare_activation_sparsity
-from pl_actsparse.core.groups import find_shared_input_groups
+from pl_actsparse.calibrate.groups import find_shared_input_groups
 from pl_actsparse.core.int8 import Int8WeightLinear, quantize_weights_int8
 from pl_actsparse.core.layer import install_sparsifier, linear_like_weight_t, sparsifier_state
 from pl_actsparse.core.recipe import scopes_from_list
