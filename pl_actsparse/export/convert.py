@@ -24,12 +24,7 @@ from pl_actsparse.core.layer import linear_like_spec, threshold_summary
 from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
-    THRESHOLD_BUFFER,
-    SparseInferenceLinear,
-    applies_threshold,
-    RestoreInfo,
-    exported_state,
-    is_sparsified_linear,
+    THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state, is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.dispatch import sparse_token_crossover
@@ -51,10 +46,7 @@ class ExportedLayer:
 
 
 def export_for_inference(
-    model: nn.Module,
-    *,
-    max_sparse_tokens: Optional[int] = None,
-    keep_dense_weight: bool = False,
+    model: nn.Module, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
 ) -> nn.Module:
     """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
 
@@ -133,7 +125,7 @@ def export_for_inference(
                     old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
                 )
             replaced[id(old)] = new
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         del old
     return model
 
@@ -151,12 +143,8 @@ def exported_layers(model: nn.Module) -> list[ExportedLayer]:
             continue
         out.append(
             ExportedLayer(
-                name=name,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                threshold=threshold_summary(m.activation_threshold),
-                max_sparse_tokens=limit,
-                backend=m.backend,
+                name=name, in_features=m.in_features, out_features=m.out_features,
+                threshold=threshold_summary(m.activation_threshold), max_sparse_tokens=limit, backend=m.backend,
                 dtype=dtype,
             )
         )
@@ -196,9 +184,3 @@ def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_toke
     # what to_linear needs to give back the library's module bit for bit (no tensor data kept)
     new.__dict__["_codes_restore"] = (rebuild, RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
     return new
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -24,12 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
-    THRESHOLD_BUFFER,
-    SparsifierMode,
-    decode_sparsifier_state,
-    encode_sparsifier_state,
-    is_sparsified,
-    linear_like_spec,
+    THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, is_sparsified, linear_like_spec,
     sparsifier_state,
 )
 from pl_actsparse.kernels import cpu as _cpu
@@ -37,12 +32,7 @@ from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
 from pl_actsparse.kernels.sparse_op import zero_small
 
-__all__ = [
-    "SparseInferenceLinear",
-    "default_max_sparse_tokens",
-    "is_sparsified_linear",
-    "sparse_inference_linear",
-]
+__all__ = ["SparseInferenceLinear", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
 
 def is_sparsified_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a sparsified layer: an ``nn.Linear`` (or a Linear-like type registered with
@@ -94,15 +84,8 @@ class SparseInferenceLinear(nn.Module):
     activation_threshold: Tensor
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        threshold: float = -math.inf,
-        max_sparse_tokens: Optional[int] = None,
-        keep_dense_weight: bool = False,
-        device: Any = None,
+        self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = -math.inf,
+        max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False, device: Any = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
@@ -133,11 +116,7 @@ class SparseInferenceLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        max_sparse_tokens: Optional[int] = None,
-        keep_dense_weight: bool = False,
+        cls, linear: nn.Linear, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
     ) -> "SparseInferenceLinear":
         """Build from a sparsified ``nn.Linear`` (its ``activation_threshold`` buffer is required).
 
@@ -325,14 +304,8 @@ class SparseInferenceLinear(nn.Module):
         destination[prefix + "_extra_state"] = self.get_extra_state()
 
     def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
         # Checkpoints in the nn.Linear layout (what this layer saves): derive weight_t from weight. Saves of
         # 0.1 (weight_t) and checkpoints without a sparsifier state load too: this layer always applies its
