@@ -149,7 +149,7 @@ def test_hf_llama_bf16_with_cache_objects_matches_lockstep():
 
 
 def test_gpt2_blocks_hold_no_linear_so_only_the_tail_is_checked(caplog):
-    """GPT-2's projections are Conv1D, which is not sparsifiable yet (only nn.Linear): its blocks hold no
+    """GPT-2's projections are Conv1D; with only nn.Linear targeted (lm_head) its blocks hold no
     targeted layer. Found automatically, the block list is rejected (with a logged reason); forced with
     ``blocks="transformer.h"``, the tail pass calibrates lm_head exactly as lockstep does."""
     transformers = pytest.importorskip("transformers")

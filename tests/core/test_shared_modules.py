@@ -15,7 +15,7 @@ from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, activation_sparsity_report, calibrate_activation_sparsity, sparsify_activations
 from pl_actsparse.errors import CalibrationConvergenceError
 
-from test_exactness import best_reachable
+from tiny_models import best_reachable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,7 +33,7 @@ from pl_actsparse.kernels import cpu
 from pl_actsparse.measure.metric import ActivationSparsity
 from pl_actsparse.measure.metric import SparsityCounter
 
-from test_exactness import best_reachable
+from tiny_models import best_reachable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
