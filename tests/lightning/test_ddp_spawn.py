@@ -25,6 +25,7 @@ def _script(out: Path) -> None:  # pragma: no cover - runs in the subprocess (an
     sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
     from test_callback import TinyData, TinyLM
 
+    from pl_actsparse.core.layer import is_sparsified
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
 
     warnings.filterwarnings("ignore")
@@ -60,7 +61,7 @@ def _script(out: Path) -> None:  # pragma: no cover - runs in the subprocess (an
             "params": {k: v.clone() for k, v in state.items() if not k.endswith(("activation_threshold", "_extra_state"))},
             "history": cb.history,
             "callback_state": cb.state_dict(),
-            "sparsified": sorted(n for n, m in model.named_modules() if hasattr(m, "_actsparse")),
+            "sparsified": sorted(n for n, m in model.named_modules() if is_sparsified(m)),
         },
         out / "main.pt",
     )
