@@ -1,16 +1,10 @@
-"""``ActivationSparsityCallback``: the functional core, run at the right moments of a Lightning run.
+"""``ActivationSparsityCallback``: the functional core (:mod:`pl_actsparse.api`) at the right moments of a run.
 
-The callback is glue: it installs sparsifiers with :func:`~pl_actsparse.api.prepare_activation_sparsity` once
-the model exists (in ``setup``, or right after ``LightningModule.configure_model`` when the module builds its
-layers there) and before the strategy wraps it; calibrates with
-:func:`~pl_actsparse.api.calibrate_activation_sparsity` when the model is not calibrated yet (start of fit,
-validate, test, predict); recalibrates during fine-tuning following a
-:class:`~pl_actsparse.lightning.schedule.SparsitySchedule`; and tracks the achieved sparsity with
-:class:`~pl_actsparse.measure.metric.ActivationSparsity`. How to calibrate is one
-:class:`~pl_actsparse.config.CalibrationConfig`; where the batches come from is a
-:class:`~pl_actsparse.lightning.calibration_data.CalibrationData`. Thresholds live in the model's state dict
-(so in every checkpoint); the callback's own ``state_dict`` keeps the calibration history, so a resumed fit
-continues exactly. The model is never deep-copied.
+It installs sparsifiers once the model exists and before the strategy wraps it; calibrates when the model is
+not calibrated yet; recalibrates while fine-tuning following a :class:`~pl_actsparse.lightning.schedule.SparsitySchedule`;
+and tracks the achieved sparsity. Thresholds live in the model's state dict (so in every checkpoint); the
+callback's ``state_dict`` keeps the calibration history. The model is never deep-copied. Weight averaging and
+tuners: :mod:`pl_actsparse.lightning.neighbours`.
 """
 
 from __future__ import annotations
@@ -33,7 +27,7 @@ from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpe
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidScopeError, InvalidTargetError
-from pl_actsparse.lightning import spawn
+from pl_actsparse.lightning import neighbours, spawn
 from pl_actsparse.lightning.calibration_data import CalibrationData, config_error
 from pl_actsparse.lightning.schedule import SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
@@ -303,7 +297,7 @@ class ActivationSparsityCallback(Callback):
             "sparsity_after": after,
             "sparsity_before_by_layer": {n: float(values[f"{n}/sparsity"]) for n in calibrated_before},
             "sparsity_after_by_layer": {r.name: r.calibration_sparsity for r in report.layers},
-            "target": _mean_target(report),
+            "target": report.mean_target,
             "thresholds": {r.name: r.threshold for r in report.layers},
         }
         self.history.append(entry)
@@ -347,14 +341,16 @@ class ActivationSparsityCallback(Callback):
     def _weights_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether weights or thresholds differ from those of the last calibration (any rank)."""
         module, fingerprint = self.sparsified_module(pl_module), self._calibrated_fingerprint
-        changed = fingerprint is None or self._needs_calibration(module) or not _same_fingerprint(fingerprint, _fingerprint(module))
+        changed = fingerprint is None or self._needs_calibration(module) or not torch.equal(fingerprint, _fingerprint(module))  # False on shapes that differ
         return _on_any_rank(trainer, changed)
 
     def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Whether another callback replaced the thresholds this callback calibrated (any rank), as
-        ``WeightAveraging`` does when it copies or swaps its averaged model's parameters *and buffers* in."""
+        """Whether another callback replaced the thresholds this callback calibrated (any rank); with ``WeightAveraging``
+        (it swaps parameters *and buffers* in, thresholds maybe equal): whether weights or thresholds changed since."""
         if not self._calibrated_thresholds:
             return False
+        if neighbours.swaps_weights(trainer):
+            return self._weights_changed(trainer, pl_module)
         layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
         changed = any(
             name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
@@ -416,18 +412,15 @@ class ActivationSparsityCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Install pass-through sparsifiers in place, before the strategy wraps the model (same modules, same
         Parameters), or right after ``configure_model`` when the LightningModule builds its layers there."""
-        if stage == "fit":
-            _run_after_weight_averaging(trainer, self)
+        copy_again = neighbours.arrange(trainer, self, pl_module, stage)  # weight averaging, tuners: see neighbours.py
         if self.finished == "remove":
             return
         if self.finished == "make_permanent":  # frozen: adopt the layers as they are
-            plan = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
+            prepare = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
         else:
-            plan = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
-        if is_overridden("configure_model", pl_module):
-            _after_configure_model(pl_module, plan)
-        else:
-            plan()
+            prepare = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
+        plan = lambda: (prepare(), copy_again())  # noqa: E731
+        _after_configure_model(pl_module, plan) if is_overridden("configure_model", pl_module) else plan()
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -562,6 +555,7 @@ class ActivationSparsityCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for name in list(self._observing):
             self._stop_tracking(name)
+        neighbours.release(trainer)
 
     # -- checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
 
@@ -592,9 +586,8 @@ def _on_any_rank(trainer: Trainer, flag: bool) -> bool:
 
 
 def _after_configure_model(pl_module: LightningModule, action: Callable[[], None]) -> None:
-    """Lightning calls callback ``setup`` before ``LightningModule.configure_model``, where large models build
-    their layers: run ``action`` right after that hook (still before checkpoint loading and sharding), by a
-    one-shot wrapper in the instance's ``__dict__`` that removes itself."""
+    """Run ``action`` right after ``LightningModule.configure_model`` (called after callback ``setup``, before checkpoint
+    loading and sharding; large models build their layers there), by a one-shot wrapper in the instance's ``__dict__``."""
     if "configure_model" in pl_module.__dict__:
         return  # already waiting (setup called twice)
     hook = pl_module.configure_model
@@ -608,9 +601,8 @@ def _after_configure_model(pl_module: LightningModule, action: Callable[[], None
 
 
 def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
-    """Per-tensor sum and position-weighted sum of every parameter and buffer, in float64 and in chunks of
-    ``chunk`` elements (bounded extra memory): any copy of other weights (weight averaging, a checkpoint load)
-    or of other thresholds changes it. Shape ``[2 * tensors]`` on the CPU."""
+    """Per-tensor sum and position-weighted sum of every parameter and buffer (float64, in chunks: bounded memory); any
+    copy of other weights (weight averaging, a checkpoint load) or thresholds changes it. Shape ``[2 * tensors]``, CPU."""
     sums = []
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
@@ -624,34 +616,3 @@ def _fingerprint(module: nn.Module, chunk: int = 1 << 22) -> torch.Tensor:
                 total += torch.stack([x.sum(), (x * w).sum()])
             sums.append(total)
     return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
-
-
-def _same_fingerprint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a, b)
-
-
-def _run_after_weight_averaging(trainer: Trainer, callback: Callback) -> None:
-    """Move ``callback`` after every weight-averaging callback (and keep checkpoint callbacks last), so its
-    ``on_train_end`` and ``on_save_checkpoint`` see the weights those callbacks put in, in either order."""
-    from lightning.pytorch.callbacks import Checkpoint, StochasticWeightAveraging
-
-    try:
-        from lightning.pytorch.callbacks import WeightAveraging
-    except ImportError:  # pragma: no cover - Lightning < 2.5
-        WeightAveraging = StochasticWeightAveraging  # type: ignore[misc, assignment]
-    callbacks = list(trainer.callbacks)
-    averaging = [i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
-    me = callbacks.index(callback) if callback in callbacks else None
-    if me is None or not averaging or me > max(averaging):
-        return
-    callbacks.remove(callback)
-    last = max(i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging)))
-    first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint) and i > last), None)
-    callbacks.insert(last + 1 if first_checkpoint is None else min(last + 1, first_checkpoint), callback)
-    trainer.callbacks = callbacks  # a new list: a hook loop running over the old one is not disturbed
-
-
-def _mean_target(report: SparsityReport) -> float:
-    rows = [r for r in report.layers if r.calibration_elements]
-    n = sum(r.calibration_elements for r in rows)
-    return sum(r.target * r.calibration_elements for r in rows) / n if n else float("nan")

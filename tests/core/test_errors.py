@@ -23,7 +23,7 @@ def _net():
 CASES = {
     "gradient_mode": (lambda: prepare_activation_sparsity(_net(), {TargetScope(names=["0"]): 0.5}, gradient_mode="sgd"),
                       E.InvalidOptionError, "'sgd'"),
-    "groups layers": (lambda: find_shared_input_groups(_net(), torch.randn(2, 4), ["nope"]), E.InvalidOptionError, "'nope'"),
+    "groups layers": (lambda: find_shared_input_groups(_net(), torch.randn(2, 4), ["nope"]), E.UnsupportedModuleError, "'nope'"),
     "weight_t of a non-Linear": (lambda: linear_like_weight_t(nn.ReLU()), E.UnsupportedModuleError, "ReLU"),
     "install on a non-Linear": (lambda: install_sparsifier(nn.ReLU(), 0.5), E.UnsupportedModuleError, "ReLU"),
     "state of a plain layer": (lambda: sparsifier_state(nn.Linear(2, 2)), E.NotSparsifiedError, "Linear"),

@@ -129,8 +129,9 @@ def test_generate_calibrates_with_the_recipes_calibration_options(monkeypatch, c
     main(["generate", "--config", RECIPE, "--max-new-tokens", "4", "--repeats", "1", "--json", *SMALL,
           f"--trainer.callbacks.init_args.calibration={options}"])
     assert json.loads(capsys.readouterr().out)["exported_layers"] == 15
-    assert (seen["calibration"], seen["offload"], seen["token_mask"], seen["max_batches_in_flight"]) == ("sequential", "cpu", None, 1)
-    assert seen["num_calibration_batches"] == 1 and callable(seen["transform_fn"])
+    config = seen["calibration"]
+    assert (config.method, config.offload, config.token_mask, config.max_batches_in_flight) == ("sequential", "cpu", None, 1)
+    assert config.num_batches == 1 and callable(config.transform_fn)
 
 
 def test_cli_generate_errors(capsys, tmp_path):

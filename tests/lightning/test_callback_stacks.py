@@ -259,15 +259,16 @@ def test_the_calibration_config_reaches_the_functional_api(monkeypatch):
     real = module.calibrate_activation_sparsity
 
     def calibrate(model, dataset, *, calibration=None, **kwargs):
-        seen["token_mask"] = calibration.token_mask
+        seen["config"] = calibration
         return real(model, dataset, calibration=calibration, **kwargs)
 
     monkeypatch.setattr(module, "calibrate_activation_sparsity", calibrate)
     mask = lambda batch: torch.ones(batch[0].shape, dtype=torch.bool)  # noqa: E731
     cb = _callback(calibration=CalibrationConfig(token_mask=mask, method="lockstep", max_batches_in_flight=2, progress=False))
     _trainer(cb).validate(TinyLM(), datamodule=TinyData(), verbose=False)
-    assert seen["token_mask"] is mask and len(cb.history) == 1
-    assert (seen["calibration"], seen["max_batches_in_flight"], seen["offload"], seen["progress"]) == ("lockstep", 2, None, False)
+    config = seen["config"]
+    assert config.token_mask is mask and len(cb.history) == 1
+    assert (config.method, config.max_batches_in_flight, config.offload, config.progress) == ("lockstep", 2, None, False)
 
 
 def test_verbose_output_goes_to_the_logger_on_rank_zero(caplog, capsys):

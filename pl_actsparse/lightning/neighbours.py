@@ -1,0 +1,62 @@
+"""The callback next to Lightning callbacks that copy, swap or try out the model (``docs/integrations.md``).
+
+* ``WeightAveraging`` (EMA) copies the model in its ``setup`` and swaps or copies parameters *and buffers*
+  by position. A copy made before the sparsifiers existed is made again (its own ``setup``) once they exist;
+  the callback runs after every averaging callback, so its hooks see the weights those put in.
+* A tuner (``LearningRateFinder``, ``BatchSizeFinder``, listed first by Lightning) searches inside its own hook
+  with ``trainer.callbacks`` replaced. Its search method is wrapped on the instance until ``teardown``: the
+  callback calibrates first, so every search step runs the model as it will be trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lightning.pytorch.callbacks import BatchSizeFinder, Checkpoint, LearningRateFinder, StochasticWeightAveraging
+
+try:
+    from lightning.pytorch.callbacks import WeightAveraging
+except ImportError:  # pragma: no cover - Lightning < 2.5 has SWA only
+    WeightAveraging = StochasticWeightAveraging  # type: ignore[misc, assignment]
+
+_SEARCH = ((LearningRateFinder, "lr_find"), (BatchSizeFinder, "scale_batch_size"))
+
+
+def swaps_weights(trainer: Any) -> bool:
+    """Whether a ``WeightAveraging`` callback runs (it swaps its weights in for each validation of a fit, and at the end)."""
+    return WeightAveraging is not StochasticWeightAveraging and any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
+
+
+def arrange(trainer: Any, callback: Any, pl_module: Any, stage: str) -> Callable[[], Any]:
+    """In ``callback.setup``: move ``callback`` after every weight-averaging callback (checkpoint callbacks stay
+    last) and make it calibrate before every tuner's search. Returns what to run once the sparsifiers exist:
+    in a fit, the ``setup`` of the ``WeightAveraging`` callbacks that copied the model already (copy again)."""
+    callbacks = list(trainer.callbacks)
+    me = callbacks.index(callback) if callback in callbacks else len(callbacks)
+    early = [c for c in callbacks[:me] if isinstance(c, WeightAveraging) and stage == "fit"]
+    for tuner, name in [(c, n) for c in callbacks for cls, n in _SEARCH if isinstance(c, cls) and n not in vars(c)]:
+        vars(tuner)[name] = _calibrating_first(callback, tuner, getattr(tuner, name))
+    averaging = [i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]
+    if averaging and me < max(averaging):
+        callbacks.remove(callback)
+        last = max(averaging) - 1
+        first_checkpoint = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint) and i > last), last + 1)
+        callbacks.insert(min(last + 1, first_checkpoint), callback)
+        trainer.callbacks = callbacks  # a new list: a hook loop running over the old one is not disturbed
+    return lambda: [c.setup(trainer, pl_module, stage) for c in early]
+
+
+def _calibrating_first(callback: Any, tuner: Any, search: Callable[..., Any]) -> Callable[..., Any]:
+    def search_calibrated(trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> Any:
+        if callback in trainer.callbacks:
+            callback._ensure_calibrated(trainer, pl_module, f"before {type(tuner).__name__}")
+        return search(trainer, pl_module, *args, **kwargs)
+
+    search_calibrated.pl_actsparse_wrapper = True  # type: ignore[attr-defined]
+    return search_calibrated
+
+
+def release(trainer: Any) -> None:
+    """In ``callback.teardown``: remove the wrappers :func:`arrange` put on the tuners."""
+    for tuner, name in [(c, n) for c in trainer.callbacks for _, n in _SEARCH if hasattr(vars(c).get(n), "pl_actsparse_wrapper")]:
+        del vars(tuner)[name]
