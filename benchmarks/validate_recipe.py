@@ -25,7 +25,7 @@ def main() -> None:
     add_out_argument(parser, "make_main")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    cli = run(["validate", "--config", args.config, "--trainer.logger", "false"])
+    cli = run(["validate", "--config", args.config])  # the recipe's CSVLogger writes under outputs/
     metrics = {k: round(float(v), 4) for k, v in sorted(cli.trainer.callback_metrics.items())}
     emit({"benchmark": "validate_recipe", "recipe": args.config, "torch": torch.__version__,
           "threads": torch.get_num_threads(), "metrics": metrics, "seconds": round(time.perf_counter() - t0, 1)}, args.out)
