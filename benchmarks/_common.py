@@ -23,3 +23,22 @@ def llc_bytes() -> int:
     except OSError:
         pass
     return best or (32 << 20)
+
+
+def add_out_argument(parser, name: str) -> None:
+    """``--out PATH``: also write the printed JSON there (the figures in README.md and docs/ come from
+    ``benchmarks/results/<name>.json`` written this way, with the command line recorded in it)."""
+    parser.add_argument("--out", default=None, help=f"also write the JSON here (e.g. benchmarks/results/{name}.json)")
+
+
+def emit(result: dict, out=None, indent=1) -> None:
+    """Print ``result`` as JSON on stdout; with ``out``, write it there too, with the command that made it."""
+    import json
+    import pathlib
+    import sys
+
+    print(json.dumps(result, indent=indent))
+    if out:
+        path = pathlib.Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **result}, indent=1) + "\n")

@@ -34,6 +34,7 @@ import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
 from pl_actsparse.tuning.allocation import allocate_sparsity
+from pl_actsparse.demos import calibration_batches
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
@@ -42,17 +43,14 @@ from pl_actsparse.tuning.sweep import apply_statistics, perplexity_metric, sweep
 from pl_actsparse.core.layer import weight_nbytes
 from pl_actsparse.measure.metric import SparsityCounter
 
+from _common import add_out_argument, emit
+
 MLP_PATTERN = r"layers\.\d+\.mlp\.(gate|up|down)_proj"
 SWEEP_TARGETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 
 
 def log(*args) -> None:
     print("#", *args, file=sys.stderr, flush=True)
-
-
-def batches_of(windows: TokenWindows, size: int) -> list[torch.Tensor]:
-    xs = [windows[i] for i in range(len(windows))]
-    return [torch.stack(xs[i : i + size]) for i in range(0, len(xs), size)]
 
 
 def skipped_fraction(model, targets: dict[str, float]) -> float:
@@ -82,6 +80,9 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--untied", action="store_true", help="also allocate per layer without tying gate/up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
+    parser.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
+    parser.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
+    add_out_argument(parser, "allocation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -91,8 +92,8 @@ def main() -> None:
 
     base_model = load_llama2c_checkpoint()
     tok = Llama2cTokenizer.from_file()
-    calib = batches_of(TokenWindows(load_stories(start=500, stop=600), tok, seq_len=256), 8)
-    evaluation = TokenWindows(load_stories(start=0, stop=150), tok, seq_len=256)
+    calib = calibration_batches(*args.calibration_stories, seq_len=256, batch_size=8, tokenizer=tok)
+    evaluation = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, seq_len=256)
     dense_ppl = perplexity(base_model, evaluation, batch_size=16)
     scope = TargetScope(patterns=[MLP_PATTERN])
     nncf_status = "skipped (--no-nncf)"
@@ -111,15 +112,15 @@ def main() -> None:
     for budget in args.budgets:
         row: dict = {"budget": budget}
         m = fresh()
-        sparsify_activations(m, calib, {scope: budget}, progress=False)
+        sparsify_activations(m, calib, {scope: budget}, calibration={"progress": False})
         row["uniform"] = perplexity(m, evaluation)
         log(f"budget {budget}: uniform {row['uniform']:.4f}")
 
         t0 = time.perf_counter()
-        alloc = allocate_sparsity(fresh(), calib, budget, scope, num_calibration_batches=args.sensitivity_batches)
+        alloc = allocate_sparsity(fresh(), calib, budget, scope, calibration={"num_batches": args.sensitivity_batches, "progress": False})
         alloc_s = time.perf_counter() - t0
         m = fresh()
-        sparsify_activations(m, calib, alloc.target_sparsity_by_scope(), progress=False)
+        sparsify_activations(m, calib, alloc.target_sparsity_by_scope(), calibration={"progress": False})
         row["allocation"] = perplexity(m, evaluation)
         row["allocation_detail"] = {
             "targets": {n.replace("layers.", "").replace("mlp.", ""): round(v, 4) for n, v in alloc.targets.items()},
@@ -133,9 +134,9 @@ def main() -> None:
         log(f"budget {budget}: allocation {row['allocation']:.4f} ({alloc.forward_passes} passes, {alloc_s:.0f}s)")
         if args.untied:
             t0 = time.perf_counter()
-            untied = allocate_sparsity(fresh(), calib, budget, scope, num_calibration_batches=args.sensitivity_batches, tie_shared_inputs=False)
+            untied = allocate_sparsity(fresh(), calib, budget, scope, calibration={"num_batches": args.sensitivity_batches, "progress": False}, tie_shared_inputs=False)
             m = fresh()
-            sparsify_activations(m, calib, untied.target_sparsity_by_scope(), progress=False)
+            sparsify_activations(m, calib, untied.target_sparsity_by_scope(), calibration={"progress": False})
             row["allocation_untied"] = perplexity(m, evaluation)
             row["allocation_untied_passes"] = untied.forward_passes
             log(f"budget {budget}: untied allocation {row['allocation_untied']:.4f} ({time.perf_counter() - t0:.0f}s)")
@@ -147,7 +148,7 @@ def main() -> None:
             ("weight_aware_shared_allocation", alloc.target_sparsity_by_scope(), True),
         ]:
             m = fresh()
-            sparsify_activations_weight_aware(m, calib, recipe, share_groups=share, progress=False)
+            sparsify_activations_weight_aware(m, calib, recipe, share_groups=share, calibration={"progress": False})
             row[label] = perplexity(m, evaluation)
             log(f"budget {budget}: {label} {row[label]:.4f}")
 
@@ -180,7 +181,7 @@ def main() -> None:
         m = fresh()
         names = [n for n, _ in m.named_modules() if scope.matches(n, None) and n]
         prepare_activation_sparsity(m, {scope: one.base_targets[names[0]]})
-        stats = calibrate_activation_sparsity(m, calib, progress=False).statistics
+        stats = calibrate_activation_sparsity(m, calib, calibration={"progress": False}).statistics
         drift = []
         for t in SWEEP_TARGETS:
             apply_statistics(m, stats, t)
@@ -232,7 +233,7 @@ def main() -> None:
         for k, v in list(r.items()):
             if isinstance(v, float) and k != "budget":
                 r[k] = round(v, 4)
-    print(json.dumps(result, indent=1))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ HF-style to the longest of each batch (about 20% padding) on the right or on the
 ``token_mask="auto"`` it must be 0.0000 like unpadded calibration. The ``token_mask=None`` rows show what
 counting the pad positions costs.
 
-    python benchmarks/calibration.py [--repeats 3] [--no-nncf] [--padded-only]
+    python benchmarks/calibration.py [--repeats 3] [--no-nncf] [--padded-only] [--out benchmarks/results/calibration.json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import sys
 import time
@@ -28,29 +27,20 @@ import warnings
 
 import torch
 
-from pl_actsparse import TargetScope, sparsify_activations
+from pl_actsparse import sparsify_activations
+from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.measure.metric import SparsityCounter
 
+from _common import add_out_argument, emit
+
 TARGETS = {"up_proj": 0.3, "gate_proj": 0.3, "down_proj": 0.5}
-
-
-def recipe() -> dict:
-    return {
-        TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
-        TargetScope(patterns=[".*down_proj.*"]): 0.5,
-    }
 
 
 def target_of(name: str) -> float:
     return next(v for k, v in TARGETS.items() if k in name)
-
-
-def make_batches(windows: TokenWindows, batch_size: int) -> list[torch.Tensor]:
-    xs = [windows[i] for i in range(len(windows))]
-    return [torch.stack(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
 
 
 def dense_forward_seconds(model, batches, repeats: int) -> float:
@@ -76,7 +66,8 @@ def measure_ours(model, calib, evaluation, repeats, max_batches_in_flight=None):
     for _ in range(repeats):
         candidate = copy.deepcopy(model)
         t0 = time.perf_counter()
-        sparsify_activations(candidate, calib, recipe(), progress=False, max_batches_in_flight=max_batches_in_flight)
+        sparsify_activations(candidate, calib, SEED_RECIPE,
+                             calibration={"progress": False, "max_batches_in_flight": max_batches_in_flight})
         times.append(time.perf_counter() - t0)
         sparse = candidate
     with SparsityCounter(sparse) as on_calib, torch.no_grad():
@@ -193,11 +184,11 @@ def measure_padded(model, tok, repeats: int) -> list[dict]:
                 candidate = copy.deepcopy(model)
                 t0 = time.perf_counter()
                 if batches is None:
-                    sparsify_activations(candidate, unpadded, recipe(), progress=False)
+                    sparsify_activations(candidate, unpadded, SEED_RECIPE, calibration={"progress": False})
                 else:
                     sparsify_activations(
-                        candidate, batches, recipe(), progress=False, transform_fn=lambda b: b["input_ids"],
-                        token_mask=token_mask,
+                        candidate, batches, SEED_RECIPE,
+                        calibration={"progress": False, "transform_fn": lambda b: b["input_ids"], "token_mask": token_mask},
                     )
                 times.append(time.perf_counter() - t0)
                 sparse = candidate
@@ -233,6 +224,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--padded-only", action="store_true", help="only the padded-batch rows")
+    parser.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
+    parser.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
+    add_out_argument(parser, "calibration")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,11 +241,11 @@ def main() -> None:
         )
     }
     if args.padded_only:
-        print(json.dumps({"benchmark": "calibration", "model": "stories260K", "recipe": TARGETS, "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "padded": padded_rows, "targets_met": padded_checks}, indent=1))
+        emit({"benchmark": "calibration", "model": "stories260K", "recipe": TARGETS, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "padded": padded_rows, "targets_met": padded_checks}, args.out)
         return
-    calib_windows = TokenWindows(load_stories(start=500, stop=600), tok, seq_len=256)
-    evaluation = TokenWindows(load_stories(start=0, stop=150), tok, seq_len=256)
+    (c0, c1), (e0, e1) = args.calibration_stories, args.eval_stories
+    evaluation = TokenWindows(load_stories(start=e0, stop=e1), tok, seq_len=256)
     dense_ppl = perplexity(model, evaluation, batch_size=16)
 
     methods = {
@@ -271,7 +265,7 @@ def main() -> None:
 
     runs = []
     for batch_size in args.batch_sizes:
-        calib = make_batches(calib_windows, batch_size)
+        calib = calibration_batches(c0, c1, seq_len=256, batch_size=batch_size, tokenizer=tok)
         dense_s = dense_forward_seconds(model, calib, args.repeats)
         for name, fn in methods.items():
             seconds, on_calib, on_eval, ppl = fn(model, calib, evaluation, args.repeats if name.startswith("pl_actsparse") else max(1, args.repeats - 1))
@@ -306,14 +300,13 @@ def main() -> None:
         if nncf_runs
         else None,
     }
-    print(
-        json.dumps(
+    emit(
             {
                 "benchmark": "calibration",
                 "model": "stories260K",
                 "recipe": TARGETS,
-                "calibration_data": {"stories": [500, 600], "windows": len(calib_windows), "seq_len": 256},
-                "evaluation_data": {"stories": [0, 150], "windows": len(evaluation), "seq_len": 256},
+                "calibration_data": {"stories": [c0, c1], "windows": sum(len(b) for b in calib), "seq_len": 256},
+                "evaluation_data": {"stories": [e0, e1], "windows": len(evaluation), "seq_len": 256},
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
                 "nncf": nncf_status,
@@ -322,8 +315,7 @@ def main() -> None:
                 "padded": padded_rows,
                 "targets_met": {**checks, **padded_checks},
             },
-            indent=1,
-        )
+            args.out,
     )
 
 

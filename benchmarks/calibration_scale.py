@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from _common import add_out_argument, emit
+
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
 MODES = ("lockstep", "sequential", "sequential-disk", "streaming")
 
@@ -88,14 +90,14 @@ def worker(args: argparse.Namespace) -> dict:
     base = _hwm_bytes()
     mode = args.mode
     kwargs = {
-        "lockstep": dict(calibration="lockstep"),
-        "sequential": dict(calibration="sequential"),
-        "sequential-disk": dict(calibration="sequential", offload="disk"),
-        "streaming": dict(calibration="lockstep", max_batches_in_flight=1),
+        "lockstep": dict(method="lockstep"),
+        "sequential": dict(method="sequential"),
+        "sequential-disk": dict(method="sequential", offload="disk"),
+        "streaming": dict(method="lockstep", max_batches_in_flight=1),
     }[mode]
     scope = {TargetScope(patterns=[r".*\.(q|k|v|o|gate|up|down)_proj"]): 0.5}
     t0 = time.perf_counter()
-    sparsify_activations(model, batches, scope, progress=False, **kwargs)
+    sparsify_activations(model, batches, scope, calibration={"progress": False, **kwargs})
     sync()
     calib = time.perf_counter() - t0
     out = {
@@ -113,7 +115,7 @@ def worker(args: argparse.Namespace) -> dict:
     }
     if device.type == "cuda":
         out["peak_device_memory_increase_gb"] = round((torch.cuda.max_memory_allocated() - base_dev) / 1e9, 3)
-    torch.save({n: m.activation_threshold.float().cpu() for n, m in sparsified_layers(model)}, args.out)
+    torch.save({n: m.activation_threshold.float().cpu() for n, m in sparsified_layers(model)}, args.worker_out)
     return out
 
 
@@ -143,7 +145,8 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=7200, help="seconds per subprocess")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    add_out_argument(p, "calibration_scale")
     args = p.parse_args()
     if args.worker:
         args.n = args.n[0]
@@ -158,7 +161,7 @@ def main() -> None:
         order = sorted(args.modes, key=lambda m: m != "lockstep")  # the exact reference first
         for mode in order:
             path = os.path.join(tmp, f"{mode}-{n}.pt")
-            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--out", path,
+            cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--worker-out", path,
                    "--layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq", str(args.seq),
                    "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (["--use-cache"] if args.use_cache else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -173,7 +176,7 @@ def main() -> None:
                 row.update({"threshold_rel_error_max": None, "threshold_rel_error_mean": None})
             runs.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    print(json.dumps({
+    emit({
         "benchmark": "calibration_scale",
         "model": {**TINYLLAMA, "num_hidden_layers": args.layers, "dtype": args.dtype, "weights": "random"},
         "targets": "q/k/v/o/gate/up/down_proj at 0.5",
@@ -184,7 +187,7 @@ def main() -> None:
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "device": args.device,
         "runs": runs,
-    }, indent=1))
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from pl_actsparse.export.linear import SparseInferenceLinear
 from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.kernels.dispatch import cpu_isa_flags, cpu_profile
 
-from _common import llc_bytes
+from _common import add_out_argument, emit, llc_bytes
 
 DEFAULT_SHAPES = "4096x11008,11008x4096,2048x5632"
 
@@ -484,7 +484,7 @@ def _build_e2e_model(args: argparse.Namespace, variant: str):
     if patterns is not None:
         gen = torch.Generator().manual_seed(args.seed + 1)
         calib = [torch.randint(0, cfg.vocab_size, (1, args.calib_tokens), generator=gen) for _ in range(args.calib_prompts)]
-        sparsify_activations(model, calib, {TargetScope(patterns=patterns): args.e2e_sparsity}, progress=False)
+        sparsify_activations(model, calib, {TargetScope(patterns=patterns): args.e2e_sparsity}, calibration={"progress": False})
         rep = activation_sparsity_report(model)
         info["sparsified_layers"] = len(rep.layers)
         info["calibration_sparsity"] = None if rep.mean_sparsity is None else round(rep.mean_sparsity, 4)
@@ -674,7 +674,7 @@ def _load_the_code() -> None:
 
     kcpu.set_backend("cpp" if kcpu.load_extension() else "torch")
     toy = Llama2cModel(Llama2cConfig.stories260k(), dtype=torch.bfloat16).eval()
-    sparsify_activations(toy, [torch.randint(0, 512, (1, 16))], {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
+    sparsify_activations(toy, [torch.randint(0, 512, (1, 16))], {TargetScope(patterns=[r".*_proj"]): 0.5}, calibration={"progress": False})
     export_for_inference(toy)
     with torch.inference_mode():
         toy.generate(torch.ones(1, 2, dtype=torch.long), 2)
@@ -899,6 +899,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     e2e.add_argument("--e2e-memory-child", choices=list(E2E_VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help="where a decode token's time goes (TinyLlama shapes)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the read-bandwidth measurement")
+    add_out_argument(p, "decode")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -920,7 +921,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta["read_bandwidth"] = bandwidth
     if bandwidth is not None:  # measured again after the timings: the spread says how steady the machine was
         meta["read_bandwidth_after_gb_per_s"] = read_bandwidth()["gb_per_s"]
-    print(json.dumps({"meta": meta, **body}, indent=1))
+    emit({"meta": meta, **body}, args.out)
 
 
 if __name__ == "__main__":

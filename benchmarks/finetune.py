@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"dense perplexity {dense:.4f} on {len(evaluation)} windows")
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
     t0 = time.perf_counter()
-    sparsify_activations(dense_model, calibration, {TargetScope(patterns=[pattern]): 0.5}, progress=False)
+    sparsify_activations(dense_model, calibration, {TargetScope(patterns=[pattern]): 0.5}, calibration={"progress": False})
     calibration_seconds = time.perf_counter() - t0
     with SparsityCounter(dense_model) as counter:
         training_free = perplexity(dense_model, evaluation)

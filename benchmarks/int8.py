@@ -42,14 +42,9 @@ from pl_actsparse.kernels import int8_cpu as k8
 from pl_actsparse.kernels.dispatch import cpu_isa_flags
 from pl_actsparse.core.int8 import quantize_weights_int8
 from pl_actsparse.export.convert import export_for_inference
+from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 
-from _common import llc_bytes
-
-SEED_RECIPE = {
-    TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
-    TargetScope(patterns=[".*down_proj.*"]): 0.5,
-}
-
+from _common import add_out_argument, emit, llc_bytes
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
@@ -89,9 +84,8 @@ def ppl_part(args) -> dict:
     from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 
     tok = Llama2cTokenizer.from_file()
-    cal = TokenWindows(load_stories(start=500, stop=600), tok, seq_len=256)
-    ev = TokenWindows(load_stories(start=0, stop=150), tok, seq_len=256)
-    batches = [torch.stack([cal[i] for i in range(j, min(j + 8, len(cal)))]) for j in range(0, len(cal), 8)]
+    ev = TokenWindows(load_stories(start=args.eval_stories[0], stop=args.eval_stories[1]), tok, seq_len=256)
+    batches = calibration_batches(args.calibration_stories[0], args.calibration_stories[1], seq_len=256, batch_size=8, tokenizer=tok)
     base = load_llama2c_checkpoint()
     out: dict = {"eval_windows": len(ev), "calibration_batches": len(batches)}
 
@@ -102,14 +96,14 @@ def ppl_part(args) -> dict:
         return round(p, 4)
 
     out["dense"] = run("dense", base)
-    m = sparsify_activations(copy.deepcopy(base), batches, SEED_RECIPE, progress=False)
+    m = sparsify_activations(copy.deepcopy(base), batches, SEED_RECIPE, calibration={"progress": False})
     out["sparse"] = run("sparse", m)
     for mode in args.modes.split(","):
         m = copy.deepcopy(base)
         rep = quantize_weights_int8(m, mode=mode)
         out[f"int8_{mode}"] = run(f"int8 {mode}", m)
         out[f"int8_{mode}_max_rel_weight_error"] = round(rep.max_relative_error, 5)
-        sparsify_activations(m, batches, SEED_RECIPE, progress=False)
+        sparsify_activations(m, batches, SEED_RECIPE, calibration={"progress": False})
         out[f"int8_{mode}_sparse"] = run(f"int8 {mode} + sparse", m)
     try:
         import nncf
@@ -128,7 +122,7 @@ def ppl_part(args) -> dict:
             key = f"nncf_{mode.lower()}"
             out[key] = run(key, m)
             with contextlib.redirect_stdout(sys.stderr):
-                sparsify_activations(m, batches, SEED_RECIPE, progress=False)
+                sparsify_activations(m, batches, SEED_RECIPE, calibration={"progress": False})
             out[key + "_sparse"] = run(key + " + sparse", m)
     mode0 = args.modes.split(",")[0]
     out["int8_sparse_vs_sparse_pct"] = round(100 * (out[f"int8_{mode0}_sparse"] / out["sparse"] - 1), 3)
@@ -206,7 +200,7 @@ def decode_part(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, cfg.vocab_size, (1, args.calib_tokens), generator=gen)]
     with torch.no_grad():
-        sparsify_activations(sparse, calib, {TargetScope(patterns=[r".*_proj"]): 0.5}, progress=False)
+        sparsify_activations(sparse, calib, {TargetScope(patterns=[r".*_proj"]): 0.5}, calibration={"progress": False})
     srep = activation_sparsity_report(sparse)
     export_for_inference(sparse)
     log(f"[decode] quantized, calibrated and exported in {time.perf_counter() - t0:.0f} s")
@@ -274,6 +268,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="ppl,gemv,decode")
     p.add_argument("--modes", default="asym", help="our int8 modes for the perplexity part")
+    p.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
+    p.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
+    add_out_argument(p, "int8")
     p.add_argument("--nncf-modes", default="INT8_ASYM", help="NNCF modes for the perplexity part (if installed)")
     p.add_argument("--shapes", default="4096x11008,11008x4096")
     p.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and torch's default)")
@@ -306,7 +303,7 @@ def main(argv=None) -> None:
     if "decode" in parts:
         result["decode"] = decode_part(args)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result))
+    emit(result, args.out, indent=None)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.integrations import (
-    forward_patch_problem,
-    is_tool_storage,
-    layer_map,
-    shared_offload_hooks,
-    sync_adapter_hooks,
+    forward_patch_problem, is_tool_storage, layer_map, shared_offload_hooks, sync_adapter_hooks,
 )
 from pl_actsparse.calibrate import calibrate as _calibrate
 from pl_actsparse.calibrate.allocation import allocate_levels, fisher_curves, next_token_nll
@@ -29,29 +25,12 @@ from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
-    CheckpointError,
-    ConflictingScopesError,
-    EmptyDatasetError,
-    InvalidOptionError,
-    InvalidScopeError,
-    NothingToSparsifyError,
-    NotSparsifiedError,
-    UnmatchedScopeError,
-    UnsupportedModuleError,
+    CheckpointError, ConflictingScopesError, EmptyDatasetError, InvalidOptionError, InvalidScopeError,
+    NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
-    restore_layers,
-    snapshot_layers,
-    THRESHOLD_BUFFER,
-    GradientMode,
-    SparsifierMode,
-    activation_sparsity_disabled,
-    install_sparsifier,
-    is_linear_like,
-    is_sparsified,
-    sparsified_layers,
-    uninstall_sparsifier,
-    weight_nbytes,
+    restore_layers, snapshot_layers, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
+    install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier, weight_nbytes,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
@@ -59,16 +38,9 @@ from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __all__ = [
-    "SparsityPlan",
-    "plan_activation_sparsity",
-    "prepare_activation_sparsity",
-    "calibrate_activation_sparsity",
-    "sparsify_activations",
-    "remove_activation_sparsity",
-    "load_activation_sparsity",
-    "install_sparsifiers_from_state_dict",
-    "from_pretrained",
-    "set_target_sparsity",
+    "SparsityPlan", "plan_activation_sparsity", "prepare_activation_sparsity", "calibrate_activation_sparsity",
+    "sparsify_activations", "remove_activation_sparsity", "load_activation_sparsity",
+    "install_sparsifiers_from_state_dict", "from_pretrained", "set_target_sparsity",
 ]
 
 
@@ -82,7 +54,7 @@ class SparsityPlan:
     ignored: list[str] = field(default_factory=list)  # Linear layers a target scope matched and IgnoredScope removed
 
 
-def _validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
+def validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) -> dict[TargetScope, float]:
     """Check ``{TargetScope: sparsity}`` entry by entry (shared by the functional API and the callback)."""
     targets: dict[TargetScope, float] = {}
     for scope, value in target_sparsity_by_scope.items():
@@ -95,9 +67,7 @@ def _validated_targets(target_sparsity_by_scope: Mapping[TargetScope, float]) ->
 
 
 def plan_activation_sparsity(
-    model: nn.Module,
-    target_sparsity_by_scope: Mapping[TargetScope, float],
-    ignored_scope: IgnoredScope | None = None,
+    model: nn.Module, target_sparsity_by_scope: Mapping[TargetScope, float], ignored_scope: IgnoredScope | None = None,
 ) -> SparsityPlan:
     """Resolve scopes to layers and check everything, without touching the model.
 
@@ -126,7 +96,7 @@ def plan_activation_sparsity(
     if not isinstance(ignored_scope, IgnoredScope):
         raise InvalidScopeError(f"ignored_scope must be an IgnoredScope, got {ignored_scope!r}")
 
-    targets = _validated_targets(target_sparsity_by_scope)
+    targets = validated_targets(target_sparsity_by_scope)
 
     modules = list(model.named_modules())
     is_linear = {name: is_linear_like(m) for name, m in modules}
@@ -192,8 +162,7 @@ def plan_activation_sparsity(
         )
     _check_reachable(dict(modules), chosen)
     return SparsityPlan(
-        targets={n: targets[claims[n][0]] for n in chosen},
-        claimed_by={n: claims[n][0] for n in chosen},
+        targets={n: targets[claims[n][0]] for n in chosen}, claimed_by={n: claims[n][0] for n in chosen},
         skipped=[(n, skipped[n]) for n in order if n in skipped and n not in ignored_names],
         ignored=[n for n in order if n in claims and n in ignored_names],
     )
@@ -215,11 +184,8 @@ def _entry_kind(match: Any, label: str) -> str:
 
 
 def prepare_activation_sparsity(
-    model: nn.Module,
-    target_sparsity_by_scope: Mapping[TargetScope, float],
-    ignored_scope: IgnoredScope | None = None,
-    *,
-    gradient_mode: GradientMode | str = GradientMode.MASKED,
+    model: nn.Module, target_sparsity_by_scope: Mapping[TargetScope, float], ignored_scope: IgnoredScope | None = None,
+    *, gradient_mode: GradientMode | str = GradientMode.MASKED,
 ) -> SparsityPlan:
     """Install pass-through sparsifiers on the planned layers, to be calibrated later.
 
@@ -279,10 +245,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def calibrate_activation_sparsity(
-    model: nn.Module,
-    dataset: Iterable[Any],
-    *,
-    layers: Iterable[str] | None = None,
+    model: nn.Module, dataset: Iterable[Any], *, layers: Iterable[str] | None = None,
     calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
 ) -> SparsityReport:
     """(Re)calibrate sparsified layers at their current targets and return the report.
@@ -353,11 +316,8 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
 
 
 def sparsify_activations(
-    model: nn.Module,
-    dataset: Iterable[Any],
-    target_sparsity_by_scope: Mapping[TargetScope, float],
-    ignored_scope: IgnoredScope | None = None,
-    *,
+    model: nn.Module, dataset: Iterable[Any], target_sparsity_by_scope: Mapping[TargetScope, float],
+    ignored_scope: IgnoredScope | None = None, *,
     calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     gradient_mode: GradientMode | str = GradientMode.MASKED,
     allocation: str = "uniform",
@@ -381,8 +341,8 @@ def sparsify_activations(
             of its fields (YAML), a method name (``"lockstep"``, ``"sequential"``, ``"auto"``) or ``None`` (the
             defaults). Its fields: ``method`` (``"lockstep"``: the whole model, every batch in flight;
             ``"sequential"``: block by block with a cache of block inputs and one batch in flight inside a block,
-            the same thresholds with the memory of the cache plus one batch's block activations, about 2x a dense
-            forward's time; ``"auto"``: sequential for models with a block list whose parameters take at least
+            the same thresholds with the memory of the cache plus one batch's block activations, 0.93-1.40 dense
+            forwards' time measured on TinyLlama shapes, docs/benchmarks.md; ``"auto"``: sequential for models with a block list whose parameters take at least
             256 MiB, else lockstep), ``num_batches`` (use at most this many items of ``dataset``),
             ``transform_fn`` (maps an item to model inputs; a dict is passed as keyword arguments, a tuple or list
             as positional arguments, anything else as the single argument, so a loader of ``(input, label)``
@@ -490,9 +450,7 @@ def remove_activation_sparsity(model: nn.Module, scope: TargetScope | None = Non
         uninstall_sparsifier(m)
     sync_adapter_hooks(model)  # adapter wrappers lose their input hook with their base layer's sparsifier
     for name, new in exported:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        model.set_submodule(name, new)
     if not any(True for _ in sparsified_layers(model)):
         model.__dict__.pop("_actsparse_plan", None)
     return model
@@ -568,11 +526,7 @@ def _check_saved_layers(model: nn.Module, saved: list[SavedSparsifier]) -> None:
 
 
 def load_activation_sparsity(
-    model: nn.Module,
-    state_dict: Mapping[str, Any] | str | os.PathLike,
-    *,
-    prefix: str = "",
-    strict: bool = True,
+    model: nn.Module, state_dict: Mapping[str, Any] | str | os.PathLike, *, prefix: str = "", strict: bool = True,
     _weights_loaded: bool = False,
 ) -> nn.Module:
     """Load a sparsified state dict, checkpoint file or ``save_pretrained`` folder into a model, in place.

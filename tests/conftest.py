@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ (tiny_models) and its folders (test modules that import helpers of another, e.g. test_masks) importable
+sys.path[:0] = [str(Path(__file__).parent)] + sorted(str(d) for d in Path(__file__).parent.iterdir() if d.is_dir() and d.name[0] not in "._")
 
 from hypothesis import settings  # noqa: E402
 

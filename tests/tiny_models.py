@@ -92,3 +92,17 @@ def tiny_hf_llama(vocab: int = 64, hidden: int = 32, intermediate: int = 48, see
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def best_reachable(abs_values: torch.Tensor, target: float) -> float:
+    """Brute force: fractions reachable by some threshold, closest to target (ties: fewer zeroed)."""
+    v = abs_values.double().flatten().sort().values
+    n = v.numel()
+    if target <= 0:
+        return 0.0
+    if target >= 1:
+        return 1.0
+    distinct = torch.unique(v)
+    counts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.searchsorted(v, distinct, right=True).double()])
+    err = (counts - target * n).abs()
+    return float(counts[int(torch.nonzero(err == err.min())[0, 0])]) / n

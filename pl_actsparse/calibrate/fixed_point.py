@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.histogram import (
@@ -23,9 +24,35 @@ from pl_actsparse.calibrate.histogram import (
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.errors import CalibrationConvergenceError
 
-LayerSlot = Any  # calibrate.lockstep.LayerSlot (not imported: lockstep imports this module)
+__all__ = ["COUPLED_TOLERANCE", "LayerSlot", "solve_repeated"]
 
-__all__ = ["COUPLED_TOLERANCE", "solve_repeated"]
+
+@dataclass
+class LayerSlot:
+    """One layer being calibrated in lockstep (:mod:`pl_actsparse.calibrate.lockstep`; repeated ones solved here)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    target: float
+    coarse: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
+    waiting: list = field(default_factory=list)  # (input, token mask) of the batches waiting here
+    finalized: bool = False
+    stats: LayerStatistics | None = None
+    carried: torch.Tensor | None = None  # summed coarse histogram of earlier groups (streaming mode)
+    wake: Any = None  # threading.Condition on the session's lock: the batches waiting at this layer
+    visits: dict = field(default_factory=dict)  # batch's forward (worker) -> calls of this layer in it so far
+    max_calls: int = 1  # most calls of this layer within one forward seen so far
+    repeated: bool = False  # some forward called the layer more than once
+    pinned: bool = False  # a repeated layer whose threshold is fixed for the pass; its inputs are observed
+    observed: list = field(default_factory=list)  # real-token inputs of every call (pinned layers only)
+
+    def reset_for_group(self) -> None:
+        self.coarse, self.waiting, self.finalized, self.visits = None, [], False, {}
+
+    def reset_for_round(self) -> None:
+        self.carried, self.stats, self.observed = None, None, []
 
 
 def _threshold_key(tau: float, dtype: torch.dtype) -> int:

@@ -17,14 +17,13 @@ import contextvars
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from pl_actsparse.calibrate.distributed import NOBODY, Distributed
-from pl_actsparse.calibrate.fixed_point import solve_repeated
+from pl_actsparse.calibrate.fixed_point import LayerSlot, solve_repeated
 from pl_actsparse.calibrate.histogram import (
     COARSE_BINS, LayerStatistics, check_input_dtype, coarse_histogram, finalize, merge_coarse, summed_fine
 )
@@ -37,41 +36,13 @@ from pl_actsparse.core.layer import SparsifierMode
 from pl_actsparse.core.masking import current_token_mask, resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, LayerNotCalledError, TokenMaskError
 
-__all__ = ["calibrate_layers", "LayerSlot", "CalibrationSession"]
+__all__ = ["calibrate_layers", "CalibrationSession"]
 
 _WORKER: contextvars.ContextVar[object] = contextvars.ContextVar("pl_actsparse_calibration_worker", default=None)
 
 
 class _Aborted(Exception):
     """Raised in workers when another worker failed."""
-
-
-@dataclass
-class LayerSlot:
-    """One layer being calibrated in lockstep (also read by :mod:`pl_actsparse.calibrate.fixed_point`)."""
-
-    index: int
-    name: str
-    module: nn.Module
-    target: float
-    coarse: torch.Tensor | None = None
-    dtype: torch.dtype | None = None
-    waiting: list = field(default_factory=list)  # (input, token mask) of the batches waiting here
-    finalized: bool = False
-    stats: LayerStatistics | None = None
-    carried: torch.Tensor | None = None  # summed coarse histogram of earlier groups (streaming mode)
-    wake: Any = None  # threading.Condition on the session's lock: the batches waiting at this layer
-    visits: dict = field(default_factory=dict)  # batch's forward (worker) -> calls of this layer in it so far
-    max_calls: int = 1  # most calls of this layer within one forward seen so far
-    repeated: bool = False  # some forward called the layer more than once
-    pinned: bool = False  # a repeated layer whose threshold is fixed for the pass; its inputs are observed
-    observed: list = field(default_factory=list)  # real-token inputs of every call (pinned layers only)
-
-    def reset_for_group(self) -> None:
-        self.coarse, self.waiting, self.finalized, self.visits = None, [], False, {}
-
-    def reset_for_round(self) -> None:
-        self.carried, self.stats, self.observed = None, None, []
 
 
 class CalibrationSession:

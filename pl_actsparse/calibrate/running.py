@@ -82,9 +82,13 @@ def compilation_disabled() -> Iterator[None]:
         yield
 
 
+# model -> True when two of its forwards must not overlap; pl_actsparse.integrations registers NNCF's check here
+NON_REENTRANT_CHECKS: list[Callable[[nn.Module], bool]] = []
+
+
 def forward_is_not_reentrant(model: nn.Module) -> bool:
     """Models whose forward patches shared state (NNCF-wrapped ones) break when two forwards overlap."""
-    return any("__nncf_hooks" in m._modules for m in model.modules())
+    return any(check(model) for check in NON_REENTRANT_CHECKS)
 
 
 def take_batches(items: Iterable[Any], num_batches: int | None, dist: Distributed) -> list[Any]:

@@ -27,12 +27,8 @@ from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidOptionError, InvalidScopeError, UnmatchedScopeError
 
 __all__ = [
-    "Int8WeightLinear",
-    "SparseActivationInt8WeightLinear",
-    "Int8LayerReport",
-    "Int8QuantizationReport",
-    "quantize_weights_int8",
-    "dequantize_weights_int8",
+    "Int8WeightLinear", "SparseActivationInt8WeightLinear", "Int8LayerReport", "Int8QuantizationReport",
+    "quantize_weights_int8", "dequantize_weights_int8",
 ]
 
 
@@ -55,15 +51,8 @@ class Int8WeightLinear(nn.Linear):
     zero_point: Tensor
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        mode: QuantMode = "asym",
-        granularity: Granularity = "output",
-        device: Any = None,
-        dtype: Optional[torch.dtype] = None,
+        self, in_features: int, out_features: int, bias: bool = True, *, mode: QuantMode = "asym",
+        granularity: Granularity = "output", device: Any = None, dtype: Optional[torch.dtype] = None,
     ) -> None:
         nn.Module.__init__(self)
         _check_options(mode, granularity)
@@ -215,10 +204,8 @@ class Int8QuantizationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "layers": [asdict(r) for r in self.layers],
-            "skipped": [list(s) for s in self.skipped],
-            "float_bytes": self.float_bytes,
-            "int8_bytes": self.int8_bytes,
+            "layers": [asdict(r) for r in self.layers], "skipped": [list(s) for s in self.skipped],
+            "float_bytes": self.float_bytes, "int8_bytes": self.int8_bytes,
             "max_relative_error": self.max_relative_error,
         }
 
@@ -226,13 +213,8 @@ class Int8QuantizationReport:
         head = ["layer", "in->out", "mode", "per", "sparsified", "rel. error", "KiB float->int8"]
         rows = [
             [
-                r.name,
-                f"{r.in_features}->{r.out_features}",
-                r.mode,
-                r.granularity,
-                "yes" if r.sparsified else "no",
-                f"{r.relative_error:.2e}",
-                f"{r.float_bytes / 1024:.1f}->{r.int8_bytes / 1024:.1f}",
+                r.name, f"{r.in_features}->{r.out_features}", r.mode, r.granularity, "yes" if r.sparsified else "no",
+                f"{r.relative_error:.2e}", f"{r.float_bytes / 1024:.1f}->{r.int8_bytes / 1024:.1f}",
             ]
             for r in self.layers
         ]
@@ -259,12 +241,8 @@ def _weight_users(model: nn.Module) -> dict[int, int]:
 
 @torch.no_grad()
 def quantize_weights_int8(
-    model: nn.Module,
-    scope: TargetScope | None = None,
-    ignored_scope: IgnoredScope | None = None,
-    *,
-    mode: QuantMode = "asym",
-    granularity: Granularity = "output",
+    model: nn.Module, scope: TargetScope | None = None, ignored_scope: IgnoredScope | None = None, *,
+    mode: QuantMode = "asym", granularity: Granularity = "output",
 ) -> Int8QuantizationReport:
     """Quantize the weights of matched ``nn.Linear`` layers to int8, in place; returns a report.
 
@@ -330,17 +308,9 @@ def quantize_weights_int8(
         m.register_buffer("zero_point", (z if z is not None else torch.zeros_like(s)).to(device))
         report.layers.append(
             Int8LayerReport(
-                name=name,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                mode=mode,
-                granularity=granularity,
-                sparsified=sparse,
-                shared_weight=shared,
-                float_bytes=float_bytes,
-                int8_bytes=weight_nbytes(m),
-                relative_error=rel,
-                max_abs_error=mae,
+                name=name, in_features=m.in_features, out_features=m.out_features, mode=mode, granularity=granularity,
+                sparsified=sparse, shared_weight=shared, float_bytes=float_bytes, int8_bytes=weight_nbytes(m),
+                relative_error=rel, max_abs_error=mae,
             )
         )
     if matched == 0:

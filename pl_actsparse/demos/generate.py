@@ -73,22 +73,14 @@ class DecodeComparison:
     def to_dict(self) -> dict[str, Any]:
         def run(r: DecodeRun) -> dict[str, Any]:
             return {
-                "text": r.text,
-                "new_tokens": r.new_tokens,
-                "tokens_per_s": round(r.tokens_per_s, 2),
-                "seconds": [round(s, 4) for s in r.seconds],
-                "decode_sparsity": r.decode_sparsity,
+                "text": r.text, "new_tokens": r.new_tokens, "tokens_per_s": round(r.tokens_per_s, 2),
+                "seconds": [round(s, 4) for s in r.seconds], "decode_sparsity": r.decode_sparsity,
             }
 
         return {
-            "prompt": self.prompt,
-            "dense": run(self.dense),
-            "sparse": run(self.sparse),
-            "identical": self.identical,
-            "first_difference": self.first_difference,
-            "speedup": round(self.speedup, 3),
-            "exported_layers": self.exported_layers,
-            "threads": self.threads,
+            "prompt": self.prompt, "dense": run(self.dense), "sparse": run(self.sparse), "identical": self.identical,
+            "first_difference": self.first_difference, "speedup": round(self.speedup, 3),
+            "exported_layers": self.exported_layers, "threads": self.threads,
         }
 
     def __str__(self) -> str:
@@ -120,13 +112,8 @@ def _generate(model: nn.Module, ids: Tensor, max_new_tokens: int, stop_ids: Sequ
 
 
 def compare_decoding(
-    dense_model: nn.Module,
-    sparse_model: nn.Module,
-    tokenizer: Any,
-    prompt: str = "Once upon a time",
-    max_new_tokens: int = 100,
-    *,
-    repeats: int = 3,
+    dense_model: nn.Module, sparse_model: nn.Module, tokenizer: Any, prompt: str = "Once upon a time",
+    max_new_tokens: int = 100, *, repeats: int = 3,
 ) -> DecodeComparison:
     """Greedy-decode ``prompt`` with both models; time ``repeats`` interleaved runs of each.
 
@@ -150,10 +137,7 @@ def compare_decoding(
         with DecodeSparsity(model) as probe:  # also the warm-up run
             new = _generate(model, ids, max_new_tokens, stops)
         runs[label] = DecodeRun(
-            label=label,
-            text=tokenizer.decode(ids[0].tolist() + new),
-            token_ids=new,
-            new_tokens=len(new),
+            label=label, text=tokenizer.decode(ids[0].tolist() + new), token_ids=new, new_tokens=len(new),
             decode_sparsity=probe.fraction if label == "sparse" else None,
         )
     for _ in range(repeats):
@@ -164,10 +148,7 @@ def compare_decoding(
     from pl_actsparse.export.convert import exported_layers
 
     return DecodeComparison(
-        prompt=prompt,
-        dense=runs["dense"],
-        sparse=runs["sparse"],
-        exported_layers=len(exported_layers(sparse_model)),
+        prompt=prompt, dense=runs["dense"], sparse=runs["sparse"], exported_layers=len(exported_layers(sparse_model)),
         threads=torch.get_num_threads(),
     )
 

@@ -52,14 +52,8 @@ class CausalLMModule(LightningModule):
     model: nn.Module
 
     def __init__(
-        self,
-        learning_rate: float = 5e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 1.0,
-        distillation_weight: float = 0.0,
-        distillation_temperature: float = 1.0,
-        log_dense_perplexity: bool = True,
+        self, learning_rate: float = 5e-4, weight_decay: float = 0.0, warmup_steps: int = 0, min_lr_ratio: float = 1.0,
+        distillation_weight: float = 0.0, distillation_temperature: float = 1.0, log_dense_perplexity: bool = True,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -118,9 +112,7 @@ class CausalLMModule(LightningModule):
                 teacher_logits = logits_of(self.teacher(x)).float()
             kd = F.kl_div(
                 F.log_softmax(logits.float() / t, -1).flatten(0, 1),
-                F.log_softmax(teacher_logits / t, -1).flatten(0, 1),
-                log_target=True,
-                reduction="batchmean",
+                F.log_softmax(teacher_logits / t, -1).flatten(0, 1), log_target=True, reduction="batchmean",
             ) * (t * t)
             loss = (1 - self.distillation_weight) * ce + self.distillation_weight * kd
             self.log("train/kd", kd, prog_bar=False)
@@ -163,8 +155,7 @@ class CausalLMModule(LightningModule):
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.learning_rate,
-            betas=(0.9, 0.95),
+            lr=self.learning_rate, betas=(0.9, 0.95),
         )
         if self.warmup_steps == 0 and self.min_lr_ratio == 1.0:
             return optimizer
@@ -211,14 +202,8 @@ class TinyStoriesLM(CausalLMModule):
 
 
 _HF_DEFAULT_CONFIG: dict[str, Any] = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 172,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
+    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": True,
 }
 
 
@@ -304,23 +289,12 @@ class TinyStoriesDataModule(LightningDataModule):
     """
 
     def __init__(
-        self,
-        data_dir: str | None = None,
-        seq_len: int = 256,
-        batch_size: int = 16,
-        eval_batch_size: int = 16,
-        calibration_batch_size: int = 8,
-        train_stories: tuple[int, int] = (300, 1000),
-        calibration_stories: tuple[int, int] = (150, 300),
-        val_stories: tuple[int, int] = (0, 150),
-        test_stories: tuple[int, int] = (0, 150),
-        predict_stories: tuple[int, int] = (0, 10),
-        max_train_windows: int | None = None,
-        max_eval_windows: int | None = None,
-        max_calibration_windows: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
+        self, data_dir: str | None = None, seq_len: int = 256, batch_size: int = 16, eval_batch_size: int = 16,
+        calibration_batch_size: int = 8, train_stories: tuple[int, int] = (300, 1000),
+        calibration_stories: tuple[int, int] = (150, 300), val_stories: tuple[int, int] = (0, 150),
+        test_stories: tuple[int, int] = (0, 150), predict_stories: tuple[int, int] = (0, 10),
+        max_train_windows: int | None = None, max_eval_windows: int | None = None,
+        max_calibration_windows: int | None = None, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("calibration_batch_size", calibration_batch_size)):
@@ -333,21 +307,15 @@ class TinyStoriesDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.calibration_batch_size = calibration_batch_size
         self.ranges = {
-            "train": tuple(train_stories),
-            "calibration": tuple(calibration_stories),
-            "val": tuple(val_stories),
-            "test": tuple(test_stories),
-            "predict": tuple(predict_stories),
+            "train": tuple(train_stories), "calibration": tuple(calibration_stories), "val": tuple(val_stories),
+            "test": tuple(test_stories), "predict": tuple(predict_stories),
         }
         for name, r in self.ranges.items():
             if len(r) != 2 or not 0 <= r[0] < r[1]:
                 raise ValueError(f"{name}_stories must be [start, stop) with 0 <= start < stop, got {list(r)}")
         self.limits = {
-            "train": max_train_windows,
-            "calibration": max_calibration_windows,
-            "val": max_eval_windows,
-            "test": max_eval_windows,
-            "predict": max_eval_windows,
+            "train": max_train_windows, "calibration": max_calibration_windows, "val": max_eval_windows,
+            "test": max_eval_windows, "predict": max_eval_windows,
         }
         self.shuffle = shuffle
         self.seed = seed
@@ -376,11 +344,8 @@ class TinyStoriesDataModule(LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
         dataset = self.dataset(split)
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            dataset, batch_size=batch_size, sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

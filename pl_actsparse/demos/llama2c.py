@@ -28,18 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "Llama2cConfig",
-    "RMSNorm",
-    "Llama2cAttention",
-    "Llama2cMLP",
-    "Llama2cDecoderLayer",
-    "KVCache",
-    "Llama2cModel",
-    "read_llama2c_config",
-    "load_llama2c_checkpoint",
-    "save_llama2c_checkpoint",
-    "Llama2cTokenizer",
-    "greedy_generate",
+    "Llama2cConfig", "RMSNorm", "Llama2cAttention", "Llama2cMLP", "Llama2cDecoderLayer", "KVCache", "Llama2cModel",
+    "read_llama2c_config", "load_llama2c_checkpoint", "save_llama2c_checkpoint", "Llama2cTokenizer", "greedy_generate",
 ]
 
 _V1_MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
@@ -107,13 +97,7 @@ class Llama2cConfig:
     def tinyllama_1b(cls) -> "Llama2cConfig":
         """TinyLlama-1.1B shapes (1,100,048,384 parameters), for realistic decode-speed benchmarks."""
         return cls(
-            dim=2048,
-            hidden_dim=5632,
-            n_layers=22,
-            n_heads=32,
-            n_kv_heads=4,
-            vocab_size=32000,
-            seq_len=2048,
+            dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, seq_len=2048,
             shared_classifier=False,
         )
 
@@ -166,12 +150,8 @@ class KVCache:
     """
 
     def __init__(
-        self,
-        config: Llama2cConfig,
-        batch_size: int = 1,
-        max_len: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        self, config: Llama2cConfig, batch_size: int = 1, max_len: int | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         max_len = config.seq_len if max_len is None else max_len
         if not 0 < max_len <= config.seq_len:
@@ -183,9 +163,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v ([B, KV, T, hs]) at ``start_pos`` and return everything up to the new end."""
         end = start_pos + k.shape[2]
         if k.shape[0] != self.batch_size:
@@ -213,12 +191,7 @@ class Llama2cAttention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * config.head_size, config.dim, **kw)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_size)
@@ -279,12 +252,7 @@ class Llama2cDecoderLayer(nn.Module):
         self.mlp = Llama2cMLP(config, device=device, dtype=dtype)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
     ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -352,12 +320,7 @@ class Llama2cModel(nn.Module):
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        stop_ids: Iterable[int] = (),
-    ) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: Iterable[int] = ()) -> torch.Tensor:
         """Greedy decoding with a KV cache: one prompt pass, then one ``[B, 1]`` pass per token.
 
         Returns ``[B, T + n]`` (prompt included). Stops early only once every row has
@@ -407,14 +370,8 @@ def _checked_header(values: Sequence[int], path: Path, version: int, shared: boo
         shared = vocab_size > 0
     try:
         return Llama2cConfig(
-            dim=dim,
-            hidden_dim=hidden_dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            vocab_size=abs(vocab_size),
-            seq_len=seq_len,
-            shared_classifier=shared,
+            dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            vocab_size=abs(vocab_size), seq_len=seq_len, shared_classifier=shared,
         )
     except ValueError as exc:
         raise ValueError(f"{path}: not a llama2.c version-{version} checkpoint, header {tuple(values)}: {exc}") from None
@@ -449,12 +406,7 @@ def _tensor_layout(config: Llama2cConfig, version: int) -> list[tuple[str, tuple
     c = config
     L, d, h, v, kv = c.n_layers, c.dim, c.hidden_dim, c.vocab_size, c.kv_dim
     qd = c.n_heads * c.head_size
-    mats = [
-        ("wq", (L, qd, d)),
-        ("wk", (L, kv, d)),
-        ("wv", (L, kv, d)),
-        ("wo", (L, d, qd)),
-    ]
+    mats = [("wq", (L, qd, d)), ("wk", (L, kv, d)), ("wv", (L, kv, d)), ("wo", (L, d, qd))]
     ffn = [("w1", (L, h, d)), ("w2", (L, d, h)), ("w3", (L, h, d))]
     if version == 0:
         layout = [("tok_embeddings", (v, d)), ("rms_att", (L, d)), *mats, ("rms_ffn", (L, d)), *ffn,
@@ -490,9 +442,7 @@ def _default_path(path: str | os.PathLike | None, filename: str) -> Path:
 
 
 def load_llama2c_checkpoint(
-    path: str | os.PathLike | None = None,
-    *,
-    device: torch.device | str | None = None,
+    path: str | os.PathLike | None = None, *, device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Llama2cModel:
     """Read a llama2.c ``.bin`` (legacy v0 or "ak42" v1) into a :class:`Llama2cModel` in eval mode.
@@ -524,15 +474,9 @@ def load_llama2c_checkpoint(
 
     sd: dict[str, torch.Tensor] = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["rms_final"]}
     names = {
-        "input_layernorm.weight": "rms_att",
-        "self_attn.q_proj.weight": "wq",
-        "self_attn.k_proj.weight": "wk",
-        "self_attn.v_proj.weight": "wv",
-        "self_attn.o_proj.weight": "wo",
-        "post_attention_layernorm.weight": "rms_ffn",
-        "mlp.gate_proj.weight": "w1",
-        "mlp.down_proj.weight": "w2",
-        "mlp.up_proj.weight": "w3",
+        "input_layernorm.weight": "rms_att", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
+        "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo", "post_attention_layernorm.weight": "rms_ffn",
+        "mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3",
     }
     for i in range(config.n_layers):
         for key, src in names.items():
@@ -565,18 +509,10 @@ def save_llama2c_checkpoint(model: Llama2cModel, path: str | os.PathLike, versio
     cos, sin = _rope_tables(c)
     arrays = {
         "tok_embeddings": model.embed_tokens.weight.detach().to("cpu", torch.float32),
-        "rms_att": stack("input_layernorm"),
-        "wq": stack("self_attn.q_proj"),
-        "wk": stack("self_attn.k_proj"),
-        "wv": stack("self_attn.v_proj"),
-        "wo": stack("self_attn.o_proj"),
-        "rms_ffn": stack("post_attention_layernorm"),
-        "w1": stack("mlp.gate_proj"),
-        "w2": stack("mlp.down_proj"),
-        "w3": stack("mlp.up_proj"),
-        "rms_final": model.norm.weight.detach().to("cpu", torch.float32),
-        "freq_cis_real": cos,
-        "freq_cis_imag": sin,
+        "rms_att": stack("input_layernorm"), "wq": stack("self_attn.q_proj"), "wk": stack("self_attn.k_proj"),
+        "wv": stack("self_attn.v_proj"), "wo": stack("self_attn.o_proj"), "rms_ffn": stack("post_attention_layernorm"),
+        "w1": stack("mlp.gate_proj"), "w2": stack("mlp.down_proj"), "w3": stack("mlp.up_proj"),
+        "rms_final": model.norm.weight.detach().to("cpu", torch.float32), "freq_cis_real": cos, "freq_cis_imag": sin,
         "wcls": model.lm_head.weight.detach().to("cpu", torch.float32),
     }
     params = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads)
@@ -612,11 +548,7 @@ class Llama2cTokenizer:
     """
 
     def __init__(
-        self,
-        pieces: Sequence[bytes],
-        scores: Sequence[float],
-        max_token_length: int | None = None,
-        bos_id: int = 1,
+        self, pieces: Sequence[bytes], scores: Sequence[float], max_token_length: int | None = None, bos_id: int = 1,
         eos_id: int = 2,
     ) -> None:
         if len(pieces) != len(scores):

@@ -21,10 +21,7 @@ __all__ = ["LoRATinyStoriesLM", "DEFAULT_LORA"]
 
 #: LoRA on every MLP projection, rank 16 (``lora_alpha`` 32: scaling 2), no dropout.
 DEFAULT_LORA: dict[str, Any] = {
-    "r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "target_modules": ["gate_proj", "up_proj", "down_proj"],
+    "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["gate_proj", "up_proj", "down_proj"],
 }
 
 

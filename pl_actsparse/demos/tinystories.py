@@ -19,14 +19,7 @@ from torch.utils.data import Dataset
 from pl_actsparse.demos.llama2c import Llama2cTokenizer
 from pl_actsparse.demos.paths import DATA_ENV_VAR, resolve_data_dir
 
-__all__ = [
-    "DATA_ENV_VAR",
-    "STORIES_FILE",
-    "resolve_data_dir",
-    "load_stories",
-    "load_text",
-    "TokenWindows",
-]
+__all__ = ["DATA_ENV_VAR", "STORIES_FILE", "resolve_data_dir", "load_stories", "load_text", "TokenWindows"]
 
 STORIES_FILE = "tinystories_valid_1000.txt"
 _END_OF_TEXT = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*\r?$", flags=re.MULTILINE)
@@ -109,11 +102,7 @@ class TokenWindows(Dataset):
     """
 
     def __init__(
-        self,
-        stories: Sequence[str],
-        tokenizer: Llama2cTokenizer,
-        seq_len: int,
-        mode: WindowMode = "disjoint",
+        self, stories: Sequence[str], tokenizer: Llama2cTokenizer, seq_len: int, mode: WindowMode = "disjoint",
         max_windows: int | None = None,
     ) -> None:
         if isinstance(stories, str):

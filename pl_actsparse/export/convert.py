@@ -24,12 +24,7 @@ from pl_actsparse.core.layer import linear_like_spec, threshold_summary
 from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
-    THRESHOLD_BUFFER,
-    SparseInferenceLinear,
-    _applies_threshold,
-    _RestoreInfo,
-    _state_of,
-    is_sparsified_linear,
+    THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state, is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.dispatch import sparse_token_crossover
@@ -51,10 +46,7 @@ class ExportedLayer:
 
 
 def export_for_inference(
-    model: nn.Module,
-    *,
-    max_sparse_tokens: Optional[int] = None,
-    keep_dense_weight: bool = False,
+    model: nn.Module, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
 ) -> nn.Module:
     """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
 
@@ -96,7 +88,7 @@ def export_for_inference(
             f"({', '.join(adapted[:4])}{' ...' if len(adapted) > 4 else ''}); the exported kernel would drop the "
             "adapter branches' thresholding. Merge the adapters first: model = model.merge_and_unload()"
         )
-    passthrough = sorted({name for name, m in targets if not _applies_threshold(m)})
+    passthrough = sorted({name for name, m in targets if not applies_threshold(m)})
     if passthrough:
         warnings.warn(
             f"export_for_inference: {len(passthrough)} sparsified layer(s) are not calibrated (pass-through) and "
@@ -124,7 +116,7 @@ def export_for_inference(
         if new is None:
             if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-                if not _applies_threshold(old):
+                if not applies_threshold(old):
                     new.activation_threshold.fill_(-math.inf)
             elif int8[id(old)] is not None:  # a library's int8 codes (torchao), read as they are
                 new = _int8_from_codes(name, old, int8.pop(id(old)), max_sparse_tokens)
@@ -133,7 +125,7 @@ def export_for_inference(
                     old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
                 )
             replaced[id(old)] = new
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         del old
     return model
 
@@ -151,12 +143,8 @@ def exported_layers(model: nn.Module) -> list[ExportedLayer]:
             continue
         out.append(
             ExportedLayer(
-                name=name,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                threshold=threshold_summary(m.activation_threshold),
-                max_sparse_tokens=limit,
-                backend=m.backend,
+                name=name, in_features=m.in_features, out_features=m.out_features,
+                threshold=threshold_summary(m.activation_threshold), max_sparse_tokens=limit, backend=m.backend,
                 dtype=dtype,
             )
         )
@@ -189,16 +177,10 @@ def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_toke
             f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel (a "
             f"per-channel threshold is not supported on int8 weights), got shape {tuple(t.shape)}"
         )
-    new.activation_threshold = (t.detach().reshape(()).float().clone() if _applies_threshold(linear)
+    new.activation_threshold = (t.detach().reshape(()).float().clone() if applies_threshold(linear)
                                 else torch.tensor(-math.inf, device=t.device))
-    new.sparsity_state = _state_of(linear)
+    new.sparsity_state = exported_state(linear)
     new.train(linear.training)
     # what to_linear needs to give back the library's module bit for bit (no tensor data kept)
-    new.__dict__["_codes_restore"] = (rebuild, _RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
+    new.__dict__["_codes_restore"] = (rebuild, RestoreInfo.of(linear), getattr(linear.bias, "dtype", None))
     return new
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

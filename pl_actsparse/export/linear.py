@@ -24,12 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
-    THRESHOLD_BUFFER,
-    SparsifierMode,
-    decode_sparsifier_state,
-    encode_sparsifier_state,
-    is_sparsified,
-    linear_like_spec,
+    THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, is_sparsified, linear_like_spec,
     sparsifier_state,
 )
 from pl_actsparse.kernels import cpu as _cpu
@@ -37,12 +32,7 @@ from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
 from pl_actsparse.kernels.sparse_op import zero_small
 
-__all__ = [
-    "SparseInferenceLinear",
-    "default_max_sparse_tokens",
-    "is_sparsified_linear",
-    "sparse_inference_linear",
-]
+__all__ = ["SparseInferenceLinear", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
 
 def is_sparsified_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a sparsified layer: an ``nn.Linear`` (or a Linear-like type registered with
@@ -52,8 +42,8 @@ def is_sparsified_linear(module: nn.Module) -> bool:
     return THRESHOLD_BUFFER in module._buffers and linear_like_spec(module) is not None
 
 
-def _applies_threshold(module: nn.Module) -> bool:
-    # The core's layers are pass-through until calibrated (their forward ignores the buffer then).
+def applies_threshold(module: nn.Module) -> bool:
+    """Whether the layer's threshold acts: the core's layers are pass-through until calibrated."""
     return not is_sparsified(module) or sparsifier_state(module).mode is SparsifierMode.SPARSIFYING
 
 
@@ -94,15 +84,8 @@ class SparseInferenceLinear(nn.Module):
     activation_threshold: Tensor
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        threshold: float = -math.inf,
-        max_sparse_tokens: Optional[int] = None,
-        keep_dense_weight: bool = False,
-        device: Any = None,
+        self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = -math.inf,
+        max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False, device: Any = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
@@ -133,11 +116,7 @@ class SparseInferenceLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        max_sparse_tokens: Optional[int] = None,
-        keep_dense_weight: bool = False,
+        cls, linear: nn.Linear, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
     ) -> "SparseInferenceLinear":
         """Build from a sparsified ``nn.Linear`` (its ``activation_threshold`` buffer is required).
 
@@ -168,12 +147,12 @@ class SparseInferenceLinear(nn.Module):
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         if keep_dense_weight:
             new.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        if _applies_threshold(linear):
+        if applies_threshold(linear):
             new.activation_threshold = threshold.detach().reshape(()).clone()
         else:
             new.activation_threshold = torch.tensor(-math.inf, device=threshold.device)
-        new.sparsity_state = _state_of(linear)
-        new.__dict__["_restore"] = _RestoreInfo.of(linear)
+        new.sparsity_state = exported_state(linear)
+        new.__dict__["_restore"] = RestoreInfo.of(linear)
         new.__dict__["_weight_in_out"] = _stores_weight_t(linear, weight_t)
         new.train(linear.training)
         return new
@@ -325,14 +304,8 @@ class SparseInferenceLinear(nn.Module):
         destination[prefix + "_extra_state"] = self.get_extra_state()
 
     def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
         # Checkpoints in the nn.Linear layout (what this layer saves): derive weight_t from weight. Saves of
         # 0.1 (weight_t) and checkpoints without a sparsifier state load too: this layer always applies its
@@ -361,14 +334,14 @@ class SparseInferenceLinear(nn.Module):
         tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
         Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
         """
-        info: Optional[_RestoreInfo] = self.__dict__.get("_restore")
+        info: Optional[RestoreInfo] = self.__dict__.get("_restore")
         if self.__dict__.get("_weight_in_out", False):  # the original stored W^T itself (GPT-2's Conv1D)
             weight = self.weight.detach().t().contiguous() if self.weight is not None else self.weight_t.detach()
         else:
             weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
         bias = None if self.bias is None else self.bias.detach()
         if info is None:
-            info = _RestoreInfo(nn.Linear, None, True, True)
+            info = RestoreInfo(nn.Linear, None, True, True)
         lin = info.build(weight, bias, self.in_features, self.out_features)
         lin.train(self.training)
         return lin
@@ -384,7 +357,7 @@ def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
 
 
 @dataclass
-class _RestoreInfo:
+class RestoreInfo:
     """What :meth:`SparseInferenceLinear.to_linear` needs to give back the original module (no weights)."""
 
     cls: type
@@ -393,7 +366,7 @@ class _RestoreInfo:
     bias_requires_grad: bool
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> "_RestoreInfo":
+    def of(cls, linear: nn.Linear) -> "RestoreInfo":
         from pl_actsparse.core.layer import original_module_class
 
         shell = {k: v for k, v in linear.__dict__.items() if k != "_actsparse"}
@@ -430,7 +403,7 @@ class _RestoreInfo:
         return d
 
 
-def _state_of(linear: nn.Module) -> dict[str, Any]:
+def exported_state(linear: nn.Module) -> dict[str, Any]:
     """The sparsifier state of a sparsified layer, as :func:`decode_sparsifier_state` returns it."""
     state = getattr(linear, "_actsparse", None)
     if state is not None and hasattr(state, "target"):

@@ -6,7 +6,8 @@
 :mod:`~pl_actsparse.integrations.nncf` (NNCF's hook storage). None of them imports its library: a model can
 hold such layers only once the library was imported, so each is looked up in ``sys.modules`` and loaded lazily.
 The rest of the package imports this package, never one of its modules; ``core`` imports neither (this
-package registers :func:`linear_like_types` in :data:`pl_actsparse.core.layer.LINEAR_LIKE_SOURCES`).
+package registers :func:`linear_like_types` in :data:`pl_actsparse.core.layer.LINEAR_LIKE_SOURCES`
+and NNCF's check in :data:`pl_actsparse.calibrate.running.NON_REENTRANT_CHECKS`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, Callable, Iterable
 
 from torch import Tensor, nn
 
+from pl_actsparse.calibrate.running import NON_REENTRANT_CHECKS
 from pl_actsparse.core.layer import LINEAR_LIKE_SOURCES, PLACEMENT_SOURCES
 
 __all__ = ["linear_like_types", "layer_map", "sync_adapter_hooks", "int8_weight", "is_tool_storage",
-           "forward_is_reentrant", "forward_patch_problem", "shared_offload_hooks"]
+           "forward_is_not_reentrant", "forward_patch_problem", "shared_offload_hooks"]
 
 # library module that defines a Linear-like type -> the integration that describes it (dropped once registered)
 _LINEAR_LIKE_PENDING = {"transformers.pytorch_utils": "transformers"}
@@ -72,9 +74,13 @@ def is_tool_storage(name: str) -> bool:
     return _integration("nncf").is_hook_storage(name)
 
 
-def forward_is_reentrant(model: nn.Module) -> bool:
-    """Whether two forwards of ``model`` may overlap (not for NNCF-wrapped models, which patch shared state)."""
-    return "nncf" not in sys.modules or not _integration("nncf").has_hooks(model)
+def forward_is_not_reentrant(model: nn.Module) -> bool:
+    """Whether two forwards of ``model`` must not overlap (NNCF-wrapped models patch shared state); registered in
+    :data:`pl_actsparse.calibrate.running.NON_REENTRANT_CHECKS`."""
+    return "nncf" in sys.modules and _integration("nncf").has_hooks(model)
+
+
+NON_REENTRANT_CHECKS.append(forward_is_not_reentrant)
 
 
 def _offload_device(module: nn.Module) -> Any:

@@ -10,7 +10,7 @@ This module registers the CUDA kernel of the custom op :func:`pl_actsparse.kerne
 itself is imported on the first call only.
 
 Status: correctness is tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``,
-``tests/test_triton_gemv.py``). It has **not** been compiled or timed on a GPU yet; the block sizes are
+``tests/kernels/test_triton_gemv.py``). It has **not** been compiled or timed on a GPU yet; the block sizes are
 starting points, not tuned values. :class:`~pl_actsparse.export.linear.SparseInferenceLinear` uses it for
 single-token calls on CUDA when ``triton`` imports; everything else takes the masked dense product.
 """

@@ -20,14 +20,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from pl_actsparse.api import _validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity
+from pl_actsparse.api import validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, sparsified_layers
 from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpec, parse_ignored_scope_spec, parse_scope_spec, scopes_from_list
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidScopeError, InvalidTargetError
-from pl_actsparse.lightning import _spawn, neighbours
+from pl_actsparse.lightning import neighbours, spawn
 from pl_actsparse.lightning.calibration_data import CalibrationData, config_error
 from pl_actsparse.lightning.schedule import SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
@@ -82,7 +82,7 @@ def _parse_targets(target_sparsity_by_scope: Any, scopes: Any) -> dict[TargetSco
         if not isinstance(target_sparsity_by_scope, Mapping):
             raise config_error("target_sparsity_by_scope", "target_sparsity_by_scope must be a mapping {TargetScope(...): sparsity}, got "
                                f"{type(target_sparsity_by_scope).__qualname__} (for a list of dicts use scopes=)", InvalidScopeError)
-        targets = _tag("target_sparsity_by_scope", _validated_targets, target_sparsity_by_scope)
+        targets = _tag("target_sparsity_by_scope", validated_targets, target_sparsity_by_scope)
     else:
         for i, spec in enumerate(scopes if isinstance(scopes, list) else []):
             _scope_entry(spec, i)
@@ -530,7 +530,7 @@ class ActivationSparsityCallback(Callback):
         permanent thresholds must match the weights the model ends with."""
         if self.finished == "make_permanent" and self._layer_names and self._weights_changed(trainer, pl_module):
             self._recalibrate_and_log(trainer, pl_module, "end of fit (weights changed after make permanent)", log_now=False)
-        _spawn.send_to_main_process(trainer, self, pl_module)
+        spawn.send_to_main_process(trainer, self, pl_module)
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from pl_actsparse.calibrate.running import call_model, default_transform_fn, mod
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError
 
-__all__ = ["perplexity", "mean_nll", "next_token_nll", "CalibrationLoss"]
+__all__ = ["perplexity", "mean_nll", "CalibrationLoss"]
 
 
 def _iter_pairs(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,10 +43,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def mean_nll(
-    model: nn.Module,
-    dataset_or_windows: Any,
-    batch_size: int = 16,
-    device: torch.device | str | None = None,
+    model: nn.Module, dataset_or_windows: Any, batch_size: int = 16, device: torch.device | str | None = None,
 ) -> tuple[float, int]:
     """``(mean NLL in nats, number of predicted tokens)``; the token count guards against silent truncation.
 
@@ -102,10 +99,7 @@ def mean_nll(
 
 
 def perplexity(
-    model: nn.Module,
-    dataset_or_windows: Any,
-    batch_size: int = 16,
-    device: torch.device | str | None = None,
+    model: nn.Module, dataset_or_windows: Any, batch_size: int = 16, device: torch.device | str | None = None,
 ) -> float:
     """``exp`` of the mean next-token NLL over every predicted token (see :func:`mean_nll`).
 
@@ -124,12 +118,8 @@ class CalibrationLoss:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        data: Sequence[Any],
-        loss_fn: Callable[[Any, Any], torch.Tensor] | None,
-        transform_fn: Callable[[Any], Any] | None,
-        token_mask: str | MaskFn | None = "auto",
+        self, model: nn.Module, data: Sequence[Any], loss_fn: Callable[[Any, Any], torch.Tensor] | None,
+        transform_fn: Callable[[Any], Any] | None, token_mask: str | MaskFn | None = "auto",
     ) -> None:
         self.model = model
         self.data = data

@@ -15,7 +15,7 @@ from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, activation_sparsity_report, calibrate_activation_sparsity, sparsify_activations
 from pl_actsparse.errors import CalibrationConvergenceError
 
-from test_exactness import best_reachable
+from tiny_models import best_reachable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,7 +195,7 @@ def _ddp_rank(rank: int, out: str) -> None:  # pragma: no cover - runs in spawne
 def test_ddp_padded_repeated_layers_agree_with_one_process(tmp_path):
     """2 gloo ranks, each with half of the padded batches, solve the repeated layers together: identical
     thresholds and statistics on both ranks, equal to one process calibrating on the union."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(Path(__file__).parent)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(Path(__file__).parent), str(Path(__file__).resolve().parents[1])]))
     code = (
         "import torch.multiprocessing as mp, test_shared_modules as t;"
         f"mp.spawn(t._ddp_rank, args=({str(tmp_path)!r},), nprocs=2, join=True)"

@@ -272,7 +272,7 @@ def test_lora_recipe_runs_and_merges_to_the_trained_sparse_model(tmp_path):
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
     from pl_actsparse.lightning.cli import run
 
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "stories260k_lora.yaml"
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "stories260k_lora.yaml"
     cli = run(
         [
             "fit",

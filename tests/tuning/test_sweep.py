@@ -236,7 +236,7 @@ def test_sweep_weights_are_stored_bytes_of_int8_layers(batches):
 
 
 def test_next_token_nll_counts_real_predictions_only():
-    from pl_actsparse.tuning.objectives import next_token_nll
+    from pl_actsparse.calibrate.allocation import next_token_nll
 
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 11, (n,), generator=g) for n in (7, 4, 2)]

@@ -18,7 +18,7 @@ from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.kernels import cpu as kcpu
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 
-RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "stories260k_training_free.yaml")
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "stories260k_training_free.yaml")
 SMALL = ["data.init_args.calibration_stories=[500,504]", "trainer.logger=false"]
 
 

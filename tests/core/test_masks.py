@@ -83,7 +83,7 @@ def check_real_token_sparsity(model, batches, call, tol=0.002):
 
 
 def test_best_reachable_check_agrees_with_brute_force():
-    from test_exactness import best_reachable
+    from tiny_models import best_reachable
 
     tie = torch.tensor([1.0, 2.0, 2.0, 3.0])  # target 0.5: counts 1 and 3 are equally close, 1 (fewer) wins
     assert assert_best_reachable(tie, torch.tensor(1.0), 0.5) == 0.25

@@ -1,7 +1,7 @@
 """ActivationSparsityCallback: construction, lifecycle, tracking, fine-tuning, checkpoints.
 
 A tiny random Llama (tests/tiny_models.py) keeps every Trainer run well under a second; the real model is
-exercised through the recipes (tests/test_cli.py).
+exercised through the recipes (tests/lightning/test_cli.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from tiny_models import tiny_hf_llama, tiny_llama
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 MLP = {TargetScope(patterns=[r".*mlp\..*"]): 0.5}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _hf_sparse(seed: int = 0):

@@ -20,7 +20,7 @@ from pl_actsparse.lightning.callback import ActivationSparsityCallback
 from pl_actsparse.lightning.cli import _as_option, main, run
 from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 TRAINING_FREE = str(RECIPES / "stories260k_training_free.yaml")
 FINETUNE = str(RECIPES / "stories260k_finetune.yaml")

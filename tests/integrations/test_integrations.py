@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, load_activation_sparsity, sparsify_activations
-from pl_actsparse.core.layer import sparsified_layers
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.errors import CheckpointError, UnsupportedModuleError
 from tiny_models import tiny_hf_llama, token_batches
 
@@ -234,7 +234,7 @@ def test_modules_to_save_resolves_to_the_active_copy_and_keeps_thresholds_on_swi
     pm.set_adapter("other")
     sparsify_activations(pm, data, {TargetScope(patterns=[".*down_proj"]): 0.25}, calibration={"progress": False})
     other = pm.get_submodule(wrapper + ".modules_to_save.other")
-    assert other._actsparse.target == 0.25
+    assert sparsifier_state(other).target == 0.25
     pm.set_adapter("default")
     for n, t in t_default.items():
         assert torch.equal(pm.get_submodule(n).activation_threshold, t), n  # untouched by the other's calibration

@@ -274,6 +274,6 @@ def test_perplexity_restores_mode_on_error():
 
 
 def test_repository_root_is_found_from_the_current_directory(monkeypatch):
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root / "tests")
     assert data_mod.repository_root() == root and (root / "pyproject.toml").is_file()

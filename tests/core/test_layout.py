@@ -91,27 +91,7 @@ def test_no_upward_imports(lower, higher):
     assert offenders == []
 
 
-# The rules below fail until another helper's branch is merged: exactly these cases are expected to fail.
-_UNTIL = {
-    "lightning->demos": "until the lightning branch merges (lightning/cli.py's demo subcommands move to demos/)",
-    "calibrate": "until the calibrate branch merges (core/levels.py and core/sequential.py import core/calibration.py privates)",
-    "lightning": "until the lightning branch merges (lightning/callback.py imports api._validated_targets)",
-    "tuning": "until the calibrate/tuning branches merge (tuning/sweep.py: core.calibration._bits_to_float; "
-              "tuning/allocation.py: tuning.objectives._LossRunner)",
-    "demos": "until the demos/tuning branches merge (demos/lightning_models.py imports tuning.objectives._logits)",
-    "exceptions": "until the calibrate branch merges (core/levels.py's control-flow exceptions NotLeveled and "
-                  "CacheSpoiled become private in calibrate/)",
-    "export": "until the kernel branch merges (export/convert.py imports export/linear.py's _applies_threshold, "
-              "_RestoreInfo, _state_of)",
-}
-
-
-def _xfail(key: str):
-    return pytest.mark.xfail(strict=False, reason=_UNTIL[key])
-
-
-@pytest.mark.parametrize("a, b", [pytest.param(a, b, marks=_xfail("lightning->demos")) if (a, b) == ("demos", "lightning")
-                                  else (a, b) for a, b in itertools.combinations(SUBPACKAGES, 2)])
+@pytest.mark.parametrize("a, b", list(itertools.combinations(SUBPACKAGES, 2)))
 def test_no_import_cycle_between_subpackages(a, b):
     assert not (b in _package_imports(a) and a in _package_imports(b)), f"{a} and {b} import each other"
 
@@ -132,19 +112,14 @@ def test_no_import_cycle_between_modules_of_one_subpackage():
     assert cycles == []
 
 
-@pytest.mark.parametrize("sub", [pytest.param(s, marks=_xfail("lightning->demos")) if s == "lightning" else s
-                                 for s in SUBPACKAGES if s != "demos"])
+@pytest.mark.parametrize("sub", [s for s in SUBPACKAGES if s != "demos"])
 def test_nothing_outside_demos_imports_demos(sub):
     offenders = [str(p.relative_to(PKG)) for p in _modules(sub)
                  if any(i == "pl_actsparse.demos" or i.startswith("pl_actsparse.demos.") for i in _imports(p))]
     assert offenders == []
 
 
-_PRIVATE_XFAIL = {"core": "calibrate", "lightning": "lightning", "tuning": "tuning", "demos": "demos", "export": "export"}
-
-
-@pytest.mark.parametrize("sub", [pytest.param(s, marks=_xfail(_PRIVATE_XFAIL[s])) if s in _PRIVATE_XFAIL else s
-                                 for s in SUBPACKAGES] + [""])
+@pytest.mark.parametrize("sub", SUBPACKAGES + [""])
 def test_no_module_imports_a_private_name_of_another(sub):
     paths = _modules(sub) if sub else [p for p in PKG.glob("*.py")]
     offenders = [f"{p.relative_to(PKG)} <- {module}.{name}" for p in paths for module, names in _import_froms(p)
@@ -152,8 +127,7 @@ def test_no_module_imports_a_private_name_of_another(sub):
     assert offenders == []
 
 
-@pytest.mark.parametrize("sub", [pytest.param(s, marks=_xfail("exceptions")) if s == "core" else s
-                                 for s in SUBPACKAGES if s != "kernels"] + [""])
+@pytest.mark.parametrize("sub", [s for s in SUBPACKAGES if s != "kernels"] + [""])
 def test_only_errors_defines_public_exception_classes(sub):
     offenders = []
     for p in _modules(sub) if sub else PKG.glob("*.py"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pl_actsparse.core.layer import sparsifier_state
+from pl_actsparse.core.layer import is_sparsified, sparsifier_state
 from pl_actsparse import (
     TargetScope,
     activation_sparsity_report,
@@ -33,7 +33,7 @@ from pl_actsparse.kernels import cpu
 from pl_actsparse.measure.metric import ActivationSparsity
 from pl_actsparse.measure.metric import SparsityCounter
 
-from test_exactness import best_reachable
+from tiny_models import best_reachable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +118,7 @@ def test_gpt2_conv1d_calibration_is_exact_and_removal_bit_for_bit():
 
     for n in names:
         assert type(modules[n]) is Conv1D
-        assert not hasattr(modules[n], "_actsparse") and "activation_threshold" not in modules[n]._buffers
+        assert not is_sparsified(modules[n]) and "activation_threshold" not in modules[n]._buffers
     state = model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in state)
@@ -133,7 +133,7 @@ def test_gpt2_checkpoint_round_trip():
     load_activation_sparsity(fresh, model.state_dict())
     a, b = dict(model.named_modules()), dict(fresh.named_modules())
     for n, m in a.items():
-        if hasattr(m, "_actsparse"):
+        if is_sparsified(m):
             assert torch.equal(b[n].activation_threshold, m.activation_threshold)
             assert sparsifier_state(b[n]).calibration_sparsity == sparsifier_state(m).calibration_sparsity
 

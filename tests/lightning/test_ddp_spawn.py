@@ -1,7 +1,7 @@
 """``strategy="ddp_spawn"`` on 2 CPU processes (gloo): after fit, the main process holds the same sparsified
 model (thresholds, calibration state) and the same callback state as the workers (issue 12, item 4).
 
-As in tests/test_ddp.py the test runs this file as a script in a subprocess with a timeout. The main process
+As in tests/lightning/test_ddp.py the test runs this file as a script in a subprocess with a timeout. The main process
 of that script saves what it holds after ``fit``; a probe callback saves what each worker held at the end.
 """
 
@@ -22,9 +22,10 @@ WORLD = 2
 def _script(out: Path) -> None:  # pragma: no cover - runs in the subprocess (and its spawned workers)
     import warnings
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
     from test_callback import TinyData, TinyLM
 
+    from pl_actsparse.core.layer import is_sparsified
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
 
     warnings.filterwarnings("ignore")
@@ -60,7 +61,7 @@ def _script(out: Path) -> None:  # pragma: no cover - runs in the subprocess (an
             "params": {k: v.clone() for k, v in state.items() if not k.endswith(("activation_threshold", "_extra_state"))},
             "history": cb.history,
             "callback_state": cb.state_dict(),
-            "sparsified": sorted(n for n, m in model.named_modules() if hasattr(m, "_actsparse")),
+            "sparsified": sorted(n for n, m in model.named_modules() if is_sparsified(m)),
         },
         out / "main.pt",
     )
@@ -87,7 +88,7 @@ class _Probe(pl.Callback):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     out = tmp_path_factory.mktemp("spawn")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=400

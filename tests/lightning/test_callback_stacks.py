@@ -1,6 +1,6 @@
 """The callback in the training stacks users run (issue 12): models built in ``configure_model``, weight
 averaging (SWA, EMA) in either callback order, batches that do not fit ``forward``, custom schedules, the
-token-mask option and logging. ``ddp_spawn`` is in tests/test_ddp_spawn.py."""
+token-mask option and logging. ``ddp_spawn`` is in tests/lightning/test_ddp_spawn.py."""
 
 from __future__ import annotations
 

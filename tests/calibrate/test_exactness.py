@@ -12,22 +12,9 @@ from torch import nn
 from pl_actsparse.core.layer import sparsifier_state
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.calibrate.histogram import coarse_histogram, fine_histogram, threshold_from_histogram
+from tiny_models import best_reachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def best_reachable(abs_values: torch.Tensor, target: float) -> float:
-    """Brute force: fractions reachable by some threshold, closest to target (ties: fewer zeroed)."""
-    v = abs_values.double().flatten().sort().values
-    n = v.numel()
-    if target <= 0:
-        return 0.0
-    if target >= 1:
-        return 1.0
-    distinct = torch.unique(v)
-    counts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.searchsorted(v, distinct, right=True).double()])
-    err = (counts - target * n).abs()
-    return float(counts[int(torch.nonzero(err == err.min())[0, 0])]) / n
 
 
 def calibrated(x: torch.Tensor, target: float) -> tuple[float, int]:
