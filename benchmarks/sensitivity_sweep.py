@@ -13,7 +13,7 @@ the 194 windows of stories 0-149 for:
 Calibration: stories 500-599, 256-token windows, batches of 8. Then a one-pass sweep (7 targets, plot written
 to ``--out-dir``) compared with a recalibrated sweep, and the drift of one-pass thresholds on calibration data.
 
-    python benchmarks/allocation.py [--out-dir DIR] [--no-nncf] [--no-sweep] [--budgets 0.3 0.4 0.5]
+    python benchmarks/sensitivity_sweep.py [--out-dir DIR] [--no-nncf] [--no-sweep] [--budgets 0.3 0.4 0.5]
 
 Progress goes to stderr; stdout is the JSON object only.
 """

@@ -12,7 +12,7 @@ quantile of ``|x_i| * c_i`` over all calibration elements, with all layers spars
 weights are put back (the very same tensors, bit-for-bit) and the threshold becomes ``tau / c``.
 The achieved fraction of zeroed inputs is the target, as with plain ``|x|``.
 
-Measured on stories260K (``benchmarks/allocation.py``, ``docs/allocation.md``): a small but consistent
+Measured on stories260K (``benchmarks/sensitivity_sweep.py``, ``docs/allocation.md``): a small but consistent
 perplexity gain at equal sparsity. Layers that read the same tensor can share one scale
 (``share_groups=True``, the norm over the group's stacked weights) so that they keep one mask.
 

@@ -1,0 +1,209 @@
+"""Model-wide allocation on the real stories260K model; prints one JSON object (and writes it with --out).
+
+Budget = fraction of the targeted layers' weight bytes skipped per token. For each scope (all seven projections
+q/k/v/o/gate/up/down, and the MLP only) and budget, perplexity on stories 0-149 (evaluation) and 600-749
+(held out), and the byte-weighted achieved sparsity measured on the evaluation tokens, for:
+
+* ``uniform``: every layer at the budget (exact calibration);
+* ``weight_aware_uniform``: the score ``|x_i| * ||W[:, i]||`` (WINA) at the budget
+  (:func:`pl_actsparse.tuning.weight_aware.sparsify_activations_weight_aware`);
+* ``teal_greedy``: the named baseline, TEAL's block-wise greedy (Liu et al., ICLR 2025) as the paper describes
+  it, implemented here: inside each block, from level 0, repeatedly raise the level of the unit (q/k/v share an
+  input, gate/up share one) whose step (the same number of weight bytes for every unit) adds the least mean
+  squared error at the block's output, with block inputs from the dense model, until the block meets the
+  budget; then exact thresholds for the chosen levels;
+* ``ours``: ``sparsify_activations(..., allocation="auto")`` (:mod:`pl_actsparse.calibrate.allocation`).
+
+Cost: ``ours`` (allocation and exact calibration) in dense forward passes over the calibration data, timed in
+the same process. Calibration: stories 500-599, 256-token windows, batches of 8.
+
+    python benchmarks/allocation.py [--budgets 0.3 0.4 0.5 0.6] [--scopes all mlp] [--out benchmarks/results/allocation.json]
+
+Progress goes to stderr; stdout is the JSON object only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pl_actsparse import TargetScope, sparsify_activations
+from pl_actsparse.core.layer import sparsifier_state, weight_nbytes
+from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+from pl_actsparse.measure.metric import SparsityCounter
+from pl_actsparse.tuning.objectives import perplexity
+from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
+
+SCOPES = {"all": r"layers\.\d+\.(self_attn|mlp)\.\w+_proj", "mlp": r"layers\.\d+\.mlp\.\w+_proj"}
+UNITS = {"all": (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+         "mlp": (("gate_proj", "up_proj"), ("down_proj",))}
+QUIET = {"progress": False}
+
+
+def log(*args) -> None:
+    print("#", *args, file=sys.stderr, flush=True)
+
+
+def batches(windows: TokenWindows, size: int) -> list[torch.Tensor]:
+    xs = [windows[i] for i in range(len(windows))]
+    return [torch.stack(xs[i : i + size]) for i in range(0, len(xs), size)]
+
+
+def unit_names(model, block: int, scope: str) -> list[list[str]]:
+    mods = dict(model.named_modules())
+    full = lambda short: next(n for n in mods if n.startswith(f"layers.{block}.") and n.endswith("." + short))  # noqa: E731
+    return [[full(s) for s in unit] for unit in UNITS[scope]]
+
+
+def teal_greedy(model, calib: list[torch.Tensor], budget: float, scope: str, step: float = 0.025) -> dict[str, float]:
+    """TEAL's block-wise greedy (see the module docstring); levels per layer name."""
+    mods = dict(model.named_modules())
+    inputs = {b: [] for b in range(len(model.layers))}
+    hooks = [blk.register_forward_pre_hook(lambda _m, a, b=b: inputs[b].append(a)) for b, blk in enumerate(model.layers)]
+    with torch.no_grad():
+        for x in calib:
+            model(x)
+    for h in hooks:
+        h.remove()
+    levels: dict[str, float] = {}
+    for b, blk in enumerate(model.layers):
+        units = unit_names(model, b, scope)
+        nbytes = [sum(weight_nbytes(mods[n]) for n in u) for u in units]
+        total = sum(nbytes)
+        x = torch.cat([a[0] for a in inputs[b]])
+        rest = inputs[b][0][1:]
+        with torch.no_grad():
+            ref = blk(x, *rest)
+
+        def error(lv: list[float]) -> float:
+            handles = []
+            for u, s in zip(units, lv):
+                if s > 0:
+                    for n in u:
+                        def cut(_m, a, s=s):
+                            v = a[0].abs().flatten()
+                            t = v.kthvalue(max(1, int(round(s * v.numel())))).values
+                            return (a[0] * (a[0].abs() > t), *a[1:])
+                        handles.append(mods[n].register_forward_pre_hook(cut))
+            try:
+                with torch.no_grad():
+                    return float((blk(x, *rest) - ref).pow(2).mean())
+            finally:
+                for h in handles:
+                    h.remove()
+
+        lv = [0.0] * len(units)
+        while (need := budget * total - sum(nb * s for nb, s in zip(nbytes, lv))) > 1e-6 * total:
+            best = None
+            for k, nb in enumerate(nbytes):
+                inc = min(step * total, need) / nb  # every step skips the same number of weight bytes
+                if lv[k] + inc > 0.99:
+                    continue
+                cand = lv[:k] + [lv[k] + inc] + lv[k + 1 :]
+                e = error(cand)
+                if best is None or e < best[0]:
+                    best = (e, cand)
+            if best is None:
+                raise RuntimeError(f"block {b}: no unit can take more sparsity")
+            lv = best[1]
+        for u, s in zip(units, lv):
+            levels.update({n: s for n in u})
+        log(f"teal block {b}:", [round(s, 3) for s in lv])
+    return levels
+
+
+def measure(model, targets: list[str], evaluation, heldout) -> dict:
+    mods = dict(model.named_modules())
+    nbytes = {n: weight_nbytes(mods[n]) for n in targets}
+    with SparsityCounter(model) as counter, torch.no_grad():
+        for i in range(0, len(evaluation), 16):
+            model(torch.stack([evaluation.pair(j)[0] for j in range(i, min(i + 16, len(evaluation)))]))
+    sp = counter.sparsity()
+    achieved = sum(nbytes[n] * sp.get(n, 0.0) for n in targets) / sum(nbytes.values())
+    return {"perplexity": round(perplexity(model, evaluation), 4), "heldout_perplexity": round(perplexity(model, heldout), 4),
+            "achieved": round(achieved, 4)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6])
+    p.add_argument("--scopes", nargs="+", choices=list(SCOPES), default=["all", "mlp"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="also write the JSON here (e.g. benchmarks/results/allocation.json)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    tok = Llama2cTokenizer.from_file()
+    calib = batches(TokenWindows(load_stories(start=500, stop=600), tok, seq_len=256), 8)
+    evaluation = TokenWindows(load_stories(start=0, stop=150), tok, seq_len=256)
+    heldout = TokenWindows(load_stories(start=600, stop=750), tok, seq_len=256)
+    base = load_llama2c_checkpoint().eval()
+
+    def dense_pass() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for x in calib:
+                base(x)
+        return time.perf_counter() - t0
+
+    dense_pass()
+    rows = []
+    for scope in args.scopes:
+        names = [n for n, _ in base.named_modules() if TargetScope(patterns=[SCOPES[scope]]).matches(n, None)]
+        for budget in args.budgets:
+            row = {"scope": scope, "budget": budget}
+            recipe = {TargetScope(patterns=[SCOPES[scope]]): budget}
+            m = load_llama2c_checkpoint()
+            sparsify_activations(m, calib, recipe, calibration=QUIET)
+            row["uniform"] = measure(m, names, evaluation, heldout)
+            m = load_llama2c_checkpoint()
+            sparsify_activations_weight_aware(m, calib, recipe, calibration=QUIET)
+            row["weight_aware_uniform"] = measure(m, names, evaluation, heldout)
+            t0 = time.perf_counter()
+            levels = teal_greedy(load_llama2c_checkpoint().eval(), calib, budget, scope)
+            m = load_llama2c_checkpoint()
+            sparsify_activations(m, calib, {TargetScope(names=[n]): s for n, s in levels.items()}, calibration=QUIET)
+            row["teal_greedy"] = measure(m, names, evaluation, heldout) | {"seconds": round(time.perf_counter() - t0, 1)}
+            m = load_llama2c_checkpoint()
+            dense = [dense_pass() for _ in range(3)]
+            t0 = time.perf_counter()
+            sparsify_activations(m, calib, recipe, calibration=QUIET, allocation="auto")
+            seconds = time.perf_counter() - t0
+            dense += [dense_pass() for _ in range(3)]
+            row["ours"] = measure(m, names, evaluation, heldout) | {
+                "seconds": round(seconds, 2), "dense_forward_seconds": round(statistics.median(dense), 3),
+                "cost_in_dense_forwards": round(seconds / statistics.median(dense), 1),
+                "levels": {n.replace("layers.", "").replace("self_attn.", "").replace("mlp.", ""): round(sparsifier_state(m.get_submodule(n)).target, 3) for n in names},
+            }
+            row["ours_vs_teal"] = round(row["ours"]["perplexity"] / row["teal_greedy"]["perplexity"] - 1, 4)
+            log(json.dumps({k: v for k, v in row.items() if k != "ours"}), "ours", row["ours"]["perplexity"])
+            rows.append(row)
+    result = {
+        "benchmark": "allocation",
+        "model": "stories260K",
+        "calibration": {"stories": [500, 600], "windows": sum(len(b) for b in calib), "batch": 8, "seq_len": 256},
+        "evaluation": {"stories": [0, 150], "windows": len(evaluation)},
+        "heldout": {"stories": [600, 750], "windows": len(heldout)},
+        "dense_perplexity": round(perplexity(base, evaluation), 4),
+        "dense_heldout_perplexity": round(perplexity(base, heldout), 4),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t_all, 1),
+    }
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
