@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
         t0 = time.perf_counter()
-        trainer([callback], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
+        trainer([callback, _Progress(name)], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
         run: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1), "distillation": distillation, **evaluate(module.model)}
         run["max_layer_error_on_calibration_data"] = round(activation_sparsity_report(module.model).max_abs_error, 6)
         run["recalibrations"] = [{"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
@@ -314,6 +314,17 @@ class _StepTimer:
                     self.times.append(time.perf_counter() - self.t0)
 
         return StepTimer()
+
+
+def _Progress(name: str, every: int = 50):  # noqa: N802 - built lazily like _StepTimer
+    import lightning.pytorch as pl
+
+    class Progress(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step % every == 0:
+                log(f"{name}: step {trainer.global_step} at {time.strftime('%H:%M:%S')}")
+
+    return Progress()
 
 
 def _overall(counter: Any, model: torch.nn.Module) -> float:

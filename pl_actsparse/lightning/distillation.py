@@ -1,14 +1,11 @@
-"""Self-distillation from the dense model during sparsity-aware fine-tuning, for any LightningModule.
+"""Self-distillation from the dense model for any LightningModule: ``ActivationSparsityCallback(distillation=0.9)``.
 
-``ActivationSparsityCallback(..., distillation=0.9)`` trains on ``(1 - w) * loss + w * T^2 * KL(teacher || student)``
-where ``loss`` is what the module's own ``training_step`` returns (a tensor or a dict with ``"loss"``) and the
-teacher is *the same model with its sparsity switched off* (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`;
-with ``teacher="base"`` also without its peft adapters): one extra no-grad forward per step, no second copy of
-the weights. A forward hook on the sparsified module keeps the student's logits of every call made inside a
-training step and runs the teacher on the same arguments; a wrapper of the module's ``training_step`` (an
-instance attribute, removed at teardown) adds the distillation term. The user's code is unchanged. Method:
-knowledge distillation (Hinton et al., 2015) with the dense model as teacher, as in sparsity-recovery
-fine-tuning (e.g. Kurtic et al., "Sparse Fine-tuning for Inference Acceleration of LLMs", 2023).
+The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)``, ``loss`` being what the module's own
+``training_step`` returns, the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`;
+``teacher="base"``: peft adapters off too): one extra no-grad forward, no second copy of the weights. A forward
+hook on the sparsified module runs the teacher on the same arguments; a wrapper of ``training_step`` (instance
+attribute, removed at teardown) adds the term (docs/callback.md). Method: knowledge distillation (Hinton et al.,
+2015) with the dense model as teacher, as in sparse recovery fine-tuning (Kurtic et al., 2023).
 """
 
 from __future__ import annotations
@@ -53,13 +50,11 @@ class DistillationConfig:
     teacher: Literal["dense", "base"] = "dense"
 
     def __post_init__(self) -> None:
-        for name in ("weight", "final_weight"):
+        for name, ok, valid in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("final_weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                                ("temperature", lambda v: 0 < v < math.inf, "a finite number > 0")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise InvalidOptionError(f"distillation {name} must be a number in [0, 1], got {value!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
-            raise InvalidOptionError(f"distillation temperature must be a finite number > 0, got {t!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise InvalidOptionError(f"distillation {name} must be {valid}, got {value!r}")
         for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("dense", "base"))):
             if getattr(self, name) not in allowed:
                 raise InvalidOptionError(f"distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -143,7 +138,7 @@ class Distiller:
                                              f"{type(pl_module).__qualname__} sets automatic_optimization=False (use distillation_loss() in its step)")
         if self.config.teacher == "base":
             _adapters_disabled(module)  # fail now, not at the first step
-        where = type(module).__qualname__
+        where = type(module).__name__
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             if not self._active or self._in_teacher:
