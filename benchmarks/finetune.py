@@ -1,24 +1,24 @@
-"""Sparsity-aware fine-tuning of stories260K through the Lightning callback (a benchmark, not a test).
+"""Sparsity-aware fine-tuning of stories260K with the callback's self-distillation (a benchmark, not a test).
 
-Prints one JSON object on stdout (progress goes to stderr):
+Prints one JSON object on stdout (progress goes to stderr). Calibration on stories 150-299, fine-tuning on
+stories 300-999 (300 steps of 16 x 256 tokens), evaluation on stories 0-149 (256-token windows) and on held-out
+text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
 
-* perplexity on stories 0-149 (256-token windows): dense, training-free sparse (50% on every gate/up/down
-  input, exact thresholds calibrated on stories 150-299), and after a short sparsity-aware fine-tune on
-  stories 300-999 (disjoint from both) for each gradient mode;
-* achieved sparsity before and after every recalibration (the weights drift, recalibration brings the
-  layers back to target), and on the evaluation stories at the end;
-* the training step time with the callback divided by the dense step time (same module, same data);
-* the same ratio under ``torch.compile`` (inductor): a compiled sparsified step over a compiled dense step,
-  median of per-round ratios, for each of ``--compile-threads`` (target <= 1.10), with dynamo's graph,
-  graph-break and recompile counts;
-* a LoRA row: perplexity after the same number of steps with peft LoRA (r=16 on every MLP projection, only
-  the adapters train) with the same sparsity, against full fine-tuning, and after merging the adapters.
+* dense and training-free perplexity for each recipe asked for, with achieved sparsity on the evaluation stories;
+* fine-tunes (``--runs``), every one through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback`
+  (``distillation=``, recalibration every ``--recalibrate-every`` steps and on the final weights):
+  ``mlp`` (gate/up/down at 50%, masked gradients, distillation ``--distillation``), the ablations
+  ``mlp_no_distillation``, ``mlp_ste`` and ``mlp_cosine`` (weight 0.9 -> 0.5, cosine), ``all7`` (all seven
+  projections at 50% of their weight bytes, per-layer targets from ``allocate_sparsity`` on the calibration
+  stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all seven projections, gate/up/down at 50%,
+  evaluated before and after ``merge_and_unload``);
+* step time in one process at ``--timing-threads`` threads: sparse / dense and sparse + distillation / sparse,
+  per-round ratios of median step times, median over rounds (target sparse / dense <= 1.10);
+* optionally (``--compile-rounds``) compiled sparse over compiled dense step time.
 
-    python benchmarks/finetune.py [--steps 300] [--recalibrate-every 100] [--threads 2]
-    python benchmarks/finetune.py --steps 20 --modes ste --timing-rounds 0 --compile-rounds 2 --lora  # short
-
-Every fine-tune goes through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback` and
-:class:`~pl_actsparse.demos.lightning_models.TinyStoriesLM`, so the numbers are those of the shipped integration.
+    python benchmarks/finetune.py --runs mlp,all7,lora --timing-rounds 0
+    python benchmarks/finetune.py --runs mlp_no_distillation,mlp_ste,mlp_cosine --timing-rounds 0
+    python benchmarks/finetune.py --runs "" --timing-rounds 3            # step time only
 """
 
 from __future__ import annotations
