@@ -235,3 +235,29 @@ def test_recipes_fine_tune_with_the_librarys_distillation(recipe, tmp_path):
     assert callback.distiller is not None and callback.distiller.config.weight == 0.9
     assert cli.trainer.global_step == 2 and math.isfinite(float(cli.trainer.callback_metrics["actsparse/train/distill_loss"]))
     assert "training_step" not in cli.model.__dict__
+
+
+@pytest.mark.parametrize("teacher", ["initial", "dense"])
+def test_initial_teacher_keeps_the_weights_of_the_start_of_fit(teacher):
+    import copy
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                self.after_first = copy.deepcopy(pl_module.model.state_dict())
+
+    data = token_batches(1, batch=2, seq=12) * 2
+    module = UserLM(tiny_llama(), lr=2.0)
+    original = copy.deepcopy(module.model)
+    snap = Snapshot()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[_callback({"weight": 0.5, "teacher": teacher}), snap])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    module.model.load_state_dict(snap.after_first)  # the weights step 2 saw
+    x = data[1]
+    with torch.no_grad():
+        student = module.model(x)
+        dense_source = module.model if teacher == "dense" else original
+        with activation_sparsity_disabled(dense_source):
+            expected = distillation_loss(student, dense_source(x))
+    assert float(trainer.callback_metrics["actsparse/train/distill_loss"]) == pytest.approx(float(expected), rel=1e-4)

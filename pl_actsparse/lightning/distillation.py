@@ -1,8 +1,10 @@
 """Self-distillation from the dense model for any LightningModule: ``ActivationSparsityCallback(distillation=0.9)``.
 
 The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)``, ``loss`` being what the module's own
-``training_step`` returns, the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`;
-``teacher="base"``: peft adapters off too): one extra no-grad forward, no second copy of the weights. A forward
+``training_step`` returns, the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`)
+and, by default (``teacher="initial"``), with the trainable parameters it had at the start of fit (a copy of those
+only, swapped in by ``torch.func.functional_call``): one extra no-grad forward. ``teacher="dense"`` uses the current
+weights (no copy; measured to collapse under full fine-tuning, docs/finetuning.md), ``"base"`` turns peft adapters off. A forward
 hook on the sparsified module runs the teacher on the same arguments; a wrapper of ``training_step`` (instance
 attribute, removed at teardown) adds the term (docs/callback.md). Method: knowledge distillation (Hinton et al.,
 2015) with the dense model as teacher, as in sparse recovery fine-tuning (Kurtic et al., 2023).
@@ -37,7 +39,8 @@ class DistillationConfig:
         schedule: how ``w`` moves over the fit's optimizer steps: ``"constant"``, or ``"linear"`` / ``"cosine"``
             from ``weight`` at step 0 to ``final_weight`` at the last step (``trainer.estimated_stepping_batches``).
         final_weight: the weight at the end of a decaying schedule, in [0, 1].
-        teacher: ``"dense"`` (sparsity off) or ``"base"`` (sparsity off and peft adapters off: the base model).
+        teacher: ``"initial"`` (sparsity off, the trainable parameters as at the start of fit: a copy of those),
+            ``"dense"`` (sparsity off, current weights, no copy) or ``"base"`` (sparsity and peft adapters off).
 
     Raises:
         InvalidOptionError: a field is out of range; the message names it and what is valid.
@@ -47,7 +50,7 @@ class DistillationConfig:
     temperature: float = 1.0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_weight: float = 0.0
-    teacher: Literal["dense", "base"] = "dense"
+    teacher: Literal["initial", "dense", "base"] = "initial"
 
     def __post_init__(self) -> None:
         for name, ok, valid in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("final_weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -55,7 +58,7 @@ class DistillationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise InvalidOptionError(f"distillation {name} must be {valid}, got {value!r}")
-        for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("dense", "base"))):
+        for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("initial", "dense", "base"))):
             if getattr(self, name) not in allowed:
                 raise InvalidOptionError(f"distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -139,6 +142,7 @@ class Distiller:
         if self.config.teacher == "base":
             _adapters_disabled(module)  # fail now, not at the first step
         where = type(module).__name__
+        frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if self.config.teacher == "initial" else None
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             if not self._active or self._in_teacher:
@@ -149,7 +153,9 @@ class Distiller:
                 with torch.no_grad(), activation_sparsity_disabled(mod), preserved_modes(mod), contextlib.ExitStack() as stack:
                     if self.config.teacher == "base":
                         stack.enter_context(_adapters_disabled(mod))
-                    teacher = _logits_of(mod.eval()(*args, **kwargs), where)
+                    mod.eval()
+                    out = mod(*args, **kwargs) if frozen is None else torch.func.functional_call(mod, frozen, args, kwargs, strict=False)
+                    teacher = _logits_of(out, where)
             finally:
                 self._in_teacher = False
             mask = kwargs.get("attention_mask")
