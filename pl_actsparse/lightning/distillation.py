@@ -112,14 +112,14 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     if mask is None:
         return kl.mean() * temperature**2
     keep = mask.to(kl.device).bool()
-    return (kl * keep).sum() / keep.sum().clamp(min=1) * temperature**2
+    return kl.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1) * temperature**2  # NaN/inf at padding stays out
 
 
 def _adapters_disabled(module: nn.Module) -> contextlib.AbstractContextManager:
     peft = next((m for m in module.modules() if callable(getattr(m, "disable_adapter", None)) and hasattr(m, "peft_config")), None)
     if peft is None:
         raise CallbackConfigurationError(f"distillation teacher='base' needs a peft model (with disable_adapter()) in {type(module).__qualname__}; "
-                                         "use teacher='dense' (the same model with sparsity off)")
+                                         "use teacher='initial' or 'dense' (the same model with sparsity off)")
     return peft.disable_adapter()
 
 
