@@ -1,24 +1,24 @@
-"""Sparsity-aware fine-tuning of stories260K through the Lightning callback (a benchmark, not a test).
+"""Sparsity-aware fine-tuning of stories260K with the callback's self-distillation (a benchmark, not a test).
 
-Prints one JSON object on stdout (progress goes to stderr):
+Prints one JSON object on stdout (progress goes to stderr). Calibration on stories 150-299, fine-tuning on
+stories 300-999 (300 steps of 16 x 256 tokens), evaluation on stories 0-149 (256-token windows) and on held-out
+text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
 
-* perplexity on stories 0-149 (256-token windows): dense, training-free sparse (50% on every gate/up/down
-  input, exact thresholds calibrated on stories 150-299), and after a short sparsity-aware fine-tune on
-  stories 300-999 (disjoint from both) for each gradient mode;
-* achieved sparsity before and after every recalibration (the weights drift, recalibration brings the
-  layers back to target), and on the evaluation stories at the end;
-* the training step time with the callback divided by the dense step time (same module, same data);
-* the same ratio under ``torch.compile`` (inductor): a compiled sparsified step over a compiled dense step,
-  median of per-round ratios, for each of ``--compile-threads`` (target <= 1.10), with dynamo's graph,
-  graph-break and recompile counts;
-* a LoRA row: perplexity after the same number of steps with peft LoRA (r=16 on every MLP projection, only
-  the adapters train) with the same sparsity, against full fine-tuning, and after merging the adapters.
+* dense and training-free perplexity for each recipe asked for, with achieved sparsity on the evaluation stories;
+* fine-tunes (``--runs``), every one through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback`
+  (``distillation=``, recalibration every ``--recalibrate-every`` steps and on the final weights):
+  ``mlp`` (gate/up/down at 50%, masked gradients, distillation ``--distillation``), the ablations
+  ``mlp_no_distillation``, ``mlp_ste`` and ``mlp_cosine`` (weight 0.9 -> 0.5, cosine), ``all7`` (all seven
+  projections at 50% of their weight bytes, per-layer targets from ``allocate_sparsity`` on the calibration
+  stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all seven projections, gate/up/down at 50%,
+  evaluated before and after ``merge_and_unload``);
+* step time in one process at ``--timing-threads`` threads: sparse / dense and sparse + distillation / sparse,
+  per-round ratios of median step times, median over rounds (target sparse / dense <= 1.10);
+* optionally (``--compile-rounds``) compiled sparse over compiled dense step time.
 
-    python benchmarks/finetune.py [--steps 300] [--recalibrate-every 100] [--threads 2]
-    python benchmarks/finetune.py --steps 20 --modes ste --timing-rounds 0 --compile-rounds 2 --lora  # short
-
-Every fine-tune goes through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback` and
-:class:`~pl_actsparse.demos.lightning_models.TinyStoriesLM`, so the numbers are those of the shipped integration.
+    python benchmarks/finetune.py --runs mlp,all7,lora --timing-rounds 0
+    python benchmarks/finetune.py --runs mlp_no_distillation,mlp_ste,mlp_cosine --timing-rounds 0
+    python benchmarks/finetune.py --runs "" --timing-rounds 3            # step time only
 """
 
 from __future__ import annotations
@@ -39,25 +39,32 @@ def log(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+RUNS = ("mlp", "mlp_no_distillation", "mlp_ste", "mlp_cosine", "all7", "all7_uniform", "lora")
+MLP = r".*mlp\.(gate|up|down)_proj"
+ALL7 = r".*(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="mlp,all7,lora", help=f"comma-separated fine-tunes out of {', '.join(RUNS)}")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each fine-tune")
-    parser.add_argument("--recalibrate-every", type=int, default=100, help="recalibrate every N steps")
+    parser.add_argument("--recalibrate-every", type=int, default=100, help="recalibrate every N steps (and once at the end)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
-    parser.add_argument("--distillation", type=float, default=0.9, help="weight of the KL to the dense model")
-    parser.add_argument("--modes", default="ste,masked")
-    parser.add_argument("--timing-steps", type=int, default=12, help="timed steps per fit in the step-time part")
-    parser.add_argument("--timing-rounds", type=int, default=5, help="rounds of the step-time part (each: dense, ste, masked in shuffled order)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--compile-rounds", type=int, default=5, help="rounds of the compiled step-time part (0: skip)")
-    parser.add_argument("--compile-steps", type=int, default=12, help="timed steps per fit in the compiled part")
-    parser.add_argument("--compile-threads", default="1,2", help="thread counts of the compiled part")
-    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="run the LoRA row (needs peft)")
+    parser.add_argument("--distillation", type=float, default=0.9, help="weight of the KL to the dense model (callback distillation=)")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="peak learning rate of the LoRA run")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--timing-steps", type=int, default=8, help="timed steps per fit in the step-time part")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the step-time part (0: skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--timing-threads", type=int, default=1, help="torch threads of the step-time part")
+    parser.add_argument("--compile-rounds", type=int, default=0, help="rounds of the compiled step-time part (0: skip)")
+    parser.add_argument("--compile-steps", type=int, default=12, help="timed steps per fit in the compiled part")
+    parser.add_argument("--compile-threads", default="1,2", help="thread counts of the compiled part")
+    parser.add_argument("--heldout-windows", type=int, default=100, help="256-token windows of Shakespeare for held-out perplexity")
     parser.add_argument("--data", default=None, help="data folder (default: $PL_ACTSPARSE_DATA or ../shared/data)")
     args = parser.parse_args(argv)
 
@@ -70,247 +77,152 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from pl_actsparse import ActivationSparsityCallback, TargetScope, activation_sparsity_report, sparsify_activations
-    from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
-    from pl_actsparse.tuning.objectives import perplexity
     from pl_actsparse.demos.lightning_models import TinyStoriesDataModule, TinyStoriesLM
     from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+    from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
     from pl_actsparse.measure.metric import SparsityCounter
+    from pl_actsparse.tuning.allocation import allocate_sparsity
+    from pl_actsparse.tuning.objectives import perplexity
 
     started = time.perf_counter()
     data_dir = resolve_data_dir(args.data)
     checkpoint = str(data_dir / "stories260K.bin")
     tokenizer = Llama2cTokenizer.from_file(data_dir / "tok512.bin")
     evaluation = TokenWindows(load_stories(data_dir, 0, 150), tokenizer, seq_len=256)
-    pattern = r".*mlp\.(gate|up|down)_proj"
-    scopes = [{"patterns": [pattern], "sparsity": 0.5}]
+    shakespeare = (data_dir / "tinyshakespeare.txt").read_text()[: 1100 * args.heldout_windows]
+    heldout = TokenWindows([shakespeare], tokenizer, seq_len=256)
+    heldout = [heldout.pair(i) for i in range(min(args.heldout_windows, len(heldout)))]
 
     def datamodule() -> TinyStoriesDataModule:
-        return TinyStoriesDataModule(
-            data_dir=str(data_dir),
-            seq_len=256,
-            batch_size=args.batch_size,
-            calibration_batch_size=8,
-            train_stories=(300, 1000),
-            calibration_stories=(150, 300),
-            val_stories=(0, 150),
-        )
+        return TinyStoriesDataModule(data_dir=str(data_dir), seq_len=256, batch_size=args.batch_size, calibration_batch_size=8,
+                                     train_stories=(300, 1000), calibration_stories=(150, 300), val_stories=(0, 150))
 
     def trainer(callbacks: list, **kwargs: Any) -> pl.Trainer:
-        return pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            **kwargs,
-        )
+        return pl.Trainer(accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kwargs)
 
-    # -- dense and training-free -------------------------------------------------------------------------
-    pl.seed_everything(0, verbose=False)
-    dense_model = load_llama2c_checkpoint(checkpoint)
-    dense = perplexity(dense_model, evaluation)
-    log(f"dense perplexity {dense:.4f} on {len(evaluation)} windows")
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        with SparsityCounter(model) as counter:
+            ppl = perplexity(model, evaluation)
+        return {"perplexity": round(ppl, 4), "heldout_perplexity": round(perplexity(model, heldout), 4),
+                "eval_sparsity": round(_overall(counter, model), 4)}
+
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
-    t0 = time.perf_counter()
-    sparsify_activations(dense_model, calibration, {TargetScope(patterns=[pattern]): 0.5}, calibration={"progress": False})
-    calibration_seconds = time.perf_counter() - t0
-    with SparsityCounter(dense_model) as counter:
-        training_free = perplexity(dense_model, evaluation)
-    training_free_eval_sparsity = _overall(counter, dense_model)
-    log(f"training-free sparse perplexity {training_free:.4f} (calibration {calibration_seconds:.2f} s)")
-    del dense_model
 
-    # -- sparsity-aware fine-tuning, one run per gradient mode ---------------------------------------------
+    # -- dense, training-free, and the model-wide allocation (from calibration stories only) -------------------
+    dense_model = load_llama2c_checkpoint(checkpoint)
+    dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
+    log(f"dense {dense}")
+    recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": 0.5}], "all7_uniform": [{"patterns": [ALL7], "sparsity": 0.5}]}
+    runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = sorted(set(runs_wanted) - set(RUNS))
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; valid: {RUNS}")
+    if "all7" in runs_wanted:
+        allocation = allocate_sparsity(load_llama2c_checkpoint(checkpoint), calibration, 0.5, TargetScope(patterns=[ALL7]), calibration={"progress": False})
+        recipes["all7"] = allocation.to_scopes()
+    training_free: dict[str, Any] = {}
+    for name, scopes in recipes.items():
+        if name == "mlp" or name in runs_wanted:
+            model = load_llama2c_checkpoint(checkpoint)
+            sparsify_activations(model, calibration, {TargetScope(**{k: v for k, v in s.items() if k != "sparsity"}): s["sparsity"] for s in scopes}, calibration={"progress": False})
+            training_free[name] = evaluate(model)
+            log(f"training-free {name}: {training_free[name]}")
+
+    # -- fine-tunes, every one through Trainer.fit with the callback's distillation -----------------------------
     runs: dict[str, Any] = {}
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for name in runs_wanted:
+        scopes = recipes["all7" if name == "all7" else "all7_uniform" if name == "all7_uniform" else "mlp"]
+        distillation: Any = {"weight": args.distillation, "temperature": args.temperature}
+        if name == "mlp_no_distillation":
+            distillation = None
+        elif name == "mlp_cosine":
+            distillation = {**distillation, "schedule": "cosine", "final_weight": 0.5}
         pl.seed_everything(0, verbose=False)
         callback = ActivationSparsityCallback(
-            scopes=scopes,
-            calibration_source="calibration_dataloader",
-            recalibrate_every_n_steps=args.recalibrate_every,
-            gradient_mode=mode,
-            on_train_end="make_permanent",  # final thresholds calibrated on the final weights
-            track=False,
-            calibration={"progress": False},
-            verbose=False,
+            scopes=scopes, calibration_source="calibration_dataloader", recalibrate_every_n_steps=args.recalibrate_every,
+            gradient_mode="ste" if name == "mlp_ste" else "masked", on_train_end="make_permanent", track=False,
+            calibration={"progress": False}, verbose=False, distillation=distillation,
         )
-        module = TinyStoriesLM(
-            checkpoint=checkpoint,
-            learning_rate=args.lr,
-            warmup_steps=args.warmup,
-            min_lr_ratio=args.min_lr_ratio,
-            distillation_weight=args.distillation,
-        )
+        if name == "lora":
+            from pl_actsparse.demos.peft_models import LoRATinyStoriesLM
+
+            lora = {"r": args.lora_rank, "lora_alpha": 2 * args.lora_rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+            module: Any = LoRATinyStoriesLM(lora=lora, checkpoint=checkpoint, learning_rate=args.lora_lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
+        else:
+            module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
         t0 = time.perf_counter()
-        trainer([callback], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
-        seconds = time.perf_counter() - t0
-        with SparsityCounter(module.model) as counter:
-            tuned = perplexity(module.model, evaluation)
-        runs[mode] = {
-            "perplexity": round(tuned, 4),
-            "seconds": round(seconds, 1),
-            "recalibrations": [
-                {
-                    "step": h["step"],
-                    "reason": h["reason"],
-                    "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
-                    "sparsity_after": round(h["sparsity_after"], 4),
-                }
-                for h in callback.history
-            ],
-            "eval_sparsity": round(_overall(counter, module.model), 4),
-            "max_layer_error_on_calibration_data": round(activation_sparsity_report(module.model).max_abs_error, 6),
-        }
-        log(f"{mode}: perplexity {tuned:.4f} after {args.steps} steps ({seconds:.0f} s); recalibrations {runs[mode]['recalibrations']}")
+        trainer([callback, _Progress(name)], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
+        run: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1), "distillation": distillation, **evaluate(module.model)}
+        run["max_layer_error_on_calibration_data"] = round(activation_sparsity_report(module.model).max_abs_error, 6)
+        run["recalibrations"] = [{"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
+                                  "sparsity_after": round(h["sparsity_after"], 4)} for h in callback.history]
+        if name == "lora":
+            run["trainable_parameters"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+            merged = module.merged_model()
+            run["merged"] = evaluate(merged)
+        runs[name] = run
+        log(f"{name}: {run}")
 
-    # -- step time: the same module and data with and without the callback, alternating rounds --------------
-    # A step of this model takes ~0.4 s and varies by +-15 % from fit to fit on a shared 2-core machine, so
-    # the ratio is taken per round (median step of each fit, divided by the same round's dense fit), in
-    # shuffled order, and the median over rounds is reported.
-    timings: dict[str, list[float]] = {"dense": [], "ste": [], "masked": []}
-    per_round: dict[str, list[float]] = {k: [] for k in timings}
-    order_rng = random.Random(0)
-    for round_ in range(args.timing_rounds if args.timing_steps > 0 else 0):
-        order = list(timings)
-        order_rng.shuffle(order)
-        for kind in order:
-            pl.seed_everything(0, verbose=False)
-            timer = _StepTimer(skip=2)
-            callbacks: list = []
-            if kind != "dense":
-                callbacks.append(
-                    ActivationSparsityCallback(
-                        scopes=scopes,
-                        calibration_source="calibration_dataloader",
-                        gradient_mode=kind,
-                        calibration={"progress": False},
-                        verbose=False,
-                    )
-                )
-            module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr)
-            trainer(callbacks + [timer], max_steps=args.timing_steps + 2, log_every_n_steps=50).fit(module, datamodule=datamodule())
-            timings[kind] += timer.times
-            per_round[kind].append(statistics.median(timer.times))
-    median = {k: statistics.median(v) if v else float("nan") for k, v in timings.items()}
-
-    def round_ratio(kind: str) -> float:
-        if not per_round[kind]:
-            return float("nan")
-        return statistics.median(a / b for a, b in zip(per_round[kind], per_round["dense"]))
-
-    log("median step seconds", {k: round(v, 4) for k, v in median.items()})
-
-    # -- LoRA: the same steps, sparsity and distillation, only rank-r adapters on every MLP projection train ----
-    lora: dict[str, Any] | None = None
-    if args.lora:
-        from pl_actsparse.demos.peft_models import LoRATinyStoriesLM
-
-        pl.seed_everything(0, verbose=False)
-        callback = ActivationSparsityCallback(
-            scopes=scopes,  # the seed pattern selects each adapted projection (base layer and LoRA branch)
-            calibration_source="calibration_dataloader",
-            recalibrate_every_n_steps=args.recalibrate_every,
-            gradient_mode="ste",
-            on_train_end="make_permanent",
-            track=False,
-            calibration={"progress": False},
-            verbose=False,
-        )
-        module = LoRATinyStoriesLM(
-            lora={"r": args.lora_rank, "lora_alpha": 2 * args.lora_rank},
-            checkpoint=checkpoint,
-            learning_rate=args.lora_lr,
-            warmup_steps=args.warmup,
-            min_lr_ratio=args.min_lr_ratio,
-            distillation_weight=args.distillation,
-        )
-        trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in module.model.parameters())
-        t0 = time.perf_counter()
-        trainer([callback], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
-        seconds = time.perf_counter() - t0
-        with SparsityCounter(module.model) as counter:
-            tuned = perplexity(module.model, evaluation)
-        lora_eval_sparsity = _overall(counter, module.model)
-        merged = module.merged_model()
-        merged_ppl = perplexity(merged, evaluation)
-        lora = {
-            "perplexity": round(tuned, 4),
-            "perplexity_after_merge": round(merged_ppl, 4),
-            "rank": args.lora_rank,
-            "learning_rate": args.lora_lr,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "seconds": round(seconds, 1),
-            "eval_sparsity": round(lora_eval_sparsity, 4),
-            "recalibrations": [
-                {"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4), "sparsity_after": round(h["sparsity_after"], 4)}
-                for h in callback.history
-            ],
-        }
-        log(f"LoRA r={args.lora_rank}: perplexity {tuned:.4f} (merged {merged_ppl:.4f}) after {args.steps} steps ({seconds:.0f} s)")
-        del module, merged
-
-    # -- step time under torch.compile: compiled sparsified over compiled dense, per round, per thread count ----
-    compiled = _compiled_step_times(args, trainer, datamodule, scopes, checkpoint) if args.compile_rounds > 0 else None
-
+    step_time = _step_times(args, trainer, datamodule, recipes["mlp"], checkpoint) if args.timing_rounds > 0 else None
+    compiled = _compiled_step_times(args, trainer, datamodule, recipes["mlp"], checkpoint) if args.compile_rounds > 0 else None
     result = {
-        "benchmark": "sparsity-aware fine-tuning of stories260K (benchmarks/finetune.py)",
-        "sparsity": 0.5,
-        "layers": "gate_proj, up_proj, down_proj inputs of all 5 blocks (15 layers)",
-        "data": {
-            "evaluation": "stories 0-149, 256-token disjoint windows",
-            "evaluation_windows": len(evaluation),
-            "calibration": "stories 150-299, batches of 8 x 256 tokens",
-            "fine_tuning": f"stories 300-999, batches of {args.batch_size} x 256 tokens",
-        },
-        "perplexity": {
-            "dense": round(dense, 4),
-            "training_free": round(training_free, 4),
-            **{f"finetuned_{mode}": run["perplexity"] for mode, run in runs.items()},
-        },
-        "achieved_sparsity": {
-            "training_free_on_evaluation": round(training_free_eval_sparsity, 4),
-            **{f"{mode}_recalibrations": run["recalibrations"] for mode, run in runs.items()},
-            **{f"{mode}_on_evaluation": run["eval_sparsity"] for mode, run in runs.items()},
-        },
-        "fine_tuning": {
-            "steps": args.steps,
-            "recalibrate_every_n_steps": args.recalibrate_every,
-            "optimizer": f"AdamW lr {args.lr}, {args.warmup} warm-up steps, cosine to {args.min_lr_ratio} x lr",
-            "distillation_weight": args.distillation,
-            "seconds": {mode: run["seconds"] for mode, run in runs.items()},
-        },
-        "step_time": {
-            "dense_s": round(median["dense"], 4),
-            "callback_ste_s": round(median["ste"], 4),
-            "callback_masked_s": round(median["masked"], 4),
-            "ratio_ste": round(round_ratio("ste"), 3),
-            "ratio_masked": round(round_ratio("masked"), 3),
-            "ratio_per_round": {k: [round(a / b, 3) for a, b in zip(per_round[k], per_round["dense"])] for k in ("ste", "masked")},
-            "target_ratio": 1.15,
-            "rounds": len(per_round["dense"]),
-            "timed_steps_each": len(timings["dense"]),
-            "threads": torch.get_num_threads(),
-        },
+        "benchmark": "sparsity-aware fine-tuning of stories260K with self-distillation (benchmarks/finetune.py)",
+        "data": {"evaluation": f"stories 0-149, {len(evaluation)} disjoint 256-token windows",
+                 "heldout": f"tinyshakespeare.txt, first {len(heldout)} 256-token windows",
+                 "calibration": "stories 150-299, batches of 8 x 256 tokens", "fine_tuning": f"stories 300-999, batches of {args.batch_size} x 256 tokens"},
+        "fine_tuning": {"steps": args.steps, "recalibrate_every_n_steps": args.recalibrate_every, "temperature": args.temperature,
+                        "optimizer": f"AdamW lr {args.lr} (LoRA {args.lora_lr}), {args.warmup} warm-up steps, cosine to {args.min_lr_ratio} x lr"},
+        "dense": dense,
+        "training_free": training_free,
+        "runs": runs,
+        "all7_allocation": recipes.get("all7"),
+        "step_time": step_time,
         "step_time_compiled": compiled,
-        "lora": None
-        if lora is None
-        else {
-            **lora,
-            "full_finetuning_perplexity": {f"finetuned_{mode}": run["perplexity"] for mode, run in runs.items()},
-            "setup": f"peft LoRA r={args.lora_rank} (alpha {2 * args.lora_rank}) on gate/up/down of every block, "
-            "base weights frozen; same sparsity, steps, schedule and distillation as the full fine-tunes; ste",
-        },
-        "calibration_seconds": round(calibration_seconds, 2),
-        "probe_to_beat": {"dense": 3.758, "training_free": 5.675, "ste_300_steps": 4.733, "masked_300_steps": 4.771},
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result, indent=1))
     return result
+
+
+def _step_times(args: Any, trainer: Any, datamodule: Any, scopes: list, checkpoint: str) -> dict[str, Any]:
+    """Median step time of dense, sparse (masked) and sparse + distillation fits of the same module and data, in
+    shuffled order per round, at ``--timing-threads`` threads; ratios per round, median over rounds."""
+    import lightning.pytorch as pl
+
+    from pl_actsparse import ActivationSparsityCallback
+    from pl_actsparse.demos.lightning_models import TinyStoriesLM
+
+    initial = torch.get_num_threads()
+    torch.set_num_threads(args.timing_threads)
+    per_round: dict[str, list[float]] = {"dense": [], "sparse": [], "sparse_distill": []}
+    rng = random.Random(0)
+    for _ in range(args.timing_rounds):
+        order = list(per_round)
+        rng.shuffle(order)
+        for kind in order:
+            pl.seed_everything(0, verbose=False)
+            timer = _StepTimer(skip=2)
+            callbacks: list = [timer]
+            if kind != "dense":
+                callbacks.insert(0, ActivationSparsityCallback(scopes=scopes, calibration_source="calibration_dataloader", track=False,
+                                                               calibration={"progress": False}, verbose=False,
+                                                               distillation=args.distillation if kind == "sparse_distill" else None))
+            module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr)
+            trainer(callbacks, max_steps=args.timing_steps + 2, log_every_n_steps=50).fit(module, datamodule=datamodule())
+            per_round[kind].append(statistics.median(timer.times))
+    torch.set_num_threads(initial)
+
+    def ratio(a: str, b: str) -> list[float]:
+        return [round(x / y, 3) for x, y in zip(per_round[a], per_round[b])]
+
+    out = {f"{k}_s": round(statistics.median(v), 4) for k, v in per_round.items()}
+    for a, b in (("sparse", "dense"), ("sparse_distill", "sparse"), ("sparse_distill", "dense")):
+        out[f"ratio_{a}_over_{b}"] = statistics.median(ratio(a, b))
+        out[f"ratio_{a}_over_{b}_per_round"] = ratio(a, b)
+    out.update({"target_sparse_over_dense": 1.10, "threads": args.timing_threads, "rounds": args.timing_rounds, "timed_steps_each": args.timing_steps})
+    log(f"step time {out}")
+    return out
 
 
 def _compiled_step_times(args: Any, trainer: Any, datamodule: Any, scopes: list, checkpoint: str) -> dict[str, Any]:
@@ -402,6 +314,17 @@ class _StepTimer:
                     self.times.append(time.perf_counter() - self.t0)
 
         return StepTimer()
+
+
+def _Progress(name: str, every: int = 50):  # noqa: N802 - built lazily like _StepTimer
+    import lightning.pytorch as pl
+
+    class Progress(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step % every == 0:
+                log(f"{name}: step {trainer.global_step} at {time.strftime('%H:%M:%S')}")
+
+    return Progress()
 
 
 def _overall(counter: Any, model: torch.nn.Module) -> float:

@@ -1,7 +1,7 @@
 """Ready-made LightningModules and a DataModule, so recipes run without user code.
 
 * :class:`TinyStoriesLM`: the shipped stories260K llama2.c model (or any llama2.c ``.bin``), next-token loss,
-  perplexity, optional distillation from the dense model during sparsity-aware fine-tuning.
+  perplexity (distillation from the dense model is the callback's ``distillation=``).
 * :class:`HFLlamaLM`: a Hugging Face ``LlamaForCausalLM`` built from a small config with random weights (no
   download), to show the same recipes on Hugging Face module names. Needs ``transformers`` (extra ``hf``).
 * :class:`TinyStoriesDataModule`: TinyStories windows of the shared data, with disjoint story ranges for
@@ -43,9 +43,6 @@ class CausalLMModule(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         min_lr_ratio: cosine decay from the peak to ``min_lr_ratio * peak`` over the run's steps (1.0: constant).
-        distillation_weight: ``w`` in ``(1 - w) * CE + w * T^2 * KL(teacher || student)``, the teacher being the
-            dense model as loaded (kept outside the module tree, so never sparsified or trained).
-        distillation_temperature: ``T`` above.
         log_dense_perplexity: also log ``{stage}/ppl_dense`` when the model is sparsified.
     """
 
@@ -53,15 +50,11 @@ class CausalLMModule(LightningModule):
 
     def __init__(
         self, learning_rate: float = 5e-4, weight_decay: float = 0.0, warmup_steps: int = 0, min_lr_ratio: float = 1.0,
-        distillation_weight: float = 0.0, distillation_temperature: float = 1.0, log_dense_perplexity: bool = True,
+        log_dense_perplexity: bool = True,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-        if not 0.0 <= distillation_weight <= 1.0:
-            raise ValueError(f"distillation_weight must be in [0, 1], got {distillation_weight}")
-        if not distillation_temperature > 0:
-            raise ValueError(f"distillation_temperature must be > 0, got {distillation_temperature}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if warmup_steps < 0:
@@ -70,19 +63,9 @@ class CausalLMModule(LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
-        self.distillation_weight = distillation_weight
-        self.distillation_temperature = distillation_temperature
         self.log_dense_perplexity = log_dense_perplexity
         self.ppl = nn.ModuleDict({s: Perplexity() for s in ("val", "test")})
         self.ppl_dense = nn.ModuleDict({s: Perplexity() for s in ("val", "test")})
-
-    # -- the teacher is held outside the module tree: not sparsified, not trained, not checkpointed
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self.__dict__.get("_teacher")
-
-    def _make_teacher(self) -> nn.Module | None:
-        return None
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits ``[B, T, vocab]``."""
@@ -92,32 +75,11 @@ class CausalLMModule(LightningModule):
         """What :class:`~pl_actsparse.ActivationSparsityCallback` feeds ``forward`` when calibrating."""
         return batch[0] if isinstance(batch, (tuple, list)) else batch
 
-    def on_fit_start(self) -> None:
-        if self.distillation_weight > 0 and self.teacher is None:
-            teacher = self._make_teacher()
-            if teacher is None:
-                raise ValueError(f"{type(self).__name__} has no dense teacher for distillation_weight > 0")
-            self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        logits = self(x)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss = ce
-        if self.distillation_weight > 0 and self.teacher is not None:
-            t = self.distillation_temperature
-            with torch.no_grad():
-                teacher_logits = logits_of(self.teacher(x)).float()
-            kd = F.kl_div(
-                F.log_softmax(logits.float() / t, -1).flatten(0, 1),
-                F.log_softmax(teacher_logits / t, -1).flatten(0, 1), log_target=True, reduction="batchmean",
-            ) * (t * t)
-            loss = (1 - self.distillation_weight) * ce + self.distillation_weight * kd
-            self.log("train/kd", kd, prog_bar=False)
+        ce = F.cross_entropy(self(x).float().flatten(0, 1), y.flatten())
         self.log("train/loss", ce, prog_bar=True)
-        return loss
+        return ce
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
@@ -196,9 +158,6 @@ class TinyStoriesLM(CausalLMModule):
 
     def _checkpoint_path(self) -> Path:
         return Path(self.checkpoint_file) if self.checkpoint_file is not None else resolve_data_dir() / "stories260K.bin"
-
-    def _make_teacher(self) -> nn.Module:
-        return load_llama2c_checkpoint(self._checkpoint_path())
 
 
 _HF_DEFAULT_CONFIG: dict[str, Any] = {

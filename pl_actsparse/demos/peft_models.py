@@ -32,7 +32,7 @@ class LoRATinyStoriesLM(TinyStoriesLM):
         lora: ``peft.LoraConfig`` fields, over :data:`DEFAULT_LORA` (e.g. ``{"r": 8, "use_dora": true}``).
         checkpoint: a llama2.c ``.bin`` file (default: the shipped stories260K).
         **kwargs: training options of :class:`~pl_actsparse.demos.lightning_models.CausalLMModule`
-            (learning rate, schedule, distillation from the dense model).
+            (learning rate, schedule).
 
     Raises:
         ImportError: peft is not installed.

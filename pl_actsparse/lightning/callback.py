@@ -29,6 +29,7 @@ from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidScopeError, InvalidTargetError
 from pl_actsparse.lightning import neighbours, spawn
 from pl_actsparse.lightning.calibration_data import CalibrationData, config_error
+from pl_actsparse.lightning.distillation import DistillationConfig, Distiller
 from pl_actsparse.lightning.schedule import SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
 from pl_actsparse.measure.report import SparsityReport, achieved_table
@@ -165,6 +166,8 @@ class ActivationSparsityCallback(Callback):
         log_per_layer: also log per-layer sparsity, threshold and per-token spread.
         log_prefix: the namespace of every logged key (``actsparse/val/sparsity`` ...).
         verbose: log the calibration and achieved-sparsity tables (rank 0, logger ``pl_actsparse``, level INFO).
+        distillation: self-distillation from the dense model during fit (:mod:`pl_actsparse.lightning.distillation`):
+            a weight (``0.9``: ``0.1 * loss + 0.9 * KL``), a mapping of its fields (YAML) or a ``DistillationConfig``.
 
     Raises:
         CallbackConfigurationError: an argument is invalid, or, at ``setup``, the run cannot work as configured.
@@ -194,6 +197,7 @@ class ActivationSparsityCallback(Callback):
         log_per_layer: bool = True,
         log_prefix: str = "actsparse",
         verbose: bool = True,
+        distillation: float | Mapping[str, Any] | DistillationConfig | None = None,
     ) -> None:
         super().__init__()
         self.targets = _parse_targets(target_sparsity_by_scope, scopes)
@@ -215,6 +219,8 @@ class ActivationSparsityCallback(Callback):
         if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
             raise config_error("log_prefix", f"log_prefix must be a non-empty string without a trailing '/', got {log_prefix!r}")
         self.log_per_layer, self.log_prefix, self.verbose = log_per_layer, log_prefix, verbose
+        config = _tag("distillation", DistillationConfig.from_value, distillation)
+        self.distiller = None if config is None else Distiller(config, f"{log_prefix}/train/distill_loss")
 
         # -- run state (checkpointed through state_dict)
         self.history: list[dict[str, Any]] = []
@@ -288,25 +294,18 @@ class ActivationSparsityCallback(Callback):
         values = before.compute() if before is not None else {}  # synced over ranks like the calibration statistics
         before_value = float(values["sparsity"]) if before is not None else None
         entry = {
-            "reason": reason,
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "source": where,
-            "elements": sum(r.calibration_elements for r in report.layers),
-            "sparsity_before": before_value,
-            "sparsity_after": after,
+            "reason": reason, "epoch": trainer.current_epoch, "step": trainer.global_step, "source": where,
+            "elements": sum(r.calibration_elements for r in report.layers), "sparsity_before": before_value, "sparsity_after": after,
             "sparsity_before_by_layer": {n: float(values[f"{n}/sparsity"]) for n in calibrated_before},
             "sparsity_after_by_layer": {r.name: r.calibration_sparsity for r in report.layers},
-            "target": report.mean_target,
-            "thresholds": {r.name: r.threshold for r in report.layers},
+            "target": report.mean_target, "thresholds": {r.name: r.threshold for r in report.layers},
         }
         self.history.append(entry)
         self.last_calibration_step = trainer.global_step
         self._calibrated_fingerprint = _fingerprint(module)
         self._calibrated_thresholds = {n: m.activation_threshold.detach().clone() for n, m in sparsified_layers(module)}
-        logs = {"calibration/sparsity": after, "calibration/target": entry["target"], "calibration/count": float(len(self.history))}
-        if before_value is not None:
-            logs["calibration/sparsity_before"] = before_value
+        logs = {"calibration/sparsity": after, "calibration/target": entry["target"], "calibration/count": float(len(self.history)),
+                "calibration/sparsity_before": before_value}
         self._pending_logs.update({f"{self.log_prefix}/{k}": float(v) for k, v in logs.items() if v is not None})
         if self.verbose:
             change = "" if before_value is None else f"; achieved sparsity on this data before {before_value:.4f} -> after {after:.4f}"
@@ -384,9 +383,7 @@ class ActivationSparsityCallback(Callback):
         self._observing[stage] = stack
 
     def _stop_tracking(self, stage: str) -> None:
-        stack = self._observing.pop(stage, None)
-        if stack is not None:
-            stack.close()
+        self._observing.pop(stage, contextlib.ExitStack()).close()
 
     def _stop_and_log(self, stage: str, trainer: Trainer, pl_module: LightningModule, on_step: bool = False) -> None:
         if stage not in self._observing:
@@ -424,8 +421,10 @@ class ActivationSparsityCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Calibrate unless the model is calibrated (a resumed fit restored thresholds with the weights)."""
+        """Calibrate unless the model is calibrated (a resumed fit restored thresholds with the weights); attach distillation."""
         self._ensure_calibrated(trainer, pl_module, "start of fit")
+        if self.distiller is not None and self._layer_names and self.finished is None:
+            self.distiller.attach(trainer, pl_module, self.sparsified_module(pl_module))
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -556,6 +555,7 @@ class ActivationSparsityCallback(Callback):
         for name in list(self._observing):
             self._stop_tracking(name)
         neighbours.release(trainer)
+        self.distiller is not None and self.distiller.detach()
 
     # -- checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
 

@@ -103,7 +103,7 @@ def test_recipe_b_finetune_then_test_from_checkpoint(tmp_path):
     assert cb.history[1]["sparsity_before"] is not None
     assert {sparsifier_state(m).gradient_mode.value for _, m in sparsified_layers(cli.model)} == {"ste"}
     metrics = cli.trainer.callback_metrics
-    assert "train/kd" in metrics and "actsparse/train/sparsity" in metrics and "actsparse/val/sparsity" in metrics
+    assert "actsparse/train/distill_loss" in metrics and "actsparse/train/sparsity" in metrics and "actsparse/val/sparsity" in metrics
     last = next(tmp_path.rglob("last.ckpt"))
     thresholds = _thresholds(cli.model)
 
