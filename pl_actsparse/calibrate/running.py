@@ -52,11 +52,11 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
 
 
 def model_device(model: nn.Module) -> torch.device | None:
-    """The device of the model's first parameter (or buffer); ``None`` for a model with neither."""
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
+    """The device of the model's first parameter (or buffer) that is not on ``meta`` (accelerate keeps offloaded
+    weights there and its hooks move inputs to their execution device); ``None`` for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "meta":
+            return t.device
     return None
 
 

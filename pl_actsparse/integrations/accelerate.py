@@ -110,18 +110,7 @@ class _SharedOnload:
 def shared_offload_hooks(model: nn.Module) -> Iterator[None]:
     """While open, every offloaded module's accelerate hook tolerates concurrent calls (see
     :class:`_SharedOnload`); the hooks are put back on exit. A no-op for a model without offloaded modules.
-
-    Raises :class:`~pl_actsparse.errors.UnsupportedModuleError` when the model's first parameter is offloaded
-    (``cpu_offload(model)``): calibration moves its inputs to the device of the first parameter, ``meta`` here.
     """
-    first = next(model.parameters(), None)
-    if first is not None and first.device.type == "meta" and any(is_offloaded(m) for m in model.modules()):
-        from pl_actsparse.errors import UnsupportedModuleError
-
-        raise UnsupportedModuleError(
-            f"{type(model).__name__}'s first parameter is offloaded by accelerate (on 'meta'), so calibration "
-            "cannot tell where its inputs go: calibrate before cpu_offload(), or dispatch with a device_map that "
-            "keeps the first module (the embedding) in memory; inference and loading thresholds work offloaded")
     swapped = [(m, m.__dict__["_hf_hook"]) for m in model.modules() if is_offloaded(m)]
     for m, hook in swapped:
         m.__dict__["_hf_hook"] = _SharedOnload(hook)
