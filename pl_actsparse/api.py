@@ -304,7 +304,12 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
     modules = dict(model.named_modules())
     with activation_sparsity_disabled(model), preserved_modes(model):
         model.eval()
-        curves = fisher_curves(model, [(n, modules[n]) for n in plan.targets], items, next_token_nll, config)
+        try:
+            curves = fisher_curves(model, [(n, modules[n]) for n in plan.targets], items, next_token_nll, config)
+        except InvalidOptionError as exc:  # the next-token loss needs a causal LM on token ids
+            raise InvalidOptionError(f"allocation='auto' scores layers with the next-token loss of a causal LM called on token "
+                                     f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or choose "
+                                     "levels with pl_actsparse.tuning.allocation.allocate_sparsity(..., loss_fn=...)") from None
     levels: dict[str, float] = {}
     by_scope: dict[Any, list[str]] = {}
     for n in plan.targets:

@@ -129,8 +129,7 @@ class ActivationSparsityCallback(Callback):
             scopes=[{"patterns": [".*up_proj", ".*gate_proj"], "sparsity": 0.3},
                     {"patterns": [".*down_proj"], "sparsity": 0.5}],
             calibration_source="calibration_dataloader",   # a LightningDataModule method
-            calibration={"num_batches": 16, "offload": "cpu"},
-            recalibrate_every_n_epochs=1,
+            calibration={"num_batches": 16, "offload": "cpu"}, recalibrate_every_n_epochs=1,
         )
 
     Args:
@@ -153,8 +152,8 @@ class ActivationSparsityCallback(Callback):
             (YAML), a method name or None (the defaults). ``num_batches`` takes the first N batches of the source
             (required for the stage dataloaders), split round-robin over DDP ranks with the statistics summed, so
             the thresholds do not depend on the number of processes. ``progress`` shows a bar on rank 0.
-        recalibrate_every_n_epochs: during fit, recalibrate at the end of every N-th training epoch (before
-            that epoch's validation), bringing achieved sparsity back to target as the weights drift.
+        recalibrate_every_n_epochs: during fit, recalibrate at the end of every N-th training epoch (before its
+            validation).
         recalibrate_every_n_steps: during fit, recalibrate every N optimizer steps.
         schedule: ``"constant"`` (the targets from the start) or a :class:`~pl_actsparse.lightning.schedule.SparsitySchedule`,
             e.g. ``LinearRamp(initial_sparsity=0.1, epochs=4)``. Each change of target recalibrates.
@@ -163,8 +162,8 @@ class ActivationSparsityCallback(Callback):
             callback changed them since the last calibration, e.g. ``WeightAveraging``; then freeze), or ``"remove"`` them.
         track: the stages whose achieved sparsity is measured and logged (``True``: train, val and test).
             Training batches are measured on logging steps only (``Trainer(log_every_n_steps=...)``).
-        log_per_layer: also log per-layer sparsity, threshold and per-token spread.
-        log_prefix: the namespace of every logged key (``actsparse/val/sparsity`` ...).
+        log_per_layer, log_prefix: also log per-layer sparsity, threshold and per-token spread; the namespace of
+            every logged key (``actsparse/val/sparsity`` ...).
         verbose: log the calibration and achieved-sparsity tables (rank 0, logger ``pl_actsparse``, level INFO).
         distillation: self-distillation from the dense model during fit (:mod:`pl_actsparse.lightning.distillation`):
             a weight (``0.9``: ``0.1 * loss + 0.9 * KL``), a mapping of its fields (YAML) or a ``DistillationConfig``.
@@ -205,8 +204,7 @@ class ActivationSparsityCallback(Callback):
         if submodule is not None and (not isinstance(submodule, str) or not all(p.isidentifier() for p in submodule.split("."))):
             raise config_error("submodule", f"submodule must be a dotted attribute path such as 'model', got {submodule!r}")
         self.submodule = submodule
-        config = _parse_calibration(calibration)
-        self.calibration_data = CalibrationData(calibration_dataloader, calibration_source, input_key, config)
+        self.calibration_data = CalibrationData(calibration_dataloader, calibration_source, input_key, _parse_calibration(calibration))
         self.recalibrate_every_n_epochs = _positive(recalibrate_every_n_epochs, "recalibrate_every_n_epochs")
         self.recalibrate_every_n_steps = _positive(recalibrate_every_n_steps, "recalibrate_every_n_steps")
         self.schedule = _parse_schedule(schedule)
@@ -219,8 +217,8 @@ class ActivationSparsityCallback(Callback):
         if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
             raise config_error("log_prefix", f"log_prefix must be a non-empty string without a trailing '/', got {log_prefix!r}")
         self.log_per_layer, self.log_prefix, self.verbose = log_per_layer, log_prefix, verbose
-        config = _tag("distillation", DistillationConfig.from_value, distillation)
-        self.distiller = None if config is None else Distiller(config, f"{log_prefix}/train/distill_loss")
+        distill = _tag("distillation", DistillationConfig.from_value, distillation)
+        self.distiller = None if distill is None else Distiller(distill, f"{log_prefix}/train/distill_loss")
 
         # -- run state (checkpointed through state_dict)
         self.history: list[dict[str, Any]] = []
@@ -556,6 +554,10 @@ class ActivationSparsityCallback(Callback):
             self._stop_tracking(name)
         neighbours.release(trainer)
         self.distiller is not None and self.distiller.detach()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "exception")  # Lightning calls no teardown after a failed run
 
     # -- checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
 

@@ -261,3 +261,27 @@ def test_initial_teacher_keeps_the_weights_of_the_start_of_fit(teacher):
         with activation_sparsity_disabled(dense_source):
             expected = distillation_loss(student, dense_source(x))
     assert float(trainer.callback_metrics["actsparse/train/distill_loss"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_a_failed_fit_leaves_no_distillation_behind():
+    """Lightning calls no callback teardown when fit raises: on_exception unwraps training_step and removes the
+    teacher hook, so a later fit without the callback trains on the module's own loss."""
+
+    class Flaky(UserLM):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("interrupted at step 1")
+            return super().training_step(batch, batch_idx)
+
+    data = token_batches(3, batch=2, seq=12)
+    module = Flaky(tiny_llama(), lr=0.0)
+    with pytest.raises(RuntimeError, match="interrupted at step 1"):
+        _fit(module, data, _callback(0.9), steps=3)
+    assert "training_step" not in module.__dict__ and not module.model._forward_hooks
+    seen = Returned()
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[seen]).fit(module, train_dataloaders=DataLoader(data[:1], batch_size=None))
+    with torch.no_grad():
+        logits = module.model(data[0])
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), data[0][:, 1:].flatten())
+    assert seen.losses[0] == pytest.approx(float(ce), rel=1e-5)  # the user's loss, no KL mixed in
