@@ -107,8 +107,7 @@ class SparseInferenceLinear(nn.Module):
             self.register_parameter("weight", None)
         self.register_buffer(THRESHOLD_BUFFER, torch.tensor(float(threshold), device=device))
         #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
-        self.sparsity_state = {"target": 0.0, "calibrated": math.isfinite(float(threshold)), "gradient_mode": "masked",
-                               "calibration_sparsity": None, "calibration_elements": 0}
+        self.sparsity_state = plain_exported_state(math.isfinite(float(threshold)))
         nn.init.normal_(self.weight_t, std=in_features**-0.5)
         if self.weight is not None:
             with torch.no_grad():
@@ -409,9 +408,12 @@ def exported_state(linear: nn.Module) -> dict[str, Any]:
     if state is not None and hasattr(state, "target"):
         return decode_sparsifier_state(encode_sparsifier_state(state))
     t = linear._buffers.get(THRESHOLD_BUFFER)
-    calibrated = t is not None and bool(torch.isfinite(t).all())
-    return {"target": 0.0, "calibrated": calibrated, "gradient_mode": "masked",
-            "calibration_sparsity": None, "calibration_elements": 0}
+    return plain_exported_state(t is not None and bool(torch.isfinite(t).all()))
+
+
+def plain_exported_state(calibrated: bool = False) -> dict[str, Any]:
+    """The state of an exported layer with no sparsifier state of its own: no target, no calibration figures."""
+    return {"target": 0.0, "calibrated": calibrated, "gradient_mode": "masked", "calibration_sparsity": None, "calibration_elements": 0}
 
 
 @torch.library.custom_op("pl_actsparse::sparse_inference_linear", mutates_args=())

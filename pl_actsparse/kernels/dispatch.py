@@ -254,17 +254,13 @@ def _race(a: Callable[[], object], b: Callable[[], object], rounds: int, timer: 
     """Best times of ``a`` and ``b`` over ``rounds`` interleaved rounds (alternating order), after a warm-up."""
     a()
     b()
-    ta = tb = math.inf
+    best = [math.inf, math.inf]
     for r in range(rounds):
-        for name, fn in (("a", a), ("b", b)) if r % 2 == 0 else (("b", b), ("a", a)):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
             t0 = timer()
-            fn()
-            dt = timer() - t0
-            if name == "a":
-                ta = min(ta, dt)
-            else:
-                tb = min(tb, dt)
-    return ta, tb
+            (a, b)[i]()
+            best[i] = min(best[i], timer() - t0)
+    return best[0], best[1]
 
 
 def _busy_ticks() -> tuple[int, int]:

@@ -195,14 +195,8 @@ class SparsityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: ``{"layers": [...], "skipped": [...], "ignored": [...], "summary": {...}}``."""
-        rows = []
-        for r in self.layers:
-            d = asdict(r)
-            d["achieved"] = r.achieved
-            d["bytes_skipped"] = r.bytes_skipped
-            rows.append(d)
         return {
-            "layers": rows,
+            "layers": [asdict(r) | {"achieved": r.achieved, "bytes_skipped": r.bytes_skipped} for r in self.layers],
             "skipped": [{"name": n, "reason": why} for n, why in self.skipped],
             "ignored": list(self.ignored),
             "summary": self.summary(),
@@ -216,25 +210,23 @@ class SparsityReport:
     _HEAD = ["layer", "group", "target", "threshold", "calib.", "error", "data", "token p5-p95", "in->out", "KiB", "KiB skipped", "mode"]
 
     def _cells(self) -> list[list[str]]:
-        out = []
-        for r in self.layers:
-            out.append(
-                [
-                    r.name,
-                    r.group or "",
-                    f"{r.target:.4f}",
-                    _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
-                    "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
-                    "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
-                    "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
-                    "-" if r.token_p5 is None else f"{r.token_p5:.3f}-{r.token_p95:.3f}",
-                    f"{r.in_features}->{r.out_features}",
-                    f"{r.weight_bytes / 1024:.1f}",
-                    f"{r.bytes_skipped / 1024:.1f}",
-                    r.mode,
-                ]
-            )
-        return out
+        return [
+            [
+                r.name,
+                r.group or "",
+                f"{r.target:.4f}",
+                _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
+                "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
+                "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
+                "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
+                "-" if r.token_p5 is None else f"{r.token_p5:.3f}-{r.token_p95:.3f}",
+                f"{r.in_features}->{r.out_features}",
+                f"{r.weight_bytes / 1024:.1f}",
+                f"{r.bytes_skipped / 1024:.1f}",
+                r.mode,
+            ]
+            for r in self.layers
+        ]
 
     def _summary_lines(self) -> list[str]:
         mean, err = self.mean_sparsity, self.max_abs_error
