@@ -194,18 +194,15 @@ class SparseInferenceLinear(nn.Module):
                     f"{type(self).__name__}: input dtype {x.dtype} differs from the weight dtype {wdtype}; like "
                     "F.linear, mixed dtypes need torch.autocast or an explicit cast of the input"
                 )
-            # mask in the input's dtype (the sparsified layer's semantics), then a product in the weight's dtype
+            # mask in the input's dtype (the sparsified layer's semantics), then a product in the weight's dtype;
+            # |x| <= 0 zeroes exactly the zeros: the masked input gives the same values, zeros skipped
             x = x.masked_fill(x.abs() <= self.activation_threshold, 0).to(wdtype)
-            y = self._route(x, threshold=self._zero_threshold(x.device))
+            y = self._route(x, threshold=torch.zeros((), device=x.device))
         else:
             y = self._route(x)
         if autocast and y.is_floating_point():
             y = y.to(torch.get_autocast_dtype(dev))
         return y
-
-    def _zero_threshold(self, device: torch.device) -> Tensor:
-        # |x| <= 0 zeroes exactly the zeros: an already masked input gives the same values, zeros skipped.
-        return torch.zeros((), device=device)
 
     def _route(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
         thr = self.activation_threshold if threshold is None else threshold

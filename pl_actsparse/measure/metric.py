@@ -36,14 +36,11 @@ from torchmetrics import Metric
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_nbytes
 from pl_actsparse.core.masking import current_token_mask, select_tokens
 from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, TokenMaskError
+from pl_actsparse.measure.plot import quantile_key
 
 __all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "quantile_from_histogram"]
 
 _LOCK = threading.Lock()  # observers may run in several threads (calibration); module-level so metrics stay picklable
-
-
-def _quantile_key(q: float) -> str:
-    return f"p{100 * q:g}".replace(".", "_")
 
 
 def quantile_from_histogram(values: Tensor, counts: Tensor, q: float, interpolation: str = "lower") -> float:
@@ -286,13 +283,13 @@ class ActivationSparsity(Metric):
         out["weighted_sparsity"] = (w * per_layer[seen]).sum() / w.sum() if float(w.sum()) > 0 else nan
         t64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         for q, v in zip(self.quantiles, self.token_quantiles(self.quantiles)):
-            out[f"token_sparsity_{_quantile_key(q)}"] = t64(v)
+            out[f"token_sparsity_{quantile_key(q)}"] = t64(v)
         thresholds = self.threshold.double().cpu()
         for i, name in enumerate(self.layers):
             out[f"{name}/sparsity"] = per_layer[i]
             out[f"{name}/threshold"] = thresholds[i] if bool(seen[i]) else nan
             for q, v in zip(self.quantiles, self.token_quantiles(self.quantiles, name)):
-                out[f"{name}/token_sparsity_{_quantile_key(q)}"] = t64(v)
+                out[f"{name}/token_sparsity_{quantile_key(q)}"] = t64(v)
         return out
 
     @contextlib.contextmanager

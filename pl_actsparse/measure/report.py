@@ -48,6 +48,7 @@ from torch import nn
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
 
 __all__ = [
@@ -590,19 +591,15 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
     transform = transform_fn or default_transform_fn
     device = model_device(model)
     to_device = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
-    was_training = model.training
-    model.eval()
     tokens = 0
-    try:
-        with SparsityCounter(model) as counter, torch.no_grad():
-            for item in items:
-                inputs = apply_to_collection(transform(item), torch.Tensor, to_device)
-                mask = mask_fn(item) if mask_fn is not None else None
-                with _token_mask_context(mask):
-                    call_model(model, inputs)
-                tokens += _token_count(inputs, mask)
-    finally:
-        model.train(was_training)
+    with preserved_modes(model), SparsityCounter(model) as counter, torch.no_grad():
+        model.eval()
+        for item in items:
+            inputs = apply_to_collection(transform(item), torch.Tensor, to_device)
+            mask = mask_fn(item) if mask_fn is not None else None
+            with _token_mask_context(mask):
+                call_model(model, inputs)
+            tokens += _token_count(inputs, mask)
     sparsity = counter.sparsity()
     spread = counter.token_quantiles((0.05, 0.95))
     for r in report.layers:
