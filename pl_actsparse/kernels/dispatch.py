@@ -406,13 +406,11 @@ def cpu_profile(dtype: torch.dtype, backend: Optional[str] = None, *, refresh: b
             profile = None if refresh else _profiles.get(mem_key)
             if profile is None and not refresh:
                 cached = _read_cache().get(key, {}).get("profiles", {}).get(f"{backend}/{_dtype_name(dtype)}")
-                if isinstance(cached, dict):
-                    try:
-                        profile = CpuProfile(**{**cached, "source": "cache"})
-                    except TypeError:
-                        profile = None
-                    if profile is not None and profile.dense_method not in DENSE_METHODS:
-                        profile = None
+                try:  # an entry that is no dict, has other fields or an unknown method is measured again
+                    profile = CpuProfile(**{**cached, "source": "cache"})
+                    profile = profile if profile.dense_method in DENSE_METHODS else None
+                except TypeError:
+                    profile = None
             if profile is None:
                 profile = measure_cpu_profile(dtype, backend)
                 log.info("pl_actsparse: measured the CPU crossover for %s/%s: dense=%s, sparse up to %d tokens",
