@@ -447,13 +447,6 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     )
 
 
-def _load_state_dict(source: Any, prefix: str) -> tuple[Mapping[str, Any], str]:
-    from pl_actsparse.core.checkpoint import read_state_dict
-
-    label = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    return read_state_dict(source, prefix=prefix), label
-
-
 _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
@@ -567,7 +560,10 @@ def model_report(
             f"data can only be measured on a live model, not on {type(model_or_checkpoint).__name__} "
             f"{model_or_checkpoint!r:.80}; load the checkpoint into the model first"
         )
-    sd, label = _load_state_dict(model_or_checkpoint, prefix)
+    from pl_actsparse.core.checkpoint import read_state_dict
+
+    sd = read_state_dict(model_or_checkpoint, prefix=prefix)
+    label = str(model_or_checkpoint) if isinstance(model_or_checkpoint, (str, os.PathLike)) else "state dict"
     rows = _rows_from_state_dict(sd)
     if not rows:
         raise NotSparsifiedError(f"{label} holds no '{THRESHOLD_BUFFER}' entry, so no sparsified layer")
