@@ -229,19 +229,11 @@ def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
     return itertools.chain([first], iterator)
 
 
-# snapshot/restore of layer state around a change that may fail: one implementation, in core.layer
-_snapshot, _restore = snapshot_layers, restore_layers
-
-
-def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(model, ...)`` (a calibration) with every submodule's ``training`` flag put back on exit and
-    accelerate's offload hooks safe for several batches in flight."""
-
-    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with preserved_modes(model), shared_offload_hooks(model):
-            return fn(model, *args, **kwargs)
-
-    return run
+def _guarded_calibrate(model: nn.Module, modules: dict[str, nn.Module], names: Iterable[str], items: Iterable[Any], config: CalibrationConfig) -> dict[str, LayerStatistics]:
+    """Calibrate the layers ``names`` (in eval(): frozen submodules stay so), with every submodule's
+    ``training`` flag put back on exit and accelerate's offload hooks safe for several batches in flight."""
+    with preserved_modes(model), shared_offload_hooks(model):
+        return _calibrate(model, [(n, modules[n]) for n in names], items, config)
 
 
 def calibrate_activation_sparsity(
@@ -271,16 +263,11 @@ def calibrate_activation_sparsity(
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
     items = _peek(dataset)
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
-    snaps = _snapshot(modules, names)
+    snaps = snapshot_layers(modules, names)
     try:
-        stats = _guarded(_calibrate)(  # calibration runs in eval(): frozen submodules stay so
-            model,
-            [(n, modules[n]) for n in names],
-            items,
-            config,
-        )
+        stats = _guarded_calibrate(model, modules, names, items, config)
     except BaseException:
-        _restore(modules, snaps)
+        restore_layers(modules, snaps)
         raise
     _record(modules, stats)
     report = activation_sparsity_report(model)
@@ -402,21 +389,16 @@ def sparsify_activations(
     if allocation != "uniform":
         items = list(itertools.islice(items, config.num_batches))  # read twice: the curves, then calibration
         plan.targets.update(_allocated(model, plan, items, config))
-    snaps = _snapshot(modules, plan.targets)
+    snaps = snapshot_layers(modules, plan.targets)
     previous_plan = model.__dict__.get("_actsparse_plan")
     try:
         for name, target in plan.targets.items():
             install_sparsifier(modules[name], target, mode)
         sync_adapter_hooks(model)
         model.__dict__["_actsparse_plan"] = plan
-        stats = _guarded(_calibrate)(  # calibration runs in eval(): frozen submodules stay so
-            model,
-            [(n, modules[n]) for n in plan.targets],
-            items,
-            config,
-        )
+        stats = _guarded_calibrate(model, modules, plan.targets, items, config)
     except BaseException:
-        _restore(modules, snaps)
+        restore_layers(modules, snaps)
         sync_adapter_hooks(model)
         if previous_plan is None:
             model.__dict__.pop("_actsparse_plan", None)
@@ -578,14 +560,14 @@ def load_activation_sparsity(
             f"the state dict does not fit {type(model).__name__} (nothing was loaded): " + "; ".join(problems)
             + ". Pass strict=False to load what matches"
         )
-    snaps = _snapshot(modules, names)
+    snaps = snapshot_layers(modules, names)
     try:
         install_sparsifiers_from_state_dict(model, sd)
         model.load_state_dict(loadable, strict=False)
         if problems:
             warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
     except BaseException:
-        _restore(modules, snaps)
+        restore_layers(modules, snaps)
         raise
     finally:
         sync_adapter_hooks(model)

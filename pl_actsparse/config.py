@@ -86,9 +86,8 @@ class CalibrationConfig:
             raise InvalidOptionError(f"CalibrationConfig.transform_fn must be callable or None, got {self.transform_fn!r}")
         if not (self.token_mask is None or self.token_mask == "auto" or callable(self.token_mask)):
             raise TokenMaskError(f"CalibrationConfig.token_mask must be 'auto', None or a callable, got {self.token_mask!r}")
-        for name in ("progress",):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidOptionError(f"CalibrationConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.progress, bool):
+            raise InvalidOptionError(f"CalibrationConfig.progress must be a bool, got {self.progress!r}")
         if self.sync_across_processes is not None and not isinstance(self.sync_across_processes, bool):
             raise InvalidOptionError(f"CalibrationConfig.sync_across_processes must be a bool or None, got {self.sync_across_processes!r}")
 

@@ -83,7 +83,7 @@ class _FixedPoint:
 
     tried: dict = field(default_factory=dict)
 
-    def next_key(self, key: int, optimum_key: int) -> int | None:
+    def next_key(self, optimum_key: int) -> int | None:
         """The next threshold to try, or ``None`` when no exact fixed point is left to find."""
         too_low = [k for k, (z, best, _) in self.tried.items() if z < best]
         too_high = [k for k, (z, best, _) in self.tried.items() if z > best]
@@ -173,7 +173,7 @@ def solve_repeated(
             if settled[id(s)]:
                 jumped.discard(id(s))
                 continue
-            nxt = fp.next_key(key, _threshold_key(best_tau, dtype))
+            nxt = fp.next_key(_threshold_key(best_tau, dtype))
             if nxt is None:  # the count jumps over the target between adjacent thresholds: take the closer
                 nxt = fp.closest(s.target)
                 settled[id(s)] = nxt == key

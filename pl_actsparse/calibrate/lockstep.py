@@ -34,6 +34,7 @@ from pl_actsparse.calibrate.running import (
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import SparsifierMode
 from pl_actsparse.core.masking import current_token_mask, resolve_mask_fn, select_tokens
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import EmptyDatasetError, LayerNotCalledError, TokenMaskError
 
 __all__ = ["calibrate_layers", "CalibrationSession"]
@@ -216,7 +217,6 @@ def _thread_context() -> Callable[[], Any]:
     return enter
 
 
-
 def calibrate_layers(
     model: nn.Module,
     layers: Sequence[tuple[str, nn.Module]],
@@ -250,8 +250,6 @@ def calibrate_layers(
     slots = [LayerSlot(*order[id(m)], m, m._actsparse.target) for _, m in layers]
     previous_modes = {id(s.module): s.module._actsparse.mode for s in slots}
     enter_context = _thread_context()
-    was_training = model.training
-    model.eval()
 
     def work(batch: Any) -> None:
         contexts = enter_context()
@@ -269,14 +267,14 @@ def calibrate_layers(
 
     bar = Progress("calibrating activation thresholds", len(slots) * len(groups), config.progress and dist.is_main)
     try:
-        with bar, compilation_disabled():
+        with preserved_modes(model), bar, compilation_disabled():
+            model.eval()
             run_pass(bar)
             flags = dist.sum_(torch.tensor([int(s.repeated) for s in slots], dtype=torch.int64))
             repeated = [s for s, f in zip(slots, flags.tolist()) if f]
             if repeated:
                 solve_repeated(slots, repeated, run_pass, bar, dist, max_rounds, len(groups))
     finally:
-        model.train(was_training)
         for s in slots:
             s.pinned, s.observed, s.module._actsparse.session = False, [], None
             s.module._actsparse.mode = SparsifierMode.SPARSIFYING if s.stats is not None else previous_modes[id(s.module)]

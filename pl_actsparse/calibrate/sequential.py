@@ -42,6 +42,7 @@ from pl_actsparse.calibrate.running import (
 )
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.masking import resolve_mask_fn
+from pl_actsparse.core.module_state import preserved_modes
 
 __all__ = ["calibrate_sequential"]
 
@@ -88,7 +89,6 @@ def calibrate_sequential(
                          "the model keeps per-forward global state (NNCF's function hooks)")
     block_list = list(model.get_submodule(list_name))
     by_block, outside = _split(block_list, list_name, layers)
-    training = {id(m): m.training for m in model.modules()}
     mask_fn = resolve_mask_fn(config.token_mask)
     masks = [mask_of(mask_fn, b) for b in batches]
     cache = BoundaryCache(len(batches), model_device(model), config.offload, offload_dir)
@@ -97,8 +97,8 @@ def calibrate_sequential(
     stats: dict[str, LayerStatistics] = {}
     plans: dict[tuple, BlockPlan | str] = {}
     try:
-        model.eval()
-        with Progress("calibrating block by block", len(block_list) + 2, config.progress and dist.is_main) as bar:
+        with preserved_modes(model), Progress("calibrating block by block", len(block_list) + 2, config.progress and dist.is_main) as bar:
+            model.eval()
             post = _capture(model, stubs, batches, transform, masks, outside, dist, inner, stats)
             where = {None: "with the model", "cpu": "in CPU memory", "disk": "on disk"}[config.offload]
             bar.advance(f"captured the inputs of {len(block_list)} blocks "
@@ -109,12 +109,11 @@ def calibrate_sequential(
             if post:
                 stats.update(_tail(model, stubs, batches, transform, masks, post, inner))
             bar.advance("after the blocks")
-    except _Fallback as exc:
-        _restore_training(model, training)
-        return _fallback(model, layers, batches, config, str(exc))
+    except _Fallback as exc:  # the modes are back: lockstep calibration from the model as it was given
+        with preserved_modes(model):
+            return _fallback(model, layers, batches, config, str(exc))
     finally:
         cache.close()
-        _restore_training(model, training)
     return {n: stats[n] for n in names}
 
 
@@ -241,12 +240,6 @@ def _leveled(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, mas
         log.warning("block %d is calibrated with all batches in flight (lockstep) instead of level by level: %s", j, got.reason)
         return None
     return got
-
-
-def _restore_training(model: nn.Module, training: dict[int, bool]) -> None:
-    for m in model.modules():
-        if id(m) in training:
-            m.training = training[id(m)]
 
 
 def _lockstep(runner: nn.Module, layers: Layers, count: int, config: CalibrationConfig) -> dict[str, LayerStatistics]:

@@ -561,14 +561,11 @@ class _LayerSnapshot:
 def snapshot_layers(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, _LayerSnapshot]:
     """What :func:`restore_layers` needs to put ``names`` back: each layer's threshold and sparsifier state, or
     that it was not sparsified. ``modules`` is ``dict(model.named_modules())``."""
-    snaps: dict[str, _LayerSnapshot] = {}
-    for n in names:
-        m = modules[n]
-        if is_sparsified(m):
-            snaps[n] = _LayerSnapshot(True, m.activation_threshold.detach().clone(), m.get_extra_state())
-        else:
-            snaps[n] = _LayerSnapshot(False)
-    return snaps
+    return {
+        n: _LayerSnapshot(True, modules[n].activation_threshold.detach().clone(), modules[n].get_extra_state())
+        if is_sparsified(modules[n]) else _LayerSnapshot(False)
+        for n in names
+    }
 
 
 def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, _LayerSnapshot]) -> None:
@@ -578,16 +575,15 @@ def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, _LayerSnapsho
         m = modules[n]
         if not snap.was_sparsified:
             uninstall_sparsifier(m)
-        elif is_sparsified(m):
-            if m.activation_threshold.shape == snap.threshold.shape:
-                m.activation_threshold.copy_(snap.threshold)
-            else:  # a per-channel threshold replaced a scalar one, or back
-                m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
-            m.set_extra_state(snap.extra)
-        else:  # removed since: install again, as it was
+            continue
+        removed = not is_sparsified(m)
+        if removed:  # removed since: install again, as it was
             install_sparsifier(m, decode_sparsifier_state(snap.extra)["target"])
+        if removed or m.activation_threshold.shape != snap.threshold.shape:  # or per-channel <-> scalar since
             m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
-            m.set_extra_state(snap.extra)
+        else:
+            m.activation_threshold.copy_(snap.threshold)
+        m.set_extra_state(snap.extra)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,10 @@ from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 __all__ = ["main", "sweep_main", "report_main"]
 
 
-def _sweep_parser(prog: str) -> argparse.ArgumentParser:
+def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.demos sweep") -> "SweepResult":  # noqa: F821
+    """The sweep demo (see ``--help``); returns the :class:`~pl_actsparse.tuning.sweep.SweepResult`."""
+    from pl_actsparse.tuning.sweep import perplexity_metric, sweep_sparsity
+
     p = argparse.ArgumentParser(
         prog=prog,
         description="Perplexity of the shipped stories260K model at several activation-sparsity targets, "
@@ -49,14 +52,7 @@ def _sweep_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--json", default="sweep.json", help="output JSON path ('-' for stdout)")
     p.add_argument("--plot", default="sweep.png", help="output PNG path ('' to skip)")
     p.add_argument("--threads", type=int, default=None)
-    return p
-
-
-def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_actsparse.demos sweep") -> "SweepResult":  # noqa: F821
-    """The sweep demo (see ``--help``); returns the :class:`~pl_actsparse.tuning.sweep.SweepResult`."""
-    from pl_actsparse.tuning.sweep import perplexity_metric, sweep_sparsity
-
-    args = _sweep_parser(prog).parse_args(argv)
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_llama2c_checkpoint(args.model, dtype=getattr(torch, args.dtype))

@@ -344,7 +344,6 @@ class Llama2cModel(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             out = [input_ids]
             logits = self(input_ids, cache=cache, start_pos=0)[:, -1]
-            pos = T
             for step in range(n):
                 nxt = logits.argmax(-1)
                 out.append(nxt[:, None])
@@ -354,14 +353,21 @@ class Llama2cModel(nn.Module):
                         break
                 if step == n - 1:
                     break
-                logits = self(nxt[:, None], cache=cache, start_pos=pos)[:, -1]
-                pos += 1
+                logits = self(nxt[:, None], cache=cache, start_pos=T + step)[:, -1]
             return torch.cat(out, dim=1)
         finally:
             self.train(was_training)
 
 
 # --------------------------------------------------------------------------- checkpoint I/O
+
+
+#: llama2.c array -> the module of each Llama2cModel layer whose weight it stacks (one slice per layer)
+_LAYER_ARRAYS = {
+    "rms_att": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj", "rms_ffn": "post_attention_layernorm", "w1": "mlp.gate_proj", "w2": "mlp.down_proj",
+    "w3": "mlp.up_proj",
+}
 
 
 def _checked_header(values: Sequence[int], path: Path, version: int, shared: bool | None = None) -> Llama2cConfig:
@@ -473,14 +479,9 @@ def load_llama2c_checkpoint(
         offset += n
 
     sd: dict[str, torch.Tensor] = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["rms_final"]}
-    names = {
-        "input_layernorm.weight": "rms_att", "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk",
-        "self_attn.v_proj.weight": "wv", "self_attn.o_proj.weight": "wo", "post_attention_layernorm.weight": "rms_ffn",
-        "mlp.gate_proj.weight": "w1", "mlp.down_proj.weight": "w2", "mlp.up_proj.weight": "w3",
-    }
     for i in range(config.n_layers):
-        for key, src in names.items():
-            sd[f"layers.{i}.{key}"] = arrays[src][i]
+        for src, module in _LAYER_ARRAYS.items():
+            sd[f"layers.{i}.{module}.weight"] = arrays[src][i]
     sd["lm_head.weight"] = arrays["tok_embeddings"] if config.shared_classifier else arrays["wcls"]
     sd = {k: t.clone() for k, t in sd.items()}  # own storage, not views of the file buffer
 
@@ -502,19 +503,13 @@ def save_llama2c_checkpoint(model: Llama2cModel, path: str | os.PathLike, versio
         raise ValueError(f"version must be 0 or 1, got {version}")
     c = model.config
 
-    def stack(attr: str) -> torch.Tensor:
-        mods = [layer.get_submodule(attr).weight for layer in model.layers]
-        return torch.stack([m.detach().to("cpu", torch.float32) for m in mods])
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32)
 
     cos, sin = _rope_tables(c)
-    arrays = {
-        "tok_embeddings": model.embed_tokens.weight.detach().to("cpu", torch.float32),
-        "rms_att": stack("input_layernorm"), "wq": stack("self_attn.q_proj"), "wk": stack("self_attn.k_proj"),
-        "wv": stack("self_attn.v_proj"), "wo": stack("self_attn.o_proj"), "rms_ffn": stack("post_attention_layernorm"),
-        "w1": stack("mlp.gate_proj"), "w2": stack("mlp.down_proj"), "w3": stack("mlp.up_proj"),
-        "rms_final": model.norm.weight.detach().to("cpu", torch.float32), "freq_cis_real": cos, "freq_cis_imag": sin,
-        "wcls": model.lm_head.weight.detach().to("cpu", torch.float32),
-    }
+    arrays = {src: torch.stack([f32(layer.get_submodule(m).weight) for layer in model.layers]) for src, m in _LAYER_ARRAYS.items()}
+    arrays |= {"tok_embeddings": f32(model.embed_tokens.weight), "rms_final": f32(model.norm.weight),
+               "freq_cis_real": cos, "freq_cis_imag": sin, "wcls": f32(model.lm_head.weight)}
     params = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads)
     if version == 0:
         vocab = c.vocab_size if c.shared_classifier else -c.vocab_size

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
+from pl_actsparse.export.linear import SparseInferenceLinear, plain_exported_state
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
 from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
@@ -70,21 +71,13 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer("bias", None if b is None else b.detach())
         state = getattr(layer, "_actsparse", None) if is_sparsified(layer) else None
         #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
-        self.sparsity_state = (
-            decode_sparsifier_state(encode_sparsifier_state(state)) if state is not None
-            else {"target": 0.0, "calibrated": False, "gradient_mode": "masked",
-                  "calibration_sparsity": None, "calibration_elements": 0}
-        )
+        self.sparsity_state = decode_sparsifier_state(encode_sparsifier_state(state)) if state is not None else plain_exported_state()
         self.train(layer.training)
 
     # -- saving and loading: the Int8WeightLinear layout -------------------------------------------
-    def get_extra_state(self) -> Tensor:
-        """The sparsifier state of the layer this one was exported from, as the float64 tensor of
-        :func:`pl_actsparse.core.layer.encode_sparsifier_state`."""
-        return encode_sparsifier_state(self.sparsity_state)
-
-    def set_extra_state(self, state: Any) -> None:
-        self.sparsity_state = decode_sparsifier_state(state)
+    # the sparsifier state of the layer this one was exported from, saved as the float layer saves it
+    get_extra_state = SparseInferenceLinear.get_extra_state
+    set_extra_state = SparseInferenceLinear.set_extra_state
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # The keys of a sparsified Int8WeightLinear (``qweight`` holds the same [in, out] codes as qweight_t),

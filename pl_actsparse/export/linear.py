@@ -107,8 +107,7 @@ class SparseInferenceLinear(nn.Module):
             self.register_parameter("weight", None)
         self.register_buffer(THRESHOLD_BUFFER, torch.tensor(float(threshold), device=device))
         #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
-        self.sparsity_state = {"target": 0.0, "calibrated": math.isfinite(float(threshold)), "gradient_mode": "masked",
-                               "calibration_sparsity": None, "calibration_elements": 0}
+        self.sparsity_state = plain_exported_state(math.isfinite(float(threshold)))
         nn.init.normal_(self.weight_t, std=in_features**-0.5)
         if self.weight is not None:
             with torch.no_grad():
@@ -195,18 +194,15 @@ class SparseInferenceLinear(nn.Module):
                     f"{type(self).__name__}: input dtype {x.dtype} differs from the weight dtype {wdtype}; like "
                     "F.linear, mixed dtypes need torch.autocast or an explicit cast of the input"
                 )
-            # mask in the input's dtype (the sparsified layer's semantics), then a product in the weight's dtype
+            # mask in the input's dtype (the sparsified layer's semantics), then a product in the weight's dtype;
+            # |x| <= 0 zeroes exactly the zeros: the masked input gives the same values, zeros skipped
             x = x.masked_fill(x.abs() <= self.activation_threshold, 0).to(wdtype)
-            y = self._route(x, threshold=self._zero_threshold(x.device))
+            y = self._route(x, threshold=torch.zeros((), device=x.device))
         else:
             y = self._route(x)
         if autocast and y.is_floating_point():
             y = y.to(torch.get_autocast_dtype(dev))
         return y
-
-    def _zero_threshold(self, device: torch.device) -> Tensor:
-        # |x| <= 0 zeroes exactly the zeros: an already masked input gives the same values, zeros skipped.
-        return torch.zeros((), device=device)
 
     def _route(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
         thr = self.activation_threshold if threshold is None else threshold
@@ -409,9 +405,12 @@ def exported_state(linear: nn.Module) -> dict[str, Any]:
     if state is not None and hasattr(state, "target"):
         return decode_sparsifier_state(encode_sparsifier_state(state))
     t = linear._buffers.get(THRESHOLD_BUFFER)
-    calibrated = t is not None and bool(torch.isfinite(t).all())
-    return {"target": 0.0, "calibrated": calibrated, "gradient_mode": "masked",
-            "calibration_sparsity": None, "calibration_elements": 0}
+    return plain_exported_state(t is not None and bool(torch.isfinite(t).all()))
+
+
+def plain_exported_state(calibrated: bool = False) -> dict[str, Any]:
+    """The state of an exported layer with no sparsifier state of its own: no target, no calibration figures."""
+    return {"target": 0.0, "calibrated": calibrated, "gradient_mode": "masked", "calibration_sparsity": None, "calibration_elements": 0}
 
 
 @torch.library.custom_op("pl_actsparse::sparse_inference_linear", mutates_args=())

@@ -26,6 +26,7 @@ Build ahead of time with ``pl-actsparse build-kernels`` (:func:`pl_actsparse.ker
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -217,9 +218,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
+    except OSError:  # PermissionError: it exists, owned by someone else
         return True
     return True
 
@@ -307,6 +306,7 @@ class _BuildLock:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(slots=True)
 class ExtensionStatus:
     """Whether a C++ kernel is loaded, and why not if it is not.
 
@@ -314,19 +314,10 @@ class ExtensionStatus:
     without building), ``name`` (the keyed extension name) and ``build_directory`` (its cache folder).
     """
 
-    __slots__ = ("loaded", "error", "name", "build_directory")
-
-    def __init__(self, loaded: bool, error: Optional[str], name: str, build_directory: str) -> None:
-        self.loaded = loaded
-        self.error = error
-        self.name = name
-        self.build_directory = build_directory
-
-    def __repr__(self) -> str:
-        return (
-            f"ExtensionStatus(loaded={self.loaded}, error={self.error!r}, name={self.name!r}, "
-            f"build_directory={self.build_directory!r})"
-        )
+    loaded: bool
+    error: Optional[str]
+    name: str
+    build_directory: str
 
 
 class InlineExtension:

@@ -105,19 +105,11 @@ EXTENSION = InlineExtension(
 )
 
 
-def extension_status() -> ExtensionStatus:
-    """Report whether the C++ kernel is loaded (``error`` says why not; ``None`` if not tried yet)."""
-    return EXTENSION.status()
-
-
-def load_extension(build: bool = True) -> bool:
-    """Load the C++ kernel, compiling it first if needed (20-60 s, once per environment).
-
-    Returns ``False`` instead of raising when there is no compiler, the build fails or waits too long for
-    another build, or (with ``build=False``) it has not been built yet; :func:`extension_status` has the
-    reason. See :meth:`pl_actsparse.kernels._extension.InlineExtension.load`.
-    """
-    return EXTENSION.load(build=build)
+#: Whether the C++ kernel is loaded (``error`` says why not; ``None`` if not tried yet), and loading it,
+#: compiling it first if needed (20-60 s, once per environment; ``False`` instead of raising, the status has
+#: the reason): :meth:`~pl_actsparse.kernels._extension.InlineExtension.status` and ``.load`` of EXTENSION.
+extension_status = EXTENSION.status
+load_extension = EXTENSION.load
 
 
 def resolve_backend(build: bool = True) -> str:

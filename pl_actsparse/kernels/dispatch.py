@@ -254,17 +254,13 @@ def _race(a: Callable[[], object], b: Callable[[], object], rounds: int, timer: 
     """Best times of ``a`` and ``b`` over ``rounds`` interleaved rounds (alternating order), after a warm-up."""
     a()
     b()
-    ta = tb = math.inf
+    best = [math.inf, math.inf]
     for r in range(rounds):
-        for name, fn in (("a", a), ("b", b)) if r % 2 == 0 else (("b", b), ("a", a)):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
             t0 = timer()
-            fn()
-            dt = timer() - t0
-            if name == "a":
-                ta = min(ta, dt)
-            else:
-                tb = min(tb, dt)
-    return ta, tb
+            (a, b)[i]()
+            best[i] = min(best[i], timer() - t0)
+    return best[0], best[1]
 
 
 def _busy_ticks() -> tuple[int, int]:
@@ -410,13 +406,11 @@ def cpu_profile(dtype: torch.dtype, backend: Optional[str] = None, *, refresh: b
             profile = None if refresh else _profiles.get(mem_key)
             if profile is None and not refresh:
                 cached = _read_cache().get(key, {}).get("profiles", {}).get(f"{backend}/{_dtype_name(dtype)}")
-                if isinstance(cached, dict):
-                    try:
-                        profile = CpuProfile(**{**cached, "source": "cache"})
-                    except TypeError:
-                        profile = None
-                    if profile is not None and profile.dense_method not in DENSE_METHODS:
-                        profile = None
+                try:  # an entry that is no dict, has other fields or an unknown method is measured again
+                    profile = CpuProfile(**{**cached, "source": "cache"})
+                    profile = profile if profile.dense_method in DENSE_METHODS else None
+                except TypeError:
+                    profile = None
             if profile is None:
                 profile = measure_cpu_profile(dtype, backend)
                 log.info("pl_actsparse: measured the CPU crossover for %s/%s: dense=%s, sparse up to %d tokens",

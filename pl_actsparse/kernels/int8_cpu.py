@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pl_actsparse.kernels._extension import ExtensionStatus, InlineExtension, get_backend
+from pl_actsparse.kernels._extension import InlineExtension, get_backend
 from pl_actsparse.kernels.sparse_op import effective_threshold, zero_small
 
 __all__ = [
@@ -191,7 +191,7 @@ def int8_dense_linear(
 
     The dense path for prefill; the output has ``x``'s dtype.
     """
-    scale_granularity(qweight_t, scale, zero_point)
+    per_row = scale_granularity(qweight_t, scale, zero_point) == "input"  # checks the shapes first
     in_f, out_f = qweight_t.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f).float()
@@ -199,7 +199,6 @@ def int8_dense_linear(
     if bias is not None:
         acc += bias.float()
     rows = max(16, _BLOCK_BYTES // (4 * max(out_f, 1)))
-    per_row = scale_granularity(qweight_t, scale, zero_point) == "input"
     for i0 in range(0, in_f, rows):
         i1 = min(in_f, i0 + rows)
         s = scale[i0:i1] if per_row else scale
@@ -349,18 +348,10 @@ INT8_EXTENSION = InlineExtension(
 )
 
 
-def int8_extension_status() -> ExtensionStatus:
-    """Whether the int8 C++ kernel is loaded (``error`` says why not; ``None`` if not tried yet)."""
-    return INT8_EXTENSION.status()
-
-
-def load_int8_extension(build: bool = True) -> bool:
-    """Load the int8 C++ kernel, compiling it first if needed (once per environment).
-
-    Returns ``False`` instead of raising when it cannot be built or loaded (or, with ``build=False``, is not
-    built yet: a later ``build=True`` call then builds it); :func:`int8_extension_status` has the reason.
-    """
-    return INT8_EXTENSION.load(build=build)
+#: Whether the int8 C++ kernel is loaded, and loading it (compiled once per environment; ``False`` instead of
+#: raising), as :data:`pl_actsparse.kernels.cpu.extension_status` and ``load_extension`` for the float kernel.
+int8_extension_status = INT8_EXTENSION.status
+load_int8_extension = INT8_EXTENSION.load
 
 
 def resolve_int8_backend(build: bool = True) -> str:

@@ -36,14 +36,11 @@ from torchmetrics import Metric
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_nbytes
 from pl_actsparse.core.masking import current_token_mask, select_tokens
 from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, TokenMaskError
+from pl_actsparse.measure.plot import quantile_key
 
 __all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "quantile_from_histogram"]
 
 _LOCK = threading.Lock()  # observers may run in several threads (calibration); module-level so metrics stay picklable
-
-
-def _quantile_key(q: float) -> str:
-    return f"p{100 * q:g}".replace(".", "_")
 
 
 def quantile_from_histogram(values: Tensor, counts: Tensor, q: float, interpolation: str = "lower") -> float:
@@ -233,24 +230,32 @@ class ActivationSparsity(Metric):
             TokenMaskError: no token axis of ``inputs`` matches the mask.
         """
         i = self._index[layer] if isinstance(layer, str) else int(layer)
-        d = self.in_features[i]
-        x = inputs.detach()
-        if x.dim() == 0 or x.shape[-1] != d:
-            raise InvalidOptionError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
+        d, x = self.in_features[i], self._checked_inputs(i, inputs)
         thr = _check_threshold(threshold, d, self.layers[i], x.device)
         mask = token_mask if token_mask is not None else current_token_mask()
         x = select_tokens(x, mask, layer=self.layers[i])
         per_token = (x.abs() <= thr).sum(-1)
-        bins = self.token_counts.shape[1] - 1
-        index = per_token if self.token_bins is None else per_token * self.token_bins // d
-        hist = torch.bincount(index, minlength=bins + 1)
+        hist = torch.bincount(self._bin_index(i, per_token), minlength=self.token_counts.shape[1])
+        with _LOCK:
+            self._add(i, per_token.sum(), x.numel(), hist, thr)
+
+    def _checked_inputs(self, i: int, inputs: Tensor) -> Tensor:
+        x, d = inputs.detach(), self.in_features[i]
+        if x.dim() == 0 or x.shape[-1] != d:
+            raise InvalidOptionError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
+        return x
+
+    def _bin_index(self, i: int, per_token: Tensor) -> Tensor:
+        return per_token if self.token_bins is None else per_token * self.token_bins // self.in_features[i]
+
+    def _add(self, i: int, zeroed: Tensor, elements: int | Tensor, hist: Tensor, thr: Tensor) -> None:
+        """Add one batch's counts of layer ``i`` to the states (eager: with the lock held)."""
         device = self.zeroed.device
         summary = thr.float().mean() if thr.dim() else thr.float()  # threshold_summary, kept on the device
-        with _LOCK:
-            self.zeroed[i] += per_token.sum().to(device)
-            self.elements[i] += x.numel()
-            self.token_counts[i] += hist.to(device)
-            self.threshold[i] = torch.maximum(self.threshold[i], summary.to(device, self.threshold.dtype))
+        self.zeroed[i] += zeroed.to(device)
+        self.elements[i] += elements if isinstance(elements, int) else elements.to(device)
+        self.token_counts[i] += hist.to(device)
+        self.threshold[i] = torch.maximum(self.threshold[i], summary.to(device, self.threshold.dtype))
 
     def _bin_values(self, i: int) -> Tensor:
         """The per-token sparsity each histogram bin of layer ``i`` stands for."""
@@ -286,13 +291,13 @@ class ActivationSparsity(Metric):
         out["weighted_sparsity"] = (w * per_layer[seen]).sum() / w.sum() if float(w.sum()) > 0 else nan
         t64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         for q, v in zip(self.quantiles, self.token_quantiles(self.quantiles)):
-            out[f"token_sparsity_{_quantile_key(q)}"] = t64(v)
+            out[f"token_sparsity_{quantile_key(q)}"] = t64(v)
         thresholds = self.threshold.double().cpu()
         for i, name in enumerate(self.layers):
             out[f"{name}/sparsity"] = per_layer[i]
             out[f"{name}/threshold"] = thresholds[i] if bool(seen[i]) else nan
             for q, v in zip(self.quantiles, self.token_quantiles(self.quantiles, name)):
-                out[f"{name}/token_sparsity_{_quantile_key(q)}"] = t64(v)
+                out[f"{name}/token_sparsity_{quantile_key(q)}"] = t64(v)
         return out
 
     @contextlib.contextmanager
@@ -325,24 +330,16 @@ class ActivationSparsity(Metric):
     # -- observing inside torch.compile ------------------------------------------------------------------
     # The observers are built once per (metric, layer) and reused by every ``observe``: a compiled model guards
     # on the observer objects it traced, so new ones each step would recompile it each step. Inside a compiled
-    # region (``torch.compiler.is_compiling()``) an observer counts with traceable ops only (no lock, no
-    # ``bincount``, whose output size depends on the data, no Python counter): the graph adds its counts to the
-    # state tensors in place, and :meth:`_finish_traced_updates` does the Python bookkeeping when ``observe``
-    # closes. Counts are the same integers as the eager path's.
+    # region an observer counts with :meth:`_count_traced`; :meth:`_finish_traced_updates` does the Python
+    # bookkeeping when ``observe`` closes. Counts are the same integers as the eager path's.
 
     def _observer(self, index: int) -> "_MetricObserver":
-        cache = self.__dict__.setdefault("_observer_cache", {})
-        if index not in cache:
-            cache[index] = _MetricObserver(self, index)
-        return cache[index]
+        return self.__dict__.setdefault("_observer_cache", {}).setdefault(index, _MetricObserver(self, index))
 
     def _count_traced(self, i: int, inputs: Tensor, threshold: Tensor) -> None:
         """:meth:`update` without the lock and with a fixed-size histogram (``index_add_``): traceable. The
         token mask weighs tokens (0 or 1) instead of selecting them, so no shape depends on the data."""
-        d = self.in_features[i]
-        x = inputs.detach()
-        if x.dim() == 0 or x.shape[-1] != d:
-            raise InvalidOptionError(f"layer {self.layers[i]!r} expects inputs with {d} features, got shape {tuple(x.shape)}")
+        d, x = self.in_features[i], self._checked_inputs(i, inputs)
         thr = threshold.detach()
         per_token = (x.abs() <= thr).reshape(-1, d).sum(-1)
         mask = current_token_mask()
@@ -355,16 +352,9 @@ class ActivationSparsity(Metric):
                     f"of shape {tuple(mask.shape)}"
                 )
             weight = mask.reshape(-1).to(device=per_token.device, dtype=per_token.dtype)
-        bins = self.token_counts.shape[1] - 1
-        index = per_token if self.token_bins is None else per_token * self.token_bins // d
-        hist = torch.zeros(bins + 1, dtype=torch.long, device=per_token.device)
-        hist.index_add_(0, index, weight)
-        device = self.zeroed.device
-        summary = thr.float().mean() if thr.dim() else thr.float()
-        self.zeroed[i] += (per_token * weight).sum().to(device)
-        self.elements[i] += (weight.sum() * d).to(device)
-        self.token_counts[i] += hist.to(device)
-        self.threshold[i] = torch.maximum(self.threshold[i], summary.to(device, self.threshold.dtype))
+        hist = torch.zeros(self.token_counts.shape[1], dtype=torch.long, device=per_token.device)
+        hist.index_add_(0, self._bin_index(i, per_token), weight)
+        self._add(i, (per_token * weight).sum(), weight.sum() * d, hist, thr)
         self.__dict__["_traced_updates"] = True
 
     def _finish_traced_updates(self) -> None:

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["pyplot", "plot_metric", "plot_report", "plot_sweep", "short_layer_name"]
+__all__ = ["pyplot", "plot_metric", "plot_report", "plot_sweep", "quantile_key", "short_layer_name"]
 
 
 def pyplot() -> Any:
@@ -42,7 +42,8 @@ def short_layer_name(name: str) -> str:
     return name.replace("layers.", "L").replace(".mlp.", ".").replace(".self_attn.", ".").replace("_proj", "")
 
 
-def _quantile_key(q: float) -> str:
+def quantile_key(q: float) -> str:
+    """The key suffix of quantile ``q`` in metric results: 0.05 -> ``p5``, 0.025 -> ``p2_5``."""
     return f"p{100 * q:g}".replace(".", "_")
 
 
@@ -61,7 +62,7 @@ def plot_metric(metric: Any, val: Any, ax: Any = None) -> Any:
             name="achieved sparsity",
         )
     plt = pyplot()
-    lo_key, hi_key = (f"token_sparsity_{_quantile_key(q)}" for q in (metric.quantiles[0], metric.quantiles[-1]))
+    lo_key, hi_key = (f"token_sparsity_{quantile_key(q)}" for q in (metric.quantiles[0], metric.quantiles[-1]))
     s = [float(val[f"{n}/sparsity"]) for n in metric.layers]
     lo = [float(val[f"{n}/{lo_key}"]) for n in metric.layers]
     hi = [float(val[f"{n}/{hi_key}"]) for n in metric.layers]

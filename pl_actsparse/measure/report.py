@@ -48,6 +48,7 @@ from torch import nn
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
 
 __all__ = [
@@ -195,14 +196,8 @@ class SparsityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: ``{"layers": [...], "skipped": [...], "ignored": [...], "summary": {...}}``."""
-        rows = []
-        for r in self.layers:
-            d = asdict(r)
-            d["achieved"] = r.achieved
-            d["bytes_skipped"] = r.bytes_skipped
-            rows.append(d)
         return {
-            "layers": rows,
+            "layers": [asdict(r) | {"achieved": r.achieved, "bytes_skipped": r.bytes_skipped} for r in self.layers],
             "skipped": [{"name": n, "reason": why} for n, why in self.skipped],
             "ignored": list(self.ignored),
             "summary": self.summary(),
@@ -216,25 +211,23 @@ class SparsityReport:
     _HEAD = ["layer", "group", "target", "threshold", "calib.", "error", "data", "token p5-p95", "in->out", "KiB", "KiB skipped", "mode"]
 
     def _cells(self) -> list[list[str]]:
-        out = []
-        for r in self.layers:
-            out.append(
-                [
-                    r.name,
-                    r.group or "",
-                    f"{r.target:.4f}",
-                    _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
-                    "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
-                    "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
-                    "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
-                    "-" if r.token_p5 is None else f"{r.token_p5:.3f}-{r.token_p95:.3f}",
-                    f"{r.in_features}->{r.out_features}",
-                    f"{r.weight_bytes / 1024:.1f}",
-                    f"{r.bytes_skipped / 1024:.1f}",
-                    r.mode,
-                ]
-            )
-        return out
+        return [
+            [
+                r.name,
+                r.group or "",
+                f"{r.target:.4f}",
+                _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
+                "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
+                "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
+                "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
+                "-" if r.token_p5 is None else f"{r.token_p5:.3f}-{r.token_p95:.3f}",
+                f"{r.in_features}->{r.out_features}",
+                f"{r.weight_bytes / 1024:.1f}",
+                f"{r.bytes_skipped / 1024:.1f}",
+                r.mode,
+            ]
+            for r in self.layers
+        ]
 
     def _summary_lines(self) -> list[str]:
         mean, err = self.mean_sparsity, self.max_abs_error
@@ -454,13 +447,6 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     )
 
 
-def _load_state_dict(source: Any, prefix: str) -> tuple[Mapping[str, Any], str]:
-    from pl_actsparse.core.checkpoint import read_state_dict
-
-    label = str(source) if isinstance(source, (str, os.PathLike)) else "state dict"
-    return read_state_dict(source, prefix=prefix), label
-
-
 _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
@@ -574,7 +560,10 @@ def model_report(
             f"data can only be measured on a live model, not on {type(model_or_checkpoint).__name__} "
             f"{model_or_checkpoint!r:.80}; load the checkpoint into the model first"
         )
-    sd, label = _load_state_dict(model_or_checkpoint, prefix)
+    from pl_actsparse.core.checkpoint import read_state_dict
+
+    sd = read_state_dict(model_or_checkpoint, prefix=prefix)
+    label = str(model_or_checkpoint) if isinstance(model_or_checkpoint, (str, os.PathLike)) else "state dict"
     rows = _rows_from_state_dict(sd)
     if not rows:
         raise NotSparsifiedError(f"{label} holds no '{THRESHOLD_BUFFER}' entry, so no sparsified layer")
@@ -598,19 +587,15 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
     transform = transform_fn or default_transform_fn
     device = model_device(model)
     to_device = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
-    was_training = model.training
-    model.eval()
     tokens = 0
-    try:
-        with SparsityCounter(model) as counter, torch.no_grad():
-            for item in items:
-                inputs = apply_to_collection(transform(item), torch.Tensor, to_device)
-                mask = mask_fn(item) if mask_fn is not None else None
-                with _token_mask_context(mask):
-                    call_model(model, inputs)
-                tokens += _token_count(inputs, mask)
-    finally:
-        model.train(was_training)
+    with preserved_modes(model), SparsityCounter(model) as counter, torch.no_grad():
+        model.eval()
+        for item in items:
+            inputs = apply_to_collection(transform(item), torch.Tensor, to_device)
+            mask = mask_fn(item) if mask_fn is not None else None
+            with _token_mask_context(mask):
+                call_model(model, inputs)
+            tokens += _token_count(inputs, mask)
     sparsity = counter.sparsity()
     spread = counter.token_quantiles((0.05, 0.95))
     for r in report.layers:

@@ -270,24 +270,19 @@ def allocate_from_curves(profile: SensitivityProfile, budget: float) -> Allocati
     budget = validate_target(budget, "budget")
     hulls = [lower_hull(sorted(c.items())) for c in profile.curves]
     levels = allocate_levels({u: sorted(c.items()) for u, c in enumerate(profile.curves)}, dict(enumerate(profile.unit_bytes)), budget)
-    s = [levels[u] for u in range(len(hulls))]
     total = float(sum(profile.unit_bytes))
     # round for readability, then put the rounding error back on the unit that was split last
-    targets: dict[str, float] = {}
-    rounded = [round(x, 4) for x in s]
+    rounded = [round(levels[u], 4) for u in range(len(hulls))]
     drift = budget * total - sum(b * x for b, x in zip(profile.unit_bytes, rounded))
     if abs(drift) > 1e-9:
-        free = [u for u in range(len(s)) if hulls[u][0][0] < rounded[u] + drift / profile.unit_bytes[u] < hulls[u][-1][0]]
+        free = [u for u in range(len(rounded)) if hulls[u][0][0] < rounded[u] + drift / profile.unit_bytes[u] < hulls[u][-1][0]]
         if free:
             u = max(free, key=lambda k: profile.unit_bytes[k])
             rounded[u] = rounded[u] + drift / profile.unit_bytes[u]
-    for u, unit in enumerate(profile.units):
-        for n in unit:
-            targets[n] = min(max(rounded[u], 0.0), 1.0)
-    order = list(profile.base_targets)
-    targets = {n: targets[n] for n in order}
+    of_layer = {n: min(max(rounded[u], 0.0), 1.0) for u, unit in enumerate(profile.units) for n in unit}
+    targets = {n: of_layer[n] for n in profile.base_targets}  # model order
     predicted = sum(_interp(h, x) for h, x in zip(hulls, rounded))
-    per_layer_bytes = {n: profile.layer_bytes[n] for n in order}
+    per_layer_bytes = {n: profile.layer_bytes[n] for n in profile.base_targets}
     return Allocation(
         targets=targets,
         budget=budget,

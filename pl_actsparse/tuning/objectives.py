@@ -20,6 +20,7 @@ from torch import nn
 from pl_actsparse.calibrate.allocation import logits_of, next_token_nll
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError
 
 __all__ = ["perplexity", "mean_nll", "CalibrationLoss"]
@@ -55,8 +56,6 @@ def mean_nll(
     if batch_size < 1:
         raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
     total = 0.0
     count = 0
 
@@ -71,28 +70,26 @@ def mean_nll(
         total += float(loss)
         count += y.numel()
 
-    try:
-        with torch.no_grad():
-            xs: list[torch.Tensor] = []
-            ys: list[torch.Tensor] = []
-            for item in _iter_pairs(dataset_or_windows):
-                if isinstance(item, torch.Tensor) or len(item) != 2:
-                    raise TypeError(
-                        "expected (input, target) pairs; got bare windows. Pass a TokenWindows, "
-                        "a LongTensor[N, L+1] of whole windows, or an iterable of (input, target) pairs"
-                    )
-                x, y = item
-                if x.shape != y.shape or x.dim() != 1:
-                    raise ValueError(f"input {tuple(x.shape)} and target {tuple(y.shape)} must be equal 1-D")
-                if xs and (len(xs) == batch_size or x.shape != xs[0].shape):
-                    run(xs, ys)
-                    xs, ys = [], []
-                xs.append(x)
-                ys.append(y)
-            if xs:
+    with preserved_modes(model), torch.no_grad():
+        model.eval()
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        for item in _iter_pairs(dataset_or_windows):
+            if isinstance(item, torch.Tensor) or len(item) != 2:
+                raise TypeError(
+                    "expected (input, target) pairs; got bare windows. Pass a TokenWindows, "
+                    "a LongTensor[N, L+1] of whole windows, or an iterable of (input, target) pairs"
+                )
+            x, y = item
+            if x.shape != y.shape or x.dim() != 1:
+                raise ValueError(f"input {tuple(x.shape)} and target {tuple(y.shape)} must be equal 1-D")
+            if xs and (len(xs) == batch_size or x.shape != xs[0].shape):
                 run(xs, ys)
-    finally:
-        model.train(was_training)
+                xs, ys = [], []
+            xs.append(x)
+            ys.append(y)
+        if xs:
+            run(xs, ys)
     if count == 0:
         raise EmptyDatasetError("no tokens to evaluate: the dataset has no windows")
     return total / count, count
@@ -133,24 +130,20 @@ class CalibrationLoss:
     def __call__(self) -> float:
         total = 0.0
         count = 0
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for item in self.data:
-                    inputs = apply_to_collection(self.transform(item), torch.Tensor, self._to_device)
-                    mask = self.mask_fn(item) if self.mask_fn is not None else None
-                    with token_mask(mask):
-                        out = call_model(self.model, inputs)
-                    if self.loss_fn is None:
-                        s, n = next_token_nll(out, inputs, mask)
-                        total += float(s)
-                        count += n
-                    else:
-                        total += float(self.loss_fn(out, apply_to_collection(item, torch.Tensor, self._to_device)))
-                        count += 1
-        finally:
-            self.model.train(was_training)
+        with preserved_modes(self.model), torch.no_grad():
+            self.model.eval()
+            for item in self.data:
+                inputs = apply_to_collection(self.transform(item), torch.Tensor, self._to_device)
+                mask = self.mask_fn(item) if self.mask_fn is not None else None
+                with token_mask(mask):
+                    out = call_model(self.model, inputs)
+                if self.loss_fn is None:
+                    s, n = next_token_nll(out, inputs, mask)
+                    total += float(s)
+                    count += n
+                else:
+                    total += float(self.loss_fn(out, apply_to_collection(item, torch.Tensor, self._to_device)))
+                    count += 1
         self.passes += 1
         return total / max(count, 1)
 

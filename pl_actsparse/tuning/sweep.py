@@ -292,8 +292,8 @@ def _evaluate_point(
     weights: Mapping[str, int],
     measure_achieved: bool,
 ) -> SweepPoint:
-    """One sweep point: thresholds from ``stats`` (or the calibration just run when None), then ``evaluate``."""
-    t0 = time.perf_counter()
+    """One sweep point: thresholds from ``stats`` (or the calibration just run when None), then ``evaluate``
+    (the caller times it, calibration included)."""
     if stats is None:
         modules = dict(model.named_modules())
         thresholds = {n: threshold_summary(modules[n].activation_threshold) for n in point}
@@ -313,7 +313,6 @@ def _evaluate_point(
         achieved=_weighted(per_layer, weights) if len(per_layer) == len(point) else None,
         achieved_per_layer=per_layer,
         thresholds=thresholds,
-        seconds=time.perf_counter() - t0,
     )
 
 
@@ -338,7 +337,6 @@ def lightning_validate_metric(
     *,
     dataloaders: Any = None,
     datamodule: Any = None,
-    model_attr: str | None = None,
 ) -> Callable[[nn.Module], float]:
     """``model -> float``: run ``trainer.validate`` and read one logged metric (e.g. ``"val_loss"``).
 
