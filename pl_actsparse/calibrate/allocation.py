@@ -27,12 +27,12 @@ from torch import nn
 
 from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device, to_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, model_device, to_device
 from pl_actsparse.config import CalibrationConfig
-from pl_actsparse.core.masking import resolve_mask_fn
+from pl_actsparse.core.masking import resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError
 
-__all__ = ["fisher_curves", "allocate_levels", "lower_hull", "next_token_nll", "logits_of"]
+__all__ = ["fisher_curves", "allocate_levels", "lower_hull", "next_token_nll"]
 
 #: Levels at which the curves are read (the allocation interpolates between them).
 GRID = tuple(i / 50 for i in range(48))  # 0 .. 0.94
@@ -44,13 +44,13 @@ def fisher_curves(
     items: Iterable[Any],
     loss_fn: Callable[[Any, Any], Any],
     config: CalibrationConfig,
-    thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, list[tuple[float, float]]]:
     """``{layer name: [(level, estimated loss increase), ...]}`` at the levels of :data:`GRID`, from one forward
     and backward pass of ``model`` over ``items`` (the model should be dense: sparsified layers pass through
     under :func:`~pl_actsparse.core.layer.activation_sparsity_disabled`).
 
-    ``loss_fn(output, inputs, mask) -> (summed loss, count)`` (:func:`next_token_nll` by default).
+    ``loss_fn(output, inputs, mask) -> (summed loss, count)`` (:func:`next_token_nll` by default). Only real
+    tokens count (``config.token_mask``, as in calibration): padding never shifts a level's threshold.
     Parameters' ``.grad`` are not touched (gradients are taken with respect to the layer inputs only).
 
     Statistics are summed over ``torch.distributed`` ranks (``config.sync_across_processes``), so every rank gets
@@ -71,8 +71,6 @@ def fisher_curves(
         def capture(module: nn.Module, args: tuple, name: str) -> tuple:
             x = args[0]  # a node of its own (clone), so that its gradient is this layer's share only
             own = x.clone() if x.requires_grad else x.detach().clone().requires_grad_()
-            if thresholds is not None and name in thresholds:  # an operating point: zero |x| <= t (dense layer)
-                own = own * (x.detach().abs() > thresholds[name])
             captured.append((name, x.detach(), own))
             return (own, *args[1:])
 
@@ -82,16 +80,17 @@ def fisher_curves(
             mask = mask_fn(item) if mask_fn is not None else None
             with torch.enable_grad():
                 loss, _ = loss_fn(call_model(model, inputs), inputs, mask)
-                grads = torch.autograd.grad(loss, [c[2] for c in captured], allow_unused=True)
+                grads = torch.autograd.grad(loss, [c[2] for c in captured], allow_unused=True) if captured else ()
         finally:
             for h in handles:
                 h.remove()
-        for (name, x, _), g in zip(captured, grads):
+        for (name, x, _), g in zip(captured, grads):  # real tokens only, as calibration counts them
+            x = select_tokens(x, mask, layer=name)
             keys = abs_keys(x).cpu()
             keys = (keys >> 16 if x.dtype == torch.float32 else keys).long()
             counts[name] += torch.bincount(keys, minlength=COARSE_BINS).double()
             if g is not None:
-                s = (x.float() * g.float()).pow(2).reshape(-1).double().cpu() / 2
+                s = (x.float() * select_tokens(g, mask, layer=name).float()).pow(2).reshape(-1).double().cpu() / 2
                 scores[name] += torch.bincount(keys, weights=s, minlength=COARSE_BINS)
         batches += 1
     dist = Distributed(config.sync_across_processes, device)
@@ -103,18 +102,6 @@ def fisher_curves(
         idx = torch.searchsorted(cum_c, torch.tensor([s * float(cum_c[-1]) for s in GRID], dtype=torch.float64))
         curves[name] = [(s, 0.0 if s == 0 else float(cum_s[min(int(i), COARSE_BINS - 1)])) for s, i in zip(GRID, idx)]
     return curves
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in a model output: a tensor, an object with ``.logits`` (HF ``ModelOutput``), or a tuple's
-    first tensor. Raises ``TypeError`` for anything else."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"model output of type {type(output).__name__} has no logits")
 
 
 def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:

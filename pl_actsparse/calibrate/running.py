@@ -15,7 +15,7 @@ from pl_actsparse.errors import EmptyDatasetError, TokenMaskError
 
 __all__ = [
     "default_transform_fn", "call_model", "map_tensors", "to_device", "model_device", "compilation_disabled",
-    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward",
+    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward", "logits_of",
 ]
 
 
@@ -140,3 +140,15 @@ def restore_forward(module: nn.Module, saved: Any) -> None:
         module.__dict__.pop("forward", None)
     else:
         module.forward = saved
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model output: a tensor, an object with ``.logits`` (HF ``ModelOutput``), or a tuple's
+    first tensor. Raises ``TypeError`` for anything else."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"model output of type {type(output).__name__} has no logits")

@@ -30,7 +30,7 @@ from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_d
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.core.layer import activation_sparsity_disabled, sparsified_layers
 
-from pl_actsparse.calibrate.allocation import logits_of  # the one logits-out-of-an-output helper
+from pl_actsparse.calibrate.running import logits_of  # the one logits-out-of-an-output helper
 
 __all__ = ["CausalLMModule", "TinyStoriesLM", "HFLlamaLM", "TinyStoriesDataModule", "EpochShuffleSampler"]
 

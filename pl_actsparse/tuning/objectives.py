@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.calibrate.allocation import logits_of, next_token_nll
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
+from pl_actsparse.calibrate.allocation import next_token_nll
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, model_device
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError

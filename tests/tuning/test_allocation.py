@@ -404,3 +404,32 @@ def test_bad_allocation_is_an_error_before_any_change(tiny, batches):
         sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.99}, allocation="auto",
                              calibration={"progress": False})
     assert not any(is_sparsified(m) for m in tiny.modules())
+
+
+class PositionWiseLM(nn.Module):
+    """Embedding + MLP per token + LM head: a real token is computed the same whatever the padding."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.up, self.down, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, 48), nn.Linear(48, dim), nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        return self.head(h + self.down(torch.nn.functional.gelu(self.up(h))))
+
+
+def test_auto_allocation_counts_real_tokens_only():
+    """Padded dict batches (attention_mask) allocate as the same sequences unpadded: pads shift no level."""
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, 32, (n,), generator=g) for n in (12, 8, 5, 11)]
+    padded = {"input_ids": torch.zeros(4, 12, dtype=torch.long), "attention_mask": torch.zeros(4, 12, dtype=torch.long)}
+    for i, s in enumerate(seqs):
+        padded["input_ids"][i, : len(s)], padded["attention_mask"][i, : len(s)] = s, 1
+    recipe = {TargetScope(names=["up", "down"]): 0.5}
+    levels = {}
+    for label, data in (("padded", [padded]), ("unpadded", [{"input_ids": s[None], "attention_mask": torch.ones(1, len(s))} for s in seqs])):
+        model = sparsify_activations(PositionWiseLM(), data, recipe, calibration={"progress": False}, allocation="auto")
+        levels[label] = {r.name: r.target for r in activation_sparsity_report(model).layers}
+    assert levels["padded"]["up"] != 0.5  # allocated, not uniform
+    assert levels["padded"] == pytest.approx(levels["unpadded"], abs=1e-6)
