@@ -471,14 +471,14 @@ def _e2e_config(args: argparse.Namespace):
 
 
 def _build_e2e_model(args: argparse.Namespace, variant: str):
-    """The bf16 model (same random weights for every variant), sparsified and exported unless dense."""
+    """The ``--e2e-dtype`` model (same random weights for every variant), sparsified and exported unless dense."""
     from pl_actsparse import TargetScope, activation_sparsity_report, sparsify_activations
     from pl_actsparse.export.convert import export_for_inference
     from pl_actsparse.demos.llama2c import Llama2cModel
 
     cfg = _e2e_config(args)
     torch.manual_seed(args.seed)
-    model = Llama2cModel(cfg, dtype=torch.bfloat16).eval()
+    model = Llama2cModel(cfg, dtype=getattr(torch, args.e2e_dtype)).eval()
     info: dict = {}
     patterns = E2E_VARIANTS[variant]
     if patterns is not None:
@@ -737,17 +737,18 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
     backends = _available_backends(args.backends)
     models = {}
     info = {}
-    for variant in E2E_VARIANTS:
+    variants = args.e2e_variants.split(",")
+    for variant in variants:
         models[variant], info[variant] = _build_e2e_model(args, variant)
         print(f"[e2e] built {variant} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     cfg = models["dense"].config
     prompt = _prompt(args, cfg.vocab_size)
     max_len = args.prompt_tokens + args.decode_steps
-    for variant in E2E_VARIANTS:
+    for variant in variants:
         kcpu.set_backend(backends[0])
         info[variant].update(_decode_reads(models[variant], prompt, args.decode_steps))
     fns = {"dense": _decoder(models["dense"], prompt, args.decode_steps, max_len)}
-    for variant in ("mlp", "all"):
+    for variant in variants[1:]:
         for b in backends:
             fns[f"{variant}_{b}"] = _with_backend(models[variant], b, _decoder(models[variant], prompt, args.decode_steps, max_len))
     probe_buf = torch.ones(max(256 << 20, min(2 * llc_bytes(), 1 << 30)), dtype=torch.uint8) if not args.no_bandwidth else None
@@ -764,7 +765,7 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
     per_token = {k: statistics.median(v[i] for i in idx) / args.decode_steps for k, v in times.items()}
     out: dict = {
         "model": f"TinyLlama-1.1B shapes ({cfg.n_layers} layers, dim {cfg.dim}, hidden {cfg.hidden_dim}, "
-        f"{cfg.n_heads}/{cfg.n_kv_heads} heads), random bf16 weights",
+        f"{cfg.n_heads}/{cfg.n_kv_heads} heads), random {args.e2e_dtype} weights",
         "sparsity_target": args.e2e_sparsity,
         "calibration": f"{args.calib_prompts} random prompts x {args.calib_tokens} tokens",
         "decode": f"prompt {args.prompt_tokens} tokens (prefill untimed), {args.decode_steps} greedy tokens per round",
@@ -786,7 +787,7 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
         gen = torch.Generator().manual_seed(args.seed + 3)
         long_prompt = torch.randint(0, cfg.vocab_size, (1, args.prefill_tokens), generator=gen)
         pfns = {"dense": _prefiller(models["dense"], long_prompt)}
-        for variant in ("mlp", "all"):
+        for variant in variants[1:]:
             for b in backends:
                 pfns[f"{variant}_{b}"] = _with_backend(models[variant], b, _prefiller(models[variant], long_prompt))
         ptimes, pnoise = interleaved(
@@ -822,9 +823,9 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
                 if mem[k]["peak_rss_decode"] is None
                 else round(mem[k]["peak_rss_decode"] / mem["dense"]["peak_rss_decode"], 4),
             }
-            for k in ("mlp", "all")
+            for k in variants[1:]
         }
-    best_all = max(v for k, v in out["speedup_vs_dense"].items() if k.startswith("all_"))
+    best_all = max((v for k, v in out["speedup_vs_dense"].items() if k.startswith("all_")), default=0.0)
     out["targets"] = {"all_projections_speedup_ge_1.5": best_all >= 1.5}
     if "prefill" in out:
         out["targets"]["prefill_ge_0.97x_dense"] = all(v >= 0.97 for v in out["prefill"]["speedup_vs_dense"].values())
@@ -886,6 +887,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     e2e = p.add_argument_group("part (b): end-to-end decoding (--end-to-end)")
     e2e.add_argument("--end-to-end", action="store_true", help="run part (b) instead of part (a)")
     e2e.add_argument("--e2e-sparsity", type=float, default=0.5)
+    e2e.add_argument("--e2e-variants", default="dense,mlp,all", help="dense first, then any of mlp, all")
+    e2e.add_argument("--e2e-dtype", default="bfloat16", help="the models' dtype (bfloat16, float32)")
     e2e.add_argument("--e2e-layers", type=int, default=0, help="decoder layers (0: TinyLlama's 22)")
     e2e.add_argument("--calib-prompts", type=int, default=4)
     e2e.add_argument("--calib-tokens", type=int, default=32)

@@ -28,9 +28,8 @@ from pl_actsparse.core.layer import (
     sparsifier_state,
 )
 from pl_actsparse.kernels import cpu as _cpu
-from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout
+from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
-from pl_actsparse.kernels.sparse_op import zero_small
 
 __all__ = ["SparseInferenceLinear", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
 

@@ -1,11 +1,11 @@
 """Sparse kernels for activation-sparse inference. Imports nothing from the rest of the package.
 
 * :mod:`~pl_actsparse.kernels.sparse_op`: the custom op ``torch.ops.pl_actsparse.sparse_linear``, its fake,
-  and the shared helpers (:func:`to_kernel_layout`, :func:`effective_threshold`, :func:`masked_linear`,
-  :func:`zero_small`).
+  and the shared helpers (:func:`to_kernel_layout`, :func:`effective_threshold`, :func:`masked_linear`).
   (Not named ``sparse_linear.py``: ``import pl_actsparse.kernels.sparse_linear as m`` would then bind the op
   :func:`sparse_linear` exported here, not the module.)
-* :mod:`~pl_actsparse.kernels.cpu`: the CPU kernels (C++ ``csrc/sparse_gemv.cpp``, ``embedding_bag`` fallback).
+* :mod:`~pl_actsparse.kernels.cpu`: the CPU kernels (C++ ``csrc/sparse_gemv.cpp``, ``embedding_bag`` fallback)
+  and :func:`zero_small`, the dense path's one-pass masking.
 * :mod:`~pl_actsparse.kernels.dispatch`: the dense path and the sparse/dense crossover of exported layers,
   measured per machine (:func:`dense_linear_t`, :func:`sparse_token_crossover`, :func:`cpu_profile`).
 * :mod:`~pl_actsparse.kernels.int8_cpu`: weight-only int8 kernels (C++ ``csrc/int8_sparse_gemv.cpp``).

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -64,6 +65,7 @@ __all__ = [
     "sparse_linear",
     "sparse_linear_cpu",
     "to_kernel_layout",
+    "zero_small",
 ]
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,29 @@ def _sparse_linear_torch(x2: Tensor, t: float, weight_t: Tensor, bias: Optional[
     if bias is not None:
         y = y + bias
     return y
+
+
+def zero_small(x: Tensor, threshold: Tensor) -> Tensor:
+    """``x.masked_fill(|x| <= threshold, 0)``: the same values, mask and gradient, in one pass where possible.
+
+    On CPU with one threshold, outside ``torch.compile`` and with nothing to differentiate, this is the C++
+    kernel's one-pass ``mask_small`` (fp32/bf16/fp16; the threshold rounded to ``x.dtype`` as the reference
+    compares, :func:`effective_threshold`); else, or with autograd recording, ``F.hardshrink(x, t)``: one fused
+    pass instead of three (``abs``, compare, ``masked_fill``). The three passes cost as much as the 128-token
+    bf16 prefill GEMM they feed, ``hardshrink`` up to a third of it (docs/inference.md). NaN stays NaN.
+    Elsewhere (per-channel thresholds, other devices, inside ``torch.compile``) the plain expression is used.
+    """
+    if (x.device.type == "cpu" and x.is_floating_point() and threshold.numel() == 1
+            and threshold.device.type == "cpu" and not torch.compiler.is_compiling()):
+        if (x.dtype in _CPP_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
+                and EXTENSION.resolve_for_call() == "cpp"):
+            return torch.ops.pl_actsparse_ext.mask_small(x, threshold)
+        t = effective_threshold(threshold, x.dtype)
+        if t == -math.inf:
+            return x
+        if 0.0 <= t < math.inf:
+            return F.hardshrink(x, t)
+    return x.masked_fill(x.abs() <= threshold, 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ the native bf16 GEMM is fastest and the conversion makes prefill 2-4x slower. So
 
 * :func:`dense_method` (per dtype): ``"linear"`` (``F.linear(x, W^T.T)``), ``"matmul"`` (``x @ W^T``) or
   ``"fp32_blocks"`` (``W^T`` converted to fp32 8 MiB at a time, then ``addmm``); none keeps a second copy of
-  the weight. fp32/fp64 always use ``"linear"``.
+  the weight. fp32/fp64 always use ``"linear"``. An exported layer's shape gets its own, measured with its
+  crossover (below): oneDNN's bf16 GEMM on ``W^T`` is not equally fast for every shape and method.
 * :func:`sparse_token_crossover` (per dtype and CPU backend): the largest token count (of 1, 2, 4, ... 64)
   up to which the sparse kernel was at least as fast as the chosen dense GEMM, at s = 0.5 with independent
   masks per token (a conservative case: the union of the rows grows fastest).
@@ -45,7 +46,7 @@ from torch import Tensor
 
 import pl_actsparse.kernels.cpu as _cpu
 from pl_actsparse.kernels._extension import extension_root
-from pl_actsparse.kernels.sparse_op import zero_small
+from pl_actsparse.kernels.cpu import zero_small
 
 __all__ = [
     "DENSE_METHODS",
@@ -161,7 +162,9 @@ def dense_linear_t(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -
     """
     if x.device.type != "cpu" or x.dtype in _FLOAT_DTYPES or x.dtype != weight_t.dtype:
         return _linear(x, weight_t, bias)
-    return _DENSE_FNS[dense_method(x.dtype)](x, weight_t, bias)
+    cached = _shape_method.get((x.dtype, tuple(weight_t.shape)))  # measured on this shape (sparse_token_crossover)
+    method = cached[1] if cached is not None and cached[0] == _state() else dense_method(x.dtype)
+    return _DENSE_FNS[method](x, weight_t, bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,8 +315,9 @@ def measure_cpu_profile(
     dense_ms: dict[str, float] = {}
     if dtype in _FLOAT_DTYPES:
         method = "linear"
-    elif method is None:
-        wt = torch.randn(dense_shape, generator=gen).to(dtype)
+    elif method is None:  # on weight_t itself where given
+        wt = weight_t.detach().contiguous() if weight_t is not None else torch.randn(dense_shape, generator=gen).to(dtype)
+        dense_shape = tuple(wt.shape)
         x = torch.randn(dense_tokens, dense_shape[0], generator=gen).to(dtype)
         best = math.inf
         for name in ("fp32_blocks", "linear", "matmul"):  # the robust one first: it bounds the others
@@ -435,6 +439,7 @@ def _state() -> tuple:
 
 _crossover_cache: dict[tuple, tuple[tuple, int]] = {}
 _method_cache: dict[torch.dtype, tuple[tuple, str]] = {}
+_shape_method: dict[tuple, tuple[tuple, str]] = {}
 
 
 def sparse_token_crossover(dtype: torch.dtype, backend: Optional[str] = None, *, weight_t: Optional[Tensor] = None) -> int:
@@ -442,8 +447,8 @@ def sparse_token_crossover(dtype: torch.dtype, backend: Optional[str] = None, *,
 
     Without ``weight_t``: :func:`cpu_profile`'s figure for a reference shape (cached per machine). With
     ``weight_t`` (``[in, out]`` of ``dtype``): measured on that weight at first use for its shape, dtype,
-    backend and thread count (:func:`measure_cpu_profile`, ~0.1 s for a 2048x5632 bf16 layer), kept in
-    memory. Environment overrides and an unloaded C++ kernel use :func:`cpu_profile`'s figure.
+    backend and thread count (:func:`measure_cpu_profile`, ~0.2 s for a 2048x5632 bf16 layer), kept in
+    memory, with the dense method for that shape (which :func:`dense_linear_t` then uses). Environment overrides and an unloaded C++ kernel use :func:`cpu_profile`'s figure.
     Memoized: after the first call per key this is a few dictionary reads.
     """
     if backend is None:
@@ -457,8 +462,11 @@ def sparse_token_crossover(dtype: torch.dtype, backend: Optional[str] = None, *,
     value = profile.max_sparse_tokens
     if weight_t is not None and profile.source in ("measured", "cache") and weight_t.dtype == dtype:
         with _lock:
-            value = measure_cpu_profile(dtype, backend, weight_t=weight_t, method=dense_method(dtype)).max_sparse_tokens
-        log.info("pl_actsparse: sparse kernel up to %d tokens for %s %s", value, tuple(weight_t.shape), dtype)
+            measured = measure_cpu_profile(dtype, backend, weight_t=weight_t, method=_env_overrides()[1])
+        value = measured.max_sparse_tokens
+        _shape_method[(dtype, tuple(weight_t.shape))] = (state, measured.dense_method)
+        log.info("pl_actsparse: %s %s: sparse kernel up to %d tokens, dense method %s", tuple(weight_t.shape), dtype,
+                 value, measured.dense_method)
     _crossover_cache[key] = (state, value)
     return value
 
@@ -470,6 +478,7 @@ def clear_profile_memo() -> None:
         _profiles.clear()
         _crossover_cache.clear()
         _method_cache.clear()
+        _shape_method.clear()
 
 
 def dense_method(dtype: torch.dtype) -> str:

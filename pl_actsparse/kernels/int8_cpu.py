@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pl_actsparse.kernels._extension import InlineExtension, get_backend
-from pl_actsparse.kernels.sparse_op import effective_threshold, zero_small
+from pl_actsparse.kernels.cpu import zero_small
+from pl_actsparse.kernels.sparse_op import effective_threshold
 
 __all__ = [
     "Granularity",

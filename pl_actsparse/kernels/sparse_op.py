@@ -9,14 +9,13 @@ dense) implementation; each backend registers its own device kernel: :mod:`pl_ac
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_kernel_args", "effective_threshold", "masked_linear", "sparse_linear", "to_kernel_layout", "zero_small"]
+__all__ = ["check_kernel_args", "effective_threshold", "masked_linear", "sparse_linear", "to_kernel_layout"]
 
 
 def to_kernel_layout(weight: Tensor) -> Tensor:
@@ -36,25 +35,6 @@ def effective_threshold(threshold: Tensor | float, dtype: torch.dtype) -> float:
     """
     t = threshold if isinstance(threshold, Tensor) else torch.tensor(float(threshold))
     return float(t.detach().to(device="cpu", dtype=dtype).float().item())
-
-
-def zero_small(x: Tensor, threshold: Tensor) -> Tensor:
-    """``x.masked_fill(|x| <= threshold, 0)``: the same values, mask and gradient, in one pass where possible.
-
-    On CPU with one threshold this is ``F.hardshrink(x, t)`` with ``t`` the threshold rounded to ``x.dtype``
-    (:func:`effective_threshold`, the value the reference compares against): one fused pass instead of three
-    (``abs``, compare, ``masked_fill``). In bf16 the three passes cost as much as the 128-token prefill GEMM
-    they feed (5632x2048: 1.7 ms against 0.07 ms, docs/inference.md). NaN stays NaN either way. Elsewhere
-    (per-channel or negative thresholds, other devices, inside ``torch.compile``) the plain expression is used.
-    """
-    if (x.device.type == "cpu" and x.is_floating_point() and threshold.numel() == 1
-            and threshold.device.type == "cpu" and not torch.compiler.is_compiling()):
-        t = effective_threshold(threshold, x.dtype)
-        if t == -math.inf:
-            return x
-        if 0.0 <= t < math.inf:
-            return F.hardshrink(x, t)
-    return x.masked_fill(x.abs() <= threshold, 0)
 
 
 def masked_linear(x: Tensor, threshold: Tensor | float, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -582,6 +582,33 @@ def test_dense_method_choice_follows_the_machine(monkeypatch):
     assert prof.dense_method == "linear" and prof.dense_ms == {}
 
 
+def test_dense_method_is_measured_per_layer_shape(profile_cache, monkeypatch):
+    """The reference shape picks one GEMM for the dtype; a layer's own shape, measured with its crossover at
+    first use, gets its own (here "matmul" on 64x96 while the reference picked "linear"), which
+    dense_linear_t then uses for that shape only."""
+    clock, used = FakeClock(), []
+    cost = {(512, 1024): {"fp32_blocks": 9.0, "linear": 3.0, "matmul": 5.0},
+            (64, 96): {"fp32_blocks": 9.0, "linear": 4.0, "matmul": 2.0}}
+
+    def dense_fn(name):
+        def fn(x, wt, bias):
+            clock.now += cost.get(tuple(wt.shape), cost[(512, 1024)])[name] if x.shape[0] == 64 else 6.0
+            used.append((name, tuple(wt.shape)))
+            return x.new_zeros(*x.shape[:-1], wt.shape[1])
+        return fn
+
+    monkeypatch.setattr(dispatch, "_DENSE_FNS", {n: dense_fn(n) for n in dispatch.DENSE_METHODS})
+    real = dispatch.measure_cpu_profile
+    monkeypatch.setattr(dispatch, "measure_cpu_profile", lambda *a, **kw: real(*a, **{**kw, "rounds": 2, "timer": clock}))
+    assert dispatch.dense_method(torch.bfloat16) == "linear"
+    wt = torch.randn(64, 96).to(torch.bfloat16)
+    assert dispatch.sparse_token_crossover(torch.bfloat16, "torch", weight_t=wt) >= 1
+    used.clear()
+    dispatch.dense_linear_t(torch.randn(3, 64).to(torch.bfloat16), wt)
+    dispatch.dense_linear_t(torch.randn(3, 512).to(torch.bfloat16), torch.randn(512, 1024).to(torch.bfloat16))
+    assert used == [("matmul", (64, 96)), ("linear", (512, 1024))]
+
+
 def test_profile_is_measured_once_cached_per_machine_and_overridable(profile_cache, monkeypatch):
     calls = []
 
@@ -690,15 +717,26 @@ def test_hf_llama_prefill_and_decode_match_after_export(monkeypatch, profile_cac
         assert err <= 3e-2, err
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_one_pass_masking_zeroes_exactly_what_the_sparse_path_zeroes(dtype):
-    """The dense path masks with hardshrink at the threshold rounded to the dtype: over every value of the dtype
-    it zeroes exactly the elements with |x| <= t (compared in the dtype, as the kernels do); NaN is kept."""
-    from pl_actsparse.kernels.sparse_op import zero_small
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_one_pass_masking_zeroes_exactly_what_the_sparse_path_zeroes(dtype, backend):
+    """The dense path masks in one pass (the C++ ``mask_small``, or hardshrink with the "torch" backend) at the
+    threshold rounded to the dtype: over every value of the 16-bit dtypes (fp32: a sample and the specials) it
+    zeroes exactly the elements with |x| <= t (compared in the dtype, as the kernels do); NaN is kept."""
+    from pl_actsparse.kernels.cpu import zero_small
 
-    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
-    for t in [0.0, 1e-30, 0.1, 0.3337, 1.0, 65504.0, 3e38, -1.0]:
-        thr = torch.tensor(t)
-        got, want = zero_small(every, thr), every.masked_fill(every.abs() <= thr, 0)
-        assert torch.equal(got.isnan(), want.isnan()), t
-        assert torch.equal(got.nan_to_num(), want.nan_to_num()), t
+    if dtype == torch.float32:
+        every = torch.cat([torch.randn(4096) * 10.0 ** torch.randint(-40, 39, (4096,)), torch.tensor(
+            [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, 0.1, -0.1, 0.3337, 3e38])])
+    else:
+        every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    cpu.set_backend(backend)
+    try:
+        for t in [0.0, 1e-30, 0.1, 0.3337, 1.0, 65504.0, 3e38, -1.0, math.inf, -math.inf]:
+            thr = torch.tensor(t)
+            got, want = zero_small(every, thr), every.masked_fill(every.abs() <= thr, 0)
+            assert torch.equal(got.isnan(), want.isnan()), t
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), t
+            assert got.data_ptr() != every.data_ptr() or t == -math.inf, t  # a new tensor
+    finally:
+        cpu.set_backend(None)

@@ -275,6 +275,38 @@ at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, cons
   return out;
 }
 
+// x.masked_fill(|x| <= t, 0) in one pass, t rounded to x's dtype as the reference compares. Every float
+// format here is sign-magnitude, so |x| <= t (t >= 0) is an unsigned compare of the magnitude bits: NaN
+// (magnitude above +inf's) is kept, and the loop vectorizes (4-5x F.hardshrink's bf16 pass; prefill feeds
+// every exported layer's input through it).
+template <typename U>
+void mask_bits(const U* in, U* out, int64_t n, U tbits, U magnitude) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) out[i] = static_cast<U>(in[i] & magnitude) <= tbits ? U(0) : in[i];
+  });
+}
+
+at::Tensor mask_small(const at::Tensor& x_in, const at::Tensor& threshold) {
+  TORCH_CHECK(x_in.device().is_cpu(), "mask_small: CPU tensors only");
+  const auto st = x_in.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "mask_small: unsupported dtype ", st);
+  const float t = threshold_in_dtype(threshold, st);
+  if (!(t >= 0.f)) return x_in.clone();  // a negative or NaN threshold zeroes nothing
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  if (st == at::kFloat) {
+    uint32_t tb;
+    std::memcpy(&tb, &t, 4);
+    mask_bits<uint32_t>(static_cast<const uint32_t*>(x.data_ptr()), static_cast<uint32_t*>(out.data_ptr()),
+                        x.numel(), tb, 0x7fffffffu);
+  } else {
+    const uint16_t tb = st == at::kBFloat16 ? c10::BFloat16(t).x : c10::Half(t).x;
+    mask_bits<uint16_t>(static_cast<const uint16_t*>(x.data_ptr()), static_cast<uint16_t*>(out.data_ptr()),
+                        x.numel(), tb, uint16_t(0x7fff));
+  }
+  return out;
+}
+
 // Read every byte of `buf` once (all threads, one contiguous block each) and return a
 // checksum: the machine's read bandwidth, the same way the kernel reads (benchmarks/decode.py).
 double read_probe(const at::Tensor& buf) {
@@ -298,6 +330,7 @@ double read_probe(const at::Tensor& buf) {
 TORCH_LIBRARY(pl_actsparse_ext, m) {
   m.def("sparse_gemv(Tensor x, Tensor threshold, Tensor weight_t, Tensor? bias, int tile=0, int isa=0) -> Tensor",
         &sparse_gemv);
+  m.def("mask_small(Tensor x, Tensor threshold) -> Tensor", &mask_small);
   m.def("has_avx512() -> bool", &has_avx512);
   m.def("read_probe(Tensor buf) -> float", &read_probe);
 }
