@@ -148,7 +148,7 @@ class Int8SparseInferenceLinear(nn.Module):
         if not grad and x.device.type == "cpu" and ntok <= self.sparse_token_limit():
             # whether the kernel is loaded now, not what self.backend said at construction (a layer unpickled
             # or built before the kernel was must still take the fast path once the first call has built it)
-            if not torch.compiler.is_compiling() and _int8.load_int8_extension(build=False):
+            if _int8.load_int8_extension(build=False):
                 args = self._direct_args()
                 if args is not None and _cpu.get_backend() != "torch":
                     # Eager decoding: the kernel directly (the custom op's Python checks cost ~0.2 ms/call).

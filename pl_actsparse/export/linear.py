@@ -67,6 +67,26 @@ def default_max_sparse_tokens(
     return sparse_token_crossover(dtype, backend, weight_t=weight_t)
 
 
+def _token_limit(device: str, dtype: torch.dtype, weight_t: Tensor, limit: Optional[int], backend: Optional[str] = None) -> int:
+    """Largest token count per call that an exported layer sends to the sparse kernel on ``device`` (a device
+    type) for inputs of ``dtype``: ``limit`` where set (CPU; CUDA with Triton), else the CPU's measured
+    :func:`default_max_sparse_tokens` or the Triton GEMV's ``CUDA_MAX_SPARSE_TOKENS``; -1 (always dense) on
+    CUDA without Triton and other devices."""
+    if device == "cuda":
+        from pl_actsparse.kernels import cuda as triton_gemv
+
+        if not triton_gemv.triton_available():
+            return -1
+        return triton_gemv.CUDA_MAX_SPARSE_TOKENS if limit is None else limit
+    if device != "cpu":
+        return -1
+    if limit is not None:
+        return limit
+    if dtype == weight_t.dtype:  # measured on this layer's shape at first use
+        return default_max_sparse_tokens(dtype, backend, weight_t=weight_t)
+    return default_max_sparse_tokens(dtype, backend, weight_t.numel() * dtype.itemsize)
+
+
 class SparseInferenceLinear(nn.Module):
     """Inference-only stand-in for a sparsified ``nn.Linear``, holding ``W^T`` for the sparse kernel.
 
@@ -161,12 +181,8 @@ class SparseInferenceLinear(nn.Module):
         return self.weight_t.numel() * self.weight_t.element_size()
 
     def sparse_token_limit(self, dtype: torch.dtype) -> int:
-        """Largest token count routed to the sparse kernel for inputs of ``dtype``."""
-        if self.max_sparse_tokens is not None:
-            return self.max_sparse_tokens
-        if dtype == self.weight_t.dtype:  # measured on this layer's shape at first use
-            return default_max_sparse_tokens(dtype, self.backend, weight_t=self.weight_t)
-        return default_max_sparse_tokens(dtype, self.backend, self.weight_t.numel() * dtype.itemsize)
+        """Largest token count routed to the sparse kernel for CPU inputs of ``dtype``."""
+        return _token_limit("cpu", dtype, self.weight_t, self.max_sparse_tokens, self.backend)
 
     def forward(self, x: Tensor) -> Tensor:
         """``F.linear(x.masked_fill(|x| <= threshold, 0), W, bias)``, with ``F.linear``'s dtype rules.
@@ -210,25 +226,10 @@ class SparseInferenceLinear(nn.Module):
             # (thread count, measured crossovers), so nothing breaks the graph or specializes it.
             limit = -1 if self.max_sparse_tokens is None else self.max_sparse_tokens
             return sparse_inference_linear(x, thr, self.weight_t, self.bias, limit)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return self.dense_forward(x, thr)
-        device = x.device.type
-        if device == "cpu":
-            limit = self.sparse_token_limit(x.dtype)
-        elif device == "cuda":
-            limit = self._cuda_token_limit()
-        else:
-            return self.dense_forward(x, thr)
-        if x.numel() // self.in_features <= limit:
+        if not (torch.is_grad_enabled() and x.requires_grad) and x.numel() // self.in_features <= _token_limit(
+                x.device.type, x.dtype, self.weight_t, self.max_sparse_tokens, self.backend):
             return self.sparse_forward(x, thr)
         return self.dense_forward(x, thr)
-
-    def _cuda_token_limit(self) -> int:
-        from pl_actsparse.kernels import cuda as triton_gemv
-
-        if not triton_gemv.triton_available():
-            return 0
-        return triton_gemv.CUDA_MAX_SPARSE_TOKENS if self.max_sparse_tokens is None else self.max_sparse_tokens
 
     def sparse_forward(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
         """The masked product through the sparse kernel (used up to ``max_sparse_tokens`` tokens).
@@ -425,16 +426,8 @@ def sparse_inference_linear(
     the eager layer's. Differentiable with respect to ``x`` (the weights are frozen).
     """
     ntok = x.numel() // weight_t.shape[0] if weight_t.shape[0] else 0
-    dev = x.device.type
-    if max_sparse_tokens < 0:
-        if dev == "cpu":
-            max_sparse_tokens = default_max_sparse_tokens(x.dtype, weight_t=weight_t if x.dtype == weight_t.dtype else None)
-        elif dev == "cuda":
-            from pl_actsparse.kernels import cuda as triton_gemv
-
-            max_sparse_tokens = triton_gemv.CUDA_MAX_SPARSE_TOKENS if triton_gemv.triton_available() else 0
-    if ntok <= max_sparse_tokens and dev in ("cpu", "cuda"):
-        if dev == "cuda":
+    if ntok <= _token_limit(x.device.type, x.dtype, weight_t, None if max_sparse_tokens < 0 else max_sparse_tokens):
+        if x.device.type == "cuda":
             from pl_actsparse.kernels.cuda import sparse_linear_cuda
 
             return sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)

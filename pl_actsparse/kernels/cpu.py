@@ -78,12 +78,8 @@ log = logging.getLogger(__name__)
 #: small-batch GEMMs are slow on this CPU, which favours the sparse kernel): override with
 #: ``max_sparse_tokens`` where it matters.
 DEFAULT_MAX_SPARSE_TOKENS: dict[tuple[str, Optional[torch.dtype]], int] = {
-    ("cpp", None): 8,
-    ("cpp", torch.bfloat16): 16,
-    ("cpp", torch.float16): 16,
-    ("torch", None): 2,
-    ("torch", torch.bfloat16): 8,
-    ("torch", torch.float16): 8,
+    ("cpp", None): 8, ("cpp", torch.bfloat16): 16, ("cpp", torch.float16): 16,
+    ("torch", None): 2, ("torch", torch.bfloat16): 8, ("torch", torch.float16): 8,
 }
 
 #: Per backend: layers with fewer weight bytes use the dense path by default. The C++ call's fixed cost is
@@ -95,15 +91,9 @@ MIN_SPARSE_WEIGHT_BYTES: dict[str, int] = {"cpp": 0, "torch": 4 << 20}
 
 #: The float C++ kernel (``torch.ops.pl_actsparse_ext.sparse_gemv``).
 EXTENSION = InlineExtension(
-    "pl_actsparse_cpu_",
-    "sparse_gemv.cpp",
-    "pl_actsparse_ext",
-    "sparse_gemv",
-    description="C++ CPU sparse kernel",
-    fallback_cost=(
-        "decode runs at the pure-PyTorch embedding_bag kernel's speed (about 0.8-1.0x of dense bf16 "
-        "instead of about 1.5x at 50% sparsity, docs/inference.md)"
-    ),
+    "pl_actsparse_cpu_", "sparse_gemv.cpp", "pl_actsparse_ext", "sparse_gemv", description="C++ CPU sparse kernel",
+    fallback_cost="decode runs at the pure-PyTorch embedding_bag kernel's speed (about 0.8-1.0x of dense bf16 "
+    "instead of about 1.5x at 50% sparsity, docs/inference.md)",
 )
 
 

@@ -337,15 +337,9 @@ int8_sparse_linear.register_autograd(_int8_backward, setup_context=_int8_setup_c
 
 #: The int8 C++ kernel (``torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv``).
 INT8_EXTENSION = InlineExtension(
-    "pl_actsparse_int8_",
-    "int8_sparse_gemv.cpp",
-    "pl_actsparse_int8_ext",
-    "int8_sparse_gemv",
-    description="int8 C++ CPU kernel",
-    fallback_cost=(
-        "int8 decode runs at the pure-PyTorch fallback's speed (index_select + fp32 GEMM, slower than a dense "
-        "bf16 F.linear, docs/int8.md)"
-    ),
+    "pl_actsparse_int8_", "int8_sparse_gemv.cpp", "pl_actsparse_int8_ext", "int8_sparse_gemv",
+    description="int8 C++ CPU kernel", fallback_cost="int8 decode runs at the pure-PyTorch fallback's speed "
+    "(index_select + fp32 GEMM, slower than a dense bf16 F.linear, docs/int8.md)",
 )
 
 
