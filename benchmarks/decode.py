@@ -14,6 +14,10 @@ process per model)::
     python benchmarks/decode.py --end-to-end --e2e-layers 2 --prefill-tokens 128 --decode-steps 4 \
         --e2e-rounds 3 --no-memory                   # a short check
 
+Part (d), the multi-token GEMMs on the stored ``W^T`` against ``F.linear(x, W)`` (prefill)::
+
+    python benchmarks/decode.py --gemm --shapes 2048x2048,2048x5632,5632x2048,2048x256 --threads 1 --rounds 30
+
 Part (c), where one decode token's time goes (projections, thresholding, attention, norms, LM head, the rest)::
 
     python benchmarks/decode.py --profile --decode-steps 4 --threads 1 --dtypes bfloat16
@@ -837,6 +841,55 @@ def end_to_end_benchmark(args: argparse.Namespace) -> dict:
     return out
 
 
+def prefill_gemm_benchmark(args: argparse.Namespace) -> dict:
+    """Part (d): the multi-token GEMMs an exported layer could use on its stored ``W^T``, against ``F.linear(x, W)``
+    at ``--gemm-tokens`` tokens: the three dense methods, oneDNN's linear on ``W^T.T``, a weight prepacked once
+    for oneDNN (bf16; a second copy) or MKL (fp32), and the masking pass (``hardshrink`` / ``mask_small``).
+    Medians of per-round ratios (``F.linear`` time / candidate time: > 1 is faster), interleaved shuffled rounds."""
+    from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
+
+    rng, out = random.Random(args.seed), {}
+    gen = torch.Generator().manual_seed(args.seed)
+    thr = torch.tensor(0.6745)
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for shape in args.shapes.split(","):
+            in_f, out_f = map(int, shape.split("x"))
+            w = torch.randn(out_f, in_f, generator=gen).to(dtype)
+            wt, x = w.t().contiguous(), torch.randn(args.gemm_tokens, in_f, generator=gen).to(dtype)
+            c = {"F.linear(x, W)": lambda: F.linear(x, w)}
+            c["F.linear(x, W^T.T) (linear)"] = lambda: F.linear(x, wt.t())
+            c["x @ W^T (matmul)"] = lambda: torch.matmul(x, wt)
+            sparse_token_crossover(dtype, weight_t=wt)  # measures this shape's dense method, as a layer's first call
+            c["dense_linear_t (the method measured for this shape)"] = lambda: dense_linear_t(x, wt)
+            c["mkldnn._linear_pointwise(x, W^T.T)"] = lambda: torch.ops.mkldnn._linear_pointwise(x, wt.t(), None, "none", [], "")
+            if dtype == torch.bfloat16:
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, args.gemm_tokens)
+                c["oneDNN prepacked W (second copy)"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            else:
+                mkl = torch.ops.mkl._mkl_reorder_linear_weight(w, args.gemm_tokens)
+                c["MKL prepacked W (second copy)"] = lambda: torch.ops.mkl._mkl_linear(x, mkl, w, None, args.gemm_tokens)
+            c["hardshrink(x)"] = lambda: F.hardshrink(x, 0.6745)
+            if kcpu.load_extension(build=False):
+                c["mask_small(x)"] = lambda: torch.ops.pl_actsparse_ext.mask_small(x, thr)
+            times = {k: [] for k in c}
+            for f in c.values():
+                f()
+            for _ in range(args.rounds):
+                order = list(c)
+                rng.shuffle(order)
+                for k in order:
+                    t0 = time.perf_counter()
+                    c[k]()
+                    times[k].append(time.perf_counter() - t0)
+            base = times["F.linear(x, W)"]
+            out[f"{dtype_name} {shape}"] = {
+                "F.linear_ms": round(statistics.median(base) * 1e3, 3),
+                "speed_vs_F.linear": {k: round(statistics.median(b / t for b, t in zip(base, v)), 3) for k, v in times.items()},
+            }
+    return {"prefill_gemm": out, "tokens": args.gemm_tokens, "rounds": args.rounds}
+
+
 def _meta(args: argparse.Namespace) -> dict:
     return {
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
@@ -901,6 +954,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     e2e.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     e2e.add_argument("--e2e-memory-child", choices=list(E2E_VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help="where a decode token's time goes (TinyLlama shapes)")
+    p.add_argument("--gemm", action="store_true", help="part (d): multi-token GEMMs on W^T vs F.linear (--shapes, --dtypes)")
+    p.add_argument("--gemm-tokens", type=int, default=128, help="tokens per call in --gemm")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the read-bandwidth measurement")
     add_out_argument(p, "decode")
     args = p.parse_args(argv)
@@ -914,6 +969,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         bandwidth = read_bandwidth()
     if args.profile:
         body = {"decode_profile": decode_profile(args)}
+    elif args.gemm:
+        with torch.inference_mode():
+            body = prefill_gemm_benchmark(args)
     elif args.end_to_end:
         body = {"end_to_end": end_to_end_benchmark(args)}
     else:

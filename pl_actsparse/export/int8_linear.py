@@ -156,8 +156,7 @@ class Int8SparseInferenceLinear(nn.Module):
                     y = _int8.int8_sparse_gemv_direct(x.reshape(-1, self.in_features).contiguous(), t, self.qweight_t, *args)
                     return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return int8_sparse_linear(x, self.activation_threshold, self.qweight_t, self.scale, zp, self.bias)
-        xm = x.masked_fill(x.abs() <= self.activation_threshold, 0)
-        return int8_dense_linear(xm, self.qweight_t, self.scale, zp, self.bias)
+        return int8_dense_linear(_cpu.zero_small(x, self.activation_threshold), self.qweight_t, self.scale, zp, self.bias)
 
     def extra_repr(self) -> str:
         return (
