@@ -51,7 +51,7 @@ def _data(shape: tuple, kind: str, rng: np.random.Generator) -> np.ndarray:
     if len(shape) == 1:
         return np.ones(shape, dtype=np.float32)
     if kind == "bf16":
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).view(np.uint32).__rshift__(16).astype(np.uint16)
+        return ((rng.standard_normal(shape, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
     rows, cols = shape  # Q8_0: per 32 values one fp16 scale and 32 int8
     blocks = np.empty((rows, cols // 32, 34), dtype=np.uint8)
     blocks[..., :2] = np.frombuffer(np.float16(0.02 / 127).tobytes(), dtype=np.uint8)
