@@ -13,7 +13,9 @@ sequential" mode, :func:`calibrate_block` calibrates them one after another on t
   sets the level's thresholds, as in lockstep. **Propagation**: each batch's output under the final thresholds
   becomes the cached input of the next block.
 * **Reuse**: a sub-module (HF's ``self_attn``) whose targeted layers are all final returns its kept output in
-  later passes (kept only while no larger than the block input).
+  later passes (kept only while no larger than the block input). When its output is the output of its last
+  layer (``o_proj``, called on one tensor), that layer's input is kept in the layer's own pass, and the
+  sub-module's output is then computed from it (``o_proj`` alone, not ``q/k/v`` and the attention again).
 
 Float32 fine counts are kept for a *window* of coarse bins around the first batch's quantile; when the final
 bin falls outside, the level pass runs once more for its fine counts. Thresholds, histograms and zeroed counts
@@ -75,12 +77,14 @@ class _Stop(Exception):
 class BlockPlan:
     """Dependency levels of a block's targeted layers, by their names inside the block.
 
-    ``levels[l]`` lists the level-``l`` layers in call order; ``reuse`` maps the name of a sub-module that can
-    return its earlier output to the first pass (level index) in which all of its targeted layers are final.
+    ``levels[l]`` lists the level-``l`` layers in call order; ``reuse`` holds ``(name, ready, tail)`` of each
+    sub-module that can return its earlier output: ``ready`` is the first pass (level index) in which all of its
+    targeted layers are final; ``tail`` is ``(layer, arity)`` when its output is the output of its last layer
+    (``arity`` 0: that tensor, ``k``: a tuple of it and ``k - 1`` ``None``), else ``None``.
     """
 
     levels: tuple[tuple[str, ...], ...]
-    reuse: tuple[tuple[str, int], ...]
+    reuse: tuple[tuple[str, int, tuple[str, int] | None], ...]
 
     @property
     def passes(self) -> int:
@@ -142,11 +146,17 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
     containers = [m for m in block.modules() if m is not block and id(m) not in ids
                   and any(id(x) in ids for x in m.modules())]
     container_calls = {id(m): 0 for m in containers}
+    outs: dict[int, Any] = {}  # module -> its output; a layer called on one tensor only
 
     def count(module: nn.Module, _args: Any) -> None:
         container_calls[id(module)] += 1
 
+    def output(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if id(module) in container_calls or (len(args) == 1 and not kwargs):
+            outs[id(module)] = out
+
     handles = [m.register_forward_pre_hook(count) for m in containers]
+    handles += [m.register_forward_hook(output, with_kwargs=True) for m in (*containers, *layers)]
     modes = [m._actsparse.mode for m in layers]
     for m in layers:
         m._actsparse.mode = SparsifierMode.SPARSIFYING  # x * keep: a graph node per layer, whatever the threshold
@@ -185,15 +195,28 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
     # sub-modules called once whose targeted layers are all final before the last level: their output can be reused
     ready = {}
     for m in containers:
-        inside = [level[ids[id(x)]] for x in m.modules() if id(x) in ids]
-        r = max(inside) + 1
-        if container_calls[id(m)] == 1 and r < n_levels:
-            ready[local[id(m)]] = r
+        inside = [ids[id(x)] for x in m.modules() if id(x) in ids]
+        r = max(level[k] for k in inside) + 1
+        last = [k for k in inside if level[k] == r - 1]
+        tail = _tail(outs.get(id(m)), outs.get(id(layers[last[0]]))) if len(last) == 1 else None
+        if container_calls[id(m)] == 1 and (r < n_levels or tail is not None):
+            ready[local[id(m)]] = (r, None if tail is None else (names[last[0]], tail))
     outermost = tuple(sorted(
-        ((n, r) for n, r in ready.items() if not any(n.startswith(o + ".") for o in ready)),
+        ((n, r, t) for n, (r, t) in ready.items() if not any(n.startswith(o + ".") for o in ready)),
         key=lambda t: t[0],
     ))
     return BlockPlan(levels, outermost)
+
+
+def _tail(out: Any, layer_out: Any) -> int | None:
+    """The arity of a sub-module output that is ``layer_out`` (0) or a tuple of it and ``None``s, else ``None``."""
+    if layer_out is None or out is None:
+        return None
+    if out is layer_out:
+        return 0
+    if type(out) is tuple and out and out[0] is layer_out and all(v is None for v in out[1:]):
+        return len(out)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,17 +304,20 @@ class _Pass:
         self.calls: dict[int, int] = {}
         self.last: tuple | None = None  # (input, mask, selected, histogram) of the previous observation
         self.saved: list = []
-        self.wont_keep: set[str] = set()
+        self.wont_keep: set = set()  # sub-modules whose output (name) or last layer's input ((name,)) is too large
+        self.tails: dict[int, str] = {}  # last layer -> its sub-module, whose output is that layer's (BlockPlan.reuse)
 
     def __enter__(self) -> "_Pass":
         for m in self.layers.values():
             m._actsparse.observers[id(self.token)] = self.observe
         modules = dict(self.block.named_modules())
         layer_ids = {id(m) for m in self.layers.values()}
-        for name, ready in self.plan.reuse:
+        for name, ready, tail in self.plan.reuse:
             sub = modules[name]
             self.inside[name] = {id(m) for m in sub.modules() if id(m) in layer_ids}
-            self.saved.append((sub, patch_forward(sub, lambda real, name=name, ready=ready: self._reusing(name, ready, real))))
+            if tail is not None:
+                self.tails[id(self.layers[tail[0]])] = name
+            self.saved.append((sub, patch_forward(sub, lambda real, name=name, ready=ready, tail=tail: self._reusing(name, ready, tail, real))))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -313,13 +339,21 @@ class _Pass:
             elif not skip and name in self.skipping:
                 restore_forward(m, self.skipping.pop(name))
 
-    def _reusing(self, name: str, ready: int, real: Callable[..., Any]) -> Callable[..., Any]:
+    def _reusing(self, name: str, ready: int, tail: tuple[str, int] | None, real: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             key = (self.index, name)
             if key in self.kept:
                 self.replayed |= self.inside[name]
                 return self.cache.load(self.kept[key])
-            out = real(*args, **kwargs)
+            kept_input = self.kept.pop(key + ("input",), None) if self.level >= ready else None
+            if kept_input is not None:  # the output of the last layer on its input kept in its own pass
+                layer = self.layers[tail[0]]  # type: ignore[index]
+                y = layer(self.cache.load(kept_input))
+                self.cache.drop(kept_input)
+                self.replayed |= self.inside[name] - {id(layer)}
+                out = (y,) + (None,) * (tail[1] - 1) if tail[1] else y  # type: ignore[index]
+            else:
+                out = real(*args, **kwargs)
             last_pass = self.level >= self.plan.passes  # propagation: nobody reads a kept output afterwards
             if self.level >= ready and not last_pass and name not in self.wont_keep:
                 if _nbytes(out) <= self.hidden_bytes[self.index]:
@@ -349,6 +383,14 @@ class _Pass:
             hist = coarse_histogram(sel)
             self.last = (inp, mask, sel, hist)
         acc.add(sel, hist)
+        sub = self.tails.get(key)
+        if sub is not None and (sub,) not in self.wont_keep:  # the sub-module's output is computed from this input later
+            if _nbytes(inp) > self.hidden_bytes[self.index]:
+                self.wont_keep.add((sub,))
+            else:
+                handle = self.cache.keep(self.index, sub, inp)
+                same = isinstance(handle, torch.Tensor) and handle.data_ptr() == inp.data_ptr()
+                self.kept[(self.index, sub, "input")] = handle.clone() if same else handle  # the model may change inp later
         self.pending.discard(key)
         if not self.pending:
             self.last = None

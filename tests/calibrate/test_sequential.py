@@ -386,7 +386,9 @@ def test_levels_of_llama_and_gpt2_blocks():
     plan = plan_block(block, [m for _, m in sparsified_layers(block)], (x,), {"position_embeddings": pos})
     assert plan.levels == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-    assert plan.reuse == (("self_attn", 2),)
+    # the attention's output is o_proj's: from level 2 on it is computed from o_proj's kept input; the MLP's is
+    # down_proj's, computed from down_proj's input in the propagation pass (when that input is small enough to keep)
+    assert plan.reuse == (("mlp", 4, ("mlp.down_proj", 0)), ("self_attn", 2, ("self_attn.o_proj", 2)))
 
     from transformers.pytorch_utils import Conv1D
 
@@ -396,7 +398,7 @@ def test_levels_of_llama_and_gpt2_blocks():
     block = gpt2.transformer.h[1]
     plan = plan_block(block, [m for _, m in sparsified_layers(block)], (torch.randn(2, 5, 32),), {})
     assert plan.levels == (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
-    assert plan.reuse == (("attn", 2),)
+    assert plan.reuse == (("attn", 2, ("attn.c_proj", 2)), ("mlp", 4, ("mlp.c_proj", 0)))  # dropout is the identity in eval
 
 
 def test_gpt2_conv1d_blocks_match_lockstep(caplog):
