@@ -152,6 +152,7 @@ class _StubState(threading.local):
     passed: Any = None
     seen: dict | None = None
     visited: set | None = None
+    final: Any = None
 
 
 class Stubs:
@@ -195,8 +196,9 @@ class Stubs:
                                  "stream, e.g. a residual passed between blocks), which the cache does not carry")
             st.next_block = j + 1
             if self.mode is StubMode.TAIL:
-                if j == last:
-                    return self.fmt(self.cache.hidden(st.index))  # type: ignore[misc,union-attr]
+                if j == last:  # with autograd on, a leaf whose gradient the caller reads (state.final)
+                    st.final = self.cache.hidden(st.index).detach().requires_grad_(torch.is_grad_enabled())  # type: ignore[union-attr]
+                    return self.fmt(st.final)  # type: ignore[misc]
                 # never read by a chained model; NaN makes any other use fail loudly (NonFiniteActivationError)
                 if j == 0:
                     st.poison = torch.full_like(hidden, float("nan"))

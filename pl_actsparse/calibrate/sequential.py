@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.calibrate.blocks import BlockRunner, ModelRunner, StubMode, Stubs, find_block_list, probe
+from pl_actsparse.calibrate.blocks import BlockRunner, ModelRunner, StubMode, Stubs, find_block_list, hidden_out, probe
 from pl_actsparse.calibrate.cache import BoundaryCache
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.histogram import LayerStatistics
@@ -38,13 +38,14 @@ from pl_actsparse.calibrate.levels import BlockPlan, Unleveled, calibrate_block,
 from pl_actsparse.calibrate.lockstep import calibrate_layers
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.calibrate.running import (
-    default_transform_fn, forward_is_not_reentrant, mask_of, model_device, take_batches
+    call_model, default_transform_fn, forward_is_not_reentrant, mask_of, model_device, take_batches, to_device
 )
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.masking import resolve_mask_fn
 from pl_actsparse.core.module_state import preserved_modes
+from pl_actsparse.errors import NonFiniteActivationError
 
-__all__ = ["calibrate_sequential"]
+__all__ = ["calibrate_sequential", "input_gradients", "sequential_input_gradients"]
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,16 @@ def _split(block_list: list, list_name: str, layers: Layers) -> tuple[list[list]
 
 
 def _capture(model: nn.Module, stubs: Stubs, batches: list, transform: Callable, masks: list, outside: Layers,
-             dist: Distributed, config: CalibrationConfig, stats: dict) -> Layers:
+             dist: Distributed, config: CalibrationConfig, stats: dict | None) -> Layers:
     """Fill the cache with every batch's block inputs, calibrating the targeted layers before block 0 on the
-    way (into ``stats``); returns the targeted layers after the blocks."""
+    way (into ``stats``; ``None``: there must be none); returns the targeted layers after the blocks."""
     with stubs:
         pre, failure = probe(model, stubs, batches, transform, outside, dist)
-        if failure:
-            raise _Fallback(failure)
+        pre_layers = [(n, m) for n, m in outside if n in pre]
+        if failure or (pre_layers and stats is None):
+            raise _Fallback(failure or f"targeted layers run before the first block: {[n for n, _ in pre_layers]}")
         stubs.mode = StubMode.CAPTURE
         runner = ModelRunner(model, stubs, batches, transform, masks)
-        pre_layers = [(n, m) for n, m in outside if n in pre]
         if pre_layers:
             stats.update(_lockstep(runner, pre_layers, len(batches), config))
         else:
@@ -248,3 +249,95 @@ def _lockstep(runner: nn.Module, layers: Layers, count: int, config: Calibration
     full = {local[id(m)]: n for n, m in layers}
     got = calibrate_layers(runner, [(local[id(m)], m) for _, m in layers], list(range(count)), config)
     return {full[k]: dataclasses.replace(st, name=full[k]) for k, st in got.items()}
+
+
+Gradients = list[tuple[str, torch.Tensor, torch.Tensor | None]]
+
+
+def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[Gradients, tuple]:
+    """``run() -> (output, its gradient or None for a scalar loss, tensors wrt)`` with autograd on; returns
+    ``(name, input, d output / d input)`` for every call of the ``layers`` (each call gets its own node, so that
+    q/k/v reading one tensor get their own shares; ``None`` where the output does not depend on it) and the
+    gradients of ``wrt``. Parameters' ``.grad`` are not touched."""
+    captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def capture(args: tuple, name: str) -> tuple:
+        x = args[0]
+        own = x.clone() if x.requires_grad else x.detach().clone().requires_grad_()
+        captured.append((name, x.detach(), own))
+        return (own, *args[1:])
+
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: capture(a, n)) for n, m in layers]
+    try:
+        with torch.enable_grad():
+            out, grad, wrt = run()
+            own = [c[2] for c in captured]
+            grads = torch.autograd.grad(out, [*wrt, *own], grad, allow_unused=True) if own or wrt else ()
+    finally:
+        for h in handles:
+            h.remove()
+    return [(n, x, g) for (n, x, _), g in zip(captured, grads[len(wrt):])], tuple(grads[: len(wrt)])
+
+
+def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, loss_fn: Callable,
+                               config: CalibrationConfig, visit: Callable[[Gradients, Any], None]) -> bool:
+    """The block-wise twin of one forward and backward of ``model`` per batch: ``visit(gradients, token mask)``
+    with :func:`input_gradients` of the ``layers`` after the blocks (the loss ``loss_fn(output, inputs, mask)[0]``
+    at the head, the blocks returning the cached last hidden states), then of each block's layers from the last
+    block to the first, each block recomputed from its cached input with autograd on and given the gradient of its
+    output; the gradient of its input goes down to the block before.
+
+    Memory above the model's: the boundary cache (``config.offload``), one batch's block inputs (``blocks x
+    tokens x hidden``) and the autograd activations of one block, instead of every block's. Returns ``False``,
+    having visited nothing and logged a warning, when the model does not fit the block-wise scheme
+    (:func:`calibrate_sequential`) or a targeted layer runs before the first block: run the whole model then.
+
+    Raises:
+        NonFiniteActivationError: the loss is not finite (also the sign of a head that reads an earlier block).
+    """
+    transform, device = config.transform_fn or default_transform_fn, model_device(model)
+    dist = Distributed(config.sync_across_processes, device)
+    mask_fn = resolve_mask_fn(config.token_mask)
+    list_name, why = find_block_list(model, [n for n, _ in layers])
+    if list_name is None or forward_is_not_reentrant(model):
+        log.warning("block-wise gradients are not possible here, running the whole model: %s", why)
+        return False
+    block_list = list(model.get_submodule(list_name))
+    by_block, outside = _split(block_list, list_name, layers)
+    cache = BoundaryCache(len(batches), device, config.offload, None)
+    stubs = Stubs(block_list, cache)
+    try:
+        post = _capture(model, stubs, batches, transform, [None] * len(batches), outside, dist, config, None)
+        for i, item in enumerate(batches):
+            mask = mask_of(mask_fn, item)
+            inputs = []
+            with torch.no_grad():
+                for j, block in enumerate(block_list):
+                    h = cache.hidden(i)
+                    inputs.append(cache.keep(i, "input", h))
+                    args, kwargs = cache.call(i, j, h)
+                    cache.set_hidden(i, hidden_out(block(*args, **kwargs)))
+            x_in = to_device(transform(item), device)
+            with stubs:
+                stubs.mode = StubMode.TAIL
+                stubs.start(i)
+                got, (g,) = input_gradients(post, lambda: (loss_fn(call_model(model, x_in), x_in, mask)[0], None, [stubs.state.final]))
+            if g is None or not bool(torch.isfinite(g).all()):
+                raise NonFiniteActivationError(
+                    "the gradient of the last block's output is not finite (or none): a non-finite loss, or a head "
+                    "that reads an earlier block's output as well (not a chain of blocks): use calibration='lockstep'")
+            visit(got, mask)
+            for j in reversed(range(len(block_list))):
+                x = cache.load(inputs[j]).requires_grad_()
+                args, kwargs = cache.call(i, j, x)
+                run = lambda b=block_list[j], a=args, k=kwargs, x=x, g=g: (hidden_out(b(*a, **k)), g, [x])  # noqa: E731
+                got, (g,) = input_gradients(by_block[j], run)
+                visit(got, mask)
+                g = torch.zeros_like(x) if g is None else g
+                cache.drop(inputs[j])
+    except _Fallback as exc:
+        log.warning("block-wise gradients are not possible here, running the whole model: %s", exc)
+        return False
+    finally:
+        cache.close()
+    return True
