@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
@@ -53,11 +52,9 @@ class _Entry:
 
     def __init__(self) -> None:
         self.hidden: Any = None  # tensor, or the path of its file (offload="disk")
-        self.shape: tuple = ()
-        self.dtype: torch.dtype | None = None
+        self.nbytes = 0
         self.calls: list[tuple[tuple, dict]] = []  # per block: args, kwargs with placeholders
         self.tensors: Any = []  # list of tensors, or the path of their file (offload="disk")
-        self.generation = 0
 
 
 class BoundaryCache:
@@ -68,11 +65,11 @@ class BoundaryCache:
         self.device = device
         self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
         self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
-        self.kept_files = 0
+        self.files = 0
 
     def hidden_nbytes(self) -> int:
         """Bytes of the cached hidden states (all batches)."""
-        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries if e.dtype is not None)
+        return sum(e.nbytes for e in self.entries)
 
     def close(self) -> None:
         if self.dir is not None:
@@ -113,37 +110,25 @@ class BoundaryCache:
             torch.save(entry.tensors, path)
             entry.tensors = path
 
-    # reading and writing ---------------------------------------------------------------------------
+    # reading and writing: the hidden states, and the outputs of finished sub-modules reused within one block
+    # (pl_actsparse.calibrate.levels) ------------------------------------------------------------------------
     def hidden(self, b: int) -> torch.Tensor:
-        entry = self.entries[b]
-        if isinstance(entry.hidden, str):
-            t = torch.from_file(entry.hidden, shared=False, size=math.prod(entry.shape), dtype=entry.dtype).view(entry.shape)
-        else:
-            t = entry.hidden
-        return t if self.device is None else t.to(self.device)
+        h = self.entries[b].hidden
+        h = torch.load(h, mmap=True, weights_only=True) if isinstance(h, str) else h
+        return h if self.device is None else h.to(self.device)
 
     def set_hidden(self, b: int, t: torch.Tensor) -> None:
         entry = self.entries[b]
-        t = t.detach()
-        entry.shape, entry.dtype = tuple(t.shape), t.dtype
-        if self.dir is not None:
-            # a new file each time: the old one may still be mapped (and even be ``t`` itself)
-            entry.generation += 1
-            path = os.path.join(self.dir, f"hidden{b}-{entry.generation}.bin")
-            t.contiguous().cpu().view(torch.uint8).numpy().tofile(path)
-            old, entry.hidden = entry.hidden, path
-            if isinstance(old, str):
-                os.remove(old)
-        else:
-            entry.hidden = t if self.store_device is None else t.to(self.store_device)
+        old, entry.hidden, entry.nbytes = entry.hidden, self.keep(b, "hidden", t), t.numel() * t.element_size()
+        self.drop(old)  # after writing the new file: the old one may still be mapped (and even be ``t`` itself)
 
-    # outputs of finished sub-modules, reused within one block (pl_actsparse.calibrate.levels) --------------
     def keep(self, b: int, name: str, out: Any) -> Any:
-        out = map_tensors(out, lambda t: t.detach() if self.store_device is None else t.detach().to(self.store_device))
-        if self.dir is None:
+        store, disk = self.store_device, self.dir is not None  # a file holds the tensor only, not a larger storage
+        out = map_tensors(out, lambda t: t.detach() if store is None else t.detach().to(store, copy=disk))
+        if not disk:
             return out
-        self.kept_files += 1
-        path = os.path.join(self.dir, f"kept{b}-{self.kept_files}.pt")
+        self.files += 1
+        path = os.path.join(self.dir, f"{name}{b}-{self.files}.pt")
         torch.save(out, path)
         return path
 

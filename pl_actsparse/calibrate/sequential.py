@@ -83,17 +83,12 @@ def calibrate_sequential(
     transform = config.transform_fn or default_transform_fn
     dist = Distributed(config.sync_across_processes, model_device(model))
     batches = take_batches(items, config.num_batches, dist)
-    names = [n for n, _ in layers]
-    list_name, why = find_block_list(model, names, blocks)
-    if list_name is None or forward_is_not_reentrant(model):
-        return _fallback(model, layers, batches, config, why if list_name is None else
-                         "the model keeps per-forward global state (NNCF's function hooks)")
-    block_list = list(model.get_submodule(list_name))
-    by_block, outside = _split(block_list, list_name, layers)
+    scheme = _scheme(model, layers, len(batches), config, blocks, offload_dir)
+    if isinstance(scheme, str):
+        return _fallback(model, layers, batches, config, scheme)
+    block_list, by_block, outside, cache, stubs = scheme
     mask_fn = resolve_mask_fn(config.token_mask)
     masks = [mask_of(mask_fn, b) for b in batches]
-    cache = BoundaryCache(len(batches), model_device(model), config.offload, offload_dir)
-    stubs = Stubs(block_list, cache)
     inner = config.replace(num_batches=None, transform_fn=None, token_mask=None, progress=False)
     stats: dict[str, LayerStatistics] = {}
     plans: dict[tuple, BlockPlan | str] = {}
@@ -115,12 +110,24 @@ def calibrate_sequential(
             return _fallback(model, layers, batches, config, str(exc))
     finally:
         cache.close()
-    return {n: stats[n] for n in names}
+    return {n: stats[n] for n, _ in layers}
 
 
 def _fallback(model: nn.Module, layers: Layers, batches: list, config: CalibrationConfig, reason: str) -> dict[str, LayerStatistics]:
     log.warning("sequential calibration is not possible here, calibrating in lockstep instead: %s", reason)
     return calibrate_layers(model, layers, batches, config)
+
+
+def _scheme(model: nn.Module, layers: Layers, n: int, config: CalibrationConfig, blocks: str | None,
+            offload_dir: str | None) -> tuple | str:
+    """The blocks, the targeted layers per block and outside them, the cache of ``n`` batches and the stubs;
+    or why the model does not fit the scheme."""
+    list_name, why = find_block_list(model, [n for n, _ in layers], blocks)
+    if list_name is None or forward_is_not_reentrant(model):
+        return why if list_name is None else "the model keeps per-forward global state (NNCF's function hooks)"
+    block_list = list(model.get_submodule(list_name))
+    cache = BoundaryCache(n, model_device(model), config.offload, offload_dir)
+    return (block_list, *_split(block_list, list_name, layers), cache, Stubs(block_list, cache))
 
 
 def _split(block_list: list, list_name: str, layers: Layers) -> tuple[list[list], list]:
@@ -295,19 +302,15 @@ def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, 
     Raises:
         NonFiniteActivationError: the loss is not finite (also the sign of a head that reads an earlier block).
     """
-    transform, device = config.transform_fn or default_transform_fn, model_device(model)
-    dist = Distributed(config.sync_across_processes, device)
-    mask_fn = resolve_mask_fn(config.token_mask)
-    list_name, why = find_block_list(model, [n for n, _ in layers])
-    if list_name is None or forward_is_not_reentrant(model):
-        log.warning("block-wise gradients are not possible here, running the whole model: %s", why)
+    transform, device, mask_fn = config.transform_fn or default_transform_fn, model_device(model), resolve_mask_fn(config.token_mask)
+    scheme = _scheme(model, layers, len(batches), config, None, None)
+    if isinstance(scheme, str):
+        log.warning("block-wise gradients are not possible here, running the whole model: %s", scheme)
         return False
-    block_list = list(model.get_submodule(list_name))
-    by_block, outside = _split(block_list, list_name, layers)
-    cache = BoundaryCache(len(batches), device, config.offload, None)
-    stubs = Stubs(block_list, cache)
+    block_list, by_block, outside, cache, stubs = scheme
     try:
-        post = _capture(model, stubs, batches, transform, [None] * len(batches), outside, dist, config, None)
+        post = _capture(model, stubs, batches, transform, [None] * len(batches), outside,
+                        Distributed(config.sync_across_processes, device), config, None)
         for i, item in enumerate(batches):
             mask = mask_of(mask_fn, item)
             inputs = []

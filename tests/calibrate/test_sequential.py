@@ -571,7 +571,7 @@ def test_eager_attention_weights_are_too_large_to_reuse(monkeypatch):
             return model
 
         _assert_same(build, _padded_batches())
-        assert sorted(set(kept)) == expect, impl
+        assert sorted(set(kept) - {"hidden"}) == expect, impl  # the block boundaries are kept the same way
 
 
 def test_peft_lora_blocks_go_level_by_level_and_match_lockstep(caplog):
