@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -203,30 +204,13 @@ def _signature(block: nn.Module, layers: Layers) -> tuple:
 
 def _agreed_plan(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, count: int,
                  dist: Distributed) -> BlockPlan | str:
-    """The block's dependency levels from this rank's first batch, agreed by all ranks (or why there are none)."""
-    modules = [m for _, m in layers]
-    got = plan_block(block, modules, *cache.call(0, j, cache.hidden(0))) if count else "this rank has no calibration batch"
-    if not dist.enabled:
-        return got
-    plan, reason = (got, "") if isinstance(got, BlockPlan) else (None, got)
-    local = {id(m): n for n, m in block.named_modules()}
-    names = [local[id(m)] for m in modules]
-    level = {n: lv for lv, group in enumerate(plan.levels) for n in group} if plan is not None else {}
-    vec = [level.get(n, 0) for n in names]
-    sums = dist.sum_(torch.tensor([int(plan is not None), int(plan is None and bool(count))]
-                                  + vec + [v * v for v in vec], dtype=torch.int64)).tolist()
-    planned, failed, k = sums[0], sums[1], len(names)
-    if failed or not planned:
-        return reason if plan is None else "another rank's block cannot be calibrated level by level"
-    lv_sum, sq_sum = sums[2 : 2 + k], sums[2 + k :]
-    if any(sq * planned != s * s for s, sq in zip(lv_sum, sq_sum)):  # equal on every rank iff Cauchy-Schwarz is tight
-        return "the ranks found different dependency levels"
-    agreed = [s // planned for s in lv_sum]
-    if plan is not None:
-        return plan
-    order = {n: i for i, n in enumerate(names)}
-    levels = tuple(tuple(sorted((n for n in names if agreed[order[n]] == lv), key=order.get)) for lv in range(max(agreed) + 1))
-    return BlockPlan(levels, ())
+    """The block's dependency levels from this rank's first batch, the same on every rank (or why there are none:
+    then every rank calibrates the block in lockstep)."""
+    got = plan_block(block, [m for _, m in layers], *cache.call(0, j, cache.hidden(0))) if count else "this rank has no calibration batch"
+    code = zlib.crc32(repr(got).encode()) if isinstance(got, BlockPlan) else -1
+    if dist.min_int(code) != -dist.min_int(-code):
+        return got if isinstance(got, str) else "another rank found other dependency levels, or none"
+    return got
 
 
 def _leveled(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, masks: list, dist: Distributed,

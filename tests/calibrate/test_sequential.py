@@ -653,13 +653,6 @@ def test_ddp_ranks_agree_and_equal_one_process_on_the_union(tmp_path):
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], single[k]) for k in a)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import torch.multiprocessing as mp
-
-    init = "file://" + os.path.join(sys.argv[1], "rendezvous")
-    mp.spawn(_ddp_worker, args=(sys.argv[1], init), nprocs=2, join=True)
-
-
 def test_attention_output_is_computed_from_o_proj_input():
     """After o_proj's pass, the attention's output is o_proj applied to its kept input: q/k/v run in the passes of
     levels 0 and 1 only (before: 0, 1 and 2), and the thresholds stay lockstep's bit for bit."""
@@ -692,7 +685,7 @@ class _SavedPerBlock:
     """Autograd's saved tensors per block, alive until their graph is freed: how many blocks hold activations at once."""
 
     def __init__(self, blocks):
-        self.now, self.alive, self.most, self.bytes = None, {}, 0, 0
+        self.now, self.alive, self.most = None, {}, 0
         for j, b in enumerate(blocks):
             b.register_forward_pre_hook(lambda *_, j=j: setattr(self, "now", j))
             b.register_forward_hook(lambda *_: setattr(self, "now", None))
@@ -769,3 +762,10 @@ def test_allocation_auto_block_by_block_allocates_the_same_levels(caplog):
         got = fisher_curves(net, layers, data, next_token_nll, CalibrationConfig(progress=False, method="sequential"))
     assert any("running the whole model" in r.getMessage() for r in caplog.records)
     assert got == fisher_curves(net, layers, data, next_token_nll, CalibrationConfig(progress=False, method="lockstep"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import torch.multiprocessing as mp
+
+    init = "file://" + os.path.join(sys.argv[1], "rendezvous")
+    mp.spawn(_ddp_worker, args=(sys.argv[1], init), nprocs=2, join=True)
