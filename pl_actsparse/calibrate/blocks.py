@@ -19,7 +19,9 @@ from torch import nn
 
 from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import call_model, model_device, patch_forward, restore_forward, run_item, to_device
+from pl_actsparse.calibrate.running import (
+    call_model, map_tensors, model_device, patch_forward, restore_forward, run_item, to_device
+)
 from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import InvalidOptionError
 
@@ -134,16 +136,9 @@ def _output_format(out: Any, hidden: torch.Tensor) -> Callable[[torch.Tensor], A
 
 
 def _holds_any(args: tuple, kwargs: dict, ids: set) -> bool:
-    def walk(v: Any) -> bool:
-        if isinstance(v, torch.Tensor):
-            return id(v) in ids
-        if isinstance(v, dict):
-            return any(walk(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return any(walk(x) for x in v)
-        return False
-
-    return walk(args) or walk(kwargs)
+    found: list[bool] = []
+    map_tensors((args, kwargs), lambda t: found.append(id(t) in ids))
+    return any(found)
 
 
 class _StubState(threading.local):

@@ -210,13 +210,10 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
 
 def _tail(out: Any, layer_out: Any) -> int | None:
     """The arity of a sub-module output that is ``layer_out`` (0) or a tuple of it and ``None``s, else ``None``."""
-    if layer_out is None or out is None:
-        return None
-    if out is layer_out:
-        return 0
-    if type(out) is tuple and out and out[0] is layer_out and all(v is None for v in out[1:]):
-        return len(out)
-    return None
+    if layer_out is None or out is layer_out:
+        return None if layer_out is None else 0
+    tuple_of_it = type(out) is tuple and out and out[0] is layer_out and all(v is None for v in out[1:])
+    return len(out) if tuple_of_it else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,13 +433,9 @@ def _zeros_after_observers(module: nn.Module) -> Callable[..., torch.Tensor]:
 def _nbytes(out: Any) -> int:
     if isinstance(out, torch.Tensor):
         return out.numel() * out.element_size()
-    if isinstance(out, (tuple, list)):
-        return sum(_nbytes(v) for v in out)
-    if isinstance(out, dict):
-        return sum(_nbytes(v) for v in out.values())
-    if out is None or isinstance(out, (int, float, bool, str)):
-        return 0
-    return 1 << 62  # unknown objects are never kept
+    if isinstance(out, (tuple, list, dict)):
+        return sum(map(_nbytes, out.values() if isinstance(out, dict) else out))
+    return 0 if out is None or isinstance(out, (int, float, bool, str)) else 1 << 62  # unknown objects are never kept
 
 
 def calibrate_block(

@@ -197,30 +197,21 @@ def _tail(model: nn.Module, stubs: Stubs, batches: list, transform: Callable, ma
             m._actsparse.observers.pop(id(tail), None)
 
 
-def _signature(block: nn.Module, layers: Layers) -> tuple:
-    local = {id(m): n for n, m in block.named_modules()}
-    return (type(block),) + tuple((local[id(m)], type(m)) for _, m in layers)
-
-
-def _agreed_plan(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, count: int,
-                 dist: Distributed) -> BlockPlan | str:
-    """The block's dependency levels from this rank's first batch, the same on every rank (or why there are none:
-    then every rank calibrates the block in lockstep)."""
-    got = plan_block(block, [m for _, m in layers], *cache.call(0, j, cache.hidden(0))) if count else "this rank has no calibration batch"
-    code = zlib.crc32(repr(got).encode()) if isinstance(got, BlockPlan) else -1
-    if dist.min_int(code) != -dist.min_int(-code):
-        return got if isinstance(got, str) else "another rank found other dependency levels, or none"
-    return got
-
-
 def _leveled(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, masks: list, dist: Distributed,
              plans: dict) -> dict[str, LayerStatistics] | None:
-    """Calibrate block ``j`` level by level (:mod:`pl_actsparse.calibrate.levels`); ``None`` when it cannot be."""
-    sig = _signature(block, layers)
+    """Calibrate block ``j`` level by level (:mod:`pl_actsparse.calibrate.levels`); ``None`` when it cannot be.
+
+    The plan comes from this rank's first batch, once per block structure, and must be the same on every rank
+    (a rank that cannot plan, or has no batch, sends every rank to lockstep for the block)."""
+    local = {id(m): n for n, m in block.named_modules()}
+    sig = (type(block),) + tuple((local[id(m)], type(m)) for _, m in layers)
     if sig not in plans:
-        plans[sig] = _agreed_plan(block, j, layers, cache, len(masks), dist)
-        if isinstance(plans[sig], BlockPlan):
-            log.debug("block %d: dependency levels %s, reused outputs %s", j, plans[sig].levels, plans[sig].reuse)
+        got = plan_block(block, [m for _, m in layers], *cache.call(0, j, cache.hidden(0))) if masks else "this rank has no calibration batch"
+        code = zlib.crc32(repr(got).encode()) if isinstance(got, BlockPlan) else -1
+        if dist.min_int(code) != -dist.min_int(-code):
+            got = got if isinstance(got, str) else "another rank found other dependency levels, or none"
+        plans[sig] = got
+        log.debug("block %d: plan %s", j, got)
     plan = plans[sig]
     if isinstance(plan, str):
         log.info("block %d is calibrated with all batches in flight (lockstep): %s", j, plan)
