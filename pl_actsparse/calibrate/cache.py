@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +45,15 @@ def is_cache_object(v: Any) -> bool:
     if isinstance(v, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict)):
         return False
     return "cache" in type(v).__name__.lower()
+
+
+def _walk(v: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to the items of a dict, list or tuple (not a named tuple); anything else as it is."""
+    if isinstance(v, dict):
+        return {k: fn(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return type(v)(fn(x) for x in v)
+    return v
 
 
 class _Entry:
@@ -85,18 +94,11 @@ class BoundaryCache:
             if v is hidden:
                 return _HIDDEN
             if isinstance(v, torch.Tensor):
-                key = id(v)
-                if key not in seen:
-                    seen[key] = (len(tensors), v)  # keeps v alive, so ids stay unique
+                if id(v) not in seen:
+                    seen[id(v)] = (len(tensors), v)  # keeps v alive, so ids stay unique
                     tensors.append(v.detach() if self.store_device is None else v.detach().to(self.store_device))
-                return _Tensor(seen[key][0])
-            if isinstance(v, dict):
-                return {k: enc(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-                return type(v)(enc(x) for x in v)
-            if is_cache_object(v):
-                return _Fresh(v)
-            return v
+                return _Tensor(seen[id(v)][0])
+            return _Fresh(v) if is_cache_object(v) else _walk(v, enc)
 
         entry.calls.append((enc(args), enc(kwargs)))
         if j == 0:
@@ -106,9 +108,7 @@ class BoundaryCache:
         """The batch's calls are complete: move its tensors to their file (offload="disk")."""
         entry = self.entries[b]
         if self.dir is not None and isinstance(entry.tensors, list):
-            path = os.path.join(self.dir, f"calls{b}.pt")
-            torch.save(entry.tensors, path)
-            entry.tensors = path
+            entry.tensors = self.keep(b, "calls", entry.tensors)
 
     # reading and writing: the hidden states, and the outputs of finished sub-modules reused within one block
     # (pl_actsparse.calibrate.levels) ------------------------------------------------------------------------
@@ -152,15 +152,8 @@ class BoundaryCache:
             if v is _HIDDEN:
                 return hidden
             if isinstance(v, _Tensor):
-                t = tensors[v.index]
-                return t if device is None else t.to(device)
-            if isinstance(v, _Fresh):
-                return copy.deepcopy(v.obj)
-            if isinstance(v, dict):
-                return {k: dec(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-                return type(v)(dec(x) for x in v)
-            return v
+                return tensors[v.index] if device is None else tensors[v.index].to(device)
+            return copy.deepcopy(v.obj) if isinstance(v, _Fresh) else _walk(v, dec)
 
         args, kwargs = entry.calls[j]
         return dec(args), dec(kwargs)

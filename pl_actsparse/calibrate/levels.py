@@ -95,21 +95,14 @@ def _with_grad(v: Any) -> Any:
     return map_tensors(v, lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
 
 
-def _discard(_: Any) -> None:
-    return None
-
-
 def _reachable(node: Any) -> set:
     seen: set = set()
     stack = [node] if node is not None else []
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for nxt, _ in getattr(n, "next_functions", ()):
-            if nxt is not None and nxt not in seen:
-                stack.append(nxt)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(nxt for nxt, _ in getattr(n, "next_functions", ()) if nxt is not None)
     return seen
 
 
@@ -165,7 +158,7 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
         # callers may be in inference mode; only the graph's structure is read, so nothing is saved for backward
         # (the forward costs the memory of a no-grad one)
         with torch.inference_mode(False), torch.enable_grad(), compilation_disabled(), \
-                torch.autograd.graph.saved_tensors_hooks(_discard, _discard):
+                torch.autograd.graph.saved_tensors_hooks(lambda _: None, lambda _: None):
             block(*_with_grad(args), **_with_grad(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
         raise _NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
@@ -176,15 +169,11 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
             m._actsparse.mode = mode
             m._actsparse.observers.pop(id(token), None)
     names = [local[id(m)] for m in layers]
-    missing = [names[k] for k in range(k_layers) if calls[k] == 0]
-    if missing:
-        raise _NotLeveled(f"layer(s) {missing} were not called by the block's forward (data-dependent routing)")
-    repeated = [names[k] for k in range(k_layers) if calls[k] > 1]
-    if repeated:
-        raise _NotLeveled(f"layer(s) {repeated} are called more than once per block forward")
-    untraced = [names[k] for k in range(k_layers) if marks[k] is None]
-    if untraced:
-        raise _NotLeveled(f"the inputs of layer(s) {untraced} do not depend on the block's arguments")
+    for bad, why in (([k for k in range(k_layers) if calls[k] == 0], "were not called by the block's forward (data-dependent routing)"),
+                     ([k for k in range(k_layers) if calls[k] > 1], "are called more than once per block forward"),
+                     ([k for k in range(k_layers) if marks[k] is None], "have inputs that do not depend on the block's arguments")):
+        if bad:
+            raise _NotLeveled(f"layer(s) {[names[k] for k in bad]} {why}")
     level = [0] * k_layers
     for k in order:
         reach = _reachable(raw[k].grad_fn)

@@ -233,14 +233,10 @@ def _lockstep(runner: nn.Module, layers: Layers, count: int, config: Calibration
     return {full[k]: dataclasses.replace(st, name=full[k]) for k, st in got.items()}
 
 
-Gradients = list[tuple[str, torch.Tensor, torch.Tensor | None]]
-
-
-def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[Gradients, tuple]:
+def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[list, tuple]:
     """``run() -> (output, its gradient or None for a scalar loss, tensors wrt)`` with autograd on; returns
-    ``(name, input, d output / d input)`` for every call of the ``layers`` (each call gets its own node, so that
-    q/k/v reading one tensor get their own shares; ``None`` where the output does not depend on it) and the
-    gradients of ``wrt``. Parameters' ``.grad`` are not touched."""
+    ``[(name, input, d output / d input or None)]`` for every call of the ``layers`` (each call its own node: q/k/v
+    reading one tensor get their own shares) and the gradients of ``wrt``. Parameters' ``.grad`` stay untouched."""
     captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def capture(args: tuple, name: str) -> tuple:
@@ -262,22 +258,21 @@ def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[Gradients
 
 
 def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, loss_fn: Callable,
-                               config: CalibrationConfig, visit: Callable[[Gradients, Any], None]) -> bool:
-    """The block-wise twin of one forward and backward of ``model`` per batch: ``visit(gradients, token mask)``
-    with :func:`input_gradients` of the ``layers`` after the blocks (the loss ``loss_fn(output, inputs, mask)[0]``
-    at the head, the blocks returning the cached last hidden states), then of each block's layers from the last
-    block to the first, each block recomputed from its cached input with autograd on and given the gradient of its
-    output; the gradient of its input goes down to the block before.
+                               config: CalibrationConfig, visit: Callable[[list, Any], None]) -> bool:
+    """Block-wise twin of one forward and backward of ``model`` per batch: calls ``visit(gradients, token mask)``
+    with :func:`input_gradients` of the ``layers`` after the blocks (loss ``loss_fn(output, inputs, mask)[0]`` at
+    the head, the blocks returning the cached last hidden states), then of each block's layers from the last block
+    to the first, each recomputed from its cached input with autograd on and given its output's gradient.
 
-    Memory above the model's: the boundary cache (``config.offload``), one batch's block inputs (``blocks x
-    tokens x hidden``) and the autograd activations of one block, instead of every block's. Returns ``False``,
-    having visited nothing and logged a warning, when the model does not fit the block-wise scheme
-    (:func:`calibrate_sequential`) or a targeted layer runs before the first block: run the whole model then.
+    Memory above the model's: the boundary cache (``config.offload``), one batch's block inputs and one block's
+    autograd activations. Returns ``False``, having visited nothing and logged a warning, when the model does not
+    fit the block-wise scheme (:func:`calibrate_sequential`) or a targeted layer runs before the first block.
 
     Raises:
-        NonFiniteActivationError: the loss is not finite (also the sign of a head that reads an earlier block).
+        NonFiniteActivationError: the gradient at the last block is not finite (also the sign of a head that
+            reads an earlier block's output).
     """
-    transform, device, mask_fn = config.transform_fn or default_transform_fn, model_device(model), resolve_mask_fn(config.token_mask)
+    transform, device = config.transform_fn or default_transform_fn, model_device(model)
     scheme = _scheme(model, layers, len(batches), config, None, None)
     if isinstance(scheme, str):
         log.warning("block-wise gradients are not possible here, running the whole model: %s", scheme)
@@ -287,8 +282,7 @@ def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, 
         post = _capture(model, stubs, batches, transform, [None] * len(batches), outside,
                         Distributed(config.sync_across_processes, device), config, None)
         for i, item in enumerate(batches):
-            mask = mask_of(mask_fn, item)
-            inputs = []
+            mask, inputs = mask_of(resolve_mask_fn(config.token_mask), item), []
             with torch.no_grad():
                 for j, block in enumerate(block_list):
                     h = cache.hidden(i)
