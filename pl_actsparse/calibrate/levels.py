@@ -59,11 +59,9 @@ class _CacheSpoiled(_NotLeveled):
 
 @dataclasses.dataclass(frozen=True)
 class Unleveled:
-    """What :func:`calibrate_block` returns when the block cannot be calibrated level by level (all ranks agree).
-
-    ``spoiled``: the block's outputs had already replaced part of the boundary cache, so the caller must start
-    over in lockstep; otherwise nothing changed and the caller calibrates this block in lockstep.
-    """
+    """What :func:`calibrate_block` returns when the block cannot be calibrated level by level (all ranks agree):
+    calibrate the block in lockstep, or, when ``spoiled`` (its outputs already replaced part of the cache), start
+    over in lockstep."""
 
     reason: str
     spoiled: bool = False
@@ -251,16 +249,13 @@ class _Accumulator:
 
 
 def _window(hist: torch.Tensor, target: float) -> tuple[int, int]:
+    """Coarse bins around the first batch's quantiles ``target -/+ FINE_WINDOW_QUANTILE_MARGIN`` (at most
+    ``FINE_WINDOW_BINS``, centred on the target's bin when wider)."""
     cum = torch.cumsum(hist.to("cpu"), 0)
-    n = int(cum[-1])
-    if n == 0 or not 0.0 < target < 1.0:
-        return (0, 0)
-    q = lambda f: int(torch.searchsorted(cum, torch.tensor(min(max(f, 0.0), 1.0) * n, dtype=cum.dtype)))  # noqa: E731
-    lo = max(q(target - FINE_WINDOW_QUANTILE_MARGIN) - 1, 0)
-    hi = min(q(target + FINE_WINDOW_QUANTILE_MARGIN) + 1, COARSE_BINS - 1)
+    q = lambda f: int(torch.searchsorted(cum, torch.tensor(min(max(f, 0.0), 1.0) * int(cum[-1]), dtype=cum.dtype)))  # noqa: E731
+    lo, hi = max(q(target - FINE_WINDOW_QUANTILE_MARGIN) - 1, 0), min(q(target + FINE_WINDOW_QUANTILE_MARGIN) + 1, COARSE_BINS - 1)
     if hi - lo + 1 > FINE_WINDOW_BINS:
-        mid = q(target)
-        lo = max(mid - FINE_WINDOW_BINS // 2, 0)
+        lo = max(q(target) - FINE_WINDOW_BINS // 2, 0)
         hi = min(lo + FINE_WINDOW_BINS - 1, COARSE_BINS - 1)
     return lo, hi
 
