@@ -19,9 +19,7 @@ from torch import nn
 
 from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import (
-    call_model, map_tensors, model_device, patch_forward, restore_forward, run_item, to_device
-)
+from pl_actsparse.calibrate.running import map_tensors, model_device, patch_forward, restore_forward, run_item
 from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import InvalidOptionError
 
@@ -235,10 +233,9 @@ class ModelRunner(nn.Module):
         except _NotAChain as exc:
             self.__dict__["failure"] = str(exc)
             return
-        if stubs.mode is StubMode.CAPTURE:
-            if stubs.state.next_block != len(stubs.blocks):
-                self.__dict__["failure"] = f"the forward pass ended after {stubs.state.next_block} of {len(stubs.blocks)} blocks"
-                return
+        if stubs.mode is not StubMode.TAIL and stubs.state.next_block != len(stubs.blocks):
+            self.__dict__["failure"] = f"the forward pass ended after {stubs.state.next_block} of {len(stubs.blocks)} blocks"
+        elif stubs.mode is StubMode.CAPTURE:
             stubs.cache.seal(index)  # type: ignore[union-attr]
 
     def observer(self, module: nn.Module, inputs: torch.Tensor, x: torch.Tensor) -> None:
@@ -284,36 +281,27 @@ def probe(model: nn.Module, stubs: Stubs, batches: list, transform: Callable,
     and find which targeted layers outside them run before block 0 (``pre``) or between blocks (not allowed).
     The answer is agreed by all ranks."""
     calls = torch.zeros(2 * len(outside) + 1, dtype=torch.int64)
-    handles = []
-    for k, (_, m) in enumerate(outside):
-        def hook(module: nn.Module, args: Any, k: int = k) -> None:
-            stage = stubs.state.next_block
-            if stage == 0:
-                calls[2 * k] += 1
-            elif stage < len(stubs.blocks):
-                calls[2 * k + 1] += 1
-        handles.append(m.register_forward_pre_hook(hook))
-    failure = None
+
+    def counter(k: int) -> Callable[..., None]:
+        def count(*_: Any) -> None:
+            if stubs.state.next_block < len(stubs.blocks):
+                calls[2 * k + int(stubs.state.next_block > 0)] += 1
+        return count
+
+    handles = [m.register_forward_pre_hook(counter(k)) for k, (_, m) in enumerate(outside)]
+    stubs.mode = StubMode.PROBE
+    runner = ModelRunner(model, stubs, batches[:1], transform, [None])
     try:
-        if batches:
-            stubs.mode = StubMode.PROBE
-            stubs.start(0)
-            try:
-                with torch.no_grad():
-                    call_model(model, to_device(transform(batches[0]), model_device(model)))
-                failure = f"the forward pass ended after {stubs.state.next_block} of {len(stubs.blocks)} blocks"
-            except _Stop:
-                pass
-            except _NotAChain as exc:
-                failure = str(exc)
+        with torch.no_grad():
+            for i in range(len(runner.batches)):
+                runner(i)
     finally:
         for h in handles:
             h.remove()
-    calls[-1] = int(failure is not None)
+    calls[-1] = int(runner.failure is not None)
     calls = dist.sum_(calls)
-    if failure is None and calls[-1]:
-        failure = "another rank's model does not fit the block-wise scheme"
     between = [n for k, (n, _) in enumerate(outside) if calls[2 * k + 1]]
+    failure = runner.failure or ("another rank's model does not fit the block-wise scheme" if calls[-1] else None)
     if failure is None and between:
         failure = f"targeted layers outside the blocks run between two blocks: {between}"
     return {n for k, (n, _) in enumerate(outside) if calls[2 * k]}, failure
