@@ -422,15 +422,8 @@ def _nbytes(out: Any) -> int:
     return 0 if out is None or isinstance(out, (int, float, bool, str)) else 1 << 62  # unknown objects are never kept
 
 
-def calibrate_block(
-    block: nn.Module,
-    plan: BlockPlan,
-    layers: Sequence[tuple[str, nn.Module]],
-    j: int,
-    cache: BoundaryCache,
-    masks: list,
-    dist: Distributed,
-) -> dict[str, LayerStatistics] | Unleveled:
+def calibrate_block(block: nn.Module, plan: BlockPlan, layers: Sequence[tuple[str, nn.Module]], j: int,
+                    cache: BoundaryCache, masks: list, dist: Distributed) -> dict[str, LayerStatistics] | Unleveled:
     """Calibrate ``layers`` (``(full name, module)`` inside ``block``, the ``j``-th block) level by level on the
     inputs in ``cache`` (``masks``: each batch's token mask), then write every batch's output there. Returns
     statistics per full name, or :class:`Unleveled` when, on any rank, a pass found the block behaving unlike its
@@ -453,14 +446,7 @@ def calibrate_block(
         with p, torch.no_grad(), compilation_disabled():
             for level, names in enumerate(plan.levels):
                 accs = {n: _Accumulator(by_local[n][0], modules[n]) for n in names}
-                failed = None
-                try:
-                    for i in range(len(masks)):
-                        p.run(i, level, accs)
-                except _NotLeveled as exc:
-                    failed = exc
-                if dist.any(failed is not None):
-                    raise failed or _NotLeveled("another rank's block did not follow the plan")
+                _every_batch(p, level, accs, dist)
                 _finalize(p, level, accs, dist)
                 for n in names:
                     stats[by_local[n][0]] = accs[n].stats  # type: ignore[attr-defined]
@@ -485,6 +471,19 @@ def calibrate_block(
     return stats
 
 
+def _every_batch(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distributed) -> None:
+    """The pass of ``level`` over every batch (none when ``accs`` is empty); on every rank, :class:`_NotLeveled`
+    when it failed on any."""
+    failed = None
+    try:
+        for i in range(len(p.masks) if accs else 0):
+            p.run(i, level, accs)
+    except _NotLeveled as exc:
+        failed = exc
+    if dist.any(failed is not None):
+        raise failed or _NotLeveled("another rank's block did not follow the plan")
+
+
 def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distributed) -> None:
     """Thresholds of one level from the summed histograms (all ranks), written into the layers."""
     ordered = list(accs.values())
@@ -493,20 +492,10 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distrib
     bins = [fine_bin(coarse, acc.target) if dtype == torch.float32 else None for acc, (dtype, coarse) in zip(ordered, merged)]
     here = [b is not None and acc.fine_of(b) is None for acc, b in zip(ordered, bins)]  # missing on this rank
     if dist.any(any(here)):  # some rank needs a second pass
-        again = {}
-        for (n, acc), b, miss in zip(accs.items(), bins, here):
-            if miss:
-                acc.repass_bin = b
-                again[n] = acc
-        failed = None
-        if again:
-            try:
-                for i in range(len(p.masks)):
-                    p.run(i, level, again)
-            except _NotLeveled as exc:
-                failed = exc
-        if dist.any(failed is not None):  # every rank gets here: ``missing`` is summed over all of them
-            raise failed or _NotLeveled("another rank's block did not follow the plan")
+        for acc, b, miss in zip(ordered, bins, here):
+            acc.repass_bin = b if miss else None
+        again = {n: acc for n, acc in accs.items() if acc.repass_bin is not None}
+        _every_batch(p, level, again, dist)  # every rank gets here (``here`` is summed over all of them)
     for acc, (dtype, coarse) in zip(ordered, merged):
         local_fine = lambda b, acc=acc: acc.repass if acc.repass_bin is not None else acc.fine_of(b)  # noqa: E731
         acc.stats = finalize(acc.name, acc.target, dtype, coarse, local_fine, dist)  # type: ignore[attr-defined]
