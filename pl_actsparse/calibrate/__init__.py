@@ -48,9 +48,8 @@ def chosen_method(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], con
     return "sequential"
 
 
-def calibrate(
-    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], config: CalibrationConfig
-) -> dict[str, LayerStatistics]:
+def calibrate(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any],
+              config: CalibrationConfig) -> dict[str, LayerStatistics]:
     """Calibrate ``layers`` (``(name, sparsified module)`` pairs of ``model``) on ``items`` by ``config.method``
     (:func:`chosen_method`). Every layer ends in sparsifying mode with its threshold; returns the statistics per
     layer name.

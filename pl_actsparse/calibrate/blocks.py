@@ -47,9 +47,7 @@ def hidden_out(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def find_block_list(
-    model: nn.Module, layers: Sequence[str] | None = None, blocks: str | None = None
-) -> tuple[str | None, str]:
+def find_block_list(model: nn.Module, layers: Sequence[str] | None = None, blocks: str | None = None) -> tuple[str | None, str]:
     """The qualified name of the ``nn.ModuleList`` of blocks to calibrate one after another.
 
     Without ``blocks``, the candidate is the ``nn.ModuleList`` (of at least 2 distinct modules) holding the most
@@ -64,16 +62,12 @@ def find_block_list(
         InvalidOptionError: ``blocks`` is given but names no ``nn.ModuleList`` of the model.
     """
     modules = dict(model.named_modules())
-    if layers is None:
-        layers = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    layers = list(layers)
+    layers = list(layers) if layers is not None else [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if blocks is not None:
         if not isinstance(blocks, str) or not isinstance(modules.get(blocks), nn.ModuleList):
             lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
-            raise InvalidOptionError(
-                f"blocks must be the qualified name of an nn.ModuleList of the model, got {blocks!r}; "
-                f"the model's ModuleLists are {lists[:10]}{'...' if len(lists) > 10 else ''}"
-            )
+            raise InvalidOptionError(f"blocks must be the qualified name of an nn.ModuleList of the model, got {blocks!r}; "
+                                     f"the model's ModuleLists are {lists[:10]}{'...' if len(lists) > 10 else ''}")
         candidates = [blocks]
     else:
         candidates = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) >= 2]

@@ -84,10 +84,6 @@ class BlockPlan:
     levels: tuple[tuple[str, ...], ...]
     reuse: tuple[tuple[str, int, tuple[str, int] | None], ...]
 
-    @property
-    def passes(self) -> int:
-        return len(self.levels)
-
 
 def _with_grad(v: Any) -> Any:
     return map_tensors(v, lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
@@ -215,11 +211,9 @@ class _Accumulator:
         self.name, self.module = name, module
         self.target = float(module._actsparse.target)
         self.dtype: torch.dtype | None = None
-        self.coarse: torch.Tensor | None = None
         self.window: tuple[int, int] | None = None  # coarse bins [lo, hi] with fine counts
-        self.fine: torch.Tensor | None = None
-        self.repass_bin: int | None = None
-        self.repass: torch.Tensor | None = None
+        self.repass_bin: int | None = None  # the bin whose fine counts a second pass collects (float32)
+        self.coarse = self.fine = self.repass = None  # counts: all bins, the window, the second pass's bin
 
     def add(self, sel: torch.Tensor, hist: torch.Tensor) -> None:
         if self.dtype is None:
@@ -242,10 +236,8 @@ class _Accumulator:
         self.fine = h if self.fine is None else self.fine.add_(h)
 
     def fine_of(self, b: int) -> torch.Tensor | None:
-        if self.window is None or not self.window[0] <= b <= self.window[1]:
-            return None
-        lo = self.window[0]
-        return self.fine[(b - lo) * FINE_BINS : (b - lo + 1) * FINE_BINS]  # type: ignore[index]
+        lo, hi = self.window or (1, 0)
+        return self.fine[(b - lo) * FINE_BINS : (b - lo + 1) * FINE_BINS] if lo <= b <= hi else None  # type: ignore[index]
 
 
 def _window(hist: torch.Tensor, target: float) -> tuple[int, int]:
@@ -268,19 +260,17 @@ class _Pass:
     """Observers and reused outputs installed on a block for one pass."""
 
     def __init__(self, block: nn.Module, j: int, plan: BlockPlan, layers: dict[str, nn.Module], cache: BoundaryCache,
-                 masks: list, kept: dict) -> None:
+                 masks: list) -> None:
         self.block, self.j, self.plan, self.layers, self.cache, self.masks = block, j, plan, layers, cache, masks
         self.names = {id(m): n for n, m in layers.items()}
-        self.kept = kept
+        self.kept: dict = {}  # (batch, sub-module) -> its output; (batch, sub-module, "input") -> its last layer's input
         self.hidden_bytes: dict[int, int] = {}
         self.pending: set[int] = set()
         self.level_of = {n: lv for lv, names in enumerate(plan.levels) for n in names}
         self.skipping: dict[str, Any] = {}  # layer name -> its own instance ``forward`` (or _MISSING) while skipped
         self.inside: dict[str, set[int]] = {}  # reused sub-module -> the targeted layers inside it
         self.replayed: set[int] = set()  # targeted layers skipped in this run (their sub-module was reused)
-        self.token = object()
-        self.index = -1
-        self.level = 0
+        self.token, self.index, self.level = object(), -1, 0
         self.observed: dict[str, _Accumulator] = {}
         self.calls: dict[int, int] = {}
         self.last: tuple | None = None  # (input, mask, selected, histogram) of the previous observation
@@ -302,7 +292,7 @@ class _Pass:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.skip_from(self.plan.passes)
+        self.skip_from(len(self.plan.levels))
         for m in self.layers.values():
             m._actsparse.observers.pop(id(self.token), None)
         for sub, saved in self.saved:
@@ -335,7 +325,7 @@ class _Pass:
                 out = (y,) + (None,) * (tail[1] - 1) if tail[1] else y  # type: ignore[index]
             else:
                 out = real(*args, **kwargs)
-            last_pass = self.level >= self.plan.passes  # propagation: nobody reads a kept output afterwards
+            last_pass = self.level >= len(self.plan.levels)  # propagation: nobody reads a kept output afterwards
             if self.level >= ready and not last_pass and name not in self.wont_keep:
                 if _nbytes(out) <= self.hidden_bytes[self.index]:
                     self.kept[key] = self.cache.keep(self.index, name, out)
@@ -380,8 +370,7 @@ class _Pass:
     def run(self, index: int, level: int, accumulators: dict[str, _Accumulator]) -> torch.Tensor | None:
         """Run batch ``index``; a level pass stops after its layers' inputs and returns ``None``, the
         propagation pass (``level == passes``) returns the block output."""
-        self.index, self.level, self.observed, self.calls, self.last = index, level, accumulators, {}, None
-        self.replayed = set()
+        self.index, self.level, self.observed, self.calls, self.last, self.replayed = index, level, accumulators, {}, None, set()
         self.skip_from(level)
         self.pending = {id(acc.module) for acc in accumulators.values()}
         hidden = self.cache.hidden(index)
@@ -396,7 +385,7 @@ class _Pass:
             self.last = None
         if self.pending:
             raise _NotLeveled("the block's forward ended before every layer of a level was called")
-        if level == self.plan.passes and set(self.calls) | self.replayed != {id(m) for m in self.layers.values()}:
+        if level == len(self.plan.levels) and set(self.calls) | self.replayed != {id(m) for m in self.layers.values()}:
             raise _NotLeveled("not every targeted layer of the block was called in the propagation pass")
         return hidden_out(out)
 
@@ -439,9 +428,9 @@ def calibrate_block(block: nn.Module, plan: BlockPlan, layers: Sequence[tuple[st
     modules = {n: m for n, (_, m) in by_local.items()}
     for m in modules.values():
         m._actsparse.mode = SparsifierMode.PASSTHROUGH
-    kept: dict = {}
     stats: dict[str, LayerStatistics] = {}
-    p = _Pass(block, j, plan, modules, cache, masks, kept)
+    p = _Pass(block, j, plan, modules, cache, masks)
+    kept = p.kept
     try:
         with p, torch.no_grad(), compilation_disabled():
             for level, names in enumerate(plan.levels):
@@ -453,7 +442,7 @@ def calibrate_block(block: nn.Module, plan: BlockPlan, layers: Sequence[tuple[st
             failed = None
             for i in range(len(masks)):
                 try:
-                    out = p.run(i, plan.passes, {})
+                    out = p.run(i, len(plan.levels), {})
                 except _NotLeveled as exc:
                     failed = exc  # too late to redo only this block: the cache holds outputs already
                     break

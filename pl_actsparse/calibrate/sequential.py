@@ -7,18 +7,14 @@ with the thresholds of lockstep calibration bit for bit (see ``docs/calibration.
 1. **Capture** (:mod:`~pl_actsparse.calibrate.blocks`): with every block stubbed, one cheap pass caches each
    batch's input to block 0 and every block's other arguments (:mod:`~pl_actsparse.calibrate.cache`); targeted
    layers before block 0 are calibrated on the way, in lockstep.
-2. **Blocks, in order**: block ``j`` is calibrated level by level with one batch in flight
-   (:mod:`~pl_actsparse.calibrate.levels`), or in lockstep with every cached batch when it cannot be leveled;
-   each batch's output (under the final thresholds) then replaces its cache entry.
-3. **Tail**: layers after the last block (``lm_head``) are calibrated by a lockstep pass of the whole model in
-   which the blocks return the cached final hidden states.
+2. **Blocks, in order**: level by level with one batch in flight (:mod:`~pl_actsparse.calibrate.levels`), or in
+   lockstep when a block cannot be leveled; each batch's output then replaces its cache entry.
+3. **Tail**: layers after the last block (``lm_head``) in a lockstep pass whose blocks return the cached final
+   hidden states.
 
-Memory above the model's own: the boundary cache (``batches x tokens x hidden``, plus the blocks' other
-arguments), the reused outputs of finished sub-modules (at most one more boundary-sized tensor) and one batch's
-activations inside one block. ``offload`` moves the caches to CPU memory or disk; ``max_batches_in_flight`` only
-bounds the blocks calibrated in lockstep. A model that does not fit the scheme (no block list, blocks not chained
-output-to-input, a targeted layer between two blocks, NNCF's non-reentrant forward) is calibrated in lockstep,
-with a logged warning saying why; nothing is skipped.
+:func:`sequential_input_gradients` runs the backward pass of ``allocation="auto"`` on the same cache. A model
+that does not fit the scheme (no block list, blocks not chained output-to-input, a targeted layer between two
+blocks, NNCF's non-reentrant forward) is calibrated in lockstep, with a logged warning saying why.
 """
 
 from __future__ import annotations
@@ -57,15 +53,8 @@ class _Fallback(Exception):
     """The model does not fit the block-wise scheme; the message says why."""
 
 
-def calibrate_sequential(
-    model: nn.Module,
-    layers: Layers,
-    items: Iterable[Any],
-    config: CalibrationConfig = CalibrationConfig(),
-    *,
-    blocks: str | None = None,
-    offload_dir: str | None = None,
-) -> dict[str, LayerStatistics]:
+def calibrate_sequential(model: nn.Module, layers: Layers, items: Iterable[Any], config: CalibrationConfig = CalibrationConfig(),
+                         *, blocks: str | None = None, offload_dir: str | None = None) -> dict[str, LayerStatistics]:
     """Block-wise exact calibration of ``layers`` (already sparsified modules of ``model``) on ``items``.
 
     Same contract and same thresholds as :func:`~pl_actsparse.calibrate.lockstep.calibrate_layers` (bit for bit),
