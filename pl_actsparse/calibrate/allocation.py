@@ -83,14 +83,13 @@ def fisher_curves(
                 scores[name] += torch.bincount(keys, weights=s, minlength=COARSE_BINS)
 
     items = list(items)
-    batches = len(items)
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
             inputs = to_device(transform(item), device)
             mask = mask_fn(item) if mask_fn is not None else None
             add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, mask)[0], None, []))[0], mask)
     dist = Distributed(config.sync_across_processes, device)
-    if dist.count(batches) == 0:
+    if dist.count(len(items)) == 0:
         raise EmptyDatasetError("the calibration data is empty: it yielded no item")
     curves = {}
     for name, c in counts.items():  # summed over ranks: every rank allocates the same levels

@@ -213,8 +213,7 @@ class ModelRunner(nn.Module):
         super().__init__()
         self.model = model
         self.train(False)
-        self.__dict__.update(stubs=stubs, batches=batches, transform=transform, masks=masks, failure=None)
-        self.__dict__["post"] = {id(m) for m in post}
+        self.__dict__.update(stubs=stubs, batches=batches, transform=transform, masks=masks, failure=None, post={id(m) for m in post})
 
     def forward(self, index: int) -> None:
         stubs = self.stubs

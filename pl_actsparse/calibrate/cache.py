@@ -42,9 +42,8 @@ class _Fresh:
 
 def is_cache_object(v: Any) -> bool:
     """Whether ``v`` is a mutable cache object (HF ``Cache``), deep-copied for every block call."""
-    if isinstance(v, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict)):
-        return False
-    return "cache" in type(v).__name__.lower()
+    plain = isinstance(v, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict))
+    return not plain and "cache" in type(v).__name__.lower()
 
 
 def _walk(v: Any, fn: Callable[[Any], Any]) -> Any:
@@ -70,8 +69,7 @@ class BoundaryCache:
     """Where the block inputs of every calibration batch live: with the model, on CPU or on disk."""
 
     def __init__(self, n: int, device: torch.device | None, offload: str | None, offload_dir: str | None) -> None:
-        self.entries = [_Entry() for _ in range(n)]
-        self.device = device
+        self.entries, self.device = [_Entry() for _ in range(n)], device
         self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
         self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
         self.files = 0

@@ -110,8 +110,7 @@ def _fallback(model: nn.Module, layers: Layers, batches: list, config: Calibrati
 
 def _scheme(model: nn.Module, layers: Layers, n: int, config: CalibrationConfig, blocks: str | None,
             offload_dir: str | None) -> tuple | str:
-    """The blocks, the targeted layers per block and outside them, the cache of ``n`` batches and the stubs;
-    or why the model does not fit the scheme."""
+    """The blocks, the layers per block and outside them, the cache of ``n`` batches and the stubs; or why not."""
     list_name, why = find_block_list(model, [n for n, _ in layers], blocks)
     if list_name is None or forward_is_not_reentrant(model):
         return why if list_name is None else "the model keeps per-forward global state (NNCF's function hooks)"
@@ -200,7 +199,6 @@ def _leveled(block: nn.Module, j: int, layers: Layers, cache: BoundaryCache, mas
         if dist.min_int(code) != -dist.min_int(-code):
             got = got if isinstance(got, str) else "another rank found other dependency levels, or none"
         plans[sig] = got
-        log.debug("block %d: plan %s", j, got)
     plan = plans[sig]
     if isinstance(plan, str):
         log.info("block %d is calibrated with all batches in flight (lockstep): %s", j, plan)
@@ -229,9 +227,8 @@ def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[list, tup
     captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def capture(args: tuple, name: str) -> tuple:
-        x = args[0]
-        own = x.clone() if x.requires_grad else x.detach().clone().requires_grad_()
-        captured.append((name, x.detach(), own))
+        own = args[0].clone() if args[0].requires_grad else args[0].detach().clone().requires_grad_()
+        captured.append((name, args[0].detach(), own))
         return (own, *args[1:])
 
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: capture(a, n)) for n, m in layers]
@@ -284,9 +281,8 @@ def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, 
                 stubs.start(i)
                 got, (g,) = input_gradients(post, lambda: (loss_fn(call_model(model, x_in), x_in, mask)[0], None, [stubs.state.final]))
             if g is None or not bool(torch.isfinite(g).all()):
-                raise NonFiniteActivationError(
-                    "the gradient of the last block's output is not finite (or none): a non-finite loss, or a head "
-                    "that reads an earlier block's output as well (not a chain of blocks): use calibration='lockstep'")
+                raise NonFiniteActivationError("the gradient of the last block's output is not finite (or none): a non-finite loss, or "
+                                               "a head that reads an earlier block's output too (not a chain): use calibration='lockstep'")
             visit(got, mask)
             for j in reversed(range(len(block_list))):
                 x = cache.load(inputs[j]).requires_grad_()
