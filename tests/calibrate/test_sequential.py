@@ -764,6 +764,24 @@ def test_allocation_auto_block_by_block_allocates_the_same_levels(caplog):
     assert got == fisher_curves(net, layers, data, next_token_nll, CalibrationConfig(progress=False, method="lockstep"))
 
 
+def test_allocation_auto_follows_the_calibration_method_auto(monkeypatch):
+    """With calibration method "auto", allocation="auto" scores block by block exactly when calibration goes so
+    (pl_actsparse.calibrate.chosen_method: a block list and enough parameter bytes)."""
+    import pl_actsparse.calibrate.allocation as allocation
+
+    used = []
+    real = allocation.sequential_input_gradients
+    monkeypatch.setattr(allocation, "sequential_input_gradients", lambda *a: used.append(True) or real(*a))
+    scope = {TargetScope(patterns=[r".*_proj"]): 0.4}
+    for min_bytes, blockwise in [(1 << 40, False), (0, True)]:
+        monkeypatch.setattr(calibrate, "AUTO_SEQUENTIAL_MIN_PARAM_BYTES", min_bytes)
+        used.clear()
+        model = _four_block_llama()
+        assert calibrate.chosen_method(model, list(model.named_modules()), CalibrationConfig()) == ("sequential" if blockwise else "lockstep")
+        sparsify_activations(model, _padded_batches(n=2), scope, calibration={"progress": False}, allocation="auto")
+        assert used == ([True] if blockwise else [])
+
+
 if __name__ == "__main__":  # pragma: no cover
     import torch.multiprocessing as mp
 
