@@ -354,8 +354,8 @@ class _Pass:
             hist = coarse_histogram(sel)
             self.last = (inp, mask, sel, hist)
         acc.add(sel, hist)
-        sub = self.tails.get(key)
-        if sub is not None and (sub,) not in self.wont_keep:  # the sub-module's output is computed from this input later
+        sub = self.tails.get(key)  # the sub-module's output is computed from this input later (not again in a float32 repass)
+        if sub is not None and (sub,) not in self.wont_keep and (self.index, sub, "input") not in self.kept:
             if _nbytes(inp) > self.hidden_bytes[self.index]:
                 self.wont_keep.add((sub,))
             else:
