@@ -275,19 +275,17 @@ def probe(model: nn.Module, stubs: Stubs, batches: list, transform: Callable,
     The answer is agreed by all ranks."""
     calls = torch.zeros(2 * len(outside) + 1, dtype=torch.int64)
 
-    def counter(k: int) -> Callable[..., None]:
-        def count(*_: Any) -> None:
-            if stubs.state.next_block < len(stubs.blocks):
-                calls[2 * k + int(stubs.state.next_block > 0)] += 1
-        return count
+    def count(k: int) -> None:  # calls before block 0 at 2k, between blocks at 2k + 1
+        if stubs.state.next_block < len(stubs.blocks):
+            calls[2 * k + int(stubs.state.next_block > 0)] += 1
 
-    handles = [m.register_forward_pre_hook(counter(k)) for k, (_, m) in enumerate(outside)]
+    handles = [m.register_forward_pre_hook(lambda *_, k=k: count(k)) for k, (_, m) in enumerate(outside)]
     stubs.mode = StubMode.PROBE
     runner = ModelRunner(model, stubs, batches[:1], transform, [None])
     try:
         with torch.no_grad():
-            for i in range(len(runner.batches)):
-                runner(i)
+            if batches:
+                runner(0)
     finally:
         for h in handles:
             h.remove()

@@ -396,8 +396,8 @@ def _zeros_after_observers(module: nn.Module) -> Callable[..., torch.Tensor]:
     def forward(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not kwargs.pop(ADAPTER_INPUT_KWARG, False):
             module.activation_input(input)  # type: ignore[operator]
-        device_type = input.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else input.dtype
+        autocast = torch.is_autocast_enabled(input.device.type)
+        dtype = torch.get_autocast_dtype(input.device.type) if autocast else input.dtype
         return input.new_zeros(*input.shape[:-1], out_features, dtype=dtype)
 
     return forward

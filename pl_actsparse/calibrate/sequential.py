@@ -235,8 +235,7 @@ def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[list, tup
     try:
         with torch.enable_grad():
             out, grad, wrt = run()
-            own = [c[2] for c in captured]
-            grads = torch.autograd.grad(out, [*wrt, *own], grad, allow_unused=True) if own or wrt else ()
+            grads = torch.autograd.grad(out, [*wrt, *(c[2] for c in captured)], grad, allow_unused=True) if captured or wrt else ()
     finally:
         for h in handles:
             h.remove()
