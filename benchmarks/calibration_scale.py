@@ -21,10 +21,22 @@ Peak RSS includes what glibc keeps in its per-thread arenas after tensors are fr
 many threads allocated; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment makes large tensors come from
 ``mmap`` and go back on free, so the figure is closer to the live memory (both settings are worth reporting).
 
+``cpu_time_ratio`` divides the process's CPU time (``time.process_time``) instead of wall time: with
+``--threads 1`` on a machine shared with other jobs it is the figure that load does not move.
+``--allocation auto`` calibrates with ``allocation="auto"`` (the scope's 0.5 is a byte budget; the
+empirical-Fisher curves come block by block with ``sequential``, from one whole-model backward with
+``lockstep``), so the ratio is allocation plus calibration.
+
+``--stories260k`` adds the same cost on the real stories260K model (``allocation="auto"``, all seven
+projections at a 0.5 budget, stories 500-599 in 256-token windows, batches of 8, as ``benchmarks/allocation.py``),
+with each method, in dense forwards (median of 5 dense passes before and after), and the largest difference
+between the levels the two methods allocate.
+
 The full run (22 blocks, N = 8, 16, 32, 64) takes hours on a small CPU: sizes and modes are flags.
 
     python benchmarks/calibration_scale.py [--layers 22] [--n 8 16 32 64] [--modes lockstep sequential streaming]
-        [--batch-size 4] [--seq 512] [--threads 2] [--device cpu] [--dtype bfloat16]
+        [--batch-size 4] [--seq 512] [--threads 2] [--device cpu] [--dtype bfloat16] [--allocation auto]
+        [--stories260k]
 """
 
 from __future__ import annotations
@@ -71,11 +83,11 @@ def worker(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         model(input_ids=batches[0]["input_ids"][:1, :8], use_cache=False)  # warm-up
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in batches:
             model(**b)
         sync()
-        dense = time.perf_counter() - t0
+        dense, dense_cpu = time.perf_counter() - t0, time.process_time() - c0
         # the untargeted lm_head's share of the dense forward (one batch, times the number of batches): it is a
         # large share with few blocks (vocab 32000), a small one with 22
         h = torch.randn(*batches[0]["input_ids"].shape, config.hidden_size, dtype=getattr(torch, args.dtype), device=device)
@@ -96,16 +108,18 @@ def worker(args: argparse.Namespace) -> dict:
         "streaming": dict(method="lockstep", max_batches_in_flight=1),
     }[mode]
     scope = {TargetScope(patterns=[r".*\.(q|k|v|o|gate|up|down)_proj"]): 0.5}
-    t0 = time.perf_counter()
-    sparsify_activations(model, batches, scope, calibration={"progress": False, **kwargs})
+    t0, c0 = time.perf_counter(), time.process_time()
+    sparsify_activations(model, batches, scope, calibration={"progress": False, **kwargs}, allocation=args.allocation)
     sync()
-    calib = time.perf_counter() - t0
+    calib, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {
         "mode": mode,
         "n": args.n,
+        "allocation": args.allocation,
         "dense_forward_s": round(dense, 2),
         "calibration_s": round(calib, 2),
         "time_ratio": round(calib / dense, 3),
+        "cpu_time_ratio": round(calib_cpu / dense_cpu, 3),
         "dense_lm_head_s": round(head, 2),
         "time_ratio_without_lm_head": round(calib / max(dense - head, 1e-9), 3),
         "peak_rss_after_dense_gb": round(base / 1e9, 3),
@@ -116,6 +130,48 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         out["peak_device_memory_increase_gb"] = round((torch.cuda.max_memory_allocated() - base_dev) / 1e9, 3)
     torch.save({n: m.activation_threshold.float().cpu() for n, m in sparsified_layers(model)}, args.worker_out)
+    return out
+
+
+def stories260k(threads: int) -> dict:
+    """allocation="auto" + calibration on stories260K with each method, in dense forwards over the same data."""
+    import statistics
+
+    import torch
+
+    from pl_actsparse import TargetScope, sparsify_activations
+    from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
+    from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
+    from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+
+    torch.set_num_threads(threads)
+    windows = TokenWindows(load_stories(start=500, stop=600), Llama2cTokenizer.from_file(), seq_len=256)
+    xs = [windows[i] for i in range(len(windows))]
+    calib = [torch.stack(xs[i : i + 8]) for i in range(0, len(xs), 8)]
+    base = load_llama2c_checkpoint().eval()
+
+    def dense_pass() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            for x in calib:
+                base(x)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    dense_pass()
+    recipe = {TargetScope(patterns=[r"layers\.\d+\.(self_attn|mlp)\.\w+_proj"]): 0.5}
+    out, levels = {"windows": len(xs), "batches": len(calib)}, {}
+    for method in ("lockstep", "sequential"):
+        model = load_llama2c_checkpoint()
+        dense = [dense_pass() for _ in range(5)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        sparsify_activations(model, calib, recipe, calibration={"progress": False, "method": method}, allocation="auto")
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        dense += [dense_pass() for _ in range(5)]
+        wall, dense_cpu = statistics.median(d[0] for d in dense), statistics.median(d[1] for d in dense)
+        levels[method] = {n: sparsifier_state(m).target for n, m in sparsified_layers(model)}
+        out[method] = {"seconds": round(seconds, 2), "dense_forward_s": round(wall, 4),
+                       "cost_in_dense_forwards": round(seconds / wall, 1), "cpu_cost_in_dense_forwards": round(cpu / dense_cpu, 1)}
+    out["levels_max_abs_difference"] = max(abs(levels["lockstep"][n] - v) for n, v in levels["sequential"].items())
     return out
 
 
@@ -142,6 +198,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--use-cache", action="store_true", help="let HF build its DynamicCache, as generate-ready calls do")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "auto"], help="allocation= of sparsify_activations")
+    p.add_argument("--stories260k", action="store_true", help="also allocation + calibration cost on stories260K")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per subprocess")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -163,7 +221,8 @@ def main() -> None:
             path = os.path.join(tmp, f"{mode}-{n}.pt")
             cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--worker-out", path,
                    "--layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq", str(args.seq),
-                   "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (["--use-cache"] if args.use_cache else [])
+                   "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
+                   "--allocation", args.allocation] + (["--use-cache"] if args.use_cache else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode != 0:
                 runs.append({"mode": mode, "n": n, "error": proc.stderr[-2000:]})
@@ -186,8 +245,16 @@ def main() -> None:
         "use_cache": args.use_cache,
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "device": args.device,
+        "cpu_flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx"))),
+        "load_average_at_end": os.getloadavg(),
         "runs": runs,
+        **({"stories260k": stories260k(args.threads)} if args.stories260k else {}),
     }, args.out)
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch import nn
 from pl_actsparse.integrations import (
     forward_patch_problem, is_tool_storage, layer_map, shared_offload_hooks, sync_adapter_hooks,
 )
-from pl_actsparse.calibrate import calibrate as _calibrate
+from pl_actsparse.calibrate import calibrate as _calibrate, chosen_method
 from pl_actsparse.calibrate.allocation import allocate_levels, fisher_curves, next_token_nll
 from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
@@ -292,7 +292,8 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
     with activation_sparsity_disabled(model), preserved_modes(model):
         model.eval()
         try:
-            curves = fisher_curves(model, [(n, modules[n]) for n in plan.targets], items, next_token_nll, config)
+            targets = [(n, modules[n]) for n in plan.targets]  # block by block where calibration goes so
+            curves = fisher_curves(model, targets, items, next_token_nll, config.replace(method=chosen_method(model, targets, config)))
         except InvalidOptionError as exc:  # the next-token loss needs a causal LM on token ids
             raise InvalidOptionError(f"allocation='auto' scores layers with the next-token loss of a causal LM called on token "
                                      f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or choose "

@@ -18,7 +18,7 @@ from pl_actsparse.calibrate.running import forward_is_not_reentrant
 from pl_actsparse.calibrate.sequential import calibrate_sequential
 from pl_actsparse.config import CalibrationConfig
 
-__all__ = ["calibrate", "METHODS", "AUTO_SEQUENTIAL_MIN_PARAM_BYTES"]
+__all__ = ["calibrate", "chosen_method", "METHODS", "AUTO_SEQUENTIAL_MIN_PARAM_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +34,28 @@ METHODS: dict[str, Callable[..., dict[str, LayerStatistics]]] = {
 }
 
 
-def calibrate(
-    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], config: CalibrationConfig
-) -> dict[str, LayerStatistics]:
+def chosen_method(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], config: CalibrationConfig) -> str:
+    """``config.method``, with ``"auto"`` resolved: ``"sequential"`` for a model with a block list whose parameters
+    take at least :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, else ``"lockstep"``."""
+    if config.method != "auto":
+        return config.method
+    name, why = find_block_list(model, [n for n, _ in layers])
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if name is None or size < AUTO_SEQUENTIAL_MIN_PARAM_BYTES or forward_is_not_reentrant(model):
+        log.debug("method='auto' chose lockstep (%s; %d parameter bytes)", why, size)
+        return "lockstep"
+    log.info("method='auto' chose sequential: %s", why)
+    return "sequential"
+
+
+def calibrate(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any],
+              config: CalibrationConfig) -> dict[str, LayerStatistics]:
     """Calibrate ``layers`` (``(name, sparsified module)`` pairs of ``model``) on ``items`` by ``config.method``
-    (``"auto"``: sequential for a model with a block list whose parameters take at least
-    :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, else lockstep). Every layer ends in sparsifying mode with its
-    threshold; returns the statistics per layer name.
+    (:func:`chosen_method`). Every layer ends in sparsifying mode with its threshold; returns the statistics per
+    layer name.
 
     Raises:
         EmptyDatasetError, LayerNotCalledError, NonFiniteActivationError, TokenMaskError,
         CalibrationConvergenceError: see :func:`~pl_actsparse.calibrate.lockstep.calibrate_layers`.
     """
-    method = config.method
-    if method == "auto":
-        name, why = find_block_list(model, [n for n, _ in layers])
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        method = "sequential"
-        if name is None or size < AUTO_SEQUENTIAL_MIN_PARAM_BYTES or forward_is_not_reentrant(model):
-            log.debug("method='auto' chose lockstep (%s; %d parameter bytes)", why, size)
-            method = "lockstep"
-        else:
-            log.info("method='auto' chose sequential: %s", why)
-    return METHODS[method](model, layers, items, config)
+    return METHODS[chosen_method(model, layers, config)](model, layers, items, config)

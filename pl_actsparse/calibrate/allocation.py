@@ -28,6 +28,7 @@ from torch import nn
 from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, model_device, to_device
+from pl_actsparse.calibrate.sequential import input_gradients, sequential_input_gradients
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.masking import resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError
@@ -53,38 +54,26 @@ def fisher_curves(
     tokens count (``config.token_mask``, as in calibration): padding never shifts a level's threshold.
     Parameters' ``.grad`` are not touched (gradients are taken with respect to the layer inputs only).
 
+    With ``config.method == "sequential"`` the backward goes block by block in the memory of block-wise
+    calibration (:func:`~pl_actsparse.calibrate.sequential.sequential_input_gradients`: the cached block inputs
+    of one batch and one block's activations, not every block's; ``config.offload`` applies); the curves are
+    the whole-model ones up to float rounding. A model that does not fit the scheme runs whole, with a warning.
+
     Statistics are summed over ``torch.distributed`` ranks (``config.sync_across_processes``), so every rank gets
     the same curves.
 
     Raises:
         EmptyDatasetError: ``items`` is empty (on every rank).
+        NonFiniteActivationError: block by block, the loss or its gradient is not finite.
     """
     transform = config.transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)
     counts = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
     scores = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
-    batches = 0
-    for item in items:
-        captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
-        def capture(module: nn.Module, args: tuple, name: str) -> tuple:
-            x = args[0]  # a node of its own (clone), so that its gradient is this layer's share only
-            own = x.clone() if x.requires_grad else x.detach().clone().requires_grad_()
-            captured.append((name, x.detach(), own))
-            return (own, *args[1:])
-
-        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: capture(mod, a, n)) for n, m in layers]
-        try:
-            inputs = to_device(transform(item), device)
-            mask = mask_fn(item) if mask_fn is not None else None
-            with torch.enable_grad():
-                loss, _ = loss_fn(call_model(model, inputs), inputs, mask)
-                grads = torch.autograd.grad(loss, [c[2] for c in captured], allow_unused=True) if captured else ()
-        finally:
-            for h in handles:
-                h.remove()
-        for (name, x, _), g in zip(captured, grads):  # real tokens only, as calibration counts them
+    def add(got: list, mask: torch.Tensor | None) -> None:
+        for name, x, g in got:  # real tokens only, as calibration counts them
             x = select_tokens(x, mask, layer=name)
             keys = abs_keys(x).cpu()
             keys = (keys >> 16 if x.dtype == torch.float32 else keys).long()
@@ -92,9 +81,15 @@ def fisher_curves(
             if g is not None:
                 s = (x.float() * select_tokens(g, mask, layer=name).float()).pow(2).reshape(-1).double().cpu() / 2
                 scores[name] += torch.bincount(keys, weights=s, minlength=COARSE_BINS)
-        batches += 1
+
+    items = list(items)
+    if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
+        for item in items:
+            inputs = to_device(transform(item), device)
+            mask = mask_fn(item) if mask_fn is not None else None
+            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, mask)[0], None, []))[0], mask)
     dist = Distributed(config.sync_across_processes, device)
-    if dist.count(batches) == 0:
+    if dist.count(len(items)) == 0:
         raise EmptyDatasetError("the calibration data is empty: it yielded no item")
     curves = {}
     for name, c in counts.items():  # summed over ranks: every rank allocates the same levels

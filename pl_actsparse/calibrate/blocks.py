@@ -19,7 +19,7 @@ from torch import nn
 
 from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import call_model, model_device, patch_forward, restore_forward, run_item, to_device
+from pl_actsparse.calibrate.running import map_tensors, model_device, patch_forward, restore_forward, run_item
 from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import InvalidOptionError
 
@@ -47,9 +47,7 @@ def hidden_out(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def find_block_list(
-    model: nn.Module, layers: Sequence[str] | None = None, blocks: str | None = None
-) -> tuple[str | None, str]:
+def find_block_list(model: nn.Module, layers: Sequence[str] | None = None, blocks: str | None = None) -> tuple[str | None, str]:
     """The qualified name of the ``nn.ModuleList`` of blocks to calibrate one after another.
 
     Without ``blocks``, the candidate is the ``nn.ModuleList`` (of at least 2 distinct modules) holding the most
@@ -64,16 +62,12 @@ def find_block_list(
         InvalidOptionError: ``blocks`` is given but names no ``nn.ModuleList`` of the model.
     """
     modules = dict(model.named_modules())
-    if layers is None:
-        layers = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    layers = list(layers)
+    layers = list(layers) if layers is not None else [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if blocks is not None:
         if not isinstance(blocks, str) or not isinstance(modules.get(blocks), nn.ModuleList):
             lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
-            raise InvalidOptionError(
-                f"blocks must be the qualified name of an nn.ModuleList of the model, got {blocks!r}; "
-                f"the model's ModuleLists are {lists[:10]}{'...' if len(lists) > 10 else ''}"
-            )
+            raise InvalidOptionError(f"blocks must be the qualified name of an nn.ModuleList of the model, got {blocks!r}; "
+                                     f"the model's ModuleLists are {lists[:10]}{'...' if len(lists) > 10 else ''}")
         candidates = [blocks]
     else:
         candidates = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and len(m) >= 2]
@@ -134,16 +128,9 @@ def _output_format(out: Any, hidden: torch.Tensor) -> Callable[[torch.Tensor], A
 
 
 def _holds_any(args: tuple, kwargs: dict, ids: set) -> bool:
-    def walk(v: Any) -> bool:
-        if isinstance(v, torch.Tensor):
-            return id(v) in ids
-        if isinstance(v, dict):
-            return any(walk(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return any(walk(x) for x in v)
-        return False
-
-    return walk(args) or walk(kwargs)
+    found: list[bool] = []
+    map_tensors((args, kwargs), lambda t: found.append(id(t) in ids))
+    return any(found)
 
 
 class _StubState(threading.local):
@@ -152,6 +139,7 @@ class _StubState(threading.local):
     passed: Any = None
     seen: dict | None = None
     visited: set | None = None
+    final: Any = None
 
 
 class Stubs:
@@ -195,8 +183,9 @@ class Stubs:
                                  "stream, e.g. a residual passed between blocks), which the cache does not carry")
             st.next_block = j + 1
             if self.mode is StubMode.TAIL:
-                if j == last:
-                    return self.fmt(self.cache.hidden(st.index))  # type: ignore[misc,union-attr]
+                if j == last:  # with autograd on, a leaf whose gradient the caller reads (state.final)
+                    st.final = self.cache.hidden(st.index).detach().requires_grad_(torch.is_grad_enabled())  # type: ignore[union-attr]
+                    return self.fmt(st.final)  # type: ignore[misc]
                 # never read by a chained model; NaN makes any other use fail loudly (NonFiniteActivationError)
                 if j == 0:
                     st.poison = torch.full_like(hidden, float("nan"))
@@ -224,8 +213,7 @@ class ModelRunner(nn.Module):
         super().__init__()
         self.model = model
         self.train(False)
-        self.__dict__.update(stubs=stubs, batches=batches, transform=transform, masks=masks, failure=None)
-        self.__dict__["post"] = {id(m) for m in post}
+        self.__dict__.update(stubs=stubs, batches=batches, transform=transform, masks=masks, failure=None, post={id(m) for m in post})
 
     def forward(self, index: int) -> None:
         stubs = self.stubs
@@ -238,10 +226,9 @@ class ModelRunner(nn.Module):
         except _NotAChain as exc:
             self.__dict__["failure"] = str(exc)
             return
-        if stubs.mode is StubMode.CAPTURE:
-            if stubs.state.next_block != len(stubs.blocks):
-                self.__dict__["failure"] = f"the forward pass ended after {stubs.state.next_block} of {len(stubs.blocks)} blocks"
-                return
+        if stubs.mode is not StubMode.TAIL and stubs.state.next_block != len(stubs.blocks):
+            self.__dict__["failure"] = f"the forward pass ended after {stubs.state.next_block} of {len(stubs.blocks)} blocks"
+        elif stubs.mode is StubMode.CAPTURE:
             stubs.cache.seal(index)  # type: ignore[union-attr]
 
     def observer(self, module: nn.Module, inputs: torch.Tensor, x: torch.Tensor) -> None:
@@ -287,36 +274,25 @@ def probe(model: nn.Module, stubs: Stubs, batches: list, transform: Callable,
     and find which targeted layers outside them run before block 0 (``pre``) or between blocks (not allowed).
     The answer is agreed by all ranks."""
     calls = torch.zeros(2 * len(outside) + 1, dtype=torch.int64)
-    handles = []
-    for k, (_, m) in enumerate(outside):
-        def hook(module: nn.Module, args: Any, k: int = k) -> None:
-            stage = stubs.state.next_block
-            if stage == 0:
-                calls[2 * k] += 1
-            elif stage < len(stubs.blocks):
-                calls[2 * k + 1] += 1
-        handles.append(m.register_forward_pre_hook(hook))
-    failure = None
+
+    def count(k: int) -> None:  # calls before block 0 at 2k, between blocks at 2k + 1
+        if stubs.state.next_block < len(stubs.blocks):
+            calls[2 * k + int(stubs.state.next_block > 0)] += 1
+
+    handles = [m.register_forward_pre_hook(lambda *_, k=k: count(k)) for k, (_, m) in enumerate(outside)]
+    stubs.mode = StubMode.PROBE
+    runner = ModelRunner(model, stubs, batches[:1], transform, [None])
     try:
-        if batches:
-            stubs.mode = StubMode.PROBE
-            stubs.start(0)
-            try:
-                with torch.no_grad():
-                    call_model(model, to_device(transform(batches[0]), model_device(model)))
-                failure = f"the forward pass ended after {stubs.state.next_block} of {len(stubs.blocks)} blocks"
-            except _Stop:
-                pass
-            except _NotAChain as exc:
-                failure = str(exc)
+        with torch.no_grad():
+            if batches:
+                runner(0)
     finally:
         for h in handles:
             h.remove()
-    calls[-1] = int(failure is not None)
+    calls[-1] = int(runner.failure is not None)
     calls = dist.sum_(calls)
-    if failure is None and calls[-1]:
-        failure = "another rank's model does not fit the block-wise scheme"
     between = [n for k, (n, _) in enumerate(outside) if calls[2 * k + 1]]
+    failure = runner.failure or ("another rank's model does not fit the block-wise scheme" if calls[-1] else None)
     if failure is None and between:
         failure = f"targeted layers outside the blocks run between two blocks: {between}"
     return {n for k, (n, _) in enumerate(outside) if calls[2 * k]}, failure

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -43,9 +42,17 @@ class _Fresh:
 
 def is_cache_object(v: Any) -> bool:
     """Whether ``v`` is a mutable cache object (HF ``Cache``), deep-copied for every block call."""
-    if isinstance(v, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict)):
-        return False
-    return "cache" in type(v).__name__.lower()
+    plain = isinstance(v, (torch.Tensor, str, bytes, int, float, bool, type(None), tuple, list, dict))
+    return not plain and "cache" in type(v).__name__.lower()
+
+
+def _walk(v: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to the items of a dict, list or tuple (not a named tuple); anything else as it is."""
+    if isinstance(v, dict):
+        return {k: fn(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return type(v)(fn(x) for x in v)
+    return v
 
 
 class _Entry:
@@ -53,26 +60,23 @@ class _Entry:
 
     def __init__(self) -> None:
         self.hidden: Any = None  # tensor, or the path of its file (offload="disk")
-        self.shape: tuple = ()
-        self.dtype: torch.dtype | None = None
+        self.nbytes = 0
         self.calls: list[tuple[tuple, dict]] = []  # per block: args, kwargs with placeholders
         self.tensors: Any = []  # list of tensors, or the path of their file (offload="disk")
-        self.generation = 0
 
 
 class BoundaryCache:
     """Where the block inputs of every calibration batch live: with the model, on CPU or on disk."""
 
     def __init__(self, n: int, device: torch.device | None, offload: str | None, offload_dir: str | None) -> None:
-        self.entries = [_Entry() for _ in range(n)]
-        self.device = device
+        self.entries, self.device = [_Entry() for _ in range(n)], device
         self.store_device = torch.device("cpu") if offload in ("cpu", "disk") else None
         self.dir = tempfile.mkdtemp(prefix="actsparse-seq-", dir=offload_dir) if offload == "disk" else None
-        self.kept_files = 0
+        self.files = 0
 
     def hidden_nbytes(self) -> int:
         """Bytes of the cached hidden states (all batches)."""
-        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries if e.dtype is not None)
+        return sum(e.nbytes for e in self.entries)
 
     def close(self) -> None:
         if self.dir is not None:
@@ -88,18 +92,11 @@ class BoundaryCache:
             if v is hidden:
                 return _HIDDEN
             if isinstance(v, torch.Tensor):
-                key = id(v)
-                if key not in seen:
-                    seen[key] = (len(tensors), v)  # keeps v alive, so ids stay unique
+                if id(v) not in seen:
+                    seen[id(v)] = (len(tensors), v)  # keeps v alive, so ids stay unique
                     tensors.append(v.detach() if self.store_device is None else v.detach().to(self.store_device))
-                return _Tensor(seen[key][0])
-            if isinstance(v, dict):
-                return {k: enc(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-                return type(v)(enc(x) for x in v)
-            if is_cache_object(v):
-                return _Fresh(v)
-            return v
+                return _Tensor(seen[id(v)][0])
+            return _Fresh(v) if is_cache_object(v) else _walk(v, enc)
 
         entry.calls.append((enc(args), enc(kwargs)))
         if j == 0:
@@ -109,41 +106,27 @@ class BoundaryCache:
         """The batch's calls are complete: move its tensors to their file (offload="disk")."""
         entry = self.entries[b]
         if self.dir is not None and isinstance(entry.tensors, list):
-            path = os.path.join(self.dir, f"calls{b}.pt")
-            torch.save(entry.tensors, path)
-            entry.tensors = path
+            entry.tensors = self.keep(b, "calls", entry.tensors)
 
-    # reading and writing ---------------------------------------------------------------------------
+    # reading and writing: the hidden states, and the outputs of finished sub-modules reused within one block
+    # (pl_actsparse.calibrate.levels) ------------------------------------------------------------------------
     def hidden(self, b: int) -> torch.Tensor:
-        entry = self.entries[b]
-        if isinstance(entry.hidden, str):
-            t = torch.from_file(entry.hidden, shared=False, size=math.prod(entry.shape), dtype=entry.dtype).view(entry.shape)
-        else:
-            t = entry.hidden
-        return t if self.device is None else t.to(self.device)
+        h = self.entries[b].hidden
+        h = torch.load(h, mmap=True, weights_only=True) if isinstance(h, str) else h
+        return h if self.device is None else h.to(self.device)
 
     def set_hidden(self, b: int, t: torch.Tensor) -> None:
         entry = self.entries[b]
-        t = t.detach()
-        entry.shape, entry.dtype = tuple(t.shape), t.dtype
-        if self.dir is not None:
-            # a new file each time: the old one may still be mapped (and even be ``t`` itself)
-            entry.generation += 1
-            path = os.path.join(self.dir, f"hidden{b}-{entry.generation}.bin")
-            t.contiguous().cpu().view(torch.uint8).numpy().tofile(path)
-            old, entry.hidden = entry.hidden, path
-            if isinstance(old, str):
-                os.remove(old)
-        else:
-            entry.hidden = t if self.store_device is None else t.to(self.store_device)
+        old, entry.hidden, entry.nbytes = entry.hidden, self.keep(b, "hidden", t), t.numel() * t.element_size()
+        self.drop(old)  # after writing the new file: the old one may still be mapped (and even be ``t`` itself)
 
-    # outputs of finished sub-modules, reused within one block (pl_actsparse.calibrate.levels) --------------
     def keep(self, b: int, name: str, out: Any) -> Any:
-        out = map_tensors(out, lambda t: t.detach() if self.store_device is None else t.detach().to(self.store_device))
-        if self.dir is None:
+        store, disk = self.store_device, self.dir is not None  # a file holds the tensor only, not a larger storage
+        out = map_tensors(out, lambda t: t.detach() if store is None else t.detach().to(store, copy=disk))
+        if not disk:
             return out
-        self.kept_files += 1
-        path = os.path.join(self.dir, f"kept{b}-{self.kept_files}.pt")
+        self.files += 1
+        path = os.path.join(self.dir, f"{name}{b}-{self.files}.pt")
         torch.save(out, path)
         return path
 
@@ -167,15 +150,8 @@ class BoundaryCache:
             if v is _HIDDEN:
                 return hidden
             if isinstance(v, _Tensor):
-                t = tensors[v.index]
-                return t if device is None else t.to(device)
-            if isinstance(v, _Fresh):
-                return copy.deepcopy(v.obj)
-            if isinstance(v, dict):
-                return {k: dec(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
-                return type(v)(dec(x) for x in v)
-            return v
+                return tensors[v.index] if device is None else tensors[v.index].to(device)
+            return copy.deepcopy(v.obj) if isinstance(v, _Fresh) else _walk(v, dec)
 
         args, kwargs = entry.calls[j]
         return dec(args), dec(kwargs)
