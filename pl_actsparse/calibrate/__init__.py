@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
@@ -39,7 +40,8 @@ def calibrate(
 ) -> dict[str, LayerStatistics]:
     """Calibrate ``layers`` (``(name, sparsified module)`` pairs of ``model``) on ``items`` by ``config.method``
     (``"auto"``: sequential for a model with a block list whose parameters take at least
-    :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, else lockstep). Every layer ends in sparsifying mode with its
+    :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, or of any size when ``config.offload`` is set, else lockstep, with
+    a warning when ``offload`` is set). Every layer ends in sparsifying mode with its
     threshold; returns the statistics per layer name.
 
     Raises:
@@ -51,9 +53,12 @@ def calibrate(
         name, why = find_block_list(model, [n for n, _ in layers])
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         method = "sequential"
-        if name is None or size < AUTO_SEQUENTIAL_MIN_PARAM_BYTES or forward_is_not_reentrant(model):
+        if name is None or forward_is_not_reentrant(model) or (size < AUTO_SEQUENTIAL_MIN_PARAM_BYTES and config.offload is None):
             log.debug("method='auto' chose lockstep (%s; %d parameter bytes)", why, size)
             method = "lockstep"
+            if config.offload is not None:
+                warnings.warn(f"calibration offload={config.offload!r} is not used: method='auto' chose lockstep, which "
+                              f"keeps no cache ({why if name is None else 'the forward is not reentrant'})", stacklevel=2)
         else:
             log.info("method='auto' chose sequential: %s", why)
     return METHODS[method](model, layers, items, config)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "Llama2cConfig", "RMSNorm", "Llama2cAttention", "Llama2cMLP", "Llama2cDecoderLayer", "KVCache", "Llama2cModel",
+    "Llama2cConfig", "RMSNorm", "Llama2cAttention", "Llama2cMLP", "Llama2cDecoderLayer", "KVCache", "Llama2cModel", "apply_rope",
     "read_llama2c_config", "load_llama2c_checkpoint", "save_llama2c_checkpoint", "Llama2cTokenizer", "greedy_generate",
 ]
 
@@ -132,7 +132,7 @@ def _rope_tables(config: Llama2cConfig, device: torch.device | str | None = None
     return angles.cos(), angles.sin()
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x: [B, T, H, hs] by the angles in cos/sin: [T, hs/2]."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -197,8 +197,8 @@ class Llama2cAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_size)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_size)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_size)
-        q = _apply_rope(q, cos, sin).transpose(1, 2)
-        k = _apply_rope(k, cos, sin).transpose(1, 2)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start_pos)

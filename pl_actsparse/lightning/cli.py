@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import inspect
+import logging
 import re
 import sys
 import warnings
@@ -245,7 +246,10 @@ to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``pl-actsparse`` console script."""
+    """Entry point of the ``pl-actsparse`` console script (an application: it shows the ``pl_actsparse`` logger's
+    INFO tables on stderr when nothing else configured logging)."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("pl_actsparse").setLevel(logging.INFO)
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
