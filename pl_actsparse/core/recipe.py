@@ -28,16 +28,8 @@ from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidScopeError, InvalidTargetError, ScopeSpecError
 
 __all__ = [
-    "ScopeSpec",
-    "IgnoredScopeSpec",
-    "SCOPE_SPEC_KEYS",
-    "IGNORED_SCOPE_SPEC_KEYS",
-    "validate_target",
-    "parse_scope_spec",
-    "parse_ignored_scope_spec",
-    "scopes_from_list",
-    "scopes_to_list",
-    "load_scopes_yaml",
+    "ScopeSpec", "IgnoredScopeSpec", "SCOPE_SPEC_KEYS", "IGNORED_SCOPE_SPEC_KEYS", "validate_target",
+    "parse_scope_spec", "parse_ignored_scope_spec", "scopes_from_list", "scopes_to_list", "load_scopes_yaml",
     "dump_scopes_yaml",
 ]
 

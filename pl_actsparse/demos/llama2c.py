@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "Llama2cConfig", "RMSNorm", "Llama2cAttention", "Llama2cMLP", "Llama2cDecoderLayer", "KVCache", "Llama2cModel", "apply_rope",
-    "read_llama2c_config", "load_llama2c_checkpoint", "save_llama2c_checkpoint", "Llama2cTokenizer", "greedy_generate",
+    "Llama2cConfig", "RMSNorm", "Llama2cAttention", "Llama2cMLP", "Llama2cDecoderLayer", "KVCache", "Llama2cModel",
+    "apply_rope", "read_llama2c_config", "load_llama2c_checkpoint", "save_llama2c_checkpoint", "Llama2cTokenizer", "greedy_generate",
 ]
 
 _V1_MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32

@@ -37,12 +37,7 @@ from torch import nn
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, is_linear_like, is_sparsified
 
 __all__ = [
-    "AdapterMap",
-    "Selection",
-    "AdapterInputHook",
-    "adapter_map",
-    "is_adapter_wrapper",
-    "adapter_base_layer",
+    "AdapterMap", "Selection", "AdapterInputHook", "adapter_map", "is_adapter_wrapper", "adapter_base_layer",
     "sync_adapter_hooks",
 ]
 

@@ -422,17 +422,14 @@ class SparsityCounter:
         if not self.layers:
             raise NotSparsifiedError("the model has no sparsified layer to count")
         self.metric = ActivationSparsity.from_model(model)
-        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "SparsityCounter":
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.metric.observe(self.model))
+        self._observing = self.metric.observe(self.model)
+        self._observing.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
+        self._observing.__exit__(*exc)
 
     @property
     def zeroed(self) -> dict[str, int]:

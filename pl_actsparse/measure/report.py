@@ -52,12 +52,7 @@ from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
 
 __all__ = [
-    "LayerReport",
-    "SparsityReport",
-    "activation_sparsity_report",
-    "model_report",
-    "achieved_table",
-    "main",
+    "LayerReport", "SparsityReport", "activation_sparsity_report", "model_report", "achieved_table", "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,10 +153,9 @@ class SparsityReport:
         """Weight bytes a sparse kernel need not read per token (see :attr:`LayerReport.achieved`)."""
         return sum(r.bytes_skipped for r in self.layers)
 
-    weight_bytes_skipped = bytes_skipped
-
     @property
     def skipped_fraction_of_sparsified(self) -> float:
+        """:attr:`bytes_skipped` over the sparsified layers' :attr:`weight_bytes` (0 without layers)."""
         return self.bytes_skipped / self.weight_bytes if self.weight_bytes else 0.0
 
     @property
@@ -181,7 +175,6 @@ class SparsityReport:
             "mean_calibration_sparsity": self.mean_sparsity,
             "max_abs_error": self.max_abs_error,
             "weight_bytes": self.weight_bytes,
-            "sparsified_weight_bytes": self.weight_bytes,
             "weight_bytes_skipped_per_token": self.bytes_skipped,
             "skipped_fraction_of_sparsified": self.skipped_fraction_of_sparsified,
             "decode_bytes_per_token_dense": self.decode_bytes,
@@ -244,7 +237,7 @@ class SparsityReport:
                 f"read per token ({self.decode_saving:.1%} less; ideal memory-bound speed-up <= {self.speedup_bound:.2f}x)."
             )
         if self.groups:
-            lines.append("Shared-input groups: " + "; ".join(f"{_group_label(i)} = {', '.join(g)}" for i, g in enumerate(self.groups)))
+            lines.append("Shared-input groups: " + "; ".join(f"g{i + 1} = {', '.join(g)}" for i, g in enumerate(self.groups)))
         if self.data_tokens:
             lines.append(f"'data' column: achieved sparsity on {self.data_tokens} real tokens given to the report.")
         if self.skipped:
@@ -371,10 +364,6 @@ def _fmt(v: float) -> str:
     return str(v) if math.isinf(v) else f"{v:.5g}"
 
 
-def _group_label(i: int) -> str:
-    return f"g{i + 1}"
-
-
 # ---------------------------------------------------------------------------------------------------
 # building
 
@@ -417,24 +406,10 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
     """
-    rows = []
-    for name, m in sparsified_layers(model):
-        s = m._actsparse
-        t = m.activation_threshold
-        rows.append(
-            LayerReport(
-                name=name,
-                target=s.target,
-                threshold=threshold_summary(t),
-                per_channel=t.numel() > 1,
-                calibration_sparsity=s.calibration_sparsity,
-                calibration_elements=s.calibration_elements,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                weight_bytes=weight_nbytes(m),
-                mode=s.mode.value,
-            )
-        )
+    rows = [
+        _row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features, m.out_features, weight_nbytes(m))
+        for name, m in sparsified_layers(model)
+    ]
     plan = model.__dict__.get("_actsparse_plan")
     decode, total = _decode_bytes_of_model(model)
     return SparsityReport(
@@ -450,12 +425,22 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
 _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
+def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str, in_f: int, out_f: int, nbytes: int) -> LayerReport:
+    """One layer's row from its threshold and its (live or decoded) sparsifier state."""
+    return LayerReport(
+        name=name, target=float(state.get("target", 0.0)), threshold=threshold_summary(threshold),
+        per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity"),
+        calibration_elements=int(state.get("calibration_elements", 0)), in_features=int(in_f), out_features=int(out_f),
+        weight_bytes=int(nbytes), mode=mode,
+    )
+
+
 def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
     from pl_actsparse.core.checkpoint import saved_sparsifiers
 
     rows = []
     for entry in saved_sparsifiers(sd):
-        name, t, extra = entry.name, entry.threshold, entry.state or {}
+        name = entry.name
         pre = f"{name}." if name else ""
         w, qw = sd.get(pre + "weight"), sd.get(pre + "qweight")
         if isinstance(qw, torch.Tensor) and qw.dim() == 2:  # an int8 layer: qweight is [in, out]
@@ -469,20 +454,9 @@ def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
             nbytes = w.numel() * w.element_size()
         else:
             raise NotSparsifiedError(f"the state dict has a threshold for {name!r} but no 2-D {pre}weight (or int8 {pre}qweight)")
-        rows.append(
-            LayerReport(
-                name=name,
-                target=float(extra.get("target", 0.0)),
-                threshold=threshold_summary(t),
-                per_channel=t.numel() > 1,
-                calibration_sparsity=extra.get("calibration_sparsity"),
-                calibration_elements=int(extra.get("calibration_elements", 0)),
-                in_features=int(in_f),
-                out_features=int(out_f),
-                weight_bytes=int(nbytes),
-                mode="sparsifying" if extra.get("calibrated", entry.state is None) else "passthrough",
-            )
-        )
+        state = entry.state or {}
+        mode = "sparsifying" if state.get("calibrated", entry.state is None) else "passthrough"
+        rows.append(_row(name, entry.threshold, state, mode, in_f, out_f, nbytes))
     return rows
 
 
@@ -549,7 +523,7 @@ def model_report(
             from pl_actsparse.calibrate.groups import find_shared_input_groups
 
             report.groups = find_shared_input_groups(model, example_input, [r.name for r in report.layers], transform_fn=transform_fn)
-            label = {n: _group_label(i) for i, g in enumerate(report.groups) for n in g}
+            label = {n: f"g{i + 1}" for i, g in enumerate(report.groups) for n in g}
             for r in report.layers:
                 r.group = label.get(r.name)
         if items:
