@@ -22,14 +22,14 @@ from pl_actsparse.integrations import (
 from pl_actsparse.calibrate import calibrate as _calibrate
 from pl_actsparse.calibrate.allocation import allocate_levels, fisher_curves, next_token_nll
 from pl_actsparse.calibrate.histogram import LayerStatistics
-from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
+from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
     CheckpointError, ConflictingScopesError, EmptyDatasetError, InvalidOptionError, InvalidScopeError,
     NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
-    restore_layers, snapshot_layers, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
+    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
     install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier, weight_nbytes,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit

@@ -15,6 +15,7 @@ decoding and a dequantize-and-GEMM dense path for prefill. See ``docs/int8.md``.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -204,7 +205,8 @@ class Int8QuantizationReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data: the fields and the three totals."""
-        return asdict(self) | {"float_bytes": self.float_bytes, "int8_bytes": self.int8_bytes, "max_relative_error": self.max_relative_error}
+        totals = {k: getattr(self, k) for k in ("float_bytes", "int8_bytes", "max_relative_error")}
+        return asdict(self) | totals
 
     def __str__(self) -> str:
         head = ["layer", "in->out", "mode", "per", "sparsified", "rel. error", "KiB float->int8"]
@@ -225,15 +227,6 @@ class Int8QuantizationReport:
         for name, why in self.skipped:
             lines.append(f"skipped {name}: {why}")
         return "\n".join(lines)
-
-
-def _weight_users(model: nn.Module) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                counts[id(p)] = counts.get(id(p), 0) + 1
-    return counts
 
 
 @torch.no_grad()
@@ -263,7 +256,7 @@ def quantize_weights_int8(
     if scope is not None and not isinstance(scope, TargetScope):
         raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     report = Int8QuantizationReport()
-    users = _weight_users(model)
+    users = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     matched = 0
     for name, m in list(model.named_modules()):
         if not isinstance(m, nn.Linear):

@@ -34,14 +34,15 @@ from pl_actsparse.errors import CheckpointError, NotSparsifiedError, Unsupported
 __all__ = [
     "SparsifierMode", "GradientMode", "ActivationSparsifierMixin", "SparseActivationLinear", "is_sparsified",
     "sparsified_layers", "sparsifier_state", "SparsifierStateView", "sparse_class_for", "install_sparsifier",
-    "uninstall_sparsifier", "original_module_class", "THRESHOLD_BUFFER", "ADAPTER_INPUT_KWARG", "weight_nbytes",
-    "threshold_summary", "encode_sparsifier_state", "decode_sparsifier_state", "SPARSIFIER_STATE_FORMAT",
-    "LinearLikeSpec", "register_linear_like", "linear_like_spec", "is_linear_like", "linear_like_weight_t",
-    "linear_like_weight", "supported_layer_types", "LINEAR_LIKE_SOURCES", "preserved",
+    "uninstall_sparsifier", "original_module_class", "THRESHOLD_BUFFER", "STATE_KEY", "ADAPTER_INPUT_KWARG",
+    "weight_nbytes", "threshold_summary", "encode_sparsifier_state", "decode_sparsifier_state",
+    "SPARSIFIER_STATE_FORMAT", "LinearLikeSpec", "register_linear_like", "linear_like_spec", "is_linear_like",
+    "linear_like_weight_t", "linear_like_weight", "supported_layer_types", "LINEAR_LIKE_SOURCES", "preserved",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
-_EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
+#: State-dict suffix of a layer's sparsifier state (torch's key for ``get_extra_state()``).
+STATE_KEY = "_extra_state"
 
 #: Keyword an adapter wrapper's input hook passes down to its sparsified base layer (peft forwards the
 #: wrapper's keyword arguments to ``base_layer``): "your input is already processed, do not threshold it twice".
@@ -166,7 +167,7 @@ class ActivationSparsifierMixin:
         # only one of the two (safetensors files of 0.1 lost the dict state) cannot be restored as saved:
         # a loaded threshold still makes the layer sparsifying, the absent key stays missing (strict loading
         # fails) and a warning names the layer (never a silently dense layer).
-        tkey, skey = prefix + THRESHOLD_BUFFER, prefix + _EXTRA_STATE_KEY
+        tkey, skey = prefix + THRESHOLD_BUFFER, prefix + STATE_KEY
         has_t, has_s = tkey in state_dict, skey in state_dict
         before = len(missing_keys)
         incoming = state_dict.get(tkey)

@@ -42,11 +42,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, mask_of, model_device, to_device
+from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
@@ -406,10 +405,8 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
     """
-    rows = [
-        _row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features, m.out_features, weight_nbytes(m))
-        for name, m in sparsified_layers(model)
-    ]
+    rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features,
+                 m.out_features, weight_nbytes(m)) for name, m in sparsified_layers(model)]
     plan = model.__dict__.get("_actsparse_plan")
     decode, total = _decode_bytes_of_model(model)
     return SparsityReport(
@@ -471,7 +468,7 @@ def _decode_bytes_of_state_dict(sd: Mapping[str, Any]) -> tuple[int, int]:
     weights = {
         k: v
         for k, v in sd.items()
-        if isinstance(v, torch.Tensor) and (v.is_floating_point() or k.endswith(".qweight")) and not k.endswith((THRESHOLD_BUFFER, "_extra_state"))
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or k.endswith(".qweight")) and not k.endswith((THRESHOLD_BUFFER, STATE_KEY))
     }
     by_storage: dict[Any, list[str]] = {}
     for k, v in weights.items():
@@ -560,13 +557,12 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
 
     transform = transform_fn or default_transform_fn
     device = model_device(model)
-    to_device = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
     tokens = 0
     with preserved_modes(model), SparsityCounter(model) as counter, torch.no_grad():
         model.eval()
         for item in items:
-            inputs = apply_to_collection(transform(item), torch.Tensor, to_device)
-            mask = mask_fn(item) if mask_fn is not None else None
+            inputs = to_device(transform(item), device)
+            mask = mask_of(mask_fn, item)
             with _token_mask_context(mask):
                 call_model(model, inputs)
             tokens += _token_count(inputs, mask)
