@@ -434,14 +434,7 @@ def calibrate_block(
         with p, torch.no_grad(), compilation_disabled():
             for level, names in enumerate(plan.levels):
                 accs = {n: _Accumulator(by_local[n][0], modules[n]) for n in names}
-                failed = None
-                try:
-                    for i in range(len(masks)):
-                        p.run(i, level, accs)
-                except _NotLeveled as exc:
-                    failed = exc
-                if dist.any(failed is not None):
-                    raise failed or _NotLeveled("another rank's block did not follow the plan")
+                _level_pass(p, level, accs, dist)
                 _finalize(p, level, accs, dist)
                 for n in names:
                     stats[by_local[n][0]] = accs[n].stats  # type: ignore[attr-defined]
@@ -466,6 +459,19 @@ def calibrate_block(
     return stats
 
 
+def _level_pass(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distributed) -> None:
+    """Every batch through the pass of ``level`` counting for ``accs`` (none: no forward); a block that leaves
+    its plan on any rank raises :class:`_NotLeveled` on every rank."""
+    failed = None
+    try:
+        for i in range(len(p.masks) if accs else 0):
+            p.run(i, level, accs)
+    except _NotLeveled as exc:
+        failed = exc
+    if dist.any(failed is not None):
+        raise failed or _NotLeveled("another rank's block did not follow the plan")
+
+
 def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distributed) -> None:
     """Thresholds of one level from the summed histograms (all ranks), written into the layers."""
     ordered = list(accs.values())
@@ -479,15 +485,7 @@ def _finalize(p: _Pass, level: int, accs: dict[str, _Accumulator], dist: Distrib
             if miss:
                 acc.repass_bin = b
                 again[n] = acc
-        failed = None
-        if again:
-            try:
-                for i in range(len(p.masks)):
-                    p.run(i, level, again)
-            except _NotLeveled as exc:
-                failed = exc
-        if dist.any(failed is not None):  # every rank gets here: ``missing`` is summed over all of them
-            raise failed or _NotLeveled("another rank's block did not follow the plan")
+        _level_pass(p, level, again, dist)  # every rank gets here, also one with nothing to count again
     for acc, (dtype, coarse) in zip(ordered, merged):
         local_fine = lambda b, acc=acc: acc.repass if acc.repass_bin is not None else acc.fine_of(b)  # noqa: E731
         acc.stats = finalize(acc.name, acc.target, dtype, coarse, local_fine, dist)  # type: ignore[attr-defined]
