@@ -530,39 +530,31 @@ def threshold_summary(threshold: torch.Tensor) -> float:
 # -- preserving layer state around trial settings (sweep, allocation) -------------------------------------
 
 
-@dataclass
-class _LayerSnapshot:
-    was_sparsified: bool
-    threshold: torch.Tensor | None = None
-    extra: torch.Tensor | None = None  # the encoded sparsifier state (get_extra_state)
+def snapshot_layers(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """What :func:`restore_layers` needs to put ``names`` back: per layer its threshold and encoded sparsifier
+    state (:meth:`~ActivationSparsifierMixin.get_extra_state`), ``None`` when it is not sparsified. ``modules``
+    is ``dict(model.named_modules())``."""
+    return {n: (modules[n].activation_threshold.detach().clone(), modules[n].get_extra_state())
+            if is_sparsified(modules[n]) else None for n in names}
 
 
-def snapshot_layers(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, _LayerSnapshot]:
-    """What :func:`restore_layers` needs to put ``names`` back: each layer's threshold and sparsifier state, or
-    that it was not sparsified. ``modules`` is ``dict(model.named_modules())``."""
-    return {
-        n: _LayerSnapshot(True, modules[n].activation_threshold.detach().clone(), modules[n].get_extra_state())
-        if is_sparsified(modules[n]) else _LayerSnapshot(False)
-        for n in names
-    }
-
-
-def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, _LayerSnapshot]) -> None:
+def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, tuple[torch.Tensor, torch.Tensor] | None]) -> None:
     """Put layers back as :func:`snapshot_layers` saw them (threshold of any shape, state; a layer sparsified
     since is un-sparsified, bit for bit; one removed since is installed again)."""
     for n, snap in snaps.items():
         m = modules[n]
-        if not snap.was_sparsified:
+        if snap is None:
             uninstall_sparsifier(m)
             continue
+        threshold, extra = snap
         removed = not is_sparsified(m)
         if removed:  # removed since: install again, as it was
-            install_sparsifier(m, decode_sparsifier_state(snap.extra)["target"])
-        if removed or m.activation_threshold.shape != snap.threshold.shape:  # or per-channel <-> scalar since
-            m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
+            install_sparsifier(m, decode_sparsifier_state(extra)["target"])
+        if removed or m.activation_threshold.shape != threshold.shape:  # or per-channel <-> scalar since
+            m._buffers[THRESHOLD_BUFFER] = threshold.clone()
         else:
-            m.activation_threshold.copy_(snap.threshold)
-        m.set_extra_state(snap.extra)
+            m.activation_threshold.copy_(threshold)
+        m.set_extra_state(extra)
 
 
 @contextlib.contextmanager
