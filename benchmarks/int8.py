@@ -99,12 +99,14 @@ def ppl_part(args) -> dict:
     m = sparsify_activations(copy.deepcopy(base), batches, SEED_RECIPE, calibration={"progress": False})
     out["sparse"] = run("sparse", m)
     for mode in args.modes.split(","):
-        m = copy.deepcopy(base)
-        rep = quantize_weights_int8(m, mode=mode)
-        out[f"int8_{mode}"] = run(f"int8 {mode}", m)
-        out[f"int8_{mode}_max_rel_weight_error"] = round(rep.max_relative_error, 5)
-        sparsify_activations(m, batches, SEED_RECIPE, calibration={"progress": False})
-        out[f"int8_{mode}_sparse"] = run(f"int8 {mode} + sparse", m)
+        for gran in args.granularities.split(","):
+            key = f"int8_{mode}" + ("" if gran == "output" else f"_{gran}")  # per-output-channel: int8_<mode>
+            m = copy.deepcopy(base)
+            rep = quantize_weights_int8(m, mode=mode, granularity=gran)
+            out[key] = run(f"int8 {mode}/{gran}", m)
+            out[f"{key}_max_rel_weight_error"] = round(rep.max_relative_error, 5)
+            sparsify_activations(m, batches, SEED_RECIPE, calibration={"progress": False})
+            out[f"{key}_sparse"] = run(f"int8 {mode}/{gran} + sparse", m)
     try:
         import nncf
     except ImportError:
@@ -124,8 +126,8 @@ def ppl_part(args) -> dict:
             with contextlib.redirect_stdout(sys.stderr):
                 sparsify_activations(m, batches, SEED_RECIPE, calibration={"progress": False})
             out[key + "_sparse"] = run(key + " + sparse", m)
-    mode0 = args.modes.split(",")[0]
-    out["int8_sparse_vs_sparse_pct"] = round(100 * (out[f"int8_{mode0}_sparse"] / out["sparse"] - 1), 3)
+    first = next(k for k in out if k.startswith("int8_") and k.endswith("_sparse"))  # the first mode/granularity
+    out["int8_sparse_vs_sparse_pct"] = round(100 * (out[first] / out["sparse"] - 1), 3)
     return out
 
 
@@ -268,6 +270,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="ppl,gemv,decode")
     p.add_argument("--modes", default="asym", help="our int8 modes for the perplexity part")
+    p.add_argument("--granularities", default="output", help="scale granularities for the perplexity part (output,input)")
     p.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
     p.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
     add_out_argument(p, "int8")

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
     parser.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
     parser.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
-    add_out_argument(parser, "allocation")
+    add_out_argument(parser, "sensitivity_sweep")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -22,14 +22,14 @@ from pl_actsparse.integrations import (
 from pl_actsparse.calibrate import calibrate as _calibrate, chosen_method
 from pl_actsparse.calibrate.allocation import allocate_levels, fisher_curves, next_token_nll
 from pl_actsparse.calibrate.histogram import LayerStatistics
-from pl_actsparse.core.checkpoint import STATE_KEY, SavedSparsifier, read_state_dict, saved_sparsifiers
+from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
     CheckpointError, ConflictingScopesError, EmptyDatasetError, InvalidOptionError, InvalidScopeError,
     NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
-    restore_layers, snapshot_layers, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
+    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
     install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier, weight_nbytes,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
@@ -118,7 +118,8 @@ def plan_activation_sparsity(
             sels = [layers.select(h, exact=False) for h in hits]
             if scope.validate and not any(s.refused or (s.layer is not None and is_linear[s.layer]) for s in sels):
                 what = "" if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
-                unmatched.append(f"{scope!r}: {_entry_kind(match, label)} {label!r}{what}")
+                kind = "name" if label in match.by_name else "pattern" if label in match.by_pattern else "type"
+                unmatched.append(f"{scope!r}: {kind} {label!r}{what}")
         for name in match.all_names():
             sel = layers.select(name, exact=name in scope.names)
             if sel.refused:
@@ -173,14 +174,6 @@ def _check_reachable(modules: dict[str, nn.Module], names: Iterable[str]) -> Non
     stuck = [f"{n!r}: {p}" for n in names if (p := forward_patch_problem(modules[n])) is not None]
     if stuck:
         raise UnsupportedModuleError("these layers would stay dense if sparsified: " + "; ".join(stuck))
-
-
-def _entry_kind(match: Any, label: str) -> str:
-    if label in match.by_name:
-        return "name"
-    if label in match.by_pattern:
-        return "pattern"
-    return "type"
 
 
 def prepare_activation_sparsity(

@@ -9,6 +9,7 @@ Modelled on torchao's ``quantize_(model, Config())`` configuration objects.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
@@ -48,7 +49,8 @@ class CalibrationConfig:
             positional arguments, anything else as the single argument); ``None``: the item itself.
         token_mask: which input elements are data: ``"auto"`` (a dict item's ``attention_mask``), ``None``
             (every element) or a callable ``item -> bool [batch, seq]`` mask.
-        offload: where the sequential method keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``.
+        offload: where the sequential method keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``;
+            with ``method="auto"`` it chooses sequential for any model with a block list (else warns: lockstep).
         max_batches_in_flight: lockstep only: run batches in groups of this size (smaller groups bound memory and
             make the thresholds approximately exact); ``None``: all at once (exact).
         in_block: sequential only: ``"levels"`` (one batch in flight inside a block) or ``"lockstep"``.
@@ -57,7 +59,9 @@ class CalibrationConfig:
             with several ranks is initialized).
 
     Raises:
-        InvalidOptionError: a field has an invalid value (the message names the field and what is valid).
+        InvalidOptionError: an unknown field name (the message lists the valid ones, closest first), a field with
+            an invalid value (the message names the field and what is valid), or ``offload`` with
+            ``method="lockstep"`` (only the sequential method keeps a cache to offload).
         TokenMaskError: ``token_mask`` is not ``"auto"``, ``None`` or a callable.
 
     >>> CalibrationConfig(method="sequential", offload="cpu").method
@@ -76,9 +80,20 @@ class CalibrationConfig:
     progress: bool = True
     sync_across_processes: Optional[bool] = None
 
+    def __new__(cls, *args: Any, **fields: Any) -> "CalibrationConfig":
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(valid))
+        if unknown:
+            closest = difflib.get_close_matches(unknown[0], valid, n=len(valid), cutoff=0)
+            raise InvalidOptionError(f"unknown CalibrationConfig field(s) {unknown}; valid fields, closest first: {', '.join(closest)}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         _choice("method", self.method, CALIBRATION_METHODS)
         _choice("offload", self.offload, OFFLOAD_MODES)
+        if self.offload is not None and self.method == "lockstep":
+            raise InvalidOptionError(f"CalibrationConfig.offload={self.offload!r} needs method='sequential' (or 'auto'): "
+                                     "method='lockstep' keeps no cache of block inputs to offload")
         _choice("in_block", self.in_block, IN_BLOCK_MODES)
         _positive_int_or_none("num_batches", self.num_batches)
         _positive_int_or_none("max_batches_in_flight", self.max_batches_in_flight)
@@ -105,10 +120,6 @@ class CalibrationConfig:
         if isinstance(value, str):
             return cls(method=value)
         if isinstance(value, Mapping):
-            fields = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - fields)
-            if unknown:
-                raise InvalidOptionError(f"unknown CalibrationConfig field(s) {unknown}; valid fields: {sorted(fields)}")
             return cls(**dict(value))
         raise InvalidOptionError(f"calibration must be a CalibrationConfig, a mapping of its fields or a method name, got {type(value).__qualname__}")
 

@@ -9,23 +9,10 @@ raise ``TypeError``.
 from __future__ import annotations
 
 __all__ = [
-    "ActivationSparsityError",
-    "InvalidTargetError",
-    "InvalidScopeError",
-    "ScopeSpecError",
-    "UnmatchedScopeError",
-    "ConflictingScopesError",
-    "UnsupportedModuleError",
-    "NothingToSparsifyError",
-    "EmptyDatasetError",
-    "NonFiniteActivationError",
-    "NotSparsifiedError",
-    "LayerNotCalledError",
-    "TokenMaskError",
-    "CheckpointError",
-    "CalibrationConvergenceError",
-    "CallbackConfigurationError",
-    "InvalidOptionError",
+    "ActivationSparsityError", "InvalidTargetError", "InvalidScopeError", "ScopeSpecError", "UnmatchedScopeError",
+    "ConflictingScopesError", "UnsupportedModuleError", "NothingToSparsifyError", "EmptyDatasetError",
+    "NonFiniteActivationError", "NotSparsifiedError", "LayerNotCalledError", "TokenMaskError", "CheckpointError",
+    "CalibrationConvergenceError", "CallbackConfigurationError", "InvalidOptionError",
 ]
 
 

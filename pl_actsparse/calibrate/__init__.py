@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
@@ -36,13 +37,17 @@ METHODS: dict[str, Callable[..., dict[str, LayerStatistics]]] = {
 
 def chosen_method(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], config: CalibrationConfig) -> str:
     """``config.method``, with ``"auto"`` resolved: ``"sequential"`` for a model with a block list whose parameters
-    take at least :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, else ``"lockstep"``."""
+    take at least :data:`AUTO_SEQUENTIAL_MIN_PARAM_BYTES`, or of any size when ``config.offload`` is set, else
+    ``"lockstep"`` (with a warning when ``offload`` is set: lockstep keeps no cache)."""
     if config.method != "auto":
         return config.method
     name, why = find_block_list(model, [n for n, _ in layers])
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    if name is None or size < AUTO_SEQUENTIAL_MIN_PARAM_BYTES or forward_is_not_reentrant(model):
+    if name is None or forward_is_not_reentrant(model) or (size < AUTO_SEQUENTIAL_MIN_PARAM_BYTES and config.offload is None):
         log.debug("method='auto' chose lockstep (%s; %d parameter bytes)", why, size)
+        if config.offload is not None:
+            warnings.warn(f"calibration offload={config.offload!r} is not used: method='auto' chose lockstep, which "
+                          f"keeps no cache ({why if name is None else 'the forward is not reentrant'})", stacklevel=3)
         return "lockstep"
     log.info("method='auto' chose sequential: %s", why)
     return "sequential"

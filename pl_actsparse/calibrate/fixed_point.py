@@ -62,10 +62,6 @@ def _threshold_key(tau: float, dtype: torch.dtype) -> int:
     return int(torch.tensor([tau], dtype=torch.float32).to(dtype).view(INT_VIEW[dtype]).item())
 
 
-def _key_threshold(key: int, dtype: torch.dtype) -> float:
-    return -math.inf if key < 0 else bits_to_float(key, dtype)
-
-
 #: Largest miss |achieved - best reachable| tolerated for *coupled* repeated layers (several layers called several
 #: times, each one's later inputs depending on the others' thresholds) when no pass hits every fixed point exactly;
 #: it is warned about with the figures. A larger miss raises CalibrationConvergenceError.
@@ -179,7 +175,7 @@ def solve_repeated(
                 settled[id(s)] = nxt == key
                 jumped.add(id(s))
             if nxt != key:
-                moves[id(s)] = _key_threshold(nxt, dtype)
+                moves[id(s)] = -math.inf if nxt < 0 else bits_to_float(nxt, dtype)
         history.append((max(misses.values()), {k: v[1] for k, v in measured.items()}))
         if not moves or round_index > max_rounds:
             break

@@ -27,7 +27,7 @@ from pl_actsparse.core.layer import is_linear_like
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import UnsupportedModuleError
 
-__all__ = ["find_shared_input_groups", "group_of", "check_shared_thresholds"]
+__all__ = ["find_shared_input_groups", "check_shared_thresholds"]
 
 
 def find_shared_input_groups(
@@ -114,11 +114,6 @@ def find_shared_input_groups(
         if len(members) > 1 or include_singletons:
             groups.append(members)
     return groups
-
-
-def group_of(groups: Sequence[Sequence[str]]) -> dict[str, int]:
-    """``{layer name: group index}`` for the members of ``groups``."""
-    return {n: i for i, g in enumerate(groups) for n in g}
 
 
 def check_shared_thresholds(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
@@ -97,11 +98,7 @@ def take_batches(items: Iterable[Any], num_batches: int | None, dist: Distribute
     Raises:
         EmptyDatasetError: no rank has an item.
     """
-    batches: list[Any] = []
-    for item in items:
-        if num_batches is not None and len(batches) >= num_batches:
-            break
-        batches.append(item)
+    batches = list(itertools.islice(items, num_batches))
     if dist.count(len(batches)) == 0:
         raise EmptyDatasetError(
             "the calibration data yielded no item: pass a non-empty iterable of model inputs"

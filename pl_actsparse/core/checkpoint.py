@@ -20,13 +20,10 @@ from typing import Any, Mapping
 
 import torch
 
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state
+from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, decode_sparsifier_state
 from pl_actsparse.errors import CheckpointError
 
-__all__ = ["SavedSparsifier", "read_state_dict", "saved_sparsifiers", "STATE_KEY"]
-
-#: Suffix of the sparsifier-state entry of a layer (torch's extra-state key).
-STATE_KEY = "_extra_state"
+__all__ = ["SavedSparsifier", "read_state_dict", "saved_sparsifiers"]
 
 _HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

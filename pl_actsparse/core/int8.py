@@ -15,6 +15,7 @@ decoding and a dequantize-and-GEMM dense path for prefill. See ``docs/int8.md``.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -84,11 +85,8 @@ class Int8WeightLinear(nn.Linear):
         """Quantize a float ``[out, in]`` weight into this layer's buffers (``mode``/``granularity`` kept)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise InvalidOptionError(f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}")
-        q, s, z = quantize_weight_t(weight, self.mode, self.granularity)
         dev = self.qweight.device
-        self.qweight = q.to(dev)
-        self.scale = s.to(dev)
-        self.zero_point = (z if z is not None else torch.zeros_like(s)).to(dev)
+        self.qweight, self.scale, self.zero_point = (t.to(dev) for t in _quantized(weight, self.mode, self.granularity))
         self.weight_dtype = weight.dtype
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -131,11 +129,8 @@ class Int8WeightLinear(nn.Linear):
         wkey = prefix + "weight"
         if wkey in state_dict and prefix + "qweight" not in state_dict:
             # a float checkpoint: quantize its weight with this layer's settings
-            w = state_dict.pop(wkey)
-            q, s, z = quantize_weight_t(w, self.mode, self.granularity)
-            state_dict[prefix + "qweight"] = q
-            state_dict[prefix + "scale"] = s
-            state_dict[prefix + "zero_point"] = z if z is not None else torch.zeros_like(s)
+            parts = _quantized(state_dict.pop(wkey), self.mode, self.granularity)
+            state_dict.update({prefix + k: t for k, t in zip(("qweight", "scale", "zero_point"), parts)})
         sk = state_dict.get(prefix + "scale")
         if isinstance(sk, Tensor) and sk.shape != self.scale.shape and sk.dim() == 2:
             # the checkpoint was quantized with the other granularity: adopt it
@@ -152,6 +147,12 @@ class Int8WeightLinear(nn.Linear):
 #: into), registered here under its own name so that whole models pickle with ``torch.save(model)``.
 SparseActivationInt8WeightLinear = sparse_class_for(Int8WeightLinear)
 SparseActivationInt8WeightLinear.__module__ = __name__
+
+
+def _quantized(weight: Tensor, mode: QuantMode, granularity: Granularity) -> tuple[Tensor, Tensor, Tensor]:
+    """``(qweight [in, out] int8, scale, zero_point)`` of a float ``[out, in]`` weight; a zero ``zero_point`` for sym."""
+    q, s, z = quantize_weight_t(weight, mode, granularity)
+    return q, s, z if z is not None else torch.zeros_like(s)
 
 
 def _check_options(mode: Any, granularity: Any) -> None:
@@ -203,11 +204,9 @@ class Int8QuantizationReport:
         return max((r.relative_error for r in self.layers), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": [asdict(r) for r in self.layers], "skipped": [list(s) for s in self.skipped],
-            "float_bytes": self.float_bytes, "int8_bytes": self.int8_bytes,
-            "max_relative_error": self.max_relative_error,
-        }
+        """Plain data: the fields and the three totals."""
+        totals = {k: getattr(self, k) for k in ("float_bytes", "int8_bytes", "max_relative_error")}
+        return asdict(self) | totals
 
     def __str__(self) -> str:
         head = ["layer", "in->out", "mode", "per", "sparsified", "rel. error", "KiB float->int8"]
@@ -228,15 +227,6 @@ class Int8QuantizationReport:
         for name, why in self.skipped:
             lines.append(f"skipped {name}: {why}")
         return "\n".join(lines)
-
-
-def _weight_users(model: nn.Module) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                counts[id(p)] = counts.get(id(p), 0) + 1
-    return counts
 
 
 @torch.no_grad()
@@ -266,7 +256,7 @@ def quantize_weights_int8(
     if scope is not None and not isinstance(scope, TargetScope):
         raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     report = Int8QuantizationReport()
-    users = _weight_users(model)
+    users = collections.Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     matched = 0
     for name, m in list(model.named_modules()):
         if not isinstance(m, nn.Linear):
@@ -289,8 +279,8 @@ def quantize_weights_int8(
             continue
         shared = users.get(id(w), 0) > 1
         sparse = is_sparsified(m)
-        q, s, z = quantize_weight_t(w, mode, granularity)
-        err = dequantize_weight_t(q, s, z)
+        q, s, z = _quantized(w, mode, granularity)
+        err = dequantize_weight_t(q, s, z if mode == "asym" else None)
         wf = w.detach().float().t()  # [in, out] view; the error in the kernel layout, without a copy
         err -= wf
         rel = float(err.norm() / wf.norm().clamp_min(1e-30))
@@ -303,9 +293,8 @@ def quantize_weights_int8(
         m.mode = mode
         m.granularity = granularity
         m.weight_dtype = dtype
-        m.register_buffer("qweight", q.to(device))
-        m.register_buffer("scale", s.to(device))
-        m.register_buffer("zero_point", (z if z is not None else torch.zeros_like(s)).to(device))
+        for key, t in (("qweight", q), ("scale", s), ("zero_point", z)):
+            m.register_buffer(key, t.to(device))
         report.layers.append(
             Int8LayerReport(
                 name=name, in_features=m.in_features, out_features=m.out_features, mode=mode, granularity=granularity,

@@ -32,38 +32,17 @@ from torch import nn
 from pl_actsparse.errors import CheckpointError, NotSparsifiedError, UnsupportedModuleError
 
 __all__ = [
-    "SparsifierMode",
-    "GradientMode",
-    "ActivationSparsifierMixin",
-    "SparseActivationLinear",
-    "is_sparsified",
-    "sparsified_layers",
-    "sparsifier_state",
-    "SparsifierStateView",
-    "sparse_class_for",
-    "install_sparsifier",
-    "uninstall_sparsifier",
-    "original_module_class",
-    "THRESHOLD_BUFFER",
-    "ADAPTER_INPUT_KWARG",
-    "weight_nbytes",
-    "threshold_summary",
-    "encode_sparsifier_state",
-    "decode_sparsifier_state",
-    "SPARSIFIER_STATE_FORMAT",
-    "LinearLikeSpec",
-    "register_linear_like",
-    "linear_like_spec",
-    "is_linear_like",
-    "linear_like_weight_t",
-    "linear_like_weight",
-    "supported_layer_types",
-    "LINEAR_LIKE_SOURCES",
-    "preserved",
+    "SparsifierMode", "GradientMode", "ActivationSparsifierMixin", "SparseActivationLinear", "is_sparsified",
+    "sparsified_layers", "sparsifier_state", "SparsifierStateView", "sparse_class_for", "install_sparsifier",
+    "uninstall_sparsifier", "original_module_class", "THRESHOLD_BUFFER", "STATE_KEY", "ADAPTER_INPUT_KWARG",
+    "weight_nbytes", "threshold_summary", "encode_sparsifier_state", "decode_sparsifier_state",
+    "SPARSIFIER_STATE_FORMAT", "LinearLikeSpec", "register_linear_like", "linear_like_spec", "is_linear_like",
+    "linear_like_weight_t", "linear_like_weight", "supported_layer_types", "LINEAR_LIKE_SOURCES", "preserved",
 ]
 
 THRESHOLD_BUFFER = "activation_threshold"
-_EXTRA_STATE_KEY = "_extra_state"  # torch's key for get_extra_state()
+#: State-dict suffix of a layer's sparsifier state (torch's key for ``get_extra_state()``).
+STATE_KEY = "_extra_state"
 
 #: Keyword an adapter wrapper's input hook passes down to its sparsified base layer (peft forwards the
 #: wrapper's keyword arguments to ``base_layer``): "your input is already processed, do not threshold it twice".
@@ -188,7 +167,7 @@ class ActivationSparsifierMixin:
         # only one of the two (safetensors files of 0.1 lost the dict state) cannot be restored as saved:
         # a loaded threshold still makes the layer sparsifying, the absent key stays missing (strict loading
         # fails) and a warning names the layer (never a silently dense layer).
-        tkey, skey = prefix + THRESHOLD_BUFFER, prefix + _EXTRA_STATE_KEY
+        tkey, skey = prefix + THRESHOLD_BUFFER, prefix + STATE_KEY
         has_t, has_s = tkey in state_dict, skey in state_dict
         before = len(missing_keys)
         incoming = state_dict.get(tkey)
@@ -551,39 +530,31 @@ def threshold_summary(threshold: torch.Tensor) -> float:
 # -- preserving layer state around trial settings (sweep, allocation) -------------------------------------
 
 
-@dataclass
-class _LayerSnapshot:
-    was_sparsified: bool
-    threshold: torch.Tensor | None = None
-    extra: torch.Tensor | None = None  # the encoded sparsifier state (get_extra_state)
+def snapshot_layers(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """What :func:`restore_layers` needs to put ``names`` back: per layer its threshold and encoded sparsifier
+    state (:meth:`~ActivationSparsifierMixin.get_extra_state`), ``None`` when it is not sparsified. ``modules``
+    is ``dict(model.named_modules())``."""
+    return {n: (modules[n].activation_threshold.detach().clone(), modules[n].get_extra_state())
+            if is_sparsified(modules[n]) else None for n in names}
 
 
-def snapshot_layers(modules: dict[str, nn.Module], names: Iterable[str]) -> dict[str, _LayerSnapshot]:
-    """What :func:`restore_layers` needs to put ``names`` back: each layer's threshold and sparsifier state, or
-    that it was not sparsified. ``modules`` is ``dict(model.named_modules())``."""
-    return {
-        n: _LayerSnapshot(True, modules[n].activation_threshold.detach().clone(), modules[n].get_extra_state())
-        if is_sparsified(modules[n]) else _LayerSnapshot(False)
-        for n in names
-    }
-
-
-def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, _LayerSnapshot]) -> None:
+def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, tuple[torch.Tensor, torch.Tensor] | None]) -> None:
     """Put layers back as :func:`snapshot_layers` saw them (threshold of any shape, state; a layer sparsified
     since is un-sparsified, bit for bit; one removed since is installed again)."""
     for n, snap in snaps.items():
         m = modules[n]
-        if not snap.was_sparsified:
+        if snap is None:
             uninstall_sparsifier(m)
             continue
+        threshold, extra = snap
         removed = not is_sparsified(m)
         if removed:  # removed since: install again, as it was
-            install_sparsifier(m, decode_sparsifier_state(snap.extra)["target"])
-        if removed or m.activation_threshold.shape != snap.threshold.shape:  # or per-channel <-> scalar since
-            m._buffers[THRESHOLD_BUFFER] = snap.threshold.clone()
+            install_sparsifier(m, decode_sparsifier_state(extra)["target"])
+        if removed or m.activation_threshold.shape != threshold.shape:  # or per-channel <-> scalar since
+            m._buffers[THRESHOLD_BUFFER] = threshold.clone()
         else:
-            m.activation_threshold.copy_(snap.threshold)
-        m.set_extra_state(snap.extra)
+            m.activation_threshold.copy_(threshold)
+        m.set_extra_state(extra)
 
 
 @contextlib.contextmanager

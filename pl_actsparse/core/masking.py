@@ -24,12 +24,7 @@ import torch
 from pl_actsparse.errors import TokenMaskError
 
 __all__ = [
-    "MaskFn",
-    "attention_mask_of",
-    "resolve_mask_fn",
-    "token_mask",
-    "current_token_mask",
-    "select_tokens",
+    "MaskFn", "attention_mask_of", "resolve_mask_fn", "token_mask", "current_token_mask", "select_tokens",
 ]
 
 #: A function from a batch (what the data loader yields) to a bool token mask ``[batch, seq]`` or ``None``.

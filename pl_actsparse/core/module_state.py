@@ -18,12 +18,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from pl_actsparse.core.layer import THRESHOLD_BUFFER
+from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER
 
 __all__ = ["state_dict_fit", "preserved_modes"]
-
-_STATE_KEY = "_extra_state"
-
 
 def _plain(t: Any) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
@@ -42,7 +39,7 @@ def state_dict_fit(model: nn.Module, sd: Mapping[str, Any], sparsified: Iterable
     whose absence is reported elsewhere.
     """
     own = model.state_dict(keep_vars=True)
-    sparse_keys = {f"{n}.{k}" if n else k for n in sparsified for k in (THRESHOLD_BUFFER, _STATE_KEY)}
+    sparse_keys = {f"{n}.{k}" if n else k for n in sparsified for k in (THRESHOLD_BUFFER, STATE_KEY)}
     expected = sparse_keys if weights_loaded else set(own) | sparse_keys
     loadable, unexpected, shape, quantized, offloaded = {}, [], [], [], []
     for key, value in sd.items():

@@ -28,16 +28,8 @@ from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidScopeError, InvalidTargetError, ScopeSpecError
 
 __all__ = [
-    "ScopeSpec",
-    "IgnoredScopeSpec",
-    "SCOPE_SPEC_KEYS",
-    "IGNORED_SCOPE_SPEC_KEYS",
-    "validate_target",
-    "parse_scope_spec",
-    "parse_ignored_scope_spec",
-    "scopes_from_list",
-    "scopes_to_list",
-    "load_scopes_yaml",
+    "ScopeSpec", "IgnoredScopeSpec", "SCOPE_SPEC_KEYS", "IGNORED_SCOPE_SPEC_KEYS", "validate_target",
+    "parse_scope_spec", "parse_ignored_scope_spec", "scopes_from_list", "scopes_to_list", "load_scopes_yaml",
     "dump_scopes_yaml",
 ]
 
@@ -172,10 +164,6 @@ def scopes_from_list(entries: Sequence[ScopeSpec | Mapping[str, Any]]) -> dict[T
     return out
 
 
-def _type_name(t: Any) -> str:
-    return t if isinstance(t, str) else t.__name__
-
-
 def scopes_to_list(target_sparsity_by_scope: Mapping[TargetScope, float]) -> list[dict[str, Any]]:
     """The inverse of :func:`scopes_from_list`: plain lists and floats, ready for ``yaml.safe_dump``/JSON.
 
@@ -184,7 +172,7 @@ def scopes_to_list(target_sparsity_by_scope: Mapping[TargetScope, float]) -> lis
     out = []
     for scope, target in target_sparsity_by_scope.items():
         entry: dict[str, Any] = {}
-        for key, values in (("names", sorted(scope.names)), ("patterns", sorted(scope.patterns)), ("types", sorted(_type_name(t) for t in scope.types))):
+        for key, values in (("names", sorted(scope.names)), ("patterns", sorted(scope.patterns)), ("types", sorted(t if isinstance(t, str) else t.__name__ for t in scope.types))):
             if values:
                 entry[key] = list(values)
         if not scope.validate:

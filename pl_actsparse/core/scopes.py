@@ -49,14 +49,6 @@ def original_class(module: nn.Module) -> type:
     return original_module_class(module)
 
 
-def _class_names(cls: type) -> set[str]:
-    names: set[str] = set()
-    for base in cls.__mro__:
-        names.add(base.__name__)
-        names.add(f"{base.__module__}.{base.__qualname__}")
-    return names
-
-
 @dataclass(frozen=True)
 class ScopeMatch:
     """What each entry of a scope matched: module names per entry, in model order."""
@@ -113,11 +105,8 @@ class _Scope:
                 )
         if not isinstance(validate, bool):
             raise InvalidScopeError(f"validate must be True or False, got {validate!r}")
-        object.__setattr__(self, "names", names_set)
-        object.__setattr__(self, "patterns", patterns_set)
-        object.__setattr__(self, "types", types_set)
-        object.__setattr__(self, "validate", validate)
-        object.__setattr__(self, "_compiled", compiled)
+        for key, value in zip(self.__slots__, (names_set, patterns_set, types_set, validate, compiled)):
+            object.__setattr__(self, key, value)
 
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -151,19 +140,16 @@ class _Scope:
 
     def matches(self, name: str, module: nn.Module) -> bool:
         """Whether one module falls in this scope."""
-        return name in self.names or self._pattern_hit(name) or self._type_hit(module)
+        return name in self.names or any(rx.fullmatch(name) for rx in self._compiled.values()) or bool(self._types_hit(module))
 
-    def _pattern_hit(self, name: str) -> bool:
-        return any(rx.fullmatch(name) for rx in self._compiled.values())
-
-    def _type_hit(self, module: nn.Module) -> bool:
+    def _types_hit(self, module: nn.Module) -> list[str]:
+        """Labels of the ``types`` entries the module's original class is (a subclass of, or named as)."""
         if not self.types:
-            return False
+            return []
         cls = original_class(module)
-        labels = _class_names(cls)
-        return any(
-            (isinstance(t, str) and t in labels) or (isinstance(t, type) and issubclass(cls, t)) for t in self.types
-        )
+        labels = {n for base in cls.__mro__ for n in (base.__name__, f"{base.__module__}.{base.__qualname__}")}
+        return [_type_label(t) for t in self.types
+                if (isinstance(t, str) and t in labels) or (isinstance(t, type) and issubclass(cls, t))]
 
     def match(self, named_modules: Iterable[tuple[str, nn.Module]]) -> ScopeMatch:
         """Resolve every entry against the model, so unmatched entries can be reported all at once."""
@@ -172,19 +158,14 @@ class _Scope:
             by_pattern={p: [] for p in sorted(self.patterns)},
             by_type={_type_label(t): [] for t in self.types},
         )
-        type_labels = {_type_label(t): t for t in self.types}
         for name, module in named_modules:
             if name in result.by_name:
                 result.by_name[name].append(name)
             for p, rx in self._compiled.items():
                 if name and rx.fullmatch(name):
                     result.by_pattern[p].append(name)
-            if self.types:
-                cls = original_class(module)
-                labels = _class_names(cls)
-                for label, t in type_labels.items():
-                    if (isinstance(t, str) and t in labels) or (isinstance(t, type) and issubclass(cls, t)):
-                        result.by_type[label].append(name)
+            for label in self._types_hit(module):
+                result.by_type[label].append(name)
         return result
 
 

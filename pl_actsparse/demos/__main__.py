@@ -15,6 +15,7 @@ The library has no demo code and imports nothing from here.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -98,14 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(__doc__ + "\n")
         return
-    if argv[0] == "run":
-        from pl_actsparse.demos.run import main as run_main
-
-        run_main(argv[1:])
-    elif argv[0] == "generate":
-        from pl_actsparse.demos.generate import generate_from_recipe
-
-        generate_from_recipe(argv[1:])
+    lazy = {"run": ("pl_actsparse.demos.run", "main"), "generate": ("pl_actsparse.demos.generate", "generate_from_recipe")}
+    if argv[0] in lazy:
+        getattr(importlib.import_module(lazy[argv[0]][0]), lazy[argv[0]][1])(argv[1:])
     elif argv[0] in ("sweep", "report"):
         {"sweep": sweep_main, "report": report_main}[argv[0]](argv[1:])
     else:

@@ -194,22 +194,6 @@ class HFLlamaLM(CausalLMModule):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-class _Pairs(Dataset):
-    """(input, target) windows of a :class:`TokenWindows`."""
-
-    def __init__(self, windows: TokenWindows, limit: int | None = None) -> None:
-        self.windows = windows
-        self.n = len(windows) if limit is None else min(limit, len(windows))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.windows.pair(i)
-
-
 class EpochShuffleSampler(RandomSampler):
     """A permutation per epoch from ``seed + epoch``, so a resumed fit sees the same order as an
     uninterrupted one (Lightning calls ``set_epoch``; under DDP it is replaced by a shuffling
@@ -279,7 +263,7 @@ class TinyStoriesDataModule(LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.num_workers = num_workers
-        self._cache: dict[str, _Pairs] = {}
+        self._cache: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._tokenizer: Llama2cTokenizer | None = None
 
     @property
@@ -289,15 +273,15 @@ class TinyStoriesDataModule(LightningDataModule):
             self._tokenizer = Llama2cTokenizer.from_file(resolve_data_dir(self.data_dir) / "tok512.bin")
         return self._tokenizer
 
-    def dataset(self, split: str) -> _Pairs:
-        """The (input, target) windows of one split, built on first use (any stage can ask for any split)."""
+    def dataset(self, split: str) -> list[tuple[Tensor, Tensor]]:
+        """The (input, target) windows of one split (``LongTensor[seq_len]`` each), built on first use (any stage
+        can ask for any split)."""
         if split not in self._cache:
-            directory = resolve_data_dir(self.data_dir)
-            start, stop = self.ranges[split]
-            windows = TokenWindows(load_stories(directory, start, stop), self.tokenizer, self.seq_len)
+            stories = load_stories(resolve_data_dir(self.data_dir), *self.ranges[split])
+            windows = TokenWindows(stories, self.tokenizer, self.seq_len, max_windows=self.limits[split])
             if len(windows) == 0:
                 raise ValueError(f"{split}_stories {list(self.ranges[split])} give no window of {self.seq_len + 1} tokens")
-            self._cache[split] = _Pairs(windows, self.limits[split])
+            self._cache[split] = windows.pairs()
         return self._cache[split]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader:

@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pl_actsparse.core.module_state import preserved_modes
+
 __all__ = [
     "Llama2cConfig", "RMSNorm", "Llama2cAttention", "Llama2cMLP", "Llama2cDecoderLayer", "KVCache", "Llama2cModel",
-    "read_llama2c_config", "load_llama2c_checkpoint", "save_llama2c_checkpoint", "Llama2cTokenizer", "greedy_generate",
+    "apply_rope", "read_llama2c_config", "load_llama2c_checkpoint", "save_llama2c_checkpoint", "Llama2cTokenizer",
+    "greedy_generate",
 ]
 
 _V1_MAGIC = 0x616B3432  # "ak42" read as a little-endian uint32
@@ -132,7 +135,7 @@ def _rope_tables(config: Llama2cConfig, device: torch.device | str | None = None
     return angles.cos(), angles.sin()
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x: [B, T, H, hs] by the angles in cos/sin: [T, hs/2]."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
@@ -197,8 +200,8 @@ class Llama2cAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_size)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_size)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_size)
-        q = _apply_rope(q, cos, sin).transpose(1, 2)
-        k = _apply_rope(k, cos, sin).transpose(1, 2)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start_pos)
@@ -336,9 +339,8 @@ class Llama2cModel(nn.Module):
         n = min(max_new_tokens, self.config.seq_len - T + 1)
         if n <= 0:
             return input_ids.clone()
-        was_training = self.training
-        self.eval()
-        try:
+        with preserved_modes(self):
+            self.eval()
             cache = self.new_cache(B, max_len=T + n - 1)  # positions actually fed
             stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=input_ids.device)
             done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -355,8 +357,6 @@ class Llama2cModel(nn.Module):
                     break
                 logits = self(nxt[:, None], cache=cache, start_pos=T + step)[:, -1]
             return torch.cat(out, dim=1)
-        finally:
-            self.train(was_training)
 
 
 # --------------------------------------------------------------------------- checkpoint I/O
@@ -428,11 +428,6 @@ def _tensor_layout(config: Llama2cConfig, version: int) -> list[tuple[str, tuple
     return layout
 
 
-def _expected_file_size(config: Llama2cConfig, version: int) -> int:
-    header = _V0_HEADER_BYTES if version == 0 else _V1_HEADER_BYTES
-    return header + 4 * sum(math.prod(shape) for _, shape in _tensor_layout(config, version))
-
-
 def read_llama2c_config(path: str | os.PathLike | None = None) -> Llama2cConfig:
     """Header of a llama2.c checkpoint as a config, without reading the weights."""
     path = _default_path(path, "stories260K.bin")
@@ -460,7 +455,7 @@ def load_llama2c_checkpoint(
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("llama2.c checkpoints are little-endian; big-endian hosts are not supported")
     config, version, header_bytes = _read_header(path)
-    expected = _expected_file_size(config, version)
+    expected = header_bytes + 4 * sum(math.prod(shape) for _, shape in _tensor_layout(config, version))
     actual = path.stat().st_size
     if actual != expected:
         raise ValueError(

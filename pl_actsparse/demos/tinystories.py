@@ -26,19 +26,13 @@ _END_OF_TEXT = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*\r?$", flags=re.MULTILIN
 _TEXT_FILES = {"tinyshakespeare": "tinyshakespeare.txt", "tinystories": STORIES_FILE}
 
 
-def _stories_file(path: str | os.PathLike | None) -> Path:
-    if path is not None and Path(path).is_file():
-        return Path(path)
-    return resolve_data_dir(path) / STORIES_FILE
-
-
 def load_stories(path: str | os.PathLike | None = None, start: int = 0, stop: int | None = None) -> list[str]:
     """TinyStories validation stories ``[start:stop]``, split on ``<|endoftext|>`` marker lines.
 
     Stories contain blank lines between paragraphs, which is why they are never
     split on blank lines. ``path`` is the data directory or the stories file itself.
     """
-    file = _stories_file(path)
+    file = Path(path) if path is not None and Path(path).is_file() else resolve_data_dir(path) / STORIES_FILE
     text = file.read_text(encoding="utf-8")
     stories = [s.strip() for s in _END_OF_TEXT.split(text)]
     stories = [s for s in stories if s]

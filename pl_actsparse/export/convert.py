@@ -137,17 +137,11 @@ def exported_layers(model: nn.Module) -> list[ExportedLayer]:
         if isinstance(m, Int8SparseInferenceLinear):
             dtype, limit = m.qweight_t.dtype, m.sparse_token_limit()
         elif isinstance(m, SparseInferenceLinear):
-            dtype = m.weight_t.dtype
-            limit = m.sparse_token_limit(dtype)
+            dtype, limit = m.weight_t.dtype, m.sparse_token_limit(m.weight_t.dtype)
         else:
             continue
-        out.append(
-            ExportedLayer(
-                name=name, in_features=m.in_features, out_features=m.out_features,
-                threshold=threshold_summary(m.activation_threshold), max_sparse_tokens=limit, backend=m.backend,
-                dtype=dtype,
-            )
-        )
+        out.append(ExportedLayer(name=name, in_features=m.in_features, out_features=m.out_features, dtype=dtype,
+                                 threshold=threshold_summary(m.activation_threshold), max_sparse_tokens=limit, backend=m.backend))
     return out
 
 

@@ -37,12 +37,7 @@ from torch import nn
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, is_linear_like, is_sparsified
 
 __all__ = [
-    "AdapterMap",
-    "Selection",
-    "AdapterInputHook",
-    "adapter_map",
-    "is_adapter_wrapper",
-    "adapter_base_layer",
+    "AdapterMap", "Selection", "AdapterInputHook", "adapter_map", "is_adapter_wrapper", "adapter_base_layer",
     "sync_adapter_hooks",
 ]
 
@@ -220,10 +215,6 @@ class AdapterInputHook:
         return None
 
 
-def _hook_ids(module: nn.Module) -> list[int]:
-    return [k for k, h in module._forward_pre_hooks.items() if isinstance(h, AdapterInputHook)]
-
-
 def sync_adapter_hooks(model: nn.Module, amap: AdapterMap | None = None) -> int:
     """Give every supported adapter wrapper whose base layer is sparsified exactly one input hook, and take it
     away from the others (so removing sparsification gives the wrapper back as it was). Returns the number of
@@ -234,7 +225,7 @@ def sync_adapter_hooks(model: nn.Module, amap: AdapterMap | None = None) -> int:
     hooked = 0
     for wrapper_name, base_name in amap.base_of.items():
         wrapper = modules[wrapper_name]
-        ids = _hook_ids(wrapper)
+        ids = [k for k, h in wrapper._forward_pre_hooks.items() if isinstance(h, AdapterInputHook)]
         want = is_sparsified(modules[base_name])
         if want and not ids:
             wrapper.register_forward_pre_hook(AdapterInputHook(), with_kwargs=True, prepend=True)

@@ -3,15 +3,11 @@
 :class:`~pl_actsparse.lightning.schedule.SparsitySchedule`, and the ``pl-actsparse`` command line
 (:mod:`pl_actsparse.lightning.cli`). The only subpackage that imports ``lightning``.
 
-The callback reports through the ``pl_actsparse`` logger at level INFO (rank 0 only). Like Lightning's own
-``lightning.pytorch`` logger, it gets a stderr handler when the application configured no logging, so the
-calibration tables show by default; configure ``logging`` (or set the logger's level) to change that.
+The callback reports through the ``pl_actsparse`` logger at level INFO (rank 0 only). A library configures no
+logging: the logger only gets a ``NullHandler`` and its level is left alone; the ``pl-actsparse`` console script
+shows the tables (it is an application), elsewhere configure ``logging`` to see them.
 """
 
 import logging
 
-_logger = logging.getLogger("pl_actsparse")
-if not logging.getLogger().hasHandlers() and not _logger.handlers:
-    _logger.setLevel(logging.INFO)
-    _logger.addHandler(logging.StreamHandler())
-    _logger.propagate = False
+logging.getLogger("pl_actsparse").addHandler(logging.NullHandler())

@@ -11,6 +11,7 @@ Lightning hooks only.
 from __future__ import annotations
 
 import inspect
+import itertools
 import numbers
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -43,16 +44,6 @@ def first_loader(loaders: Any) -> Any:
     if isinstance(loaders, (list, tuple)) and loaders and not isinstance(loaders[0], torch.Tensor) and hasattr(loaders[0], "__iter__"):
         return loaders[0]
     return loaders
-
-
-def shard(loader: Iterable[Any], limit: int | None, world_size: int, rank: int) -> Iterator[Any]:
-    """The first ``limit`` items of ``loader`` split round-robin over ranks, so the union over ranks is the
-    same data a single process calibrates on, whatever the number of processes."""
-    for i, item in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        if i % world_size == rank:
-            yield item
 
 
 def _method(owner: Any, name: str) -> Callable[[], Any] | None:
@@ -141,8 +132,9 @@ class CalibrationData:
                            "and the run has no such dataloader; pass calibration_dataloader or define the method")
 
     def batches(self, loader: Iterable[Any], world_size: int = 1, rank: int = 0) -> Iterator[Any]:
-        """This rank's share of the first ``config.num_batches`` items of ``loader`` (round-robin over ranks)."""
-        return shard(loader, self.config.num_batches, world_size, rank)
+        """This rank's share of the first ``config.num_batches`` items of ``loader``, round-robin over ranks, so the
+        union over ranks is the data a single process calibrates on, whatever the number of processes."""
+        return (item for i, item in enumerate(itertools.islice(loader, self.config.num_batches)) if i % world_size == rank)
 
     def inputs_fn(self, pl_module: Any, model: nn.Module | None = None) -> Callable[[Any], Any] | None:
         """The function batch -> model inputs: ``config.transform_fn``, else ``batch[input_key]``, else the

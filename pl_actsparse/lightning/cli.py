@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import inspect
+import logging
 import re
 import sys
 import warnings
@@ -61,9 +62,10 @@ class ActSparseCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
             return
-        args = [_as_option(a) for a in args]
+        args = [f"--{a}" if isinstance(a, str) and _OVERRIDE.match(a) else a for a in args]
+        sub = next((a for a in args if a in _TRAINER_SUBCOMMANDS), None)
         # before jsonargparse, whose report of a bad callback argument is a page of union-type alternatives
-        check_callback_configuration(args, prog=_prog(args))
+        check_callback_configuration(args, prog="pl-actsparse" + (f" {sub}" if sub else ""))
         self.config = parser.parse_args(args)
 
     def instantiate_classes(self) -> None:
@@ -90,15 +92,6 @@ class ActSparseCLI(LightningCLI):
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
-
-def _as_option(arg: str) -> str:
-    return f"--{arg}" if isinstance(arg, str) and _OVERRIDE.match(arg) else arg
-
-
-def _prog(args: list[str]) -> str:
-    sub = next((a for a in args if a in _TRAINER_SUBCOMMANDS), None)
-    return "pl-actsparse" + (f" {sub}" if sub else "")
 
 
 def _sparsity_error(exc: BaseException | None) -> ActivationSparsityError | None:
@@ -245,7 +238,10 @@ to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``pl-actsparse`` console script."""
+    """Entry point of the ``pl-actsparse`` console script (an application: it shows the ``pl_actsparse`` logger's
+    INFO tables on stderr when nothing else configured logging)."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("pl_actsparse").setLevel(logging.INFO)
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])

@@ -422,17 +422,14 @@ class SparsityCounter:
         if not self.layers:
             raise NotSparsifiedError("the model has no sparsified layer to count")
         self.metric = ActivationSparsity.from_model(model)
-        self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "SparsityCounter":
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.metric.observe(self.model))
+        self._observing = self.metric.observe(self.model)
+        self._observing.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._stack is not None:
-            self._stack.close()
-            self._stack = None
+        self._observing.__exit__(*exc)
 
     @property
     def zeroed(self) -> dict[str, int]:
@@ -457,10 +454,6 @@ class SparsityCounter:
         return iter(self.sparsity().items())
 
 
-def _has_threshold(module: nn.Module) -> bool:
-    return isinstance(module._buffers.get(THRESHOLD_BUFFER), Tensor) and hasattr(module, "in_features")
-
-
 class DecodeSparsity:
     """Counts ``|x| <= threshold`` on single-token calls (decode steps) of every layer carrying an
     ``activation_threshold`` buffer: exported inference layers, int8 ones, or sparsified training layers.
@@ -471,7 +464,8 @@ class DecodeSparsity:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        found = [(n, m) for n, m in model.named_modules() if _has_threshold(m)]
+        found = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m._buffers.get(THRESHOLD_BUFFER), Tensor) and hasattr(m, "in_features")]
         self.layers = [m for _, m in found]
         self.metric: ActivationSparsity | None = None
         if found:

@@ -42,22 +42,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, mask_of, model_device, to_device
+from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
 
 __all__ = [
-    "LayerReport",
-    "SparsityReport",
-    "activation_sparsity_report",
-    "model_report",
-    "achieved_table",
-    "main",
+    "LayerReport", "SparsityReport", "activation_sparsity_report", "model_report", "achieved_table", "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,10 +152,9 @@ class SparsityReport:
         """Weight bytes a sparse kernel need not read per token (see :attr:`LayerReport.achieved`)."""
         return sum(r.bytes_skipped for r in self.layers)
 
-    weight_bytes_skipped = bytes_skipped
-
     @property
     def skipped_fraction_of_sparsified(self) -> float:
+        """:attr:`bytes_skipped` over the sparsified layers' :attr:`weight_bytes` (0 without layers)."""
         return self.bytes_skipped / self.weight_bytes if self.weight_bytes else 0.0
 
     @property
@@ -181,7 +174,6 @@ class SparsityReport:
             "mean_calibration_sparsity": self.mean_sparsity,
             "max_abs_error": self.max_abs_error,
             "weight_bytes": self.weight_bytes,
-            "sparsified_weight_bytes": self.weight_bytes,
             "weight_bytes_skipped_per_token": self.bytes_skipped,
             "skipped_fraction_of_sparsified": self.skipped_fraction_of_sparsified,
             "decode_bytes_per_token_dense": self.decode_bytes,
@@ -244,7 +236,7 @@ class SparsityReport:
                 f"read per token ({self.decode_saving:.1%} less; ideal memory-bound speed-up <= {self.speedup_bound:.2f}x)."
             )
         if self.groups:
-            lines.append("Shared-input groups: " + "; ".join(f"{_group_label(i)} = {', '.join(g)}" for i, g in enumerate(self.groups)))
+            lines.append("Shared-input groups: " + "; ".join(f"g{i + 1} = {', '.join(g)}" for i, g in enumerate(self.groups)))
         if self.data_tokens:
             lines.append(f"'data' column: achieved sparsity on {self.data_tokens} real tokens given to the report.")
         if self.skipped:
@@ -371,10 +363,6 @@ def _fmt(v: float) -> str:
     return str(v) if math.isinf(v) else f"{v:.5g}"
 
 
-def _group_label(i: int) -> str:
-    return f"g{i + 1}"
-
-
 # ---------------------------------------------------------------------------------------------------
 # building
 
@@ -417,24 +405,8 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
     """
-    rows = []
-    for name, m in sparsified_layers(model):
-        s = m._actsparse
-        t = m.activation_threshold
-        rows.append(
-            LayerReport(
-                name=name,
-                target=s.target,
-                threshold=threshold_summary(t),
-                per_channel=t.numel() > 1,
-                calibration_sparsity=s.calibration_sparsity,
-                calibration_elements=s.calibration_elements,
-                in_features=m.in_features,
-                out_features=m.out_features,
-                weight_bytes=weight_nbytes(m),
-                mode=s.mode.value,
-            )
-        )
+    rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features,
+                 m.out_features, weight_nbytes(m)) for name, m in sparsified_layers(model)]
     plan = model.__dict__.get("_actsparse_plan")
     decode, total = _decode_bytes_of_model(model)
     return SparsityReport(
@@ -450,12 +422,22 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
 _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
+def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str, in_f: int, out_f: int, nbytes: int) -> LayerReport:
+    """One layer's row from its threshold and its (live or decoded) sparsifier state."""
+    return LayerReport(
+        name=name, target=float(state.get("target", 0.0)), threshold=threshold_summary(threshold),
+        per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity"),
+        calibration_elements=int(state.get("calibration_elements", 0)), in_features=int(in_f), out_features=int(out_f),
+        weight_bytes=int(nbytes), mode=mode,
+    )
+
+
 def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
     from pl_actsparse.core.checkpoint import saved_sparsifiers
 
     rows = []
     for entry in saved_sparsifiers(sd):
-        name, t, extra = entry.name, entry.threshold, entry.state or {}
+        name = entry.name
         pre = f"{name}." if name else ""
         w, qw = sd.get(pre + "weight"), sd.get(pre + "qweight")
         if isinstance(qw, torch.Tensor) and qw.dim() == 2:  # an int8 layer: qweight is [in, out]
@@ -469,20 +451,9 @@ def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
             nbytes = w.numel() * w.element_size()
         else:
             raise NotSparsifiedError(f"the state dict has a threshold for {name!r} but no 2-D {pre}weight (or int8 {pre}qweight)")
-        rows.append(
-            LayerReport(
-                name=name,
-                target=float(extra.get("target", 0.0)),
-                threshold=threshold_summary(t),
-                per_channel=t.numel() > 1,
-                calibration_sparsity=extra.get("calibration_sparsity"),
-                calibration_elements=int(extra.get("calibration_elements", 0)),
-                in_features=int(in_f),
-                out_features=int(out_f),
-                weight_bytes=int(nbytes),
-                mode="sparsifying" if extra.get("calibrated", entry.state is None) else "passthrough",
-            )
-        )
+        state = entry.state or {}
+        mode = "sparsifying" if state.get("calibrated", entry.state is None) else "passthrough"
+        rows.append(_row(name, entry.threshold, state, mode, in_f, out_f, nbytes))
     return rows
 
 
@@ -497,7 +468,7 @@ def _decode_bytes_of_state_dict(sd: Mapping[str, Any]) -> tuple[int, int]:
     weights = {
         k: v
         for k, v in sd.items()
-        if isinstance(v, torch.Tensor) and (v.is_floating_point() or k.endswith(".qweight")) and not k.endswith((THRESHOLD_BUFFER, "_extra_state"))
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or k.endswith(".qweight")) and not k.endswith((THRESHOLD_BUFFER, STATE_KEY))
     }
     by_storage: dict[Any, list[str]] = {}
     for k, v in weights.items():
@@ -549,7 +520,7 @@ def model_report(
             from pl_actsparse.calibrate.groups import find_shared_input_groups
 
             report.groups = find_shared_input_groups(model, example_input, [r.name for r in report.layers], transform_fn=transform_fn)
-            label = {n: _group_label(i) for i, g in enumerate(report.groups) for n in g}
+            label = {n: f"g{i + 1}" for i, g in enumerate(report.groups) for n in g}
             for r in report.layers:
                 r.group = label.get(r.name)
         if items:
@@ -586,13 +557,12 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
 
     transform = transform_fn or default_transform_fn
     device = model_device(model)
-    to_device = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
     tokens = 0
     with preserved_modes(model), SparsityCounter(model) as counter, torch.no_grad():
         model.eval()
         for item in items:
-            inputs = apply_to_collection(transform(item), torch.Tensor, to_device)
-            mask = mask_fn(item) if mask_fn is not None else None
+            inputs = to_device(transform(item), device)
+            mask = mask_of(mask_fn, item)
             with _token_mask_context(mask):
                 call_model(model, inputs)
             tokens += _token_count(inputs, mask)

@@ -14,11 +14,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from pl_actsparse.calibrate.allocation import next_token_nll
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, model_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, mask_of, model_device, to_device
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError
@@ -39,10 +38,6 @@ def _iter_pairs(data: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     return iter(data)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return model_device(model) or torch.device("cpu")
-
-
 def mean_nll(
     model: nn.Module, dataset_or_windows: Any, batch_size: int = 16, device: torch.device | str | None = None,
 ) -> tuple[float, int]:
@@ -55,7 +50,7 @@ def mean_nll(
     """
     if batch_size < 1:
         raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else (model_device(model) or torch.device("cpu"))
     total = 0.0
     count = 0
 
@@ -123,8 +118,7 @@ class CalibrationLoss:
         self.loss_fn = loss_fn
         self.transform = transform_fn or default_transform_fn
         self.mask_fn = resolve_mask_fn(token_mask)
-        device = model_device(model)
-        self._to_device = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
+        self.device = model_device(model)
         self.passes = 0
 
     def __call__(self) -> float:
@@ -133,8 +127,8 @@ class CalibrationLoss:
         with preserved_modes(self.model), torch.no_grad():
             self.model.eval()
             for item in self.data:
-                inputs = apply_to_collection(self.transform(item), torch.Tensor, self._to_device)
-                mask = self.mask_fn(item) if self.mask_fn is not None else None
+                inputs = to_device(self.transform(item), self.device)
+                mask = mask_of(self.mask_fn, item)
                 with token_mask(mask):
                     out = call_model(self.model, inputs)
                 if self.loss_fn is None:
@@ -142,7 +136,7 @@ class CalibrationLoss:
                     total += float(s)
                     count += n
                 else:
-                    total += float(self.loss_fn(out, apply_to_collection(item, torch.Tensor, self._to_device)))
+                    total += float(self.loss_fn(out, to_device(item, self.device)))
                     count += 1
         self.passes += 1
         return total / max(count, 1)

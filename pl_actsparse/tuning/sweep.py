@@ -1,34 +1,16 @@
 """One calibration pass, any target: thresholds from stored statistics, and metric-vs-sparsity sweeps.
 
-A calibration pass keeps, per layer, a histogram of ``|x|`` over every calibration element
-(:class:`~pl_actsparse.calibrate.histogram.LayerStatistics`). That histogram answers "which threshold zeroes a
-fraction ``t`` of this layer's inputs?" for *any* ``t`` without running the model again:
-
-* bf16 / fp16 inputs: the histogram covers every bit pattern, so :func:`~pl_actsparse.calibrate.histogram.threshold_for_target` is
-  exact: the
-  same threshold a fresh calibration would choose on the same inputs.
-* fp32 inputs: the stored histogram keeps the top 16 bits of each value (bins 2**-7 wide, relative). The
-  threshold is interpolated linearly inside the bin that holds the order statistic, so it is within one bin
-  (relative error < 2**-7) of the exact one, and the zeroed fraction on the calibration inputs differs from
-  the target by at most that bin's mass (in practice ~1e-4 or less, see ``docs/sweep.md``).
-
-What one pass cannot know: when *several* layers move to a new target together, a downstream layer's inputs
-change (they are produced by sparsified upstream layers). Its stored histogram describes the inputs under the
-thresholds of the pass that measured it, so its achieved sparsity drifts a little from the new target. The
-first sparsified layer (and any layer whose upstream layers keep their thresholds) is exact.
-:func:`sweep_sparsity` therefore offers both: ``recalibrate=False`` (one calibration pass plus N
-evaluations; drift measured and reported) and ``recalibrate=True`` (a fresh exact calibration per point,
-N calibration passes plus N evaluations).
-
-Padded batches: calibration counts only real tokens (``CalibrationConfig.token_mask="auto"``: a dict batch's ``attention_mask``);
-the achieved sparsity during ``evaluate`` counts real tokens when ``evaluate`` runs its forwards inside
-:func:`pl_actsparse.core.masking.token_mask` (the callback does for Lightning validation).
-
-The shipped-model demo (perplexity on stories 0-149) is ``python -m pl_actsparse.demos sweep --targets ...``.
+A calibration pass keeps each layer's ``|x|`` histogram (:class:`~pl_actsparse.calibrate.histogram.LayerStatistics`),
+which gives the threshold of any target without running the model: exact for bf16/fp16 inputs, within one bin
+(relative error < 2**-7) for fp32. Downstream layers drift when upstream layers move too (their stored inputs were
+produced at the old thresholds), so :func:`sweep_sparsity` offers ``recalibrate=False`` (one pass, drift measured)
+and ``recalibrate=True`` (an exact calibration per point). Details and measured drift: ``docs/sweep.md``; the
+shipped-model demo is ``python -m pl_actsparse.demos sweep --targets ...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics as _stats
@@ -50,13 +32,8 @@ from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, NotSpars
 from pl_actsparse.measure.metric import SparsityCounter
 
 __all__ = [
-    "thresholds_for_targets",
-    "apply_statistics",
-    "SweepPoint",
-    "SweepResult",
-    "sweep_sparsity",
-    "lightning_validate_metric",
-    "perplexity_metric",
+    "thresholds_for_targets", "apply_statistics", "SweepPoint", "SweepResult", "sweep_sparsity",
+    "lightning_validate_metric", "perplexity_metric",
 ]
 
 log = logging.getLogger(__name__)
@@ -132,17 +109,8 @@ class SweepResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "metric_name": self.metric_name,
-            "dense": self.dense,
-            "recalibrated": self.recalibrated,
-            "base_targets": self.base_targets,
-            "calibration_passes": self.calibration_passes,
-            "evaluations": self.evaluations,
-            "weight_bytes": self.weight_bytes,
-            "seconds": self.seconds,
-            "points": [asdict(p) for p in self.points],
-        }
+        """Plain data: every field, the points as dicts of theirs."""
+        return asdict(self)
 
     def to_json(self, path: str | Path | None = None, **kwargs: Any) -> str:
         """:meth:`to_dict` as JSON (indent 1 by default); also written to ``path`` if given."""
@@ -244,8 +212,6 @@ def sweep_sparsity(
     calibrate = lambda: calibrate_activation_sparsity(model, data, layers=names, calibration=config)  # noqa: E731
 
     t_start = time.perf_counter()
-    passes = 0
-    evaluations = 0
     result_points: list[SweepPoint] = []
     dense = None
     with preserved(model, names):
@@ -254,33 +220,23 @@ def sweep_sparsity(
             for n in names:
                 modules[n]._actsparse.mode = SparsifierMode.PASSTHROUGH
             dense = float(evaluate(model))
-            evaluations += 1
-        stats: dict[str, LayerStatistics] = {}
+        stats: dict[str, LayerStatistics] | None = None
         if not recalibrate:
             set_target_sparsity(model, base)
             stats = calibrate().statistics
-            passes += 1
         for point in points:
             t0 = time.perf_counter()
             if recalibrate:
                 set_target_sparsity(model, point)
                 calibrate()
-                passes += 1
-            result_points.append(_evaluate_point(model, point, None if recalibrate else stats, evaluate, weights, measure_achieved))
+            result_points.append(_evaluate_point(model, point, stats, evaluate, weights, measure_achieved))
             result_points[-1].seconds = time.perf_counter() - t0  # calibration included
-            evaluations += 1
             if config.progress:
                 log.info("sweep: target %.3f -> %s %.4f", result_points[-1].mean_target, metric_name, result_points[-1].metric)
     return SweepResult(
-        points=result_points,
-        metric_name=metric_name,
-        dense=dense,
-        recalibrated=recalibrate,
-        base_targets=base,
-        calibration_passes=passes,
-        evaluations=evaluations,
-        weight_bytes=weights,
-        seconds=time.perf_counter() - t_start,
+        points=result_points, metric_name=metric_name, dense=dense, recalibrated=recalibrate, base_targets=base,
+        calibration_passes=len(points) if recalibrate else 1, evaluations=len(points) + include_dense,
+        weight_bytes=weights, seconds=time.perf_counter() - t_start,
     )
 
 
@@ -299,13 +255,10 @@ def _evaluate_point(
         thresholds = {n: threshold_summary(modules[n].activation_threshold) for n in point}
     else:
         thresholds = apply_statistics(model, stats, point)
-    per_layer: dict[str, float] = {}
-    if measure_achieved:
-        with SparsityCounter(model) as counter:
-            value = float(evaluate(model))
-        per_layer = {n: v for n, v in counter.sparsity().items() if n in point}
-    else:
+    counter = SparsityCounter(model) if measure_achieved else None
+    with counter or contextlib.nullcontext():
         value = float(evaluate(model))
+    per_layer = {n: v for n, v in counter.sparsity().items() if n in point} if counter else {}
     return SweepPoint(
         targets=dict(point),
         mean_target=_weighted(point, weights),

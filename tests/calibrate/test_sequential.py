@@ -336,6 +336,18 @@ def test_auto_chooses_by_model_size(monkeypatch, min_bytes, chosen):
     assert all(sparsifier_state(m).mode.value == "sparsifying" for _, m in sparsified_layers(model))
 
 
+def test_auto_with_offload_chooses_sequential_at_any_size_and_warns_without_blocks(monkeypatch):
+    calls = []
+    real = calibrate.METHODS["sequential"]
+    monkeypatch.setitem(calibrate.METHODS, "sequential", lambda *a, **k: calls.append(a[3].offload) or real(*a, **k))
+    sparsify_activations(tiny_llama(), token_batches(), ALL, calibration={"offload": "cpu", "progress": False})
+    assert calls == ["cpu"]  # a tiny model, far below AUTO_SEQUENTIAL_MIN_PARAM_BYTES
+    flat = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # no block list
+    with pytest.warns(UserWarning, match=r"calibration offload='disk' is not used: method='auto' chose lockstep, which keeps no cache \(.+\)"):
+        sparsify_activations(flat, [torch.randn(4, 8)], ALL, calibration={"offload": "disk", "progress": False})
+    assert calls == ["cpu"] and len(list(sparsified_layers(flat))) == 2
+
+
 def test_find_block_list():
     assert find_block_list(tiny_llama())[0] == "layers"
     name, why = find_block_list(_hf("llama")())

@@ -1,6 +1,8 @@
 """CalibrationConfig: every field validated once, with an error naming it; built from a config, a mapping (YAML),
 a method name or None; the same thresholds whichever spelling reaches the verbs."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -47,6 +49,24 @@ def test_valid_values_are_kept():
     assert c.replace(num_batches=None).num_batches is None and c.num_batches == 3  # frozen: a new object
     with pytest.raises(InvalidOptionError, match="num_batches"):
         c.replace(num_batches=0)
+
+
+def test_unknown_field_names_it_and_the_valid_fields_closest_first():
+    with pytest.raises(InvalidOptionError, match=r"unknown CalibrationConfig field\(s\) \['num_batchs'\]; "
+                       r"valid fields, closest first: num_batches, ") as err:
+        CalibrationConfig(num_batchs=3)
+    valid = str(err.value).split("closest first: ")[1].split(", ")
+    assert sorted(valid) == sorted(f.name for f in dataclasses.fields(CalibrationConfig))
+    with pytest.raises(InvalidOptionError, match=r"\['ofload'\]; valid fields, closest first: offload, "):
+        CalibrationConfig().replace(ofload="cpu")
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offload_with_the_lockstep_method_is_refused(offload):
+    with pytest.raises(InvalidOptionError, match=rf"CalibrationConfig\.offload='{offload}' needs method='sequential' "
+                       r"\(or 'auto'\): method='lockstep' keeps no cache"):
+        CalibrationConfig(method="lockstep", offload=offload)
+    assert CalibrationConfig(method="sequential", offload=offload).offload == offload
 
 
 def test_from_value():

@@ -81,7 +81,7 @@ def test_report_prints_a_table_and_serializes(tiny, batches):
     d = report.to_dict()
     assert d["summary"]["layers"] == 9
     assert d["layers"][0]["weight_bytes"] == 48 * 32 * 4
-    assert report.weight_bytes_skipped == pytest.approx(sum(r.weight_bytes * r.calibration_sparsity for r in report.layers))
+    assert report.bytes_skipped == pytest.approx(sum(r.weight_bytes * r.calibration_sparsity for r in report.layers))
     assert report.to_markdown().count("\n") == 11
     assert '"layers"' in report.to_json()
 

@@ -15,7 +15,7 @@ from pl_actsparse.demos.llama2c import (
     Llama2cConfig,
     Llama2cModel,
     Llama2cTokenizer,
-    _apply_rope,
+    apply_rope,
     greedy_generate,
     load_llama2c_checkpoint,
     read_llama2c_config,
@@ -140,7 +140,7 @@ def test_rope_rotates_adjacent_pairs():
     m = Llama2cModel(cfg)
     x = torch.zeros(1, 6, 1, 8)
     x[..., 2] = 1.0  # pair i=1 -> frequency theta^(-2/8)
-    out = _apply_rope(x, m.rope_cos[:6], m.rope_sin[:6])
+    out = apply_rope(x, m.rope_cos[:6], m.rope_sin[:6])
     angle = torch.arange(6.0) * 10000.0 ** (-2 / 8)
     torch.testing.assert_close(out[0, :, 0, 2], angle.cos())
     torch.testing.assert_close(out[0, :, 0, 3], angle.sin())

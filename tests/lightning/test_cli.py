@@ -17,7 +17,7 @@ import yaml
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.lightning.callback import ActivationSparsityCallback
-from pl_actsparse.lightning.cli import _as_option, main, run
+from pl_actsparse.lightning.cli import ActSparseCLI, main, run
 from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,9 +256,23 @@ def test_console_script_exits_2_with_the_key_on_a_bad_sparsity(tmp_path):
 
 
 def test_bare_overrides_become_options():
-    assert _as_option("trainer.max_steps=5") == "--trainer.max_steps=5"
-    assert _as_option("--trainer.max_steps=5") == "--trainer.max_steps=5"
-    assert _as_option("fit") == "fit" and _as_option("recipes/a=b.yaml") == "recipes/a=b.yaml"
+    class Parser:  # what LightningCLI hands to parse_arguments: here it returns the rewritten arguments
+        def parse_args(self, args):
+            return args
+
+    cli = ActSparseCLI.__new__(ActSparseCLI)
+    cli.parse_arguments(Parser(), ["fit", "trainer.max_steps=5", "--trainer.max_epochs=1", "recipes/a=b.yaml"])
+    assert cli.config == ["fit", "--trainer.max_steps=5", "--trainer.max_epochs=1", "recipes/a=b.yaml"]
+
+
+def test_importing_the_package_configures_no_logging():
+    """A library adds a NullHandler at most: the application's logger level, handlers and propagation stay."""
+    code = ("import logging; import pl_actsparse.lightning, pl_actsparse.lightning.callback; "
+            "log = logging.getLogger('pl_actsparse'); "
+            "print(log.level, log.propagate, [type(h).__name__ for h in log.handlers], logging.getLogger().handlers)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split("\n")[-2]
+    assert out == "0 True ['NullHandler'] []"
 
 
 def test_console_script_is_declared_and_answers(capsys):
