@@ -20,7 +20,7 @@ from pl_actsparse.integrations import (
     forward_patch_problem, is_tool_storage, layer_map, shared_offload_hooks, sync_adapter_hooks,
 )
 from pl_actsparse.calibrate import calibrate as _calibrate, chosen_method
-from pl_actsparse.calibrate.allocation import allocate_levels, fisher_curves, next_token_nll
+from pl_actsparse.calibrate.allocation import fisher_curves, next_token_nll, search_levels
 from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
@@ -30,7 +30,7 @@ from pl_actsparse.errors import (
 )
 from pl_actsparse.core.layer import (
     restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
-    install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier, weight_nbytes,
+    install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
@@ -279,26 +279,23 @@ def _record(modules: dict[str, nn.Module], stats: dict[str, LayerStatistics]) ->
 ALLOCATIONS = ("uniform", "auto", "fisher")
 
 
-def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: CalibrationConfig) -> dict[str, float]:
+def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: CalibrationConfig, allocation: str) -> dict[str, float]:
     """Per-layer levels meeting each scope's byte budget (:mod:`pl_actsparse.calibrate.allocation`)."""
     modules = dict(model.named_modules())
+    layers = [(n, modules[n]) for n in plan.targets]
     with activation_sparsity_disabled(model), preserved_modes(model):
         model.eval()
         try:
-            targets = [(n, modules[n]) for n in plan.targets]  # block by block where calibration goes so
-            curves = fisher_curves(model, targets, items, next_token_nll, config.replace(method=chosen_method(model, targets, config)))
+            curves = fisher_curves(model, layers, items, next_token_nll,  # block by block where calibration goes so
+                                   config.replace(method=chosen_method(model, layers, config)))
         except InvalidOptionError as exc:  # the next-token loss needs a causal LM on token ids
             raise InvalidOptionError(f"allocation='auto' scores layers with the next-token loss of a causal LM called on token "
                                      f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or choose "
                                      "levels with pl_actsparse.tuning.allocation.allocate_sparsity(..., loss_fn=...)") from None
-    levels: dict[str, float] = {}
-    by_scope: dict[Any, list[str]] = {}
-    for n in plan.targets:
-        by_scope.setdefault(plan.claimed_by.get(n), []).append(n)
-    for names in by_scope.values():
-        budget = plan.targets[names[0]]
-        levels.update(allocate_levels({n: curves[n] for n in names}, {n: weight_nbytes(modules[n]) for n in names}, budget))
-    return levels
+        budgets: dict[Any, tuple[list[str], float]] = {}  # scope -> (its layers, its byte budget)
+        for n, t in plan.targets.items():
+            budgets.setdefault(plan.claimed_by.get(n), ([], t))[0].append(n)
+        return search_levels(model, layers, items, curves, list(budgets.values()), config, next_token_nll, allocation == "auto")[0]
 
 
 def sparsify_activations(
@@ -340,12 +337,15 @@ def sparsify_activations(
             ``in_block``, ``progress`` and ``sync_across_processes`` (sum statistics over
             ``torch.distributed`` ranks; default: when a process group with several ranks is initialized).
         gradient_mode: ``"masked"`` or ``"ste"``, how gradients cross the zeroing when training afterwards.
-        allocation: ``"uniform"`` (default): every layer of a scope gets the scope's target. ``"auto"`` (=
-            ``"fisher"``): each scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped
-            per token, spread over its layers by :mod:`pl_actsparse.calibrate.allocation` (empirical-Fisher
-            loss curves from one forward and backward pass of the dense model, then the convex optimum);
-            the allocated levels are then calibrated exactly. Needs a causal LM on token ids (next-token loss)
-            and iterates ``dataset`` twice (a one-shot iterator is read into a list first).
+        allocation: ``"uniform"`` (default): every layer of a scope gets the scope's target. ``"auto"``: each
+            scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped per token,
+            spread over its layers by :mod:`pl_actsparse.calibrate.allocation`: empirical-Fisher loss curves
+            from one forward and backward pass of the dense model, their convex optimum, and a search over 9
+            reweightings of the curves scored by the real next-token loss on half the data (13-19 dense
+            forward passes in all with calibration on stories260K, docs/allocation.md); ``"fisher"``: the
+            curves' optimum without the search. The allocated levels are then calibrated exactly. Needs a
+            causal LM on token ids (next-token loss) and iterates ``dataset`` several times (a one-shot
+            iterator is read into a list first).
 
     Raises:
         InvalidOptionError: an invalid ``calibration`` field, ``gradient_mode`` or ``allocation`` (before any change).
@@ -382,7 +382,7 @@ def sparsify_activations(
     modules = dict(model.named_modules())
     if allocation != "uniform":
         items = list(itertools.islice(items, config.num_batches))  # read twice: the curves, then calibration
-        plan.targets.update(_allocated(model, plan, items, config))
+        plan.targets.update(_allocated(model, plan, items, config, allocation))
     snaps = snapshot_layers(modules, plan.targets)
     previous_plan = model.__dict__.get("_actsparse_plan")
     try:

@@ -1,34 +1,16 @@
-"""Per-layer sparsities under one global budget, chosen to minimise the loss increase on calibration data.
+"""Per-layer sparsities under one byte budget from loss curves *measured* around the uniform point.
 
-The user gives one number, the **budget**: the fraction of the selected layers' weight bytes that a sparse
-kernel may skip per token, ``sum_l bytes_l * s_l = budget * sum_l bytes_l``. Layers differ a lot in how
-much a given sparsity costs (on stories260K, ``down_proj`` tolerates far more than ``gate_proj``/``up_proj``),
-so spending the budget where it is cheap beats a uniform target at equal bytes.
-
-Method (cost bounded and reported in :attr:`Allocation.forward_passes`):
-
-1. **One calibration pass** at the uniform budget (exact thresholds, all layers sparsified together) keeps
-   every layer's ``|x|`` histogram.
-2. **Sensitivity curves around that point.** For each allocation unit (a layer, or a group of layers that
-   read the same tensor when ``tie_shared_inputs``), its target is moved to a few grid points (``budget +
-   offsets``) while every other layer stays at the budget; the unit's thresholds come from the stored
-   histograms (:func:`~pl_actsparse.tuning.sweep.threshold_for_target`, no calibration pass), and the loss on the
-   calibration data is measured: ``units * len(offsets)`` forward passes. Measuring around the operating
-   point, not with the other layers dense, keeps the interactions between layers in the curves.
-3. **Lagrangian / greedy allocation.** Each curve is replaced by its lower convex hull; hull segments of all
-   units are taken in order of increasing loss per weight byte skipped until the budget is filled (the last
-   one partially). This is the exact optimum of the convexified separable problem, equivalent to a sweep of
-   the Lagrange multiplier, and it meets the byte budget exactly (one unit ends between two grid points).
-   Weight bytes come from the layers' shapes and dtypes, so grouped-query attention (smaller ``k/v_proj``)
-   and odd shapes need no constants.
-
-The result is an ordinary ``{TargetScope(names=[...]): sparsity}`` recipe (:meth:`Allocation.target_sparsity_by_scope`)
-for :func:`~pl_actsparse.sparsify_activations`, and a YAML ``scopes:`` list (:meth:`Allocation.to_yaml`, read back
-by :func:`~pl_actsparse.core.recipe.load_scopes_yaml`). The model is left as it was.
-
-Weight bytes are stored bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`: int8 and torchao-quantized layers
-count their codes and scales). Padded batches: calibration and the loss count real tokens only
-(``CalibrationConfig.token_mask="auto"``).
+The budget is the fraction of the selected layers' stored weight bytes
+(:func:`~pl_actsparse.core.layer.weight_nbytes`) skipped per token, ``sum_l bytes_l * s_l = budget * sum_l
+bytes_l``. :func:`measure_sensitivity` calibrates once at the uniform budget, then moves each unit (a layer, or
+layers reading one tensor when ``tie_shared_inputs``) to ``budget + offsets`` with thresholds from the stored
+histograms while the others stay at the budget, and measures the loss: ``units * len(offsets)`` forward
+passes (:attr:`Allocation.forward_passes`), with any ``loss_fn`` (not only a causal LM's). The convex optimum
+of those curves (:func:`~pl_actsparse.calibrate.allocation.allocate_levels`) meets the budget exactly.
+``sparsify_activations(..., allocation="auto")`` is the cheaper and better choice for a causal LM
+(``docs/allocation.md``); this one serves any model and loss. The result is a recipe
+(:meth:`Allocation.target_sparsity_by_scope`) or a YAML ``scopes:`` list (:meth:`Allocation.to_yaml`, read
+back by :func:`~pl_actsparse.core.recipe.load_scopes_yaml`); the model is left as it was.
 """
 
 from __future__ import annotations
@@ -54,24 +36,12 @@ from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidTargetError
 from pl_actsparse.tuning.objectives import CalibrationLoss
 
-__all__ = [
-    "DEFAULT_OFFSETS",
-    "SensitivityProfile",
-    "Allocation",
-    "measure_sensitivity",
-    "allocate_sparsity",
-    "allocate_from_curves",
-    "load_scopes_yaml",
-    "scopes_from_list",
-]
+__all__ = ["DEFAULT_OFFSETS", "SensitivityProfile", "Allocation", "measure_sensitivity", "allocate_sparsity",
+           "allocate_from_curves", "load_scopes_yaml", "scopes_from_list"]
 
 DEFAULT_OFFSETS = (-0.3, -0.2, -0.1, 0.1, 0.2, 0.3, 0.4)
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------
-# results
 
 
 @dataclass
@@ -87,10 +57,6 @@ class SensitivityProfile:
     batches: int
     layer_bytes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.unit_bytes)
 
     def allocate(self, budget: float) -> "Allocation":
         """Targets meeting ``budget`` (fraction of weight bytes skipped) with the least predicted loss."""
@@ -126,38 +92,18 @@ class Allocation:
     def to_yaml(self, path: str | Path | None = None) -> str:
         """YAML ``scopes:`` list (``yaml.safe_dump``, with a comment saying how it was made); written to ``path``
         if given. :func:`~pl_actsparse.core.recipe.load_scopes_yaml` reads it back."""
-        comment = (
-            f"pl_actsparse allocation: budget {self.budget:.4f} of {sum(self.weight_bytes.values())} weight bytes "
-            f"skipped per token (achieved {self.skipped_fraction:.4f}); {self.forward_passes} forward passes"
-        )
-        return dump_scopes_yaml(self.to_scopes(), path, comment=comment)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "skipped_fraction": self.skipped_fraction,
-            "targets": dict(self.targets),
-            "units": [list(u) for u in self.units],
-            "predicted_loss_increase": self.predicted_loss_increase,
-            "forward_passes": self.forward_passes,
-        }
-
-
-# ---------------------------------------------------------------------------------------------------
-# the search
+        return dump_scopes_yaml(self.to_scopes(), path, comment=f"pl_actsparse allocation: budget {self.budget:.4f} of "
+                                f"{sum(self.weight_bytes.values())} weight bytes skipped per token (achieved "
+                                f"{self.skipped_fraction:.4f}); {self.forward_passes} forward passes")
 
 
 def _units(names: list[str], groups: Sequence[Sequence[str]], base: Mapping[str, float]) -> list[list[str]]:
     order = {n: i for i, n in enumerate(names)}
     units: list[list[str]] = []
     taken: set[str] = set()
-    for g in groups:
-        members = [n for n in g if n in order and n not in taken]
-        # only layers with the same base target are tied (they must share a threshold to share a mask)
-        by_target: dict[float, list[str]] = {}
-        for n in members:
-            by_target.setdefault(base[n], []).append(n)
-        for ms in by_target.values():
+    for g in groups:  # only layers with the same base target are tied (one threshold, one mask)
+        for t in {base[n] for n in g if n in order}:
+            ms = [n for n in g if n in order and n not in taken and base[n] == t]
             if len(ms) > 1:
                 units.append(sorted(ms, key=order.__getitem__))
                 taken.update(ms)
@@ -182,16 +128,12 @@ def measure_sensitivity(
 ) -> SensitivityProfile:
     """Loss-increase curves of every unit around the recipe's targets (the base point).
 
-    ``target_sparsity_by_scope`` selects the layers and gives the base targets (usually one scope at the
-    budget). Each unit is measured at ``base + offsets`` clipped to ``[min_sparsity, max_sparsity]``, the
-    others at base. ``loss_fn(output, item) -> scalar`` defaults to next-token NLL for token-id inputs.
-    ``groups`` (default: detected with :func:`~pl_actsparse.calibrate.groups.find_shared_input_groups` when
-    ``tie_shared_inputs``) are tied to one target. Cost: one calibration pass, one base-loss pass and
-    ``sum over units of len(grid)`` loss passes over the (capped) data. The model is restored afterwards.
-    ``calibration`` (as for :func:`~pl_actsparse.sparsify_activations`) also gives the loss passes their data:
-    ``num_batches`` caps it, ``transform_fn`` and ``token_mask`` apply (the loss counts real tokens only), and
-    ``progress`` logs each unit's curve (the one calibration pass shows no bar).
-    Unit sizes are stored weight bytes (:func:`~pl_actsparse.core.layer.weight_nbytes`).
+    Each unit is measured at ``base + offsets`` clipped to ``[min_sparsity, max_sparsity]``, the others at
+    base. ``loss_fn(output, item) -> scalar`` defaults to next-token NLL for token-id inputs. ``groups``
+    (default: :func:`~pl_actsparse.calibrate.groups.find_shared_input_groups` when ``tie_shared_inputs``) are
+    tied to one target. Cost: one calibration pass, one base-loss pass and ``sum over units of len(grid)`` loss
+    passes over the data, capped by ``calibration``'s ``num_batches`` (its ``transform_fn`` and ``token_mask``
+    apply; ``progress`` logs each unit's curve). The model is restored afterwards.
 
     Raises:
         InvalidTargetError: a bad offset, ``min_sparsity``/``max_sparsity`` or target.
@@ -207,17 +149,13 @@ def measure_sensitivity(
         raise InvalidTargetError(f"min_sparsity {min_sparsity} > max_sparsity {max_sparsity}")
     data = list(itertools.islice(dataset, config.num_batches))
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
-    names = list(plan.targets)
-    base = dict(plan.targets)
+    names, base = list(plan.targets), dict(plan.targets)
     modules = dict(model.named_modules())
-    unit_groups: Sequence[Sequence[str]] = ()
-    if tie_shared_inputs:
-        if groups is None:
-            from pl_actsparse.calibrate.groups import find_shared_input_groups
+    if tie_shared_inputs and groups is None and data:
+        from pl_actsparse.calibrate.groups import find_shared_input_groups
 
-            groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn) if data else []
-        unit_groups = groups
-    units = _units(names, unit_groups, base)
+        groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn)
+    units = _units(names, (groups or ()) if tie_shared_inputs else (), base)
     nbytes = {n: weight_nbytes(modules[n]) for n in names}
 
     t0 = time.perf_counter()
@@ -245,53 +183,22 @@ def measure_sensitivity(
             if config.progress:
                 pretty = ", ".join(f"{s:.2f}:{d:+.4f}" for s, d in sorted(curve.items()))
                 log.info("sensitivity %d/%d %s: %s", k + 1, len(units), "+".join(unit), pretty)
-    return SensitivityProfile(
-        units=units,
-        unit_bytes=[sum(nbytes[n] for n in u) for u in units],
-        curves=curves,
-        base_targets=base,
-        base_loss=base_loss,
-        forward_passes=1 + runner.passes,
-        batches=len(data),
-        layer_bytes=nbytes,
-        seconds=time.perf_counter() - t0,
-    )
-
-
-def _interp(hull: list[tuple[float, float]], s: float) -> float:
-    for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
-        if x1 <= s <= x2:
-            return y1 + (y2 - y1) * (s - x1) / (x2 - x1) if x2 > x1 else y1
-    return hull[0][1] if s <= hull[0][0] else hull[-1][1]
+    return SensitivityProfile(units=units, unit_bytes=[sum(nbytes[n] for n in u) for u in units], curves=curves, base_targets=base,
+                              base_loss=base_loss, forward_passes=1 + runner.passes, batches=len(data), layer_bytes=nbytes,
+                              seconds=time.perf_counter() - t0)
 
 
 def allocate_from_curves(profile: SensitivityProfile, budget: float) -> Allocation:
     """Greedy over convex-hull segments (= Lagrangian optimum of the convexified problem), exact budget."""
     budget = validate_target(budget, "budget")
-    hulls = [lower_hull(sorted(c.items())) for c in profile.curves]
     levels = allocate_levels({u: sorted(c.items()) for u, c in enumerate(profile.curves)}, dict(enumerate(profile.unit_bytes)), budget)
-    total = float(sum(profile.unit_bytes))
-    # round for readability, then put the rounding error back on the unit that was split last
-    rounded = [round(levels[u], 4) for u in range(len(hulls))]
-    drift = budget * total - sum(b * x for b, x in zip(profile.unit_bytes, rounded))
-    if abs(drift) > 1e-9:
-        free = [u for u in range(len(rounded)) if hulls[u][0][0] < rounded[u] + drift / profile.unit_bytes[u] < hulls[u][-1][0]]
-        if free:
-            u = max(free, key=lambda k: profile.unit_bytes[k])
-            rounded[u] = rounded[u] + drift / profile.unit_bytes[u]
-    of_layer = {n: min(max(rounded[u], 0.0), 1.0) for u, unit in enumerate(profile.units) for n in unit}
-    targets = {n: of_layer[n] for n in profile.base_targets}  # model order
-    predicted = sum(_interp(h, x) for h, x in zip(hulls, rounded))
-    per_layer_bytes = {n: profile.layer_bytes[n] for n in profile.base_targets}
-    return Allocation(
-        targets=targets,
-        budget=budget,
-        weight_bytes=per_layer_bytes,
-        units=[list(u) for u in profile.units],
-        predicted_loss_increase=predicted,
-        forward_passes=profile.forward_passes,
-        profile=profile,
-    )
+    of_layer = {n: levels[u] for u, unit in enumerate(profile.units) for n in unit}  # exact, not rounded
+    hulls = [lower_hull(sorted(c.items())) for c in profile.curves]  # convex: each is the largest of its lines
+    predicted = sum(max((y1 + (y2 - y1) * (levels[u] - x1) / (x2 - x1) for (x1, y1), (x2, y2) in zip(h, h[1:])), default=h[0][1])
+                    for u, h in enumerate(hulls))
+    return Allocation(targets={n: of_layer[n] for n in profile.base_targets}, budget=budget,  # model order
+                      weight_bytes={n: profile.layer_bytes[n] for n in profile.base_targets}, units=[list(u) for u in profile.units],
+                      predicted_loss_increase=predicted, forward_passes=profile.forward_passes, profile=profile)
 
 
 def allocate_sparsity(
