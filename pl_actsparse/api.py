@@ -192,10 +192,8 @@ def prepare_activation_sparsity(
     Use this when sparsifiers must exist before the model is wrapped (DDP) but calibration data comes later.
     A layer that was already calibrated keeps its threshold unless its target changes. ``levels`` (``{layer
     name: target}``, e.g. levels an ``allocation`` chose for these scopes) replace the scope's value for those
-    layers; the plan keeps which scope claims each layer (the report's per-scope budget line).
-
-    Raises:
-        InvalidTargetError: a level outside [0, 1] or for a layer the scopes do not select (before any change).
+    layers; the plan keeps which scope claims each layer (the report's per-scope budget line). Raises
+    :class:`InvalidTargetError` for a level outside [0, 1] or of a layer the scopes do not select (before any change).
     """
     gradient_mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)

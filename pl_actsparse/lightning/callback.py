@@ -103,19 +103,15 @@ def _parse_calibration(value: Any) -> CalibrationConfig:
 
 
 def _parse_schedule(schedule: Any) -> SparsitySchedule:
-    if isinstance(schedule, SparsitySchedule):
-        return schedule
-    if schedule == "constant":
-        return SparsitySchedule()
+    if isinstance(schedule, SparsitySchedule) or schedule == "constant":
+        return SparsitySchedule() if schedule == "constant" else schedule
     raise config_error("schedule", "schedule must be 'constant' or a SparsitySchedule (e.g. LinearRamp(initial_sparsity=0.1, "
                        f"epochs=4)), got {schedule!r}")
 
 
 def _parse_track(track: Any) -> set[str]:
-    if isinstance(track, bool):
-        return set(_TRACKABLE) if track else set()
-    if isinstance(track, Sequence) and not isinstance(track, str) and all(t in _TRACKABLE for t in track):
-        return set(track)
+    if isinstance(track, bool) or (isinstance(track, Sequence) and not isinstance(track, str) and all(t in _TRACKABLE for t in track)):
+        return set(_TRACKABLE) if track is True else set(track or ())
     raise config_error("track", f"track must be True, False or a list drawn from {list(_TRACKABLE)}, got {track!r}")
 
 
@@ -283,7 +279,7 @@ class ActivationSparsityCallback(Callback):
                 return calibrate_activation_sparsity(module, batches, layers=[n for n, _ in self._layers(module)], calibration=config), where
             with torch.inference_mode(False):  # its backward pass (validate and test hooks run in inference mode)
                 sparsify_activations(module, batches, budgets, self.ignored_scope, calibration=config, gradient_mode=self.gradient_mode, allocation=self.allocation)
-        self.allocated = {"budgets": _budget_key(budgets), "levels": {n: m._actsparse.target for n, m in self._layers(module)}}
+        self.allocated = {"budgets": {repr(s): float(v) for s, v in budgets.items()}, "levels": {n: m._actsparse.target for n, m in self._layers(module)}}
         return activation_sparsity_report(module), where
 
     def calibrate(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> SparsityReport:
@@ -303,8 +299,7 @@ class ActivationSparsityCallback(Callback):
                     stack.callback(m._actsparse.observers.pop, id(before), None)
             report, where = self._run_calibration(trainer, pl_module, self.calibration_data.config.progress and trainer.is_global_zero)
         _check_replicated(trainer, self._layers(module))
-        after = report.mean_sparsity
-        values = before.compute() if before is not None else {}  # synced over ranks like the calibration statistics
+        after, values = report.mean_sparsity, before.compute() if before is not None else {}  # synced over ranks like the calibration statistics
         before_value = float(values["sparsity"]) if before is not None else None
         entry = {
             "reason": reason, "epoch": trainer.current_epoch, "step": trainer.global_step, "source": where,
@@ -351,10 +346,8 @@ class ActivationSparsityCallback(Callback):
         if neighbours.swaps_weights(trainer):
             return self._weights_changed(trainer, pl_module)
         layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
-        changed = any(
-            name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
-            for name, value in self._calibrated_thresholds.items()
-        )
+        changed = any(name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
+                      for name, value in self._calibrated_thresholds.items())
         return _on_any_rank(trainer, changed)
 
     def _recalibrate_and_log(self, trainer: Trainer, pl_module: LightningModule, reason: str, log_now: bool = True) -> None:
@@ -582,27 +575,21 @@ def _info(message: str) -> None:
     log.info(message)
 
 
-def _budget_key(budgets: Mapping[TargetScope, float]) -> dict[str, float]:
-    return {repr(s): float(v) for s, v in budgets.items()}
-
-
 def _levels(allocated: Mapping[str, Any], budgets: Mapping[TargetScope, float]) -> dict[str, float] | None:
     """The levels of the last allocation if it was for these budgets, else None (uniform, or allocate anew)."""
-    return dict(allocated["levels"]) if allocated and allocated["budgets"] == _budget_key(budgets) else None
+    return dict(allocated["levels"]) if allocated and allocated["budgets"] == {repr(s): float(v) for s, v in budgets.items()} else None
 
 
 def _check_replicated(trainer: Trainer, layers: Sequence[tuple[str, nn.Module]]) -> None:
     """Thresholds come from rank-summed statistics, so they must be identical on every rank (DDP, FSDP: buffers are
     replicated, not sharded); so must allocated levels. A disagreement would silently sparsify ranks differently."""
-    values = [v for _, m in layers for v in (m.activation_threshold.detach().double().sum(), m.activation_threshold.new_tensor(m._actsparse.target, dtype=torch.float64))]
-    if trainer.world_size <= 1 or not values:
+    if trainer.world_size <= 1 or not layers:
         return
-    local = torch.stack(values).to(trainer.strategy.root_device)
+    local = torch.stack([v for _, m in layers for v in (m.activation_threshold.detach().double().sum(), m.activation_threshold.new_tensor(m._actsparse.target, dtype=torch.float64))])
+    local = local.to(trainer.strategy.root_device)
     if not torch.equal(trainer.strategy.reduce(local.clone(), reduce_op="max"), -trainer.strategy.reduce(-local, reduce_op="max")):
-        raise ActivationSparsityError(
-            "calibration gave different thresholds or levels on different ranks; every rank must calibrate the same layers "
-            "on its share of the same calibration data (check that the calibration source is not rank-dependent)"
-        )
+        raise ActivationSparsityError("calibration gave different thresholds or levels on different ranks; every rank must calibrate the same layers on "
+                                      "its share of the same calibration data (check that the calibration source is not rank-dependent)")
 
 
 def _on_any_rank(trainer: Trainer, flag: bool) -> bool:

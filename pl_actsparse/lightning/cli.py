@@ -173,9 +173,7 @@ def _needs_jsonargparse(value: Any) -> bool:
         return "class_path" in value or any(_needs_jsonargparse(v) for v in value.values())
     if isinstance(value, list):
         return any(_needs_jsonargparse(v) for v in value)
-    if not isinstance(value, str):
-        return False
-    return "${" in value or (_IMPORT_PATH.match(value) is not None and importlib.util.find_spec(value.split(".")[0]) is not None)
+    return isinstance(value, str) and ("${" in value or (_IMPORT_PATH.match(value) is not None and importlib.util.find_spec(value.split(".")[0]) is not None))
 
 
 def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = True) -> ActSparseCLI:
@@ -189,16 +187,8 @@ def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = Tr
     """
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    return ActSparseCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=subcommand,
-    )
+    return ActSparseCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True}, args=args, run=subcommand)
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {

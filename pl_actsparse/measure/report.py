@@ -180,13 +180,9 @@ class SparsityReport:
         """Per scope (:attr:`scopes`): the weight-byte-weighted target and achieved sparsity (:attr:`LayerReport.achieved`)
         of its layers, fractions in [0, 1]; with ``allocation="auto"`` the first is the scope's byte budget."""
         rows = {r.name: r for r in self.layers}
-        out = {}
-        for scope, names in self.scopes.items():
-            rs = [rows[n] for n in names if n in rows and rows[n].weight_bytes]
-            total = sum(r.weight_bytes for r in rs)
-            if total:
-                out[scope] = (sum(r.target * r.weight_bytes for r in rs) / total, sum(r.bytes_skipped for r in rs) / total)
-        return out
+        groups = {scope: [rows[n] for n in names if n in rows] for scope, names in self.scopes.items()}
+        return {scope: (sum(r.target * r.weight_bytes for r in rs) / total, sum(r.bytes_skipped for r in rs) / total)
+                for scope, rs in groups.items() if (total := sum(r.weight_bytes for r in rs))}
 
     def summary(self) -> dict[str, Any]:
         """The report's totals as a flat dict (the ``"summary"`` of :meth:`to_dict`)."""
