@@ -132,3 +132,27 @@ def test_yaml_recipe_with_allocation_auto_through_the_cli(tmp_path):
     assert cb.allocation == "auto" and len(levels) == 35 and max(levels.values()) - min(levels.values()) > 0.1
     assert _byte_weighted(cli.model, levels) == pytest.approx(0.5, abs=1e-9)
     assert all(sparsifier_state(m).calibration_sparsity == pytest.approx(sparsifier_state(m).target, abs=0.01) for _, m in sparsified_layers(cli.model))
+
+
+def test_prepare_with_levels_keeps_the_scopes_and_checks_the_levels():
+    """prepare_activation_sparsity(levels=) is how the callback re-installs allocated levels; the report groups the
+    layers by the scope that claimed them and shows each scope's byte-weighted target."""
+    from pl_actsparse import prepare_activation_sparsity
+
+    model = tiny_hf_llama()
+    scopes = {TargetScope(patterns=[r".*mlp\..*_proj"]): 0.5, TargetScope(patterns=[r".*self_attn\..*_proj"]): 0.2}
+    with pytest.raises(InvalidTargetError, match=r"levels \{'lm_head': 0.3\} are not in \[0, 1\] or name no layer these scopes select"):
+        prepare_activation_sparsity(model, scopes, levels={"lm_head": 0.3})
+    with pytest.raises(InvalidTargetError, match=r"'model.layers.0.mlp.up_proj': 1.5"):
+        prepare_activation_sparsity(model, scopes, levels={"model.layers.0.mlp.up_proj": 1.5})
+    assert not list(sparsified_layers(model))  # a failed call changes nothing
+    plan = prepare_activation_sparsity(model, scopes, levels={"model.layers.0.mlp.up_proj": 0.8})
+    assert plan.targets["model.layers.0.mlp.up_proj"] == 0.8 and plan.targets["model.layers.0.mlp.down_proj"] == 0.5
+    assert _levels(model)["model.layers.0.mlp.up_proj"] == 0.8
+    report = activation_sparsity_report(model)
+    assert report.scopes == {repr(s): [n for n in plan.targets if n in plan.claimed_by and plan.claimed_by[n] == s] for s in scopes}
+    mlp = report.scopes[repr(TargetScope(patterns=[r".*mlp\..*_proj"]))]
+    expected = _byte_weighted(model, {n: _levels(model)[n] for n in mlp})
+    target, achieved = report.budgets()[repr(TargetScope(patterns=[r".*mlp\..*_proj"]))]
+    assert target == pytest.approx(expected) and target > 0.5 and achieved == 0.0  # not calibrated: pass-through skips nothing
+    assert report.budgets()[repr(TargetScope(patterns=[r".*self_attn\..*_proj"]))][0] == pytest.approx(0.2)
