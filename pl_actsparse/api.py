@@ -26,7 +26,7 @@ from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
     CheckpointError, ConflictingScopesError, EmptyDatasetError, InvalidOptionError, InvalidScopeError,
-    NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
+    InvalidTargetError, NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
     restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
@@ -178,15 +178,22 @@ def _check_reachable(modules: dict[str, nn.Module], names: Iterable[str]) -> Non
 
 def prepare_activation_sparsity(
     model: nn.Module, target_sparsity_by_scope: Mapping[TargetScope, float], ignored_scope: IgnoredScope | None = None,
-    *, gradient_mode: GradientMode | str = GradientMode.MASKED,
+    *, gradient_mode: GradientMode | str = GradientMode.MASKED, levels: Mapping[str, float] | None = None,
 ) -> SparsityPlan:
     """Install pass-through sparsifiers on the planned layers, to be calibrated later.
 
     Use this when sparsifiers must exist before the model is wrapped (DDP) but calibration data comes later.
-    A layer that was already calibrated keeps its threshold unless its target changes.
+    A layer that was already calibrated keeps its threshold unless its target changes. ``levels`` (``{layer
+    name: target}``, e.g. levels an ``allocation`` chose for these scopes) replace the scope's value for those
+    layers; the plan keeps which scope claims each layer (the report's per-scope budget line). Raises
+    :class:`InvalidTargetError` for a level outside [0, 1] or of a layer the scopes do not select (before any change).
     """
     gradient_mode = _gradient_mode(gradient_mode)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
+    bad = {n: v for n, v in (levels or {}).items() if n not in plan.targets or not 0.0 <= v <= 1.0}
+    if bad:
+        raise InvalidTargetError(f"levels {bad} are not in [0, 1] or name no layer these scopes select ({list(plan.targets)})")
+    plan.targets.update({n: float(v) for n, v in (levels or {}).items()})
     modules = dict(model.named_modules())
     for name, target in plan.targets.items():
         module = modules[name]

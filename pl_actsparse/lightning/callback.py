@@ -20,19 +20,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from pl_actsparse.api import validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity
+from pl_actsparse.api import (
+    ALLOCATIONS, validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, sparsify_activations,
+)
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, sparsified_layers
 from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpec, parse_ignored_scope_spec, parse_scope_spec, scopes_from_list
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
-from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidScopeError, InvalidTargetError
+from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidOptionError, InvalidScopeError, InvalidTargetError
 from pl_actsparse.lightning import neighbours, spawn
 from pl_actsparse.lightning.calibration_data import CalibrationData, config_error
 from pl_actsparse.lightning.distillation import DistillationConfig, Distiller
 from pl_actsparse.lightning.schedule import SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
-from pl_actsparse.measure.report import SparsityReport, achieved_table
+from pl_actsparse.measure.report import SparsityReport, achieved_table, activation_sparsity_report
 
 __all__ = ["ActivationSparsityCallback", "ScopeSpec", "IgnoredScopeSpec", "CallbackConfigurationError"]
 
@@ -52,9 +54,9 @@ def _tag(argument: str, check: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-def _choice(value: Any, name: str, allowed: Sequence[str]) -> str:
+def _choice(value: Any, name: str, allowed: Sequence[str], kind: type[ActivationSparsityError] = CallbackConfigurationError) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise config_error(name, f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        raise config_error(name, f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}", kind)
     return value
 
 
@@ -101,19 +103,15 @@ def _parse_calibration(value: Any) -> CalibrationConfig:
 
 
 def _parse_schedule(schedule: Any) -> SparsitySchedule:
-    if isinstance(schedule, SparsitySchedule):
-        return schedule
-    if schedule == "constant":
-        return SparsitySchedule()
+    if isinstance(schedule, SparsitySchedule) or schedule == "constant":
+        return SparsitySchedule() if schedule == "constant" else schedule
     raise config_error("schedule", "schedule must be 'constant' or a SparsitySchedule (e.g. LinearRamp(initial_sparsity=0.1, "
                        f"epochs=4)), got {schedule!r}")
 
 
 def _parse_track(track: Any) -> set[str]:
-    if isinstance(track, bool):
-        return set(_TRACKABLE) if track else set()
-    if isinstance(track, Sequence) and not isinstance(track, str) and all(t in _TRACKABLE for t in track):
-        return set(track)
+    if isinstance(track, bool) or (isinstance(track, Sequence) and not isinstance(track, str) and all(t in _TRACKABLE for t in track)):
+        return set(_TRACKABLE) if track is True else set(track or ())
     raise config_error("track", f"track must be True, False or a list drawn from {list(_TRACKABLE)}, got {track!r}")
 
 
@@ -167,13 +165,16 @@ class ActivationSparsityCallback(Callback):
         verbose: log the calibration and achieved-sparsity tables (rank 0, logger ``pl_actsparse``, level INFO).
         distillation: self-distillation from the dense model during fit (:mod:`pl_actsparse.lightning.distillation`):
             a weight (``0.9``: ``0.1 * loss + 0.9 * KL``), a mapping of its fields (YAML) or a ``DistillationConfig``.
+        allocation: as :func:`~pl_actsparse.api.sparsify_activations`' (``"auto"``: each scope's value is a byte budget
+            over its layers). Levels are allocated at the first calibration and when the schedule changes a budget;
+            recalibrations keep them (``docs/callback.md``). They are in ``state_dict``: a resumed fit keeps them.
 
     Raises:
         CallbackConfigurationError: an argument is invalid, or, at ``setup``, the run cannot work as configured.
             Every error of the constructor has an ``argument`` attribute: its YAML key below ``init_args``.
         InvalidScopeError: a scope is malformed (bad regex, empty, repeated, an unknown key).
         InvalidTargetError: a sparsity is not a number in [0, 1].
-        InvalidOptionError: a field of ``calibration`` is invalid.
+        InvalidOptionError: a field of ``calibration``, or ``allocation``, is invalid.
     """
 
     def __init__(
@@ -197,6 +198,7 @@ class ActivationSparsityCallback(Callback):
         log_prefix: str = "actsparse",
         verbose: bool = True,
         distillation: float | Mapping[str, Any] | DistillationConfig | None = None,
+        allocation: Literal["uniform", "auto", "fisher"] = "uniform",
     ) -> None:
         super().__init__()
         self.targets = _parse_targets(target_sparsity_by_scope, scopes)
@@ -209,6 +211,7 @@ class ActivationSparsityCallback(Callback):
         self.recalibrate_every_n_steps = _positive(recalibrate_every_n_steps, "recalibrate_every_n_steps")
         self.schedule = _parse_schedule(schedule)
         self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
+        self.allocation = _choice(allocation, "allocation", ALLOCATIONS, InvalidOptionError)
         self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
         self.track = _parse_track(track)
         for name, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
@@ -222,6 +225,7 @@ class ActivationSparsityCallback(Callback):
 
         # -- run state (checkpointed through state_dict)
         self.history: list[dict[str, Any]] = []
+        self.allocated: dict[str, Any] = {}  # the last allocation: {"budgets": {repr(scope): value}, "levels": {layer: level}}
         self.last_calibration_step: int | None = None
         self.finished: str | None = None  # "make_permanent" or "remove" once on_train_end acted
         self._metrics: dict[str, ActivationSparsity] = {}
@@ -255,7 +259,8 @@ class ActivationSparsityCallback(Callback):
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         targets = self.scheduled_targets(trainer.current_epoch, trainer.global_step, final=stage != "fit")
-        plan = prepare_activation_sparsity(self.sparsified_module(pl_module), targets, self.ignored_scope, gradient_mode=self.gradient_mode)
+        plan = prepare_activation_sparsity(self.sparsified_module(pl_module), targets, self.ignored_scope, gradient_mode=self.gradient_mode,
+                                           levels=_levels(self.allocated, targets))
         self._layer_names = list(plan.targets)
 
     def _needs_calibration(self, module: nn.Module) -> bool:
@@ -267,9 +272,15 @@ class ActivationSparsityCallback(Callback):
         data = self.calibration_data
         loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
         config = data.config.replace(num_batches=None, transform_fn=data.inputs_fn(pl_module, module), progress=progress)
+        batches = data.batches(loader, trainer.world_size, trainer.global_rank)
+        budgets = self.scheduled_targets(trainer.current_epoch, trainer.global_step, final=trainer.state.fn != "fit")
         with trainer.strategy.precision_plugin.forward_context():
-            report = calibrate_activation_sparsity(module, data.batches(loader, trainer.world_size, trainer.global_rank), layers=[n for n, _ in self._layers(module)], calibration=config)
-        return report, where
+            if self.allocation == "uniform" or _levels(self.allocated, budgets) is not None:  # keep the levels: thresholds only
+                return calibrate_activation_sparsity(module, batches, layers=[n for n, _ in self._layers(module)], calibration=config), where
+            with torch.inference_mode(False):  # its backward pass (validate and test hooks run in inference mode)
+                sparsify_activations(module, batches, budgets, self.ignored_scope, calibration=config, gradient_mode=self.gradient_mode, allocation=self.allocation)
+        self.allocated = {"budgets": {repr(s): float(v) for s, v in budgets.items()}, "levels": {n: m._actsparse.target for n, m in self._layers(module)}}
+        return activation_sparsity_report(module), where
 
     def calibrate(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> SparsityReport:
         """Calibrate every sparsified layer now (all ranks together) and record before/after sparsity.
@@ -287,9 +298,8 @@ class ActivationSparsityCallback(Callback):
                     m._actsparse.observers[id(before)] = lambda mod, x, _o, _n=name, _t=old: before.update(_n, x, _t)
                     stack.callback(m._actsparse.observers.pop, id(before), None)
             report, where = self._run_calibration(trainer, pl_module, self.calibration_data.config.progress and trainer.is_global_zero)
-        self._check_replicated(trainer, module)
-        after = report.mean_sparsity
-        values = before.compute() if before is not None else {}  # synced over ranks like the calibration statistics
+        _check_replicated(trainer, self._layers(module))
+        after, values = report.mean_sparsity, before.compute() if before is not None else {}  # synced over ranks like the calibration statistics
         before_value = float(values["sparsity"]) if before is not None else None
         entry = {
             "reason": reason, "epoch": trainer.current_epoch, "step": trainer.global_step, "source": where,
@@ -310,19 +320,6 @@ class ActivationSparsityCallback(Callback):
             _info(f"activation sparsity calibrated ({reason}; epoch {trainer.current_epoch}, step {trainer.global_step}) on {where}{change}\n{report}")
         return report
 
-    def _check_replicated(self, trainer: Trainer, module: nn.Module) -> None:
-        """Thresholds come from rank-summed statistics, so they must be identical on every rank (DDP, FSDP:
-        buffers are replicated, not sharded). A disagreement would silently sparsify ranks differently."""
-        values = [m.activation_threshold.detach().double().sum() for _, m in self._layers(module)]
-        if trainer.world_size <= 1 or not values:
-            return
-        local = torch.stack(values).to(trainer.strategy.root_device)
-        if not torch.equal(trainer.strategy.reduce(local.clone(), reduce_op="max"), -trainer.strategy.reduce(-local, reduce_op="max")):
-            raise ActivationSparsityError(
-                "calibration gave different thresholds on different ranks; every rank must calibrate the same layers "
-                "on its share of the same calibration data (check that the calibration source is not rank-dependent)"
-            )
-
     def _ensure_calibrated(self, trainer: Trainer, pl_module: LightningModule, reason: str) -> None:
         if self.finished != "remove" and self._layer_names and self._needs_calibration(self.sparsified_module(pl_module)):
             self.calibrate(trainer, pl_module, reason)
@@ -332,7 +329,7 @@ class ActivationSparsityCallback(Callback):
         module = self.sparsified_module(pl_module)
         before = {n: m._actsparse.target for n, m in sparsified_layers(module)}
         targets = self.scheduled_targets(trainer.current_epoch, trainer.global_step)
-        prepare_activation_sparsity(module, targets, self.ignored_scope, gradient_mode=self.gradient_mode)
+        prepare_activation_sparsity(module, targets, self.ignored_scope, gradient_mode=self.gradient_mode, levels=_levels(self.allocated, targets))
         return {n: m._actsparse.target for n, m in sparsified_layers(module)} != before
 
     def _weights_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
@@ -349,10 +346,8 @@ class ActivationSparsityCallback(Callback):
         if neighbours.swaps_weights(trainer):
             return self._weights_changed(trainer, pl_module)
         layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
-        changed = any(
-            name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
-            for name, value in self._calibrated_thresholds.items()
-        )
+        changed = any(name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
+                      for name, value in self._calibrated_thresholds.items())
         return _on_any_rank(trainer, changed)
 
     def _recalibrate_and_log(self, trainer: Trainer, pl_module: LightningModule, reason: str, log_now: bool = True) -> None:
@@ -563,13 +558,13 @@ class ActivationSparsityCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "history": [dict(h) for h in self.history], "last_calibration_step": self.last_calibration_step, "finished": self.finished}
+        return {"version": 1, "history": [dict(h) for h in self.history], "last_calibration_step": self.last_calibration_step, "finished": self.finished, "allocated": self.allocated}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.last_calibration_step = state_dict.get("last_calibration_step")
-        self.finished = state_dict.get("finished")
+        self.finished, self.allocated = state_dict.get("finished"), state_dict.get("allocated", {})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -578,6 +573,23 @@ class ActivationSparsityCallback(Callback):
 @rank_zero_only
 def _info(message: str) -> None:
     log.info(message)
+
+
+def _levels(allocated: Mapping[str, Any], budgets: Mapping[TargetScope, float]) -> dict[str, float] | None:
+    """The levels of the last allocation if it was for these budgets, else None (uniform, or allocate anew)."""
+    return dict(allocated["levels"]) if allocated and allocated["budgets"] == {repr(s): float(v) for s, v in budgets.items()} else None
+
+
+def _check_replicated(trainer: Trainer, layers: Sequence[tuple[str, nn.Module]]) -> None:
+    """Thresholds come from rank-summed statistics, so they must be identical on every rank (DDP, FSDP: buffers are
+    replicated, not sharded); so must allocated levels. A disagreement would silently sparsify ranks differently."""
+    if trainer.world_size <= 1 or not layers:
+        return
+    local = torch.stack([v for _, m in layers for v in (m.activation_threshold.detach().double().sum(), m.activation_threshold.new_tensor(m._actsparse.target, dtype=torch.float64))])
+    local = local.to(trainer.strategy.root_device)
+    if not torch.equal(trainer.strategy.reduce(local.clone(), reduce_op="max"), -trainer.strategy.reduce(-local, reduce_op="max")):
+        raise ActivationSparsityError("calibration gave different thresholds or levels on different ranks; every rank must calibrate the same layers on "
+                                      "its share of the same calibration data (check that the calibration source is not rank-dependent)")
 
 
 def _on_any_rank(trainer: Trainer, flag: bool) -> bool:

@@ -75,20 +75,12 @@ class ActSparseCLI(LightningCLI):
             cause = _sparsity_error(exc)
             if cause is None:
                 raise
-            key = getattr(cause, "argument", None)
-            where = "trainer.callbacks" + (f"[{self._callback_index()}].init_args" if self._callback_index() is not None else "")
             sub = self.config.get("subcommand") if isinstance(self.config, Namespace) else None
+            config = self.config.get(sub) if sub else self.config  # the one ActivationSparsityCallback in trainer.callbacks
+            callbacks = config.get("trainer.callbacks") if isinstance(config, Namespace) else None
+            found = [i for i, c in enumerate(callbacks or []) if isinstance(c, Namespace) and _is_sparsity_callback(c.get("class_path"))]
+            where, key = "trainer.callbacks" + (f"[{found[0]}].init_args" if len(found) == 1 else ""), getattr(cause, "argument", None)
             _exit_with_config_error("pl-actsparse" + (f" {sub}" if sub else ""), f"{where}.{key}" if key else where, cause)
-
-    def _callback_index(self) -> int | None:
-        """The list index of the one ActivationSparsityCallback in the parsed ``trainer.callbacks``."""
-        config = self.config
-        sub = config.get("subcommand") if isinstance(config, Namespace) else None
-        if sub:
-            config = config.get(sub)
-        callbacks = config.get("trainer.callbacks") if isinstance(config, Namespace) else None
-        found = [i for i, c in enumerate(callbacks or []) if isinstance(c, Namespace) and _is_sparsity_callback(c.get("class_path"))]
-        return found[0] if len(found) == 1 else None
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -111,13 +103,8 @@ def _exit_with_config_error(prog: str, key: str, error: BaseException) -> NoRetu
 
 
 def _config_files(args: list[str]) -> list[Path]:
-    files = []
-    for i, a in enumerate(args):
-        if a in ("--config", "-c") and i + 1 < len(args):
-            files.append(Path(args[i + 1]))
-        elif a.startswith("--config="):
-            files.append(Path(a.split("=", 1)[1]))
-    return files
+    given = [a.split("=", 1)[1] if a.startswith("--config=") else b for a, b in zip(args, args[1:] + [None]) if a.startswith("--config=") or a in ("--config", "-c")]
+    return [Path(f) for f in given if f is not None]
 
 
 def _is_sparsity_callback(class_path: Any) -> bool:
@@ -145,22 +132,16 @@ def check_callback_configuration(args: list[str], prog: str = "pl-actsparse") ->
         except (OSError, yaml.YAMLError):
             continue
         callbacks = ((config or {}).get("trainer") or {}).get("callbacks") if isinstance(config, dict) else None
-        if isinstance(callbacks, dict):
-            callbacks = [callbacks]
+        callbacks = [callbacks] if isinstance(callbacks, dict) else callbacks
         for i, entry in enumerate(callbacks if isinstance(callbacks, list) else []):
-            if not isinstance(entry, dict) or not _is_sparsity_callback(entry.get("class_path")):
-                continue
-            base = f"trainer.callbacks[{i}].init_args"
-            init_args = entry.get("init_args") or {}
+            init_args = (entry.get("init_args") or {}) if isinstance(entry, dict) and _is_sparsity_callback(entry.get("class_path")) else None
             if not isinstance(init_args, dict):
                 continue
-            unknown = [k for k in init_args if k not in params]
+            base, unknown = f"trainer.callbacks[{i}].init_args", [k for k in init_args if k not in params]
             if unknown:
-                close = difflib.get_close_matches(unknown[0], params, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = "".join(f" (did you mean {c!r}?)" for c in difflib.get_close_matches(unknown[0], params, n=1))
                 _exit_with_config_error(prog, f"{base}.{unknown[0]}", f"ActivationSparsityCallback has no argument {unknown[0]!r}{hint}")
-            kwargs = {k: _plain_specs(v) for k, v in init_args.items()}
-            kwargs = {k: v for k, v in kwargs.items() if not _needs_jsonargparse(v)}
+            kwargs = {k: plain for k, v in init_args.items() if not _needs_jsonargparse(plain := _plain_specs(v))}
             try:
                 ActivationSparsityCallback(**kwargs)
             except ActivationSparsityError as exc:
@@ -190,9 +171,7 @@ def _needs_jsonargparse(value: Any) -> bool:
         return "class_path" in value or any(_needs_jsonargparse(v) for v in value.values())
     if isinstance(value, list):
         return any(_needs_jsonargparse(v) for v in value)
-    if not isinstance(value, str):
-        return False
-    return "${" in value or (_IMPORT_PATH.match(value) is not None and importlib.util.find_spec(value.split(".")[0]) is not None)
+    return isinstance(value, str) and ("${" in value or (_IMPORT_PATH.match(value) is not None and importlib.util.find_spec(value.split(".")[0]) is not None))
 
 
 def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = True) -> ActSparseCLI:
@@ -206,35 +185,17 @@ def run(args: list[str] | dict[str, Any] | None = None, *, subcommand: bool = Tr
     """
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    return ActSparseCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=subcommand,
-    )
+    return ActSparseCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True}, args=args, run=subcommand)
 
 
-def _report(args: list[str]) -> Any:
-    """``pl-actsparse report CKPT`` (:func:`pl_actsparse.measure.report.main`)."""
-    from pl_actsparse.measure.report import main as report_main
-
-    return report_main(args, prog="pl-actsparse report")
-
-
-def _build_kernels(args: list[str]) -> Any:
-    """``pl-actsparse build-kernels``: build the C++ kernels once, ahead of time (the Makefile runs it)."""
-    from pl_actsparse.kernels import build_kernels_main
-
-    raise SystemExit(build_kernels_main(args))
-
-
-SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {"report": _report, "build-kernels": _build_kernels}
-"""Subcommands that are not Trainer methods: name -> function of the remaining arguments. Anything else goes
-to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
+SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "report": lambda args: importlib.import_module("pl_actsparse.measure.report").main(args, prog="pl-actsparse report"),
+    "build-kernels": lambda args: sys.exit(importlib.import_module("pl_actsparse.kernels").build_kernels_main(args)),
+}
+"""Subcommands that are not Trainer methods: name -> function of the remaining arguments (``report``:
+:func:`pl_actsparse.measure.report.main`; ``build-kernels``: build the C++ kernels ahead of time, the Makefile runs
+it). Anything else goes to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
 
 
 def main(args: list[str] | None = None) -> None:

@@ -108,7 +108,8 @@ class SparsityReport:
 
     ``decode_bytes``: bytes a dense batch-1 decode step reads (parameters except embedding tables);
     ``model_bytes``: all unique parameter bytes; ``statistics``: the calibration histograms (name ->
-    :class:`~pl_actsparse.calibrate.histogram.LayerStatistics`) when the report comes from a calibration.
+    :class:`~pl_actsparse.calibrate.histogram.LayerStatistics`) when the report comes from a calibration;
+    ``scopes``: the layer names each ``TargetScope`` of the recipe claimed (``repr(scope)``; live models only).
     """
 
     layers: list[LayerReport]
@@ -120,6 +121,7 @@ class SparsityReport:
     groups: list[list[str]] = field(default_factory=list)
     source: str = "model"
     data_tokens: int | None = None
+    scopes: dict[str, list[str]] = field(default_factory=dict)
 
     # -- summary ----------------------------------------------------------------------------------
     @property
@@ -167,6 +169,14 @@ class SparsityReport:
         """Ideal memory-bound speed-up ``1 / (1 - decode_saving)``."""
         return 1.0 / (1.0 - self.decode_saving) if self.decode_saving < 1 else math.inf
 
+    def budgets(self) -> dict[str, tuple[float, float]]:
+        """Per scope (:attr:`scopes`): the weight-byte-weighted target and achieved sparsity (:attr:`LayerReport.achieved`)
+        of its layers, fractions in [0, 1]; with ``allocation="auto"`` the first is the scope's byte budget."""
+        rows = {r.name: r for r in self.layers}
+        groups = {scope: [rows[n] for n in names if n in rows] for scope, names in self.scopes.items()}
+        return {scope: (sum(r.target * r.weight_bytes for r in rs) / total, sum(r.bytes_skipped for r in rs) / total)
+                for scope, rs in groups.items() if (total := sum(r.weight_bytes for r in rs))}
+
     def summary(self) -> dict[str, Any]:
         """The report's totals as a flat dict (the ``"summary"`` of :meth:`to_dict`)."""
         return {
@@ -182,6 +192,7 @@ class SparsityReport:
             "ideal_decode_speedup_bound": self.speedup_bound,
             "model_parameter_bytes": self.model_bytes,
             "shared_input_groups": [list(g) for g in self.groups],
+            "byte_budgets": {k: {"target": t, "achieved": a} for k, (t, a) in self.budgets().items()},
             "data_tokens": self.data_tokens,
             "source": self.source,
         }
@@ -235,6 +246,8 @@ class SparsityReport:
                 f"Predicted batch-1 decode: {self.decode_bytes / 1024:.1f} KiB -> {(self.decode_bytes - self.bytes_skipped) / 1024:.1f} KiB "
                 f"read per token ({self.decode_saving:.1%} less; ideal memory-bound speed-up <= {self.speedup_bound:.2f}x)."
             )
+        if self.budgets():
+            lines.append("Byte budgets (weight-byte-weighted target -> achieved): " + "; ".join(f"{k} {t:.4f} -> {a:.4f}" for k, (t, a) in self.budgets().items()))
         if self.groups:
             lines.append("Shared-input groups: " + "; ".join(f"g{i + 1} = {', '.join(g)}" for i, g in enumerate(self.groups)))
         if self.data_tokens:
@@ -416,6 +429,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
         decode_bytes=decode,
         model_bytes=total,
         source=type(model).__name__,
+        scopes={repr(sc): [n for n, s in plan.claimed_by.items() if s == sc] for sc in dict.fromkeys(plan.claimed_by.values())} if plan is not None else {},
     )
 
 

@@ -317,15 +317,14 @@ def test_thresholds_that_differ_across_ranks_raise():
     from types import SimpleNamespace
 
     from pl_actsparse.errors import ActivationSparsityError
+    from pl_actsparse.lightning import callback as callback_module
 
     lm = TinyLM()
-    cb = _callback()
     prepare_activation_sparsity(lm, {TargetScope(patterns=MLP[0]["patterns"]): 0.5})
-    cb._layer_names = [n for n, _ in sparsified_layers(lm)]
     for _, m in sparsified_layers(lm):
         m.activation_threshold.fill_(0.5)
     agree = SimpleNamespace(reduce=lambda t, reduce_op: t, root_device=torch.device("cpu"))
-    cb._check_replicated(SimpleNamespace(world_size=2, strategy=agree), lm)  # identical everywhere: fine
+    callback_module._check_replicated(SimpleNamespace(world_size=2, strategy=agree), list(sparsified_layers(lm)))  # identical everywhere: fine
     differ = SimpleNamespace(reduce=lambda t, reduce_op: t + 1, root_device=torch.device("cpu"))  # another rank is higher
-    with pytest.raises(ActivationSparsityError, match="different thresholds on different ranks"):
-        cb._check_replicated(SimpleNamespace(world_size=2, strategy=differ), lm)
+    with pytest.raises(ActivationSparsityError, match="different thresholds or levels on different ranks"):
+        callback_module._check_replicated(SimpleNamespace(world_size=2, strategy=differ), list(sparsified_layers(lm)))
