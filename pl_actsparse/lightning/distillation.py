@@ -1,6 +1,6 @@
 """Self-distillation from the dense model for any LightningModule: ``ActivationSparsityCallback(distillation=0.9)``.
 
-The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)``, ``loss`` being what the module's own
+The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)`` (or ``KL(student || teacher)``), ``loss`` being what the module's own
 ``training_step`` returns, the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`)
 and, by default (``teacher="initial"``), with the trainable parameters it had at the start of fit (a copy of those
 only, swapped in by ``torch.func.functional_call``): one extra no-grad forward. ``teacher="dense"`` uses the current
@@ -41,6 +41,8 @@ class DistillationConfig:
         final_weight: the weight at the end of a decaying schedule, in [0, 1].
         teacher: ``"initial"`` (sparsity off, the trainable parameters as at the start of fit: a copy of those),
             ``"dense"`` (sparsity off, current weights, no copy) or ``"base"`` (sparsity and peft adapters off).
+        kl: ``"forward"`` ``KL(teacher || student)`` (mass-covering, Hinton et al.) or ``"reverse"``
+            ``KL(student || teacher)`` (mode-seeking, as in MiniLLM, Gu et al., 2024).
 
     Raises:
         InvalidOptionError: a field is out of range; the message names it and what is valid.
@@ -51,6 +53,7 @@ class DistillationConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_weight: float = 0.0
     teacher: Literal["initial", "dense", "base"] = "initial"
+    kl: Literal["forward", "reverse"] = "forward"
 
     def __post_init__(self) -> None:
         for name, ok, valid in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("final_weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -58,7 +61,7 @@ class DistillationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
                 raise InvalidOptionError(f"distillation {name} must be {valid}, got {value!r}")
-        for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("initial", "dense", "base"))):
+        for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("initial", "dense", "base")), ("kl", ("forward", "reverse"))):
             if getattr(self, name) not in allowed:
                 raise InvalidOptionError(f"distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -98,22 +101,24 @@ def _logits_of(output: Any, where: str) -> torch.Tensor:
     return logits
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over positions, in fp32.
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None,
+                      kl: Literal["forward", "reverse"] = "forward") -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over positions, in fp32 (``kl="reverse"``:
+    ``KL(student || teacher)``).
 
     Args:
-        student, teacher: logits ``[..., vocab]`` of the same shape (any float dtype).
+        student, teacher: logits ``[..., vocab]`` of the same shape (any float dtype); no gradient flows to ``teacher``.
         mask: optional ``[...]`` (e.g. an ``attention_mask``): positions where it is 0 never count.
 
     Returns: a 0-dim fp32 tensor (nats per position; 0 when the mask selects nothing).
     """
     s = F.log_softmax(student.float() / temperature, -1)
     t = F.log_softmax(teacher.detach().float() / temperature, -1)
-    kl = (t.exp() * (t - s)).sum(-1)
+    div = (t.exp() * (t - s) if kl == "forward" else s.exp() * (s - t)).sum(-1)
     if mask is None:
-        return kl.mean() * temperature**2
-    keep = mask.to(kl.device).bool()
-    return kl.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1) * temperature**2  # NaN/inf at padding stays out
+        return div.mean() * temperature**2
+    keep = mask.to(div.device).bool()
+    return div.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1) * temperature**2  # NaN/inf at padding stays out
 
 
 def _adapters_disabled(module: nn.Module) -> contextlib.AbstractContextManager:
@@ -177,7 +182,7 @@ class Distiller:
             if not pairs:
                 raise ActivationSparsityError(f"distillation: {type(pl_module).__qualname__}.training_step never called the forward of {where}")
             loss = out["loss"] if isinstance(out, Mapping) else out
-            kd = torch.stack([distillation_loss(s, t, self.config.temperature, m) for s, t, m in pairs]).mean()
+            kd = torch.stack([distillation_loss(s, t, self.config.temperature, m, self.config.kl) for s, t, m in pairs]).mean()
             w = self.config.weight_at(trainer.global_step, trainer.estimated_stepping_batches)
             pl_module.log(self.log_key, kd.detach(), on_step=True, batch_size=1)
             total = (1.0 - w) * loss + w * kd.to(loss.dtype)
