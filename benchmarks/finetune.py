@@ -11,7 +11,7 @@ text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
   ``allocate_sparsity`` on the calibration stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all
   seven projections, gate/up/down at 50%, evaluated before and after ``merge_and_unload``). The ingredients are
   options applied to every run of the command (``--distillation 0`` turns distillation off, ``--kl``,
-  ``--temperature``, ``--teacher``, ``--gradient-mode``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
+  ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
   names the variant, so a run is stored as ``NAME`` or ``NAME+TAG``;
 * step time in one process at ``--timing-threads`` threads: sparse / dense and sparse + distillation / sparse,
   per-round ratios of median step times, median over rounds (target sparse / dense <= 1.10);
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--distillation", type=float, default=0.9, help="weight of the KL to the dense model (callback distillation=)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--kl", choices=("forward", "reverse"), default="forward", help="KL direction of the distillation")
+    parser.add_argument("--hidden-states", default=None, help="regex of the blocks whose outputs are matched too (distillation hidden_states=)")
     parser.add_argument("--teacher", choices=("initial", "dense", "base"), default="initial")
     parser.add_argument("--gradient-mode", choices=("masked", "ste"), default="masked")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- fine-tunes, every one through Trainer.fit with the callback's distillation -----------------------------
     runs: dict[str, Any] = {}
     for name in runs_wanted:
-        distillation: Any = {"weight": args.distillation, "temperature": args.temperature, "kl": args.kl, "teacher": args.teacher} if args.distillation else None
+        distillation: Any = {"weight": args.distillation, "temperature": args.temperature, "kl": args.kl, "teacher": args.teacher,
+                              "hidden_states": args.hidden_states} if args.distillation else None
         pl.seed_everything(0, verbose=False)
         callback = ActivationSparsityCallback(
             scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Literal, Mapping
 
 import torch
@@ -43,6 +44,9 @@ class DistillationConfig:
             ``"dense"`` (sparsity off, current weights, no copy) or ``"base"`` (sparsity and peft adapters off).
         kl: ``"forward"`` ``KL(teacher || student)`` (mass-covering, Hinton et al.) or ``"reverse"``
             ``KL(student || teacher)`` (mode-seeking, as in MiniLLM, Gu et al., 2024).
+        hidden_states: a regex (``re.fullmatch`` on the names of the callback's module, e.g. ``r".*layers\.\d+"``):
+            the outputs of those modules (the blocks) are matched too, adding to the KL the mean over them of
+            ``||student - teacher||^2 / ||teacher||^2`` over non-padding positions (SquareHead, Kurtic et al., 2023).
 
     Raises:
         InvalidOptionError: a field is out of range; the message names it and what is valid.
@@ -54,6 +58,7 @@ class DistillationConfig:
     final_weight: float = 0.0
     teacher: Literal["initial", "dense", "base"] = "initial"
     kl: Literal["forward", "reverse"] = "forward"
+    hidden_states: str | None = None
 
     def __post_init__(self) -> None:
         for name, ok, valid in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("final_weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -64,6 +69,10 @@ class DistillationConfig:
         for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("initial", "dense", "base")), ("kl", ("forward", "reverse"))):
             if getattr(self, name) not in allowed:
                 raise InvalidOptionError(f"distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        try:
+            self.hidden_states is None or re.compile(self.hidden_states)
+        except (re.error, TypeError) as e:
+            raise InvalidOptionError(f"distillation hidden_states must be None or a regular expression, got {self.hidden_states!r} ({e})") from None
 
     @classmethod
     def from_value(cls, value: Any) -> DistillationConfig | None:
@@ -136,7 +145,8 @@ class Distiller:
 
     def __init__(self, config: DistillationConfig, log_key: str = "actsparse/train/distill_loss") -> None:
         self.config, self.log_key = config, log_key
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._losses: list[torch.Tensor] = []
+        self._hidden: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._active = self._in_teacher = False
         self._undo: list[Callable[[], None]] = []
 
@@ -149,12 +159,19 @@ class Distiller:
             _adapters_disabled(module)  # fail now, not at the first step
         where = type(module).__name__
         frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if self.config.teacher == "initial" else None
+        blocks = [m for n, m in module.named_modules() if self.config.hidden_states is not None and re.fullmatch(self.config.hidden_states, n)]
+        if self.config.hidden_states is not None and not blocks:
+            raise CallbackConfigurationError(f"distillation hidden_states={self.config.hidden_states!r} matches no module name of {where}")
+
+        def capture(mod: nn.Module, args: tuple, output: Any) -> None:
+            if self._active:  # student outputs during its forward, teacher outputs during the teacher's
+                self._hidden[self._in_teacher].append(output[0] if isinstance(output, tuple) else output)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             if not self._active or self._in_teacher:
                 return
             student = _logits_of(output, where)
-            self._in_teacher = True
+            self._in_teacher, self._hidden = True, (self._hidden[0], [])
             try:
                 with torch.no_grad(), activation_sparsity_disabled(mod), preserved_modes(mod), contextlib.ExitStack() as stack:
                     if self.config.teacher == "base":
@@ -165,33 +182,40 @@ class Distiller:
             finally:
                 self._in_teacher = False
             mask = kwargs.get("attention_mask")
-            self._pairs.append((student, teacher, mask if isinstance(mask, torch.Tensor) and mask.shape == student.shape[:-1] else None))
+            mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == student.shape[:-1] else None
+            loss = distillation_loss(student, teacher, self.config.temperature, mask, self.config.kl)
+            for s, t in zip(*self._hidden):
+                err, ref = (s.float() - t.float()).square().sum(-1), t.float().square().sum(-1)
+                err, ref = (err, ref) if mask is None else (err[mask], ref[mask])
+                loss = loss + err.sum() / ref.sum().clamp(min=1e-12) / len(blocks)
+            self._losses.append(loss)
+            self._hidden = ([], [])
 
-        handle = module.register_forward_hook(hook, with_kwargs=True)
+        handles = [module.register_forward_hook(hook, with_kwargs=True), *(b.register_forward_hook(capture) for b in blocks)]
         step = pl_module.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            self._pairs, self._active = [], True
+            self._losses, self._hidden, self._active = [], ([], []), True
             try:
                 out = step(*args, **kwargs)
             finally:
                 self._active = False
-            pairs, self._pairs = self._pairs, []
+            losses, self._losses = self._losses, []
             if out is None:  # the module skipped this batch
                 return out
-            if not pairs:
+            if not losses:
                 raise ActivationSparsityError(f"distillation: {type(pl_module).__qualname__}.training_step never called the forward of {where}")
             loss = out["loss"] if isinstance(out, Mapping) else out
-            kd = torch.stack([distillation_loss(s, t, self.config.temperature, m, self.config.kl) for s, t, m in pairs]).mean()
+            kd = torch.stack(losses).mean()
             w = self.config.weight_at(trainer.global_step, trainer.estimated_stepping_batches)
             pl_module.log(self.log_key, kd.detach(), on_step=True, batch_size=1)
             total = (1.0 - w) * loss + w * kd.to(loss.dtype)
             return {**out, "loss": total} if isinstance(out, Mapping) else total
 
         pl_module.__dict__["training_step"] = training_step
-        self._undo = [handle.remove, lambda: pl_module.__dict__.pop("training_step", None)]
+        self._undo = [*(h.remove for h in handles), lambda: pl_module.__dict__.pop("training_step", None)]
 
     def detach(self) -> None:
         for undo in self._undo:
             undo()
-        self._undo, self._pairs = [], []
+        self._undo, self._losses, self._hidden = [], [], ([], [])
