@@ -1,13 +1,12 @@
 """Self-distillation from the dense model for any LightningModule: ``ActivationSparsityCallback(distillation=0.9)``.
 
-The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)`` (or ``KL(student || teacher)``), ``loss`` being what the module's own
-``training_step`` returns, the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`)
-and, by default (``teacher="initial"``), with the trainable parameters it had at the start of fit (a copy of those
-only, swapped in by ``torch.func.functional_call``): one extra no-grad forward. ``teacher="dense"`` uses the current
-weights (no copy; measured to collapse under full fine-tuning, docs/finetuning.md), ``"base"`` turns peft adapters off. A forward
-hook on the sparsified module runs the teacher on the same arguments; a wrapper of ``training_step`` (instance
-attribute, removed at teardown) adds the term (docs/callback.md). Method: knowledge distillation (Hinton et al.,
-2015) with the dense model as teacher, as in sparse recovery fine-tuning (Kurtic et al., 2023).
+The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)``, ``loss`` being what the module's own
+``training_step`` returns and the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`),
+by default (``teacher="initial"``) with the trainable parameters it had at the start of fit (a copy of those only,
+swapped in by ``torch.func.functional_call``): one extra no-grad forward, run by a forward hook on the sparsified
+module with the same arguments; a wrapper of ``training_step`` (instance attribute, removed at teardown) adds the
+term (docs/callback.md, docs/finetuning.md). Method: knowledge distillation (Hinton et al., 2015) from the dense
+model, as in sparse recovery fine-tuning (Kurtic et al., 2023).
 """
 
 from __future__ import annotations
@@ -61,18 +60,13 @@ class DistillationConfig:
     hidden_states: str | None = None
 
     def __post_init__(self) -> None:
-        for name, ok, valid in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("final_weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-                                ("temperature", lambda v: 0 < v < math.inf, "a finite number > 0")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise InvalidOptionError(f"distillation {name} must be {valid}, got {value!r}")
-        for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("initial", "dense", "base")), ("kl", ("forward", "reverse"))):
-            if getattr(self, name) not in allowed:
-                raise InvalidOptionError(f"distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        try:
-            self.hidden_states is None or re.compile(self.hidden_states)
-        except (re.error, TypeError) as e:
-            raise InvalidOptionError(f"distillation hidden_states must be None or a regular expression, got {self.hidden_states!r} ({e})") from None
+        choices = {"schedule": ("constant", "linear", "cosine"), "teacher": ("initial", "dense", "base"), "kl": ("forward", "reverse")}
+        unit = (lambda v: _real(v) and 0 <= v <= 1, "a number in [0, 1]")
+        for name, (ok, valid) in {"weight": unit, "final_weight": unit, "temperature": (lambda v: _real(v) and 0 < v < math.inf, "a finite number > 0"),
+                                  **{n: (c.__contains__, f"one of {c}") for n, c in choices.items()},
+                                  "hidden_states": (lambda v: v is None or _is_regex(v), "None or a regular expression")}.items():
+            if not ok(getattr(self, name)):
+                raise InvalidOptionError(f"distillation {name} must be {valid}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_value(cls, value: Any) -> DistillationConfig | None:
@@ -98,6 +92,17 @@ class DistillationConfig:
         p = min(1.0, step / (total_steps - 1))
         shape = 1.0 - p if self.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
         return float(self.final_weight + (self.weight - self.final_weight) * shape)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_regex(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and re.compile(v) is not None
+    except re.error:
+        return False
 
 
 def _logits_of(output: Any, where: str) -> torch.Tensor:
@@ -144,10 +149,9 @@ class Distiller:
     ``training_step`` calls backward itself) and, for ``teacher="base"``, without a peft model."""
 
     def __init__(self, config: DistillationConfig, log_key: str = "actsparse/train/distill_loss") -> None:
-        self.config, self.log_key = config, log_key
+        self.config, self.log_key, self._active, self._in_teacher = config, log_key, False, False
         self._losses: list[torch.Tensor] = []
         self._hidden: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
-        self._active = self._in_teacher = False
         self._undo: list[Callable[[], None]] = []
 
     def attach(self, trainer: Trainer, pl_module: LightningModule, module: nn.Module) -> None:
@@ -157,11 +161,11 @@ class Distiller:
                                              f"{type(pl_module).__qualname__} sets automatic_optimization=False (use distillation_loss() in its step)")
         if self.config.teacher == "base":
             _adapters_disabled(module)  # fail now, not at the first step
-        where = type(module).__name__
-        frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if self.config.teacher == "initial" else None
-        blocks = [m for n, m in module.named_modules() if self.config.hidden_states is not None and re.fullmatch(self.config.hidden_states, n)]
-        if self.config.hidden_states is not None and not blocks:
-            raise CallbackConfigurationError(f"distillation hidden_states={self.config.hidden_states!r} matches no module name of {where}")
+        where, c = type(module).__name__, self.config
+        frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if c.teacher == "initial" else None
+        blocks = [m for n, m in module.named_modules() if c.hidden_states is not None and re.fullmatch(c.hidden_states, n)]
+        if c.hidden_states is not None and not blocks:
+            raise CallbackConfigurationError(f"distillation hidden_states={c.hidden_states!r} matches no module name of {where}")
 
         def capture(mod: nn.Module, args: tuple, output: Any) -> None:
             if self._active:  # student outputs during its forward, teacher outputs during the teacher's
@@ -173,9 +177,7 @@ class Distiller:
             student = _logits_of(output, where)
             self._in_teacher, self._hidden = True, (self._hidden[0], [])
             try:
-                with torch.no_grad(), activation_sparsity_disabled(mod), preserved_modes(mod), contextlib.ExitStack() as stack:
-                    if self.config.teacher == "base":
-                        stack.enter_context(_adapters_disabled(mod))
+                with torch.no_grad(), activation_sparsity_disabled(mod), preserved_modes(mod), _adapters_disabled(mod) if c.teacher == "base" else contextlib.nullcontext():
                     mod.eval()
                     out = mod(*args, **kwargs) if frozen is None else torch.func.functional_call(mod, frozen, args, kwargs, strict=False)
                     teacher = _logits_of(out, where)
@@ -183,7 +185,7 @@ class Distiller:
                 self._in_teacher = False
             mask = kwargs.get("attention_mask")
             mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == student.shape[:-1] else None
-            loss = distillation_loss(student, teacher, self.config.temperature, mask, self.config.kl)
+            loss = distillation_loss(student, teacher, c.temperature, mask, c.kl)
             for s, t in zip(*self._hidden):
                 err, ref = (s.float() - t.float()).square().sum(-1), t.float().square().sum(-1)
                 err, ref = (err, ref) if mask is None else (err[mask], ref[mask])
@@ -205,9 +207,8 @@ class Distiller:
                 return out
             if not losses:
                 raise ActivationSparsityError(f"distillation: {type(pl_module).__qualname__}.training_step never called the forward of {where}")
-            loss = out["loss"] if isinstance(out, Mapping) else out
-            kd = torch.stack(losses).mean()
-            w = self.config.weight_at(trainer.global_step, trainer.estimated_stepping_batches)
+            loss, kd = out["loss"] if isinstance(out, Mapping) else out, torch.stack(losses).mean()
+            w = c.weight_at(trainer.global_step, trainer.estimated_stepping_batches)
             pl_module.log(self.log_key, kd.detach(), on_step=True, batch_size=1)
             total = (1.0 - w) * loss + w * kd.to(loss.dtype)
             return {**out, "loss": total} if isinstance(out, Mapping) else total
