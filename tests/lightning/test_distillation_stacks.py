@@ -40,8 +40,10 @@ class _Record(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.kd: list[float] = []
+        self.batches: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append(batch.clone())
         self.losses.append(float(outputs["loss"]))
         self.kd.append(float(trainer.callback_metrics["actsparse/train/distill_loss"]))
 
@@ -55,8 +57,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the subprocesses
     trainer = pl.Trainer(strategy="ddp", devices=WORLD, accelerator="cpu", max_steps=STEPS, callbacks=[_callback(0.9), record],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     module = UserLM(tiny_llama(), lr=0.5)
-    trainer.fit(module, train_dataloaders=DataLoader(_sequences(), batch_size=2))  # DistributedSampler: rank r gets r, r+2, ...
-    torch.save({"losses": record.losses, "kd": record.kd, "params": [p.detach().clone() for p in module.parameters()],
+    trainer.fit(module, train_dataloaders=DataLoader(_sequences(), batch_size=2))  # a DistributedSampler shards it
+    torch.save({"losses": record.losses, "kd": record.kd, "batches": record.batches, "params": [p.detach().clone() for p in module.parameters()],
                 "world": trainer.world_size}, out / f"rank{trainer.global_rank}.pt")
 
 
@@ -71,8 +73,8 @@ def test_ddp_ranks_train_like_one_process_on_the_union_of_their_batches(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
     assert ranks[0]["kd"] != ranks[1]["kd"] and all(k > 1e-4 for k in ranks[0]["kd"])  # each rank distils on its own half
     # one process fitting the union of each step's two halves (same mean loss, so the same gradient)
-    seqs = _sequences()
-    union = [seqs[[4 * i, 4 * i + 2, 4 * i + 1, 4 * i + 3]] for i in range(STEPS)]
+    union = [torch.cat([ranks[0]["batches"][i], ranks[1]["batches"][i]]) for i in range(STEPS)]
+    assert sorted(torch.cat(union).tolist()) == sorted(_sequences().tolist())  # disjoint halves of the data
     pl.seed_everything(0)
     single = UserLM(tiny_llama(), lr=0.5)
     _, losses = _fit(single, union, _callback(0.9), steps=STEPS)
