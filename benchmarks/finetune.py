@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the dense and training-free evaluations (a variant of a run measured before)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="peak learning rate of the LoRA run")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--timing-steps", type=int, default=8, help="timed steps per fit in the step-time part")
@@ -122,9 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
 
     # -- dense, training-free, and the model-wide allocation (from calibration stories only) -------------------
-    dense_model = load_llama2c_checkpoint(checkpoint)
-    dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
-    log(f"dense {dense}")
+    dense = None
+    if not args.no_baselines:
+        dense_model = load_llama2c_checkpoint(checkpoint)
+        dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
+        log(f"dense {dense}")
     recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": 0.5}], "all7_uniform": [{"patterns": [ALL7], "sparsity": 0.5}]}
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(runs_wanted) - set(RUNS))
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recipes["all7"] = allocation.to_scopes()
     training_free: dict[str, Any] = {}
     for name, scopes in recipes.items():
-        if name == "mlp" or name in runs_wanted:
+        if (name == "mlp" or name in runs_wanted) and not args.no_baselines:
             model = load_llama2c_checkpoint(checkpoint)
             sparsify_activations(model, calibration, {TargetScope(**{k: v for k, v in s.items() if k != "sparsity"}): s["sparsity"] for s in scopes}, calibration={"progress": False})
             training_free[name] = evaluate(model)
