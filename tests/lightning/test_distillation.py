@@ -72,20 +72,17 @@ def _callback(distillation, **kwargs):
 # -- the configuration and the loss --------------------------------------------------------------------------
 
 
-def test_config_from_a_weight_a_mapping_and_its_schedule():
+def test_config_from_a_weight_or_a_mapping():
     assert DistillationConfig.from_value(0.9) == DistillationConfig(weight=0.9)
     assert DistillationConfig.from_value(None) is None
-    config = DistillationConfig.from_value({"weight": 0.8, "schedule": "linear", "final_weight": 0.2, "temperature": 2})
-    assert [config.weight_at(s, 11) for s in (0, 5, 10)] == pytest.approx([0.8, 0.5, 0.2])
-    cosine = DistillationConfig(weight=1.0, schedule="cosine")
-    assert [cosine.weight_at(s, 3) for s in (0, 1, 2)] == pytest.approx([1.0, 0.5, 0.0])
-    assert DistillationConfig(0.7).weight_at(50, 100) == 0.7
+    config = DistillationConfig.from_value({"weight": 0.8, "temperature": 2, "kl": "reverse", "hidden_states": r".*layers\.\d+"})
+    assert (config.weight, config.temperature, config.kl, config.teacher) == (0.8, 2, "reverse", "initial")
 
 
 @pytest.mark.parametrize(
     "value, message",
     [(1.5, "weight must be a number in [0, 1], got 1.5"), ({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
-     ({"schedule": "step"}, "schedule must be one of ('constant', 'linear', 'cosine'), got 'step'"),
+     ({"teacher": "sparse"}, "teacher must be one of ('initial', 'dense', 'base'), got 'sparse'"), (True, "got bool"),
      ({"wieght": 0.9}, "unknown distillation option(s) ['wieght']"), ("0.9", "got str"),
      ({"kl": "both"}, "kl must be one of ('forward', 'reverse'), got 'both'"),
      ({"hidden_states": "layers.("}, "hidden_states must be None or a regular expression, got 'layers.('")],
