@@ -8,7 +8,8 @@ text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
 * fine-tunes (``--runs``), every one through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback`
   (``distillation=``, recalibration every ``--recalibrate-every`` steps and on the final weights): ``mlp``
   (gate/up/down at 50%), ``all7`` (all seven projections at 50% of their weight bytes, per-layer targets from
-  ``allocate_sparsity`` on the calibration stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all
+  ``sparsify_activations(..., allocation="auto")`` on the calibration stories, handed to the callback as one
+  scope per layer), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all
   seven projections, gate/up/down at 50%, evaluated before and after ``merge_and_unload``). The ingredients are
   options applied to every run of the command (``--distillation 0`` turns distillation off, ``--kl``,
   ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
     from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
     from pl_actsparse.measure.metric import SparsityCounter
-    from pl_actsparse.tuning.allocation import allocate_sparsity
+    from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
     from pl_actsparse.tuning.objectives import perplexity
 
     started = time.perf_counter()
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         with SparsityCounter(model) as counter:
             ppl = perplexity(model, evaluation)
-        return {"perplexity": round(ppl, 4), "heldout_perplexity": round(perplexity(model, heldout), 4),
-                "eval_sparsity": round(_overall(counter, model), 4)}
+        achieved, size = counter.sparsity(), {n: counter.layers[n].weight.numel() for n in counter.sparsity()}
+        return {"perplexity": round(ppl, 4), "heldout_perplexity": round(perplexity(model, heldout), 4), "eval_sparsity": round(_overall(counter, model), 4),
+                "eval_byte_sparsity": round(sum(achieved[n] * size[n] for n in achieved) / sum(size.values()), 4)}  # weighted by weight bytes
 
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
 
@@ -133,12 +136,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(runs_wanted) - set(RUNS))
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; valid: {RUNS}")
-    if "all7" in runs_wanted:
-        allocation = allocate_sparsity(load_llama2c_checkpoint(checkpoint), calibration, 0.5, TargetScope(patterns=[ALL7]), calibration={"progress": False})
-        recipes["all7"] = allocation.to_scopes()
     training_free: dict[str, Any] = {}
+    if "all7" in runs_wanted:  # the model-wide allocation (empirical Fisher), its training-free figure, its per-layer targets
+        model = load_llama2c_checkpoint(checkpoint)
+        sparsify_activations(model, calibration, {TargetScope(patterns=[ALL7]): 0.5}, allocation="auto", calibration={"progress": False})
+        recipes["all7"] = [{"patterns": [".*" + re.escape(n)], "sparsity": round(sparsifier_state(m).target, 6)} for n, m in sparsified_layers(model)]
+        training_free["all7"] = evaluate(model)
+        log(f"training-free all7 (allocation='auto'): {training_free['all7']}")
     for name, scopes in recipes.items():
-        if (name == "mlp" or name in runs_wanted) and not args.no_baselines:
+        if (name == "mlp" or name in runs_wanted) and name != "all7" and not args.no_baselines:
             model = load_llama2c_checkpoint(checkpoint)
             sparsify_activations(model, calibration, {TargetScope(**{k: v for k, v in s.items() if k != "sparsity"}): s["sparsity"] for s in scopes}, calibration={"progress": False})
             training_free[name] = evaluate(model)
