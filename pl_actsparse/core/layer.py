@@ -122,8 +122,13 @@ class ActivationSparsifierMixin:
         """Zero ``|x| <= threshold``.
 
         A multiply by the keep-mask: ``torch.where`` costs twice as much on CPU. A threshold of -inf keeps
-        everything and +inf zeroes everything (an infinite input times zero stays NaN, as it should).
+        everything and +inf zeroes everything (an infinite input times zero stays NaN, as it should). Eagerly on CPU with
+        a scalar threshold and masked gradients, ``hardshrink`` computes the same values and gradient in one kernel
+        (the multiply and its backward cost 7x more there: docs/finetuning.md, "Cost").
         """
+        if (self._actsparse.gradient_mode is GradientMode.MASKED and x.device.type == "cpu" and self.activation_threshold.dim() == 0
+                and not torch.compiler.is_compiling() and math.isfinite(tau := float(self.activation_threshold))):
+            return torch.nn.functional.hardshrink(x, max(tau, 0.0))
         keep = x.abs() > self.activation_threshold
         if torch.is_grad_enabled() and x.requires_grad and self._actsparse.gradient_mode is GradientMode.STE:
             return _StraightThroughMask.apply(x, keep)
