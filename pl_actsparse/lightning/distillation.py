@@ -87,9 +87,8 @@ def _logits_of(output: Any, where: str) -> torch.Tensor:
     # stricter than calibrate.running.logits_of: no guess on tuples (HF puts the loss first when labels are passed)
     logits = output if isinstance(output, torch.Tensor) else output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor):
-        raise ActivationSparsityError(f"distillation needs logits: the forward of {where} returned {type(output).__qualname__}, which is neither "
-                                      "a tensor of logits nor has a `logits` tensor (an HF ModelOutput); set the callback's submodule= to the "
-                                      "module that returns logits, or distillation=None")
+        raise ActivationSparsityError(f"distillation needs logits: the forward of {where} returned {type(output).__qualname__}, neither a tensor of logits "
+                                      "nor with a `logits` tensor (an HF ModelOutput); set the callback's submodule= to the module that returns logits, or distillation=None")
     return logits
 
 
