@@ -103,8 +103,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
     Returns: a 0-dim fp32 tensor (nats per position; 0 when the mask selects nothing).
     """
-    s = F.log_softmax(student.float() / temperature, -1)
-    t = F.log_softmax(teacher.detach().float() / temperature, -1)
+    s, t = (F.log_softmax(z.float() / temperature, -1) for z in (student, teacher.detach()))
     div = (t.exp() * (t - s) if kl == "forward" else s.exp() * (s - t)).sum(-1)
     keep = torch.ones_like(div, dtype=torch.bool) if mask is None else mask.to(div.device).bool()
     return div.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1) * temperature**2  # NaN/inf at padding stays out
