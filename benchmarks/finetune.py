@@ -6,19 +6,24 @@ text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
 
 * dense and training-free perplexity for each recipe asked for, with achieved sparsity on the evaluation stories;
 * fine-tunes (``--runs``), every one through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback`
-  (``distillation=``, recalibration every ``--recalibrate-every`` steps and on the final weights):
-  ``mlp`` (gate/up/down at 50%, masked gradients, distillation ``--distillation``), the ablations
-  ``mlp_no_distillation``, ``mlp_ste`` and ``mlp_cosine`` (weight 0.9 -> 0.5, cosine), ``all7`` (all seven
-  projections at 50% of their weight bytes, per-layer targets from ``allocate_sparsity`` on the calibration
-  stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all seven projections, gate/up/down at 50%,
-  evaluated before and after ``merge_and_unload``);
+  (``distillation=``, recalibration every ``--recalibrate-every`` steps and on the final weights): ``mlp``
+  (gate/up/down at 50%), ``all7`` (all seven projections at 50% of their weight bytes, per-layer targets from
+  ``sparsify_activations(..., allocation="auto")`` on the calibration stories, handed to the callback as one
+  scope per layer), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all
+  seven projections, gate/up/down at 50%, evaluated before and after ``merge_and_unload``). The ingredients are
+  options applied to every run of the command (``--distillation 0`` turns distillation off, ``--kl``,
+  ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
+  names the variant, so a run is stored as ``NAME`` or ``NAME+TAG``;
 * step time in one process at ``--timing-threads`` threads: sparse / dense and sparse + distillation / sparse,
   per-round ratios of median step times, median over rounds (target sparse / dense <= 1.10);
 * optionally (``--compile-rounds``) compiled sparse over compiled dense step time.
 
-    python benchmarks/finetune.py --runs mlp,all7,lora --timing-rounds 0
-    python benchmarks/finetune.py --runs mlp_no_distillation,mlp_ste,mlp_cosine --timing-rounds 0
-    python benchmarks/finetune.py --runs "" --timing-rounds 3            # step time only
+    python benchmarks/finetune.py --runs mlp,all7,lora --timing-rounds 0 --out benchmarks/results/finetune.json
+    python benchmarks/finetune.py --runs mlp --distillation 0 --tag no_distillation --timing-rounds 0 --out ...
+    python benchmarks/finetune.py --runs "" --timing-rounds 5 --out ...           # step time only
+
+``--out FILE`` merges into FILE: runs, training-free rows and step times of this command replace those of the same
+name, each stored with the command line that produced it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -39,7 +45,7 @@ def log(*parts: Any) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-RUNS = ("mlp", "mlp_no_distillation", "mlp_ste", "mlp_cosine", "all7", "all7_uniform", "lora")
+RUNS = ("mlp", "all7", "all7_uniform", "lora")
 MLP = r".*mlp\.(gate|up|down)_proj"
 ALL7 = r".*(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -55,6 +61,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--distillation", type=float, default=0.9, help="weight of the KL to the dense model (callback distillation=)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--kl", choices=("forward", "reverse"), default="forward", help="KL direction of the distillation")
+    parser.add_argument("--hidden-states", default=None, help="regex of the blocks whose outputs are matched too (distillation hidden_states=)")
+    parser.add_argument("--teacher", choices=("initial", "dense", "base"), default="initial")
+    parser.add_argument("--gradient-mode", choices=("masked", "ste"), default="masked")
+    parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
+    parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
+    parser.add_argument("--out", default=None, help="merge the result into this JSON file")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the dense and training-free evaluations (a variant of a run measured before)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="peak learning rate of the LoRA run")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--timing-steps", type=int, default=8, help="timed steps per fit in the step-time part")
@@ -77,11 +91,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from pl_actsparse import ActivationSparsityCallback, TargetScope, activation_sparsity_report, sparsify_activations
+    from pl_actsparse.lightning.schedule import LinearRamp
     from pl_actsparse.demos.lightning_models import TinyStoriesDataModule, TinyStoriesLM
     from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
     from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
     from pl_actsparse.measure.metric import SparsityCounter
-    from pl_actsparse.tuning.allocation import allocate_sparsity
+    from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
     from pl_actsparse.tuning.objectives import perplexity
 
     started = time.perf_counter()
@@ -104,26 +119,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         with SparsityCounter(model) as counter:
             ppl = perplexity(model, evaluation)
-        return {"perplexity": round(ppl, 4), "heldout_perplexity": round(perplexity(model, heldout), 4),
-                "eval_sparsity": round(_overall(counter, model), 4)}
+        achieved, size = counter.sparsity(), {n: counter.layers[n].weight.numel() for n in counter.sparsity()}
+        return {"perplexity": round(ppl, 4), "heldout_perplexity": round(perplexity(model, heldout), 4), "eval_sparsity": round(_overall(counter, model), 4),
+                "eval_byte_sparsity": round(sum(achieved[n] * size[n] for n in achieved) / sum(size.values()), 4)}  # weighted by weight bytes
 
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
 
     # -- dense, training-free, and the model-wide allocation (from calibration stories only) -------------------
-    dense_model = load_llama2c_checkpoint(checkpoint)
-    dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
-    log(f"dense {dense}")
+    dense = None
+    if not args.no_baselines:
+        dense_model = load_llama2c_checkpoint(checkpoint)
+        dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
+        log(f"dense {dense}")
     recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": 0.5}], "all7_uniform": [{"patterns": [ALL7], "sparsity": 0.5}]}
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(runs_wanted) - set(RUNS))
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; valid: {RUNS}")
-    if "all7" in runs_wanted:
-        allocation = allocate_sparsity(load_llama2c_checkpoint(checkpoint), calibration, 0.5, TargetScope(patterns=[ALL7]), calibration={"progress": False})
-        recipes["all7"] = allocation.to_scopes()
     training_free: dict[str, Any] = {}
+    if "all7" in runs_wanted:  # the model-wide allocation (empirical Fisher), its training-free figure, its per-layer targets
+        model = load_llama2c_checkpoint(checkpoint)
+        sparsify_activations(model, calibration, {TargetScope(patterns=[ALL7]): 0.5}, allocation="auto", calibration={"progress": False})
+        recipes["all7"] = [{"patterns": [".*" + re.escape(n)], "sparsity": round(sparsifier_state(m).target, 6)} for n, m in sparsified_layers(model)]
+        training_free["all7"] = evaluate(model)
+        log(f"training-free all7 (allocation='auto'): {training_free['all7']}")
     for name, scopes in recipes.items():
-        if name == "mlp" or name in runs_wanted:
+        if (name == "mlp" or name in runs_wanted) and name != "all7" and not args.no_baselines:
             model = load_llama2c_checkpoint(checkpoint)
             sparsify_activations(model, calibration, {TargetScope(**{k: v for k, v in s.items() if k != "sparsity"}): s["sparsity"] for s in scopes}, calibration={"progress": False})
             training_free[name] = evaluate(model)
@@ -132,16 +153,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- fine-tunes, every one through Trainer.fit with the callback's distillation -----------------------------
     runs: dict[str, Any] = {}
     for name in runs_wanted:
-        scopes = recipes["all7" if name == "all7" else "all7_uniform" if name == "all7_uniform" else "mlp"]
-        distillation: Any = {"weight": args.distillation, "temperature": args.temperature}
-        if name == "mlp_no_distillation":
-            distillation = None
-        elif name == "mlp_cosine":
-            distillation = {**distillation, "schedule": "cosine", "final_weight": 0.5}
+        distillation: Any = {"weight": args.distillation, "temperature": args.temperature, "kl": args.kl, "teacher": args.teacher,
+                              "hidden_states": args.hidden_states} if args.distillation else None
         pl.seed_everything(0, verbose=False)
         callback = ActivationSparsityCallback(
-            scopes=scopes, calibration_source="calibration_dataloader", recalibrate_every_n_steps=args.recalibrate_every,
-            gradient_mode="ste" if name == "mlp_ste" else "masked", on_train_end="make_permanent", track=False,
+            scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",
+            recalibrate_every_n_steps=args.recalibrate_every or None, gradient_mode=args.gradient_mode, on_train_end="make_permanent",
+            schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False,
             calibration={"progress": False}, verbose=False, distillation=distillation,
         )
         if name == "lora":
@@ -153,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
         t0 = time.perf_counter()
         trainer([callback, _Progress(name)], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
-        run: dict[str, Any] = {"seconds": round(time.perf_counter() - t0, 1), "distillation": distillation, **evaluate(module.model)}
+        run: dict[str, Any] = {"command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "distillation": distillation,
+                               "gradient_mode": args.gradient_mode, "ramp_steps": args.ramp_steps, **evaluate(module.model)}
         run["max_layer_error_on_calibration_data"] = round(activation_sparsity_report(module.model).max_abs_error, 6)
         run["recalibrations"] = [{"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
                                   "sparsity_after": round(h["sparsity_after"], 4)} for h in callback.history]
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run["trainable_parameters"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
             merged = module.merged_model()
             run["merged"] = evaluate(merged)
-        runs[name] = run
+        runs[name + (f"+{args.tag}" if args.tag else "")] = run
         log(f"{name}: {run}")
 
     step_time = _step_times(args, trainer, datamodule, recipes["mlp"], checkpoint) if args.timing_rounds > 0 else None
@@ -181,8 +200,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_time_compiled": compiled,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if args.out:
+        result = _merged(args.out, result)
     print(json.dumps(result, indent=1))
     return result
+
+
+def _merged(path: str, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` merged into the JSON at ``path`` (runs and training-free rows by name, step times if measured), written back."""
+    from pathlib import Path
+
+    file = Path(path)
+    old = json.loads(file.read_text()) if file.exists() else {}
+    merged = {**old, **{k: v for k, v in result.items() if v is not None and k not in ("runs", "training_free", "seconds")}}
+    merged["runs"] = {**old.get("runs", {}), **result["runs"]}
+    merged["training_free"] = {**old.get("training_free", {}), **result["training_free"]}
+    file.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
 
 
 def _step_times(args: Any, trainer: Any, datamodule: Any, scopes: list, checkpoint: str) -> dict[str, Any]:

@@ -98,11 +98,12 @@ class ActivationSparsifierMixin:
 
     # -- the thresholding -------------------------------------------------------------------------
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero ``|x| <= threshold``.
-
-        A multiply by the keep-mask: ``torch.where`` costs twice as much on CPU. A threshold of -inf keeps
-        everything and +inf zeroes everything (an infinite input times zero stays NaN, as it should).
-        """
+        """Zero ``|x| <= threshold``: by ``hardshrink`` (one kernel; the multiply and its backward cost 7x more) eagerly on
+        CPU with masked gradients and a finite scalar threshold, else by a multiply by the keep-mask (``torch.where`` costs
+        twice as much; -inf keeps everything, +inf zeroes everything and an infinite input stays NaN). Same values and gradients."""
+        if (self._actsparse.gradient_mode is GradientMode.MASKED and x.device.type == "cpu" and self.activation_threshold.dim() == 0
+                and not torch.compiler.is_compiling() and math.isfinite(tau := float(self.activation_threshold))):
+            return torch.nn.functional.hardshrink(x, max(tau, 0.0))
         keep = x.abs() > self.activation_threshold
         if torch.is_grad_enabled() and x.requires_grad and self._actsparse.gradient_mode is GradientMode.STE:
             return _StraightThroughMask.apply(x, keep)

@@ -1,13 +1,11 @@
 """Self-distillation from the dense model for any LightningModule: ``ActivationSparsityCallback(distillation=0.9)``.
 
 The loss becomes ``(1 - w) * loss + w * T^2 * KL(teacher || student)``, ``loss`` being what the module's own
-``training_step`` returns, the teacher the same model with sparsity off (:func:`~pl_actsparse.core.layer.activation_sparsity_disabled`)
-and, by default (``teacher="initial"``), with the trainable parameters it had at the start of fit (a copy of those
-only, swapped in by ``torch.func.functional_call``): one extra no-grad forward. ``teacher="dense"`` uses the current
-weights (no copy; measured to collapse under full fine-tuning, docs/finetuning.md), ``"base"`` turns peft adapters off. A forward
-hook on the sparsified module runs the teacher on the same arguments; a wrapper of ``training_step`` (instance
-attribute, removed at teardown) adds the term (docs/callback.md). Method: knowledge distillation (Hinton et al.,
-2015) with the dense model as teacher, as in sparse recovery fine-tuning (Kurtic et al., 2023).
+``training_step`` returns and the teacher the same model with sparsity off, by default with the trainable parameters
+of the start of fit (a copy of those only, swapped in by ``torch.func.functional_call``): one extra no-grad forward,
+run by a forward hook on the sparsified module; a wrapper of ``training_step`` (instance attribute, removed at
+teardown) adds the term (docs/callback.md). Method: knowledge distillation (Hinton et al., 2015) from the dense model,
+as in sparse recovery fine-tuning (Kurtic et al., 2023).
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Literal, Mapping
 
 import torch
@@ -36,11 +35,11 @@ class DistillationConfig:
     Args:
         weight: ``w`` in ``(1 - w) * loss + w * distillation``, in [0, 1] (1: distillation only).
         temperature: ``T`` > 0; both distributions are softened by ``T`` and the KL is scaled by ``T^2``.
-        schedule: how ``w`` moves over the fit's optimizer steps: ``"constant"``, or ``"linear"`` / ``"cosine"``
-            from ``weight`` at step 0 to ``final_weight`` at the last step (``trainer.estimated_stepping_batches``).
-        final_weight: the weight at the end of a decaying schedule, in [0, 1].
         teacher: ``"initial"`` (sparsity off, the trainable parameters as at the start of fit: a copy of those),
             ``"dense"`` (sparsity off, current weights, no copy) or ``"base"`` (sparsity and peft adapters off).
+        kl: ``"forward"`` ``KL(teacher || student)`` or ``"reverse"`` ``KL(student || teacher)`` (mode-seeking, MiniLLM).
+        hidden_states: a regex ``re.fullmatch``-ed on the module's submodule names (e.g. ``r".*layers\.\d+"``): their outputs
+            are matched too, adding the mean over them of ``||student - teacher||^2 / ||teacher||^2`` (SquareHead, Kurtic et al., 2023).
 
     Raises:
         InvalidOptionError: a field is out of range; the message names it and what is valid.
@@ -48,19 +47,18 @@ class DistillationConfig:
 
     weight: float = 0.9
     temperature: float = 1.0
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    final_weight: float = 0.0
     teacher: Literal["initial", "dense", "base"] = "initial"
+    kl: Literal["forward", "reverse"] = "forward"
+    hidden_states: str | None = None
 
     def __post_init__(self) -> None:
-        for name, ok, valid in (("weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"), ("final_weight", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-                                ("temperature", lambda v: 0 < v < math.inf, "a finite number > 0")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise InvalidOptionError(f"distillation {name} must be {valid}, got {value!r}")
-        for name, allowed in (("schedule", ("constant", "linear", "cosine")), ("teacher", ("initial", "dense", "base"))):
-            if getattr(self, name) not in allowed:
-                raise InvalidOptionError(f"distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, ok, valid in (("weight", (isinstance(self.weight, float) or type(self.weight) is int) and 0 <= self.weight <= 1, "a number in [0, 1]"),
+                                ("temperature", (isinstance(self.temperature, float) or type(self.temperature) is int) and 0 < self.temperature < math.inf, "a finite number > 0"),
+                                ("teacher", self.teacher in ("initial", "dense", "base"), "one of ('initial', 'dense', 'base')"),
+                                ("kl", self.kl in ("forward", "reverse"), "one of ('forward', 'reverse')"),
+                                ("hidden_states", _is_regex(self.hidden_states), "None or a regular expression")):
+            if not ok:
+                raise InvalidOptionError(f"distillation {name} must be {valid}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_value(cls, value: Any) -> DistillationConfig | None:
@@ -68,52 +66,47 @@ class DistillationConfig:
         InvalidOptionError naming the valid ones."""
         if value is None or isinstance(value, cls):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or type(value) is int:
             return cls(weight=float(value))
-        if isinstance(value, Mapping):
-            fields = [f.name for f in dataclasses.fields(cls)]
-            unknown = sorted(str(k) for k in value if k not in fields)
-            if unknown:
-                raise InvalidOptionError(f"unknown distillation option(s) {unknown}; valid: {fields}")
-            return cls(**value)
-        raise InvalidOptionError(f"distillation must be None, a weight in [0, 1], a mapping of {[f.name for f in dataclasses.fields(cls)]} "
-                                 f"or a DistillationConfig, got {type(value).__qualname__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(value, Mapping):
+            raise InvalidOptionError(f"distillation must be None, a weight in [0, 1], a mapping of {fields} or a DistillationConfig, got {type(value).__qualname__}")
+        if unknown := sorted(str(k) for k in value if k not in fields):
+            raise InvalidOptionError(f"unknown distillation option(s) {unknown}; valid: {fields}")
+        return cls(**value)
 
-    def weight_at(self, step: int, total_steps: float) -> float:
-        """The weight at optimizer step ``step`` of ``total_steps``."""
-        if self.schedule == "constant" or not math.isfinite(total_steps) or total_steps <= 1:
-            return float(self.weight)
-        p = min(1.0, step / (total_steps - 1))
-        shape = 1.0 - p if self.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
-        return float(self.final_weight + (self.weight - self.final_weight) * shape)
+
+def _is_regex(v: Any) -> bool:
+    try:
+        return v is None or isinstance(v, str) and re.compile(v) is not None
+    except re.error:
+        return False
 
 
 def _logits_of(output: Any, where: str) -> torch.Tensor:
     # stricter than calibrate.running.logits_of: no guess on tuples (HF puts the loss first when labels are passed)
     logits = output if isinstance(output, torch.Tensor) else output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor):
-        raise ActivationSparsityError(f"distillation needs logits: the forward of {where} returned {type(output).__qualname__}, which is neither "
-                                      "a tensor of logits nor has a `logits` tensor (an HF ModelOutput); set the callback's submodule= to the "
-                                      "module that returns logits, or distillation=None")
+        raise ActivationSparsityError(f"distillation needs logits: the forward of {where} returned {type(output).__qualname__}, neither a tensor of logits "
+                                      "nor with a `logits` tensor (an HF ModelOutput); set the callback's submodule= to the module that returns logits, or distillation=None")
     return logits
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over positions, in fp32.
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None,
+                      kl: Literal["forward", "reverse"] = "forward") -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over positions, in fp32 (``kl="reverse"``:
+    ``KL(student || teacher)``).
 
     Args:
-        student, teacher: logits ``[..., vocab]`` of the same shape (any float dtype).
+        student, teacher: logits ``[..., vocab]`` of the same shape (any float dtype); no gradient flows to ``teacher``.
         mask: optional ``[...]`` (e.g. an ``attention_mask``): positions where it is 0 never count.
 
     Returns: a 0-dim fp32 tensor (nats per position; 0 when the mask selects nothing).
     """
-    s = F.log_softmax(student.float() / temperature, -1)
-    t = F.log_softmax(teacher.detach().float() / temperature, -1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    if mask is None:
-        return kl.mean() * temperature**2
-    keep = mask.to(kl.device).bool()
-    return kl.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1) * temperature**2  # NaN/inf at padding stays out
+    s, t = (F.log_softmax(z.float() / temperature, -1) for z in (student, teacher.detach()))
+    div = (t.exp() * (t - s) if kl == "forward" else s.exp() * (s - t)).sum(-1)
+    keep = torch.ones_like(div, dtype=torch.bool) if mask is None else mask.to(div.device).bool()
+    return div.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1) * temperature**2  # NaN/inf at padding stays out
 
 
 def _adapters_disabled(module: nn.Module) -> contextlib.AbstractContextManager:
@@ -125,14 +118,12 @@ def _adapters_disabled(module: nn.Module) -> contextlib.AbstractContextManager:
 
 
 class Distiller:
-    """The run-time side of a :class:`DistillationConfig`: :meth:`attach` at the start of fit, :meth:`detach` at
-    teardown. Attaching raises CallbackConfigurationError for a module with manual optimization (its
-    ``training_step`` calls backward itself) and, for ``teacher="base"``, without a peft model."""
+    """The run-time side of a :class:`DistillationConfig`: :meth:`attach` at the start of fit (CallbackConfigurationError for
+    manual optimization, ``teacher="base"`` without peft, ``hidden_states`` matching nothing), :meth:`detach` at teardown."""
 
     def __init__(self, config: DistillationConfig, log_key: str = "actsparse/train/distill_loss") -> None:
-        self.config, self.log_key = config, log_key
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        self._active = self._in_teacher = False
+        self.config, self.log_key, self._active, self._in_teacher = config, log_key, False, False
+        self._losses, self._hidden = [], ([], [])  # per step: distillation terms; per forward: (student, teacher) block outputs
         self._undo: list[Callable[[], None]] = []
 
     def attach(self, trainer: Trainer, pl_module: LightningModule, module: nn.Module) -> None:
@@ -140,53 +131,59 @@ class Distiller:
         if not pl_module.automatic_optimization:
             raise CallbackConfigurationError("distillation adds a term to the loss training_step returns, so it needs automatic optimization; "
                                              f"{type(pl_module).__qualname__} sets automatic_optimization=False (use distillation_loss() in its step)")
-        if self.config.teacher == "base":
-            _adapters_disabled(module)  # fail now, not at the first step
-        where = type(module).__name__
-        frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if self.config.teacher == "initial" else None
+        self.config.teacher == "base" and _adapters_disabled(module)  # fail now, not at the first step
+        where, c = type(module).__name__, self.config
+        frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if c.teacher == "initial" else None
+        blocks = [m for n, m in module.named_modules() if c.hidden_states is not None and re.fullmatch(c.hidden_states, n)]
+        if c.hidden_states is not None and not blocks:
+            raise CallbackConfigurationError(f"distillation hidden_states={c.hidden_states!r} matches no module name of {where}")
+
+        def capture(mod: nn.Module, args: tuple, output: Any) -> None:
+            if self._active:  # student outputs during its forward, teacher outputs during the teacher's
+                self._hidden[self._in_teacher].append(output[0] if isinstance(output, tuple) else output)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             if not self._active or self._in_teacher:
                 return
-            student = _logits_of(output, where)
-            self._in_teacher = True
+            student, (hidden, _) = _logits_of(output, where), self._hidden
+            self._in_teacher, self._hidden = True, ([], [])
             try:
-                with torch.no_grad(), activation_sparsity_disabled(mod), preserved_modes(mod), contextlib.ExitStack() as stack:
-                    if self.config.teacher == "base":
-                        stack.enter_context(_adapters_disabled(mod))
+                with torch.no_grad(), activation_sparsity_disabled(mod), preserved_modes(mod), _adapters_disabled(mod) if c.teacher == "base" else contextlib.nullcontext():
                     mod.eval()
                     out = mod(*args, **kwargs) if frozen is None else torch.func.functional_call(mod, frozen, args, kwargs, strict=False)
                     teacher = _logits_of(out, where)
             finally:
                 self._in_teacher = False
-            mask = kwargs.get("attention_mask")
-            self._pairs.append((student, teacher, mask if isinstance(mask, torch.Tensor) and mask.shape == student.shape[:-1] else None))
+            mask = m.bool() if isinstance(m := kwargs.get("attention_mask"), torch.Tensor) and m.shape == student.shape[:-1] else None
+            loss = distillation_loss(student, teacher, c.temperature, mask, c.kl)
+            for s, t in zip(hidden, self._hidden[1]):
+                err, ref = (x.square().sum(-1)[... if mask is None else mask] for x in (s.float() - t.float(), t.float()))
+                loss = loss + err.sum() / ref.sum().clamp(min=1e-12) / len(blocks)
+            self._losses.append(loss)
 
-        handle = module.register_forward_hook(hook, with_kwargs=True)
+        handles = [module.register_forward_hook(hook, with_kwargs=True), *(b.register_forward_hook(capture) for b in blocks)]
         step = pl_module.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            self._pairs, self._active = [], True
+            self._losses, self._hidden, self._active = [], ([], []), True
             try:
                 out = step(*args, **kwargs)
             finally:
                 self._active = False
-            pairs, self._pairs = self._pairs, []
+            losses, self._losses = self._losses, []
             if out is None:  # the module skipped this batch
                 return out
-            if not pairs:
+            if not losses:
                 raise ActivationSparsityError(f"distillation: {type(pl_module).__qualname__}.training_step never called the forward of {where}")
-            loss = out["loss"] if isinstance(out, Mapping) else out
-            kd = torch.stack([distillation_loss(s, t, self.config.temperature, m) for s, t, m in pairs]).mean()
-            w = self.config.weight_at(trainer.global_step, trainer.estimated_stepping_batches)
+            loss, kd = out["loss"] if isinstance(out, Mapping) else out, torch.stack(losses).mean()
             pl_module.log(self.log_key, kd.detach(), on_step=True, batch_size=1)
-            total = (1.0 - w) * loss + w * kd.to(loss.dtype)
+            total = (1.0 - c.weight) * loss + c.weight * kd.to(loss.dtype)
             return {**out, "loss": total} if isinstance(out, Mapping) else total
 
         pl_module.__dict__["training_step"] = training_step
-        self._undo = [handle.remove, lambda: pl_module.__dict__.pop("training_step", None)]
+        self._undo = [*(h.remove for h in handles), lambda: pl_module.__dict__.pop("training_step", None)]
 
     def detach(self) -> None:
         for undo in self._undo:
             undo()
-        self._undo, self._pairs = [], []
+        self._undo, self._losses = [], []

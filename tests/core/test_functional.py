@@ -428,3 +428,22 @@ def test_pickle_of_dynamic_sparse_subclass_in_a_fresh_class_cache():
     again = torch.load(buf, weights_only=False)
     assert is_sparsified(again[0]) and isinstance(again[0], _Scaled)
     assert torch.equal(again(data[0]), m(data[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_cpu_path_equals_the_thresholded_multiply_in_values_and_gradients(dtype):
+    """Eager CPU masked layers use hardshrink (one kernel); it must give exactly x * (|x| > tau) and its gradient."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 8)).to(dtype)
+    sparsify_activations(net, [torch.randn(32, 64, dtype=dtype) for _ in range(2)], {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
+    layer, tau = net[0], net[0].activation_threshold
+    x = torch.randn(16, 64, dtype=dtype)
+    x[0, :3] = torch.tensor([tau.item(), -tau.item(), 0.0], dtype=dtype)  # on the threshold: zeroed, as |x| > tau says
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(a)
+    ref = nn.functional.linear(b * (b.abs() > tau), layer.weight, layer.bias)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(a.grad, b.grad) and bool((a.grad[0, :3] == 0).all())

@@ -72,21 +72,20 @@ def _callback(distillation, **kwargs):
 # -- the configuration and the loss --------------------------------------------------------------------------
 
 
-def test_config_from_a_weight_a_mapping_and_its_schedule():
+def test_config_from_a_weight_or_a_mapping():
     assert DistillationConfig.from_value(0.9) == DistillationConfig(weight=0.9)
     assert DistillationConfig.from_value(None) is None
-    config = DistillationConfig.from_value({"weight": 0.8, "schedule": "linear", "final_weight": 0.2, "temperature": 2})
-    assert [config.weight_at(s, 11) for s in (0, 5, 10)] == pytest.approx([0.8, 0.5, 0.2])
-    cosine = DistillationConfig(weight=1.0, schedule="cosine")
-    assert [cosine.weight_at(s, 3) for s in (0, 1, 2)] == pytest.approx([1.0, 0.5, 0.0])
-    assert DistillationConfig(0.7).weight_at(50, 100) == 0.7
+    config = DistillationConfig.from_value({"weight": 0.8, "temperature": 2, "kl": "reverse", "hidden_states": r".*layers\.\d+"})
+    assert (config.weight, config.temperature, config.kl, config.teacher) == (0.8, 2, "reverse", "initial")
 
 
 @pytest.mark.parametrize(
     "value, message",
     [(1.5, "weight must be a number in [0, 1], got 1.5"), ({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
-     ({"schedule": "step"}, "schedule must be one of ('constant', 'linear', 'cosine'), got 'step'"),
-     ({"wieght": 0.9}, "unknown distillation option(s) ['wieght']"), ("0.9", "got str")],
+     ({"teacher": "sparse"}, "teacher must be one of ('initial', 'dense', 'base'), got 'sparse'"), (True, "got bool"),
+     ({"wieght": 0.9}, "unknown distillation option(s) ['wieght']"), ("0.9", "got str"),
+     ({"kl": "both"}, "kl must be one of ('forward', 'reverse'), got 'both'"),
+     ({"hidden_states": "layers.("}, "hidden_states must be None or a regular expression, got 'layers.('")],
 )
 def test_bad_config_names_the_value(value, message):
     with pytest.raises(InvalidOptionError) as info:
@@ -113,6 +112,8 @@ def test_distillation_loss_is_temperature_scaled_kl_and_masks_padding():
     kept = F.kl_div(F.log_softmax(s[mask.bool()], -1), F.log_softmax(t[mask.bool()], -1), log_target=True, reduction="sum") / 8
     assert float(distillation_loss(s, t, mask=mask)) == pytest.approx(float(kept), rel=1e-5)
     assert distillation_loss(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+    reverse = F.kl_div(F.log_softmax(t / 2, -1), F.log_softmax(s / 2, -1), log_target=True, reduction="sum") / 10 * 4
+    assert float(distillation_loss(s, t, 2.0, kl="reverse")) == pytest.approx(float(reverse), rel=1e-5)
 
 
 # -- through the callback, on a user's module ------------------------------------------------------------------
@@ -134,6 +135,27 @@ def test_returned_loss_is_the_mix_of_the_users_loss_and_the_kl_to_the_dense_mode
     assert float(kd) > 1e-4  # sparsity changes the outputs
     assert losses0[0] == pytest.approx(float(0.25 * ce + 0.75 * kd), rel=1e-5)
     assert float(trainer.callback_metrics["actsparse/train/distill_loss"]) == pytest.approx(float(kd), rel=1e-5)
+
+
+def test_hidden_states_add_the_normalised_error_of_the_block_outputs():
+    data = token_batches(1, batch=2, seq=12)
+    module = UserLM(tiny_llama(), lr=0.0)
+    trainer, _ = _fit(module, data, _callback({"weight": 1.0, "hidden_states": r"layers\.\d+"}))
+    outputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: outputs.append(out)) for b in module.model.layers]
+    with torch.no_grad():
+        student = module.model(data[0])
+        with activation_sparsity_disabled(module.model):
+            teacher = module.model(data[0])
+    for h in hooks:
+        h.remove()
+    blocks = len(module.model.layers)
+    hidden = sum(float((s - t).square().sum() / t.square().sum()) for s, t in zip(outputs[:blocks], outputs[blocks:])) / blocks
+    assert hidden > 1e-4
+    expected = float(distillation_loss(student, teacher)) + hidden
+    assert float(trainer.callback_metrics["actsparse/train/distill_loss"]) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(CallbackConfigurationError, match=r"hidden_states='blocks.*' matches no module name of TinyLlama"):
+        _fit(UserLM(tiny_llama()), data, _callback({"hidden_states": r"blocks\.\d+"}))
 
 
 def test_weight_zero_returns_the_users_loss_and_training_moves_towards_the_teacher():
@@ -233,6 +255,7 @@ def test_recipes_fine_tune_with_the_librarys_distillation(recipe, tmp_path):
     cli = run(["fit", "--config", str(RECIPES / recipe), *SMALL, f"trainer.logger.init_args.save_dir={tmp_path}"])
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, ActivationSparsityCallback))
     assert callback.distiller is not None and callback.distiller.config.weight == 0.9
+    assert callback.distiller.config.hidden_states == r".*layers\.\d+"  # the measured best (docs/finetuning.md)
     assert cli.trainer.global_step == 2 and math.isfinite(float(cli.trainer.callback_metrics["actsparse/train/distill_loss"]))
     assert "training_step" not in cli.model.__dict__
 
