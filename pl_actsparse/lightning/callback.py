@@ -558,13 +558,16 @@ class ActivationSparsityCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "history": [dict(h) for h in self.history], "last_calibration_step": self.last_calibration_step, "finished": self.finished, "allocated": self.allocated}
+        return {"version": 1, "history": [dict(h) for h in self.history], "last_calibration_step": self.last_calibration_step, "finished": self.finished,
+                "allocated": self.allocated, "distillation_teacher": self.distiller and self.distiller.teacher_weights}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.last_calibration_step = state_dict.get("last_calibration_step")
         self.finished, self.allocated = state_dict.get("finished"), state_dict.get("allocated", {})
+        if self.distiller is not None:  # a resumed fit distils from the weights of the original start of fit
+            self.distiller.teacher_weights = state_dict.get("distillation_teacher")
 
 
 # ------------------------------------------------------------------------------------------------------

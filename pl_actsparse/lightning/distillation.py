@@ -23,14 +23,14 @@ from torch import nn
 
 from pl_actsparse.core.layer import activation_sparsity_disabled
 from pl_actsparse.core.module_state import preserved_modes
-from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, InvalidOptionError
+from pl_actsparse.errors import ActivationSparsityError, CallbackConfigurationError, CheckpointError, InvalidOptionError
 
 __all__ = ["DistillationConfig", "Distiller", "distillation_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillationConfig:
-    """How the callback distils the dense model into the sparse one.
+    r"""How the callback distils the dense model into the sparse one.
 
     Args:
         weight: ``w`` in ``(1 - w) * loss + w * distillation``, in [0, 1] (1: distillation only).
@@ -125,15 +125,26 @@ class Distiller:
         self.config, self.log_key, self._active, self._in_teacher = config, log_key, False, False
         self._losses, self._hidden = [], ([], [])  # per step: distillation terms; per forward: (student, teacher) block outputs
         self._undo: list[Callable[[], None]] = []
+        #: ``teacher="initial"``: the teacher's weights during fit, saved in the callback's checkpoint state, so that a
+        #: resumed fit distils from the weights of the *original* start of fit (set it before :meth:`attach` to restore).
+        self.teacher_weights: dict[str, torch.Tensor] | None = None
 
     def attach(self, trainer: Trainer, pl_module: LightningModule, module: nn.Module) -> None:
+        saved = self.teacher_weights  # restored from a checkpoint, or None
         self.detach()
         if not pl_module.automatic_optimization:
             raise CallbackConfigurationError("distillation adds a term to the loss training_step returns, so it needs automatic optimization; "
                                              f"{type(pl_module).__qualname__} sets automatic_optimization=False (use distillation_loss() in its step)")
         self.config.teacher == "base" and _adapters_disabled(module)  # fail now, not at the first step
         where, c = type(module).__name__, self.config
-        frozen = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad} if c.teacher == "initial" else None
+        frozen = None
+        if c.teacher == "initial":
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            if saved is not None and saved.keys() != params.keys():
+                raise CheckpointError(f"the checkpoint's distillation teacher has parameters {sorted(saved.keys() ^ params.keys())[:5]} "
+                                      f"that {where}'s trainable parameters do not match (or the reverse); resume with the same model and adapters")
+            frozen = {n: saved[n].to(p.device, p.dtype) if saved is not None else p.detach().clone() for n, p in params.items()}
+        self.teacher_weights = frozen
         blocks = [m for n, m in module.named_modules() if c.hidden_states is not None and re.fullmatch(c.hidden_states, n)]
         if c.hidden_states is not None and not blocks:
             raise CallbackConfigurationError(f"distillation hidden_states={c.hidden_states!r} matches no module name of {where}")
@@ -186,4 +197,4 @@ class Distiller:
     def detach(self) -> None:
         for undo in self._undo:
             undo()
-        self._undo, self._losses = [], []
+        self._undo, self._losses, self.teacher_weights = [], [], None

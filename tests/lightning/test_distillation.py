@@ -308,3 +308,30 @@ def test_a_failed_fit_leaves_no_distillation_behind():
         logits = module.model(data[0])
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), data[0][:, 1:].flatten())
     assert seen.losses[0] == pytest.approx(float(ce), rel=1e-5)  # the user's loss, no KL mixed in
+
+
+def test_a_resumed_fit_distils_from_the_original_start_of_fit(tmp_path):
+    """teacher="initial" is saved in the callback's checkpoint state: resuming at an epoch boundary ends bit-identical
+    to the uninterrupted fit (without it the teacher would be the weights at the resume)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = token_batches(2, batch=2, seq=12)
+
+    def fit(steps, ckpt_path=None, save=False):
+        torch.manual_seed(0)
+        module = UserLM(tiny_llama(), lr=0.5)
+        saver = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)] if save else []
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=save, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[_callback({"weight": 0.9, "hidden_states": r"layers\.\d+"}), *saver])
+        trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None), ckpt_path=ckpt_path)
+        return module
+
+    full = fit(4, save=True)
+    (ckpt,) = [p for p in tmp_path.glob("*.ckpt") if "step=2" in p.name]
+    assert torch.load(ckpt, weights_only=False)["callbacks"]  # the teacher travels in the callback's state
+    resumed = fit(4, ckpt_path=ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+    state = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if "ActivationSparsityCallback" in k)
+    torch.manual_seed(0)
+    start = UserLM(tiny_llama(), lr=0.5).model  # the weights of the start of fit, as fit() builds them
+    assert all(torch.equal(state["distillation_teacher"][n], p) for n, p in start.named_parameters())
