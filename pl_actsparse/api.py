@@ -20,7 +20,7 @@ from pl_actsparse.integrations import (
     forward_patch_problem, is_tool_storage, layer_map, shared_offload_hooks, sync_adapter_hooks,
 )
 from pl_actsparse.calibrate import calibrate as _calibrate, chosen_method
-from pl_actsparse.calibrate.allocation import fisher_curves, next_token_nll, search_levels
+from pl_actsparse.calibrate.allocation import GRID, fisher_curves, next_token_nll, search_levels
 from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
@@ -385,6 +385,10 @@ def sparsify_activations(
     if allocation not in ALLOCATIONS:
         raise InvalidOptionError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
+    over = [(s, v) for s, v in target_sparsity_by_scope.items() if allocation != "uniform" and float(v) > GRID[-1]]
+    if over:  # before the passes over the data
+        raise InvalidTargetError(f"allocation={allocation!r} reads levels up to {GRID[-1]}, so a byte budget must be <= {GRID[-1]}; "
+                                 f"got {over[0][1]} for {over[0][0]!r}")
     items = _peek(dataset)
     modules = dict(model.named_modules())
     if allocation != "uniform":

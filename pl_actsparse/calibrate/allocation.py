@@ -78,7 +78,8 @@ def fisher_curves(
     the same curves.
 
     Raises:
-        EmptyDatasetError: ``items`` is empty (on every rank).
+        EmptyDatasetError: ``items`` is empty (on every rank), or the loss gives no signal (every score 0, e.g. no
+            real next-token prediction).
         NonFiniteActivationError: block by block, the loss or its gradient is not finite.
     """
     transform = config.transform_fn or default_transform_fn
@@ -111,6 +112,9 @@ def fisher_curves(
         cum_c, cum_s = dist.sum_(c).cumsum(0), dist.sum_(scores[name]).cumsum(0)
         idx = torch.searchsorted(cum_c, torch.tensor([s * float(cum_c[-1]) for s in GRID], dtype=torch.float64))
         curves[name] = [(s, 0.0 if s == 0 else float(cum_s[min(int(i), COARSE_BINS - 1)])) for s, i in zip(GRID, idx)]
+    if curves and not any(c[-1][1] > 0 for c in curves.values()):  # levels would follow layer order, not the loss
+        raise EmptyDatasetError("the calibration data gave the allocation no loss signal (every layer's score is 0): no real "
+                                "next-token prediction (sequences of one real token?) or a loss that does not depend on these layers")
     return curves
 
 
@@ -134,8 +138,7 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
     logits = logits_of(output)
     if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
         raise InvalidOptionError(
-            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids: pass "
-            "loss_fn(output, item) -> scalar loss"
+            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids"
         )
     if logits.shape[:2] != inputs.shape:
         raise InvalidOptionError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")

@@ -422,13 +422,34 @@ def test_bad_allocation_is_an_error_before_any_change(tiny, batches):
     assert not any(is_sparsified(m) for m in tiny.modules())
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # not a causal LM on token ids
-    with pytest.raises(InvalidOptionError, match=r"allocation='auto' scores layers with the next-token loss.*allocation='uniform'"):
+    with pytest.raises(InvalidOptionError, match=r"allocation='auto' scores layers with the next-token loss.*allocation='uniform'") as err:
         sparsify_activations(net, [torch.randn(4, 8)] * 2, {TargetScope(types=[nn.Linear]): 0.5}, allocation="auto")
+    assert "pass loss_fn" not in str(err.value)  # sparsify_activations takes no loss_fn
     assert not any(is_sparsified(m) for m in net.modules())
-    with pytest.raises(InvalidTargetError, match="outside what the measured curves cover"):  # above the highest level
-        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.99}, allocation="auto",
-                             calibration={"progress": False})
-    assert not any(is_sparsified(m) for m in tiny.modules())
+    calls = []
+    handle = tiny.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:  # above the highest level: refused before any pass over the data, naming the scope
+        with pytest.raises(InvalidTargetError, match=r"byte budget must be <= 0.94; got 0.99 for TargetScope\(.*mlp"):
+            sparsify_activations(tiny, batches, {TargetScope(patterns=[".*attn.*"]): 0.5, TargetScope(patterns=[".*mlp.*"]): 0.99},
+                                 allocation="auto", calibration={"progress": False})
+    finally:
+        handle.remove()
+    assert calls == [] and not any(is_sparsified(m) for m in tiny.modules())
+
+
+def test_auto_allocation_without_next_token_predictions_is_an_error():
+    """Sequences of one real token give no next-token loss: the levels would follow layer order, so it is an error."""
+    from pl_actsparse.errors import EmptyDatasetError
+    from tiny_models import tiny_hf_llama
+
+    model = tiny_hf_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one_token = [{"input_ids": torch.randint(0, 64, (4, 6)), "attention_mask": torch.tensor([[1, 0, 0, 0, 0, 0]] * 4)}] * 2
+    for data in ([torch.randint(0, 64, (4, 1))] * 2, one_token):
+        with pytest.raises(EmptyDatasetError, match="no loss signal.*no real next-token prediction"):
+            sparsify_activations(model, data, {TargetScope(patterns=[r".*_proj"]): 0.5}, allocation="auto", calibration={"progress": False})
+    assert not any(is_sparsified(m) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 class PositionWiseLM(nn.Module):
