@@ -41,7 +41,7 @@ from pl_actsparse.core.layer import weight_nbytes
 from pl_actsparse.core.masking import resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError
 
-__all__ = ["fisher_curves", "allocate_levels", "lower_hull", "next_token_nll", "search_levels", "SEARCH_POWERS", "SEARCH_RATES", "SEARCH_FRACTION", "QUANTILE_SAMPLE"]
+__all__ = ["fisher_curves", "allocate_levels", "lower_hull", "next_token_nll", "search_levels", "SEARCH_POWERS", "SEARCH_RATES", "SEARCH_FRACTION", "MAX_RATED_KINDS", "QUANTILE_SAMPLE"]
 
 #: Levels at which the curves are read (the allocation interpolates between them).
 GRID = tuple(i / 50 for i in range(48))  # 0 .. 0.94
@@ -50,6 +50,8 @@ SEARCH_POWERS = (1.0, 1.284, 1.649)  # exp(0), exp(0.25), exp(0.5)
 SEARCH_RATES = (0.0, 0.7, 1.4)
 #: :func:`search_levels` scores on every k-th calibration item, this fraction of them (at least one).
 SEARCH_FRACTION = 0.5
+#: At most this many sublayer kinds get a rate of their own in :func:`search_levels` (more share one).
+MAX_RATED_KINDS = 2
 #: At most this many elements of a layer input give :func:`search_levels` its quantile (a strided sample).
 QUANTILE_SAMPLE = 1 << 14
 
@@ -199,8 +201,10 @@ def search_levels(
     The curves are second-order estimates at the dense point, far from the regime of 40-60% sparsity (on
     stories260K they undervalue attention against the MLP and the spread between layers). Each candidate
     reweights layer ``l``'s curve to ``exp(a) * D_l(s) ** p``: ``p`` from :data:`SEARCH_POWERS`, ``a`` from
-    :data:`SEARCH_RATES` per sublayer kind (the second-to-last name component, ``self_attn``) other than the
-    kind with the most weight bytes (``a = 0``), every combination. The candidate with the least mean
+    :data:`SEARCH_RATES` per sublayer kind (the layer's parent name without block indices, ``model.layers.self_attn``)
+    other than the kind with the most weight bytes (``a = 0``), every combination; beyond
+    :data:`MAX_RATED_KINDS` other kinds (peft's per-projection parents, BERT) they share one rate, so a search
+    scores at most 27 candidates. The candidate with the least mean
     ``loss_fn`` over every k-th item (:data:`SEARCH_FRACTION` of ``items``) wins; each layer's input is zeroed
     below the quantile of its level over the batch's real tokens (a strided sample of at most
     :data:`QUANTILE_SAMPLE` elements; no calibration pass), one forward pass over those items per candidate.
@@ -216,12 +220,13 @@ def search_levels(
     dist = Distributed(config.sync_across_processes, device)
     subset = list(items)[:: max(1, round(1 / SEARCH_FRACTION))]
     nbytes = {n: weight_nbytes(m) for n, m in layers}
-    kind = {n: n.rsplit(".", 2)[-2] if n.count(".") >= 1 else "" for n in nbytes}
+    kind = {n: ".".join(p for p in n.split(".")[:-1] if not p.isdigit()) for n in nbytes}  # block indices dropped
     weight = {k: sum(b for n, b in nbytes.items() if kind[n] == k) for k in sorted(set(kind.values()))}
     others = [k for k in weight if k != max(weight, key=weight.__getitem__)]
+    groups = [[k] for k in others] if len(others) <= MAX_RATED_KINDS else [others]  # candidates stay <= 3 x 3^2
 
     def levels_of(power: float, rates: Sequence[float]) -> dict[str, float]:
-        scale = {k: math.exp(r) for k, r in zip(others, rates)}
+        scale = {k: math.exp(r) for g, r in zip(groups, rates) for k in g}
         levels: dict[str, float] = {}
         for names, budget in budgets:
             levels.update(allocate_levels({n: [(s, scale.get(kind[n], 1.0) * d**power) for s, d in curves[n]] for n in names},
@@ -256,7 +261,7 @@ def search_levels(
         return float(total[0] / total[1].clamp(min=1))
 
     if not search:
-        return levels_of(1.0, [0.0] * len(others)), 0
-    candidates = [levels_of(p, rates) for p in SEARCH_POWERS for rates in itertools.product(SEARCH_RATES, repeat=len(others))]
+        return levels_of(1.0, [0.0] * len(groups)), 0
+    candidates = [levels_of(p, rates) for p in SEARCH_POWERS for rates in itertools.product(SEARCH_RATES, repeat=len(groups))]
     scores = [loss_of(c) for c in candidates]
     return candidates[scores.index(min(scores))], len(candidates)

@@ -516,3 +516,39 @@ if __name__ == "__main__":  # pragma: no cover
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_auto_worker, args=(sys.argv[1], "file://" + sys.argv[1] + "/rendezvous"), nprocs=2, join=True)
+
+
+class ManyKindsLM(nn.Module):
+    """Two blocks of four sublayer kinds (``blocks.N.{a,b,c,d}.proj``): more kinds than get a rate of their own."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
+        self.blocks = nn.ModuleList(nn.ModuleDict({k: nn.Sequential() for k in "abcd"}) for _ in range(2))
+        for block in self.blocks:
+            for k in "abcd":
+                block[k].add_module("proj", nn.Linear(dim, dim))
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        for block in self.blocks:
+            for k in "abcd":
+                h = h + torch.tanh(block[k].proj(h))
+        return self.head(h)
+
+
+def test_search_scores_a_bounded_number_of_candidates_whatever_the_number_of_kinds():
+    """Kinds are parent names without block indices (blocks.a, ..., blocks.d: 4, not 8); beyond MAX_RATED_KINDS
+    other kinds they share one rate, so 4 kinds cost len(SEARCH_POWERS) x len(SEARCH_RATES) forwards, not 3 x 27."""
+    from pl_actsparse.calibrate.allocation import MAX_RATED_KINDS, SEARCH_POWERS, SEARCH_RATES
+
+    assert MAX_RATED_KINDS < 3
+    data, recipe, calls = [torch.randint(0, 32, (4, 12)) for _ in range(2)], {TargetScope(patterns=[r".*proj"]): 0.5}, {}
+    for allocation in ("fisher", "auto"):
+        model = ManyKindsLM()
+        handle = model.register_forward_hook(lambda *_, a=allocation: calls.__setitem__(a, calls.get(a, 0) + 1))
+        sparsify_activations(model, data, recipe, calibration={"progress": False}, allocation=allocation)
+        handle.remove()
+        assert _budget_met(model, [f"blocks.{i}.{k}.proj" for i in range(2) for k in "abcd"], 0.5) == pytest.approx(0.5, abs=1e-9)
+    assert calls["auto"] - calls["fisher"] == len(SEARCH_POWERS) * len(SEARCH_RATES) * 1  # every second of 2 items
