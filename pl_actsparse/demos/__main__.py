@@ -28,6 +28,7 @@ from pl_actsparse.core.scopes import TargetScope
 from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+from pl_actsparse.lightning.cli import show_library_logs
 
 __all__ = ["main", "sweep_main", "report_main"]
 
@@ -95,7 +96,7 @@ def report_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_act
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m pl_actsparse.demos {run,generate,sweep,report} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_library_logs()
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(__doc__ + "\n")
         return

@@ -198,11 +198,23 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], Any]] = {
 it). Anything else goes to the LightningCLI (``fit``, ``validate``, ``test``, ``predict``)."""
 
 
+def show_library_logs() -> None:
+    """For applications: the ``pl_actsparse`` logger's INFO records on stderr, once, unless logging is configured
+    (a handler on the root logger). Not via the root logger: Lightning's ``lightning`` logger has its own handler and
+    propagates, so a root handler would print each of its lines twice."""
+    lib = logging.getLogger("pl_actsparse")
+    if not logging.root.handlers and not any(isinstance(h, logging.StreamHandler) for h in lib.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        lib.addHandler(handler)
+        lib.propagate = False
+    lib.setLevel(logging.INFO)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``pl-actsparse`` console script (an application: it shows the ``pl_actsparse`` logger's
     INFO tables on stderr when nothing else configured logging)."""
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("pl_actsparse").setLevel(logging.INFO)
+    show_library_logs()
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])

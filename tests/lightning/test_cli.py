@@ -301,3 +301,13 @@ def test_nothing_outside_demos_imports_demos():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith("pl_actsparse.demos")]
     assert offenders == []
+
+
+def test_show_library_logs_prints_lightning_lines_once_and_library_tables():
+    """The console script and the demos show the library's INFO records without doubling Lightning's own lines
+    (its ``lightning`` logger has a handler and propagates: a root handler printed each line twice)."""
+    code = ("import logging; from pl_actsparse.lightning.cli import show_library_logs; show_library_logs(); "
+            "import lightning.pytorch as pl; pl.seed_everything(3); logging.getLogger('pl_actsparse.x').info('table row')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stderr
+    assert err.count("Seed set to 3") == 1, err
+    assert err.count("table row") == 1, err
