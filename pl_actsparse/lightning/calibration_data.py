@@ -124,6 +124,11 @@ class CalibrationData:
         for owner in owners:
             if (fn := _method(owner, method)) is not None:
                 return first_loader(fn()), f"the {source} dataloader" if source in STAGE_SOURCES else f"{type(owner).__name__}.{method}()"
+        if source in ("train", "val") and trainer is not None and getattr(trainer, _TRAINER_LOADERS[source], None) is None \
+                and getattr(getattr(trainer, "state", None), "fn", None) == "fit":
+            # dataloaders passed to trainer.fit(...) are set up by the fit loop after on_fit_start: set them up now
+            # (the loop's setup_data is idempotent: fit_loop.run() keeps what is set up)
+            (trainer.fit_loop if source == "train" else trainer.fit_loop.epoch_loop.val_loop).setup_data()
         loaders = getattr(trainer, _TRAINER_LOADERS[source], None) if source in STAGE_SOURCES and trainer is not None else None
         if loaders is not None:
             return first_loader(loaders), f"the {source} dataloader"

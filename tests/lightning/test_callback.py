@@ -339,6 +339,21 @@ def test_auto_source_falls_back_to_first_training_batches_and_transform_fn():
     assert _thresholds(lm) == _reference_thresholds(lm, list(data.train_dataloader())[:3], MLP, dense)
 
 
+@pytest.mark.parametrize("source, num_batches", [("auto", 3), ("train", 2), ("val", 1)])
+def test_dataloaders_passed_straight_to_fit_calibrate(source, num_batches):
+    """``trainer.fit(module, train_loader, val_loader)``, the commonest call: the loaders are set up by Lightning's
+    fit loop after ``on_fit_start``; the callback sets them up itself and calibrates on their first batches."""
+    data = TinyData()
+    train, val = data.train_dataloader(), data.val_dataloader()
+    lm = TinyLM()
+    dense = _dense_state(lm)
+    cb = _callback(calibration_source=source, calibration={"num_batches": num_batches, "progress": False})
+    _trainer(cb, max_steps=1).fit(lm, train, val)
+    assert cb.history[0]["source"] == f"the {'val' if source == 'val' else 'train'} dataloader"
+    first = list(val if source == "val" else train)[:num_batches]
+    assert cb.history[0]["thresholds"] == _reference_thresholds(lm, first, MLP, dense)
+
+
 def test_calibration_data_resolves_without_a_trainer():
     lm, data = TinyLM(), TinyData()
     explicit = [torch.zeros(2, 9, dtype=torch.long)]
