@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -48,7 +48,7 @@ def is_cache_object(v: Any) -> bool:
 
 def _walk(v: Any, fn: Callable[[Any], Any]) -> Any:
     """``fn`` applied to the items of a dict, list or tuple (not a named tuple); anything else as it is."""
-    if isinstance(v, dict):
+    if isinstance(v, Mapping):
         return {k: fn(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
         return type(v)(fn(x) for x in v)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -26,9 +26,9 @@ def default_transform_fn(item: Any) -> Any:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call the model the way NNCF does: a dict is keyword arguments, a tuple or list positional ones,
-    anything else the single argument."""
-    if isinstance(inputs, dict):
+    """Call the model the way NNCF does: a mapping (a dict, HF's ``BatchEncoding``) is keyword arguments, a tuple
+    or list positional ones, anything else the single argument."""
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
@@ -40,7 +40,7 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     objects are left as they are)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # a BatchEncoding becomes a dict: call_model passes both as keyword arguments
         return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(map_tensors(v, fn) for v in obj)

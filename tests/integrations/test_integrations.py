@@ -363,3 +363,24 @@ def test_callback_warns_when_a_sparsified_layer_is_never_reached():
     net.b.forward = lambda x: nn.functional.linear(x, net.b.weight, net.b.bias)  # patched after sparsifying
     with pytest.raises(UnsupportedModuleError, match=r"'b': its forward is replaced on the instance"):
         trainer.validate(net, data)  # found when the callback plans again
+
+
+@pytest.mark.parametrize("allocation, method", [("uniform", "lockstep"), ("uniform", "sequential"), ("auto", "lockstep")])
+def test_hf_batch_encoding_batches_are_keyword_arguments(allocation, method):
+    """What HF tokenizers and data collators return (``BatchEncoding``, a mapping but not a dict) calibrates exactly as
+    the same dict: keyword arguments, so ``attention_mask`` reaches the model and padding is not counted."""
+    ids = token_batches(n=3, batch=2, seq=16)
+    masks = [torch.ones_like(x) for x in ids]
+    for m in masks:
+        m[1, 10:] = 0
+    as_dict = [{"input_ids": x, "attention_mask": m} for x, m in zip(ids, masks)]
+    as_encoding = [transformers.BatchEncoding(d) for d in as_dict]
+    recipe = {TargetScope(patterns=[".*_proj"]): 0.5}
+    results = []
+    for batches in (as_dict, as_encoding):
+        model = tiny_hf_llama().eval()
+        sparsify_activations(model, batches, recipe, allocation=allocation, calibration={"method": method, "progress": False})
+        results.append(_thresholds(model))
+        layer = model.model.layers[0].mlp.down_proj
+        assert sparsifier_state(layer).calibration_elements == (16 + 10) * 3 * layer.in_features  # real tokens only
+    assert results[0] == results[1]
