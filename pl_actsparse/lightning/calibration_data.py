@@ -10,6 +10,7 @@ Lightning hooks only.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import itertools
 import numbers
@@ -132,8 +133,11 @@ class CalibrationData:
         loaders = getattr(trainer, _TRAINER_LOADERS[source], None) if source in STAGE_SOURCES and trainer is not None else None
         if loaders is not None:
             return first_loader(loaders), f"the {source} dataloader"
-        names = " nor ".join(type(o).__name__ for o in owners) or "nothing"
-        raise config_error("calibration_source", f"calibration_source={self.source!r}: neither {names} has a method {method!r}, "
+        names = " nor ".join(type(o).__name__ for o in owners) if len(owners) > 1 else (type(owners[0]).__name__ if owners else "nothing")
+        known = sorted({n for o in owners for n in dir(o) if n.endswith("dataloader") and _method(o, n) is not None})
+        close = difflib.get_close_matches(method, known, n=1, cutoff=0.85)
+        raise config_error("calibration_source", f"calibration_source={self.source!r}: {'neither ' if len(owners) > 1 else ''}{names} has "
+                           f"{'no' if len(owners) < 2 else 'a'} method {method!r}{f' (did you mean {close[0]!r}?)' if close else ''}, "
                            "and the run has no such dataloader; pass calibration_dataloader or define the method")
 
     def batches(self, loader: Iterable[Any], world_size: int = 1, rank: int = 0) -> Iterator[Any]:

@@ -362,9 +362,11 @@ def test_calibration_data_resolves_without_a_trainer():
     assert where == "TinyData.calibration_dataloader()" and len(list(loader)) == len(list(data.calibration_dataloader()))
     loader, where = _callback(calibration_source="val", calibration={"num_batches": 1}).calibration_data.resolve(data, lm)
     assert where == "the val dataloader" and [x.tolist() for x, _ in loader] == [x.tolist() for x, _ in data.val_dataloader()]
-    with pytest.raises(CallbackConfigurationError, match="has a method 'holdout_dataloader'"):
+    with pytest.raises(CallbackConfigurationError, match="neither TinyData nor TinyLM has a method 'holdout_dataloader', and"):
         _callback(calibration_source="holdout_dataloader").calibration_data.resolve(data, lm)
-    with pytest.raises(CallbackConfigurationError, match="has a method 'test_dataloader'"):  # Lightning's default hook raises
+    with pytest.raises(CallbackConfigurationError, match="method 'calibration_datalodaer' \\(did you mean 'calibration_dataloader'\\?\\)"):
+        _callback(calibration_source="calibration_datalodaer").calibration_data.resolve(data, lm)
+    with pytest.raises(CallbackConfigurationError, match="TinyLM has no method 'test_dataloader'"):  # Lightning's default hook raises
         _callback(calibration_source="test", calibration={"num_batches": 1}).calibration_data.resolve(None, lm)
 
 
