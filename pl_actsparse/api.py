@@ -305,6 +305,22 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
         return search_levels(model, layers, items, curves, list(budgets.values()), config, next_token_nll, allocation == "auto")[0]
 
 
+def check_allocation(allocation: Any, target_sparsity_by_scope: Mapping[Any, Any]) -> str:
+    """``allocation`` if it is one of ``ALLOCATIONS`` and every budget fits it, for :func:`sparsify_activations` and the
+    callback's constructor.
+
+    Raises:
+        InvalidOptionError: an unknown ``allocation``.
+        InvalidTargetError: a byte budget above the allocation's highest level (``GRID[-1]``, 0.94), naming the scope.
+    """
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise InvalidOptionError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
+    if over := [(s, v) for s, v in target_sparsity_by_scope.items() if allocation != "uniform" and float(v) > GRID[-1]]:
+        raise InvalidTargetError(f"allocation={allocation!r} reads levels up to {GRID[-1]}, so a byte budget must be <= {GRID[-1]}; "
+                                 f"got {over[0][1]} for {over[0][0]!r}")
+    return allocation
+
+
 def sparsify_activations(
     model: nn.Module, dataset: Iterable[Any], target_sparsity_by_scope: Mapping[TargetScope, float],
     ignored_scope: IgnoredScope | None = None, *,
@@ -382,13 +398,8 @@ def sparsify_activations(
     """
     config = CalibrationConfig.from_value(calibration)
     mode = _gradient_mode(gradient_mode)
-    if allocation not in ALLOCATIONS:
-        raise InvalidOptionError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
-    over = [(s, v) for s, v in target_sparsity_by_scope.items() if allocation != "uniform" and float(v) > GRID[-1]]
-    if over:  # before the passes over the data
-        raise InvalidTargetError(f"allocation={allocation!r} reads levels up to {GRID[-1]}, so a byte budget must be <= {GRID[-1]}; "
-                                 f"got {over[0][1]} for {over[0][0]!r}")
+    check_allocation(allocation, target_sparsity_by_scope)  # before the passes over the data
     items = _peek(dataset)
     modules = dict(model.named_modules())
     if allocation != "uniform":

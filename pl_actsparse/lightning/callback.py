@@ -21,7 +21,7 @@ from torch import nn
 from typing_extensions import override
 
 from pl_actsparse.api import (
-    ALLOCATIONS, validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, sparsify_activations,
+    check_allocation, validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, sparsify_activations,
 )
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, sparsified_layers
@@ -211,7 +211,7 @@ class ActivationSparsityCallback(Callback):
         self.recalibrate_every_n_steps = _positive(recalibrate_every_n_steps, "recalibrate_every_n_steps")
         self.schedule = _parse_schedule(schedule)
         self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
-        self.allocation = _choice(allocation, "allocation", ALLOCATIONS, InvalidOptionError)
+        self.allocation = _tag("allocation", check_allocation, allocation, self.targets)
         self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
         self.track = _parse_track(track)
         for name, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):

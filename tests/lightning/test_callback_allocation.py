@@ -52,6 +52,11 @@ def test_allocation_is_checked_at_construction():
         ActivationSparsityCallback(scopes=ALL, allocation="teal")
     assert info.value.argument == "allocation"  # the YAML key the CLI prints
     assert ActivationSparsityCallback(scopes=ALL).allocation == "uniform"
+    over = [{"patterns": [r".*_proj"], "sparsity": 0.95}]
+    with pytest.raises(InvalidTargetError, match=r"byte budget must be <= 0.94; got 0.95 for TargetScope\(patterns=\['\.\*_proj'\]\)") as info:
+        ActivationSparsityCallback(scopes=over, allocation="auto")  # before any data is read, not after the model loads
+    assert info.value.argument == "allocation"
+    assert ActivationSparsityCallback(scopes=over).targets  # uniform levels may go above 0.94
 
 
 def test_callback_allocates_the_byte_budget_on_hf_llama_and_resumes_with_the_same_levels(tmp_path, allocations):
@@ -108,13 +113,20 @@ def test_a_schedule_that_changes_the_budget_reallocates(allocations):
     assert _byte_weighted(lm.model, _levels(lm.model)) == pytest.approx(0.5, abs=1e-9)
 
 
-def test_allocation_errors_leave_the_model_as_it_was():
-    """A budget the curves cannot reach fails at the first calibration, and no layer is left allocated."""
+def test_allocation_errors_leave_the_model_as_it_was(monkeypatch):
+    """An allocation that fails at the first calibration leaves no layer allocated (a budget the levels cannot reach
+    fails earlier, at construction: test_allocation_is_checked_at_construction)."""
+    import pl_actsparse.api as api
+
+    def failing(*args, **kwargs):
+        raise InvalidTargetError("the search failed")
+
+    monkeypatch.setattr(api, "search_levels", failing)
     lm = ConfiguredHFLM()
-    cb = _callback(scopes=[{"patterns": [r".*_proj"], "sparsity": 0.99}], submodule="model", allocation="auto")
-    with pytest.raises(InvalidTargetError, match=r"byte budget must be <= 0.94; got 0.99"):
+    cb = _callback(scopes=[{"patterns": [r".*_proj"], "sparsity": 0.5}], submodule="model", allocation="auto")
+    with pytest.raises(InvalidTargetError, match="the search failed"):
         _trainer(cb, limit_val_batches=1).validate(lm, datamodule=TinyData(), verbose=False)
-    assert cb.allocated == {} and all(sparsifier_state(m).target == 0.99 for _, m in sparsified_layers(lm.model))
+    assert cb.allocated == {} and all(sparsifier_state(m).target == 0.5 for _, m in sparsified_layers(lm.model))
 
 
 def test_yaml_recipe_with_allocation_auto_through_the_cli(tmp_path):
