@@ -11,6 +11,8 @@ the native bf16 GEMM is fastest and the conversion makes prefill 2-4x slower. So
   ``"fp32_blocks"`` (``W^T`` converted to fp32 8 MiB at a time, then ``addmm``); none keeps a second copy of
   the weight. fp32/fp64 always use ``"linear"``. An exported layer's shape gets its own, measured with its
   crossover (below): oneDNN's bf16 GEMM on ``W^T`` is not equally fast for every shape and method.
+* opt-in (``export_for_inference(..., prefill="prepacked")``): :func:`prepack_race` races the shape's method
+  against oneDNN on a prepacked second copy (:func:`prepack_weight`, :func:`packed_linear`).
 * :func:`sparse_token_crossover` (per dtype and CPU backend): the largest token count (of 1, 2, 4, ... 64)
   up to which the sparse kernel was at least as fast as the chosen dense GEMM, at s = 0.5 with independent
   masks per token (a conservative case: the union of the rows grows fastest).

@@ -101,6 +101,8 @@ def test_torch_export_with_dynamic_batch_and_sequence():
     export_for_inference(model, max_sparse_tokens=4)
     batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=1, max=64)
     ep = torch.export.export(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({0: batch, 1: seq},))
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]  # default grad mode: the op, not a linear
+    assert ops.count("pl_actsparse.sparse_inference_linear.default") == 9  # 3 blocks x gate, up, down
     for shape in [(1, 1), (1, 3), (2, 8), (3, 40)]:  # the sparse kernel and the dense path, one graph
         ids = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(sum(shape)))
         with torch.no_grad():
