@@ -148,8 +148,15 @@ def test_the_copy_is_not_saved_and_follows_loads_copies_and_pickling(race, packe
         loaded = torch.load(buf, weights_only=False)
         _close(loaded(x), _reference(x, 2 * w, b, t), torch.float32)
     assert packed_calls == [40, 40, 40] and loaded[0].extra_weight_bytes == w.numel() * 4
+    model.to(torch.bfloat16)  # a new W^T of another dtype: packed again for it
+    with torch.no_grad():
+        _close(model(x.bfloat16()), _reference(x.bfloat16(), (2 * w).bfloat16(), b.bfloat16(), t), torch.bfloat16)
+    assert packed_calls[-1] == 40 and model[0].extra_weight_bytes == w.numel() * 2
+    model.to(torch.float64)  # no packer for float64: an error that says so, never a silent fallback
+    with pytest.raises(RuntimeError, match="prepack_weight: oneDNN packs float32/bfloat16/float16 CPU weights, got torch.float64"):
+        model(x.double())
     plain = model[0].to_linear()
-    assert type(plain) is nn.Linear and torch.equal(plain.weight, 2 * w) and "_packed" not in vars(plain)
+    assert type(plain) is nn.Linear and torch.equal(plain.weight, (2 * w).bfloat16().double()) and "_packed" not in vars(plain)
 
 
 def test_autograd_takes_the_differentiable_path(race, packed_calls):
