@@ -852,7 +852,7 @@ def prefill_gemm_benchmark(args: argparse.Namespace) -> dict:
     at ``--gemm-tokens`` tokens: the three dense methods, oneDNN's linear on ``W^T.T``, a weight prepacked once
     for oneDNN (bf16; a second copy) or MKL (fp32), and the masking pass (``hardshrink`` / ``mask_small``).
     Medians of per-round ratios (``F.linear`` time / candidate time: > 1 is faster), interleaved shuffled rounds."""
-    from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
+    from pl_actsparse.kernels.dispatch import dense_linear_t, packed_linear, prepack_weight, sparse_token_crossover
 
     rng, out = random.Random(args.seed), {}
     gen = torch.Generator().manual_seed(args.seed)
@@ -875,6 +875,12 @@ def prefill_gemm_benchmark(args: argparse.Namespace) -> dict:
             else:
                 mkl = torch.ops.mkl._mkl_reorder_linear_weight(w, args.gemm_tokens)
                 c["MKL prepacked W (second copy)"] = lambda: torch.ops.mkl._mkl_linear(x, mkl, w, None, args.gemm_tokens)
+            pw = prepack_weight(wt)  # what prefill="prepacked" keeps
+            c["packed_linear (oneDNN prepacked W^T, prefill='prepacked')"] = lambda: packed_linear(x, pw)
+            nbytes = w.numel() * w.element_size()
+            packed_bytes = {"packed_linear": pw.numel() * pw.element_size() / nbytes}
+            if dtype == torch.float32:
+                packed_bytes["MKL"] = mkl.numel() * mkl.element_size() / nbytes
             c["hardshrink(x)"] = lambda: F.hardshrink(x, 0.6745)
             if kcpu.load_extension(build=False):
                 c["mask_small(x)"] = lambda: torch.ops.pl_actsparse_ext.mask_small(x, thr)
@@ -892,6 +898,7 @@ def prefill_gemm_benchmark(args: argparse.Namespace) -> dict:
             out[f"{dtype_name} {shape}"] = {
                 "F.linear_ms": round(statistics.median(base) * 1e3, 3),
                 "speed_vs_F.linear": {k: round(statistics.median(b / t for b, t in zip(base, v)), 3) for k, v in times.items()},
+                "packed_bytes_vs_weight": {k: round(v, 3) for k, v in packed_bytes.items()},
             }
     return {"prefill_gemm": out, "tokens": args.gemm_tokens, "rounds": args.rounds}
 
