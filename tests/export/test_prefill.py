@@ -125,6 +125,7 @@ def test_prepack_race_times_both_gemms_on_the_layers_shape(monkeypatch):
     assert dispatch.prepack_race(wt)["prepacked"] and len(calls) == 8  # memoized for the shape
     cost["packed"] = 3.0
     assert not dispatch.prepack_race(torch.randn(48, 32), rounds=3, timer=lambda: clock.now)["prepacked"]
+    assert len(calls) == 8 + 2 * (1 + 3) + 2 * (1 + 6)  # a loss is raced again with twice the rounds
     dispatch.clear_profile_memo()
 
 
