@@ -21,20 +21,22 @@ from torch import Tensor, nn
 from pl_actsparse import integrations
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.core.layer import linear_like_spec, threshold_summary
-from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
+from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
-    THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state, is_sparsified_linear,
+    PREFILL_MODES, THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state,
+    is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
-from pl_actsparse.kernels.dispatch import sparse_token_crossover
+from pl_actsparse.kernels.dispatch import prepack_race, prepack_unavailable, sparse_token_crossover
 
 __all__ = ["ExportedLayer", "export_for_inference", "exported_layers"]
 
 
 @dataclass(frozen=True)
 class ExportedLayer:
-    """One layer replaced by :func:`export_for_inference`."""
+    """One layer replaced by :func:`export_for_inference`; ``prefill`` and ``extra_weight_bytes`` (bytes of its
+    prepacked copy, 0 without one) are :class:`SparseInferenceLinear`'s (``"shared"``, 0 for int8 layers)."""
 
     name: str
     in_features: int
@@ -43,27 +45,38 @@ class ExportedLayer:
     max_sparse_tokens: int
     backend: str
     dtype: torch.dtype
+    prefill: str = "shared"
+    extra_weight_bytes: int = 0
 
 
 def export_for_inference(
-    model: nn.Module, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
+    model: nn.Module, *, max_sparse_tokens: Optional[int] = None, prefill: str = "shared",
 ) -> nn.Module:
     """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
 
     Every :class:`~pl_actsparse.core.int8.Int8WeightLinear` layer, sparsified or not, becomes an
     :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` instead, sharing its int8 buffers
-    (``keep_dense_weight`` does not apply to them), so an int8 model stays int8; one without a sparsifier gets
-    threshold ``-inf`` (a dense int8 GEMV).
+    (``prefill`` does not apply to them), so an int8 model stays int8; one without a sparsifier gets threshold
+    ``-inf`` (a dense int8 GEMV).
+
+    ``prefill``: ``"shared"`` (default) multiplies prompts (calls above the crossover) by the one stored
+    ``W^T``; ``"prepacked"`` (opt-in, CPU float weights) also keeps, for each layer where a race of the two at
+    128 tokens on its shape finds it faster (:func:`~pl_actsparse.kernels.dispatch.prepack_race`), a copy of
+    ``W^T`` prepacked for oneDNN (as many bytes again), reported by :func:`exported_layers` (``extra_weight_bytes``).
 
     With the default backend this compiles the C++ kernel now (once per machine), not during the first
     decode step. Layers are swapped one at a time, so the extra memory peaks at one layer's ``W^T``; the
-    original weights are released unless ``keep_dense_weight`` (they then serve the dense path) or other
-    references hold them. Returns ``model``; :func:`exported_layers` lists what was replaced.
+    original weights are released unless other references hold them. Returns ``model``;
+    :func:`exported_layers` lists what was replaced.
 
     Raises :class:`~pl_actsparse.errors.NotSparsifiedError` if ``model`` contains no sparsified layer and no
     ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
-    layer, for the base layers of peft adapters, and for quantized weights no kernel reads.
+    layer, for the base layers of peft adapters, and for quantized weights no kernel reads;
+    :class:`~pl_actsparse.errors.InvalidOptionError` for another ``prefill`` and for ``"prepacked"`` where a
+    float layer's weight cannot be packed (not on CPU, fp64, no oneDNN), before any change.
     """
+    if prefill not in PREFILL_MODES:
+        raise InvalidOptionError(f"export_for_inference: prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if is_sparsified_linear(m) or isinstance(m, Int8WeightLinear)]
@@ -100,6 +113,10 @@ def export_for_inference(
     if any(_weight_device(m).type == "cpu" for _, m in targets) and _cpu.get_backend() != "torch":
         _cpu.resolve_backend(build=True)  # compile now rather than inside the first forward
     float_weights = [m._parameters.get("weight") for _, m in targets]  # int8 layers have none (own crossover)
+    for (name, m), w in zip(targets, float_weights):
+        why = prefill == "prepacked" and isinstance(w, Tensor) and w.is_floating_point() and prepack_unavailable(w.dtype, w.device)
+        if why:
+            raise InvalidOptionError(f"export_for_inference: prefill='prepacked' cannot pack {name!r}: {why}; use prefill='shared'")
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
         sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
@@ -121,9 +138,10 @@ def export_for_inference(
             elif int8[id(old)] is not None:  # a library's int8 codes (torchao), read as they are
                 new = _int8_from_codes(name, old, int8.pop(id(old)), max_sparse_tokens)
             else:
-                new = SparseInferenceLinear.from_linear(
-                    old, max_sparse_tokens=max_sparse_tokens, keep_dense_weight=keep_dense_weight
-                )
+                new = SparseInferenceLinear.from_linear(old, max_sparse_tokens=max_sparse_tokens)
+                if prefill == "prepacked" and prepack_race(new.weight_t)["prepacked"]:
+                    new.prefill = "prepacked"  # measured faster on this shape here: keep the packed copy
+                    new.packed_weight()
             replaced[id(old)] = new
         model.set_submodule(name, new)
         del old
@@ -131,17 +149,19 @@ def export_for_inference(
 
 
 def exported_layers(model: nn.Module) -> list[ExportedLayer]:
-    """The exported layers of ``model`` (qualified names, sizes, settings), int8 ones included."""
+    """The exported layers of ``model`` (qualified names, sizes, settings, extra bytes), int8 ones included."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, Int8SparseInferenceLinear):
-            dtype, limit = m.qweight_t.dtype, m.sparse_token_limit()
+            dtype, limit, extra = m.qweight_t.dtype, m.sparse_token_limit(), {}
         elif isinstance(m, SparseInferenceLinear):
             dtype, limit = m.weight_t.dtype, m.sparse_token_limit(m.weight_t.dtype)
+            extra = {"prefill": m.prefill, "extra_weight_bytes": m.extra_weight_bytes}
         else:
             continue
         out.append(ExportedLayer(name=name, in_features=m.in_features, out_features=m.out_features, dtype=dtype,
-                                 threshold=threshold_summary(m.activation_threshold), max_sparse_tokens=limit, backend=m.backend))
+                                 threshold=threshold_summary(m.activation_threshold), max_sparse_tokens=limit,
+                                 backend=m.backend, **extra))
     return out
 
 

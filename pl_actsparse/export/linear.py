@@ -8,7 +8,8 @@ and per call picks
 
 * the sparse kernel (:func:`pl_actsparse.kernels.sparse_linear`) for at most ``max_sparse_tokens`` tokens
   (decoding), and
-* a dense product of the masked input for more tokens (prefill, batched scoring), where a GEMM wins.
+* a dense product of the masked input for more tokens (prefill, batched scoring), where a GEMM wins: on the
+  shared ``W^T``, or with ``prefill="prepacked"`` on a second copy of it prepacked for the CPU's GEMM library.
 
 Both paths compute ``F.linear(x.masked_fill(|x| <= t, 0), W, b)``. See ``docs/inference.md``.
 """
@@ -27,11 +28,15 @@ from pl_actsparse.core.layer import (
     THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, is_sparsified, linear_like_spec,
     sparsifier_state,
 )
+from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
-from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
+from pl_actsparse.kernels.dispatch import dense_linear_t, packed_linear, prepack_weight, sparse_token_crossover
 
 __all__ = ["SparseInferenceLinear", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
+
+PREFILL_MODES = ("shared", "prepacked")
+
 
 def is_sparsified_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a sparsified layer: an ``nn.Linear`` (or a Linear-like type registered with
@@ -90,13 +95,16 @@ def _token_limit(device: str, dtype: torch.dtype, weight_t: Tensor, limit: Optio
 class SparseInferenceLinear(nn.Module):
     """Inference-only stand-in for a sparsified ``nn.Linear``, holding ``W^T`` for the sparse kernel.
 
-    Parameters (``requires_grad=False``): ``weight_t`` ``[in, out]``, optional ``bias``, and ``weight``
-    ``[out, in]`` only with ``keep_dense_weight=True`` (it then serves the dense path). The buffer
+    Parameters (``requires_grad=False``): ``weight_t`` ``[in, out]`` and optional ``bias``. The buffer
     ``activation_threshold`` is a 0-dim tensor; inputs with ``|x| <= threshold`` count as zero.
 
     ``max_sparse_tokens``: calls with at most this many tokens (``x.numel() // in_features``) use the sparse
     kernel, larger ones the dense path. ``None`` uses :func:`default_max_sparse_tokens` for the input dtype,
-    the layer size and the backend chosen at construction. Not a layer for training: there is no backward.
+    the layer size and the backend chosen at construction. ``prefill``: ``"shared"`` (the dense path reads
+    ``W^T``) or ``"prepacked"``: eager CPU dense-path calls without autograd use a second copy of ``W^T``
+    prepacked for oneDNN (:func:`~pl_actsparse.kernels.dispatch.prepack_weight`, ``extra_weight_bytes``), no
+    parameter: never saved, dropped by :meth:`to_linear`, pickling and copying, rebuilt when next needed if
+    ``W^T`` changed (loading, ``.to()``). Not a layer for training: there is no backward.
     """
 
     weight_t: Tensor
@@ -104,12 +112,15 @@ class SparseInferenceLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = -math.inf,
-        max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False, device: Any = None,
+        max_sparse_tokens: Optional[int] = None, prefill: str = "shared", device: Any = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if max_sparse_tokens is not None and max_sparse_tokens < 0:
             raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
+        if prefill not in PREFILL_MODES:
+            raise InvalidOptionError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        self.prefill = prefill
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -120,27 +131,21 @@ class SparseInferenceLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        if keep_dense_weight:
-            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        else:
-            self.register_parameter("weight", None)
+        self.register_parameter("weight", None)  # W is held only as W^T (`layer.weight is None`, as before)
         self.register_buffer(THRESHOLD_BUFFER, torch.tensor(float(threshold), device=device))
         #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
         self.sparsity_state = plain_exported_state(math.isfinite(float(threshold)))
         nn.init.normal_(self.weight_t, std=in_features**-0.5)
-        if self.weight is not None:
-            with torch.no_grad():
-                self.weight.copy_(self.weight_t.t())
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
+        cls, linear: nn.Linear, *, max_sparse_tokens: Optional[int] = None, prefill: str = "shared",
     ) -> "SparseInferenceLinear":
         """Build from a sparsified ``nn.Linear`` (its ``activation_threshold`` buffer is required).
 
-        The new layer copies the threshold and shares the bias tensor and (with ``keep_dense_weight``) the
-        weight tensor; ``W^T`` is the only new copy. A layer of the core library that is not calibrated yet
-        (pass-through: its forward ignores the buffer) gets the threshold ``-inf``, which zeroes nothing.
+        The new layer copies the threshold and shares the bias tensor; ``W^T`` is the only new copy (with
+        ``prefill="prepacked"`` also its packed copy, made now). A layer of the core library that is not
+        calibrated yet (pass-through: its forward ignores the buffer) gets the threshold ``-inf``.
         """
         if THRESHOLD_BUFFER not in linear._buffers or linear._buffers[THRESHOLD_BUFFER] is None:
             raise ValueError(f"{type(linear).__name__} has no {THRESHOLD_BUFFER!r} buffer; it is not sparsified")
@@ -157,14 +162,13 @@ class SparseInferenceLinear(nn.Module):
             spec.out_features(linear),
             bias=getattr(linear, "bias", None) is not None,
             max_sparse_tokens=max_sparse_tokens,
+            prefill=prefill,
             device="meta",
             dtype=weight.dtype,
         )
         new.weight_t = nn.Parameter(to_kernel_layout(weight), requires_grad=False)  # Conv1D's is already W^T: no copy
         if getattr(linear, "bias", None) is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        if keep_dense_weight:
-            new.weight = nn.Parameter(weight.detach(), requires_grad=False)
         if applies_threshold(linear):
             new.activation_threshold = threshold.detach().reshape(()).clone()
         else:
@@ -173,12 +177,34 @@ class SparseInferenceLinear(nn.Module):
         new.__dict__["_restore"] = RestoreInfo.of(linear)
         new.__dict__["_weight_in_out"] = _stores_weight_t(linear, weight_t)
         new.train(linear.training)
+        new.packed_weight()
         return new
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the weight a decode step reads: ``W^T`` (a kept dense copy is not read while decoding)."""
+        """Bytes of the weight a decode step reads: ``W^T`` (a prepacked prefill copy is not read while decoding)."""
         return self.weight_t.numel() * self.weight_t.element_size()
+
+    @property
+    def extra_weight_bytes(self) -> int:
+        """Bytes of the prepacked prefill copy (``prefill="prepacked"``, built now if missing), else 0."""
+        p = self.packed_weight()
+        return 0 if p is None else p.numel() * p.element_size()
+
+    def packed_weight(self) -> Optional[Tensor]:
+        """``W^T`` prepacked for multi-token CPU calls (``prefill="prepacked"``; made now if missing or if ``W^T``
+        changed since), else ``None``. Raises ``RuntimeError`` where the weight's dtype/device has no packer."""
+        w, cached = self.weight_t, self.__dict__.get("_packed")
+        if self.prefill != "prepacked" or w.is_meta:
+            self.__dict__.pop("_packed", None)
+            return None
+        key = (id(w), w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype, w.device)
+        if cached is None or cached[0] != key:
+            self.__dict__["_packed"] = cached = (key, prepack_weight(w))
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}  # opaque: rebuilt when next used
 
     def sparse_token_limit(self, dtype: torch.dtype) -> int:
         """Largest token count routed to the sparse kernel for CPU inputs of ``dtype``."""
@@ -259,11 +285,12 @@ class SparseInferenceLinear(nn.Module):
 
     def dense_forward(self, x: Tensor, threshold: Optional[Tensor] = None) -> Tensor:
         """The masked product through a dense GEMM (used above ``max_sparse_tokens`` tokens, and whenever
-        autograd records: differentiable with respect to ``x``)."""
+        autograd records: differentiable with respect to ``x``): the prepacked copy on CPU without autograd
+        (``prefill="prepacked"``), else the GEMM measured fastest on ``W^T``."""
         thr = self.activation_threshold if threshold is None else threshold
         xm = zero_small(x, thr)
-        if self.weight is not None:
-            return F.linear(xm, self.weight, self.bias)
+        if self.prefill == "prepacked" and x.device.type == "cpu" and not (torch.is_grad_enabled() and xm.requires_grad):
+            return packed_linear(xm, self.packed_weight(), self.bias)
         return dense_linear_t(xm, self.weight_t, self.bias)  # the GEMM measured fastest here, on W^T itself
 
     def extra_repr(self) -> str:
@@ -272,7 +299,7 @@ class SparseInferenceLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"threshold={thr_s}, max_sparse_tokens={self.max_sparse_tokens}, "
-            f"backend={self.backend!r}, dense_weight={self.weight is not None}"
+            f"backend={self.backend!r}, prefill={self.prefill!r}"
         )
 
     # -- saving, loading and removal ---------------------------------------------------------------
@@ -288,10 +315,7 @@ class SparseInferenceLinear(nn.Module):
         # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain
         # model loading the file gets the right weights, and load_activation_sparsity / from_pretrained
         # restore the sparsified model from the very same keys as an unexported save.
-        if self.__dict__.get("_weight_in_out", False):  # e.g. GPT-2's Conv1D: its weight is [in, out] = W^T
-            w = self.weight.t() if self.weight is not None else self.weight_t
-        else:
-            w = self.weight if self.weight is not None else self.weight_t.t()
+        w = self.weight_t if self.__dict__.get("_weight_in_out", False) else self.weight_t.t()  # Conv1D: [in, out]
         destination[prefix + "weight"] = w if keep_vars else w.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
@@ -310,8 +334,7 @@ class SparseInferenceLinear(nn.Module):
         if wkey in state_dict and tkey not in state_dict:
             saved = state_dict[wkey]
             state_dict[tkey] = saved if self.__dict__.get("_weight_in_out", False) else saved.t()
-            if self.weight is None:
-                del state_dict[wkey]
+            del state_dict[wkey]
         before = len(missing_keys)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -325,16 +348,15 @@ class SparseInferenceLinear(nn.Module):
         """The plain (unsparsified) module this layer was exported from, rebuilt.
 
         Same class, attributes and hooks as the original module, ``requires_grad`` as it was; the weight is
-        the kept dense one (``keep_dense_weight=True``: the very same tensor, bit for bit) or ``W^T``
-        transposed back (exact: a transpose moves values, it does not compute them), the bias the same
-        tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
+        ``W^T`` transposed back (exact: a transpose moves values, it does not compute them; a prepacked copy is
+        not kept), the bias the same tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
         Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
         """
         info: Optional[RestoreInfo] = self.__dict__.get("_restore")
         if self.__dict__.get("_weight_in_out", False):  # the original stored W^T itself (GPT-2's Conv1D)
-            weight = self.weight.detach().t().contiguous() if self.weight is not None else self.weight_t.detach()
+            weight = self.weight_t.detach()
         else:
-            weight = self.weight.detach() if self.weight is not None else self.weight_t.detach().t().contiguous()
+            weight = self.weight_t.detach().t().contiguous()
         bias = None if self.bias is None else self.bias.detach()
         if info is None:
             info = RestoreInfo(nn.Linear, None, True, True)

@@ -48,17 +48,8 @@ from typing import Callable, Literal, Optional
 import torch
 
 __all__ = [
-    "NOT_BUILT",
-    "BuildLockTimeout",
-    "ExtensionStatus",
-    "InlineExtension",
-    "KernelBackend",
-    "build_timeout",
-    "ensure_ninja_on_path",
-    "environment_key",
-    "extension_root",
-    "get_backend",
-    "set_backend",
+    "NOT_BUILT", "BuildLockTimeout", "ExtensionStatus", "InlineExtension", "KernelBackend", "build_timeout",
+    "ensure_ninja_on_path", "environment_key", "extension_root", "get_backend", "set_backend",
 ]
 
 log = logging.getLogger(__name__)

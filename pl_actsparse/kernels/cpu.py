@@ -33,38 +33,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pl_actsparse.kernels._extension import (
-    ExtensionStatus,
-    InlineExtension,
-    KernelBackend,
-    ensure_ninja_on_path,
-    get_backend,
-    set_backend,
+    ExtensionStatus, InlineExtension, KernelBackend, ensure_ninja_on_path, get_backend, set_backend,
 )
 from pl_actsparse.kernels.sparse_op import (
-    check_kernel_args,
-    effective_threshold,
-    masked_linear,
-    sparse_linear,
-    to_kernel_layout,
+    check_kernel_args, effective_threshold, masked_linear, sparse_linear, to_kernel_layout,
 )
 
 __all__ = [
-    "DEFAULT_MAX_SPARSE_TOKENS",
-    "EXTENSION",
-    "MIN_SPARSE_WEIGHT_BYTES",
-    "ExtensionStatus",
-    "KernelBackend",
-    "effective_threshold",
-    "ensure_ninja_on_path",
-    "extension_status",
-    "get_backend",
-    "load_extension",
-    "masked_linear",
-    "resolve_backend",
-    "set_backend",
-    "sparse_linear",
-    "sparse_linear_cpu",
-    "to_kernel_layout",
+    "DEFAULT_MAX_SPARSE_TOKENS", "EXTENSION", "MIN_SPARSE_WEIGHT_BYTES", "ExtensionStatus", "KernelBackend",
+    "effective_threshold", "ensure_ninja_on_path", "extension_status", "get_backend", "load_extension",
+    "masked_linear", "resolve_backend", "set_backend", "sparse_linear", "sparse_linear_cpu", "to_kernel_layout",
     "zero_small",
 ]
 

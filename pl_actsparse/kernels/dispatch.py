@@ -11,6 +11,8 @@ the native bf16 GEMM is fastest and the conversion makes prefill 2-4x slower. So
   ``"fp32_blocks"`` (``W^T`` converted to fp32 8 MiB at a time, then ``addmm``); none keeps a second copy of
   the weight. fp32/fp64 always use ``"linear"``. An exported layer's shape gets its own, measured with its
   crossover (below): oneDNN's bf16 GEMM on ``W^T`` is not equally fast for every shape and method.
+* opt-in (``export_for_inference(..., prefill="prepacked")``): :func:`prepack_race` races the shape's method
+  against oneDNN on a prepacked second copy (:func:`prepack_weight`, :func:`packed_linear`).
 * :func:`sparse_token_crossover` (per dtype and CPU backend): the largest token count (of 1, 2, 4, ... 64)
   up to which the sparse kernel was at least as fast as the chosen dense GEMM, at s = 0.5 with independent
   masks per token (a conservative case: the union of the rows grows fastest).
@@ -49,16 +51,9 @@ from pl_actsparse.kernels._extension import extension_root
 from pl_actsparse.kernels.cpu import zero_small
 
 __all__ = [
-    "DENSE_METHODS",
-    "CpuProfile",
-    "clear_profile_memo",
-    "cpu_isa_flags",
-    "cpu_profile",
-    "dense_linear_t",
-    "dense_method",
-    "machine_key",
-    "measure_cpu_profile",
-    "sparse_token_crossover",
+    "DENSE_METHODS", "CpuProfile", "clear_profile_memo", "cpu_isa_flags", "cpu_profile", "dense_linear_t",
+    "dense_method", "machine_key", "measure_cpu_profile", "packed_linear", "prepack_race", "prepack_unavailable",
+    "prepack_weight", "sparse_token_crossover",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,6 +160,62 @@ def dense_linear_t(x: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -
     cached = _shape_method.get((x.dtype, tuple(weight_t.shape)))  # measured on this shape (sparse_token_crossover)
     method = cached[1] if cached is not None and cached[0] == _state() else dense_method(x.dtype)
     return _DENSE_FNS[method](x, weight_t, bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# The opt-in prefill copy: W^T prepacked for the GEMM library (what inductor's freezing does)
+# --------------------------------------------------------------------------------------------------
+
+#: Batch-size hint of the packers and token count of :func:`prepack_race` (a prompt's length; any count works).
+PREPACK_TOKENS = 128
+
+
+def prepack_unavailable(dtype: torch.dtype, device: torch.device | str = "cpu") -> Optional[str]:
+    """Why a weight of ``dtype`` on ``device`` cannot be prepacked here (a sentence), or ``None`` if it can."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"oneDNN packs float32/bfloat16/float16 CPU weights, got {dtype} on {device}"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN (mkldnn)"
+    supported = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported, torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return None if supported.get(dtype, lambda: True)() else f"oneDNN has no {dtype} GEMM on this CPU"
+
+
+def prepack_weight(weight_t: Tensor) -> Tensor:
+    """A copy of ``weight_t`` (``[in, out]``, CPU, fp32/bf16/fp16) in oneDNN's blocked layout for
+    :func:`packed_linear` (``torch.ops.mkldnn._reorder_linear_weight``, as inductor's ``freezing`` packs
+    ``nn.Linear`` weights): an opaque tensor of the weight's bytes that cannot be saved, copied or moved. Raises
+    ``RuntimeError`` where :func:`prepack_unavailable` gives a reason."""
+    reason = prepack_unavailable(weight_t.dtype, weight_t.device)
+    if reason is not None:
+        raise RuntimeError(f"prepack_weight: {reason}")
+    return torch.ops.mkldnn._reorder_linear_weight(weight_t.detach().t(), PREPACK_TOKENS)
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight_t.T, bias)`` through ``packed = prepack_weight(weight_t)``; ``x`` is ``[..., in]`` of the
+    weight's dtype (any token count). Not differentiable."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_prepack_races: dict[tuple, dict] = {}
+
+
+def prepack_race(weight_t: Tensor, rounds: int = 5, timer: Callable[[], float] = time.perf_counter) -> dict:
+    """Whether a prepacked copy of ``weight_t`` (``[in, out]``) beats the shared :func:`dense_linear_t` here:
+    best of ``rounds`` interleaved calls each at :data:`PREPACK_TOKENS` tokens (a loss is confirmed with
+    ``2 * rounds`` more), raced once per shape, dtype and thread count (kept in memory). Returns ``{"shared_ms", "prepacked_ms", "prepacked": bool}``."""
+    key = (weight_t.dtype, tuple(weight_t.shape), _state())
+    if key not in _prepack_races:
+        packed = prepack_weight(weight_t)
+        sparse_token_crossover(weight_t.dtype, weight_t=weight_t)  # picks the shape's shared method first
+        x = torch.randn(PREPACK_TOKENS, weight_t.shape[0], generator=torch.Generator().manual_seed(0)).to(weight_t.dtype)
+        fns = (lambda: dense_linear_t(x, weight_t), lambda: packed_linear(x, packed))
+        shared, pre = _race(*fns, rounds, timer)
+        if pre >= shared:  # confirm a loss with twice the rounds (a busy window must not decide alone)
+            shared, pre = (min(a, b) for a, b in zip((shared, pre), _race(*fns, 2 * rounds, timer)))
+        _prepack_races[key] = {"shared_ms": shared * 1e3, "prepacked_ms": pre * 1e3, "prepacked": pre < shared}
+        log.info("pl_actsparse: prefill race %s %s: %s", tuple(weight_t.shape), weight_t.dtype, _prepack_races[key])
+    return dict(_prepack_races[key])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,6 +530,7 @@ def clear_profile_memo() -> None:
         _crossover_cache.clear()
         _method_cache.clear()
         _shape_method.clear()
+        _prepack_races.clear()
 
 
 def dense_method(dtype: torch.dtype) -> str:

@@ -378,17 +378,6 @@ def test_export_errors_without_sparsified_layers():
         export_for_inference(sparsified_linear(4, 4))
 
 
-def test_export_keep_dense_weight_shares_and_serves_the_dense_path(torch_backend):
-    lin = sparsified_linear(8, 16, threshold=0.2)
-    w = lin.weight
-    model = export_for_inference(nn.Sequential(lin), keep_dense_weight=True, max_sparse_tokens=1)
-    layer = model[0]
-    assert layer.weight.data_ptr() == w.data_ptr()  # the original tensor, not a copy
-    with mock.patch.object(F, "linear", wraps=F.linear) as linear:
-        layer(torch.randn(4, 8))
-    assert linear.call_args.args[1] is layer.weight
-
-
 def test_export_shared_module_is_replaced_everywhere(torch_backend):
     shared = sparsified_linear(8, 8)
     model = nn.Sequential(shared, nn.ReLU(), shared)
