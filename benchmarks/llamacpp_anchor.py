@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128, help="llama-bench -p (0: no prefill figure)")
     p.add_argument("--reps", type=int, default=3, help="llama-bench -r")
     p.add_argument("--gguf-dir", default="/tmp/pl_actsparse_anchor", help="where the GGUF files are written (kept)")
+    p.add_argument("--interleave-ours", type=int, default=0, metavar="ROUNDS",
+                   help="also alternate, ROUNDS times, one llama-bench decode run per type with this repository's dense and "
+                        "50%%-sparse decode (benchmarks/decode.py's models, bf16, 1 thread) and report per-round ratios")
     add_out_argument(p, "llamacpp_anchor")
     args = p.parse_args(argv)
     if not args.llama_bench or not Path(args.llama_bench).is_file():
@@ -179,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
         bpt = bytes_per_token(args.layers, kind)
         for threads in map(int, args.threads.split(",")):
             before = read_bandwidth(threads)
-            run = llama_bench(args.llama_bench, path, threads, args.gen_tokens, args.prompt_tokens, args.reps)
+            try:
+                run = llama_bench(args.llama_bench, path, threads, args.gen_tokens, args.prompt_tokens, args.reps)
+            except RuntimeError as exc:  # e.g. this build's Q8_0 prompt path crashed (SIGSEGV) on an AMX Xeon: decode alone
+                if not args.prompt_tokens:
+                    raise
+                run = llama_bench(args.llama_bench, path, threads, args.gen_tokens, 0, args.reps)
+                run["prefill_error"] = str(exc).splitlines()[0][-300:]
             after = read_bandwidth(threads)
             run["weight_bytes_per_token"] = bpt
             bws = [b["gb_per_s"] for b in (before, after) if b]
@@ -189,8 +198,47 @@ def main(argv: list[str] | None = None) -> None:
                 run["fraction_of_bandwidth"] = round(bpt * run["decode"]["tokens_per_s"] / bw, 3)
             result["runs"][f"{kind}_t{threads}"] = run
             print(f"[anchor] {kind} t{threads}: {json.dumps(run)}", file=sys.stderr, flush=True)
+    if args.interleave_ours:
+        result["interleaved"] = interleave_ours(args)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     emit(result, args.out)
+
+
+def interleave_ours(args: argparse.Namespace) -> dict:
+    """Rounds of: llama-bench decode of ``--gen-tokens`` for each type (one repetition, 1 thread), then ours, dense
+    and all seven projections at 50%, the same number of tokens (``decode.py``'s models and decode loop): on a shared
+    machine, slow drifts hit both sides of a round alike, so the median of per-round ratios is the figure."""
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import decode
+
+    torch.set_num_threads(1)
+    ns = argparse.Namespace(e2e_layers=args.layers, seed=0, e2e_dtype="bfloat16", calib_tokens=32, calib_prompts=4,
+                            e2e_sparsity=0.5, prompt_tokens=8)
+    runs: dict = {}
+    for variant in ("dense", "all"):
+        model, _ = decode._build_e2e_model(ns, variant)
+        runs[variant] = decode._decoder(model, decode._prompt(ns, model.config.vocab_size), args.gen_tokens, 8 + 4 * args.gen_tokens)
+        runs[variant](0)  # warm-up
+    tps: dict = {k: [] for k in [f"llamacpp_{t}" for t in args.types.split(",")] + ["ours_dense", "ours_sparse"]}
+    for r in range(args.interleave_ours):
+        for kind in args.types.split(","):
+            path = Path(args.gguf_dir) / f"tinyllama_shapes_{args.layers}l_{kind}.gguf"
+            tps[f"llamacpp_{kind}"].append(llama_bench(args.llama_bench, path, 1, args.gen_tokens, 0, 1)["decode"]["tokens_per_s"])
+        for variant, key in (("dense", "ours_dense"), ("all", "ours_sparse")):
+            t = time.perf_counter()
+            runs[variant](r)
+            tps[key].append(args.gen_tokens / (time.perf_counter() - t))
+        print(f"[anchor] round {r}: " + json.dumps({k: round(v[-1], 3) for k, v in tps.items()}), file=sys.stderr, flush=True)
+    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(tps[a], tps[b])), 3)  # noqa: E731
+    out = {"threads": 1, "tokens_per_round": args.gen_tokens, "rounds": args.interleave_ours,
+           "tokens_per_s_median": {k: round(statistics.median(v), 3) for k, v in tps.items()},
+           "tokens_per_s": {k: [round(x, 3) for x in v] for k, v in tps.items()}}
+    out["ours_sparse_vs"] = {k: ratio("ours_sparse", k) for k in tps if k != "ours_sparse"}
+    return out
 
 
 if __name__ == "__main__":
