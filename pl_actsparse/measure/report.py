@@ -90,7 +90,9 @@ class LayerReport:
     @property
     def achieved(self) -> float:
         """Best available achieved sparsity: on the report's data, else calibration, else the target of a
-        sparsifying layer (0 for a pass-through one)."""
+        sparsifying layer; 0 for a pass-through one (it zeroes nothing, whatever its stale threshold)."""
+        if self.mode != "sparsifying":
+            return 0.0
         for v in (self.data_sparsity, self.calibration_sparsity):
             if v is not None:
                 return v
@@ -219,7 +221,7 @@ class SparsityReport:
                 r.name,
                 r.group or "",
                 f"{r.target:.4f}",
-                _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
+                "-" if r.mode != "sparsifying" else _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
                 "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
                 "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
                 "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
@@ -437,11 +439,13 @@ _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
 def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str, in_f: int, out_f: int, nbytes: int) -> LayerReport:
-    """One layer's row from its threshold and its (live or decoded) sparsifier state."""
+    """One layer's row from its threshold and its (live or decoded) sparsifier state; a pass-through layer's calibration
+    result (stale after ``set_target_sparsity``) is left out."""
+    on = mode == "sparsifying"
     return LayerReport(
         name=name, target=float(state.get("target", 0.0)), threshold=threshold_summary(threshold),
-        per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity"),
-        calibration_elements=int(state.get("calibration_elements", 0)), in_features=int(in_f), out_features=int(out_f),
+        per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity") if on else None,
+        calibration_elements=int(state.get("calibration_elements", 0)) if on else 0, in_features=int(in_f), out_features=int(out_f),
         weight_bytes=int(nbytes), mode=mode,
     )
 
@@ -583,7 +587,7 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
     sparsity = counter.sparsity()
     spread = counter.token_quantiles((0.05, 0.95))
     for r in report.layers:
-        if r.name in sparsity:
+        if r.name in sparsity and r.mode == "sparsifying":  # the counter compares with a pass-through layer's unused threshold
             r.data_sparsity = sparsity[r.name]
             r.token_p5, r.token_p95 = spread[r.name]
     report.data_tokens = tokens or None

@@ -236,3 +236,36 @@ def test_report_command_on_a_bad_file_is_one_line_and_exit_2(tmp_path, capsys, c
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and err[0].startswith("pl-actsparse report: error:")
+
+
+def test_pass_through_layers_skip_nothing_in_every_report(batches):
+    """Retargeted (set_target_sparsity) and never-calibrated layers pass inputs through: the report must not count their
+    stale calibration, threshold or data sparsity, in live, data and checkpoint reports and in the budget line."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import activation_sparsity_report, prepare_activation_sparsity, set_target_sparsity
+
+    scope = TargetScope(patterns=[r".*mlp\..*_proj"])
+    model = tiny_hf_llama()
+    sparsify_activations(model, batches[:3], {scope: 0.5}, calibration={"progress": False})
+    mlp0 = [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    set_target_sparsity(model, {n: 0.2 for n in mlp0})  # block 1 stays sparsifying at 0.5
+    for report in (activation_sparsity_report(model), model_report(model, batches[3:]), model_report(model.state_dict())):
+        rows = {r.name: r for r in report.layers}
+        for name, r in rows.items():
+            if name in mlp0:
+                assert r.mode == "passthrough" and r.target == 0.2
+                assert r.calibration_sparsity is None and r.error is None and r.data_sparsity is None
+                assert r.achieved == 0.0 and r.bytes_skipped == 0.0
+            else:
+                assert r.mode == "sparsifying" and r.achieved == pytest.approx(0.5, abs=0.15)
+        assert report.bytes_skipped == pytest.approx(sum(r.bytes_skipped for r in rows.values() if r.name not in mlp0))
+        assert report.max_abs_error is None or report.max_abs_error < 0.01  # no stale "+0.3000"
+        cells = next(line for line in str(report).splitlines() if line.startswith(mlp0[0])).split()
+        assert cells[cells.index("0.2000") + 1:][:5] == ["-"] * 5  # threshold, calib., error, data, spread
+    budget_t, budget_a = activation_sparsity_report(model).budgets()[repr(scope)]
+    assert budget_t == pytest.approx((3 * 0.2 + 3 * 0.5) / 6) and budget_a == pytest.approx(0.5 / 2, abs=0.01)
+    fresh = tiny_hf_llama()
+    prepare_activation_sparsity(fresh, {scope: 0.5})  # never calibrated
+    report = activation_sparsity_report(fresh)
+    assert report.bytes_skipped == 0.0 and report.decode_saving == 0.0 and report.budgets()[repr(scope)] == (0.5, 0.0)
+    assert "(0.0% less; ideal memory-bound speed-up <= 1.00x)" in str(report)
