@@ -290,6 +290,9 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
     """Per-layer levels meeting each scope's byte budget (:mod:`pl_actsparse.calibrate.allocation`)."""
     modules = dict(model.named_modules())
     layers = [(n, modules[n]) for n in plan.targets]
+    if frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]:
+        raise InvalidOptionError(f"allocation={allocation!r} needs a gradient pass, which cannot use parameters made under torch.inference_mode "
+                                 f"({frozen}...); build or load the model outside inference mode, or use allocation='uniform'")
     with activation_sparsity_disabled(model), preserved_modes(model):
         model.eval()
         try:
