@@ -598,3 +598,20 @@ def test_dense_checkpoint_into_callback_run_calibrates(tmp_path):
     assert len(cb.history) == 1  # dense weights loaded strictly, thresholds calibrated on them
     assert _thresholds(lm) == _reference_thresholds(lm, data.calibration_dataloader(), MLP, _dense_state(dense))
     assert math.isfinite(cb.history[0]["sparsity_after"])
+
+
+@pytest.mark.parametrize("enable_progress_bar", [False, True])
+def test_calibration_bar_goes_to_stderr_and_follows_the_trainer(enable_progress_bar, capsys):
+    """The functional bar is on stderr, stdout untouched; the callback draws it only when the trainer shows a bar."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import sparsify_activations
+
+    sparsify_activations(tiny_hf_llama(), [torch.randint(0, 64, (2, 16))], {TargetScope(patterns=[".*_proj"]): 0.5})
+    out, err = capsys.readouterr()
+    assert out == "" and "calibrating activation thresholds" in err
+    trainer = _trainer(_callback(calibration={"progress": True, "num_batches": 2}, calibration_source="calibration_dataloader"),
+                       enable_progress_bar=enable_progress_bar)
+    trainer.validate(TinyLM(), datamodule=TinyData())
+    out, err = capsys.readouterr()
+    assert "calibrating activation thresholds" not in out
+    assert ("calibrating activation thresholds" in err) == enable_progress_bar
