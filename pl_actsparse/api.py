@@ -22,6 +22,7 @@ from pl_actsparse.integrations import (
 from pl_actsparse.calibrate import calibrate as _calibrate, chosen_method
 from pl_actsparse.calibrate.allocation import GRID, fisher_curves, next_token_nll, search_levels
 from pl_actsparse.calibrate.histogram import LayerStatistics
+from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
@@ -117,8 +118,10 @@ def plan_activation_sparsity(
         for label, hits in itertools.chain(match.by_name.items(), match.by_pattern.items(), match.by_type.items()):
             sels = [layers.select(h, exact=False) for h in hits]
             if scope.validate and not any(s.refused or (s.layer is not None and is_linear[s.layer]) for s in sels):
-                what = "" if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
                 kind = "name" if label in match.by_name else "pattern" if label in match.by_pattern else "type"
+                hint = {"name": " (a regular expression? pass it as patterns=[...])" if set(label) & set("*+?[]()|\\^$") else "",
+                        "type": " (a class, its __name__ such as 'Linear' or its full path 'torch.nn.modules.linear.Linear')"}.get(kind, "")
+                what = hint if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
                 unmatched.append(f"{scope!r}: {kind} {label!r}{what}")
         for name in match.all_names():
             sel = layers.select(name, exact=name in scope.names)
@@ -215,9 +218,9 @@ def _gradient_mode(value: GradientMode | str) -> GradientMode:
 
 
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
-    """Fail on empty data before anything changes, without consuming an item."""
+    """Fail on empty data (or one tensor) before anything changes, without consuming an item."""
     try:
-        iterator = iter(dataset)
+        iterator = iter(check_batches(dataset, "calibration data"))
     except TypeError:
         raise EmptyDatasetError(f"calibration data must be iterable (a DataLoader, list, ...), got {type(dataset).__qualname__}") from None
     try:
@@ -542,8 +545,11 @@ def load_activation_sparsity(
 
     Raises :class:`NotSparsifiedError` (no threshold in the state dict, or layers the model lacks),
     :class:`UnsupportedModuleError` (a saved layer that is not an ``nn.Linear`` here),
-    :class:`~pl_actsparse.errors.CheckpointError` (malformed or incomplete state, strict mismatches).
+    :class:`~pl_actsparse.errors.CheckpointError` (malformed or incomplete state, strict mismatches),
+    :class:`InvalidOptionError` (``strict`` not a bool).
     """
+    if not isinstance(strict, bool):
+        raise InvalidOptionError(f"load_activation_sparsity: strict must be True or False, got {strict!r}")
     sd = read_state_dict(state_dict, prefix=prefix)
     saved = saved_sparsifiers(sd)
     if not saved:

@@ -17,6 +17,7 @@ Scopes are immutable and hashable: the order of entries does not matter, so they
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Union
@@ -83,7 +84,13 @@ class _Scope:
         patterns: Iterable[str] | str = (),
         types: Iterable[TypeSpec] | TypeSpec = (),
         validate: bool = True,
+        **unknown: object,
     ) -> None:
+        if unknown:  # a typo such as pattern= gets a suggestion rather than Python's bare TypeError
+            key = next(iter(unknown))
+            close = difflib.get_close_matches(key, ("names", "patterns", "types", "validate"), 1, 0.6)
+            raise InvalidScopeError(f"{type(self).__name__} got an unexpected argument {key!r}" + (f"; did you mean {close[0]}=?" if close else "")
+                                    + "; its arguments are names, patterns, types and validate")
         names_set = _as_frozenset(names, "names")
         patterns_set = _as_frozenset(patterns, "patterns")
         types_set = _as_frozenset(types, "types")

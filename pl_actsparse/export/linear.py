@@ -27,6 +27,7 @@ from pl_actsparse.core.layer import (
     THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, is_sparsified, linear_like_spec,
     sparsifier_state,
 )
+from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
@@ -65,6 +66,13 @@ def default_max_sparse_tokens(
     if weight_bytes is not None and weight_bytes < _cpu.MIN_SPARSE_WEIGHT_BYTES.get(backend, 0):
         return 0
     return sparse_token_crossover(dtype, backend, weight_t=weight_t)
+
+
+def checked_max_sparse_tokens(value: Any) -> Optional[int]:
+    """``value`` when it is ``None`` or an int >= 0; else :class:`~pl_actsparse.errors.InvalidOptionError` naming it."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {value!r}")
+    return value
 
 
 def _token_limit(device: str, dtype: torch.dtype, weight_t: Tensor, limit: Optional[int], backend: Optional[str] = None) -> int:
@@ -108,8 +116,7 @@ class SparseInferenceLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if max_sparse_tokens is not None and max_sparse_tokens < 0:
-            raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
+        checked_max_sparse_tokens(max_sparse_tokens)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features

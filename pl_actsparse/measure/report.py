@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, mask_of, model_device, to_device
+from pl_actsparse.calibrate.running import call_model, check_batches, default_transform_fn, mask_of, model_device, to_device
 from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.core.module_state import preserved_modes
@@ -419,7 +419,11 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> report = activation_sparsity_report(net)
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
+
+    Raises ``TypeError`` if ``model`` is not an ``nn.Module`` (a checkpoint goes to :func:`model_report`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"activation_sparsity_report: model must be an nn.Module (a checkpoint: model_report), got {type(model).__qualname__} {model!r:.60}")
     rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features,
                  m.out_features, weight_nbytes(m)) for name, m in sparsified_layers(model)]
     plan = model.__dict__.get("_actsparse_plan")
@@ -522,8 +526,10 @@ def model_report(
     Raises:
         NotSparsifiedError: no sparsified layer (or no ``activation_threshold`` key in the checkpoint).
         ValueError: ``data`` given with a checkpoint.
-        TokenMaskError: a layer's input has no token axis matching a batch's mask.
+        TokenMaskError: ``token_mask`` is not ``"auto"``, ``None`` or a callable, or a layer's input has no token axis
+            matching a batch's mask.
     """
+    mask_fn = resolve_mask_fn(token_mask)
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
         report = activation_sparsity_report(model)
@@ -531,7 +537,7 @@ def model_report(
             raise NotSparsifiedError("the model has no sparsified layer to report")
         items = None
         if data is not None:
-            items = list(itertools.islice(data, num_batches))
+            items = list(itertools.islice(check_batches(data), num_batches))
             if example_input is None and items:
                 example_input = items[0]
         if detect_groups and example_input is not None:
@@ -542,7 +548,7 @@ def model_report(
             for r in report.layers:
                 r.group = label.get(r.name)
         if items:
-            _measure(model, items, report, transform_fn, resolve_mask_fn(token_mask))
+            _measure(model, items, report, transform_fn, mask_fn)
         return report
     if data is not None:
         raise InvalidOptionError(
