@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from pl_actsparse.calibrate.running import call_model, check_batches, default_transform_fn, mask_of, model_device, to_device
-from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
+from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, is_sparsified, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
@@ -90,8 +90,8 @@ class LayerReport:
     @property
     def achieved(self) -> float:
         """Best available achieved sparsity: on the report's data, else calibration, else the target of a
-        sparsifying layer; 0 for a pass-through one (it zeroes nothing, whatever its stale threshold)."""
-        if self.mode != "sparsifying":
+        sparsifying (or exported) layer; 0 for a pass-through one (it zeroes nothing, whatever its stale threshold)."""
+        if self.mode == "passthrough":
             return 0.0
         for v in (self.data_sparsity, self.calibration_sparsity):
             if v is not None:
@@ -221,7 +221,7 @@ class SparsityReport:
                 r.name,
                 r.group or "",
                 f"{r.target:.4f}",
-                "-" if r.mode != "sparsifying" else _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
+                "-" if r.mode == "passthrough" else _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
                 "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
                 "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
                 "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
@@ -424,8 +424,10 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"activation_sparsity_report: model must be an nn.Module (a checkpoint: model_report), got {type(model).__qualname__} {model!r:.60}")
-    rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features,
-                 m.out_features, weight_nbytes(m)) for name, m in sparsified_layers(model)]
+    rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features, m.out_features, weight_nbytes(m))
+            if is_sparsified(m) else _row(name, m.activation_threshold, m.sparsity_state, "exported" if m.sparsity_state["calibrated"]
+                                          else "passthrough", m.in_features, m.out_features, weight_nbytes(m))
+            for name, m in model.named_modules() if is_sparsified(m) or isinstance(getattr(m, "sparsity_state", None), dict)]
     plan = model.__dict__.get("_actsparse_plan")
     decode, total = _decode_bytes_of_model(model)
     return SparsityReport(
@@ -445,7 +447,7 @@ _INT8_PARTS = ("qweight", "scale", "zero_point")
 def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str, in_f: int, out_f: int, nbytes: int) -> LayerReport:
     """One layer's row from its threshold and its (live or decoded) sparsifier state; a pass-through layer's calibration
     result (stale after ``set_target_sparsity``) is left out."""
-    on = mode == "sparsifying"
+    on = mode != "passthrough"
     return LayerReport(
         name=name, target=float(state.get("target", 0.0)), threshold=threshold_summary(threshold),
         per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity") if on else None,
@@ -524,7 +526,8 @@ def model_report(
         prefix: strip a LightningModule attribute path from checkpoint keys (``"model."``).
 
     Raises:
-        NotSparsifiedError: no sparsified layer (or no ``activation_threshold`` key in the checkpoint).
+        NotSparsifiedError: no sparsified layer (or no ``activation_threshold`` key in the checkpoint); ``data`` or
+            ``example_input`` with exported layers (reported from their saved state, mode ``exported``).
         ValueError: ``data`` given with a checkpoint.
         TokenMaskError: ``token_mask`` is not ``"auto"``, ``None`` or a callable, or a layer's input has no token axis
             matching a batch's mask.
@@ -535,6 +538,9 @@ def model_report(
         report = activation_sparsity_report(model)
         if not report.layers:
             raise NotSparsifiedError("the model has no sparsified layer to report")
+        if (data is not None or example_input is not None) and any(r.mode == "exported" for r in report.layers):
+            raise NotSparsifiedError("exported layers (export_for_inference) are not measured on data: call model_report(model) without "
+                                     "data, measure before exporting, or count decode steps with pl_actsparse.measure.metric.DecodeSparsity")
         items = None
         if data is not None:
             items = list(itertools.islice(check_batches(data), num_batches))

@@ -269,3 +269,26 @@ def test_pass_through_layers_skip_nothing_in_every_report(batches):
     report = activation_sparsity_report(fresh)
     assert report.bytes_skipped == 0.0 and report.decode_saving == 0.0 and report.budgets()[repr(scope)] == (0.5, 0.0)
     assert "(0.0% less; ideal memory-bound speed-up <= 1.00x)" in str(report)
+
+
+def test_exported_model_is_reported_from_its_saved_state(batches):
+    """After export_for_inference the report shows the exported layers (mode "exported") with the figures they had;
+    a retargeted (pass-through) layer exports without sparsity and counts 0; data cannot be measured there."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import activation_sparsity_report, export_for_inference, set_target_sparsity
+
+    model = tiny_hf_llama()
+    sparsify_activations(model, batches[:3], {TargetScope(patterns=[".*_proj"]): 0.5}, calibration={"progress": False})
+    set_target_sparsity(model, {"model.layers.0.mlp.down_proj": 0.2})
+    before = activation_sparsity_report(model)
+    with pytest.warns(UserWarning, match="not calibrated"):
+        export_for_inference(model)
+    after = activation_sparsity_report(model)
+    keys = ["name", "target", "calibration_sparsity", "in_features", "out_features", "weight_bytes"]
+    assert [[getattr(r, k) for k in keys] for r in after.layers] == [[getattr(r, k) for k in keys] for r in before.layers]
+    assert [r.threshold for r in after.layers if r.mode == "exported"] == [r.threshold for r in before.layers if r.mode == "sparsifying"]
+    assert [r.mode for r in after.layers] == ["passthrough" if r.mode == "passthrough" else "exported" for r in before.layers]
+    assert after.bytes_skipped == pytest.approx(before.bytes_skipped) and before.bytes_skipped > 0 and after.decode_bytes == before.decode_bytes
+    assert after.budgets() == before.budgets()
+    with pytest.raises(NotSparsifiedError, match=r"exported layers \(export_for_inference\) are not measured on data.*without data"):
+        model_report(model, batches[3:4])
