@@ -91,7 +91,7 @@ class LayerReport:
     def achieved(self) -> float:
         """Best available achieved sparsity: on the report's data, else calibration, else the target of a
         sparsifying (or exported) layer; 0 for a pass-through one (it zeroes nothing, whatever its stale threshold)."""
-        if self.mode == "passthrough":
+        if self.mode in ("passthrough", "removed"):
             return 0.0
         for v in (self.data_sparsity, self.calibration_sparsity):
             if v is not None:
@@ -111,7 +111,8 @@ class SparsityReport:
     ``decode_bytes``: bytes a dense batch-1 decode step reads (parameters except embedding tables);
     ``model_bytes``: all unique parameter bytes; ``statistics``: the calibration histograms (name ->
     :class:`~pl_actsparse.calibrate.histogram.LayerStatistics`) when the report comes from a calibration;
-    ``scopes``: the layer names each ``TargetScope`` of the recipe claimed (``repr(scope)``; live models only).
+    ``scopes``: the layer names each ``TargetScope`` of the recipe claimed (``repr(scope)``; live models only);
+    ``removed``: rows (mode ``removed``, dense) of those layers that ``remove_activation_sparsity`` gave back since.
     """
 
     layers: list[LayerReport]
@@ -124,6 +125,7 @@ class SparsityReport:
     source: str = "model"
     data_tokens: int | None = None
     scopes: dict[str, list[str]] = field(default_factory=dict)
+    removed: list[LayerReport] = field(default_factory=list)
 
     # -- summary ----------------------------------------------------------------------------------
     @property
@@ -173,8 +175,9 @@ class SparsityReport:
 
     def budgets(self) -> dict[str, tuple[float, float]]:
         """Per scope (:attr:`scopes`): the weight-byte-weighted target and achieved sparsity (:attr:`LayerReport.achieved`)
-        of its layers, fractions in [0, 1]; with ``allocation="auto"`` the first is the scope's byte budget."""
-        rows = {r.name: r for r in self.layers}
+        of its layers, fractions in [0, 1]; with ``allocation="auto"`` the first is the scope's byte budget. Layers removed
+        since (:attr:`removed`) count with the target they were given and as dense (0) in the achieved sparsity."""
+        rows = {r.name: r for r in [*self.layers, *self.removed]}
         groups = {scope: [rows[n] for n in names if n in rows] for scope, names in self.scopes.items()}
         return {scope: (sum(r.target * r.weight_bytes for r in rs) / total, sum(r.bytes_skipped for r in rs) / total)
                 for scope, rs in groups.items() if (total := sum(r.weight_bytes for r in rs))}
@@ -249,7 +252,8 @@ class SparsityReport:
                 f"read per token ({self.decode_saving:.1%} less; ideal memory-bound speed-up <= {self.speedup_bound:.2f}x)."
             )
         if self.budgets():
-            lines.append("Byte budgets (weight-byte-weighted target -> achieved): " + "; ".join(f"{k} {t:.4f} -> {a:.4f}" for k, (t, a) in self.budgets().items()))
+            lines.append("Byte budgets (weight-byte-weighted target -> achieved): " + "; ".join(f"{k} {t:.4f} -> {a:.4f}" for k, (t, a) in self.budgets().items())
+                         + (f" (removed since, counted dense: {', '.join(r.name for r in self.removed)})" if self.removed else ""))
         if self.groups:
             lines.append("Shared-input groups: " + "; ".join(f"g{i + 1} = {', '.join(g)}" for i, g in enumerate(self.groups)))
         if self.data_tokens:
@@ -428,7 +432,9 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
             if is_sparsified(m) else _row(name, m.activation_threshold, m.sparsity_state, "exported" if m.sparsity_state["calibrated"]
                                           else "passthrough", m.in_features, m.out_features, weight_nbytes(m))
             for name, m in model.named_modules() if is_sparsified(m) or isinstance(getattr(m, "sparsity_state", None), dict)]
-    plan = model.__dict__.get("_actsparse_plan")
+    plan, modules, names = model.__dict__.get("_actsparse_plan"), dict(model.named_modules()), {r.name for r in rows}
+    removed = [_row(n, torch.tensor(math.nan), {"target": t}, "removed", getattr(modules[n], "in_features", 0), getattr(modules[n], "out_features", 0),
+                    weight_nbytes(modules[n])) for n, t in (plan.targets.items() if plan else ()) if n not in names and n in modules]
     decode, total = _decode_bytes_of_model(model)
     return SparsityReport(
         layers=rows,
@@ -438,6 +444,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
         model_bytes=total,
         source=type(model).__name__,
         scopes={repr(sc): [n for n, s in plan.claimed_by.items() if s == sc] for sc in dict.fromkeys(plan.claimed_by.values())} if plan is not None else {},
+        removed=removed,
     )
 
 

@@ -292,3 +292,25 @@ def test_exported_model_is_reported_from_its_saved_state(batches):
     assert after.budgets() == before.budgets()
     with pytest.raises(NotSparsifiedError, match=r"exported layers \(export_for_inference\) are not measured on data.*without data"):
         model_report(model, batches[3:4])
+
+
+def test_budget_after_partial_removal_counts_removed_layers_as_dense(batches):
+    """remove_activation_sparsity(model, scope) leaves the other layers: the scope's budget stays the one over the layers
+    it had at sparsify time, the removed ones count 0 in achieved, and the budget line names them."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import activation_sparsity_report, remove_activation_sparsity
+
+    scope = TargetScope(patterns=[".*_proj"])
+    model = tiny_hf_llama()
+    sparsify_activations(model, batches[:3], {scope: 0.5}, calibration={"progress": False}, allocation="auto")
+    full = activation_sparsity_report(model)
+    remove_activation_sparsity(model, TargetScope(patterns=[r".*mlp\..*"]))
+    after = activation_sparsity_report(model)
+    mlp = [r for r in full.layers if ".mlp." in r.name]
+    assert [r.name for r in after.removed] == [r.name for r in mlp] and all(".mlp." not in r.name for r in after.layers)
+    assert [(r.target, r.weight_bytes, r.achieved, r.mode) for r in after.removed] == [(r.target, r.weight_bytes, 0.0, "removed") for r in mlp]
+    (target, achieved), = after.budgets().values()
+    total = sum(r.weight_bytes for r in full.layers)
+    assert target == pytest.approx(full.budgets()[repr(scope)][0], abs=1e-12) == pytest.approx(0.5, abs=1e-9)
+    assert achieved == pytest.approx(sum(r.bytes_skipped for r in full.layers if ".mlp." not in r.name) / total)
+    assert f"removed since, counted dense: {mlp[0].name}" in str(after)
