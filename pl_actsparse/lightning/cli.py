@@ -216,6 +216,13 @@ def main(args: list[str] | None = None) -> None:
     INFO tables on stderr when nothing else configured logging)."""
     show_library_logs()
     argv = sys.argv[1:] if args is None else list(args)
+    known = [*_TRAINER_SUBCOMMANDS, *SUBCOMMANDS]
+    if not argv or argv[0] in ("-h", "--help"):  # LightningCLI's help lists its own subcommands only
+        print("subcommands: fit, validate, test, predict (the Trainer's, below), report CHECKPOINT (the report of a sparsified "
+              "checkpoint: report --help), build-kernels (the C++ kernels, ahead of time)\n")
+    elif not argv[0].startswith("-") and argv[0] not in known:
+        close = difflib.get_close_matches(argv[0], known, 1)
+        _exit_with_config_error("pl-actsparse", "subcommand", ValueError(f"{argv[0]!r} is none of {', '.join(known)}" + (f"; did you mean {close[0]!r}?" if close else "")))
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
     else:

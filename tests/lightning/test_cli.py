@@ -284,7 +284,12 @@ def test_console_script_is_declared_and_answers(capsys):
         script.load()(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(s in out for s in ("fit", "validate", "test", "predict"))
+    assert all(s in out for s in ("fit", "validate", "test", "predict", "report CHECKPOINT", "build-kernels"))
+    with pytest.raises(SystemExit) as exit_info:
+        script.load()(["reprot", "x.ckpt"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("pl-actsparse: error: subcommand: 'reprot' is none of fit, validate, test, predict, "
+                                               "report, build-kernels; did you mean 'report'?")
 
 
 def test_nothing_outside_demos_imports_demos():
