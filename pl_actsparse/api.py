@@ -30,7 +30,7 @@ from pl_actsparse.errors import (
     InvalidTargetError, NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
-    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
+    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, activation_sparsity_disabled,
     install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
@@ -199,11 +199,7 @@ def prepare_activation_sparsity(
     plan.targets.update({n: float(v) for n, v in (levels or {}).items()})
     modules = dict(model.named_modules())
     for name, target in plan.targets.items():
-        module = modules[name]
-        retarget = is_sparsified(module) and module._actsparse.target != target
-        install_sparsifier(module, target, gradient_mode)
-        if retarget:
-            module._actsparse.mode = SparsifierMode.PASSTHROUGH
+        install_sparsifier(modules[name], target, gradient_mode)  # a layer with a new target passes through until calibrated
     sync_adapter_hooks(model)
     model.__dict__["_actsparse_plan"] = plan
     return plan
@@ -481,10 +477,7 @@ def set_target_sparsity(model: nn.Module, targets: Mapping[str, float] | float) 
         raise NotSparsifiedError(f"{unknown} are not sparsified layers; sparsified layers are {list(layers)}")
     checked = {n: validate_target(v, repr(n)) for n, v in targets.items()}
     for n, v in checked.items():
-        state = layers[n]._actsparse
-        if state.target != v:
-            state.target = v
-            state.mode = SparsifierMode.PASSTHROUGH
+        install_sparsifier(layers[n], v, layers[n]._actsparse.gradient_mode)  # a new target: pass-through until recalibrated
 
 
 def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Any, prefix: str = "") -> list[str]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys
+from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys, merge_coarse
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, map_tensors, model_device, to_device
 from pl_actsparse.calibrate.sequential import input_gradients, sequential_input_gradients
@@ -84,7 +84,7 @@ def fisher_curves(
             real next-token prediction).
         NonFiniteActivationError: a layer's input (named), or the loss gradient at it, is not finite.
 
-    Called in inference mode, it leaves it for the gradient pass (inference-tensor batches are cloned).
+    In inference mode it leaves it for the gradient pass (inference-tensor batches are cloned).
     """
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
@@ -94,12 +94,12 @@ def fisher_curves(
     device = model_device(model)
     counts = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
     scores = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
-    nonfinite = dict.fromkeys(counts, 0)  # per layer: NaN/inf input elements
+    dtypes: dict[str, torch.dtype] = {}
 
     def add(got: list, mask: torch.Tensor | None) -> None:
         for name, x, g in got:  # real tokens only, as calibration counts them
             x = select_tokens(x, mask, layer=name)
-            nonfinite[name] += int(x.numel() - torch.isfinite(x).sum())
+            dtypes[name] = x.dtype
             keys = abs_keys(x).cpu()
             keys = (keys >> 16 if x.dtype == torch.float32 else keys).long()
             counts[name] += torch.bincount(keys, minlength=COARSE_BINS).double()
@@ -116,13 +116,10 @@ def fisher_curves(
     dist = Distributed(config.sync_across_processes, device)
     if dist.count(len(items)) == 0:
         raise EmptyDatasetError("the calibration data is empty: it yielded no item")
-    for name, bad in zip(counts, dist.sum_(torch.tensor(list(nonfinite.values()), dtype=torch.float64)).tolist()):
-        if bad:  # the same words as calibration (histogram.merge_coarse)
-            raise NonFiniteActivationError(f"layer {name!r} received {int(bad)} non-finite input value(s) (NaN or inf) in the allocation's "
-                                           "gradient pass; a threshold needs finite activations: check the model and the calibration data")
+    summed = {name: merge_coarse(name, dtypes.get(name, torch.float32), c, dist)[1] for name, c in counts.items()}  # NaN/inf: an error
     curves = {}
-    for name, c in counts.items():  # summed over ranks: every rank allocates the same levels
-        cum_c, cum_s = dist.sum_(c).cumsum(0), dist.sum_(scores[name]).cumsum(0)
+    for name, c in summed.items():  # summed over ranks: every rank allocates the same levels
+        cum_c, cum_s = c.cumsum(0), dist.sum_(scores[name]).cumsum(0)
         if not math.isfinite(float(cum_s[-1])):
             raise NonFiniteActivationError(f"the loss gradient at the input of layer {name!r} is not finite (NaN or inf): a non-finite loss")
         idx = torch.searchsorted(cum_c, torch.tensor([s * float(cum_c[-1]) for s in GRID], dtype=torch.float64))

@@ -11,8 +11,7 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """A rich progress bar on stderr (never stdout) titled ``title`` over ``total`` steps when ``enabled``; each step is
-    logged at debug level."""
+    """A rich progress bar on stderr titled ``title`` over ``total`` steps when ``enabled``; each step logged at debug level."""
 
     def __init__(self, title: str, total: int, enabled: bool) -> None:
         self.title, self.total, self.enabled = title, total, enabled

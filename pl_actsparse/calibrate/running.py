@@ -19,8 +19,7 @@ from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, TokenMask
 
 __all__ = [
     "default_transform_fn", "call_model", "map_tensors", "to_device", "model_device", "compilation_disabled",
-    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward", "logits_of",
-    "check_batches",
+    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward", "logits_of", "check_batches",
 ]
 
 
@@ -106,9 +105,8 @@ def _positional(model: nn.Module, inputs: Any) -> Any:
         with contextlib.suppress(TypeError, ValueError):
             if list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]:
                 _WARNED.add(model)
-                warnings.warn(f"{type(model).__name__} receives a tuple batch's 2nd element as attention_mask (its 2nd positional argument), but "
-                              "it is not a 0/1 mask: pass dict batches, or select the inputs (callback: input_key=0; transform_fn=lambda b: b[0])",
-                              UserWarning, stacklevel=3)
+                warnings.warn(f"{type(model).__name__} receives a tuple batch's 2nd element as attention_mask (its 2nd positional argument), but it is "
+                              "not a 0/1 mask: pass dict batches, or select the inputs (callback: input_key=0; transform_fn=lambda b: b[0])", stacklevel=3)
     return inputs
 
 

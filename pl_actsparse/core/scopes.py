@@ -87,10 +87,9 @@ class _Scope:
         **unknown: object,
     ) -> None:
         if unknown:  # a typo such as pattern= gets a suggestion rather than Python's bare TypeError
-            key = next(iter(unknown))
-            close = difflib.get_close_matches(key, ("names", "patterns", "types", "validate"), 1, 0.6)
-            raise InvalidScopeError(f"{type(self).__name__} got an unexpected argument {key!r}" + (f"; did you mean {close[0]}=?" if close else "")
-                                    + "; its arguments are names, patterns, types and validate")
+            close = difflib.get_close_matches(key := next(iter(unknown)), ("names", "patterns", "types", "validate"), 1)
+            raise InvalidScopeError(f"{type(self).__name__} got an unexpected argument {key!r}{f'; did you mean {close[0]}=?' if close else ''}; "
+                                    "its arguments are names, patterns, types and validate")
         names_set = _as_frozenset(names, "names")
         patterns_set = _as_frozenset(patterns, "patterns")
         types_set = _as_frozenset(types, "types")

@@ -221,8 +221,8 @@ def main(args: list[str] | None = None) -> None:
         print("subcommands: fit, validate, test, predict (the Trainer's, below), report CHECKPOINT (the report of a sparsified "
               "checkpoint: report --help), build-kernels (the C++ kernels, ahead of time)\n")
     elif not argv[0].startswith("-") and argv[0] not in known:
-        close = difflib.get_close_matches(argv[0], known, 1)
-        _exit_with_config_error("pl-actsparse", "subcommand", ValueError(f"{argv[0]!r} is none of {', '.join(known)}" + (f"; did you mean {close[0]!r}?" if close else "")))
+        hint = "".join(f"; did you mean {c!r}?" for c in difflib.get_close_matches(argv[0], known, 1))
+        _exit_with_config_error("pl-actsparse", "subcommand", ValueError(f"{argv[0]!r} is none of {', '.join(known)}{hint}"))
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
     else:

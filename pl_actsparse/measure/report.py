@@ -411,8 +411,8 @@ def _decode_bytes_of_model(model: nn.Module) -> tuple[int, int]:
 
 
 def activation_sparsity_report(model: nn.Module) -> SparsityReport:
-    """Report every sparsified layer of a model (live, or loaded from a checkpoint), with what the recipe
-    skipped and ignored and the decode-memory prediction. No data is run.
+    """Report every sparsified (or exported) layer of a model (live, or loaded from a checkpoint), with what the recipe
+    skipped and ignored and the decode-memory prediction. No data is run. ``TypeError`` if ``model`` is no ``nn.Module``.
 
     >>> import torch
     >>> from torch import nn
@@ -423,8 +423,6 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> report = activation_sparsity_report(net)
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
-
-    Raises ``TypeError`` if ``model`` is not an ``nn.Module`` (a checkpoint goes to :func:`model_report`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"activation_sparsity_report: model must be an nn.Module (a checkpoint: model_report), got {type(model).__qualname__} {model!r:.60}")
