@@ -24,7 +24,7 @@ from pl_actsparse.core.layer import linear_like_spec, threshold_summary
 from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
-    THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, checked_max_sparse_tokens, exported_state, is_sparsified_linear,
+    THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state, is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.dispatch import sparse_token_crossover
@@ -63,11 +63,11 @@ def export_for_inference(
     Raises :class:`~pl_actsparse.errors.NotSparsifiedError` if ``model`` contains no sparsified layer and no
     ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
     layer, for the base layers of peft adapters, and for quantized weights no kernel reads; ``TypeError`` if ``model``
-    is not an ``nn.Module``; :class:`~pl_actsparse.errors.InvalidOptionError` for a ``max_sparse_tokens`` not None or an int >= 0.
+    is not an ``nn.Module``; :class:`~pl_actsparse.errors.InvalidOptionError` for a ``max_sparse_tokens`` not None or an int >= 0
+    (from the first layer built, before any is swapped).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")
-    checked_max_sparse_tokens(max_sparse_tokens)
     # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if is_sparsified_linear(m) or isinstance(m, Int8WeightLinear)]

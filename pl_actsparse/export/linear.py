@@ -68,13 +68,6 @@ def default_max_sparse_tokens(
     return sparse_token_crossover(dtype, backend, weight_t=weight_t)
 
 
-def checked_max_sparse_tokens(value: Any) -> Optional[int]:
-    """``value`` when it is ``None`` or an int >= 0; else :class:`~pl_actsparse.errors.InvalidOptionError` naming it."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-        raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {value!r}")
-    return value
-
-
 def _token_limit(device: str, dtype: torch.dtype, weight_t: Tensor, limit: Optional[int], backend: Optional[str] = None) -> int:
     """Largest token count per call that an exported layer sends to the sparse kernel on ``device`` (a device
     type) for inputs of ``dtype``: ``limit`` where set (CPU; CUDA with Triton), else the CPU's measured
@@ -116,7 +109,8 @@ class SparseInferenceLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        checked_max_sparse_tokens(max_sparse_tokens)
+        if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
+            raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features

@@ -147,22 +147,20 @@ class CalibrationData:
         """
         if self.config.transform_fn is not None:
             return self.config.transform_fn
-        if self.input_key is not None:
-            return self._take
+        if (key := self.input_key) is not None:
+            def take(batch: Any) -> Any:
+                try:
+                    return batch[key]
+                except (KeyError, IndexError, TypeError):
+                    keys = list(batch) if isinstance(batch, Mapping) else f"{len(batch)} items" if isinstance(batch, (tuple, list)) else "no keys"
+                    raise config_error("input_key", f"input_key={key!r} is not in the calibration batch, a {type(batch).__name__} "
+                                       f"with {keys}: set input_key to one of them") from None
+            return take
         hook = getattr(pl_module, "calibration_inputs", None)
         if callable(hook):
             return hook
         target = model if model is not None else pl_module
         return _ArityChecked(target) if isinstance(target, nn.Module) else None
-
-
-    def _take(self, batch: Any) -> Any:
-        try:
-            return batch[self.input_key]
-        except (KeyError, IndexError, TypeError):
-            keys = list(batch) if isinstance(batch, Mapping) else f"{len(batch)} items" if isinstance(batch, (tuple, list)) else "no keys"
-            raise config_error("input_key", f"input_key={self.input_key!r} is not in the calibration batch, a {type(batch).__name__} "
-                               f"with {keys}: set input_key to one of them") from None
 
 
 class _ArityChecked:

@@ -426,9 +426,8 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"activation_sparsity_report: model must be an nn.Module (a checkpoint: model_report), got {type(model).__qualname__} {model!r:.60}")
-    rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features, m.out_features, weight_nbytes(m))
-            if is_sparsified(m) else _row(name, m.activation_threshold, m.sparsity_state, "exported" if m.sparsity_state["calibrated"]
-                                          else "passthrough", m.in_features, m.out_features, weight_nbytes(m))
+    rows = [_row(name, m.activation_threshold, *((vars(m._actsparse), m._actsparse.mode.value) if is_sparsified(m) else (m.sparsity_state, "exported"
+                 if m.sparsity_state["calibrated"] else "passthrough")), m.in_features, m.out_features, weight_nbytes(m))
             for name, m in model.named_modules() if is_sparsified(m) or isinstance(getattr(m, "sparsity_state", None), dict)]
     plan, modules, names = model.__dict__.get("_actsparse_plan"), dict(model.named_modules()), {r.name for r in rows}
     removed = [_row(n, torch.tensor(math.nan), {"target": t}, "removed", getattr(modules[n], "in_features", 0), getattr(modules[n], "out_features", 0),
