@@ -292,7 +292,7 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
     if frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]:
         raise InvalidOptionError(f"allocation={allocation!r} needs a gradient pass, which cannot use parameters made under torch.inference_mode "
                                  f"({frozen}...); build or load the model outside inference mode, or use allocation='uniform'")
-    with activation_sparsity_disabled(model), preserved_modes(model):
+    with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):  # a gradient pass, whatever the caller's mode
         model.eval()
         try:
             curves = fisher_curves(model, layers, items, next_token_nll,  # block by block where calibration goes so

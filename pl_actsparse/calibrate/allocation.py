@@ -82,13 +82,9 @@ def fisher_curves(
     Raises:
         EmptyDatasetError: ``items`` is empty (on every rank), or the loss gives no signal (every score 0, e.g. no
             real next-token prediction).
-        NonFiniteActivationError: a layer's input (named), or the loss gradient at it, is not finite.
-
-    In inference mode it leaves it for the gradient pass (inference-tensor batches are cloned).
+        NonFiniteActivationError: a layer's input (named), or the loss gradient at it, is not finite. (Call it outside
+            inference mode, ``torch.inference_mode(False)``; inference-tensor batches are cloned.)
     """
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return fisher_curves(model, layers, items, loss_fn, config)
     transform = config.transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)

@@ -30,12 +30,11 @@ def default_transform_fn(item: Any) -> Any:
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call the model the way NNCF does: a dict is keyword arguments, a tuple or list positional ones,
-    anything else the single argument. Warns when a tuple's 2nd element, not a 0/1 mask, becomes an ``attention_mask``
-    (the 2nd positional argument of Hugging Face models): ``(inputs, labels)`` pairs need a dict or a ``transform_fn``."""
+    anything else the single argument."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
-        return model(*_positional(model, inputs))
+        return model(*inputs)
     return model(inputs)
 
 
@@ -67,9 +66,11 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 def run_item(model: nn.Module, item: Any, transform: Callable[[Any], Any], mask: torch.Tensor | None,
              device: torch.device | None) -> Any:
-    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask."""
+    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask. Warns once per
+    model when a tuple's 2nd element, not a 0/1 mask, becomes its ``attention_mask`` (a Hugging Face model's 2nd positional
+    argument): ``(inputs, labels)`` pairs need dict batches or a ``transform_fn``."""
     with token_mask_context(mask):
-        return call_model(model, to_device(transform(item), device))
+        return call_model(model, _positional(model, to_device(transform(item), device)))
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ _WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models warned about
 
 
 def _positional(model: nn.Module, inputs: Any) -> Any:
-    second = inputs[1] if len(inputs) > 1 and model not in _WARNED else None
+    second = inputs[1] if isinstance(inputs, (tuple, list)) and len(inputs) > 1 and model not in _WARNED else None
     if second is not None and not (isinstance(second, torch.Tensor) and bool(((second == 0) | (second == 1)).all())):
         with contextlib.suppress(TypeError, ValueError):
             if list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]:

@@ -460,13 +460,11 @@ def rebind_instance_forward(module: nn.Module, old_cls: type, new_cls: type) -> 
 def install_sparsifier(
     module: nn.Linear, target: float, gradient_mode: GradientMode | str = GradientMode.MASKED
 ) -> nn.Linear:
-    """Turn one Linear into a sparsified one (pass-through until calibrated), or retarget it if it already is (a new
-    target makes it pass-through until recalibrated; the same one keeps its threshold)."""
-    if is_sparsified(module):
-        state = module._actsparse  # type: ignore[union-attr]
-        if state.target != float(target):
-            state.target, state.mode = float(target), SparsifierMode.PASSTHROUGH
-        state.gradient_mode = GradientMode(gradient_mode)
+    """Turn one Linear into a sparsified one (pass-through until calibrated), or retarget it if it already is."""
+    if is_sparsified(module):  # a new target makes it pass through until recalibrated; the same one keeps its threshold
+        s = module._actsparse  # type: ignore[union-attr]
+        s.target, s.mode = float(target), s.mode if s.target == float(target) else SparsifierMode.PASSTHROUGH
+        s.gradient_mode = GradientMode(gradient_mode)
         return module
     if not is_linear_like(module):
         raise UnsupportedModuleError(

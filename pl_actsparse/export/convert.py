@@ -63,8 +63,7 @@ def export_for_inference(
     Raises :class:`~pl_actsparse.errors.NotSparsifiedError` if ``model`` contains no sparsified layer and no
     ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
     layer, for the base layers of peft adapters, and for quantized weights no kernel reads; ``TypeError`` if ``model``
-    is not an ``nn.Module``; :class:`~pl_actsparse.errors.InvalidOptionError` for a ``max_sparse_tokens`` not None or an int >= 0
-    (from the first layer built, before any is swapped).
+    is not an ``nn.Module``; ``InvalidOptionError`` for a ``max_sparse_tokens`` not None or an int >= 0 (before any swap).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")

@@ -140,10 +140,9 @@ class CalibrationData:
         """The function batch -> model inputs: ``config.transform_fn``, else ``batch[input_key]``, else the
         LightningModule's ``calibration_inputs(batch)`` method, else the batch as it is.
 
-        With the batch as it is, a tuple/list batch is passed as positional arguments and a dict as keyword arguments;
-        when ``model.forward`` cannot take them, the error names the ``input_key`` option (a ``TensorDataset`` batch
-        ``(x, y)`` fed to ``forward(x)``, a dict with ``labels``) instead of a ``TypeError`` deep inside the model; so does
-        an ``input_key`` the batch lacks (:class:`CallbackConfigurationError`, with the batch's keys).
+        A tuple (dict) batch as it is goes in as positional (keyword) arguments; one ``model.forward`` cannot take (a
+        ``TensorDataset`` ``(x, y)`` for ``forward(x)``, a dict with ``labels``), or an ``input_key`` the batch lacks, is a
+        :class:`CallbackConfigurationError` naming ``input_key`` instead of a ``TypeError`` deep inside the model.
         """
         if self.config.transform_fn is not None:
             return self.config.transform_fn

@@ -175,8 +175,7 @@ class SparsityReport:
 
     def budgets(self) -> dict[str, tuple[float, float]]:
         """Per scope (:attr:`scopes`): the weight-byte-weighted target and achieved sparsity (:attr:`LayerReport.achieved`)
-        of its layers, fractions in [0, 1]; with ``allocation="auto"`` the first is the scope's byte budget. Layers removed
-        since (:attr:`removed`) count with the target they were given and as dense (0) in the achieved sparsity."""
+        of its layers, fractions in [0, 1] (``allocation="auto"``: the first is the scope's byte budget); :attr:`removed` count dense."""
         rows = {r.name: r for r in [*self.layers, *self.removed]}
         groups = {scope: [rows[n] for n in names if n in rows] for scope, names in self.scopes.items()}
         return {scope: (sum(r.target * r.weight_bytes for r in rs) / total, sum(r.bytes_skipped for r in rs) / total)
@@ -449,8 +448,7 @@ _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
 def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str, in_f: int, out_f: int, nbytes: int) -> LayerReport:
-    """One layer's row from its threshold and its (live or decoded) sparsifier state; a pass-through layer's calibration
-    result (stale after ``set_target_sparsity``) is left out."""
+    """One layer's row from its threshold and (live or decoded) state; a pass-through layer's (stale) calibration left out."""
     on = mode != "passthrough"
     return LayerReport(
         name=name, target=float(state.get("target", 0.0)), threshold=threshold_summary(threshold),
