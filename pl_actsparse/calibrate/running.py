@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-import sys
 import warnings
 import weakref
+import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import torch

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from pl_actsparse import integrations
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.core.layer import linear_like_spec, threshold_summary
-from pl_actsparse.errors import NotSparsifiedError, UnsupportedModuleError
+from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
     THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state, is_sparsified_linear,
@@ -48,7 +48,8 @@ class ExportedLayer:
 def export_for_inference(
     model: nn.Module, *, max_sparse_tokens: Optional[int] = None, keep_dense_weight: bool = False,
 ) -> nn.Module:
-    """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
+    """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear` (``TypeError`` for a
+    ``model`` that is no ``nn.Module``, ``InvalidOptionError`` for a ``max_sparse_tokens`` not None or an int >= 0).
 
     Every :class:`~pl_actsparse.core.int8.Int8WeightLinear` layer, sparsified or not, becomes an
     :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` instead, sharing its int8 buffers
@@ -62,12 +63,13 @@ def export_for_inference(
 
     Raises :class:`~pl_actsparse.errors.NotSparsifiedError` if ``model`` contains no sparsified layer and no
     ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
-    layer, for the base layers of peft adapters, and for quantized weights no kernel reads; ``TypeError`` if ``model``
-    is not an ``nn.Module``; ``InvalidOptionError`` for a ``max_sparse_tokens`` not None or an int >= 0 (before any swap).
+    layer, for the base layers of peft adapters, and for quantized weights no kernel reads.
     """
+    # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")
-    # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
+    if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
+        raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if is_sparsified_linear(m) or isinstance(m, Int8WeightLinear)]
     if not targets:

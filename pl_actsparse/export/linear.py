@@ -27,7 +27,6 @@ from pl_actsparse.core.layer import (
     THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, is_sparsified, linear_like_spec,
     sparsifier_state,
 )
-from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, sparse_token_crossover
@@ -109,8 +108,8 @@ class SparseInferenceLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
-            raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
+        if max_sparse_tokens is not None and max_sparse_tokens < 0:
+            raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
