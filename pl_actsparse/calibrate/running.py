@@ -66,9 +66,8 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 def run_item(model: nn.Module, item: Any, transform: Callable[[Any], Any], mask: torch.Tensor | None,
              device: torch.device | None) -> Any:
-    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask. Warns once per
-    model when a tuple's 2nd element, not a 0/1 mask, becomes its ``attention_mask`` (a Hugging Face model's 2nd positional
-    argument): ``(inputs, labels)`` pairs need dict batches or a ``transform_fn``."""
+    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask. Warns when a tuple's
+    2nd element, not a 0/1 mask, becomes a Hugging Face model's ``attention_mask`` (once per model): ``(inputs, labels)`` need dicts."""
     with token_mask_context(mask):
         return call_model(model, _positional(model, to_device(transform(item), device)))
 
@@ -97,7 +96,7 @@ def forward_is_not_reentrant(model: nn.Module) -> bool:
     return any(check(model) for check in NON_REENTRANT_CHECKS)
 
 
-_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models warned about a tuple's attention_mask (once each)
+_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models told that a tuple's 2nd element is their attention_mask
 
 
 def _positional(model: nn.Module, inputs: Any) -> Any:

@@ -17,7 +17,6 @@ Scopes are immutable and hashable: the order of entries does not matter, so they
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Union
@@ -87,8 +86,8 @@ class _Scope:
         **unknown: object,
     ) -> None:
         if unknown:  # a typo such as pattern= gets a suggestion rather than Python's bare TypeError
-            close = difflib.get_close_matches(key := next(iter(unknown)), ("names", "patterns", "types", "validate"), 1)
-            raise InvalidScopeError(f"{type(self).__name__} got an unexpected argument {key!r}{f'; did you mean {close[0]}=?' if close else ''}; "
+            key = next(iter(unknown))  # the usual typo is a singular: pattern= for patterns=
+            raise InvalidScopeError(f"{type(self).__name__} got an unexpected argument {key!r}{f'; did you mean {key}s=?' if key in ('name', 'pattern', 'type') else ''}; "
                                     "its arguments are names, patterns, types and validate")
         names_set = _as_frozenset(names, "names")
         patterns_set = _as_frozenset(patterns, "patterns")

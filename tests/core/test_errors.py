@@ -80,18 +80,22 @@ def test_unmatched_regex_looking_names_and_type_strings_get_a_hint():
 
 
 def test_tuple_batches_into_an_hf_attention_mask_warn_once():
-    """(input_ids, labels) pairs passed positionally put labels into an HF model's attention_mask: one warning; an
-    (input_ids, 0/1 mask) pair does not warn."""
+    """(input_ids, labels) pairs passed positionally put labels into an HF model's attention_mask: one warning per model;
+    an (input_ids, 0/1 mask) pair does not warn."""
     import warnings
 
     from torch.utils.data import DataLoader, TensorDataset
     from tiny_models import tiny_hf_llama
 
     x, y = torch.randint(0, 64, (8, 16)), torch.randint(2, 64, (8, 16))
-    with pytest.warns(UserWarning, match=r"LlamaForCausalLM receives a tuple batch's 2nd element as attention_mask.*input_key=0") as got:
-        sparsify_activations(tiny_hf_llama(), DataLoader(TensorDataset(x, y), batch_size=4), {TargetScope(patterns=[".*_proj"]): 0.5},
-                             calibration={"progress": False})
-    assert sum("attention_mask" in str(w.message) for w in got) == 1
+    model = tiny_hf_llama()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two calibrations of two batches each
+            sparsify_activations(model, DataLoader(TensorDataset(x, y), batch_size=4), {TargetScope(patterns=[".*_proj"]): 0.5},
+                                 calibration={"progress": False})
+    told = [str(w.message) for w in got if "attention_mask" in str(w.message)]
+    assert len(told) == 1 and "LlamaForCausalLM receives a tuple batch's 2nd element as attention_mask" in told[0] and "input_key=0" in told[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sparsify_activations(tiny_hf_llama(), [(x[:4], torch.ones_like(x[:4]))], {TargetScope(patterns=[".*_proj"]): 0.5},
