@@ -22,6 +22,7 @@ from pl_actsparse.integrations import (
 from pl_actsparse.calibrate import calibrate as _calibrate, chosen_method
 from pl_actsparse.calibrate.allocation import GRID, fisher_curves, next_token_nll, search_levels
 from pl_actsparse.calibrate.histogram import LayerStatistics
+from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.errors import (
@@ -29,7 +30,7 @@ from pl_actsparse.errors import (
     InvalidTargetError, NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
-    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, SparsifierMode, activation_sparsity_disabled,
+    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, activation_sparsity_disabled,
     install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
@@ -117,8 +118,10 @@ def plan_activation_sparsity(
         for label, hits in itertools.chain(match.by_name.items(), match.by_pattern.items(), match.by_type.items()):
             sels = [layers.select(h, exact=False) for h in hits]
             if scope.validate and not any(s.refused or (s.layer is not None and is_linear[s.layer]) for s in sels):
-                what = "" if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
                 kind = "name" if label in match.by_name else "pattern" if label in match.by_pattern else "type"
+                hint = {"name": " (a regular expression? pass it as patterns=[...])" if set(label) & set("*+?[]()|\\^$") else "",
+                        "type": " (a class, its __name__ such as 'Linear' or its full path 'torch.nn.modules.linear.Linear')"}.get(kind, "")
+                what = hint if not hits else f" (only non-Linear modules: {hits[:5]}{'...' if len(hits) > 5 else ''})"
                 unmatched.append(f"{scope!r}: {kind} {label!r}{what}")
         for name in match.all_names():
             sel = layers.select(name, exact=name in scope.names)
@@ -196,11 +199,7 @@ def prepare_activation_sparsity(
     plan.targets.update({n: float(v) for n, v in (levels or {}).items()})
     modules = dict(model.named_modules())
     for name, target in plan.targets.items():
-        module = modules[name]
-        retarget = is_sparsified(module) and module._actsparse.target != target
-        install_sparsifier(module, target, gradient_mode)
-        if retarget:
-            module._actsparse.mode = SparsifierMode.PASSTHROUGH
+        install_sparsifier(modules[name], target, gradient_mode)  # a layer with a new target passes through until calibrated
     sync_adapter_hooks(model)
     model.__dict__["_actsparse_plan"] = plan
     return plan
@@ -215,9 +214,9 @@ def _gradient_mode(value: GradientMode | str) -> GradientMode:
 
 
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
-    """Fail on empty data before anything changes, without consuming an item."""
+    """Fail on empty data (or one tensor) before anything changes, without consuming an item."""
     try:
-        iterator = iter(dataset)
+        iterator = iter(check_batches(dataset, "calibration data"))
     except TypeError:
         raise EmptyDatasetError(f"calibration data must be iterable (a DataLoader, list, ...), got {type(dataset).__qualname__}") from None
     try:
@@ -290,7 +289,10 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
     """Per-layer levels meeting each scope's byte budget (:mod:`pl_actsparse.calibrate.allocation`)."""
     modules = dict(model.named_modules())
     layers = [(n, modules[n]) for n in plan.targets]
-    with activation_sparsity_disabled(model), preserved_modes(model):
+    if frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]:
+        raise InvalidOptionError(f"allocation={allocation!r} needs a gradient pass, which cannot use parameters made under torch.inference_mode "
+                                 f"({frozen}...); build or load the model outside inference mode, or use allocation='uniform'")
+    with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):  # a gradient pass, whatever the caller's mode
         model.eval()
         try:
             curves = fisher_curves(model, layers, items, next_token_nll,  # block by block where calibration goes so
@@ -486,10 +488,7 @@ def set_target_sparsity(model: nn.Module, targets: Mapping[str, float] | float) 
         raise NotSparsifiedError(f"{unknown} are not sparsified layers; sparsified layers are {list(layers)}")
     checked = {n: validate_target(v, repr(n)) for n, v in targets.items()}
     for n, v in checked.items():
-        state = layers[n]._actsparse
-        if state.target != v:
-            state.target = v
-            state.mode = SparsifierMode.PASSTHROUGH
+        install_sparsifier(layers[n], v, layers[n]._actsparse.gradient_mode)  # a new target: pass-through until recalibrated
 
 
 def install_sparsifiers_from_state_dict(model: nn.Module, state_dict: Any, prefix: str = "") -> list[str]:
@@ -550,8 +549,11 @@ def load_activation_sparsity(
 
     Raises :class:`NotSparsifiedError` (no threshold in the state dict, or layers the model lacks),
     :class:`UnsupportedModuleError` (a saved layer that is not an ``nn.Linear`` here),
-    :class:`~pl_actsparse.errors.CheckpointError` (malformed or incomplete state, strict mismatches).
+    :class:`~pl_actsparse.errors.CheckpointError` (malformed or incomplete state, strict mismatches),
+    :class:`InvalidOptionError` (``strict`` not a bool).
     """
+    if not isinstance(strict, bool):
+        raise InvalidOptionError(f"load_activation_sparsity: strict must be True or False, got {strict!r}")
     sd = read_state_dict(state_dict, prefix=prefix)
     saved = saved_sparsifiers(sd)
     if not saved:

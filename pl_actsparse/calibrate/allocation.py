@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys
+from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys, merge_coarse
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, model_device, to_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, map_tensors, model_device, to_device
 from pl_actsparse.calibrate.sequential import input_gradients, sequential_input_gradients
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import weight_nbytes
 from pl_actsparse.core.masking import resolve_mask_fn, select_tokens
-from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError
+from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError, NonFiniteActivationError
 
 __all__ = ["fisher_curves", "allocate_levels", "lower_hull", "next_token_nll", "search_levels", "SEARCH_POWERS", "SEARCH_RATES", "SEARCH_FRACTION", "MAX_RATED_KINDS", "QUANTILE_SAMPLE"]
 
@@ -82,17 +82,20 @@ def fisher_curves(
     Raises:
         EmptyDatasetError: ``items`` is empty (on every rank), or the loss gives no signal (every score 0, e.g. no
             real next-token prediction).
-        NonFiniteActivationError: block by block, the loss or its gradient is not finite.
+        NonFiniteActivationError: a layer's input (named), or the loss gradient at it, is not finite. (Call it outside
+            inference mode, ``torch.inference_mode(False)``; inference-tensor batches are cloned.)
     """
     transform = config.transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)
     counts = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
     scores = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
+    dtypes: dict[str, torch.dtype] = {}
 
     def add(got: list, mask: torch.Tensor | None) -> None:
         for name, x, g in got:  # real tokens only, as calibration counts them
             x = select_tokens(x, mask, layer=name)
+            dtypes[name] = x.dtype
             keys = abs_keys(x).cpu()
             keys = (keys >> 16 if x.dtype == torch.float32 else keys).long()
             counts[name] += torch.bincount(keys, minlength=COARSE_BINS).double()
@@ -100,7 +103,7 @@ def fisher_curves(
                 s = (x.float() * select_tokens(g, mask, layer=name).float()).pow(2).reshape(-1).double().cpu() / 2
                 scores[name] += torch.bincount(keys, weights=s, minlength=COARSE_BINS)
 
-    items = list(items)
+    items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
             inputs = to_device(transform(item), device)
@@ -109,9 +112,12 @@ def fisher_curves(
     dist = Distributed(config.sync_across_processes, device)
     if dist.count(len(items)) == 0:
         raise EmptyDatasetError("the calibration data is empty: it yielded no item")
+    summed = {name: merge_coarse(name, dtypes.get(name, torch.float32), c, dist)[1] for name, c in counts.items()}  # NaN/inf: an error
     curves = {}
-    for name, c in counts.items():  # summed over ranks: every rank allocates the same levels
-        cum_c, cum_s = dist.sum_(c).cumsum(0), dist.sum_(scores[name]).cumsum(0)
+    for name, c in summed.items():  # summed over ranks: every rank allocates the same levels
+        cum_c, cum_s = c.cumsum(0), dist.sum_(scores[name]).cumsum(0)
+        if not math.isfinite(float(cum_s[-1])):
+            raise NonFiniteActivationError(f"the loss gradient at the input of layer {name!r} is not finite (NaN or inf): a non-finite loss")
         idx = torch.searchsorted(cum_c, torch.tensor([s * float(cum_c[-1]) for s in GRID], dtype=torch.float64))
         curves[name] = [(s, 0.0 if s == 0 else float(cum_s[min(int(i), COARSE_BINS - 1)])) for s, i in zip(GRID, idx)]
     if curves and not any(c[-1][1] > 0 for c in curves.values()):  # levels would follow layer order, not the loss

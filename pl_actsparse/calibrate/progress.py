@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """A rich progress bar titled ``title`` over ``total`` steps when ``enabled``; each step is logged at debug level."""
+    """A rich progress bar on stderr titled ``title`` over ``total`` steps when ``enabled``; each step logged at debug level."""
 
     def __init__(self, title: str, total: int, enabled: bool) -> None:
         self.title, self.total, self.enabled = title, total, enabled
@@ -20,10 +20,11 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
-            self._progress = Bar(TextColumn(self.title), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[step]}"), TimeElapsedColumn())
+            self._progress = Bar(TextColumn(self.title), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[step]}"),
+                                 TimeElapsedColumn(), console=Console(stderr=True))
             self._progress.__enter__()
             self._task = self._progress.add_task("calibrate", total=self.total, step="")
         return self

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
+import warnings
+import weakref
 import sys
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -12,11 +15,11 @@ from torch import nn
 
 from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.core.masking import token_mask as token_mask_context
-from pl_actsparse.errors import EmptyDatasetError, TokenMaskError
+from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, TokenMaskError
 
 __all__ = [
     "default_transform_fn", "call_model", "map_tensors", "to_device", "model_device", "compilation_disabled",
-    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward", "logits_of",
+    "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward", "logits_of", "check_batches",
 ]
 
 
@@ -63,9 +66,10 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 def run_item(model: nn.Module, item: Any, transform: Callable[[Any], Any], mask: torch.Tensor | None,
              device: torch.device | None) -> Any:
-    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask."""
+    """One forward of ``model`` on ``transform(item)`` (moved to ``device``) with ``mask`` as the token mask. Warns when a tuple's
+    2nd element, not a 0/1 mask, becomes a Hugging Face model's ``attention_mask`` (once per model): ``(inputs, labels)`` need dicts."""
     with token_mask_context(mask):
-        return call_model(model, to_device(transform(item), device))
+        return call_model(model, _positional(model, to_device(transform(item), device)))
 
 
 @contextlib.contextmanager
@@ -90,6 +94,28 @@ NON_REENTRANT_CHECKS: list[Callable[[nn.Module], bool]] = []
 def forward_is_not_reentrant(model: nn.Module) -> bool:
     """Models whose forward patches shared state (NNCF-wrapped ones) break when two forwards overlap."""
     return any(check(model) for check in NON_REENTRANT_CHECKS)
+
+
+_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models told that a tuple's 2nd element is their attention_mask
+
+
+def _positional(model: nn.Module, inputs: Any) -> Any:
+    second = inputs[1] if isinstance(inputs, (tuple, list)) and len(inputs) > 1 and model not in _WARNED else None
+    if second is not None and not (isinstance(second, torch.Tensor) and bool(((second == 0) | (second == 1)).all())):
+        with contextlib.suppress(TypeError, ValueError):
+            if list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]:
+                _WARNED.add(model)
+                warnings.warn(f"{type(model).__name__} receives a tuple batch's 2nd element as attention_mask (its 2nd positional argument), but it is "
+                              "not a 0/1 mask: pass dict batches, or select the inputs (callback: input_key=0; transform_fn=lambda b: b[0])", stacklevel=3)
+    return inputs
+
+
+def check_batches(data: Any, what: str = "data") -> Any:
+    """``data`` unless it is a single tensor (whose rows would be taken for batches): then ``InvalidOptionError``."""
+    if isinstance(data, torch.Tensor):
+        raise InvalidOptionError(f"{what} must be an iterable of batches (a DataLoader, a list, ...), got one Tensor of shape "
+                                 f"{tuple(data.shape)}, whose rows would be taken for batches; pass [tensor] for a single batch")
+    return data
 
 
 def take_batches(items: Iterable[Any], num_batches: int | None, dist: Distributed) -> list[Any]:

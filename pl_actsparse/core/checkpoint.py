@@ -128,8 +128,6 @@ def saved_sparsifiers(state_dict: Mapping[str, Any]) -> list[SavedSparsifier]:
 
 def _looks_like_sparsifier_state(value: Any) -> bool:
     # Other modules may have extra state of their own; only ours is claimed.
-    if isinstance(value, Mapping):
-        return "target" in value and "calibrated" in value
     try:
         decode_sparsifier_state(value)
     except CheckpointError:

@@ -461,9 +461,10 @@ def install_sparsifier(
     module: nn.Linear, target: float, gradient_mode: GradientMode | str = GradientMode.MASKED
 ) -> nn.Linear:
     """Turn one Linear into a sparsified one (pass-through until calibrated), or retarget it if it already is."""
-    if is_sparsified(module):
-        module._actsparse.target = float(target)  # type: ignore[union-attr]
-        module._actsparse.gradient_mode = GradientMode(gradient_mode)  # type: ignore[union-attr]
+    if is_sparsified(module):  # a new target makes it pass through until recalibrated; the same one keeps its threshold
+        s = module._actsparse  # type: ignore[union-attr]
+        s.target, s.mode = float(target), s.mode if s.target == float(target) else SparsifierMode.PASSTHROUGH
+        s.gradient_mode = GradientMode(gradient_mode)
         return module
     if not is_linear_like(module):
         raise UnsupportedModuleError(
@@ -624,42 +625,27 @@ def encode_sparsifier_state(state: Any) -> torch.Tensor:
 
 
 def decode_sparsifier_state(saved: Any) -> dict[str, Any]:
-    """Read a saved sparsifier state: the tensor of :func:`encode_sparsifier_state` or the dict of 0.1.
+    """Read a saved sparsifier state: the tensor of :func:`encode_sparsifier_state`.
 
     Returns ``{"target": float, "calibrated": bool, "gradient_mode": "masked"|"ste",
     "calibration_sparsity": float | None, "calibration_elements": int}``.
 
-    Raises :class:`~pl_actsparse.errors.CheckpointError` naming what is wrong (unknown format, wrong shape,
-    a target outside [0, 1], a non-integer element count).
+    Raises :class:`~pl_actsparse.errors.CheckpointError` naming what is wrong (not a tensor, unknown format, wrong
+    shape, a target outside [0, 1], a non-integer element count).
     """
-    if isinstance(saved, dict):  # the pl-actsparse 0.1 layout (torch.save checkpoints only)
-        try:
-            out = {
-                "target": float(saved["target"]),
-                "calibrated": bool(saved.get("calibrated", False)),
-                "gradient_mode": GradientMode(saved.get("gradient_mode", "masked")).value,
-                "calibration_sparsity": None if saved.get("calibration_sparsity") is None else float(saved["calibration_sparsity"]),
-                "calibration_elements": int(saved.get("calibration_elements", 0)),
-            }
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"malformed sparsifier state {saved!r}: {e}") from None
-    elif isinstance(saved, torch.Tensor):
-        v = saved.detach().to("cpu", torch.float64).reshape(-1)
-        if v.numel() != _STATE_LEN or float(v[0]) != SPARSIFIER_STATE_FORMAT:
-            raise CheckpointError(
-                f"sparsifier state must be a tensor of {_STATE_LEN} values starting with format "
-                f"{SPARSIFIER_STATE_FORMAT}, got shape {tuple(saved.shape)} starting with "
-                f"{float(v[0]) if v.numel() else None}"
-            )
-        fmt, target, calibrated, gm, cs, n = v.tolist()
-        codes = {c: m.value for m, c in _GRADIENT_CODES.items()}
-        if calibrated not in (0.0, 1.0) or gm not in codes or not (n >= 0 and n == int(n)):
-            raise CheckpointError(f"malformed sparsifier state {v.tolist()}: calibrated must be 0/1, gradient mode "
-                                  f"0/1 and the element count a non-negative integer")
-        out = {"target": target, "calibrated": calibrated == 1.0, "gradient_mode": codes[gm],
-               "calibration_sparsity": None if math.isnan(cs) else cs, "calibration_elements": int(n)}
-    else:
-        raise CheckpointError(f"a sparsifier state must be a tensor (or a 0.1 dict), got {type(saved).__qualname__}")
+    if not isinstance(saved, torch.Tensor):
+        raise CheckpointError(f"a sparsifier state must be a tensor, got {type(saved).__qualname__}")
+    v = saved.detach().to("cpu", torch.float64).reshape(-1)
+    if v.numel() != _STATE_LEN or float(v[0]) != SPARSIFIER_STATE_FORMAT:
+        raise CheckpointError(f"sparsifier state must be a tensor of {_STATE_LEN} values starting with format {SPARSIFIER_STATE_FORMAT}, "
+                              f"got shape {tuple(saved.shape)} starting with {float(v[0]) if v.numel() else None}")
+    fmt, target, calibrated, gm, cs, n = v.tolist()
+    codes = {c: m.value for m, c in _GRADIENT_CODES.items()}
+    if calibrated not in (0.0, 1.0) or gm not in codes or not (n >= 0 and n == int(n)):
+        raise CheckpointError(f"malformed sparsifier state {v.tolist()}: calibrated must be 0/1, gradient mode "
+                              f"0/1 and the element count a non-negative integer")
+    out = {"target": target, "calibrated": calibrated == 1.0, "gradient_mode": codes[gm],
+           "calibration_sparsity": None if math.isnan(cs) else cs, "calibration_elements": int(n)}
     if not 0.0 <= out["target"] <= 1.0:
         raise CheckpointError(f"malformed sparsifier state: target {out['target']!r} is not in [0, 1]")
     return out

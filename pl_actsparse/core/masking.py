@@ -48,13 +48,13 @@ def resolve_mask_fn(mask: Union[str, MaskFn, None]) -> Optional[MaskFn]:
     """``"auto"`` -> :func:`attention_mask_of`; ``None`` -> no masking; a callable is used as it is.
 
     Raises:
-        TypeError: ``mask`` is none of these.
+        TokenMaskError: ``mask`` is none of these.
     """
     if mask == "auto":
         return attention_mask_of
     if mask is None or callable(mask):
         return mask
-    raise TypeError(f"token_mask must be 'auto', None or a callable batch -> bool mask [batch, seq], got {mask!r}")
+    raise TokenMaskError(f"token_mask must be 'auto', None or a callable batch -> bool mask [batch, seq], got {mask!r}")
 
 
 @contextmanager

@@ -83,7 +83,12 @@ class _Scope:
         patterns: Iterable[str] | str = (),
         types: Iterable[TypeSpec] | TypeSpec = (),
         validate: bool = True,
+        **unknown: object,
     ) -> None:
+        if unknown:  # a typo such as pattern= gets a suggestion rather than Python's bare TypeError
+            key = next(iter(unknown))  # the usual typo is a singular: pattern= for patterns=
+            raise InvalidScopeError(f"{type(self).__name__} got an unexpected argument {key!r}{f'; did you mean {key}s=?' if key in ('name', 'pattern', 'type') else ''}; "
+                                    "its arguments are names, patterns, types and validate")
         names_set = _as_frozenset(names, "names")
         patterns_set = _as_frozenset(patterns, "patterns")
         types_set = _as_frozenset(types, "types")

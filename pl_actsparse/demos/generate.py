@@ -98,7 +98,7 @@ class DecodeComparison:
             verdict = f"differs from the dense text from new token {self.first_difference} on"
         lines.append(
             f"--- sparse {verdict}; speed {self.speedup:.2f}x dense ({self.exported_layers} exported layers, "
-            f"{self.threads} threads)"
+            f"{self.threads} thread{'s' if self.threads != 1 else ''})"
         )
         return "\n".join(lines)
 

@@ -52,7 +52,8 @@ class ExportedLayer:
 def export_for_inference(
     model: nn.Module, *, max_sparse_tokens: Optional[int] = None, prefill: str = "shared",
 ) -> nn.Module:
-    """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear`.
+    """Replace every sparsified ``nn.Linear`` in ``model`` (in place) by a :class:`SparseInferenceLinear` (``TypeError`` for a
+    ``model`` that is no ``nn.Module``, ``InvalidOptionError`` for a ``max_sparse_tokens`` not None or an int >= 0).
 
     Every :class:`~pl_actsparse.core.int8.Int8WeightLinear` layer, sparsified or not, becomes an
     :class:`~pl_actsparse.export.int8_linear.Int8SparseInferenceLinear` instead, sharing its int8 buffers
@@ -78,6 +79,10 @@ def export_for_inference(
     if prefill not in PREFILL_MODES:
         raise InvalidOptionError(f"export_for_inference: prefill must be one of {PREFILL_MODES}, got {prefill!r}")
     # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")
+    if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
+        raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if is_sparsified_linear(m) or isinstance(m, Int8WeightLinear)]
     if not targets:

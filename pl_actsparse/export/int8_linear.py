@@ -50,8 +50,8 @@ class Int8SparseInferenceLinear(nn.Module):
         super().__init__()
         if not isinstance(layer, Int8WeightLinear):
             raise TypeError(f"expected an Int8WeightLinear, got {type(layer).__qualname__}")
-        if max_sparse_tokens is not None and max_sparse_tokens < 0:
-            raise InvalidOptionError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens!r}")
+        if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
+            raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
         self.in_features = layer.in_features
         self.out_features = layer.out_features
         self.mode = layer.mode

@@ -149,15 +149,21 @@ class CalibrationData:
         """The function batch -> model inputs: ``config.transform_fn``, else ``batch[input_key]``, else the
         LightningModule's ``calibration_inputs(batch)`` method, else the batch as it is.
 
-        With the batch as it is, a tuple/list batch is passed as positional arguments; when ``model.forward``
-        cannot take that many, the error names the ``input_key`` option (a ``TensorDataset`` batch ``(x, y)``
-        fed to ``forward(x)``) instead of a ``TypeError`` deep inside the model.
+        A tuple (dict) batch as it is goes in as positional (keyword) arguments; one ``model.forward`` cannot take (a
+        ``TensorDataset`` ``(x, y)`` for ``forward(x)``, a dict with ``labels``), or an ``input_key`` the batch lacks, is a
+        :class:`CallbackConfigurationError` naming ``input_key`` instead of a ``TypeError`` deep inside the model.
         """
         if self.config.transform_fn is not None:
             return self.config.transform_fn
-        if self.input_key is not None:
-            key = self.input_key
-            return lambda batch: batch[key]
+        if (key := self.input_key) is not None:
+            def take(batch: Any) -> Any:
+                try:
+                    return batch[key]
+                except (KeyError, IndexError, TypeError):
+                    keys = list(batch) if isinstance(batch, Mapping) else f"{len(batch)} items" if isinstance(batch, (tuple, list)) else "no keys"
+                    raise config_error("input_key", f"input_key={key!r} is not in the calibration batch, a {type(batch).__name__} "
+                                       f"with {keys}: set input_key to one of them") from None
+            return take
         hook = getattr(pl_module, "calibration_inputs", None)
         if callable(hook):
             return hook
@@ -166,7 +172,7 @@ class CalibrationData:
 
 
 class _ArityChecked:
-    """The batch as it is, after checking that a tuple batch fits ``model.forward``'s positional arguments."""
+    """The batch as it is, after checking that a tuple (dict) batch fits ``model.forward``'s positional (keyword) arguments."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -174,19 +180,22 @@ class _ArityChecked:
             self.signature: inspect.Signature | None = inspect.signature(model.forward)
         except (TypeError, ValueError):  # builtins, C extensions: nothing to check
             self.signature = None
-        self.checked: set[int] = set()
+        self.checked: set[Any] = set()  # lengths of tuple batches, key sets of dict batches
 
     def __call__(self, batch: Any) -> Any:
-        if self.signature is not None and isinstance(batch, (tuple, list)) and len(batch) not in self.checked:
+        named = isinstance(batch, Mapping)
+        marker = frozenset(batch) if named else len(batch) if isinstance(batch, (tuple, list)) else None
+        if self.signature is not None and marker is not None and marker not in self.checked:
             try:
-                self.signature.bind(*batch)
+                self.signature.bind(**batch) if named else self.signature.bind(*batch)
             except TypeError:
-                kinds = [type(b).__name__ for b in batch]
+                what = (f"a {type(batch).__name__} with keys {list(batch)}, passed as keyword" if named else f"a {type(batch).__name__} of "
+                        f"{len(batch)} items ({', '.join(type(b).__name__ for b in batch)}), passed as positional")
+                key = next((k for k in batch if k in self.signature.parameters), next(iter(batch), None)) if named else 0
                 raise CallbackConfigurationError(
-                    f"a calibration batch is a {type(batch).__name__} of {len(batch)} items ({', '.join(kinds)}), passed as "
-                    f"positional arguments to {type(self.model).__name__}.forward{self.signature}, which does not take "
-                    "them: set input_key (e.g. input_key=0 for an (x, y) batch of a TensorDataset), calibration.transform_fn, "
+                    f"a calibration batch is {what} arguments to {type(self.model).__name__}.forward{self.signature}, which does not take "
+                    f"them: set input_key (e.g. input_key={key!r} for the model inputs), calibration.transform_fn, "
                     "or define calibration_inputs(batch) on the LightningModule"
                 ) from None
-            self.checked.add(len(batch))
+            self.checked.add(marker)
         return batch

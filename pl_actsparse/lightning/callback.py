@@ -149,7 +149,7 @@ class ActivationSparsityCallback(Callback):
         calibration: how to calibrate: a :class:`~pl_actsparse.config.CalibrationConfig`, a mapping of its fields
             (YAML), a method name or None (the defaults). ``num_batches`` takes the first N batches of the source
             (required for the stage dataloaders), split round-robin over DDP ranks with the statistics summed, so
-            the thresholds do not depend on the number of processes. ``progress`` shows a bar on rank 0.
+            the thresholds do not depend on the number of processes. ``progress``: a bar on stderr, rank 0, if the trainer has one.
         recalibrate_every_n_epochs: during fit, recalibrate at the end of every N-th training epoch (before its
             validation).
         recalibrate_every_n_steps: during fit, recalibrate every N optimizer steps.
@@ -297,7 +297,7 @@ class ActivationSparsityCallback(Callback):
                     old = calibrated_before[name]
                     m._actsparse.observers[id(before)] = lambda mod, x, _o, _n=name, _t=old: before.update(_n, x, _t)
                     stack.callback(m._actsparse.observers.pop, id(before), None)
-            report, where = self._run_calibration(trainer, pl_module, self.calibration_data.config.progress and trainer.is_global_zero)
+            report, where = self._run_calibration(trainer, pl_module, self.calibration_data.config.progress and trainer.is_global_zero and trainer.progress_bar_callback is not None)
         _check_replicated(trainer, self._layers(module))
         after, values = report.mean_sparsity, before.compute() if before is not None else {}  # synced over ranks like the calibration statistics
         before_value = float(values["sparsity"]) if before is not None else None

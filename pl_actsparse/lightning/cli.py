@@ -216,6 +216,9 @@ def main(args: list[str] | None = None) -> None:
     INFO tables on stderr when nothing else configured logging)."""
     show_library_logs()
     argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help") or (argv[0][0] != "-" and argv[0] not in [*_TRAINER_SUBCOMMANDS, *SUBCOMMANDS]):
+        print("subcommands: fit, validate, test, predict (the Trainer's: LightningCLI's usage below), report CHECKPOINT (the report "
+              "of a sparsified checkpoint: report --help), build-kernels (the C++ kernels, ahead of time)\n")  # LightningCLI lists its own only
     if argv and argv[0] in SUBCOMMANDS:
         SUBCOMMANDS[argv[0]](argv[1:])
     else:

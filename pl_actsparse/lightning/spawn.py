@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, install_sparsifier, is_sparsified, sparsified_layers
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, install_sparsifier, is_sparsified, sparsified_layers
 
 
 def send_to_main_process(trainer: Any, callback: Any, pl_module: Any) -> None:
@@ -57,7 +57,7 @@ class _Payload(tuple):
                 if not is_sparsified(m):
                     install_sparsifier(m, extra["target"], extra.get("gradient_mode", "masked"))
                 m._buffers[THRESHOLD_BUFFER] = torch.tensor(threshold, dtype=torch.float32, device=m.weight.device).reshape(shape)
-                m.set_extra_state(extra)
+                m.set_extra_state(encode_sparsifier_state(extra))
             callback.load_state_dict(callback_state)
             callback._layer_names = list(layer_names)
 

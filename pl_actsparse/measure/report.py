@@ -44,8 +44,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, mask_of, model_device, to_device
-from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, sparsified_layers, threshold_summary, weight_nbytes
+from pl_actsparse.calibrate.running import call_model, check_batches, default_transform_fn, mask_of, model_device, to_device
+from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, is_sparsified, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
@@ -90,7 +90,9 @@ class LayerReport:
     @property
     def achieved(self) -> float:
         """Best available achieved sparsity: on the report's data, else calibration, else the target of a
-        sparsifying layer (0 for a pass-through one)."""
+        sparsifying (or exported) layer; 0 for a pass-through one (it zeroes nothing, whatever its stale threshold)."""
+        if self.mode in ("passthrough", "removed"):
+            return 0.0
         for v in (self.data_sparsity, self.calibration_sparsity):
             if v is not None:
                 return v
@@ -109,7 +111,8 @@ class SparsityReport:
     ``decode_bytes``: bytes a dense batch-1 decode step reads (parameters except embedding tables);
     ``model_bytes``: all unique parameter bytes; ``statistics``: the calibration histograms (name ->
     :class:`~pl_actsparse.calibrate.histogram.LayerStatistics`) when the report comes from a calibration;
-    ``scopes``: the layer names each ``TargetScope`` of the recipe claimed (``repr(scope)``; live models only).
+    ``scopes``: the layer names each ``TargetScope`` of the recipe claimed (``repr(scope)``; live models only);
+    ``removed``: rows (mode ``removed``, dense) of those layers that ``remove_activation_sparsity`` gave back since.
     """
 
     layers: list[LayerReport]
@@ -122,6 +125,7 @@ class SparsityReport:
     source: str = "model"
     data_tokens: int | None = None
     scopes: dict[str, list[str]] = field(default_factory=dict)
+    removed: list[LayerReport] = field(default_factory=list)
 
     # -- summary ----------------------------------------------------------------------------------
     @property
@@ -171,8 +175,8 @@ class SparsityReport:
 
     def budgets(self) -> dict[str, tuple[float, float]]:
         """Per scope (:attr:`scopes`): the weight-byte-weighted target and achieved sparsity (:attr:`LayerReport.achieved`)
-        of its layers, fractions in [0, 1]; with ``allocation="auto"`` the first is the scope's byte budget."""
-        rows = {r.name: r for r in self.layers}
+        of its layers, fractions in [0, 1] (``allocation="auto"``: the first is the scope's byte budget); :attr:`removed` count dense."""
+        rows = {r.name: r for r in [*self.layers, *self.removed]}
         groups = {scope: [rows[n] for n in names if n in rows] for scope, names in self.scopes.items()}
         return {scope: (sum(r.target * r.weight_bytes for r in rs) / total, sum(r.bytes_skipped for r in rs) / total)
                 for scope, rs in groups.items() if (total := sum(r.weight_bytes for r in rs))}
@@ -219,7 +223,7 @@ class SparsityReport:
                 r.name,
                 r.group or "",
                 f"{r.target:.4f}",
-                _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
+                "-" if r.mode == "passthrough" else _fmt(r.threshold) + (" (per-ch. mean)" if r.per_channel else ""),
                 "-" if r.calibration_sparsity is None else f"{r.calibration_sparsity:.4f}",
                 "-" if r.error is None else f"{round(r.error, 4) + 0.0:+.4f}",  # no "-0.0000"
                 "-" if r.data_sparsity is None else f"{r.data_sparsity:.4f}",
@@ -247,7 +251,8 @@ class SparsityReport:
                 f"read per token ({self.decode_saving:.1%} less; ideal memory-bound speed-up <= {self.speedup_bound:.2f}x)."
             )
         if self.budgets():
-            lines.append("Byte budgets (weight-byte-weighted target -> achieved): " + "; ".join(f"{k} {t:.4f} -> {a:.4f}" for k, (t, a) in self.budgets().items()))
+            lines.append("Byte budgets (weight-byte-weighted target -> achieved): " + "; ".join(f"{k} {t:.4f} -> {a:.4f}" for k, (t, a) in self.budgets().items())
+                         + (f" (removed since, counted dense: {', '.join(r.name for r in self.removed)})" if self.removed else ""))
         if self.groups:
             lines.append("Shared-input groups: " + "; ".join(f"g{i + 1} = {', '.join(g)}" for i, g in enumerate(self.groups)))
         if self.data_tokens:
@@ -405,8 +410,8 @@ def _decode_bytes_of_model(model: nn.Module) -> tuple[int, int]:
 
 
 def activation_sparsity_report(model: nn.Module) -> SparsityReport:
-    """Report every sparsified layer of a model (live, or loaded from a checkpoint), with what the recipe
-    skipped and ignored and the decode-memory prediction. No data is run.
+    """Report every sparsified (or exported) layer of a model (live, or loaded from a checkpoint), with what the recipe
+    skipped and ignored and the decode-memory prediction. No data is run. ``TypeError`` if ``model`` is no ``nn.Module``.
 
     >>> import torch
     >>> from torch import nn
@@ -418,9 +423,14 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
     >>> [(r.name, r.target, round(r.calibration_sparsity, 4)) for r in report.layers]
     [('0', 0.25, 0.25)]
     """
-    rows = [_row(name, m.activation_threshold, vars(m._actsparse), m._actsparse.mode.value, m.in_features,
-                 m.out_features, weight_nbytes(m)) for name, m in sparsified_layers(model)]
-    plan = model.__dict__.get("_actsparse_plan")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"activation_sparsity_report: model must be an nn.Module (a checkpoint: model_report), got {type(model).__qualname__} {model!r:.60}")
+    rows = [_row(name, m.activation_threshold, *((vars(m._actsparse), m._actsparse.mode.value) if is_sparsified(m) else (m.sparsity_state, "exported"
+                 if m.sparsity_state["calibrated"] else "passthrough")), m.in_features, m.out_features, weight_nbytes(m))
+            for name, m in model.named_modules() if is_sparsified(m) or isinstance(getattr(m, "sparsity_state", None), dict)]
+    plan, modules, names = model.__dict__.get("_actsparse_plan"), dict(model.named_modules()), {r.name for r in rows}
+    removed = [_row(n, torch.tensor(math.nan), {"target": t}, "removed", getattr(modules[n], "in_features", 0), getattr(modules[n], "out_features", 0),
+                    weight_nbytes(modules[n])) for n, t in (plan.targets.items() if plan else ()) if n not in names and n in modules]
     decode, total = _decode_bytes_of_model(model)
     return SparsityReport(
         layers=rows,
@@ -430,6 +440,7 @@ def activation_sparsity_report(model: nn.Module) -> SparsityReport:
         model_bytes=total,
         source=type(model).__name__,
         scopes={repr(sc): [n for n, s in plan.claimed_by.items() if s == sc] for sc in dict.fromkeys(plan.claimed_by.values())} if plan is not None else {},
+        removed=removed,
     )
 
 
@@ -437,11 +448,12 @@ _INT8_PARTS = ("qweight", "scale", "zero_point")
 
 
 def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str, in_f: int, out_f: int, nbytes: int) -> LayerReport:
-    """One layer's row from its threshold and its (live or decoded) sparsifier state."""
+    """One layer's row from its threshold and (live or decoded) state; a pass-through layer's (stale) calibration left out."""
+    on = mode != "passthrough"
     return LayerReport(
         name=name, target=float(state.get("target", 0.0)), threshold=threshold_summary(threshold),
-        per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity"),
-        calibration_elements=int(state.get("calibration_elements", 0)), in_features=int(in_f), out_features=int(out_f),
+        per_channel=threshold.numel() > 1, calibration_sparsity=state.get("calibration_sparsity") if on else None,
+        calibration_elements=int(state.get("calibration_elements", 0)) if on else 0, in_features=int(in_f), out_features=int(out_f),
         weight_bytes=int(nbytes), mode=mode,
     )
 
@@ -516,18 +528,24 @@ def model_report(
         prefix: strip a LightningModule attribute path from checkpoint keys (``"model."``).
 
     Raises:
-        NotSparsifiedError: no sparsified layer (or no ``activation_threshold`` key in the checkpoint).
+        NotSparsifiedError: no sparsified layer (or no ``activation_threshold`` key in the checkpoint); ``data`` or
+            ``example_input`` with exported layers (reported from their saved state, mode ``exported``).
         ValueError: ``data`` given with a checkpoint.
-        TokenMaskError: a layer's input has no token axis matching a batch's mask.
+        TokenMaskError: ``token_mask`` is not ``"auto"``, ``None`` or a callable, or a layer's input has no token axis
+            matching a batch's mask.
     """
+    mask_fn = resolve_mask_fn(token_mask)
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
         report = activation_sparsity_report(model)
         if not report.layers:
             raise NotSparsifiedError("the model has no sparsified layer to report")
+        if (data is not None or example_input is not None) and any(r.mode == "exported" for r in report.layers):
+            raise NotSparsifiedError("exported layers (export_for_inference) are not measured on data: call model_report(model) without "
+                                     "data, measure before exporting, or count decode steps with pl_actsparse.measure.metric.DecodeSparsity")
         items = None
         if data is not None:
-            items = list(itertools.islice(data, num_batches))
+            items = list(itertools.islice(check_batches(data), num_batches))
             if example_input is None and items:
                 example_input = items[0]
         if detect_groups and example_input is not None:
@@ -538,7 +556,7 @@ def model_report(
             for r in report.layers:
                 r.group = label.get(r.name)
         if items:
-            _measure(model, items, report, transform_fn, resolve_mask_fn(token_mask))
+            _measure(model, items, report, transform_fn, mask_fn)
         return report
     if data is not None:
         raise InvalidOptionError(
@@ -583,7 +601,7 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
     sparsity = counter.sparsity()
     spread = counter.token_quantiles((0.05, 0.95))
     for r in report.layers:
-        if r.name in sparsity:
+        if r.name in sparsity and r.mode == "sparsifying":  # the counter compares with a pass-through layer's unused threshold
             r.data_sparsity = sparsity[r.name]
             r.token_p5, r.token_p95 = spread[r.name]
     report.data_tokens = tokens or None

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import pl_actsparse.errors as E
-from pl_actsparse import TargetScope, prepare_activation_sparsity
+from pl_actsparse import TargetScope, activation_sparsity_report, load_activation_sparsity, prepare_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate.groups import find_shared_input_groups
 from pl_actsparse.core.int8 import Int8WeightLinear, quantize_weights_int8
 from pl_actsparse.core.layer import install_sparsifier, linear_like_weight_t, sparsifier_state
@@ -44,7 +44,62 @@ CASES = {
                                       E.InvalidOptionError, "-1"),
     "export of nothing": (lambda: export_for_inference(_net()), E.NotSparsifiedError, "Sequential"),
     "scope spec key": (lambda: scopes_from_list([{"pattern": ["x"], "sparsity": 0.5}]), E.ScopeSpecError, "'pattern'"),
+    "TargetScope keyword typo": (lambda: TargetScope(pattern=[".*"]), E.InvalidScopeError, "'pattern'; did you mean patterns=\\?"),
+    "export max_sparse_tokens not an int": (lambda: export_for_inference(_sparse_net(), max_sparse_tokens="x"), E.InvalidOptionError, "'x'"),
+    "export max_sparse_tokens negative": (lambda: export_for_inference(_sparse_net(), max_sparse_tokens=-5), E.InvalidOptionError, "-5"),
+    "export max_sparse_tokens bool": (lambda: export_for_inference(_sparse_net(), max_sparse_tokens=True), E.InvalidOptionError, "True"),
+    "report token_mask": (lambda: model_report(_sparse_net(), [torch.randn(2, 4)], token_mask="bogus"), E.TokenMaskError, "'bogus'"),
+    "report token_mask without data": (lambda: model_report(_sparse_net(), token_mask=3), E.TokenMaskError, "got 3"),
+    "load strict": (lambda: load_activation_sparsity(_net(), _sparse_net().state_dict(), strict="yes"), E.InvalidOptionError, "'yes'"),
+    "one tensor as calibration data": (lambda: sparsify_activations(_net(), torch.randn(8, 4), {TargetScope(names=["0"]): 0.5}),
+                                       E.InvalidOptionError, r"got one Tensor of shape \(8, 4\).*pass \[tensor\]"),
+    "one tensor as report data": (lambda: model_report(_sparse_net(), torch.randn(8, 4)), E.InvalidOptionError, r"\(8, 4\)"),
 }
+
+
+def _sparse_net():
+    net = _net()
+    sparsify_activations(net, [torch.randn(8, 4)], {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
+    return net
+
+
+@pytest.mark.parametrize("call", [lambda: export_for_inference("model"), lambda: activation_sparsity_report("model")])
+def test_a_non_module_model_is_a_type_error_naming_the_argument(call):
+    with pytest.raises(TypeError, match=r"model must be an nn.Module.*got str 'model'"):
+        call()
+
+
+def test_unmatched_regex_looking_names_and_type_strings_get_a_hint():
+    """A positional string is a name: one that looks like a regex says to use patterns=; a type string how types match."""
+    with pytest.raises(E.UnmatchedScopeError, match=r"name '\.\*up_proj' \(a regular expression\? pass it as patterns=\[...\]\)"):
+        prepare_activation_sparsity(_net(), {TargetScope(".*up_proj"): 0.5})
+    with pytest.raises(E.UnmatchedScopeError, match=r"type 'nn.Linear' \(a class, its __name__ such as 'Linear'"):
+        prepare_activation_sparsity(_net(), {TargetScope(types=["nn.Linear"]): 0.5})
+    with pytest.raises(E.UnmatchedScopeError, match=r"name 'layers.9'$"):  # a plain name: no hint
+        prepare_activation_sparsity(_net(), {TargetScope(names=["layers.9"]): 0.5})
+
+
+def test_tuple_batches_into_an_hf_attention_mask_warn_once():
+    """(input_ids, labels) pairs passed positionally put labels into an HF model's attention_mask: one warning per model;
+    an (input_ids, 0/1 mask) pair does not warn."""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+    from tiny_models import tiny_hf_llama
+
+    x, y = torch.randint(0, 64, (8, 16)), torch.randint(2, 64, (8, 16))
+    model = tiny_hf_llama()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(2):  # two calibrations of two batches each
+            sparsify_activations(model, DataLoader(TensorDataset(x, y), batch_size=4), {TargetScope(patterns=[".*_proj"]): 0.5},
+                                 calibration={"progress": False})
+    told = [str(w.message) for w in got if "attention_mask" in str(w.message)]
+    assert len(told) == 1 and "LlamaForCausalLM receives a tuple batch's 2nd element as attention_mask" in told[0] and "input_key=0" in told[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify_activations(tiny_hf_llama(), [(x[:4], torch.ones_like(x[:4]))], {TargetScope(patterns=[".*_proj"]): 0.5},
+                             calibration={"progress": False})
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

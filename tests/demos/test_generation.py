@@ -183,3 +183,12 @@ def test_hugging_face_llama_export_and_generate(backend):
                 assert probe.fraction == pytest.approx(0.5, abs=0.15)
     finally:
         kcpu.set_backend(None)
+
+
+@pytest.mark.parametrize("threads, words", [(1, "1 thread)"), (4, "4 threads)")])
+def test_demo_summary_says_thread_or_threads(threads, words):
+    from pl_actsparse.demos.generate import DecodeRun
+
+    run = DecodeRun(label="dense", text="x", token_ids=[1], new_tokens=1, seconds=[0.5])
+    text = str(DecodeComparison(prompt="p", dense=run, sparse=run, exported_layers=3, threads=threads))
+    assert text.endswith(f"speed 1.00x dense (3 exported layers, {words}")

@@ -615,3 +615,46 @@ def test_dense_checkpoint_into_callback_run_calibrates(tmp_path):
     assert len(cb.history) == 1  # dense weights loaded strictly, thresholds calibrated on them
     assert _thresholds(lm) == _reference_thresholds(lm, data.calibration_dataloader(), MLP, _dense_state(dense))
     assert math.isfinite(cb.history[0]["sparsity_after"])
+
+
+@pytest.mark.parametrize("enable_progress_bar", [False, True])
+def test_calibration_bar_goes_to_stderr_and_follows_the_trainer(enable_progress_bar, capsys):
+    """The functional bar is on stderr, stdout untouched; the callback draws it only when the trainer shows a bar."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import sparsify_activations
+
+    sparsify_activations(tiny_hf_llama(), [torch.randint(0, 64, (2, 16))], {TargetScope(patterns=[".*_proj"]): 0.5})
+    out, err = capsys.readouterr()
+    assert out == "" and "calibrating activation thresholds" in err
+    trainer = _trainer(_callback(calibration={"progress": True, "num_batches": 2}, calibration_source="calibration_dataloader"),
+                       enable_progress_bar=enable_progress_bar)
+    trainer.validate(TinyLM(), datamodule=TinyData())
+    out, err = capsys.readouterr()
+    assert "calibrating activation thresholds" not in out
+    assert ("calibrating activation thresholds" in err) == enable_progress_bar
+
+
+def test_input_key_mistakes_are_configuration_errors_naming_input_key():
+    """A key the batch lacks names input_key and the batch's keys; a dict batch whose keys forward does not take
+    (labels) names input_key as the fix, instead of a KeyError / TypeError deep inside the model."""
+    from pl_actsparse.errors import CallbackConfigurationError
+
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))} for _ in range(2)]
+    cases = [
+        (dict(input_key="input_idz"), r"input_key='input_idz' is not in the calibration batch, a dict with \['input_ids', 'labels'\]"),
+        (dict(input_key=None), r"a dict with keys \['input_ids', 'labels'\], passed as keyword arguments to TinyLM.forward\(x"
+                               r".*set input_key \(e.g. input_key='input_ids'"),
+        (dict(input_key=3), r"input_key=3 is not in the calibration batch, a dict"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(CallbackConfigurationError, match=match) as err:
+            _trainer(_callback(calibration_dataloader=batches, **kwargs)).validate(TinyLM(), datamodule=TinyData())
+        assert getattr(err.value, "argument", "input_key") == "input_key"
+    thresholds = []
+    for key in ("input_ids", None):  # right: the key, or forward taking the dict's keys
+        lm = TinyLM()
+        if key is None:
+            lm.forward = lambda input_ids, labels=None: lm.model(input_ids)
+        _trainer(_callback(calibration_dataloader=batches, input_key=key)).validate(lm, datamodule=TinyData())
+        thresholds.append(_thresholds(lm.model))
+    assert thresholds[0] == thresholds[1]

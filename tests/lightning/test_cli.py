@@ -284,7 +284,12 @@ def test_console_script_is_declared_and_answers(capsys):
         script.load()(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(s in out for s in ("fit", "validate", "test", "predict"))
+    assert all(s in out for s in ("fit", "validate", "test", "predict", "report CHECKPOINT", "build-kernels"))
+    with pytest.raises(SystemExit) as exit_info:
+        script.load()(["reprot", "x.ckpt"])  # an unknown subcommand: jsonargparse's error, after the list of all of them
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "report CHECKPOINT" in out and "build-kernels" in out and "reprot" in err
 
 
 def test_nothing_outside_demos_imports_demos():

@@ -236,3 +236,81 @@ def test_report_command_on_a_bad_file_is_one_line_and_exit_2(tmp_path, capsys, c
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0] and err[0].startswith("pl-actsparse report: error:")
+
+
+def test_pass_through_layers_skip_nothing_in_every_report(batches):
+    """Retargeted (set_target_sparsity) and never-calibrated layers pass inputs through: the report must not count their
+    stale calibration, threshold or data sparsity, in live, data and checkpoint reports and in the budget line."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import activation_sparsity_report, prepare_activation_sparsity, set_target_sparsity
+
+    scope = TargetScope(patterns=[r".*mlp\..*_proj"])
+    model = tiny_hf_llama()
+    sparsify_activations(model, batches[:3], {scope: 0.5}, calibration={"progress": False})
+    mlp0 = [f"model.layers.0.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    set_target_sparsity(model, {n: 0.2 for n in mlp0})  # block 1 stays sparsifying at 0.5
+    for report in (activation_sparsity_report(model), model_report(model, batches[3:]), model_report(model.state_dict())):
+        rows = {r.name: r for r in report.layers}
+        for name, r in rows.items():
+            if name in mlp0:
+                assert r.mode == "passthrough" and r.target == 0.2
+                assert r.calibration_sparsity is None and r.error is None and r.data_sparsity is None
+                assert r.achieved == 0.0 and r.bytes_skipped == 0.0
+            else:
+                assert r.mode == "sparsifying" and r.achieved == pytest.approx(0.5, abs=0.15)
+        assert report.bytes_skipped == pytest.approx(sum(r.bytes_skipped for r in rows.values() if r.name not in mlp0))
+        assert report.max_abs_error is None or report.max_abs_error < 0.01  # no stale "+0.3000"
+        cells = next(line for line in str(report).splitlines() if line.startswith(mlp0[0])).split()
+        assert cells[cells.index("0.2000") + 1:][:5] == ["-"] * 5  # threshold, calib., error, data, spread
+    budget_t, budget_a = activation_sparsity_report(model).budgets()[repr(scope)]
+    assert budget_t == pytest.approx((3 * 0.2 + 3 * 0.5) / 6) and budget_a == pytest.approx(0.5 / 2, abs=0.01)
+    fresh = tiny_hf_llama()
+    prepare_activation_sparsity(fresh, {scope: 0.5})  # never calibrated
+    report = activation_sparsity_report(fresh)
+    assert report.bytes_skipped == 0.0 and report.decode_saving == 0.0 and report.budgets()[repr(scope)] == (0.5, 0.0)
+    assert "(0.0% less; ideal memory-bound speed-up <= 1.00x)" in str(report)
+
+
+def test_exported_model_is_reported_from_its_saved_state(batches):
+    """After export_for_inference the report shows the exported layers (mode "exported") with the figures they had;
+    a retargeted (pass-through) layer exports without sparsity and counts 0; data cannot be measured there."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import activation_sparsity_report, export_for_inference, set_target_sparsity
+
+    model = tiny_hf_llama()
+    sparsify_activations(model, batches[:3], {TargetScope(patterns=[".*_proj"]): 0.5}, calibration={"progress": False})
+    set_target_sparsity(model, {"model.layers.0.mlp.down_proj": 0.2})
+    before = activation_sparsity_report(model)
+    with pytest.warns(UserWarning, match="not calibrated"):
+        export_for_inference(model)
+    after = activation_sparsity_report(model)
+    keys = ["name", "target", "calibration_sparsity", "in_features", "out_features", "weight_bytes"]
+    assert [[getattr(r, k) for k in keys] for r in after.layers] == [[getattr(r, k) for k in keys] for r in before.layers]
+    assert [r.threshold for r in after.layers if r.mode == "exported"] == [r.threshold for r in before.layers if r.mode == "sparsifying"]
+    assert [r.mode for r in after.layers] == ["passthrough" if r.mode == "passthrough" else "exported" for r in before.layers]
+    assert after.bytes_skipped == pytest.approx(before.bytes_skipped) and before.bytes_skipped > 0 and after.decode_bytes == before.decode_bytes
+    assert after.budgets() == before.budgets()
+    with pytest.raises(NotSparsifiedError, match=r"exported layers \(export_for_inference\) are not measured on data.*without data"):
+        model_report(model, batches[3:4])
+
+
+def test_budget_after_partial_removal_counts_removed_layers_as_dense(batches):
+    """remove_activation_sparsity(model, scope) leaves the other layers: the scope's budget stays the one over the layers
+    it had at sparsify time, the removed ones count 0 in achieved, and the budget line names them."""
+    from tiny_models import tiny_hf_llama
+    from pl_actsparse import activation_sparsity_report, remove_activation_sparsity
+
+    scope = TargetScope(patterns=[".*_proj"])
+    model = tiny_hf_llama()
+    sparsify_activations(model, batches[:3], {scope: 0.5}, calibration={"progress": False}, allocation="auto")
+    full = activation_sparsity_report(model)
+    remove_activation_sparsity(model, TargetScope(patterns=[r".*mlp\..*"]))
+    after = activation_sparsity_report(model)
+    mlp = [r for r in full.layers if ".mlp." in r.name]
+    assert [r.name for r in after.removed] == [r.name for r in mlp] and all(".mlp." not in r.name for r in after.layers)
+    assert [(r.target, r.weight_bytes, r.achieved, r.mode) for r in after.removed] == [(r.target, r.weight_bytes, 0.0, "removed") for r in mlp]
+    (target, achieved), = after.budgets().values()
+    total = sum(r.weight_bytes for r in full.layers)
+    assert target == pytest.approx(full.budgets()[repr(scope)][0], abs=1e-12) == pytest.approx(0.5, abs=1e-9)
+    assert achieved == pytest.approx(sum(r.bytes_skipped for r in full.layers if ".mlp." not in r.name) / total)
+    assert f"removed since, counted dense: {mlp[0].name}" in str(after)

@@ -552,3 +552,39 @@ def test_search_scores_a_bounded_number_of_candidates_whatever_the_number_of_kin
         handle.remove()
         assert _budget_met(model, [f"blocks.{i}.{k}.proj" for i in range(2) for k in "abcd"], 0.5) == pytest.approx(0.5, abs=1e-9)
     assert calls["auto"] - calls["fisher"] == len(SEARCH_POWERS) * len(SEARCH_RATES) * 1  # every second of 2 items
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "auto"])
+def test_non_finite_activations_name_the_layer_whatever_the_allocation(allocation, batches):
+    """An inf weight makes the next layer's input non-finite: auto (gradient pass) says so like uniform (calibration)."""
+    from tiny_models import tiny_hf_llama
+
+    model = tiny_hf_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteActivationError, match=r"layer 'model.layers.1.mlp.down_proj' received \d+ non-finite input value"):
+        sparsify_activations(model, batches[:2], {TargetScope(patterns=[".*_proj"]): 0.5}, allocation=allocation, calibration={"progress": False})
+    assert not any(is_sparsified(m) for m in model.modules())
+
+
+def test_auto_allocation_in_inference_mode_equals_no_grad(batches):
+    """Inside torch.inference_mode (data made there too) the gradient pass leaves it: the same levels as under no_grad;
+    a model whose parameters are inference tensors is a precise error, nothing changed."""
+    from tiny_models import tiny_hf_llama
+
+    recipe = {TargetScope(patterns=[".*_proj"]): 0.5}
+    with torch.no_grad():
+        ref = sparsify_activations(tiny_hf_llama(), batches[:3], recipe, allocation="auto", calibration={"progress": False})
+    got = tiny_hf_llama()
+    with torch.inference_mode():
+        data = [b.clone() for b in batches[:3]]  # inference tensors
+        sparsify_activations(got, data, recipe, allocation="auto", calibration={"progress": False})
+    levels = lambda m: {r.name: r.target for r in activation_sparsity_report(m).layers}  # noqa: E731
+    assert levels(got) == pytest.approx(levels(ref), abs=1e-9)
+    (target, achieved), = activation_sparsity_report(got).budgets().values()
+    assert target == pytest.approx(0.5, abs=1e-9) and achieved == pytest.approx(0.5, abs=1e-3)
+    with torch.inference_mode():
+        frozen = tiny_hf_llama()
+        with pytest.raises(InvalidOptionError, match=r"allocation='auto' needs a gradient pass.*under torch.inference_mode \(\['model.embed_tokens.weight'.*allocation='uniform'"):
+            sparsify_activations(frozen, batches[:2], recipe, allocation="auto", calibration={"progress": False})
+    assert not any(is_sparsified(m) for m in frozen.modules())
