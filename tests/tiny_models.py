@@ -106,3 +106,17 @@ def best_reachable(abs_values: torch.Tensor, target: float) -> float:
     counts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.searchsorted(v, distinct, right=True).double()])
     err = (counts - target * n).abs()
     return float(counts[int(torch.nonzero(err == err.min())[0, 0])]) / n
+
+
+def count_token_calls(monkeypatch, module, name: str) -> list[int]:
+    """Patch ``module.name`` (a kernel entry ``f(x, ...)``) to record the token count of each call; the list fills as
+    it is called."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def counting(x, *args):
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, *args)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls

@@ -17,7 +17,7 @@ from pl_actsparse import TargetScope, calibrate_activation_sparsity, sparsify_ac
 from pl_actsparse.core.layer import sparsified_layers
 from pl_actsparse.calibrate.running import compilation_disabled
 from pl_actsparse.measure.metric import ActivationSparsity
-from tiny_models import tiny_hf_llama
+from tiny_models import count_token_calls, tiny_hf_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,15 +264,7 @@ def _count_kernel_calls(monkeypatch):
     """Token counts of the calls of the CPU sparse kernel (eager layers and the custom op both end there)."""
     import pl_actsparse.export.linear as linear_mod
 
-    calls = []
-    real = linear_mod.sparse_linear_cpu
-
-    def counting(x, *args):
-        calls.append(x.numel() // x.shape[-1])
-        return real(x, *args)
-
-    monkeypatch.setattr(linear_mod, "sparse_linear_cpu", counting)
-    return calls
+    return count_token_calls(monkeypatch, linear_mod, "sparse_linear_cpu")
 
 
 def _graph_ops(gm) -> set:

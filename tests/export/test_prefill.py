@@ -19,7 +19,7 @@ from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.export.convert import export_for_inference, exported_layers
 from pl_actsparse.export.linear import SparseInferenceLinear
 from pl_actsparse.kernels import dispatch
-from tiny_models import tiny_hf_llama
+from tiny_models import count_token_calls, tiny_hf_llama
 
 OP = "pl_actsparse.sparse_inference_linear.default"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}  # relative to max |reference|
@@ -57,15 +57,7 @@ def race(monkeypatch):
 @pytest.fixture
 def packed_calls(monkeypatch):
     """Token counts of the calls that went through the prepacked copy."""
-    calls = []
-    real = linear_mod.packed_linear
-
-    def counting(x, *args):
-        calls.append(x.numel() // x.shape[-1])
-        return real(x, *args)
-
-    monkeypatch.setattr(linear_mod, "packed_linear", counting)
-    return calls
+    return count_token_calls(monkeypatch, linear_mod, "packed_linear")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
