@@ -12,7 +12,7 @@ text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
   stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all seven projections, ``--lora-variant``
   lora, dora or rslora, gate/up/down at 50%, evaluated before and after ``merge_and_unload``). The ingredients are
   options applied to every run of the command (``--distillation 0`` turns distillation off, ``--distillation-end`` ramps its weight, ``--kl``,
-  ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
+  ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--allocation``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
   names the variant, so a run is stored as ``NAME`` or ``NAME+TAG``;
 * step time in one process at ``--timing-threads`` threads: sparse / dense and sparse + distillation / sparse,
   per-round ratios of median step times, median over rounds (target sparse / dense <= 1.10);
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hidden-states", default=None, help="regex of the blocks whose outputs are matched too (distillation hidden_states=)")
     parser.add_argument("--teacher", choices=("initial", "dense", "base"), default="initial")
     parser.add_argument("--gradient-mode", choices=("masked", "ste"), default="masked")
+    parser.add_argument("--allocation", choices=("uniform", "auto", "fisher"), default=None,
+                        help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",
             recalibrate_every_n_steps=args.recalibrate_every or None, gradient_mode=args.gradient_mode, on_train_end="make_permanent",
             schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False,
-            calibration={"progress": False}, verbose=False, distillation=distillation, allocation="auto" if name == "all7" else "uniform",
+            calibration={"progress": False}, verbose=False, distillation=distillation, allocation=args.allocation or ("auto" if name == "all7" else "uniform"),
         )
         if name == "lora":
             from pl_actsparse.demos.peft_models import LoRATinyStoriesLM
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["max_layer_error_on_calibration_data"] = round(activation_sparsity_report(module.model).max_abs_error, 6)
         run["recalibrations"] = [{"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
                                   "sparsity_after": round(h["sparsity_after"], 4)} for h in callback.history]
-        if name == "all7":
+        if callback.allocated:
             run["allocation"] = {n: round(v, 6) for n, v in callback.allocated["levels"].items()}
         if name == "lora":
             run["lora_variant"] = args.lora_variant
