@@ -343,7 +343,8 @@ def test_a_failed_fit_leaves_no_distillation_behind():
 
 def test_a_resumed_fit_distils_from_the_original_start_of_fit(tmp_path):
     """teacher="initial" is saved in the callback's checkpoint state: resuming at an epoch boundary ends bit-identical
-    to the uninterrupted fit (without it the teacher would be the weights at the resume)."""
+    to the uninterrupted fit (without it the teacher would be the weights at the resume); the weight schedule, a
+    function of the global step, continues where it was."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     data = token_batches(2, batch=2, seq=12)
@@ -353,7 +354,7 @@ def test_a_resumed_fit_distils_from_the_original_start_of_fit(tmp_path):
         module = UserLM(tiny_llama(), lr=0.5)
         saver = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)] if save else []
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=save, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[_callback({"weight": 0.9, "hidden_states": r"layers\.\d+"}), *saver])
+                             enable_model_summary=False, callbacks=[_callback({"weight": 0.9, "weight_end": 0.3, "hidden_states": r"layers\.\d+"}), *saver])
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None), ckpt_path=ckpt_path)
         return module
 
