@@ -7,12 +7,12 @@ text (the first ``--heldout-windows`` 256-token windows of tinyshakespeare.txt):
 * dense and training-free perplexity for each recipe asked for, with achieved sparsity on the evaluation stories;
 * fine-tunes (``--runs``), every one through ``Trainer.fit`` with :class:`~pl_actsparse.ActivationSparsityCallback`
   (``distillation=``, recalibration every ``--recalibrate-every`` steps and on the final weights): ``mlp``
-  (gate/up/down at 50%), ``all7`` (all seven projections at 50% of their weight bytes, per-layer targets from
-  ``sparsify_activations(..., allocation="auto")`` on the calibration stories, handed to the callback as one
-  scope per layer), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all
-  seven projections, gate/up/down at 50%, evaluated before and after ``merge_and_unload``). The ingredients are
-  options applied to every run of the command (``--distillation 0`` turns distillation off, ``--kl``,
-  ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
+  (gate/up/down at 50%), ``all7`` (all seven projections at 50% of their weight bytes: one scope and the
+  callback's ``allocation="auto"``, which allocates per-layer levels at its first calibration, on the calibration
+  stories), ``all7_uniform`` (50% each) and ``lora`` (peft LoRA r=16 on all seven projections, ``--lora-variant``
+  lora, dora or rslora, gate/up/down at 50%, evaluated before and after ``merge_and_unload``). The ingredients are
+  options applied to every run of the command (``--distillation 0`` turns distillation off, ``--distillation-end`` ramps its weight, ``--kl``,
+  ``--temperature``, ``--hidden-states``, ``--teacher``, ``--gradient-mode``, ``--allocation``, ``--ramp-steps``, ``--recalibrate-every 0``); ``--tag``
   names the variant, so a run is stored as ``NAME`` or ``NAME+TAG``;
 * step time in one process at ``--timing-threads`` threads: sparse / dense and sparse + distillation / sparse,
   per-round ratios of median step times, median over rounds (target sparse / dense <= 1.10);
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import statistics
 import sys
 import time
@@ -60,17 +59,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--distillation", type=float, default=0.9, help="weight of the KL to the dense model (callback distillation=)")
+    parser.add_argument("--distillation-end", type=float, default=None, help="distillation weight at the last step, linear from --distillation (weight_end=)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--kl", choices=("forward", "reverse"), default="forward", help="KL direction of the distillation")
     parser.add_argument("--hidden-states", default=None, help="regex of the blocks whose outputs are matched too (distillation hidden_states=)")
     parser.add_argument("--teacher", choices=("initial", "dense", "base"), default="initial")
     parser.add_argument("--gradient-mode", choices=("masked", "ste"), default="masked")
+    parser.add_argument("--allocation", choices=("uniform", "auto", "fisher"), default=None,
+                        help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dense and training-free evaluations (a variant of a run measured before)")
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="peak learning rate of the LoRA run")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-variant", choices=("lora", "dora", "rslora"), default="lora", help="peft use_dora / use_rslora")
     parser.add_argument("--timing-steps", type=int, default=8, help="timed steps per fit in the step-time part")
     parser.add_argument("--timing-rounds", type=int, default=3, help="rounds of the step-time part (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -96,7 +99,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
     from pl_actsparse.demos.tinystories import TokenWindows, load_stories, resolve_data_dir
     from pl_actsparse.measure.metric import SparsityCounter
-    from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
     from pl_actsparse.tuning.objectives import perplexity
 
     started = time.perf_counter()
@@ -131,16 +133,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dense_model = load_llama2c_checkpoint(checkpoint)
         dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
         log(f"dense {dense}")
-    recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": 0.5}], "all7_uniform": [{"patterns": [ALL7], "sparsity": 0.5}]}
+    recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": 0.5}], "all7_uniform": [{"patterns": [ALL7], "sparsity": 0.5}],
+                                                "all7": [{"patterns": [ALL7], "sparsity": 0.5}]}
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(runs_wanted) - set(RUNS))
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; valid: {RUNS}")
     training_free: dict[str, Any] = {}
-    if "all7" in runs_wanted:  # the model-wide allocation (empirical Fisher), its training-free figure, its per-layer targets
+    if "all7" in runs_wanted and not args.no_baselines:  # the model-wide allocation (empirical Fisher), training-free
         model = load_llama2c_checkpoint(checkpoint)
         sparsify_activations(model, calibration, {TargetScope(patterns=[ALL7]): 0.5}, allocation="auto", calibration={"progress": False})
-        recipes["all7"] = [{"patterns": [".*" + re.escape(n)], "sparsity": round(sparsifier_state(m).target, 6)} for n, m in sparsified_layers(model)]
         training_free["all7"] = evaluate(model)
         log(f"training-free all7 (allocation='auto'): {training_free['all7']}")
     for name, scopes in recipes.items():
@@ -153,19 +155,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- fine-tunes, every one through Trainer.fit with the callback's distillation -----------------------------
     runs: dict[str, Any] = {}
     for name in runs_wanted:
-        distillation: Any = {"weight": args.distillation, "temperature": args.temperature, "kl": args.kl, "teacher": args.teacher,
+        distillation: Any = {"weight": args.distillation, "weight_end": args.distillation_end, "temperature": args.temperature, "kl": args.kl, "teacher": args.teacher,
                               "hidden_states": args.hidden_states} if args.distillation else None
         pl.seed_everything(0, verbose=False)
         callback = ActivationSparsityCallback(
             scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",
             recalibrate_every_n_steps=args.recalibrate_every or None, gradient_mode=args.gradient_mode, on_train_end="make_permanent",
             schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False,
-            calibration={"progress": False}, verbose=False, distillation=distillation,
+            calibration={"progress": False}, verbose=False, distillation=distillation, allocation=args.allocation or ("auto" if name == "all7" else "uniform"),
         )
         if name == "lora":
             from pl_actsparse.demos.peft_models import LoRATinyStoriesLM
 
-            lora = {"r": args.lora_rank, "lora_alpha": 2 * args.lora_rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+            lora = {"use_dora": args.lora_variant == "dora", "use_rslora": args.lora_variant == "rslora", "r": args.lora_rank, "lora_alpha": 2 * args.lora_rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
             module: Any = LoRATinyStoriesLM(lora=lora, checkpoint=checkpoint, learning_rate=args.lora_lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
         else:
             module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
@@ -176,7 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run["max_layer_error_on_calibration_data"] = round(activation_sparsity_report(module.model).max_abs_error, 6)
         run["recalibrations"] = [{"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
                                   "sparsity_after": round(h["sparsity_after"], 4)} for h in callback.history]
+        if callback.allocated:
+            run["allocation"] = {n: round(v, 6) for n, v in callback.allocated["levels"].items()}
         if name == "lora":
+            run["lora_variant"] = args.lora_variant
             run["trainable_parameters"] = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
             merged = module.merged_model()
             run["merged"] = evaluate(merged)
@@ -195,7 +200,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dense": dense,
         "training_free": training_free,
         "runs": runs,
-        "all7_allocation": recipes.get("all7"),
         "step_time": step_time,
         "step_time_compiled": compiled,
         "seconds": round(time.perf_counter() - started, 1),

@@ -34,6 +34,8 @@ class DistillationConfig:
 
     Args:
         weight: ``w`` in ``(1 - w) * loss + w * distillation``, in [0, 1] (1: distillation only).
+        weight_end: None (constant ``weight``) or the weight in [0, 1] of the last optimizer step, reached linearly
+            from ``weight`` at step 0 over the fit's ``Trainer.estimated_stepping_batches`` (:meth:`weight_at`).
         temperature: ``T`` > 0; both distributions are softened by ``T`` and the KL is scaled by ``T^2``.
         teacher: ``"initial"`` (sparsity off, the trainable parameters as at the start of fit: a copy of those),
             ``"dense"`` (sparsity off, current weights, no copy) or ``"base"`` (sparsity and peft adapters off).
@@ -46,19 +48,25 @@ class DistillationConfig:
     """
 
     weight: float = 0.9
+    weight_end: float | None = None
     temperature: float = 1.0
     teacher: Literal["initial", "dense", "base"] = "initial"
     kl: Literal["forward", "reverse"] = "forward"
     hidden_states: str | None = None
 
     def __post_init__(self) -> None:
-        for name, ok, valid in (("weight", (isinstance(self.weight, float) or type(self.weight) is int) and 0 <= self.weight <= 1, "a number in [0, 1]"),
+        for name, ok, valid in (("weight", _is_weight(self.weight), "a number in [0, 1]"), ("weight_end", self.weight_end is None or _is_weight(self.weight_end), "None or a number in [0, 1]"),
                                 ("temperature", (isinstance(self.temperature, float) or type(self.temperature) is int) and 0 < self.temperature < math.inf, "a finite number > 0"),
                                 ("teacher", self.teacher in ("initial", "dense", "base"), "one of ('initial', 'dense', 'base')"),
                                 ("kl", self.kl in ("forward", "reverse"), "one of ('forward', 'reverse')"),
                                 ("hidden_states", _is_regex(self.hidden_states), "None or a regular expression")):
             if not ok:
                 raise InvalidOptionError(f"distillation {name} must be {valid}, got {getattr(self, name)!r}")
+
+    def weight_at(self, step: int, total: float) -> float:
+        """The weight at optimizer step ``step`` (0-based) of a fit of ``total`` steps: ``weight``, or with ``weight_end``
+        ``weight + min(1, step / (total - 1)) * (weight_end - weight)`` (``weight_end`` from the last step on)."""
+        return self.weight if self.weight_end is None else self.weight + min(1.0, step / max(1.0, total - 1)) * (self.weight_end - self.weight)
 
     @classmethod
     def from_value(cls, value: Any) -> DistillationConfig | None:
@@ -74,6 +82,10 @@ class DistillationConfig:
         if unknown := sorted(str(k) for k in value if k not in fields):
             raise InvalidOptionError(f"unknown distillation option(s) {unknown}; valid: {fields}")
         return cls(**value)
+
+
+def _is_weight(v: Any) -> bool:
+    return (isinstance(v, float) or type(v) is int) and 0 <= v <= 1
 
 
 def _is_regex(v: Any) -> bool:
@@ -130,6 +142,10 @@ class Distiller:
         self.teacher_weights: dict[str, torch.Tensor] | None = None
 
     def attach(self, trainer: Trainer, pl_module: LightningModule, module: nn.Module) -> None:
+        total = 1 if self.config.weight_end is None else trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise CallbackConfigurationError(f"distillation weight_end={self.config.weight_end} ramps over the fit's optimizer steps, which are unbounded here; "
+                                             "set the Trainer's max_steps or max_epochs, or weight_end=None")
         saved = self.teacher_weights  # restored from a checkpoint, or None
         self.detach()
         if not pl_module.automatic_optimization:
@@ -187,9 +203,11 @@ class Distiller:
             if not losses:
                 raise ActivationSparsityError(f"distillation: {type(pl_module).__qualname__}.training_step never called the forward of {where}")
             loss, kd = out["loss"] if isinstance(out, Mapping) else out, torch.stack(losses).mean()
+            w = c.weight_at(trainer.global_step, total)
             pl_module.log(self.log_key, kd.detach(), on_step=True, batch_size=1)
-            total = (1.0 - c.weight) * loss + c.weight * kd.to(loss.dtype)
-            return {**out, "loss": total} if isinstance(out, Mapping) else total
+            pl_module.log(self.log_key.rsplit("/", 1)[0] + "/distill_weight", w, on_step=True, batch_size=1)
+            mixed = (1.0 - w) * loss + w * kd.to(loss.dtype)
+            return {**out, "loss": mixed} if isinstance(out, Mapping) else mixed
 
         pl_module.__dict__["training_step"] = training_step
         self._undo = [*(h.remove for h in handles), lambda: pl_module.__dict__.pop("training_step", None)]

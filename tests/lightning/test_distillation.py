@@ -85,7 +85,8 @@ def test_config_from_a_weight_or_a_mapping():
      ({"teacher": "sparse"}, "teacher must be one of ('initial', 'dense', 'base'), got 'sparse'"), (True, "got bool"),
      ({"wieght": 0.9}, "unknown distillation option(s) ['wieght']"), ("0.9", "got str"),
      ({"kl": "both"}, "kl must be one of ('forward', 'reverse'), got 'both'"),
-     ({"hidden_states": "layers.("}, "hidden_states must be None or a regular expression, got 'layers.('")],
+     ({"hidden_states": "layers.("}, "hidden_states must be None or a regular expression, got 'layers.('"),
+     ({"weight_end": 1.5}, "weight_end must be None or a number in [0, 1], got 1.5"), ({"weight_end": "1"}, "weight_end must be None or a number in [0, 1], got '1'")],
 )
 def test_bad_config_names_the_value(value, message):
     with pytest.raises(InvalidOptionError) as info:
@@ -171,6 +172,36 @@ def test_weight_zero_returns_the_users_loss_and_training_moves_towards_the_teach
     module = UserLM(tiny_llama(), lr=0.5)
     trainer, losses = _fit(module, data * 5, _callback(1.0), steps=20)
     assert losses[-1] < 0.9 * losses[0]  # distillation only: the sparse model approaches the dense one
+
+
+def test_weight_schedule_is_linear_over_optimizer_steps():
+    config = DistillationConfig(weight=0.2, weight_end=1.0)
+    assert [config.weight_at(s, 5) for s in (0, 2, 4, 9)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    assert DistillationConfig(weight=0.3).weight_at(7, 10) == 0.3 and DistillationConfig(weight=0.3, weight_end=0.1).weight_at(0, 1) == 0.3
+
+
+def test_weight_schedule_mixes_and_logs_the_weight_of_each_optimizer_step():
+    class Mixed(pl.Callback):
+        def __init__(self) -> None:
+            self.rows: list[tuple[float, float, float, float]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            self.rows.append((float(m["actsparse/train/distill_weight"]), float(outputs["ce"]), float(m["actsparse/train/distill_loss"]),
+                              float(outputs["loss"])))
+
+    data, mixed = token_batches(6, batch=2, seq=12), Mixed()
+    module = UserLM(tiny_llama(), dict_output=True, lr=0.0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accumulate_grad_batches=2, callbacks=[_callback({"weight": 0.0, "weight_end": 1.0}), mixed])
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    weights = [w for w, *_ in mixed.rows]
+    assert weights == pytest.approx([0.0, 0.0, 0.5, 0.5, 1.0, 1.0])  # per micro-batch: steps 0, 1 (middle), 2 (end) of 3
+    for w, ce, kd, loss in mixed.rows:
+        assert kd > 1e-4 and 2 * loss == pytest.approx((1 - w) * ce + w * kd, rel=1e-5)  # Lightning divides by the accumulation
+    with pytest.raises(CallbackConfigurationError, match=r"weight_end=0.5 ramps over the fit's optimizer steps, which are unbounded"):
+        pl.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   callbacks=[_callback({"weight_end": 0.5})]).fit(UserLM(tiny_llama()), train_dataloaders=DataLoader(data, batch_size=None))
 
 
 def test_hf_model_output_with_padding_under_bf16_mixed_and_gradient_accumulation():
@@ -312,7 +343,8 @@ def test_a_failed_fit_leaves_no_distillation_behind():
 
 def test_a_resumed_fit_distils_from_the_original_start_of_fit(tmp_path):
     """teacher="initial" is saved in the callback's checkpoint state: resuming at an epoch boundary ends bit-identical
-    to the uninterrupted fit (without it the teacher would be the weights at the resume)."""
+    to the uninterrupted fit (without it the teacher would be the weights at the resume); the weight schedule, a
+    function of the global step, continues where it was."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     data = token_batches(2, batch=2, seq=12)
@@ -322,7 +354,7 @@ def test_a_resumed_fit_distils_from_the_original_start_of_fit(tmp_path):
         module = UserLM(tiny_llama(), lr=0.5)
         saver = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)] if save else []
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=save, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[_callback({"weight": 0.9, "hidden_states": r"layers\.\d+"}), *saver])
+                             enable_model_summary=False, callbacks=[_callback({"weight": 0.9, "weight_end": 0.3, "hidden_states": r"layers\.\d+"}), *saver])
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None), ckpt_path=ckpt_path)
         return module
 
