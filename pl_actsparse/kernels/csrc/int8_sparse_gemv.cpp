@@ -33,9 +33,16 @@ void accumulate(const int8_t* q, int64_t ld, int64_t j0, int64_t n, const int64_
     int64_t j = 0;
 #ifdef PLAS_I8_AVX2
     if (ntok == 1) {
+      // Prefetch the same columns of the next group of kept rows while streaming this one: the rows are
+      // scattered, so the hardware prefetcher would start each row cold (as sparse_gemv.cpp; docs/int8.md).
+      const int8_t* next[kU];
+      const bool more = k + 2 * kU <= nr;
+      for (int64_t u = 0; u < kU && more; ++u) next[u] = q + rows[k + kU + u] * ld + j0;
       __m256 vb[kU];
       for (int64_t u = 0; u < kU; ++u) vb[u] = _mm256_set1_ps(v[u]);
       for (; j + 16 <= n; j += 16) {
+        if (more && j % 64 == 0)
+          for (int64_t u = 0; u < kU; ++u) _mm_prefetch(reinterpret_cast<const char*>(next[u] + j), _MM_HINT_T0);
         __m256 s0 = _mm256_loadu_ps(acc + j);
         __m256 s1 = _mm256_loadu_ps(acc + j + 8);
         for (int64_t u = 0; u < kU; ++u) {
