@@ -22,7 +22,8 @@ kernel's (:func:`pl_actsparse.kernels.cpu.set_backend`, ``PL_ACTSPARSE_CPU_KERNE
 ``"cpp"``
     A small C++ kernel (``kernels/csrc/int8_sparse_gemv.cpp``, built once per environment like the float
     kernel: :mod:`pl_actsparse.kernels._extension`). Each thread owns a block of output columns and streams
-    8 kept int8 rows at a time (AVX2: int8 -> int32 -> fp32 widen + FMA).
+    8 kept int8 rows at a time (AVX2: int8 -> int32 -> fp32 widen + FMA), for one token prefetching 512 bytes
+    ahead in the stream of kept rows (``docs/int8.md``).
 ``"torch"``
     Pure PyTorch fallback: ``index_select`` of the kept int8 rows, converted to fp32 in blocks, then a
     matmul. Correct, but slower than a dense bf16 ``F.linear`` (measured in ``docs/int8.md``).

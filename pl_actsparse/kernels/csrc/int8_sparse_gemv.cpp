@@ -15,6 +15,7 @@ namespace {
 
 constexpr int64_t kU = 8;                    // int8 rows of W^T accumulated together
 constexpr int64_t kMinParallelBytes = 1 << 18;
+constexpr int64_t kPf = 512;                 // prefetch distance, bytes (of 256-2048 tried, 512 was best)
 
 #ifdef PLAS_I8_AVX2
 inline __m256 load8(const int8_t* p) {
@@ -33,9 +34,19 @@ void accumulate(const int8_t* q, int64_t ld, int64_t j0, int64_t n, const int64_
     int64_t j = 0;
 #ifdef PLAS_I8_AVX2
     if (ntok == 1) {
+      // Software prefetch kPf bytes ahead in the stream of kept rows, into the next group's rows near the end of
+      // this one: the rows are scattered, so the hardware prefetcher would start each row cold (docs/int8.md).
+      const int8_t* next[kU];
+      const bool more = k + 2 * kU <= nr;
+      for (int64_t u = 0; u < kU && more; ++u) next[u] = q + rows[k + kU + u] * ld + j0;
       __m256 vb[kU];
       for (int64_t u = 0; u < kU; ++u) vb[u] = _mm256_set1_ps(v[u]);
       for (; j + 16 <= n; j += 16) {
+        if (j % 64 == 0) {  // one line per row: kPf bytes ahead in this group's rows, or past them in the next's
+          const int64_t d = j + kPf, o = d < n ? d : d - n;
+          const int8_t* const* p = d < n ? r : more ? next : nullptr;
+          for (int64_t u = 0; p && u < kU; ++u) _mm_prefetch(reinterpret_cast<const char*>(p[u] + o), _MM_HINT_T0);
+        }
         __m256 s0 = _mm256_loadu_ps(acc + j);
         __m256 s1 = _mm256_loadu_ps(acc + j + 8);
         for (int64_t u = 0; u < kU; ++u) {
