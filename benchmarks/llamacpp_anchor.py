@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="llama-bench -r")
     p.add_argument("--gguf-dir", default="/tmp/pl_actsparse_anchor", help="where the GGUF files are written (kept)")
     p.add_argument("--interleave-ours", type=int, default=0, metavar="ROUNDS",
-                   help="also alternate, ROUNDS times, one llama-bench decode run per type with this repository's dense and "
-                        "50%%-sparse decode (benchmarks/decode.py's models, bf16, 1 thread) and report per-round ratios")
+                   help="also alternate, ROUNDS times, one llama-bench decode run per type with this repository's dense, 50%%-sparse and "
+                        "int8 + 50%%-sparse decode (benchmarks/decode.py's models) and report per-round ratios")
+    p.add_argument("--interleave-threads", type=int, default=1, help="threads of both sides in --interleave-ours")
     add_out_argument(p, "llamacpp_anchor")
     args = p.parse_args(argv)
     if not args.llama_bench or not Path(args.llama_bench).is_file():
@@ -205,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def interleave_ours(args: argparse.Namespace) -> dict:
-    """Rounds of: llama-bench decode of ``--gen-tokens`` for each type (one repetition, 1 thread), then ours, dense
-    and all seven projections at 50%, the same number of tokens (``decode.py``'s models and decode loop): on a shared
+    """Rounds of: llama-bench decode of ``--gen-tokens`` for each type (one repetition, ``--interleave-threads``), then
+    ours (same threads), dense, all seven projections at 50% and int8 + 50%, the same number of tokens (``decode.py``'s models and decode loop): on a shared
     machine, slow drifts hit both sides of a round alike, so the median of per-round ratios is the figure."""
     import statistics
 
@@ -215,29 +216,38 @@ def interleave_ours(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     import decode
 
-    torch.set_num_threads(1)
+    threads = args.interleave_threads
+    torch.set_num_threads(threads)
     ns = argparse.Namespace(e2e_layers=args.layers, seed=0, e2e_dtype="bfloat16", calib_tokens=32, calib_prompts=4,
                             e2e_sparsity=0.5, prompt_tokens=8)
+    from pl_actsparse import TargetScope, export_for_inference, quantize_weights_int8, sparsify_activations
+
     runs: dict = {}
-    for variant in ("dense", "all"):
-        model, _ = decode._build_e2e_model(ns, variant)
+    for variant in ("dense", "all", "int8"):
+        model, _ = decode._build_e2e_model(ns, "dense" if variant == "int8" else variant)
+        if variant == "int8":  # every Linear int8 (the LM head too, as the Q8_0 GGUF), then 50% on the seven projections
+            quantize_weights_int8(model)
+            calib = [torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))]
+            sparsify_activations(model, calib, {TargetScope(patterns=[r".*_proj"]): 0.5}, calibration={"progress": False})
+            export_for_inference(model)
         runs[variant] = decode._decoder(model, decode._prompt(ns, model.config.vocab_size), args.gen_tokens, 8 + 4 * args.gen_tokens)
         runs[variant](0)  # warm-up
-    tps: dict = {k: [] for k in [f"llamacpp_{t}" for t in args.types.split(",")] + ["ours_dense", "ours_sparse"]}
+    tps: dict = {k: [] for k in [f"llamacpp_{t}" for t in args.types.split(",")] + ["ours_dense", "ours_sparse", "ours_int8_sparse"]}
     for r in range(args.interleave_ours):
         for kind in args.types.split(","):
             path = Path(args.gguf_dir) / f"tinyllama_shapes_{args.layers}l_{kind}.gguf"
-            tps[f"llamacpp_{kind}"].append(llama_bench(args.llama_bench, path, 1, args.gen_tokens, 0, 1)["decode"]["tokens_per_s"])
-        for variant, key in (("dense", "ours_dense"), ("all", "ours_sparse")):
+            tps[f"llamacpp_{kind}"].append(llama_bench(args.llama_bench, path, threads, args.gen_tokens, 0, 1)["decode"]["tokens_per_s"])
+        for variant, key in (("dense", "ours_dense"), ("all", "ours_sparse"), ("int8", "ours_int8_sparse")):
             t = time.perf_counter()
             runs[variant](r)
             tps[key].append(args.gen_tokens / (time.perf_counter() - t))
         print(f"[anchor] round {r}: " + json.dumps({k: round(v[-1], 3) for k, v in tps.items()}), file=sys.stderr, flush=True)
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(tps[a], tps[b])), 3)  # noqa: E731
-    out = {"threads": 1, "tokens_per_round": args.gen_tokens, "rounds": args.interleave_ours,
+    out = {"threads": threads, "tokens_per_round": args.gen_tokens, "rounds": args.interleave_ours,
            "tokens_per_s_median": {k: round(statistics.median(v), 3) for k, v in tps.items()},
            "tokens_per_s": {k: [round(x, 3) for x in v] for k, v in tps.items()}}
     out["ours_sparse_vs"] = {k: ratio("ours_sparse", k) for k in tps if k != "ours_sparse"}
+    out["ours_int8_sparse_vs"] = {k: ratio("ours_int8_sparse", k) for k in tps if k != "ours_int8_sparse"}
     return out
 
 
