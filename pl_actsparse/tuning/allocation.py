@@ -29,6 +29,7 @@ from torch import nn
 from pl_actsparse.api import calibrate_activation_sparsity, plan_activation_sparsity, prepare_activation_sparsity
 from pl_actsparse.calibrate.allocation import allocate_levels, lower_hull
 from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
+from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import preserved, weight_nbytes
 from pl_actsparse.core.recipe import dump_scopes_yaml, load_scopes_yaml, scopes_from_list, validate_target
@@ -147,7 +148,7 @@ def measure_sensitivity(
     max_sparsity = validate_target(max_sparsity, "max_sparsity")
     if min_sparsity > max_sparsity:
         raise InvalidTargetError(f"min_sparsity {min_sparsity} > max_sparsity {max_sparsity}")
-    data = list(itertools.islice(dataset, config.num_batches))
+    data = list(itertools.islice(check_batches(dataset), config.num_batches))
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     names, base = list(plan.targets), dict(plan.targets)
     modules = dict(model.named_modules())

@@ -24,6 +24,7 @@ from torch import nn
 
 from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, set_target_sparsity
 from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
+from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import SparsifierMode, preserved, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.recipe import validate_target
@@ -192,7 +193,7 @@ def sweep_sparsity(
         raise InvalidOptionError(f"evaluate must be a callable model -> float, got {evaluate!r}")
     if not targets:
         raise InvalidTargetError("targets is empty: give at least one sweep point")
-    data = list(dataset) if not isinstance(dataset, (list, tuple)) else dataset
+    data = list(check_batches(dataset)) if not isinstance(dataset, (list, tuple)) else dataset
     modules = dict(model.named_modules())
     if target_scope is not None:
         recipe = target_scope if isinstance(target_scope, Mapping) else {target_scope: 0.0}

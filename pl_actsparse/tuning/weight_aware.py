@@ -24,6 +24,7 @@ again to keep the score.
 from __future__ import annotations
 
 import math
+from pl_actsparse.calibrate.running import check_batches
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -104,7 +105,7 @@ def sparsify_activations_weight_aware(
     names = list(plan.targets)
     scales: dict[str, torch.Tensor] = {n: weight_column_norms(modules[n]) for n in names}
     if share_groups:
-        data = dataset if isinstance(dataset, (list, tuple)) else list(dataset)
+        data = dataset if isinstance(dataset, (list, tuple)) else list(check_batches(dataset))
         dataset = data
         if groups is None:
             from pl_actsparse.calibrate.groups import find_shared_input_groups

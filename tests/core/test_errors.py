@@ -14,6 +14,9 @@ from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.measure.metric import ActivationSparsity, quantile_from_histogram
 from pl_actsparse.measure.report import model_report
+from pl_actsparse.tuning.allocation import allocate_sparsity
+from pl_actsparse.tuning.sweep import sweep_sparsity
+from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 
 
 def _net():
@@ -54,6 +57,12 @@ CASES = {
     "one tensor as calibration data": (lambda: sparsify_activations(_net(), torch.randn(8, 4), {TargetScope(names=["0"]): 0.5}),
                                        E.InvalidOptionError, r"got one Tensor of shape \(8, 4\).*pass \[tensor\]"),
     "one tensor as report data": (lambda: model_report(_sparse_net(), torch.randn(8, 4)), E.InvalidOptionError, r"\(8, 4\)"),
+    "one tensor to allocate_sparsity": (lambda: allocate_sparsity(_net(), torch.randn(8, 4), 0.5, TargetScope(names=["0"])),
+                                        E.InvalidOptionError, r"\(8, 4\).*pass \[tensor\]"),
+    "one tensor to sweep_sparsity": (lambda: sweep_sparsity(_net(), torch.randn(8, 4), [0.5], lambda m: 0.0, TargetScope(names=["0"])),
+                                     E.InvalidOptionError, r"\(8, 4\).*pass \[tensor\]"),
+    "one tensor to weight-aware": (lambda: sparsify_activations_weight_aware(_net(), torch.randn(8, 4), {TargetScope(names=["0"]): 0.5}),
+                                   E.InvalidOptionError, r"\(8, 4\).*pass \[tensor\]"),
 }
 
 
@@ -97,7 +106,7 @@ def test_tuple_batches_into_an_hf_attention_mask_warn_once():
     told = [str(w.message) for w in got if "attention_mask" in str(w.message)]
     assert len(told) == 1 and "LlamaForCausalLM receives a tuple batch's 2nd element as attention_mask" in told[0] and "input_key=0" in told[0]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*attention_mask")  # only ours: other libraries may warn once per process
         sparsify_activations(tiny_hf_llama(), [(x[:4], torch.ones_like(x[:4]))], {TargetScope(patterns=[".*_proj"]): 0.5},
                              calibration={"progress": False})
 
