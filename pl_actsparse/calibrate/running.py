@@ -8,6 +8,7 @@ import itertools
 import warnings
 import weakref
 import sys
+import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -97,14 +98,16 @@ def forward_is_not_reentrant(model: nn.Module) -> bool:
 
 
 _WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models told that a tuple's 2nd element is their attention_mask
+_WARN_LOCK = threading.Lock()
 
 
 def _positional(model: nn.Module, inputs: Any) -> Any:
     second = inputs[1] if isinstance(inputs, (tuple, list)) and len(inputs) > 1 and model not in _WARNED else None
     if second is not None and not (isinstance(second, torch.Tensor) and bool(((second == 0) | (second == 1)).all())):
         with contextlib.suppress(TypeError, ValueError):
-            if list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]:
-                _WARNED.add(model)
+            with _WARN_LOCK:  # batches run in overlapping threads: check and add at once, so one warning per model
+                told, _ = model in _WARNED, _WARNED.add(model)
+            if not told and list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]:
                 warnings.warn(f"{type(model).__name__} receives a tuple batch's 2nd element as attention_mask (its 2nd positional argument), but it is "
                               "not a 0/1 mask: pass dict batches, or select the inputs (callback: input_key=0; transform_fn=lambda b: b[0])", stacklevel=3)
     return inputs
