@@ -102,14 +102,19 @@ _WARN_LOCK = threading.Lock()
 
 
 def _positional(model: nn.Module, inputs: Any) -> Any:
-    second = inputs[1] if isinstance(inputs, (tuple, list)) and len(inputs) > 1 and model not in _WARNED else None
-    if second is not None and not (isinstance(second, torch.Tensor) and bool(((second == 0) | (second == 1)).all())):
-        with contextlib.suppress(TypeError, ValueError):
-            with _WARN_LOCK:  # batches run in overlapping threads: check and add at once, so one warning per model
-                told, _ = model in _WARNED, _WARNED.add(model)
-            if not told and list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]:
-                warnings.warn(f"{type(model).__name__} receives a tuple batch's 2nd element as attention_mask (its 2nd positional argument), but it is "
-                              "not a 0/1 mask: pass dict batches, or select the inputs (callback: input_key=0; transform_fn=lambda b: b[0])", stacklevel=3)
+    second = inputs[1] if isinstance(inputs, (tuple, list)) and len(inputs) > 1 else None
+    if second is None or model in _WARNED or (isinstance(second, torch.Tensor) and bool(((second == 0) | (second == 1)).all())):
+        return inputs
+    with _WARN_LOCK:  # batches run in overlapping threads: check and record at once, so one warning per model
+        told = model in _WARNED
+        _WARNED.add(model)
+    try:
+        takes_mask = list(inspect.signature(model.forward).parameters)[1:2] == ["attention_mask"]
+    except (TypeError, ValueError):  # builtins, C extensions: nothing to check
+        takes_mask = False
+    if not told and takes_mask:
+        warnings.warn(f"{type(model).__name__} receives a tuple batch's 2nd element as attention_mask (its 2nd positional argument), but it is "
+                      "not a 0/1 mask: pass dict batches, or select the inputs (callback: input_key=0; transform_fn=lambda b: b[0])", stacklevel=3)
     return inputs
 
 

@@ -463,7 +463,8 @@ def install_sparsifier(
     """Turn one Linear into a sparsified one (pass-through until calibrated), or retarget it if it already is."""
     if is_sparsified(module):  # a new target makes it pass through until recalibrated; the same one keeps its threshold
         s = module._actsparse  # type: ignore[union-attr]
-        s.target, s.mode = float(target), s.mode if s.target == float(target) else SparsifierMode.PASSTHROUGH
+        if s.target != float(target):
+            s.target, s.mode = float(target), SparsifierMode.PASSTHROUGH
         s.gradient_mode = GradientMode(gradient_mode)
         return module
     if not is_linear_like(module):

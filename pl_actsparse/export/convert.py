@@ -24,7 +24,7 @@ from pl_actsparse.core.layer import linear_like_spec, threshold_summary
 from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, UnsupportedModuleError
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
-    PREFILL_MODES, THRESHOLD_BUFFER, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state,
+    THRESHOLD_BUFFER, check_export_options, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state,
     is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
@@ -76,13 +76,10 @@ def export_for_inference(
     :class:`~pl_actsparse.errors.InvalidOptionError` for another ``prefill`` and for ``"prepacked"`` where a
     float layer's weight cannot be packed (not on CPU, fp64, no oneDNN), before any change.
     """
-    if prefill not in PREFILL_MODES:
-        raise InvalidOptionError(f"export_for_inference: prefill must be one of {PREFILL_MODES}, got {prefill!r}")
-    # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")
-    if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
-        raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
+    check_export_options(max_sparse_tokens, prefill)
+    # remove_duplicate=False: a module registered under two names is replaced under both (by one new layer).
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
                if is_sparsified_linear(m) or isinstance(m, Int8WeightLinear)]
     if not targets:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
-from pl_actsparse.export.linear import SparseInferenceLinear, plain_exported_state
+from pl_actsparse.export.linear import SparseInferenceLinear, check_export_options, plain_exported_state
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
 from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
@@ -50,8 +50,7 @@ class Int8SparseInferenceLinear(nn.Module):
         super().__init__()
         if not isinstance(layer, Int8WeightLinear):
             raise TypeError(f"expected an Int8WeightLinear, got {type(layer).__qualname__}")
-        if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
-            raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
+        check_export_options(max_sparse_tokens)
         self.in_features = layer.in_features
         self.out_features = layer.out_features
         self.mode = layer.mode

@@ -33,9 +33,19 @@ from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, packed_linear, prepack_weight, sparse_token_crossover
 
-__all__ = ["SparseInferenceLinear", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
+__all__ = ["SparseInferenceLinear", "check_export_options", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
 
 PREFILL_MODES = ("shared", "prepacked")
+
+
+def check_export_options(max_sparse_tokens: Any, prefill: Any = "shared") -> None:
+    """The one check of the export options (:func:`~pl_actsparse.export.convert.export_for_inference`, before any
+    change, and each layer's constructor). Raises ``InvalidOptionError``: ``max_sparse_tokens`` not None or an int >= 0,
+    ``prefill`` not in :data:`PREFILL_MODES`."""
+    if max_sparse_tokens is not None and (not isinstance(max_sparse_tokens, int) or isinstance(max_sparse_tokens, bool) or max_sparse_tokens < 0):
+        raise InvalidOptionError(f"max_sparse_tokens must be an int >= 0 (0: always dense) or None (the measured crossover), got {max_sparse_tokens!r}")
+    if prefill not in PREFILL_MODES:
+        raise InvalidOptionError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
 
 
 def is_sparsified_linear(module: nn.Module) -> bool:
@@ -116,10 +126,7 @@ class SparseInferenceLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if max_sparse_tokens is not None and max_sparse_tokens < 0:
-            raise ValueError(f"max_sparse_tokens must be >= 0 or None, got {max_sparse_tokens}")
-        if prefill not in PREFILL_MODES:
-            raise InvalidOptionError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        check_export_options(max_sparse_tokens, prefill)
         self.prefill = prefill
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features

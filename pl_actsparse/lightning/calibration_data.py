@@ -133,12 +133,13 @@ class CalibrationData:
         loaders = getattr(trainer, _TRAINER_LOADERS[source], None) if source in STAGE_SOURCES and trainer is not None else None
         if loaders is not None:
             return first_loader(loaders), f"the {source} dataloader"
-        names = " nor ".join(type(o).__name__ for o in owners) if len(owners) > 1 else (type(owners[0]).__name__ if owners else "nothing")
+        names = [type(o).__name__ for o in owners]
+        who = f"neither {' nor '.join(names)} has a" if len(names) > 1 else f"{names[0]} has no" if names else "there is no"
         known = sorted({n for o in owners for n in dir(o) if n.endswith("dataloader") and _method(o, n) is not None})
         close = difflib.get_close_matches(method, known, n=1, cutoff=0.85)
-        raise config_error("calibration_source", f"calibration_source={self.source!r}: {'neither ' if len(owners) > 1 else ''}{names} has "
-                           f"{'no' if len(owners) < 2 else 'a'} method {method!r}{f' (did you mean {close[0]!r}?)' if close else ''}, "
-                           "and the run has no such dataloader; pass calibration_dataloader or define the method")
+        raise config_error("calibration_source", f"calibration_source={self.source!r}: {who} method {method!r}"
+                           f"{f' (did you mean {close[0]!r}?)' if close else ''}, and the run has no such dataloader; "
+                           "pass calibration_dataloader or define the method")
 
     def batches(self, loader: Iterable[Any], world_size: int = 1, rank: int = 0) -> Iterator[Any]:
         """This rank's share of the first ``config.num_batches`` items of ``loader``, round-robin over ranks, so the

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pl_actsparse.export.linear as inf
+from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.export.convert import export_for_inference, exported_layers
 from pl_actsparse.export.linear import SparseInferenceLinear, default_max_sparse_tokens, is_sparsified_linear
 from pl_actsparse.kernels import cpu, dispatch
@@ -295,8 +296,11 @@ def test_default_crossover_comes_from_the_table_when_asked(monkeypatch, torch_ba
     assert layer.sparse_token_limit(torch.bfloat16) == 5 == default_max_sparse_tokens(torch.bfloat16, "torch")
     monkeypatch.setitem(cpu.MIN_SPARSE_WEIGHT_BYTES, "torch", 8 * 16 * 4 + 1)  # now too small: always dense
     assert layer.sparse_token_limit(torch.float32) == 0
-    with pytest.raises(ValueError, match="max_sparse_tokens"):
-        SparseInferenceLinear.from_linear(sparsified_linear(8, 16), max_sparse_tokens=-1)
+    for bad in (-1, "8", True):  # one check (export.linear.check_export_options) for the layers and export_for_inference
+        with pytest.raises(InvalidOptionError, match=f"max_sparse_tokens must be an int >= 0.*got {bad!r}"):
+            SparseInferenceLinear.from_linear(sparsified_linear(8, 16), max_sparse_tokens=bad)
+    with pytest.raises(InvalidOptionError, match=r"prefill must be one of \('shared', 'prepacked'\), got 'packed'"):
+        SparseInferenceLinear.from_linear(sparsified_linear(8, 16), prefill="packed")
     dispatch.clear_profile_memo()
 
 
