@@ -15,9 +15,11 @@ q/k/v/o/gate/up/down, and the MLP only) and budget, perplexity on stories 0-149 
   batches, one greedy path per block serves every budget; see :func:`teal_greedy`);
 * ``fisher_only``: ``allocation="fisher"``, the empirical-Fisher curves' convex optimum without the search (ablation);
 * ``ours``: ``sparsify_activations(..., allocation="auto")`` (:mod:`pl_actsparse.calibrate.allocation`): that
-  optimum searched over a few reweightings of the curves, scored by the real next-token loss.
+  optimum searched over a few reweightings of the curves, scored by the real next-token loss;
+* ``ours_fisher_score``: the same allocation on the score ``|x_i| * E[g_i^2] ** (1/4)`` instead of ``|x_i|``
+  (``sparsify_activations_weight_aware(..., score="fisher", allocation="auto")``, per-channel thresholds).
 
-Cost: ``ours`` (allocation and exact calibration) in dense forward passes over the calibration data, timed in
+Cost: ``ours`` and ``ours_fisher_score`` (allocation and exact calibration) in dense forward passes over the calibration data, timed in
 the same process. Calibration: stories 500-599, 256-token windows, batches of 8.
 
     python benchmarks/allocation.py [--budgets 0.3 0.4 0.5 0.6] [--scopes mlp all] [--out benchmarks/results/allocation.json]
@@ -221,21 +223,25 @@ def main() -> None:
             m = load_llama2c_checkpoint()
             sparsify_activations(m, calib, recipe, calibration=QUIET, allocation="fisher")
             row["fisher_only"] = measure(m, names, evaluation, heldout)
-            m = load_llama2c_checkpoint()
-            dense = [dense_pass() for _ in range(3)]
-            t0 = time.perf_counter()
-            sparsify_activations(m, calib, recipe, calibration=QUIET, allocation="auto")
-            seconds = time.perf_counter() - t0
-            dense += [dense_pass() for _ in range(3)]
-            row["ours"] = measure(m, names, evaluation, heldout) | {
-                "seconds": round(seconds, 2), "dense_forward_seconds": round(statistics.median(dense), 3),
-                "cost_in_dense_forwards": round(seconds / statistics.median(dense), 1),
-                "levels": {n.replace("layers.", "").replace("self_attn.", "").replace("mlp.", ""): round(sparsifier_state(m.get_submodule(n)).target, 3) for n in names},
-            }
-            for other in ("teal_greedy", "uniform"):
-                for key, suffix in (("perplexity", ""), ("heldout_perplexity", "_heldout")):
-                    row[f"ours_vs_{other.split('_')[0]}{suffix}"] = round(row["ours"][key] / row[other][key] - 1, 4)
-            log(json.dumps({k: v for k, v in row.items() if k != "ours"}), "ours", row["ours"]["perplexity"])
+            for key, run in (("ours", lambda m: sparsify_activations(m, calib, recipe, calibration=QUIET, allocation="auto")),
+                             ("ours_fisher_score", lambda m: sparsify_activations_weight_aware(
+                                 m, calib, recipe, score="fisher", calibration=QUIET, allocation="auto"))):
+                m = load_llama2c_checkpoint()
+                dense = [dense_pass() for _ in range(3)]
+                t0 = time.perf_counter()
+                run(m)
+                seconds = time.perf_counter() - t0
+                dense += [dense_pass() for _ in range(3)]
+                row[key] = measure(m, names, evaluation, heldout) | {
+                    "seconds": round(seconds, 2), "dense_forward_seconds": round(statistics.median(dense), 3),
+                    "cost_in_dense_forwards": round(seconds / statistics.median(dense), 1),
+                    "levels": {n.replace("layers.", "").replace("self_attn.", "").replace("mlp.", ""): round(sparsifier_state(m.get_submodule(n)).target, 3) for n in names},
+                }
+                for other in ("teal_greedy", "uniform"):
+                    for metric, suffix in (("perplexity", ""), ("heldout_perplexity", "_heldout")):
+                        row[f"{key}_vs_{other.split('_')[0]}{suffix}"] = round(row[key][metric] / row[other][metric] - 1, 4)
+            log(json.dumps({k: v for k, v in row.items() if not k.startswith("ours")}), "ours", row["ours"]["perplexity"],
+                "ours_fisher_score", row["ours_fisher_score"]["perplexity"])
             rows.append(row)
             write(complete=False)
     write(complete=True)

@@ -37,11 +37,11 @@ from pl_actsparse.calibrate.distributed import Distributed
 from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, map_tensors, model_device, to_device
 from pl_actsparse.calibrate.sequential import input_gradients, sequential_input_gradients
 from pl_actsparse.config import CalibrationConfig
-from pl_actsparse.core.layer import weight_nbytes
+from pl_actsparse.core.layer import linear_like_spec, weight_nbytes
 from pl_actsparse.core.masking import resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError, NonFiniteActivationError
 
-__all__ = ["fisher_curves", "allocate_levels", "lower_hull", "next_token_nll", "search_levels", "SEARCH_POWERS", "SEARCH_RATES", "SEARCH_FRACTION", "MAX_RATED_KINDS", "QUANTILE_SAMPLE"]
+__all__ = ["fisher_curves", "gradient_scales", "allocate_levels", "lower_hull", "next_token_nll", "search_levels", "SEARCH_POWERS", "SEARCH_RATES", "SEARCH_FRACTION", "MAX_RATED_KINDS", "QUANTILE_SAMPLE"]
 
 #: Levels at which the curves are read (the allocation interpolates between them).
 GRID = tuple(i / 50 for i in range(48))  # 0 .. 0.94
@@ -85,8 +85,6 @@ def fisher_curves(
         NonFiniteActivationError: a layer's input (named), or the loss gradient at it, is not finite. (Call it outside
             inference mode, ``torch.inference_mode(False)``; inference-tensor batches are cloned.)
     """
-    transform = config.transform_fn or default_transform_fn
-    mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)
     counts = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
     scores = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
@@ -103,12 +101,7 @@ def fisher_curves(
                 s = (x.float() * select_tokens(g, mask, layer=name).float()).pow(2).reshape(-1).double().cpu() / 2
                 scores[name] += torch.bincount(keys, weights=s, minlength=COARSE_BINS)
 
-    items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
-    if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
-        for item in items:
-            inputs = to_device(transform(item), device)
-            mask = mask_fn(item) if mask_fn is not None else None
-            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, mask)[0], None, []))[0], mask)
+    items = _gradient_pass(model, layers, items, loss_fn, config, add)
     dist = Distributed(config.sync_across_processes, device)
     if dist.count(len(items)) == 0:
         raise EmptyDatasetError("the calibration data is empty: it yielded no item")
@@ -124,6 +117,21 @@ def fisher_curves(
         raise EmptyDatasetError("the calibration data gave the allocation no loss signal (every layer's score is 0): no real "
                                 "next-token prediction (sequences of one real token?) or a loss that does not depend on these layers")
     return curves
+
+
+def _gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], loss_fn: Callable,
+                   config: CalibrationConfig, add: Callable[[list, Any], None]) -> list:
+    """One forward and backward per item (block by block with the sequential method): ``add([(name, input, its
+    gradient)], token mask)``; returns the items as a list."""
+    transform = config.transform_fn or default_transform_fn
+    mask_fn, device = resolve_mask_fn(config.token_mask), model_device(model)
+    items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
+    if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
+        for item in items:
+            inputs = to_device(transform(item), device)
+            mask = mask_fn(item) if mask_fn is not None else None
+            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, mask)[0], None, []))[0], mask)
+    return items
 
 
 def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -159,6 +167,33 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
     m = mask.to(inputs.device).bool()
     keep = (m[:, :-1] & m[:, 1:]).flatten()
     return losses[keep].sum(), int(keep.sum())
+
+
+def gradient_scales(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], config: CalibrationConfig,
+                    loss_fn: Callable[[Any, Any, Any], Any] = next_token_nll) -> dict[str, torch.Tensor]:
+    """Per input channel ``c_i = E[g_i^2] ** (1/4)`` (fp32 ``[in_features]`` per layer name), ``g = dL/dx`` over the real
+    tokens of ``items``, from one forward and backward of the (dense) ``model``; summed over ranks.
+
+    The expected loss increase of zeroing ``x_i`` is ``x_i^2 E[g_i^2] / 2`` (Optimal Brain Damage, as in
+    :func:`fisher_curves`), so ``|x_i| * E[g_i^2] ** (1/2)`` orders inputs by it; the square root of that scale, halfway
+    in log scale between ``|x|`` and that score, is what :func:`~pl_actsparse.tuning.weight_aware.sparsify_activations_weight_aware`
+    uses for ``score="fisher"`` (measured on stories260K, ``docs/allocation.md``: the full scale loses at 60%).
+
+    Raises:
+        EmptyDatasetError: ``items`` is empty on every rank.
+    """
+    sums = {n: torch.zeros(linear_like_spec(m).in_features(m) + 1, dtype=torch.float64) for n, m in layers}  # type: ignore[union-attr]
+
+    def add(got: list, mask: torch.Tensor | None) -> None:
+        for name, _x, g in got:  # per channel: summed g^2, then the token count
+            if g is not None:
+                g = select_tokens(g, mask, layer=name).float().reshape(-1, g.shape[-1])
+                sums[name] += torch.cat([g.pow(2).sum(0), g.new_tensor([g.shape[0]])]).double().cpu()
+
+    dist = Distributed(config.sync_across_processes, model_device(model))
+    if dist.count(len(_gradient_pass(model, layers, items, loss_fn, config, add))) == 0:
+        raise EmptyDatasetError("the calibration data is empty: it yielded no item")
+    return {n: (s[:-1] / s[-1].clamp(min=1)).pow(0.25).float() for n, s in ((n, dist.sum_(s)) for n, s in sums.items())}
 
 
 def lower_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -31,12 +31,19 @@ import torch
 from torch import nn
 
 from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
+from pl_actsparse.calibrate import chosen_method
+from pl_actsparse.calibrate.allocation import gradient_scales
+from pl_actsparse.core.layer import activation_sparsity_disabled
+from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
-from pl_actsparse.errors import UnsupportedModuleError
+from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
-__all__ = ["weight_column_norms", "sparsify_activations_weight_aware", "is_weight_aware"]
+__all__ = ["weight_column_norms", "sparsify_activations_weight_aware", "is_weight_aware", "SCORES"]
+
+#: ``score=`` of :func:`sparsify_activations_weight_aware`: the per-channel scale ``c_i`` of ``|x_i| * c_i``.
+SCORES = ("weight", "fisher")
 
 
 def weight_column_norms(layers: nn.Linear | Sequence[nn.Linear]) -> torch.Tensor:
@@ -73,19 +80,25 @@ def sparsify_activations_weight_aware(
     target_sparsity_by_scope: Mapping[TargetScope, float],
     ignored_scope: IgnoredScope | None = None,
     *,
+    score: str = "weight",
     share_groups: bool = False,
     groups: Sequence[Sequence[str]] | None = None,
     calibration: CalibrationConfig | Mapping[str, Any] | str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """:func:`~pl_actsparse.sparsify_activations` with the score ``|x_i| * ||W[:, i]||`` instead of ``|x_i|``.
+    """:func:`~pl_actsparse.sparsify_activations` with the score ``|x_i| * c_i`` instead of ``|x_i|``.
 
-    ``share_groups``: layers that read the same tensor and have equal targets use one scale (the column
-    norms of their stacked weights), so they share one threshold vector and one mask; ``groups`` overrides
+    ``score="weight"``: ``c_i = ||W[:, i]||`` (WINA). ``score="fisher"``: ``c_i = E[(dL/dx_i)^2] ** (1/4)`` over the
+    data's real tokens, from one forward and backward pass of the dense model (next-token NLL of a causal LM on
+    token ids; :func:`~pl_actsparse.calibrate.allocation.gradient_scales`): the channels the loss is sensitive to are
+    zeroed later. With ``allocation="auto"`` it is the best model-wide setting measured on stories260K
+    (``docs/allocation.md``). ``share_groups``: layers that read the same tensor and have equal targets use one scale
+    (stacked weight columns; summed ``E[g^2]``), so they share one threshold vector and one mask; ``groups`` overrides
     the detection (:func:`~pl_actsparse.calibrate.groups.find_shared_input_groups`). ``calibration`` and the other
-    keyword arguments (``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
+    keyword arguments (``allocation``, ``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
 
     Raises:
+        InvalidOptionError: an unknown ``score``; with ``"fisher"``, inputs that are not token ids of a causal LM.
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
 
     >>> import torch
@@ -99,14 +112,22 @@ def sparsify_activations_weight_aware(
     >>> tuple(net[0].activation_threshold.shape), float((net[0].sparsify_input(data[0]) == 0).float().mean())
     ((16,), 0.5)
     """
+    if score not in SCORES:
+        raise InvalidOptionError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
     config = CalibrationConfig.from_value(calibration)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     modules = dict(model.named_modules())
     names = list(plan.targets)
-    scales: dict[str, torch.Tensor] = {n: weight_column_norms(modules[n]) for n in names}
-    if share_groups:
+    if share_groups or score == "fisher":
         data = dataset if isinstance(dataset, (list, tuple)) else list(check_batches(dataset))
         dataset = data
+    if score == "fisher":
+        layers = [(n, modules[n]) for n in names]
+        with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):
+            model.eval()
+            fisher = gradient_scales(model, layers, data, config.replace(method=chosen_method(model, layers, config)))
+    scales: dict[str, torch.Tensor] = {n: fisher[n] if score == "fisher" else weight_column_norms(modules[n]) for n in names}
+    if share_groups:
         if groups is None:
             from pl_actsparse.calibrate.groups import find_shared_input_groups
 
@@ -117,8 +138,9 @@ def sparsify_activations_weight_aware(
             for n in members:
                 by_target.setdefault(plan.targets[n], []).append(n)
             for ms in by_target.values():
-                if len(ms) > 1:
-                    shared = weight_column_norms([modules[n] for n in ms])
+                if len(ms) > 1:  # one scale for the group: stacked columns, or the summed E[g^2]
+                    shared = (sum(fisher[n] ** 4 for n in ms) ** 0.25 if score == "fisher"  # type: ignore[misc]
+                              else weight_column_norms([modules[n] for n in ms]))
                     for n in ms:
                         scales[n] = shared
     handles = []

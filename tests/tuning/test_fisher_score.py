@@ -1,0 +1,133 @@
+"""``score="fisher"``: per-channel scales ``E[(dL/dx_i)^2] ** (1/4)`` from one gradient pass, the zeroing rule
+``|x_i| * c_i <= tau`` at exact per-layer levels, with ``allocation="auto"`` on a Hugging Face Llama, and equal on
+2 gloo ranks to one process reading both shards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pl_actsparse import TargetScope, remove_activation_sparsity
+from pl_actsparse.calibrate.allocation import gradient_scales
+from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
+from pl_actsparse.errors import InvalidOptionError
+from pl_actsparse.measure.metric import SparsityCounter
+from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUIET = {"progress": False}
+
+
+def _sum_loss(out, inputs, mask):
+    return out.sum(), 1
+
+
+def test_gradient_scales_of_a_linear_map_are_its_weights_fourth_root():
+    # y = W x, L = sum(y): dL/dx = W^T 1 for every token, so E[g_i^2] = (sum_j W_ji)^2 and c_i = |sum_j W_ji| ** 0.5
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 3))
+    data = [torch.randn(5, 6), torch.randn(7, 6)]
+    c = gradient_scales(net, [("0", net[0])], data, CalibrationConfig(token_mask=None), _sum_loss)
+    expected = net[0].weight.detach().double().sum(0).abs().sqrt().float()
+    torch.testing.assert_close(c["0"], expected, rtol=1e-5, atol=0)
+    assert net[0].weight.grad is None  # parameters' gradients untouched
+
+
+def test_unknown_score_is_refused_before_any_change():
+    from tiny_models import tiny_hf_llama, token_batches
+
+    model = tiny_hf_llama()
+    with pytest.raises(InvalidOptionError, match="score must be one of 'weight', 'fisher', got 'grad'"):
+        sparsify_activations_weight_aware(model, token_batches(), {TargetScope(patterns=[r".*_proj"]): 0.5}, score="grad")
+    assert not list(sparsified_layers(model))
+
+
+def test_fisher_score_with_auto_allocation_on_hf_llama():
+    from tiny_models import tiny_hf_llama, token_batches
+
+    model = tiny_hf_llama().eval()
+    data = token_batches(n=6, batch=2, seq=16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    scope = TargetScope(patterns=[r".*_proj"])
+    layers = [(n, m) for n, m in model.named_modules() if scope.matches(n, m)]
+    hf_loss = lambda out, ids, mask: (torch.nn.functional.cross_entropy(  # noqa: E731
+        out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"), ids[:, 1:].numel())
+    scales = gradient_scales(model, layers, data, CalibrationConfig(), hf_loss)
+    sparsify_activations_weight_aware(model, data, {scope: 0.5}, score="fisher", calibration=QUIET, allocation="auto")
+    levels = {n: sparsifier_state(m).target for n, m in sparsified_layers(model)}
+    assert len(levels) == 14 and max(levels.values()) - min(levels.values()) > 0.05  # allocated, not uniform
+    nbytes = {n: m.weight.numel() for n, m in sparsified_layers(model)}
+    assert sum(nbytes[n] * s for n, s in levels.items()) / sum(nbytes.values()) == pytest.approx(0.5, abs=1e-3)
+    for n, m in sparsified_layers(model):
+        assert is_weight_aware(m)
+        finite = scales[n] > 0
+        tau = m.activation_threshold * scales[n]  # the rule |x_i| * c_i <= tau: one tau per layer
+        torch.testing.assert_close(tau[finite], tau[finite][:1].expand(int(finite.sum())), rtol=1e-5, atol=0)
+    with SparsityCounter(model) as counter, torch.no_grad():
+        for b in data:
+            model(b)
+    achieved = counter.sparsity()
+    assert all(abs(achieved[n] - levels[n]) < 0.02 for n in levels)  # each layer at its allocated level
+    remove_activation_sparsity(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_block_wise_gradient_pass_gives_the_whole_model_scales(caplog):
+    from tiny_models import tiny_hf_llama, token_batches
+
+    model = tiny_hf_llama().eval()
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith("_proj")]
+    loss = lambda o, ids, mask: (torch.nn.functional.cross_entropy(o.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"), 1)  # noqa: E731
+    whole = gradient_scales(model, layers, token_batches(n=3), CalibrationConfig(method="lockstep"), loss)
+    with caplog.at_level(logging.WARNING, logger="pl_actsparse"):
+        blocks = gradient_scales(model, layers, token_batches(n=3), CalibrationConfig(method="sequential"), loss)
+    assert not [r for r in caplog.records if r.name.startswith("pl_actsparse")]  # no fallback to the whole model: the pass really went block by block
+    for n in whole:
+        torch.testing.assert_close(blocks[n], whole[n], rtol=1e-4, atol=1e-7)
+
+
+def _worker(out: Path, rank: int) -> None:  # pragma: no cover - runs in the subprocesses
+    import torch.distributed as dist
+
+    from tiny_models import tiny_hf_llama, token_batches
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"file://{out / 'rendezvous'}")
+    model = tiny_hf_llama().eval()
+    mine = token_batches(n=4, batch=2, seq=16)[rank::2]
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith("_proj")]
+    loss = lambda o, ids, mask: (torch.nn.functional.cross_entropy(o.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"), 1)  # noqa: E731
+    torch.save(gradient_scales(model, layers, mine, CalibrationConfig(), loss), out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_get_the_scales_of_the_union(tmp_path):
+    from tiny_models import tiny_hf_llama, token_batches
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(r)], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    model = tiny_hf_llama().eval()
+    layers = [(n, m) for n, m in model.named_modules() if n.endswith("_proj")]
+    loss = lambda o, ids, mask: (torch.nn.functional.cross_entropy(o.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"), 1)  # noqa: E731
+    union = gradient_scales(model, layers, token_batches(n=4, batch=2, seq=16), CalibrationConfig(), loss)
+    assert a.keys() == union.keys()
+    for n in union:
+        assert torch.equal(a[n], b[n])  # every rank the same scales
+        torch.testing.assert_close(a[n], union[n], rtol=1e-5, atol=0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _worker(Path(sys.argv[1]), int(sys.argv[2]))
