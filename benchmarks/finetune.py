@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--allocation", choices=("uniform", "auto", "fisher"), default=None,
                         help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes (data order, adapter initialisation)")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dense and training-free evaluations (a variant of a run measured before)")
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in runs_wanted:
         distillation: Any = {"weight": args.distillation, "weight_end": args.distillation_end, "temperature": args.temperature, "kl": args.kl, "teacher": args.teacher,
                               "hidden_states": args.hidden_states} if args.distillation else None
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(args.seed, verbose=False)
         callback = ActivationSparsityCallback(
             scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",
             recalibrate_every_n_steps=args.recalibrate_every or None, gradient_mode=args.gradient_mode, on_train_end="make_permanent",
