@@ -10,7 +10,6 @@ See ``docs/inference.md``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +24,7 @@ from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, Unsuppor
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
     THRESHOLD_BUFFER, check_export_options, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state,
-    is_sparsified_linear,
+    exported_threshold, is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.dispatch import prepack_race, prepack_unavailable, sparse_token_crossover
@@ -135,8 +134,6 @@ def export_for_inference(
         if new is None:
             if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-                if not applies_threshold(old):
-                    new.activation_threshold.fill_(-math.inf)
             elif int8[id(old)] is not None:  # a library's int8 codes (torchao), read as they are
                 new = _int8_from_codes(name, old, int8.pop(id(old)), max_sparse_tokens)
             else:
@@ -187,14 +184,7 @@ def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_toke
     shell.zero_point = zp.detach().float().reshape(1, -1).contiguous()
     shell.bias = linear.bias
     new = Int8SparseInferenceLinear(shell, max_sparse_tokens=max_sparse_tokens)
-    t = linear._buffers[THRESHOLD_BUFFER]
-    if t.numel() != 1:
-        raise UnsupportedModuleError(
-            f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel (a "
-            f"per-channel threshold is not supported on int8 weights), got shape {tuple(t.shape)}"
-        )
-    new.activation_threshold = (t.detach().reshape(()).float().clone() if applies_threshold(linear)
-                                else torch.tensor(-math.inf, device=t.device))
+    new.activation_threshold = exported_threshold(linear, linear.in_features)
     new.sparsity_state = exported_state(linear)
     new.train(linear.training)
     # what to_linear needs to give back the library's module bit for bit (no tensor data kept)
