@@ -168,3 +168,16 @@ def test_int8_kernel_per_channel(int8_backend, mode, gran, dtype, ntok):
     # the rows skipped are the reference's: through an identity the zero pattern is the masked input's
     qe, se, ze = k8.quantize_weight_t(torch.eye(in_f), "sym", gran)  # sym: exact zeros off the diagonal
     assert torch.equal(k8.int8_sparse_linear(x, t, qe, se, ze) == 0, reference_mask(x, t) == 0)
+
+
+def test_cuda_entry_takes_the_masked_dense_product_for_a_per_channel_threshold(monkeypatch):
+    """The Triton GEMV takes one threshold: a per-channel one goes to the masked dense product (run here on CPU
+    tensors, the entry point does not look at the device), never to the kernel."""
+    from pl_actsparse.kernels import cuda
+
+    monkeypatch.setattr(cuda, "triton_available", lambda: True)
+    monkeypatch.setattr(cuda, "triton_sparse_linear", lambda *a: pytest.fail("Triton kernel called"))
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
+    t, wt = tricky(x, torch.float32), torch.randn(16, 8).bfloat16()
+    assert_same(cuda.sparse_linear_cuda(x, t, wt), F.linear(reference_mask(x, t), wt.t()))
+    assert_same(cuda.sparse_linear_cuda(x, effective_threshold(t, x.dtype), wt), F.linear(reference_mask(x, t), wt.t()))
