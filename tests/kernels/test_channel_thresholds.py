@@ -181,3 +181,18 @@ def test_cuda_entry_takes_the_masked_dense_product_for_a_per_channel_threshold(m
     t, wt = tricky(x, torch.float32), torch.randn(16, 8).bfloat16()
     assert_same(cuda.sparse_linear_cuda(x, t, wt), F.linear(reference_mask(x, t), wt.t()))
     assert_same(cuda.sparse_linear_cuda(x, effective_threshold(t, x.dtype), wt), F.linear(reference_mask(x, t), wt.t()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_with_a_per_channel_threshold(backend):
+    """The custom ops' schemas, fake implementations and AOT dispatch hold with a ``[in]`` threshold too."""
+    cpu.set_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    wt = cpu.to_kernel_layout(torch.randn(24, 16, generator=g))
+    q, scale, zp = k8.quantize_weight_t(torch.randn(24, 16, generator=g))
+    for x in (torch.randn(16, generator=g), torch.randn(2, 3, 16, generator=g)):
+        t = torch.rand(16, generator=g)
+        utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+        torch.library.opcheck(torch.ops.pl_actsparse.sparse_linear.default, (x, t, wt, None), test_utils=utils)
+        torch.library.opcheck(torch.ops.pl_actsparse.int8_sparse_linear.default, (x, t, q, scale, zp, None, None),
+                              test_utils=utils)
