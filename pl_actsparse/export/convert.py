@@ -73,7 +73,9 @@ def export_for_inference(
     ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
     layer, for the base layers of peft adapters, and for quantized weights no kernel reads;
     :class:`~pl_actsparse.errors.InvalidOptionError` for another ``prefill`` and for ``"prepacked"`` where a
-    float layer's weight cannot be packed (not on CPU, fp64, no oneDNN), before any change.
+    float layer's weight cannot be packed (not on CPU, fp64, no oneDNN), before any change. Thresholds may hold one
+    value or one per input channel (``[in_features]``, weight-aware sparsification); any other shape is an
+    ``UnsupportedModuleError`` naming the layer, before any change.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")
@@ -118,6 +120,10 @@ def export_for_inference(
         why = prefill == "prepacked" and isinstance(w, Tensor) and w.is_floating_point() and prepack_unavailable(w.dtype, w.device)
         if why:
             raise InvalidOptionError(f"export_for_inference: prefill='prepacked' cannot pack {name!r}: {why}; use prefill='shared'")
+        t, width = m._buffers.get(THRESHOLD_BUFFER), linear_like_spec(m).in_features(m)
+        if t is not None and t.numel() not in (1, width):  # one value or one per input channel (weight-aware)
+            raise UnsupportedModuleError(f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} has shape {tuple(t.shape)}; "
+                                         f"the kernels take 1 or in_features={width} values")
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
         sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pl_actsparse
 import pl_actsparse.export.linear as linear_mod
-from pl_actsparse import TargetScope, remove_activation_sparsity
+from pl_actsparse import TargetScope, remove_activation_sparsity, sparsify_activations
 from pl_actsparse.core.int8 import Int8WeightLinear, quantize_weights_int8
 from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.export.convert import export_for_inference, exported_layers
@@ -182,3 +183,44 @@ def test_weight_aware_int8_model_exports_to_the_int8_kernel(monkeypatch, backend
     remove_activation_sparsity(model)
     assert type(model.layers[0].mlp.down_proj) is Int8WeightLinear
     assert torch.equal(model.layers[0].mlp.down_proj.qweight, codes)
+
+
+def test_export_refuses_other_threshold_shapes_before_any_change():
+    model = nn.Sequential(channel_linear(), nn.ReLU(), channel_linear(in_f=24, out_f=8))
+    model[2].activation_threshold = torch.zeros(5)
+    with pytest.raises(pl_actsparse.errors.UnsupportedModuleError,
+                       match=r"activation_threshold of '2' has shape \(5,\); the kernels take 1 or in_features=24 values"):
+        export_for_inference(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear  # nothing swapped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchao_int8_weights_with_a_per_channel_threshold(dtype):
+    quantization = pytest.importorskip("torchao.quantization")
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).to(dtype)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    g = torch.Generator().manual_seed(3)
+    sparsify_activations(model, [torch.randn(8, 64, generator=g).to(dtype)], {TargetScope(types=[nn.Linear]): 0.5},
+                         calibration={"progress": False})
+    for lin in (model[0], model[2]):  # one threshold per input channel, as weight-aware calibration leaves them
+        lin._buffers["activation_threshold"] = torch.rand(lin.in_features, generator=g) * 0.8
+    x = [torch.randn(n, 64, generator=g).to(dtype) for n in (1, 3, 40)]  # decode, few tokens, prefill
+    with torch.no_grad():
+        # layer by layer on the same inputs (end to end, one bf16 ulp in the first output can flip the second mask)
+        cases = [(i, v if i == 0 else F.relu(model[0](v))) for v in x for i in (0, 2)]
+        refs = [model[i](v) for i, v in cases]
+        export_for_inference(model)
+        assert isinstance(model[0], Int8SparseInferenceLinear) and model[2].activation_threshold.shape == (96,)
+        for (i, v), ref in zip(cases, refs):
+            got = model[i](v)
+            assert got.dtype == dtype and float((got - ref).abs().max() / ref.abs().max()) <= TOL[dtype]
+
+
+def test_cached_per_channel_threshold_follows_buffer_changes():
+    layer = SparseInferenceLinear.from_linear(channel_linear())
+    first = layer._threshold_for(torch.bfloat16)
+    assert torch.equal(first.nan_to_num(), layer.activation_threshold.nan_to_num())  # fp32: compared as it is
+    layer.activation_threshold.fill_(0.25)
+    assert torch.equal(layer._threshold_for(torch.bfloat16), torch.full((40,), 0.25))
+    layer.activation_threshold = torch.full((40,), 0.5, dtype=torch.float64)
+    assert layer._threshold_for(torch.bfloat16).dtype == torch.float32
