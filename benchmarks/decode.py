@@ -14,6 +14,13 @@ process per model)::
     python benchmarks/decode.py --end-to-end --e2e-layers 2 --prefill-tokens 128 --decode-steps 4 \
         --e2e-rounds 3 --no-memory                   # a short check
 
+A per-channel threshold (``[in_features]``, as weight-aware sparsification writes) against one value in the same
+kernel, zeroing the same elements (``channel_vs_scalar``: scalar time / per-channel time, the raw C++ op and the
+``sparse_linear`` op)::
+
+    python benchmarks/decode.py --shapes 2048x5632 --dtypes bfloat16 --sparsity 0.5 --backends cpp --threads 1 \
+        --channel-threshold --no-bandwidth
+
 Part (d), the multi-token GEMMs on the stored ``W^T`` against ``F.linear(x, W)`` (prefill)::
 
     python benchmarks/decode.py --gemm --shapes 2048x2048,2048x5632,5632x2048,2048x256 --threads 1 --rounds 30
@@ -254,6 +261,12 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                 }
                 for b in backends:
                     fns[f"sparse_{b}"] = _sparse_fn(b, xs, thr, layers.weight_t)
+                if args.channel_threshold and "cpp" in backends:  # the same value per channel: the same rows read
+                    vec = torch.full((in_f,), kcpu.effective_threshold(thr, dtype))
+                    fns["sparse_cpp_channel"] = _sparse_fn("cpp", xs, vec, layers.weight_t)
+                    gemv = torch.ops.pl_actsparse_ext.sparse_gemv  # the raw op: no Python around the kernel
+                    fns["sparse_cpp_raw"] = lambda i: gemv(xs[i % nx], thr, layers.weight_t[i % n], None, 0)
+                    fns["sparse_cpp_raw_channel"] = lambda i: gemv(xs[i % nx], vec, layers.weight_t[i % n], None, 0)
                 probe = _probe_fn([w.view(-1) for w in layers.weight_t]) if not args.no_bandwidth else None
                 _check(fns, xs[0], thr, layers.weights[0], [k for k in fns if k.startswith("sparse_")])
                 excluded = {}
@@ -300,6 +313,10 @@ def gemv_benchmark(args: argparse.Namespace) -> dict:
                         }
                 if excluded:
                     rec["excluded"] = excluded
+                if "sparse_cpp_channel" in fns:
+                    rec["channel_vs_scalar"] = {
+                        "sparse_linear": round(_median_ratio(times["sparse_cpp"], times["sparse_cpp_channel"], idx), 4),
+                        "sparse_gemv": round(_median_ratio(times["sparse_cpp_raw"], times["sparse_cpp_raw_channel"], idx), 4)}
                 dense_bytes = in_f * out_f * dtype.itemsize * args.tokens
                 sparse_bytes = (1 - achieved) * dense_bytes if args.tokens == 1 else None
                 rec["weight_bytes_read"] = {"dense": dense_bytes, "sparse": None if sparse_bytes is None else round(sparse_bytes)}
@@ -971,6 +988,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--gemm", action="store_true", help="part (d): multi-token GEMMs on W^T vs F.linear (--shapes, --dtypes)")
     p.add_argument("--gemm-tokens", type=int, default=128, help="tokens per call in --gemm")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the read-bandwidth measurement")
+    p.add_argument("--channel-threshold", action="store_true", help="part (a): also time a per-channel threshold (cpp)")
     add_out_argument(p, "decode")
     args = p.parse_args(argv)
     if args.threads:

@@ -10,7 +10,6 @@ See ``docs/inference.md``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +24,7 @@ from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, Unsuppor
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.export.linear import (
     THRESHOLD_BUFFER, check_export_options, SparseInferenceLinear, applies_threshold, RestoreInfo, exported_state,
-    is_sparsified_linear,
+    exported_threshold, is_sparsified_linear,
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.dispatch import prepack_race, prepack_unavailable, sparse_token_crossover
@@ -74,7 +73,9 @@ def export_for_inference(
     ``Int8WeightLinear``; :class:`~pl_actsparse.errors.UnsupportedModuleError` if ``model`` itself is such a
     layer, for the base layers of peft adapters, and for quantized weights no kernel reads;
     :class:`~pl_actsparse.errors.InvalidOptionError` for another ``prefill`` and for ``"prepacked"`` where a
-    float layer's weight cannot be packed (not on CPU, fp64, no oneDNN), before any change.
+    float layer's weight cannot be packed (not on CPU, fp64, no oneDNN), before any change. Thresholds may hold one
+    value or one per input channel (``[in_features]``, weight-aware sparsification); any other shape is an
+    ``UnsupportedModuleError`` naming the layer, before any change.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_for_inference: model must be an nn.Module, got {type(model).__qualname__} {model!r:.60}")
@@ -119,6 +120,10 @@ def export_for_inference(
         why = prefill == "prepacked" and isinstance(w, Tensor) and w.is_floating_point() and prepack_unavailable(w.dtype, w.device)
         if why:
             raise InvalidOptionError(f"export_for_inference: prefill='prepacked' cannot pack {name!r}: {why}; use prefill='shared'")
+        t, width = m._buffers.get(THRESHOLD_BUFFER), linear_like_spec(m).in_features(m)
+        if t is not None and t.numel() not in (1, width):  # one value or one per input channel (weight-aware)
+            raise UnsupportedModuleError(f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} has shape {tuple(t.shape)}; "
+                                         f"the kernels take 1 or in_features={width} values")
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
         sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
     from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
@@ -135,8 +140,6 @@ def export_for_inference(
         if new is None:
             if isinstance(old, Int8WeightLinear):  # keep the int8 weight: the int8 kernel reads it directly
                 new = Int8SparseInferenceLinear(old, max_sparse_tokens=max_sparse_tokens)
-                if not applies_threshold(old):
-                    new.activation_threshold.fill_(-math.inf)
             elif int8[id(old)] is not None:  # a library's int8 codes (torchao), read as they are
                 new = _int8_from_codes(name, old, int8.pop(id(old)), max_sparse_tokens)
             else:
@@ -187,14 +190,7 @@ def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_toke
     shell.zero_point = zp.detach().float().reshape(1, -1).contiguous()
     shell.bias = linear.bias
     new = Int8SparseInferenceLinear(shell, max_sparse_tokens=max_sparse_tokens)
-    t = linear._buffers[THRESHOLD_BUFFER]
-    if t.numel() != 1:
-        raise UnsupportedModuleError(
-            f"export_for_inference: {THRESHOLD_BUFFER} of {name!r} must hold one value for the int8 kernel (a "
-            f"per-channel threshold is not supported on int8 weights), got shape {tuple(t.shape)}"
-        )
-    new.activation_threshold = (t.detach().reshape(()).float().clone() if applies_threshold(linear)
-                                else torch.tensor(-math.inf, device=t.device))
+    new.activation_threshold = exported_threshold(linear, linear.in_features)
     new.sparsity_state = exported_state(linear)
     new.train(linear.training)
     # what to_linear needs to give back the library's module bit for bit (no tensor data kept)

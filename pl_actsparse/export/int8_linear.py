@@ -7,16 +7,17 @@ sharing its int8 buffers, and reads torchao's weight-only int8 weights too. See 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from pl_actsparse.core.int8 import Int8WeightLinear
-from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
+from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
-from pl_actsparse.export.linear import SparseInferenceLinear, check_export_options, plain_exported_state
+from pl_actsparse.export.linear import (
+    SparseInferenceLinear, check_export_options, exported_threshold, fit_threshold_buffer, plain_exported_state, threshold_text,
+)
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
 from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
@@ -33,8 +34,8 @@ class Int8SparseInferenceLinear(nn.Module):
     """Inference-only int8 layer: sparse int8 GEMV for few tokens, dequantize + GEMM for many.
 
     Buffers: ``qweight_t`` int8 ``[in, out]``, ``scale``, ``zero_point`` (as in :class:`Int8WeightLinear`),
-    ``activation_threshold`` (0-dim; ``-inf`` for a layer that was not sparsified: the kernel then reads every
-    row, a dense int8 GEMV) and ``bias`` (or ``None``). Calls with at most ``max_sparse_tokens`` tokens use
+    ``activation_threshold`` (0-dim, or per channel ``[in_features]`` as the float layer's; ``-inf`` for a layer that
+    was not sparsified: the kernel then reads every row, a dense int8 GEMV) and ``bias`` (or ``None``). Calls with at most ``max_sparse_tokens`` tokens use
     :func:`~pl_actsparse.kernels.int8_cpu.int8_sparse_linear`; larger ones
     :func:`~pl_actsparse.kernels.int8_cpu.int8_dense_linear` on the masked input. Both compute
     ``F.linear(x.masked_fill(|x| <= t, 0), dequantized W, bias)`` with fp32 accumulation; the output has
@@ -61,11 +62,7 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer("qweight_t", layer.qweight)
         self.register_buffer("scale", layer.scale)
         self.register_buffer("zero_point", layer.zero_point)
-        t = layer._buffers.get(THRESHOLD_BUFFER) if is_sparsified(layer) else None
-        if t is not None and t.numel() != 1:
-            raise UnsupportedModuleError(f"{THRESHOLD_BUFFER} must hold one value for the int8 kernel, got shape {tuple(t.shape)}")
-        thr = t.detach().reshape(()).float().clone() if t is not None else torch.tensor(-math.inf, device=layer.qweight.device)
-        self.register_buffer(THRESHOLD_BUFFER, thr)
+        self.register_buffer(THRESHOLD_BUFFER, exported_threshold(layer, self.in_features, layer.qweight.device))
         b = layer.bias
         self.register_buffer("bias", None if b is None else b.detach())
         state = getattr(layer, "_actsparse", None) if is_sparsified(layer) else None
@@ -97,6 +94,7 @@ class Int8SparseInferenceLinear(nn.Module):
         if qkey in state_dict and tkey not in state_dict:
             state_dict[tkey] = state_dict.pop(qkey)
         before = len(missing_keys)
+        fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if skey not in state_dict:  # this layer always applies its threshold: the state is bookkeeping only
             missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
@@ -160,7 +158,7 @@ class Int8SparseInferenceLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"int8 {self.mode}, threshold={float(self.activation_threshold):.4g}, backend={self.backend!r}"
+            f"int8 {self.mode}, threshold={threshold_text(self.activation_threshold)}, backend={self.backend!r}"
         )
 
     def to_linear(self) -> nn.Linear:

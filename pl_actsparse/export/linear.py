@@ -106,7 +106,10 @@ class SparseInferenceLinear(nn.Module):
     """Inference-only stand-in for a sparsified ``nn.Linear``, holding ``W^T`` for the sparse kernel.
 
     Parameters (``requires_grad=False``): ``weight_t`` ``[in, out]`` and optional ``bias``. The buffer
-    ``activation_threshold`` is a 0-dim tensor; inputs with ``|x| <= threshold`` count as zero.
+    ``activation_threshold`` (``threshold``: a float or a tensor of 1 or ``in_features`` values) is 0-dim or
+    per-channel ``[in_features]`` (e.g. :func:`pl_actsparse.tuning.weight_aware.sparsify_activations_weight_aware`'s
+    ``tau / c_i``); inputs with ``|x| <= threshold`` count as zero, compared as that expression compares them
+    (:func:`~pl_actsparse.kernels.effective_threshold`). Raises ``InvalidOptionError`` for another number of values.
 
     ``max_sparse_tokens``: calls with at most this many tokens (``x.numel() // in_features``) use the sparse
     kernel, larger ones the dense path. ``None`` uses :func:`default_max_sparse_tokens` for the input dtype,
@@ -121,7 +124,7 @@ class SparseInferenceLinear(nn.Module):
     activation_threshold: Tensor
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = -math.inf,
+        self, in_features: int, out_features: int, bias: bool = True, *, threshold: float | Tensor = -math.inf,
         max_sparse_tokens: Optional[int] = None, prefill: str = "shared", device: Any = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -139,9 +142,10 @@ class SparseInferenceLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_parameter("weight", None)  # W is held only as W^T (`layer.weight is None`, as before)
-        self.register_buffer(THRESHOLD_BUFFER, torch.tensor(float(threshold), device=device))
+        thr = as_threshold(threshold if isinstance(threshold, Tensor) else torch.tensor(float(threshold)), in_features)
         #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
-        self.sparsity_state = plain_exported_state(math.isfinite(float(threshold)))
+        self.sparsity_state = plain_exported_state(bool(torch.isfinite(thr).all()))
+        self.register_buffer(THRESHOLD_BUFFER, thr.to(device))
         nn.init.normal_(self.weight_t, std=in_features**-0.5)
 
     @classmethod
@@ -150,15 +154,11 @@ class SparseInferenceLinear(nn.Module):
     ) -> "SparseInferenceLinear":
         """Build from a sparsified ``nn.Linear`` (its ``activation_threshold`` buffer is required).
 
-        The new layer copies the threshold and shares the bias tensor; ``W^T`` is the only new copy (with
-        ``prefill="prepacked"`` also its packed copy, made now). A layer of the core library that is not
-        calibrated yet (pass-through: its forward ignores the buffer) gets the threshold ``-inf``.
+        The new layer copies the threshold (one value or per channel, :func:`exported_threshold`) and shares the
+        bias tensor; ``W^T`` is the only new copy (with ``prefill="prepacked"`` also its packed copy, made now).
         """
         if THRESHOLD_BUFFER not in linear._buffers or linear._buffers[THRESHOLD_BUFFER] is None:
             raise ValueError(f"{type(linear).__name__} has no {THRESHOLD_BUFFER!r} buffer; it is not sparsified")
-        threshold = linear._buffers[THRESHOLD_BUFFER]
-        if threshold.numel() != 1:
-            raise ValueError(f"{THRESHOLD_BUFFER} must hold one value, got shape {tuple(threshold.shape)}")
         spec = linear_like_spec(linear)
         if spec is None:
             raise ValueError(f"{type(linear).__name__} is not a Linear-like layer (see register_linear_like)")
@@ -176,10 +176,7 @@ class SparseInferenceLinear(nn.Module):
         new.weight_t = nn.Parameter(to_kernel_layout(weight), requires_grad=False)  # Conv1D's is already W^T: no copy
         if getattr(linear, "bias", None) is not None:
             new.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        if applies_threshold(linear):
-            new.activation_threshold = threshold.detach().reshape(()).clone()
-        else:
-            new.activation_threshold = torch.tensor(-math.inf, device=threshold.device)
+        new.activation_threshold = exported_threshold(linear, new.in_features)
         new.sparsity_state = exported_state(linear)
         new.__dict__["_restore"] = RestoreInfo.of(linear)
         new.__dict__["_weight_in_out"] = _stores_weight_t(linear, weight_t)
@@ -301,11 +298,9 @@ class SparseInferenceLinear(nn.Module):
         return dense_linear_t(xm, self.weight_t, self.bias)  # the GEMM measured fastest here, on W^T itself
 
     def extra_repr(self) -> str:
-        thr = self.activation_threshold
-        thr_s = "?" if thr.is_meta else f"{thr.item():.4g}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"threshold={thr_s}, max_sparse_tokens={self.max_sparse_tokens}, "
+            f"threshold={threshold_text(self.activation_threshold)}, max_sparse_tokens={self.max_sparse_tokens}, "
             f"backend={self.backend!r}, prefill={self.prefill!r}"
         )
 
@@ -343,6 +338,7 @@ class SparseInferenceLinear(nn.Module):
             state_dict[tkey] = saved if self.__dict__.get("_weight_in_out", False) else saved.t()
             del state_dict[wkey]
         before = len(missing_keys)
+        fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -435,6 +431,37 @@ def exported_state(linear: nn.Module) -> dict[str, Any]:
         return decode_sparsifier_state(encode_sparsifier_state(state))
     t = linear._buffers.get(THRESHOLD_BUFFER)
     return plain_exported_state(t is not None and bool(torch.isfinite(t).all()))
+
+
+def as_threshold(t: Tensor, in_features: int) -> Tensor:
+    """A copy of threshold ``t`` as an exported layer holds it: 0-dim for one value, else ``[in_features]`` (same
+    dtype and device). Raises ``InvalidOptionError`` for any other number of values."""
+    if t.numel() not in (1, in_features):
+        raise InvalidOptionError(f"{THRESHOLD_BUFFER} must hold 1 or in_features={in_features} values, got shape {tuple(t.shape)}")
+    return t.detach().reshape(() if t.numel() == 1 else (in_features,)).clone()
+
+
+def exported_threshold(layer: nn.Module, in_features: int, device: Any = None) -> Tensor:
+    """The threshold an exported layer keeps for ``layer``: :func:`as_threshold` of its ``activation_threshold``,
+    or ``-inf`` (on ``device`` without a buffer) where it has none or passes its input through (the core's layers
+    before calibration: their forward ignores the buffer)."""
+    t = layer._buffers.get(THRESHOLD_BUFFER)
+    if t is None or not applies_threshold(layer):
+        return torch.tensor(-math.inf, device=device if t is None else t.device)
+    return as_threshold(t, in_features)
+
+
+def fit_threshold_buffer(module: nn.Module, incoming: Any) -> None:
+    """Before loading a state dict: reshape ``module``'s threshold buffer to a loaded one of the other kind (one
+    value <-> per channel ``[in_features]``), as the sparsified layers do; other shapes are left to torch to refuse."""
+    current = module._buffers[THRESHOLD_BUFFER]
+    if isinstance(incoming, Tensor) and incoming.shape != current.shape and incoming.numel() in (1, module.in_features):
+        module._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+
+
+def threshold_text(t: Tensor) -> str:
+    """A threshold in a repr: its value, ``per-channel[n]`` (as the sparsified layers show it), ``?`` on meta."""
+    return "?" if t.is_meta else f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
 
 
 def plain_exported_state(calibrated: bool = False) -> dict[str, Any]:

@@ -155,22 +155,24 @@ def _sparse_linear_torch(x2: Tensor, t: float, weight_t: Tensor, bias: Optional[
 def zero_small(x: Tensor, threshold: Tensor) -> Tensor:
     """``x.masked_fill(|x| <= threshold, 0)``: the same values, mask and gradient, in one pass where possible.
 
-    On CPU with one threshold, outside ``torch.compile`` and with nothing to differentiate, this is the C++
-    kernel's one-pass ``mask_small`` (fp32/bf16/fp16; the threshold rounded to ``x.dtype`` as the reference
-    compares, :func:`effective_threshold`); else, or with autograd recording, ``F.hardshrink(x, t)``: one fused
-    pass instead of three (``abs``, compare, ``masked_fill``). The three passes cost as much as the 128-token
-    bf16 prefill GEMM they feed, ``hardshrink`` up to a third of it (docs/inference.md). NaN stays NaN.
-    Elsewhere (per-channel thresholds, other devices, inside ``torch.compile``) the plain expression is used.
+    On CPU, outside ``torch.compile`` and with nothing to differentiate, this is the C++ kernel's one-pass
+    ``mask_small`` (fp32/bf16/fp16; a 0-dim threshold rounded to ``x.dtype`` as the reference compares, a
+    per-channel ``[in]`` one compared in fp32: :func:`effective_threshold`); else, or with autograd recording,
+    ``F.hardshrink(x, t)`` for one finite threshold: one fused pass instead of three (``abs``, compare,
+    ``masked_fill``). The three passes cost as much as the 128-token bf16 prefill GEMM they feed, ``hardshrink`` up
+    to a third of it (docs/inference.md). NaN stays NaN. Elsewhere (per-channel thresholds with autograd or the
+    "torch" backend, other devices, inside ``torch.compile``) the plain expression is used.
     """
-    if (x.device.type == "cpu" and x.is_floating_point() and threshold.numel() == 1
-            and threshold.device.type == "cpu" and not torch.compiler.is_compiling()):
+    if (x.device.type == "cpu" and x.is_floating_point() and threshold.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        scalar = threshold.dim() == 0
         if (x.dtype in _CPP_DTYPES and not (x.requires_grad and torch.is_grad_enabled())
                 and EXTENSION.resolve_for_call() == "cpp"):
-            return torch.ops.pl_actsparse_ext.mask_small(x, threshold)
-        t = effective_threshold(threshold, x.dtype)
+            return torch.ops.pl_actsparse_ext.mask_small(x, threshold if scalar else effective_threshold(threshold, x.dtype))
+        t = effective_threshold(threshold, x.dtype) if scalar else None
         if t == -math.inf:
             return x
-        if 0.0 <= t < math.inf:
+        if scalar and 0.0 <= t < math.inf:
             return F.hardshrink(x, t)
     return x.masked_fill(x.abs() <= threshold, 0)
 
@@ -189,7 +191,8 @@ def sparse_linear_cpu(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Opti
     weight_t = check_kernel_args("sparse_linear", x, weight_t)
     in_f, out_f = weight_t.shape
     if x.dtype in _CPP_DTYPES and EXTENSION.resolve_for_call() == "cpp":
-        return torch.ops.pl_actsparse_ext.sparse_gemv(x, threshold, weight_t, bias, 0)
+        t = threshold if threshold.dim() == 0 else effective_threshold(threshold, x.dtype)
+        return torch.ops.pl_actsparse_ext.sparse_gemv(x, t, weight_t, bias, 0)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_f)
     if x2.shape[0] == 0:

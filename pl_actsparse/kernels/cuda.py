@@ -72,10 +72,11 @@ def sparse_linear_cuda(
     reported once (``RuntimeWarning``) and by :func:`triton_error`.
 
     A float ``threshold`` must already be rounded to ``x.dtype`` (exported layers cache it, which saves a
-    device sync per call); a tensor is rounded here."""
+    device sync per call); a tensor is rounded here. The Triton kernel takes one threshold: a per-channel one
+    (``[in]``, or its :func:`effective_threshold` tensor) always takes the masked dense product."""
     global _failure
     t = threshold if isinstance(threshold, float) else effective_threshold(threshold, x.dtype)
-    if triton_available() and x.dtype in _TRITON_DTYPES and x.dtype == weight_t.dtype:
+    if isinstance(t, float) and triton_available() and x.dtype in _TRITON_DTYPES and x.dtype == weight_t.dtype:
         try:
             return triton_sparse_linear(x, t, weight_t, bias)
         except Exception as exc:  # compile or launch failure -> the dense product, once reported

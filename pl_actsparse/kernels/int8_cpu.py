@@ -264,9 +264,9 @@ def int8_sparse_linear(
 
     ``x`` is ``[..., in]`` (fp32, bf16 or fp16), ``qweight_t`` int8 ``[in, out]`` with ``scale`` /
     ``zero_point`` as returned by :func:`quantize_weight_t`; ``threshold`` a 0-dim tensor (``-inf`` keeps
-    every row: a dense int8 GEMV). Accumulates in fp32 and returns ``x``'s dtype. Several tokens read the
-    union of their rows once. The threshold is rounded to ``x``'s dtype first, as the reference forward
-    compares ``|x| <= t`` in that dtype.
+    every row: a dense int8 GEMV) or a per-channel ``[in]`` one. Accumulates in fp32 and returns ``x``'s dtype.
+    Several tokens read the union of their rows once. The threshold is compared as the reference forward
+    compares ``|x| <= t`` (:func:`~pl_actsparse.kernels.effective_threshold`: a 0-dim one rounded to ``x``'s dtype).
     """
     gran = scale_granularity(qweight_t, scale, zero_point)
     in_f, out_f = qweight_t.shape
@@ -281,7 +281,7 @@ def int8_sparse_linear(
         y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
     elif INT8_EXTENSION.resolve_for_call() == "cpp":
         args = int8_kernel_args(qweight_t, scale, zero_point, bias)
-        y = torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv(x2.contiguous(), t, qweight_t.contiguous(), *args)
+        y = int8_sparse_gemv_direct(x2.contiguous(), t, qweight_t.contiguous(), *args)
     else:
         y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
     return y.to(x.dtype).reshape(*lead, out_f)
@@ -289,7 +289,7 @@ def int8_sparse_linear(
 
 def int8_sparse_gemv_direct(
     x2: Tensor,
-    t: float,
+    t: float | Tensor,
     qweight_t: Tensor,
     row_scale: Optional[Tensor],
     row_zero: Optional[Tensor],
@@ -299,13 +299,14 @@ def int8_sparse_gemv_direct(
 ) -> Tensor:
     """The C++ kernel without the custom op's checks and conversions (for modules that prepared them).
 
-    ``x2`` is ``[tokens, in]`` on the CPU, ``t`` the threshold already rounded to ``x2``'s dtype
-    (:func:`pl_actsparse.kernels.effective_threshold`), the optional vectors contiguous fp32 with
-    ``row_*`` of ``in`` and ``col_*``/``bias`` of ``out`` elements. Returns fp32 ``[tokens, out]``.
-    Requires :func:`load_int8_extension` to have returned ``True``.
+    ``x2`` is ``[tokens, in]`` on the CPU, ``t`` the threshold as :func:`pl_actsparse.kernels.effective_threshold`
+    gives it (a float rounded to ``x2``'s dtype, or a contiguous fp32 tensor of ``in`` per-channel values), the
+    optional vectors contiguous fp32 with ``row_*`` of ``in`` and ``col_*``/``bias`` of ``out`` elements. Returns
+    fp32 ``[tokens, out]``. Requires :func:`load_int8_extension` to have returned ``True``.
     """
+    vec = isinstance(t, Tensor)
     return torch.ops.pl_actsparse_int8_ext.int8_sparse_gemv(
-        x2, t, qweight_t, row_scale, row_zero, col_scale, col_zero, bias
+        x2, 0.0 if vec else t, qweight_t, row_scale, row_zero, col_scale, col_zero, bias, t if vec else None
     )
 
 

@@ -9,6 +9,7 @@ dense) implementation; each backend registers its own device kernel: :mod:`pl_ac
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,15 +27,22 @@ def to_kernel_layout(weight: Tensor) -> Tensor:
     return weight.detach().t().contiguous()
 
 
-def effective_threshold(threshold: Tensor | float, dtype: torch.dtype) -> float:
-    """The threshold as the reference forward applies it to inputs of ``dtype`` (a Python float).
+def effective_threshold(threshold: Tensor | float, dtype: torch.dtype) -> float | Tensor:
+    """The threshold as the reference forward applies it to inputs of ``dtype``: what fp32 ``|x|`` is compared with.
 
-    ``x.abs() <= t`` with a 0-dim fp32 buffer ``t`` and a bf16/fp16 ``x`` compares in ``x.dtype`` (type
-    promotion), i.e. against ``t`` rounded to that dtype; the kernels compare in fp32 against the same
-    rounded value so that they zero exactly the same elements.
+    A 0-dim (or Python) threshold gives a Python float: ``x.abs() <= t`` with a 0-dim fp32 buffer ``t`` and a
+    bf16/fp16 ``x`` compares in ``x.dtype`` (type promotion), i.e. against ``t`` rounded to that dtype. A per-channel
+    threshold (1-D, ``[in_features]``) promotes ``x`` instead (fp32 for an fp32/bf16/fp16 ``t``, where ``t`` is
+    exact): it gives ``t`` as an fp32 tensor, an fp64 ``t`` rounded down (the same answers for every fp32 ``|x|``;
+    kept fp64 for fp64 inputs). The kernels compare in fp32 against this value, zeroing exactly the same elements.
     """
-    t = threshold if isinstance(threshold, Tensor) else torch.tensor(float(threshold))
-    return float(t.detach().to(device="cpu", dtype=dtype).float().item())
+    t = threshold.detach() if isinstance(threshold, Tensor) else torch.tensor(float(threshold))
+    if t.dim() == 0:
+        return float(t.to(device="cpu", dtype=dtype).float().item())
+    f = t.float().contiguous()
+    if t.dtype != torch.float64 or dtype == torch.float64:
+        return t.contiguous() if dtype == torch.float64 else f
+    return torch.where(f.double() > t, f.nextafter(f.new_tensor(-math.inf)), f)
 
 
 def masked_linear(x: Tensor, threshold: Tensor | float, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -61,7 +69,8 @@ def sparse_linear(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional
     """``F.linear(x.masked_fill(|x| <= threshold, 0), weight_t.T, bias)`` reading only the needed rows.
 
     ``x`` is ``[..., in]``, ``weight_t`` the kernel layout ``[in, out]`` (see :func:`to_kernel_layout`),
-    ``threshold`` a 0-dim tensor compared in ``x.dtype``. Meant for a few tokens; the work grows with the
+    ``threshold`` a 0-dim tensor compared in ``x.dtype`` or a per-channel ``[in]`` one (see
+    :func:`effective_threshold`). Meant for a few tokens; the work grows with the
     number of tokens (see :func:`pl_actsparse.kernels.dispatch.sparse_token_crossover`). Devices without a
     registered kernel compute the masked dense product.
     """

@@ -101,34 +101,13 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, int64_t n, const char* 
   return t->data_ptr<float>();
 }
 
-// y[t, j] = cs[j] * (sum_i v[t, i] q[i, j] - A[t] - cz[j] * B[t]) + bias[j], v[t, i] = x[t, i] * rs[i] (kept)
-at::Tensor int8_sparse_gemv(const at::Tensor& x, double threshold, const at::Tensor& qweight_t,
-                            const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& row_zero,
-                            const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& col_zero,
-                            const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "int8_sparse_gemv: x must be [tokens, in], got ", x.sizes());
-  TORCH_CHECK(qweight_t.dim() == 2 && qweight_t.is_contiguous() && qweight_t.scalar_type() == at::kChar,
-              "int8_sparse_gemv: qweight_t must be a contiguous int8 [in, out]");
-  TORCH_CHECK(x.size(1) == qweight_t.size(0), "int8_sparse_gemv: x has ", x.size(1), " features, qweight_t ",
-              qweight_t.size(0));
-  TORCH_CHECK(x.device().is_cpu() && qweight_t.device().is_cpu(), "int8_sparse_gemv: CPU tensors only");
-  const int64_t ntok = x.size(0), in_f = x.size(1), out_f = qweight_t.size(1);
-  const float* rs = opt_ptr(row_scale, in_f, "row_scale");
-  const float* rz = opt_ptr(row_zero, in_f, "row_zero");
-  const float* cs = opt_ptr(col_scale, out_f, "col_scale");
-  const float* cz = opt_ptr(col_zero, out_f, "col_zero");
-  const float* bp = opt_ptr(bias, out_f, "bias");
-  at::Tensor out = at::empty({ntok, out_f}, x.options().dtype(at::kFloat));
-  if (ntok == 0 || out_f == 0) return out;
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  const float t = static_cast<float>(threshold);
-  std::vector<int64_t> rows;
-  std::vector<float> vals;
-  std::vector<float> A(ntok, 0.f), B(ntok, 0.f);
-  rows.reserve(in_f);
-  vals.reserve(in_f * ntok);
+// Kept rows (any token's |x| > thr(i), NaN kept), their values v = x * rs (0 where a token drops it), and per token
+// A = sum v * rz and B = sum v. `thr` inlines: one value or one per channel.
+template <typename Thr>
+void select_rows(const float* xp, int64_t ntok, int64_t in_f, Thr thr, const float* rs, const float* rz,
+                 std::vector<int64_t>& rows, std::vector<float>& vals, std::vector<float>& A, std::vector<float>& B) {
   for (int64_t i = 0; i < in_f; ++i) {
+    const float t = thr(i);
     bool any = false;
     for (int64_t s = 0; s < ntok; ++s) any |= !(std::fabs(xp[s * in_f + i]) <= t);
     if (!any) continue;
@@ -141,6 +120,42 @@ at::Tensor int8_sparse_gemv(const at::Tensor& x, double threshold, const at::Ten
       B[s] += v;
       if (rz) A[s] += v * rz[i];
     }
+  }
+}
+
+// y[t, j] = cs[j] * (sum_i v[t, i] q[i, j] - A[t] - cz[j] * B[t]) + bias[j], v[t, i] = x[t, i] * rs[i] (kept).
+// `threshold` is compared with fp32 |x| as it is (the caller rounds it to x's dtype); `channel_threshold`, when
+// given, replaces it with one fp32 value per input (pl_actsparse.kernels.effective_threshold of a 1-D threshold).
+at::Tensor int8_sparse_gemv(const at::Tensor& x, double threshold, const at::Tensor& qweight_t,
+                            const c10::optional<at::Tensor>& row_scale, const c10::optional<at::Tensor>& row_zero,
+                            const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& col_zero,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& channel_threshold) {
+  TORCH_CHECK(x.dim() == 2, "int8_sparse_gemv: x must be [tokens, in], got ", x.sizes());
+  TORCH_CHECK(qweight_t.dim() == 2 && qweight_t.is_contiguous() && qweight_t.scalar_type() == at::kChar,
+              "int8_sparse_gemv: qweight_t must be a contiguous int8 [in, out]");
+  TORCH_CHECK(x.size(1) == qweight_t.size(0), "int8_sparse_gemv: x has ", x.size(1), " features, qweight_t ",
+              qweight_t.size(0));
+  TORCH_CHECK(x.device().is_cpu() && qweight_t.device().is_cpu(), "int8_sparse_gemv: CPU tensors only");
+  const int64_t ntok = x.size(0), in_f = x.size(1), out_f = qweight_t.size(1);
+  const float* rs = opt_ptr(row_scale, in_f, "row_scale");
+  const float* rz = opt_ptr(row_zero, in_f, "row_zero");
+  const float* cs = opt_ptr(col_scale, out_f, "col_scale");
+  const float* cz = opt_ptr(col_zero, out_f, "col_zero");
+  const float* bp = opt_ptr(bias, out_f, "bias");
+  const float* tp = opt_ptr(channel_threshold, in_f, "channel_threshold");
+  at::Tensor out = at::empty({ntok, out_f}, x.options().dtype(at::kFloat));
+  if (ntok == 0 || out_f == 0) return out;
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  std::vector<int64_t> rows;
+  std::vector<float> vals;
+  std::vector<float> A(ntok, 0.f), B(ntok, 0.f);
+  rows.reserve(in_f);
+  vals.reserve(in_f * ntok);
+  if (tp != nullptr) {
+    select_rows(xp, ntok, in_f, [tp](int64_t i) { return tp[i]; }, rs, rz, rows, vals, A, B);
+  } else {
+    select_rows(xp, ntok, in_f, [t = static_cast<float>(threshold)](int64_t) { return t; }, rs, rz, rows, vals, A, B);
   }
   const int64_t nr = static_cast<int64_t>(rows.size());
   float* op = out.data_ptr<float>();
@@ -186,5 +201,5 @@ at::Tensor int8_sparse_gemv(const at::Tensor& x, double threshold, const at::Ten
 
 TORCH_LIBRARY(pl_actsparse_int8_ext, m) {
   m.def("int8_sparse_gemv(Tensor x, float threshold, Tensor qweight_t, Tensor? row_scale, Tensor? row_zero, "
-        "Tensor? col_scale, Tensor? col_zero, Tensor? bias) -> Tensor", &int8_sparse_gemv);
+        "Tensor? col_scale, Tensor? col_zero, Tensor? bias, Tensor? channel_threshold=None) -> Tensor", &int8_sparse_gemv);
 }

@@ -199,14 +199,56 @@ void run(const T* wt, int64_t out_f, const std::vector<int64_t>& rows, const std
   }
 }
 
-// The threshold as the reference `x.abs() <= t` applies it: type promotion casts a 0-dim fp32/fp64 `t`
-// to x's dtype (round to nearest even), so compare against that rounded value.
-float threshold_in_dtype(const at::Tensor& threshold, at::ScalarType st) {
-  TORCH_CHECK(threshold.numel() == 1, "sparse_gemv: threshold must hold one value, got ", threshold.sizes());
-  const float t = static_cast<float>(threshold.item<double>());
-  if (st == at::kBFloat16) return static_cast<float>(c10::BFloat16(t));
-  if (st == at::kHalf) return static_cast<float>(c10::Half(t));
-  return t;
+// The threshold as the reference `x.abs() <= t` applies it. A 0-dim `t`: type promotion casts it to x's dtype
+// (round to nearest even), so compare against that rounded value (`scalar`). A 1-D `t` (per channel: in_f values,
+// or 1) promotes x instead: the caller passes fp32 values that fp32 |x| is compared with as they are
+// (pl_actsparse.kernels.effective_threshold); `channel` points at them, or is null with one value.
+struct Thresholds {
+  float scalar = 0.f;
+  const float* channel = nullptr;
+};
+
+Thresholds read_threshold(const at::Tensor& threshold, at::ScalarType st, int64_t in_f, const char* op) {
+  if (threshold.dim() == 0) {
+    const float t = static_cast<float>(threshold.item<double>());
+    if (st == at::kBFloat16) return {static_cast<float>(c10::BFloat16(t)), nullptr};
+    if (st == at::kHalf) return {static_cast<float>(c10::Half(t)), nullptr};
+    return {t, nullptr};
+  }
+  TORCH_CHECK(threshold.numel() == 1 || threshold.numel() == in_f, op, ": threshold must hold 1 or ", in_f,
+              " (in_features) values, got shape ", threshold.sizes());
+  TORCH_CHECK(threshold.scalar_type() == at::kFloat && threshold.is_contiguous() && threshold.device().is_cpu(), op,
+              ": a 1-D threshold must be a contiguous fp32 CPU tensor, got ", threshold.scalar_type());
+  const float* p = threshold.data_ptr<float>();
+  if (threshold.numel() == 1) return {p[0], nullptr};
+  return {0.f, p};
+}
+
+// Union of the rows any token needs, and per row the tokens' values (0 where a token drops it); a value is kept
+// unless |x| <= thr(i) (NaN is kept, as masked_fill would). `thr` inlines: one value or one per channel.
+template <typename Thr>
+void select_rows(const float* xp, int64_t ntok, int64_t in_f, Thr thr, std::vector<int64_t>& rows,
+                 std::vector<float>& vals) {
+  if (ntok == 1) {
+    for (int64_t i = 0; i < in_f; ++i) {
+      if (!(std::fabs(xp[i]) <= thr(i))) {
+        rows.push_back(i);
+        vals.push_back(xp[i]);
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < in_f; ++i) {
+    const float t = thr(i);
+    bool any = false;
+    for (int64_t s = 0; s < ntok; ++s) any |= !(std::fabs(xp[s * in_f + i]) <= t);
+    if (!any) continue;
+    rows.push_back(i);
+    for (int64_t s = 0; s < ntok; ++s) {
+      const float v = xp[s * in_f + i];
+      vals.push_back(std::fabs(v) <= t ? 0.f : v);
+    }
+  }
 }
 
 at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, const at::Tensor& weight_t,
@@ -227,32 +269,17 @@ at::Tensor sparse_gemv(const at::Tensor& x_in, const at::Tensor& threshold, cons
   const int64_t ntok = x.size(0);
   at::Tensor out = at::empty(out_shape, weight_t.options());
   if (ntok == 0 || out_f == 0) return out;
-  const float t = threshold_in_dtype(threshold, x.scalar_type());
+  const Thresholds th = read_threshold(threshold, st, in_f, "sparse_gemv");
   at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
-  // Union of the rows any token needs; a value is kept unless |x| <= t (NaN is kept, as masked_fill would).
   std::vector<int64_t> rows;
   std::vector<float> vals;
   rows.reserve(in_f);
   vals.reserve(in_f * ntok);
-  if (ntok == 1) {
-    for (int64_t i = 0; i < in_f; ++i) {
-      if (!(std::fabs(xp[i]) <= t)) {
-        rows.push_back(i);
-        vals.push_back(xp[i]);
-      }
-    }
+  if (th.channel != nullptr) {
+    select_rows(xp, ntok, in_f, [p = th.channel](int64_t i) { return p[i]; }, rows, vals);
   } else {
-    for (int64_t i = 0; i < in_f; ++i) {
-      bool any = false;
-      for (int64_t s = 0; s < ntok; ++s) any |= !(std::fabs(xp[s * in_f + i]) <= t);
-      if (!any) continue;
-      rows.push_back(i);
-      for (int64_t s = 0; s < ntok; ++s) {
-        const float v = xp[s * in_f + i];
-        vals.push_back(std::fabs(v) <= t ? 0.f : v);
-      }
-    }
+    select_rows(xp, ntok, in_f, [t = th.scalar](int64_t) { return t; }, rows, vals);
   }
   at::Tensor bf;
   const float* bp = nullptr;
@@ -286,23 +313,60 @@ void mask_bits(const U* in, U* out, int64_t n, U tbits, U magnitude) {
   });
 }
 
+// Per channel (x [..., cols], fp32 thresholds compared in fp32): |x| <= t holds exactly when x's magnitude bits are
+// <= those of the largest value of x's dtype that is <= t; -1 (nothing zeroed) for a negative or NaN t.
+int32_t floor_bits(float t, at::ScalarType st) {
+  if (!(t >= 0.f)) return -1;
+  if (st == at::kFloat) {
+    uint32_t b;
+    std::memcpy(&b, &t, 4);
+    return static_cast<int32_t>(b);
+  }
+  uint16_t b = st == at::kBFloat16 ? c10::BFloat16(t).x : c10::Half(t).x;  // nearest; one step down if above t
+  const float back = st == at::kBFloat16 ? static_cast<float>(c10::BFloat16(b, c10::BFloat16::from_bits()))
+                                         : static_cast<float>(c10::Half(b, c10::Half::from_bits()));
+  return back > t ? b - 1 : b;
+}
+
+template <typename U>
+void mask_bits_channels(const U* in, U* out, int64_t rows, int64_t cols, const int32_t* tb, U magnitude) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 16) / cols), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const U* x = in + r * cols;
+      U* o = out + r * cols;
+      for (int64_t i = 0; i < cols; ++i) o[i] = static_cast<int32_t>(x[i] & magnitude) <= tb[i] ? U(0) : x[i];
+    }
+  });
+}
+
 at::Tensor mask_small(const at::Tensor& x_in, const at::Tensor& threshold) {
   TORCH_CHECK(x_in.device().is_cpu(), "mask_small: CPU tensors only");
   const auto st = x_in.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "mask_small: unsupported dtype ", st);
-  const float t = threshold_in_dtype(threshold, st);
-  if (!(t >= 0.f)) return x_in.clone();  // a negative or NaN threshold zeroes nothing
+  const int64_t cols = x_in.dim() == 0 ? 1 : x_in.size(-1);
+  const Thresholds th = read_threshold(threshold, st, cols, "mask_small");
+  const float t = th.scalar;
+  if (th.channel == nullptr && !(t >= 0.f)) return x_in.clone();  // a negative or NaN threshold zeroes nothing
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x);
-  if (st == at::kFloat) {
-    uint32_t tb;
-    std::memcpy(&tb, &t, 4);
+  if (th.channel != nullptr) {
+    if (x.numel() == 0) return out;
+    std::vector<int32_t> tb(cols);
+    for (int64_t i = 0; i < cols; ++i) tb[i] = floor_bits(th.channel[i], st);
+    const int64_t rows = x.numel() / cols;
+    if (st == at::kFloat) {
+      mask_bits_channels<uint32_t>(static_cast<const uint32_t*>(x.data_ptr()), static_cast<uint32_t*>(out.data_ptr()),
+                                   rows, cols, tb.data(), 0x7fffffffu);
+    } else {
+      mask_bits_channels<uint16_t>(static_cast<const uint16_t*>(x.data_ptr()), static_cast<uint16_t*>(out.data_ptr()),
+                                   rows, cols, tb.data(), uint16_t(0x7fff));
+    }
+  } else if (st == at::kFloat) {  // (a 0-dim t is already in x's dtype: floor_bits is then its own bits)
     mask_bits<uint32_t>(static_cast<const uint32_t*>(x.data_ptr()), static_cast<uint32_t*>(out.data_ptr()),
-                        x.numel(), tb, 0x7fffffffu);
+                        x.numel(), static_cast<uint32_t>(floor_bits(t, st)), 0x7fffffffu);
   } else {
-    const uint16_t tb = st == at::kBFloat16 ? c10::BFloat16(t).x : c10::Half(t).x;
     mask_bits<uint16_t>(static_cast<const uint16_t*>(x.data_ptr()), static_cast<uint16_t*>(out.data_ptr()),
-                        x.numel(), tb, uint16_t(0x7fff));
+                        x.numel(), static_cast<uint16_t>(floor_bits(t, st)), uint16_t(0x7fff));
   }
   return out;
 }
