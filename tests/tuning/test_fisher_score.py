@@ -76,6 +76,15 @@ def test_fisher_score_with_auto_allocation_on_hf_llama():
             model(b)
     achieved = counter.sparsity()
     assert all(abs(achieved[n] - levels[n]) < 0.02 for n in levels)  # each layer at its allocated level
+    # exported, the per-channel thresholds go to the sparse kernel: one token reads only the kept rows
+    from pl_actsparse.export.convert import export_for_inference, exported_layers
+
+    with torch.no_grad():
+        before = model(data[0][:1, :1]).logits
+    export_for_inference(model)
+    assert len(exported_layers(model)) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(model(data[0][:1, :1]).logits, before, rtol=1e-4, atol=1e-5)
     remove_activation_sparsity(model)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
