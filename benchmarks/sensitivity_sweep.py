@@ -4,8 +4,9 @@ At 30%, 40% and 50% of the MLP weight bytes skipped per token (all 15 gate/up/do
 the 194 windows of stories 0-149 for:
 
 * ``uniform``: every MLP layer at the budget (exact calibration),
-* ``allocation``: per-layer targets from :func:`pl_actsparse.tuning.allocation.allocate_sparsity` (sensitivity curves
-  on the first 6 calibration batches, shared-input groups tied), then exact calibration,
+* ``allocation``: ``sparsify_activations(..., allocation="auto")`` on the MLP scope (per-layer levels under the byte
+  budget from empirical-Fisher curves and a loss-scored search, then exact calibration; before 0.2 this column
+  was the older ``allocate_sparsity``),
 * ``weight_aware_uniform`` / ``weight_aware_shared_uniform`` / ``weight_aware_allocation``: the score
   ``|x| * ||W[:, i]||`` (per layer / one scale per shared-input group) at the uniform or allocated targets,
 * ``nncf_uniform``: NNCF's ``sparsify_activations`` at the uniform targets, when nncf is importable.
@@ -33,14 +34,13 @@ from pathlib import Path
 import torch
 
 from pl_actsparse import TargetScope, calibrate_activation_sparsity, prepare_activation_sparsity, sparsify_activations
-from pl_actsparse.tuning.allocation import allocate_sparsity
 from pl_actsparse.demos import calibration_batches
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
 from pl_actsparse.tuning.objectives import perplexity
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 from pl_actsparse.tuning.sweep import apply_statistics, perplexity_metric, sweep_sparsity
-from pl_actsparse.core.layer import weight_nbytes
+from pl_actsparse.core.layer import sparsified_layers, sparsifier_state, weight_nbytes
 from pl_actsparse.measure.metric import SparsityCounter
 
 from _common import add_out_argument, emit
@@ -74,11 +74,9 @@ def nncf_uniform(model, calib, evaluation, budget: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.4, 0.5])
-    parser.add_argument("--sensitivity-batches", type=int, default=6)
     parser.add_argument("--out-dir", default=None, help="where the sweep plot/JSON go (default: a temporary directory)")
     parser.add_argument("--no-nncf", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--untied", action="store_true", help="also allocate per layer without tying gate/up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
     parser.add_argument("--calibration-stories", type=int, nargs=2, default=[500, 600], metavar=("START", "STOP"))
     parser.add_argument("--eval-stories", type=int, nargs=2, default=[0, 150], metavar=("START", "STOP"))
@@ -117,35 +115,23 @@ def main() -> None:
         log(f"budget {budget}: uniform {row['uniform']:.4f}")
 
         t0 = time.perf_counter()
-        alloc = allocate_sparsity(fresh(), calib, budget, scope, calibration={"num_batches": args.sensitivity_batches, "progress": False})
+        m = sparsify_activations(fresh(), calib, {scope: budget}, allocation="auto", calibration={"progress": False})
         alloc_s = time.perf_counter() - t0
-        m = fresh()
-        sparsify_activations(m, calib, alloc.target_sparsity_by_scope(), calibration={"progress": False})
+        targets = {n: sparsifier_state(layer).target for n, layer in sparsified_layers(m)}
+        allocated = {TargetScope(names=[n]): t for n, t in targets.items()}
         row["allocation"] = perplexity(m, evaluation)
         row["allocation_detail"] = {
-            "targets": {n.replace("layers.", "").replace("mlp.", ""): round(v, 4) for n, v in alloc.targets.items()},
-            "skipped_fraction": round(skipped_fraction(m, alloc.targets), 6),
-            "units": len(alloc.units),
-            "forward_passes": alloc.forward_passes,
-            "sensitivity_batches": args.sensitivity_batches,
+            "targets": {n.replace("layers.", "").replace("mlp.", ""): round(v, 4) for n, v in targets.items()},
+            "skipped_fraction": round(skipped_fraction(m, targets), 6),
             "seconds": round(alloc_s, 1),
-            "predicted_calibration_loss_change": round(alloc.predicted_loss_increase, 5),
         }
-        log(f"budget {budget}: allocation {row['allocation']:.4f} ({alloc.forward_passes} passes, {alloc_s:.0f}s)")
-        if args.untied:
-            t0 = time.perf_counter()
-            untied = allocate_sparsity(fresh(), calib, budget, scope, calibration={"num_batches": args.sensitivity_batches, "progress": False}, tie_shared_inputs=False)
-            m = fresh()
-            sparsify_activations(m, calib, untied.target_sparsity_by_scope(), calibration={"progress": False})
-            row["allocation_untied"] = perplexity(m, evaluation)
-            row["allocation_untied_passes"] = untied.forward_passes
-            log(f"budget {budget}: untied allocation {row['allocation_untied']:.4f} ({time.perf_counter() - t0:.0f}s)")
+        log(f"budget {budget}: allocation {row['allocation']:.4f} ({alloc_s:.0f}s)")
 
         for label, recipe, share in [
             ("weight_aware_uniform", {scope: budget}, False),
             ("weight_aware_shared_uniform", {scope: budget}, True),
-            ("weight_aware_allocation", alloc.target_sparsity_by_scope(), False),
-            ("weight_aware_shared_allocation", alloc.target_sparsity_by_scope(), True),
+            ("weight_aware_allocation", allocated, False),
+            ("weight_aware_shared_allocation", allocated, True),
         ]:
             m = fresh()
             sparsify_activations_weight_aware(m, calib, recipe, share_groups=share, calibration={"progress": False})

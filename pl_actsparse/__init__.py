@@ -33,7 +33,6 @@ _LAZY = {
     # Imported on first use so that `import pl_actsparse` stays light (no Lightning, no matplotlib).
     "export_for_inference": ".export.convert",
     "quantize_weights_int8": ".core.int8",
-    "allocate_sparsity": ".tuning.allocation",
     "sweep_sparsity": ".tuning.sweep",
     "activation_sparsity_disabled": ".core.layer",
     "ActivationSparsityCallback": ".lightning.callback",

@@ -294,17 +294,20 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
                                  f"({frozen}...); build or load the model outside inference mode, or use allocation='uniform'")
     with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):  # a gradient pass, whatever the caller's mode
         model.eval()
+        loss_fn = config.loss_fn or next_token_nll
         try:
-            curves = fisher_curves(model, layers, items, next_token_nll,  # block by block where calibration goes so
+            curves = fisher_curves(model, layers, items, loss_fn,  # block by block where calibration goes so
                                    config.replace(method=chosen_method(model, layers, config)))
         except InvalidOptionError as exc:  # the next-token loss needs a causal LM on token ids
-            raise InvalidOptionError(f"allocation='auto' scores layers with the next-token loss of a causal LM called on token "
-                                     f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or choose "
-                                     "levels with pl_actsparse.tuning.allocation.allocate_sparsity(..., loss_fn=...)") from None
+            if config.loss_fn is not None:
+                raise
+            raise InvalidOptionError(f"allocation={allocation!r} scores layers with the next-token loss of a causal LM called on token "
+                                     f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or give the "
+                                     "model's loss as calibration={'loss_fn': f}, f(output, inputs, mask) -> (summed loss, count)") from None
         budgets: dict[Any, tuple[list[str], float]] = {}  # scope -> (its layers, its byte budget)
         for n, t in plan.targets.items():
             budgets.setdefault(plan.claimed_by.get(n), ([], t))[0].append(n)
-        return search_levels(model, layers, items, curves, list(budgets.values()), config, next_token_nll, allocation == "auto")[0]
+        return search_levels(model, layers, items, curves, list(budgets.values()), config, loss_fn, allocation == "auto")[0]
 
 
 def check_allocation(allocation: Any, target_sparsity_by_scope: Mapping[Any, Any]) -> str:
@@ -359,18 +362,18 @@ def sparsify_activations(
             ``item -> bool mask [batch, seq]`` applied to the item as ``dataset`` yields it),
             ``offload`` (where the sequential cache lives: ``None``, ``"cpu"`` or ``"disk"``),
             ``max_batches_in_flight`` (lockstep groups of this size bound memory; approximately exact),
-            ``in_block``, ``progress`` and ``sync_across_processes`` (sum statistics over
-            ``torch.distributed`` ranks; default: when a process group with several ranks is initialized).
+            ``in_block``, ``progress``, ``sync_across_processes`` (sum statistics over ``torch.distributed``
+            ranks; default: when a process group with several ranks is initialized) and ``loss_fn`` (``allocation``).
         gradient_mode: ``"masked"`` or ``"ste"``, how gradients cross the zeroing when training afterwards.
         allocation: ``"uniform"`` (default): every layer of a scope gets the scope's target. ``"auto"``: each
             scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped per token,
             spread over its layers by :mod:`pl_actsparse.calibrate.allocation`: empirical-Fisher loss curves
             from one forward and backward pass of the dense model, their convex optimum, and a search over 9
-            reweightings of the curves scored by the real next-token loss on half the data (13-19 dense
-            forward passes in all with calibration on stories260K, docs/allocation.md); ``"fisher"``: the
-            curves' optimum without the search. The allocated levels are then calibrated exactly. Needs a
-            causal LM on token ids (next-token loss) and iterates ``dataset`` several times (a one-shot
-            iterator is read into a list first).
+            reweightings of the curves scored by the real loss on half the data (13-19 dense forward passes in
+            all with calibration on stories260K, docs/allocation.md); ``"fisher"``: the curves' optimum without
+            the search. The allocated levels are then calibrated exactly. The loss is ``calibration``'s
+            ``loss_fn`` (default: next-token NLL, which needs a causal LM on token ids); ``dataset`` is iterated
+            several times (a one-shot iterator is read into a list first).
 
     Raises:
         InvalidOptionError: an invalid ``calibration`` field, ``gradient_mode`` or ``allocation`` (before any change).

@@ -57,6 +57,10 @@ class CalibrationConfig:
         progress: show a progress bar.
         sync_across_processes: sum statistics over ``torch.distributed`` ranks (``None``: when a process group
             with several ranks is initialized).
+        loss_fn: the loss of ``allocation="auto"``/``"fisher"`` and of ``score="fisher"``,
+            ``(output, inputs, mask) -> (summed loss, count)`` (``inputs``: the transformed item; ``mask``: bool
+            ``[B, T]`` of real tokens or ``None``); ``None``: next-token NLL of a causal LM on token ids
+            (:func:`~pl_actsparse.calibrate.allocation.next_token_nll`).
 
     Raises:
         InvalidOptionError: an unknown field name (the message lists the valid ones, closest first), a field with
@@ -79,6 +83,7 @@ class CalibrationConfig:
     in_block: str = "levels"
     progress: bool = True
     sync_across_processes: Optional[bool] = None
+    loss_fn: Optional[Callable[[Any, Any, Any], Any]] = None
 
     def __new__(cls, *args: Any, **fields: Any) -> "CalibrationConfig":
         valid = [f.name for f in dataclasses.fields(cls)]
@@ -97,8 +102,9 @@ class CalibrationConfig:
         _choice("in_block", self.in_block, IN_BLOCK_MODES)
         _positive_int_or_none("num_batches", self.num_batches)
         _positive_int_or_none("max_batches_in_flight", self.max_batches_in_flight)
-        if self.transform_fn is not None and not callable(self.transform_fn):
-            raise InvalidOptionError(f"CalibrationConfig.transform_fn must be callable or None, got {self.transform_fn!r}")
+        for name in ("transform_fn", "loss_fn"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise InvalidOptionError(f"CalibrationConfig.{name} must be callable or None, got {getattr(self, name)!r}")
         if not (self.token_mask is None or self.token_mask == "auto" or callable(self.token_mask)):
             raise TokenMaskError(f"CalibrationConfig.token_mask must be 'auto', None or a callable, got {self.token_mask!r}")
         if not isinstance(self.progress, bool):

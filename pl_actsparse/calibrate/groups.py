@@ -10,8 +10,8 @@ Why it matters:
 * With equal targets, group members get **one threshold**: calibration histograms the shared tensor once and
   every member gets the same threshold, so one mask serves the whole group (a fused kernel reads the mask
   once). :func:`check_shared_thresholds` verifies it on a calibrated model.
-* The allocator (:mod:`pl_actsparse.tuning.allocation`) can give a group one target (``tie_shared_inputs=True``),
-  which keeps the shared mask and makes the search cheaper.
+* Weight-aware scoring (:mod:`pl_actsparse.tuning.weight_aware`, ``share_groups``) gives a group one scale, so
+  its members keep one threshold vector and one mask.
 * The report (:mod:`pl_actsparse.measure.report`) shows the groups.
 """
 

@@ -1,8 +1,7 @@
 """Recipes in data form: the one strict parser of scope specs, and their YAML.
 
 A *recipe* is ``{TargetScope: target sparsity}`` plus an optional :class:`~pl_actsparse.IgnoredScope`. In YAML
-(the callback's ``scopes:`` argument, an allocation written by
-:meth:`~pl_actsparse.tuning.allocation.Allocation.to_yaml`) each scope is one mapping::
+(the callback's ``scopes:`` argument, a recipe written by :func:`dump_scopes_yaml`) each scope is one mapping::
 
     scopes:
     - patterns: ['.*up_proj', '.*gate_proj']

@@ -1,4 +1,3 @@
 """Choosing targets, accuracy against sparsity: :mod:`~pl_actsparse.tuning.sweep` (thresholds for any target from
-one calibration pass, sweeps), :mod:`~pl_actsparse.tuning.allocation` (per-layer targets under a weight-byte
-budget), :mod:`~pl_actsparse.tuning.objectives` (perplexity, the calibration loss) and
+one calibration pass, sweeps), :mod:`~pl_actsparse.tuning.objectives` (perplexity, the calibration loss) and
 :mod:`~pl_actsparse.tuning.weight_aware` (per-channel thresholds from ``|x| * ||W[:, i]||``)."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate import chosen_method
-from pl_actsparse.calibrate.allocation import gradient_scales
+from pl_actsparse.calibrate.allocation import gradient_scales, next_token_nll
 from pl_actsparse.core.layer import activation_sparsity_disabled
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.config import CalibrationConfig
@@ -89,16 +89,16 @@ def sparsify_activations_weight_aware(
     """:func:`~pl_actsparse.sparsify_activations` with the score ``|x_i| * c_i`` instead of ``|x_i|``.
 
     ``score="weight"``: ``c_i = ||W[:, i]||`` (WINA). ``score="fisher"``: ``c_i = E[(dL/dx_i)^2] ** (1/4)`` over the
-    data's real tokens, from one forward and backward pass of the dense model (next-token NLL of a causal LM on
-    token ids; :func:`~pl_actsparse.calibrate.allocation.gradient_scales`): the channels the loss is sensitive to are
-    zeroed later. With ``allocation="auto"`` it is the best model-wide setting measured on stories260K
+    data's real tokens, from one forward and backward pass of the dense model (loss: ``calibration``'s ``loss_fn``,
+    default next-token NLL on token ids; :func:`~pl_actsparse.calibrate.allocation.gradient_scales`): the channels
+    the loss is sensitive to are zeroed later. With ``allocation="auto"`` it is the best model-wide setting measured on stories260K
     (``docs/allocation.md``). ``share_groups``: layers that read the same tensor and have equal targets use one scale
     (stacked weight columns; summed ``E[g^2]``), so they share one threshold vector and one mask; ``groups`` overrides
     the detection (:func:`~pl_actsparse.calibrate.groups.find_shared_input_groups`). ``calibration`` and the other
     keyword arguments (``allocation``, ``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
 
     Raises:
-        InvalidOptionError: an unknown ``score``; with ``"fisher"``, inputs that are not token ids of a causal LM.
+        InvalidOptionError: an unknown ``score``; with ``"fisher"`` and no ``loss_fn``, inputs that are not token ids.
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
 
     >>> import torch
@@ -125,7 +125,8 @@ def sparsify_activations_weight_aware(
         layers = [(n, modules[n]) for n in names]
         with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):
             model.eval()
-            fisher = gradient_scales(model, layers, data, config.replace(method=chosen_method(model, layers, config)))
+            fisher = gradient_scales(model, layers, data, config.replace(method=chosen_method(model, layers, config)),
+                                     config.loss_fn or next_token_nll)
     scales: dict[str, torch.Tensor] = {n: fisher[n] if score == "fisher" else weight_column_norms(modules[n]) for n in names}
     if share_groups:
         if groups is None:

@@ -26,6 +26,7 @@ from pl_actsparse.errors import InvalidOptionError, TokenMaskError
         ("num_batches", True, "a positive integer or None"),
         ("max_batches_in_flight", -1, "a positive integer or None"),
         ("transform_fn", "ids", "callable or None"),
+        ("loss_fn", 0.5, "callable or None"),
         ("progress", 1, "a bool"),
         ("sync_across_processes", "yes", "a bool or None"),
     ],
@@ -43,9 +44,9 @@ def test_bad_token_mask_raises_token_mask_error():
 def test_valid_values_are_kept():
     fn = lambda item: item  # noqa: E731
     c = CalibrationConfig(method="sequential", num_batches=3, transform_fn=fn, token_mask=None, offload="disk",
-                          max_batches_in_flight=2, in_block="lockstep", progress=False, sync_across_processes=False)
+                          max_batches_in_flight=2, in_block="lockstep", progress=False, sync_across_processes=False, loss_fn=fn)
     assert (c.method, c.num_batches, c.transform_fn, c.token_mask, c.offload) == ("sequential", 3, fn, None, "disk")
-    assert (c.max_batches_in_flight, c.in_block, c.progress, c.sync_across_processes) == (2, "lockstep", False, False)
+    assert (c.max_batches_in_flight, c.in_block, c.progress, c.sync_across_processes, c.loss_fn) == (2, "lockstep", False, False, fn)
     assert c.replace(num_batches=None).num_batches is None and c.num_batches == 3  # frozen: a new object
     with pytest.raises(InvalidOptionError, match="num_batches"):
         c.replace(num_batches=0)

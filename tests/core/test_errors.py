@@ -14,7 +14,6 @@ from pl_actsparse.export.convert import export_for_inference
 from pl_actsparse.export.int8_linear import Int8SparseInferenceLinear
 from pl_actsparse.measure.metric import ActivationSparsity, quantile_from_histogram
 from pl_actsparse.measure.report import model_report
-from pl_actsparse.tuning.allocation import allocate_sparsity
 from pl_actsparse.tuning.sweep import sweep_sparsity
 from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 
@@ -57,7 +56,7 @@ CASES = {
     "one tensor as calibration data": (lambda: sparsify_activations(_net(), torch.randn(8, 4), {TargetScope(names=["0"]): 0.5}),
                                        E.InvalidOptionError, r"got one Tensor of shape \(8, 4\).*pass \[tensor\]"),
     "one tensor as report data": (lambda: model_report(_sparse_net(), torch.randn(8, 4)), E.InvalidOptionError, r"\(8, 4\)"),
-    "one tensor to allocate_sparsity": (lambda: allocate_sparsity(_net(), torch.randn(8, 4), 0.5, TargetScope(names=["0"])),
+    "one tensor to allocation='auto'": (lambda: sparsify_activations(_net(), torch.randn(8, 4), {TargetScope(names=["0"]): 0.5}, allocation="auto"),
                                         E.InvalidOptionError, r"\(8, 4\).*pass \[tensor\]"),
     "one tensor to sweep_sparsity": (lambda: sweep_sparsity(_net(), torch.randn(8, 4), [0.5], lambda m: 0.0, TargetScope(names=["0"])),
                                      E.InvalidOptionError, r"\(8, 4\).*pass \[tensor\]"),

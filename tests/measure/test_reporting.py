@@ -156,12 +156,11 @@ def test_report_on_padded_hf_batches_counts_real_tokens(side):
     assert not sparsifier_state(layer).observers
 
 
-def test_per_channel_thresholds_through_reports_sweep_and_allocation(tiny, batches, tmp_path):
+def test_per_channel_thresholds_through_reports_and_sweep(tiny, batches, tmp_path):
     """Issue 11 item 3: every consumer in measure/ and tuning/ accepts per-channel thresholds."""
     from pl_actsparse import activation_sparsity_report
     from pl_actsparse.measure.metric import ActivationSparsity
     from pl_actsparse.measure.report import achieved_table
-    from pl_actsparse.tuning.allocation import measure_sensitivity
     from pl_actsparse.tuning.sweep import sweep_sparsity
     from pl_actsparse.tuning.weight_aware import sparsify_activations_weight_aware
 
@@ -189,11 +188,7 @@ def test_per_channel_thresholds_through_reports_sweep_and_allocation(tiny, batch
 
     result = sweep_sparsity(tiny, batches[:3], [0.2, 0.5], nll, include_dense=False)
     assert [p.mean_target for p in result.points] == pytest.approx([0.2, 0.5])
-    profile = measure_sensitivity(
-        tiny, batches[:2], {TargetScope(patterns=[".*mlp.*"]): 0.3}, offsets=(0.1,), loss_fn=lambda out, x: out.pow(2).mean()
-    )
-    assert len(profile.curves) > 0
-    for n, m in tiny.named_modules():  # sweep and allocation gave the per-channel thresholds back bit for bit
+    for n, m in tiny.named_modules():  # the sweep gave the per-channel thresholds back bit for bit
         if n in before:
             assert m.activation_threshold.shape == before[n].shape and torch.equal(m.activation_threshold, before[n])
 

@@ -1,7 +1,5 @@
-"""Allocation under a byte budget, and weight-aware scoring (per-channel thresholds)."""
-
-import itertools
-import random
+"""``allocation="auto"``/``"fisher"`` under a byte budget (calibrate/allocation.py), weight-aware scoring
+(per-channel thresholds) and the scope-spec parser with its YAML (core/recipe.py)."""
 
 import pytest
 import torch
@@ -16,73 +14,13 @@ from pl_actsparse import (
 )
 from pl_actsparse.errors import NonFiniteActivationError
 from pl_actsparse.core.layer import is_sparsified
-from pl_actsparse.tuning.allocation import (
-    SensitivityProfile,
-    allocate_from_curves,
-    allocate_sparsity,
-    load_scopes_yaml,
-    measure_sensitivity,
-    scopes_from_list,
-)
+from pl_actsparse.core.recipe import load_scopes_yaml, scopes_from_list
 from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, ScopeSpecError
 from pl_actsparse.tuning.weight_aware import is_weight_aware, sparsify_activations_weight_aware, weight_column_norms
 from pl_actsparse.measure.metric import SparsityCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-
-def _profile(curves, unit_bytes, names=None):
-    names = names or [f"l{i}" for i in range(len(curves))]
-    return SensitivityProfile(
-        units=[[n] for n in names],
-        unit_bytes=unit_bytes,
-        curves=curves,
-        base_targets={n: 0.0 for n in names},
-        base_loss=0.0,
-        forward_passes=0,
-        batches=0,
-        layer_bytes=dict(zip(names, unit_bytes)),
-    )
-
-
-def test_greedy_meets_budget_and_prefers_cheap_bytes():
-    cheap = {0.0: 0.0, 0.5: 0.1, 1.0: 0.3}
-    dear = {0.0: 0.0, 0.5: 1.0, 1.0: 3.0}
-    alloc = allocate_from_curves(_profile([cheap, dear], [100, 300]), 0.25)
-    # 25% of 400 bytes = 100 bytes: all from the cheap layer (it has 100 bytes, slope 0.002/byte vs 0.0067)
-    assert alloc.targets == {"l0": 1.0, "l1": 0.0}
-    assert alloc.skipped_fraction == pytest.approx(0.25)
-    assert alloc.predicted_loss_increase == pytest.approx(0.3)
-    with pytest.raises(InvalidTargetError, match="outside"):
-        allocate_from_curves(_profile([{0.2: 0.0, 0.4: 1.0}], [10]), 0.5)
-
-
-def _brute_force(curves, unit_bytes, budget, step):
-    """Best grid assignment meeting the budget (the greedy over convex curves must match or beat it)."""
-    grids = [sorted(c) for c in curves]
-    best = None
-    total = sum(unit_bytes)
-    for combo in itertools.product(*grids):
-        if abs(sum(b * s for b, s in zip(unit_bytes, combo)) / total - budget) < 1e-9:
-            loss = sum(c[s] for c, s in zip(curves, combo))
-            best = loss if best is None else min(best, loss)
-    return best
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_greedy_is_optimal_on_convex_curves(seed):
-    rng = random.Random(seed)
-    grid = [0.0, 0.25, 0.5, 0.75]
-    curves = []
-    for _ in range(4):
-        a, p = rng.uniform(0.1, 2.0), rng.uniform(1.2, 3.0)
-        curves.append({s: a * s**p for s in grid})
-    unit_bytes = [100] * 4
-    for budget in (0.25, 0.5, 0.625):
-        alloc = allocate_from_curves(_profile(curves, unit_bytes), budget)
-        assert alloc.skipped_fraction == pytest.approx(budget, abs=1e-6)
-        assert alloc.predicted_loss_increase <= _brute_force(curves, unit_bytes, budget, 0.25) + 1e-9
 
 
 class OddShapes(nn.Module):
@@ -98,78 +36,6 @@ class OddShapes(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-def _mse_to(reference_model, data):
-    with torch.no_grad():
-        refs = {id(x): reference_model(x) for x in data}
-    return lambda out, x: (out - refs[id(x)]).pow(2).mean()
-
-
-@pytest.mark.parametrize("budget", [0.2, 0.45])
-def test_allocation_respects_byte_budget_with_odd_shapes(budget):
-    torch.manual_seed(0)
-    net = OddShapes().eval()
-    data = [torch.randn(32, 12) for _ in range(3)]
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    alloc = allocate_sparsity(net, data, budget, TargetScope(types=[nn.Linear]), loss_fn=_mse_to(net, data))
-    assert not any(is_sparsified(m) for m in net.modules())  # the model is left as it was
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
-    wb = {"a": 40 * 12 * 4, "b": 7 * 40 * 4, "c": 3 * 7 * 4}
-    assert alloc.weight_bytes == wb
-    skipped = sum(alloc.targets[n] * wb[n] for n in wb) / sum(wb.values())
-    assert skipped == pytest.approx(budget, abs=1e-3)
-    assert alloc.predicted_loss_increase <= 1e-12  # uniform is feasible, so the optimum is no worse
-    grid_sizes = [len(c) - 1 for c in alloc.profile.curves]
-    assert alloc.forward_passes == 2 + sum(grid_sizes)
-    # the recipe is accepted as it is and achieves the per-layer targets on the calibration data
-    sparsify_activations(net, data, alloc.target_sparsity_by_scope(), calibration={"progress": False})
-    report = activation_sparsity_report(net)
-    for row in report.layers:
-        assert row.target == pytest.approx(alloc.targets[row.name])
-        assert row.calibration_sparsity == pytest.approx(row.target, abs=0.01)
-
-
-def test_yaml_round_trip_and_scopes_list(tmp_path):
-    profile = _profile([{0.0: 0.0, 0.5: 0.1, 1.0: 0.5}, {0.0: 0.0, 0.5: 0.2, 1.0: 0.4}], [64, 64], ["layers.0.mlp.up_proj", "x'y"])
-    alloc = allocate_from_curves(profile, 0.5)
-    path = tmp_path / "alloc.yaml"
-    text = alloc.to_yaml(path)
-    assert text.startswith("# pl_actsparse allocation") and "scopes:" in text
-    assert load_scopes_yaml(path) == alloc.target_sparsity_by_scope()
-    assert load_scopes_yaml(text) == scopes_from_list(alloc.to_scopes())
-    with pytest.raises(ScopeSpecError, match=r"scopes\[0\] needs a 'sparsity'"):
-        scopes_from_list([{"names": ["a"]}])
-
-
-def test_tied_groups_share_one_target(tiny, batches):
-    from tiny_models import tiny_llama
-
-    ref = tiny_llama()
-    alloc = allocate_sparsity(
-        tiny, batches[:2], 0.4, TargetScope(patterns=[".*mlp.*"]), offsets=(-0.2, 0.2), loss_fn=_mse_to(ref, batches[:2])
-    )
-    assert sorted(alloc.units, key=len)[-1] == ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"] or any(
-        len(u) == 2 for u in alloc.units
-    )
-    for u in alloc.units:
-        assert len({alloc.targets[n] for n in u}) == 1
-    assert len(alloc.units) == 6  # 3 blocks x (gate+up, down)
-    assert alloc.forward_passes == 2 + 6 * 2
-    untied = measure_sensitivity(
-        tiny, batches[:2], {TargetScope(patterns=[".*mlp.*"]): 0.4}, offsets=(0.1,), tie_shared_inputs=False,
-        loss_fn=_mse_to(ref, batches[:2]),
-    )
-    assert len(untied.units) == 9 and untied.forward_passes == 2 + 9
-
-
-def test_measure_sensitivity_validates_options(tiny, batches):
-    with pytest.raises(InvalidTargetError):
-        measure_sensitivity(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.4}, offsets=(float("nan"),))
-    with pytest.raises(InvalidTargetError):
-        measure_sensitivity(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.4}, min_sparsity=0.9, max_sparsity=0.5)
-    with pytest.raises(InvalidOptionError, match="token ids"):  # default loss needs token ids
-        allocate_sparsity(OddShapes(), [torch.randn(4, 12)], 0.3, TargetScope(types=[nn.Linear]))
-
-
 @pytest.fixture(scope="module")
 def stories():
     from pl_actsparse.demos.tinystories import TokenWindows, load_stories
@@ -179,25 +45,6 @@ def stories():
     w = TokenWindows(load_stories(start=500, stop=520), tok, seq_len=128)
     xs = [w[i] for i in range(len(w))]
     return [torch.stack(xs[i : i + 8]) for i in range(0, 16, 8)]
-
-
-def test_allocation_on_stories260k_beats_uniform_on_calibration_loss(stories):
-    from pl_actsparse.tuning.objectives import CalibrationLoss
-    from pl_actsparse.demos.llama2c import load_llama2c_checkpoint
-
-    scope = TargetScope(patterns=[r".*mlp\..*_proj"])
-    model = load_llama2c_checkpoint()
-    alloc = allocate_sparsity(model, stories, 0.4, scope, offsets=(-0.2, 0.2))
-    down = [v for n, v in alloc.targets.items() if "down" in n]
-    gate_up = [v for n, v in alloc.targets.items() if "down" not in n]
-    assert sum(down) / len(down) > sum(gate_up) / len(gate_up)  # down_proj tolerates more (field knowledge)
-    assert alloc.skipped_fraction == pytest.approx(0.4, abs=1e-3)
-    losses = {}
-    for label, recipe in [("uniform", {scope: 0.4}), ("allocation", alloc.target_sparsity_by_scope())]:
-        m = load_llama2c_checkpoint()
-        sparsify_activations(m, stories, recipe, calibration={"progress": False})
-        losses[label] = CalibrationLoss(m, stories, None, None)()
-    assert losses["allocation"] < losses["uniform"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,7 +134,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("entry, error, match", MALFORMED)
 def test_one_parser_one_error_for_every_reader(entry, error, match, tmp_path):
-    """The allocation's reader, the YAML loader and the callback raise the same error for the same entry."""
+    """The recipe's list reader, the YAML loader and the callback raise the same error for the same entry."""
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
 
     with pytest.raises(error, match=match) as from_list:
@@ -311,6 +158,15 @@ def test_pattern_typo_no_longer_becomes_an_empty_scope():
         scopes_from_list([{"names": ["a"], "sparsity": 0.1}, {"names": ["a"], "sparsity": 0.2}])
 
 
+def test_yaml_round_trip_through_a_file_with_a_comment(tmp_path):
+    from pl_actsparse.core.recipe import scopes_to_list
+
+    recipe = {TargetScope(names=["layers.0.mlp.up_proj", "x'y"]): 0.25, TargetScope(patterns=[r".*down_proj"]): 0.5}
+    text = dump_scopes_yaml(recipe, tmp_path / "recipe.yaml", comment="allocated\nat 40%")
+    assert text.startswith("# allocated\n# at 40%\nscopes:") and (tmp_path / "recipe.yaml").read_text() == text
+    assert load_scopes_yaml(tmp_path / "recipe.yaml") == recipe == scopes_from_list(scopes_to_list(recipe))
+
+
 @given(
     names=st.lists(st.text(min_size=1, max_size=12).filter(lambda s: s.strip() == s), min_size=1, max_size=4, unique=True),
     sparsity=st.floats(0.0, 1.0),
@@ -319,19 +175,6 @@ def test_yaml_round_trip_of_any_names(names, sparsity):
     """yaml.safe_dump quotes what needs quoting (the hand-written emitter handled only a few cases)."""
     recipe = {TargetScope(names=names): sparsity}
     assert load_scopes_yaml(dump_scopes_yaml(recipe, comment="two\nlines")) == recipe
-
-
-def test_allocation_budget_uses_stored_int8_bytes():
-    from pl_actsparse.core.int8 import quantize_weights_int8
-
-    torch.manual_seed(0)
-    net = OddShapes().eval()
-    data = [torch.randn(32, 12) for _ in range(2)]
-    quantize_weights_int8(net)
-    alloc = allocate_sparsity(net, data, 0.3, TargetScope(types=[nn.Linear]), loss_fn=lambda out, x: out.pow(2).mean(), offsets=(-0.2, 0.2))
-    stored = {n: getattr(net, n).weight_nbytes for n in "abc"}
-    assert alloc.weight_bytes == stored and stored["a"] < 40 * 12 * 4
-    assert sum(alloc.targets[n] * stored[n] for n in stored) / sum(stored.values()) == pytest.approx(0.3, abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,9 +265,8 @@ def test_bad_allocation_is_an_error_before_any_change(tiny, batches):
     assert not any(is_sparsified(m) for m in tiny.modules())
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # not a causal LM on token ids
-    with pytest.raises(InvalidOptionError, match=r"allocation='auto' scores layers with the next-token loss.*allocation='uniform'") as err:
+    with pytest.raises(InvalidOptionError, match=r"allocation='auto' scores layers with the next-token loss.*allocation='uniform'.*'loss_fn'"):
         sparsify_activations(net, [torch.randn(4, 8)] * 2, {TargetScope(types=[nn.Linear]): 0.5}, allocation="auto")
-    assert "pass loss_fn" not in str(err.value)  # sparsify_activations takes no loss_fn
     assert not any(is_sparsified(m) for m in net.modules())
     calls = []
     handle = tiny.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -450,6 +292,74 @@ def test_auto_allocation_without_next_token_predictions_is_an_error():
             sparsify_activations(model, data, {TargetScope(patterns=[r".*_proj"]): 0.5}, allocation="auto", calibration={"progress": False})
     assert not any(is_sparsified(m) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                        max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def _classification_nll(output, inputs, mask):
+    """Summed cross-entropy of the sequence labels and the number of sequences (a loss_fn for allocation)."""
+    return torch.nn.functional.cross_entropy(output.logits.float(), inputs["labels"], reduction="sum"), len(inputs["labels"])
+
+
+@pytest.mark.parametrize("allocation", ["auto", "fisher"])
+def test_auto_allocation_with_a_custom_loss_on_a_bert_classifier(allocation):
+    """calibration={"loss_fn": ...}: a BertForSequenceClassification (not a causal LM) is allocated by its
+    classification loss; the levels differ across layers and meet the byte budget; the default next-token loss
+    refuses the model with a message naming loss_fn, and nothing is changed."""
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(4):
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[2:, 9:] = 0  # padded sequences
+        data.append({"input_ids": torch.randint(0, 64, (4, 12), generator=g), "attention_mask": mask,
+                     "labels": torch.randint(0, 3, (4,), generator=g)})
+    recipe = {TargetScope(patterns=[r"bert\.encoder\..*\.(query|key|value|dense)"]): 0.4}
+    model = sparsify_activations(_bert_classifier(), data, recipe, allocation=allocation,
+                                 calibration={"progress": False, "loss_fn": _classification_nll})
+    report = activation_sparsity_report(model)
+    names = [r.name for r in report.layers]
+    assert len(names) == 12 and all(n.startswith("bert.encoder.layer.") for n in names)
+    assert len({round(r.target, 6) for r in report.layers}) > 2  # levels differ across layers
+    assert _budget_met(model, names, 0.4) == pytest.approx(0.4, abs=1e-3)
+    plain = _bert_classifier()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(InvalidOptionError, match=rf"allocation='{allocation}' scores layers with the next-token loss.*"
+                                                 r"calibration=\{'loss_fn': f\}"):
+        sparsify_activations(plain, data, recipe, allocation=allocation, calibration={"progress": False})
+    assert not any(is_sparsified(m) for m in plain.modules())
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_non_callable_loss_fn_is_refused_before_any_change(tiny, batches):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    with pytest.raises(InvalidOptionError, match=r"CalibrationConfig.loss_fn must be callable or None, got 'nll'"):
+        sparsify_activations(tiny, batches, {TargetScope(patterns=[".*mlp.*"]): 0.5}, allocation="auto",
+                             calibration={"progress": False, "loss_fn": "nll"})
+    assert not any(is_sparsified(m) for m in tiny.modules())
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+
+
+def test_auto_allocation_budget_uses_stored_int8_bytes_with_a_custom_loss():
+    """A plain network on feature vectors (loss_fn: squared output) after int8 weight quantization: the budget is
+    over the stored int8 bytes, which differ per layer."""
+    from pl_actsparse.core.int8 import quantize_weights_int8
+
+    torch.manual_seed(0)
+    net = OddShapes().eval()
+    data = [torch.randn(32, 12) for _ in range(2)]
+    quantize_weights_int8(net)
+    stored = {n: getattr(net, n).weight_nbytes for n in "abc"}
+    assert stored["a"] < 40 * 12 * 4
+    sparsify_activations(net, data, {TargetScope(types=[nn.Linear]): 0.3}, allocation="auto",
+                         calibration={"progress": False, "loss_fn": lambda out, x, mask: (out.pow(2).sum(), out.shape[0])})
+    assert _budget_met(net, list(stored), 0.3) == pytest.approx(0.3, abs=1e-3)
 
 
 class PositionWiseLM(nn.Module):

@@ -41,6 +41,21 @@ def test_gradient_scales_of_a_linear_map_are_its_weights_fourth_root():
     assert net[0].weight.grad is None  # parameters' gradients untouched
 
 
+def test_fisher_score_takes_the_calibration_loss_fn():
+    """calibration={"loss_fn": ...} reaches the gradient pass: on a linear map with L = sum(y) the scales are
+    |sum_j W_ji| ** 0.5, so threshold * scale is one tau; the default loss refuses feature vectors."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 3))
+    data = [torch.randn(16, 6), torch.randn(16, 6)]
+    c = net[0].weight.detach().double().sum(0).abs().sqrt().float()
+    with pytest.raises(InvalidOptionError, match="token ids"):
+        sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5}, score="fisher", calibration=QUIET)
+    assert not list(sparsified_layers(net))
+    sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5}, score="fisher", calibration={**QUIET, "loss_fn": _sum_loss})
+    tau = net[0].activation_threshold * c
+    torch.testing.assert_close(tau, tau[:1].expand(6), rtol=1e-5, atol=0)
+
+
 def test_unknown_score_is_refused_before_any_change():
     from tiny_models import tiny_hf_llama, token_batches
 
