@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--allocation", choices=("uniform", "auto", "fisher"), default=None,
                         help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes (data order, adapter initialisation)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes: the training data's order and the adapters' initialisation")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dense and training-free evaluations (a variant of a run measured before)")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def datamodule() -> TinyStoriesDataModule:
         return TinyStoriesDataModule(data_dir=str(data_dir), seq_len=256, batch_size=args.batch_size, calibration_batch_size=8,
-                                     train_stories=(300, 1000), calibration_stories=(150, 300), val_stories=(0, 150))
+                                     train_stories=(300, 1000), calibration_stories=(150, 300), val_stories=(0, 150), seed=args.seed)
 
     def trainer(callbacks: list, **kwargs: Any) -> pl.Trainer:
         return pl.Trainer(accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,

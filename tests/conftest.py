@@ -40,3 +40,16 @@ def batches():
     from tiny_models import token_batches
 
     return token_batches()
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def int8_backend(request):
+    """Each int8 kernel backend in turn ("cpp" skipped when the C++ extension cannot load); the default restored after."""
+    from pl_actsparse.kernels import cpu
+    from pl_actsparse.kernels import int8_cpu as k8
+
+    if request.param == "cpp" and not k8.load_int8_extension():
+        pytest.skip(f"int8 C++ kernel unavailable: {k8.int8_extension_status().error}")
+    cpu.set_backend(request.param)
+    yield request.param
+    cpu.set_backend(None)

@@ -35,13 +35,9 @@ def _recipe():
     return {TargetScope(patterns=p): s for p, s in SEED_RECIPE_PATTERNS.values()}
 
 
-@pytest.fixture(params=["torch", "cpp"])
-def backend(request):
-    if request.param == "cpp" and not k8.load_int8_extension():
-        pytest.skip(f"int8 C++ kernel unavailable: {k8.int8_extension_status().error}")
-    kcpu.set_backend(request.param)
-    yield request.param
-    kcpu.set_backend(None)
+@pytest.fixture
+def backend(int8_backend):  # tests/conftest.py
+    return int8_backend
 
 
 # ---------------------------------------------------------------------------------------------- quantizer

@@ -143,14 +143,6 @@ def test_effective_threshold_of_a_per_channel_threshold():
     assert isinstance(effective_threshold(torch.tensor(0.3), torch.bfloat16), float)  # 0-dim: as before
 
 
-@pytest.fixture(params=["torch", "cpp"])
-def int8_backend(request):
-    if request.param == "cpp" and not k8.load_int8_extension():
-        pytest.skip(f"int8 C++ kernel unavailable: {k8.int8_extension_status().error}")
-    cpu.set_backend(request.param)
-    yield request.param
-
-
 @pytest.mark.parametrize("mode", ["asym", "sym"])
 @pytest.mark.parametrize("gran", ["output", "input"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
