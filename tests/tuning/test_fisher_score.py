@@ -155,3 +155,41 @@ def test_two_gloo_ranks_get_the_scales_of_the_union(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     _worker(Path(sys.argv[1]), int(sys.argv[2]))
+
+
+def _achieved(model, data) -> dict[str, float]:
+    with SparsityCounter(model) as counter, torch.no_grad():
+        for b in data:
+            model(b)
+    return counter.sparsity()
+
+
+@pytest.mark.parametrize("score", ["weight", "fisher"])
+def test_weight_aware_refuses_layers_it_cannot_rescale_and_scores_them_in_the_right_order(score):
+    """The score rescales x by c and W by 1/c during calibration. A peft LoRA adapter reads the unscaled x and an
+    Int8WeightLinear's weight is a property (the assignment was lost): both gave thresholds far off the target
+    (0.97 and 0.05 achieved for 0.5) without a word. Now both are refused before any change, and the orders that
+    work (merge the adapter; score, then quantize) reach the target on every layer."""
+    peft = pytest.importorskip("peft")
+    from pl_actsparse.core.int8 import quantize_weights_int8
+    from pl_actsparse.errors import UnsupportedModuleError
+    from tiny_models import tiny_hf_llama, token_batches
+
+    data, recipe = token_batches(n=4), {TargetScope(patterns=[r".*(v|o|down)_proj"]): 0.5}
+    lora = peft.get_peft_model(tiny_hf_llama(), peft.LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False)).eval()
+    int8 = tiny_hf_llama()
+    quantize_weights_int8(int8)
+    for model, match in ((lora, r"'base_model\.model\.model\.layers\.0\.mlp\.down_proj\.base_layer'.*peft adapter.*merge_and_unload"),
+                         (int8, r"'model\.layers\.0\.self_attn\.v_proj' \(Int8WeightLinear\).*quantized.*then quantize")):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(UnsupportedModuleError, match=match):
+            sparsify_activations_weight_aware(model, data, recipe, score=score, calibration=QUIET)
+        assert not list(sparsified_layers(model))
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    merged = sparsify_activations_weight_aware(lora.merge_and_unload(), data, recipe, score=score, calibration=QUIET)
+    scored_then_quantized = sparsify_activations_weight_aware(tiny_hf_llama(), data, recipe, score=score, calibration=QUIET)
+    quantize_weights_int8(scored_then_quantized)
+    for model in (merged, scored_then_quantized):
+        achieved = _achieved(model, data)
+        assert len(achieved) == 6 and all(is_weight_aware(m) for _, m in sparsified_layers(model))
+        assert all(abs(s - 0.5) < 0.01 for s in achieved.values()), achieved
