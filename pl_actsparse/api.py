@@ -302,8 +302,7 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
             if config.loss_fn is not None:
                 raise
             raise InvalidOptionError(f"allocation={allocation!r} scores layers with the next-token loss of a causal LM called on token "
-                                     f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or give the "
-                                     "model's loss as calibration={'loss_fn': f}, f(output, inputs, mask) -> (summed loss, count)") from None
+                                     f"ids [B, T], which does not fit here ({exc}); or use allocation='uniform'") from None
         budgets: dict[Any, tuple[list[str], float]] = {}  # scope -> (its layers, its byte budget)
         for n, t in plan.targets.items():
             budgets.setdefault(plan.claimed_by.get(n), ([], t))[0].append(n)

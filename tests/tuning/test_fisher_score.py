@@ -48,7 +48,7 @@ def test_fisher_score_takes_the_calibration_loss_fn():
     net = nn.Sequential(nn.Linear(6, 3))
     data = [torch.randn(16, 6), torch.randn(16, 6)]
     c = net[0].weight.detach().double().sum(0).abs().sqrt().float()
-    with pytest.raises(InvalidOptionError, match="token ids"):
+    with pytest.raises(InvalidOptionError, match=r"not token ids: give the model's loss as calibration=\{'loss_fn': f\}"):
         sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5}, score="fisher", calibration=QUIET)
     assert not list(sparsified_layers(net))
     sparsify_activations_weight_aware(net, data, {TargetScope(names=["0"]): 0.5}, score="fisher", calibration={**QUIET, "loss_fn": _sum_loss})
@@ -193,3 +193,31 @@ def test_weight_aware_refuses_layers_it_cannot_rescale_and_scores_them_in_the_ri
         achieved = _achieved(model, data)
         assert len(achieved) == 6 and all(is_weight_aware(m) for _, m in sparsified_layers(model))
         assert all(abs(s - 0.5) < 0.01 for s in achieved.values()), achieved
+
+
+def test_loss_fn_results_other_than_a_summed_loss_and_a_count_are_refused():
+    """A scalar alone was an IndexError; a per-sample loss of a batch of 2 was read as (loss of sample 0, count = loss
+    of sample 1) by the search, silently. Both are an InvalidOptionError naming what came back, for the allocation
+    and for the fisher score, and nothing is changed; a BERT classifier without loss_fn is told to give one."""
+    from pl_actsparse import sparsify_activations
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    data, recipe = [torch.randn(2, 6) for _ in range(4)], {TargetScope(types=[nn.Linear]): 0.5}
+    bad = {r"got Tensor\[\]": lambda out, x, mask: out.pow(2).sum(),
+           r"got Tensor\[2\]": lambda out, x, mask: out.pow(2).sum(1),
+           r"got \(Tensor\[\], -2\)": lambda out, x, mask: (out.pow(2).sum(), -2)}
+    for got, loss_fn in bad.items():
+        for run in (lambda c: sparsify_activations(net, data, recipe, allocation="auto", calibration=c),
+                    lambda c: sparsify_activations_weight_aware(net, data, recipe, score="fisher", calibration=c)):
+            with pytest.raises(InvalidOptionError, match=r"loss_fn must return \(summed loss as a 0-dim tensor, count >= 0\), " + got):
+                run({**QUIET, "loss_fn": loss_fn})
+            assert not list(sparsified_layers(net))
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, num_labels=3)).eval()
+    ids = [{"input_ids": torch.randint(0, 64, (4, 12)), "labels": torch.randint(0, 3, (4,))} for _ in range(2)]
+    with pytest.raises(InvalidOptionError, match=r"logits \(4, 3\) do not match token ids \(4, 12\): give the model's loss as "
+                                                 r"calibration=\{'loss_fn': f\}"):
+        sparsify_activations_weight_aware(bert, ids, {TargetScope(patterns=[r".*dense"]): 0.5}, score="fisher", calibration=QUIET)
+    assert not list(sparsified_layers(bert))
