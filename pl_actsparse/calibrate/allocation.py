@@ -119,12 +119,13 @@ def fisher_curves(
     return curves
 
 
-def checked_loss(loss_fn: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], tuple[torch.Tensor, Any]]:
-    """``loss_fn`` refusing any result but ``(summed loss: a 0-dim tensor, count: one number >= 0)`` with an
-    :class:`InvalidOptionError` naming what came back (a scalar alone, or a per-sample loss vector, which would
-    otherwise be read as its first element and a count)."""
-    def call(output: Any, inputs: Any, mask: Any) -> tuple[torch.Tensor, Any]:
-        got = loss_fn(output, inputs, mask)
+def checked_loss(loss_fn: Callable[[Any, Any, Any], Any], device: Any) -> Callable[[Any, Any, Any, Any], tuple[torch.Tensor, Any]]:
+    """``(output, model inputs, item, mask) -> loss_fn(output, the item on device, mask)``, the model inputs for
+    :func:`next_token_nll` (a regression's targets are in the item, not in ``transform_fn(item)``), refusing any result
+    but ``(summed loss: a 0-dim tensor, count: one number >= 0)`` with an :class:`InvalidOptionError` naming what came
+    back (a scalar alone, or a per-sample loss vector, which would otherwise be read as its first element and a count)."""
+    def call(output: Any, inputs: Any, item: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+        got = loss_fn(output, inputs if loss_fn is next_token_nll else to_device(item, device), mask)
         if (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.Tensor) and got[0].dim() == 0
                 and isinstance(got[1], (int, float, torch.Tensor)) and torch.as_tensor(got[1]).numel() == 1 and float(got[1]) >= 0):
             return got
@@ -138,15 +139,15 @@ def _gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], it
                    config: CalibrationConfig, add: Callable[[list, Any], None]) -> list:
     """One forward and backward per item (block by block with the sequential method): ``add([(name, input, its
     gradient)], token mask)``; returns the items as a list."""
-    loss_fn = checked_loss(loss_fn)
     transform = config.transform_fn or default_transform_fn
     mask_fn, device = resolve_mask_fn(config.token_mask), model_device(model)
+    loss_fn = checked_loss(loss_fn, device)
     items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
             inputs = to_device(transform(item), device)
             mask = mask_fn(item) if mask_fn is not None else None
-            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, mask)[0], None, []))[0], mask)
+            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, item, mask)[0], None, []))[0], mask)
     return items
 
 
@@ -273,10 +274,10 @@ def search_levels(
     Raises:
         InvalidTargetError: a budget is outside what the curves cover.
     """
-    transform, loss_fn = config.transform_fn or default_transform_fn, checked_loss(loss_fn)
+    transform = config.transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)
-    dist = Distributed(config.sync_across_processes, device)
+    dist, loss_fn = Distributed(config.sync_across_processes, device), checked_loss(loss_fn, device)
     subset = list(items)[:: max(1, round(1 / SEARCH_FRACTION))]
     nbytes = {n: weight_nbytes(m) for n, m in layers}
     kind = {n: ".".join(p for p in n.split(".")[:-1] if not p.isdigit()) for n in nbytes}  # block indices dropped
@@ -311,7 +312,7 @@ def search_levels(
                 for item in subset:
                     inputs = to_device(transform(item), device)
                     mask = mask_fn(item) if mask_fn is not None else None
-                    loss, count = loss_fn(call_model(model, inputs), inputs, mask)
+                    loss, count = loss_fn(call_model(model, inputs), inputs, item, mask)
                     total += torch.tensor([float(loss), float(count)], dtype=torch.float64)
         finally:
             for h in handles:

@@ -221,3 +221,30 @@ def test_loss_fn_results_other_than_a_summed_loss_and_a_count_are_refused():
                                                  r"calibration=\{'loss_fn': f\}"):
         sparsify_activations_weight_aware(bert, ids, {TargetScope(patterns=[r".*dense"]): 0.5}, score="fisher", calibration=QUIET)
     assert not list(sparsified_layers(bert))
+
+
+def test_loss_fn_gets_the_batch_with_its_targets_for_a_regression():
+    """(x, y) batches, the model called with transform_fn(batch) = x: loss_fn gets the batch, so a regression's loss
+    can read y (it got x alone, and a naive F.mse_loss(out, batch[1]) broadcast a row of x against the output).
+    y_hat = w.x + b, L = sum (y_hat - y)^2: dL/dx = 2 (y_hat - y) w, so c_i = (4 w_i^2 E[(y_hat - y)^2]) ** (1/4)."""
+    from pl_actsparse import sparsify_activations
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 1))
+    batches = [(torch.randn(8, 6), torch.randn(8, 1)) for _ in range(3)]
+    seen = []
+
+    def mse(out, batch, mask):
+        seen.append(type(batch).__name__)
+        return torch.nn.functional.mse_loss(out, batch[1], reduction="sum"), len(batch[1])
+
+    config = CalibrationConfig(transform_fn=lambda b: b[0], loss_fn=mse, token_mask=None, progress=False)
+    c = gradient_scales(net, [("0", net[0])], batches, config, mse)
+    with torch.no_grad():
+        r2 = torch.cat([(net(x) - y).pow(2) for x, y in batches]).double().mean()
+    torch.testing.assert_close(c["0"], (4 * net[0].weight.detach().double()[0] ** 2 * r2).pow(0.25).float(), rtol=1e-5, atol=0)
+    assert set(seen) == {"tuple"}
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    sparsify_activations(mlp, batches, {TargetScope(types=[nn.Linear]): 0.5}, allocation="auto", calibration=config)
+    levels = {n: sparsifier_state(m).target for n, m in sparsified_layers(mlp)}
+    assert (96 * levels["0"] + 16 * levels["2"]) / 112 == pytest.approx(0.5, abs=1e-3)  # weight elements: a byte budget
