@@ -243,7 +243,8 @@ def calibrate_activation_sparsity(
 
     ``layers`` limits calibration to some layer names (default: every sparsified layer). The report carries
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
-    it had. ``calibration`` is as for :func:`sparsify_activations`.
+    it had. ``calibration`` is as for :func:`sparsify_activations`. A per-channel (weight-aware) threshold becomes one
+    value, with a ``UserWarning`` naming the layers.
 
     Raises:
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
@@ -262,6 +263,7 @@ def calibrate_activation_sparsity(
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
     items = _peek(dataset)
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
+    vector = [n for n, t in ((n, modules[n]._buffers[THRESHOLD_BUFFER]) for n in names) if t.dim() == 1 and bool((t != t[:1]).any())]
     snaps = snapshot_layers(modules, names)
     try:
         stats = _guarded_calibrate(model, modules, names, items, config)
@@ -269,6 +271,9 @@ def calibrate_activation_sparsity(
         restore_layers(modules, snaps)
         raise
     _record(modules, stats)
+    if vector:
+        warnings.warn(f"calibrate_activation_sparsity: the per-channel (weight-aware) thresholds of {vector[:3]}{' ...' * (len(vector) > 3)} are now "
+                      "one value each (plain |x|); sparsify_activations_weight_aware recalibrates with the score", UserWarning, stacklevel=2)
     report = activation_sparsity_report(model)
     report.statistics = stats
     return report

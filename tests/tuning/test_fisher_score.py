@@ -248,3 +248,26 @@ def test_loss_fn_gets_the_batch_with_its_targets_for_a_regression():
     sparsify_activations(mlp, batches, {TargetScope(types=[nn.Linear]): 0.5}, allocation="auto", calibration=config)
     levels = {n: sparsifier_state(m).target for n, m in sparsified_layers(mlp)}
     assert (96 * levels["0"] + 16 * levels["2"]) / 112 == pytest.approx(0.5, abs=1e-3)  # weight elements: a byte budget
+
+
+def test_plain_recalibration_of_a_weight_aware_model_warns_that_the_score_is_gone():
+    """calibrate_activation_sparsity (what the callback's recalibrations and the sweep call) replaces a per-channel
+    threshold by one value, i.e. the score by plain |x|: it did so silently; now a UserWarning names the layers. The
+    layers then sit at their targets by |x|, and a second recalibration (nothing per-channel left) is silent."""
+    import warnings
+
+    from pl_actsparse import calibrate_activation_sparsity
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    data = [torch.randn(64, 16) for _ in range(2)]
+    sparsify_activations_weight_aware(net, data, {TargetScope(names=["0", "2"]): 0.5}, calibration=QUIET)
+    with pytest.warns(UserWarning, match=r"per-channel \(weight-aware\) thresholds of \['0', '2'\] are now one value each \(plain \|x\|\)"):
+        calibrate_activation_sparsity(net, data, calibration=QUIET)
+    for i in (0, 2):
+        t = net[i].activation_threshold
+        assert bool((t == t[0]).all())
+    assert all(abs(s - 0.5) < 0.01 for s in _achieved(net, data).values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate_activation_sparsity(net, data, calibration=QUIET)
