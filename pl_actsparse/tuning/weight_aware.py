@@ -33,10 +33,9 @@ from torch import nn
 from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate import chosen_method
 from pl_actsparse.calibrate.allocation import gradient_scales, next_token_nll
-from pl_actsparse.core.layer import activation_sparsity_disabled
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.config import CalibrationConfig
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, activation_sparsity_disabled, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.integrations import layer_map
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -178,9 +177,7 @@ def sparsify_activations_weight_aware(
         thr = m._buffers[THRESHOLD_BUFFER]
         tau = float(thr.reshape(-1)[0])
         c = scales[n].to(thr.device)
-        if math.isinf(tau) or math.isnan(tau):
-            vec = torch.full_like(c, tau)
-        else:
-            vec = torch.where(c > 0, tau / c.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(c, math.inf if tau >= 0 else -math.inf))
+        vec = (torch.full_like(c, tau) if math.isinf(tau) or math.isnan(tau) else
+               torch.where(c > 0, tau / c.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(c, math.inf if tau >= 0 else -math.inf)))
         m._buffers[THRESHOLD_BUFFER] = vec.to(torch.float32)
     return model
