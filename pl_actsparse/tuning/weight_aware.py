@@ -151,16 +151,16 @@ def sparsify_activations_weight_aware(
                     for n in ms:
                         scales[n] = shared
     handles = []
-    originals: dict[str, torch.Tensor] = {}
+    originals: dict[str, nn.Parameter] = {}  # a layer's own scaled Parameter meanwhile: a tied weight (GPT-2's lm_head) stays
     try:
         for n in names:
             m = modules[n]
             c = scales[n].to(m.weight.device)
-            originals[n] = m.weight.data
+            w = originals[n] = m._parameters["weight"]
             safe = torch.where(c > 0, c, torch.ones_like(c))
             if axes[n] == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
                 safe = safe[:, None]
-            m.weight.data = (m.weight.data.float() / safe).to(m.weight.dtype)
+            m._parameters["weight"] = nn.Parameter((w.detach().float() / safe).to(w.dtype), requires_grad=w.requires_grad)
 
             def pre_hook(module: nn.Module, args: tuple, c=c) -> tuple:
                 return (args[0] * c.to(args[0].dtype),) + tuple(args[1:])
@@ -171,7 +171,7 @@ def sparsify_activations_weight_aware(
         for h in handles:
             h.remove()
         for n, w in originals.items():
-            modules[n].weight.data = w
+            modules[n]._parameters["weight"] = w
     for n in names:
         m = modules[n]
         thr = m._buffers[THRESHOLD_BUFFER]

@@ -271,3 +271,20 @@ def test_plain_recalibration_of_a_weight_aware_model_warns_that_the_score_is_gon
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calibrate_activation_sparsity(net, data, calibration=QUIET)
+
+
+@pytest.mark.parametrize("score", ["weight", "fisher"])
+def test_weight_aware_on_a_tied_lm_head_keeps_the_embedding_and_every_target(score):
+    """GPT-2 ties lm_head.weight to the token embedding: rescaling it in place for the score rescaled the embedding
+    too during calibration, so every layer missed its target (0.49-0.57 for 0.5) silently. Each selected layer now
+    gets its own scaled Parameter meanwhile; afterwards the tie and every weight are as they were."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    sparsify_activations_weight_aware(model, data, {TargetScope(patterns=[r".*(c_fc|c_proj|lm_head)"]): 0.5}, score=score, calibration=QUIET)
+    achieved = _achieved(model, data)
+    assert len(achieved) == 7 and all(abs(s - 0.5) < 0.005 for s in achieved.values()), achieved
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
