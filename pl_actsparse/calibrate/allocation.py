@@ -67,7 +67,8 @@ def fisher_curves(
     and backward pass of ``model`` over ``items`` (the model should be dense: sparsified layers pass through
     under :func:`~pl_actsparse.core.layer.activation_sparsity_disabled`).
 
-    ``loss_fn(output, inputs, mask) -> (summed loss, count)`` (:func:`next_token_nll` by default). Only real
+    ``loss_fn(output, batch, mask) -> (summed loss, count)``, ``batch`` the item itself (:func:`next_token_nll` by default,
+    which reads the model inputs ``transform_fn(batch)``; any other result is an :class:`InvalidOptionError`). Only real
     tokens count (``config.token_mask``, as in calibration): padding never shifts a level's threshold.
     Parameters' ``.grad`` are not touched (gradients are taken with respect to the layer inputs only).
 
@@ -119,7 +120,7 @@ def fisher_curves(
     return curves
 
 
-def checked_loss(loss_fn: Callable[[Any, Any, Any], Any], device: Any) -> Callable[[Any, Any, Any, Any], tuple[torch.Tensor, Any]]:
+def _checked_loss(loss_fn: Callable[[Any, Any, Any], Any], device: Any) -> Callable[[Any, Any, Any, Any], tuple[torch.Tensor, Any]]:
     """``(output, model inputs, item, mask) -> loss_fn(output, the item on device, mask)``, the model inputs for
     :func:`next_token_nll` (a regression's targets are in the item, not in ``transform_fn(item)``), refusing any result
     but ``(summed loss: a 0-dim tensor, count: one number >= 0)`` with an :class:`InvalidOptionError` naming what came
@@ -141,7 +142,7 @@ def _gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], it
     gradient)], token mask)``; returns the items as a list."""
     transform = config.transform_fn or default_transform_fn
     mask_fn, device = resolve_mask_fn(config.token_mask), model_device(model)
-    loss_fn = checked_loss(loss_fn, device)
+    loss_fn = _checked_loss(loss_fn, device)
     items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
@@ -277,7 +278,7 @@ def search_levels(
     transform = config.transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)
-    dist, loss_fn = Distributed(config.sync_across_processes, device), checked_loss(loss_fn, device)
+    dist, loss_fn = Distributed(config.sync_across_processes, device), _checked_loss(loss_fn, device)
     subset = list(items)[:: max(1, round(1 / SEARCH_FRACTION))]
     nbytes = {n: weight_nbytes(m) for n, m in layers}
     kind = {n: ".".join(p for p in n.split(".")[:-1] if not p.isdigit()) for n in nbytes}  # block indices dropped
