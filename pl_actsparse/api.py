@@ -243,7 +243,8 @@ def calibrate_activation_sparsity(
 
     ``layers`` limits calibration to some layer names (default: every sparsified layer). The report carries
     the calibration histograms in ``report.statistics``. If anything fails, every layer keeps the threshold
-    it had. ``calibration`` is as for :func:`sparsify_activations`.
+    it had. ``calibration`` is as for :func:`sparsify_activations`. A per-channel (weight-aware) threshold becomes one
+    value, with a ``UserWarning`` naming the layers.
 
     Raises:
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
@@ -262,6 +263,7 @@ def calibrate_activation_sparsity(
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
     items = _peek(dataset)
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
+    vector = [n for n, t in ((n, modules[n]._buffers[THRESHOLD_BUFFER]) for n in names) if t.dim() == 1 and bool((t != t[:1]).any())]
     snaps = snapshot_layers(modules, names)
     try:
         stats = _guarded_calibrate(model, modules, names, items, config)
@@ -269,6 +271,9 @@ def calibrate_activation_sparsity(
         restore_layers(modules, snaps)
         raise
     _record(modules, stats)
+    if vector:
+        warnings.warn(f"calibrate_activation_sparsity: the per-channel (weight-aware) thresholds of {vector[:3]}{' ...' * (len(vector) > 3)} are now "
+                      "one value each (plain |x|); sparsify_activations_weight_aware recalibrates with the score", UserWarning, stacklevel=2)
     report = activation_sparsity_report(model)
     report.statistics = stats
     return report
@@ -302,8 +307,7 @@ def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: C
             if config.loss_fn is not None:
                 raise
             raise InvalidOptionError(f"allocation={allocation!r} scores layers with the next-token loss of a causal LM called on token "
-                                     f"ids [B, T], which does not fit here ({exc}); use allocation='uniform', or give the "
-                                     "model's loss as calibration={'loss_fn': f}, f(output, inputs, mask) -> (summed loss, count)") from None
+                                     f"ids [B, T], which does not fit here ({exc}); or use allocation='uniform'") from None
         budgets: dict[Any, tuple[list[str], float]] = {}  # scope -> (its layers, its byte budget)
         for n, t in plan.targets.items():
             budgets.setdefault(plan.claimed_by.get(n), ([], t))[0].append(n)

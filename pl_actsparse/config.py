@@ -58,7 +58,8 @@ class CalibrationConfig:
         sync_across_processes: sum statistics over ``torch.distributed`` ranks (``None``: when a process group
             with several ranks is initialized).
         loss_fn: the loss of ``allocation="auto"``/``"fisher"`` and of ``score="fisher"``,
-            ``(output, inputs, mask) -> (summed loss, count)`` (``inputs``: the transformed item; ``mask``: bool
+            ``(output, batch, mask) -> (summed loss, count)`` (``batch``: the item, targets included, on the model's
+            device, the model having been called with ``transform_fn(batch)``; ``mask``: bool
             ``[B, T]`` of real tokens or ``None``); ``None``: next-token NLL of a causal LM on token ids
             (:func:`~pl_actsparse.calibrate.allocation.next_token_nll`).
 

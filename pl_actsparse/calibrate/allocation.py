@@ -67,7 +67,8 @@ def fisher_curves(
     and backward pass of ``model`` over ``items`` (the model should be dense: sparsified layers pass through
     under :func:`~pl_actsparse.core.layer.activation_sparsity_disabled`).
 
-    ``loss_fn(output, inputs, mask) -> (summed loss, count)`` (:func:`next_token_nll` by default). Only real
+    ``loss_fn(output, batch, mask) -> (summed loss, count)``, ``batch`` the item itself (:func:`next_token_nll` by default,
+    which reads the model inputs ``transform_fn(batch)``; any other result is an :class:`InvalidOptionError`). Only real
     tokens count (``config.token_mask``, as in calibration): padding never shifts a level's threshold.
     Parameters' ``.grad`` are not touched (gradients are taken with respect to the layer inputs only).
 
@@ -119,19 +120,39 @@ def fisher_curves(
     return curves
 
 
+def _checked_loss(loss_fn: Callable[[Any, Any, Any], Any], device: Any) -> Callable[[Any, Any, Any, Any], tuple[torch.Tensor, Any]]:
+    """``(output, model inputs, item, mask) -> loss_fn(output, the item on device, mask)``, the model inputs for
+    :func:`next_token_nll` (a regression's targets are in the item, not in ``transform_fn(item)``), refusing any result
+    but ``(summed loss: a 0-dim tensor, count: one number >= 0)`` with an :class:`InvalidOptionError` naming what came
+    back (a scalar alone, or a per-sample loss vector, which would otherwise be read as its first element and a count)."""
+    def call(output: Any, inputs: Any, item: Any, mask: Any) -> tuple[torch.Tensor, Any]:
+        got = loss_fn(output, inputs if loss_fn is next_token_nll else to_device(item, device), mask)
+        if (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.Tensor) and got[0].dim() == 0
+                and isinstance(got[1], (int, float, torch.Tensor)) and torch.as_tensor(got[1]).numel() == 1 and float(got[1]) >= 0):
+            return got
+        kind = lambda v: f"Tensor{list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)[:40]  # noqa: E731
+        raise InvalidOptionError(f"loss_fn must return (summed loss as a 0-dim tensor, count >= 0), got "
+                                 f"{'(' + ', '.join(map(kind, got)) + ')' if isinstance(got, tuple) else kind(got)}")
+    return call
+
+
 def _gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], loss_fn: Callable,
                    config: CalibrationConfig, add: Callable[[list, Any], None]) -> list:
     """One forward and backward per item (block by block with the sequential method): ``add([(name, input, its
     gradient)], token mask)``; returns the items as a list."""
     transform = config.transform_fn or default_transform_fn
     mask_fn, device = resolve_mask_fn(config.token_mask), model_device(model)
+    loss_fn = _checked_loss(loss_fn, device)
     items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
             inputs = to_device(transform(item), device)
             mask = mask_fn(item) if mask_fn is not None else None
-            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, mask)[0], None, []))[0], mask)
+            add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, item, mask)[0], None, []))[0], mask)
     return items
+
+
+_OTHER_MODELS = ": give the model's loss as calibration={'loss_fn': f}, f(output, inputs, mask) -> (summed loss, count)"
 
 
 def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -154,10 +175,9 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
     logits = logits_of(output)
     if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() != 2:
         raise InvalidOptionError(
-            "the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids"
-        )
+            f"the default loss is next-token NLL on token ids [B, T]; these inputs are not token ids{_OTHER_MODELS}")
     if logits.shape[:2] != inputs.shape:
-        raise InvalidOptionError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}")
+        raise InvalidOptionError(f"logits {tuple(logits.shape)} do not match token ids {tuple(inputs.shape)}{_OTHER_MODELS}")
     y = inputs[:, 1:]
     losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), y.flatten(), reduction="none")
     if mask is None:
@@ -258,7 +278,7 @@ def search_levels(
     transform = config.transform_fn or default_transform_fn
     mask_fn = resolve_mask_fn(config.token_mask)
     device = model_device(model)
-    dist = Distributed(config.sync_across_processes, device)
+    dist, loss_fn = Distributed(config.sync_across_processes, device), _checked_loss(loss_fn, device)
     subset = list(items)[:: max(1, round(1 / SEARCH_FRACTION))]
     nbytes = {n: weight_nbytes(m) for n, m in layers}
     kind = {n: ".".join(p for p in n.split(".")[:-1] if not p.isdigit()) for n in nbytes}  # block indices dropped
@@ -293,7 +313,7 @@ def search_levels(
                 for item in subset:
                     inputs = to_device(transform(item), device)
                     mask = mask_fn(item) if mask_fn is not None else None
-                    loss, count = loss_fn(call_model(model, inputs), inputs, mask)
+                    loss, count = loss_fn(call_model(model, inputs), inputs, item, mask)
                     total += torch.tensor([float(loss), float(count)], dtype=torch.float64)
         finally:
             for h in handles:

@@ -245,7 +245,7 @@ def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[list, tup
 def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, loss_fn: Callable,
                                config: CalibrationConfig, visit: Callable[[list, Any], None]) -> bool:
     """Block-wise twin of one forward and backward of ``model`` per batch: calls ``visit(gradients, token mask)``
-    with :func:`input_gradients` of the ``layers`` after the blocks (loss ``loss_fn(output, inputs, mask)[0]`` at
+    with :func:`input_gradients` of the ``layers`` after the blocks (loss ``loss_fn(output, inputs, item, mask)[0]`` at
     the head, the blocks returning the cached last hidden states), then of each block's layers from the last block
     to the first, each recomputed from its cached input with autograd on and given its output's gradient.
 
@@ -278,7 +278,7 @@ def sequential_input_gradients(model: nn.Module, layers: Layers, batches: list, 
             with stubs:
                 stubs.mode = StubMode.TAIL
                 stubs.start(i)
-                got, (g,) = input_gradients(post, lambda: (loss_fn(call_model(model, x_in), x_in, mask)[0], None, [stubs.state.final]))
+                got, (g,) = input_gradients(post, lambda: (loss_fn(call_model(model, x_in), x_in, item, mask)[0], None, [stubs.state.final]))
             if g is None or not bool(torch.isfinite(g).all()):
                 raise NonFiniteActivationError("the gradient of the last block's output is not finite (or none): a non-finite loss, or "
                                                "a head that reads an earlier block's output too (not a chain): use calibration='lockstep'")

@@ -173,8 +173,9 @@ class ActivationSparsifierMixin:
         before = len(missing_keys)
         incoming = state_dict.get(tkey)
         current = self._buffers[THRESHOLD_BUFFER]
-        if isinstance(incoming, torch.Tensor) and incoming.shape != current.shape:
-            # a per-channel threshold (shape [in_features], see pl_actsparse.tuning.weight_aware) into a scalar one, or back
+        if isinstance(incoming, torch.Tensor) and incoming.shape != current.shape and incoming.dim() <= 1 and incoming.numel() in (1, self.in_features):
+            # a per-channel threshold (shape [in_features], see pl_actsparse.tuning.weight_aware) into a scalar one, or back;
+            # any other shape ([out_features], [in, 1] broadcasting over tokens) is left to torch to refuse (size mismatch)
             self._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
         if has_s:
             try:

@@ -455,7 +455,7 @@ def fit_threshold_buffer(module: nn.Module, incoming: Any) -> None:
     """Before loading a state dict: reshape ``module``'s threshold buffer to a loaded one of the other kind (one
     value <-> per channel ``[in_features]``), as the sparsified layers do; other shapes are left to torch to refuse."""
     current = module._buffers[THRESHOLD_BUFFER]
-    if isinstance(incoming, Tensor) and incoming.shape != current.shape and incoming.numel() in (1, module.in_features):
+    if isinstance(incoming, Tensor) and incoming.shape != current.shape and incoming.dim() <= 1 and incoming.numel() in (1, module.in_features):
         module._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
 
 

@@ -171,6 +171,12 @@ class CalibrationData:
         target = model if model is not None else pl_module
         return _ArityChecked(target) if isinstance(target, nn.Module) else None
 
+    def loss_fn(self, pl_module: Any) -> Callable[[Any, Any, Any], Any] | None:
+        """The loss of ``allocation="auto"``/``"fisher"``: ``config.loss_fn``, else the LightningModule's method
+        ``calibration_loss(output, batch, mask) -> (summed loss, count)`` (YAML runs of a model that is no causal LM)."""
+        hook = getattr(pl_module, "calibration_loss", None)
+        return self.config.loss_fn if self.config.loss_fn is not None or not callable(hook) else hook
+
 
 class _ArityChecked:
     """The batch as it is, after checking that a tuple (dict) batch fits ``model.forward``'s positional (keyword) arguments."""

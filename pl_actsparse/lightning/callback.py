@@ -271,7 +271,7 @@ class ActivationSparsityCallback(Callback):
         module = self.sparsified_module(pl_module)
         data = self.calibration_data
         loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
-        config = data.config.replace(num_batches=None, transform_fn=data.inputs_fn(pl_module, module), progress=progress)
+        config = data.config.replace(num_batches=None, transform_fn=data.inputs_fn(pl_module, module), progress=progress, loss_fn=data.loss_fn(pl_module))
         batches = data.batches(loader, trainer.world_size, trainer.global_rank)
         budgets = self.scheduled_targets(trainer.current_epoch, trainer.global_step, final=trainer.state.fn != "fit")
         with trainer.strategy.precision_plugin.forward_context():

@@ -33,11 +33,11 @@ from torch import nn
 from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate import chosen_method
 from pl_actsparse.calibrate.allocation import gradient_scales, next_token_nll
-from pl_actsparse.core.layer import activation_sparsity_disabled
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.config import CalibrationConfig
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, activation_sparsity_disabled, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
+from pl_actsparse.integrations import layer_map
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 
 __all__ = ["weight_column_norms", "sparsify_activations_weight_aware", "is_weight_aware", "SCORES"]
@@ -55,17 +55,20 @@ def weight_column_norms(layers: nn.Linear | Sequence[nn.Linear]) -> torch.Tensor
         return w.norm(dim=0)
 
 
-def _input_axis(module: nn.Module) -> int:
+def _input_axis(name: str, module: nn.Module, wrapped: Any) -> int:
     """The axis of ``module.weight`` that runs over input features: 1 for ``nn.Linear``, 0 for a layer storing
-    ``W^T`` (GPT-2's ``Conv1D``)."""
-    if isinstance(module, nn.Linear):
+    ``W^T`` (GPT-2's ``Conv1D``); an error for a weight that cannot be rescaled in place (quantized: an int8
+    layer's property or a tensor subclass) or a layer whose peft adapter reads the same (unscaled) input."""
+    w = module._parameters.get("weight")
+    why = ("a peft adapter around it reads the same input; merge the adapters first (merge_and_unload())" if name in wrapped else
+           None if w is not None and type(w.data) is torch.Tensor else
+           "its weight is quantized or not a plain Parameter; score the float model, then quantize (the thresholds carry over)")
+    if why is None and isinstance(module, nn.Linear):
         return 1
-    if linear_like_weight_t(module) is module.weight:
+    if why is None and linear_like_weight_t(module) is w:
         return 0
-    raise UnsupportedModuleError(
-        f"weight-aware thresholds rescale the weight in place and need an nn.Linear or a layer whose weight is "
-        f"stored as W^T, got {type(module).__qualname__}"
-    )
+    raise UnsupportedModuleError(f"weight-aware scoring rescales each selected layer's input and weight during calibration, which "
+                                 f"layer {name!r} ({type(module).__qualname__}) does not allow: {why or 'its weight is not W or W^T'}")
 
 
 def is_weight_aware(module: nn.Module) -> bool:
@@ -100,6 +103,7 @@ def sparsify_activations_weight_aware(
     Raises:
         InvalidOptionError: an unknown ``score``; with ``"fisher"`` and no ``loss_fn``, inputs that are not token ids.
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
+        UnsupportedModuleError: a selected layer with quantized weights or under a peft adapter (before any change).
 
     >>> import torch
     >>> from torch import nn
@@ -118,6 +122,8 @@ def sparsify_activations_weight_aware(
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     modules = dict(model.named_modules())
     names = list(plan.targets)
+    wrapped = layer_map(modules.items()).wrapper_of
+    axes = {n: _input_axis(n, modules[n], wrapped) for n in names}  # every layer checked before any change
     if share_groups or score == "fisher":
         data = dataset if isinstance(dataset, (list, tuple)) else list(check_batches(dataset))
         dataset = data
@@ -145,16 +151,16 @@ def sparsify_activations_weight_aware(
                     for n in ms:
                         scales[n] = shared
     handles = []
-    originals: dict[str, torch.Tensor] = {}
+    originals: dict[str, nn.Parameter] = {}  # a layer's own scaled Parameter meanwhile: a tied weight (GPT-2's lm_head) stays
     try:
         for n in names:
             m = modules[n]
             c = scales[n].to(m.weight.device)
-            originals[n] = m.weight.data
+            w = originals[n] = m._parameters["weight"]
             safe = torch.where(c > 0, c, torch.ones_like(c))
-            if _input_axis(m) == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
+            if axes[n] == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
                 safe = safe[:, None]
-            m.weight.data = (m.weight.data.float() / safe).to(m.weight.dtype)
+            m._parameters["weight"] = nn.Parameter((w.detach().float() / safe).to(w.dtype), requires_grad=w.requires_grad)
 
             def pre_hook(module: nn.Module, args: tuple, c=c) -> tuple:
                 return (args[0] * c.to(args[0].dtype),) + tuple(args[1:])
@@ -165,15 +171,13 @@ def sparsify_activations_weight_aware(
         for h in handles:
             h.remove()
         for n, w in originals.items():
-            modules[n].weight.data = w
+            modules[n]._parameters["weight"] = w
     for n in names:
         m = modules[n]
         thr = m._buffers[THRESHOLD_BUFFER]
         tau = float(thr.reshape(-1)[0])
         c = scales[n].to(thr.device)
-        if math.isinf(tau) or math.isnan(tau):
-            vec = torch.full_like(c, tau)
-        else:
-            vec = torch.where(c > 0, tau / c.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(c, math.inf if tau >= 0 else -math.inf))
+        vec = (torch.full_like(c, tau) if math.isinf(tau) or math.isnan(tau) else
+               torch.where(c > 0, tau / c.clamp_min(torch.finfo(torch.float32).tiny), torch.full_like(c, math.inf if tau >= 0 else -math.inf)))
         m._buffers[THRESHOLD_BUFFER] = vec.to(torch.float32)
     return model

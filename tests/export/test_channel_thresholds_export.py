@@ -4,6 +4,7 @@ use their sparse kernels on them and compute the reference forward ``F.linear(x.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import os
@@ -99,6 +100,32 @@ def test_state_dict_constructor_and_errors_of_a_per_channel_layer():
         SparseInferenceLinear.from_linear(lin)
 
 
+
+@pytest.mark.parametrize("shape", [(24,), (40, 1), (1, 40), (41,)])
+def test_a_saved_threshold_of_another_shape_is_refused_on_load(shape):
+    """Only a 0-dim, [1] or [in_features] threshold loads into a sparsified or exported layer. The sparsified layer took
+    any shape as it was: [out_features] failed only at the next call, and [in_features, 1] broadcast over the tokens
+    of a call with in_features tokens (per-token thresholds, silently). Now torch names the size mismatch."""
+    torch.manual_seed(0)
+    net = sparsify_activations_weight_aware(nn.Sequential(nn.Linear(40, 24)), [torch.randn(64, 40)], {TargetScope(names=["0"]): 0.5},
+                                            calibration={"progress": False})
+    x = torch.randn(40, 40)  # as many tokens as input features
+    with torch.no_grad():
+        before = net(x)
+    for model in (net, export_for_inference(copy.deepcopy(net))):
+        sd = model.state_dict()
+        saved = sd["0.activation_threshold"].clone()
+        with pytest.raises(RuntimeError, match=r"size mismatch for 0\.activation_threshold"):
+            model.load_state_dict({**sd, "0.activation_threshold": torch.full(shape, 0.1)})
+        assert torch.equal(model[0].activation_threshold, saved)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    for good in [(), (1,), (40,)]:  # one value or one per input channel, either way round
+        net.load_state_dict({**net.state_dict(), "0.activation_threshold": torch.full(good, 0.1)})
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), F.linear(x.masked_fill(x.abs() <= 0.1, 0), net[0].weight, net[0].bias))
+
+
 def _weight_aware_hf(dtype=torch.bfloat16):
     model = tiny_hf_llama(vocab=128, hidden=64, intermediate=172).to(dtype)
     calib = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -156,9 +183,9 @@ def test_weight_aware_int8_model_exports_to_the_int8_kernel(monkeypatch, backend
         pytest.skip(f"int8 C++ kernel unavailable: {k8.int8_extension_status().error}")
     cpu.set_backend(backend)
     model = tiny_llama()
-    quantize_weights_int8(model)
     batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     sparsify_activations_weight_aware(model, batches, MLP, calibration={"progress": False})
+    quantize_weights_int8(model)  # scored on the float weights (an int8 weight cannot be rescaled for the score), then int8
     down = model.layers[0].mlp.down_proj
     codes = down.qweight.clone()
     ids = batches[0][:1]

@@ -168,3 +168,44 @@ def test_prepare_with_levels_keeps_the_scopes_and_checks_the_levels():
     target, achieved = report.budgets()[repr(TargetScope(patterns=[r".*mlp\..*_proj"]))]
     assert target == pytest.approx(expected) and target > 0.5 and achieved == 0.0  # not calibrated: pass-through skips nothing
     assert report.budgets()[repr(TargetScope(patterns=[r".*self_attn\..*_proj"]))][0] == pytest.approx(0.2)
+
+
+def test_a_regression_module_allocates_with_its_calibration_loss_method():
+    """No callable in the callback's arguments (YAML): a LightningModule that is no causal LM gives the allocation its
+    loss as a method calibration_loss(output, batch, mask), which gets the (x, y) batch; without it the first
+    calibration names loss_fn. Levels differ across the layers and meet the byte budget."""
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Regression(pl.LightningModule):
+        def __init__(self, with_loss: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net, self.seen = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)), []
+            if with_loss:
+                self.calibration_loss = self._loss
+
+        def forward(self, x):
+            return self.net(x)
+
+        def _loss(self, output, batch, mask):
+            self.seen.append(len(batch))
+            return torch.nn.functional.mse_loss(output, batch[1], reduction="sum"), len(batch[1])
+
+        def validation_step(self, batch, _):
+            return None
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g)
+    loader = DataLoader(TensorDataset(x, x[:, :1] * 2 + 0.1 * torch.randn(64, 1, generator=g)), batch_size=16)
+    scopes = [{"types": ["Linear"], "sparsity": 0.4}]
+    module = Regression(with_loss=True)
+    cb = _callback(scopes=scopes, allocation="auto", calibration_dataloader=loader)
+    _trainer(cb, limit_val_batches=1).validate(module, dataloaders=loader, verbose=False)
+    levels = _levels(module)
+    assert len(levels) == 3 and max(levels.values()) - min(levels.values()) > 0.05 and set(module.seen) == {2}
+    assert _byte_weighted(module, levels) == pytest.approx(0.4, abs=1e-3)
+    with pytest.raises(InvalidOptionError, match=r"calibration=\{'loss_fn': f\}"):
+        _trainer(_callback(scopes=scopes, allocation="auto", calibration_dataloader=loader),
+                 limit_val_batches=1).validate(Regression(with_loss=False), dataloaders=loader, verbose=False)
