@@ -129,6 +129,9 @@ def _worker(out: Path, rank: int) -> None:  # pragma: no cover - runs in the sub
     layers = [(n, m) for n, m in model.named_modules() if n.endswith("_proj")]
     loss = lambda o, ids, mask: (torch.nn.functional.cross_entropy(o.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"), 1)  # noqa: E731
     torch.save(gradient_scales(model, layers, mine, CalibrationConfig(), loss), out / f"rank{rank}.pt")
+    # the whole call on each rank's own shard: scales, allocation and calibration all summed over the ranks
+    sparsify_activations_weight_aware(model, mine, {TargetScope(patterns=[r".*_proj"]): 0.5}, score="fisher", calibration=QUIET, allocation="auto")
+    torch.save({n: (sparsifier_state(m).target, m.activation_threshold.clone()) for n, m in sparsified_layers(model)}, out / f"call{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -151,10 +154,11 @@ def test_two_gloo_ranks_get_the_scales_of_the_union(tmp_path):
     for n in union:
         assert torch.equal(a[n], b[n])  # every rank the same scales
         torch.testing.assert_close(a[n], union[n], rtol=1e-5, atol=0)
+    ca, cb = (torch.load(tmp_path / f"call{r}.pt") for r in range(2))
+    assert len(ca) == 14 and ca.keys() == cb.keys()
+    assert all(ca[n][0] == cb[n][0] and torch.equal(ca[n][1], cb[n][1]) for n in ca)  # same levels, same threshold vectors
+    assert len({round(v[0], 3) for v in ca.values()}) > 1 and all(v[1].shape == (v[1].numel(),) and v[1].numel() > 1 for v in ca.values())
 
-
-if __name__ == "__main__":  # pragma: no cover
-    _worker(Path(sys.argv[1]), int(sys.argv[2]))
 
 
 def _achieved(model, data) -> dict[str, float]:
@@ -288,3 +292,7 @@ def test_weight_aware_on_a_tied_lm_head_keeps_the_embedding_and_every_target(sco
     assert len(achieved) == 7 and all(abs(s - 0.5) < 0.005 for s in achieved.values()), achieved
     assert model.lm_head.weight is model.transformer.wte.weight
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _worker(Path(sys.argv[1]), int(sys.argv[2]))
