@@ -96,7 +96,8 @@ def sparsify_activations_weight_aware(
     default next-token NLL on token ids; :func:`~pl_actsparse.calibrate.allocation.gradient_scales`): the channels
     the loss is sensitive to are zeroed later. With ``allocation="auto"`` it is the best model-wide setting measured on stories260K
     (``docs/allocation.md``). ``share_groups``: layers that read the same tensor and have equal targets use one scale
-    (stacked weight columns; summed ``E[g^2]``), so they share one threshold vector and one mask; ``groups`` overrides
+    (stacked weight columns; summed ``E[g^2]``), so they share one threshold vector and one mask (not with
+    ``allocation="auto"``, which gives each member its own level: one scale, own masks); ``groups`` overrides
     the detection (:func:`~pl_actsparse.calibrate.groups.find_shared_input_groups`). ``calibration`` and the other
     keyword arguments (``allocation``, ``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
 
