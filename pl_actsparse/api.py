@@ -7,11 +7,12 @@ layer back as it was.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -290,19 +291,32 @@ def _record(modules: dict[str, nn.Module], stats: dict[str, LayerStatistics]) ->
 ALLOCATIONS = ("uniform", "auto", "fisher")
 
 
+@contextlib.contextmanager
+def dense_gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], config: CalibrationConfig,
+                        what: str, hint: str = "") -> Iterator[tuple[CalibrationConfig, Callable[..., Any]]]:
+    """The setting of a gradient pass over the dense model (``allocation="auto"``/``"fisher"``, ``score="fisher"``):
+    sparsity off, eval mode, autograd on whatever the caller's mode, every module's mode put back on exit; yields the
+    config with the method chosen for ``layers`` and the loss (``config.loss_fn``, default next-token NLL).
+
+    Raises:
+        InvalidOptionError: parameters made under ``torch.inference_mode`` (no gradient reaches through them), naming
+            ``what`` needs it, before any change.
+    """
+    if frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]:
+        raise InvalidOptionError(f"{what} needs a gradient pass, which cannot use parameters made under torch.inference_mode "
+                                 f"({frozen}...); build or load the model outside inference mode{hint}")
+    with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):
+        model.eval()
+        yield config.replace(method=chosen_method(model, layers, config)), config.loss_fn or next_token_nll
+
+
 def _allocated(model: nn.Module, plan: SparsityPlan, items: list[Any], config: CalibrationConfig, allocation: str) -> dict[str, float]:
     """Per-layer levels meeting each scope's byte budget (:mod:`pl_actsparse.calibrate.allocation`)."""
     modules = dict(model.named_modules())
     layers = [(n, modules[n]) for n in plan.targets]
-    if frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]:
-        raise InvalidOptionError(f"allocation={allocation!r} needs a gradient pass, which cannot use parameters made under torch.inference_mode "
-                                 f"({frozen}...); build or load the model outside inference mode, or use allocation='uniform'")
-    with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):  # a gradient pass, whatever the caller's mode
-        model.eval()
-        loss_fn = config.loss_fn or next_token_nll
+    with dense_gradient_pass(model, layers, config, f"allocation={allocation!r}", ", or use allocation='uniform'") as (pass_config, loss_fn):
         try:
-            curves = fisher_curves(model, layers, items, loss_fn,  # block by block where calibration goes so
-                                   config.replace(method=chosen_method(model, layers, config)))
+            curves = fisher_curves(model, layers, items, loss_fn, pass_config)  # block by block where calibration goes so
         except InvalidOptionError as exc:  # the next-token loss needs a causal LM on token ids
             if config.loss_fn is not None:
                 raise

@@ -35,7 +35,7 @@ __all__ = [
     "SparsifierMode", "GradientMode", "ActivationSparsifierMixin", "SparseActivationLinear", "is_sparsified",
     "sparsified_layers", "sparsifier_state", "SparsifierStateView", "sparse_class_for", "install_sparsifier",
     "uninstall_sparsifier", "original_module_class", "THRESHOLD_BUFFER", "STATE_KEY", "ADAPTER_INPUT_KWARG",
-    "weight_nbytes", "threshold_summary", "encode_sparsifier_state", "decode_sparsifier_state",
+    "weight_nbytes", "threshold_summary", "fit_threshold_buffer", "encode_sparsifier_state", "decode_sparsifier_state",
     "SPARSIFIER_STATE_FORMAT", "LinearLikeSpec", "register_linear_like", "linear_like_spec", "is_linear_like",
     "linear_like_weight_t", "linear_like_weight", "supported_layer_types", "LINEAR_LIKE_SOURCES", "preserved",
 ]
@@ -171,12 +171,7 @@ class ActivationSparsifierMixin:
         tkey, skey = prefix + THRESHOLD_BUFFER, prefix + STATE_KEY
         has_t, has_s = tkey in state_dict, skey in state_dict
         before = len(missing_keys)
-        incoming = state_dict.get(tkey)
-        current = self._buffers[THRESHOLD_BUFFER]
-        if isinstance(incoming, torch.Tensor) and incoming.shape != current.shape and incoming.dim() <= 1 and incoming.numel() in (1, self.in_features):
-            # a per-channel threshold (shape [in_features], see pl_actsparse.tuning.weight_aware) into a scalar one, or back;
-            # any other shape ([out_features], [in, 1] broadcasting over tokens) is left to torch to refuse (size mismatch)
-            self._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+        fit_threshold_buffer(self, state_dict.get(tkey))
         if has_s:
             try:
                 decode_sparsifier_state(state_dict[skey])
@@ -598,6 +593,17 @@ def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[
 SPARSIFIER_STATE_FORMAT = 1
 _STATE_LEN = 6
 _GRADIENT_CODES = {GradientMode.MASKED: 0.0, GradientMode.STE: 1.0}
+
+
+def fit_threshold_buffer(module: nn.Module, incoming: Any) -> None:
+    """Before loading a state dict into ``module`` (a sparsified or an exported layer): reshape its threshold buffer
+    to a loaded one of the other kind, one value <-> per channel ``[in_features]`` (see
+    :mod:`pl_actsparse.tuning.weight_aware`); any other shape (``[out_features]``, ``[in, 1]`` broadcasting over
+    tokens) is left to torch to refuse (size mismatch)."""
+    current = module._buffers[THRESHOLD_BUFFER]
+    if (isinstance(incoming, torch.Tensor) and incoming.shape != current.shape and incoming.dim() <= 1
+            and incoming.numel() in (1, module.in_features)):
+        module._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
 
 
 def encode_sparsifier_state(state: Any) -> torch.Tensor:

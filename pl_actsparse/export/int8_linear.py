@@ -14,9 +14,11 @@ from torch import Tensor, nn
 
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.errors import InvalidOptionError
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, is_sparsified
+from pl_actsparse.core.layer import (
+    THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
+)
 from pl_actsparse.export.linear import (
-    SparseInferenceLinear, check_export_options, exported_threshold, fit_threshold_buffer, plain_exported_state, threshold_text,
+    SparseInferenceLinear, check_export_options, exported_threshold, plain_exported_state, threshold_text,
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8

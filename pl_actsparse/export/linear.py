@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
-    THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, is_sparsified, linear_like_spec,
-    sparsifier_state,
+    THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
+    linear_like_spec, sparsifier_state,
 )
 from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
@@ -449,14 +449,6 @@ def exported_threshold(layer: nn.Module, in_features: int, device: Any = None) -
     if t is None or not applies_threshold(layer):
         return torch.tensor(-math.inf, device=device if t is None else t.device)
     return as_threshold(t, in_features)
-
-
-def fit_threshold_buffer(module: nn.Module, incoming: Any) -> None:
-    """Before loading a state dict: reshape ``module``'s threshold buffer to a loaded one of the other kind (one
-    value <-> per channel ``[in_features]``), as the sparsified layers do; other shapes are left to torch to refuse."""
-    current = module._buffers[THRESHOLD_BUFFER]
-    if isinstance(incoming, Tensor) and incoming.shape != current.shape and incoming.dim() <= 1 and incoming.numel() in (1, module.in_features):
-        module._buffers[THRESHOLD_BUFFER] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
 
 
 def threshold_text(t: Tensor) -> str:

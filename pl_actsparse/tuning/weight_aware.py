@@ -30,12 +30,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.api import plan_activation_sparsity, sparsify_activations
-from pl_actsparse.calibrate import chosen_method
-from pl_actsparse.calibrate.allocation import gradient_scales, next_token_nll
-from pl_actsparse.core.module_state import preserved_modes
+from pl_actsparse.api import dense_gradient_pass, plan_activation_sparsity, sparsify_activations
+from pl_actsparse.calibrate.allocation import gradient_scales
 from pl_actsparse.config import CalibrationConfig
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, activation_sparsity_disabled, linear_like_weight, linear_like_weight_t
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.integrations import layer_map
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -102,7 +100,8 @@ def sparsify_activations_weight_aware(
     keyword arguments (``allocation``, ``gradient_mode``) go to :func:`~pl_actsparse.sparsify_activations`.
 
     Raises:
-        InvalidOptionError: an unknown ``score``; with ``"fisher"`` and no ``loss_fn``, inputs that are not token ids.
+        InvalidOptionError: an unknown ``score``; with ``"fisher"`` and no ``loss_fn``, inputs that are not token ids;
+            with ``"fisher"``, parameters made under ``torch.inference_mode`` (before any change).
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
         UnsupportedModuleError: a selected layer with quantized weights or under a peft adapter (before any change).
 
@@ -130,10 +129,8 @@ def sparsify_activations_weight_aware(
         dataset = data
     if score == "fisher":
         layers = [(n, modules[n]) for n in names]
-        with activation_sparsity_disabled(model), preserved_modes(model), torch.inference_mode(False):
-            model.eval()
-            fisher = gradient_scales(model, layers, data, config.replace(method=chosen_method(model, layers, config)),
-                                     config.loss_fn or next_token_nll)
+        with dense_gradient_pass(model, layers, config, "score='fisher'", ", or use score='weight'") as (pass_config, loss_fn):
+            fisher = gradient_scales(model, layers, data, pass_config, loss_fn)
     scales: dict[str, torch.Tensor] = {n: fisher[n] if score == "fisher" else weight_column_norms(modules[n]) for n in names}
     if share_groups:
         if groups is None:

@@ -65,6 +65,16 @@ def test_unknown_score_is_refused_before_any_change():
     assert not list(sparsified_layers(model))
 
 
+def test_fisher_score_refuses_inference_mode_parameters_before_any_change():
+    from tiny_models import tiny_hf_llama, token_batches
+
+    with torch.inference_mode():
+        model = tiny_hf_llama()
+    with pytest.raises(InvalidOptionError, match=r"score='fisher' needs a gradient pass.*inference_mode.*or use score='weight'"):
+        sparsify_activations_weight_aware(model, token_batches(), {TargetScope(patterns=[r".*_proj"]): 0.5}, score="fisher", calibration=QUIET)
+    assert not list(sparsified_layers(model)) and not any(m._forward_pre_hooks for m in model.modules())
+
+
 def test_fisher_score_with_auto_allocation_on_hf_llama():
     from tiny_models import tiny_hf_llama, token_batches
 
