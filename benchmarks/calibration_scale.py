@@ -27,6 +27,9 @@ many threads allocated; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment mak
 empirical-Fisher curves come block by block with ``sequential``, from one whole-model backward with
 ``lockstep``), so the ratio is allocation plus calibration.
 
+``--rotate`` runs :func:`~pl_actsparse.tuning.rotation.rotate_activations` first, inside the timed call
+(``rotation_time_ratio``: its share; the peak RSS then includes the CPU copy of the rewritten weights it holds).
+
 ``--stories260k`` adds the same cost on the real stories260K model (``allocation="auto"``, all seven
 projections at a 0.5 budget, stories 500-599 in 256-token windows, batches of 8, as ``benchmarks/allocation.py``),
 with each method, in dense forwards (median of 5 dense passes before and after), and the largest difference
@@ -109,11 +112,19 @@ def worker(args: argparse.Namespace) -> dict:
     }[mode]
     scope = {TargetScope(patterns=[r".*\.(q|k|v|o|gate|up|down)_proj"]): 0.5}
     t0, c0 = time.perf_counter(), time.process_time()
+    if args.rotate:
+        from pl_actsparse.tuning.rotation import rotate_activations
+
+        rotate_activations(model, batches, calibration={"progress": False})
+        sync()
+    rotation_s = time.perf_counter() - t0
     sparsify_activations(model, batches, scope, calibration={"progress": False, **kwargs}, allocation=args.allocation)
     sync()
     calib, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {
         "mode": mode,
+        "rotated": args.rotate,
+        "rotation_time_ratio": round(rotation_s / dense, 3),
         "n": args.n,
         "allocation": args.allocation,
         "dense_forward_s": round(dense, 2),
@@ -199,6 +210,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--use-cache", action="store_true", help="let HF build its DynamicCache, as generate-ready calls do")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "auto"], help="allocation= of sparsify_activations")
+    p.add_argument("--rotate", action="store_true", help="rotate_activations first (inside the timed call: rotation + allocation + calibration)")
     p.add_argument("--stories260k", action="store_true", help="also allocation + calibration cost on stories260K")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per subprocess")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -222,7 +234,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--worker-out", path,
                    "--layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq", str(args.seq),
                    "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
-                   "--allocation", args.allocation] + (["--use-cache"] if args.use_cache else [])
+                   "--allocation", args.allocation] + (["--use-cache"] if args.use_cache else []) + (["--rotate"] if args.rotate else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode != 0:
                 runs.append({"mode": mode, "n": n, "error": proc.stderr[-2000:]})

@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--allocation", choices=("uniform", "auto", "fisher"), default=None,
                         help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="target (or byte budget with allocation auto) of every run")
+    parser.add_argument("--rotate", action="store_true", help="rotate_activations on the calibration stories first (every run and training-free row starts from the rotated model)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes: the training data's order and the adapters' initialisation")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
@@ -127,6 +130,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "eval_byte_sparsity": round(sum(achieved[n] * size[n] for n in achieved) / sum(size.values()), 4)}  # weighted by weight bytes
 
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
+    if args.rotate:  # the residual stream and value heads in their principal axes (the same function), as a llama2.c file
+        import tempfile
+
+        from pl_actsparse.demos.llama2c import save_llama2c_checkpoint
+        from pl_actsparse.tuning.rotation import rotate_activations
+
+        checkpoint = str(Path(tempfile.mkdtemp()) / "stories260K_rotated.bin")
+        save_llama2c_checkpoint(rotate_activations(load_llama2c_checkpoint(data_dir / "stories260K.bin"), calibration, calibration={"progress": False}), checkpoint)
 
     # -- dense, training-free, and the model-wide allocation (from calibration stories only) -------------------
     dense = None
@@ -134,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dense_model = load_llama2c_checkpoint(checkpoint)
         dense = {"perplexity": round(perplexity(dense_model, evaluation), 4), "heldout_perplexity": round(perplexity(dense_model, heldout), 4)}
         log(f"dense {dense}")
-    recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": 0.5}], "all7_uniform": [{"patterns": [ALL7], "sparsity": 0.5}],
-                                                "all7": [{"patterns": [ALL7], "sparsity": 0.5}]}
+    recipes: dict[str, list[dict[str, Any]]] = {"mlp": [{"patterns": [MLP], "sparsity": args.sparsity}], "all7_uniform": [{"patterns": [ALL7], "sparsity": args.sparsity}],
+                                                "all7": [{"patterns": [ALL7], "sparsity": args.sparsity}]}
     runs_wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(runs_wanted) - set(RUNS))
     if unknown:
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         trainer([callback, _Progress(name)], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
         run: dict[str, Any] = {"command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "distillation": distillation,
-                               "gradient_mode": args.gradient_mode, "ramp_steps": args.ramp_steps, **evaluate(module.model)}
+                               "gradient_mode": args.gradient_mode, "ramp_steps": args.ramp_steps, "rotated": args.rotate, **evaluate(module.model)}
         run["max_layer_error_on_calibration_data"] = round(activation_sparsity_report(module.model).max_abs_error, 6)
         run["recalibrations"] = [{"step": h["step"], "sparsity_before": None if h["sparsity_before"] is None else round(h["sparsity_before"], 4),
                                   "sparsity_after": round(h["sparsity_after"], 4)} for h in callback.history]

@@ -34,6 +34,7 @@ _LAZY = {
     "export_for_inference": ".export.convert",
     "quantize_weights_int8": ".core.int8",
     "sweep_sparsity": ".tuning.sweep",
+    "rotate_activations": ".tuning.rotation",
     "activation_sparsity_disabled": ".core.layer",
     "ActivationSparsityCallback": ".lightning.callback",
     "ActivationSparsity": ".measure.metric",
