@@ -557,8 +557,9 @@ def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, tuple[torch.T
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[nn.Module]:
-    """Run a block that sparsifies, retargets or recalibrates layers, then put them back as they were.
+def preserved(model: nn.Module, names: Iterable[str] | None = None, *, on_error_only: bool = False) -> Iterator[nn.Module]:
+    """Run a block that sparsifies, retargets or recalibrates layers, then put them back as they were
+    (``on_error_only=True``: only if the block raises, so that a failed call changes nothing).
 
     On exit (normal or by an exception) every layer in ``names`` (default: the model's sparsified layers) gets
     back its threshold (scalar or per-channel, same shape), its target, mode, gradient mode and calibration
@@ -578,15 +579,17 @@ def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[
     if missing:
         raise KeyError(f"preserved(): {missing} are not modules of the model")
     snaps = snapshot_layers(modules, names)
-    plan_before = model.__dict__.get("_actsparse_plan")
+    plan_before, kept = model.__dict__.get("_actsparse_plan"), False
     try:
         yield model
+        kept = on_error_only
     finally:
-        restore_layers(modules, snaps)
-        if plan_before is None:
-            model.__dict__.pop("_actsparse_plan", None)
-        else:
-            model.__dict__["_actsparse_plan"] = plan_before
+        if not kept:
+            restore_layers(modules, snaps)
+            if plan_before is None:
+                model.__dict__.pop("_actsparse_plan", None)
+            else:
+                model.__dict__["_actsparse_plan"] = plan_before
 
 
 #: Version of the layout written by :func:`encode_sparsifier_state` (its element 0).
