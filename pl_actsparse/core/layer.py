@@ -207,9 +207,7 @@ class ActivationSparsifierMixin:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         s = self._actsparse
-        t = self.activation_threshold
-        shown = f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
-        return f"{base}, target_sparsity={s.target:g}, threshold={shown}, mode={s.mode.value}"
+        return f"{base}, target_sparsity={s.target:g}, threshold={threshold_text(self.activation_threshold)}, mode={s.mode.value}"
 
     # -- pickling of dynamically created subclasses -------------------------------------------------
     def __reduce_ex__(self, protocol: int):
@@ -517,6 +515,11 @@ def _tensor_nbytes(t: torch.Tensor) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(_tensor_nbytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
+
+
+def threshold_text(t: torch.Tensor) -> str:
+    """A threshold in a layer's repr (sparsified or exported): its value, ``per-channel[n]``, ``?`` on meta."""
+    return "?" if t.is_meta else f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
 
 
 def threshold_summary(threshold: torch.Tensor) -> float:

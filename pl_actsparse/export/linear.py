@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
     THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
-    linear_like_spec, sparsifier_state,
+    linear_like_spec, sparsifier_state, threshold_text,
 )
 from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
@@ -449,11 +449,6 @@ def exported_threshold(layer: nn.Module, in_features: int, device: Any = None) -
     if t is None or not applies_threshold(layer):
         return torch.tensor(-math.inf, device=device if t is None else t.device)
     return as_threshold(t, in_features)
-
-
-def threshold_text(t: Tensor) -> str:
-    """A threshold in a repr: its value, ``per-channel[n]`` (as the sparsified layers show it), ``?`` on meta."""
-    return "?" if t.is_meta else f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
 
 
 def plain_exported_state(calibrated: bool = False) -> dict[str, Any]:
