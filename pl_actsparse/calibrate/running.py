@@ -81,10 +81,7 @@ def compilation_disabled() -> Iterator[None]:
     recompile limit; under ``set_stance("force_eager")`` nothing is traced and the user's compiled graphs stay
     cached. A no-op when dynamo was never imported. Not for use inside a compiled region.
     """
-    if "torch._dynamo" not in sys.modules:
-        yield
-        return
-    with torch.compiler.set_stance("force_eager"):
+    with torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else contextlib.nullcontext():
         yield
 
 
