@@ -421,15 +421,13 @@ def sparsify_activations(
     check_allocation(allocation, target_sparsity_by_scope)  # before the passes over the data
     items = _peek(dataset)
     modules = dict(model.named_modules())
+    levels = None  # allocation="uniform": each scope's target
     if allocation != "uniform":
         items = list(itertools.islice(items, config.num_batches))  # read twice: the curves, then calibration
-        plan.targets.update(_allocated(model, plan, items, config, allocation))
+        levels = _allocated(model, plan, items, config, allocation)
     try:
         with preserved(model, plan.targets, on_error_only=True):
-            for name, target in plan.targets.items():
-                install_sparsifier(modules[name], target, mode)
-            sync_adapter_hooks(model)
-            model.__dict__["_actsparse_plan"] = plan
+            plan = prepare_activation_sparsity(model, target_sparsity_by_scope, ignored_scope, gradient_mode=mode, levels=levels)
             stats = _guarded_calibrate(model, modules, plan.targets, items, config)
     except BaseException:
         sync_adapter_hooks(model)
