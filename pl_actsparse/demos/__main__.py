@@ -19,7 +19,7 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 

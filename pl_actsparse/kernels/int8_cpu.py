@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pl_actsparse.errors import InvalidOptionError
-from pl_actsparse.kernels._extension import InlineExtension, get_backend
+from pl_actsparse.kernels._extension import InlineExtension
 from pl_actsparse.kernels.cpu import zero_small
 from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold
 
