@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels._extension import InlineExtension
 from pl_actsparse.kernels.cpu import zero_small
 from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold
@@ -73,12 +72,12 @@ Granularity = Literal["output", "input"]
 # --------------------------------------------------------------------------------------------------
 
 
-def check_quant_options(mode: Any, granularity: Any) -> None:
-    """The one check of ``mode`` and ``granularity``; raises ``InvalidOptionError`` (a ``ValueError``) naming the bad one."""
+def check_quant_options(mode: Any, granularity: Any, error: type[ValueError] = ValueError) -> None:
+    """The one check of ``mode`` and ``granularity``; raises ``error`` naming the bad one."""
     if mode not in ("asym", "sym"):
-        raise InvalidOptionError(f"mode must be 'asym' or 'sym', got {mode!r}")
+        raise error(f"mode must be 'asym' or 'sym', got {mode!r}")
     if granularity not in ("output", "input"):
-        raise InvalidOptionError(f"granularity must be 'output' or 'input', got {granularity!r}")
+        raise error(f"granularity must be 'output' or 'input', got {granularity!r}")
 
 
 def quantize_weight_t(
@@ -346,8 +345,6 @@ load_int8_extension = INT8_EXTENSION.load
 
 
 def resolve_int8_backend(build: bool = True) -> str:
-    """The implementation the next int8 call uses: ``"cpp"`` or ``"torch"`` (see the module docstring).
-
-    Raises ``RuntimeError`` when ``"cpp"`` was requested and the kernel cannot be loaded.
-    """
+    """The implementation the next int8 call uses, ``"cpp"`` or ``"torch"``: :meth:`InlineExtension.resolve
+    <pl_actsparse.kernels._extension.InlineExtension.resolve>` of :data:`INT8_EXTENSION` (``RuntimeError`` as there)."""
     return INT8_EXTENSION.resolve(build=build)
