@@ -56,7 +56,7 @@ class Int8WeightLinear(nn.Linear):
         granularity: Granularity = "output", device: Any = None, dtype: Optional[torch.dtype] = None,
     ) -> None:
         nn.Module.__init__(self)
-        check_quant_options(mode, granularity)
+        check_quant_options(mode, granularity, InvalidOptionError)
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
@@ -245,7 +245,7 @@ def quantize_weights_int8(
 
     Raises ``ValueError`` if ``scope`` matches no layer.
     """
-    check_quant_options(mode, granularity)
+    check_quant_options(mode, granularity, InvalidOptionError)
     if scope is not None and not isinstance(scope, TargetScope):
         raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     report = Int8QuantizationReport()

@@ -75,15 +75,10 @@ class Int8SparseInferenceLinear(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # The keys of a sparsified Int8WeightLinear (``qweight`` holds the same [in, out] codes as qweight_t),
         # so an exported int8 model's checkpoint loads into a model quantized with quantize_weights_int8.
-        def put(key: str, t: Optional[Tensor]) -> None:
+        saved = {"bias": self.bias, "qweight": self.qweight_t, "scale": self.scale, "zero_point": self.zero_point, THRESHOLD_BUFFER: self.activation_threshold}
+        for key, t in saved.items():
             if t is not None:
                 destination[prefix + key] = t if keep_vars else t.detach()
-
-        put("bias", self.bias)
-        put("qweight", self.qweight_t)
-        put("scale", self.scale)
-        put("zero_point", self.zero_point)
-        put(THRESHOLD_BUFFER, self.activation_threshold)
         destination[prefix + "_extra_state"] = self.get_extra_state()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:

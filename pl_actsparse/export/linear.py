@@ -355,14 +355,12 @@ class SparseInferenceLinear(nn.Module):
         not kept), the bias the same tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
         Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
         """
-        info: Optional[RestoreInfo] = self.__dict__.get("_restore")
+        info = self.__dict__.get("_restore") or RestoreInfo(nn.Linear, None, True, True)  # None: built directly
         if self.__dict__.get("_weight_in_out", False):  # the original stored W^T itself (GPT-2's Conv1D)
             weight = self.weight_t.detach()
         else:
             weight = self.weight_t.detach().t().contiguous()
         bias = None if self.bias is None else self.bias.detach()
-        if info is None:
-            info = RestoreInfo(nn.Linear, None, True, True)
         lin = info.build(weight, bias, self.in_features, self.out_features)
         lin.train(self.training)
         return lin
