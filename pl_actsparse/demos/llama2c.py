@@ -421,8 +421,7 @@ def _tensor_layout(config: Llama2cConfig, version: int) -> list[tuple[str, tuple
 
 def read_llama2c_config(path: str | os.PathLike | None = None) -> Llama2cConfig:
     """Header of a llama2.c checkpoint as a config, without reading the weights."""
-    path = _default_path(path, "stories260K.bin")
-    return _read_header(path)[0]
+    return _read_header(_default_path(path, "stories260K.bin"))[0]
 
 
 def _default_path(path: str | os.PathLike | None, filename: str) -> Path:
