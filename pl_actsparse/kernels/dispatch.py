@@ -534,12 +534,8 @@ def dense_method(dtype: torch.dtype) -> str:
     cached = _method_cache.get(dtype)
     if cached is not None and cached[0] == state:
         return cached[1]
-    _, method_env = _env_overrides()
-    if method_env is not None:
-        method = method_env
-    else:
-        # the dense method does not depend on the sparse backend: reuse whichever profile exists
-        backend = "cpp" if _cpu.EXTENSION.loaded else "torch"
-        method = cpu_profile(dtype, backend).dense_method
+    method = _env_overrides()[1]
+    if method is None:  # the dense method does not depend on the sparse backend: reuse whichever profile exists
+        method = cpu_profile(dtype, "cpp" if _cpu.EXTENSION.loaded else "torch").dense_method
     _method_cache[dtype] = (state, method)
     return method
