@@ -31,8 +31,8 @@ from pl_actsparse.errors import (
     InvalidTargetError, NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
 )
 from pl_actsparse.core.layer import (
-    restore_layers, snapshot_layers, STATE_KEY, THRESHOLD_BUFFER, GradientMode, activation_sparsity_disabled,
-    install_sparsifier, is_linear_like, is_sparsified, sparsified_layers, uninstall_sparsifier,
+    STATE_KEY, THRESHOLD_BUFFER, GradientMode, activation_sparsity_disabled, install_sparsifier, is_linear_like,
+    is_sparsified, preserved, sparsified_layers, uninstall_sparsifier,
 )
 from pl_actsparse.core.module_state import preserved_modes, state_dict_fit
 from pl_actsparse.measure.report import SparsityReport, activation_sparsity_report
@@ -265,12 +265,8 @@ def calibrate_activation_sparsity(
     items = _peek(dataset)
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
     vector = [n for n, t in ((n, modules[n]._buffers[THRESHOLD_BUFFER]) for n in names) if t.dim() == 1 and bool((t != t[:1]).any())]
-    snaps = snapshot_layers(modules, names)
-    try:
+    with preserved(model, names, on_error_only=True):
         stats = _guarded_calibrate(model, modules, names, items, config)
-    except BaseException:
-        restore_layers(modules, snaps)
-        raise
     _record(modules, stats)
     if vector:
         warnings.warn(f"calibrate_activation_sparsity: the per-channel (weight-aware) thresholds of {vector[:3]}{' ...' * (len(vector) > 3)} are now "
@@ -425,24 +421,16 @@ def sparsify_activations(
     check_allocation(allocation, target_sparsity_by_scope)  # before the passes over the data
     items = _peek(dataset)
     modules = dict(model.named_modules())
+    levels = None  # allocation="uniform": each scope's target
     if allocation != "uniform":
         items = list(itertools.islice(items, config.num_batches))  # read twice: the curves, then calibration
-        plan.targets.update(_allocated(model, plan, items, config, allocation))
-    snaps = snapshot_layers(modules, plan.targets)
-    previous_plan = model.__dict__.get("_actsparse_plan")
+        levels = _allocated(model, plan, items, config, allocation)
     try:
-        for name, target in plan.targets.items():
-            install_sparsifier(modules[name], target, mode)
-        sync_adapter_hooks(model)
-        model.__dict__["_actsparse_plan"] = plan
-        stats = _guarded_calibrate(model, modules, plan.targets, items, config)
+        with preserved(model, plan.targets, on_error_only=True):
+            plan = prepare_activation_sparsity(model, target_sparsity_by_scope, ignored_scope, gradient_mode=mode, levels=levels)
+            stats = _guarded_calibrate(model, modules, plan.targets, items, config)
     except BaseException:
-        restore_layers(modules, snaps)
         sync_adapter_hooks(model)
-        if previous_plan is None:
-            model.__dict__.pop("_actsparse_plan", None)
-        else:
-            model.__dict__["_actsparse_plan"] = previous_plan
         raise
     _record(modules, stats)
     return model
@@ -590,7 +578,6 @@ def load_activation_sparsity(
             "targets and calibration figures cannot be restored (a safetensors file written by pl-actsparse 0.1 "
             "loses them). Pass strict=False to load them as sparsifying layers with unknown targets, or recalibrate"
         )
-    modules = dict(model.named_modules())
     names = [e.name for e in saved]  # checked by _check_saved_layers
     warned = [e.key(STATE_KEY) for e in saved if e.state is None]  # the layers warn about these
     loadable, problems = state_dict_fit(model, sd, names, weights_loaded=_weights_loaded, may_miss=warned)
@@ -599,15 +586,12 @@ def load_activation_sparsity(
             f"the state dict does not fit {type(model).__name__} (nothing was loaded): " + "; ".join(problems)
             + ". Pass strict=False to load what matches"
         )
-    snaps = snapshot_layers(modules, names)
     try:
-        install_sparsifiers_from_state_dict(model, sd)
-        model.load_state_dict(loadable, strict=False)
-        if problems:
-            warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
-    except BaseException:
-        restore_layers(modules, snaps)
-        raise
+        with preserved(model, names, on_error_only=True):
+            install_sparsifiers_from_state_dict(model, sd)
+            model.load_state_dict(loadable, strict=False)
+            if problems:
+                warnings.warn(f"load_activation_sparsity: not loaded: {'; '.join(problems)}", UserWarning, stacklevel=2)
     finally:
         sync_adapter_hooks(model)
     return model

@@ -26,9 +26,11 @@ OFFLOAD_MODES = (None, "cpu", "disk")
 IN_BLOCK_MODES = ("levels", "lockstep")
 
 
-def _positive_int_or_none(name: str, value: Any) -> None:
+def positive_int_or_none(value: Any, what: str, kind: type[Exception] = InvalidOptionError) -> Optional[int]:
+    """``value`` as an int if it is a positive integer, ``None`` if None; else ``kind`` naming ``what`` (the one such check)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise InvalidOptionError(f"CalibrationConfig.{name} must be a positive integer or None, got {value!r}")
+        raise kind(f"{what} must be a positive integer or None, got {value!r}")
+    return None if value is None else int(value)
 
 
 def _choice(name: str, value: Any, valid: tuple) -> None:
@@ -101,8 +103,8 @@ class CalibrationConfig:
             raise InvalidOptionError(f"CalibrationConfig.offload={self.offload!r} needs method='sequential' (or 'auto'): "
                                      "method='lockstep' keeps no cache of block inputs to offload")
         _choice("in_block", self.in_block, IN_BLOCK_MODES)
-        _positive_int_or_none("num_batches", self.num_batches)
-        _positive_int_or_none("max_batches_in_flight", self.max_batches_in_flight)
+        positive_int_or_none(self.num_batches, "CalibrationConfig.num_batches")
+        positive_int_or_none(self.max_batches_in_flight, "CalibrationConfig.max_batches_in_flight")
         for name in ("transform_fn", "loss_fn"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise InvalidOptionError(f"CalibrationConfig.{name} must be callable or None, got {getattr(self, name)!r}")

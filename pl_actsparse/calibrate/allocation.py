@@ -34,11 +34,11 @@ from torch import nn
 
 from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys, merge_coarse
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, logits_of, map_tensors, model_device, to_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, hooks_removed, logits_of, map_tensors, model_device, to_device
 from pl_actsparse.calibrate.sequential import input_gradients, sequential_input_gradients
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import linear_like_spec, weight_nbytes
-from pl_actsparse.core.masking import resolve_mask_fn, select_tokens
+from pl_actsparse.core.masking import attention_mask_of, resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, InvalidTargetError, NonFiniteActivationError
 
 __all__ = ["fisher_curves", "gradient_scales", "allocate_levels", "lower_hull", "next_token_nll", "search_levels", "SEARCH_POWERS", "SEARCH_RATES", "SEARCH_FRACTION", "MAX_RATED_KINDS", "QUANTILE_SAMPLE"]
@@ -167,8 +167,7 @@ def next_token_nll(output: Any, inputs: Any, mask: torch.Tensor | None = None) -
         InvalidOptionError: the inputs are not token ids ``[B, T]`` or do not match the logits or the mask.
     """
     if isinstance(inputs, Mapping):
-        if mask is None and inputs.get("attention_mask") is not None:
-            mask = torch.as_tensor(inputs["attention_mask"]).bool()
+        mask = attention_mask_of(inputs) if mask is None else mask
         inputs = inputs.get("input_ids")
     elif isinstance(inputs, (tuple, list)):
         inputs = inputs[0]
@@ -308,16 +307,12 @@ def search_levels(
 
         handles = [m.register_forward_pre_hook(lambda _m, a, n=n: cut(a, n)) for n, m in layers]
         total = torch.zeros(2, dtype=torch.float64)
-        try:
-            with torch.no_grad():
-                for item in subset:
-                    inputs = to_device(transform(item), device)
-                    mask = mask_fn(item) if mask_fn is not None else None
-                    loss, count = loss_fn(call_model(model, inputs), inputs, item, mask)
-                    total += torch.tensor([float(loss), float(count)], dtype=torch.float64)
-        finally:
-            for h in handles:
-                h.remove()
+        with hooks_removed(handles), torch.no_grad():
+            for item in subset:
+                inputs = to_device(transform(item), device)
+                mask = mask_fn(item) if mask_fn is not None else None
+                loss, count = loss_fn(call_model(model, inputs), inputs, item, mask)
+                total += torch.tensor([float(loss), float(count)], dtype=torch.float64)
         total = dist.sum_(total)
         return float(total[0] / total[1].clamp(min=1))
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import map_tensors, model_device, patch_forward, restore_forward, run_item
+from pl_actsparse.calibrate.running import hooks_removed, map_tensors, model_device, patch_forward, restore_forward, run_item
 from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import InvalidOptionError
 
@@ -282,13 +282,9 @@ def probe(model: nn.Module, stubs: Stubs, batches: list, transform: Callable,
     handles = [m.register_forward_pre_hook(lambda *_, k=k: count(k)) for k, (_, m) in enumerate(outside)]
     stubs.mode = StubMode.PROBE
     runner = ModelRunner(model, stubs, batches[:1], transform, [None])
-    try:
-        with torch.no_grad():
-            if batches:
-                runner(0)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks_removed(handles), torch.no_grad():
+        if batches:
+            runner(0)
     calls[-1] = int(runner.failure is not None)
     calls = dist.sum_(calls)
     between = [n for k, (n, _) in enumerate(outside) if calls[2 * k + 1]]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, model_device, to_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, hooks_removed, model_device, to_device
 from pl_actsparse.core.layer import is_linear_like
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import UnsupportedModuleError
@@ -80,12 +80,10 @@ def find_shared_input_groups(
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in named]
     transform = transform_fn or default_transform_fn
     try:
-        with preserved_modes(model), torch.no_grad():
+        with hooks_removed(handles), preserved_modes(model), torch.no_grad():
             model.eval()
             call_model(model, to_device(transform(example_input), model_device(model)))
     finally:
-        for h in handles:
-            h.remove()
         keep_alive.clear()
 
     by_key: dict[tuple, list[str]] = {}

@@ -242,11 +242,7 @@ def threshold_for_target(stats: LayerStatistics, target: float) -> float:
     target = validate_target(target, repr(stats.name))
     coarse = stats.coarse.to("cpu", torch.int64)
     n = int(coarse.sum())
-    if target <= 0.0 or n == 0:
-        return -math.inf
-    if target >= 1.0:
-        return math.inf
-    if stats.dtype != torch.float32:
+    if stats.dtype != torch.float32 or n == 0 or not 0.0 < target < 1.0:  # exact, or -inf / +inf as calibration gives
         return threshold_from_histogram(coarse, target, stats.dtype)[0]
     want = target * n
     cum = torch.cumsum(coarse, 0)

@@ -37,7 +37,7 @@ from pl_actsparse.calibrate.histogram import (
     COARSE_BINS, FINE_BINS, LayerStatistics, abs_keys, check_input_dtype, coarse_histogram, finalize, fine_bin,
     fine_histogram, merge_coarse
 )
-from pl_actsparse.calibrate.running import compilation_disabled, map_tensors, patch_forward, restore_forward
+from pl_actsparse.calibrate.running import compilation_disabled, hooks_removed, map_tensors, patch_forward, restore_forward
 from pl_actsparse.core.layer import ADAPTER_INPUT_KWARG, SparsifierMode, linear_like_spec
 from pl_actsparse.core.masking import select_tokens, token_mask as token_mask_context
 
@@ -151,14 +151,12 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
     try:
         # callers may be in inference mode; only the graph's structure is read, so nothing is saved for backward
         # (the forward costs the memory of a no-grad one)
-        with torch.inference_mode(False), torch.enable_grad(), compilation_disabled(), \
+        with hooks_removed(handles), torch.inference_mode(False), torch.enable_grad(), compilation_disabled(), \
                 torch.autograd.graph.saved_tensors_hooks(lambda _: None, lambda _: None):
             block(*_with_grad(args), **_with_grad(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
         raise _NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in zip(layers, modes):
             m._actsparse.mode = mode
             m._actsparse.observers.pop(id(token), None)

@@ -13,6 +13,7 @@ calls (:mod:`~pl_actsparse.calibrate.fixed_point`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import warnings
@@ -206,13 +207,13 @@ def _thread_context() -> Callable[[], Any]:
             pass
     cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
-    def enter() -> list:
+    def enter() -> contextlib.ExitStack:
         if cuda_device is not None:
             torch.cuda.set_device(cuda_device)
-        contexts = [torch.autocast(device_type=d, dtype=dt) for d, dt in autocast]
-        for c in contexts:
-            c.__enter__()
-        return contexts
+        stack = contextlib.ExitStack()
+        for d, dt in autocast:
+            stack.enter_context(torch.autocast(device_type=d, dtype=dt))
+        return stack
 
     return enter
 
@@ -252,14 +253,9 @@ def calibrate_layers(
     enter_context = _thread_context()
 
     def work(batch: Any) -> None:
-        contexts = enter_context()
-        _WORKER.set(object())
-        try:
-            with torch.no_grad():
-                run_item(model, batch, transform, mask_of(mask_fn, batch), device)
-        finally:
-            for c in reversed(contexts):
-                c.__exit__(None, None, None)
+        with enter_context(), torch.no_grad():
+            _WORKER.set(object())
+            run_item(model, batch, transform, mask_of(mask_fn, batch), device)
 
     def run_pass(bar: Progress) -> None:
         for group in groups:

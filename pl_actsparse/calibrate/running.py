@@ -19,7 +19,7 @@ from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, TokenMaskError
 
 __all__ = [
-    "default_transform_fn", "call_model", "map_tensors", "to_device", "model_device", "compilation_disabled",
+    "default_transform_fn", "call_model", "map_tensors", "to_device", "model_device", "compilation_disabled", "hooks_removed",
     "forward_is_not_reentrant", "take_batches", "run_item", "mask_of", "patch_forward", "restore_forward", "logits_of", "check_batches",
 ]
 
@@ -81,11 +81,18 @@ def compilation_disabled() -> Iterator[None]:
     recompile limit; under ``set_stance("force_eager")`` nothing is traced and the user's compiled graphs stay
     cached. A no-op when dynamo was never imported. Not for use inside a compiled region.
     """
-    if "torch._dynamo" not in sys.modules:
+    with torch.compiler.set_stance("force_eager") if "torch._dynamo" in sys.modules else contextlib.nullcontext():
         yield
-        return
-    with torch.compiler.set_stance("force_eager"):
+
+
+@contextlib.contextmanager
+def hooks_removed(handles: Iterable[Any]) -> Iterator[None]:
+    """Remove the hook ``handles`` (``register_forward_pre_hook``'s ...) when the block ends, also by an exception."""
+    try:
         yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # model -> True when two of its forwards must not overlap; pl_actsparse.integrations registers NNCF's check here

@@ -35,7 +35,7 @@ from pl_actsparse.calibrate.levels import BlockPlan, Unleveled, calibrate_block,
 from pl_actsparse.calibrate.lockstep import calibrate_layers
 from pl_actsparse.calibrate.progress import Progress
 from pl_actsparse.calibrate.running import (
-    call_model, default_transform_fn, forward_is_not_reentrant, mask_of, model_device, take_batches, to_device
+    call_model, default_transform_fn, forward_is_not_reentrant, hooks_removed, mask_of, model_device, take_batches, to_device
 )
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.masking import resolve_mask_fn
@@ -232,13 +232,9 @@ def input_gradients(layers: Layers, run: Callable[[], tuple]) -> tuple[list, tup
         return (own, *args[1:])
 
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: capture(a, n)) for n, m in layers]
-    try:
-        with torch.enable_grad():
-            out, grad, wrt = run()
-            grads = torch.autograd.grad(out, [*wrt, *(c[2] for c in captured)], grad, allow_unused=True) if captured or wrt else ()
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks_removed(handles), torch.enable_grad():
+        out, grad, wrt = run()
+        grads = torch.autograd.grad(out, [*wrt, *(c[2] for c in captured)], grad, allow_unused=True) if captured or wrt else ()
     return [(n, x, g) for (n, x, _), g in zip(captured, grads[len(wrt):])], tuple(grads[: len(wrt)])
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from pl_actsparse.kernels.int8_cpu import Granularity, QuantMode, dequantize_weight_t, quantize_weight_t
+from pl_actsparse.kernels.int8_cpu import Granularity, QuantMode, check_quant_options, dequantize_weight_t, quantize_weight_t
 from pl_actsparse.core.layer import SparseActivationLinear, is_sparsified, sparse_class_for, original_module_class, weight_nbytes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidOptionError, InvalidScopeError, UnmatchedScopeError
@@ -56,7 +56,7 @@ class Int8WeightLinear(nn.Linear):
         granularity: Granularity = "output", device: Any = None, dtype: Optional[torch.dtype] = None,
     ) -> None:
         nn.Module.__init__(self)
-        _check_options(mode, granularity)
+        check_quant_options(mode, granularity, InvalidOptionError)
         self.in_features = in_features
         self.out_features = out_features
         self.mode = mode
@@ -155,13 +155,6 @@ def _quantized(weight: Tensor, mode: QuantMode, granularity: Granularity) -> tup
     return q, s, z if z is not None else torch.zeros_like(s)
 
 
-def _check_options(mode: Any, granularity: Any) -> None:
-    if mode not in ("asym", "sym"):
-        raise InvalidOptionError(f"mode must be 'asym' or 'sym', got {mode!r}")
-    if granularity not in ("output", "input"):
-        raise InvalidOptionError(f"granularity must be 'output' or 'input', got {granularity!r}")
-
-
 # --------------------------------------------------------------------------------------------------
 # Model-level API
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +245,7 @@ def quantize_weights_int8(
 
     Raises ``ValueError`` if ``scope`` matches no layer.
     """
-    _check_options(mode, granularity)
+    check_quant_options(mode, granularity, InvalidOptionError)
     if scope is not None and not isinstance(scope, TargetScope):
         raise InvalidScopeError(f"scope must be a TargetScope or None, got {scope!r}")
     report = Int8QuantizationReport()

@@ -207,9 +207,7 @@ class ActivationSparsifierMixin:
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
         s = self._actsparse
-        t = self.activation_threshold
-        shown = f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
-        return f"{base}, target_sparsity={s.target:g}, threshold={shown}, mode={s.mode.value}"
+        return f"{base}, target_sparsity={s.target:g}, threshold={threshold_text(self.activation_threshold)}, mode={s.mode.value}"
 
     # -- pickling of dynamically created subclasses -------------------------------------------------
     def __reduce_ex__(self, protocol: int):
@@ -519,6 +517,11 @@ def _tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def threshold_text(t: torch.Tensor) -> str:
+    """A threshold in a layer's repr (sparsified or exported): its value, ``per-channel[n]``, ``?`` on meta."""
+    return "?" if t.is_meta else f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
+
+
 def threshold_summary(threshold: torch.Tensor) -> float:
     """One number for a threshold in tables and logs: the value of a scalar threshold, the mean of a
     per-channel one (shape ``[in_features]``, see :mod:`pl_actsparse.tuning.weight_aware`)."""
@@ -557,8 +560,9 @@ def restore_layers(modules: dict[str, nn.Module], snaps: dict[str, tuple[torch.T
 
 
 @contextlib.contextmanager
-def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[nn.Module]:
-    """Run a block that sparsifies, retargets or recalibrates layers, then put them back as they were.
+def preserved(model: nn.Module, names: Iterable[str] | None = None, *, on_error_only: bool = False) -> Iterator[nn.Module]:
+    """Run a block that sparsifies, retargets or recalibrates layers, then put them back as they were
+    (``on_error_only=True``: only if the block raises, so that a failed call changes nothing).
 
     On exit (normal or by an exception) every layer in ``names`` (default: the model's sparsified layers) gets
     back its threshold (scalar or per-channel, same shape), its target, mode, gradient mode and calibration
@@ -578,15 +582,17 @@ def preserved(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[
     if missing:
         raise KeyError(f"preserved(): {missing} are not modules of the model")
     snaps = snapshot_layers(modules, names)
-    plan_before = model.__dict__.get("_actsparse_plan")
+    plan_before, kept = model.__dict__.get("_actsparse_plan"), False
     try:
         yield model
+        kept = on_error_only
     finally:
-        restore_layers(modules, snaps)
-        if plan_before is None:
-            model.__dict__.pop("_actsparse_plan", None)
-        else:
-            model.__dict__["_actsparse_plan"] = plan_before
+        if not kept:
+            restore_layers(modules, snaps)
+            if plan_before is None:
+                model.__dict__.pop("_actsparse_plan", None)
+            else:
+                model.__dict__["_actsparse_plan"] = plan_before
 
 
 #: Version of the layout written by :func:`encode_sparsifier_state` (its element 0).

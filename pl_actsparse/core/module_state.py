@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -23,6 +23,7 @@ from typing import Iterable, Union
 
 from torch import nn
 
+from pl_actsparse.core.layer import original_module_class
 from pl_actsparse.errors import InvalidScopeError
 
 __all__ = ["TargetScope", "IgnoredScope", "ScopeMatch"]
@@ -42,13 +43,6 @@ def _as_frozenset(value: object, what: str) -> frozenset:
         raise InvalidScopeError(f"{what} must be a string or an iterable of strings, got {value!r}") from exc
 
 
-def original_class(module: nn.Module) -> type:
-    """The class a module had before sparsification, so scopes match the same way before and after."""
-    from pl_actsparse.core.layer import original_module_class
-
-    return original_module_class(module)
-
-
 @dataclass(frozen=True)
 class ScopeMatch:
     """What each entry of a scope matched: module names per entry, in model order."""
@@ -57,19 +51,15 @@ class ScopeMatch:
     by_pattern: dict[str, list[str]] = field(default_factory=dict)
     by_type: dict[str, list[str]] = field(default_factory=dict)
 
+    def _groups(self) -> tuple[tuple[str, dict[str, list[str]]], ...]:
+        return ("name", self.by_name), ("pattern", self.by_pattern), ("type", self.by_type)
+
     def all_names(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for group in (self.by_name, self.by_pattern, self.by_type):
-            for names in group.values():
-                seen.update(dict.fromkeys(names))
-        return list(seen)
+        return list(dict.fromkeys(n for _, group in self._groups() for names in group.values() for n in names))
 
     def unmatched(self) -> list[str]:
         """Entries that matched no module, formatted for an error message."""
-        out = [f"name {k!r}" for k, v in self.by_name.items() if not v]
-        out += [f"pattern {k!r}" for k, v in self.by_pattern.items() if not v]
-        out += [f"type {k!r}" for k, v in self.by_type.items() if not v]
-        return out
+        return [f"{kind} {k!r}" for kind, group in self._groups() for k, v in group.items() if not v]
 
 
 class _Scope:
@@ -151,7 +141,7 @@ class _Scope:
         """Labels of the ``types`` entries the module's original class is (a subclass of, or named as)."""
         if not self.types:
             return []
-        cls = original_class(module)
+        cls = original_module_class(module)  # scopes match the same way before and after sparsification
         labels = {n for base in cls.__mro__ for n in (base.__name__, f"{base.__module__}.{base.__qualname__}")}
         return [_type_label(t) for t in self.types
                 if (isinstance(t, str) and t in labels) or (isinstance(t, type) and issubclass(cls, t))]

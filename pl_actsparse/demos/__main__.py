@@ -19,7 +19,7 @@ import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -100,13 +100,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(__doc__ + "\n")
         return
-    lazy = {"run": ("pl_actsparse.demos.run", "main"), "generate": ("pl_actsparse.demos.generate", "generate_from_recipe")}
-    if argv[0] in lazy:
-        getattr(importlib.import_module(lazy[argv[0]][0]), lazy[argv[0]][1])(argv[1:])
-    elif argv[0] in ("sweep", "report"):
-        {"sweep": sweep_main, "report": report_main}[argv[0]](argv[1:])
-    else:
+    demos = {"run": ("pl_actsparse.demos.run", "main"), "generate": ("pl_actsparse.demos.generate", "generate_from_recipe"),
+             "sweep": (__name__, "sweep_main"), "report": (__name__, "report_main")}  # run and generate imported lazily
+    if argv[0] not in demos:
         raise SystemExit(f"unknown demo {argv[0]!r}; choose run, generate, sweep or report")
+    getattr(importlib.import_module(demos[argv[0]][0]), demos[argv[0]][1])(argv[1:])
 
 
 if __name__ == "__main__":

@@ -61,10 +61,7 @@ class DecodeComparison:
     def first_difference(self) -> Optional[int]:
         """Index (in new tokens) of the first token where the two continuations differ, ``None`` if none."""
         a, b = self.dense.token_ids, self.sparse.token_ids
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return i
-        return None if len(a) == len(b) else min(len(a), len(b))
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
     @property
     def speedup(self) -> float:
@@ -170,7 +167,6 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "python -m p
 
     from pl_actsparse.api import sparsify_activations
     from pl_actsparse.demos.llama2c import Llama2cModel, Llama2cTokenizer
-    from pl_actsparse.demos.tinystories import resolve_data_dir
     from pl_actsparse.export.convert import export_for_inference
     from pl_actsparse.lightning.callback import ActivationSparsityCallback
     from pl_actsparse.lightning.cli import run
@@ -218,7 +214,7 @@ def generate_from_recipe(args: list[str] | None = None, prog: str = "python -m p
     config = data.config.replace(transform_fn=data.inputs_fn(module, target), progress=data.config.progress and not ns.json)
     sparsify_activations(target, batches, targets, callback.ignored_scope, calibration=config)
     export_for_inference(net)
-    tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file(resolve_data_dir() / "tok512.bin")
+    tokenizer = getattr(cli.datamodule, "tokenizer", None) or Llama2cTokenizer.from_file()  # the data directory's tok512.bin
     result = compare_decoding(dense, net, tokenizer, ns.prompt, ns.max_new_tokens, repeats=ns.repeats)
     print(json.dumps(result.to_dict(), indent=1) if ns.json else str(result))  # the demo's output is its stdout
     return result

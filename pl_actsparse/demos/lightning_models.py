@@ -15,7 +15,6 @@ same model with its sparsity switched off for that pass, so the cost of sparsity
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,10 +153,7 @@ class TinyStoriesLM(CausalLMModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.checkpoint_file = str(checkpoint) if checkpoint is not None else None
-        self.model = load_llama2c_checkpoint(self._checkpoint_path()).train()
-
-    def _checkpoint_path(self) -> Path:
-        return Path(self.checkpoint_file) if self.checkpoint_file is not None else resolve_data_dir() / "stories260K.bin"
+        self.model = load_llama2c_checkpoint(self.checkpoint_file).train()  # None: the data directory's stories260K.bin
 
 
 _HF_DEFAULT_CONFIG: dict[str, Any] = {

@@ -214,16 +214,10 @@ class Llama2cAttention(nn.Module):
             i = torch.arange(T, device=x.device)[:, None]
             j = torch.arange(S, device=x.device)[None, :]
             mask = j <= (S - T) + i
-        if self.n_kv_heads != self.n_heads:
-            if _SDPA_HAS_GQA:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-            else:  # older torch: query head h reads kv head h // n_rep
-                n_rep = self.n_heads // self.n_kv_heads
-                k = k.repeat_interleave(n_rep, dim=1)
-                v = v.repeat_interleave(n_rep, dim=1)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads and _SDPA_HAS_GQA else {}
+        if self.n_kv_heads != self.n_heads and not gqa:  # older torch: query head h reads kv head h // n_rep
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_size))
 
 
@@ -278,8 +272,7 @@ class Llama2cModel(nn.Module):
         )
         self.norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
-        if config.shared_classifier:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         cos, sin = _rope_tables(config, device=self.embed_tokens.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -418,11 +411,9 @@ def _tensor_layout(config: Llama2cConfig, version: int) -> list[tuple[str, tuple
         layout = [("tok_embeddings", (v, d)), ("rms_att", (L, d)), *mats, ("rms_ffn", (L, d)), *ffn,
                   ("rms_final", (d,)), ("freq_cis_real", (c.seq_len, c.head_size // 2)),
                   ("freq_cis_imag", (c.seq_len, c.head_size // 2))]
-    elif version == 1:
+    else:  # version 1 (_read_header and save_llama2c_checkpoint accept no other)
         layout = [("rms_att", (L, d)), ("rms_ffn", (L, d)), ("rms_final", (d,)),
                   ("tok_embeddings", (v, d)), *mats, *ffn]
-    else:
-        raise ValueError(f"llama2.c export version {version} is not supported (only 0 and 1)")
     if not c.shared_classifier:
         layout.append(("wcls", (v, d)))
     return layout
@@ -430,8 +421,7 @@ def _tensor_layout(config: Llama2cConfig, version: int) -> list[tuple[str, tuple
 
 def read_llama2c_config(path: str | os.PathLike | None = None) -> Llama2cConfig:
     """Header of a llama2.c checkpoint as a config, without reading the weights."""
-    path = _default_path(path, "stories260K.bin")
-    return _read_header(path)[0]
+    return _read_header(_default_path(path, "stories260K.bin"))[0]
 
 
 def _default_path(path: str | os.PathLike | None, filename: str) -> Path:

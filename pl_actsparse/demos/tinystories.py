@@ -133,8 +133,7 @@ class TokenWindows(Dataset):
         return a, min(a + self.seq_len + 1, len(self.tokens))
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        a, b = self._bounds(index)
-        return self.tokens[a : b - 1]
+        return self.pair(index)[0]
 
     def pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input, target)`` of one window; target is input shifted left by one token."""

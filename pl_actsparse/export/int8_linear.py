@@ -14,12 +14,8 @@ from torch import Tensor, nn
 
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.errors import InvalidOptionError
-from pl_actsparse.core.layer import (
-    THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
-)
-from pl_actsparse.export.linear import (
-    SparseInferenceLinear, check_export_options, exported_threshold, plain_exported_state, threshold_text,
-)
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, fit_threshold_buffer, threshold_text
+from pl_actsparse.export.linear import SparseInferenceLinear, check_export_options, exported_state, exported_threshold
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
 from pl_actsparse.kernels.int8_cpu import int8_dense_linear, int8_sparse_linear, resolve_int8_backend
@@ -67,9 +63,8 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer(THRESHOLD_BUFFER, exported_threshold(layer, self.in_features, layer.qweight.device))
         b = layer.bias
         self.register_buffer("bias", None if b is None else b.detach())
-        state = getattr(layer, "_actsparse", None) if is_sparsified(layer) else None
-        #: The sparsifier state of the exported layer (see :func:`decode_sparsifier_state`), saved as ``_extra_state``.
-        self.sparsity_state = decode_sparsifier_state(encode_sparsifier_state(state)) if state is not None else plain_exported_state()
+        #: The sparsifier state of the exported layer (see :func:`~pl_actsparse.core.layer.decode_sparsifier_state`), saved as ``_extra_state``.
+        self.sparsity_state = exported_state(layer)
         self.train(layer.training)
 
     # -- saving and loading: the Int8WeightLinear layout -------------------------------------------
@@ -80,15 +75,10 @@ class Int8SparseInferenceLinear(nn.Module):
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         # The keys of a sparsified Int8WeightLinear (``qweight`` holds the same [in, out] codes as qweight_t),
         # so an exported int8 model's checkpoint loads into a model quantized with quantize_weights_int8.
-        def put(key: str, t: Optional[Tensor]) -> None:
+        saved = {"bias": self.bias, "qweight": self.qweight_t, "scale": self.scale, "zero_point": self.zero_point, THRESHOLD_BUFFER: self.activation_threshold}
+        for key, t in saved.items():
             if t is not None:
                 destination[prefix + key] = t if keep_vars else t.detach()
-
-        put("bias", self.bias)
-        put("qweight", self.qweight_t)
-        put("scale", self.scale)
-        put("zero_point", self.zero_point)
-        put(THRESHOLD_BUFFER, self.activation_threshold)
         destination[prefix + "_extra_state"] = self.get_extra_state()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:

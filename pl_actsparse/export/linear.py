@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
     THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
-    linear_like_spec, sparsifier_state,
+    linear_like_spec, sparsifier_state, threshold_text,
 )
 from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
@@ -355,14 +355,12 @@ class SparseInferenceLinear(nn.Module):
         not kept), the bias the same tensor. A layer built directly (not by :meth:`from_linear`) comes back as an ``nn.Linear``.
         Used by :func:`pl_actsparse.remove_activation_sparsity` on exported models.
         """
-        info: Optional[RestoreInfo] = self.__dict__.get("_restore")
+        info = self.__dict__.get("_restore") or RestoreInfo(nn.Linear, None, True, True)  # None: built directly
         if self.__dict__.get("_weight_in_out", False):  # the original stored W^T itself (GPT-2's Conv1D)
             weight = self.weight_t.detach()
         else:
             weight = self.weight_t.detach().t().contiguous()
         bias = None if self.bias is None else self.bias.detach()
-        if info is None:
-            info = RestoreInfo(nn.Linear, None, True, True)
         lin = info.build(weight, bias, self.in_features, self.out_features)
         lin.train(self.training)
         return lin
@@ -449,11 +447,6 @@ def exported_threshold(layer: nn.Module, in_features: int, device: Any = None) -
     if t is None or not applies_threshold(layer):
         return torch.tensor(-math.inf, device=device if t is None else t.device)
     return as_threshold(t, in_features)
-
-
-def threshold_text(t: Tensor) -> str:
-    """A threshold in a repr: its value, ``per-channel[n]`` (as the sparsified layers show it), ``?`` on meta."""
-    return "?" if t.is_meta else f"{float(t):.4g}" if t.numel() == 1 else f"per-channel[{t.numel()}]"
 
 
 def plain_exported_state(calibrated: bool = False) -> dict[str, Any]:

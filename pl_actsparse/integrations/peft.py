@@ -149,16 +149,11 @@ def adapter_map(named_modules: Iterable[tuple[str, nn.Module]]) -> AdapterMap:
         if any(name.startswith(o + ".") for o in outer):
             continue  # nested wrapper: the outermost one owns the input
         outer.append(name)
-        base_name = name
-        probe = module
+        probe, chain = module, [name]  # the names of the wrapper and its nested base layers, the innermost last
         while isinstance(getattr(probe, "base_layer", None), nn.Module):
             probe = probe.base_layer
-            base_name += ".base_layer"
-        chain = {name}
-        n = name
-        while n != base_name:
-            n += ".base_layer"
-            chain.add(n)
+            chain.append(chain[-1] + ".base_layer")
+        base_name = chain[-1]
         # the adapter's own modules (lora_A, lora_B, dropout ...) are never layers of their own, whatever the
         # base (a LoRA on GPT-2's Conv1D has Linear lora_A/lora_B too: sparsifying them alone is wrong)
         for sub, _ in modules:

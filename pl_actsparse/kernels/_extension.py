@@ -419,10 +419,8 @@ class InlineExtension:
             name = self.name()
             build_dir = self.build_directory(name)
             try:
-                if self._op_registered():
-                    pass
-                elif self.is_built():
-                    self._load_built(name, build_dir)  # no compiler, no ninja needed
+                if self._op_registered() or self.is_built():
+                    self._load_built(name, build_dir)  # no compiler, no ninja needed (nothing to do when registered)
                 elif not build:
                     self.loaded, self.error = False, NOT_BUILT
                     return False

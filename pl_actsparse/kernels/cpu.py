@@ -83,12 +83,8 @@ load_extension = EXTENSION.load
 
 
 def resolve_backend(build: bool = True) -> str:
-    """The backend the next call will use: ``"cpp"`` or ``"torch"``.
-
-    With ``"auto"`` or ``"cpp"`` this may compile the extension (once). With ``build=False`` nothing is
-    compiled and nothing raises: a configured but unbuilt ``"cpp"`` reports ``"cpp"`` (it is built on use).
-    Raises ``RuntimeError`` when ``"cpp"`` was requested and cannot be loaded.
-    """
+    """The backend the next float-kernel call uses, ``"cpp"`` or ``"torch"``: :meth:`InlineExtension.resolve
+    <pl_actsparse.kernels._extension.InlineExtension.resolve>` of :data:`EXTENSION` (``RuntimeError`` as there)."""
     return EXTENSION.resolve(build=build)
 
 

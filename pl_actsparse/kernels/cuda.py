@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pl_actsparse.kernels.sparse_op import check_kernel_args, effective_threshold, sparse_linear
+from pl_actsparse.kernels.sparse_op import check_kernel_args, effective_threshold, masked_linear, sparse_linear
 
 __all__ = ["CUDA_MAX_SPARSE_TOKENS", "sparse_linear_cuda", "triton_available", "triton_error", "triton_sparse_linear"]
 
@@ -86,8 +86,7 @@ def sparse_linear_cuda(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    xm = x.masked_fill(x.abs() <= t, 0)
-    return torch.nn.functional.linear(xm, weight_t.t(), bias)
+    return masked_linear(x, t, weight_t.t(), bias)
 
 
 @sparse_linear.register_kernel("cuda")

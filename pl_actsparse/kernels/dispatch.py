@@ -49,6 +49,7 @@ from torch import Tensor
 import pl_actsparse.kernels.cpu as _cpu
 from pl_actsparse.kernels._extension import extension_root
 from pl_actsparse.kernels.cpu import zero_small
+from pl_actsparse.kernels.sparse_op import blocked_fp32_linear
 
 __all__ = [
     "DENSE_METHODS", "CpuProfile", "clear_profile_memo", "cpu_isa_flags", "cpu_profile", "dense_linear_t",
@@ -65,7 +66,6 @@ PROFILE_FILE = "pl_actsparse_cpu_profile.json"
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
-_BLOCK_BYTES = 8 << 20  # fp32 bytes of W^T converted per step by "fp32_blocks" (well inside a typical L3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,14 +122,7 @@ def machine_key() -> str:
 
 
 def _fp32_blocks(x: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
-    in_f, out_f = weight_t.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f).float()
-    rows = max(16, _BLOCK_BYTES // (4 * max(out_f, 1)))
-    acc = bias.float().expand(x2.shape[0], out_f).clone() if bias is not None else x2.new_zeros(x2.shape[0], out_f)
-    for i0 in range(0, in_f, rows):
-        acc.addmm_(x2[:, i0 : i0 + rows], weight_t[i0 : i0 + rows].float())
-    return acc.to(x.dtype).reshape(*lead, out_f)
+    return blocked_fp32_linear(x, *weight_t.shape, bias, lambda i0, i1: weight_t[i0:i1].float())
 
 
 def _matmul(x: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -541,12 +534,8 @@ def dense_method(dtype: torch.dtype) -> str:
     cached = _method_cache.get(dtype)
     if cached is not None and cached[0] == state:
         return cached[1]
-    _, method_env = _env_overrides()
-    if method_env is not None:
-        method = method_env
-    else:
-        # the dense method does not depend on the sparse backend: reuse whichever profile exists
-        backend = "cpp" if _cpu.EXTENSION.loaded else "torch"
-        method = cpu_profile(dtype, backend).dense_method
+    method = _env_overrides()[1]
+    if method is None:  # the dense method does not depend on the sparse backend: reuse whichever profile exists
+        method = cpu_profile(dtype, "cpp" if _cpu.EXTENSION.loaded else "torch").dense_method
     _method_cache[dtype] = (state, method)
     return method

@@ -35,15 +35,15 @@ at a time and uses an fp32 GEMM.
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pl_actsparse.kernels._extension import InlineExtension, get_backend
+from pl_actsparse.kernels._extension import InlineExtension
 from pl_actsparse.kernels.cpu import zero_small
-from pl_actsparse.kernels.sparse_op import effective_threshold
+from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold
 
 __all__ = [
     "Granularity",
@@ -66,13 +66,18 @@ log = logging.getLogger(__name__)
 QuantMode = Literal["asym", "sym"]
 Granularity = Literal["output", "input"]
 
-# fp32 bytes of dequantized W^T materialised per step by the dense path and the torch fallback.
-_BLOCK_BYTES = 8 << 20
-
 
 # --------------------------------------------------------------------------------------------------
 # Quantization in the kernel layout
 # --------------------------------------------------------------------------------------------------
+
+
+def check_quant_options(mode: Any, granularity: Any, error: type[ValueError] = ValueError) -> None:
+    """The one check of ``mode`` and ``granularity``; raises ``error`` naming the bad one."""
+    if mode not in ("asym", "sym"):
+        raise error(f"mode must be 'asym' or 'sym', got {mode!r}")
+    if granularity not in ("output", "input"):
+        raise error(f"granularity must be 'output' or 'input', got {granularity!r}")
 
 
 def quantize_weight_t(
@@ -94,10 +99,7 @@ def quantize_weight_t(
 
     Raises ``ValueError`` for an unknown ``mode``/``granularity``, a weight that is not 2-D, or NaN/inf values.
     """
-    if mode not in ("asym", "sym"):
-        raise ValueError(f"mode must be 'asym' or 'sym', got {mode!r}")
-    if granularity not in ("output", "input"):
-        raise ValueError(f"granularity must be 'output' or 'input', got {granularity!r}")
+    check_quant_options(mode, granularity)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     wt = weight.detach().float().t().clone(memory_format=torch.contiguous_format)  # [in, out], our own copy
@@ -194,19 +196,12 @@ def int8_dense_linear(
     The dense path for prefill; the output has ``x``'s dtype.
     """
     per_row = scale_granularity(qweight_t, scale, zero_point) == "input"  # checks the shapes first
-    in_f, out_f = qweight_t.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_f).float()
-    acc = x2.new_zeros(x2.shape[0], out_f)
-    if bias is not None:
-        acc += bias.float()
-    rows = max(16, _BLOCK_BYTES // (4 * max(out_f, 1)))
-    for i0 in range(0, in_f, rows):
-        i1 = min(in_f, i0 + rows)
-        s = scale[i0:i1] if per_row else scale
+
+    def rows(i0: int, i1: int) -> Tensor:
         z = None if zero_point is None else (zero_point[i0:i1] if per_row else zero_point)
-        acc.addmm_(x2[:, i0:i1], dequantize_weight_t(qweight_t[i0:i1], s, z))
-    return acc.to(x.dtype).reshape(*lead, out_f)
+        return dequantize_weight_t(qweight_t[i0:i1], scale[i0:i1] if per_row else scale, z)
+
+    return blocked_fp32_linear(x, *qweight_t.shape, bias, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +220,7 @@ def _int8_sparse_torch(
     if gran == "input":
         v = v * scale.view(-1)[idx].float()
     acc = xf.new_zeros(xf.shape[0], out_f)
-    step = max(16, _BLOCK_BYTES // (4 * max(out_f, 1)))
+    step = max(16, FP32_BLOCK_BYTES // (4 * max(out_f, 1)))
     for k0 in range(0, idx.numel(), step):
         rows = qweight_t.index_select(0, idx[k0 : k0 + step]).float()
         acc.addmm_(v[:, k0 : k0 + step], rows)
@@ -277,12 +272,10 @@ def int8_sparse_linear(
     if max_sparse_tokens is not None and x2.shape[0] > max_sparse_tokens:
         return int8_dense_linear(zero_small(x, threshold), qweight_t, scale, zero_point, bias)
     t = effective_threshold(threshold, x.dtype)
-    if x.device.type != "cpu":
-        y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
-    elif INT8_EXTENSION.resolve_for_call() == "cpp":
+    if x.device.type == "cpu" and INT8_EXTENSION.resolve_for_call() == "cpp":
         args = int8_kernel_args(qweight_t, scale, zero_point, bias)
         y = int8_sparse_gemv_direct(x2.contiguous(), t, qweight_t.contiguous(), *args)
-    else:
+    else:  # the pure-PyTorch path, also on other devices
         y = _int8_sparse_torch(x2, t, qweight_t, scale, zero_point, bias, gran)
     return y.to(x.dtype).reshape(*lead, out_f)
 
@@ -352,8 +345,6 @@ load_int8_extension = INT8_EXTENSION.load
 
 
 def resolve_int8_backend(build: bool = True) -> str:
-    """The implementation the next int8 call uses: ``"cpp"`` or ``"torch"`` (see the module docstring).
-
-    Raises ``RuntimeError`` when ``"cpp"`` was requested and the kernel cannot be loaded.
-    """
+    """The implementation the next int8 call uses, ``"cpp"`` or ``"torch"``: :meth:`InlineExtension.resolve
+    <pl_actsparse.kernels._extension.InlineExtension.resolve>` of :data:`INT8_EXTENSION` (``RuntimeError`` as there)."""
     return INT8_EXTENSION.resolve(build=build)

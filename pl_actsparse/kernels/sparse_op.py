@@ -10,7 +10,7 @@ dense) implementation; each backend registers its own device kernel: :mod:`pl_ac
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,23 @@ def effective_threshold(threshold: Tensor | float, dtype: torch.dtype) -> float 
     if t.dtype != torch.float64 or dtype == torch.float64:
         return t.contiguous() if dtype == torch.float64 else f
     return torch.where(f.double() > t, f.nextafter(f.new_tensor(-math.inf)), f)
+
+
+#: fp32 bytes of ``W^T`` converted per step by the blocked dense paths (well inside a typical L3).
+FP32_BLOCK_BYTES = 8 << 20
+
+
+def blocked_fp32_linear(x: Tensor, in_f: int, out_f: int, bias: Optional[Tensor], rows: Callable[[int, int], Tensor]) -> Tensor:
+    """``x @ W^T + bias`` by fp32 ``addmm`` over blocks of ``W^T`` (``[in, out]``) of :data:`FP32_BLOCK_BYTES`: ``rows(i0, i1)``
+    gives rows ``i0:i1`` in fp32, so no fp32 copy of the whole weight is made. ``x`` is ``[..., in]``; returns its dtype."""
+    x2 = x.reshape(-1, in_f).float()
+    acc = x2.new_zeros(x2.shape[0], out_f)
+    if bias is not None:
+        acc += bias.float()
+    step = max(16, FP32_BLOCK_BYTES // (4 * max(out_f, 1)))
+    for i0 in range(0, in_f, step):
+        acc.addmm_(x2[:, i0 : i0 + step], rows(i0, min(in_f, i0 + step)))
+    return acc.to(x.dtype).reshape(*x.shape[:-1], out_f)
 
 
 def masked_linear(x: Tensor, threshold: Tensor | float, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

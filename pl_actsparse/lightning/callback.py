@@ -23,7 +23,7 @@ from typing_extensions import override
 from pl_actsparse.api import (
     check_allocation, validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, sparsify_activations,
 )
-from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.config import CalibrationConfig, positive_int_or_none
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, sparsified_layers
 from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpec, parse_ignored_scope_spec, parse_scope_spec, scopes_from_list
 from pl_actsparse.core.module_state import preserved_modes
@@ -61,9 +61,7 @@ def _choice(value: Any, name: str, allowed: Sequence[str], kind: type[Activation
 
 
 def _positive(value: Any, name: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise config_error(name, f"{name} must be a positive integer or None, got {value!r}")
-    return value
+    return _tag(name, positive_int_or_none, value, name, CallbackConfigurationError)
 
 
 def _scope_entry(spec: Any, index: int) -> None:

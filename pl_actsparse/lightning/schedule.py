@@ -10,20 +10,14 @@ recalibrates the changed layers.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Mapping
+from typing import Mapping
 
+from pl_actsparse.config import positive_int_or_none
 from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import TargetScope
 from pl_actsparse.errors import CallbackConfigurationError
 
 __all__ = ["SparsitySchedule", "LinearRamp"]
-
-
-def _positive_int_or_none(value: Any, name: str) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-        raise CallbackConfigurationError(f"LinearRamp: {name} must be a positive integer or None, got {value!r}")
-    return None if value is None else int(value)
 
 
 class SparsitySchedule:
@@ -87,9 +81,9 @@ class LinearRamp(SparsitySchedule):
         every_n_steps: int | None = None,
     ) -> None:
         self.initial_sparsity = validate_target(initial_sparsity, "LinearRamp initial_sparsity")
-        self.epochs = _positive_int_or_none(epochs, "epochs")
-        self.steps = _positive_int_or_none(steps, "steps")
-        every = _positive_int_or_none(every_n_steps, "every_n_steps")
+        self.epochs = positive_int_or_none(epochs, "LinearRamp: epochs", CallbackConfigurationError)
+        self.steps = positive_int_or_none(steps, "LinearRamp: steps", CallbackConfigurationError)
+        every = positive_int_or_none(every_n_steps, "LinearRamp: every_n_steps", CallbackConfigurationError)
         if (self.epochs is None) == (self.steps is None):
             raise CallbackConfigurationError(f"LinearRamp needs exactly one of epochs and steps, got epochs={epochs!r}, steps={steps!r}")
         if every is not None and self.steps is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -418,10 +418,8 @@ class SparsityCounter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.metric = ActivationSparsity.from_model(model)  # raises NotSparsifiedError without sparsified layers
         self.layers = dict(sparsified_layers(model))
-        if not self.layers:
-            raise NotSparsifiedError("the model has no sparsified layer to count")
-        self.metric = ActivationSparsity.from_model(model)
 
     def __enter__(self) -> "SparsityCounter":
         self._observing = self.metric.observe(self.model)

@@ -9,6 +9,7 @@ Figures are drawn with the non-interactive Agg backend unless the caller already
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -28,10 +29,8 @@ def pyplot() -> Any:
     except ImportError as exc:  # pragma: no cover - matplotlib is a dev/plot extra
         raise ModuleNotFoundError("plots need matplotlib: pip install 'pl-actsparse[plot]'") from exc
     if matplotlib.get_backend().lower() != "agg":
-        try:
+        with contextlib.suppress(Exception):  # a backend already in use by the caller stays
             matplotlib.use("Agg", force=True)
-        except Exception:  # noqa: BLE001 - a backend already in use by the caller stays
-            pass
     import matplotlib.pyplot as plt
 
     return plt

@@ -93,10 +93,8 @@ class LayerReport:
         sparsifying (or exported) layer; 0 for a pass-through one (it zeroes nothing, whatever its stale threshold)."""
         if self.mode in ("passthrough", "removed"):
             return 0.0
-        for v in (self.data_sparsity, self.calibration_sparsity):
-            if v is not None:
-                return v
-        return self.target if self.mode == "sparsifying" else 0.0
+        return next((v for v in (self.data_sparsity, self.calibration_sparsity) if v is not None),
+                    self.target if self.mode == "sparsifying" else 0.0)
 
     @property
     def bytes_skipped(self) -> float:
