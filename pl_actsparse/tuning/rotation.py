@@ -75,7 +75,7 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     norms' gains become 1 and are folded into the layers; a head tied to the embedding is untied (one more
     ``vocab x hidden`` weight, warned). The result is a plain model: ``save_pretrained`` / ``state_dict`` keep it.
     ``calibration`` supplies ``transform_fn``, ``token_mask``, ``num_batches`` and DDP summing as for calibration
-    (the second moments are summed over ranks, so every rank gets the same rotation). Statistics in fp64; one
+    (the second moments are summed over ranks, so every rank gets the same rotation). Second moments summed in fp64, products and the rewrite in fp32 (fp64 for an fp64 model); one
     forward of the whole model per batch (not block by block), plus one to check the result; a CPU copy of the
     rewritten weights is held during the call so that a failure puts them back.
 
@@ -110,14 +110,14 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     values = [torch.zeros(a.o_proj.in_features // head_dim, head_dim, head_dim, dtype=torch.float64, device=device) for a in attn] if heads else []
 
     def on_norm(_m: nn.Module, args: tuple) -> None:
-        h = select_tokens(args[0], current_token_mask()).double().reshape(-1, dim)
+        h = select_tokens(args[0], current_token_mask()).float().reshape(-1, dim)  # fp32 products, summed in fp64
         h = h / h.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
-        stream.add_(h.T @ h)
+        stream.add_((h.T @ h).double())
 
     def on_values(i: int):
         def hook(_m: nn.Module, args: tuple) -> None:
-            v = select_tokens(args[0], current_token_mask()).double().reshape(-1, values[i].shape[0], head_dim)
-            values[i].add_(torch.einsum("nhi,nhj->hij", v, v))
+            v = select_tokens(args[0], current_token_mask()).float().reshape(-1, values[i].shape[0], head_dim)
+            values[i].add_(torch.einsum("nhi,nhj->hij", v, v).double())
         return hook
 
     handles = [n.register_forward_pre_hook(on_norm) for n in norms]
@@ -177,16 +177,17 @@ def _principal_axes(moment: torch.Tensor) -> torch.Tensor:
 def _rewrite(embed: nn.Embedding, layers: list[nn.Module], final_norm: nn.Module, head: nn.Linear, q: torch.Tensor,
              value_axes: list[torch.Tensor], head_dim: int | None) -> None:
     set_ = lambda p, value: p.copy_(value.to(p.dtype))  # noqa: E731
+    wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731  (fp32 matmuls: fp64 ones cost minutes at 1B)
     def read(lin: nn.Linear, gain: torch.Tensor) -> None:
-        set_(lin.weight, (lin.weight.double() * gain.double().to(lin.weight.device)) @ q.to(lin.weight.device))
+        set_(lin.weight, (wide(lin.weight) * wide(gain).to(lin.weight.device)) @ q.to(lin.weight.device, wide(lin.weight).dtype))
 
     def write(lin: nn.Linear) -> None:
-        qd = q.to(lin.weight.device)
-        set_(lin.weight, qd.T @ lin.weight.double())
+        qd = q.to(lin.weight.device, wide(lin.weight).dtype)
+        set_(lin.weight, qd.T @ wide(lin.weight))
         if lin.bias is not None:
-            set_(lin.bias, qd.T @ lin.bias.double())
+            set_(lin.bias, qd.T @ wide(lin.bias).to(qd.dtype))
 
-    set_(embed.weight, embed.weight.double() @ q.to(embed.weight.device))
+    set_(embed.weight, wide(embed.weight) @ q.to(embed.weight.device, wide(embed.weight).dtype))
     for i, layer in enumerate(layers):
         a, mlp = layer.self_attn, layer.mlp
         for norm, group in ((layer.input_layernorm, (a.q_proj, a.k_proj, a.v_proj)), (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
@@ -197,13 +198,13 @@ def _rewrite(embed: nn.Embedding, layers: list[nn.Module], final_norm: nn.Module
         write(a.o_proj)
         write(mlp.down_proj)
         if value_axes:  # v' = v R per kv head (W_v' = R^T W_v); query head j reads kv head j // (heads / kv heads)
-            r = value_axes[i].to(a.v_proj.weight.device)
+            r = value_axes[i].to(a.v_proj.weight.device, wide(a.v_proj.weight).dtype)
             per = a.o_proj.in_features // head_dim // r.shape[0]
             rv = torch.block_diag(*r)
-            set_(a.v_proj.weight, rv.T @ a.v_proj.weight.double())
+            set_(a.v_proj.weight, rv.T @ wide(a.v_proj.weight))
             if a.v_proj.bias is not None:
-                set_(a.v_proj.bias, rv.T @ a.v_proj.bias.double())
-            set_(a.o_proj.weight, a.o_proj.weight.double() @ torch.block_diag(*r.repeat_interleave(per, 0)))
+                set_(a.v_proj.bias, rv.T @ wide(a.v_proj.bias).to(rv.dtype))
+            set_(a.o_proj.weight, wide(a.o_proj.weight) @ torch.block_diag(*r.repeat_interleave(per, 0)))
     gain = final_norm.weight.detach().clone()
     read(head, gain)
     final_norm.weight.fill_(1.0)
