@@ -206,6 +206,26 @@ def test_half_precision_tolerance_follows_the_weights_not_the_logits():
     assert float(wrapper.model.model.norm.weight.float().sum()) == 32
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_greedy_generation_is_unchanged(kind):
+    """fp32, tied head: greedy decoding gives the same tokens on a few prompts after rotation."""
+    if kind == "mistral":
+        torch.manual_seed(0)
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    else:
+        model = _hf(kind, tie=True)
+    prompts = [torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    generate = lambda p: model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=12, do_sample=False, pad_token_id=0)  # noqa: E731
+    before = [generate(p) for p in prompts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rotate_activations(model, _data(), calibration=QUIET)
+    for p, b in zip(prompts, before):
+        assert torch.equal(generate(p), b)
+
+
 def test_rotation_lowers_the_loss_of_sparsification_on_stories260k():
     """All seven projections of the real model at 40% (uniform): the rotated model loses far less on held-out stories
     (docs/allocation.md: 4.70 -> 4.34 perplexity on stories 0-149)."""
