@@ -98,7 +98,8 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
             quantized / wrapped / offloaded, a norm that is not an RMSNorm (before any change); the rewritten model computes
             something else (a norm that is not ``gain * x / rms(x)``, e.g. Gemma's ``1 + gain``: weights put back).
         EmptyDatasetError: ``dataset`` is empty, or its token mask keeps no token, on every rank.
-        InvalidOptionError: ``heads`` not a bool, ``tolerance`` not None or a finite number >= 0 (before any change).
+        InvalidOptionError: ``heads`` not a bool, ``tolerance`` not None or a finite number >= 0, parameters made
+            under ``torch.inference_mode`` with the call outside it (before any change).
     """
     if not isinstance(heads, bool):
         raise InvalidOptionError(f"rotate_activations: heads must be True or False, got {heads!r}")
@@ -111,6 +112,9 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     writers = [a.o_proj for a in attn] + [l.mlp.down_proj for l in layers]
     norms = [n for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [final_norm]
     _check_layers(model, embed, readers, writers, norms)
+    if not torch.is_inference_mode_enabled() and (frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]):
+        raise InvalidOptionError(f"rotate_activations rewrites weights in place, which parameters made under torch.inference_mode ({frozen}...) "
+                                 f"do not allow outside it: build or load the model outside inference mode (or rotate inside it)")
     head_dim = next((int(getattr(a, k)) for a in attn[:1] for k in ("head_dim", "head_size") if hasattr(a, k)), None)
     if heads and head_dim is None:
         raise UnsupportedModuleError(f"{type(attn[0]).__qualname__} has no head_dim / head_size: pass heads=False")

@@ -152,17 +152,21 @@ def test_refusals_change_nothing(case):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("kwargs,batches,error,match", [
+@pytest.mark.parametrize("kwargs,setup,error,match", [
     ({"tolerance": -1.0}, None, InvalidOptionError, "tolerance must be None or a finite number >= 0.*got -1.0"),
     ({"tolerance": float("nan")}, None, InvalidOptionError, "tolerance must be .* got nan"),
     ({"heads": 1}, None, InvalidOptionError, "heads must be True or False, got 1"),
     ({}, "padding", EmptyDatasetError, "kept no token of the 2 calibration batch"),
+    ({}, "inference", InvalidOptionError, r"made under torch.inference_mode \(\['model.embed_tokens.weight'"),
 ])
-def test_bad_options_and_no_real_token_change_nothing(kwargs, batches, error, match):
+def test_bad_options_and_no_real_token_change_nothing(kwargs, setup, error, match):
     """Bad options are refused before the forward; batches whose attention_mask is all 0 leave no statistics to
-    rotate by (an error, not a rotation taken from nothing)."""
-    model, data = _hf(tie=True), _data(2)
-    if batches == "padding":
+    rotate by (an error, not a rotation taken from nothing); a model built under inference_mode cannot be rewritten
+    outside it (refused before untying the head, which was left untied by the RuntimeError before)."""
+    with torch.inference_mode(setup == "inference"):
+        model = _hf(tie=True)
+    data = _data(2)
+    if setup == "padding":
         data = [{"input_ids": x, "attention_mask": torch.zeros_like(x)} for x in data]
     snap = {n: p.detach().clone() for n, p in model.state_dict().items()}
     with pytest.raises(error, match=match):
