@@ -16,6 +16,7 @@ Measured on stories260K, all seven projections (``docs/allocation.md``): at 40% 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Iterable, Mapping
 
@@ -27,7 +28,7 @@ from pl_actsparse.calibrate.running import check_batches, default_transform_fn, 
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import is_sparsified
 from pl_actsparse.core.masking import current_token_mask, resolve_mask_fn, select_tokens
-from pl_actsparse.errors import UnsupportedModuleError
+from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, UnsupportedModuleError
 
 __all__ = ["rotate_activations"]
 
@@ -43,17 +44,25 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module, n
                 and all(hasattr(l.mlp, p) for p in _MLP) for l in layers):
             tops = [t for t in model.modules() if t is parent or getattr(t, "model", None) is parent]  # HF: parent is top.model
             head = next((h for t in tops for h in (getattr(t, "lm_head", None),) if h is not None), None)
-            embed = getattr(parent, "embed_tokens", None)
-            if isinstance(embed, nn.Embedding) and isinstance(head, nn.Linear) and isinstance(getattr(parent, "norm", None), nn.Module):
-                return embed, list(layers), parent.norm, head, parent
+            embed, norm = getattr(parent, "embed_tokens", None), getattr(parent, "norm", None)
+            bad = [f"{n}: {type(m).__module__}.{type(m).__qualname__}" for n, m, t in (("embed_tokens", embed, nn.Embedding), ("lm_head", head, nn.Linear),
+                                                                                   ("norm", norm, nn.Module)) if not isinstance(m, t)]
+            if bad:  # e.g. a peft adapter or modules_to_save wrapper on the embedding or the head, or no head at all
+                raise UnsupportedModuleError(f"rotate_activations needs a plain nn.Embedding, an nn.Linear lm_head and a final norm around "
+                                             f"the decoder layers of {type(model).__qualname__}, found {'; '.join(bad)}: rotate the plain float model first")
+            return embed, list(layers), norm, head, parent
     raise UnsupportedModuleError(
         f"rotate_activations needs a pre-norm decoder with an output head (Llama, Mistral, Qwen2: embed_tokens, layers[i] with "
         f"input_layernorm / self_attn.q,k,v,o_proj / post_attention_layernorm / mlp.gate,up,down_proj, norm, lm_head); "
         f"{type(model).__qualname__} is not one")
 
 
-def _check_layers(model: nn.Module, readers: list[nn.Module], writers: list[nn.Module], norms: list[nn.Module]) -> None:
+def _check_layers(model: nn.Module, embed: nn.Module, readers: list[nn.Module], writers: list[nn.Module], norms: list[nn.Module]) -> None:
     names = {id(m): n for n, m in model.named_modules()}
+    for m in [embed, *norms]:
+        if any(type(p.data) is not torch.Tensor or p.device.type == "meta" or not p.is_floating_point() for p in m.parameters(recurse=False)):
+            raise UnsupportedModuleError(f"{names[id(m)]!r} ({type(m).__qualname__}) has a weight that is offloaded (meta) or quantized: rotate "
+                                         f"the float model with its weights in memory, then offload or quantize")
     for m in readers + writers:
         if is_sparsified(m) or type(m) is not nn.Linear or type(m.weight.data) is not torch.Tensor or m.weight.device.type == "meta":
             raise UnsupportedModuleError(
@@ -81,22 +90,31 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
 
     Args:
         heads: also rotate each key-value head's value output and ``o_proj``'s matching input columns.
-        tolerance: the largest relative change of the logits on the first batch accepted (default 1e-3 for fp32,
-            5e-2 for half precision); above it every weight is put back and the call raises.
+        tolerance: the largest relative change of the logits on the first batch accepted (default 1e-3 for fp32
+            weights, 5e-2 where a rewritten weight is fp16/bf16); above it every weight is put back and the call raises.
 
     Raises:
-        UnsupportedModuleError: not a pre-norm decoder with a head, a layer already sparsified / quantized /
-            wrapped / offloaded, a norm that is not an RMSNorm (before any change); the rewritten model computes
+        UnsupportedModuleError: not a pre-norm decoder with a head, a layer, embedding or norm already sparsified /
+            quantized / wrapped / offloaded, a norm that is not an RMSNorm (before any change); the rewritten model computes
             something else (a norm that is not ``gain * x / rms(x)``, e.g. Gemma's ``1 + gain``: weights put back).
-        EmptyDatasetError: ``dataset`` is empty on every rank.
+        EmptyDatasetError: ``dataset`` is empty, or its token mask keeps no token, on every rank.
+        InvalidOptionError: ``heads`` not a bool, ``tolerance`` not None or a finite number >= 0, parameters made
+            under ``torch.inference_mode`` with the call outside it (before any change).
     """
+    if not isinstance(heads, bool):
+        raise InvalidOptionError(f"rotate_activations: heads must be True or False, got {heads!r}")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf):
+        raise InvalidOptionError(f"rotate_activations: tolerance must be None or a finite number >= 0 (a relative change of the logits), got {tolerance!r}")
     config = CalibrationConfig.from_value(calibration)
     embed, layers, final_norm, head, parent = _decoder(model)
     attn = [l.self_attn for l in layers]
     readers = [getattr(a, p) for a in attn for p in _ATTN[:3]] + [getattr(l.mlp, p) for l in layers for p in _MLP[:2]] + [head]
     writers = [a.o_proj for a in attn] + [l.mlp.down_proj for l in layers]
     norms = [n for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [final_norm]
-    _check_layers(model, readers, writers, norms)
+    _check_layers(model, embed, readers, writers, norms)
+    if not torch.is_inference_mode_enabled() and (frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]):
+        raise InvalidOptionError(f"rotate_activations rewrites weights in place, which parameters made under torch.inference_mode ({frozen}...) "
+                                 f"do not allow outside it: build or load the model outside inference mode (or rotate inside it)")
     head_dim = next((int(getattr(a, k)) for a in attn[:1] for k in ("head_dim", "head_size") if hasattr(a, k)), None)
     if heads and head_dim is None:
         raise UnsupportedModuleError(f"{type(attn[0]).__qualname__} has no head_dim / head_size: pass heads=False")
@@ -132,7 +150,11 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
         for h in handles:
             h.remove()
         model.train(was_training)
-    q = _principal_axes(dist.sum_(stream))
+    stream = dist.sum_(stream)
+    if not float(stream.trace()) > 0:  # all-zero attention masks / token_mask (or non-finite activations): nothing to take axes from
+        raise EmptyDatasetError(f"rotate_activations: the token mask kept no token of the {len(items)} calibration batch(es) (or the activations "
+                                f"are not finite): pass batches with real tokens (attention_mask 1)")
+    q = _principal_axes(stream)
     saved = {id(p): (p, p.detach().to('cpu', copy=True)) for m in [embed, head, *readers, *writers, *norms] for p in m.parameters(recurse=False)}
     tied = head.weight is embed.weight
     if tied:
@@ -144,13 +166,15 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
             model.eval()
             after = logits_of(run_item(model, items[0], transform, mask_of(mask_fn, items[0]), device))[:1]
             model.train(was_training)
-            tol = tolerance if tolerance is not None else (1e-3 if first.dtype in (torch.float32, torch.float64) else 5e-2)
+            half = any(p.dtype in (torch.float16, torch.bfloat16) for p, _ in saved.values())  # the weights', not the logits' dtype
+            tol = tolerance if tolerance is not None else (5e-2 if half else 1e-3)
             change = float((after.double() - first.double()).norm() / first.double().norm().clamp_min(1e-30))
             if not change <= tol:
                 raise UnsupportedModuleError(
                     f"the rotated model's logits moved by {change:.3g} (relative) on the first batch, more than tolerance={tol:g}: a norm or "
                     f"residual path of {type(model).__qualname__} is not rotation-invariant (e.g. a 1 + gain RMSNorm); the weights were put back")
     except BaseException:
+        model.train(was_training)
         for p, v in saved.values():
             p.copy_(v)
         if tied:

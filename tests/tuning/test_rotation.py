@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
-from pl_actsparse.errors import UnsupportedModuleError
+from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.tuning.rotation import rotate_activations
 
 QUIET = {"progress": False}
@@ -127,26 +127,107 @@ def test_bf16_model_within_tolerance_and_sparsifies():
     sparsify_activations(model, data, {TargetScope(patterns=[r".*_proj"]): 0.5}, calibration=QUIET)
 
 
-@pytest.mark.parametrize("case", ["gemma", "sparsified", "gpt2"])
+@pytest.mark.parametrize("case", ["gemma", "sparsified", "gpt2", "peft_head"])
 def test_refusals_change_nothing(case):
     """Gemma's ``1 + gain`` norm breaks the invariance: found on the first batch, every weight put back bit for bit
     (and the head tied again); a sparsified layer and a model of another shape are refused before any change."""
     data = _data()
     if case == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    elif case == "peft_head":  # an adapter on the head: named, not "not a pre-norm decoder"
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(_hf(), peft.LoraConfig(r=4, target_modules=["lm_head"]))
     else:
         model = _hf("gemma" if case == "gemma" else "llama", tie=case == "gemma")
         if case == "sparsified":
             sparsify_activations(model, data, {TargetScope(patterns=[r".*q_proj"]): 0.5}, calibration=QUIET)
     snap = {n: p.detach().clone() for n, p in model.state_dict().items()}
     match = {"gemma": "logits moved by .* not rotation-invariant", "sparsified": "q_proj.*rotate the float model first",
-             "gpt2": "pre-norm decoder"}[case]
+             "gpt2": "pre-norm decoder", "peft_head": "found lm_head: peft.*rotate the plain float model first"}[case]
     with pytest.raises(UnsupportedModuleError, match=match):
         rotate_activations(model, data, calibration=QUIET)
     for n, p in model.state_dict().items():
         assert torch.equal(p, snap[n]), n
     if case == "gemma":
         assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("kwargs,setup,error,match", [
+    ({"tolerance": -1.0}, None, InvalidOptionError, "tolerance must be None or a finite number >= 0.*got -1.0"),
+    ({"tolerance": float("nan")}, None, InvalidOptionError, "tolerance must be .* got nan"),
+    ({"heads": 1}, None, InvalidOptionError, "heads must be True or False, got 1"),
+    ({}, "padding", EmptyDatasetError, "kept no token of the 2 calibration batch"),
+    ({}, "inference", InvalidOptionError, r"made under torch.inference_mode \(\['model.embed_tokens.weight'"),
+])
+def test_bad_options_and_no_real_token_change_nothing(kwargs, setup, error, match):
+    """Bad options are refused before the forward; batches whose attention_mask is all 0 leave no statistics to
+    rotate by (an error, not a rotation taken from nothing); a model built under inference_mode cannot be rewritten
+    outside it (refused before untying the head, which was left untied by the RuntimeError before)."""
+    with torch.inference_mode(setup == "inference"):
+        model = _hf(tie=True)
+    data = _data(2)
+    if setup == "padding":
+        data = [{"input_ids": x, "attention_mask": torch.zeros_like(x)} for x in data]
+    snap = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        rotate_activations(model, data, calibration=QUIET, **kwargs)
+    assert all(torch.equal(p, snap[n]) for n, p in model.state_dict().items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("offloaded", ["model.embed_tokens", "model.norm"])
+def test_offloaded_embedding_or_norm_is_refused_before_any_change(tmp_path, offloaded):
+    """accelerate disk offload keeps the weight on ``meta``: an UnsupportedModuleError naming it (not a
+    NotImplementedError from copying a meta tensor), and the model computes what it did."""
+    pytest.importorskip("accelerate")
+    _hf().save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", offloaded: "disk"}
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, device_map=device_map, offload_folder=str(tmp_path / "off")).eval()
+    data = _data()
+    before, snap = model(data[0]).logits, {n: p.clone() for n, p in model.state_dict().items() if p.device.type != "meta"}
+    with pytest.raises(UnsupportedModuleError, match=f"'{offloaded}' .* offloaded \\(meta\\) or quantized"):
+        rotate_activations(model, data, calibration=QUIET)
+    assert all(torch.equal(p, snap[n]) for n, p in model.state_dict().items() if p.device.type != "meta")
+    assert torch.equal(model(data[0]).logits, before)
+
+
+def test_half_precision_tolerance_follows_the_weights_not_the_logits():
+    """A bf16 model behind a forward that returns fp32 logits (a LightningModule's ``.float()``) is checked
+    against the half-precision tolerance: rotated, not refused as not rotation-invariant."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = _hf(dtype=torch.bfloat16)
+
+        def forward(self, input_ids):
+            return self.model(input_ids).logits.float()
+
+    wrapper, data = Wrapper(), _data()
+    before = wrapper(data[0])
+    rotate_activations(wrapper, data, calibration=QUIET)
+    after = wrapper(data[0])
+    assert float((after - before).norm() / before.norm()) < 5e-2
+    assert float(wrapper.model.model.norm.weight.float().sum()) == 32
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_greedy_generation_is_unchanged(kind):
+    """fp32, tied head: greedy decoding gives the same tokens on a few prompts after rotation."""
+    if kind == "mistral":
+        torch.manual_seed(0)
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    else:
+        model = _hf(kind, tie=True)
+    prompts = [torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    generate = lambda p: model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=12, do_sample=False, pad_token_id=0)  # noqa: E731
+    before = [generate(p) for p in prompts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rotate_activations(model, _data(), calibration=QUIET)
+    for p, b in zip(prompts, before):
+        assert torch.equal(generate(p), b)
 
 
 def test_rotation_lowers_the_loss_of_sparsification_on_stories260k():
