@@ -106,6 +106,9 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf):
         raise InvalidOptionError(f"rotate_activations: tolerance must be None or a finite number >= 0 (a relative change of the logits), got {tolerance!r}")
     config = CalibrationConfig.from_value(calibration)
+    if config.method != "auto" or config.offload is not None:
+        warnings.warn(f"rotate_activations runs the whole model on each batch: calibration method={config.method!r} and "
+                      f"offload={config.offload!r} are not used here (they apply to sparsify_activations)", stacklevel=2)
     embed, layers, final_norm, head, parent = _decoder(model)
     attn = [l.self_attn for l in layers]
     readers = [getattr(a, p) for a in attn for p in _ATTN[:3]] + [getattr(l.mlp, p) for l in layers for p in _MLP[:2]] + [head]

@@ -255,6 +255,16 @@ def test_rotation_lowers_the_loss_of_sparsification_on_stories260k():
     assert loss[True] < loss[False] - 0.03
 
 
+def test_calibration_method_and_offload_are_said_to_be_unused():
+    """The rotation runs the whole model per batch: a sequential method or an offload in a shared config warns (not silent)."""
+    model, data = _hf(), _data(2)
+    with pytest.warns(UserWarning, match="method='sequential' and offload='cpu' are not used"):
+        rotate_activations(model, data, calibration={"progress": False, "method": "sequential", "offload": "cpu"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rotate_activations(_hf(), data, calibration=QUIET)  # the default config: no warning
+
+
 def _ddp_worker(rank: int, out: str, init: str) -> None:  # pragma: no cover - runs in the subprocesses
     import torch.distributed as dist
 
@@ -281,3 +291,4 @@ if __name__ == "__main__":  # pragma: no cover
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(sys.argv[1], "file://" + sys.argv[1] + "/rendezvous"), nprocs=2, join=True)
+
