@@ -255,6 +255,12 @@ def test_rotation_lowers_the_loss_of_sparsification_on_stories260k():
     assert loss[True] < loss[False] - 0.03
 
 
+def test_deterministic():
+    """Two rotations of the same model on the same data give bit-identical weights (eigenvector signs fixed)."""
+    a, b = (rotate_activations(_hf(), _data(), calibration=QUIET).state_dict() for _ in range(2))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_calibration_method_and_offload_are_said_to_be_unused():
     """The rotation runs the whole model per batch: a sequential method or an offload in a shared config warns (not silent)."""
     model, data = _hf(), _data(2)
