@@ -165,17 +165,18 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     try:
         kv = [a.v_proj.out_features // head_dim for a in attn] if heads else []
         _rewrite(embed, layers, final_norm, head, q, [_principal_axes(dist.sum_(v).reshape(k, -1, head_dim, head_dim).sum(1)) for v, k in zip(values, kv)], head_dim)
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p, _ in saved.values())  # the weights', not the logits' dtype
+        change, tol = 0.0, tolerance if tolerance is not None else (5e-2 if half else 1e-3)
         if first is not None:
             model.eval()
             after = logits_of(run_item(model, items[0], transform, mask_of(mask_fn, items[0]), device))[:1]
             model.train(was_training)
-            half = any(p.dtype in (torch.float16, torch.bfloat16) for p, _ in saved.values())  # the weights', not the logits' dtype
-            tol = tolerance if tolerance is not None else (5e-2 if half else 1e-3)
             change = float((after.double() - first.double()).norm() / first.double().norm().clamp_min(1e-30))
-            if not change <= tol:
-                raise UnsupportedModuleError(
-                    f"the rotated model's logits moved by {change:.3g} (relative) on the first batch, more than tolerance={tol:g}: a norm or "
-                    f"residual path of {type(model).__qualname__} is not rotation-invariant (e.g. a 1 + gain RMSNorm); the weights were put back")
+        if dist.any(not change <= tol):  # all ranks keep, or all put back, their weights
+            raise UnsupportedModuleError(
+                f"the rotated model's logits moved by {change:.3g} (relative) on the first batch (of this rank; any rank's failure "
+                f"counts), more than tolerance={tol:g}: a norm or residual path of {type(model).__qualname__} is not rotation-invariant "
+                f"(e.g. a 1 + gain RMSNorm); the weights were put back")
     except BaseException:
         model.train(was_training)
         for p, v in saved.values():
