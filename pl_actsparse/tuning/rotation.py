@@ -35,8 +35,8 @@ __all__ = ["rotate_activations"]
 _ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 
 
-def _decoder(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module, nn.Module, nn.Module]:
-    """(embedding, decoder layers, final norm, head, the layers' parent) of a pre-norm Llama-style decoder."""
+def _decoder(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module, nn.Module]:
+    """(embedding, decoder layers, final norm, head) of a pre-norm Llama-style decoder."""
     for parent in model.modules():
         layers = getattr(parent, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) and all(
@@ -50,7 +50,7 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Module, n
             if bad:  # e.g. a peft adapter or modules_to_save wrapper on the embedding or the head, or no head at all
                 raise UnsupportedModuleError(f"rotate_activations needs a plain nn.Embedding, an nn.Linear lm_head and a final norm around "
                                              f"the decoder layers of {type(model).__qualname__}, found {'; '.join(bad)}: rotate the plain float model first")
-            return embed, list(layers), norm, head, parent
+            return embed, list(layers), norm, head
     raise UnsupportedModuleError(
         f"rotate_activations needs a pre-norm decoder with an output head (Llama, Mistral, Qwen2: embed_tokens, layers[i] with "
         f"input_layernorm / self_attn.q,k,v,o_proj / post_attention_layernorm / mlp.gate,up,down_proj, norm, lm_head); "
@@ -109,11 +109,12 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     if config.method != "auto" or config.offload is not None:
         warnings.warn(f"rotate_activations runs the whole model on each batch: calibration method={config.method!r} and "
                       f"offload={config.offload!r} are not used here (they apply to sparsify_activations)", stacklevel=2)
-    embed, layers, final_norm, head, parent = _decoder(model)
+    embed, layers, final_norm, head = _decoder(model)
     attn = [l.self_attn for l in layers]
-    readers = [getattr(a, p) for a in attn for p in _ATTN[:3]] + [getattr(l.mlp, p) for l in layers for p in _MLP[:2]] + [head]
+    folds = [f for l in layers for f in ((l.input_layernorm, [l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+                                         (l.post_attention_layernorm, [l.mlp.gate_proj, l.mlp.up_proj]))] + [(final_norm, [head])]
+    readers, norms = [lin for _, group in folds for lin in group], [n for n, _ in folds]  # each norm's gain goes into its readers
     writers = [a.o_proj for a in attn] + [l.mlp.down_proj for l in layers]
-    norms = [n for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [final_norm]
     _check_layers(model, embed, readers, writers, norms)
     if not torch.is_inference_mode_enabled() and (frozen := [n for n, p in model.named_parameters() if p.is_inference()][:3]):
         raise InvalidOptionError(f"rotate_activations rewrites weights in place, which parameters made under torch.inference_mode ({frozen}...) "
@@ -164,7 +165,7 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
     try:
         kv = [a.v_proj.out_features // head_dim for a in attn] if heads else []
-        _rewrite(embed, layers, final_norm, head, q, [_principal_axes(dist.sum_(v).reshape(k, -1, head_dim, head_dim).sum(1)) for v, k in zip(values, kv)], head_dim)
+        _rewrite(embed, folds, writers, attn, q, [_principal_axes(dist.sum_(v).reshape(k, -1, head_dim, head_dim).sum(1)) for v, k in zip(values, kv)], head_dim)
         half = any(p.dtype in (torch.float16, torch.bfloat16) for p, _ in saved.values())  # the weights', not the logits' dtype
         change, tol = 0.0, tolerance if tolerance is not None else (5e-2 if half else 1e-3)
         if first is not None:
@@ -202,37 +203,27 @@ def _principal_axes(moment: torch.Tensor) -> torch.Tensor:
     return vecs * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def _rewrite(embed: nn.Embedding, layers: list[nn.Module], final_norm: nn.Module, head: nn.Linear, q: torch.Tensor,
-             value_axes: list[torch.Tensor], head_dim: int | None) -> None:
+def _rewrite(embed: nn.Embedding, folds: list[tuple[nn.Module, list[nn.Linear]]], writers: list[nn.Linear], attn: list[nn.Module],
+             q: torch.Tensor, value_axes: list[torch.Tensor], head_dim: int | None) -> None:
     set_ = lambda p, value: p.copy_(value.to(p.dtype))  # noqa: E731
     wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))  # noqa: E731  (fp32 matmuls: fp64 ones cost minutes at 1B)
-    def read(lin: nn.Linear, gain: torch.Tensor) -> None:
-        set_(lin.weight, (wide(lin.weight) * wide(gain).to(lin.weight.device)) @ q.to(lin.weight.device, wide(lin.weight).dtype))
 
-    def write(lin: nn.Linear) -> None:
+    set_(embed.weight, wide(embed.weight) @ q.to(embed.weight.device, wide(embed.weight).dtype))
+    for norm, readers in folds:  # W' = W diag(g) Q, then the norm's gain is 1
+        gain = wide(norm.weight.detach())
+        for lin in readers:
+            set_(lin.weight, (wide(lin.weight) * gain.to(lin.weight.device)) @ q.to(lin.weight.device, wide(lin.weight).dtype))
+        norm.weight.fill_(1.0)
+    for lin in writers:  # W' = Q^T W, b' = Q^T b
         qd = q.to(lin.weight.device, wide(lin.weight).dtype)
         set_(lin.weight, qd.T @ wide(lin.weight))
         if lin.bias is not None:
             set_(lin.bias, qd.T @ wide(lin.bias).to(qd.dtype))
-
-    set_(embed.weight, wide(embed.weight) @ q.to(embed.weight.device, wide(embed.weight).dtype))
-    for i, layer in enumerate(layers):
-        a, mlp = layer.self_attn, layer.mlp
-        for norm, group in ((layer.input_layernorm, (a.q_proj, a.k_proj, a.v_proj)), (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
-            gain = norm.weight.detach().clone()
-            for lin in group:
-                read(lin, gain)
-            norm.weight.fill_(1.0)
-        write(a.o_proj)
-        write(mlp.down_proj)
-        if value_axes:  # v' = v R per kv head (W_v' = R^T W_v); query head j reads kv head j // (heads / kv heads)
-            r = value_axes[i].to(a.v_proj.weight.device, wide(a.v_proj.weight).dtype)
-            per = a.o_proj.in_features // head_dim // r.shape[0]
-            rv = torch.block_diag(*r)
-            set_(a.v_proj.weight, rv.T @ wide(a.v_proj.weight))
-            if a.v_proj.bias is not None:
-                set_(a.v_proj.bias, rv.T @ wide(a.v_proj.bias).to(rv.dtype))
-            set_(a.o_proj.weight, wide(a.o_proj.weight) @ torch.block_diag(*r.repeat_interleave(per, 0)))
-    gain = final_norm.weight.detach().clone()
-    read(head, gain)
-    final_norm.weight.fill_(1.0)
+    for a, r in zip(attn, value_axes):  # v' = v R per kv head (W_v' = R^T W_v); query head j reads kv head j // (heads / kv heads)
+        r = r.to(a.v_proj.weight.device, wide(a.v_proj.weight).dtype)
+        per = a.o_proj.in_features // head_dim // r.shape[0]
+        rv = torch.block_diag(*r)
+        set_(a.v_proj.weight, rv.T @ wide(a.v_proj.weight))
+        if a.v_proj.bias is not None:
+            set_(a.v_proj.bias, rv.T @ wide(a.v_proj.bias).to(rv.dtype))
+        set_(a.o_proj.weight, wide(a.o_proj.weight) @ torch.block_diag(*r.repeat_interleave(per, 0)))
