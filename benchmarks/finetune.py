@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="target (or byte budget with allocation auto) of every run")
-    parser.add_argument("--rotate", action="store_true", help="rotate_activations on the calibration stories first (every run and training-free row starts from the rotated model)")
+    parser.add_argument("--rotate", action="store_true", help="rotate_activations on the calibration stories first: the callback's rotation=True for full "
+                        "fine-tunes, a rotated checkpoint for LoRA (peft wraps the model before any callback runs) and the training-free rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes: the training data's order and the adapters' initialisation")
     parser.add_argument("--tag", default="", help="variant name: runs are stored as NAME+TAG")
     parser.add_argument("--out", default=None, help="merge the result into this JSON file")
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "eval_byte_sparsity": round(sum(achieved[n] * size[n] for n in achieved) / sum(size.values()), 4)}  # weighted by weight bytes
 
     calibration = [x for x, _ in datamodule().calibration_dataloader()]
+    original = checkpoint
     if args.rotate:  # the residual stream and value heads in their principal axes (the same function), as a llama2.c file
         import tempfile
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         callback = ActivationSparsityCallback(
             scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",
             recalibrate_every_n_steps=args.recalibrate_every or None, gradient_mode=args.gradient_mode, on_train_end="make_permanent",
-            schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False,
+            schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False, rotation=args.rotate and name != "lora",
             calibration={"progress": False}, verbose=False, distillation=distillation, allocation=args.allocation or ("auto" if name == "all7" else "uniform"),
         )
         if name == "lora":
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lora = {"use_dora": args.lora_variant == "dora", "use_rslora": args.lora_variant == "rslora", "r": args.lora_rank, "lora_alpha": 2 * args.lora_rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
             module: Any = LoRATinyStoriesLM(lora=lora, checkpoint=checkpoint, learning_rate=args.lora_lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
         else:
-            module = TinyStoriesLM(checkpoint=checkpoint, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
+            module = TinyStoriesLM(checkpoint=original if args.rotate else checkpoint, learning_rate=args.lr, warmup_steps=args.warmup, min_lr_ratio=args.min_lr_ratio)
         t0 = time.perf_counter()
         trainer([callback, _Progress(name)], max_steps=args.steps, log_every_n_steps=50).fit(module, datamodule=datamodule())
         run: dict[str, Any] = {"command": " ".join(sys.argv), "seconds": round(time.perf_counter() - t0, 1), "distillation": distillation,

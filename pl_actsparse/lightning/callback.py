@@ -24,7 +24,7 @@ from pl_actsparse.api import (
     check_allocation, validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, sparsify_activations,
 )
 from pl_actsparse.config import CalibrationConfig, positive_int_or_none
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, SparsifierMode, sparsified_layers
+from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
 from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpec, parse_ignored_scope_spec, parse_scope_spec, scopes_from_list
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
@@ -35,6 +35,7 @@ from pl_actsparse.lightning.distillation import DistillationConfig, Distiller
 from pl_actsparse.lightning.schedule import SparsitySchedule
 from pl_actsparse.measure.metric import ActivationSparsity
 from pl_actsparse.measure.report import SparsityReport, achieved_table, activation_sparsity_report
+from pl_actsparse.tuning.rotation import check_rotation_options, rotate_activations
 
 __all__ = ["ActivationSparsityCallback", "ScopeSpec", "IgnoredScopeSpec", "CallbackConfigurationError"]
 
@@ -166,6 +167,8 @@ class ActivationSparsityCallback(Callback):
         allocation: as :func:`~pl_actsparse.api.sparsify_activations`' (``"auto"``: each scope's value is a byte budget
             over its layers). Levels are allocated at the first calibration and when the schedule changes a budget;
             recalibrations keep them (``docs/callback.md``). They are in ``state_dict``: a resumed fit keeps them.
+        rotation: ``True`` or ``{"heads": ..., "tolerance": ...}``: first rotate the plain model in place into the principal
+            axes of its activations on the calibration data (:func:`~pl_actsparse.tuning.rotation.rotate_activations`), at ``setup``.
 
     Raises:
         CallbackConfigurationError: an argument is invalid, or, at ``setup``, the run cannot work as configured.
@@ -197,6 +200,7 @@ class ActivationSparsityCallback(Callback):
         verbose: bool = True,
         distillation: float | Mapping[str, Any] | DistillationConfig | None = None,
         allocation: Literal["uniform", "auto", "fisher"] = "uniform",
+        rotation: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         self.targets = _parse_targets(target_sparsity_by_scope, scopes)
@@ -210,6 +214,7 @@ class ActivationSparsityCallback(Callback):
         self.schedule = _parse_schedule(schedule)
         self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
         self.allocation = _tag("allocation", check_allocation, allocation, self.targets)
+        self.rotation = _parse_rotation(rotation)
         self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
         self.track = _parse_track(track)
         for name, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
@@ -226,6 +231,7 @@ class ActivationSparsityCallback(Callback):
         self.allocated: dict[str, Any] = {}  # the last allocation: {"budgets": {repr(scope): value}, "levels": {layer: level}}
         self.last_calibration_step: int | None = None
         self.finished: str | None = None  # "make_permanent" or "remove" once on_train_end acted
+        self.rotated = False  # rotation= done (the model's weights are in the rotated basis)
         self._metrics: dict[str, ActivationSparsity] = {}
         self._observing: dict[str, contextlib.ExitStack] = {}
         self._pending_logs: dict[str, float] = {}
@@ -406,7 +412,7 @@ class ActivationSparsityCallback(Callback):
         if self.finished == "make_permanent":  # frozen: adopt the layers as they are
             prepare = lambda: setattr(self, "_layer_names", [n for n, _ in sparsified_layers(self.sparsified_module(pl_module))])  # noqa: E731
         else:
-            prepare = lambda: self._prepare(trainer, pl_module, stage)  # noqa: E731
+            prepare = lambda: (_rotate_first(self, trainer, pl_module), self._prepare(trainer, pl_module, stage))  # noqa: E731
         plan = lambda: (prepare(), copy_again())  # noqa: E731
         _after_configure_model(pl_module, plan) if is_overridden("configure_model", pl_module) else plan()
 
@@ -524,22 +530,9 @@ class ActivationSparsityCallback(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A weight-averaging callback (``WeightAveraging``/EMA) saves the *averaged* weights as the checkpoint's
-        ``state_dict`` (the current ones under ``current_model_state``): give those weights thresholds
-        calibrated on them, so the checkpoint never pairs weights with another model's thresholds."""
-        if "current_model_state" not in checkpoint or not self._layer_names or self.finished == "remove" or trainer.state.fn != "fit":
-            return
-        prefix = "" if self.submodule is None else self.submodule + "."
-        averaged = checkpoint["state_dict"]
-        current = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in pl_module.state_dict().items()}
-        try:
-            pl_module.load_state_dict(averaged, strict=False)
-            self._run_calibration(trainer, pl_module, progress=False)
-            for name, m in sparsified_layers(self.sparsified_module(pl_module)):
-                averaged[f"{prefix}{name}.{THRESHOLD_BUFFER}"] = m.activation_threshold.detach().clone()
-                averaged[f"{prefix}{name}._extra_state"] = m.get_extra_state()
-        finally:
-            pl_module.load_state_dict(current)
+        """A weight-averaging callback saves the *averaged* weights: give them thresholds calibrated on them."""
+        if "current_model_state" in checkpoint and self._layer_names and self.finished != "remove" and trainer.state.fn == "fit":
+            neighbours.calibrate_averaged_checkpoint(self, trainer, pl_module, checkpoint)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -557,13 +550,16 @@ class ActivationSparsityCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "history": [dict(h) for h in self.history], "last_calibration_step": self.last_calibration_step, "finished": self.finished,
-                "allocated": self.allocated, "distillation_teacher": self.distiller and self.distiller.teacher_weights}
+                "allocated": self.allocated, "distillation_teacher": self.distiller and self.distiller.teacher_weights, "rotated": self.rotated}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.last_calibration_step = state_dict.get("last_calibration_step")
         self.finished, self.allocated = state_dict.get("finished"), state_dict.get("allocated", {})
+        if state_dict.get("rotated") and not self.rotated:  # a tied head would have loaded the untied embedding and head into one tensor
+            raise CallbackConfigurationError("the checkpoint comes from a fit with rotation= (weights in the rotated basis, head untied): "
+                                             "resume with the same rotation= so that the model has the checkpoint's structure")
         if self.distiller is not None:  # a resumed fit distils from the weights of the original start of fit
             self.distiller.teacher_weights = state_dict.get("distillation_teacher")
 
@@ -579,6 +575,30 @@ def _info(message: str) -> None:
 def _levels(allocated: Mapping[str, Any], budgets: Mapping[TargetScope, float]) -> dict[str, float] | None:
     """The levels of the last allocation if it was for these budgets, else None (uniform, or allocate anew)."""
     return dict(allocated["levels"]) if allocated and allocated["budgets"] == {repr(s): float(v) for s, v in budgets.items()} else None
+
+
+def _parse_rotation(value: Any) -> dict[str, Any] | None:
+    if value is None or value is False:
+        return None
+    if value is not True and not (isinstance(value, Mapping) and set(value) <= {"heads", "tolerance"}):
+        raise config_error("rotation", f"rotation must be True, False or a mapping of rotate_activations' options 'heads' and 'tolerance', got {value!r}")
+    return _tag("rotation", lambda: check_rotation_options(**({} if value is True else value)))
+
+
+def _rotate_first(callback: ActivationSparsityCallback, trainer: Trainer, pl_module: LightningModule) -> None:
+    """``rotation=``: rotate the plain model on this rank's share of the calibration data, before the sparsifiers exist and
+    before the strategy builds the optimizers and wraps the model (an untied head is then a parameter like any other). Once
+    per callback: a resumed fit rotates the fresh model too (for the untied head) and then loads the checkpoint over it."""
+    if callback.rotation is None or callback.rotated:
+        return
+    module, data = callback.sparsified_module(pl_module), callback.calibration_data
+    loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
+    config = CalibrationConfig(transform_fn=data.inputs_fn(pl_module, module), token_mask=data.config.token_mask, progress=False,
+                               sync_across_processes=data.config.sync_across_processes)
+    _tag("rotation", lambda: rotate_activations(module, data.batches(loader, trainer.world_size, trainer.global_rank), calibration=config, **callback.rotation))
+    callback.rotated = True
+    if callback.verbose:
+        _info(f"rotated the activations of {type(module).__name__} into their principal axes ({callback.rotation}) on {where}")
 
 
 def _check_replicated(trainer: Trainer, layers: Sequence[tuple[str, nn.Module]]) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, Checkpoint, LearningRateFinder, StochasticWeightAveraging
 
 try:
     from lightning.pytorch.callbacks import WeightAveraging
 except ImportError:  # pragma: no cover - Lightning < 2.5 has SWA only
     WeightAveraging = StochasticWeightAveraging  # type: ignore[misc, assignment]
+
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers
 
 _SEARCH = ((LearningRateFinder, "lr_find"), (BatchSizeFinder, "scale_batch_size"))
 
@@ -60,3 +63,20 @@ def release(trainer: Any) -> None:
     """In ``callback.teardown``: remove the wrappers :func:`arrange` put on the tuners."""
     for tuner, name in [(c, n) for c in trainer.callbacks for _, n in _SEARCH if hasattr(vars(c).get(n), "pl_actsparse_wrapper")]:
         del vars(tuner)[name]
+
+
+def calibrate_averaged_checkpoint(callback: Any, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+    """In ``callback.on_save_checkpoint``: a ``WeightAveraging`` callback saves the *averaged* weights as the
+    checkpoint's ``state_dict`` (the current ones under ``current_model_state``). Calibrate thresholds on those
+    weights and store them there, so that the checkpoint never pairs weights with another model's thresholds."""
+    prefix = "" if callback.submodule is None else callback.submodule + "."
+    averaged = checkpoint["state_dict"]
+    current = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in pl_module.state_dict().items()}
+    try:
+        pl_module.load_state_dict(averaged, strict=False)
+        callback._run_calibration(trainer, pl_module, progress=False)
+        for name, m in sparsified_layers(callback.sparsified_module(pl_module)):
+            averaged[f"{prefix}{name}.{THRESHOLD_BUFFER}"] = m.activation_threshold.detach().clone()
+            averaged[f"{prefix}{name}._extra_state"] = m.get_extra_state()
+    finally:
+        pl_module.load_state_dict(current)

@@ -30,7 +30,7 @@ from pl_actsparse.core.layer import is_sparsified
 from pl_actsparse.core.masking import current_token_mask, resolve_mask_fn, select_tokens
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, UnsupportedModuleError
 
-__all__ = ["rotate_activations"]
+__all__ = ["rotate_activations", "check_rotation_options"]
 
 _ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 
@@ -101,10 +101,7 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
         InvalidOptionError: ``heads`` not a bool, ``tolerance`` not None or a finite number >= 0, parameters made
             under ``torch.inference_mode`` with the call outside it (before any change).
     """
-    if not isinstance(heads, bool):
-        raise InvalidOptionError(f"rotate_activations: heads must be True or False, got {heads!r}")
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf):
-        raise InvalidOptionError(f"rotate_activations: tolerance must be None or a finite number >= 0 (a relative change of the logits), got {tolerance!r}")
+    check_rotation_options(heads, tolerance)
     config = CalibrationConfig.from_value(calibration)
     if config.method != "auto" or config.offload is not None:
         warnings.warn(f"rotate_activations runs the whole model on each batch: calibration method={config.method!r} and "
@@ -192,6 +189,15 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
         warnings.warn(f"rotate_activations untied {type(model).__qualname__}'s output head from its embedding (one more "
                       f"{head.weight.numel() * head.weight.element_size() / 2**20:.1f} MiB weight)", stacklevel=3)
     return model
+
+
+def check_rotation_options(heads: Any = True, tolerance: Any = None) -> dict[str, Any]:
+    """``{"heads": heads, "tolerance": tolerance}`` once checked as :func:`rotate_activations` checks them (InvalidOptionError)."""
+    if not isinstance(heads, bool):
+        raise InvalidOptionError(f"rotate_activations: heads must be True or False, got {heads!r}")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf):
+        raise InvalidOptionError(f"rotate_activations: tolerance must be None or a finite number >= 0 (a relative change of the logits), got {tolerance!r}")
+    return {"heads": heads, "tolerance": tolerance}
 
 
 def _principal_axes(moment: torch.Tensor) -> torch.Tensor:

@@ -289,6 +289,7 @@ def test_recipes_fine_tune_with_the_librarys_distillation(recipe, tmp_path):
     assert callback.distiller.config.hidden_states == r".*layers\.\d+"  # the measured best (docs/finetuning.md)
     assert cli.trainer.global_step == 2 and math.isfinite(float(cli.trainer.callback_metrics["actsparse/train/distill_loss"]))
     assert "training_step" not in cli.model.__dict__
+    assert callback.rotated is (recipe == "stories260k_modelwide.yaml")  # rotation: true (peft adapters refuse it)
 
 
 @pytest.mark.parametrize("teacher", ["initial", "dense"])
