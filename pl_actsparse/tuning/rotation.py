@@ -183,9 +183,10 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
             head.weight = embed.weight
         raise
     if tied:
-        for flag in ("tie_word_embeddings", "shared_classifier"):  # HF's and llama2.c's: saving and tie_weights() keep the untied head
-            if hasattr(getattr(model, "config", None), flag):
-                setattr(model.config, flag, False)
+        owners = [m for m in model.modules() if m is model or getattr(m, "lm_head", None) is head]  # model may wrap the HF model
+        for config, flag in [(getattr(m, "config", None), f) for m in owners for f in ("tie_word_embeddings", "shared_classifier")]:
+            if hasattr(config, flag):  # HF's and llama2.c's: saving and tie_weights() keep the untied head
+                setattr(config, flag, False)
         warnings.warn(f"rotate_activations untied {type(model).__qualname__}'s output head from its embedding (one more "
                       f"{head.weight.numel() * head.weight.element_size() / 2**20:.1f} MiB weight)", stacklevel=3)
     return model

@@ -170,6 +170,34 @@ def test_a_model_that_cannot_be_rotated_fails_at_setup_and_is_unchanged():
     assert all(torch.equal(v, state[k]) for k, v in gpt2.state_dict().items())
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_without_submodule_the_wrapped_hf_config_records_the_untied_head(family):
+    """The callback rotates the LightningModule itself when no ``submodule`` is given: the HF model inside it must still
+    record the untying (``tie_word_embeddings=False``), or ``tie_weights()`` / ``save_pretrained`` would tie the rotated
+    head back to the rotated embedding (a different function)."""
+    config = getattr(transformers, f"{family.capitalize() if family != 'qwen2' else 'Qwen2'}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=True, head_dim=8)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{type(config).__name__[:-6]}ForCausalLM")(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    data, lm = TinyData(), HFLM(model=model)
+    x = _calibration(data)[0]
+    with torch.no_grad():
+        before = lm(x)
+    with pytest.warns(UserWarning, match="untied"):
+        _trainer(_callback(scopes=ALL, rotation=True), limit_val_batches=1).validate(lm, datamodule=data, verbose=False)
+    assert model.config.tie_word_embeddings is False
+    model.tie_weights()  # what save_pretrained / from_pretrained do
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad(), activation_sparsity_disabled(lm):
+        after = lm(x)
+    assert float((after - before).norm() / before.norm()) < 1e-4
+
+
 def _ddp_worker(out: str) -> None:  # pragma: no cover - runs in the subprocesses (Lightning's DDP launcher starts rank 1)
     import warnings
 
