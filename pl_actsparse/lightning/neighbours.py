@@ -33,10 +33,10 @@ def swaps_weights(trainer: Any) -> bool:
 def arrange(trainer: Any, callback: Any, pl_module: Any, stage: str) -> Callable[[], Any]:
     """In ``callback.setup``: move ``callback`` after every weight-averaging callback (checkpoint callbacks stay
     last) and make it calibrate before every tuner's search. Returns what to run once the sparsifiers exist:
-    in a fit, the ``setup`` of the ``WeightAveraging`` callbacks that copied the model already (copy again)."""
+    in a fit, the ``setup`` of the weight-averaging callbacks that copied the model already (copy again)."""
     callbacks = list(trainer.callbacks)
     me = callbacks.index(callback) if callback in callbacks else len(callbacks)
-    early = [c for c in callbacks[:me] if isinstance(c, WeightAveraging) and stage == "fit"]
+    early = [c for c in callbacks[:me] if isinstance(c, (StochasticWeightAveraging, WeightAveraging)) and stage == "fit"]
     for tuner, name in [(c, n) for c in callbacks for cls, n in _SEARCH if isinstance(c, cls) and n not in vars(c)]:
         vars(tuner)[name] = _calibrating_first(callback, tuner, getattr(tuner, name))
     averaging = [i for i, c in enumerate(callbacks) if isinstance(c, (StochasticWeightAveraging, WeightAveraging))]

@@ -111,6 +111,21 @@ def test_weight_averaging_copies_the_rotated_model(ema_first):
     assert not torch.equal(lm.model.lm_head.weight, lm.model.model.embed_tokens.weight)
 
 
+def test_stochastic_weight_averaging_listed_first_averages_the_rotated_untied_head():
+    """SWA deep-copies the model in its setup and pairs parameters by position: a copy of the tied, unrotated model has no
+    head parameter, so the rotated head was neither averaged nor handed back. Its copy is made again after the rotation."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    data, lm = TinyData(), HFLM(tie=True)
+    swa, cb = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1), _callback(scopes=ALL, submodule="model", rotation=True)
+    with pytest.warns(UserWarning, match="untied"):
+        _trainer(swa, cb, max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(lm, datamodule=data)
+    averaged = swa._average_model
+    assert [n for n, _ in averaged.named_parameters()] == [n for n, _ in lm.named_parameters()]
+    assert torch.equal(lm.model.lm_head.weight, averaged.model.lm_head.weight)  # the average was handed back, the head included
+    assert not torch.equal(lm.model.lm_head.weight, lm.model.model.embed_tokens.weight)
+
+
 def test_a_model_built_in_configure_model_is_rotated_after_it_is_built():
     data, lm = TinyData(), ConfiguredHFLM()
     cb = _callback(scopes=ALL, submodule="model", rotation=True)
