@@ -592,6 +592,9 @@ def _rotate_first(callback: ActivationSparsityCallback, trainer: Trainer, pl_mod
     if callback.rotation is None or callback.rotated:
         return
     module, data = callback.sparsified_module(pl_module), callback.calibration_data
+    if done := [name for name, _ in sparsified_layers(module)][:3]:  # e.g. by another callback whose setup ran first
+        raise config_error("rotation", f"rotation=True needs the plain model, but {done}... are sparsified already: list the callback with "
+                           "rotation= before any other ActivationSparsityCallback on this model, or rotate before sparsify_activations")
     loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
     config = CalibrationConfig(transform_fn=data.inputs_fn(pl_module, module), token_mask=data.config.token_mask, progress=False,
                                sync_across_processes=data.config.sync_across_processes)

@@ -213,6 +213,22 @@ def test_without_submodule_the_wrapped_hf_config_records_the_untied_head(family)
     assert float((after - before).norm() / before.norm()) < 1e-4
 
 
+def test_two_callbacks_on_one_model_the_rotating_one_must_come_first():
+    data = TinyData()
+    mlp, attn = [{"patterns": [r".*mlp\..*_proj"], "sparsity": 0.5}], [{"patterns": [r".*self_attn\..*_proj"], "sparsity": 0.5}]
+    lm = HFLM(tie=False)
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    rotating, other = _callback(scopes=mlp, submodule="model", rotation=True), _callback(scopes=attn, submodule="model")
+    with pytest.raises(CallbackConfigurationError, match=r"list the callback with rotation= before any other") as info:
+        _trainer(other, rotating, limit_val_batches=1).validate(lm, datamodule=data, verbose=False)
+    assert info.value.argument == "rotation" and not rotating.rotated
+    assert all(torch.equal(lm.model.state_dict()[k], v) for k, v in state.items())  # not rotated
+    lm = HFLM(tie=False)
+    rotating, other = _callback(scopes=mlp, submodule="model", rotation=True), _callback(scopes=attn, submodule="model")
+    _trainer(rotating, other, limit_val_batches=1).validate(lm, datamodule=data, verbose=False)
+    assert rotating.rotated and len(list(sparsified_layers(lm))) == 14
+
+
 def _ddp_worker(out: str) -> None:  # pragma: no cover - runs in the subprocesses (Lightning's DDP launcher starts rank 1)
     import warnings
 
