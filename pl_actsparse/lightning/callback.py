@@ -598,7 +598,12 @@ def _rotate_first(callback: ActivationSparsityCallback, trainer: Trainer, pl_mod
     loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
     config = CalibrationConfig(transform_fn=data.inputs_fn(pl_module, module), token_mask=data.config.token_mask, progress=False,
                                sync_across_processes=data.config.sync_across_processes)
-    _tag("rotation", lambda: rotate_activations(module, data.batches(loader, trainer.world_size, trainer.global_rank), calibration=config, **callback.rotation))
+    try:
+        rotate_activations(module, data.batches(loader, trainer.world_size, trainer.global_rank), calibration=config, **callback.rotation)
+    except ActivationSparsityError as exc:  # raised in fit/test, where the CLI prints no YAML key: the message names it
+        if getattr(exc, "argument", None) is None:  # (an input_key error keeps its own)
+            exc.args, exc.argument = (f"ActivationSparsityCallback(rotation=...) (YAML key rotation): {exc}", *exc.args[1:]), "rotation"  # type: ignore[attr-defined]
+        raise
     callback.rotated = True
     if callback.verbose:
         _info(f"rotated the activations of {type(module).__name__} into their principal axes ({callback.rotation}) on {where}")

@@ -171,18 +171,40 @@ def test_bad_rotation_options_are_refused_at_construction(value, error, match):
     assert _callback(scopes=ALL, rotation={"tolerance": 0.01}).rotation == {"heads": True, "tolerance": 0.01}
 
 
-def test_a_model_that_cannot_be_rotated_fails_at_setup_and_is_unchanged():
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+def _unrotatable(kind: str):
     torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(config)
-    state = {k: v.clone() for k, v in gpt2.state_dict().items()}
-    lm = HFLM(model=gpt2)
-    with pytest.raises(UnsupportedModuleError, match="pre-norm decoder") as info:
-        _trainer(_callback(scopes=[{"patterns": [r".*c_fc"], "sparsity": 0.5}], submodule="model", rotation=True)).validate(
-            lm, datamodule=TinyData(), verbose=False)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    if kind == "bert":
+        return transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                                    intermediate_size=48))
+    if kind == "gemma":  # a 1 + gain RMSNorm: passes the structural checks, fails the logits check (weights put back)
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand_like(p) + 0.5)
+        return model
+    peft = pytest.importorskip("peft")  # adapters added in the LightningModule's __init__
+    return peft.get_peft_model(_llama(tie=True), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("kind, match", [("gpt2", "pre-norm decoder"), ("bert", "pre-norm decoder"), ("gemma", "not rotation-invariant"),
+                                         ("lora", "not a plain float nn.Linear")])
+def test_a_model_that_cannot_be_rotated_fails_at_setup_naming_rotation_and_is_unchanged(kind, match):
+    model = _unrotatable(kind)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ties = [(n, p.data_ptr()) for n, p in model.named_parameters(remove_duplicate=False)]
+    lm = HFLM(model=model)
+    with pytest.raises(UnsupportedModuleError, match=rf"\(YAML key rotation\): .*{match}") as info:  # the CLI prints no key for errors in fit
+        _trainer(_callback(scopes=[{"patterns": [r".*(_proj|c_fc|intermediate\.dense)$"], "sparsity": 0.5}], submodule="model", rotation=True),
+                 max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(lm, datamodule=TinyData())
     assert info.value.argument == "rotation"
-    assert not list(sparsified_layers(gpt2))
-    assert all(torch.equal(v, state[k]) for k, v in gpt2.state_dict().items())
+    assert not list(sparsified_layers(model))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [(n, p.data_ptr()) for n, p in model.named_parameters(remove_duplicate=False)] == ties  # tying unchanged
+    assert getattr(model.config, "tie_word_embeddings", None) in (None, True)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
