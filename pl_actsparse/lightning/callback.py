@@ -557,9 +557,7 @@ class ActivationSparsityCallback(Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self.last_calibration_step = state_dict.get("last_calibration_step")
         self.finished, self.allocated = state_dict.get("finished"), state_dict.get("allocated", {})
-        if state_dict.get("rotated") and not self.rotated:  # a tied head would have loaded the untied embedding and head into one tensor
-            raise CallbackConfigurationError("the checkpoint comes from a fit with rotation= (weights in the rotated basis, head untied): "
-                                             "resume with the same rotation= so that the model has the checkpoint's structure")
+        _check_rotation_state(self, bool(state_dict.get("rotated")))
         if self.distiller is not None:  # a resumed fit distils from the weights of the original start of fit
             self.distiller.teacher_weights = state_dict.get("distillation_teacher")
 
@@ -583,6 +581,15 @@ def _parse_rotation(value: Any) -> dict[str, Any] | None:
     if value is not True and not (isinstance(value, Mapping) and set(value) <= {"heads", "tolerance"}):
         raise config_error("rotation", f"rotation must be True, False or a mapping of rotate_activations' options 'heads' and 'tolerance', got {value!r}")
     return _tag("rotation", lambda: check_rotation_options(**({} if value is True else value)))
+
+
+def _check_rotation_state(callback: ActivationSparsityCallback, saved: bool) -> None:
+    """A checkpoint's weights need the structure of the fit that saved them: a tied head would load the rotated run's untied
+    embedding and head into one tensor; an untied (rotated) fresh model has one more parameter than the optimizer state."""
+    if saved != callback.rotated:
+        raise config_error("rotation", f"the checkpoint comes from a fit {'with' if saved else 'without'} rotation= (weights in the "
+                           f"{'rotated' if saved else 'original'} basis, head {'untied' if saved else 'as built'}) and this callback "
+                           f"{'has none' if saved else 'rotated the fresh model'}: resume (or test) with {'the same rotation=' if saved else 'rotation=False'}")
 
 
 def _rotate_first(callback: ActivationSparsityCallback, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -145,7 +145,7 @@ def test_resume_needs_the_same_rotation(tmp_path):
                  enable_checkpointing=True).fit(lm, datamodule=data)
     saved = {k: v.clone() for k, v in lm.model.state_dict().items()}
     resumed = HFLM(tie=True)
-    cb = _callback(scopes=ALL, submodule="model", rotation=True)
+    cb = _callback(scopes=ALL, submodule="model", rotation={"heads": False})  # another rotation config: the checkpoint's weights win
     with pytest.warns(UserWarning, match="untied"):
         _trainer(cb, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(resumed, datamodule=data, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.model.lm_head.weight is not resumed.model.model.embed_tokens.weight
@@ -155,6 +155,20 @@ def test_resume_needs_the_same_rotation(tmp_path):
     with pytest.raises(CallbackConfigurationError, match="same rotation="):
         _trainer(_callback(scopes=ALL, submodule="model"), max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
             HFLM(tie=True), datamodule=data, ckpt_path=tmp_path / "last.ckpt")
+
+
+def test_resuming_an_unrotated_run_with_rotation_is_refused_by_name(tmp_path):
+    """The fresh model rotated at setup has an untied head (one more parameter): the checkpoint's optimizer state failed with
+    "loaded state dict contains a parameter group that doesn't match"; the callback now names the cause first."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = TinyData()
+    _trainer(_callback(scopes=ALL, submodule="model"), ModelCheckpoint(dirpath=tmp_path, save_last=True), max_epochs=1, limit_train_batches=2,
+             limit_val_batches=0, enable_checkpointing=True).fit(HFLM(tie=True), datamodule=data)
+    with pytest.warns(UserWarning, match="untied"), pytest.raises(CallbackConfigurationError, match=r"without rotation=.*with rotation=False") as info:
+        _trainer(_callback(scopes=ALL, submodule="model", rotation=True), max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(
+            HFLM(tie=True), datamodule=data, ckpt_path=tmp_path / "last.ckpt")
+    assert info.value.argument == "rotation"
 
 
 @pytest.mark.parametrize("value, error, match", [
