@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
-    THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
+    STATE_KEY, THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
     linear_like_spec, sparsifier_state, threshold_text,
 )
 from pl_actsparse.errors import InvalidOptionError
@@ -313,39 +313,42 @@ class SparseInferenceLinear(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         self.sparsity_state = decode_sparsifier_state(state)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain
-        # model loading the file gets the right weights, and load_activation_sparsity / from_pretrained
-        # restore the sparsified model from the very same keys as an unexported save.
+    # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain model loading
+    # the file gets the right weights, and load_activation_sparsity / from_pretrained restore the sparsified model
+    # from the very same keys as an unexported save. Checkpoints in this layout load (weight_t derived from
+    # weight), and so do saves of 0.1 (weight_t) and checkpoints without a sparsifier state: this layer always
+    # applies its threshold, so the state is bookkeeping only (it then says "calibrated" iff the threshold is
+    # finite). Int8SparseInferenceLinear shares these four methods with its own keys.
+    _WEIGHT_KEYS = ("weight", "weight_t")  # (saved, held)
+
+    def _saved_tensors(self) -> dict[str, Optional[Tensor]]:
         w = self.weight_t if self.__dict__.get("_weight_in_out", False) else self.weight_t.t()  # Conv1D: [in, out]
-        destination[prefix + "weight"] = w if keep_vars else w.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        t = self.activation_threshold
-        destination[prefix + THRESHOLD_BUFFER] = t if keep_vars else t.detach()
-        destination[prefix + "_extra_state"] = self.get_extra_state()
+        return {"weight": w, "bias": self.bias, THRESHOLD_BUFFER: self.activation_threshold}
+
+    def _held_weight(self, saved: Tensor) -> Tensor:
+        return saved if self.__dict__.get("_weight_in_out", False) else saved.t()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for key, t in self._saved_tensors().items():
+            if t is not None:
+                destination[prefix + key] = t if keep_vars else t.detach()
+        destination[prefix + STATE_KEY] = self.get_extra_state()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
-        # Checkpoints in the nn.Linear layout (what this layer saves): derive weight_t from weight. Saves of
-        # 0.1 (weight_t) and checkpoints without a sparsifier state load too: this layer always applies its
-        # threshold, so the state is bookkeeping only (it then says "calibrated" iff the threshold is finite).
-        wkey, tkey, skey = prefix + "weight", prefix + "weight_t", prefix + "_extra_state"
-        if wkey in state_dict and tkey not in state_dict:
-            saved = state_dict[wkey]
-            state_dict[tkey] = saved if self.__dict__.get("_weight_in_out", False) else saved.t()
-            del state_dict[wkey]
+        (saved, held), skey = (prefix + k for k in self._WEIGHT_KEYS), prefix + STATE_KEY
+        if saved in state_dict and held not in state_dict:
+            state_dict[held] = self._held_weight(state_dict.pop(saved))
         before = len(missing_keys)
         fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if skey not in state_dict:
             missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
-            finite = bool(torch.isfinite(self.activation_threshold).all()) if not self.activation_threshold.is_meta else False
-            self.sparsity_state = dict(self.sparsity_state, calibrated=finite)
+            if isinstance(self, SparseInferenceLinear):  # the int8 layer keeps the state it was exported with
+                finite = bool(torch.isfinite(self.activation_threshold).all()) if not self.activation_threshold.is_meta else False
+                self.sparsity_state = dict(self.sparsity_state, calibrated=finite)
 
     def to_linear(self) -> nn.Linear:
         """The plain (unsparsified) module this layer was exported from, rebuilt.
