@@ -110,16 +110,15 @@ def quantize_weight_t(
     # in-place on the copy: a 1B-parameter model would otherwise allocate (and page-fault) ~10 fp32 copies
     if mode == "sym":
         scale = wt.abs().amax(dim=dim, keepdim=True) / 127.0
-        degenerate = scale < tiny
-        scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    else:
+        lo = wt.amin(dim=dim, keepdim=True).clamp(max=0)
+        scale = (wt.amax(dim=dim, keepdim=True).clamp(min=0) - lo) / 255.0
+    degenerate = scale < tiny
+    scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    if mode == "sym":
         q = wt.div_(scale).round_().clamp_(-127, 127).masked_fill_(degenerate, 0)
         zp = None
     else:
-        lo = wt.amin(dim=dim, keepdim=True).clamp(max=0)
-        hi = wt.amax(dim=dim, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / 255.0
-        degenerate = scale < tiny
-        scale = torch.where(degenerate, torch.ones_like(scale), scale)
         zp = torch.round(-128.0 - lo / scale).clamp_(-128, 127).masked_fill_(degenerate, 0)
         q = wt.div_(scale).round_().add_(zp).clamp_(-128, 127).masked_fill_(degenerate, 0)
     return q.to(torch.int8).contiguous(), scale.contiguous(), zp.contiguous() if zp is not None else None
