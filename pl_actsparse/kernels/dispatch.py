@@ -298,8 +298,7 @@ def _time(fn: Callable[[], object], rounds: int, timer: Callable[[], float], giv
 def _race(a: Callable[[], object], b: Callable[[], object], rounds: int, timer: Callable[[], float],
           confirm: Optional[Callable[[float, float], bool]] = None) -> tuple[float, float]:
     """Best times of ``a`` and ``b`` over ``rounds`` interleaved rounds (alternating order), after a warm-up; where
-    ``confirm(time_a, time_b)`` holds (a loss), the best over ``2 * rounds`` more rounds too (a busy window must not
-    decide alone)."""
+    ``confirm(time_a, time_b)`` (a loss), best of ``2 * rounds`` more too: a busy window must not decide alone."""
     a()
     b()
     best = [math.inf, math.inf]
