@@ -155,10 +155,7 @@ class Int8SparseInferenceLinear(nn.Module):
         if codes is not None:  # a library's int8 weight (torchao), rebuilt from these buffers
             rebuild, info, bias_dtype = codes
             weight = rebuild(self.qweight_t.t().contiguous(), self.scale, self.zero_point)
-            bias = None if self.bias is None else self.bias.detach().to(bias_dtype)
-            lin = info.build(weight, bias, self.in_features, self.out_features)
-            lin.train(self.training)
-            return lin
+            return info.build(weight, None if self.bias is None else self.bias.detach().to(bias_dtype), self)
         new = Int8WeightLinear(self.in_features, self.out_features, bias=False, mode=self.mode,
                                granularity=self.granularity, device="meta", dtype=self.weight_dtype)
         new.qweight, new.scale, new.zero_point = self.qweight_t, self.scale, self.zero_point

@@ -363,10 +363,7 @@ class SparseInferenceLinear(nn.Module):
             weight = self.weight_t.detach()
         else:
             weight = self.weight_t.detach().t().contiguous()
-        bias = None if self.bias is None else self.bias.detach()
-        lin = info.build(weight, bias, self.in_features, self.out_features)
-        lin.train(self.training)
-        return lin
+        return info.build(weight, None if self.bias is None else self.bias.detach(), self)
 
 
 def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
@@ -399,11 +396,12 @@ class RestoreInfo:
         return cls(original_module_class(linear), shell, bool(w.requires_grad) if isinstance(w, Tensor) else True,
                    bool(b.requires_grad) if b is not None else True)
 
-    def build(self, weight: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
+    def build(self, weight: Tensor, bias: Optional[Tensor], exported: nn.Module) -> nn.Linear:
         """The original module again, holding ``weight`` and ``bias`` (as Parameters, ``requires_grad`` as
-        they were)."""
+        they were), in the train/eval mode of ``exported`` (the layer it is rebuilt from, which also gives the sizes
+        of a layer built directly)."""
         if self.shell is None:
-            lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+            lin = nn.Linear(exported.in_features, exported.out_features, bias=bias is not None, device="meta")
         elif "weight" not in self.shell["_parameters"]:
             raise NotImplementedError(
                 f"cannot rebuild the exported {self.cls.__qualname__}: it keeps its weight under another name than "
@@ -414,7 +412,7 @@ class RestoreInfo:
             lin.__dict__.update(self.copy_of_shell())
         lin.weight = nn.Parameter(weight, requires_grad=self.weight_requires_grad)
         lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=self.bias_requires_grad)
-        return lin
+        return lin.train(exported.training)
 
     def copy_of_shell(self) -> dict[str, Any]:
         d = dict(self.shell or {})
