@@ -32,6 +32,7 @@ from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, packed_linear, prepack_weight, sparse_token_crossover
+from pl_actsparse.kernels.sparse_op import linear_t_fake
 
 __all__ = ["SparseInferenceLinear", "check_export_options", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
 
@@ -477,10 +478,7 @@ def sparse_inference_linear(
     return dense_linear_t(zero_small(x, threshold), weight_t, bias)
 
 
-@sparse_inference_linear.register_fake
-def _sparse_inference_linear_fake(x, threshold, weight_t, bias, max_sparse_tokens):
-    torch._check(x.shape[-1] == weight_t.shape[0])
-    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+sparse_inference_linear.register_fake(linear_t_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from pl_actsparse.kernels._extension import InlineExtension
 from pl_actsparse.kernels.cpu import zero_small
-from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold
+from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold, linear_t_fake
 
 __all__ = [
     "Granularity",
@@ -302,10 +302,7 @@ def int8_sparse_gemv_direct(
     )
 
 
-@int8_sparse_linear.register_fake
-def _int8_sparse_linear_fake(x, threshold, qweight_t, scale, zero_point=None, bias=None, max_sparse_tokens=None):
-    torch._check(x.shape[-1] == qweight_t.shape[0])
-    return x.new_empty((*x.shape[:-1], qweight_t.shape[1]))
+int8_sparse_linear.register_fake(linear_t_fake)
 
 
 def _int8_setup_context(ctx, inputs, output) -> None:
