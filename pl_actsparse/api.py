@@ -362,22 +362,12 @@ def sparsify_activations(
         dataset: an iterable of calibration items (a DataLoader, a list of tensors, ...).
         target_sparsity_by_scope: ``{TargetScope(...): fraction of inputs to zero}``, each in [0, 1].
         ignored_scope: layers never to sparsify.
-        calibration: how thresholds are calibrated: a :class:`~pl_actsparse.config.CalibrationConfig`, a mapping
+        calibration: how thresholds are calibrated: a :class:`~pl_actsparse.config.CalibrationConfig` (whose
+            docstring gives every field: ``method``, ``num_batches``, ``transform_fn``, ``token_mask``, ``offload``,
+            ``max_batches_in_flight``, ``in_block``, ``progress``, ``sync_across_processes``, ``loss_fn``), a mapping
             of its fields (YAML), a method name (``"lockstep"``, ``"sequential"``, ``"auto"``) or ``None`` (the
-            defaults). Its fields: ``method`` (``"lockstep"``: the whole model, every batch in flight;
-            ``"sequential"``: block by block with a cache of block inputs and one batch in flight inside a block,
-            the same thresholds with the memory of the cache plus one batch's block activations, 0.93-1.40 dense
-            forwards' time measured on TinyLlama shapes, docs/benchmarks.md; ``"auto"``: sequential for models with a block list whose parameters take at least
-            256 MiB, else lockstep), ``num_batches`` (use at most this many items of ``dataset``),
-            ``transform_fn`` (maps an item to model inputs; a dict is passed as keyword arguments, a tuple or list
-            as positional arguments, anything else as the single argument, so a loader of ``(input, label)``
-            pairs needs ``transform_fn=lambda b: b[0]``), ``token_mask`` (``"auto"``: a dict item's
-            ``attention_mask``, 1 = real token, masks padding; ``None``: every element counts; a callable
-            ``item -> bool mask [batch, seq]`` applied to the item as ``dataset`` yields it),
-            ``offload`` (where the sequential cache lives: ``None``, ``"cpu"`` or ``"disk"``),
-            ``max_batches_in_flight`` (lockstep groups of this size bound memory; approximately exact),
-            ``in_block``, ``progress``, ``sync_across_processes`` (sum statistics over ``torch.distributed``
-            ranks; default: when a process group with several ranks is initialized) and ``loss_fn`` (``allocation``).
+            defaults). Items are ``dataset``'s as it yields them: a loader of ``(input, label)`` pairs needs
+            ``transform_fn=lambda b: b[0]``.
         gradient_mode: ``"masked"`` or ``"ste"``, how gradients cross the zeroing when training afterwards.
         allocation: ``"uniform"`` (default): every layer of a scope gets the scope's target. ``"auto"``: each
             scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped per token,

@@ -44,13 +44,15 @@ class CalibrationConfig:
 
     Args:
         method: ``"lockstep"`` (the whole model, every batch in flight), ``"sequential"`` (block by block from a
-            cache of block inputs, one batch in flight inside a block; the same thresholds bit for bit) or
-            ``"auto"`` (sequential for models with a block list whose parameters take at least 256 MiB).
+            cache of block inputs, one batch in flight inside a block; the same thresholds bit for bit, in the memory
+            of the cache plus one batch's block activations and 0.93-1.40 dense forwards' time measured on TinyLlama
+            shapes, docs/benchmarks.md) or ``"auto"`` (sequential for models with a block list whose parameters take
+            at least 256 MiB, else lockstep).
         num_batches: use at most this many items of the calibration data (``None``: all of them).
         transform_fn: maps an item to model inputs (a dict is passed as keyword arguments, a tuple/list as
             positional arguments, anything else as the single argument); ``None``: the item itself.
-        token_mask: which input elements are data: ``"auto"`` (a dict item's ``attention_mask``), ``None``
-            (every element) or a callable ``item -> bool [batch, seq]`` mask.
+        token_mask: which input elements are data: ``"auto"`` (a dict item's ``attention_mask``, 1 = real token:
+            padding is masked), ``None`` (every element) or a callable ``item -> bool [batch, seq]`` mask.
         offload: where the sequential method keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``;
             with ``method="auto"`` it chooses sequential for any model with a block list (else warns: lockstep).
         max_batches_in_flight: lockstep only: run batches in groups of this size (smaller groups bound memory and
