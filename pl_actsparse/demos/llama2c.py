@@ -364,14 +364,10 @@ _LAYER_ARRAYS = {
 
 
 def _checked_header(values: Sequence[int], path: Path, version: int, shared: bool | None = None) -> Llama2cConfig:
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = values
-    if shared is None:
-        shared = vocab_size > 0
+    # the header's order: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (< 0: own classifier), seq_len
     try:
-        return Llama2cConfig(
-            dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-            vocab_size=abs(vocab_size), seq_len=seq_len, shared_classifier=shared,
-        )
+        return Llama2cConfig(*values[:5], vocab_size=abs(values[5]), seq_len=values[6],
+                             shared_classifier=values[5] > 0 if shared is None else shared)
     except ValueError as exc:
         raise ValueError(f"{path}: not a llama2.c version-{version} checkpoint, header {tuple(values)}: {exc}") from None
 
