@@ -25,7 +25,7 @@ from pl_actsparse.calibrate.allocation import GRID, fisher_curves, next_token_nl
 from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
-from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.config import CalibrationConfig, check_choice
 from pl_actsparse.errors import (
     CheckpointError, ConflictingScopesError, EmptyDatasetError, InvalidOptionError, InvalidScopeError,
     InvalidTargetError, NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
@@ -207,11 +207,7 @@ def prepare_activation_sparsity(
 
 
 def _gradient_mode(value: GradientMode | str) -> GradientMode:
-    try:
-        return GradientMode(value)
-    except ValueError:
-        valid = ", ".join(repr(m.value) for m in GradientMode)
-        raise InvalidOptionError(f"gradient_mode must be one of {valid}, got {value!r}") from None
+    return GradientMode(check_choice(value, "gradient_mode", tuple(m.value for m in GradientMode)))
 
 
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
@@ -332,8 +328,7 @@ def check_allocation(allocation: Any, target_sparsity_by_scope: Mapping[Any, Any
         InvalidOptionError: an unknown ``allocation``.
         InvalidTargetError: a byte budget above the allocation's highest level (``GRID[-1]``, 0.94), naming the scope.
     """
-    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
-        raise InvalidOptionError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
+    check_choice(allocation, "allocation", ALLOCATIONS)
     if over := [(s, v) for s, v in target_sparsity_by_scope.items() if allocation != "uniform" and float(v) > GRID[-1]]:
         raise InvalidTargetError(f"allocation={allocation!r} reads levels up to {GRID[-1]}, so a byte budget must be <= {GRID[-1]}; "
                                  f"got {over[0][1]} for {over[0][0]!r}")

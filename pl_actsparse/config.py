@@ -33,9 +33,11 @@ def positive_int_or_none(value: Any, what: str, kind: type[Exception] = InvalidO
     return None if value is None else int(value)
 
 
-def _choice(name: str, value: Any, valid: tuple) -> None:
+def check_choice(value: Any, what: str, valid: tuple, kind: type[Exception] = InvalidOptionError) -> Any:
+    """``value`` if it is one of ``valid``; else ``kind`` naming ``what`` and the valid values (the one such check)."""
     if value not in valid:
-        raise InvalidOptionError(f"CalibrationConfig.{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+        raise kind(f"{what} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +101,12 @@ class CalibrationConfig:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, CALIBRATION_METHODS)
-        _choice("offload", self.offload, OFFLOAD_MODES)
+        check_choice(self.method, "CalibrationConfig.method", CALIBRATION_METHODS)
+        check_choice(self.offload, "CalibrationConfig.offload", OFFLOAD_MODES)
         if self.offload is not None and self.method == "lockstep":
             raise InvalidOptionError(f"CalibrationConfig.offload={self.offload!r} needs method='sequential' (or 'auto'): "
                                      "method='lockstep' keeps no cache of block inputs to offload")
-        _choice("in_block", self.in_block, IN_BLOCK_MODES)
+        check_choice(self.in_block, "CalibrationConfig.in_block", IN_BLOCK_MODES)
         positive_int_or_none(self.num_batches, "CalibrationConfig.num_batches")
         positive_int_or_none(self.max_batches_in_flight, "CalibrationConfig.max_batches_in_flight")
         for name in ("transform_fn", "loss_fn"):

@@ -32,7 +32,7 @@ from torch import nn
 
 from pl_actsparse.api import dense_gradient_pass, plan_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate.allocation import gradient_scales
-from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.config import CalibrationConfig, check_choice
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.integrations import layer_map
@@ -116,8 +116,7 @@ def sparsify_activations_weight_aware(
     >>> tuple(net[0].activation_threshold.shape), float((net[0].sparsify_input(data[0]) == 0).float().mean())
     ((16,), 0.5)
     """
-    if score not in SCORES:
-        raise InvalidOptionError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+    check_choice(score, "score", SCORES)
     config = CalibrationConfig.from_value(calibration)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     modules = dict(model.named_modules())
