@@ -509,7 +509,6 @@ def save_llama2c_checkpoint(model: Llama2cModel, path: str | os.PathLike, versio
 
 # --------------------------------------------------------------------------- tokenizer
 
-_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _SPACE_SPLIT = re.compile(r"(?= )")
 
 
@@ -534,17 +533,14 @@ class Llama2cTokenizer:
         self.max_token_length = max_token_length or max(len(p) for p in self.pieces)
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self._lookup: dict[bytes, int] = {}
-        for i, p in enumerate(self.pieces):
-            self._lookup.setdefault(p, i)
+        self._lookup = {p: i for i, p in reversed(list(enumerate(self.pieces)))}  # a repeated piece: its first id
         # byte fallback: id = byte + 3 in llama2.c vocabularies; verify rather than assume
         self._byte_ids: list[int] | None = None
         if len(self.pieces) >= 259 and all(self.pieces[b + 3] == b"<0x%02X>" % b for b in range(256)):
             self._byte_ids = [b + 3 for b in range(256)]
-        self._out_bytes: list[bytes] = []
-        for i, p in enumerate(self.pieces):
-            m = _BYTE_PIECE.fullmatch(p)
-            self._out_bytes.append(bytes([int(m.group(1), 16)]) if (m and self._byte_ids and 3 <= i <= 258) else p)
+        self._out_bytes = list(self.pieces)  # what decode writes: the byte itself for the (verified) byte pieces
+        if self._byte_ids is not None:
+            self._out_bytes[3:259] = [bytes([b]) for b in range(256)]
         self.chunked = not any(b" " in p[1:] for p in self.pieces)
         self._cache: dict[str, tuple[int, ...]] = {}
 
