@@ -155,11 +155,7 @@ def sparsify_activations_weight_aware(
                 if axes[n] == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
                     safe = safe[:, None]
                 m._parameters["weight"] = nn.Parameter((w.detach().float() / safe).to(w.dtype), requires_grad=w.requires_grad)
-
-                def pre_hook(module: nn.Module, args: tuple, c=c) -> tuple:
-                    return (args[0] * c.to(args[0].dtype),) + tuple(args[1:])
-
-                handles.append(m.register_forward_pre_hook(pre_hook))
+                handles.append(m.register_forward_pre_hook(lambda _m, args, c=c: (args[0] * c.to(args[0].dtype), *args[1:])))  # x * c
             sparsify_activations(model, dataset, target_sparsity_by_scope, ignored_scope, calibration=config, **kwargs)
     finally:
         for n, w in originals.items():
