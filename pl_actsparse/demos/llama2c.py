@@ -441,7 +441,8 @@ def load_llama2c_checkpoint(
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("llama2.c checkpoints are little-endian; big-endian hosts are not supported")
     config, version, header_bytes = _read_header(path)
-    expected = header_bytes + 4 * sum(math.prod(shape) for _, shape in _tensor_layout(config, version))
+    layout = _tensor_layout(config, version)
+    expected = header_bytes + 4 * sum(math.prod(shape) for _, shape in layout)
     actual = path.stat().st_size
     if actual != expected:
         raise ValueError(
@@ -452,12 +453,7 @@ def load_llama2c_checkpoint(
         )
     data = bytearray(path.read_bytes())
     flat = torch.frombuffer(data, dtype=torch.float32, offset=header_bytes)
-    arrays: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, shape in _tensor_layout(config, version):
-        n = math.prod(shape)
-        arrays[name] = flat[offset : offset + n].view(shape)
-        offset += n
+    arrays = {name: t.view(shape) for (name, shape), t in zip(layout, flat.split([math.prod(s) for _, s in layout]))}
 
     sd: dict[str, torch.Tensor] = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["rms_final"]}
     for i in range(config.n_layers):
