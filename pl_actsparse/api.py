@@ -25,7 +25,7 @@ from pl_actsparse.calibrate.allocation import GRID, fisher_curves, next_token_nl
 from pl_actsparse.calibrate.histogram import LayerStatistics
 from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.core.checkpoint import SavedSparsifier, read_state_dict, saved_sparsifiers
-from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.config import CalibrationConfig, check_choice
 from pl_actsparse.errors import (
     CheckpointError, ConflictingScopesError, EmptyDatasetError, InvalidOptionError, InvalidScopeError,
     InvalidTargetError, NothingToSparsifyError, NotSparsifiedError, UnmatchedScopeError, UnsupportedModuleError,
@@ -207,11 +207,7 @@ def prepare_activation_sparsity(
 
 
 def _gradient_mode(value: GradientMode | str) -> GradientMode:
-    try:
-        return GradientMode(value)
-    except ValueError:
-        valid = ", ".join(repr(m.value) for m in GradientMode)
-        raise InvalidOptionError(f"gradient_mode must be one of {valid}, got {value!r}") from None
+    return GradientMode(check_choice(value, "gradient_mode", tuple(m.value for m in GradientMode)))
 
 
 def _peek(dataset: Iterable[Any]) -> Iterable[Any]:
@@ -332,8 +328,7 @@ def check_allocation(allocation: Any, target_sparsity_by_scope: Mapping[Any, Any
         InvalidOptionError: an unknown ``allocation``.
         InvalidTargetError: a byte budget above the allocation's highest level (``GRID[-1]``, 0.94), naming the scope.
     """
-    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
-        raise InvalidOptionError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
+    check_choice(allocation, "allocation", ALLOCATIONS)
     if over := [(s, v) for s, v in target_sparsity_by_scope.items() if allocation != "uniform" and float(v) > GRID[-1]]:
         raise InvalidTargetError(f"allocation={allocation!r} reads levels up to {GRID[-1]}, so a byte budget must be <= {GRID[-1]}; "
                                  f"got {over[0][1]} for {over[0][0]!r}")
@@ -362,22 +357,12 @@ def sparsify_activations(
         dataset: an iterable of calibration items (a DataLoader, a list of tensors, ...).
         target_sparsity_by_scope: ``{TargetScope(...): fraction of inputs to zero}``, each in [0, 1].
         ignored_scope: layers never to sparsify.
-        calibration: how thresholds are calibrated: a :class:`~pl_actsparse.config.CalibrationConfig`, a mapping
+        calibration: how thresholds are calibrated: a :class:`~pl_actsparse.config.CalibrationConfig` (whose
+            docstring gives every field: ``method``, ``num_batches``, ``transform_fn``, ``token_mask``, ``offload``,
+            ``max_batches_in_flight``, ``in_block``, ``progress``, ``sync_across_processes``, ``loss_fn``), a mapping
             of its fields (YAML), a method name (``"lockstep"``, ``"sequential"``, ``"auto"``) or ``None`` (the
-            defaults). Its fields: ``method`` (``"lockstep"``: the whole model, every batch in flight;
-            ``"sequential"``: block by block with a cache of block inputs and one batch in flight inside a block,
-            the same thresholds with the memory of the cache plus one batch's block activations, 0.93-1.40 dense
-            forwards' time measured on TinyLlama shapes, docs/benchmarks.md; ``"auto"``: sequential for models with a block list whose parameters take at least
-            256 MiB, else lockstep), ``num_batches`` (use at most this many items of ``dataset``),
-            ``transform_fn`` (maps an item to model inputs; a dict is passed as keyword arguments, a tuple or list
-            as positional arguments, anything else as the single argument, so a loader of ``(input, label)``
-            pairs needs ``transform_fn=lambda b: b[0]``), ``token_mask`` (``"auto"``: a dict item's
-            ``attention_mask``, 1 = real token, masks padding; ``None``: every element counts; a callable
-            ``item -> bool mask [batch, seq]`` applied to the item as ``dataset`` yields it),
-            ``offload`` (where the sequential cache lives: ``None``, ``"cpu"`` or ``"disk"``),
-            ``max_batches_in_flight`` (lockstep groups of this size bound memory; approximately exact),
-            ``in_block``, ``progress``, ``sync_across_processes`` (sum statistics over ``torch.distributed``
-            ranks; default: when a process group with several ranks is initialized) and ``loss_fn`` (``allocation``).
+            defaults). Items are ``dataset``'s as it yields them: a loader of ``(input, label)`` pairs needs
+            ``transform_fn=lambda b: b[0]``.
         gradient_mode: ``"masked"`` or ``"ste"``, how gradients cross the zeroing when training afterwards.
         allocation: ``"uniform"`` (default): every layer of a scope gets the scope's target. ``"auto"``: each
             scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped per token,

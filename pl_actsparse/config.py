@@ -33,9 +33,11 @@ def positive_int_or_none(value: Any, what: str, kind: type[Exception] = InvalidO
     return None if value is None else int(value)
 
 
-def _choice(name: str, value: Any, valid: tuple) -> None:
+def check_choice(value: Any, what: str, valid: tuple, kind: type[Exception] = InvalidOptionError) -> Any:
+    """``value`` if it is one of ``valid``; else ``kind`` naming ``what`` and the valid values (the one such check)."""
     if value not in valid:
-        raise InvalidOptionError(f"CalibrationConfig.{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+        raise kind(f"{what} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +46,15 @@ class CalibrationConfig:
 
     Args:
         method: ``"lockstep"`` (the whole model, every batch in flight), ``"sequential"`` (block by block from a
-            cache of block inputs, one batch in flight inside a block; the same thresholds bit for bit) or
-            ``"auto"`` (sequential for models with a block list whose parameters take at least 256 MiB).
+            cache of block inputs, one batch in flight inside a block; the same thresholds bit for bit, in the memory
+            of the cache plus one batch's block activations and 0.93-1.40 dense forwards' time measured on TinyLlama
+            shapes, docs/benchmarks.md) or ``"auto"`` (sequential for models with a block list whose parameters take
+            at least 256 MiB, else lockstep).
         num_batches: use at most this many items of the calibration data (``None``: all of them).
         transform_fn: maps an item to model inputs (a dict is passed as keyword arguments, a tuple/list as
             positional arguments, anything else as the single argument); ``None``: the item itself.
-        token_mask: which input elements are data: ``"auto"`` (a dict item's ``attention_mask``), ``None``
-            (every element) or a callable ``item -> bool [batch, seq]`` mask.
+        token_mask: which input elements are data: ``"auto"`` (a dict item's ``attention_mask``, 1 = real token:
+            padding is masked), ``None`` (every element) or a callable ``item -> bool [batch, seq]`` mask.
         offload: where the sequential method keeps its cache: ``None`` (with the model), ``"cpu"`` or ``"disk"``;
             with ``method="auto"`` it chooses sequential for any model with a block list (else warns: lockstep).
         max_batches_in_flight: lockstep only: run batches in groups of this size (smaller groups bound memory and
@@ -97,12 +101,12 @@ class CalibrationConfig:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, CALIBRATION_METHODS)
-        _choice("offload", self.offload, OFFLOAD_MODES)
+        check_choice(self.method, "CalibrationConfig.method", CALIBRATION_METHODS)
+        check_choice(self.offload, "CalibrationConfig.offload", OFFLOAD_MODES)
         if self.offload is not None and self.method == "lockstep":
             raise InvalidOptionError(f"CalibrationConfig.offload={self.offload!r} needs method='sequential' (or 'auto'): "
                                      "method='lockstep' keeps no cache of block inputs to offload")
-        _choice("in_block", self.in_block, IN_BLOCK_MODES)
+        check_choice(self.in_block, "CalibrationConfig.in_block", IN_BLOCK_MODES)
         positive_int_or_none(self.num_batches, "CalibrationConfig.num_batches")
         positive_int_or_none(self.max_batches_in_flight, "CalibrationConfig.max_batches_in_flight")
         for name in ("transform_fn", "loss_fn"):

@@ -125,11 +125,9 @@ def check_shared_thresholds(
     modules = dict(model.named_modules())
     problems = []
     for g in groups:
-        sparse = [n for n in g if hasattr(modules[n], "_actsparse")]
-        by_target: dict[float, list[str]] = {}
-        for n in sparse:
-            by_target.setdefault(modules[n]._actsparse.target, []).append(n)
-        for target, names in by_target.items():
+        targets = {n: modules[n]._actsparse.target for n in g if hasattr(modules[n], "_actsparse")}
+        for target in dict.fromkeys(targets.values()):  # the sparsified members of each target
+            names = [n for n, t in targets.items() if t == target]
             ref = modules[names[0]].activation_threshold
             for n in names[1:]:
                 if not torch.equal(modules[n].activation_threshold, ref):

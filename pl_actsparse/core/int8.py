@@ -210,16 +210,13 @@ class Int8QuantizationReport:
             ]
             for r in self.layers
         ]
-        widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        widths = [max(map(len, column)) for column in zip(head, *rows)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [head, *rows]]
         lines.append(
             f"{len(self.layers)} layers quantized to int8: {self.float_bytes / 2**20:.2f} MiB -> "
             f"{self.int8_bytes / 2**20:.2f} MiB; max relative weight error {self.max_relative_error:.2e}"
         )
-        for name, why in self.skipped:
-            lines.append(f"skipped {name}: {why}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"skipped {name}: {why}" for name, why in self.skipped])
 
 
 @torch.no_grad()

@@ -621,18 +621,12 @@ def encode_sparsifier_state(state: Any) -> torch.Tensor:
     not a buffer, it is built on every ``state_dict()`` call). ``state`` is a layer's ``_actsparse`` or a
     dict as returned by :func:`decode_sparsifier_state`.
     """
-    if isinstance(state, dict):
-        d = state
-        calibrated = bool(d["calibrated"])
-        gm = GradientMode(d.get("gradient_mode", "masked"))
-    else:
-        d = {"target": state.target, "calibration_sparsity": state.calibration_sparsity,
-             "calibration_elements": state.calibration_elements}
-        calibrated = state.mode is SparsifierMode.SPARSIFYING
-        gm = state.gradient_mode
+    d = state if isinstance(state, dict) else {
+        "target": state.target, "calibrated": state.mode is SparsifierMode.SPARSIFYING, "gradient_mode": state.gradient_mode,
+        "calibration_sparsity": state.calibration_sparsity, "calibration_elements": state.calibration_elements}
     cs = d.get("calibration_sparsity")
     return torch.tensor(
-        [SPARSIFIER_STATE_FORMAT, float(d["target"]), float(calibrated), _GRADIENT_CODES[gm],
+        [SPARSIFIER_STATE_FORMAT, float(d["target"]), float(bool(d["calibrated"])), _GRADIENT_CODES[GradientMode(d.get("gradient_mode", "masked"))],
          math.nan if cs is None else float(cs), float(d.get("calibration_elements", 0))],
         dtype=torch.float64,
     )

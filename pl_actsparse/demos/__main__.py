@@ -18,7 +18,6 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -64,11 +63,10 @@ def sweep_main(argv: Sequence[str] | None = None, prog: str = "python -m pl_acts
     result = sweep_sparsity(model, calib, args.targets, perplexity_metric(evaluation), TargetScope(patterns=args.patterns),
         calibration=CalibrationConfig(progress=True), recalibrate=args.recalibrate, metric_name="perplexity",
     )
-    text = result.to_json()
+    text = result.to_json(None if args.json == "-" else args.json)
     if args.json == "-":
         sys.stdout.write(text + "\n")
     else:
-        Path(args.json).write_text(text + "\n")
         logging.getLogger(__name__).info("wrote %s", args.json)
     if args.plot:
         result.plot(args.plot)

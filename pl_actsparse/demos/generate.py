@@ -119,10 +119,9 @@ def compare_decoding(
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__qualname__}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("repeats", repeats)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     for name, m in (("dense_model", dense_model), ("sparse_model", sparse_model)):
         if not callable(getattr(m, "generate", None)):
             raise TypeError(f"{name} ({type(m).__qualname__}) has no generate(input_ids, max_new_tokens, stop_ids=...)")

@@ -364,14 +364,10 @@ _LAYER_ARRAYS = {
 
 
 def _checked_header(values: Sequence[int], path: Path, version: int, shared: bool | None = None) -> Llama2cConfig:
-    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = values
-    if shared is None:
-        shared = vocab_size > 0
+    # the header's order: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (< 0: own classifier), seq_len
     try:
-        return Llama2cConfig(
-            dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-            vocab_size=abs(vocab_size), seq_len=seq_len, shared_classifier=shared,
-        )
+        return Llama2cConfig(*values[:5], vocab_size=abs(values[5]), seq_len=values[6],
+                             shared_classifier=values[5] > 0 if shared is None else shared)
     except ValueError as exc:
         raise ValueError(f"{path}: not a llama2.c version-{version} checkpoint, header {tuple(values)}: {exc}") from None
 
@@ -445,7 +441,8 @@ def load_llama2c_checkpoint(
     if sys.byteorder != "little":  # pragma: no cover
         raise RuntimeError("llama2.c checkpoints are little-endian; big-endian hosts are not supported")
     config, version, header_bytes = _read_header(path)
-    expected = header_bytes + 4 * sum(math.prod(shape) for _, shape in _tensor_layout(config, version))
+    layout = _tensor_layout(config, version)
+    expected = header_bytes + 4 * sum(math.prod(shape) for _, shape in layout)
     actual = path.stat().st_size
     if actual != expected:
         raise ValueError(
@@ -456,12 +453,7 @@ def load_llama2c_checkpoint(
         )
     data = bytearray(path.read_bytes())
     flat = torch.frombuffer(data, dtype=torch.float32, offset=header_bytes)
-    arrays: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, shape in _tensor_layout(config, version):
-        n = math.prod(shape)
-        arrays[name] = flat[offset : offset + n].view(shape)
-        offset += n
+    arrays = {name: t.view(shape) for (name, shape), t in zip(layout, flat.split([math.prod(s) for _, s in layout]))}
 
     sd: dict[str, torch.Tensor] = {"embed_tokens.weight": arrays["tok_embeddings"], "norm.weight": arrays["rms_final"]}
     for i in range(config.n_layers):
@@ -513,7 +505,6 @@ def save_llama2c_checkpoint(model: Llama2cModel, path: str | os.PathLike, versio
 
 # --------------------------------------------------------------------------- tokenizer
 
-_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _SPACE_SPLIT = re.compile(r"(?= )")
 
 
@@ -538,17 +529,14 @@ class Llama2cTokenizer:
         self.max_token_length = max_token_length or max(len(p) for p in self.pieces)
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self._lookup: dict[bytes, int] = {}
-        for i, p in enumerate(self.pieces):
-            self._lookup.setdefault(p, i)
+        self._lookup = {p: i for i, p in reversed(list(enumerate(self.pieces)))}  # a repeated piece: its first id
         # byte fallback: id = byte + 3 in llama2.c vocabularies; verify rather than assume
         self._byte_ids: list[int] | None = None
         if len(self.pieces) >= 259 and all(self.pieces[b + 3] == b"<0x%02X>" % b for b in range(256)):
             self._byte_ids = [b + 3 for b in range(256)]
-        self._out_bytes: list[bytes] = []
-        for i, p in enumerate(self.pieces):
-            m = _BYTE_PIECE.fullmatch(p)
-            self._out_bytes.append(bytes([int(m.group(1), 16)]) if (m and self._byte_ids and 3 <= i <= 258) else p)
+        self._out_bytes = list(self.pieces)  # what decode writes: the byte itself for the (verified) byte pieces
+        if self._byte_ids is not None:
+            self._out_bytes[3:259] = [bytes([b]) for b in range(256)]
         self.chunked = not any(b" " in p[1:] for p in self.pieces)
         self._cache: dict[str, tuple[int, ...]] = {}
 

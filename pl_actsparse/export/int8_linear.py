@@ -7,14 +7,14 @@ sharing its int8 buffers, and reads torchao's weight-only int8 weights too. See 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from pl_actsparse.core.int8 import Int8WeightLinear
 from pl_actsparse.errors import InvalidOptionError
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, fit_threshold_buffer, threshold_text
+from pl_actsparse.core.layer import THRESHOLD_BUFFER, threshold_text
 from pl_actsparse.export.linear import SparseInferenceLinear, check_export_options, exported_state, exported_threshold
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels import int8_cpu as _int8
@@ -67,29 +67,21 @@ class Int8SparseInferenceLinear(nn.Module):
         self.sparsity_state = exported_state(layer)
         self.train(layer.training)
 
-    # -- saving and loading: the Int8WeightLinear layout -------------------------------------------
-    # the sparsifier state of the layer this one was exported from, saved as the float layer saves it
+    # -- saving and loading: SparseInferenceLinear's, with the keys of a sparsified Int8WeightLinear -----------
+    # (``qweight`` holds the same [in, out] codes as qweight_t), so an exported int8 model's checkpoint loads into
+    # a model quantized with quantize_weights_int8; the sparsifier state is the exported layer's, as there
     get_extra_state = SparseInferenceLinear.get_extra_state
     set_extra_state = SparseInferenceLinear.set_extra_state
+    _save_to_state_dict = SparseInferenceLinear._save_to_state_dict
+    _load_from_state_dict = SparseInferenceLinear._load_from_state_dict
+    _WEIGHT_KEYS = ("qweight", "qweight_t")  # (saved, held)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # The keys of a sparsified Int8WeightLinear (``qweight`` holds the same [in, out] codes as qweight_t),
-        # so an exported int8 model's checkpoint loads into a model quantized with quantize_weights_int8.
-        saved = {"bias": self.bias, "qweight": self.qweight_t, "scale": self.scale, "zero_point": self.zero_point, THRESHOLD_BUFFER: self.activation_threshold}
-        for key, t in saved.items():
-            if t is not None:
-                destination[prefix + key] = t if keep_vars else t.detach()
-        destination[prefix + "_extra_state"] = self.get_extra_state()
+    def _saved_tensors(self) -> dict[str, Optional[Tensor]]:
+        return {"bias": self.bias, "qweight": self.qweight_t, "scale": self.scale, "zero_point": self.zero_point,
+                THRESHOLD_BUFFER: self.activation_threshold}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-        qkey, tkey, skey = prefix + "qweight", prefix + "qweight_t", prefix + "_extra_state"
-        if qkey in state_dict and tkey not in state_dict:
-            state_dict[tkey] = state_dict.pop(qkey)
-        before = len(missing_keys)
-        fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if skey not in state_dict:  # this layer always applies its threshold: the state is bookkeeping only
-            missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
+    def _held_weight(self, saved: Tensor) -> Tensor:
+        return saved
 
     @property
     def weight_nbytes(self) -> int:
@@ -163,10 +155,7 @@ class Int8SparseInferenceLinear(nn.Module):
         if codes is not None:  # a library's int8 weight (torchao), rebuilt from these buffers
             rebuild, info, bias_dtype = codes
             weight = rebuild(self.qweight_t.t().contiguous(), self.scale, self.zero_point)
-            bias = None if self.bias is None else self.bias.detach().to(bias_dtype)
-            lin = info.build(weight, bias, self.in_features, self.out_features)
-            lin.train(self.training)
-            return lin
+            return info.build(weight, None if self.bias is None else self.bias.detach().to(bias_dtype), self)
         new = Int8WeightLinear(self.in_features, self.out_features, bias=False, mode=self.mode,
                                granularity=self.granularity, device="meta", dtype=self.weight_dtype)
         new.qweight, new.scale, new.zero_point = self.qweight_t, self.scale, self.zero_point

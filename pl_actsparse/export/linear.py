@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
-    THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
+    STATE_KEY, THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
     linear_like_spec, sparsifier_state, threshold_text,
 )
 from pl_actsparse.errors import InvalidOptionError
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, packed_linear, prepack_weight, sparse_token_crossover
+from pl_actsparse.kernels.sparse_op import linear_t_fake
 
 __all__ = ["SparseInferenceLinear", "check_export_options", "default_max_sparse_tokens", "is_sparsified_linear", "sparse_inference_linear"]
 
@@ -313,39 +314,42 @@ class SparseInferenceLinear(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         self.sparsity_state = decode_sparsifier_state(state)
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain
-        # model loading the file gets the right weights, and load_activation_sparsity / from_pretrained
-        # restore the sparsified model from the very same keys as an unexported save.
+    # Saved in the nn.Linear layout (weight [out, in], bias, threshold, state), never as W^T: a plain model loading
+    # the file gets the right weights, and load_activation_sparsity / from_pretrained restore the sparsified model
+    # from the very same keys as an unexported save. Checkpoints in this layout load (weight_t derived from
+    # weight), and so do saves of 0.1 (weight_t) and checkpoints without a sparsifier state: this layer always
+    # applies its threshold, so the state is bookkeeping only (it then says "calibrated" iff the threshold is
+    # finite). Int8SparseInferenceLinear shares these four methods with its own keys.
+    _WEIGHT_KEYS = ("weight", "weight_t")  # (saved, held)
+
+    def _saved_tensors(self) -> dict[str, Optional[Tensor]]:
         w = self.weight_t if self.__dict__.get("_weight_in_out", False) else self.weight_t.t()  # Conv1D: [in, out]
-        destination[prefix + "weight"] = w if keep_vars else w.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        t = self.activation_threshold
-        destination[prefix + THRESHOLD_BUFFER] = t if keep_vars else t.detach()
-        destination[prefix + "_extra_state"] = self.get_extra_state()
+        return {"weight": w, "bias": self.bias, THRESHOLD_BUFFER: self.activation_threshold}
+
+    def _held_weight(self, saved: Tensor) -> Tensor:
+        return saved if self.__dict__.get("_weight_in_out", False) else saved.t()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for key, t in self._saved_tensors().items():
+            if t is not None:
+                destination[prefix + key] = t if keep_vars else t.detach()
+        destination[prefix + STATE_KEY] = self.get_extra_state()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:
-        # Checkpoints in the nn.Linear layout (what this layer saves): derive weight_t from weight. Saves of
-        # 0.1 (weight_t) and checkpoints without a sparsifier state load too: this layer always applies its
-        # threshold, so the state is bookkeeping only (it then says "calibrated" iff the threshold is finite).
-        wkey, tkey, skey = prefix + "weight", prefix + "weight_t", prefix + "_extra_state"
-        if wkey in state_dict and tkey not in state_dict:
-            saved = state_dict[wkey]
-            state_dict[tkey] = saved if self.__dict__.get("_weight_in_out", False) else saved.t()
-            del state_dict[wkey]
+        (saved, held), skey = (prefix + k for k in self._WEIGHT_KEYS), prefix + STATE_KEY
+        if saved in state_dict and held not in state_dict:
+            state_dict[held] = self._held_weight(state_dict.pop(saved))
         before = len(missing_keys)
         fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if skey not in state_dict:
             missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]
-            finite = bool(torch.isfinite(self.activation_threshold).all()) if not self.activation_threshold.is_meta else False
-            self.sparsity_state = dict(self.sparsity_state, calibrated=finite)
+            if isinstance(self, SparseInferenceLinear):  # the int8 layer keeps the state it was exported with
+                finite = bool(torch.isfinite(self.activation_threshold).all()) if not self.activation_threshold.is_meta else False
+                self.sparsity_state = dict(self.sparsity_state, calibrated=finite)
 
     def to_linear(self) -> nn.Linear:
         """The plain (unsparsified) module this layer was exported from, rebuilt.
@@ -360,10 +364,7 @@ class SparseInferenceLinear(nn.Module):
             weight = self.weight_t.detach()
         else:
             weight = self.weight_t.detach().t().contiguous()
-        bias = None if self.bias is None else self.bias.detach()
-        lin = info.build(weight, bias, self.in_features, self.out_features)
-        lin.train(self.training)
-        return lin
+        return info.build(weight, None if self.bias is None else self.bias.detach(), self)
 
 
 def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
@@ -396,11 +397,12 @@ class RestoreInfo:
         return cls(original_module_class(linear), shell, bool(w.requires_grad) if isinstance(w, Tensor) else True,
                    bool(b.requires_grad) if b is not None else True)
 
-    def build(self, weight: Tensor, bias: Optional[Tensor], in_features: int, out_features: int) -> nn.Linear:
+    def build(self, weight: Tensor, bias: Optional[Tensor], exported: nn.Module) -> nn.Linear:
         """The original module again, holding ``weight`` and ``bias`` (as Parameters, ``requires_grad`` as
-        they were)."""
+        they were), in the train/eval mode of ``exported`` (the layer it is rebuilt from, which also gives the sizes
+        of a layer built directly)."""
         if self.shell is None:
-            lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+            lin = nn.Linear(exported.in_features, exported.out_features, bias=bias is not None, device="meta")
         elif "weight" not in self.shell["_parameters"]:
             raise NotImplementedError(
                 f"cannot rebuild the exported {self.cls.__qualname__}: it keeps its weight under another name than "
@@ -411,7 +413,7 @@ class RestoreInfo:
             lin.__dict__.update(self.copy_of_shell())
         lin.weight = nn.Parameter(weight, requires_grad=self.weight_requires_grad)
         lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=self.bias_requires_grad)
-        return lin
+        return lin.train(exported.training)
 
     def copy_of_shell(self) -> dict[str, Any]:
         d = dict(self.shell or {})
@@ -476,10 +478,7 @@ def sparse_inference_linear(
     return dense_linear_t(zero_small(x, threshold), weight_t, bias)
 
 
-@sparse_inference_linear.register_fake
-def _sparse_inference_linear_fake(x, threshold, weight_t, bias, max_sparse_tokens):
-    torch._check(x.shape[-1] == weight_t.shape[0])
-    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+sparse_inference_linear.register_fake(linear_t_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:

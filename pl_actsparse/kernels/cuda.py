@@ -89,9 +89,7 @@ def sparse_linear_cuda(
     return masked_linear(x, t, weight_t.t(), bias)
 
 
-@sparse_linear.register_kernel("cuda")
-def _sparse_linear_cuda_kernel(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    return sparse_linear_cuda(x, threshold, weight_t, bias)
+sparse_linear.register_kernel("cuda")(sparse_linear_cuda)
 
 
 def _define_kernel(triton, tl):

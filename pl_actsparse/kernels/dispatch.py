@@ -203,9 +203,7 @@ def prepack_race(weight_t: Tensor, rounds: int = 5, timer: Callable[[], float] =
         sparse_token_crossover(weight_t.dtype, weight_t=weight_t)  # picks the shape's shared method first
         x = torch.randn(PREPACK_TOKENS, weight_t.shape[0], generator=torch.Generator().manual_seed(0)).to(weight_t.dtype)
         fns = (lambda: dense_linear_t(x, weight_t), lambda: packed_linear(x, packed))
-        shared, pre = _race(*fns, rounds, timer)
-        if pre >= shared:  # confirm a loss with twice the rounds (a busy window must not decide alone)
-            shared, pre = (min(a, b) for a, b in zip((shared, pre), _race(*fns, 2 * rounds, timer)))
+        shared, pre = _race(*fns, rounds, timer, confirm=lambda s, p: p >= s)
         _prepack_races[key] = {"shared_ms": shared * 1e3, "prepacked_ms": pre * 1e3, "prepacked": pre < shared}
         log.info("pl_actsparse: prefill race %s %s: %s", tuple(weight_t.shape), weight_t.dtype, _prepack_races[key])
     return dict(_prepack_races[key])
@@ -297,8 +295,10 @@ def _time(fn: Callable[[], object], rounds: int, timer: Callable[[], float], giv
     return best
 
 
-def _race(a: Callable[[], object], b: Callable[[], object], rounds: int, timer: Callable[[], float]) -> tuple[float, float]:
-    """Best times of ``a`` and ``b`` over ``rounds`` interleaved rounds (alternating order), after a warm-up."""
+def _race(a: Callable[[], object], b: Callable[[], object], rounds: int, timer: Callable[[], float],
+          confirm: Optional[Callable[[float, float], bool]] = None) -> tuple[float, float]:
+    """Best times of ``a`` and ``b`` over ``rounds`` interleaved rounds (alternating order), after a warm-up; where
+    ``confirm(time_a, time_b)`` (a loss), best of ``2 * rounds`` more too: a busy window must not decide alone."""
     a()
     b()
     best = [math.inf, math.inf]
@@ -307,6 +307,8 @@ def _race(a: Callable[[], object], b: Callable[[], object], rounds: int, timer: 
             t0 = timer()
             (a, b)[i]()
             best[i] = min(best[i], timer() - t0)
+    if confirm is not None and confirm(*best):
+        best = [min(t, u) for t, u in zip(best, _race(a, b, 2 * rounds, timer))]
     return best[0], best[1]
 
 
@@ -395,10 +397,7 @@ def measure_cpu_profile(
         def dense() -> Tensor:
             return dense_fn(zero_small(x, thr), wt, None)  # the layer's dense path, masking included
 
-        ts, td = _race(sparse, dense, rounds, timer)
-        if ts > td:  # confirm a loss before it ends the search
-            ts2, td2 = _race(sparse, dense, 2 * rounds, timer)
-            ts, td = min(ts, ts2), min(td, td2)
+        ts, td = _race(sparse, dense, rounds, timer, confirm=lambda s, d: s > d)  # a loss ends the search
         sparse_ms[ntok], dense_by_tokens[ntok] = ts * 1e3, td * 1e3
         if ts > td:
             break

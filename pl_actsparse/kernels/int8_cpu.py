@@ -43,7 +43,7 @@ from torch import Tensor
 
 from pl_actsparse.kernels._extension import InlineExtension
 from pl_actsparse.kernels.cpu import zero_small
-from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold
+from pl_actsparse.kernels.sparse_op import FP32_BLOCK_BYTES, blocked_fp32_linear, effective_threshold, linear_t_fake
 
 __all__ = [
     "Granularity",
@@ -110,16 +110,15 @@ def quantize_weight_t(
     # in-place on the copy: a 1B-parameter model would otherwise allocate (and page-fault) ~10 fp32 copies
     if mode == "sym":
         scale = wt.abs().amax(dim=dim, keepdim=True) / 127.0
-        degenerate = scale < tiny
-        scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    else:
+        lo = wt.amin(dim=dim, keepdim=True).clamp(max=0)
+        scale = (wt.amax(dim=dim, keepdim=True).clamp(min=0) - lo) / 255.0
+    degenerate = scale < tiny
+    scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    if mode == "sym":
         q = wt.div_(scale).round_().clamp_(-127, 127).masked_fill_(degenerate, 0)
         zp = None
     else:
-        lo = wt.amin(dim=dim, keepdim=True).clamp(max=0)
-        hi = wt.amax(dim=dim, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / 255.0
-        degenerate = scale < tiny
-        scale = torch.where(degenerate, torch.ones_like(scale), scale)
         zp = torch.round(-128.0 - lo / scale).clamp_(-128, 127).masked_fill_(degenerate, 0)
         q = wt.div_(scale).round_().add_(zp).clamp_(-128, 127).masked_fill_(degenerate, 0)
     return q.to(torch.int8).contiguous(), scale.contiguous(), zp.contiguous() if zp is not None else None
@@ -303,10 +302,7 @@ def int8_sparse_gemv_direct(
     )
 
 
-@int8_sparse_linear.register_fake
-def _int8_sparse_linear_fake(x, threshold, qweight_t, scale, zero_point=None, bias=None, max_sparse_tokens=None):
-    torch._check(x.shape[-1] == qweight_t.shape[0])
-    return x.new_empty((*x.shape[:-1], qweight_t.shape[1]))
+int8_sparse_linear.register_fake(linear_t_fake)
 
 
 def _int8_setup_context(ctx, inputs, output) -> None:

@@ -10,13 +10,13 @@ dense) implementation; each backend registers its own device kernel: :mod:`pl_ac
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["check_kernel_args", "effective_threshold", "masked_linear", "sparse_linear", "to_kernel_layout"]
+__all__ = ["check_kernel_args", "effective_threshold", "linear_t_fake", "masked_linear", "sparse_linear", "to_kernel_layout"]
 
 
 def to_kernel_layout(weight: Tensor) -> Tensor:
@@ -97,7 +97,10 @@ def sparse_linear(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional
     return F.linear(x.masked_fill(x.abs() <= thr, 0), weight_t.t(), bias)
 
 
-@sparse_linear.register_fake
-def _sparse_linear_fake(x: Tensor, threshold: Tensor, weight_t: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def linear_t_fake(x: Tensor, threshold: Tensor, weight_t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """The fake (meta) of each sparse-linear op (float, int8, exported layer): ``x [..., in] @ weight_t [in, out]``."""
     torch._check(x.shape[-1] == weight_t.shape[0])
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+sparse_linear.register_fake(linear_t_fake)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pl_actsparse.core.layer import THRESHOLD_BUFFER, decode_sparsifier_state, encode_sparsifier_state, install_sparsifier, is_sparsified, sparsified_layers
+from pl_actsparse.core.layer import decode_sparsifier_state, encode_sparsifier_state, restore_layers, sparsified_layers
 
 
 def send_to_main_process(trainer: Any, callback: Any, pl_module: Any) -> None:
@@ -52,12 +52,8 @@ class _Payload(tuple):
             modules = dict(module.named_modules())
             if not layers:
                 remove_activation_sparsity(module)
-            for name, (threshold, shape, extra) in layers.items():
-                m = modules[name]
-                if not is_sparsified(m):
-                    install_sparsifier(m, extra["target"], extra.get("gradient_mode", "masked"))
-                m._buffers[THRESHOLD_BUFFER] = torch.tensor(threshold, dtype=torch.float32, device=m.weight.device).reshape(shape)
-                m.set_extra_state(encode_sparsifier_state(extra))
+            restore_layers(modules, {n: (torch.tensor(t, dtype=torch.float32, device=modules[n].weight.device).reshape(shape),
+                                         encode_sparsifier_state(extra)) for n, (t, shape, extra) in layers.items()})
             callback.load_state_dict(callback_state)
             callback._layer_names = list(layer_names)
 

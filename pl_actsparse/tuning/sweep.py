@@ -278,10 +278,7 @@ def perplexity_metric(windows: Any, batch_size: int = 16) -> Callable[[nn.Module
     """``model -> perplexity`` on token windows (see :func:`pl_actsparse.tuning.objectives.perplexity`)."""
     from pl_actsparse.tuning.objectives import perplexity
 
-    def metric(model: nn.Module) -> float:
-        return perplexity(model, windows, batch_size=batch_size)
-
-    return metric
+    return lambda model: perplexity(model, windows, batch_size=batch_size)
 
 
 def lightning_validate_metric(
@@ -300,9 +297,7 @@ def lightning_validate_metric(
 
     def metric(_model: nn.Module) -> float:
         results = trainer.validate(module, dataloaders=dataloaders, datamodule=datamodule, verbose=False)
-        merged: dict[str, Any] = {}
-        for r in results:
-            merged.update(r)
+        merged: dict[str, Any] = {k: v for r in results for k, v in r.items()}
         if key not in merged:
             raise KeyError(f"trainer.validate logged {sorted(merged)}; no {key!r}")
         value = merged[key]

@@ -24,7 +24,7 @@ again to keep the score.
 from __future__ import annotations
 
 import math
-from pl_actsparse.calibrate.running import check_batches
+from pl_actsparse.calibrate.running import check_batches, hooks_removed
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from pl_actsparse.api import dense_gradient_pass, plan_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate.allocation import gradient_scales
-from pl_actsparse.config import CalibrationConfig
+from pl_actsparse.config import CalibrationConfig, check_choice
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
 from pl_actsparse.integrations import layer_map
@@ -116,58 +116,48 @@ def sparsify_activations_weight_aware(
     >>> tuple(net[0].activation_threshold.shape), float((net[0].sparsify_input(data[0]) == 0).float().mean())
     ((16,), 0.5)
     """
-    if score not in SCORES:
-        raise InvalidOptionError(f"score must be one of {', '.join(map(repr, SCORES))}, got {score!r}")
+    check_choice(score, "score", SCORES)
     config = CalibrationConfig.from_value(calibration)
     plan = plan_activation_sparsity(model, target_sparsity_by_scope, ignored_scope)
     modules = dict(model.named_modules())
     names = list(plan.targets)
     wrapped = layer_map(modules.items()).wrapper_of
     axes = {n: _input_axis(n, modules[n], wrapped) for n in names}  # every layer checked before any change
-    if share_groups or score == "fisher":
-        data = dataset if isinstance(dataset, (list, tuple)) else list(check_batches(dataset))
-        dataset = data
+    if share_groups or score == "fisher":  # read more than once
+        dataset = dataset if isinstance(dataset, (list, tuple)) else list(check_batches(dataset))
     if score == "fisher":
         layers = [(n, modules[n]) for n in names]
         with dense_gradient_pass(model, layers, config, "score='fisher'", ", or use score='weight'") as (pass_config, loss_fn):
-            fisher = gradient_scales(model, layers, data, pass_config, loss_fn)
+            fisher = gradient_scales(model, layers, dataset, pass_config, loss_fn)
     scales: dict[str, torch.Tensor] = {n: fisher[n] if score == "fisher" else weight_column_norms(modules[n]) for n in names}
     if share_groups:
         if groups is None:
             from pl_actsparse.calibrate.groups import find_shared_input_groups
 
-            groups = find_shared_input_groups(model, data[0], names, transform_fn=config.transform_fn) if data else []
+            groups = find_shared_input_groups(model, dataset[0], names, transform_fn=config.transform_fn) if dataset else []
         for g in groups:
-            members = [n for n in g if n in plan.targets]
-            by_target: dict[float, list[str]] = {}
-            for n in members:
-                by_target.setdefault(plan.targets[n], []).append(n)
-            for ms in by_target.values():
+            for t in dict.fromkeys(plan.targets[n] for n in g if n in plan.targets):  # the members of each target
+                ms = [n for n in g if plan.targets.get(n) == t]
                 if len(ms) > 1:  # one scale for the group: stacked columns, or the summed E[g^2]
                     shared = (sum(fisher[n] ** 4 for n in ms) ** 0.25 if score == "fisher"  # type: ignore[misc]
                               else weight_column_norms([modules[n] for n in ms]))
                     for n in ms:
                         scales[n] = shared
-    handles = []
+    handles: list = []
     originals: dict[str, nn.Parameter] = {}  # a layer's own scaled Parameter meanwhile: a tied weight (GPT-2's lm_head) stays
     try:
-        for n in names:
-            m = modules[n]
-            c = scales[n].to(m.weight.device)
-            w = originals[n] = m._parameters["weight"]
-            safe = torch.where(c > 0, c, torch.ones_like(c))
-            if axes[n] == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
-                safe = safe[:, None]
-            m._parameters["weight"] = nn.Parameter((w.detach().float() / safe).to(w.dtype), requires_grad=w.requires_grad)
-
-            def pre_hook(module: nn.Module, args: tuple, c=c) -> tuple:
-                return (args[0] * c.to(args[0].dtype),) + tuple(args[1:])
-
-            handles.append(m.register_forward_pre_hook(pre_hook))
-        sparsify_activations(model, dataset, target_sparsity_by_scope, ignored_scope, calibration=config, **kwargs)
+        with hooks_removed(handles):
+            for n in names:
+                m = modules[n]
+                c = scales[n].to(m.weight.device)
+                w = originals[n] = m._parameters["weight"]
+                safe = torch.where(c > 0, c, torch.ones_like(c))
+                if axes[n] == 0:  # the weight is stored as W^T (GPT-2's Conv1D)
+                    safe = safe[:, None]
+                m._parameters["weight"] = nn.Parameter((w.detach().float() / safe).to(w.dtype), requires_grad=w.requires_grad)
+                handles.append(m.register_forward_pre_hook(lambda _m, args, c=c: (args[0] * c.to(args[0].dtype), *args[1:])))  # x * c
+            sparsify_activations(model, dataset, target_sparsity_by_scope, ignored_scope, calibration=config, **kwargs)
     finally:
-        for h in handles:
-            h.remove()
         for n, w in originals.items():
             modules[n]._parameters["weight"] = w
     for n in names:
