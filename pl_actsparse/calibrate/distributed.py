@@ -37,6 +37,17 @@ class Distributed:
         self.dist.all_reduce(buf, op=self.dist.ReduceOp.SUM)
         return buf.to(t.device)
 
+    def cat_(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of ``t`` of every rank, in rank order (``t`` itself in a single process)."""
+        if not self.enabled:
+            return t
+        world, rank = self.dist.get_world_size(), self.dist.get_rank()
+        sizes = self.sum_(torch.zeros(world, dtype=torch.int64).index_fill_(0, torch.tensor([rank]), t.shape[0])).tolist()
+        buf = t.new_zeros(world, max(sizes), *t.shape[1:])
+        buf[rank, : t.shape[0]] = t
+        buf = self.sum_(buf)
+        return torch.cat([buf[r, :n] for r, n in enumerate(sizes)])
+
     def min_int(self, value: int) -> int:
         """The smallest ``value`` over ranks."""
         if not self.enabled:

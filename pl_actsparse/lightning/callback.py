@@ -167,8 +167,8 @@ class ActivationSparsityCallback(Callback):
         allocation: as :func:`~pl_actsparse.api.sparsify_activations`' (``"auto"``: each scope's value is a byte budget
             over its layers). Levels are allocated at the first calibration and when the schedule changes a budget;
             recalibrations keep them (``docs/callback.md``). They are in ``state_dict``: a resumed fit keeps them.
-        rotation: ``True`` or ``{"heads": ..., "tolerance": ...}``: first rotate the plain model in place into the principal
-            axes of its activations on the calibration data (:func:`~pl_actsparse.tuning.rotation.rotate_activations`), at ``setup``.
+        rotation: ``True`` or ``{"heads", "sparsity", "tolerance"}``: first rotate the plain model in place on the calibration data
+            (:func:`~pl_actsparse.tuning.rotation.rotate_activations`; ``sparsity`` defaults to the scopes' mean target), at ``setup``.
 
     Raises:
         CallbackConfigurationError: an argument is invalid, or, at ``setup``, the run cannot work as configured.
@@ -214,7 +214,7 @@ class ActivationSparsityCallback(Callback):
         self.schedule = _parse_schedule(schedule)
         self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
         self.allocation = _tag("allocation", check_allocation, allocation, self.targets)
-        self.rotation = _parse_rotation(rotation)
+        self.rotation = _parse_rotation(rotation, self.targets)
         self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
         self.track = _parse_track(track)
         for name, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
@@ -575,12 +575,15 @@ def _levels(allocated: Mapping[str, Any], budgets: Mapping[TargetScope, float]) 
     return dict(allocated["levels"]) if allocated and allocated["budgets"] == {repr(s): float(v) for s, v in budgets.items()} else None
 
 
-def _parse_rotation(value: Any) -> dict[str, Any] | None:
+def _parse_rotation(value: Any, targets: Mapping[TargetScope, float]) -> dict[str, Any] | None:
+    """rotate_activations' options; ``sparsity`` (the axes turned for it) defaults to the scopes' mean target."""
     if value is None or value is False:
         return None
-    if value is not True and not (isinstance(value, Mapping) and set(value) <= {"heads", "tolerance"}):
-        raise config_error("rotation", f"rotation must be True, False or a mapping of rotate_activations' options 'heads' and 'tolerance', got {value!r}")
-    return _tag("rotation", lambda: check_rotation_options(**({} if value is True else value)))
+    if value is not True and not (isinstance(value, Mapping) and set(value) <= {"heads", "tolerance", "sparsity"}):
+        raise config_error("rotation", f"rotation must be True, False or a mapping of rotate_activations' options 'heads', 'sparsity' and 'tolerance', got {value!r}")
+    mean = sum(targets.values()) / len(targets)
+    options = {"sparsity": round(mean, 6) if 0 < mean < 1 else None, **({} if value is True else value)}
+    return _tag("rotation", lambda: check_rotation_options(**options))
 
 
 def _check_rotation_state(callback: ActivationSparsityCallback, saved: bool) -> None:

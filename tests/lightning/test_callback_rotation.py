@@ -71,7 +71,8 @@ def test_rotation_at_setup_equals_the_functional_path_and_keeps_the_function():
         after = lm(x)
     assert float((after - before).norm() / before.norm()) < 1e-4  # the dense function is kept
     # the functional path on the same weights and batches: rotate, then sparsify -> the same thresholds
-    ref = rotate_activations(_llama(tie=True), _calibration(data), calibration={"progress": False})
+    assert cb.rotation["sparsity"] == 0.5  # the axes turned for the scopes' mean target
+    ref = rotate_activations(_llama(tie=True), _calibration(data), calibration={"progress": False}, sparsity=0.5)
     sparsify_activations(ref, _calibration(data), {TargetScope(patterns=ALL[0]["patterns"]): 0.5}, calibration={"progress": False})
     layers = dict(sparsified_layers(ref))
     assert len(layers) == 14
@@ -176,13 +177,18 @@ def test_resuming_an_unrotated_run_with_rotation_is_refused_by_name(tmp_path):
     ({"head": True}, CallbackConfigurationError, r"rotation must be True, False or a mapping"),
     ({"heads": 1}, InvalidOptionError, r"heads must be True or False, got 1"),
     ({"tolerance": -1.0}, InvalidOptionError, r"tolerance must be None or a finite number >= 0"),
+    ({"sparsity": 1.0}, InvalidOptionError, r"sparsity must be None or a number in \(0, 1\)"),
 ])
 def test_bad_rotation_options_are_refused_at_construction(value, error, match):
     with pytest.raises(error, match=match) as info:
         _callback(scopes=ALL, rotation=value)
     assert info.value.argument == "rotation"  # the YAML key the CLI prints
     assert _callback(scopes=ALL, rotation=False).rotation is None
-    assert _callback(scopes=ALL, rotation={"tolerance": 0.01}).rotation == {"heads": True, "tolerance": 0.01}
+    assert _callback(scopes=ALL, rotation={"tolerance": 0.01}).rotation == {"heads": True, "tolerance": 0.01, "sparsity": 0.5}
+    two = [{"patterns": [r".*mlp\..*"], "sparsity": 0.3}, {"patterns": [r".*attn\..*"], "sparsity": 0.5}]
+    assert _callback(scopes=two, rotation=True).rotation["sparsity"] == 0.4  # the mean of the scopes' targets
+    assert _callback(scopes=ALL, rotation={"sparsity": None}).rotation["sparsity"] is None  # principal axes only
+    assert _callback(scopes=[{"patterns": [".*"], "sparsity": 0.0}], rotation=True).rotation["sparsity"] is None
 
 
 def _unrotatable(kind: str):
@@ -273,7 +279,9 @@ def _ddp_worker(out: str) -> None:  # pragma: no cover - runs in the subprocesse
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    cb = _callback(scopes=MLP, input_key=None, rotation=True, calibration={"transform_fn": lambda b: b[0], "progress": False})
+    # principal axes only: the statistics are sums over ranks, so two ranks equal one process on the union (with
+    # sparsity= each rank samples its own tokens: tests/tuning/test_rotation.py checks that the ranks agree)
+    cb = _callback(scopes=MLP, input_key=None, rotation={"sparsity": None}, calibration={"transform_fn": lambda b: b[0], "progress": False})
     trainer = _trainer(cb, strategy="ddp", devices=WORLD)
     model = TinyStoriesLM()
     trainer.validate(model, datamodule=_data(), verbose=False)

@@ -13,7 +13,7 @@ import torch
 
 from pl_actsparse import TargetScope, sparsify_activations
 from pl_actsparse.errors import EmptyDatasetError, InvalidOptionError, UnsupportedModuleError
-from pl_actsparse.tuning.rotation import rotate_activations
+from pl_actsparse.tuning.rotation import rotate_activations, sparsest_rotation
 
 QUIET = {"progress": False}
 transformers = pytest.importorskip("transformers")
@@ -53,6 +53,46 @@ def _stream_moment(model, data) -> torch.Tensor:
         h.remove()
     x = torch.cat(acc)
     return x.T @ x
+
+
+def _zeroed_energy(model, data, fraction: float) -> float:
+    """Mean over tokens and the decoder layers' norms of the energy in each normalised token's smallest coordinates."""
+    acc = []
+    hook = lambda _m, a: acc.append((a[0] / a[0].pow(2).mean(-1, keepdim=True).sqrt()).double().reshape(-1, a[0].shape[-1]))  # noqa: E731
+    hs = [m.register_forward_pre_hook(hook) for n, m in model.named_modules() if n.endswith("layernorm")]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hs:
+        h.remove()
+    x = torch.cat(acc)
+    return float(x.pow(2).sort(-1).values[:, : round(fraction * x.shape[1])].sum(-1).mean())
+
+
+def test_sparsest_rotation_finds_the_sparse_basis_of_mixed_sparse_codes():
+    """Rows that are sparse in an unknown orthonormal basis (each token: 8 of 32 coordinates non-zero): turned from a
+    random basis, the energy in each row's 24 smallest coordinates falls from ~0.29 of the total to almost nothing."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(8192, 32, generator=g) * (torch.rand(8192, 32, generator=g) < 0.25)
+    mixing = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]
+    x = (codes.double() @ mixing.T).float()
+    energy = lambda y: float(y.pow(2).sort(-1).values[:, :24].sum(-1).mean() / y.pow(2).sum(-1).mean())  # noqa: E731
+    r = sparsest_rotation(x, 0.75)
+    assert r.dtype == torch.float64 and torch.allclose(r.T @ r, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    assert energy(x) > 0.25 and energy((x.double() @ r).float()) < 0.1 * energy(x)  # measured 0.293 -> 0.0095
+    assert torch.equal(r, sparsest_rotation(x, 0.75))  # deterministic
+
+
+def test_rotation_for_a_sparsity_keeps_the_function_and_zeroes_less_energy():
+    model, data = _hf(tie=True), _data(6)
+    with torch.no_grad():
+        before = model(data[0]).logits
+    pca = rotate_activations(_hf(tie=True), data, calibration=QUIET)
+    turned = rotate_activations(model, data, calibration=QUIET, sparsity=0.5)
+    with torch.no_grad():
+        after = turned(data[0]).logits
+    assert float((after - before).norm() / before.norm()) < 1e-4
+    assert _zeroed_energy(turned, data, 0.5) < 0.95 * _zeroed_energy(pca, data, 0.5)
 
 
 @pytest.mark.parametrize("kind,tie,bias", [("llama", False, False), ("llama", True, True), ("qwen2", False, False)])
@@ -156,6 +196,8 @@ def test_refusals_change_nothing(case):
     ({"tolerance": -1.0}, None, InvalidOptionError, "tolerance must be None or a finite number >= 0.*got -1.0"),
     ({"tolerance": float("nan")}, None, InvalidOptionError, "tolerance must be .* got nan"),
     ({"heads": 1}, None, InvalidOptionError, "heads must be True or False, got 1"),
+    ({"sparsity": 0.0}, None, InvalidOptionError, r"sparsity must be None or a number in \(0, 1\) .*got 0.0"),
+    ({"sparsity": True}, None, InvalidOptionError, "sparsity must be .* got True"),
     ({}, "padding", EmptyDatasetError, "kept no token of the 2 calibration batch"),
     ({}, "inference", InvalidOptionError, r"made under torch.inference_mode \(\['model.embed_tokens.weight'"),
 ])
@@ -278,6 +320,8 @@ def _ddp_worker(rank: int, out: str, init: str) -> None:  # pragma: no cover - r
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     model = rotate_activations(_hf(), _data(6)[rank::2], calibration=QUIET)
     torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    turned = rotate_activations(_hf(), _data(6)[rank::2], calibration=QUIET, sparsity=0.5)  # each rank samples its own tokens
+    torch.save(turned.state_dict(), f"{out}/sparse{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -286,6 +330,8 @@ def test_two_ddp_ranks_agree_with_one_process_on_the_union(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(Path(__file__).resolve().parents[1])])}
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    sa, sb = (torch.load(tmp_path / f"sparse{r}.pt") for r in range(2))
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)  # rank 0's turn of the axes, on every rank
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     one = rotate_activations(_hf(), _data(6), calibration=QUIET).state_dict()
     for n in one:
