@@ -115,7 +115,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.rotate:
         from pl_actsparse.tuning.rotation import rotate_activations
 
-        rotate_activations(model, batches, calibration={"progress": False})
+        rotate_activations(model, batches, calibration={"progress": False}, sparsity=args.rotate_sparsity)
         sync()
     rotation_s = time.perf_counter() - t0
     sparsify_activations(model, batches, scope, calibration={"progress": False, **kwargs}, allocation=args.allocation)
@@ -123,7 +123,7 @@ def worker(args: argparse.Namespace) -> dict:
     calib, calib_cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {
         "mode": mode,
-        "rotated": args.rotate,
+        "rotated": args.rotate, "rotation_sparsity": args.rotate_sparsity,
         "rotation_time_ratio": round(rotation_s / dense, 3),
         "n": args.n,
         "allocation": args.allocation,
@@ -211,6 +211,7 @@ def main() -> None:
     p.add_argument("--use-cache", action="store_true", help="let HF build its DynamicCache, as generate-ready calls do")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "auto"], help="allocation= of sparsify_activations")
     p.add_argument("--rotate", action="store_true", help="rotate_activations first (inside the timed call: rotation + allocation + calibration)")
+    p.add_argument("--rotate-sparsity", type=float, default=None, help="with --rotate: rotate_activations(sparsity=...) (the axes turned for it)")
     p.add_argument("--stories260k", action="store_true", help="also allocation + calibration cost on stories260K")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per subprocess")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -234,7 +235,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--n", str(n), "--worker-out", path,
                    "--layers", str(args.layers), "--batch-size", str(args.batch_size), "--seq", str(args.seq),
                    "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
-                   "--allocation", args.allocation] + (["--use-cache"] if args.use_cache else []) + (["--rotate"] if args.rotate else [])
+                   "--allocation", args.allocation] + (["--use-cache"] if args.use_cache else []) + (["--rotate"] if args.rotate else []) + (["--rotate-sparsity", str(args.rotate_sparsity)] if args.rotate_sparsity else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode != 0:
                 runs.append({"mode": mode, "n": n, "error": proc.stderr[-2000:]})

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from pl_actsparse.tuning.rotation import rotate_activations
 
         checkpoint = str(Path(tempfile.mkdtemp()) / "stories260K_rotated.bin")
-        save_llama2c_checkpoint(rotate_activations(load_llama2c_checkpoint(data_dir / "stories260K.bin"), calibration, calibration={"progress": False}), checkpoint)
+        save_llama2c_checkpoint(rotate_activations(load_llama2c_checkpoint(data_dir / "stories260K.bin"), calibration, calibration={"progress": False}, sparsity=args.sparsity), checkpoint)
 
     # -- dense, training-free, and the model-wide allocation (from calibration stories only) -------------------
     dense = None
