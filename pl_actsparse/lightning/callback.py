@@ -23,7 +23,7 @@ from typing_extensions import override
 from pl_actsparse.api import (
     check_allocation, validated_targets, calibrate_activation_sparsity, prepare_activation_sparsity, remove_activation_sparsity, sparsify_activations,
 )
-from pl_actsparse.config import CalibrationConfig, positive_int_or_none
+from pl_actsparse.config import CalibrationConfig, check_choice, positive_int_or_none
 from pl_actsparse.core.layer import SparsifierMode, sparsified_layers
 from pl_actsparse.core.recipe import SCOPE_SPEC_KEYS, IgnoredScopeSpec, ScopeSpec, parse_ignored_scope_spec, parse_scope_spec, scopes_from_list
 from pl_actsparse.core.module_state import preserved_modes
@@ -53,12 +53,6 @@ def _tag(argument: str, check: Callable[..., Any], *args: Any) -> Any:
         if getattr(exc, "argument", None) is None:
             exc.argument = argument  # type: ignore[attr-defined]
         raise
-
-
-def _choice(value: Any, name: str, allowed: Sequence[str], kind: type[ActivationSparsityError] = CallbackConfigurationError) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise config_error(name, f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}", kind)
-    return value
 
 
 def _positive(value: Any, name: str) -> int | None:
@@ -212,10 +206,10 @@ class ActivationSparsityCallback(Callback):
         self.recalibrate_every_n_epochs = _positive(recalibrate_every_n_epochs, "recalibrate_every_n_epochs")
         self.recalibrate_every_n_steps = _positive(recalibrate_every_n_steps, "recalibrate_every_n_steps")
         self.schedule = _parse_schedule(schedule)
-        self.gradient_mode = _choice(gradient_mode, "gradient_mode", ("masked", "ste"))
+        self.gradient_mode = _tag("gradient_mode", check_choice, gradient_mode, "gradient_mode", ("masked", "ste"), CallbackConfigurationError)
         self.allocation = _tag("allocation", check_allocation, allocation, self.targets)
         self.rotation = _parse_rotation(rotation, self.targets)
-        self.on_train_end_action = _choice(on_train_end, "on_train_end", ("keep", "make_permanent", "remove"))
+        self.on_train_end_action = _tag("on_train_end", check_choice, on_train_end, "on_train_end", ("keep", "make_permanent", "remove"), CallbackConfigurationError)
         self.track = _parse_track(track)
         for name, value in (("log_per_layer", log_per_layer), ("verbose", verbose)):
             if not isinstance(value, bool):
