@@ -220,6 +220,7 @@ def check_rotation_options(heads: Any = True, tolerance: Any = None, sparsity: A
     return {"heads": heads, "tolerance": tolerance, "sparsity": sparsity}
 
 
+@torch.inference_mode(False)
 @torch.enable_grad()
 def sparsest_rotation(x: torch.Tensor, sparsity: float, progress: bool = False) -> torch.Tensor:
     """The orthogonal ``R`` (``[d, d]`` fp64) that minimises the mean over the rows (tokens) of ``x`` (``[n, d]``) of the energy
@@ -230,7 +231,7 @@ def sparsest_rotation(x: torch.Tensor, sparsity: float, progress: bool = False) 
     learned rotations of SpinQuant (Liu et al., 2024), with this objective. Cost per step ~``8 d^3`` flops (d = 2048: ~1 s on
     one CPU core)."""
     d = x.shape[1]
-    k, x = min(d - 1, max(1, round(sparsity * d))), x.float()
+    k, x = min(d - 1, max(1, round(sparsity * d))), x.float().clone()  # a normal tensor, also when called under inference_mode
     p = torch.zeros(d, d, device=x.device, requires_grad=True)
     opt, gen = torch.optim.Adam([p], lr=1e-2), torch.Generator().manual_seed(0)
 
