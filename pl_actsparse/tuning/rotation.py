@@ -95,8 +95,9 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
     Args:
         heads: also rotate each key-value head's value output and ``o_proj``'s matching input columns.
         sparsity: the fraction of inputs that thresholding will zero (in (0, 1)); given, the principal axes are then turned
-            to minimise what that zeroing removes (:func:`sparsest_rotation`, on a sample of the stream's tokens): at 50% on
-            stories260K, perplexity 4.64 against 5.24 with the principal axes alone (all seven projections, ``allocation="auto"``).
+            to minimise what that zeroing removes (:func:`sparsest_rotation`, on a sample of up to 65536 of the stream's tokens,
+            ``65536 x d`` fp32 held on the model's device): at 50% on stories260K, perplexity 4.763 against 5.377 with the
+            principal axes alone (all seven projections, ``allocation="auto"``, ``benchmarks/results/allocation.json``).
         tolerance: the largest relative change of the logits on the first batch accepted (default 1e-3 for fp32
             weights, 5e-2 where a rewritten weight is fp16/bf16); above it every weight is put back and the call raises.
 
@@ -220,7 +221,7 @@ def check_rotation_options(heads: Any = True, tolerance: Any = None, sparsity: A
     return {"heads": heads, "tolerance": tolerance, "sparsity": sparsity}
 
 
-@torch.inference_mode(False)
+@torch.inference_mode(False)  # learned with autograd, also when rotate_activations runs under inference_mode
 @torch.enable_grad()
 def sparsest_rotation(x: torch.Tensor, sparsity: float, progress: bool = False) -> torch.Tensor:
     """The orthogonal ``R`` (``[d, d]`` fp64) that minimises the mean over the rows (tokens) of ``x`` (``[n, d]``) of the energy
@@ -228,8 +229,9 @@ def sparsest_rotation(x: torch.Tensor, sparsity: float, progress: bool = False) 
     removes. Principal axes minimise it for one set of coordinates shared by all tokens; a static threshold zeroes different
     coordinates in each token, which this turns the basis for. ``R`` is the Cayley transform of a skew-symmetric matrix
     learned from 0 (``R = I``) with Adam (lr 1e-2, :data:`SPARSITY_STEPS` steps of 2048 rows drawn with a fixed seed): the
-    learned rotations of SpinQuant (Liu et al., 2024), with this objective. Cost per step ~``8 d^3`` flops (d = 2048: ~1 s on
-    one CPU core)."""
+    learned rotations of SpinQuant (Liu et al., 2024), with this objective. ``round(sparsity * d)`` is taken within ``[1, d - 1]``.
+    Where the learned ``R`` zeroes no less energy over all rows than ``I`` (e.g. fewer rows than ``d``), ``I`` is returned with a
+    warning. Works under ``torch.inference_mode`` too. Cost per step ~``8 d^3`` flops (d = 2048: ~1 s on one CPU core)."""
     d = x.shape[1]
     k, x = min(d - 1, max(1, round(sparsity * d))), x.float().clone()  # a normal tensor, also when called under inference_mode
     p = torch.zeros(d, d, device=x.device, requires_grad=True)
@@ -247,7 +249,13 @@ def sparsest_rotation(x: torch.Tensor, sparsity: float, progress: bool = False) 
             loss.backward()
             opt.step()
             bar.advance(f"energy zeroed {loss.item():.4g}")
-    return cayley(p.detach().double())
+    r, eye = cayley(p.detach().double()), torch.eye(d, dtype=torch.float64, device=x.device)
+    zeroed = lambda r: sum(float((c @ r.float()).pow(2).sort(-1).values[:, :k].sum()) for c in x.split(4096))  # noqa: E731
+    if zeroed(r) < zeroed(eye):
+        return r
+    warnings.warn(f"sparsest_rotation: the learned rotation zeroes no less energy than the input axes on the {x.shape[0]} rows "
+                  f"(e.g. fewer rows than d = {d}): the input axes kept", stacklevel=4)
+    return eye
 
 
 def _principal_axes(moment: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,42 @@ def test_rotation_for_a_sparsity_keeps_the_function_and_zeroes_less_energy():
     assert _zeroed_energy(turned, data, 0.5) < 0.95 * _zeroed_energy(pca, data, 0.5)
 
 
+def test_rotation_for_a_sparsity_under_inference_mode_keeps_the_function():
+    """sparsest_rotation learns with autograd: under torch.inference_mode (allowed for rotate_activations) it crashed with
+    "element 0 of tensors does not require grad"."""
+    model, data = _hf(), _data(2)
+    with torch.no_grad():
+        before = model(data[0]).logits
+    with torch.inference_mode():
+        after = rotate_activations(model, data, calibration=QUIET, sparsity=0.5)(data[0]).logits
+    assert float((after - before).norm() / before.norm()) < 1e-4
+
+
+def test_fewer_sampled_tokens_than_d_keep_the_principal_axes_with_a_warning():
+    """One batch of 5 tokens: 20 sampled rows of rank <= 5 in d = 32, so the principal axes' last 27 coordinates are
+    empty and the learned turn zeroed 15x more energy than they did (0.0125 against 0.0008); now the principal axes are
+    kept, said by a warning, and the weights equal those of sparsity=None. Where the turn helps, it is taken."""
+    data = [torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))]
+    quiet = {"num_batches": 1, "progress": False}
+    pca = rotate_activations(_hf(), data, calibration=quiet).state_dict()
+    with pytest.warns(UserWarning, match=r"no less energy than the input axes on the 20 rows \(e.g. fewer rows than d = 32\)"):
+        turned = rotate_activations(_hf(), data, calibration=quiet, sparsity=0.5).state_dict()
+    assert all(torch.allclose(turned[n], pca[n], atol=1e-6) for n in pca)
+    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="the input axes kept"):
+        assert torch.equal(sparsest_rotation(x * (torch.arange(32) < 5), 0.5), torch.eye(32, dtype=torch.float64))  # 27 empty axes
+
+
+def test_sparsity_near_the_ends_zeroes_at_least_one_and_at_most_d_minus_1_coordinates():
+    """round(0.01 * 32) = 0 and round(0.99 * 32) = 32 are taken as 1 and 31: the turn still lowers what they zero."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=g) * (torch.rand(4096, 32, generator=g) < 0.25)
+    x = (x.double() @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0].T).float()
+    for s, k in ((0.01, 1), (0.99, 31)):
+        energy = lambda y: float(y.pow(2).sort(-1).values[:, :k].sum(-1).mean())  # noqa: E731
+        assert energy((x.double() @ sparsest_rotation(x, s)).float()) < 0.9 * energy(x)
+
+
 @pytest.mark.parametrize("kind,tie,bias", [("llama", False, False), ("llama", True, True), ("qwen2", False, False)])
 def test_rotation_keeps_the_function_and_diagonalises_the_stream(kind, tie, bias):
     """Logits equal to fp32 rounding (tied head untied with a warning, biases of writers and values rotated,
@@ -198,6 +234,10 @@ def test_refusals_change_nothing(case):
     ({"heads": 1}, None, InvalidOptionError, "heads must be True or False, got 1"),
     ({"sparsity": 0.0}, None, InvalidOptionError, r"sparsity must be None or a number in \(0, 1\) .*got 0.0"),
     ({"sparsity": True}, None, InvalidOptionError, "sparsity must be .* got True"),
+    ({"sparsity": 1}, None, InvalidOptionError, "sparsity must be .* got 1$"),
+    ({"sparsity": -0.5}, None, InvalidOptionError, "sparsity must be .* got -0.5"),
+    ({"sparsity": "0.5"}, None, InvalidOptionError, "sparsity must be .* got '0.5'"),
+    ({"sparsity": float("nan")}, None, InvalidOptionError, "sparsity must be .* got nan"),
     ({}, "padding", EmptyDatasetError, "kept no token of the 2 calibration batch"),
     ({}, "inference", InvalidOptionError, r"made under torch.inference_mode \(\['model.embed_tokens.weight'"),
 ])
