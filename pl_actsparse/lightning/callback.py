@@ -600,8 +600,8 @@ def _rotate_first(callback: ActivationSparsityCallback, trainer: Trainer, pl_mod
         raise config_error("rotation", f"rotation=True needs the plain model, but {done}... are sparsified already: list the callback with "
                            "rotation= before any other ActivationSparsityCallback on this model, or rotate before sparsify_activations")
     loader, where = data.resolve(trainer.datamodule, pl_module, trainer)
-    config = CalibrationConfig(transform_fn=data.inputs_fn(pl_module, module), token_mask=data.config.token_mask, progress=False,
-                               sync_across_processes=data.config.sync_across_processes)
+    config = CalibrationConfig(transform_fn=data.inputs_fn(pl_module, module), token_mask=data.config.token_mask, sync_across_processes=data.config.sync_across_processes,
+                               progress=data.config.progress and trainer.is_global_zero and trainer.progress_bar_callback is not None)  # as calibrate's bar
     try:
         rotate_activations(module, data.batches(loader, trainer.world_size, trainer.global_rank), calibration=config, **callback.rotation)
     except ActivationSparsityError as exc:  # raised in fit/test, where the CLI prints no YAML key: the message names it
