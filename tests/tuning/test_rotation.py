@@ -41,31 +41,28 @@ def _data(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (2, 16), generator=g) for _ in range(n)]
 
 
-def _stream_moment(model, data) -> torch.Tensor:
-    """Second moment of the normalised residual stream at every norm's input (fp64)."""
+def _stream_tokens(model, data, final: bool = True) -> torch.Tensor:
+    """The normalised residual stream at every decoder layer norm's input (and the final norm's), one row per token (fp64)."""
     acc = []
     hook = lambda _m, a: acc.append((a[0] / a[0].pow(2).mean(-1, keepdim=True).sqrt()).double().reshape(-1, a[0].shape[-1]))  # noqa: E731
-    hs = [m.register_forward_pre_hook(hook) for n, m in model.named_modules() if n.endswith("layernorm") or n == "model.norm"]
+    hs = [m.register_forward_pre_hook(hook) for n, m in model.named_modules() if n.endswith("layernorm") or (final and n == "model.norm")]
     with torch.no_grad():
         for x in data:
             model(x)
     for h in hs:
         h.remove()
-    x = torch.cat(acc)
+    return torch.cat(acc)
+
+
+def _stream_moment(model, data) -> torch.Tensor:
+    """Second moment of the normalised residual stream at every norm's input (fp64)."""
+    x = _stream_tokens(model, data)
     return x.T @ x
 
 
 def _zeroed_energy(model, data, fraction: float) -> float:
     """Mean over tokens and the decoder layers' norms of the energy in each normalised token's smallest coordinates."""
-    acc = []
-    hook = lambda _m, a: acc.append((a[0] / a[0].pow(2).mean(-1, keepdim=True).sqrt()).double().reshape(-1, a[0].shape[-1]))  # noqa: E731
-    hs = [m.register_forward_pre_hook(hook) for n, m in model.named_modules() if n.endswith("layernorm")]
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    for h in hs:
-        h.remove()
-    x = torch.cat(acc)
+    x = _stream_tokens(model, data, final=False)
     return float(x.pow(2).sort(-1).values[:, : round(fraction * x.shape[1])].sum(-1).mean())
 
 
