@@ -148,8 +148,7 @@ class SparsityReport:
     @property
     def max_abs_error(self) -> float | None:
         """Largest ``|achieved - target|`` on the calibration data."""
-        errors = [abs(r.error) for r in self.layers if r.error is not None]
-        return max(errors) if errors else None
+        return max((abs(r.error) for r in self.layers if r.error is not None), default=None)
 
     @property
     def bytes_skipped(self) -> float:
