@@ -37,7 +37,7 @@ from pl_actsparse.config import check_choice, positive_int_or_none
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_nbytes
 from pl_actsparse.core.masking import current_token_mask, select_tokens
 from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, TokenMaskError
-from pl_actsparse.measure.plot import quantile_key
+from pl_actsparse.measure.plot import plot_metric, quantile_key
 
 __all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "quantile_from_histogram"]
 
@@ -369,8 +369,6 @@ class ActivationSparsity(Metric):
 
         Returns ``(figure, axes)`` like every torchmetrics ``plot``; needs matplotlib.
         """
-        from pl_actsparse.measure.plot import plot_metric
-
         return plot_metric(self, self.compute() if val is None else val, ax)
 
 
