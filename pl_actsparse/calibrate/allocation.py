@@ -86,7 +86,6 @@ def fisher_curves(
         NonFiniteActivationError: a layer's input (named), or the loss gradient at it, is not finite. (Call it outside
             inference mode, ``torch.inference_mode(False)``; inference-tensor batches are cloned.)
     """
-    device = model_device(model)
     counts = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
     scores = {n: torch.zeros(COARSE_BINS, dtype=torch.float64) for n, _ in layers}
     dtypes: dict[str, torch.dtype] = {}
@@ -102,10 +101,7 @@ def fisher_curves(
                 s = (x.float() * select_tokens(g, mask, layer=name).float()).pow(2).reshape(-1).double().cpu() / 2
                 scores[name] += torch.bincount(keys, weights=s, minlength=COARSE_BINS)
 
-    items = _gradient_pass(model, layers, items, loss_fn, config, add)
-    dist = Distributed(config.sync_across_processes, device)
-    if dist.count(len(items)) == 0:
-        raise EmptyDatasetError("the calibration data is empty: it yielded no item")
+    dist = _gradient_pass(model, layers, items, loss_fn, config, add)
     summed = {name: merge_coarse(name, dtypes.get(name, torch.float32), c, dist)[1] for name, c in counts.items()}  # NaN/inf: an error
     curves = {}
     for name, c in summed.items():  # summed over ranks: every rank allocates the same levels
@@ -137,19 +133,22 @@ def _checked_loss(loss_fn: Callable[[Any, Any, Any], Any], device: Any) -> Calla
 
 
 def _gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], items: Iterable[Any], loss_fn: Callable,
-                   config: CalibrationConfig, add: Callable[[list, Any], None]) -> list:
+                   config: CalibrationConfig, add: Callable[[list, Any], None]) -> Distributed:
     """One forward and backward per item (block by block with the sequential method): ``add([(name, input, its
-    gradient)], token mask)``; returns the items as a list."""
+    gradient)], token mask)``; returns the ranks' :class:`Distributed` of ``config``. :class:`EmptyDatasetError` when
+    no rank has an item."""
     transform = config.transform_fn or default_transform_fn
     mask_fn, device = resolve_mask_fn(config.token_mask), model_device(model)
-    loss_fn = _checked_loss(loss_fn, device)
+    loss_fn, dist = _checked_loss(loss_fn, device), Distributed(config.sync_across_processes, device)
     items = [map_tensors(item, lambda t: t.clone() if t.is_inference() else t) for item in items]  # saved for backward
+    if dist.count(len(items)) == 0:
+        raise EmptyDatasetError("the calibration data is empty: it yielded no item")
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
             inputs = to_device(transform(item), device)
             mask = mask_fn(item) if mask_fn is not None else None
             add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, item, mask)[0], None, []))[0], mask)
-    return items
+    return dist
 
 
 _OTHER_MODELS = ": give the model's loss as calibration={'loss_fn': f}, f(output, inputs, mask) -> (summed loss, count)"
@@ -209,9 +208,7 @@ def gradient_scales(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], i
                 g = select_tokens(g, mask, layer=name).float().reshape(-1, g.shape[-1])
                 sums[name] += torch.cat([g.pow(2).sum(0), g.new_tensor([g.shape[0]])]).double().cpu()
 
-    dist = Distributed(config.sync_across_processes, model_device(model))
-    if dist.count(len(_gradient_pass(model, layers, items, loss_fn, config, add))) == 0:
-        raise EmptyDatasetError("the calibration data is empty: it yielded no item")
+    dist = _gradient_pass(model, layers, items, loss_fn, config, add)
     return {n: (s[:-1] / s[-1].clamp(min=1)).pow(0.25).float() for n, s in ((n, dist.sum_(s)) for n, s in sums.items())}
 
 

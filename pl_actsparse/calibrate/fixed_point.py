@@ -81,10 +81,8 @@ class _FixedPoint:
 
     def next_key(self, optimum_key: int) -> int | None:
         """The next threshold to try, or ``None`` when no exact fixed point is left to find."""
-        too_low = [k for k, (z, best, _) in self.tried.items() if z < best]
-        too_high = [k for k, (z, best, _) in self.tried.items() if z > best]
-        lo = max(too_low) if too_low else None
-        hi = min(too_high) if too_high else None
+        lo = max((k for k, (z, best, _) in self.tried.items() if z < best), default=None)  # zeroes too few
+        hi = min((k for k, (z, best, _) in self.tried.items() if z > best), default=None)  # zeroes too many
         inside = (lo is None or optimum_key > lo) and (hi is None or optimum_key < hi)
         if optimum_key not in self.tried and inside:
             return optimum_key  # fixed-point iteration: usually within a few elements after 2-3 passes

@@ -68,16 +68,13 @@ def find_shared_input_groups(
     calls: dict[str, list[tuple]] = {n: [] for n, _ in named}
     keep_alive: list[torch.Tensor] = []  # holding the tensors keeps their ids from being reused
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor):
-                keep_alive.append(x)
-                calls[name].append((id(x), x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype))
+    def record(name: str, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor):
+            keep_alive.append(x)
+            calls[name].append((id(x), x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype))
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in named]
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: record(n, args)) for n, m in named]
     transform = transform_fn or default_transform_fn
     try:
         with hooks_removed(handles), preserved_modes(model), torch.no_grad():
@@ -90,24 +87,14 @@ def find_shared_input_groups(
     for n, keys in calls.items():
         for k in keys:
             by_key.setdefault(k, []).append(n)
-    # a layer's partners are the layers that shared *every* one of its calls
-    partners: dict[str, frozenset] = {}
-    for n, keys in calls.items():
-        if not keys:
-            continue
-        common = None
-        for k in keys:
-            members = frozenset(by_key[k])
-            common = members if common is None else common & members
-        partners[n] = common or frozenset([n])
+    # a layer's partners are the layers that shared *every* one of its calls (itself included)
+    partners = {n: frozenset.intersection(*(frozenset(by_key[k]) for k in keys)) for n, keys in calls.items() if keys}
     groups: list[list[str]] = []
     seen: set[str] = set()
     for n, _ in named:
         if n in seen or n not in partners:
             continue
-        members = sorted((m for m in partners[n] if partners.get(m) == partners[n]), key=order.__getitem__)
-        if n not in members:
-            members = [n]
+        members = sorted((m for m in partners[n] if partners.get(m) == partners[n]), key=order.__getitem__)  # n among them
         seen.update(members)
         if len(members) > 1 or include_singletons:
             groups.append(members)

@@ -169,8 +169,7 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
     level = [0] * k_layers
     for k in order:
         reach = _reachable(raw[k].grad_fn)
-        deps = [a for a in order if a != k and marks[a] in reach]
-        level[k] = 1 + max(level[a] for a in deps) if deps else 0
+        level[k] = 1 + max((level[a] for a in order if a != k and marks[a] in reach), default=-1)  # 0 without dependencies
     n_levels = max(level) + 1
     levels = tuple(tuple(names[k] for k in order if level[k] == lv) for lv in range(n_levels))
     # sub-modules called once whose targeted layers are all final before the last level: their output can be reused

@@ -154,8 +154,7 @@ class CalibrationSession:
                     self.cond.wait()
                 if self.error is not None:
                     break
-                pending = [s.index for s in self.by_index.values() if s.waiting and not s.finalized]
-                proposal = min(pending) if pending else NOBODY
+                proposal = min((s.index for s in self.by_index.values() if s.waiting and not s.finalized), default=NOBODY)
             proposal = self.dist.min_int(proposal)
             if proposal == NOBODY:
                 break

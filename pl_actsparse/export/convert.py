@@ -28,6 +28,7 @@ from pl_actsparse.export.linear import (
 )
 from pl_actsparse.kernels import cpu as _cpu
 from pl_actsparse.kernels.dispatch import prepack_race, prepack_unavailable, sparse_token_crossover
+from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
 
 __all__ = ["ExportedLayer", "export_for_inference", "exported_layers"]
 
@@ -126,8 +127,6 @@ def export_for_inference(
                                          f"the kernels take 1 or in_features={width} values")
     for dtype in {w.dtype for w in float_weights if isinstance(w, Tensor) and w.device.type == "cpu"}:
         sparse_token_crossover(dtype)  # measure the crossover now (once per machine), not in the first forward
-    from pl_actsparse.kernels.int8_cpu import resolve_int8_backend
-
     # fail before anything is swapped on a quantized weight the kernels cannot read
     int8 = {id(m): integrations.int8_weight(n, getattr(m, "weight", None)) for n, m in targets}
     if any(isinstance(m, Int8WeightLinear) or int8[id(m)] is not None for _, m in targets) and _cpu.get_backend() != "torch":

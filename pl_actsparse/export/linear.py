@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from pl_actsparse.core.layer import (
     STATE_KEY, THRESHOLD_BUFFER, SparsifierMode, decode_sparsifier_state, encode_sparsifier_state, fit_threshold_buffer, is_sparsified,
-    linear_like_spec, sparsifier_state, threshold_text,
+    linear_like_spec, original_module_class, sparsifier_state, threshold_text,
 )
 from pl_actsparse.errors import InvalidOptionError
-from pl_actsparse.kernels import cpu as _cpu
+from pl_actsparse.kernels import cpu as _cpu, cuda as _cuda  # cuda imports triton only when its kernel first runs
 from pl_actsparse.kernels.cpu import sparse_linear, sparse_linear_cpu, to_kernel_layout, zero_small
 from pl_actsparse.kernels.dispatch import dense_linear_t, packed_linear, prepack_weight, sparse_token_crossover
 from pl_actsparse.kernels.sparse_op import linear_t_fake
@@ -89,11 +89,9 @@ def _token_limit(device: str, dtype: torch.dtype, weight_t: Tensor, limit: Optio
     :func:`default_max_sparse_tokens` or the Triton GEMV's ``CUDA_MAX_SPARSE_TOKENS``; -1 (always dense) on
     CUDA without Triton and other devices."""
     if device == "cuda":
-        from pl_actsparse.kernels import cuda as triton_gemv
-
-        if not triton_gemv.triton_available():
+        if not _cuda.triton_available():
             return -1
-        return triton_gemv.CUDA_MAX_SPARSE_TOKENS if limit is None else limit
+        return _cuda.CUDA_MAX_SPARSE_TOKENS if limit is None else limit
     if device != "cpu":
         return -1
     if limit is not None:
@@ -273,9 +271,7 @@ class SparseInferenceLinear(nn.Module):
         # Eager: call the kernel directly; the custom op's dispatch layers cost ~40 us per call.
         if x.device.type == "cuda":
             t = self._threshold_for(x.dtype) if threshold is None else _cpu.effective_threshold(thr, x.dtype)
-            from pl_actsparse.kernels.cuda import sparse_linear_cuda
-
-            return sparse_linear_cuda(x, t, self.weight_t, self.bias)
+            return _cuda.sparse_linear_cuda(x, t, self.weight_t, self.bias)
         return sparse_linear_cpu(x, thr, self.weight_t, self.bias)
 
     def _threshold_for(self, dtype: torch.dtype) -> float:
@@ -387,8 +383,6 @@ class RestoreInfo:
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "RestoreInfo":
-        from pl_actsparse.core.layer import original_module_class
-
         shell = {k: v for k, v in linear.__dict__.items() if k != "_actsparse"}
         shell["_parameters"] = {k: None for k in linear._parameters}
         shell["_buffers"] = {k: v for k, v in linear._buffers.items() if k != THRESHOLD_BUFFER}
@@ -471,9 +465,7 @@ def sparse_inference_linear(
     ntok = x.numel() // weight_t.shape[0] if weight_t.shape[0] else 0
     if ntok <= _token_limit(x.device.type, x.dtype, weight_t, None if max_sparse_tokens < 0 else max_sparse_tokens):
         if x.device.type == "cuda":
-            from pl_actsparse.kernels.cuda import sparse_linear_cuda
-
-            return sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)
+            return _cuda.sparse_linear_cuda(x, _cpu.effective_threshold(threshold, x.dtype), weight_t, bias)
         return sparse_linear_cpu(x, threshold, weight_t, bias)
     return dense_linear_t(zero_small(x, threshold), weight_t, bias)
 

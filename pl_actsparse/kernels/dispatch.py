@@ -385,18 +385,10 @@ def measure_cpu_profile(
     for ntok in token_counts:
         x = torch.randn(ntok, in_f, generator=gen).to(dtype)
         thr = torch.tensor(float(x.float().abs().quantile(sparsity)))
-        if backend == "cpp":
-            def sparse() -> Tensor:
-                return torch.ops.pl_actsparse_ext.sparse_gemv(x, thr, wt, None, 0)
-        else:
-            t_eff = _cpu.effective_threshold(thr, dtype)
-
-            def sparse() -> Tensor:
-                return _cpu._sparse_linear_torch(x, t_eff, wt, None)
-
-        def dense() -> Tensor:
-            return dense_fn(zero_small(x, thr), wt, None)  # the layer's dense path, masking included
-
+        t_eff = _cpu.effective_threshold(thr, dtype)
+        sparse = ((lambda: torch.ops.pl_actsparse_ext.sparse_gemv(x, thr, wt, None, 0)) if backend == "cpp"
+                  else lambda: _cpu._sparse_linear_torch(x, t_eff, wt, None))
+        dense = lambda: dense_fn(zero_small(x, thr), wt, None)  # noqa: E731  the layer's dense path, masking included
         ts, td = _race(sparse, dense, rounds, timer, confirm=lambda s, d: s > d)  # a loss ends the search
         sparse_ms[ntok], dense_by_tokens[ntok] = ts * 1e3, td * 1e3
         if ts > td:

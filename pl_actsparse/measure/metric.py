@@ -33,10 +33,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from pl_actsparse.config import check_choice, positive_int_or_none
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers, weight_nbytes
 from pl_actsparse.core.masking import current_token_mask, select_tokens
 from pl_actsparse.errors import InvalidOptionError, NotSparsifiedError, TokenMaskError
-from pl_actsparse.measure.plot import quantile_key
+from pl_actsparse.measure.plot import plot_metric, quantile_key
 
 __all__ = ["ActivationSparsity", "SparsityCounter", "DecodeSparsity", "quantile_from_histogram"]
 
@@ -58,8 +59,7 @@ def quantile_from_histogram(values: Tensor, counts: Tensor, q: float, interpolat
     """
     if not 0.0 <= q <= 1.0:
         raise InvalidOptionError(f"q must lie in [0, 1], got {q}")
-    if interpolation not in ("lower", "linear"):
-        raise InvalidOptionError(f"interpolation must be 'lower' or 'linear', got {interpolation!r}")
+    check_choice(interpolation, "interpolation", ("lower", "linear"))
     values = values.detach().reshape(-1).to("cpu", torch.float64)
     counts = counts.detach().reshape(-1).to("cpu", torch.int64)
     if values.shape != counts.shape:
@@ -180,8 +180,7 @@ class ActivationSparsity(Metric):
         weights = [int(w) for w in (weight_bytes if weight_bytes is not None else in_features)]
         if len(weights) != len(layers) or any(w < 0 for w in weights):
             raise InvalidOptionError(f"weight_bytes must give one non-negative size per layer ({len(layers)}), got {weights}")
-        if token_bins is not None and (isinstance(token_bins, bool) or not isinstance(token_bins, int) or token_bins < 1):
-            raise InvalidOptionError(f"token_bins must be a positive int or None (exact), got {token_bins!r}")
+        token_bins = positive_int_or_none(token_bins, "token_bins")
         quantiles = tuple(float(q) for q in quantiles)
         if any(not 0.0 <= q <= 1.0 for q in quantiles):
             raise InvalidOptionError(f"quantiles must lie in [0, 1], got {quantiles}")
@@ -370,8 +369,6 @@ class ActivationSparsity(Metric):
 
         Returns ``(figure, axes)`` like every torchmetrics ``plot``; needs matplotlib.
         """
-        from pl_actsparse.measure.plot import plot_metric
-
         return plot_metric(self, self.compute() if val is None else val, ax)
 
 

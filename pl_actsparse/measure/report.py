@@ -44,11 +44,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pl_actsparse.calibrate.groups import find_shared_input_groups
 from pl_actsparse.calibrate.running import call_model, check_batches, default_transform_fn, mask_of, model_device, to_device
+from pl_actsparse.core.checkpoint import read_state_dict, saved_sparsifiers
 from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, is_sparsified, sparsified_layers, threshold_summary, weight_nbytes
 from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
+from pl_actsparse.measure.plot import plot_report  # matplotlib itself is imported when a plot is drawn
 
 __all__ = [
     "LayerReport", "SparsityReport", "activation_sparsity_report", "model_report", "achieved_table", "main",
@@ -148,8 +151,7 @@ class SparsityReport:
     @property
     def max_abs_error(self) -> float | None:
         """Largest ``|achieved - target|`` on the calibration data."""
-        errors = [abs(r.error) for r in self.layers if r.error is not None]
-        return max(errors) if errors else None
+        return max((abs(r.error) for r in self.layers if r.error is not None), default=None)
 
     @property
     def bytes_skipped(self) -> float:
@@ -309,8 +311,6 @@ class SparsityReport:
     def plot(self, path: str | Path | None = None) -> bytes:
         """PNG: per-layer target vs achieved (with the per-token spread), thresholds, and bytes skipped
         (:func:`pl_actsparse.measure.plot.plot_report`; needs matplotlib)."""
-        from pl_actsparse.measure.plot import plot_report
-
         return plot_report(self, path)
 
     def save(self, directory: str | Path, stem: str = "report") -> dict[str, Path]:
@@ -457,8 +457,6 @@ def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str
 
 
 def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
-    from pl_actsparse.core.checkpoint import saved_sparsifiers
-
     rows = []
     for entry in saved_sparsifiers(sd):
         name = entry.name
@@ -547,8 +545,6 @@ def model_report(
             if example_input is None and items:
                 example_input = items[0]
         if detect_groups and example_input is not None:
-            from pl_actsparse.calibrate.groups import find_shared_input_groups
-
             report.groups = find_shared_input_groups(model, example_input, [r.name for r in report.layers], transform_fn=transform_fn)
             label = {n: f"g{i + 1}" for i, g in enumerate(report.groups) for n in g}
             for r in report.layers:
@@ -561,8 +557,6 @@ def model_report(
             f"data can only be measured on a live model, not on {type(model_or_checkpoint).__name__} "
             f"{model_or_checkpoint!r:.80}; load the checkpoint into the model first"
         )
-    from pl_actsparse.core.checkpoint import read_state_dict
-
     sd = read_state_dict(model_or_checkpoint, prefix=prefix)
     label = str(model_or_checkpoint) if isinstance(model_or_checkpoint, (str, os.PathLike)) else "state dict"
     rows = _rows_from_state_dict(sd)

@@ -9,7 +9,6 @@ tokens count (a prediction counts when both its input and its target token are r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
 import torch

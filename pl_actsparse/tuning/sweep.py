@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pl_actsparse.api import calibrate_activation_sparsity, prepare_activation_sparsity, set_target_sparsity
+from pl_actsparse.api import calibrate_activation_sparsity, plan_activation_sparsity, prepare_activation_sparsity, set_target_sparsity
 from pl_actsparse.calibrate.histogram import LayerStatistics, threshold_for_target
 from pl_actsparse.calibrate.running import check_batches
 from pl_actsparse.config import CalibrationConfig
@@ -31,6 +31,8 @@ from pl_actsparse.core.recipe import validate_target
 from pl_actsparse.core.scopes import IgnoredScope, TargetScope
 from pl_actsparse.errors import InvalidOptionError, InvalidTargetError, NotSparsifiedError
 from pl_actsparse.measure.metric import SparsityCounter
+from pl_actsparse.measure.plot import plot_sweep
+from pl_actsparse.tuning.objectives import perplexity
 
 __all__ = [
     "thresholds_for_targets", "apply_statistics", "SweepPoint", "SweepResult", "sweep_sparsity",
@@ -122,8 +124,6 @@ class SweepResult:
 
     def plot(self, path: str | Path, *, title: str | None = None, others: Mapping[str, "SweepResult"] | None = None) -> Path:
         """Write a PNG of the metric against achieved sparsity (:func:`pl_actsparse.measure.plot.plot_sweep`)."""
-        from pl_actsparse.measure.plot import plot_sweep
-
         return plot_sweep(self, path, title=title, others=others)
 
 
@@ -197,8 +197,6 @@ def sweep_sparsity(
     modules = dict(model.named_modules())
     if target_scope is not None:
         recipe = target_scope if isinstance(target_scope, Mapping) else {target_scope: 0.0}
-        from pl_actsparse.api import plan_activation_sparsity
-
         names = list(plan_activation_sparsity(model, {s: 0.0 for s in recipe}, ignored_scope).targets)
     else:
         names = [n for n, _ in sparsified_layers(model)]
@@ -276,8 +274,6 @@ def _evaluate_point(
 
 def perplexity_metric(windows: Any, batch_size: int = 16) -> Callable[[nn.Module], float]:
     """``model -> perplexity`` on token windows (see :func:`pl_actsparse.tuning.objectives.perplexity`)."""
-    from pl_actsparse.tuning.objectives import perplexity
-
     return lambda model: perplexity(model, windows, batch_size=batch_size)
 
 

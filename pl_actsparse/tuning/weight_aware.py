@@ -32,6 +32,7 @@ from torch import nn
 
 from pl_actsparse.api import dense_gradient_pass, plan_activation_sparsity, sparsify_activations
 from pl_actsparse.calibrate.allocation import gradient_scales
+from pl_actsparse.calibrate.groups import find_shared_input_groups
 from pl_actsparse.config import CalibrationConfig, check_choice
 from pl_actsparse.core.layer import THRESHOLD_BUFFER, linear_like_weight, linear_like_weight_t
 from pl_actsparse.errors import InvalidOptionError, UnsupportedModuleError
@@ -132,8 +133,6 @@ def sparsify_activations_weight_aware(
     scales: dict[str, torch.Tensor] = {n: fisher[n] if score == "fisher" else weight_column_norms(modules[n]) for n in names}
     if share_groups:
         if groups is None:
-            from pl_actsparse.calibrate.groups import find_shared_input_groups
-
             groups = find_shared_input_groups(model, dataset[0], names, transform_fn=config.transform_fn) if dataset else []
         for g in groups:
             for t in dict.fromkeys(plan.targets[n] for n in g if n in plan.targets):  # the members of each target
