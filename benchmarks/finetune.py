@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the callback's allocation= (default: auto for all7, uniform otherwise; the scope's value is then a byte budget)")
     parser.add_argument("--ramp-steps", type=int, default=0, help="LinearRamp of the targets from 0 over N steps (0: constant)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="target (or byte budget with allocation auto) of every run")
+    parser.add_argument("--principal-axes", action="store_true", help="with --rotate: the principal axes only (sparsity=None; the "
+                        "'_rotated' runs made before the axes were turned for the target)")
     parser.add_argument("--rotate", action="store_true", help="rotate_activations on the calibration stories first: the callback's rotation=True for full "
                         "fine-tunes, a rotated checkpoint for LoRA (peft wraps the model before any callback runs) and the training-free rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes: the training data's order and the adapters' initialisation")
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from pl_actsparse.tuning.rotation import rotate_activations
 
         checkpoint = str(Path(tempfile.mkdtemp()) / "stories260K_rotated.bin")
-        save_llama2c_checkpoint(rotate_activations(load_llama2c_checkpoint(data_dir / "stories260K.bin"), calibration, calibration={"progress": False}, sparsity=args.sparsity), checkpoint)
+        save_llama2c_checkpoint(rotate_activations(load_llama2c_checkpoint(data_dir / "stories260K.bin"), calibration, calibration={"progress": False}, sparsity=None if args.principal_axes else args.sparsity), checkpoint)
 
     # -- dense, training-free, and the model-wide allocation (from calibration stories only) -------------------
     dense = None
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         callback = ActivationSparsityCallback(
             scopes=recipes[name if name.startswith("all7") else "mlp"], calibration_source="calibration_dataloader",
             recalibrate_every_n_steps=args.recalibrate_every or None, gradient_mode=args.gradient_mode, on_train_end="make_permanent",
-            schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False, rotation=args.rotate and name != "lora",
+            schedule=LinearRamp(steps=args.ramp_steps) if args.ramp_steps else "constant", track=False, rotation=args.rotate and name != "lora" and ({"sparsity": None} if args.principal_axes else True),
             calibration={"progress": False}, verbose=False, distillation=distillation, allocation=args.allocation or ("auto" if name == "all7" else "uniform"),
         )
         if name == "lora":
