@@ -33,7 +33,7 @@ class Distributed:
         """``t`` summed over ranks (a new tensor on ``t``'s device; ``t`` itself in a single process)."""
         if not self.enabled:
             return t
-        buf = t.to(self.device)
+        buf = t.to(self.device).contiguous()  # gloo reduces the storage as laid out: a transposed view would come back transposed
         self.dist.all_reduce(buf, op=self.dist.ReduceOp.SUM)
         return buf.to(t.device)
 

@@ -170,10 +170,10 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
         raise EmptyDatasetError(f"rotate_activations: the token mask kept no token of the {len(items)} calibration batch(es) (or the activations "
                                 f"are not finite): pass batches with real tokens (attention_mask 1)")
     q = _principal_axes(stream)
-    if sparsity is not None:  # every rank turns the axes on all ranks' samples; rank 0's result is taken, bit for bit
+    if sparsity is not None:  # rank 0 turns the axes on all ranks' samples; every rank takes its result, bit for bit
         x = dist.cat_(torch.cat(samples) if samples else stream.new_zeros(0, dim, dtype=torch.float32))
-        turn = sparsest_rotation(x @ q.to(x), sparsity, config.progress and dist.is_main)
-        q = q @ dist.sum_(turn if dist.is_main else torch.zeros_like(turn)).to(q)
+        turn = sparsest_rotation(x @ q.to(x), sparsity, config.progress) if dist.is_main else q.new_zeros(dim, dim)
+        q = q @ dist.sum_(turn.to(q))
     saved = {id(p): (p, p.detach().to('cpu', copy=True)) for m in [embed, head, *readers, *writers, *norms] for p in m.parameters(recurse=False)}
     tied = head.weight is embed.weight
     if tied:
