@@ -37,16 +37,18 @@ class Distributed:
         self.dist.all_reduce(buf, op=self.dist.ReduceOp.SUM)
         return buf.to(t.device)
 
-    def cat_(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows of ``t`` of every rank, in rank order (``t`` itself in a single process)."""
+    def gather_(self, t: torch.Tensor) -> torch.Tensor:
+        """On rank 0, the rows of ``t`` of every rank in rank order; on the others, ``t`` (``t`` itself in a single
+        process). Only rank 0 holds the union: the others never allocate it."""
         if not self.enabled:
             return t
         world, rank = self.dist.get_world_size(), self.dist.get_rank()
         sizes = self.sum_(torch.zeros(world, dtype=torch.int64).index_fill_(0, torch.tensor([rank]), t.shape[0])).tolist()
-        buf = t.new_zeros(world, max(sizes), *t.shape[1:])
-        buf[rank, : t.shape[0]] = t
-        buf = self.sum_(buf)
-        return torch.cat([buf[r, :n] for r, n in enumerate(sizes)])
+        buf = t.new_zeros(max(sizes), *t.shape[1:], device=self.device)
+        buf[: t.shape[0]] = t
+        parts = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
+        self.dist.gather(buf, parts, dst=0)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(t.device) if rank == 0 else t
 
     def min_int(self, value: int) -> int:
         """The smallest ``value`` over ranks."""

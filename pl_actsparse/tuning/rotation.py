@@ -171,7 +171,7 @@ def rotate_activations(model: nn.Module, dataset: Iterable[Any], *, heads: bool 
                                 f"are not finite): pass batches with real tokens (attention_mask 1)")
     q = _principal_axes(stream)
     if sparsity is not None:  # rank 0 turns the axes on all ranks' samples; every rank takes its result, bit for bit
-        x = dist.cat_(torch.cat(samples) if samples else stream.new_zeros(0, dim, dtype=torch.float32))
+        x = dist.gather_(torch.cat(samples) if samples else stream.new_zeros(0, dim, dtype=torch.float32))
         turn = sparsest_rotation(x @ q.to(x), sparsity, config.progress) if dist.is_main else q.new_zeros(dim, dim)
         q = q @ dist.sum_(turn.to(q))
     saved = {id(p): (p, p.detach().to('cpu', copy=True)) for m in [embed, head, *readers, *writers, *norms] for p in m.parameters(recurse=False)}

@@ -359,6 +359,10 @@ def _ddp_worker(rank: int, out: str, init: str) -> None:  # pragma: no cover - r
     torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
     turned = rotate_activations(_hf(), _data(6)[rank::2], calibration=QUIET, sparsity=0.5)  # each rank samples its own tokens
     torch.save(turned.state_dict(), f"{out}/sparse{rank}.pt")
+    from pl_actsparse.calibrate.distributed import Distributed
+
+    rows = torch.full((3, rank + 1), float(rank)).t()  # a transposed (non-contiguous) input; rank 1 has one row more
+    torch.save(Distributed(None, None).gather_(rows), f"{out}/gathered{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -367,6 +371,9 @@ def test_two_ddp_ranks_agree_with_one_process_on_the_union(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(Path(__file__).resolve().parents[1])])}
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    g0, g1 = (torch.load(tmp_path / f"gathered{r}.pt") for r in range(2))
+    assert torch.equal(g0, torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3]))  # rank 0: every rank's rows, in rank order
+    assert torch.equal(g1, torch.ones(2, 3))  # rank 1 keeps its own rows: it never holds the union
     sa, sb = (torch.load(tmp_path / f"sparse{r}.pt") for r in range(2))
     assert all(torch.equal(sa[n], sb[n]) for n in sa)  # rank 0's turn of the axes, on every rank
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
