@@ -537,7 +537,12 @@ class ActivationSparsityCallback(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "exception")  # Lightning calls no teardown after a failed run
+        """Lightning calls no teardown after a failed run; layers never calibrated (the run failed before) are given back."""
+        self.teardown(trainer, pl_module, "exception")
+        layers = self._layers(self.sparsified_module(pl_module)) if self._layer_names else []  # (a bad submodule= fails before any)
+        if layers and all(m._actsparse.mode is SparsifierMode.PASSTHROUGH for _, m in layers):
+            remove_activation_sparsity(self.sparsified_module(pl_module), TargetScope(names=[n for n, _ in layers]))
+            self._layer_names = []
 
     # -- checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
 

@@ -332,6 +332,8 @@ def test_auto_source_falls_back_to_first_training_batches_and_transform_fn():
     dense = _dense_state(lm)
     with pytest.raises(CallbackConfigurationError, match="no calibration data"):
         _trainer(_callback()).validate(lm, datamodule=data, verbose=False)
+    assert not list(sparsified_layers(lm)) and lm.state_dict().keys() == dense.keys()  # the failed run gives its uncalibrated layers back
+    assert all(torch.equal(lm.state_dict()[k], v) for k, v in dense.items())
     lm = TinyLM()
     cb = _callback(input_key=None, calibration=CalibrationConfig(transform_fn=lambda batch: batch[0], num_batches=3, progress=False))
     _trainer(cb).validate(lm, datamodule=data, verbose=False)

@@ -265,6 +265,7 @@ def test_two_callbacks_on_one_model_the_rotating_one_must_come_first():
         _trainer(other, rotating, limit_val_batches=1).validate(lm, datamodule=data, verbose=False)
     assert info.value.argument == "rotation" and not rotating.rotated
     assert all(torch.equal(lm.model.state_dict()[k], v) for k, v in state.items())  # not rotated
+    assert not list(sparsified_layers(lm)) and not other._layer_names  # the other callback's uncalibrated layers are given back
     lm = HFLM(tie=False)
     rotating, other = _callback(scopes=mlp, submodule="model", rotation=True), _callback(scopes=attn, submodule="model")
     _trainer(rotating, other, limit_val_batches=1).validate(lm, datamodule=data, verbose=False)
