@@ -327,10 +327,9 @@ class _Pass:
 
     def observe(self, module: nn.Module, inp: torch.Tensor, x: torch.Tensor) -> None:
         key = id(module)
-        calls = self.calls.get(key, 0) + 1
-        self.calls[key] = calls
-        if calls > 1:
+        if key in self.calls:
             raise _NotLeveled("a layer was called more than once in one block forward")
+        self.calls[key] = 1
         acc = self.observed.get(self.names[key])
         if acc is None:
             return
