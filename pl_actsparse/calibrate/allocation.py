@@ -34,7 +34,7 @@ from torch import nn
 
 from pl_actsparse.calibrate.histogram import COARSE_BINS, abs_keys, merge_coarse
 from pl_actsparse.calibrate.distributed import Distributed
-from pl_actsparse.calibrate.running import call_model, default_transform_fn, hooks_removed, logits_of, map_tensors, model_device, to_device
+from pl_actsparse.calibrate.running import call_model, default_transform_fn, hooks_removed, logits_of, map_tensors, mask_of, model_device, to_device
 from pl_actsparse.calibrate.sequential import input_gradients, sequential_input_gradients
 from pl_actsparse.config import CalibrationConfig
 from pl_actsparse.core.layer import linear_like_spec, weight_nbytes
@@ -146,7 +146,7 @@ def _gradient_pass(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], it
     if config.method != "sequential" or not sequential_input_gradients(model, layers, items, loss_fn, config, add):
         for item in items:
             inputs = to_device(transform(item), device)
-            mask = mask_fn(item) if mask_fn is not None else None
+            mask = mask_of(mask_fn, item)
             add(input_gradients(layers, lambda: (loss_fn(call_model(model, inputs), inputs, item, mask)[0], None, []))[0], mask)
     return dist
 
@@ -307,7 +307,7 @@ def search_levels(
         with hooks_removed(handles), torch.no_grad():
             for item in subset:
                 inputs = to_device(transform(item), device)
-                mask = mask_fn(item) if mask_fn is not None else None
+                mask = mask_of(mask_fn, item)
                 loss, count = loss_fn(call_model(model, inputs), inputs, item, mask)
                 total += torch.tensor([float(loss), float(count)], dtype=torch.float64)
         total = dist.sum_(total)

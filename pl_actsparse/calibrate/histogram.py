@@ -96,10 +96,8 @@ class LayerStatistics:
 
 
 def _choose(counts_le: torch.Tensor, target_count: float) -> int:
-    """Index of the candidate count closest to the target; ties go to fewer zeroed elements."""
-    err = (counts_le.double() - target_count).abs()
-    best = err.min()
-    return int(torch.nonzero(err == best)[0, 0])
+    """Index of the candidate count closest to the target; ties go to fewer zeroed elements (argmin's first minimum)."""
+    return int(torch.argmin((counts_le.double() - target_count).abs()))
 
 
 def _first_bin_reaching(cum: torch.Tensor, want: float) -> int:

@@ -107,13 +107,6 @@ def plan_block(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwarg
     Returns the plan, or why there is none (a layer is not called exactly once, a layer input is not traced
     back to the block's arguments, or the forward fails with autograd on).
     """
-    try:
-        return _plan(block, layers, args, kwargs)
-    except _NotLeveled as exc:
-        return str(exc)
-
-
-def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: dict) -> BlockPlan:
     local = {id(m): n for n, m in block.named_modules()}
     ids = {id(m): k for k, m in enumerate(layers)}
     k_layers = len(layers)
@@ -155,7 +148,7 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
                 torch.autograd.graph.saved_tensors_hooks(lambda _: None, lambda _: None):
             block(*_with_grad(args), **_with_grad(kwargs))
     except Exception as exc:  # noqa: BLE001 - any failure means: calibrate this block in lockstep
-        raise _NotLeveled(f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})") from exc
+        return f"the block's forward failed with autograd on ({type(exc).__name__}: {exc})"
     finally:
         for m, mode in zip(layers, modes):
             m._actsparse.mode = mode
@@ -165,7 +158,7 @@ def _plan(block: nn.Module, layers: Sequence[nn.Module], args: tuple, kwargs: di
                      ([k for k in range(k_layers) if calls[k] > 1], "are called more than once per block forward"),
                      ([k for k in range(k_layers) if marks[k] is None], "have inputs that do not depend on the block's arguments")):
         if bad:
-            raise _NotLeveled(f"layer(s) {[names[k] for k in bad]} {why}")
+            return f"layer(s) {[names[k] for k in bad]} {why}"
     level = [0] * k_layers
     for k in order:
         reach = _reachable(raw[k].grad_fn)
@@ -334,10 +327,9 @@ class _Pass:
 
     def observe(self, module: nn.Module, inp: torch.Tensor, x: torch.Tensor) -> None:
         key = id(module)
-        calls = self.calls.get(key, 0) + 1
-        self.calls[key] = calls
-        if calls > 1:
+        if key in self.calls:
             raise _NotLeveled("a layer was called more than once in one block forward")
+        self.calls[key] = 1
         acc = self.observed.get(self.names[key])
         if acc is None:
             return

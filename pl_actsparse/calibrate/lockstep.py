@@ -93,10 +93,8 @@ class CalibrationSession:
                 self.error = TypeError(f"layer {slot.name!r} received inputs of dtypes {slot.dtype} and {x.dtype}")
                 self._wake_everyone()
                 raise _Aborted
-            if slot.pinned or slot.finalized:
-                parked = False
-            else:
-                parked = True
+            parked = not (slot.pinned or slot.finalized)
+            if parked:
                 slot.waiting.append((x, mask))
                 self.blocked += 1
                 self.cond.notify()
@@ -197,13 +195,7 @@ class CalibrationSession:
 
 def _thread_context() -> Callable[[], Any]:
     """Capture the caller's thread-local torch state (autocast, CUDA device) to replay in workers."""
-    autocast = []
-    for device_type in ("cpu", "cuda"):
-        try:
-            if torch.is_autocast_enabled(device_type):
-                autocast.append((device_type, torch.get_autocast_dtype(device_type)))
-        except (RuntimeError, AttributeError):
-            pass
+    autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]  # torch >= 2.4 API
     cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def enter() -> contextlib.ExitStack:

@@ -59,10 +59,7 @@ def to_device(obj: Any, device: torch.device | None) -> Any:
 def model_device(model: nn.Module) -> torch.device | None:
     """The device of the model's first parameter (or buffer) that is not on ``meta`` (accelerate keeps offloaded
     weights there and its hooks move inputs to their execution device); ``None`` for a model with neither."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.device.type != "meta":
-            return t.device
-    return None
+    return next((t.device for t in itertools.chain(model.parameters(), model.buffers()) if t.device.type != "meta"), None)
 
 
 def run_item(model: nn.Module, item: Any, transform: Callable[[Any], Any], mask: torch.Tensor | None,

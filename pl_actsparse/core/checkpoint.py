@@ -100,11 +100,10 @@ def saved_sparsifiers(state_dict: Mapping[str, Any]) -> list[SavedSparsifier]:
     ``strict``, a warning otherwise).
     """
     out = []
-    seen = set()
     for key, value in state_dict.items():
-        if key != THRESHOLD_BUFFER and not key.endswith("." + THRESHOLD_BUFFER):
+        name, _, leaf = key.rpartition(".")  # ("", "", key) for a top-level entry
+        if leaf != THRESHOLD_BUFFER:
             continue
-        name = key[: -len(THRESHOLD_BUFFER)].rstrip(".")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{key!r} must be a tensor, got {type(value).__qualname__}")
         skey = f"{name}.{STATE_KEY}" if name else STATE_KEY
@@ -114,15 +113,14 @@ def saved_sparsifiers(state_dict: Mapping[str, Any]) -> list[SavedSparsifier]:
         except CheckpointError as e:
             raise CheckpointError(f"{skey!r}: {e}") from None
         out.append(SavedSparsifier(name, value, state))
-        seen.add(name)
+    seen = {entry.name for entry in out}
     for key in state_dict:
-        if key == STATE_KEY or key.endswith("." + STATE_KEY):
-            name = key[: -len(STATE_KEY)].rstrip(".")
-            if name not in seen and _looks_like_sparsifier_state(state_dict[key]):
-                raise CheckpointError(
-                    f"{key!r} holds a sparsifier state but the state dict has no {THRESHOLD_BUFFER!r} for "
-                    f"layer {name!r}: the layer cannot be restored as saved"
-                )
+        name, _, leaf = key.rpartition(".")
+        if leaf == STATE_KEY and name not in seen and _looks_like_sparsifier_state(state_dict[key]):
+            raise CheckpointError(
+                f"{key!r} holds a sparsifier state but the state dict has no {THRESHOLD_BUFFER!r} for "
+                f"layer {name!r}: the layer cannot be restored as saved"
+            )
     return out
 
 

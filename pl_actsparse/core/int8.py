@@ -304,9 +304,7 @@ def dequantize_weights_int8(model: nn.Module) -> nn.Module:
     In place, keeping module objects, bias Parameters and sparsifiers. The weight is the *dequantized* one
     (quantization error included), in the layer's ``weight_dtype``.
     """
-    for _, m in list(model.named_modules()):
-        if not isinstance(m, Int8WeightLinear):
-            continue
+    for m in [m for m in model.modules() if isinstance(m, Int8WeightLinear)]:  # listed first: classes change below
         w = m.dequantize()
         sparse = is_sparsified(m)
         for key in ("qweight", "scale", "zero_point"):

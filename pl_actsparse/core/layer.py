@@ -296,11 +296,7 @@ def linear_like_spec(module_or_cls: nn.Module | type) -> LinearLikeSpec | None:
     if issubclass(cls, ActivationSparsifierMixin):
         cls = cls.__bases__[-1]
     _load_lazy_specs()
-    for base in cls.__mro__:
-        spec = _LINEAR_LIKE.get(base)
-        if spec is not None:
-            return spec
-    return None
+    return next((_LINEAR_LIKE[base] for base in cls.__mro__ if base in _LINEAR_LIKE), None)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -433,11 +429,8 @@ def _threshold_device(module: nn.Module) -> torch.device | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    if weight.device.type == "meta":
-        for source in PLACEMENT_SOURCES:
-            device = source(module)
-            if device is not None:
-                return device
+    if weight.device.type == "meta":  # offloaded: where the first placement source says, else meta
+        return next((d for source in PLACEMENT_SOURCES if (d := source(module)) is not None), weight.device)
     return weight.device
 
 

@@ -170,10 +170,8 @@ def scopes_to_list(target_sparsity_by_scope: Mapping[TargetScope, float]) -> lis
     """
     out = []
     for scope, target in target_sparsity_by_scope.items():
-        entry: dict[str, Any] = {}
-        for key, values in (("names", sorted(scope.names)), ("patterns", sorted(scope.patterns)), ("types", sorted(t if isinstance(t, str) else t.__name__ for t in scope.types))):
-            if values:
-                entry[key] = list(values)
+        entry: dict[str, Any] = {key: list(values) for key, values in (("names", sorted(scope.names)), ("patterns", sorted(scope.patterns)),
+                                 ("types", sorted(t if isinstance(t, str) else t.__name__ for t in scope.types))) if values}
         if not scope.validate:
             entry["validate"] = False
         entry["sparsity"] = float(target)

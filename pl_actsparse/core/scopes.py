@@ -116,15 +116,8 @@ class _Scope:
         return isinstance(other, _Scope) and self._key() == other._key()
 
     def __repr__(self) -> str:
-        parts = []
-        if self.names:
-            parts.append(f"names={sorted(self.names)!r}")
-        if self.patterns:
-            parts.append(f"patterns={sorted(self.patterns)!r}")
-        if self.types:
-            parts.append(f"types={sorted(_type_label(t) for t in self.types)!r}")
-        if not self.validate:
-            parts.append("validate=False")
+        entries = (("names", self.names), ("patterns", self.patterns), ("types", [_type_label(t) for t in self.types]))
+        parts = [f"{key}={sorted(values)!r}" for key, values in entries if values] + ([] if self.validate else ["validate=False"])
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def __reduce__(self):

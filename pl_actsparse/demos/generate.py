@@ -89,10 +89,7 @@ class DecodeComparison:
                 f"(median of {len(r.seconds)}){sp}",
                 r.text,
             ]
-        if self.identical:
-            verdict = "identical to the dense text"
-        else:
-            verdict = f"differs from the dense text from new token {self.first_difference} on"
+        verdict = "identical to the dense text" if self.identical else f"differs from the dense text from new token {self.first_difference} on"
         lines.append(
             f"--- sparse {verdict}; speed {self.speedup:.2f}x dense ({self.exported_layers} exported layers, "
             f"{self.threads} thread{'s' if self.threads != 1 else ''})"

@@ -532,10 +532,9 @@ class Llama2cTokenizer:
         self._lookup = {p: i for i, p in reversed(list(enumerate(self.pieces)))}  # a repeated piece: its first id
         # byte fallback: id = byte + 3 in llama2.c vocabularies; verify rather than assume
         self._byte_ids: list[int] | None = None
+        self._out_bytes = list(self.pieces)  # what decode writes: the byte itself for the (verified) byte pieces
         if len(self.pieces) >= 259 and all(self.pieces[b + 3] == b"<0x%02X>" % b for b in range(256)):
             self._byte_ids = [b + 3 for b in range(256)]
-        self._out_bytes = list(self.pieces)  # what decode writes: the byte itself for the (verified) byte pieces
-        if self._byte_ids is not None:
             self._out_bytes[3:259] = [bytes([b]) for b in range(256)]
         self.chunked = not any(b" " in p[1:] for p in self.pieces)
         self._cache: dict[str, tuple[int, ...]] = {}

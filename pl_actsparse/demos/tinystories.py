@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from pl_actsparse.config import check_choice
 from pl_actsparse.demos.llama2c import Llama2cTokenizer
 from pl_actsparse.demos.paths import DATA_ENV_VAR, resolve_data_dir
 
@@ -103,8 +104,7 @@ class TokenWindows(Dataset):
             raise TypeError("stories must be a sequence of strings; wrap a single text as [text]")
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if mode not in ("disjoint", "contiguous"):
-            raise ValueError(f"mode must be 'disjoint' or 'contiguous', got {mode!r}")
+        check_choice(mode, "mode", ("disjoint", "contiguous"), ValueError)
         ids: list[int] = []
         for story in stories:
             ids.extend(tokenizer.encode(story, bos=True, eos=False))
@@ -112,14 +112,9 @@ class TokenWindows(Dataset):
         self.seq_len = seq_len
         self.mode: WindowMode = mode
         self.stride = seq_len + 1 if mode == "disjoint" else seq_len
-        n_tok = len(ids)
-        if mode == "disjoint":
-            n = n_tok // (seq_len + 1)
-        else:
-            n = -(-(n_tok - 1) // seq_len) if n_tok > 1 else 0
-        if max_windows is not None:
-            n = min(n, max_windows)
-        self._n = n
+        # complete windows only (disjoint), or every token but the first predicted once (contiguous: ceil((n - 1) / stride))
+        n = len(ids) // self.stride if mode == "disjoint" else max(0, -(-(len(ids) - 1) // self.stride))
+        self._n = n if max_windows is None else min(n, max_windows)
 
     def __len__(self) -> int:
         return self._n

@@ -69,11 +69,8 @@ def is_offloaded(module: nn.Module) -> bool:
 def threshold_device(module: nn.Module) -> torch.device | None:
     """Where a new threshold buffer of an offloaded ``module`` (weight on ``meta``) lives: the accelerate hook's
     execution device; ``None`` when no hook says (registered in :data:`pl_actsparse.core.layer.PLACEMENT_SOURCES`)."""
-    for h in _hooks(module):
-        dev = getattr(h, "execution_device", None)
-        if dev is not None:
-            return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
-    return None
+    dev = next((d for h in _hooks(module) if (d := getattr(h, "execution_device", None)) is not None), None)
+    return None if dev is None else torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
 
 
 class _SharedOnload:

@@ -268,13 +268,8 @@ class ActivationSparsity(Metric):
 
     def token_quantiles(self, q: Sequence[float] = (0.05, 0.95), layer: str | None = None, interpolation: str = "lower") -> list[float]:
         """Quantiles of per-token sparsity for one layer, or over all (token, layer) pairs when ``layer`` is None."""
-        counts = self.token_counts.cpu()
-        if layer is None:
-            values = torch.cat([self._bin_values(i) for i in range(len(self.layers))])
-            c = counts.reshape(-1)
-        else:
-            i = self._index[layer]
-            values, c = self._bin_values(i), counts[i]
+        rows = list(range(len(self.layers))) if layer is None else [self._index[layer]]
+        values, c = torch.cat([self._bin_values(i) for i in rows]), self.token_counts.cpu()[rows].reshape(-1)
         return [quantile_from_histogram(values, c, float(p), interpolation) for p in q]
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
@@ -462,9 +457,8 @@ class DecodeSparsity:
         found = [(n, m) for n, m in model.named_modules()
                  if isinstance(m._buffers.get(THRESHOLD_BUFFER), Tensor) and hasattr(m, "in_features")]
         self.layers = [m for _, m in found]
-        self.metric: ActivationSparsity | None = None
-        if found:
-            self.metric = ActivationSparsity([n for n, _ in found], [m.in_features for _, m in found], [weight_nbytes(m) for _, m in found])
+        self.metric: ActivationSparsity | None = ActivationSparsity(
+            [n for n, _ in found], [m.in_features for m in self.layers], [weight_nbytes(m) for m in self.layers]) if found else None
         self._index = {id(m): i for i, (_, m) in enumerate(found)}
         self._handles: list[Any] = []
 

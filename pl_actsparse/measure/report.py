@@ -45,10 +45,10 @@ import torch
 from torch import nn
 
 from pl_actsparse.calibrate.groups import find_shared_input_groups
-from pl_actsparse.calibrate.running import call_model, check_batches, default_transform_fn, mask_of, model_device, to_device
+from pl_actsparse.calibrate.running import check_batches, default_transform_fn, mask_of, model_device, run_item
 from pl_actsparse.core.checkpoint import read_state_dict, saved_sparsifiers
 from pl_actsparse.core.layer import STATE_KEY, THRESHOLD_BUFFER, is_sparsified, sparsified_layers, threshold_summary, weight_nbytes
-from pl_actsparse.core.masking import MaskFn, resolve_mask_fn, token_mask as _token_mask_context
+from pl_actsparse.core.masking import MaskFn, resolve_mask_fn
 from pl_actsparse.core.module_state import preserved_modes
 from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError, NotSparsifiedError
 from pl_actsparse.measure.plot import plot_report  # matplotlib itself is imported when a plot is drawn
@@ -459,23 +459,21 @@ def _row(name: str, threshold: torch.Tensor, state: Mapping[str, Any], mode: str
 def _rows_from_state_dict(sd: Mapping[str, Any]) -> list[LayerReport]:
     rows = []
     for entry in saved_sparsifiers(sd):
-        name = entry.name
-        pre = f"{name}." if name else ""
-        w, qw = sd.get(pre + "weight"), sd.get(pre + "qweight")
+        w, qw, b = (sd.get(entry.key(k)) for k in ("weight", "qweight", "bias"))
         if isinstance(qw, torch.Tensor) and qw.dim() == 2:  # an int8 layer: qweight is [in, out]
             in_f, out_f = qw.shape
-            nbytes = sum(sd[pre + p].numel() * sd[pre + p].element_size() for p in _INT8_PARTS if isinstance(sd.get(pre + p), torch.Tensor))
+            nbytes = sum(t.numel() * t.element_size() for p in _INT8_PARTS if isinstance(t := sd.get(entry.key(p)), torch.Tensor))
         elif isinstance(w, torch.Tensor) and w.dim() == 2:
             out_f, in_f = w.shape
-            b = sd.get(pre + "bias")
             if isinstance(b, torch.Tensor) and b.numel() == in_f != out_f:  # stored [in, out] (GPT-2's Conv1D)
                 out_f, in_f = in_f, out_f
             nbytes = w.numel() * w.element_size()
         else:
-            raise NotSparsifiedError(f"the state dict has a threshold for {name!r} but no 2-D {pre}weight (or int8 {pre}qweight)")
+            raise NotSparsifiedError(f"the state dict has a threshold for {entry.name!r} but no 2-D {entry.key('weight')} "
+                                     f"(or int8 {entry.key('qweight')})")
         state = entry.state or {}
         mode = "sparsifying" if state.get("calibrated", entry.state is None) else "passthrough"
-        rows.append(_row(name, entry.threshold, state, mode, in_f, out_f, nbytes))
+        rows.append(_row(entry.name, entry.threshold, state, mode, in_f, out_f, nbytes))
     return rows
 
 
@@ -584,11 +582,9 @@ def _measure(model: nn.Module, items: list[Any], report: SparsityReport, transfo
     tokens = 0
     with preserved_modes(model), SparsityCounter(model) as counter, torch.no_grad():
         model.eval()
-        for item in items:
-            inputs = to_device(transform(item), device)
-            mask = mask_of(mask_fn, item)
-            with _token_mask_context(mask):
-                call_model(model, inputs)
+        for item in items:  # the calibration's way of running an item (transformed once: the token count reads it)
+            inputs, mask = transform(item), mask_of(mask_fn, item)
+            run_item(model, inputs, default_transform_fn, mask, device)
             tokens += _token_count(inputs, mask)
     sparsity = counter.sparsity()
     spread = counter.token_quantiles((0.05, 0.95))
