@@ -64,7 +64,7 @@ def _threshold_key(tau: float, dtype: torch.dtype) -> int:
 
 #: Largest miss |achieved - best reachable| tolerated for *coupled* repeated layers (several layers called several
 #: times, each one's later inputs depending on the others' thresholds) when no pass hits every fixed point exactly;
-#: it is warned about with the figures. A larger miss raises CalibrationConvergenceError.
+#: it is warned about with the figures. A larger miss (and larger than one element) raises CalibrationConvergenceError.
 COUPLED_TOLERANCE = 0.002
 
 
@@ -91,9 +91,10 @@ class _FixedPoint:
             return mid if lo < mid < hi and mid not in self.tried else None
         return None
 
-    def closest(self, target: float) -> int:
-        """The tried threshold whose zeroed fraction is closest to the target (ties: fewer zeroed)."""
-        return min(self.tried, key=lambda k: (abs(self.tried[k][0] - target * self.tried[k][2]), self.tried[k][0]))
+    def closest(self, target: float, current: int) -> int:
+        """The tried threshold whose zeroed fraction is closest to the target (ties: ``current``, the threshold in
+        place, so that the search settles now instead of spending a pass on an equal count; then fewer zeroed)."""
+        return min(self.tried, key=lambda k: (abs(self.tried[k][0] - target * self.tried[k][2]), k != current, self.tried[k][0]))
 
 
 def _measure_pinned(s: LayerSlot, dist: Distributed) -> tuple[torch.dtype, torch.Tensor, int, float, int]:
@@ -169,7 +170,7 @@ def solve_repeated(
                 continue
             nxt = fp.next_key(_threshold_key(best_tau, dtype))
             if nxt is None:  # the count jumps over the target between adjacent thresholds: take the closer
-                nxt = fp.closest(s.target)
+                nxt = fp.closest(s.target, key)
                 settled[id(s)] = nxt == key
                 jumped.add(id(s))
             if nxt != key:
@@ -196,17 +197,18 @@ def solve_repeated(
         f"best reachable {best_counts[id(s)] / max(s.stats.elements, 1):.6f}"
         for s in repeated
     )
-    if best_miss > COUPLED_TOLERANCE:
+    grain = max(1 / max(s.stats.elements, 1) for s in repeated)  # type: ignore[union-attr]
+    if best_miss > max(COUPLED_TOLERANCE, grain):  # one element is below any tolerance on a small calibration set
         for s in repeated:
             s.stats = None
         raise CalibrationConvergenceError(
             f"layers called several times per forward depend on each other's thresholds and no calibration pass of "
-            f"{len(history)} found thresholds within {COUPLED_TOLERANCE} of the exact fixed point ({report}). "
+            f"{len(history)} found thresholds within {max(COUPLED_TOLERANCE, grain):.2g} of the exact fixed point ({report}). "
             "Sparsify modules called once per forward instead, or fewer of the shared ones"
         )
     warnings.warn(
         f"layers called several times per forward depend on each other's thresholds: no pass hit every fixed point "
-        f"exactly; the closest one (miss {best_miss:.2e} <= {COUPLED_TOLERANCE}) is kept: {report}",
+        f"exactly; the closest one (miss {best_miss:.2e} <= {max(COUPLED_TOLERANCE, grain):.2g}) is kept: {report}",
         stacklevel=4,
     )
 

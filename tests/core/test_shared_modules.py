@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 from pl_actsparse.core.layer import sparsifier_state
@@ -82,6 +82,7 @@ def test_repeated_layer_with_other_layers_sparsified_in_between():
     target=st.floats(0.05, 0.95),
     dtype=st.sampled_from(["float32", "bfloat16"]),
 )
+@example(seed=0, calls=4, target=0.662109375, dtype="float32")  # count jumps 317 -> 320 over 318 of 480: used to run out of passes and raise
 def test_property_every_call_counts(seed, calls, target, dtype):
     """Any number of calls, any target, fp32 and bf16: the achieved fraction over all calls is the reachable
     fraction closest to the target, or a warning says that the fraction jumps over the target there."""
