@@ -201,7 +201,8 @@ class SparseInferenceLinear(nn.Module):
         if self.prefill != "prepacked" or w.is_meta:
             self.__dict__.pop("_packed", None)
             return None
-        key = (id(w), w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype, w.device)
+        w = _normal(self, "weight_t")
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
         if cached is None or cached[0] != key:
             self.__dict__["_packed"] = cached = (key, prepack_weight(w))
         return cached[1]
@@ -276,7 +277,7 @@ class SparseInferenceLinear(nn.Module):
 
     def _threshold_for(self, dtype: torch.dtype) -> float:
         # The threshold rounded to the input dtype, cached: reading a CUDA buffer costs a device sync.
-        t = self.activation_threshold
+        t = _normal(self, THRESHOLD_BUFFER)
         key = (dtype, id(t), t._version)
         cached = self.__dict__.get("_threshold_cache")
         if cached is None or cached[0] != key:
@@ -361,6 +362,16 @@ class SparseInferenceLinear(nn.Module):
         else:
             weight = self.weight_t.detach().t().contiguous()
         return info.build(weight, None if self.bias is None else self.bias.detach(), self)
+
+
+def _normal(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>``, first replaced by a normal copy if it is an inference tensor (made under ``inference_mode``):
+    those keep no version counter, so a cache keyed on it would miss in-place changes (``load_state_dict``)."""
+    t = getattr(module, name)
+    if t.is_inference():
+        with torch.inference_mode(False):
+            setattr(module, name, nn.Parameter(t.clone(), requires_grad=False) if isinstance(t, nn.Parameter) else t.clone())
+    return getattr(module, name)
 
 
 def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
