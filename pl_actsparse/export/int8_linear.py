@@ -60,7 +60,9 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer("qweight_t", layer.qweight)
         self.register_buffer("scale", layer.scale)
         self.register_buffer("zero_point", layer.zero_point)
-        self.register_buffer(THRESHOLD_BUFFER, exported_threshold(layer, self.in_features, layer.qweight.device))
+        # not saved for a layer that was not sparsified (-inf): the state dict keeps the keys of the model exported
+        self.register_buffer(THRESHOLD_BUFFER, exported_threshold(layer, self.in_features, layer.qweight.device),
+                             persistent=THRESHOLD_BUFFER in layer._buffers)
         b = layer.bias
         self.register_buffer("bias", None if b is None else b.detach())
         #: The sparsifier state of the exported layer (see :func:`~pl_actsparse.core.layer.decode_sparsifier_state`), saved as ``_extra_state``.
@@ -78,7 +80,7 @@ class Int8SparseInferenceLinear(nn.Module):
 
     def _saved_tensors(self) -> dict[str, Optional[Tensor]]:
         return {"bias": self.bias, "qweight": self.qweight_t, "scale": self.scale, "zero_point": self.zero_point,
-                THRESHOLD_BUFFER: self.activation_threshold}
+                THRESHOLD_BUFFER: None if THRESHOLD_BUFFER in self._non_persistent_buffers_set else self.activation_threshold}
 
     def _held_weight(self, saved: Tensor) -> Tensor:
         return saved

@@ -330,7 +330,8 @@ class SparseInferenceLinear(nn.Module):
         for key, t in self._saved_tensors().items():
             if t is not None:
                 destination[prefix + key] = t if keep_vars else t.detach()
-        destination[prefix + STATE_KEY] = self.get_extra_state()
+        if THRESHOLD_BUFFER not in self._non_persistent_buffers_set:  # (an int8 layer not sparsified has neither)
+            destination[prefix + STATE_KEY] = self.get_extra_state()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,

@@ -499,3 +499,23 @@ def test_a_layer_made_before_the_kernel_was_built_uses_it_once_loaded(monkeypatc
     ref = k8.int8_masked_linear(x, restored.activation_threshold, restored.qweight_t, restored.scale,
                                 restored.zero_point, restored.bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_exported_int8_model_keeps_the_state_dict_keys_of_the_model_it_came_from(tiny, batches):
+    """quantize_weights_int8 quantizes every Linear (here also layers left unsparsified); exporting gave those a -inf
+    threshold that was saved, so the exported model's state dict had keys the int8 model lacks, and the int8 model's
+    own state dict did not load into it (missing ``activation_threshold``)."""
+    quantize_weights_int8(tiny)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*mlp.*"]): 0.5}, calibration={"progress": False})
+    ids = batches[0][:1]
+    reference = copy.deepcopy(tiny)
+    export_for_inference(tiny)
+    assert tiny.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():
+        for name, buf in reference.named_buffers():
+            if name.endswith("scale"):
+                buf.mul_(1.5)
+    tiny.load_state_dict(reference.state_dict())  # strict
+    torch.testing.assert_close(tiny(ids), reference(ids), rtol=1e-4, atol=1e-4)
+    unsparsified = [m for n, m in tiny.named_modules() if "attn" in n and isinstance(m, Int8SparseInferenceLinear)]
+    assert len(unsparsified) == 12 and all(math.isinf(float(m.activation_threshold)) for m in unsparsified)
