@@ -201,7 +201,7 @@ class SparseInferenceLinear(nn.Module):
         if self.prefill != "prepacked" or w.is_meta:
             self.__dict__.pop("_packed", None)
             return None
-        w = _normal(self, "weight_t")
+        w = self._normal("weight_t")
         key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
         if cached is None or cached[0] != key:
             self.__dict__["_packed"] = cached = (key, prepack_weight(w))
@@ -275,9 +275,18 @@ class SparseInferenceLinear(nn.Module):
             return _cuda.sparse_linear_cuda(x, t, self.weight_t, self.bias)
         return sparse_linear_cpu(x, thr, self.weight_t, self.bias)
 
+    def _normal(self, name: str) -> Optional[Tensor]:
+        """``self.<name>``, first replaced by a normal copy if it is an inference tensor (made under ``inference_mode``):
+        those keep no version counter, so a cache keyed on it would miss in-place changes (``load_state_dict``)."""
+        t = getattr(self, name)
+        if t is not None and t.is_inference():
+            with torch.inference_mode(False):
+                setattr(self, name, nn.Parameter(t.clone(), requires_grad=False) if isinstance(t, nn.Parameter) else t.clone())
+        return getattr(self, name)
+
     def _threshold_for(self, dtype: torch.dtype) -> float:
         # The threshold rounded to the input dtype, cached: reading a CUDA buffer costs a device sync.
-        t = _normal(self, THRESHOLD_BUFFER)
+        t = self._normal(THRESHOLD_BUFFER)
         key = (dtype, id(t), t._version)
         cached = self.__dict__.get("_threshold_cache")
         if cached is None or cached[0] != key:
@@ -363,16 +372,6 @@ class SparseInferenceLinear(nn.Module):
         else:
             weight = self.weight_t.detach().t().contiguous()
         return info.build(weight, None if self.bias is None else self.bias.detach(), self)
-
-
-def _normal(module: nn.Module, name: str) -> Tensor:
-    """``module.<name>``, first replaced by a normal copy if it is an inference tensor (made under ``inference_mode``):
-    those keep no version counter, so a cache keyed on it would miss in-place changes (``load_state_dict``)."""
-    t = getattr(module, name)
-    if t.is_inference():
-        with torch.inference_mode(False):
-            setattr(module, name, nn.Parameter(t.clone(), requires_grad=False) if isinstance(t, nn.Parameter) else t.clone())
-    return getattr(module, name)
 
 
 def _stores_weight_t(module: nn.Module, weight_t: Tensor) -> bool:
