@@ -351,6 +351,8 @@ class SparseInferenceLinear(nn.Module):
             state_dict[held] = self._held_weight(state_dict.pop(saved))
         before = len(missing_keys)
         fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
+        if prefix + THRESHOLD_BUFFER in state_dict:  # a sparsified layer's keys: an int8 layer not sparsified takes them
+            self._non_persistent_buffers_set.discard(THRESHOLD_BUFFER)
         nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if skey not in state_dict:
             missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]

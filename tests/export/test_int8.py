@@ -519,6 +519,10 @@ def test_an_exported_int8_model_keeps_the_state_dict_keys_of_the_model_it_came_f
     torch.testing.assert_close(tiny(ids), reference(ids), rtol=1e-4, atol=1e-4)
     unsparsified = [m for n, m in tiny.named_modules() if "attn" in n and isinstance(m, Int8SparseInferenceLinear)]
     assert len(unsparsified) == 12 and all(math.isinf(float(m.activation_threshold)) for m in unsparsified)
+    fresh = Int8SparseInferenceLinear(Int8WeightLinear.from_linear(nn.Linear(32, 32)))  # not sparsified: no threshold key
+    assert "activation_threshold" not in fresh.state_dict() and "_extra_state" not in fresh.state_dict()
+    fresh.load_state_dict({**fresh.state_dict(), "activation_threshold": torch.tensor(0.5)})  # a sparsified layer's keys
+    assert float(fresh.state_dict()["activation_threshold"]) == 0.5 and "_extra_state" in fresh.state_dict()
 
 
 @pytest.mark.parametrize("inference_mode", [False, True])
