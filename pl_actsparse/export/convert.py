@@ -190,6 +190,7 @@ def _int8_from_codes(name: str, linear: nn.Linear, codes: tuple, max_sparse_toke
     shell.bias = linear.bias
     new = Int8SparseInferenceLinear(shell, max_sparse_tokens=max_sparse_tokens)
     new.activation_threshold = exported_threshold(linear, linear.in_features)
+    new._non_persistent_buffers_set.discard(THRESHOLD_BUFFER)  # sparsified: saved (the shell was not)
     new.sparsity_state = exported_state(linear)
     new.train(linear.training)
     # what to_linear needs to give back the library's module bit for bit (no tensor data kept)

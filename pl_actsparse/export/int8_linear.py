@@ -60,7 +60,9 @@ class Int8SparseInferenceLinear(nn.Module):
         self.register_buffer("qweight_t", layer.qweight)
         self.register_buffer("scale", layer.scale)
         self.register_buffer("zero_point", layer.zero_point)
-        self.register_buffer(THRESHOLD_BUFFER, exported_threshold(layer, self.in_features, layer.qweight.device))
+        # not saved for a layer that was not sparsified (-inf): the state dict keeps the keys of the model exported
+        self.register_buffer(THRESHOLD_BUFFER, exported_threshold(layer, self.in_features, layer.qweight.device),
+                             persistent=THRESHOLD_BUFFER in layer._buffers)
         b = layer.bias
         self.register_buffer("bias", None if b is None else b.detach())
         #: The sparsifier state of the exported layer (see :func:`~pl_actsparse.core.layer.decode_sparsifier_state`), saved as ``_extra_state``.
@@ -75,10 +77,11 @@ class Int8SparseInferenceLinear(nn.Module):
     _save_to_state_dict = SparseInferenceLinear._save_to_state_dict
     _load_from_state_dict = SparseInferenceLinear._load_from_state_dict
     _WEIGHT_KEYS = ("qweight", "qweight_t")  # (saved, held)
+    _normal = SparseInferenceLinear._normal
 
     def _saved_tensors(self) -> dict[str, Optional[Tensor]]:
         return {"bias": self.bias, "qweight": self.qweight_t, "scale": self.scale, "zero_point": self.zero_point,
-                THRESHOLD_BUFFER: self.activation_threshold}
+                THRESHOLD_BUFFER: None if THRESHOLD_BUFFER in self._non_persistent_buffers_set else self.activation_threshold}
 
     def _held_weight(self, saved: Tensor) -> Tensor:
         return saved
@@ -95,16 +98,17 @@ class Int8SparseInferenceLinear(nn.Module):
 
     def _direct_args(self) -> Optional[tuple]:
         # Per-call conversions of the custom op, done once: (row_scale, row_zero, col_scale, col_zero, bias)
-        # as contiguous fp32 vectors, rebuilt when a buffer is replaced (load_state_dict, .to()).
-        key = (self.qweight_t, self.scale, self.zero_point, self.bias, self.mode)
+        # as contiguous fp32 vectors, rebuilt when a buffer is replaced or changed in place (load_state_dict, .to()).
+        ts = (self.qweight_t, *(self._normal(n) for n in ("scale", "zero_point", "bias")))
+        key = (self.mode, *((id(t), 0 if t is None or t is ts[0] else t._version) for t in ts))
         cached = self.__dict__.get("_direct")
-        if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        if cached is not None and cached[0] == key:
             return cached[1]
         if self.qweight_t.device.type != "cpu" or not self.qweight_t.is_contiguous():
             return None
         zp = self.zero_point if self.mode == "asym" else None
         args = _int8.int8_kernel_args(self.qweight_t, self.scale, zp, self.bias)
-        self.__dict__["_direct"] = (key, args)
+        self.__dict__["_direct"] = (key, args, ts)  # ts: keeps the ids in the key unique
         return args
 
     def forward(self, x: Tensor) -> Tensor:

@@ -201,7 +201,8 @@ class SparseInferenceLinear(nn.Module):
         if self.prefill != "prepacked" or w.is_meta:
             self.__dict__.pop("_packed", None)
             return None
-        key = (id(w), w.data_ptr(), 0 if w.is_inference() else w._version, w.dtype, w.device)
+        w = self._normal("weight_t")
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
         if cached is None or cached[0] != key:
             self.__dict__["_packed"] = cached = (key, prepack_weight(w))
         return cached[1]
@@ -274,9 +275,18 @@ class SparseInferenceLinear(nn.Module):
             return _cuda.sparse_linear_cuda(x, t, self.weight_t, self.bias)
         return sparse_linear_cpu(x, thr, self.weight_t, self.bias)
 
+    def _normal(self, name: str) -> Optional[Tensor]:
+        """``self.<name>``, first replaced by a normal copy if it is an inference tensor (made under ``inference_mode``):
+        those keep no version counter, so a cache keyed on it would miss in-place changes (``load_state_dict``)."""
+        t = getattr(self, name)
+        if t is not None and t.is_inference():
+            with torch.inference_mode(False):
+                setattr(self, name, nn.Parameter(t.clone(), requires_grad=False) if isinstance(t, nn.Parameter) else t.clone())
+        return getattr(self, name)
+
     def _threshold_for(self, dtype: torch.dtype) -> float:
         # The threshold rounded to the input dtype, cached: reading a CUDA buffer costs a device sync.
-        t = self.activation_threshold
+        t = self._normal(THRESHOLD_BUFFER)
         key = (dtype, id(t), t._version)
         cached = self.__dict__.get("_threshold_cache")
         if cached is None or cached[0] != key:
@@ -329,7 +339,8 @@ class SparseInferenceLinear(nn.Module):
         for key, t in self._saved_tensors().items():
             if t is not None:
                 destination[prefix + key] = t if keep_vars else t.detach()
-        destination[prefix + STATE_KEY] = self.get_extra_state()
+        if THRESHOLD_BUFFER not in self._non_persistent_buffers_set:  # (an int8 layer not sparsified has neither)
+            destination[prefix + STATE_KEY] = self.get_extra_state()
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
@@ -340,6 +351,8 @@ class SparseInferenceLinear(nn.Module):
             state_dict[held] = self._held_weight(state_dict.pop(saved))
         before = len(missing_keys)
         fit_threshold_buffer(self, state_dict.get(prefix + THRESHOLD_BUFFER))
+        if prefix + THRESHOLD_BUFFER in state_dict:  # a sparsified layer's keys: an int8 layer not sparsified takes them
+            self._non_persistent_buffers_set.discard(THRESHOLD_BUFFER)
         nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if skey not in state_dict:
             missing_keys[before:] = [k for k in missing_keys[before:] if k != skey]

@@ -499,3 +499,50 @@ def test_a_layer_made_before_the_kernel_was_built_uses_it_once_loaded(monkeypatc
     ref = k8.int8_masked_linear(x, restored.activation_threshold, restored.qweight_t, restored.scale,
                                 restored.zero_point, restored.bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_exported_int8_model_keeps_the_state_dict_keys_of_the_model_it_came_from(tiny, batches):
+    """quantize_weights_int8 quantizes every Linear (here also layers left unsparsified); exporting gave those a -inf
+    threshold that was saved, so the exported model's state dict had keys the int8 model lacks, and the int8 model's
+    own state dict did not load into it (missing ``activation_threshold``)."""
+    quantize_weights_int8(tiny)
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*mlp.*"]): 0.5}, calibration={"progress": False})
+    ids = batches[0][:1]
+    reference = copy.deepcopy(tiny)
+    export_for_inference(tiny)
+    assert tiny.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():
+        for name, buf in reference.named_buffers():
+            if name.endswith("scale"):
+                buf.mul_(1.5)
+    tiny.load_state_dict(reference.state_dict())  # strict
+    torch.testing.assert_close(tiny(ids), reference(ids), rtol=1e-4, atol=1e-4)
+    unsparsified = [m for n, m in tiny.named_modules() if "attn" in n and isinstance(m, Int8SparseInferenceLinear)]
+    assert len(unsparsified) == 12 and all(math.isinf(float(m.activation_threshold)) for m in unsparsified)
+    fresh = Int8SparseInferenceLinear(Int8WeightLinear.from_linear(nn.Linear(32, 32)))  # not sparsified: no threshold key
+    assert "activation_threshold" not in fresh.state_dict() and "_extra_state" not in fresh.state_dict()
+    fresh.load_state_dict({**fresh.state_dict(), "activation_threshold": torch.tensor(0.5)})  # a sparsified layer's keys
+    assert float(fresh.state_dict()["activation_threshold"]) == 0.5 and "_extra_state" in fresh.state_dict()
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_decode_follows_in_place_loads_of_bf16_scales(tiny, batches, backend, inference_mode):
+    """The eager decode path caches the scales as fp32 vectors; keyed on the buffers' identity only, an in-place
+    load of bf16 scales (a model moved with ``.to(torch.bfloat16)``; also under inference_mode, whose tensors keep
+    no version counter) left it decoding with the old ones: a silent wrong result."""
+    quantize_weights_int8(tiny, TargetScope(patterns=[r".*mlp.*"]))
+    sparsify_activations(tiny, batches, {TargetScope(patterns=[r".*mlp.*"]): 0.5}, calibration={"progress": False})
+    tiny.to(torch.bfloat16)
+    changed = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for name, buf in changed.named_buffers():
+            if name.endswith(("scale", "zero_point")):
+                buf.mul_(1.5)
+    ids = batches[0][:1, :1]
+    with torch.inference_mode() if inference_mode else torch.no_grad():  # no autograd: the eager decode path
+        export_for_inference(tiny, max_sparse_tokens=8)
+        before = tiny(ids)  # the cache is made
+        tiny.load_state_dict(changed.state_dict())
+        after = tiny(ids)
+    torch.testing.assert_close(after, changed(ids), rtol=2e-2, atol=2e-2)
+    assert (after - before).abs().max() > 0.1 * before.abs().max()  # the load changed the output

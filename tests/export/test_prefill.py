@@ -229,3 +229,24 @@ def test_hf_llama_exported_with_prepacked_prefill(race, packed_calls):
                                        model(input_ids=x, use_cache=False).logits, rtol=1e-5, atol=1e-5)
     kw = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static", "pad_token_id": 0}
     assert torch.equal(model.generate(ids, **kw), reference.generate(ids, **kw))
+
+
+def test_a_layer_exported_under_inference_mode_sees_in_place_changes(race, packed_calls):
+    """Exported inside ``torch.inference_mode`` (a common deployment script), ``W^T`` and the threshold were inference
+    tensors, which keep no version counter: a ``load_state_dict`` of new weights left the packed copy stale (a silent
+    wrong prompt output) and the CUDA threshold cache raised on ``_version``."""
+    race(True)
+    lin = _sparsified()
+    w, b, t = lin.weight.detach().clone(), lin.bias.detach().clone(), lin.activation_threshold.clone()
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        model = export_for_inference(nn.Sequential(lin), prefill="prepacked", max_sparse_tokens=2)
+        _close(model(x), _reference(x, w, b, t), torch.float32)
+        model.load_state_dict({"0.weight": 3 * w, "0.bias": b, "0.activation_threshold": t}, strict=False)
+        _close(model(x), _reference(x, 3 * w, b, t), torch.float32)
+        model[0].weight_t.mul_(0.5)
+        _close(model(x), _reference(x, 1.5 * w, b, t), torch.float32)
+        assert model[0]._threshold_for(torch.bfloat16) == float(t.bfloat16())  # no RuntimeError on _version
+        model[0].activation_threshold.fill_(0.25)
+        assert model[0]._threshold_for(torch.float32) == 0.25
+    assert packed_calls == [40, 40, 40]
