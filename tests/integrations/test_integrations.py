@@ -98,6 +98,30 @@ def test_cpu_offload_either_order_and_bit_for_bit_removal():
             assert torch.equal(m(data[0]).logits, dense_want)  # dense again, nothing left behind
 
 
+def test_offload_buffers_is_refused_in_either_order_and_the_refusal_changes_nothing():
+    # sparsify then cpu_offload(offload_buffers=True): forwards read the threshold from the copy in the hook's
+    # weights_map, which a recalibration cannot update; it crashed in Tensor.item() on meta (in a Lightning run:
+    # in the callback's recalibration) instead of naming the cause
+    accelerate = pytest.importorskip("accelerate")
+    data = token_batches(3)
+    first = tiny_hf_llama()  # dispatch, then sparsify
+    accelerate.cpu_offload(first, execution_device="cpu", offload_buffers=True)
+    with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.0\.mlp\.gate_proj.*offload_buffers=True"):
+        sparsify_activations(first, data, MLP, calibration={"progress": False})
+    assert not list(sparsified_layers(first))
+    ref = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
+    later = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
+    accelerate.cpu_offload(later, execution_device="cpu", offload_buffers=True)
+    with torch.no_grad():
+        want = ref(data[0]).logits
+        assert torch.equal(later(data[0]).logits, want)  # the copy made at dispatch: the calibrated thresholds
+    with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.0\.mlp\.gate_proj.*offload_buffers=True.*cannot update"):
+        calibrate_activation_sparsity(later, data[1:], calibration={"progress": False})
+    with torch.no_grad():
+        assert torch.equal(later(data[0]).logits, want)
+    assert all(sparsifier_state(m).mode.value == "sparsifying" for _, m in sparsified_layers(later))
+
+
 def test_a_forward_patch_that_bypasses_the_class_is_refused():
     m = tiny_hf_llama()
     layer = m.model.layers[0].mlp.up_proj
