@@ -341,6 +341,9 @@ def sparse_class_for(cls: type) -> type:
     return _SPARSE_CLASSES[cls]
 
 
+_UNSPARSED: dict[type, type] = {}
+
+
 def _rebuild_sparse(func: Callable, args: tuple, state: Any):
     obj = func(*args)
     obj.__class__ = sparse_class_for(type(obj))
@@ -406,11 +409,17 @@ def sparsifier_state(module: nn.Module) -> SparsifierStateView:
     return SparsifierStateView(module)
 
 
-def original_module_class(module: nn.Module) -> type:
-    """The class the module had before :func:`install_sparsifier` swapped it."""
-    cls = type(module)
-    # Sparse classes are built as (ActivationSparsifierMixin, OriginalClass).
-    return cls.__bases__[-1] if issubclass(cls, ActivationSparsifierMixin) else cls
+def original_module_class(module: nn.Module | type) -> type:
+    """The class the module had before :func:`install_sparsifier` swapped it. A class another library derived from
+    the sparse one since (``torch.nn.utils.parametrize``'s ``ParametrizedSparseActivationLinear``) gives the same
+    derived class built over the original one (``ParametrizedLinear``, made once per class)."""
+    cls = module if isinstance(module, type) else type(module)
+    if not issubclass(cls, ActivationSparsifierMixin) or cls.__bases__[0] is ActivationSparsifierMixin:
+        return cls.__bases__[-1] if issubclass(cls, ActivationSparsifierMixin) else cls  # built as (Mixin, Original)
+    if cls not in _UNSPARSED:
+        _UNSPARSED[cls] = type(cls.__name__.replace("SparseActivation", ""), tuple(map(original_module_class, cls.__bases__)),
+                               {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+    return _UNSPARSED[cls]
 
 
 def sparsified_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
