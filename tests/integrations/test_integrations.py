@@ -122,6 +122,19 @@ def test_offload_buffers_is_refused_in_either_order_and_the_refusal_changes_noth
     assert all(sparsifier_state(m).mode.value == "sparsifying" for _, m in sparsified_layers(later))
 
 
+@pytest.mark.parametrize("method", ["lockstep", "sequential"])
+def test_a_model_without_weights_is_refused_by_name_and_left_unchanged(method):
+    # built under accelerate's init_empty_weights (weights on meta, no hook to load them): calibration crashed
+    # in aten::bincount ("no fake impl or Meta kernel registered") instead of naming the cause
+    accelerate = pytest.importorskip("accelerate")
+    config = tiny_hf_llama().config
+    with accelerate.init_empty_weights():
+        m = transformers.LlamaForCausalLM(config)
+    with pytest.raises(UnsupportedModuleError, match=r"(layer 'model\.layers\.0\.mlp\.gate_proj'|block 0) received a meta tensor.*init_empty_weights"):
+        sparsify_activations(m, token_batches(2), MLP, calibration={"progress": False, "method": method})
+    assert not list(sparsified_layers(m))
+
+
 def test_a_forward_patch_that_bypasses_the_class_is_refused():
     m = tiny_hf_llama()
     layer = m.model.layers[0].mlp.up_proj
