@@ -292,9 +292,7 @@ def _load_lazy_specs() -> None:
 def linear_like_spec(module_or_cls: nn.Module | type) -> LinearLikeSpec | None:
     """The :class:`LinearLikeSpec` of a module (or class), through its MRO; sparsified layers count as
     their original class. ``None`` for a module that is not Linear-like."""
-    cls = module_or_cls if isinstance(module_or_cls, type) else type(module_or_cls)
-    if issubclass(cls, ActivationSparsifierMixin):
-        cls = cls.__bases__[-1]
+    cls = original_module_class(module_or_cls)
     _load_lazy_specs()
     return next((_LINEAR_LIKE[base] for base in cls.__mro__ if base in _LINEAR_LIKE), None)
 
@@ -414,8 +412,10 @@ def original_module_class(module: nn.Module | type) -> type:
     the sparse one since (``torch.nn.utils.parametrize``'s ``ParametrizedSparseActivationLinear``) gives the same
     derived class built over the original one (``ParametrizedLinear``, made once per class)."""
     cls = module if isinstance(module, type) else type(module)
-    if not issubclass(cls, ActivationSparsifierMixin) or cls.__bases__[0] is ActivationSparsifierMixin:
-        return cls.__bases__[-1] if issubclass(cls, ActivationSparsifierMixin) else cls  # built as (Mixin, Original)
+    if not issubclass(cls, ActivationSparsifierMixin):
+        return cls
+    if cls.__bases__[0] is ActivationSparsifierMixin:
+        return cls.__bases__[-1]  # sparse classes are built as (ActivationSparsifierMixin, Original)
     if cls not in _UNSPARSED:
         _UNSPARSED[cls] = type(cls.__name__.replace("SparseActivation", ""), tuple(map(original_module_class, cls.__bases__)),
                                {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
