@@ -421,3 +421,30 @@ def test_hf_batch_encoding_batches_are_keyword_arguments(allocation, method):
         layer = model.model.layers[0].mlp.down_proj
         assert sparsifier_state(layer).calibration_elements == (16 + 10) * 3 * layer.in_features  # real tokens only
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("quantize_first", [True, False])
+def test_torchao_int8_either_order_reaches_the_target_once_calibrated_after_quantizing(quantize_first):
+    # docs/int8.md: quantize first; quantizing a sparsified model keeps the float weights' thresholds until recalibrated
+    torchao = pytest.importorskip("torchao.quantization")
+    from pl_actsparse.measure.metric import ActivationSparsity
+
+    data = token_batches(3)
+
+    def worst(model):
+        metric = ActivationSparsity.from_model(model)
+        with metric.observe(model), torch.no_grad():
+            for x in data:
+                model(x)
+        values = metric.compute()
+        return max(abs(float(values[f"{n}/sparsity"]) - 0.5) for n, _ in sparsified_layers(model))
+
+    m = tiny_hf_llama()
+    torchao.quantize_(m, torchao.Int8WeightOnlyConfig()) if quantize_first else None
+    sparsify_activations(m, data, MLP, calibration={"progress": False})
+    if not quantize_first:
+        torchao.quantize_(m, torchao.Int8WeightOnlyConfig())
+        assert worst(m) == pytest.approx(0.0026, abs=1e-3)
+        calibrate_activation_sparsity(m, data, calibration={"progress": False})
+    assert all(type(l.weight).__name__ == "Int8Tensor" for _, l in sparsified_layers(m)) and len(list(sparsified_layers(m))) == 6
+    assert worst(m) == 0.0
