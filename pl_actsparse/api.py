@@ -177,7 +177,7 @@ def _check_reachable(modules: dict[str, nn.Module], names: Iterable[str]) -> Non
     """Raise :class:`UnsupportedModuleError` for layers whose forward would never reach a sparsifier."""
     stuck = [f"{n!r}: {p}" for n in names if (p := forward_patch_problem(modules[n])) is not None]
     if stuck:
-        raise UnsupportedModuleError("these layers would stay dense if sparsified: " + "; ".join(stuck))
+        raise UnsupportedModuleError("these layers' forward would not apply a calibrated threshold: " + "; ".join(stuck))
 
 
 def prepare_activation_sparsity(
@@ -246,6 +246,8 @@ def calibrate_activation_sparsity(
     Raises:
         InvalidOptionError, TokenMaskError: an invalid ``calibration`` (before any change).
         NotSparsifiedError: the model has no sparsified layer, or ``layers`` names another module.
+        UnsupportedModuleError: a layer's forward would not apply the new threshold (accelerate hooks dispatched
+            with ``offload_buffers=True`` after sparsifying hold a copy; another forward patch), before any change.
         EmptyDatasetError: the data yields no item.
     """
     config = CalibrationConfig.from_value(calibration)
@@ -258,6 +260,7 @@ def calibrate_activation_sparsity(
     unknown = [n for n in names if n not in present]
     if unknown:
         raise NotSparsifiedError(f"cannot calibrate {unknown}: not sparsified layers of the model; sparsified layers are {present}")
+    _check_reachable(modules, names)
     items = _peek(dataset)
     sync_adapter_hooks(model)  # adapters wrapped around already-sparsified layers (peft applied afterwards)
     vector = [n for n, t in ((n, modules[n]._buffers[THRESHOLD_BUFFER]) for n in names) if t.dim() == 1 and bool((t != t[:1]).any())]

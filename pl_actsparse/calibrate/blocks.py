@@ -19,6 +19,7 @@ from torch import nn
 
 from pl_actsparse.calibrate.cache import BoundaryCache, is_cache_object
 from pl_actsparse.calibrate.distributed import Distributed
+from pl_actsparse.calibrate.histogram import check_data
 from pl_actsparse.calibrate.running import hooks_removed, map_tensors, model_device, patch_forward, restore_forward, run_item
 from pl_actsparse.core.masking import token_mask as token_mask_context
 from pl_actsparse.errors import InvalidOptionError
@@ -192,6 +193,7 @@ class Stubs:
                 st.passed = st.poison
                 return self.fmt(st.poison)  # type: ignore[misc]
             if self.mode is StubMode.CAPTURE:
+                check_data(f"block {j}", hidden)
                 self.cache.record(st.index, j, args, kwargs, hidden, st.seen)  # type: ignore[union-attr]
             elif self.fmt is None:  # probe: learn the output format from one real call
                 fresh = lambda v: copy.deepcopy(v) if is_cache_object(v) else v  # noqa: E731

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from pl_actsparse.core.recipe import validate_target
-from pl_actsparse.errors import NonFiniteActivationError
+from pl_actsparse.errors import NonFiniteActivationError, UnsupportedModuleError
 
 if TYPE_CHECKING:
     from pl_actsparse.calibrate.distributed import Distributed
@@ -34,9 +34,17 @@ _NONFINITE_KEY = {torch.float32: 0x7F80, torch.bfloat16: 0x7F80, torch.float16: 
 
 
 def check_input_dtype(name: str, x: torch.Tensor) -> None:
-    """Raise ``TypeError`` naming layer ``name`` when its input ``x`` is not float32, bfloat16 or float16."""
+    """Raise ``TypeError`` naming layer ``name`` when its input ``x`` is not float32, bfloat16 or float16 (and see :func:`check_data`)."""
+    check_data(f"layer {name!r}", x)
     if x.dtype not in INT_VIEW:
         raise TypeError(f"layer {name!r} received a {x.dtype} input; calibration supports float32, bfloat16 and float16")
+
+
+def check_data(what: str, x: torch.Tensor) -> None:
+    """Raise :class:`UnsupportedModuleError` naming ``what`` when ``x`` is on ``meta`` (a model built without weights)."""
+    if x.is_meta:
+        raise UnsupportedModuleError(f"{what} received a meta tensor: the model has no weights (built under accelerate's "
+                                     "init_empty_weights or on device='meta'); load them first (from_pretrained, load_state_dict(assign=True))")
 
 
 def abs_keys(x: torch.Tensor) -> torch.Tensor:

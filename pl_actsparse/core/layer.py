@@ -292,9 +292,7 @@ def _load_lazy_specs() -> None:
 def linear_like_spec(module_or_cls: nn.Module | type) -> LinearLikeSpec | None:
     """The :class:`LinearLikeSpec` of a module (or class), through its MRO; sparsified layers count as
     their original class. ``None`` for a module that is not Linear-like."""
-    cls = module_or_cls if isinstance(module_or_cls, type) else type(module_or_cls)
-    if issubclass(cls, ActivationSparsifierMixin):
-        cls = cls.__bases__[-1]
+    cls = original_module_class(module_or_cls)
     _load_lazy_specs()
     return next((_LINEAR_LIKE[base] for base in cls.__mro__ if base in _LINEAR_LIKE), None)
 
@@ -339,6 +337,9 @@ def sparse_class_for(cls: type) -> type:
                     namespace[attr] = property(fn)
         _SPARSE_CLASSES[cls] = type(f"SparseActivation{cls.__name__}", (ActivationSparsifierMixin, cls), namespace)
     return _SPARSE_CLASSES[cls]
+
+
+_UNSPARSED: dict[type, type] = {}
 
 
 def _rebuild_sparse(func: Callable, args: tuple, state: Any):
@@ -406,11 +407,19 @@ def sparsifier_state(module: nn.Module) -> SparsifierStateView:
     return SparsifierStateView(module)
 
 
-def original_module_class(module: nn.Module) -> type:
-    """The class the module had before :func:`install_sparsifier` swapped it."""
-    cls = type(module)
-    # Sparse classes are built as (ActivationSparsifierMixin, OriginalClass).
-    return cls.__bases__[-1] if issubclass(cls, ActivationSparsifierMixin) else cls
+def original_module_class(module: nn.Module | type) -> type:
+    """The class the module had before :func:`install_sparsifier` swapped it. A class another library derived from
+    the sparse one since (``torch.nn.utils.parametrize``'s ``ParametrizedSparseActivationLinear``) gives the same
+    derived class built over the original one (``ParametrizedLinear``, made once per class)."""
+    cls = module if isinstance(module, type) else type(module)
+    if not issubclass(cls, ActivationSparsifierMixin):
+        return cls
+    if cls.__bases__[0] is ActivationSparsifierMixin:
+        return cls.__bases__[-1]  # sparse classes are built as (ActivationSparsifierMixin, Original)
+    if cls not in _UNSPARSED:
+        _UNSPARSED[cls] = type(cls.__name__.replace("SparseActivation", ""), tuple(map(original_module_class, cls.__bases__)),
+                               {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+    return _UNSPARSED[cls]
 
 
 def sparsified_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

@@ -11,7 +11,7 @@ in either order of dispatch and sparsification.
 Offloaded layers keep their weights in the hook's ``weights_map`` and on ``meta`` in the module; their threshold
 buffer is created on the hook's execution device (:func:`threshold_device`), where it stays (accelerate moves
 buffers only with ``offload_buffers=True``, which is refused with an error: the threshold would be read from a
-``weights_map`` that does not hold it).
+``weights_map`` that does not hold it, or holds a copy made at dispatch that calibration cannot update).
 
 accelerate is never imported here: a hooked module is recognised by its ``_hf_hook`` attribute.
 """
@@ -56,8 +56,8 @@ def forward_patch_problem(module: nn.Module) -> str | None:
             return (f"its forward is replaced on the instance by {getattr(bound, '__qualname__', type(bound).__qualname__)} "
                     f"(via {attr!r}), which never calls the class's forward: the sparsifier would not run")
     if any(getattr(h, "offload", False) and getattr(h, "offload_buffers", False) for h in _hooks(module)):
-        return ("it is dispatched by accelerate with offload_buffers=True: its threshold buffer would be looked up "
-                "in the offloaded weights, which do not hold it; dispatch with offload_buffers=False")
+        return ("it is dispatched by accelerate with offload_buffers=True: its threshold buffer is looked up in the offloaded "
+                "weights, which hold none or a copy that calibration cannot update; dispatch with offload_buffers=False")
     return None
 
 

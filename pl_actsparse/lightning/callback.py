@@ -336,12 +336,12 @@ class ActivationSparsityCallback(Callback):
         changed = fingerprint is None or self._needs_calibration(module) or not torch.equal(fingerprint, _fingerprint(module))  # False on shapes that differ
         return _on_any_rank(trainer, changed)
 
-    def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+    def _thresholds_overwritten(self, trainer: Trainer, pl_module: LightningModule, at_end: bool = False) -> bool:
         """Whether another callback replaced the thresholds this callback calibrated (any rank); with ``WeightAveraging``
-        (it swaps parameters *and buffers* in, thresholds maybe equal): whether weights or thresholds changed since."""
+        (it swaps parameters *and buffers* in, thresholds maybe equal), or ``at_end`` SWA: whether weights or thresholds changed since."""
         if not self._calibrated_thresholds:
             return False
-        if neighbours.swaps_weights(trainer):
+        if neighbours.swaps_weights(trainer, at_end):
             return self._weights_changed(trainer, pl_module)
         layers = dict(sparsified_layers(self.sparsified_module(pl_module)))
         changed = any(name not in layers or not torch.equal(layers[name].activation_threshold, value.to(layers[name].activation_threshold.device))
@@ -503,8 +503,8 @@ class ActivationSparsityCallback(Callback):
         if not self._layer_names:
             return
         if action == "keep":
-            if self.finished is None and self._thresholds_overwritten(trainer, pl_module):
-                self._recalibrate_and_log(trainer, pl_module, "end of training (thresholds replaced by another callback)", log_now=False)
+            if self.finished is None and self._thresholds_overwritten(trainer, pl_module, at_end=True):
+                self._recalibrate_and_log(trainer, pl_module, "end of training (weights or thresholds replaced by another callback)", log_now=False)
             return
         if action == "make_permanent":
             if self._weights_changed(trainer, pl_module):

@@ -25,9 +25,11 @@ from pl_actsparse.core.layer import THRESHOLD_BUFFER, sparsified_layers
 _SEARCH = ((LearningRateFinder, "lr_find"), (BatchSizeFinder, "scale_batch_size"))
 
 
-def swaps_weights(trainer: Any) -> bool:
-    """Whether a ``WeightAveraging`` callback runs (it swaps its weights in for each validation of a fit, and at the end)."""
-    return WeightAveraging is not StochasticWeightAveraging and any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
+def swaps_weights(trainer: Any, at_end: bool = False) -> bool:
+    """Whether a ``WeightAveraging`` callback runs (it swaps its weights in for each validation of a fit, and at the end);
+    ``at_end``: or a ``StochasticWeightAveraging`` one (it copies its average in at the end of fit, parameters only)."""
+    return (at_end or WeightAveraging is not StochasticWeightAveraging) and any(
+        isinstance(c, (StochasticWeightAveraging, WeightAveraging) if at_end else WeightAveraging) for c in trainer.callbacks)
 
 
 def arrange(trainer: Any, callback: Any, pl_module: Any, stage: str) -> Callable[[], Any]:

@@ -385,6 +385,36 @@ def test_linear_subclass_is_supported(batches):
     assert type(m[0]) is MyLinear and torch.equal(m(data[0]), ref)
 
 
+@pytest.mark.parametrize("parametrize_first", [True, False])
+def test_a_parametrized_weight_in_either_order_is_sparsified_and_removed_cleanly(parametrize_first):
+    # torch.nn.utils.parametrize derives its class from the module's class: parametrized after sparsifying, the
+    # layer's class is ParametrizedSparseActivationLinear, and removal took its last base (SparseActivationLinear),
+    # leaving a layer without its weight property or state: AttributeError at the next forward
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    dense = copy.deepcopy(m)
+    data = [torch.randn(8, 16) for _ in range(3)]
+    weight_norm(m[0]) if parametrize_first else None
+    sparsify_activations(m, data, {TargetScope(names=["0"]): 0.5}, calibration={"progress": False})
+    weight_norm(m[0]) if not parametrize_first else None
+    assert parametrize.is_parametrized(m[0], "weight") and is_sparsified(m[0])
+    report = calibrate_activation_sparsity(m, data, calibration={"progress": False})
+    assert report.layers[0].calibration_sparsity == 0.5
+    t = m[0].activation_threshold
+    masked = copy.deepcopy(dense)
+    masked[0].register_forward_pre_hook(lambda mod, a: (a[0] * (a[0].abs() > t),))
+    torch.testing.assert_close(m(data[0]), masked(data[0]), rtol=0, atol=1e-6)
+    remove_activation_sparsity(m)
+    assert not is_sparsified(m[0]) and parametrize.is_parametrized(m[0], "weight") and type(m[0]).__name__ == "ParametrizedLinear"
+    torch.testing.assert_close(m(data[0]), dense(data[0]), rtol=0, atol=1e-6)
+    parametrize.remove_parametrizations(m[0], "weight")
+    assert type(m[0]) is nn.Linear
+    torch.testing.assert_close(m[0].weight, dense[0].weight, rtol=0, atol=1e-6)
+
+
 def test_compile_smoke(tiny, batches):
     sparsify_activations(tiny, batches, SEED, calibration={"progress": False})
     compiled = torch.compile(tiny, backend="eager")

@@ -98,6 +98,43 @@ def test_cpu_offload_either_order_and_bit_for_bit_removal():
             assert torch.equal(m(data[0]).logits, dense_want)  # dense again, nothing left behind
 
 
+def test_offload_buffers_is_refused_in_either_order_and_the_refusal_changes_nothing():
+    # sparsify then cpu_offload(offload_buffers=True): forwards read the threshold from the copy in the hook's
+    # weights_map, which a recalibration cannot update; it crashed in Tensor.item() on meta (in a Lightning run:
+    # in the callback's recalibration) instead of naming the cause
+    accelerate = pytest.importorskip("accelerate")
+    data = token_batches(3)
+    first = tiny_hf_llama()  # dispatch, then sparsify
+    accelerate.cpu_offload(first, execution_device="cpu", offload_buffers=True)
+    with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.0\.mlp\.gate_proj.*offload_buffers=True"):
+        sparsify_activations(first, data, MLP, calibration={"progress": False})
+    assert not list(sparsified_layers(first))
+    ref = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
+    later = sparsify_activations(tiny_hf_llama(), data, MLP, calibration={"progress": False})
+    accelerate.cpu_offload(later, execution_device="cpu", offload_buffers=True)
+    with torch.no_grad():
+        want = ref(data[0]).logits
+        assert torch.equal(later(data[0]).logits, want)  # the copy made at dispatch: the calibrated thresholds
+    with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.0\.mlp\.gate_proj.*offload_buffers=True.*cannot update"):
+        calibrate_activation_sparsity(later, data[1:], calibration={"progress": False})
+    with torch.no_grad():
+        assert torch.equal(later(data[0]).logits, want)
+    assert all(sparsifier_state(m).mode.value == "sparsifying" for _, m in sparsified_layers(later))
+
+
+@pytest.mark.parametrize("method", ["lockstep", "sequential"])
+def test_a_model_without_weights_is_refused_by_name_and_left_unchanged(method):
+    # built under accelerate's init_empty_weights (weights on meta, no hook to load them): calibration crashed
+    # in aten::bincount ("no fake impl or Meta kernel registered") instead of naming the cause
+    accelerate = pytest.importorskip("accelerate")
+    config = tiny_hf_llama().config
+    with accelerate.init_empty_weights():
+        m = transformers.LlamaForCausalLM(config)
+    with pytest.raises(UnsupportedModuleError, match=r"(layer 'model\.layers\.0\.mlp\.gate_proj'|block 0) received a meta tensor.*init_empty_weights"):
+        sparsify_activations(m, token_batches(2), MLP, calibration={"progress": False, "method": method})
+    assert not list(sparsified_layers(m))
+
+
 def test_a_forward_patch_that_bypasses_the_class_is_refused():
     m = tiny_hf_llama()
     layer = m.model.layers[0].mlp.up_proj
@@ -384,3 +421,30 @@ def test_hf_batch_encoding_batches_are_keyword_arguments(allocation, method):
         layer = model.model.layers[0].mlp.down_proj
         assert sparsifier_state(layer).calibration_elements == (16 + 10) * 3 * layer.in_features  # real tokens only
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("quantize_first", [True, False])
+def test_torchao_int8_either_order_reaches_the_target_once_calibrated_after_quantizing(quantize_first):
+    # docs/int8.md: quantize first; quantizing a sparsified model keeps the float weights' thresholds until recalibrated
+    torchao = pytest.importorskip("torchao.quantization")
+    from pl_actsparse.measure.metric import ActivationSparsity
+
+    data = token_batches(3)
+
+    def worst(model):
+        metric = ActivationSparsity.from_model(model)
+        with metric.observe(model), torch.no_grad():
+            for x in data:
+                model(x)
+        values = metric.compute()
+        return max(abs(float(values[f"{n}/sparsity"]) - 0.5) for n, _ in sparsified_layers(model))
+
+    m = tiny_hf_llama()
+    torchao.quantize_(m, torchao.Int8WeightOnlyConfig()) if quantize_first else None
+    sparsify_activations(m, data, MLP, calibration={"progress": False})
+    if not quantize_first:
+        torchao.quantize_(m, torchao.Int8WeightOnlyConfig())
+        assert worst(m) == pytest.approx(0.0026, abs=1e-3)
+        calibrate_activation_sparsity(m, data, calibration={"progress": False})
+    assert all(type(l.weight).__name__ == "Int8Tensor" for _, l in sparsified_layers(m)) and len(list(sparsified_layers(m))) == 6
+    assert worst(m) == 0.0

@@ -389,3 +389,25 @@ def test_lora_on_gpt2_conv1d_thresholds_the_adapted_input_merges_and_exports():
         assert torch.allclose(merged(x).logits, trained, atol=2e-6)
         export_for_inference(merged)
         assert torch.allclose(merged(x).logits, trained, atol=2e-6)
+
+def test_lora_adapters_share_the_base_threshold_and_set_adapter_needs_a_recalibration():
+    # docs/integrations.md: the threshold is calibrated with the adapters active then; another adapter moves it off
+    lora = lambda: peft.LoraConfig(r=4, target_modules=["up_proj", "down_proj", "gate_proj"], init_lora_weights=False)  # noqa: E731
+    model = peft.get_peft_model(tiny_hf_llama(), lora(), adapter_name="a")
+    model.add_adapter("b", lora())
+    data = _data()
+    sparsify_activations(model, data, {TargetScope(patterns=[r".*mlp\..*"]): 0.5}, calibration={"progress": False})
+
+    def worst():
+        metric = ActivationSparsity.from_model(model)
+        with metric.observe(model), torch.no_grad():
+            for x in data:
+                model(x)
+        values = metric.compute()
+        return max(abs(float(values[f"{n}/sparsity"]) - 0.5) for n, _ in sparsified_layers(model))
+
+    assert worst() == 0.0
+    model.set_adapter("b")
+    assert worst() == pytest.approx(0.016, abs=0.005)
+    calibrate_activation_sparsity(model, data, calibration={"progress": False})
+    assert worst() == 0.0
