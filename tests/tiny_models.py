@@ -108,6 +108,19 @@ def best_reachable(abs_values: torch.Tensor, target: float) -> float:
     return float(counts[int(torch.nonzero(err == err.min())[0, 0])]) / n
 
 
+def worst_achieved_miss(model: nn.Module, data, target: float = 0.5) -> float:
+    """Largest |achieved - target| over the sparsified layers of ``model`` on ``data`` (measured by ActivationSparsity)."""
+    from pl_actsparse.core.layer import sparsified_layers
+    from pl_actsparse.measure.metric import ActivationSparsity
+
+    metric = ActivationSparsity.from_model(model)
+    with metric.observe(model), torch.no_grad():
+        for x in data:
+            model(x)
+    values = metric.compute()
+    return max(abs(float(values[f"{n}/sparsity"]) - target) for n, _ in sparsified_layers(model))
+
+
 def count_token_calls(monkeypatch, module, name: str) -> list[int]:
     """Patch ``module.name`` (a kernel entry ``f(x, ...)``) to record the token count of each call; the list fills as
     it is called."""

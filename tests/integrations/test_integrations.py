@@ -11,7 +11,7 @@ from torch import nn
 from pl_actsparse import activation_sparsity_report, TargetScope, calibrate_activation_sparsity, load_activation_sparsity, sparsify_activations
 from pl_actsparse.core.layer import sparsified_layers, sparsifier_state
 from pl_actsparse.errors import CheckpointError, UnsupportedModuleError
-from tiny_models import tiny_hf_llama, token_batches
+from tiny_models import tiny_hf_llama, token_batches, worst_achieved_miss
 
 transformers = pytest.importorskip("transformers")
 MLP = {TargetScope(patterns=[".*mlp.*"]): 0.5}
@@ -427,17 +427,8 @@ def test_hf_batch_encoding_batches_are_keyword_arguments(allocation, method):
 def test_torchao_int8_either_order_reaches_the_target_once_calibrated_after_quantizing(quantize_first):
     # docs/int8.md: quantize first; quantizing a sparsified model keeps the float weights' thresholds until recalibrated
     torchao = pytest.importorskip("torchao.quantization")
-    from pl_actsparse.measure.metric import ActivationSparsity
-
     data = token_batches(3)
-
-    def worst(model):
-        metric = ActivationSparsity.from_model(model)
-        with metric.observe(model), torch.no_grad():
-            for x in data:
-                model(x)
-        values = metric.compute()
-        return max(abs(float(values[f"{n}/sparsity"]) - 0.5) for n, _ in sparsified_layers(model))
+    worst = lambda model: worst_achieved_miss(model, data)  # noqa: E731
 
     m = tiny_hf_llama()
     torchao.quantize_(m, torchao.Int8WeightOnlyConfig()) if quantize_first else None
