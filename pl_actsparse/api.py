@@ -371,8 +371,8 @@ def sparsify_activations(
             scope's value is a *byte budget*, the fraction of the scope's weight bytes skipped per token,
             spread over its layers by :mod:`pl_actsparse.calibrate.allocation`: empirical-Fisher loss curves
             from one forward and backward pass of the dense model, their convex optimum, and a search over 9
-            reweightings of the curves scored by the real loss on half the data (13-19 dense forward passes in
-            all with calibration on stories260K, docs/allocation.md); ``"fisher"``: the curves' optimum without
+            reweightings of the curves scored by the real loss on half the data (12-16 dense forward passes in
+            all with calibration on stories260K, benchmarks/results/allocation.json); ``"fisher"``: the curves' optimum without
             the search. The allocated levels are then calibrated exactly. The loss is ``calibration``'s
             ``loss_fn`` (default: next-token NLL, which needs a causal LM on token ids); ``dataset`` is iterated
             several times (a one-shot iterator is read into a list first).
