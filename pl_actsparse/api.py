@@ -149,9 +149,11 @@ def plan_activation_sparsity(
             "see pl_actsparse.core.layer.register_linear_like): " + ", ".join(unsupported)
         )
     if unmatched:
+        linear = [n for n, lin in is_linear.items() if lin and not is_tool_storage(n)]
         raise UnmatchedScopeError(
             "these scope entries match no nn.Linear of the model (names are qualified module names from "
             "model.named_modules(); patterns use re.fullmatch): " + "; ".join(unmatched)
+            + f"; the model's nn.Linear layers ({len(linear)}): {', '.join(linear[:6])}{', ...' if len(linear) > 6 else ''}"
         )
     conflicts = {n: s for n, s in claims.items() if len(s) > 1 and n not in ignored_names}
     if conflicts:

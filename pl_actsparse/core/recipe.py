@@ -62,9 +62,9 @@ class ScopeSpec:
     """
 
     sparsity: float
-    names: list[str] = field(default_factory=list)
-    patterns: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
+    names: list[str] | str = field(default_factory=list)  # one string is one entry, as in TargetScope
+    patterns: list[str] | str = field(default_factory=list)
+    types: list[str] | str = field(default_factory=list)
     validate: bool = True
 
     def to_scope(self) -> TargetScope:
@@ -76,9 +76,9 @@ class ScopeSpec:
 class IgnoredScopeSpec:
     """YAML-friendly form of :class:`~pl_actsparse.IgnoredScope`."""
 
-    names: list[str] = field(default_factory=list)
-    patterns: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
+    names: list[str] | str = field(default_factory=list)  # one string is one entry, as in TargetScope
+    patterns: list[str] | str = field(default_factory=list)
+    types: list[str] | str = field(default_factory=list)
     validate: bool = True
 
     def to_scope(self) -> IgnoredScope:

@@ -33,7 +33,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from pl_actsparse.errors import ActivationSparsityError
+from pl_actsparse.errors import ActivationSparsityError, ConflictingScopesError, UnmatchedScopeError, UnsupportedModuleError
 
 __all__ = ["ActSparseCLI", "run", "main", "SUBCOMMANDS"]
 
@@ -69,10 +69,18 @@ class ActSparseCLI(LightningCLI):
         self.config = parser.parse_args(args)
 
     def instantiate_classes(self) -> None:
+        self._one_line(super().instantiate_classes)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self._one_line(super()._run_subcommand, subcommand, errors=(UnmatchedScopeError, ConflictingScopesError, UnsupportedModuleError))
+
+    def _one_line(self, fn: Callable[..., None], *args: Any, errors: tuple[type[BaseException], ...] = (ActivationSparsityError, FileNotFoundError)) -> None:
+        """``fn(*args)``; one of ``errors`` (a bad callback argument, scopes that match no layer of the model, a
+        missing data file) as one line naming the YAML key where there is one, exit status 2."""
         try:
-            super().instantiate_classes()
-        except ValueError as exc:
-            cause = _sparsity_error(exc)
+            fn(*args)
+        except (ValueError, OSError) as exc:
+            cause = _cause_of(exc, errors)
             if cause is None:
                 raise
             sub = self.config.get("subcommand") if isinstance(self.config, Namespace) else None
@@ -80,25 +88,25 @@ class ActSparseCLI(LightningCLI):
             callbacks = config.get("trainer.callbacks") if isinstance(config, Namespace) else None
             found = [i for i, c in enumerate(callbacks or []) if isinstance(c, Namespace) and _is_sparsity_callback(c.get("class_path"))]
             where, key = "trainer.callbacks" + (f"[{found[0]}].init_args" if len(found) == 1 else ""), getattr(cause, "argument", None)
-            _exit_with_config_error("pl-actsparse" + (f" {sub}" if sub else ""), f"{where}.{key}" if key else where, cause)
+            _exit_with_config_error("pl-actsparse" + (f" {sub}" if sub else ""), None if isinstance(cause, OSError) else f"{where}.{key}" if key else where, cause)
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
-def _sparsity_error(exc: BaseException | None) -> ActivationSparsityError | None:
-    """The package's own error behind a jsonargparse/Lightning wrapper, if there is one."""
+def _cause_of(exc: BaseException | None, errors: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first of ``errors`` behind a jsonargparse/Lightning wrapper, if there is one."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, ActivationSparsityError):
+        if isinstance(exc, errors):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
 
 
-def _exit_with_config_error(prog: str, key: str, error: BaseException) -> NoReturn:
-    print(f"{prog}: error: {key}: {error}", file=sys.stderr)
+def _exit_with_config_error(prog: str, key: str | None, error: BaseException) -> NoReturn:
+    print(f"{prog}: error: {key + ': ' if key else ''}{error}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -193,6 +193,33 @@ def test_bad_recipe_values_fail_in_one_line_naming_the_yaml_key(tmp_path, capsys
     assert err[0].startswith(f"pl-actsparse validate: error: {key}: ") and message in err[0]
 
 
+@pytest.mark.parametrize(
+    "edit, env, line",
+    [  # errors only the built model or data can show: one line, status 2, before any calibration
+        (lambda i: i["scopes"][1].__setitem__("patterns", [".*nothing_proj"]), None,
+         "pl-actsparse validate: error: trainer.callbacks[0].init_args: these scope entries match no nn.Linear of the model"),
+        (lambda i: None, "missing", "pl-actsparse validate: error: pl_actsparse data directory not found: "),
+    ],
+)
+def test_recipe_errors_found_on_the_model_or_data_are_one_line(tmp_path, capsys, monkeypatch, edit, env, line):
+    if env:
+        monkeypatch.setenv("PL_ACTSPARSE_DATA", str(tmp_path / env))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--config", _bad_recipe(tmp_path, edit), "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith(line), err
+    if env is None:  # what would be valid: the model's Linear layers
+        assert "pattern '.*nothing_proj'; the model's nn.Linear layers (36): model.layers.0.self_attn.q_proj, " in err[-1]
+    else:
+        assert f"{tmp_path / env} ($PL_ACTSPARSE_DATA)" in err[-1]
+
+
+def test_a_recipe_pattern_may_be_one_string_as_in_target_scope(tmp_path):
+    bad = _bad_recipe(tmp_path, lambda i: i["scopes"][1].__setitem__("patterns", ".*down_proj"))
+    cli = run(["--config", bad, "trainer.logger=false", f"trainer.default_root_dir={tmp_path}"], subcommand=False)
+    assert list(_callback(cli).targets.items())[1] == (TargetScope(patterns=[".*down_proj"]), 0.5)
+
+
 def test_instantiation_errors_of_the_callback_from_overrides_are_one_line_too(tmp_path, capsys):
     """A value given on the command line (not in the YAML) is caught when jsonargparse builds the callback."""
     with pytest.raises(SystemExit) as exit_info:
