@@ -27,6 +27,7 @@ from pl_actsparse.core.scopes import TargetScope
 from pl_actsparse.demos import SEED_RECIPE, calibration_batches
 from pl_actsparse.demos.llama2c import Llama2cTokenizer, load_llama2c_checkpoint
 from pl_actsparse.demos.tinystories import TokenWindows, load_stories
+from pl_actsparse.errors import ActivationSparsityError, InvalidOptionError
 from pl_actsparse.lightning.cli import show_library_logs
 
 __all__ = ["main", "sweep_main", "report_main"]
@@ -100,9 +101,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     demos = {"run": ("pl_actsparse.demos.run", "main"), "generate": ("pl_actsparse.demos.generate", "generate_from_recipe"),
              "sweep": (__name__, "sweep_main"), "report": (__name__, "report_main")}  # run and generate imported lazily
-    if argv[0] not in demos:
-        raise SystemExit(f"unknown demo {argv[0]!r}; choose run, generate, sweep or report")
-    getattr(importlib.import_module(demos[argv[0]][0]), demos[argv[0]][1])(argv[1:])
+    try:  # a bad argument value or a missing file: one line and status 2, as argparse reports its own errors
+        if argv[0] not in demos:
+            raise InvalidOptionError(f"unknown demo {argv[0]!r}; choose run, generate, sweep or report")
+        getattr(importlib.import_module(demos[argv[0]][0]), demos[argv[0]][1])(argv[1:])
+    except (ActivationSparsityError, OSError) as exc:
+        print(f"python -m pl_actsparse.demos{' ' + argv[0] if argv[0] in demos else ''}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pl_actsparse.tuning.objectives import perplexity
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pl_actsparse.demos run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="folder with stories260K.bin etc. (default: $PL_ACTSPARSE_DATA, else ../shared/data beside this repository)")
     parser.add_argument("--calibration-batch-size", type=int, default=8)
     args = parser.parse_args(argv)

@@ -150,6 +150,24 @@ def test_cli_generate_errors(capsys, tmp_path):
         main(["generate", "--config", str(bare), "trainer.logger=false"])
 
 
+@pytest.mark.parametrize(
+    "argv, line",
+    [  # bad values and missing files: one line naming the demo, the value and what is valid, status 2
+        (["bogus"], "python -m pl_actsparse.demos: error: unknown demo 'bogus'; choose run, generate, sweep or report"),
+        (["run", "--data", "/nonexistent"], "python -m pl_actsparse.demos run: error: pl_actsparse data directory not found: /nonexistent"),
+        (["sweep", "--targets", "0.5", "1.5", "--plot", "", "--json", "-"],
+         "python -m pl_actsparse.demos sweep: error: target sparsity for a sweep point must be in [0, 1], got 1.5"),
+        (["sweep", "--patterns", ".*nothing", "--targets", "0.5", "--plot", "", "--json", "-"],
+         "python -m pl_actsparse.demos sweep: error: these scope entries match no nn.Linear"),
+    ],
+)
+def test_demo_errors_are_one_line_with_status_2(capsys, argv, line):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith(line), err
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_hugging_face_llama_export_and_generate(backend):
     """The export is not tied to our llama2.c model: a transformers LlamaForCausalLM, sparsified with
