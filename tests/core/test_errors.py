@@ -83,7 +83,7 @@ def test_unmatched_regex_looking_names_and_type_strings_get_a_hint():
         prepare_activation_sparsity(_net(), {TargetScope(".*up_proj"): 0.5})
     with pytest.raises(E.UnmatchedScopeError, match=r"type 'nn.Linear' \(a class, its __name__ such as 'Linear'"):
         prepare_activation_sparsity(_net(), {TargetScope(types=["nn.Linear"]): 0.5})
-    with pytest.raises(E.UnmatchedScopeError, match=r"name 'layers.9'$"):  # a plain name: no hint
+    with pytest.raises(E.UnmatchedScopeError, match=r"name 'layers.9'; the model's nn.Linear layers \(2\): 0, 2$"):  # no hint; what is valid
         prepare_activation_sparsity(_net(), {TargetScope(names=["layers.9"]): 0.5})
 
 
