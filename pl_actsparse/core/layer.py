@@ -339,9 +339,6 @@ def sparse_class_for(cls: type) -> type:
     return _SPARSE_CLASSES[cls]
 
 
-_UNSPARSED: dict[type, type] = {}
-
-
 def _rebuild_sparse(func: Callable, args: tuple, state: Any):
     obj = func(*args)
     obj.__class__ = sparse_class_for(type(obj))
@@ -405,6 +402,9 @@ def sparsifier_state(module: nn.Module) -> SparsifierStateView:
     if not is_sparsified(module):
         raise NotSparsifiedError(f"{type(module).__qualname__} is not a sparsified layer: it has no sparsifier state")
     return SparsifierStateView(module)
+
+
+_UNSPARSED: dict[type, type] = {}  # original_module_class's rebuilt derived classes
 
 
 def original_module_class(module: nn.Module | type) -> type:

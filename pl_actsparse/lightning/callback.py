@@ -539,9 +539,10 @@ class ActivationSparsityCallback(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Lightning calls no teardown after a failed run; layers never calibrated (the run failed before) are given back."""
         self.teardown(trainer, pl_module, "exception")
-        layers = self._layers(self.sparsified_module(pl_module)) if self._layer_names else []  # (a bad submodule= fails before any)
+        module = self.sparsified_module(pl_module) if self._layer_names else None  # (a bad submodule= fails before any layer)
+        layers = self._layers(module) if module is not None else []
         if layers and all(m._actsparse.mode is SparsifierMode.PASSTHROUGH for _, m in layers):
-            remove_activation_sparsity(self.sparsified_module(pl_module), TargetScope(names=[n for n, _ in layers]))
+            remove_activation_sparsity(module, TargetScope(names=[n for n, _ in layers]))
             self._layer_names = []
 
     # -- checkpointing: thresholds are in the model's state dict; this is the run's bookkeeping
